@@ -1,0 +1,23 @@
+// Small filesystem helpers shared by every writer: read a whole file, write one atomically.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <ostream>
+#include <string>
+
+namespace kvd {
+
+// The whole file as bytes; throws kvd::Error naming `path` if it cannot be read.
+std::string read_file(const std::string& path);
+
+// Writes `path` atomically: `write` fills "<path>.tmp.<pid>", which is flushed, fsync'ed and renamed
+// over `path`. If `write` throws, the temporary is removed and nothing at `path` changes.
+void write_file_atomic(const std::string& path, const std::function<void(std::ostream&)>& write);
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
+// Lower-case hex SHA-256 of a byte string (used for tokenizer and config fingerprints).
+std::string sha256_hex(const void* data, size_t n);
+inline std::string sha256_hex(const std::string& s) { return sha256_hex(s.data(), s.size()); }
+
+}  // namespace kvd
