@@ -8,6 +8,8 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include <c10/util/Exception.h>
+
 #include "common/error.h"
 
 int main(int argc, char** argv) {

@@ -39,7 +39,8 @@ struct ModelConfig {
   int64_t rope_original_max_position = 8192;  // llama3
   Activation activation = Activation::SiLU;
   bool tie_word_embeddings = false;
-  bool attention_bias = false;  // q/k/v biases (Qwen2 always; Llama if attention_bias)
+  bool attention_bias = false;  // q/k/v biases (Qwen2 always; Llama / Qwen3 if attention_bias)
+  bool o_proj_bias = false;     // o_proj bias too (Llama / Qwen3 if attention_bias; never Qwen2)
   bool qk_norm = false;         // Qwen3 q_norm / k_norm over head_dim before RoPE
   std::optional<int64_t> sliding_window;  // Mistral (and Qwen2 with use_sliding_window): honoured
   std::optional<int64_t> bos_token_id;

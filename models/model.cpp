@@ -1,0 +1,472 @@
+#include "models/model.h"
+
+#include <cmath>
+#include <limits>
+
+#include "common/error.h"
+#include "models/kv_cache.h"
+#include "models/safetensors.h"
+
+namespace kvd {
+namespace {
+
+constexpr double kPi = 3.14159265358979323846;
+
+// HF RMSNorm: normalize in float32, cast back, then scale in the input dtype.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {  // (..., n), (n)
+  at::Tensor xf = x.to(torch::kFloat);                                       // (..., n)
+  at::Tensor r = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);   // (..., 1)
+  return w * (xf * r).to(x.scalar_type());                                   // (..., n)
+}
+
+// x * cos + rotate_half(x) * sin with the HF half-split layout.
+at::Tensor apply_rope(const at::Tensor& x,    // (B, H, S, hd)
+                      const at::Tensor& cos,  // (B, 1, S, hd)
+                      const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor x1 = x.narrow(-1, 0, half);     // (B, H, S, hd/2)
+  at::Tensor x2 = x.narrow(-1, half, half);  // (B, H, S, hd/2)
+  at::Tensor rot = torch::cat({-x2, x1}, -1);  // (B, H, S, hd)
+  return x * cos + rot * sin;
+}
+
+// Which rows LoRA deltas apply to.
+struct LoraRows {
+  at::Tensor mask;  // (B, S, 1) in the model dtype, or undefined: rows [T, S)
+  int64_t T = 0;
+  int64_t S = 0;
+};
+
+// y = x Wᵀ + b, plus the row-masked LoRA delta.
+at::Tensor project(const at::Tensor& x,  // (B, S, in)
+                   const at::Tensor& w,  // (out, in)
+                   const at::Tensor& b,  // (out) or undefined
+                   const LoraDelta& lora, const LoraRows* rows) {
+  at::Tensor y = b.defined() ? at::linear(x, w, b) : at::linear(x, w);  // (B, S, out)
+  if (!lora.defined() || rows == nullptr) return y;
+  KVD_CHECK(lora.a.dim() == 2 && lora.b.dim() == 2 && lora.a.size(1) == x.size(-1) &&
+                lora.b.size(0) == w.size(0) && lora.b.size(1) == lora.a.size(0),
+            "LoRA delta: a must be (r, ", x.size(-1), ") and b (", w.size(0), ", r); got ", lora.a.sizes(), " and ",
+            lora.b.sizes());
+  auto delta = [&](const at::Tensor& xr) {  // (B, s, in) -> (B, s, out)
+    at::Tensor a = lora.a.to(xr.scalar_type()), bm = lora.b.to(xr.scalar_type());
+    return at::linear(at::linear(xr, a), bm) * lora.scale;
+  };
+  if (rows->mask.defined()) return y + delta(x) * rows->mask;
+  const int64_t n = rows->S - rows->T;
+  if (n == 0) return y;
+  return torch::cat({y.narrow(1, 0, rows->T), y.narrow(1, rows->T, n) + delta(x.narrow(1, rows->T, n))}, 1);
+}
+
+// Everything about which keys a training row may see.
+struct TrainMask {
+  at::Tensor positions;  // (B, S) int64
+  at::Tensor doc_ids;    // (B, S) int64 or undefined
+  std::optional<int64_t> window;
+  int64_t S = 0;
+  at::Tensor bool_mask;  // (B, 1, S, S) lazily built for the SDPA path
+
+  bool plain_causal() const { return !doc_ids.defined() && !window; }
+
+  // (B, Sq, S) bool: may query row q_rows[b, i] see key j?
+  at::Tensor visible(const at::Tensor& q_rows) const {  // (B, Sq) int64
+    at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)
+    at::Tensor vis = kj.le(q_rows.unsqueeze(-1));                      // (B, Sq, S)
+    if (doc_ids.defined()) {
+      at::Tensor qd = doc_ids.gather(1, q_rows);                    // (B, Sq)
+      vis = vis.logical_and(qd.unsqueeze(-1).eq(doc_ids.unsqueeze(1)));  // (B, Sq, S)
+    }
+    if (window) {
+      at::Tensor qp = positions.gather(1, q_rows);                           // (B, Sq)
+      at::Tensor dp = qp.unsqueeze(-1) - positions.unsqueeze(1);             // (B, Sq, S)
+      vis = vis.logical_and(dp.lt(*window));
+    }
+    return vis;
+  }
+
+  const at::Tensor& sdpa_mask() {
+    if (!bool_mask.defined()) {
+      const int64_t B = positions.size(0);
+      at::Tensor rows = torch::arange(S, positions.options()).view({1, S}).expand({B, S});  // (B, S)
+      bool_mask = visible(rows).unsqueeze(1);  // (B, 1, S, S)
+    }
+    return bool_mask;
+  }
+};
+
+// Additive float32 bias (B, H_kv or 1, Sq, S) for query rows q_rows: -inf where a key is invisible, else the
+// sum of the layer's mods.
+at::Tensor mods_bias(const at::Tensor& q_rows,  // (B, Sq)
+                     const TrainMask& tm, const LayerMods& m, int64_t Hkv) {
+  const int64_t B = q_rows.size(0), Sq = q_rows.size(1), S = tm.S;
+  at::Tensor vis = tm.visible(q_rows);  // (B, Sq, S)
+  at::Tensor bias = torch::zeros({B, 1, Sq, S}, q_rows.options().dtype(torch::kFloat));  // (B, 1, Sq, S)
+  at::Tensor qpos = tm.positions.gather(1, q_rows);                                      // (B, Sq)
+  if (m.key_rate.defined()) {
+    KVD_CHECK(m.key_rate.dim() == 3 && m.key_rate.size(0) == B && m.key_rate.size(1) == Hkv &&
+                  m.key_rate.size(2) == S,
+              "LayerMods::key_rate must be (B=", B, ", H_kv=", Hkv, ", S=", S, "), got ", m.key_rate.sizes());
+    at::Tensor age = (qpos.unsqueeze(-1) - tm.positions.unsqueeze(1)).to(torch::kFloat);  // (B, Sq, S)
+    // Future keys (masked anyway) get age 0 so that no inf * 0 can appear.
+    age = age.clamp_min(0);
+    bias = bias + age.unsqueeze(1) * m.key_rate.to(torch::kFloat).unsqueeze(2);  // (B, H_kv, Sq, S)
+  }
+  if (m.key_log_mask.defined()) {
+    KVD_CHECK(m.key_log_mask.dim() == 3 && m.key_log_mask.size(0) == B && m.key_log_mask.size(1) == Hkv &&
+                  m.key_log_mask.size(2) == S,
+              "LayerMods::key_log_mask must be (B=", B, ", H_kv=", Hkv, ", S=", S, "), got ",
+              m.key_log_mask.sizes());
+    at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)
+    at::Tensor diag = kj.eq(q_rows.unsqueeze(-1)).unsqueeze(1);          // (B, 1, Sq, S)
+    at::Tensor lm = m.key_log_mask.to(torch::kFloat).unsqueeze(2);       // (B, H_kv, 1, S)
+    bias = bias + torch::where(diag, torch::zeros_like(lm), lm);         // (B, H_kv, Sq, S)
+  }
+  if (m.pair_bias) {
+    PairBiasQuery pq{q_rows, qpos, tm.positions};
+    at::Tensor pb = m.pair_bias(pq).to(torch::kFloat);  // broadcastable to (B, H_kv, Sq, S)
+    KVD_CHECK(pb.dim() == 4 && pb.size(-1) == S && pb.size(-2) == Sq &&
+                  (pb.size(1) == 1 || pb.size(1) == Hkv),
+              "LayerMods::pair_bias must return (B|1, H_kv|1, Sq=", Sq, ", S=", S, "), got ", pb.sizes());
+    bias = bias + pb;
+  }
+  return bias.masked_fill(vis.logical_not().unsqueeze(1), -std::numeric_limits<float>::infinity());
+}
+
+// Softmax attention probabilities of query rows against all keys, grouped by KV head, float32.
+at::Tensor grouped_probs(const at::Tensor& q,     // (B, H, Sq, hd)
+                         const at::Tensor& k,     // (B, H_kv, S, hd)
+                         const at::Tensor& bias,  // (B, H_kv|1, Sq, S) float32
+                         double scale) {
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), hd = q.size(3), Hkv = k.size(1);
+  at::Tensor qg = q.reshape({B, Hkv, H / Hkv, Sq, hd}).to(torch::kFloat);           // (B, H_kv, G, Sq, hd)
+  at::Tensor kt = k.to(torch::kFloat).unsqueeze(2).transpose(-1, -2);               // (B, H_kv, 1, hd, S)
+  at::Tensor scores = torch::matmul(qg, kt) * scale + bias.unsqueeze(2);            // (B, H_kv, G, Sq, S)
+  return torch::softmax(scores, -1);                                                // (B, H_kv, G, Sq, S)
+}
+
+at::Tensor check_ids(const at::Tensor& ids, int64_t vocab, const char* what) {
+  KVD_CHECK(ids.dim() == 2, what, ": ids must be (B, T), got ", ids.sizes());
+  KVD_CHECK(ids.scalar_type() == torch::kLong || ids.scalar_type() == torch::kInt, what,
+            ": ids must be int64 or int32");
+  if (ids.numel() > 0) {
+    const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+    KVD_CHECK(lo >= 0 && hi < vocab, what, ": token id out of range [0, ", vocab, "): min ", lo, ", max ", hi,
+              " (tokenizer and model disagree?)");
+  }
+  return ids.to(torch::kLong);
+}
+
+}  // namespace
+
+// --- RoPE -----------------------------------------------------------------------------------------------
+
+at::Tensor rope_inv_freq(const ModelConfig& cfg) {
+  const int64_t half = cfg.head_dim / 2;
+  at::Tensor inv = torch::empty({half}, torch::kDouble);  // (hd / 2)
+  auto* p = inv.data_ptr<double>();
+  for (int64_t i = 0; i < half; ++i) {
+    double f = 1.0 / std::pow(cfg.rope_theta, static_cast<double>(2 * i) / static_cast<double>(cfg.head_dim));
+    switch (cfg.rope_scaling) {
+      case RopeScaling::None:
+        break;
+      case RopeScaling::Linear:
+        f /= cfg.rope_factor;
+        break;
+      case RopeScaling::Llama3: {
+        // Wavelengths shorter than original/high_freq_factor keep their frequency; longer than
+        // original/low_freq_factor are divided by factor; in between, a linear blend in (original / wavelen).
+        const double orig = static_cast<double>(cfg.rope_original_max_position);
+        const double wavelen = 2.0 * kPi / f;
+        const double short_wl = orig / cfg.rope_high_freq_factor, long_wl = orig / cfg.rope_low_freq_factor;
+        if (wavelen > long_wl) {
+          f /= cfg.rope_factor;
+        } else if (wavelen >= short_wl) {
+          const double t = (orig / wavelen - cfg.rope_low_freq_factor) /
+                           (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor);
+          f = (1.0 - t) * f / cfg.rope_factor + t * f;
+        }
+        break;
+      }
+    }
+    p[i] = f;
+  }
+  return inv;
+}
+
+at::Tensor Model::rope_cos_sin(const at::Tensor& positions) const {  // (B, S)
+  at::Tensor ang = positions.to(torch::kDouble).unsqueeze(-1) * inv_freq_;  // (B, S, hd/2)
+  ang = torch::cat({ang, ang}, -1).unsqueeze(1);                             // (B, 1, S, hd)
+  // cos / sin in float64, rounded once to float32 and then to the model dtype (as HF casts float32 -> dtype).
+  at::Tensor cos = ang.cos().to(torch::kFloat).to(dtype_);
+  at::Tensor sin = ang.sin().to(torch::kFloat).to(dtype_);
+  return torch::stack({cos, sin});  // (2, B, 1, S, hd)
+}
+
+// --- construction -----------------------------------------------------------------------------------------
+
+Model::Model(ModelConfig cfg, DecoderWeights weights, c10::ScalarType dtype, c10::Device device)
+    : cfg_(std::move(cfg)), w_(std::move(weights)), dtype_(dtype), device_(device) {
+  KVD_CHECK(cfg_.num_kv_heads > 0 && cfg_.num_heads % cfg_.num_kv_heads == 0,
+            "Model: num_attention_heads must be a multiple of num_key_value_heads");
+  KVD_CHECK(static_cast<int64_t>(w_.layers.size()) == cfg_.num_layers, "Model: ", w_.layers.size(),
+            " layers of weights for num_hidden_layers ", cfg_.num_layers);
+  inv_freq_ = rope_inv_freq(cfg_).to(device_);
+}
+
+Model Model::load(const std::string& model_dir, c10::Device device, std::optional<c10::ScalarType> dtype) {
+  ModelConfig cfg = load_config(model_dir);
+  const c10::ScalarType dt = dtype ? *dtype : (device.is_cuda() ? torch::kBFloat16 : torch::kFloat);
+  Checkpoint ckpt(model_dir);
+  DecoderWeights w = load_weights(ckpt, cfg, dt, device);
+  return Model(std::move(cfg), std::move(w), dt, device);
+}
+
+at::Tensor Model::logits(const at::Tensor& hidden) const {  // (..., d) -> (..., V)
+  KVD_CHECK(hidden.size(-1) == cfg_.hidden_size, "Model::logits: hidden size ", hidden.size(-1), ", expected ",
+            cfg_.hidden_size);
+  return at::linear(hidden.to(dtype_), w_.lm_head);
+}
+
+at::Tensor Model::embed(const at::Tensor& ids) const {
+  torch::NoGradGuard no_grad;
+  at::Tensor t = check_ids(ids, cfg_.vocab_size, "Model::embed").to(device_);  // (B, T)
+  return at::embedding(w_.embed, t);                                           // (B, T, d)
+}
+
+KVCache Model::new_cache(int64_t batch) const { return KVCache(cfg_, batch, dtype_, device_); }
+
+// --- forward_train ------------------------------------------------------------------------------------------
+
+ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& positions_in,
+                                   const AttentionMods& mods, const at::Tensor& doc_ids_in) const {
+  const char* ctx = "Model::forward_train";
+  at::Tensor ids = check_ids(ids_in, cfg_.vocab_size, ctx).to(device_);  // (B, T)
+  const int64_t B = ids.size(0), T = ids.size(1);
+  KVD_CHECK(T > 0, ctx, ": empty sequence");
+  KVD_CHECK(positions_in.sizes() == ids.sizes(), ctx, ": positions must be (B, T) = ", ids.sizes(), ", got ",
+            positions_in.sizes());
+  at::Tensor positions = positions_in.to(device_, torch::kLong);  // (B, T)
+  at::Tensor doc_ids;                                             // (B, T) or undefined
+  if (doc_ids_in.defined()) {
+    KVD_CHECK(doc_ids_in.sizes() == ids.sizes(), ctx, ": doc_ids must be (B, T) = ", ids.sizes(), ", got ",
+              doc_ids_in.sizes());
+    doc_ids = doc_ids_in.to(device_, torch::kLong);
+  }
+
+  at::Tensor x = at::embedding(w_.embed, ids);  // (B, T, d)
+
+  // Extra rows after the sequence.
+  const ExtraRows& ex = mods.extra;
+  const int64_t n = ex.count();
+  if (n > 0) {
+    at::Tensor e = ex.embeddings;
+    if (e.dim() == 2) e = e.unsqueeze(0).expand({B, n, e.size(1)});  // (B, n, d)
+    KVD_CHECK(e.dim() == 3 && e.size(0) == B && e.size(2) == cfg_.hidden_size, ctx,
+              ": extra embeddings must be (n, d) or (B, n, d) with d = ", cfg_.hidden_size, ", got ",
+              ex.embeddings.sizes());
+    KVD_CHECK(ex.positions.defined(), ctx, ": extra rows need positions");
+    at::Tensor ep = ex.positions.to(device_, torch::kLong);
+    if (ep.dim() == 1) ep = ep.unsqueeze(0).expand({B, n});  // (B, n)
+    KVD_CHECK(ep.dim() == 2 && ep.size(0) == B && ep.size(1) == n, ctx, ": extra positions must be (n) or (B, n), got ",
+              ex.positions.sizes());
+    x = torch::cat({x, e.to(device_, dtype_)}, 1);   // (B, S, d)
+    positions = torch::cat({positions, ep}, 1);       // (B, S)
+    if (doc_ids.defined() || ex.doc_ids.defined()) {
+      if (!doc_ids.defined()) doc_ids = torch::zeros({B, T}, positions.options());
+      at::Tensor ed = ex.doc_ids.defined() ? ex.doc_ids.to(device_, torch::kLong)
+                                           : doc_ids.narrow(1, T - 1, 1).expand({B, n});  // (B, n)
+      KVD_CHECK(ed.dim() == 2 && ed.size(0) == B && ed.size(1) == n, ctx, ": extra doc_ids must be (B, n), got ",
+                ed.sizes());
+      doc_ids = torch::cat({doc_ids, ed}, 1);  // (B, S)
+    }
+  }
+  const int64_t S = T + n;
+
+  TrainMask tm{positions, doc_ids, cfg_.sliding_window, S, {}};
+
+  LoraRows lrows{at::Tensor(), T, S};
+  if (mods.lora_row_mask.defined()) {
+    KVD_CHECK(mods.lora_row_mask.dim() == 2 && mods.lora_row_mask.size(0) == B && mods.lora_row_mask.size(1) == S,
+              ctx, ": lora_row_mask must be (B, S = T + n_extra) = (", B, ", ", S, "), got ",
+              mods.lora_row_mask.sizes());
+    lrows.mask = mods.lora_row_mask.to(device_, dtype_).unsqueeze(-1);  // (B, S, 1)
+  }
+
+  // Statistics request.
+  at::Tensor stat_rows;  // (B, n_rows)
+  std::vector<bool> stat_layer(cfg_.num_layers, false);
+  if (mods.stats.wanted()) {
+    stat_rows = mods.stats.rows.to(device_, torch::kLong);
+    if (stat_rows.dim() == 1) stat_rows = stat_rows.unsqueeze(0).expand({B, stat_rows.size(0)});
+    KVD_CHECK(stat_rows.dim() == 2 && stat_rows.size(0) == B && stat_rows.size(1) > 0, ctx,
+              ": stats.rows must be (n) or (B, n) with n > 0, got ", mods.stats.rows.sizes());
+    KVD_CHECK(stat_rows.min().item<int64_t>() >= 0 && stat_rows.max().item<int64_t>() < S, ctx,
+              ": stats.rows must lie in [0, S = ", S, ")");
+    KVD_CHECK(mods.stats.row_block > 0, ctx, ": stats.row_block must be positive");
+    if (mods.stats.layers.empty()) {
+      std::fill(stat_layer.begin(), stat_layer.end(), true);
+    } else {
+      for (int64_t l : mods.stats.layers) {
+        KVD_CHECK(l >= 0 && l < cfg_.num_layers, ctx, ": stats layer ", l, " out of range");
+        stat_layer[l] = true;
+      }
+    }
+  }
+
+  const at::Tensor cs = rope_cos_sin(positions);  // (2, B, 1, S, hd)
+  const at::Tensor cos = cs[0], sin = cs[1];      // (B, 1, S, hd)
+  const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  at::Tensor all_rows;  // (B, S) 0..S-1, for the explicit path
+
+  ForwardOutput out;
+  out.attention_stats.resize(cfg_.num_layers);
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const LayerWeights& lw = w_.layers[l];
+    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, S, d)
+    LayerMods m;
+    if (mods.layer_hook) m = mods.layer_hook(LayerInput{l, h, positions, doc_ids, T});
+    const LoraRows* lr = m.lora.any() ? &lrows : nullptr;
+
+    at::Tensor q = project(h, lw.q_proj, lw.q_bias, m.lora.q, lr).view({B, S, H, hd}).transpose(1, 2);  // (B, H, S, hd)
+    at::Tensor k = project(h, lw.k_proj, lw.k_bias, m.lora.k, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
+    at::Tensor v = project(h, lw.v_proj, lw.v_bias, m.lora.v, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
+    if (cfg_.qk_norm) {
+      q = rms_norm(q, lw.q_norm, cfg_.rms_norm_eps);
+      k = rms_norm(k, lw.k_norm, cfg_.rms_norm_eps);
+    }
+    q = apply_rope(q, cos, sin);  // (B, H, S, hd)
+    k = apply_rope(k, cos, sin);  // (B, H_kv, S, hd)
+
+    at::Tensor attn;  // (B, H, S, hd)
+    if (!m.changes_attention()) {
+      if (tm.plain_causal()) {
+        attn = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/true);
+      } else {
+        attn = at::scaled_dot_product_attention(q, k, v, tm.sdpa_mask(), 0.0, false, scale, true);
+      }
+    } else {
+      if (!all_rows.defined()) all_rows = torch::arange(S, positions.options()).view({1, S}).expand({B, S});
+      at::Tensor p = grouped_probs(q, k, mods_bias(all_rows, tm, m, Hkv), scale);  // (B, H_kv, G, S, S)
+      attn = torch::matmul(p.to(v.scalar_type()), v.unsqueeze(2)).reshape({B, H, S, hd});
+    }
+
+    if (stat_layer[l]) {
+      const int64_t nr = stat_rows.size(1), blk = mods.stats.row_block;
+      at::Tensor acc;  // (B, H, S) float32
+      for (int64_t r0 = 0; r0 < nr; r0 += blk) {
+        const int64_t nb = std::min(blk, nr - r0);
+        at::Tensor rows = stat_rows.narrow(1, r0, nb);                                   // (B, nb)
+        at::Tensor qr = q.gather(2, rows.view({B, 1, nb, 1}).expand({B, H, nb, hd}));    // (B, H, nb, hd)
+        at::Tensor p = grouped_probs(qr, k, mods_bias(rows, tm, m, Hkv), scale);         // (B, H_kv, G, nb, S)
+        at::Tensor s = p.sum(3).reshape({B, H, S});                                      // (B, H, S)
+        acc = acc.defined() ? acc + s : s;
+      }
+      out.attention_stats[l] = mods.stats.reduce == StatReduce::Mean ? acc / static_cast<double>(nr) : acc;
+    }
+
+    at::Tensor o = attn.transpose(1, 2).reshape({B, S, H * hd});  // (B, S, H*hd)
+    x = x + project(o, lw.o_proj, lw.o_bias, m.lora.o, lr);        // (B, S, d)
+    at::Tensor h2 = rms_norm(x, lw.post_norm, cfg_.rms_norm_eps);   // (B, S, d)
+    at::Tensor g = project(h2, lw.gate_proj, {}, m.lora.gate, lr);  // (B, S, ffn)
+    at::Tensor u = project(h2, lw.up_proj, {}, m.lora.up, lr);      // (B, S, ffn)
+    x = x + project(torch::silu(g) * u, lw.down_proj, {}, m.lora.down, lr);  // (B, S, d)
+  }
+  out.hidden = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);  // (B, S, d)
+  return out;
+}
+
+// --- inference ------------------------------------------------------------------------------------------------
+
+at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode mode) const {
+  torch::NoGradGuard no_grad;
+  const char* ctx = "Model::prefill";
+  at::Tensor ids = check_ids(ids_in, cfg_.vocab_size, ctx).to(device_);  // (B, T)
+  const int64_t B = ids.size(0), T = ids.size(1);
+  KVD_CHECK(T > 0, ctx, ": empty input");
+  KVD_CHECK(cache.batch() == B && cache.num_layers() == cfg_.num_layers && cache.num_kv_heads() == cfg_.num_kv_heads &&
+                cache.head_dim() == cfg_.head_dim,
+            ctx, ": the cache (batch ", cache.batch(), ", ", cache.num_layers(), " layers, ", cache.num_kv_heads(),
+            " kv heads, head_dim ", cache.head_dim(), ") does not fit this model and batch ", B);
+  KVD_CHECK(cache.dtype() == dtype_ && cache.device() == device_, ctx,
+            ": the cache's dtype / device differ from the model's; create it with Model::new_cache");
+  const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim, G = H / Hkv;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  const int64_t p0 = cache.next_position();
+  at::Tensor qpos = torch::arange(p0, p0 + T, ids.options()).view({1, T}).expand({B, T});  // (B, T)
+  const at::Tensor cs = rope_cos_sin(qpos);  // (2, B, 1, T, hd)
+  const at::Tensor cos = cs[0], sin = cs[1];
+
+  at::Tensor x = at::embedding(w_.embed, ids);  // (B, T, d)
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const LayerWeights& lw = w_.layers[l];
+    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, T, d)
+    at::Tensor q = project(h, lw.q_proj, lw.q_bias, {}, nullptr).view({B, T, H, hd}).transpose(1, 2);    // (B, H, T, hd)
+    at::Tensor k = project(h, lw.k_proj, lw.k_bias, {}, nullptr).view({B, T, Hkv, hd}).transpose(1, 2);  // (B, H_kv, T, hd)
+    at::Tensor v = project(h, lw.v_proj, lw.v_bias, {}, nullptr).view({B, T, Hkv, hd}).transpose(1, 2);  // (B, H_kv, T, hd)
+    if (cfg_.qk_norm) {
+      q = rms_norm(q, lw.q_norm, cfg_.rms_norm_eps);
+      k = rms_norm(k, lw.k_norm, cfg_.rms_norm_eps);
+    }
+    q = apply_rope(q, cos, sin);
+    k = apply_rope(k, cos, sin);
+
+    const bool fresh = cache.max_length(l) == 0;
+    cache.append(l, k, v, qpos);
+    const KVLayerView view = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
+
+    at::Tensor attn;  // (B, H, T, hd)
+    if (fresh && !cfg_.sliding_window) {
+      attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, /*is_causal=*/true, scale, true);
+    } else if (T == 1 && !cfg_.sliding_window && !view.valid.defined()) {
+      // Every stored entry is in the past of the one query.
+      attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, false, scale, true);
+    } else {
+      // Key j of head h is visible to query t iff stored pos <= query pos (and within the window, and valid).
+      at::Tensor kp = view.pos.unsqueeze(2);                      // (B, H_kv, 1, n)
+      at::Tensor qp = qpos.view({B, 1, T, 1});                   // (B, 1, T, 1)
+      at::Tensor mask = kp.le(qp);                                // (B, H_kv, T, n)
+      if (cfg_.sliding_window) mask = mask.logical_and((qp - kp).lt(*cfg_.sliding_window));
+      if (view.valid.defined()) mask = mask.logical_and(view.valid.unsqueeze(2));
+      mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
+      attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);
+    }
+    at::Tensor o = attn.transpose(1, 2).reshape({B, T, H * hd});  // (B, T, H*hd)
+    x = x + project(o, lw.o_proj, lw.o_bias, {}, nullptr);         // (B, T, d)
+    at::Tensor h2 = rms_norm(x, lw.post_norm, cfg_.rms_norm_eps);
+    x = x + at::linear(torch::silu(at::linear(h2, lw.gate_proj)) * at::linear(h2, lw.up_proj), lw.down_proj);
+  }
+  cache.advance(T);
+  if (mode == LogitsMode::LastPosition) x = x.narrow(1, T - 1, 1);  // (B, 1, d)
+  at::Tensor hid = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);   // (B, T|1, d)
+  at::Tensor lg = logits(hid).to(torch::kFloat);                    // (B, T|1, V)
+  return mode == LogitsMode::LastPosition ? lg.squeeze(1) : lg;
+}
+
+at::Tensor Model::decode(const at::Tensor& ids, KVCache& cache) const {
+  KVD_CHECK(ids.dim() == 2 && ids.size(1) == 1, "Model::decode: ids must be (B, 1), got ", ids.sizes());
+  return prefill(ids, cache, LogitsMode::LastPosition);  // (B, V)
+}
+
+// --- positions ----------------------------------------------------------------------------------------------
+
+at::Tensor document_positions(const at::Tensor& doc_ids) {  // (B, T)
+  KVD_CHECK(doc_ids.dim() == 2, "document_positions: doc_ids must be (B, T), got ", doc_ids.sizes());
+  const int64_t B = doc_ids.size(0), T = doc_ids.size(1);
+  if (T == 0) return torch::empty({B, 0}, doc_ids.options().dtype(torch::kLong));
+  at::Tensor d = doc_ids.to(torch::kLong);
+  at::Tensor idx = torch::arange(T, d.options()).view({1, T}).expand({B, T});  // (B, T)
+  at::Tensor start = torch::ones({B, 1}, d.options().dtype(torch::kBool));     // (B, 1)
+  at::Tensor change = torch::cat({start, d.narrow(1, 1, T - 1).ne(d.narrow(1, 0, T - 1))}, 1);  // (B, T)
+  at::Tensor starts = std::get<0>(torch::where(change, idx, torch::zeros_like(idx)).cummax(1));   // (B, T)
+  return idx - starts;
+}
+
+at::Tensor sequential_positions(int64_t batch, int64_t T, c10::Device device) {
+  return torch::arange(T, torch::TensorOptions().dtype(torch::kLong).device(device))
+      .view({1, T})
+      .expand({batch, T})
+      .contiguous();  // (B, T)
+}
+
+}  // namespace kvd

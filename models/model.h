@@ -1,0 +1,88 @@
+// Model: the frozen decoder. One implementation for Llama (incl. llama3 / linear RoPE scaling), Mistral
+// (sliding window), Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm), driven by ModelConfig flags; GQA; tied
+// embeddings.
+//
+// Two entry points:
+//   forward_train  whole sequences (packed or not) with AttentionMods hooks, autograd-friendly: gradients
+//                  flow into the tensors the mods supply (the weights themselves never require grad).
+//   prefill/decode inference against a KVCache (no grad); positions come from the cache, RoPE is applied
+//                  before append, and attention reads the stored positions (so it stays correct after
+//                  eviction).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include "models/attention_mods.h"
+#include "models/config.h"
+#include "models/weights.h"
+
+namespace kvd {
+
+class KVCache;
+
+struct ForwardOutput {
+  at::Tensor hidden;                        // (B, S, d) after the final RMSNorm; S = T + extra rows
+  std::vector<at::Tensor> attention_stats;  // [layer] (B, H, S) float32; undefined where not requested
+};
+
+enum class LogitsMode { LastPosition, AllPositions };
+
+class Model {
+ public:
+  // Reads <model_dir>/config.json and its safetensors. dtype defaults to float32 on CPU, bfloat16 on CUDA.
+  static Model load(const std::string& model_dir, c10::Device device,
+                    std::optional<c10::ScalarType> dtype = std::nullopt);
+  Model(ModelConfig cfg, DecoderWeights weights, c10::ScalarType dtype, c10::Device device);
+
+  const ModelConfig& config() const { return cfg_; }
+  const DecoderWeights& weights() const { return w_; }
+  c10::ScalarType dtype() const { return dtype_; }
+  c10::Device device() const { return device_; }
+
+  // Training / scoring forward over whole sequences.
+  //   ids        (B, T) int64 token ids
+  //   positions  (B, T) int64 RoPE positions (reset per document when packed; see document_positions)
+  //   doc_ids    (B, T) int64 or undefined: attention is causal and never crosses documents
+  // Returns the final hidden states (B, T + n_extra, d) in the model dtype plus the requested statistics.
+  ForwardOutput forward_train(const at::Tensor& ids, const at::Tensor& positions,
+                              const AttentionMods& mods = AttentionMods(),
+                              const at::Tensor& doc_ids = at::Tensor()) const;
+  // lm_head: (..., d) -> (..., V) in the model dtype. Apply to blocks of rows to bound memory.
+  at::Tensor logits(const at::Tensor& hidden) const;
+  // Input embeddings of ids: (B, T) -> (B, T, d), model dtype, no grad.
+  at::Tensor embed(const at::Tensor& ids) const;
+
+  // A cache sized for this model (its dtype and device).
+  KVCache new_cache(int64_t batch) const;
+  // Runs ids (B, T) at positions cache.next_position() .. + T - 1, appending their K/V to the cache (which may
+  // already hold earlier tokens: chunked prefill). Returns float32 logits (B, V) for the last position, or
+  // (B, T, V) with LogitsMode::AllPositions.
+  at::Tensor prefill(const at::Tensor& ids, KVCache& cache, LogitsMode mode = LogitsMode::LastPosition) const;
+  // One step: ids (B, 1) -> float32 logits (B, V).
+  at::Tensor decode(const at::Tensor& ids, KVCache& cache) const;
+
+ private:
+  at::Tensor rope_cos_sin(const at::Tensor& positions) const;  // (B, S) -> (2, B, 1, S, hd) in dtype
+
+  ModelConfig cfg_;
+  DecoderWeights w_;
+  c10::ScalarType dtype_;
+  c10::Device device_;
+  at::Tensor inv_freq_;  // (hd / 2) float64 on device, scaling applied
+};
+
+// Positions that restart at 0 wherever the document id changes along T: (B, T) -> (B, T) int64.
+at::Tensor document_positions(const at::Tensor& doc_ids);
+// 0 .. T-1 for every row: (B, T) int64 on `device`.
+at::Tensor sequential_positions(int64_t batch, int64_t T, c10::Device device);
+// The RoPE inverse frequencies of a config (hd / 2), float64 on CPU, with linear / llama3 scaling applied.
+at::Tensor rope_inv_freq(const ModelConfig& cfg);
+
+}  // namespace kvd
