@@ -34,6 +34,20 @@ constexpr FamilyInfo kFamilies[] = {
 
 const FamilyInfo& family_info(Family f) { return kFamilies[static_cast<size_t>(f)]; }
 
+// nlohmann's parse error without its "[json.exception.parse_error.101] " tag, and with bytes outside
+// printable ASCII shown as '?' (its "last read" excerpt may hold invalid UTF-8 from the input).
+std::string json_error_text(const json::exception& e) {
+  std::string s = e.what();
+  if (!s.empty() && s[0] == '[') {
+    const size_t close = s.find("] ");
+    if (close != std::string::npos) s = s.substr(close + 2);
+  }
+  for (char& ch : s) {
+    if (static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) > 0x7e) ch = '?';
+  }
+  return s;
+}
+
 std::string describe(const json& v) {
   std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);
   if (s.size() > 40) s = s.substr(0, 37) + "...";
@@ -166,6 +180,9 @@ void resolve_rope(const Fields& f, ModelConfig& c, const std::string& context) {
   }
   std::optional<double> theta;
   if (const json* t = f.get("rope_theta")) theta = f.as_number("rope_theta", *t);
+  if (const json* prf = f.get("partial_rotary_factor"); prf && f.as_number("partial_rotary_factor", *prf) != 1.0) {
+    f.fail("partial_rotary_factor", "partial rotary embeddings are not supported");
+  }
 
   if (params) {
     if (!params->is_object()) f.fail(name, "expected an object, got " + describe(*params));
@@ -209,9 +226,6 @@ void resolve_rope(const Fields& f, ModelConfig& c, const std::string& context) {
       p.fail(params->contains("rope_type") ? "rope_type" : "type",
              "'" + type + "' is not supported (supported: default, linear, llama3)");
     }
-  } else if (const json* prf = f.get("partial_rotary_factor");
-             prf && f.as_number("partial_rotary_factor", *prf) != 1.0) {
-    f.fail("partial_rotary_factor", "partial rotary embeddings are not supported");
   }
   c.rope_theta = theta ? *theta : 10000.0;
   if (!(c.rope_theta > 0) || !std::isfinite(c.rope_theta)) {
@@ -257,13 +271,20 @@ void resolve_sliding_window(const json& j, const Fields& f, ModelConfig& c) {
   }
 }
 
-void resolve_tokens(const Fields& f, ModelConfig& c) {
+// bos / eos: null means none; an absent key takes the transformers class default (Llama and Mistral:
+// bos 1, eos 2; Qwen: none).
+void resolve_tokens(const json& j, const Fields& f, ModelConfig& c) {
+  const bool llama_like = c.family == Family::Llama || c.family == Family::Mistral;
   c.bos_token_id = f.opt_int("bos_token_id");
+  if (!j.contains("bos_token_id") && llama_like) c.bos_token_id = 1;
+  if (!j.contains("eos_token_id") && llama_like) c.eos_token_ids = {2};
   if (const json* eos = f.get("eos_token_id")) {
     if (eos->is_array()) {
       for (const json& e : *eos) {
-        if (!e.is_number_integer()) f.fail("eos_token_id", "expected an integer or a list of integers, got " + describe(*eos));
-        c.eos_token_ids.push_back(e.get<int64_t>());
+        if (!e.is_number_integer()) {
+          f.fail("eos_token_id", "expected an integer or a list of integers, got " + describe(*eos));
+        }
+        c.eos_token_ids.push_back(f.as_int("eos_token_id", e));
       }
     } else {
       c.eos_token_ids.push_back(f.as_int("eos_token_id", *eos));
@@ -299,10 +320,16 @@ ModelConfig parse_config(const json& j, const std::string& context) {
   c.intermediate_size = f.req_positive_int("intermediate_size");
   c.num_layers = f.req_positive_int("num_hidden_layers");
   c.num_heads = f.req_positive_int("num_attention_heads");
-  c.num_kv_heads = f.opt_positive_int("num_key_value_heads").value_or(c.num_heads);  // absent: MHA
+  // num_key_value_heads: null means MHA; an absent key takes the transformers class default.
+  if (j.contains("num_key_value_heads")) {
+    c.num_kv_heads = f.opt_positive_int("num_key_value_heads").value_or(c.num_heads);
+  } else {
+    c.num_kv_heads = c.family == Family::Llama ? c.num_heads : c.family == Family::Mistral ? 8 : 32;
+  }
   if (c.num_heads % c.num_kv_heads != 0) {
     f.fail("num_key_value_heads", std::to_string(c.num_kv_heads) + " does not divide num_attention_heads " +
-                                      std::to_string(c.num_heads));
+                                      std::to_string(c.num_heads) +
+                                      (j.contains("num_key_value_heads") ? "" : " (the default when absent)"));
   }
   c.vocab_size = f.req_positive_int("vocab_size");
   c.max_position_embeddings = f.req_positive_int("max_position_embeddings");
@@ -351,7 +378,7 @@ ModelConfig parse_config(const json& j, const std::string& context) {
 
   resolve_rope(f, c, context);
   resolve_sliding_window(j, f, c);
-  resolve_tokens(f, c);
+  resolve_tokens(j, f, c);
   return c;
 }
 
@@ -366,7 +393,7 @@ ModelConfig load_config(const std::string& path_or_dir) {
   try {
     j = json::parse(text);
   } catch (const json::exception& e) {
-    KVD_FAIL(path, ": not valid JSON (", e.what(), ")");
+    KVD_FAIL(path, ": not valid JSON (", json_error_text(e), ")");
   }
   return parse_config(j, path);
 }

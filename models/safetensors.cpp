@@ -69,6 +69,20 @@ bool shape_bytes(const std::vector<uint64_t>& shape, size_t elem_size, uint64_t*
   return true;
 }
 
+// nlohmann's parse error without its "[json.exception.parse_error.101] " tag, and with bytes outside
+// printable ASCII shown as '?' (its "last read" excerpt may hold invalid UTF-8 from the input).
+std::string json_error_text(const json::exception& e) {
+  std::string s = e.what();
+  if (!s.empty() && s[0] == '[') {
+    const size_t close = s.find("] ");
+    if (close != std::string::npos) s = s.substr(close + 2);
+  }
+  for (char& ch : s) {
+    if (static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) > 0x7e) ch = '?';
+  }
+  return s;
+}
+
 // Parses JSON text and rejects duplicate keys at any level (nlohmann would silently keep the last) and
 // nesting deeper than `max_depth` (protects against pathological inputs). `what` prefixes messages.
 json parse_json_strict(const char* begin, const char* end, const std::string& what, int max_depth) {
@@ -104,7 +118,7 @@ json parse_json_strict(const char* begin, const char* end, const std::string& wh
   try {
     return json::parse(begin, end, callback, /*allow_exceptions=*/true, /*ignore_comments=*/false);
   } catch (const json::exception& e) {
-    KVD_FAIL(what, ": not valid JSON (", e.what(), ")");
+    KVD_FAIL(what, ": not valid JSON (", json_error_text(e), ")");
   }
 }
 
@@ -439,12 +453,6 @@ void write_checkpoint(const std::string& dir, const std::vector<TensorRef>& tens
     KVD_CHECK(!__builtin_add_overflow(total, b, &total), dir, ": total checkpoint size overflows");
   }
 
-  if (total <= max_shard_bytes) {
-    write_safetensors((root / kSingleFile).string(), tensors, metadata);
-    remove_stale_weights(root, /*keep_single=*/true, {});
-    return;
-  }
-
   // Greedy packing in the caller's order (as HF does): a new shard starts when the next tensor would push
   // the current one past the limit; a tensor larger than the limit gets a shard of its own.
   std::vector<std::vector<TensorRef>> shards(1);
@@ -456,6 +464,13 @@ void write_checkpoint(const std::string& dir, const std::vector<TensorRef>& tens
     }
     shards.back().push_back(tensors[i]);
     current += nbytes[i];
+  }
+
+  // One shard (everything fits, or a single oversized tensor): a plain model.safetensors, as HF writes.
+  if (shards.size() == 1) {
+    write_safetensors((root / kSingleFile).string(), tensors, metadata);
+    remove_stale_weights(root, /*keep_single=*/true, {});
+    return;
   }
 
   json weight_map = json::object();
