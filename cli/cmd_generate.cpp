@@ -34,7 +34,7 @@ int run(const GenerateArgs& a) {
 
   std::string text = a.prompt;
   if (a.chat) {
-    const ChatTemplate chat = ChatTemplate::from_model_dir(a.model);
+    const ChatTemplate chat = ChatTemplate::from_file(a.model);
     std::vector<ChatMessage> messages;
     if (!a.system.empty()) messages.push_back({"system", a.system});
     messages.push_back({"user", a.prompt});

@@ -312,6 +312,7 @@ void dequantize_row(GgmlType type, const uint8_t* src, float* dst, int64_t n) {
             "re-quantize the model to one of these");
   KVD_CHECK(n >= 0 && n % info->block_size == 0, "dequantize: ", n, " elements is not a multiple of the ",
             info->name, " block size ", info->block_size);
+  if (n == 0) return;  // (an empty tensor: dst may be null)
   const int64_t blocks = n / info->block_size;
   const size_t bs = info->block_size, ts = info->type_size;
   switch (type) {
