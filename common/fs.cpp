@@ -1,6 +1,8 @@
 #include "common/fs.h"
 
 #include <fcntl.h>
+#include <ftw.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <array>
@@ -51,6 +53,20 @@ void write_file_atomic(const std::string& path, const std::function<void(std::os
 
 void write_file_atomic(const std::string& path, const std::string& bytes) {
   write_file_atomic(path, [&](std::ostream& os) { os.write(bytes.data(), static_cast<std::streamsize>(bytes.size())); });
+}
+
+bool remove_tree(const std::string& path) {
+  struct stat st{};
+  if (::lstat(path.c_str(), &st) != 0) return errno == ENOENT;
+  if (!S_ISDIR(st.st_mode)) return ::unlink(path.c_str()) == 0;
+  // Depth-first, without following symlinks or crossing into other filesystems.
+  const int rc = ::nftw(
+      path.c_str(),
+      [](const char* p, const struct stat*, int type, struct FTW*) -> int {
+        return (type == FTW_DP ? ::rmdir(p) : ::unlink(p)) == 0 ? 0 : -1;
+      },
+      16, FTW_DEPTH | FTW_PHYS | FTW_MOUNT);
+  return rc == 0;
 }
 
 // FIPS 180-4 SHA-256.

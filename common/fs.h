@@ -16,6 +16,11 @@ std::string read_file(const std::string& path);
 void write_file_atomic(const std::string& path, const std::function<void(std::ostream&)>& write);
 void write_file_atomic(const std::string& path, const std::string& bytes);
 
+// Removes a file or a directory tree (like `rm -rf`); a missing path is not an error. Returns false and
+// leaves what it could not remove on failure. Use this instead of std::filesystem::remove_all, which
+// crashes in binaries linked with PyPI's LibTorch 2.11 (its exported std::filesystem symbols win).
+bool remove_tree(const std::string& path);
+
 // Lower-case hex SHA-256 of a byte string (used for tokenizer and config fingerprints).
 std::string sha256_hex(const void* data, size_t n);
 inline std::string sha256_hex(const std::string& s) { return sha256_hex(s.data(), s.size()); }

@@ -84,8 +84,8 @@ struct ExtraRows {
 enum class StatReduce { Mean, Sum };
 
 // Attention statistics for chosen query rows: for each requested layer, reduce(softmax row) over the chosen
-// rows, per query head, to every key: (B, H, S) float32. Computed by blocks of query rows (never S×S for all
-// rows), with the same masks and biases as the forward, and differentiable.
+// rows, per query head, to every key: (B, H, S) float32 (float64 for a float64 model). Computed by blocks of
+// query rows (never S×S for all rows), with the same masks and biases as the forward, and differentiable.
 struct AttentionStatsRequest {
   at::Tensor rows;              // (B, n) or (n) int64 query rows in [0, S); undefined: no statistics
   std::vector<int64_t> layers;  // which layers; empty: every layer

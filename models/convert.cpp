@@ -715,7 +715,7 @@ void convert_gguf_to_hf(const std::string& gguf_path, const std::string& out_dir
   fs::path tmp = out;
   tmp += ".tmp";
   std::error_code ec;
-  fs::remove_all(tmp, ec);  // a leftover of an interrupted run
+  remove_tree(tmp.string());  // a leftover of an interrupted run
   if (out.has_parent_path()) fs::create_directories(out.parent_path(), ec);
   fs::create_directory(tmp, ec);
   KVD_CHECK(!ec && fs::is_directory(tmp), tmp.string(), ": cannot create (", ec.message(), ")");
@@ -762,7 +762,7 @@ void convert_gguf_to_hf(const std::string& gguf_path, const std::string& out_dir
       check_replaceable(out);
       fs::path old = out;
       old += ".old";
-      fs::remove_all(old, ec);
+      remove_tree(old.string());
       fs::rename(out, old, ec);
       KVD_CHECK(!ec, out.string(), ": cannot move the previous conversion aside (", ec.message(), ")");
       fs::rename(tmp, out, ec);
@@ -771,14 +771,13 @@ void convert_gguf_to_hf(const std::string& gguf_path, const std::string& out_dir
         fs::rename(old, out, ec2);
         KVD_FAIL(out.string(), ": cannot rename ", tmp.string(), " into place (", ec.message(), ")");
       }
-      fs::remove_all(old, ec);
+      remove_tree(old.string());
     } else {
       fs::rename(tmp, out, ec);
       KVD_CHECK(!ec, out.string(), ": cannot rename ", tmp.string(), " into place (", ec.message(), ")");
     }
   } catch (...) {
-    std::error_code ec2;
-    fs::remove_all(tmp, ec2);
+    remove_tree(tmp.string());
     throw;
   }
 }

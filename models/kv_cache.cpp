@@ -56,6 +56,7 @@ void KVCache::append(int64_t layer, const at::Tensor& k, const at::Tensor& v, co
             k.sizes());
   KVD_CHECK(v.sizes() == k.sizes(), "KVCache::append: v ", v.sizes(), " differs from k ", k.sizes());
   const int64_t t = k.size(2);
+  if (t == 0) return;
   const int64_t n = L.len[0];
   for (int64_t l : L.len)
     KVD_CHECK(l == n, "KVCache::append: layer ", layer,

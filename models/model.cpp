@@ -12,9 +12,9 @@ namespace {
 
 constexpr double kPi = 3.14159265358979323846;
 
-// HF RMSNorm: normalize in float32, cast back, then scale in the input dtype.
+// HF RMSNorm: normalize in float32 (float64 stays float64), cast back, then scale in the input dtype.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {  // (..., n), (n)
-  at::Tensor xf = x.to(torch::kFloat);                                       // (..., n)
+  at::Tensor xf = x.to(c10::promoteTypes(x.scalar_type(), torch::kFloat));   // (..., n)
   at::Tensor r = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);   // (..., 1)
   return w * (xf * r).to(x.scalar_type());                                   // (..., n)
 }
@@ -94,22 +94,22 @@ struct TrainMask {
   }
 };
 
-// Additive float32 bias (B, H_kv or 1, Sq, S) for query rows q_rows: -inf where a key is invisible, else the
-// sum of the layer's mods.
+// Additive bias (B, H_kv or 1, Sq, S) in `acc` (float32, or float64 for a float64 model) for query rows
+// q_rows: -inf where a key is invisible, else the sum of the layer's mods.
 at::Tensor mods_bias(const at::Tensor& q_rows,  // (B, Sq)
-                     const TrainMask& tm, const LayerMods& m, int64_t Hkv) {
+                     const TrainMask& tm, const LayerMods& m, int64_t Hkv, c10::ScalarType acc) {
   const int64_t B = q_rows.size(0), Sq = q_rows.size(1), S = tm.S;
   at::Tensor vis = tm.visible(q_rows);  // (B, Sq, S)
-  at::Tensor bias = torch::zeros({B, 1, Sq, S}, q_rows.options().dtype(torch::kFloat));  // (B, 1, Sq, S)
+  at::Tensor bias = torch::zeros({B, 1, Sq, S}, q_rows.options().dtype(acc));  // (B, 1, Sq, S)
   at::Tensor qpos = tm.positions.gather(1, q_rows);                                      // (B, Sq)
   if (m.key_rate.defined()) {
     KVD_CHECK(m.key_rate.dim() == 3 && m.key_rate.size(0) == B && m.key_rate.size(1) == Hkv &&
                   m.key_rate.size(2) == S,
               "LayerMods::key_rate must be (B=", B, ", H_kv=", Hkv, ", S=", S, "), got ", m.key_rate.sizes());
-    at::Tensor age = (qpos.unsqueeze(-1) - tm.positions.unsqueeze(1)).to(torch::kFloat);  // (B, Sq, S)
+    at::Tensor age = (qpos.unsqueeze(-1) - tm.positions.unsqueeze(1)).to(acc);  // (B, Sq, S)
     // Future keys (masked anyway) get age 0 so that no inf * 0 can appear.
     age = age.clamp_min(0);
-    bias = bias + age.unsqueeze(1) * m.key_rate.to(torch::kFloat).unsqueeze(2);  // (B, H_kv, Sq, S)
+    bias = bias + age.unsqueeze(1) * m.key_rate.to(acc).unsqueeze(2);  // (B, H_kv, Sq, S)
   }
   if (m.key_log_mask.defined()) {
     KVD_CHECK(m.key_log_mask.dim() == 3 && m.key_log_mask.size(0) == B && m.key_log_mask.size(1) == Hkv &&
@@ -118,12 +118,12 @@ at::Tensor mods_bias(const at::Tensor& q_rows,  // (B, Sq)
               m.key_log_mask.sizes());
     at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)
     at::Tensor diag = kj.eq(q_rows.unsqueeze(-1)).unsqueeze(1);          // (B, 1, Sq, S)
-    at::Tensor lm = m.key_log_mask.to(torch::kFloat).unsqueeze(2);       // (B, H_kv, 1, S)
+    at::Tensor lm = m.key_log_mask.to(acc).unsqueeze(2);       // (B, H_kv, 1, S)
     bias = bias + torch::where(diag, torch::zeros_like(lm), lm);         // (B, H_kv, Sq, S)
   }
   if (m.pair_bias) {
     PairBiasQuery pq{q_rows, qpos, tm.positions};
-    at::Tensor pb = m.pair_bias(pq).to(torch::kFloat);  // broadcastable to (B, H_kv, Sq, S)
+    at::Tensor pb = m.pair_bias(pq).to(acc);  // broadcastable to (B, H_kv, Sq, S)
     KVD_CHECK(pb.dim() == 4 && pb.size(-1) == S && pb.size(-2) == Sq &&
                   (pb.size(1) == 1 || pb.size(1) == Hkv),
               "LayerMods::pair_bias must return (B|1, H_kv|1, Sq=", Sq, ", S=", S, "), got ", pb.sizes());
@@ -132,14 +132,14 @@ at::Tensor mods_bias(const at::Tensor& q_rows,  // (B, Sq)
   return bias.masked_fill(vis.logical_not().unsqueeze(1), -std::numeric_limits<float>::infinity());
 }
 
-// Softmax attention probabilities of query rows against all keys, grouped by KV head, float32.
+// Softmax attention probabilities of query rows against all keys, grouped by KV head, in bias's dtype.
 at::Tensor grouped_probs(const at::Tensor& q,     // (B, H, Sq, hd)
                          const at::Tensor& k,     // (B, H_kv, S, hd)
-                         const at::Tensor& bias,  // (B, H_kv|1, Sq, S) float32
+                         const at::Tensor& bias,  // (B, H_kv|1, Sq, S) float32 / float64
                          double scale) {
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), hd = q.size(3), Hkv = k.size(1);
-  at::Tensor qg = q.reshape({B, Hkv, H / Hkv, Sq, hd}).to(torch::kFloat);           // (B, H_kv, G, Sq, hd)
-  at::Tensor kt = k.to(torch::kFloat).unsqueeze(2).transpose(-1, -2);               // (B, H_kv, 1, hd, S)
+  at::Tensor qg = q.reshape({B, Hkv, H / Hkv, Sq, hd}).to(bias.scalar_type());           // (B, H_kv, G, Sq, hd)
+  at::Tensor kt = k.to(bias.scalar_type()).unsqueeze(2).transpose(-1, -2);               // (B, H_kv, 1, hd, S)
   at::Tensor scores = torch::matmul(qg, kt) * scale + bias.unsqueeze(2);            // (B, H_kv, G, Sq, S)
   return torch::softmax(scores, -1);                                                // (B, H_kv, G, Sq, S)
 }
@@ -197,8 +197,9 @@ at::Tensor Model::rope_cos_sin(const at::Tensor& positions) const {  // (B, S)
   at::Tensor ang = positions.to(torch::kDouble).unsqueeze(-1) * inv_freq_;  // (B, S, hd/2)
   ang = torch::cat({ang, ang}, -1).unsqueeze(1);                             // (B, 1, S, hd)
   // cos / sin in float64, rounded once to float32 and then to the model dtype (as HF casts float32 -> dtype).
-  at::Tensor cos = ang.cos().to(torch::kFloat).to(dtype_);
-  at::Tensor sin = ang.sin().to(torch::kFloat).to(dtype_);
+  const c10::ScalarType mid = c10::promoteTypes(dtype_, torch::kFloat);
+  at::Tensor cos = ang.cos().to(mid).to(dtype_);
+  at::Tensor sin = ang.sin().to(mid).to(dtype_);
   return torch::stack({cos, sin});  // (2, B, 1, S, hd)
 }
 
@@ -318,6 +319,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
   const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   at::Tensor all_rows;  // (B, S) 0..S-1, for the explicit path
+  const c10::ScalarType acc = dtype_ == torch::kDouble ? torch::kDouble : torch::kFloat;  // scores, softmax
 
   ForwardOutput out;
   out.attention_stats.resize(cfg_.num_layers);
@@ -347,22 +349,22 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
       }
     } else {
       if (!all_rows.defined()) all_rows = torch::arange(S, positions.options()).view({1, S}).expand({B, S});
-      at::Tensor p = grouped_probs(q, k, mods_bias(all_rows, tm, m, Hkv), scale);  // (B, H_kv, G, S, S)
+      at::Tensor p = grouped_probs(q, k, mods_bias(all_rows, tm, m, Hkv, acc), scale);  // (B, H_kv, G, S, S)
       attn = torch::matmul(p.to(v.scalar_type()), v.unsqueeze(2)).reshape({B, H, S, hd});
     }
 
     if (stat_layer[l]) {
       const int64_t nr = stat_rows.size(1), blk = mods.stats.row_block;
-      at::Tensor acc;  // (B, H, S) float32
+      at::Tensor sum;  // (B, H, S)
       for (int64_t r0 = 0; r0 < nr; r0 += blk) {
         const int64_t nb = std::min(blk, nr - r0);
         at::Tensor rows = stat_rows.narrow(1, r0, nb);                                   // (B, nb)
         at::Tensor qr = q.gather(2, rows.view({B, 1, nb, 1}).expand({B, H, nb, hd}));    // (B, H, nb, hd)
-        at::Tensor p = grouped_probs(qr, k, mods_bias(rows, tm, m, Hkv), scale);         // (B, H_kv, G, nb, S)
+        at::Tensor p = grouped_probs(qr, k, mods_bias(rows, tm, m, Hkv, acc), scale);  // (B, H_kv, G, nb, S)
         at::Tensor s = p.sum(3).reshape({B, H, S});                                      // (B, H, S)
-        acc = acc.defined() ? acc + s : s;
+        sum = sum.defined() ? sum + s : s;
       }
-      out.attention_stats[l] = mods.stats.reduce == StatReduce::Mean ? acc / static_cast<double>(nr) : acc;
+      out.attention_stats[l] = mods.stats.reduce == StatReduce::Mean ? sum / static_cast<double>(nr) : sum;
     }
 
     at::Tensor o = attn.transpose(1, 2).reshape({B, S, H * hd});  // (B, S, H*hd)
@@ -415,18 +417,35 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     cache.append(l, k, v, qpos);
     const KVLayerView view = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
 
+    // The masks below are built as small as the case allows; only a sliding window over a cache that has
+    // been through eviction needs one per KV head.
     at::Tensor attn;  // (B, H, T, hd)
-    if (fresh && !cfg_.sliding_window) {
+    const bool window = cfg_.sliding_window.has_value();
+    if (fresh && !window) {
       attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, /*is_causal=*/true, scale, true);
-    } else if (T == 1 && !cfg_.sliding_window && !view.valid.defined()) {
-      // Every stored entry is in the past of the one query.
-      attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, false, scale, true);
+    } else if (!window && !view.valid.defined()) {
+      if (T == 1) {
+        // Every stored entry is in the past of the one query.
+        attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, false, scale, true);
+      } else {
+        // Entries before this chunk are all visible; the chunk's own T entries are the last T, causally.
+        at::Tensor j = torch::arange(view.n, qpos.options()).view({1, view.n});        // (1, n)
+        at::Tensor t = torch::arange(T, qpos.options()).view({T, 1});                 // (T, 1)
+        at::Tensor mask = j.lt(t + (view.n - T + 1)).view({1, 1, T, view.n});        // (1, 1, T, n)
+        attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);
+      }
+    } else if (fresh) {
+      // Sliding window over this chunk alone: every head holds the same positions.
+      at::Tensor kp = qpos.view({B, 1, 1, T});                                               // (B, 1, 1, T)
+      at::Tensor qp = qpos.view({B, 1, T, 1});                                               // (B, 1, T, 1)
+      at::Tensor mask = kp.le(qp).logical_and((qp - kp).lt(*cfg_.sliding_window));          // (B, 1, T, T)
+      attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);
     } else {
       // Key j of head h is visible to query t iff stored pos <= query pos (and within the window, and valid).
       at::Tensor kp = view.pos.unsqueeze(2);                      // (B, H_kv, 1, n)
       at::Tensor qp = qpos.view({B, 1, T, 1});                   // (B, 1, T, 1)
       at::Tensor mask = kp.le(qp);                                // (B, H_kv, T, n)
-      if (cfg_.sliding_window) mask = mask.logical_and((qp - kp).lt(*cfg_.sliding_window));
+      if (window) mask = mask.logical_and((qp - kp).lt(*cfg_.sliding_window));
       if (view.valid.defined()) mask = mask.logical_and(view.valid.unsqueeze(2));
       mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
       attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);

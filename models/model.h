@@ -29,7 +29,8 @@ class KVCache;
 
 struct ForwardOutput {
   at::Tensor hidden;                        // (B, S, d) after the final RMSNorm; S = T + extra rows
-  std::vector<at::Tensor> attention_stats;  // [layer] (B, H, S) float32; undefined where not requested
+  std::vector<at::Tensor> attention_stats;  // [layer] (B, H, S) float32 (float64 model: float64);
+                                            // undefined where not requested
 };
 
 enum class LogitsMode { LastPosition, AllPositions };
@@ -51,6 +52,9 @@ class Model {
   //   positions  (B, T) int64 RoPE positions (reset per document when packed; see document_positions)
   //   doc_ids    (B, T) int64 or undefined: attention is causal and never crosses documents
   // Returns the final hidden states (B, T + n_extra, d) in the model dtype plus the requested statistics.
+  // Layers whose mods leave attention alone run fused SDPA; a layer with a bias / log-mask / pair bias runs
+  // an explicit grouped softmax that holds (B, H, S, S) float32 scores (the fused biased kernel is wave 2).
+  // For a teacher pass, wrap the call in torch::NoGradGuard.
   ForwardOutput forward_train(const at::Tensor& ids, const at::Tensor& positions,
                               const AttentionMods& mods = AttentionMods(),
                               const at::Tensor& doc_ids = at::Tensor()) const;

@@ -58,7 +58,7 @@ class Tokenizer {
   // The path (or context) this tokenizer was loaded from.
   const std::string& path() const;
 
-  struct Impl;
+  struct Impl;  // implementation detail (tokenizer.cpp)
 
  private:
   explicit Tokenizer(std::shared_ptr<const Impl> impl);

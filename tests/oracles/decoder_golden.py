@@ -29,10 +29,11 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_att
 def cases():
     yield "llama3", LlamaForCausalLM, LlamaConfig(
         **COMMON, rope_theta=10000.0,
-        # original_max_position_embeddings 16 with sequences of 40: every frequency band (high, medium,
-        # low) of llama3 scaling is exercised.
+        # original_max_position_embeddings 64 with head_dim 16: the wavelengths 2*pi*10000^(2i/16) are
+        # 6.3 (< 64/4: kept), 19.9 and 62.8 (blended), 199 and up (divided by factor): every band of llama3
+        # scaling is exercised.
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 16},
+                      "original_max_position_embeddings": 64},
         tie_word_embeddings=False)
     yield "llama_linear_tied", LlamaForCausalLM, LlamaConfig(
         **COMMON, rope_theta=500.0, rope_scaling={"rope_type": "linear", "factor": 2.0}, tie_word_embeddings=True)
@@ -76,6 +77,34 @@ def classic_config(path, cfg):
 
 
 @torch.no_grad()
+def feature_matters(name, cls, cfg, model, input_ids, logits):
+    """The family feature each case exists for must change the logits, or the C++ test could not fail."""
+    import copy
+    variant = copy.deepcopy(model)
+    if name in ("llama3", "llama_linear_tied"):
+        c2 = copy.deepcopy(cfg)
+        c2.rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_parameters["rope_theta"]}
+        variant = cls(c2).eval().float()
+        variant.load_state_dict(model.state_dict())
+    elif name == "mistral":
+        c2 = copy.deepcopy(cfg)
+        c2.sliding_window = None
+        variant = cls(c2).eval().float()
+        variant.load_state_dict(model.state_dict())
+    elif name == "qwen2":
+        for layer in variant.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.zero_()
+    elif name == "qwen3":
+        for layer in variant.model.layers:
+            layer.self_attn.q_norm.weight.fill_(1.0)
+            layer.self_attn.k_norm.weight.fill_(1.0)
+    diff = (variant(input_ids).logits.float() - logits).abs().max().item()
+    assert diff > 1e-2, (name, "feature does not change the logits", diff)
+    print(f"{name}: without its feature the logits move by {diff:.3f}")
+
+
+@torch.no_grad()
 def greedy(model, prompt, n):
     ids = prompt.clone()
     for _ in range(n):
@@ -110,6 +139,7 @@ def main():
         input_ids = torch.randint(3, V, (2, 40), generator=g)
         with torch.no_grad():
             logits = model(input_ids).logits.float()
+        feature_matters(name, cls, cfg, model, input_ids, logits)
 
         gen_prompt = torch.randint(3, V, (1, 9), generator=g)
         gen_tokens = greedy(model, gen_prompt, 12)
