@@ -54,3 +54,14 @@ def test_forward_matches_transformers(tmp_path):
     # 30 layers in fp32 with different summation orders: observed ~1e-4; logits span ~[-20, 30].
     assert diff < 2e-3, diff
     assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.99
+
+
+def test_generate_on_cuda_bf16():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    proc = run_kvd("generate", "--model", MODEL_DIR, "--chat", "--prompt", "What is the capital of France?",
+                   "--max-new-tokens", "24", "--device", "cuda")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout, proc.stdout
