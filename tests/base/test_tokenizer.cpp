@@ -232,6 +232,10 @@ TEST(TokenizerThreads, ConcurrentEncodeIsConsistent) {
 }
 
 TEST(TokenizerNfc, EqualsPythonUnicodedata) {
+  // The NFC tables in tokenizer.cpp are Unicode 14.0.0, the version of the pinned oracle (Python 3.11).
+  // Another Python's unicodedata (3.12: Unicode 15) adds compositions, so it is not an oracle for them.
+  const std::string unicode = read_file(kDir + "/nfc_unicode.txt");
+  if (unicode != "14.0.0") GTEST_SKIP() << "oracle unicodedata is Unicode " << unicode << ", tables are 14.0.0";
   int failures = 0;
   for (const json& c : load_json("nfc.json")) {
     const std::string in = c["in"], want = c["out"];

@@ -687,6 +687,8 @@ def main():
     dump("big_ids.json", {name: toks[name].encode(big, add_special_tokens=False).ids
                           for name in big_names})
     dump("nfc.json", nfc_cases())
+    with open(os.path.join(a.out, "nfc_unicode.txt"), "w") as f:  # the tables of tokenizer.cpp are 14.0.0
+        f.write(unicodedata.unidata_version)
     print(f"tokenizer_golden: wrote {len(texts)} texts x {len(toks)} tokenizers, "
           f"{len(big.encode('utf-8'))} bytes of big text to {a.out}")
 
