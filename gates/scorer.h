@@ -1,0 +1,45 @@
+// Scorer: the one interface through which every eviction policy ranks cached tokens — the heuristics
+// (StreamingLLM, SnapKV, ...) and the learned parts (TRIM-KV retention gates, soft queries, ...) alike —
+// so the eval harness and the export path treat them the same (DESIGN.md, "The abstractions").
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+namespace kvd {
+
+class Model;
+
+// What a scorer may look at for one layer. Fields a scorer does not declare in needs() may be undefined.
+struct LayerView {
+  int64_t layer = 0;
+  const Model* model = nullptr;  // frozen weights (e.g. o_proj for CriticalKV), config, RoPE
+  at::Tensor hidden;             // (B, n, d) the layer's attention input (after its input RMSNorm) per cached token
+  at::Tensor keys;               // (B, H_kv, n, hd) post-RoPE keys as cached
+  at::Tensor values;             // (B, H_kv, n, hd)
+  at::Tensor positions;          // (B, H_kv, n) int64 original positions
+  at::Tensor valid;              // (B, H_kv, n) bool, undefined when every head holds n entries
+  at::Tensor window_queries;     // (B, H, w, hd) post-RoPE queries of the last w prompt rows (observation window)
+  at::Tensor queries_pre_rope;   // (B, H, n_q, hd) pre-RoPE queries of the prompt rows (Expected Attention)
+  int64_t next_position = 0;     // position the next query will have (t)
+};
+
+// Which optional LayerView fields a scorer reads, so the harness captures only those.
+struct ScorerNeeds {
+  bool hidden = false;
+  int64_t window = 0;  // > 0: window_queries of this many rows
+  bool queries_pre_rope = false;
+};
+
+class Scorer {
+ public:
+  virtual ~Scorer() = default;
+  virtual std::string name() const = 0;
+  virtual ScorerNeeds needs() const { return {}; }
+  // Importance of each cached token, higher = keep: (B, H_kv, n) float32. Invalid entries are ignored.
+  virtual at::Tensor score(const LayerView& view) = 0;
+};
+
+}  // namespace kvd
