@@ -3,6 +3,8 @@
 // of each window given the tokens before it in that window. Last line: "perplexity: <value>".
 #include <CLI/CLI.hpp>
 
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -37,6 +39,7 @@ int run(const PerplexityArgs& a) {
 
   torch::NoGradGuard no_grad;
   Stopwatch sw;
+  const bool live = ::isatty(STDERR_FILENO);  // one updating line on a terminal, a line per window otherwise
   double nll = 0;
   int64_t scored = 0;
   for (int64_t w = 0; w < windows; ++w) {
@@ -52,11 +55,11 @@ int run(const PerplexityArgs& a) {
       nll -= logp.gather(1, target).sum().item<double>();
     }
     scored += T - 1;
-    std::fprintf(stderr, "\r[perplexity] window %lld/%lld, %lld tokens scored, %.0f tok/s, running ppl %.3f",
-                 static_cast<long long>(w + 1), static_cast<long long>(windows), static_cast<long long>(scored),
-                 scored / std::max(sw.seconds(), 1e-9), std::exp(nll / scored));
+    std::fprintf(stderr, "%s[perplexity] window %lld/%lld, %lld tokens scored, %.0f tok/s, running ppl %.3f%s",
+                 live ? "\r" : "", static_cast<long long>(w + 1), static_cast<long long>(windows), static_cast<long long>(scored),
+                 scored / std::max(sw.seconds(), 1e-9), std::exp(nll / scored), live ? "" : "\n");
   }
-  std::fprintf(stderr, "\n");
+  if (live) std::fprintf(stderr, "\n");
   std::printf("tokens: %lld\nwindows: %lld (ctx %lld)\nmean nll: %.5f\nperplexity: %.4f\n",
               static_cast<long long>(n), static_cast<long long>(windows), static_cast<long long>(a.ctx),
               nll / scored, std::exp(nll / scored));

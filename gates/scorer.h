@@ -22,6 +22,7 @@ struct LayerView {
   at::Tensor positions;          // (B, H_kv, n) int64 original positions
   at::Tensor valid;              // (B, H_kv, n) bool, undefined when every head holds n entries
   at::Tensor window_queries;     // (B, H, w, hd) post-RoPE queries of the last w prompt rows (observation window)
+  at::Tensor window_positions;   // (B, w) int64 positions of those rows
   at::Tensor queries_pre_rope;   // (B, H, n_q, hd) pre-RoPE queries of the prompt rows (Expected Attention)
   int64_t next_position = 0;     // position the next query will have (t)
 };
@@ -29,7 +30,8 @@ struct LayerView {
 // Which optional LayerView fields a scorer reads, so the harness captures only those.
 struct ScorerNeeds {
   bool hidden = false;
-  int64_t window = 0;  // > 0: window_queries of this many rows
+  int64_t window = 0;  // > 0: window_queries of this many rows (kAllRows: every row of the prefill chunk)
+  static constexpr int64_t kAllRows = INT64_MAX;
   bool queries_pre_rope = false;
 };
 

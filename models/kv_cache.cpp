@@ -57,18 +57,29 @@ void KVCache::append(int64_t layer, const at::Tensor& k, const at::Tensor& v, co
   KVD_CHECK(v.sizes() == k.sizes(), "KVCache::append: v ", v.sizes(), " differs from k ", k.sizes());
   const int64_t t = k.size(2);
   if (t == 0) return;
-  const int64_t n = L.len[0];
-  for (int64_t l : L.len)
-    KVD_CHECK(l == n, "KVCache::append: layer ", layer,
-              " has heads of different lengths (after ragged eviction); ragged appends are not supported yet");
   at::Tensor p = pos;
   if (p.dim() == 2) p = p.unsqueeze(1).expand({batch_, kv_heads_, t});  // (B, H_kv, t)
   KVD_CHECK(p.dim() == 3 && p.size(0) == batch_ && p.size(1) == kv_heads_ && p.size(2) == t,
             "KVCache::append: pos must be (B, t) or (B, H_kv, t), got ", pos.sizes());
-  reserve(L, n + t);
-  L.k.narrow(2, n, t).copy_(k);
-  L.v.narrow(2, n, t).copy_(v);
-  L.pos.narrow(2, n, t).copy_(p);
+  const int64_t n = *std::max_element(L.len.begin(), L.len.end());
+  const bool ragged = std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != n; });
+  if (!ragged) {
+    reserve(L, n + t);
+    L.k.narrow(2, n, t).copy_(k);
+    L.v.narrow(2, n, t).copy_(v);
+    L.pos.narrow(2, n, t).copy_(p);
+  } else {
+    // Ragged heads: each head's new entries follow its own entries.
+    reserve(L, n + t);
+    for (int64_t b = 0; b < batch_; ++b) {
+      for (int64_t h = 0; h < kv_heads_; ++h) {
+        const int64_t at_ = L.len[b * kv_heads_ + h];
+        L.k[b][h].narrow(0, at_, t).copy_(k[b][h]);  // (t, hd)
+        L.v[b][h].narrow(0, at_, t).copy_(v[b][h]);  // (t, hd)
+        L.pos[b][h].narrow(0, at_, t).copy_(p[b][h]);  // (t)
+      }
+    }
+  }
   for (int64_t& l : L.len) l += t;
   update_peak();
 }
@@ -158,6 +169,59 @@ void KVCache::keep(int64_t layer, const at::Tensor& indices) {
     L.pos.narrow(2, n_keep, L.cap - n_keep).fill_(-1);
   }
   std::fill(L.len.begin(), L.len.end(), n_keep);
+}
+
+int64_t RaggedIndices::count(int64_t row) const {
+  const int64_t* o = offsets.data_ptr<int64_t>();
+  return o[row + 1] - o[row];
+}
+
+void KVCache::keep(int64_t layer, const RaggedIndices& keep) {
+  check_layer(layer);
+  Layer& L = layers_[layer];
+  const int64_t rows = batch_ * kv_heads_;
+  KVD_CHECK(keep.offsets.defined() && keep.offsets.dim() == 1 && keep.offsets.size(0) == rows + 1 &&
+                keep.offsets.scalar_type() == torch::kLong && keep.offsets.device().is_cpu(),
+            "KVCache::keep: offsets must be a CPU int64 (B * H_kv + 1 = ", rows + 1, ") tensor");
+  KVD_CHECK(keep.indices.defined() && keep.indices.dim() == 1 && keep.indices.scalar_type() == torch::kLong,
+            "KVCache::keep: indices must be a 1-D int64 tensor");
+  const int64_t* off = keep.offsets.data_ptr<int64_t>();
+  KVD_CHECK(off[0] == 0 && off[rows] == keep.indices.size(0), "KVCache::keep: offsets must run from 0 to ",
+            keep.indices.size(0));
+  at::Tensor idx_cpu = keep.indices.to(torch::kCPU).contiguous();  // (total)
+  const int64_t* ip = idx_cpu.data_ptr<int64_t>();
+  int64_t n_new = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t c = off[r + 1] - off[r];
+    KVD_CHECK(c >= 0, "KVCache::keep: offsets must not decrease");
+    for (int64_t i = off[r]; i < off[r + 1]; ++i)
+      KVD_CHECK(ip[i] >= 0 && ip[i] < L.len[r], "KVCache::keep: layer ", layer, ", head row ", r, ": index ", ip[i],
+                " is outside its ", L.len[r], " entries");
+    n_new = std::max(n_new, c);
+  }
+  auto opt = torch::TensorOptions().dtype(dtype_).device(device_);
+  at::Tensor k, v, pos;
+  if (n_new > 0) {
+    k = torch::zeros({batch_, kv_heads_, n_new, head_dim_}, opt);                   // (B, H_kv, n_new, hd)
+    v = torch::zeros({batch_, kv_heads_, n_new, head_dim_}, opt);                   // (B, H_kv, n_new, hd)
+    pos = torch::full({batch_, kv_heads_, n_new}, -1, opt.dtype(torch::kLong));     // (B, H_kv, n_new)
+    at::Tensor idx = idx_cpu.to(device_);                                           // (total)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t c = off[r + 1] - off[r];
+      if (c == 0) continue;
+      const int64_t b = r / kv_heads_, h = r % kv_heads_;
+      at::Tensor ir = idx.narrow(0, off[r], c);  // (c)
+      k[b][h].narrow(0, 0, c).copy_(L.k[b][h].index_select(0, ir));  // (c, hd)
+      v[b][h].narrow(0, 0, c).copy_(L.v[b][h].index_select(0, ir));  // (c, hd)
+      pos[b][h].narrow(0, 0, c).copy_(L.pos[b][h].index_select(0, ir));  // (c)
+    }
+  }
+  // Always reallocate: the storage becomes exactly the longest kept head.
+  L.k = k;
+  L.v = v;
+  L.pos = pos;
+  L.cap = n_new;
+  for (int64_t r = 0; r < rows; ++r) L.len[r] = off[r + 1] - off[r];
 }
 
 int64_t KVCache::bytes() const {

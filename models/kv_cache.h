@@ -27,6 +27,14 @@ struct KVLayerView {
   int64_t n = 0;
 };
 
+// Keep indices in the TensorRT-LLM sparse layout: for head r = b * H_kv + h, its sorted indices (into that
+// head's current entries) are indices[offsets[r] : offsets[r + 1]]. Heads may keep different counts.
+struct RaggedIndices {
+  at::Tensor indices;  // (total) int64, ascending within each head
+  at::Tensor offsets;  // (B * H_kv + 1) int64, offsets[0] = 0, offsets[-1] = total
+  int64_t count(int64_t row) const;  // entries kept by head row r = b * H_kv + h
+};
+
 class KVCache {
  public:
   KVCache(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, c10::ScalarType dtype,
@@ -40,8 +48,8 @@ class KVCache {
   c10::ScalarType dtype() const { return dtype_; }
   c10::Device device() const { return device_; }
 
-  // Appends t entries to every head of `layer`. Every head of the layer must hold the same count
-  // (ragged appends come with batch padding in a later issue).
+  // Appends t entries to every head of `layer`; each head's entries go after its own current ones (heads
+  // may hold different counts after ragged eviction).
   void append(int64_t layer, const at::Tensor& k,  // (B, H_kv, t, hd)
               const at::Tensor& v,                 // (B, H_kv, t, hd)
               const at::Tensor& pos);              // (B, t) or (B, H_kv, t) int64
@@ -54,6 +62,9 @@ class KVCache {
   // Keeps, per (batch row, KV head), the entries at `indices` (into the current entries, in that order;
   // pass them sorted to keep the cache in position order). Every head keeps n_keep entries.
   void keep(int64_t layer, const at::Tensor& indices);  // (B, H_kv, n_keep) int64
+  // Ragged keep: each head keeps its own count. The storage is reallocated to the longest kept head, so the
+  // allocated bytes follow the kept entries (the padding of shorter heads is the only slack).
+  void keep(int64_t layer, const RaggedIndices& keep);
 
   // Tokens processed so far: the position the next token gets. The model advances it once per forward.
   int64_t next_position() const { return next_position_; }

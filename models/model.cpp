@@ -380,7 +380,8 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
 
 // --- inference ------------------------------------------------------------------------------------------------
 
-at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode mode) const {
+at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode mode,
+                          const PrefillObserver& observer) const {
   torch::NoGradGuard no_grad;
   const char* ctx = "Model::prefill";
   at::Tensor ids = check_ids(ids_in, cfg_.vocab_size, ctx).to(device_);  // (B, T)
@@ -410,6 +411,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
       q = rms_norm(q, lw.q_norm, cfg_.rms_norm_eps);
       k = rms_norm(k, lw.k_norm, cfg_.rms_norm_eps);
     }
+    const at::Tensor q_pre = q;  // (B, H, T, hd)
     q = apply_rope(q, cos, sin);
     k = apply_rope(k, cos, sin);
 
@@ -450,6 +452,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
       mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
       attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);
     }
+    if (observer) observer(PrefillLayerObservation{l, h, q_pre, q, qpos}, cache);
     at::Tensor o = attn.transpose(1, 2).reshape({B, T, H * hd});  // (B, T, H*hd)
     x = x + project(o, lw.o_proj, lw.o_bias, {}, nullptr);         // (B, T, d)
     at::Tensor h2 = rms_norm(x, lw.post_norm, cfg_.rms_norm_eps);

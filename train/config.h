@@ -1,0 +1,84 @@
+// Run configuration of `kvdistill train`: a YAML file plus dotted `key=value` overrides, resolved against
+// one table of defaults (kConfigKeys in config.cpp), which doubles as the documentation of every key:
+// `kvdistill train --list-keys` prints it.
+//
+//   train.steps: 200          # optimizer steps
+//   component: {kind: retention_gate, budget: 128}
+//
+// Resolution: defaults <- YAML file <- overrides, in that order. An unknown key, a value of the wrong type
+// or an impossible value is a kvd::Error naming the key (and the file or the override it came from).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace kvd {
+
+enum class ValueType { Int, Float, String, Bool };
+const char* value_type_name(ValueType t);
+
+// One documented key.
+struct ConfigKey {
+  const char* key;        // dotted, e.g. "train.steps"
+  ValueType type;
+  const char* value;      // default, as YAML would write it ("" for an empty string)
+  const char* doc;        // one line
+};
+const std::vector<ConfigKey>& config_keys();
+
+// Where the run's settings live once resolved. Field names follow the dotted keys.
+struct RunConfig {
+  // model
+  std::string model_dir;          // model.dir
+  std::string model_dtype;        // model.dtype: auto | float32 | bfloat16
+  // data
+  std::string data_train;         // data.train
+  std::string data_val;           // data.val ("" = the val split of data.train)
+  int64_t data_prefetch = 2;      // data.prefetch
+  // component
+  std::string component_kind;     // component.kind
+  int64_t budget = 128;           // component.budget (M, tokens kept per KV head)
+  int64_t gate_hidden = 512;      // component.hidden
+  double gate_bias_init = 18.0;   // component.bias_init
+  // loss
+  double w_kl = 1.0;              // loss.kl
+  double w_ce = 0.0;              // loss.ce
+  double w_capacity = 1.0;        // loss.capacity
+  int64_t loss_block = 256;       // loss.block
+  // train
+  int64_t steps = 0;              // train.steps
+  int64_t batch_size = 1;         // train.batch_size (per rank, per micro-step)
+  int64_t grad_accum = 1;         // train.grad_accum
+  double lr = 0, min_lr = 0;      // train.lr, train.min_lr
+  int64_t warmup = 0;             // train.warmup
+  double weight_decay = 0, beta1 = 0, beta2 = 0, adam_eps = 0;
+  double clip = 0;                // train.clip (0 = off)
+  int64_t seed = 0;               // train.seed
+  std::string out_dir;            // train.out_dir
+  std::string device;             // train.device: auto | cpu | cuda | cuda:N
+  int64_t log_every = 1, eval_every = 0, save_every = 0, keep_last = 3, eval_batches = 2;
+  std::string progress;           // train.progress: auto | lines | never
+  // dist
+  std::string dist_backend;       // dist.backend: auto | gloo | nccl
+  double dist_timeout_s = 300;    // dist.timeout_s
+  double bucket_mb = 25;          // dist.bucket_mb
+
+  // The resolved values, keyed by dotted key (what is printed and stored in checkpoints).
+  nlohmann::ordered_json values;
+  // The resolved config as YAML-ish text, one `key: value` per line, in table order.
+  std::string to_text() const;
+};
+
+// Resolves defaults <- YAML text (named `source` in errors) <- overrides ("a.b=value").
+RunConfig resolve_config(const std::string& yaml_text, const std::string& source,
+                         const std::vector<std::string>& overrides);
+// Reads `path` and resolves it.
+RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides);
+// Rebuilds a RunConfig from the `values` JSON stored in a checkpoint.
+RunConfig config_from_values(const nlohmann::ordered_json& values, const std::string& source);
+
+}  // namespace kvd

@@ -1,0 +1,2 @@
+// See gloo/algorithm.h: a stand-in for Gloo's header.
+#pragma once

@@ -1,0 +1,5 @@
+// See gloo/algorithm.h: a stand-in for Gloo's header.
+#pragma once
+namespace gloo {
+class Context;
+}
