@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/json_error.h"
 #include "common/fs.h"
 
 namespace kvd {
@@ -34,19 +35,6 @@ constexpr FamilyInfo kFamilies[] = {
 
 const FamilyInfo& family_info(Family f) { return kFamilies[static_cast<size_t>(f)]; }
 
-// nlohmann's parse error without its "[json.exception.parse_error.101] " tag, and with bytes outside
-// printable ASCII shown as '?' (its "last read" excerpt may hold invalid UTF-8 from the input).
-std::string json_error_text(const json::exception& e) {
-  std::string s = e.what();
-  if (!s.empty() && s[0] == '[') {
-    const size_t close = s.find("] ");
-    if (close != std::string::npos) s = s.substr(close + 2);
-  }
-  for (char& ch : s) {
-    if (static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) > 0x7e) ch = '?';
-  }
-  return s;
-}
 
 std::string describe(const json& v) {
   std::string s = v.dump(-1, ' ', false, json::error_handler_t::replace);

@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/json_error.h"
 #include "common/fs.h"
 
 namespace kvd {
@@ -69,19 +70,6 @@ bool shape_bytes(const std::vector<uint64_t>& shape, size_t elem_size, uint64_t*
   return true;
 }
 
-// nlohmann's parse error without its "[json.exception.parse_error.101] " tag, and with bytes outside
-// printable ASCII shown as '?' (its "last read" excerpt may hold invalid UTF-8 from the input).
-std::string json_error_text(const json::exception& e) {
-  std::string s = e.what();
-  if (!s.empty() && s[0] == '[') {
-    const size_t close = s.find("] ");
-    if (close != std::string::npos) s = s.substr(close + 2);
-  }
-  for (char& ch : s) {
-    if (static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) > 0x7e) ch = '?';
-  }
-  return s;
-}
 
 // Parses JSON text and rejects duplicate keys at any level (nlohmann would silently keep the last) and
 // nesting deeper than `max_depth` (protects against pathological inputs). `what` prefixes messages.
