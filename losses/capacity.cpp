@@ -21,46 +21,60 @@ at::Tensor docs_or_zero(const at::Tensor& doc_ids, int64_t B, int64_t T, c10::De
   return doc_ids.to(device, torch::kLong);
 }
 
-// For every t block, the first row any of its rows' documents starts at (min over batch rows): i blocks that
-// end before it hold no visible key and are skipped.
-std::vector<int64_t> block_min_doc_start(const at::Tensor& pos_in_doc,  // (B, T) int64
-                                         int64_t block) {
-  const int64_t B = pos_in_doc.size(0), T = pos_in_doc.size(1);
-  at::Tensor rows = torch::arange(T, pos_in_doc.options()).view({1, T}).expand({B, T});  // (B, T)
-  at::Tensor start = (rows - pos_in_doc).to(torch::kCPU).contiguous();                   // (B, T)
+// Per t block, over its rows and the batch: the earliest and the latest first row of their documents. i blocks
+// that end before the earliest hold no visible key and are skipped; i blocks that start at or after the
+// latest and end before the t block are fully visible (no mask needed).
+struct BlockStarts {
+  std::vector<int64_t> min_start, max_start;  // [t block]
+};
+BlockStarts block_doc_starts(const at::Tensor& docs,  // (B, T) int64
+                             int64_t block) {
+  const int64_t B = docs.size(0), T = docs.size(1);
+  at::Tensor pos = positions_in_document(docs, B, T, docs.device());                     // (B, T)
+  at::Tensor rows = torch::arange(T, pos.options()).view({1, T}).expand({B, T});          // (B, T)
+  at::Tensor start = (rows - pos).to(torch::kCPU).contiguous();                           // (B, T)
   const int64_t nb = (T + block - 1) / block;
-  std::vector<int64_t> out(nb, T);
+  BlockStarts out{std::vector<int64_t>(nb, T), std::vector<int64_t>(nb, 0)};
   auto a = start.accessor<int64_t, 2>();
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) out[t / block] = std::min(out[t / block], a[b][t]);
+    for (int64_t t = 0; t < T; ++t) {
+      out.min_start[t / block] = std::min(out.min_start[t / block], a[b][t]);
+      out.max_start[t / block] = std::max(out.max_start[t / block], a[b][t]);
+    }
   return out;
 }
 
-// One tile's visible (t, i) pairs and ages (t − i), both restricted to i ≤ t and the same document.
+// One tile's ages (t − i) and, unless every pair is visible, which pairs are (i ≤ t, same document).
 struct Tile {
-  at::Tensor age;   // (1, 1, bt, bi) acc dtype, clamped ≥ 0
-  at::Tensor mask;  // (B, 1, bt, bi) bool
+  at::Tensor age;     // (1, 1, bt, bi) acc dtype, clamped ≥ 0
+  at::Tensor hidden;  // (B, 1, bt, bi) bool: true where the pair is NOT visible; undefined: all visible
 };
 Tile make_tile(const at::Tensor& docs,  // (B, T) int64
-               int64_t t0, int64_t bt, int64_t i0, int64_t bi, c10::ScalarType acc) {
+               int64_t t0, int64_t bt, int64_t i0, int64_t bi, bool all_visible, c10::ScalarType acc) {
   auto opt = docs.options();
   at::Tensor t = torch::arange(t0, t0 + bt, opt).view({bt, 1});  // (bt, 1)
   at::Tensor i = torch::arange(i0, i0 + bi, opt).view({1, bi});  // (1, bi)
   at::Tensor d = t - i;                                         // (bt, bi)
-  at::Tensor same = docs.narrow(1, t0, bt).unsqueeze(-1).eq(docs.narrow(1, i0, bi).unsqueeze(1));  // (B, bt, bi)
   Tile tile;
-  tile.mask = same.logical_and(d.ge(0).unsqueeze(0)).unsqueeze(1);   // (B, 1, bt, bi)
-  tile.age = d.clamp_min(0).to(acc).view({1, 1, bt, bi});            // (1, 1, bt, bi)
+  tile.age = d.clamp_min(0).to(acc).view({1, 1, bt, bi});  // (1, 1, bt, bi)
+  if (!all_visible) {
+    at::Tensor other = docs.narrow(1, t0, bt).unsqueeze(-1).ne(docs.narrow(1, i0, bi).unsqueeze(1));  // (B, bt, bi)
+    tile.hidden = other.logical_or(d.lt(0).unsqueeze(0)).unsqueeze(1);                                // (B, 1, bt, bi)
+  }
   return tile;
 }
 
-// Calls f(t0, bt, i0, bi) for every tile that may hold a visible pair.
+// Calls f(t0, bt, i0, bi, all_visible) for every tile that may hold a visible pair.
 template <typename F>
-void for_each_tile(int64_t T, int64_t block, const std::vector<int64_t>& min_start, F&& f) {
+void for_each_tile(int64_t T, int64_t block, const BlockStarts& starts, F&& f) {
   for (int64_t t0 = 0; t0 < T; t0 += block) {
-    const int64_t bt = std::min(block, T - t0);
-    const int64_t first = (min_start[t0 / block] / block) * block;
-    for (int64_t i0 = first; i0 < t0 + bt; i0 += block) f(t0, bt, i0, std::min(block, T - i0));
+    const int64_t bt = std::min(block, T - t0), tb = t0 / block;
+    const int64_t first = (starts.min_start[tb] / block) * block;
+    for (int64_t i0 = first; i0 < t0 + bt; i0 += block) {
+      const int64_t bi = std::min(block, T - i0);
+      const bool all_visible = i0 >= starts.max_start[tb] && i0 + bi - 1 <= t0;
+      f(t0, bt, i0, bi, all_visible);
+    }
   }
 }
 
@@ -74,11 +88,12 @@ struct SoftCacheSizeFn : public torch::autograd::Function<SoftCacheSizeFn> {
     const int64_t T = x.size(2);
     at::Tensor xa = x.to(acc);                       // (B, H, T)
     at::Tensor out = torch::zeros(x.sizes(), xa.options());  // (B, H, T)
-    const std::vector<int64_t> min_start = block_min_doc_start(positions_in_document(docs, 0, 0, x.device()), block);
-    for_each_tile(T, block, min_start, [&](int64_t t0, int64_t bt, int64_t i0, int64_t bi) {
-      Tile tile = make_tile(docs, t0, bt, i0, bi, acc);
-      at::Tensor e = torch::exp(tile.age * xa.narrow(2, i0, bi).unsqueeze(2));  // (B, H, bt, bi)
-      out.narrow(2, t0, bt).add_(e.masked_fill(tile.mask.logical_not(), 0).sum(-1));
+    const BlockStarts starts = block_doc_starts(docs, block);
+    for_each_tile(T, block, starts, [&](int64_t t0, int64_t bt, int64_t i0, int64_t bi, bool all_visible) {
+      Tile tile = make_tile(docs, t0, bt, i0, bi, all_visible, acc);
+      at::Tensor e = (tile.age * xa.narrow(2, i0, bi).unsqueeze(2)).exp_();  // (B, H, bt, bi)
+      if (tile.hidden.defined()) e.masked_fill_(tile.hidden, 0);
+      out.narrow(2, t0, bt).add_(e.sum(-1));
     });
     ctx->save_for_backward({x, docs});
     ctx->saved_data["block"] = block;
@@ -97,12 +112,13 @@ struct SoftCacheSizeFn : public torch::autograd::Function<SoftCacheSizeFn> {
     at::Tensor xa = x.to(acc);                    // (B, H, T)
     at::Tensor dout = grads[0].to(acc);           // (B, H, T)
     at::Tensor dx = torch::zeros(x.sizes(), xa.options());  // (B, H, T)
-    const std::vector<int64_t> min_start = block_min_doc_start(positions_in_document(docs, 0, 0, x.device()), block);
-    for_each_tile(T, block, min_start, [&](int64_t t0, int64_t bt, int64_t i0, int64_t bi) {
-      Tile tile = make_tile(docs, t0, bt, i0, bi, acc);
-      at::Tensor e = torch::exp(tile.age * xa.narrow(2, i0, bi).unsqueeze(2));          // (B, H, bt, bi)
-      at::Tensor g = dout.narrow(2, t0, bt).unsqueeze(-1) * tile.age * e;               // (B, H, bt, bi)
-      dx.narrow(2, i0, bi).add_(g.masked_fill(tile.mask.logical_not(), 0).sum(2));
+    const BlockStarts starts = block_doc_starts(docs, block);
+    for_each_tile(T, block, starts, [&](int64_t t0, int64_t bt, int64_t i0, int64_t bi, bool all_visible) {
+      Tile tile = make_tile(docs, t0, bt, i0, bi, all_visible, acc);
+      at::Tensor g = (tile.age * xa.narrow(2, i0, bi).unsqueeze(2)).exp_();  // (B, H, bt, bi) exp((t−j)·x_j)
+      g.mul_(tile.age).mul_(dout.narrow(2, t0, bt).unsqueeze(-1));          // · (t − j) · dout_t
+      if (tile.hidden.defined()) g.masked_fill_(tile.hidden, 0);
+      dx.narrow(2, i0, bi).add_(g.sum(2));
     });
     return {dx.to(x.scalar_type()), at::Tensor(), at::Tensor()};
   }

@@ -1,0 +1,119 @@
+#include "export/gate_bundle.h"
+
+#include <filesystem>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "common/fs.h"
+#include "gates/component.h"
+#include "models/safetensors.h"
+#include "models/weights.h"
+
+namespace kvd {
+namespace {
+
+const char* kManifestFile = "kvdistill.json";
+const char* kTensorFile = "gates.safetensors";
+
+std::string short_hash(const std::string& h) { return h.substr(0, 12); }
+
+}  // namespace
+
+BaseModelInfo base_model_info(const std::string& model_dir, const std::string& model_id) {
+  BaseModelInfo info;
+  info.config_sha256 = sha256_hex(read_file(model_dir + "/config.json"));
+  if (!model_id.empty()) {
+    info.model_id = model_id;
+  } else {
+    std::filesystem::path p(model_dir);
+    if (!p.has_filename()) p = p.parent_path();
+    info.model_id = p.filename().string();
+  }
+  return info;
+}
+
+std::string bundle_tensor_name(const std::string& kind, const std::string& parameter_name) {
+  const std::string prefix = "layers.";
+  if (parameter_name.rfind(prefix, 0) == 0) {
+    const size_t dot = parameter_name.find('.', prefix.size());
+    KVD_CHECK(dot != std::string::npos, "bundle_tensor_name: unexpected parameter name '", parameter_name, "'");
+    const std::string layer = parameter_name.substr(prefix.size(), dot - prefix.size());
+    return "model.layers." + layer + ".self_attn." + kind + "." + parameter_name.substr(dot + 1);
+  }
+  return "kvdistill." + kind + "." + parameter_name;  // component-wide parameters (none for retention gates)
+}
+
+void save_gate_bundle(const std::string& dir, const Component& component, const BaseModelInfo& base) {
+  std::filesystem::create_directories(dir);
+  const std::string kind = component.kind();
+  std::vector<at::Tensor> hold;  // CPU float32 copies backing the TensorRefs
+  std::vector<TensorRef> refs;
+  std::vector<std::string> names;
+  for (const auto& item : component.named_parameters()) {
+    at::Tensor t = item.value().detach().to(torch::kCPU, torch::kFloat).contiguous();
+    hold.push_back(t);
+    std::string name = bundle_tensor_name(kind, item.key());
+    names.push_back(name);
+    refs.push_back(TensorRef{name, DType::F32, std::vector<int64_t>(t.sizes().begin(), t.sizes().end()), t.data_ptr()});
+  }
+  write_safetensors(dir + "/" + kTensorFile, refs, {{"format", "pt"}, {"kvdistill_kind", kind}});
+  nlohmann::json m = component.manifest();
+  m["format_version"] = kGateBundleFormatVersion;
+  m["kind"] = kind;
+  m["base_model"] = {{"id", base.model_id}, {"config_sha256", base.config_sha256}};
+  m["dtype"] = "F32";
+  m["tensors"] = names;
+  write_file_atomic(dir + "/" + kManifestFile, m.dump(2) + "\n");
+}
+
+nlohmann::json read_gate_manifest(const std::string& dir) {
+  const std::string path = dir + "/" + kManifestFile;
+  const std::string bytes = read_file(path);
+  try {
+    return nlohmann::json::parse(bytes);
+  } catch (const nlohmann::json::exception& e) {
+    KVD_FAIL(path, ": not valid JSON (", e.what(), "); the gate bundle is corrupt, export it again");
+  }
+}
+
+void load_gate_bundle(const std::string& dir, Component& component, const BaseModelInfo& base) {
+  const std::string mpath = dir + "/" + kManifestFile;
+  const nlohmann::json m = read_gate_manifest(dir);
+  try {
+    const int64_t version = m.at("format_version").get<int64_t>();
+    KVD_CHECK(version == kGateBundleFormatVersion, mpath, ": format_version ", version, ", this kvdistill reads ",
+              kGateBundleFormatVersion);
+    const std::string kind = m.at("kind").get<std::string>();
+    KVD_CHECK(kind == component.kind(), mpath, ": the bundle holds a '", kind, "' component, not a '",
+              component.kind(), "'");
+    const std::string id = m.at("base_model").at("id").get<std::string>();
+    const std::string hash = m.at("base_model").at("config_sha256").get<std::string>();
+    KVD_CHECK(hash == base.config_sha256, mpath, ": these gates were trained for model '", id, "' (config sha256 ",
+              short_hash(hash), "), not for model '", base.model_id, "' (config sha256 ", short_hash(base.config_sha256),
+              "); load the model they were trained for, or train gates for this one");
+    const nlohmann::json mine = component.manifest();
+    for (const char* key : {"num_layers", "hidden_size", "num_kv_heads", "gate_hidden"}) {
+      if (!mine.contains(key)) continue;
+      KVD_CHECK(m.contains(key) && m.at(key) == mine.at(key), mpath, ": ", key, " is ",
+                (m.contains(key) ? m.at(key).dump() : std::string("missing")), " in the bundle but ", mine.at(key).dump(),
+                " in this component (model '", base.model_id, "')");
+    }
+  } catch (const nlohmann::json::exception& e) {
+    KVD_FAIL(mpath, ": malformed manifest (", e.what(), ")");
+  }
+  SafetensorsFile f(dir + "/" + kTensorFile);
+  torch::NoGradGuard no_grad;
+  for (auto& item : component.named_parameters()) {
+    const std::string name = bundle_tensor_name(component.kind(), item.key());
+    const TensorView* v = f.find(name);
+    KVD_CHECK(v != nullptr, f.path(), ": tensor '", name, "' not found; the bundle does not match this component");
+    at::Tensor t = view_to_tensor(*v);  // CPU, its own dtype
+    at::Tensor& p = item.value();
+    KVD_CHECK(t.sizes() == p.sizes(), f.path(), ": tensor '", name, "' has shape ", t.sizes(), ", expected ", p.sizes());
+    p.copy_(t.to(p.device(), p.scalar_type()));
+  }
+}
+
+}  // namespace kvd
