@@ -30,7 +30,7 @@ const std::vector<ConfigKey>& config_keys() {
       {"data.train", ValueType::String, "", "packed_text .h5 from `kvdistill prepare text` (required)"},
       {"data.val", ValueType::String, "", "packed_text .h5 for eval; empty: the val split of data.train"},
       {"data.prefetch", ValueType::Int, "2", "batches read ahead on a background thread"},
-      {"component.kind", ValueType::String, "retention_gate", "learned part: retention_gate | key_rate_bias"},
+      {"component.kind", ValueType::String, "retention_gate", "learned part: retention_gate"},
       {"component.budget", ValueType::Int, "128", "M: KV entries kept per head (capacity loss, held-out check)"},
       {"component.hidden", ValueType::Int, "512", "retention gate MLP width"},
       {"component.bias_init", ValueType::Float, "18.0", "retention gate output bias at init (beta ~ 1)"},
@@ -197,7 +197,7 @@ RunConfig from_values(const json& values) {
   check(!c.model_dir.empty(), "model.dir", "is required (a Hugging Face model directory)");
   check(!c.data_train.empty(), "data.train", "is required (make one with `kvdistill prepare text`)");
   one_of(c.model_dtype, "model.dtype", {"auto", "float32", "bfloat16"});
-  one_of(c.component_kind, "component.kind", {"retention_gate", "key_rate_bias"});
+  one_of(c.component_kind, "component.kind", {"retention_gate"});
   check(c.budget > 0, "component.budget", "M must be > 0, got " + std::to_string(c.budget));
   check(c.gate_hidden > 0, "component.hidden", "must be > 0");
   check(c.w_kl >= 0 && c.w_ce >= 0 && c.w_capacity >= 0, c.w_kl < 0 ? "loss.kl" : c.w_ce < 0 ? "loss.ce" : "loss.capacity",

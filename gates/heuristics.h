@@ -1,0 +1,175 @@
+// Heuristic scorers (specs/baselines.md). Each class lives in its own gates/<name>.cpp. Where kvpress 0.5.5
+// implements the method, its defaults are ours, so the same model, prompt and ratio keep the same indices.
+//
+// Conventions shared by all of them:
+//   - score(view) returns (B, H_kv, n) float32, higher = keep; invalid (padding) entries get -inf;
+//   - scores of query heads are reduced over the GQA group with GroupReduce (mean, kvpress's default);
+//   - window-based scorers keep their observation window by giving it max(score) + 1 (as kvpress does).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "gates/scorer.h"
+
+namespace kvd {
+
+enum class GroupReduce { Mean, Max };
+
+// (B, H, m) per query head -> (B, H_kv, m).
+at::Tensor reduce_group(const at::Tensor& per_query_head, int64_t num_kv_heads, GroupReduce reduce);
+
+// Softmax attention of query rows to the cached entries, per query head, float32:
+//   q (B, H, w, hd) post-RoPE, q_pos (B, w); k (B, H_kv, n, hd), k_pos (B, H_kv, n), valid (B, H_kv, n) or
+//   undefined. Key j is visible to row i iff k_pos_j <= q_pos_i (and valid). Returns (B, H, w, n).
+at::Tensor window_attention(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k, const at::Tensor& k_pos,
+                            const at::Tensor& valid);
+
+// Column sums Σ_i A_ij over all rows of `q`, computed by blocks of rows (never w×n at once for large w):
+// (B, H, n) float32. Same arguments as window_attention.
+at::Tensor attention_column_sums(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k,
+                                 const at::Tensor& k_pos, const at::Tensor& valid, int64_t row_block = 256);
+
+// s_j = uniform(0, 1), from a generator seeded once (same seed -> same scores).
+class RandomScorer : public Scorer {
+ public:
+  explicit RandomScorer(uint64_t seed = 0);
+  std::string name() const override { return "random"; }
+  at::Tensor score(const LayerView& view) override;
+
+ private:
+  uint64_t seed_;
+  int64_t calls_ = 0;
+};
+
+// s_j = -||k_j||_2.
+class KNormScorer : public Scorer {
+ public:
+  std::string name() const override { return "knorm"; }
+  at::Tensor score(const LayerView& view) override;
+};
+
+// Sinks first, then recency: the n_sink oldest positions outrank everything, then newer beats older. A top-k
+// of any size therefore keeps the sinks plus the most recent tokens (kvpress's StreamingLLMPress set).
+class StreamingLLMScorer : public Scorer {
+ public:
+  explicit StreamingLLMScorer(int64_t n_sink = 4) : n_sink_(n_sink) {}
+  std::string name() const override { return "streaming_llm"; }
+  at::Tensor score(const LayerView& view) override;
+
+ private:
+  int64_t n_sink_;
+};
+
+enum class H2ONorm {
+  Sum,               // H2O: s_j = Σ_{i >= j} A_ij
+  PerObservingQuery  // kvpress ObservedAttention: s_j = Σ_i A_ij / (number of rows that see j)
+};
+
+// Accumulated attention from every prefill row (the chunk's rows; computed in row blocks).
+class H2OScorer : public Scorer {
+ public:
+  explicit H2OScorer(H2ONorm norm = H2ONorm::Sum, GroupReduce reduce = GroupReduce::Mean)
+      : norm_(norm), reduce_(reduce) {}
+  std::string name() const override { return norm_ == H2ONorm::Sum ? "h2o" : "observed_attention"; }
+  ScorerNeeds needs() const override;
+  at::Tensor score(const LayerView& view) override;
+
+ private:
+  H2ONorm norm_;
+  GroupReduce reduce_;
+};
+
+// SnapKV: mean window attention over the last w rows, avg-pooled (kernel k, zero padding counted), reduced over
+// the group; the window itself gets max + 1. kvpress: w = 64, k = 5, mean.
+struct SnapKVOptions {
+  int64_t window = 64;
+  int64_t kernel = 5;
+  GroupReduce reduce = GroupReduce::Mean;
+};
+class SnapKVScorer : public Scorer {
+ public:
+  explicit SnapKVScorer(SnapKVOptions opt = {}) : opt_(opt) {}
+  std::string name() const override { return "snapkv"; }
+  ScorerNeeds needs() const override;
+  at::Tensor score(const LayerView& view) override;
+  const SnapKVOptions& options() const { return opt_; }
+
+ private:
+  SnapKVOptions opt_;
+};
+
+// TOVA: attention of the last row, averaged over every query head; one score for all KV heads; the last
+// token gets max + 1.
+class TOVAScorer : public Scorer {
+ public:
+  std::string name() const override { return "tova"; }
+  ScorerNeeds needs() const override;
+  at::Tensor score(const LayerView& view) override;
+};
+
+// KeyDiff: s_j = -cos(k_j, mean_m k_m / ||k_m||).
+class KeyDiffScorer : public Scorer {
+ public:
+  std::string name() const override { return "keydiff"; }
+  at::Tensor score(const LayerView& view) override;
+};
+
+// Expected Attention (kvpress ExpectedAttentionPress defaults: 512 future positions, 4 sinks, covariance and
+// value norm on, epsilon 0; baselines.md suggests epsilon 1e-2).
+struct ExpectedAttentionOptions {
+  int64_t n_future = 512;
+  int64_t n_sink = 4;
+  double epsilon = 0.0;
+};
+class ExpectedAttentionScorer : public Scorer {
+ public:
+  explicit ExpectedAttentionScorer(ExpectedAttentionOptions opt = {}) : opt_(opt) {}
+  std::string name() const override { return "expected_attention"; }
+  ScorerNeeds needs() const override;
+  at::Tensor score(const LayerView& view) override;
+
+ private:
+  ExpectedAttentionOptions opt_;
+};
+
+// CriticalKV on top of a base scorer: s'_j = (s_j + 1e-4) · ||W_O^(h) v_j||_1 (summed over the group's
+// query heads). The two-stage selection (top half of n_kept by s, the rest by s') is expressed in the
+// score: tokens of the first stage get max(s') + 1 + s.
+class CriticalKVScorer : public Scorer {
+ public:
+  CriticalKVScorer(std::unique_ptr<Scorer> base, double ratio) : base_(std::move(base)), ratio_(ratio) {}
+  std::string name() const override { return "criticalkv_" + base_->name(); }
+  ScorerNeeds needs() const override { return base_->needs(); }
+  at::Tensor score(const LayerView& view) override;
+
+ private:
+  std::unique_ptr<Scorer> base_;
+  double ratio_;
+};
+
+// ||W_O^(h) v_j||_1 per query head h of the group, averaged over the group: (B, H_kv, n) float32 (CriticalKV's
+// value term; needs view.model and view.values).
+at::Tensor projected_value_l1(const LayerView& view);
+
+// DefensiveKV: per query head and window row, the prefix attention is avg-pooled (kernel k) and rescaled to
+// the row's mass; s_j = max over the group and the window, then max(s_j, mean_m s_m), then the CriticalKV
+// value term (s_j + 1e-4) · ||W_O v_j||_1; the window gets max + 1. Its budgets are AdaKV's (method
+// "defensivekv"), or global across layers ("layer_defensivekv").
+struct DefensiveKVOptions {
+  int64_t window = 32;
+  int64_t kernel = 5;
+};
+class DefensiveKVScorer : public Scorer {
+ public:
+  explicit DefensiveKVScorer(DefensiveKVOptions opt = {}) : opt_(opt) {}
+  std::string name() const override { return "defensivekv"; }
+  ScorerNeeds needs() const override;
+  at::Tensor score(const LayerView& view) override;
+
+ private:
+  DefensiveKVOptions opt_;
+};
+
+}  // namespace kvd

@@ -1,0 +1,67 @@
+// Selectors: turn per-token scores plus a budget into keep indices, allocating the budget across layers and
+// heads (specs/baselines.md, "Selectors"). The output is RaggedIndices (models/kv_cache.h): sorted keep
+// indices per KV head plus offsets, the layout TensorRT-LLM's sparse attention reads, and what
+// KVCache::keep(layer, RaggedIndices) compacts to.
+//
+// Ties: every top-k here is a stable descending sort, so among equal scores the lower index (the older
+// token) wins. torch.topk (kvpress) leaves the order of ties unspecified.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "models/kv_cache.h"
+
+namespace kvd {
+
+enum class BudgetKind {
+  Ratio,          // fraction removed, kvpress's compression_ratio: n_kept = max(1, floor(n (1 - r)))
+  TokensPerHead,  // absolute entries kept per head (clipped to n)
+  Threshold       // keep every entry whose score >= value
+};
+
+struct Budget {
+  BudgetKind kind = BudgetKind::Ratio;
+  double value = 0.0;
+  static Budget ratio(double r);
+  static Budget tokens(int64_t n);
+  static Budget threshold(double tau);
+  // Entries kept per head out of n for Ratio / TokensPerHead (kvpress's compute_n_kept for a ratio).
+  int64_t n_kept(int64_t n) const;
+};
+
+enum class Allocation {
+  Uniform,  // every head of every layer keeps n_kept
+  Pyramid,  // PyramidKV's linear per-layer budgets (kvpress PyramidKVPress.get_layer_budget)
+  AdaKV,    // per layer: the top H_kv * n_kept of the pooled heads, each head keeping >= floor(alpha n_kept)
+  Global,   // across layers: the top L * H_kv * n_kept of every layer and head pooled
+};
+
+struct SelectorOptions {
+  Allocation allocation = Allocation::Uniform;
+  Budget budget;
+  double ada_alpha = 0.2;       // AdaKV floor (kvpress alpha_safeguard)
+  int64_t pyramid_window = 64;  // PyramidKV: SnapKV's window
+  double pyramid_beta = 20.0;
+};
+
+// Boolean keep mask -> RaggedIndices. mask (B, H_kv, n) bool.
+RaggedIndices ragged_from_mask(const at::Tensor& mask);
+// RaggedIndices -> per head lists of indices (row r = b * H_kv + h).
+std::vector<std::vector<int64_t>> ragged_to_lists(const RaggedIndices& r);
+
+// The top-k of each row of scores (B, H_kv, n) as a keep mask (B, H_kv, n), ties to the lower index.
+at::Tensor topk_mask(const at::Tensor& scores, int64_t k);
+
+// kvpress PyramidKV budget of `layer` (entries per head) for a prompt of n tokens.
+int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double beta, int64_t layer, int64_t num_layers);
+
+// One layer (every allocation except Global): scores (B, H_kv, n) float, higher = keep.
+RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt);
+// Every layer at once (Global; the per-layer allocations too, layer by layer).
+std::vector<RaggedIndices> select_all(const std::vector<at::Tensor>& scores, const SelectorOptions& opt);
+
+}  // namespace kvd

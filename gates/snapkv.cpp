@@ -1,0 +1,33 @@
+// SnapKV (and PyramidKV's scores): pooled window attention; the window itself is always kept
+// (specs/baselines.md; kvpress SnapKVPress computes its window attention the same way).
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "gates/heuristics.h"
+
+namespace kvd {
+
+ScorerNeeds SnapKVScorer::needs() const {
+  ScorerNeeds n;
+  n.window = opt_.window;
+  return n;
+}
+
+at::Tensor SnapKVScorer::score(const LayerView& view) {
+  const int64_t B = view.keys.size(0), Hkv = view.keys.size(1), n = view.keys.size(2);
+  const int64_t w = opt_.window;
+  KVD_CHECK(view.window_queries.defined() && view.window_queries.size(2) == w, "snapkv: needs the last ", w,
+            " query rows; the prompt must be longer than the window");
+  KVD_CHECK(n > w, "snapkv: the cache (", n, " entries) must be longer than the window (", w, ")");
+  KVD_CHECK(!view.valid.defined(), "snapkv: ragged heads before scoring are not supported (score once per prefill)");
+  const int64_t m = n - w;  // prefix entries; the window is the last w entries of every head
+  at::Tensor a = window_attention(view.window_queries, view.window_positions, view.keys, view.positions,
+                                  view.valid);                     // (B, H, w, n)
+  at::Tensor s = a.narrow(3, 0, m).mean(2);                        // (B, H, m)
+  s = at::avg_pool1d(s, {opt_.kernel}, {1}, {opt_.kernel / 2}, false, true);  // (B, H, m)
+  s = reduce_group(s, Hkv, opt_.reduce);                           // (B, H_kv, m)
+  const double top = s.max().item<double>() + 1.0;
+  return torch::cat({s, torch::full({B, Hkv, w}, top, s.options())}, 2);  // (B, H_kv, n)
+}
+
+}  // namespace kvd

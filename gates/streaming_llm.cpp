@@ -1,0 +1,16 @@
+// StreamingLLM: sinks + recent window (specs/baselines.md; kvpress StreamingLLMPress keeps the same set).
+#include <torch/torch.h>
+
+#include "gates/heuristics.h"
+
+namespace kvd {
+
+at::Tensor StreamingLLMScorer::score(const LayerView& view) {
+  // Positions rank recency; the n_sink oldest positions (0 .. n_sink - 1) are lifted above every other.
+  at::Tensor pos = view.positions.to(torch::kFloat);             // (B, H_kv, n)
+  const double lift = static_cast<double>(view.next_position) + 1.0;
+  at::Tensor s = torch::where(view.positions.lt(n_sink_), pos + 2.0 * lift, pos);  // (B, H_kv, n)
+  return s;
+}
+
+}  // namespace kvd

@@ -1,0 +1,29 @@
+// TOVA: attention of the last row, averaged over every query head; the same ranking for all KV heads
+// (specs/baselines.md; kvpress TOVAPress).
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "gates/heuristics.h"
+
+namespace kvd {
+
+ScorerNeeds TOVAScorer::needs() const {
+  ScorerNeeds n;
+  n.window = 1;
+  return n;
+}
+
+at::Tensor TOVAScorer::score(const LayerView& view) {
+  const int64_t B = view.keys.size(0), Hkv = view.keys.size(1), n = view.keys.size(2);
+  KVD_CHECK(view.window_queries.defined() && view.window_queries.size(2) >= 1, "tova: needs the last query row");
+  KVD_CHECK(!view.valid.defined(), "tova: ragged heads before scoring are not supported (score once per prefill)");
+  at::Tensor q = view.window_queries.narrow(2, view.window_queries.size(2) - 1, 1);  // (B, H, 1, hd)
+  at::Tensor qp = view.window_positions.narrow(1, view.window_positions.size(1) - 1, 1);  // (B, 1)
+  at::Tensor a = window_attention(q, qp, view.keys, view.positions, view.valid);  // (B, H, 1, n)
+  at::Tensor s = a.select(2, 0).narrow(2, 0, n - 1).mean(1, true);               // (B, 1, n-1)
+  s = s.expand({B, Hkv, n - 1});                                                   // (B, H_kv, n-1)
+  const double top = s.max().item<double>() + 1.0;
+  return torch::cat({s, torch::full({B, Hkv, 1}, top, s.options())}, 2);           // (B, H_kv, n)
+}
+
+}  // namespace kvd

@@ -1,0 +1,91 @@
+// Heuristic scorers on hand-made caches: formulas of specs/baselines.md (the kvpress parity on SmolLM2 is
+// tests/python/test_kvpress_parity.py).
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "gates/compress.h"
+#include "gates/heuristics.h"
+#include "gates/selector.h"
+
+using namespace kvd;
+
+namespace {
+
+LayerView make_view(int64_t B, int64_t Hkv, int64_t n, int64_t hd) {
+  LayerView v;
+  v.keys = torch::randn({B, Hkv, n, hd});    // (B, H_kv, n, hd)
+  v.values = torch::randn({B, Hkv, n, hd});  // (B, H_kv, n, hd)
+  v.positions = torch::arange(n, torch::kLong).view({1, 1, n}).expand({B, Hkv, n}).contiguous();  // (B, H_kv, n)
+  v.next_position = n;
+  return v;
+}
+
+std::vector<int64_t> kept(const at::Tensor& scores, int64_t k, int64_t head = 0) {
+  SelectorOptions opt;
+  opt.budget = Budget::tokens(k);
+  return ragged_to_lists(select_layer(scores, 0, 1, opt))[head];
+}
+
+}  // namespace
+
+TEST(Scorers, KNormIsMinusKeyNorm) {
+  torch::manual_seed(1);
+  LayerView v = make_view(1, 2, 7, 4);
+  at::Tensor s = KNormScorer().score(v);  // (1, 2, 7)
+  EXPECT_TRUE(torch::allclose(s, -v.keys.norm(2, -1)));
+}
+
+TEST(Scorers, StreamingLLMKeepsSinksAndTheMostRecent) {
+  LayerView v = make_view(1, 1, 20, 4);
+  at::Tensor s = StreamingLLMScorer(4).score(v);
+  EXPECT_EQ(kept(s, 7), (std::vector<int64_t>{0, 1, 2, 3, 17, 18, 19}));
+}
+
+TEST(Scorers, KeyDiffRanksTheOddKeyFirst) {
+  LayerView v = make_view(1, 1, 6, 3);
+  v.keys = torch::tensor({1.f, 0.f, 0.f, 1.f, 0.1f, 0.f, 1.f, 0.f, 0.1f, 0.f, 0.f, -1.f, 1.f, 0.05f, 0.f, 0.9f, 0.f,
+                          0.f})
+               .view({1, 1, 6, 3});
+  at::Tensor s = KeyDiffScorer().score(v);  // (1, 1, 6)
+  EXPECT_EQ(kept(s, 1), (std::vector<int64_t>{3}));
+}
+
+TEST(Scorers, RandomIsSeeded) {
+  LayerView v = make_view(1, 2, 9, 4);
+  EXPECT_TRUE(torch::equal(RandomScorer(7).score(v), RandomScorer(7).score(v)));
+  EXPECT_FALSE(torch::equal(RandomScorer(7).score(v), RandomScorer(8).score(v)));
+}
+
+TEST(Scorers, H2OSumsAndObservedAttentionNormalizes) {
+  torch::manual_seed(2);
+  const int64_t n = 6, hd = 4, H = 2;
+  LayerView v = make_view(1, 1, n, hd);
+  v.window_queries = torch::randn({1, H, n, hd});                     // (B, H, n, hd): every row
+  v.window_positions = torch::arange(n, torch::kLong).view({1, n});  // (B, n)
+  // Reference: explicit causal softmax, column sums, mean over the 2 query heads of the group.
+  at::Tensor logits = torch::matmul(v.window_queries, v.keys.expand({1, H, n, hd}).transpose(2, 3)) / 2.0;  // (1, H, n, n)
+  at::Tensor causal = torch::ones({n, n}, torch::kBool).tril();
+  at::Tensor a = torch::softmax(logits.masked_fill(causal.logical_not(), -INFINITY), -1);  // (1, H, n, n)
+  at::Tensor col = a.sum(2);                                                               // (1, H, n)
+  EXPECT_TRUE(torch::allclose(H2OScorer(H2ONorm::Sum).score(v), col.mean(1, true), 1e-5, 1e-6));
+  at::Tensor seen = torch::arange(n, 0, -1, torch::kFloat);  // n - j
+  EXPECT_TRUE(torch::allclose(H2OScorer(H2ONorm::PerObservingQuery).score(v), (col / seen).mean(1, true), 1e-5, 1e-6));
+}
+
+TEST(Scorers, MethodNamesAndBadInput) {
+  EXPECT_NO_THROW(make_method("adakv_snapkv", 0.5));
+  EXPECT_NO_THROW(make_method("criticalkv_snapkv", 0.5));
+  EXPECT_NO_THROW(make_method("global_knorm", 0.5));
+  EXPECT_THROW(make_method("snapkvv", 0.5), Error);
+  EXPECT_THROW(make_method("snapkv", 1.0), Error);
+  EXPECT_THROW(make_method("adakv_pyramidkv", 0.5), Error);
+}
+
+TEST(Scorers, DefensiveKVMethodWiring) {
+  // AdaKV budgets for defensivekv, global ones for layer_defensivekv (scores: tests/python/test_compress_methods.py).
+  EXPECT_EQ(make_method("defensivekv", 0.5).selector.allocation, Allocation::AdaKV);
+  EXPECT_EQ(make_method("layer_defensivekv", 0.5).selector.allocation, Allocation::Global);
+  EXPECT_THROW(make_method("adakv_defensivekv", 0.5), Error);
+}

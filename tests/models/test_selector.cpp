@@ -1,0 +1,75 @@
+// Selectors: budgets (kvpress ratio meaning), tie order, AdaKV floor, PyramidKV layer budgets, threshold,
+// global allocation, and the TensorRT-LLM ragged layout.
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "gates/selector.h"
+
+using namespace kvd;
+
+TEST(Selector, RatioBudgetIsKvpressNKept) {
+  EXPECT_EQ(Budget::ratio(0.5).n_kept(101), 50);   // floor(101 * 0.5)
+  EXPECT_EQ(Budget::ratio(0.75).n_kept(10), 2);    // floor(2.5)
+  EXPECT_EQ(Budget::ratio(0.99).n_kept(10), 1);    // clamped to >= 1
+  EXPECT_EQ(Budget::tokens(64).n_kept(10), 10);    // clipped to n
+  EXPECT_THROW(Budget::ratio(1.0), Error);
+  EXPECT_THROW(Budget::ratio(-0.1), Error);
+}
+
+TEST(Selector, UniformTopKTiesGoToTheLowerIndex) {
+  at::Tensor s = torch::tensor({1.f, 3.f, 3.f, 0.f, 3.f, 2.f}).view({1, 1, 6});  // (B, H_kv, n)
+  SelectorOptions opt;
+  opt.budget = Budget::tokens(2);
+  RaggedIndices r = select_layer(s, 0, 1, opt);
+  EXPECT_EQ(ragged_to_lists(r)[0], (std::vector<int64_t>{1, 2}));
+}
+
+TEST(Selector, RaggedLayoutIsSortedIndicesPlusOffsets) {
+  at::Tensor mask = torch::tensor({1, 0, 1, 0, 0, 0, 1, 1, 1}, torch::kBool).view({1, 3, 3});  // (B, H_kv, n)
+  RaggedIndices r = ragged_from_mask(mask);
+  EXPECT_TRUE(torch::equal(r.offsets, torch::tensor({0, 2, 2, 5}, torch::kLong)));
+  EXPECT_TRUE(torch::equal(r.indices, torch::tensor({0, 2, 0, 1, 2}, torch::kLong)));
+  EXPECT_EQ(r.count(1), 0);
+}
+
+TEST(Selector, AdaKVKeepsHTimesNKeptWithAFloorPerHead) {
+  const int64_t H = 3, n = 100;
+  // Head 0 outranks everyone; head 2 is the weakest.
+  at::Tensor s = torch::rand({1, H, n}) + torch::tensor({2.f, 1.f, 0.f}).view({1, H, 1});  // (1, H, n)
+  SelectorOptions opt;
+  opt.allocation = Allocation::AdaKV;
+  opt.budget = Budget::ratio(0.75);  // n_kept = 25, floor = 5
+  auto lists = ragged_to_lists(select_layer(s, 0, 1, opt));
+  EXPECT_EQ(lists[0].size() + lists[1].size() + lists[2].size(), static_cast<size_t>(H * 25));
+  EXPECT_EQ(lists[0].size(), 65u);  // its floor of 5 + the 60 best of the rest (75 - 3 floors of 5)
+  EXPECT_EQ(lists[1].size(), 5u);
+  EXPECT_EQ(lists[2].size(), 5u);
+}
+
+TEST(Selector, PyramidBudgetsMatchKvpress) {
+  // n = 1450, r = 0.1, w = 64, beta = 20: max_num clipped to n - w = 1386, min_num = 2 * 1305 - 1386 = 1224.
+  EXPECT_EQ(pyramid_layer_budget(1450, 0.1, 64, 20, 0, 30), 1386);
+  EXPECT_EQ(pyramid_layer_budget(1450, 0.1, 64, 20, 29, 30), 1224);
+  EXPECT_EQ(pyramid_layer_budget(1450, 0.1, 64, 20, 1, 30), 1380);  // round(1386 - 162/29 = 1380.41)
+  // n = 500, r = 0.5: max_num = 436, min_num = 64; layer 7: round(436 - 7 * 372 / 29 = 346.2).
+  EXPECT_EQ(pyramid_layer_budget(500, 0.5, 64, 20, 7, 30), 346);
+  // r = 0.75: min_num = 6.25 < w, so kvpress falls back to round(n (1 - r)) for every layer.
+  EXPECT_EQ(pyramid_layer_budget(500, 0.75, 64, 20, 7, 30), 125);
+}
+
+TEST(Selector, ThresholdAndGlobal) {
+  at::Tensor s0 = torch::tensor({0.1f, 0.9f, 0.5f, 0.7f}).view({1, 1, 4});
+  at::Tensor s1 = torch::tensor({0.8f, 0.2f, 0.95f, 0.3f}).view({1, 1, 4});
+  SelectorOptions th;
+  th.budget = Budget::threshold(0.6);
+  EXPECT_EQ(ragged_to_lists(select_layer(s0, 0, 2, th))[0], (std::vector<int64_t>{1, 3}));
+  SelectorOptions g;
+  g.allocation = Allocation::Global;
+  g.budget = Budget::ratio(0.5);  // 2 per head on average: the top 4 of 8
+  auto r = select_all({s0, s1}, g);
+  EXPECT_EQ(ragged_to_lists(r[0])[0], (std::vector<int64_t>{1, 3}));
+  EXPECT_EQ(ragged_to_lists(r[1])[0], (std::vector<int64_t>{0, 2}));
+  EXPECT_THROW(select_layer(s0, 0, 2, g), Error);
+}

@@ -1,0 +1,374 @@
+#include "train/trainer.h"
+
+#include <chrono>
+#include <cstdio>
+#include <cmath>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "data/batch_tensors.h"
+#include "data/loader.h"
+#include "data/packed_text.h"
+#include "export/gate_bundle.h"
+#include "gates/component.h"
+#include "gates/retention_gate.h"
+#include "losses/distill.h"
+#include "models/model.h"
+#include "models/tokenizer.h"
+#include "train/checkpoint.h"
+#include "train/distributed.h"
+#include "train/heldout.h"
+#include "train/metrics.h"
+
+namespace kvd {
+
+ResumeRequest parse_resume(const std::string& s) {
+  if (s == "auto") return {ResumeMode::Auto, ""};
+  if (s == "none") return {ResumeMode::None, ""};
+  KVD_CHECK(!s.empty(), "--resume takes auto, none or a checkpoint directory");
+  return {ResumeMode::Path, s};
+}
+
+double lr_at(int64_t step, const RunConfig& c) {
+  if (step < c.warmup) return c.lr * static_cast<double>(step + 1) / static_cast<double>(c.warmup);
+  const int64_t decay = c.steps - 1 - c.warmup;  // steps from the end of warm-up to the last step
+  if (decay <= 0) return c.lr;
+  const double progress = std::min(1.0, static_cast<double>(step - c.warmup) / static_cast<double>(decay));
+  return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+namespace {
+
+c10::Device resolve_device(const std::string& s, int local_rank) {
+  if (s == "cpu") return c10::Device(c10::kCPU);
+  if (s == "auto" || s == "cuda") {
+    if (s == "auto" && !torch::cuda::is_available()) return c10::Device(c10::kCPU);
+    KVD_CHECK(torch::cuda::is_available(), "train.device=cuda but no CUDA device is visible; use train.device=cpu");
+    const int n = static_cast<int>(torch::cuda::device_count());
+    return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank % n));
+  }
+  KVD_CHECK(s.rfind("cuda:", 0) == 0, "train.device: '", s, "' is not auto, cpu, cuda or cuda:N");
+  KVD_CHECK(torch::cuda::is_available(), "train.device=", s, " but no CUDA device is visible; use train.device=cpu");
+  return c10::Device(s);
+}
+
+// The learned part named by component.kind, its parameters fp32 on `device`. Seeded by the caller.
+std::shared_ptr<Component> make_component(const RunConfig& c, const ModelConfig& mc, c10::Device device) {
+  KVD_CHECK(c.component_kind == "retention_gate", "component.kind: '", c.component_kind, "' is not implemented");
+  RetentionGateOptions o;
+  o.hidden = c.gate_hidden;
+  o.bias_init = c.gate_bias_init;
+  o.budget = c.budget;
+  RetentionGate gate(mc, o);
+  gate->to(device, torch::kFloat32);
+  return gate.ptr();
+}
+
+// A loader Batch as the component and the model take it, on `device`.
+TrainBatch make_train_batch(const Batch& b, c10::Device device) {
+  BatchTensors t = to_tensors(b);
+  TrainBatch tb;
+  tb.ids = t.tokens.to(device);                             // (B, T)
+  tb.positions = t.positions.to(device);                    // (B, T)
+  tb.doc_ids = t.segments.to(torch::kInt64).to(device);     // (B, T), -1 on padding
+  // labels[t] = ids[t+1] when t+1 is in the same segment; -100 at segment ends and on padding.
+  const int64_t T = t.tokens.size(1);
+  at::Tensor labels = torch::full_like(t.tokens, kIgnoreLabel);  // (B, T)
+  if (T > 1) {
+    at::Tensor seg = t.segments;
+    at::Tensor same = (seg.narrow(1, 1, T - 1) == seg.narrow(1, 0, T - 1)) & (seg.narrow(1, 0, T - 1) >= 0);
+    labels.narrow(1, 0, T - 1).copy_(torch::where(same, t.tokens.narrow(1, 1, T - 1), at::Scalar(kIgnoreLabel)));
+  }
+  tb.labels = labels.to(device);
+  return tb;
+}
+
+struct StepLosses {
+  at::Tensor total;                                // () in the graph
+  std::vector<std::pair<std::string, double>> terms;  // unweighted values, for the log
+  int64_t tokens = 0;                              // label-valid tokens
+};
+
+// Teacher and student forwards of one micro-batch and the weighted loss. KL and CE are per-sequence means
+// averaged over the batch rows, so a global batch gives the same loss however it is split over micro-steps
+// and ranks.
+StepLosses micro_step_loss(const Model& model, Component& component, const TrainBatch& tb, const RunConfig& c) {
+  at::Tensor teacher;  // (B, T, d)
+  {
+    torch::NoGradGuard ng;
+    teacher = model.forward_train(tb.ids, tb.positions, AttentionMods(), tb.doc_ids).hidden;
+  }
+  const AttentionMods mods = component.attention_mods(tb);
+  at::Tensor student = model.forward_train(tb.ids, tb.positions, mods, tb.doc_ids).hidden;  // (B, T, d)
+  const LogitsFn logits = [&](const at::Tensor& h) { return model.logits(h); };
+  const int64_t B = tb.ids.size(0);
+  at::Tensor kl = torch::zeros({}, student.options().dtype(torch::kFloat32));
+  at::Tensor ce = torch::zeros({}, student.options().dtype(torch::kFloat32));
+  StepLosses out;
+  for (int64_t b = 0; b < B; ++b) {
+    DistillLosses d = distill_losses(teacher.narrow(0, b, 1), student.narrow(0, b, 1), tb.labels.narrow(0, b, 1),
+                                     logits, c.loss_block);
+    kl = kl + d.kl / static_cast<double>(B);
+    ce = ce + d.ce / static_cast<double>(B);
+    out.tokens += d.tokens;
+  }
+  at::Tensor total = c.w_kl * kl + c.w_ce * ce;
+  out.terms = {{"kl", kl.item<double>()}, {"ce", ce.item<double>()}};
+  for (auto& [name, value] : component.regularizers()) {
+    KVD_CHECK(name == "capacity", "component ", component.kind(), " returned regularizer '", name,
+              "', which has no loss.* weight; add one to train/config.cpp");
+    total = total + c.w_capacity * value.to(torch::kFloat32);
+    out.terms.emplace_back(name, value.item<double>());
+  }
+  out.total = total;
+  return out;
+}
+
+std::string fmt_terms(const std::vector<std::pair<std::string, double>>& terms) {
+  std::ostringstream os;
+  for (const auto& [k, v] : terms) os << " " << k << "=" << v;
+  return os.str();
+}
+
+}  // namespace
+
+TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
+  // ---- setup: ranks, device, rendezvous -----------------------------------------------------------------
+  const RankInfo ranks = discover_ranks();
+  const c10::Device device = resolve_device(c.device, ranks.local_rank);
+  CollectiveBackend backend = CollectiveBackend::None;
+  if (ranks.world_size > 1) {
+    const std::string b = c.dist_backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : c.dist_backend;
+    backend = b == "nccl" ? CollectiveBackend::Nccl : CollectiveBackend::Gloo;
+  }
+  const bool main_rank = ranks.rank == 0;
+  if (main_rank) std::cout << ranks.describe() << "; device " << device.str() << "\n" << std::flush;
+  std::unique_ptr<Distributed> dist = Distributed::init(
+      ranks, backend, device, std::chrono::milliseconds(static_cast<int64_t>(c.dist_timeout_s * 1000)));
+  if (main_rank) std::cout << "resolved config:\n" << c.to_text() << std::flush;
+
+  try {
+    // ---- the frozen model, the data, the component, the optimizer --------------------------------------
+    std::optional<c10::ScalarType> dtype;
+    if (c.model_dtype == "float32") dtype = torch::kFloat32;
+    if (c.model_dtype == "bfloat16") dtype = torch::kBFloat16;
+    const Model model = Model::load(c.model_dir, device, dtype);  // bf16 on CUDA by default, fp32 on CPU
+    const BaseModelInfo base = base_model_info(c.model_dir);
+    const CheckpointIdentity identity{c.component_kind, base.model_id, base.config_sha256};
+
+    const Tokenizer tokenizer = Tokenizer::from_file(c.model_dir);
+    const PackedTextReader data = PackedTextReader::open(c.data_train, tokenizer);
+    const PackedSplitReader train_split = data.split(Split::Train);
+    KVD_CHECK(c.budget <= train_split.seq_len(), "config key 'component.budget': M=", c.budget,
+              " exceeds the sequence length ", train_split.seq_len(), " of data.train (", c.data_train,
+              "); lower component.budget or prepare the data with a larger --seq-len");
+
+    torch::manual_seed(static_cast<uint64_t>(c.seed));
+    if (device.is_cuda()) torch::cuda::manual_seed_all(static_cast<uint64_t>(c.seed));
+    std::shared_ptr<Component> component = make_component(c, model.config(), device);
+    std::vector<at::Tensor> params = component->parameters();
+    torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(c.lr)
+                                              .betas({c.beta1, c.beta2})
+                                              .eps(c.adam_eps)
+                                              .weight_decay(c.weight_decay));
+
+    SamplerOptions so;
+    so.batch_size = c.batch_size;
+    so.seed = static_cast<uint64_t>(c.seed);
+    so.rank = ranks.rank;
+    so.world_size = ranks.world_size;
+    so.remainder = Remainder::DropTail;  // every rank takes the same number of full batches
+    const ShardedSampler plan(train_split.size(), so);
+    KVD_CHECK(plan.batches_per_epoch() > 0, "data.train (", c.data_train, ") has ", train_split.size(),
+              " training sequences, fewer than one global batch of train.batch_size x world size = ",
+              c.batch_size * ranks.world_size, "; add text or lower train.batch_size");
+
+    // ---- resume ----------------------------------------------------------------------------------------
+    const std::string ckpt_root = c.out_dir + "/checkpoints";
+    std::string resume_dir;
+    if (resume.mode == ResumeMode::Auto) resume_dir = latest_checkpoint(ckpt_root);
+    if (resume.mode == ResumeMode::Path) resume_dir = resume.path;
+    int64_t start_step = 0;
+    Cursor cursor;
+    if (!resume_dir.empty()) {
+      const CheckpointMeta meta = read_checkpoint_meta(resume_dir, identity);
+      load_training_state(resume_dir, *component, optimizer);
+      start_step = meta.step;
+      nlohmann::json cj = meta.cursor;
+      cj["rank"] = ranks.rank;  // rank 0 saved it; every rank is at the same (epoch, step) of its shard
+      cursor = cursor_from_json(cj, plan, resume_dir + " (resuming with another world size or batch size is not supported)");
+      if (main_rank) std::cout << "resumed from " << resume_dir << " at step " << start_step << "\n";
+    }
+    dist->broadcast_(params);  // every rank starts from rank 0's parameters
+
+    LoaderOptions lo;
+    lo.sampler = so;
+    lo.prefetch = static_cast<int>(c.data_prefetch);
+    Loader loader(train_split, lo, cursor);
+
+    std::unique_ptr<MetricsLog> metrics;
+    if (main_rank) {
+      make_dirs(c.out_dir);
+      metrics = std::make_unique<MetricsLog>(c.out_dir + "/metrics.jsonl", start_step);
+    }
+    ProgressLine progress(start_step, c.steps, main_rank ? progress_mode(c.progress) : ProgressMode::Never);
+
+    // The held-out check: KL(full cache || cache evicted to M per head by the component's scores) on val text.
+    std::optional<PackedTextReader> val_data;
+    if (main_rank && c.eval_every > 0 && !c.data_val.empty()) val_data = PackedTextReader::open(c.data_val, tokenizer);
+    auto heldout = [&](int64_t step) {
+      if (!main_rank) return;
+      const PackedSplitReader val = (val_data ? *val_data : data).split(Split::Val);
+      std::vector<at::Tensor> seqs;
+      for (int64_t i = 0; i < std::min<int64_t>(val.size(), c.eval_batches * c.batch_size); ++i) {
+        const PackedSequence s = val.get(i);
+        seqs.push_back(torch::tensor(s.tokens, torch::kInt32).to(torch::kInt64).unsqueeze(0).to(device));  // (1, L)
+      }
+      if (seqs.empty()) {
+        progress.message("held-out check skipped: no val sequences (prepare text with --val-fraction > 0)");
+        return;
+      }
+      torch::NoGradGuard ng;
+      std::unique_ptr<Scorer> scorer = component->make_scorer();
+      HeldoutOptions ho;
+      ho.budget = c.budget;
+      const HeldoutResult r = heldout_kl(model, seqs, *scorer, ho);
+      std::ostringstream os;
+      os << "held-out KL at step " << step << " (M=" << c.budget << "): " << r.kl << " nats/token over " << r.tokens
+         << " tokens";
+      progress.message(os.str());
+      metrics->write({{"step", step}, {"heldout_kl", r.kl}, {"heldout_tokens", r.tokens}, {"budget", c.budget}});
+    };
+
+    const int64_t bucket_bytes = static_cast<int64_t>(c.bucket_mb * 1048576.0);
+    TrainResult result;
+    result.first_step = start_step;
+    std::string last_ckpt = resume_dir;
+    if (c.eval_every > 0 && start_step == 0) heldout(0);
+
+    // ---- the loop ----------------------------------------------------------------------------------------
+    for (int64_t step = start_step; step < c.steps; ++step) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const double lr = lr_at(step, c);
+      for (auto& g : optimizer.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+      optimizer.zero_grad();
+
+      // Forward and backward over grad_accum micro-batches of this rank's shard.
+      std::map<std::string, double> terms;
+      std::vector<std::string> order;
+      double loss = 0;
+      int64_t tokens = 0;
+      for (int64_t micro = 0; micro < c.grad_accum; ++micro) {
+        const TrainBatch tb = make_train_batch(loader.next(), device);
+        StepLosses l = micro_step_loss(model, *component, tb, c);
+        (l.total / static_cast<double>(c.grad_accum)).backward();
+        loss += l.total.item<double>() / static_cast<double>(c.grad_accum);
+        for (auto& [k, v] : l.terms) {
+          if (!terms.count(k)) order.push_back(k);
+          terms[k] += v / static_cast<double>(c.grad_accum);
+        }
+        tokens += l.tokens;
+      }
+
+      // Average gradients and the logged values over ranks.
+      dist->average_grads_(params, bucket_bytes);
+      at::Tensor logged = torch::zeros({static_cast<int64_t>(order.size()) + 2}, torch::kFloat64);  // loss, terms, tokens
+      logged[0] = loss;
+      for (size_t i = 0; i < order.size(); ++i) logged[static_cast<int64_t>(i) + 1] = terms[order[i]];
+      logged[static_cast<int64_t>(order.size()) + 1] = static_cast<double>(tokens);
+      if (backend == CollectiveBackend::Nccl) logged = logged.to(device);
+      dist->sum_(logged, "loss values");
+      logged = logged.cpu();
+      const double W = ranks.world_size;
+      loss = logged[0].item<double>() / W;
+      std::vector<std::pair<std::string, double>> term_values;
+      for (size_t i = 0; i < order.size(); ++i) term_values.emplace_back(order[i], logged[static_cast<int64_t>(i) + 1].item<double>() / W);
+      const int64_t global_tokens = static_cast<int64_t>(logged[static_cast<int64_t>(order.size()) + 1].item<double>());
+
+      // Clip, and refuse to step on a non-finite loss or gradient (the same decision on every rank: the
+      // gradients and the loss were all-reduced).
+      double grad_norm = 0;
+      if (c.clip > 0) {
+        grad_norm = torch::nn::utils::clip_grad_norm_(params, c.clip);
+      } else {
+        double sq = 0;
+        for (const at::Tensor& p : params) sq += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
+        grad_norm = std::sqrt(sq);
+      }
+      KVD_CHECK(std::isfinite(loss) && std::isfinite(grad_norm), "step ", step + 1, ": non-finite ",
+                std::isfinite(loss) ? "gradient (norm " + std::to_string(grad_norm) + ")" : "loss " + std::to_string(loss),
+                " (", fmt_terms(term_values), " ); nothing was saved for this step",
+                last_ckpt.empty() ? std::string("") : "; the last good checkpoint is " + last_ckpt,
+                "; lower train.lr, raise train.warmup or check data.train");
+      optimizer.step();
+      const int64_t done = step + 1;
+      const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double tok_s = global_tokens / std::max(step_s, 1e-9);
+      result.steps_done = done;
+      result.last_loss = loss;
+
+      // ---- once in a while: log ---------------------------------------------------------------------
+      if (main_rank) {
+        nlohmann::ordered_json rec = {{"step", done}, {"loss", loss}};
+        for (const auto& [k, v] : term_values) rec[k] = v;
+        rec["lr"] = lr;
+        rec["grad_norm"] = grad_norm;
+        rec["tokens"] = global_tokens;
+        rec["tokens_per_s"] = tok_s;
+        rec["step_s"] = step_s;
+        rec["rss_mb"] = rss_mib();
+        rec["cuda_max_alloc_mb"] = cuda_max_allocated_mib();
+        rec["world_size"] = ranks.world_size;
+        metrics->write(rec);
+        if (done % c.log_every == 0 || done == c.steps) {
+          char extra[64];
+          std::snprintf(extra, sizeof extra, "  lr %.2e  |g| %.3g", lr, grad_norm);
+          progress.update(done, loss, tok_s, extra);
+        }
+      }
+
+      // ---- once in a while: held-out check -------------------------------------------------------------
+      if (c.eval_every > 0 && (done % c.eval_every == 0 || done == c.steps)) heldout(done);
+
+      // ---- once in a while: checkpoint (rank 0 writes; the loss was finite) -------------------------------
+      if ((c.save_every > 0 && done % c.save_every == 0) || done == c.steps) {
+        if (main_rank) {
+          CheckpointMeta meta;
+          meta.step = done;
+          meta.cursor = cursor_to_json(loader.cursor(), plan);
+          meta.config = c.values;
+          meta.identity = identity;
+          meta.world_size = ranks.world_size;
+          last_ckpt = save_training_checkpoint(ckpt_root, meta, *component, optimizer, c.keep_last);
+          result.last_checkpoint = last_ckpt;
+          progress.message("saved " + last_ckpt);
+        }
+      }
+    }
+    progress.finish();
+
+    // ---- the trained part as a gate bundle ------------------------------------------------------------------
+    if (main_rank && result.steps_done == c.steps) {
+      save_gate_bundle(c.out_dir + "/bundle", *component, base);
+      std::cout << "gate bundle: " << c.out_dir << "/bundle\n";
+    }
+    dist->barrier();
+    return result;
+  } catch (const std::exception& e) {
+    // Tell the other ranks why, abort the process group, and keep it from being torn down normally (its
+    // destructor may wait on peers that are gone): the caller exits.
+    if (ranks.world_size > 1) {
+      dist->fail(e.what());
+      dist.release();
+    }
+    throw;
+  }
+}
+
+}  // namespace kvd
