@@ -33,8 +33,10 @@ void KVCache::reserve(Layer& L, int64_t needed) {
   // Geometric growth (amortized O(1) appends), at least 64 entries at a time.
   const int64_t cap = std::max({needed, L.cap + L.cap / 2, L.cap + 64});
   auto opt = torch::TensorOptions().dtype(dtype_).device(device_);
-  at::Tensor k = torch::empty({batch_, kv_heads_, cap, head_dim_}, opt);  // (B, H_kv, cap, hd)
-  at::Tensor v = torch::empty({batch_, kv_heads_, cap, head_dim_}, opt);  // (B, H_kv, cap, hd)
+  // Zeroed, not empty: slots past a ragged head's length are masked out of attention, but a masked weight of
+  // 0 times garbage that happens to be NaN/Inf is still NaN (seen on the GPU machine's CPU).
+  at::Tensor k = torch::zeros({batch_, kv_heads_, cap, head_dim_}, opt);  // (B, H_kv, cap, hd)
+  at::Tensor v = torch::zeros({batch_, kv_heads_, cap, head_dim_}, opt);  // (B, H_kv, cap, hd)
   at::Tensor pos = torch::full({batch_, kv_heads_, cap}, -1, opt.dtype(torch::kLong));  // (B, H_kv, cap)
   const int64_t n = *std::max_element(L.len.begin(), L.len.end());
   if (n > 0) {

@@ -9,6 +9,7 @@ the tolerance leaves room for other reduction orders (more ranks, another Gloo a
 the global batch differs by ~4e-2, far outside it, so the comparison can fail."""
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from train_helpers import (ROOT, free_port, kill9, launch_ranks, max_abs_diff, p
                            weights, write_config)
 
 TOL = 1e-5
-TORCHRUN = ROOT / ".venv/bin/torchrun"
+# torchrun as a module of the running interpreter: the same launcher whether or not a venv/bin/torchrun exists.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_global_batch(tiny_model,
     train(single)
     # Two ranks under torchrun: global batch 2 as 1 sequence per rank.
     dist = write_config(tmp_path / "dist.yaml", tiny_model, data, tmp_path / "dist", steps=steps, grad_accum=1)
-    r = subprocess.run([str(TORCHRUN), "--no-python", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+    r = subprocess.run([*TORCHRUN, "--no-python", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                         f"--master-port={free_port()}", KVD_BIN, "train", "--config", str(dist)],
                        capture_output=True, text=True, timeout=300, env=train_env())
     assert r.returncode == 0, r.stdout + r.stderr
