@@ -34,6 +34,16 @@ def tiny_model(tmp_path_factory):
     return d
 
 
+def assert_clean_error(proc, *needles):
+    """A bad input's contract: exit > 0 (not a signal), exactly one stderr line, containing every needle."""
+    assert proc.returncode > 0, f"expected a clean non-zero exit, got {proc.returncode}\n{proc.stderr}"
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in: {lines[0]}"
+    return lines[0]
+
+
 def copy_model(src, dst):
     shutil.copytree(src, dst)
     return dst

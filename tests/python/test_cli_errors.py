@@ -5,16 +5,7 @@ import struct
 
 import pytest
 
-from conftest import GGUF, copy_model, run_kvd
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode > 0, f"expected a clean non-zero exit, got {proc.returncode}\n{proc.stderr}"
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in: {lines[0]}"
-    return lines[0]
+from conftest import GGUF, assert_clean_error, copy_model, run_kvd
 
 
 def test_good_tiny_model_runs(tiny_model, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL_DIR, run_kvd
+from conftest import MODEL_DIR, assert_clean_error, run_kvd
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / ".cache/corpus"
@@ -109,14 +109,6 @@ def test_same_seed_same_bytes_and_subsets_agree(suite, tmp_path):
     full = {r["id"]: r for r in load(suite)}
     for r in load(sub):
         assert r == full[r["id"]]
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode > 0, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_bad_input(tmp_path):

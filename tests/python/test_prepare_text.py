@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import MODEL_DIR, run_kvd
+from conftest import MODEL_DIR, assert_clean_error, run_kvd
 
 ROOT = Path(__file__).resolve().parents[2]
 PROSE = ROOT / "data/samples/prose.txt"
@@ -87,15 +87,6 @@ def render_chat(messages):
 def prepare(inp, out, *extra):
     return run_kvd("prepare", "text", "--model", MODEL_DIR, "--input", inp, "--out", out, "--progress", "never",
                    *extra)
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode > 0, f"expected a clean non-zero exit, got {proc.returncode}\n{proc.stderr}"
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{proc.stderr}"
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in: {lines[0]}"
-    return lines[0]
 
 
 def no_leftovers(directory):
