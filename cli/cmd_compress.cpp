@@ -1,7 +1,10 @@
-// kvdistill compress --model DIR --prompt-file F --method NAME --ratio R --out kept.json [--device cpu|cuda]
-// Prefills the prompt, compresses the KV cache once after prefill with one method, and writes the kept
-// positions per layer and KV head (ascending) plus the byte counts:
-//   {"method", "ratio", "tokens", "layers": [[[pos, ...] per KV head] per layer], "bytes": {...}}
+// kvdistill compress --model DIR --prompt-file F --method NAME (--ratio R | --budget-tokens N) --out kept.json
+//                    [--chunk-size N] [--device cpu|cuda]
+// Prefills the prompt, compresses the KV cache with one method (once after prefill, or after every prefill
+// chunk of N tokens with --chunk-size), and writes the kept positions per layer and KV head (ascending) plus
+// the byte counts:
+//   {"method", "ratio" | "budget_tokens", "chunk_size", "tokens", "layers": [[[pos, ...] per KV head] per layer],
+//    "bytes": {...}}
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -25,12 +28,19 @@ namespace {
 struct CompressArgs {
   std::string model, prompt_file, method, out, device = "cpu";
   double ratio = 0.5;
+  int64_t budget_tokens = 0;  // tokens per KV head instead of --ratio (when use_tokens)
+  bool use_tokens = false;
+  int64_t chunk_size = 0;
   uint64_t seed = 0;
 };
 
 int run(const CompressArgs& a) {
   // Validate the cheap arguments before loading anything.
-  Method method = make_method(a.method, a.ratio, a.seed);
+  Method method = a.use_tokens ? make_method(a.method, Budget{BudgetKind::TokensPerHead,
+                                                                      static_cast<double>(a.budget_tokens)}, a.seed)
+                                       : make_method(a.method, a.ratio, a.seed);
+  KVD_CHECK(a.chunk_size >= 0, "--chunk-size must be >= 0 (0: compress once after the whole prefill), got ",
+            a.chunk_size);
   std::ifstream in(a.prompt_file, std::ios::binary);
   KVD_CHECK(in.good(), "--prompt-file ", a.prompt_file, ": cannot be read");
   const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -39,9 +49,11 @@ int run(const CompressArgs& a) {
   const std::vector<int32_t> ids32 = tok.encode(text);
   KVD_CHECK(!ids32.empty(), "--prompt-file ", a.prompt_file, ": encodes to no tokens");
   Model model = Model::load(a.model, device);
-  at::Tensor ids = torch::tensor(std::vector<int64_t>(ids32.begin(), ids32.end()), torch::kLong).view({1, -1});  // (1, T)
+  const std::vector<std::vector<int64_t>> prompts{std::vector<int64_t>(ids32.begin(), ids32.end())};
   KVCache cache = model.new_cache(1);
-  const CompressStats st = compress_prefill(model, cache, ids, method);
+  CompressOptions copts;
+  copts.chunk_size = a.chunk_size;
+  const CompressStats st = compress_prefill(model, cache, prompts, method, copts);
 
   nlohmann::json layers = nlohmann::json::array();
   for (int64_t l = 0; l < cache.num_layers(); ++l) {
@@ -56,7 +68,7 @@ int run(const CompressArgs& a) {
     layers.push_back(heads);
   }
   nlohmann::json j = {{"method", a.method},
-                      {"ratio", a.ratio},
+                      {"chunk_size", a.chunk_size},
                       {"tokens", st.tokens},
                       {"layers", layers},
                       {"bytes",
@@ -65,10 +77,16 @@ int run(const CompressArgs& a) {
                         {"peak", st.peak_bytes},
                         {"allocated", st.allocated_bytes},
                         {"per_entry", cache.bytes_per_entry()}}}};
+  if (a.use_tokens)
+    j["budget_tokens"] = a.budget_tokens;
+  else
+    j["ratio"] = a.ratio;
   std::ofstream out(a.out);
   KVD_CHECK(out.good(), "--out ", a.out, ": cannot be written");
   out << j.dump() << "\n";
-  std::cerr << a.method << " r=" << a.ratio << ": " << st.tokens << " tokens, kept " << st.kept_bytes << " of "
+  std::cerr << a.method << (a.use_tokens ? " tokens/head=" + std::to_string(a.budget_tokens)
+                                                 : " r=" + std::to_string(a.ratio))
+            << ": " << st.tokens << " tokens, kept " << st.kept_bytes << " of "
             << st.full_bytes << " KV bytes (" << (100.0 * st.kept_bytes / std::max<int64_t>(1, st.full_bytes))
             << "%), peak " << st.peak_bytes << ", allocated " << st.allocated_bytes << "\n";
   return 0;
@@ -82,12 +100,24 @@ Registration reg([](CLI::App& root) {
       ->required();
   sub->add_option("--method", a->method, "snapkv, tova, knorm, ... (adakv_<m>, criticalkv_<m>, global_<m>)")
       ->required();
-  sub->add_option("--ratio", a->ratio, "Fraction of tokens removed, in [0, 1) (kvpress compression_ratio)")
-      ->required();
+  CLI::Option* ratio =
+      sub->add_option("--ratio", a->ratio, "Fraction of tokens removed, in [0, 1) (kvpress compression_ratio)");
+  CLI::Option* tokens =
+      sub->add_option("--budget-tokens", a->budget_tokens, "Entries kept per KV head (instead of --ratio)");
+  ratio->excludes(tokens);
+  tokens->excludes(ratio);
+  sub->add_option("--chunk-size", a->chunk_size,
+                  "0: compress once after prefill; N > 0: prefill N tokens at a time and compress after each chunk "
+                  "(budget applied to the tokens so far)")
+      ->capture_default_str();
   sub->add_option("--out", a->out, "Output JSON")->required();
   sub->add_option("--seed", a->seed, "Seed of the random method")->capture_default_str();
   sub->add_option("--device", a->device, "cpu | cuda | cuda:N")->capture_default_str();
-  on_run(sub, [a] { return run(*a); });
+  on_run(sub, [a, ratio, tokens] {
+    KVD_CHECK(ratio->count() + tokens->count() == 1, "compress: give exactly one of --ratio R or --budget-tokens N");
+    a->use_tokens = tokens->count() > 0;
+    return run(*a);
+  });
 });
 
 }  // namespace

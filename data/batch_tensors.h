@@ -14,6 +14,8 @@ struct BatchTensors {
   torch::Tensor segments;   // (B, L) int32 segment number within the row; -1 on padding
   torch::Tensor lengths;    // (B) int64 real tokens per row
   torch::Tensor indices;    // (B) int64 sequence indices in the split
+  torch::Tensor targets;    // (B, L) bool: the token is a training target (false on padding and, for a
+                            // responses file, on prompt tokens); all real tokens when the batch has none
 };
 
 // Copies a batch into CPU tensors (int64 ids and positions, as embedding and RoPE take them).
@@ -28,6 +30,13 @@ inline BatchTensors to_tensors(const Batch& b) {
   t.segments = as(b.segments, {b.rows, b.cols});
   t.lengths = as(b.lengths, {b.rows}).to(torch::kInt64);
   t.indices = torch::from_blob(const_cast<int64_t*>(b.indices.data()), {b.rows}, torch::kInt64).clone();
+  if (b.targets.empty()) {
+    t.targets = t.segments >= 0;
+  } else {
+    t.targets = torch::from_blob(const_cast<uint8_t*>(b.targets.data()), {b.rows, b.cols}, torch::kUInt8)
+                    .to(torch::kBool)
+                    .logical_and(t.segments >= 0);
+  }
   return t;
 }
 

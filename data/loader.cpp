@@ -95,9 +95,12 @@ Cursor cursor_from_json(const json& j, const ShardedSampler& s, const std::strin
 // ---- Loader --------------------------------------------------------------------------------------
 
 Loader::Loader(PackedSplitReader split, LoaderOptions opt, Cursor start)
-    : split_(std::move(split)),
+    : Loader(std::make_shared<PackedSource>(std::move(split)), opt, start) {}
+
+Loader::Loader(std::shared_ptr<const SequenceSource> source, LoaderOptions opt, Cursor start)
+    : source_(std::move(source)),
       opt_(opt),
-      sampler_(split_.size(), opt.sampler),
+      sampler_(source_->size(), opt.sampler),
       thread_sampler_(sampler_),
       cursor_(start) {
   KVD_CHECK(opt_.prefetch >= 0, "prefetch ", opt_.prefetch, " must be >= 0");
@@ -122,18 +125,27 @@ Batch Loader::read_batch(Cursor c, ShardedSampler& sampler) const {
   b.step = c.step;
   b.indices = sampler.batch(c.epoch, c.step);
   b.rows = static_cast<int64_t>(b.indices.size());
-  b.cols = split_.seq_len();
+  b.cols = source_->seq_len();
   const size_t cells = static_cast<size_t>(b.rows * b.cols);
   b.tokens.assign(cells, opt_.pad_id);
   b.positions.assign(cells, 0);
   b.segments.assign(cells, -1);
+  b.targets.assign(cells, 0);
   b.lengths.resize(static_cast<size_t>(b.rows));
+  std::vector<uint8_t> targets;
   for (int64_t r = 0; r < b.rows; ++r) {
-    const PackedSequence s = split_.get(b.indices[static_cast<size_t>(r)]);
+    const PackedSequence s = source_->get(b.indices[static_cast<size_t>(r)], targets);
+    KVD_CHECK(static_cast<int64_t>(s.tokens.size()) <= b.cols && (targets.empty() || targets.size() == s.tokens.size()),
+              "sequence ", s.index, " has ", s.tokens.size(), " tokens (", targets.size(),
+              " targets), more than seq_len ", b.cols, "; the data file is corrupt");
     const size_t row = static_cast<size_t>(r * b.cols);
     std::copy(s.tokens.begin(), s.tokens.end(), b.tokens.begin() + row);
     std::copy(s.positions.begin(), s.positions.end(), b.positions.begin() + row);
     std::copy(s.segments.begin(), s.segments.end(), b.segments.begin() + row);
+    if (targets.empty())
+      std::fill(b.targets.begin() + row, b.targets.begin() + row + s.tokens.size(), uint8_t{1});
+    else
+      std::copy(targets.begin(), targets.end(), b.targets.begin() + row);
     b.lengths[static_cast<size_t>(r)] = static_cast<int32_t>(s.tokens.size());
   }
   return b;

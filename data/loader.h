@@ -1,4 +1,5 @@
-// Training readers over packed sequences (data/packed_text.h): deterministic shuffling by seed and
+// Training readers over packed sequences (data/packed_text.h, or a responses file packed by
+// data/responses.h, through SequenceSource): deterministic shuffling by seed and
 // epoch, sharding by (rank, world size), a cursor that a checkpoint saves and restores, and prefetch
 // on a background thread. Torch-free: batches are int32 vectors in row-major (B, L) layout.
 //
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <deque>
 #include <exception>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -79,6 +81,34 @@ nlohmann::json cursor_to_json(const Cursor& c, const ShardedSampler& s);
 // (another seed, world size, batch size, dataset size...) throws, naming `context` and the field.
 Cursor cursor_from_json(const nlohmann::json& j, const ShardedSampler& s, const std::string& context);
 
+// What a Loader reads: random access to packed sequences of at most seq_len tokens. Implementations must be
+// safe to call from the loader's background thread while the caller holds its own copy.
+class SequenceSource {
+ public:
+  virtual ~SequenceSource() = default;
+  virtual int64_t size() const = 0;
+  virtual int64_t seq_len() const = 0;
+  // Sequence i; fills `targets` (L) with 1 where the token is a training target (the label of the position
+  // before it) and 0 where it is not (e.g. prompt tokens), or leaves it empty when every token is one.
+  virtual PackedSequence get(int64_t i, std::vector<uint8_t>& targets) const = 0;
+};
+
+// A packed_text split as a SequenceSource (every token is a target). The PackedTextReader it came from must
+// stay open while it is read (a split does not keep the file open).
+class PackedSource : public SequenceSource {
+ public:
+  explicit PackedSource(PackedSplitReader split) : split_(std::move(split)) {}
+  int64_t size() const override { return split_.size(); }
+  int64_t seq_len() const override { return split_.seq_len(); }
+  PackedSequence get(int64_t i, std::vector<uint8_t>& targets) const override {
+    targets.clear();
+    return split_.get(i);
+  }
+
+ private:
+  PackedSplitReader split_;
+};
+
 // A batch of packed sequences, padded to the dataset's seq_len.
 struct Batch {
   int64_t epoch = 0, step = 0;     // its place in the plan (the cursor before it)
@@ -88,6 +118,8 @@ struct Batch {
   std::vector<int32_t> positions;  // (B, L) position within the segment (0 at each segment start; 0 on padding)
   std::vector<int32_t> segments;   // (B, L) segment number within the row; -1 on padding
   std::vector<int32_t> lengths;    // (B) tokens per row
+  std::vector<uint8_t> targets;    // (B, L) 1 where the token is a training target; 0 on padding and on
+                                   // tokens the source marks as context only (a responses file's prompts)
 };
 
 struct LoaderOptions {
@@ -99,6 +131,7 @@ struct LoaderOptions {
 class Loader {
  public:
   Loader(PackedSplitReader split, LoaderOptions opt, Cursor start = {});
+  Loader(std::shared_ptr<const SequenceSource> source, LoaderOptions opt, Cursor start = {});
   ~Loader();
   Loader(const Loader&) = delete;
   Loader& operator=(const Loader&) = delete;
@@ -115,7 +148,7 @@ class Loader {
   Batch read_batch(Cursor c, ShardedSampler& sampler) const;
   void produce();
 
-  PackedSplitReader split_;
+  std::shared_ptr<const SequenceSource> source_;
   LoaderOptions opt_;
   ShardedSampler sampler_;         // used by next() when prefetch == 0
   ShardedSampler thread_sampler_;  // used by the background thread

@@ -24,6 +24,17 @@ namespace {
 
 constexpr uint64_t kPoolSeed = 0x6B7664706F6F6Cull;  // fixed: the pool does not depend on the task seed
 
+// Task sizes, chosen so that SmolLM2-135M-Instruct with a full cache scores >= 60% on each task at 2K and
+// 4K tokens (docs/results/tasks-full-cache-smollm2.md).
+constexpr int kMultiKeyNeedles = 2;    // niah_multikey: the asked key and 1 distractor key
+constexpr int kMultiValueNeedles = 2;  // niah_multivalue: numbers for the one key (at most 4: ordinals)
+constexpr int kMultiQueryNeedles = 2;  // niah_multiquery: keys asked about (at most 4: number_kinds())
+constexpr int kVtChain = 2;            // vt: variables in the chain (1 hop)
+constexpr int kVtChains = 1;           // vt: chains (the first is asked about, the others are distractors)
+constexpr int kCweWords = 1;           // cwe: the common words asked for
+constexpr int kFweWords = 1;           // fwe: the most frequent words asked for
+constexpr int64_t kFweVocab = 2000;    // fwe: distinct words in the text (at most)
+
 bool is_alpha(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 bool is_lower(char c) { return c >= 'a' && c <= 'z'; }
 bool is_space(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == '\f' || c == '\v'; }
@@ -291,8 +302,22 @@ Fit fit_length(int64_t target, int64_t lo, int64_t hi, double tol, const std::fu
   return best;
 }
 
-std::string magic_needle(const std::string& key, const std::string& value) {
-  return "One of the special magic numbers for " + key + " is: " + value + ".";
+// "The special magic number for <key> is: <value>."; niah_multiquery gives each key its own kind of
+// number ("secret passcode", ...), so that the queries differ by more than their keys.
+const std::vector<std::string>& number_kinds() {
+  static const std::vector<std::string> k = {"special magic number", "secret passcode", "lucky number", "room number"};
+  return k;
+}
+std::string magic_needle(const std::string& key, const std::string& value, size_t kind = 0) {
+  return "The " + number_kinds().at(kind) + " for " + key + " is: " + value + ".";
+}
+
+// niah_multivalue's needles, in order of appearance: "The first special magic number for <key> is:
+// <value>.", "The second ...".
+std::string ordinal_needle(int i, const std::string& key, const std::string& value) {
+  static const char* const kOrdinal[] = {"first", "second", "third", "fourth"};
+  KVD_CHECK(i >= 0 && i < 4, "ordinal_needle: index ", i, " out of range");
+  return std::string("The ") + kOrdinal[i] + " special magic number for " + key + " is: " + value + ".";
 }
 
 // A "word-word" key from the corpus words, unlike every key in `used`.
@@ -319,6 +344,21 @@ std::string make_var(Rng& rng, std::set<std::string>& used) {
     std::string v;
     for (int i = 0; i < 5; ++i) v += static_cast<char>('A' + rng.below(26));
     if (used.insert(v).second) return v;
+  }
+}
+
+// Reorders `pick` so that none of its first k words occurs in `prompt` (lower case): an answer that the
+// question or the answer_prefix spells out would be no test. Later picks take the leaking ones' places.
+void keep_answers_out_of(const std::string& prompt, const std::vector<std::string>& words, size_t k,
+                         std::vector<size_t>& pick) {
+  auto leaks = [&](size_t p) { return prompt.find(words[p]) != std::string::npos; };
+  size_t next = k;
+  for (size_t i = 0; i < k && i < pick.size(); ++i) {
+    while (leaks(pick[i])) {
+      while (next < pick.size() && leaks(pick[next])) ++next;
+      KVD_CHECK(next < pick.size(), "the corpus words all occur in the prompt; use a larger corpus");
+      std::swap(pick[i], pick[next++]);
+    }
   }
 }
 
@@ -375,86 +415,124 @@ TaskSample TaskGenerator::make(const std::string& task, int64_t length, uint64_t
     std::vector<Needle> needles;
     std::vector<std::string> nkeys, nvalues;
     const bool multivalue = task == "niah_multivalue";
-    const int n = task == "niah_single" ? 1 : 4;
+    const int n = task == "niah_single"     ? 1
+                  : task == "niah_multikey" ? kMultiKeyNeedles
+                  : multivalue              ? kMultiValueNeedles
+                                            : kMultiQueryNeedles;
     const std::string shared_key = make_key(rng, hay_, keys);
+    std::vector<double> depths(static_cast<size_t>(n));
+    for (double& d : depths) d = rng.uniform();
+    // niah_multivalue: the needles sit together at one random depth, in ordinal order (scattered needles left
+    // SmolLM2-135M below 60% at 4K with a full cache: it repeated the first value).
+    if (multivalue) std::fill(depths.begin(), depths.end(), depths[0]);
     for (int i = 0; i < n; ++i) {
       nkeys.push_back(multivalue || i == 0 ? shared_key : make_key(rng, hay_, keys));
       nvalues.push_back(make_number(rng, 7, values));
-      needles.push_back({magic_needle(nkeys.back(), nvalues.back()), rng.uniform()});
+      const size_t kind = task == "niah_multiquery" ? static_cast<size_t>(i) : 0;
+      needles.push_back({multivalue ? ordinal_needle(i, shared_key, nvalues.back()) : magic_needle(nkeys.back(), nvalues.back(), kind),
+                         depths[static_cast<size_t>(i)]});
     }
     fit = haystack_fit(needles, static_cast<size_t>(-1));
     if (task == "niah_single" || task == "niah_multikey") {
       s.question = "What is the special magic number for " + nkeys[0] + " mentioned in the provided text?";
+      s.answer_prefix = "The special magic number for " + nkeys[0] + " is:";
       s.answers = {nvalues[0]};
+      s.max_new_tokens = 16;
     } else if (multivalue) {
       s.question = "What are all the special magic numbers for " + shared_key + " mentioned in the provided text?";
-      // In order of appearance.
-      std::vector<std::pair<size_t, std::string>> order;
-      for (const std::string& v : nvalues) order.push_back({fit.text.find(magic_needle(shared_key, v)), v});
-      std::sort(order.begin(), order.end());
-      for (auto& [pos, v] : order) s.answers.push_back(v);
+      s.answers = nvalues;  // in order of appearance, as the needles' ordinals say
+      s.answer_prefix = "The first special magic number for " + shared_key + " is:";
+      s.max_new_tokens = 20 * n;
     } else {  // multiquery
-      s.question = "What are all the special magic numbers for " + nkeys[0] + ", " + nkeys[1] + ", " + nkeys[2] +
-                   ", and " + nkeys[3] + " mentioned in the provided text?";
+      std::string listed;
+      for (int i = 0; i < n; ++i)
+        listed += (i == 0 ? "the " : i + 1 < n ? ", the " : n > 2 ? ", and the " : " and the ") +
+                  number_kinds()[static_cast<size_t>(i)] + " for " + nkeys[static_cast<size_t>(i)];
+      s.question = "What are " + listed + " mentioned in the provided text?";
+      s.answer_prefix = "The special magic number for " + nkeys[0] + " is:";
       s.answers = nvalues;
+      s.max_new_tokens = 20 * n;
     }
   } else if (task == "vt") {
     std::set<std::string> vars, values;
     std::vector<Needle> needles;
     std::string value;
-    for (int chain = 0; chain < 2; ++chain) {  // chain 0 is asked about, chain 1 is a distractor
+    for (int chain = 0; chain < kVtChains; ++chain) {  // chain 0 is asked about, the others are distractors
       const std::string v = make_number(rng, 5, values);
       if (chain == 0) value = v;
-      std::vector<double> depths(5);
+      std::vector<double> depths(kVtChain);
       for (double& d : depths) d = rng.uniform();
       std::sort(depths.begin(), depths.end());
       std::string prev;
-      for (int hop = 0; hop < 5; ++hop) {
+      for (int hop = 0; hop < kVtChain; ++hop) {
         const std::string name = make_var(rng, vars);
-        needles.push_back({"VAR " + name + " = " + (hop == 0 ? v : "VAR " + prev) + ".", depths[static_cast<size_t>(hop)]});
+        needles.push_back({(hop == 0 ? "The value " + v : "The value of VAR " + prev) + " is assigned to VAR " + name + ".",
+                           depths[static_cast<size_t>(hop)]});
         if (chain == 0) s.answers.push_back(name);
         prev = name;
       }
     }
     fit = haystack_fit(needles, static_cast<size_t>(-1));
-    s.question = "Find all variables that are assigned the value " + value + " in the text above.";
+    s.question = "Find all variables that are assigned the value " + value +
+                 " in the text above. A variable that is assigned the value of another variable holds that value "
+                 "too.";
+    s.answer_prefix = "Answer: According to the chain of variable assignments in the text above, " +
+                      std::to_string(kVtChain) + " variables are assigned the value " + value + ", they are: VAR";
+    s.max_new_tokens = 8 * kVtChain + 8;
   } else if (task == "cwe") {
     const auto& words = hay_.words();
     KVD_CHECK(words.size() >= 50, what, ": the corpus has too few distinct words (", words.size(), ")");
-    // Items the length holds, from the tokens of a sample list: about 30% of them are the common words.
+    // Items the length holds, from the tokens of a sample list; the common word fills about a third of
+    // the list, every other word occurs once.
     std::string probe;
-    for (size_t i = 0; i < 40; ++i) probe += (i ? " " : "") + std::to_string(100 + i) + ". " + words[i * words.size() / 40];
+    for (size_t i = 0; i < 40; ++i) probe += (i ? " " : "") + std::to_string(100 + i) + ". \"" + words[i * words.size() / 40] + "\"";
     const double tokens_per_item = std::max(1.0, static_cast<double>(count(probe)) / 40);
     const int64_t items = static_cast<int64_t>(static_cast<double>(length) / tokens_per_item);
-    const int64_t freq_cw = std::clamp<int64_t>((3 * items / 10 + 5) / 10, 3, 30);
-    const int64_t freq_ucw = std::min<int64_t>(3, freq_cw - 1);
-    const int64_t max_uncommon = std::min<int64_t>(static_cast<int64_t>(words.size()) - 10, 2 * items / freq_ucw + 10);
+    const int64_t freq_cw = std::max<int64_t>(4, items / 3);
+    const int64_t max_uncommon = std::min<int64_t>(static_cast<int64_t>(words.size()) - kCweWords, 2 * items + 10);
     KVD_CHECK(max_uncommon > 0, what, ": the corpus has too few distinct words (", words.size(), ")");
-    const std::vector<size_t> pick = sample_distinct(rng, words.size(), static_cast<size_t>(10 + max_uncommon));
+    if (kCweWords == 1) {
+      s.question = "What is the most common word in the above list?";
+      s.answer_prefix = "Answer: The word that appears most often in the list is: \"";
+    } else {
+      s.question = "What are the " + std::to_string(kCweWords) + " most common words in the above list?";
+      s.answer_prefix = "Answer: The top " + std::to_string(kCweWords) + " words that appear most often in the list are:";
+    }
+    s.max_new_tokens = 8 * kCweWords + 8;
+    std::vector<size_t> pick = sample_distinct(rng, words.size(), static_cast<size_t>(kCweWords + max_uncommon));
+    keep_answers_out_of(s.question + s.answer_prefix, words, kCweWords, pick);
     const uint64_t shuffle_seed = rng.next();
-    for (size_t i = 0; i < 10; ++i) s.answers.push_back(words[pick[i]]);
+    for (size_t i = 0; i < kCweWords; ++i) s.answers.push_back(words[pick[i]]);
     auto build = [&](int64_t k) {
       std::vector<const std::string*> list;
-      for (size_t i = 0; i < 10; ++i)
+      for (size_t i = 0; i < kCweWords; ++i)
         for (int64_t r = 0; r < freq_cw; ++r) list.push_back(&words[pick[i]]);
-      for (int64_t i = 0; i < k; ++i)
-        for (int64_t r = 0; r < freq_ucw; ++r) list.push_back(&words[pick[static_cast<size_t>(10 + i)]]);
+      for (int64_t i = 0; i < k; ++i) list.push_back(&words[pick[static_cast<size_t>(kCweWords + i)]]);
       Rng sh(shuffle_seed);
       sh.shuffle(list);
       std::string out;
-      for (size_t i = 0; i < list.size(); ++i) out += (i ? " " : "") + std::to_string(i + 1) + ". " + *list[i];
+      for (size_t i = 0; i < list.size(); ++i) out += (i ? " " : "") + std::to_string(i + 1) + ". \"" + *list[i] + "\"";
       return out;
     };
     fit = fit_length(length, 0, max_uncommon, tol_, build, counter, what);
-    s.question = "What are the 10 most common words in the above list?";
   } else if (task == "fwe") {
     const auto& words = hay_.words();
     const int64_t max_top = std::max<int64_t>(64, length);
-    const int64_t vocab = std::min<int64_t>(static_cast<int64_t>(words.size()), 2000);
+    const int64_t vocab = std::min<int64_t>(static_cast<int64_t>(words.size()), kFweVocab);
     KVD_CHECK(vocab >= 50, what, ": the corpus has too few distinct words (", words.size(), ")");
-    const std::vector<size_t> pick = sample_distinct(rng, words.size(), static_cast<size_t>(vocab));
+    if (kFweWords == 1) {
+      s.question = "What is the most frequently appeared word in the above text?";
+      s.answer_prefix = "Answer: According to the text above, the most frequently appeared word is: \"";
+    } else {
+      s.question = "What are the " + std::to_string(kFweWords) + " most frequently appeared words in the above text?";
+      s.answer_prefix = "Answer: According to the text above, the " + std::to_string(kFweWords) +
+                        " most frequently appeared words are:";
+    }
+    s.max_new_tokens = 8 * kFweWords + 8;
+    std::vector<size_t> pick = sample_distinct(rng, words.size(), static_cast<size_t>(vocab));
+    keep_answers_out_of(s.question + s.answer_prefix, words, kFweWords, pick);
     const uint64_t shuffle_seed = rng.next();
-    for (size_t i = 0; i < 3; ++i) s.answers.push_back(words[pick[i]]);
+    for (size_t i = 0; i < kFweWords; ++i) s.answers.push_back(words[pick[i]]);
     // Zipf(2) counts: word i (1-based) occurs max(1, floor(c / i^2)) times, over min(c, vocab) words.
     auto build = [&](int64_t c) {
       std::vector<const std::string*> list;
@@ -466,13 +544,14 @@ TaskSample TaskGenerator::make(const std::string& task, int64_t length, uint64_t
       Rng sh(shuffle_seed);
       sh.shuffle(list);
       std::string out;
-      for (size_t i = 0; i < list.size(); ++i) out += (i ? " " : "") + *list[i];
+      for (size_t i = 0; i < list.size(); ++i) out += (i ? " \"" : "\"") + *list[i] + "\"";
       return out;
     };
     fit = fit_length(length, 18, max_top, tol_, build, counter, what);  // c >= 18: the top 3 counts are distinct
-    s.question = "What are the 3 most frequently appeared words in the above text?";
   } else {  // qa
     const auto& paras = hay_.paragraphs();
+    s.question = "The answer below quotes the beginning of a sentence of the text above. Continue the quotation "
+                 "with the next words of that sentence.";
     for (int attempt = 0;; ++attempt) {
       KVD_CHECK(attempt < 200, what, ": found no corpus sentence to ask about; use a larger corpus");
       const size_t gold = static_cast<size_t>(rng.below(paras.size()));
@@ -489,6 +568,7 @@ TaskSample TaskGenerator::make(const std::string& task, int64_t length, uint64_t
         std::string core = sw[i];
         while (!core.empty() && std::string_view(".,;:!?)\"'").find(core.back()) != std::string_view::npos) core.pop_back();
         if (core.size() < 5 || !std::all_of(core.begin(), core.end(), is_lower)) continue;
+        if (s.question.find(core) != std::string::npos) continue;  // the question must not spell the answer
         size_t same = 0;
         for (const std::string& x : sw) same += x.find(core) != std::string::npos;
         if (same == 1) options.push_back(i);
@@ -498,11 +578,12 @@ TaskSample TaskGenerator::make(const std::string& task, int64_t length, uint64_t
       std::string core = sw[wi];
       while (std::string_view(".,;:!?)\"'").find(core.back()) != std::string_view::npos) core.pop_back();
       const std::string prefix = join(sw, " ", 0, wi);
-      sw[wi] = "____" + sw[wi].substr(core.size());
       fit = haystack_fit({{paras[gold], rng.uniform()}}, gold);
-      if (count_occurrences(fit.text, prefix + " " + core) != 1) continue;  // the sentence must be unambiguous
-      s.question = "Which word is missing from this sentence of the text above? \"" + join(sw, " ") + "\"";
+      // The quoted beginning must occur once, so its next word is unambiguous.
+      if (count_occurrences(fit.text, prefix) != 1 || count_occurrences(fit.text, prefix + " " + core) != 1) continue;
+      s.answer_prefix = "\"" + prefix;
       s.answers = {core};
+      s.max_new_tokens = 8;
       break;
     }
   }
@@ -565,6 +646,8 @@ TaskSuiteStats write_task_suite(const TaskSuiteOptions& opt) {
           j["answers"] = s.answers;
           j["task"] = s.task;
           j["length"] = s.length;
+          if (!s.answer_prefix.empty()) j["answer_prefix"] = s.answer_prefix;
+          if (s.max_new_tokens > 0) j["max_new_tokens"] = s.max_new_tokens;
           os << j.dump() << "\n";
           ++stats.samples;
           stats.max_rel_error = std::max(stats.max_rel_error, std::abs(static_cast<double>(s.length - length)) / length);

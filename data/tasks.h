@@ -5,21 +5,36 @@
 // `length` is the number of model tokens of `context` (Tokenizer::encode without special tokens); it
 // is within `tolerance` (default 2%) of the requested length, or generation fails.
 //
-// Tasks (answers always occur verbatim in the context):
-//   niah_single      one needle "One of the special magic numbers for <key> is: <7 digits>." in a
-//                    corpus haystack; asks for the number
-//   niah_multikey    four needles with different keys; asks for one key's number
-//   niah_multivalue  four needles with the same key; asks for all four numbers
-//   niah_multiquery  four needles with different keys; asks for all four keys' numbers
-//   vt               variable tracking: "VAR ABCDE = 12345." then "VAR FGHIJ = VAR ABCDE." ... (a chain
-//                    of 5 variables, plus a distractor chain) spread through the haystack; asks for
-//                    every variable that holds the value
-//   cwe              common-words extraction: a numbered list of corpus words where 10 words occur much
-//                    more often than the others; asks for those 10
-//   fwe              frequent-words extraction: a text of corpus words with Zipf(2) frequencies; asks
-//                    for the 3 most frequent
-//   qa               a corpus paragraph placed at a random depth among other corpus paragraphs; a
-//                    sentence of it is quoted with one word blanked out; asks for the missing word
+// Two optional fields follow the six required ones (the eval reads them when present; this generator
+// always writes them):
+//   "answer_prefix"   text the assistant turn starts with (as RULER does), e.g. "The special magic number
+//                     for <key> is:"; the eval's prompt is
+//                     chat_template(user: context + "\n\n" + question, generation prompt) + answer_prefix
+//   "max_new_tokens"  the answer's generation budget (greedy, stops at eos), sized to the answer list
+// Scoring (RULER string match): the fraction of answers that occur in the output (qa: any of them).
+//
+// The tasks are sized so that a small model (SmolLM2-135M-Instruct) with a full cache solves them
+// (docs/results/tasks-full-cache-smollm2.md): few distractors, short lists, a leading answer_prefix; the
+// answer still depends on tokens placed at a random depth of the context, so cache eviction can hurt it.
+//
+// Tasks (answers always occur verbatim in the context, never in the question or the answer_prefix):
+//   niah_single      one needle "The special magic number for <key> is: <7 digits>." in a corpus
+//                    haystack; asks for the number
+//   niah_multikey    two needles with different keys; asks for one key's number
+//   niah_multivalue  two needles with the same key, "The first special magic number for <key> is: ..."
+//                    and "The second ...", next to each other at one random depth; asks for both numbers
+//   niah_multiquery  two needles with different keys and kinds of number ("The special magic number for
+//                    <k1> is: ...", "The secret passcode for <k2> is: ..."); asks for both
+//   vt               variable tracking: "The value 12345 is assigned to VAR ABCDE." then "The value of
+//                    VAR ABCDE is assigned to VAR FGHIJ." (a chain of 2 variables) spread through the
+//                    haystack; asks for every variable that holds the value
+//   cwe              common-words extraction: a numbered list of quoted corpus words ('17. "word"') where
+//                    one word fills about a third of the list and every other word occurs once; asks for it
+//   fwe              frequent-words extraction: a text of quoted corpus words with Zipf(2) frequencies;
+//                    asks for the most frequent
+//   qa               a corpus paragraph placed at a random depth among other corpus paragraphs; the
+//                    answer_prefix quotes the beginning of one of its sentences (which occurs once in the
+//                    context) and the model continues it: the answer is the next word
 //
 // Haystacks come from the corpus (default .cache/corpus, from scripts/corpus.sh): prose paragraphs
 // (markup-free, 200..3000 bytes, whitespace collapsed), of which a fixed subset (chosen by content
@@ -41,6 +56,8 @@ struct TaskSample {
   std::vector<std::string> answers;
   std::string task;
   int64_t length = 0;  // model tokens of context
+  std::string answer_prefix;   // the assistant turn starts with it (JSONL "answer_prefix")
+  int64_t max_new_tokens = 0;  // the answer's generation budget (JSONL "max_new_tokens")
 };
 
 // "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa".

@@ -26,21 +26,55 @@ struct Method {
 };
 
 // Known names: random, knorm, streaming_llm, h2o, observed_attention, snapkv, pyramidkv, tova, keydiff,
-// expected_attention, defensivekv (AdaKV budgets), layer_defensivekv (global budgets), plus the prefixes adakv_<name> (head-adaptive budgets), criticalkv_<name> (value-norm
+// expected_attention, defensivekv (AdaKV budgets), layer_defensivekv (global budgets), cake (CAKE indicator
+// and cascading layer budgets), plus the prefixes adakv_<name> (head-adaptive budgets), criticalkv_<name> (value-norm
 // re-weighting) and global_<name> (one budget across layers), e.g. adakv_snapkv.
 std::vector<std::string> method_names();
-// Throws a clear error for an unknown name or a ratio outside [0, 1).
-Method make_method(const std::string& name, double ratio, uint64_t seed = 0);
+// Throws a clear error naming the flag for an unknown name (listing the known ones), a ratio outside [0, 1)
+// (--ratio) or a token budget <= 0 (--budget-tokens).
+Method make_method(const std::string& name, const Budget& budget, uint64_t seed = 0);
+Method make_method(const std::string& name, double ratio, uint64_t seed = 0);  // Budget::ratio(ratio)
+
+// When compression runs (specs/baselines.md, "Triggers").
+//   chunk_size == 0: prefill the whole prompt, compress once after (each layer right after its attention).
+//   chunk_size  > 0: "after each prefill chunk": prefill chunk_size tokens at a time (the last chunk shorter)
+//                    and compress after every chunk, the budget applied to the tokens so far: each head keeps
+//                    n_kept(tokens so far) (a ratio r: max(1, floor(t (1 - r))); a token budget: min(t, N)).
+//                    In a batch, the chunks are cut on each row's own tokens (row b's chunk c is its tokens
+//                    [c·chunk_size, (c+1)·chunk_size), left-padded to the chunk's longest row), so every row
+//                    sees the chunks it would see alone; a row whose prompt has ended gets an all-padding
+//                    chunk and is left alone. Window scorers need chunks at least as long as their window;
+//                    a shorter last chunk takes the missing window rows from the previous chunk's queries.
+//                    Not for cake (its cascade is per prefill) nor for scorers that refuse ragged heads after
+//                    a head-adaptive / global compression.
+struct CompressOptions {
+  int64_t chunk_size = 0;
+};
+
+struct RowCompressStats {
+  int64_t tokens = 0;         // the row's prompt tokens
+  int64_t full_bytes = 0;     // K+V bytes of its uncompressed cache
+  int64_t kept_bytes = 0;     // K+V bytes of its kept entries
+  int64_t peak_bytes = 0;     // its peak K+V bytes (KVCache::row_peak_bytes)
+  double kept_fraction = 0;   // kept_bytes / full_bytes
+};
 
 struct CompressStats {
-  int64_t tokens = 0;            // prompt tokens
+  int64_t tokens = 0;            // prompt tokens (all rows)
   int64_t full_bytes = 0;        // K+V bytes of the uncompressed cache
   int64_t kept_bytes = 0;        // K+V bytes of the kept entries (Σ kept entries × bytes per entry)
   int64_t peak_bytes = 0;        // the cache's peak K+V bytes during prefill and compression
   int64_t allocated_bytes = 0;   // bytes the cache's storage holds after compression (K, V, positions)
+  std::vector<RowCompressStats> rows;  // [batch row]
 };
 
-// Prefills ids (1, T) into an empty cache and compresses it with `method` (once, after prefill).
+// Prefills the prompts (one per batch row, of any lengths: left-padded with token 0, the padding never
+// stored) into an empty cache of batch prompts.size() and compresses it with `method`. Scoring and selection
+// run per row on that row's entries and non-padding rows alone, so each row keeps exactly the set it keeps
+// when compressed alone (up to floating-point differences of the batched matmuls).
+CompressStats compress_prefill(const Model& model, KVCache& cache, const std::vector<std::vector<int64_t>>& prompts,
+                               Method& method, const CompressOptions& opts = {});
+// ids (1, T): the single-prompt form of the above.
 CompressStats compress_prefill(const Model& model, KVCache& cache, const at::Tensor& ids, Method& method);
 
 }  // namespace kvd

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "gates/scorer.h"
 
@@ -170,6 +171,39 @@ class DefensiveKVScorer : public Scorer {
 
  private:
   DefensiveKVOptions opt_;
+};
+
+// CAKE (specs/baselines.md): the indicator I_j = mean_i A_ij + γ · Var_i A_ij over the last w window rows i
+// (Var with Bessel's correction, as torch.var), avg-pooled (kernel k, zero padding counted), mean over the
+// GQA group; the window itself gets max + 1 (as SnapKV). With every score it also computes the layer's
+// preference P = H^(1/τ1) · V^(1/τ2) per batch row (returned by layer_preference()), where, over the query
+// heads h, window rows i and prefix columns j (the window's own columns excluded):
+//   H = −Σ_{h,i,j} A_hij · log(A_hij + 1e-10)   (the dispersion of window→prefix attention)
+//   V = Σ_{h,j} Var_i A_hij                       (its shift across the window rows).
+// The budgets B_ℓ ∝ P_ℓ are Allocation::Cake's (selector.h).
+struct CakeOptions {
+  int64_t window = 32;
+  int64_t kernel = 5;
+  double gamma = 200.0;
+  double tau1 = 1.6;
+  double tau2 = 0.4;
+};
+// I from the window→prefix attention a (B, H, w, m): (B, H, m) before pooling and the group reduce.
+at::Tensor cake_indicator(const at::Tensor& a, double gamma);
+// P per batch row from a (B, H, w, m).
+std::vector<double> cake_preference(const at::Tensor& a, double tau1, double tau2);
+class CakeScorer : public Scorer {
+ public:
+  explicit CakeScorer(CakeOptions opt = {}) : opt_(opt) {}
+  std::string name() const override { return "cake"; }
+  ScorerNeeds needs() const override;
+  at::Tensor score(const LayerView& view) override;
+  std::vector<double> layer_preference() const override { return pref_; }
+  const CakeOptions& options() const { return opt_; }
+
+ private:
+  CakeOptions opt_;
+  std::vector<double> pref_;
 };
 
 }  // namespace kvd

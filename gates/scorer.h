@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -42,6 +43,10 @@ class Scorer {
   virtual ScorerNeeds needs() const { return {}; }
   // Importance of each cached token, higher = keep: (B, H_kv, n) float32. Invalid entries are ignored.
   virtual at::Tensor score(const LayerView& view) = 0;
+  // Layer preference of the view last passed to score(), one value per batch row (CAKE's P_ℓ, read by
+  // Allocation::Cake right after score()). Empty: the scorer has none (the default), and the Cake allocation
+  // refuses it.
+  virtual std::vector<double> layer_preference() const { return {}; }
 };
 
 }  // namespace kvd

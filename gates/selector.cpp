@@ -88,23 +88,26 @@ int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double bet
   return static_cast<int64_t>(std::nearbyint(max_num - static_cast<double>(layer) * steps));
 }
 
-RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt) {
-  KVD_CHECK(scores.dim() == 3, "select_layer: scores must be (B, H_kv, n), got ", scores.sizes());
+namespace {
+
+// Keep mask (B, H_kv, n) of one layer for the per-layer allocations, before the validity mask.
+at::Tensor layer_keep_mask(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt,
+                           int64_t tokens) {
   const int64_t B = scores.size(0), Hkv = scores.size(1), n = scores.size(2);
   const Budget& bud = opt.budget;
-  if (bud.kind == BudgetKind::Threshold) return ragged_from_mask(scores.ge(bud.value));
+  if (bud.kind == BudgetKind::Threshold) return scores.ge(bud.value);
   if (bud.kind == BudgetKind::Ratio && bud.value == 0.0)
-    return ragged_from_mask(torch::ones({B, Hkv, n}, scores.options().dtype(torch::kBool)));
+    return torch::ones({B, Hkv, n}, scores.options().dtype(torch::kBool));
   switch (opt.allocation) {
     case Allocation::Uniform:
-      return ragged_from_mask(topk_mask(scores, bud.n_kept(n)));
+      return topk_mask(scores, bud.n_kept(tokens));
     case Allocation::Pyramid: {
-      KVD_CHECK(bud.kind == BudgetKind::Ratio, "pyramid allocation needs a ratio budget");
-      const int64_t k = pyramid_layer_budget(n, bud.value, opt.pyramid_window, opt.pyramid_beta, layer, num_layers);
-      return ragged_from_mask(topk_mask(scores, k));
+      KVD_CHECK(bud.kind == BudgetKind::Ratio, "pyramid allocation needs a ratio budget (--ratio)");
+      const int64_t k = pyramid_layer_budget(tokens, bud.value, opt.pyramid_window, opt.pyramid_beta, layer, num_layers);
+      return topk_mask(scores, k);
     }
     case Allocation::AdaKV: {
-      const int64_t k = bud.n_kept(n);
+      const int64_t k = std::min(bud.n_kept(tokens), n);
       int64_t n_safe = static_cast<int64_t>(static_cast<double>(k) * opt.ada_alpha);
       if (opt.ada_alpha > 0) n_safe = k > 0 ? std::max<int64_t>(1, n_safe) : 0;
       // The floor: each head's top n_safe outrank everything; then the top H_kv * k of the pooled heads.
@@ -113,34 +116,125 @@ RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_
       at::Tensor flat = s.reshape({B, Hkv * n});                                                  // (B, H_kv n)
       at::Tensor top = order_desc(flat).narrow(-1, 0, Hkv * k);                                  // (B, H_kv k)
       at::Tensor mask = torch::zeros({B, Hkv * n}, scores.options().dtype(torch::kBool)).scatter(-1, top, true);
-      return ragged_from_mask(mask.view({B, Hkv, n}));
+      return mask.view({B, Hkv, n});
     }
     case Allocation::Global:
       break;
+    case Allocation::Cake:
+      KVD_FAIL("select_layer: the cake allocation cascades over layers during prefill (compress_prefill)");
   }
   KVD_FAIL("select_layer: the global allocation needs every layer's scores (select_all)");
 }
 
-std::vector<RaggedIndices> select_all(const std::vector<at::Tensor>& scores, const SelectorOptions& opt) {
+}  // namespace
+
+RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt,
+                           int64_t tokens, const at::Tensor& valid) {
+  KVD_CHECK(scores.dim() == 3, "select_layer: scores must be (B, H_kv, n), got ", scores.sizes());
+  at::Tensor mask = layer_keep_mask(scores, layer, num_layers, opt, tokens < 0 ? scores.size(2) : tokens);
+  if (valid.defined()) mask = mask.logical_and(valid);  // (B, H_kv, n)
+  return ragged_from_mask(mask);
+}
+
+std::vector<RaggedIndices> select_all(const std::vector<at::Tensor>& scores, const SelectorOptions& opt,
+                                      int64_t tokens, const std::vector<at::Tensor>& valid) {
   const int64_t L = static_cast<int64_t>(scores.size());
+  KVD_CHECK(valid.empty() || static_cast<int64_t>(valid.size()) == L, "select_all: one validity mask per layer");
+  auto valid_of = [&](int64_t l) { return valid.empty() ? at::Tensor() : valid[l]; };
   std::vector<RaggedIndices> out;
   if (opt.allocation != Allocation::Global || opt.budget.kind == BudgetKind::Threshold) {
-    for (int64_t l = 0; l < L; ++l) out.push_back(select_layer(scores[l], l, L, opt));
+    for (int64_t l = 0; l < L; ++l) out.push_back(select_layer(scores[l], l, L, opt, tokens, valid_of(l)));
     return out;
   }
   KVD_CHECK(L > 0, "select_all: no layers");
-  const int64_t B = scores[0].size(0), Hkv = scores[0].size(1), n = scores[0].size(2);
-  std::vector<at::Tensor> flat;
+  const int64_t B = scores[0].size(0), Hkv = scores[0].size(1);
+  int64_t n = 0;
   for (const at::Tensor& s : scores) {
-    KVD_CHECK(s.sizes() == scores[0].sizes(), "select_all (global): every layer must hold the same entries");
-    flat.push_back(s.to(torch::kFloat).reshape({B, Hkv * n}));
+    KVD_CHECK(s.dim() == 3 && s.size(0) == B && s.size(1) == Hkv, "select_all (global): every layer must be (B, H_kv, n_l)");
+    n = std::max(n, s.size(2));
   }
-  at::Tensor all = torch::cat(flat, 1);  // (B, L H_kv n)
-  const int64_t k = opt.budget.kind == BudgetKind::Ratio && opt.budget.value == 0.0 ? n : opt.budget.n_kept(n);
-  at::Tensor top = order_desc(all).narrow(-1, 0, L * Hkv * k);  // (B, L H_kv k)
+  const float ninf = -std::numeric_limits<float>::infinity();
+  std::vector<at::Tensor> flat, vflat;
+  for (int64_t l = 0; l < L; ++l) {
+    at::Tensor s = scores[l].to(torch::kFloat);  // (B, H_kv, n_l)
+    at::Tensor v = valid_of(l).defined() ? valid_of(l) : torch::ones(s.sizes(), s.options().dtype(torch::kBool));
+    if (s.size(2) < n) {
+      s = torch::constant_pad_nd(s, {0, n - s.size(2)}, ninf);  // (B, H_kv, n)
+      v = torch::constant_pad_nd(v, {0, n - v.size(2)}, 0);      // (B, H_kv, n)
+    }
+    flat.push_back(s.reshape({B, Hkv * n}));
+    vflat.push_back(v.reshape({B, Hkv * n}));
+  }
+  at::Tensor all = torch::cat(flat, 1);    // (B, L H_kv n)
+  at::Tensor vall = torch::cat(vflat, 1);  // (B, L H_kv n)
+  const int64_t t = tokens < 0 ? n : tokens;
+  const int64_t k = opt.budget.kind == BudgetKind::Ratio && opt.budget.value == 0.0 ? t : opt.budget.n_kept(t);
+  const int64_t total = std::min(L * Hkv * k, L * Hkv * n);
+  at::Tensor top = order_desc(all).narrow(-1, 0, total);  // (B, total)
   at::Tensor mask = torch::zeros({B, L * Hkv * n}, all.options().dtype(torch::kBool)).scatter(-1, top, true);
+  mask = mask.logical_and(vall);
   at::Tensor m = mask.view({B, L, Hkv, n});  // (B, L, H_kv, n)
-  for (int64_t l = 0; l < L; ++l) out.push_back(ragged_from_mask(m.select(1, l)));
+  for (int64_t l = 0; l < L; ++l) out.push_back(ragged_from_mask(m.select(1, l).narrow(2, 0, scores[l].size(2))));
+  return out;
+}
+
+RaggedIndices concat_ragged(const std::vector<RaggedIndices>& parts) {
+  KVD_CHECK(!parts.empty(), "concat_ragged: nothing to concatenate");
+  std::vector<at::Tensor> idx, off;
+  int64_t base = 0;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    at::Tensor o = parts[i].offsets.to(torch::kCPU);  // (rows_i + 1)
+    idx.push_back(parts[i].indices.to(torch::kCPU));
+    off.push_back((i == 0 ? o : o.narrow(0, 1, o.size(0) - 1)) + base);
+    base += o[-1].item<int64_t>();
+  }
+  RaggedIndices r;
+  r.indices = torch::cat(idx).contiguous();  // (total)
+  r.offsets = torch::cat(off).contiguous();  // (rows + 1)
+  return r;
+}
+
+RaggedIndices ragged_keep_all(const std::vector<int64_t>& lengths) {
+  std::vector<int64_t> idx, off{0};
+  for (int64_t len : lengths) {
+    for (int64_t j = 0; j < len; ++j) idx.push_back(j);
+    off.push_back(off.back() + len);
+  }
+  RaggedIndices r;
+  r.indices = torch::tensor(idx, torch::kLong);  // (total)
+  r.offsets = torch::tensor(off, torch::kLong);  // (rows + 1)
+  return r;
+}
+
+std::vector<int64_t> cake_layer_budgets(const std::vector<double>& pref, int64_t total, int64_t cap) {
+  const int64_t L = static_cast<int64_t>(pref.size());
+  KVD_CHECK(L > 0 && total >= 0 && cap >= 0, "cake_layer_budgets: needs layers and non-negative budgets");
+  for (double p : pref) KVD_CHECK(std::isfinite(p) && p >= 0, "cake: layer preferences must be finite and >= 0, got ", p);
+  std::vector<int64_t> out(L, 0);
+  std::vector<bool> capped(L, false);
+  int64_t left = std::min(total, L * cap);  // entries to place among the uncapped layers
+  std::vector<double> share(L, 0.0);
+  for (;;) {  // water-filling: cap the layers whose share exceeds cap, re-split the rest
+    double sum = 0;
+    int64_t active = 0;
+    for (int64_t l = 0; l < L; ++l)
+      if (!capped[l]) sum += pref[l], ++active;
+    if (active == 0) break;
+    bool changed = false;
+    for (int64_t l = 0; l < L; ++l) {
+      if (capped[l]) continue;
+      share[l] = sum > 0 ? static_cast<double>(left) * pref[l] / sum : static_cast<double>(left) / active;
+      if (share[l] > static_cast<double>(cap)) {
+        capped[l] = true;
+        out[l] = cap;
+        left -= cap;
+        changed = true;
+      }
+    }
+    if (!changed) break;
+  }
+  for (int64_t l = 0; l < L; ++l)
+    if (!capped[l]) out[l] = std::min(cap, static_cast<int64_t>(std::floor(share[l])));
   return out;
 }
 

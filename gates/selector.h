@@ -38,6 +38,8 @@ enum class Allocation {
   Pyramid,  // PyramidKV's linear per-layer budgets (kvpress PyramidKVPress.get_layer_budget)
   AdaKV,    // per layer: the top H_kv * n_kept of the pooled heads, each head keeping >= floor(alpha n_kept)
   Global,   // across layers: the top L * H_kv * n_kept of every layer and head pooled
+  Cake,     // CAKE: per-layer budgets B_ℓ ∝ the scorer's layer preference P_ℓ (Scorer::layer_preference),
+            // cascading during prefill (compress_prefill; see cake_layer_budgets)
 };
 
 struct SelectorOptions {
@@ -59,9 +61,27 @@ at::Tensor topk_mask(const at::Tensor& scores, int64_t k);
 // kvpress PyramidKV budget of `layer` (entries per head) for a prompt of n tokens.
 int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double beta, int64_t layer, int64_t num_layers);
 
-// One layer (every allocation except Global): scores (B, H_kv, n) float, higher = keep.
-RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt);
-// Every layer at once (Global; the per-layer allocations too, layer by layer).
-std::vector<RaggedIndices> select_all(const std::vector<at::Tensor>& scores, const SelectorOptions& opt);
+// One layer (every allocation except Global and Cake): scores (B, H_kv, n) float, higher = keep.
+//   tokens: the token count the budget applies to (n_kept(tokens) per head); < 0: n. Chunked prefill passes
+//           the tokens seen so far, which exceed the entries left after earlier compressions.
+//   valid:  (B, H_kv, n) bool or undefined: entries outside it are never kept (ragged heads).
+RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt,
+                           int64_t tokens = -1, const at::Tensor& valid = at::Tensor());
+// Every layer at once (Global; the per-layer allocations too, layer by layer). Layers may hold different
+// entry counts (global: padded with -inf); tokens and valid ([layer] or empty) as in select_layer.
+std::vector<RaggedIndices> select_all(const std::vector<at::Tensor>& scores, const SelectorOptions& opt,
+                                      int64_t tokens = -1, const std::vector<at::Tensor>& valid = {});
+
+// Batch rows' RaggedIndices (each over its own B_i rows of heads) -> one over every row, in order.
+RaggedIndices concat_ragged(const std::vector<RaggedIndices>& parts);
+// Keep everything: head r keeps 0 .. lengths[r] - 1.
+RaggedIndices ragged_keep_all(const std::vector<int64_t>& lengths);
+
+// CAKE's layer budgets (entries per head): `total` split over the layers in proportion to pref, each capped
+// at `cap` (water-filling: what a capped layer cannot hold goes to the others in proportion), each share
+// rounded down, so Σ lies within (layers - 1) of min(total, layers · cap). Rounding down keeps the cascade
+// monotone: adding a layer lowers the water level, so no earlier layer's budget ever grows back (entries it
+// already evicted could not return). All-zero preferences split evenly.
+std::vector<int64_t> cake_layer_budgets(const std::vector<double>& pref, int64_t total, int64_t cap);
 
 }  // namespace kvd

@@ -47,34 +47,111 @@ GenerateResult generate(const Model& model, const std::vector<int64_t>& prompt, 
 
 GenerateResult generate(const Model& model, const std::vector<int64_t>& prompt, KVCache& cache,
                         const GenerateOptions& opts) {
-  using Clock = std::chrono::steady_clock;
-  KVD_CHECK(!prompt.empty(), "generate: empty prompt");
   KVD_CHECK(cache.batch() == 1, "generate: the cache must have batch 1, got ", cache.batch());
-  KVD_CHECK(opts.max_new_tokens >= 0, "generate: max_new_tokens must be >= 0");
-  const std::vector<int64_t>& eos = opts.eos_ids ? *opts.eos_ids : model.config().eos_token_ids;
-  Sampler sampler(opts);
-
+  BatchGenerateResult b = generate_batch(model, {prompt}, cache, opts);
   GenerateResult res;
-  res.prompt_tokens = static_cast<int64_t>(prompt.size());
+  res.tokens = std::move(b.tokens[0]);
+  res.stop = b.stop[0];
+  res.prompt_tokens = b.prompt_tokens[0];
+  res.prefill_seconds = b.prefill_seconds;
+  res.decode_seconds = b.decode_seconds;
+  res.peak_kv_bytes = b.peak_kv_bytes;
+  return res;
+}
+
+at::Tensor left_pad(const std::vector<std::vector<int64_t>>& prompts, int64_t pad_id, std::vector<int64_t>& lead) {
+  KVD_CHECK(!prompts.empty(), "left_pad: no rows");
+  size_t T = 0;
+  for (const auto& p : prompts) T = std::max(T, p.size());
+  const int64_t B = static_cast<int64_t>(prompts.size());
+  at::Tensor ids = torch::full({B, static_cast<int64_t>(T)}, pad_id, torch::kLong);  // (B, T)
+  lead.assign(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& p = prompts[b];
+    lead[b] = static_cast<int64_t>(T - p.size());
+    if (!p.empty()) std::copy(p.begin(), p.end(), ids.data_ptr<int64_t>() + b * static_cast<int64_t>(T) + lead[b]);
+  }
+  return ids;
+}
+
+BatchGenerateResult generate_batch(const Model& model, const std::vector<std::vector<int64_t>>& prompts,
+                                   const GenerateOptions& opts) {
+  KVCache cache = model.new_cache(static_cast<int64_t>(prompts.size()));
+  return generate_batch(model, prompts, cache, opts);
+}
+
+BatchGenerateResult generate_batch(const Model& model, const std::vector<std::vector<int64_t>>& prompts, KVCache& cache,
+                                   const GenerateOptions& opts) {
+  using Clock = std::chrono::steady_clock;
+  const int64_t B = static_cast<int64_t>(prompts.size());
+  KVD_CHECK(B > 0, "generate: no prompts");
+  KVD_CHECK(cache.batch() == B, "generate: the cache has batch ", cache.batch(), " but there are ", B, " prompts");
+  for (const auto& p : prompts) KVD_CHECK(!p.empty(), "generate: empty prompt");
+  KVD_CHECK(opts.max_new_tokens >= 0, "generate: max_new_tokens must be >= 0");
+  KVD_CHECK(opts.max_new_tokens_per_row.empty() || static_cast<int64_t>(opts.max_new_tokens_per_row.size()) == B,
+            "generate: max_new_tokens_per_row has ", opts.max_new_tokens_per_row.size(), " entries for ", B, " rows");
+  std::vector<int64_t> limit(B, opts.max_new_tokens);
+  if (!opts.max_new_tokens_per_row.empty()) limit = opts.max_new_tokens_per_row;
+  for (int64_t m : limit) KVD_CHECK(m >= 0, "generate: max_new_tokens must be >= 0");
+  const std::vector<int64_t>& eos = opts.eos_ids ? *opts.eos_ids : model.config().eos_token_ids;
+  std::vector<Sampler> samplers;
+  for (int64_t b = 0; b < B; ++b) {
+    GenerateOptions o = opts;
+    o.seed = opts.seed + static_cast<uint64_t>(b);
+    samplers.emplace_back(o);
+  }
+  // Greedy picks every row's argmax on the device with one transfer; sampling goes row by row on the CPU.
+  auto pick = [&](const at::Tensor& logits) {  // (B, V) -> B tokens
+    std::vector<int64_t> next(B);
+    if (opts.mode == SamplingMode::Greedy) {
+      at::Tensor a = logits.argmax(-1).to(torch::kCPU).contiguous();  // (B)
+      std::copy(a.data_ptr<int64_t>(), a.data_ptr<int64_t>() + B, next.begin());
+    } else {
+      for (int64_t b = 0; b < B; ++b) next[b] = samplers[b].next(logits[b]);
+    }
+    return next;
+  };
+
+  BatchGenerateResult res;
+  res.tokens.assign(B, {});
+  res.stop.assign(B, StopReason::MaxNewTokens);
+  for (const auto& p : prompts) res.prompt_tokens.push_back(static_cast<int64_t>(p.size()));
   auto t0 = Clock::now();
-  at::Tensor ids = torch::tensor(prompt, torch::kLong).view({1, res.prompt_tokens});  // (1, T)
-  at::Tensor logits = model.prefill(ids, cache);                                      // (1, V)
-  int64_t tok = opts.max_new_tokens > 0 ? sampler.next(logits[0]) : -1;  // syncs the device
+  std::vector<int64_t> lead;
+  at::Tensor ids = left_pad(prompts, 0, lead);                                          // (B, T)
+  at::Tensor logits = model.prefill(ids, cache, LogitsMode::LastPosition, {}, lead);    // (B, V)
+  std::vector<int64_t> tok = pick(logits);  // syncs the device
   auto t1 = Clock::now();
   res.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
-  while (tok >= 0) {
-    res.tokens.push_back(tok);
-    if (opts.on_token) opts.on_token(tok);
-    if (std::find(eos.begin(), eos.end(), tok) != eos.end()) {
-      res.stop = StopReason::Eos;
-      break;
+  std::vector<bool> done(B);
+  int64_t active = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    done[b] = limit[b] == 0;
+    active += done[b] ? 0 : 1;
+  }
+  while (active > 0) {
+    for (int64_t b = 0; b < B; ++b) {
+      if (done[b]) continue;
+      res.tokens[b].push_back(tok[b]);
+      if (b == 0 && opts.on_token) opts.on_token(tok[b]);
+      if (std::find(eos.begin(), eos.end(), tok[b]) != eos.end()) {
+        res.stop[b] = StopReason::Eos;
+        done[b] = true;
+      } else if (static_cast<int64_t>(res.tokens[b].size()) >= limit[b]) {
+        res.stop[b] = StopReason::MaxNewTokens;
+        done[b] = true;
+      }
+      if (done[b]) --active;
     }
-    if (static_cast<int64_t>(res.tokens.size()) >= opts.max_new_tokens) {
-      res.stop = StopReason::MaxNewTokens;
-      break;
-    }
-    logits = model.decode(torch::full({1, 1}, tok, torch::kLong), cache);  // (1, V)
-    tok = sampler.next(logits[0]);
+    if (active == 0) break;
+    // A finished row's step is padding (lead 1): nothing of it is stored, so every row's cache (and its bytes)
+    // is what it would be alone.
+    std::vector<int64_t> pad(B, 0);
+    for (int64_t b = 0; b < B; ++b) pad[b] = done[b] ? 1 : 0;
+    at::Tensor step = torch::tensor(tok, torch::kLong).view({B, 1});                                // (B, 1)
+    logits = model.prefill(step, cache, LogitsMode::LastPosition, opts.decode_observer, pad);    // (B, V)
+    ++res.decode_steps;
+    tok = pick(logits);
   }
   res.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   res.peak_kv_bytes = cache.peak_bytes();

@@ -1,5 +1,6 @@
 // Text generation on a Model: greedy, or seeded temperature / top-p sampling; stops on an eos id or after
-// max_new_tokens; streams each token to a callback. Batch 1.
+// max_new_tokens; streams each token to a callback. generate() runs one prompt; generate_batch() runs many
+// prompts of different lengths as one batch (left-padded; the padding is never stored in the cache).
 #pragma once
 
 #include <cstdint>
@@ -9,6 +10,8 @@
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
+
+#include "models/model.h"
 
 namespace kvd {
 
@@ -28,10 +31,14 @@ struct GenerateOptions {
   double top_p = 1.0;        // in (0, 1]; Sample only
   uint64_t seed = 0;         // Sample: the same seed gives the same tokens (sampling runs on the CPU)
   int64_t max_new_tokens = 256;
+  // generate_batch: row b stops after max_new_tokens_per_row[b] tokens (empty: max_new_tokens for every row).
+  std::vector<int64_t> max_new_tokens_per_row;
   // nullopt: the config's eos_token_ids; an empty vector: never stop on eos.
   std::optional<std::vector<int64_t>> eos_ids;
-  // Called with every generated token as soon as it is chosen (the eos token included).
+  // Called with every generated token as soon as it is chosen (the eos token included). Batch: row 0's.
   std::function<void(int64_t token)> on_token;
+  // Called for every layer of every decode step (not the prompt's prefill): decode-time eviction hooks in here.
+  PrefillObserver decode_observer;
 };
 
 struct GenerateResult {
@@ -59,5 +66,28 @@ GenerateResult generate(const Model& model, const std::vector<int64_t>& prompt, 
 // Same, appending to a caller-owned cache of batch 1 (which may already hold earlier turns).
 GenerateResult generate(const Model& model, const std::vector<int64_t>& prompt, KVCache& cache,
                         const GenerateOptions& opts);
+
+struct BatchGenerateResult {
+  std::vector<std::vector<int64_t>> tokens;  // [row] generated tokens (eos included when it stopped the row)
+  std::vector<StopReason> stop;              // [row]
+  std::vector<int64_t> prompt_tokens;        // [row]
+  double prefill_seconds = 0;
+  double decode_seconds = 0;
+  int64_t decode_steps = 0;                  // batched decode steps run
+  int64_t peak_kv_bytes = 0;                 // KVCache::peak_bytes at the end (the whole batch)
+};
+
+// Appends each row's prompt to a caller-owned cache of batch prompts.size() (which may already hold earlier
+// tokens, e.g. a compressed context; rows may hold different counts) and generates for every row until each
+// stops. Greedy rows give the same tokens as generate() on that row alone (up to floating-point ties).
+// Sampling uses one generator per row seeded with opts.seed + row.
+BatchGenerateResult generate_batch(const Model& model, const std::vector<std::vector<int64_t>>& prompts, KVCache& cache,
+                                   const GenerateOptions& opts);
+// Same with a fresh cache.
+BatchGenerateResult generate_batch(const Model& model, const std::vector<std::vector<int64_t>>& prompts,
+                                   const GenerateOptions& opts);
+
+// Left-pads ragged rows into (B, T) ids with `pad_id`; lead[b] = T - prompts[b].size().
+at::Tensor left_pad(const std::vector<std::vector<int64_t>>& prompts, int64_t pad_id, std::vector<int64_t>& lead);
 
 }  // namespace kvd

@@ -1,11 +1,21 @@
 #include "models/kv_cache.h"
 
 #include <algorithm>
+#include <numeric>
 
 #include "common/error.h"
 #include "models/config.h"
 
 namespace kvd {
+
+namespace {
+
+// A CPU int64 vector as a tensor on `device` (one host-to-device copy).
+at::Tensor index_tensor(const std::vector<int64_t>& v, c10::Device device) {
+  return torch::tensor(v, torch::kLong).to(device);  // (v.size())
+}
+
+}  // namespace
 
 KVCache::KVCache(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, c10::ScalarType dtype,
                  c10::Device device)
@@ -14,7 +24,14 @@ KVCache::KVCache(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_
             "KVCache: layers, batch, kv heads and head_dim must be positive (got ", num_layers, ", ", batch, ", ",
             num_kv_heads, ", ", head_dim, ")");
   layers_.resize(num_layers);
-  for (Layer& L : layers_) L.len.assign(batch_ * kv_heads_, 0);
+  for (Layer& L : layers_) {
+    L.len.assign(batch_ * kv_heads_, 0);
+    L.cap.assign(batch_ * kv_heads_, 0);
+    L.start.assign(batch_ * kv_heads_, 0);
+  }
+  next_pos_.assign(batch_, 0);
+  row_entries_.assign(batch_, 0);
+  row_peak_.assign(batch_, 0);
 }
 
 KVCache::KVCache(const ModelConfig& cfg, int64_t batch, c10::ScalarType dtype, c10::Device device)
@@ -28,61 +45,133 @@ int64_t KVCache::bytes_per_entry() const {
   return 2 * head_dim_ * static_cast<int64_t>(c10::elementSize(dtype_));
 }
 
-void KVCache::reserve(Layer& L, int64_t needed) {
-  if (needed <= L.cap) return;
-  // Geometric growth (amortized O(1) appends), at least 64 entries at a time.
-  const int64_t cap = std::max({needed, L.cap + L.cap / 2, L.cap + 64});
-  auto opt = torch::TensorOptions().dtype(dtype_).device(device_);
-  // Zeroed, not empty: slots past a ragged head's length are masked out of attention, but a masked weight of
-  // 0 times garbage that happens to be NaN/Inf is still NaN (seen on the GPU machine's CPU).
-  at::Tensor k = torch::zeros({batch_, kv_heads_, cap, head_dim_}, opt);  // (B, H_kv, cap, hd)
-  at::Tensor v = torch::zeros({batch_, kv_heads_, cap, head_dim_}, opt);  // (B, H_kv, cap, hd)
-  at::Tensor pos = torch::full({batch_, kv_heads_, cap}, -1, opt.dtype(torch::kLong));  // (B, H_kv, cap)
-  const int64_t n = *std::max_element(L.len.begin(), L.len.end());
-  if (n > 0) {
-    k.narrow(2, 0, n).copy_(L.k.narrow(2, 0, n));
-    v.narrow(2, 0, n).copy_(L.v.narrow(2, 0, n));
-    pos.narrow(2, 0, n).copy_(L.pos.narrow(2, 0, n));
+KVCache::Layout KVCache::layout(const Layer& L) const {
+  const int64_t c = L.cap[0];
+  for (size_t r = 0; r < L.cap.size(); ++r)
+    if (L.cap[r] != c || L.start[r] != static_cast<int64_t>(r) * c) return Layout::Irregular;
+  return Layout::Regular;
+}
+
+void KVCache::set_len(Layer& L, int64_t r, int64_t n) {
+  row_entries_[r / kv_heads_] += n - L.len[r];
+  L.len[r] = n;
+}
+
+void KVCache::reallocate(Layer& L, const std::vector<int64_t>& new_cap) {
+  const int64_t rows = batch_ * kv_heads_;
+  std::vector<int64_t> new_start(rows, 0);
+  int64_t total = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    KVD_CHECK(new_cap[r] >= L.len[r], "KVCache: internal error, a segment would shrink below its entries");
+    new_start[r] = total;
+    total += new_cap[r];
   }
-  L.k = k;
-  L.v = v;
-  L.pos = pos;
-  L.cap = cap;
+  auto opt = torch::TensorOptions().dtype(dtype_).device(device_);
+  // Zeroed, not empty: slots past a head's length are masked out of attention, but a masked weight of 0 times
+  // garbage that happens to be NaN/Inf is still NaN (seen on the GPU machine's CPU).
+  at::Tensor k = torch::zeros({total, head_dim_}, opt);               // (S_total', hd)
+  at::Tensor v = torch::zeros({total, head_dim_}, opt);               // (S_total', hd)
+  at::Tensor pos = torch::full({total}, -1, opt.dtype(torch::kLong));  // (S_total')
+  std::vector<int64_t> src, dst;  // old slot -> new slot of every held entry
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < L.len[r]; ++j) {
+      src.push_back(L.start[r] + j);
+      dst.push_back(new_start[r] + j);
+    }
+  if (!src.empty()) {
+    at::Tensor s = index_tensor(src, device_), d = index_tensor(dst, device_);  // (N), (N)
+    k.index_copy_(0, d, L.k.index_select(0, s));
+    v.index_copy_(0, d, L.v.index_select(0, s));
+    pos.index_copy_(0, d, L.pos.index_select(0, s));
+  }
+  if (total > 0) {
+    L.k = k;
+    L.v = v;
+    L.pos = pos;
+  } else {
+    L.k = L.v = L.pos = at::Tensor();
+  }
+  L.cap = new_cap;
+  L.start = new_start;
+  L.total = total;
 }
 
 void KVCache::append(int64_t layer, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos) {
+  append(layer, k, v, pos, {});
+}
+
+void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& pos_in,
+                     const std::vector<int64_t>& lead) {
   check_layer(layer);
   Layer& L = layers_[layer];
-  KVD_CHECK(k.dim() == 4 && k.size(0) == batch_ && k.size(1) == kv_heads_ && k.size(3) == head_dim_,
+  KVD_CHECK(k_in.dim() == 4 && k_in.size(0) == batch_ && k_in.size(1) == kv_heads_ && k_in.size(3) == head_dim_,
             "KVCache::append: k must be (B=", batch_, ", H_kv=", kv_heads_, ", t, hd=", head_dim_, "), got ",
-            k.sizes());
-  KVD_CHECK(v.sizes() == k.sizes(), "KVCache::append: v ", v.sizes(), " differs from k ", k.sizes());
-  const int64_t t = k.size(2);
-  if (t == 0) return;
-  at::Tensor p = pos;
+            k_in.sizes());
+  KVD_CHECK(v_in.sizes() == k_in.sizes(), "KVCache::append: v ", v_in.sizes(), " differs from k ", k_in.sizes());
+  const int64_t t = k_in.size(2);
+  KVD_CHECK(lead.empty() || static_cast<int64_t>(lead.size()) == batch_, "KVCache::append: lead must be empty or have B=",
+            batch_, " entries, got ", lead.size());
+  for (size_t b = 0; b < lead.size(); ++b)
+    KVD_CHECK(lead[b] >= 0 && lead[b] <= t, "KVCache::append: lead[", b, "] = ", lead[b], " is outside [0, ", t, "]");
+  at::Tensor p = pos_in;
   if (p.dim() == 2) p = p.unsqueeze(1).expand({batch_, kv_heads_, t});  // (B, H_kv, t)
   KVD_CHECK(p.dim() == 3 && p.size(0) == batch_ && p.size(1) == kv_heads_ && p.size(2) == t,
-            "KVCache::append: pos must be (B, t) or (B, H_kv, t), got ", pos.sizes());
-  const int64_t n = *std::max_element(L.len.begin(), L.len.end());
-  const bool ragged = std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != n; });
-  if (!ragged) {
-    reserve(L, n + t);
-    L.k.narrow(2, n, t).copy_(k);
-    L.v.narrow(2, n, t).copy_(v);
-    L.pos.narrow(2, n, t).copy_(p);
+            "KVCache::append: pos must be (B, t) or (B, H_kv, t), got ", pos_in.sizes());
+  if (t == 0) return;
+  const bool padded = std::any_of(lead.begin(), lead.end(), [](int64_t x) { return x != 0; });
+  const int64_t rows = batch_ * kv_heads_;
+  auto gain = [&](int64_t r) { return t - (padded ? lead[r / kv_heads_] : 0); };  // new entries of head row r
+
+  // Room check; reallocate every segment with slack when any head lacks room.
+  bool room = true;
+  for (int64_t r = 0; r < rows && room; ++r) room = L.len[r] + gain(r) <= L.cap[r];
+  if (!room) {
+    std::vector<int64_t> cap(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t need = L.len[r] + gain(r);
+      cap[r] = need + std::max<int64_t>(16, need / 8);  // geometric: amortized O(1) single-token appends
+    }
+    reallocate(L, cap);
+  }
+
+  at::Tensor k = k_in.to(device_, dtype_), v = v_in.to(device_, dtype_);  // (B, H_kv, t, hd)
+  p = p.to(device_, torch::kLong);                                         // (B, H_kv, t)
+  const int64_t n0 = L.len[0];
+  const bool uniform = !padded && std::all_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l == n0; });
+  if (uniform && layout(L) == Layout::Regular) {
+    // Hot path for plain prefill / decode: one strided copy into the (B, H_kv, cap, hd) view.
+    const int64_t c = L.cap[0];
+    L.k.view({batch_, kv_heads_, c, head_dim_}).narrow(2, n0, t).copy_(k);
+    L.v.view({batch_, kv_heads_, c, head_dim_}).narrow(2, n0, t).copy_(v);
+    L.pos.view({batch_, kv_heads_, c}).narrow(2, n0, t).copy_(p);
   } else {
-    // Ragged heads: each head's new entries follow its own entries.
-    reserve(L, n + t);
-    for (int64_t b = 0; b < batch_; ++b) {
-      for (int64_t h = 0; h < kv_heads_; ++h) {
-        const int64_t at_ = L.len[b * kv_heads_ + h];
-        L.k[b][h].narrow(0, at_, t).copy_(k[b][h]);  // (t, hd)
-        L.v[b][h].narrow(0, at_, t).copy_(v[b][h]);  // (t, hd)
-        L.pos[b][h].narrow(0, at_, t).copy_(p[b][h]);  // (t)
+    // Every head's new entries go to its own next slots: one index_copy_ per tensor.
+    std::vector<int64_t> dst, src;  // src only with padding: which of the B * H_kv * t chunk rows are stored
+    dst.reserve(rows * t);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t first = t - gain(r);
+      for (int64_t j = first; j < t; ++j) {
+        dst.push_back(L.start[r] + L.len[r] + (j - first));
+        if (padded) src.push_back(r * t + j);
       }
     }
+    if (!dst.empty()) {
+      at::Tensor kf = k.reshape({rows * t, head_dim_});  // (B*H_kv*t, hd)
+      at::Tensor vf = v.reshape({rows * t, head_dim_});  // (B*H_kv*t, hd)
+      at::Tensor pf = p.reshape({rows * t});             // (B*H_kv*t)
+      if (padded) {
+        at::Tensor s = index_tensor(src, device_);  // (N)
+        kf = kf.index_select(0, s);
+        vf = vf.index_select(0, s);
+        pf = pf.index_select(0, s);
+      }
+      at::Tensor d = index_tensor(dst, device_);  // (N)
+      L.k.index_copy_(0, d, kf);
+      L.v.index_copy_(0, d, vf);
+      L.pos.index_copy_(0, d, pf);
+    }
   }
-  for (int64_t& l : L.len) l += t;
+  for (int64_t r = 0; r < rows; ++r) set_len(L, r, L.len[r] + gain(r));
   update_peak();
 }
 
@@ -108,23 +197,43 @@ KVLayerView KVCache::layer(int64_t layer) const {
   check_layer(layer);
   const Layer& L = layers_[layer];
   KVLayerView view;
-  view.n = max_length(layer);
-  if (view.n == 0) {
-    auto opt = torch::TensorOptions().dtype(dtype_).device(device_);
+  const int64_t n = max_length(layer);
+  view.n = n;
+  auto opt = torch::TensorOptions().dtype(dtype_).device(device_);
+  if (n == 0) {
     view.k = torch::empty({batch_, kv_heads_, 0, head_dim_}, opt);
     view.v = torch::empty({batch_, kv_heads_, 0, head_dim_}, opt);
     view.pos = torch::empty({batch_, kv_heads_, 0}, opt.dtype(torch::kLong));
     return view;
   }
-  view.k = L.k.narrow(2, 0, view.n);      // (B, H_kv, n, hd)
-  view.v = L.v.narrow(2, 0, view.n);      // (B, H_kv, n, hd)
-  view.pos = L.pos.narrow(2, 0, view.n);  // (B, H_kv, n)
-  const bool ragged = std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != view.n; });
+  const bool ragged = std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != n; });
   if (ragged) {
-    at::Tensor len = torch::tensor(L.len, torch::kLong).view({batch_, kv_heads_, 1}).to(device_);  // (B, H_kv, 1)
-    view.valid = torch::arange(view.n, torch::TensorOptions().dtype(torch::kLong).device(device_))
-                     .view({1, 1, view.n})
-                     .lt(len);  // (B, H_kv, n)
+    at::Tensor len = index_tensor(L.len, device_).view({batch_, kv_heads_, 1});  // (B, H_kv, 1)
+    view.valid = torch::arange(n, opt.dtype(torch::kLong)).view({1, 1, n}).lt(len);  // (B, H_kv, n)
+  }
+  if (layout(L) == Layout::Regular) {
+    // Zero-copy: slots past a head's length are zero (positions -1), so the padded view needs no masking.
+    const int64_t c = L.cap[0];
+    view.k = L.k.view({batch_, kv_heads_, c, head_dim_}).narrow(2, 0, n);  // (B, H_kv, n, hd)
+    view.v = L.v.view({batch_, kv_heads_, c, head_dim_}).narrow(2, 0, n);  // (B, H_kv, n, hd)
+    view.pos = L.pos.view({batch_, kv_heads_, c}).narrow(2, 0, n);         // (B, H_kv, n)
+    return view;
+  }
+  // Irregular segments: a transient padded copy, one gather per tensor. Padding slots read some held slot
+  // (the head's last one, or slot 0 for an empty head: n > 0, so the buffer is not empty) and are then zeroed.
+  const int64_t rows = batch_ * kv_heads_;
+  std::vector<int64_t> idx(rows * n, 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n && L.len[r] > 0; ++j) idx[r * n + j] = L.start[r] + std::min(j, L.len[r] - 1);
+  at::Tensor gi = index_tensor(idx, device_);                                         // (B*H_kv*n)
+  view.k = L.k.index_select(0, gi).view({batch_, kv_heads_, n, head_dim_});          // (B, H_kv, n, hd)
+  view.v = L.v.index_select(0, gi).view({batch_, kv_heads_, n, head_dim_});          // (B, H_kv, n, hd)
+  view.pos = L.pos.index_select(0, gi).view({batch_, kv_heads_, n});                 // (B, H_kv, n)
+  if (ragged) {
+    at::Tensor pad = view.valid.logical_not();  // (B, H_kv, n)
+    view.k.masked_fill_(pad.unsqueeze(-1), 0);
+    view.v.masked_fill_(pad.unsqueeze(-1), 0);
+    view.pos.masked_fill_(pad, -1);
   }
   return view;
 }
@@ -133,44 +242,15 @@ at::Tensor KVCache::positions(int64_t layer) const { return this->layer(layer).p
 
 void KVCache::keep(int64_t layer, const at::Tensor& indices) {
   check_layer(layer);
-  Layer& L = layers_[layer];
   KVD_CHECK(indices.dim() == 3 && indices.size(0) == batch_ && indices.size(1) == kv_heads_,
             "KVCache::keep: indices must be (B=", batch_, ", H_kv=", kv_heads_, ", n_keep), got ", indices.sizes());
   KVD_CHECK(indices.scalar_type() == torch::kLong, "KVCache::keep: indices must be int64");
-  const int64_t n_keep = indices.size(2);
-  if (n_keep > 0) {
-    // Every index must address an entry of its own head.
-    at::Tensor len = torch::tensor(L.len, torch::kLong).view({batch_, kv_heads_, 1});  // (B, H_kv, 1)
-    at::Tensor idx_cpu = indices.to(torch::kCPU);                                      // (B, H_kv, n_keep)
-    KVD_CHECK(idx_cpu.ge(0).all().item<bool>() && idx_cpu.lt(len).all().item<bool>(), "KVCache::keep: layer ",
-              layer, ": an index is outside its head's entries");
-  }
-  at::Tensor idx = indices.to(device_);  // (B, H_kv, n_keep)
-  const int64_t n = max_length(layer);
-  at::Tensor k, v, pos;
-  if (n > 0 && n_keep > 0) {
-    at::Tensor gi = idx.unsqueeze(-1).expand({batch_, kv_heads_, n_keep, head_dim_});  // (B, H_kv, n_keep, hd)
-    k = L.k.narrow(2, 0, n).gather(2, gi);           // (B, H_kv, n_keep, hd), a new tensor
-    v = L.v.narrow(2, 0, n).gather(2, gi);           // (B, H_kv, n_keep, hd)
-    pos = L.pos.narrow(2, 0, n).gather(2, idx);      // (B, H_kv, n_keep)
-  }
-  if (n_keep * 2 <= L.cap) {
-    // Shrink for real: the kept entries become the whole storage.
-    if (n_keep > 0) {
-      L.k = k;
-      L.v = v;
-      L.pos = pos;
-    } else {
-      L.k = L.v = L.pos = at::Tensor();
-    }
-    L.cap = n_keep;
-  } else if (n_keep > 0) {
-    L.k.narrow(2, 0, n_keep).copy_(k);
-    L.v.narrow(2, 0, n_keep).copy_(v);
-    L.pos.narrow(2, 0, n_keep).copy_(pos);
-    L.pos.narrow(2, n_keep, L.cap - n_keep).fill_(-1);
-  }
-  std::fill(L.len.begin(), L.len.end(), n_keep);
+  const int64_t rows = batch_ * kv_heads_, n_keep = indices.size(2);
+  RaggedIndices rg;
+  rg.indices = indices.reshape({rows * n_keep});                                           // (B*H_kv*n_keep)
+  rg.offsets = torch::arange(0, (rows + 1) * n_keep, std::max<int64_t>(n_keep, 1), torch::kLong);  // (rows + 1)
+  if (n_keep == 0) rg.offsets = torch::zeros({rows + 1}, torch::kLong);
+  keep(layer, rg);
 }
 
 int64_t RaggedIndices::count(int64_t row) const {
@@ -187,71 +267,134 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep) {
             "KVCache::keep: offsets must be a CPU int64 (B * H_kv + 1 = ", rows + 1, ") tensor");
   KVD_CHECK(keep.indices.defined() && keep.indices.dim() == 1 && keep.indices.scalar_type() == torch::kLong,
             "KVCache::keep: indices must be a 1-D int64 tensor");
-  const int64_t* off = keep.offsets.data_ptr<int64_t>();
+  at::Tensor off_c = keep.offsets.contiguous();
+  const int64_t* off = off_c.data_ptr<int64_t>();
   KVD_CHECK(off[0] == 0 && off[rows] == keep.indices.size(0), "KVCache::keep: offsets must run from 0 to ",
             keep.indices.size(0));
   at::Tensor idx_cpu = keep.indices.to(torch::kCPU).contiguous();  // (total)
   const int64_t* ip = idx_cpu.data_ptr<int64_t>();
-  int64_t n_new = 0;
+  L.aligned = false;
+  std::vector<int64_t> src(idx_cpu.size(0)), cap(rows), start(rows);
+  int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t c = off[r + 1] - off[r];
     KVD_CHECK(c >= 0, "KVCache::keep: offsets must not decrease");
-    for (int64_t i = off[r]; i < off[r + 1]; ++i)
+    for (int64_t i = off[r]; i < off[r + 1]; ++i) {
       KVD_CHECK(ip[i] >= 0 && ip[i] < L.len[r], "KVCache::keep: layer ", layer, ", head row ", r, ": index ", ip[i],
                 " is outside its ", L.len[r], " entries");
-    n_new = std::max(n_new, c);
-  }
-  auto opt = torch::TensorOptions().dtype(dtype_).device(device_);
-  at::Tensor k, v, pos;
-  if (n_new > 0) {
-    k = torch::zeros({batch_, kv_heads_, n_new, head_dim_}, opt);                   // (B, H_kv, n_new, hd)
-    v = torch::zeros({batch_, kv_heads_, n_new, head_dim_}, opt);                   // (B, H_kv, n_new, hd)
-    pos = torch::full({batch_, kv_heads_, n_new}, -1, opt.dtype(torch::kLong));     // (B, H_kv, n_new)
-    at::Tensor idx = idx_cpu.to(device_);                                           // (total)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t c = off[r + 1] - off[r];
-      if (c == 0) continue;
-      const int64_t b = r / kv_heads_, h = r % kv_heads_;
-      at::Tensor ir = idx.narrow(0, off[r], c);  // (c)
-      k[b][h].narrow(0, 0, c).copy_(L.k[b][h].index_select(0, ir));  // (c, hd)
-      v[b][h].narrow(0, 0, c).copy_(L.v[b][h].index_select(0, ir));  // (c, hd)
-      pos[b][h].narrow(0, 0, c).copy_(L.pos[b][h].index_select(0, ir));  // (c)
+      src[i] = L.start[r] + ip[i];
     }
+    cap[r] = c;
+    start[r] = total;
+    total += c;
   }
-  // Always reallocate: the storage becomes exactly the longest kept head.
-  L.k = k;
-  L.v = v;
-  L.pos = pos;
-  L.cap = n_new;
-  for (int64_t r = 0; r < rows; ++r) L.len[r] = off[r + 1] - off[r];
+  // Reallocate exactly to the kept entries: one gather per tensor, segments laid out head row after head row.
+  if (total > 0) {
+    at::Tensor s = index_tensor(src, device_);  // (total)
+    L.k = L.k.index_select(0, s);               // (total, hd)
+    L.v = L.v.index_select(0, s);               // (total, hd)
+    L.pos = L.pos.index_select(0, s);           // (total)
+  } else {
+    L.k = L.v = L.pos = at::Tensor();
+  }
+  L.cap = cap;
+  L.start = start;
+  L.total = total;
+  for (int64_t r = 0; r < rows; ++r) set_len(L, r, cap[r]);
+}
+
+void KVCache::rewind(const std::vector<int64_t>& per_row) {
+  KVD_CHECK(static_cast<int64_t>(per_row.size()) == batch_, "KVCache::rewind: per_row must have B=", batch_,
+            " entries, got ", per_row.size());
+  for (int64_t b = 0; b < batch_; ++b) {
+    KVD_CHECK(per_row[b] >= 0 && per_row[b] <= next_pos_[b], "KVCache::rewind: row ", b, " cannot go back ",
+              per_row[b], " from position ", next_pos_[b]);
+    for (size_t l = 0; l < layers_.size(); ++l)
+      for (int64_t h = 0; h < kv_heads_; ++h)
+        KVD_CHECK(layers_[l].len[b * kv_heads_ + h] >= per_row[b], "KVCache::rewind: layer ", l, ", row ", b,
+                  ", head ", h, " holds ", layers_[l].len[b * kv_heads_ + h], " entries, fewer than the ",
+                  per_row[b], " to drop (were they evicted? rewind only what was appended since the last keep)");
+  }
+  const int64_t rows = batch_ * kv_heads_;
+  for (Layer& L : layers_) {
+    // Dropped slots go back to zero (positions -1), as unused slots must be.
+    std::vector<int64_t> drop;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t d = per_row[r / kv_heads_];
+      for (int64_t j = L.len[r] - d; j < L.len[r]; ++j) drop.push_back(L.start[r] + j);
+      set_len(L, r, L.len[r] - d);
+    }
+    if (drop.empty()) continue;
+    at::Tensor d = index_tensor(drop, device_);  // (N)
+    L.k.index_fill_(0, d, 0);
+    L.v.index_fill_(0, d, 0);
+    L.pos.index_fill_(0, d, -1);
+  }
+  for (int64_t b = 0; b < batch_; ++b) next_pos_[b] -= per_row[b];
 }
 
 int64_t KVCache::bytes() const {
-  int64_t entries = 0;
-  for (const Layer& L : layers_)
-    for (int64_t l : L.len) entries += l;
+  const int64_t entries = std::accumulate(row_entries_.begin(), row_entries_.end(), int64_t{0});
   return entries * bytes_per_entry();
 }
 
 int64_t KVCache::allocated_bytes() const {
   int64_t total = 0;
   for (const Layer& L : layers_) {
-    if (L.cap == 0) continue;
+    if (L.total == 0) continue;
     total += static_cast<int64_t>(L.k.nbytes() + L.v.nbytes() + L.pos.nbytes());
   }
   return total;
 }
 
-void KVCache::update_peak() { peak_bytes_ = std::max(peak_bytes_, bytes()); }
+int64_t KVCache::row_bytes(int64_t b) const {
+  KVD_CHECK(b >= 0 && b < batch_, "KVCache::row_bytes: row ", b, " out of range [0, ", batch_, ")");
+  return row_entries_[b] * bytes_per_entry();
+}
+
+int64_t KVCache::row_peak_bytes(int64_t b) const {
+  KVD_CHECK(b >= 0 && b < batch_, "KVCache::row_peak_bytes: row ", b, " out of range [0, ", batch_, ")");
+  return row_peak_[b];
+}
+
+void KVCache::update_peak() {
+  peak_bytes_ = std::max(peak_bytes_, bytes());
+  for (int64_t b = 0; b < batch_; ++b) row_peak_[b] = std::max(row_peak_[b], row_bytes(b));
+}
+
+int64_t KVCache::next_position(int64_t b) const {
+  KVD_CHECK(b >= 0 && b < batch_, "KVCache::next_position: row ", b, " out of range [0, ", batch_, ")");
+  return next_pos_[b];
+}
+
+void KVCache::advance(int64_t t) {
+  for (int64_t& p : next_pos_) p += t;
+}
+
+void KVCache::advance(const std::vector<int64_t>& per_row) {
+  KVD_CHECK(static_cast<int64_t>(per_row.size()) == batch_, "KVCache::advance: per_row must have B=", batch_,
+            " entries, got ", per_row.size());
+  for (int64_t b = 0; b < batch_; ++b) next_pos_[b] += per_row[b];
+}
+
+bool KVCache::heads_aligned(int64_t layer) const {
+  check_layer(layer);
+  return layers_[layer].aligned;
+}
 
 void KVCache::clear() {
   for (Layer& L : layers_) {
     L.k = L.v = L.pos = at::Tensor();
-    L.cap = 0;
     std::fill(L.len.begin(), L.len.end(), 0);
+    std::fill(L.cap.begin(), L.cap.end(), 0);
+    std::fill(L.start.begin(), L.start.end(), 0);
+    L.total = 0;
+    L.aligned = true;
   }
-  next_position_ = 0;
+  std::fill(next_pos_.begin(), next_pos_.end(), 0);
+  std::fill(row_entries_.begin(), row_entries_.end(), 0);
   peak_bytes_ = 0;
+  std::fill(row_peak_.begin(), row_peak_.end(), 0);
 }
 
 }  // namespace kvd

@@ -1,10 +1,16 @@
 // KVCache: per layer and per KV head, post-RoPE keys and values with each entry's original position.
 //
-// Storage per layer: one tensor (B, H_kv, capacity, hd) for K and one for V, a (B, H_kv, capacity) int64
-// tensor of positions, and an entry count per (batch row, KV head). Heads may hold different counts (ragged),
-// which is what per-head eviction produces; a layer's view is then padded to the longest head with a
-// validity mask. Appends grow capacity geometrically; keep() compacts for real (and shrinks the storage when
-// the kept entries fill at most half of it).
+// Storage per layer is flat, per head: one K buffer (S_total, hd), one V buffer (S_total, hd) and a
+// (S_total) int64 position buffer. Head row r = b * H_kv + h owns the segment [start_r, start_r + cap_r) of
+// them, of which its first len_r slots hold its entries (in append order); unused slots are zero (positions
+// -1). Heads may hold different counts (ragged), which is what per-head eviction produces, and the allocated
+// bytes follow each head's own count: keep() reallocates every segment to exactly its kept count, appends
+// grow a segment by len_r / 8 (at least 16) past what it needs.
+//
+// layer() returns (B, H_kv, n, hd) tensors padded to the longest head n. When every segment has the same
+// capacity and they are laid out r * cap (the common case: plain prefill / decode, a uniform keep), these are
+// zero-copy views of the storage; otherwise they are a transient padded copy built with one gather
+// (index_select), valid until the caller drops it, and `valid` marks the real entries.
 #pragma once
 
 #include <cstdint>
@@ -18,7 +24,8 @@ namespace kvd {
 
 struct ModelConfig;
 
-// One layer's entries. k/v/pos are views into the storage (valid until the next append / keep / clear).
+// One layer's entries: views into the storage when the layout is regular, else a transient padded copy.
+// Either way, valid until the next append / keep / rewind / clear.
 struct KVLayerView {
   at::Tensor k;      // (B, H_kv, n, hd) post-RoPE keys, n = the longest head's entry count
   at::Tensor v;      // (B, H_kv, n, hd)
@@ -53,50 +60,78 @@ class KVCache {
   void append(int64_t layer, const at::Tensor& k,  // (B, H_kv, t, hd)
               const at::Tensor& v,                 // (B, H_kv, t, hd)
               const at::Tensor& pos);              // (B, t) or (B, H_kv, t) int64
+  // Same, for a left-padded chunk: row b's first lead[b] entries (lead[b] in [0, t]) are padding and are NOT
+  // stored; every head of row b gains t - lead[b] entries. An empty lead means no padding.
+  void append(int64_t layer, const at::Tensor& k,  // (B, H_kv, t, hd)
+              const at::Tensor& v,                 // (B, H_kv, t, hd)
+              const at::Tensor& pos,               // (B, t) or (B, H_kv, t) int64
+              const std::vector<int64_t>& lead);   // [B] or empty
   KVLayerView layer(int64_t layer) const;
   at::Tensor positions(int64_t layer) const;  // (B, H_kv, n) int64
   int64_t length(int64_t layer, int64_t b, int64_t h) const;  // entries of one head
   int64_t max_length(int64_t layer) const;                    // the longest head of the layer
+  // True while the heads of each batch row hold the same positions in the same order (nothing evicted per
+  // head since construction / clear()); attention masks may then be shared by a row's heads.
+  bool heads_aligned(int64_t layer) const;
   const std::vector<int64_t>& lengths(int64_t layer) const;   // [b * H_kv + h]
 
   // Keeps, per (batch row, KV head), the entries at `indices` (into the current entries, in that order;
   // pass them sorted to keep the cache in position order). Every head keeps n_keep entries.
   void keep(int64_t layer, const at::Tensor& indices);  // (B, H_kv, n_keep) int64
-  // Ragged keep: each head keeps its own count. The storage is reallocated to the longest kept head, so the
-  // allocated bytes follow the kept entries (the padding of shorter heads is the only slack).
+  // Ragged keep: each head keeps its own count. Both keeps reallocate the layer to exactly the kept entries,
+  // so afterwards allocated_bytes() counts Σ kept × (bytes_per_entry() + 8) for the layer.
   void keep(int64_t layer, const RaggedIndices& keep);
 
-  // Tokens processed so far: the position the next token gets. The model advances it once per forward.
-  int64_t next_position() const { return next_position_; }
-  void advance(int64_t t) { next_position_ += t; }
+  // Per batch row: tokens processed so far, i.e. the position row b's next token gets. The model advances
+  // it once per forward (rows of a left-padded chunk advance by their real token counts).
+  int64_t next_position(int64_t b = 0) const;
+  const std::vector<int64_t>& next_positions() const { return next_pos_; }  // [B]
+  void advance(int64_t t);                              // every row by t
+  void advance(const std::vector<int64_t>& per_row);   // row b by per_row[b]
+
+  // Drops, in every layer and KV head of row b, the last per_row[b] entries (the most recently appended)
+  // and moves next_position(b) back by per_row[b]. Used to roll back a teacher-forced continuation.
+  void rewind(const std::vector<int64_t>& per_row);  // [B]
 
   // K+V bytes of the stored entries (positions not counted), its peak since construction / clear(), and
-  // the bytes actually allocated for K, V and positions.
+  // the bytes actually allocated for K, V and positions (the flat buffers; not layer()'s transient copies).
   int64_t bytes() const;
   int64_t peak_bytes() const { return peak_bytes_; }
   int64_t allocated_bytes() const;
   int64_t bytes_per_entry() const;  // K + V of one (head, token)
+  // K+V bytes of batch row b's entries (all layers and heads), and its peak since construction / clear().
+  int64_t row_bytes(int64_t b) const;
+  int64_t row_peak_bytes(int64_t b) const;
 
   void clear();
 
  private:
   struct Layer {
-    at::Tensor k;    // (B, H_kv, cap, hd)
-    at::Tensor v;    // (B, H_kv, cap, hd)
-    at::Tensor pos;  // (B, H_kv, cap) int64
-    std::vector<int64_t> len;  // [B * H_kv]
-    int64_t cap = 0;
+    at::Tensor k;    // (S_total, hd), undefined while S_total = 0
+    at::Tensor v;    // (S_total, hd)
+    at::Tensor pos;  // (S_total) int64
+    std::vector<int64_t> len;    // [B * H_kv] entries held by head row r
+    std::vector<int64_t> cap;    // [B * H_kv] slots of r's segment
+    std::vector<int64_t> start;  // [B * H_kv] first slot of r's segment
+    int64_t total = 0;           // S_total = Σ cap
+    bool aligned = true;         // heads_aligned(): no keep() since the last clear()
   };
+  enum class Layout { Regular, Irregular };  // Regular: equal capacities, segment r at r * cap
   void check_layer(int64_t layer) const;
-  void reserve(Layer& L, int64_t needed);
+  Layout layout(const Layer& L) const;
+  // Reallocates L with segment capacities new_cap (each >= len_r + the room needed), copying the entries.
+  void reallocate(Layer& L, const std::vector<int64_t>& new_cap);
+  void set_len(Layer& L, int64_t r, int64_t n);  // keeps the per-row entry counts in step
   void update_peak();
 
   int64_t batch_, kv_heads_, head_dim_;
   c10::ScalarType dtype_;
   c10::Device device_;
   std::vector<Layer> layers_;
-  int64_t next_position_ = 0;
+  std::vector<int64_t> next_pos_;   // [B]
+  std::vector<int64_t> row_entries_;  // [B] entries of row b, all layers and heads
   int64_t peak_bytes_ = 0;
+  std::vector<int64_t> row_peak_;   // [B]
 };
 
 }  // namespace kvd

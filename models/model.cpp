@@ -1,5 +1,6 @@
 #include "models/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -381,7 +382,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
 // --- inference ------------------------------------------------------------------------------------------------
 
 at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode mode,
-                          const PrefillObserver& observer) const {
+                          const PrefillObserver& observer, const std::vector<int64_t>& lead_in) const {
   torch::NoGradGuard no_grad;
   const char* ctx = "Model::prefill";
   at::Tensor ids = check_ids(ids_in, cfg_.vocab_size, ctx).to(device_);  // (B, T)
@@ -393,11 +394,30 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
             " kv heads, head_dim ", cache.head_dim(), ") does not fit this model and batch ", B);
   KVD_CHECK(cache.dtype() == dtype_ && cache.device() == device_, ctx,
             ": the cache's dtype / device differ from the model's; create it with Model::new_cache");
+  KVD_CHECK(lead_in.empty() || static_cast<int64_t>(lead_in.size()) == B, ctx, ": lead has ", lead_in.size(),
+            " entries for a batch of ", B);
+  const bool padded = std::any_of(lead_in.begin(), lead_in.end(), [](int64_t x) { return x != 0; });
+  std::vector<int64_t> lead = padded ? lead_in : std::vector<int64_t>();
+  for (int64_t x : lead) KVD_CHECK(x >= 0 && x <= T, ctx, ": lead ", x, " outside [0, T = ", T, "]");
   const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim, G = H / Hkv;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  const int64_t p0 = cache.next_position();
-  at::Tensor qpos = torch::arange(p0, p0 + T, ids.options()).view({1, T}).expand({B, T});  // (B, T)
-  const at::Tensor cs = rope_cos_sin(qpos);  // (2, B, 1, T, hd)
+
+  // Row b's real tokens get positions next_position(b), +1, ...; padding rows get -1.
+  const std::vector<int64_t>& next = cache.next_positions();
+  const bool same_start = std::all_of(next.begin(), next.end(), [&](int64_t p) { return p == next[0]; });
+  at::Tensor qpos;  // (B, T)
+  at::Tensor pad_rows;  // (B, 1, T, 1) bool, padding query rows; undefined without padding
+  if (!padded && same_start) {
+    qpos = torch::arange(next[0], next[0] + T, ids.options()).view({1, T}).expand({B, T});
+  } else {
+    at::Tensor t = torch::arange(T, ids.options()).view({1, T});                                     // (1, T)
+    at::Tensor first = torch::tensor(next, torch::kLong).to(device_).view({B, 1});                   // (B, 1)
+    at::Tensor ld = torch::tensor(padded ? lead : std::vector<int64_t>(B, 0), torch::kLong).to(device_).view({B, 1});
+    at::Tensor real = t.ge(ld);                                                                      // (B, T)
+    qpos = torch::where(real, first + t - ld, torch::full_like(t - ld, -1));                         // (B, T)
+    if (padded) pad_rows = real.logical_not().view({B, 1, T, 1});
+  }
+  const at::Tensor cs = rope_cos_sin(qpos.clamp_min(0));  // (2, B, 1, T, hd)
   const at::Tensor cos = cs[0], sin = cs[1];
 
   at::Tensor x = at::embedding(w_.embed, ids);  // (B, T, d)
@@ -416,58 +436,73 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     k = apply_rope(k, cos, sin);
 
     const bool fresh = cache.max_length(l) == 0;
-    cache.append(l, k, v, qpos);
+    cache.append(l, k, v, qpos, lead);
     const KVLayerView view = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
 
-    // The masks below are built as small as the case allows; only a sliding window over a cache that has
-    // been through eviction needs one per KV head.
+    // The masks below are built as small as the case allows: none for a plain causal prefill or a decode
+    // step, (B, 1, T, n) when the heads of a row hold the same entries, per KV head otherwise.
     at::Tensor attn;  // (B, H, T, hd)
     const bool window = cfg_.sliding_window.has_value();
-    if (fresh && !window) {
+    const bool simple = !padded && !window && !view.valid.defined();
+    if (simple && fresh) {
       attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, /*is_causal=*/true, scale, true);
-    } else if (!window && !view.valid.defined()) {
-      if (T == 1) {
-        // Every stored entry is in the past of the one query.
-        attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, false, scale, true);
-      } else {
-        // Entries before this chunk are all visible; the chunk's own T entries are the last T, causally.
-        at::Tensor j = torch::arange(view.n, qpos.options()).view({1, view.n});        // (1, n)
-        at::Tensor t = torch::arange(T, qpos.options()).view({T, 1});                 // (T, 1)
-        at::Tensor mask = j.lt(t + (view.n - T + 1)).view({1, 1, T, view.n});        // (1, 1, T, n)
-        attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);
-      }
-    } else if (fresh) {
-      // Sliding window over this chunk alone: every head holds the same positions.
-      at::Tensor kp = qpos.view({B, 1, 1, T});                                               // (B, 1, 1, T)
-      at::Tensor qp = qpos.view({B, 1, T, 1});                                               // (B, 1, T, 1)
-      at::Tensor mask = kp.le(qp).logical_and((qp - kp).lt(*cfg_.sliding_window));          // (B, 1, T, T)
+    } else if (simple && T == 1) {
+      // Every stored entry is in the past of the one query.
+      attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, false, scale, true);
+    } else if (simple) {
+      // Entries before this chunk are all visible; the chunk's own T entries are the last T, causally.
+      at::Tensor j = torch::arange(view.n, qpos.options()).view({1, view.n});  // (1, n)
+      at::Tensor t = torch::arange(T, qpos.options()).view({T, 1});           // (T, 1)
+      at::Tensor mask = j.lt(t + (view.n - T + 1)).view({1, 1, T, view.n});  // (1, 1, T, n)
       attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);
     } else {
-      // Key j of head h is visible to query t iff stored pos <= query pos (and within the window, and valid).
-      at::Tensor kp = view.pos.unsqueeze(2);                      // (B, H_kv, 1, n)
-      at::Tensor qp = qpos.view({B, 1, T, 1});                   // (B, 1, T, 1)
-      at::Tensor mask = kp.le(qp);                                // (B, H_kv, T, n)
+      // Key j of head h is visible to query t iff its stored position <= the query's (and within the window,
+      // and valid). Padding query rows see every valid key (their output is discarded; this keeps it finite).
+      // Per-head masks where a row's heads differ: in their counts, or (for a sliding window, the one mask
+      // that compares positions of entries older than this chunk) in which positions they kept.
+      const std::vector<int64_t>& len = cache.lengths(l);
+      bool per_head = window && !cache.heads_aligned(l);
+      for (int64_t b = 0; b < B && !per_head; ++b)
+        for (int64_t hh = 1; hh < Hkv; ++hh) per_head |= len[b * Hkv + hh] != len[b * Hkv];
+      at::Tensor kpos = per_head ? view.pos : view.pos.narrow(1, 0, 1);  // (B, H_kv | 1, n)
+      at::Tensor kp = kpos.unsqueeze(2);                                 // (B, H_kv | 1, 1, n)
+      at::Tensor qp = qpos.view({B, 1, T, 1});                           // (B, 1, T, 1)
+      at::Tensor mask = kp.le(qp);                                       // (B, H_kv | 1, T, n)
       if (window) mask = mask.logical_and((qp - kp).lt(*cfg_.sliding_window));
-      if (view.valid.defined()) mask = mask.logical_and(view.valid.unsqueeze(2));
-      mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
+      at::Tensor valid;  // (B, H_kv | 1, 1, n)
+      if (view.valid.defined()) {
+        valid = (per_head ? view.valid : view.valid.narrow(1, 0, 1)).unsqueeze(2);
+        mask = mask.logical_and(valid);
+      }
+      if (pad_rows.defined()) {
+        at::Tensor all = valid.defined() ? valid : torch::ones_like(kp, kp.options().dtype(torch::kBool));
+        mask = torch::where(pad_rows, all, mask);  // (B, H_kv | 1, T, n)
+      }
+      if (per_head) mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
       attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);
     }
-    if (observer) observer(PrefillLayerObservation{l, h, q_pre, q, qpos}, cache);
+    if (observer) observer(PrefillLayerObservation{l, h, q_pre, q, qpos, lead}, cache);
     at::Tensor o = attn.transpose(1, 2).reshape({B, T, H * hd});  // (B, T, H*hd)
     x = x + project(o, lw.o_proj, lw.o_bias, {}, nullptr);         // (B, T, d)
     at::Tensor h2 = rms_norm(x, lw.post_norm, cfg_.rms_norm_eps);
     x = x + at::linear(torch::silu(at::linear(h2, lw.gate_proj)) * at::linear(h2, lw.up_proj), lw.down_proj);
   }
-  cache.advance(T);
+  if (padded) {
+    std::vector<int64_t> adv(B);
+    for (int64_t b = 0; b < B; ++b) adv[b] = T - lead[b];
+    cache.advance(adv);
+  } else {
+    cache.advance(T);
+  }
   if (mode == LogitsMode::LastPosition) x = x.narrow(1, T - 1, 1);  // (B, 1, d)
   at::Tensor hid = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);   // (B, T|1, d)
   at::Tensor lg = logits(hid).to(torch::kFloat);                    // (B, T|1, V)
   return mode == LogitsMode::LastPosition ? lg.squeeze(1) : lg;
 }
 
-at::Tensor Model::decode(const at::Tensor& ids, KVCache& cache) const {
+at::Tensor Model::decode(const at::Tensor& ids, KVCache& cache, const PrefillObserver& observer) const {
   KVD_CHECK(ids.dim() == 2 && ids.size(1) == 1, "Model::decode: ids must be (B, 1), got ", ids.sizes());
-  return prefill(ids, cache, LogitsMode::LastPosition);  // (B, V)
+  return prefill(ids, cache, LogitsMode::LastPosition, observer);  // (B, V)
 }
 
 // --- positions ----------------------------------------------------------------------------------------------

@@ -44,7 +44,9 @@ struct PrefillLayerObservation {
   at::Tensor hidden;            // (B, T, d) the attention input (after the input RMSNorm) of this chunk's rows
   at::Tensor queries_pre_rope;  // (B, H, T, hd) queries before RoPE (after q_norm for Qwen3)
   at::Tensor queries;           // (B, H, T, hd) post-RoPE queries
-  at::Tensor query_positions;   // (B, T) int64 positions of this chunk's rows
+  at::Tensor query_positions;   // (B, T) int64 positions of this chunk's rows (-1 on padding rows)
+  std::vector<int64_t> lead;    // [B] leading padding rows of each batch row (empty: none); rows
+                                // [0, lead[b]) of hidden / queries are padding, never stored in the cache
 };
 using PrefillObserver = std::function<void(const PrefillLayerObservation&, KVCache&)>;
 
@@ -78,14 +80,17 @@ class Model {
 
   // A cache sized for this model (its dtype and device).
   KVCache new_cache(int64_t batch) const;
-  // Runs ids (B, T) at positions cache.next_position() .. + T - 1, appending their K/V to the cache (which may
-  // already hold earlier tokens: chunked prefill). Returns float32 logits (B, V) for the last position, or
-  // (B, T, V) with LogitsMode::AllPositions.
+  // Runs ids (B, T), appending their K/V to the cache (which may already hold earlier tokens: chunked
+  // prefill). Row b's real tokens get positions cache.next_position(b), +1, ...
+  // lead (optional, [B]): row b's first lead[b] tokens are left padding: they are neither stored nor attended
+  // to, and their logits are meaningless. Rows of one batch may so hold prompts of different lengths.
+  // Returns float32 logits (B, V) for the last position, or (B, T, V) with LogitsMode::AllPositions.
   // observer (optional) is called once per layer (see PrefillLayerObservation).
   at::Tensor prefill(const at::Tensor& ids, KVCache& cache, LogitsMode mode = LogitsMode::LastPosition,
-                     const PrefillObserver& observer = PrefillObserver()) const;
-  // One step: ids (B, 1) -> float32 logits (B, V).
-  at::Tensor decode(const at::Tensor& ids, KVCache& cache) const;
+                     const PrefillObserver& observer = PrefillObserver(),
+                     const std::vector<int64_t>& lead = {}) const;
+  // One step: ids (B, 1) -> float32 logits (B, V). observer as in prefill.
+  at::Tensor decode(const at::Tensor& ids, KVCache& cache, const PrefillObserver& observer = PrefillObserver()) const;
 
  private:
   at::Tensor rope_cos_sin(const at::Tensor& positions) const;  // (B, S) -> (2, B, 1, S, hd) in dtype

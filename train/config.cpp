@@ -27,9 +27,14 @@ const std::vector<ConfigKey>& config_keys() {
   static const std::vector<ConfigKey> keys = {
       {"model.dir", ValueType::String, "", "Hugging Face model directory of the frozen model (required)"},
       {"model.dtype", ValueType::String, "auto", "auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16"},
-      {"data.train", ValueType::String, "", "packed_text .h5 from `kvdistill prepare text` (required)"},
-      {"data.val", ValueType::String, "", "packed_text .h5 for eval; empty: the val split of data.train"},
+      {"data.train", ValueType::String, "",
+       "packed_text .h5 (`kvdistill prepare text`) or responses .h5 (`kvdistill prepare responses`) (required)"},
+      {"data.val", ValueType::String, "", "packed_text or responses .h5 for eval; empty: the val split of data.train"},
       {"data.prefetch", ValueType::Int, "2", "batches read ahead on a background thread"},
+      {"data.seq_len", ValueType::Int, "2048",
+       "responses files only: samples (prompt + response) are packed into sequences of this many tokens"},
+      {"data.val_fraction", ValueType::Float, "0.05",
+       "responses files only: fraction of samples held out as val (by a hash of the prompt and train.seed)"},
       {"component.kind", ValueType::String, "retention_gate", "learned part: retention_gate"},
       {"component.budget", ValueType::Int, "128", "M: KV entries kept per head (capacity loss, held-out check)"},
       {"component.hidden", ValueType::Int, "512", "retention gate MLP width"},
@@ -160,6 +165,8 @@ RunConfig from_values(const json& values) {
   c.data_train = S("data.train");
   c.data_val = S("data.val");
   c.data_prefetch = I("data.prefetch");
+  c.data_seq_len = I("data.seq_len");
+  c.data_val_fraction = F("data.val_fraction");
   c.component_kind = S("component.kind");
   c.budget = I("component.budget");
   c.gate_hidden = I("component.hidden");
@@ -195,7 +202,8 @@ RunConfig from_values(const json& values) {
   // Impossible values, each naming its key. (component.budget vs the sequence length is checked by the
   // trainer once the dataset is open.)
   check(!c.model_dir.empty(), "model.dir", "is required (a Hugging Face model directory)");
-  check(!c.data_train.empty(), "data.train", "is required (make one with `kvdistill prepare text`)");
+  check(!c.data_train.empty(), "data.train",
+        "is required (make one with `kvdistill prepare text` or `kvdistill prepare responses`)");
   one_of(c.model_dtype, "model.dtype", {"auto", "float32", "bfloat16"});
   one_of(c.component_kind, "component.kind", {"retention_gate"});
   check(c.budget > 0, "component.budget", "M must be > 0, got " + std::to_string(c.budget));
@@ -222,6 +230,8 @@ RunConfig from_values(const json& values) {
   check(c.save_every >= 0, "train.save_every", "must be >= 0");
   check(c.keep_last > 0, "train.keep_last", "must be > 0");
   check(c.data_prefetch >= 0, "data.prefetch", "must be >= 0");
+  check(c.data_seq_len >= 2, "data.seq_len", "must be >= 2");
+  check(c.data_val_fraction >= 0 && c.data_val_fraction < 1, "data.val_fraction", "must be in [0, 1)");
   one_of(c.progress, "train.progress", {"auto", "lines", "never"});
   one_of(c.dist_backend, "dist.backend", {"auto", "gloo", "nccl"});
   check(c.dist_timeout_s > 0, "dist.timeout_s", "must be > 0");

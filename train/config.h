@@ -39,6 +39,8 @@ struct RunConfig {
   std::string data_train;         // data.train
   std::string data_val;           // data.val ("" = the val split of data.train)
   int64_t data_prefetch = 2;      // data.prefetch
+  int64_t data_seq_len = 2048;    // data.seq_len (responses files only: packed sequence length)
+  double data_val_fraction = 0.05;  // data.val_fraction (responses files only: held-out samples)
   // component
   std::string component_kind;     // component.kind
   int64_t budget = 128;           // component.budget (M, tokens kept per KV head)

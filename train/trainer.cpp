@@ -14,7 +14,9 @@
 #include "common/error.h"
 #include "data/batch_tensors.h"
 #include "data/loader.h"
+#include "data/h5.h"
 #include "data/packed_text.h"
+#include "data/responses.h"
 #include "export/gate_bundle.h"
 #include "gates/component.h"
 #include "gates/retention_gate.h"
@@ -77,16 +79,52 @@ TrainBatch make_train_batch(const Batch& b, c10::Device device) {
   tb.ids = t.tokens.to(device);                             // (B, T)
   tb.positions = t.positions.to(device);                    // (B, T)
   tb.doc_ids = t.segments.to(torch::kInt64).to(device);     // (B, T), -1 on padding
-  // labels[t] = ids[t+1] when t+1 is in the same segment; -100 at segment ends and on padding.
+  // labels[t] = ids[t+1] when t+1 is in the same segment and is a training target; -100 at segment ends, on
+  // padding and before context-only tokens (a responses file's prompts: completion-only KL and CE, since
+  // distill_losses counts only label-valid rows for both).
   const int64_t T = t.tokens.size(1);
   at::Tensor labels = torch::full_like(t.tokens, kIgnoreLabel);  // (B, T)
   if (T > 1) {
     at::Tensor seg = t.segments;
-    at::Tensor same = (seg.narrow(1, 1, T - 1) == seg.narrow(1, 0, T - 1)) & (seg.narrow(1, 0, T - 1) >= 0);
+    at::Tensor same = (seg.narrow(1, 1, T - 1) == seg.narrow(1, 0, T - 1)) & (seg.narrow(1, 0, T - 1) >= 0) &
+                      t.targets.narrow(1, 1, T - 1);  // (B, T-1)
     labels.narrow(1, 0, T - 1).copy_(torch::where(same, t.tokens.narrow(1, 1, T - 1), at::Scalar(kIgnoreLabel)));
   }
   tb.labels = labels.to(device);
   return tb;
+}
+
+// data.train / data.val opened as training sources, whichever format the file is (its kvdistill_format):
+//   packed_text  the file's train and val splits as packed (every token a target);
+//   responses    samples split by data/responses.h's split_of_prompt(train.seed, prompt, data.val_fraction)
+//                and packed into data.seq_len sequences; only response tokens are targets.
+struct TrainData {
+  std::shared_ptr<const SequenceSource> train, val;
+  std::string format;
+  std::optional<PackedTextReader> packed;  // keeps a packed_text file open while its splits are read
+};
+
+TrainData open_train_data(const std::string& path, const char* key, const Tokenizer& tokenizer, const RunConfig& c) {
+  std::string format = kPackedTextFormat;
+  {
+    const h5::File f = h5::File::open(path);
+    if (f.has_attr("kvdistill_format")) format = f.attr_string("kvdistill_format");
+  }
+  TrainData d;
+  d.format = format;
+  if (format == kResponsesFormat) {
+    const ResponsesReader r = ResponsesReader::open(path, tokenizer);
+    const uint64_t seed = static_cast<uint64_t>(c.seed);
+    d.train = std::make_shared<ResponsesSplit>(r, Split::Train, c.data_seq_len, seed, c.data_val_fraction);
+    d.val = std::make_shared<ResponsesSplit>(r, Split::Val, c.data_seq_len, seed, c.data_val_fraction);
+    return d;
+  }
+  KVD_CHECK(format == kPackedTextFormat, "config key '", key, "': ", path, " has kvdistill_format '", format,
+            "'; training reads packed_text (`kvdistill prepare text`) or responses (`kvdistill prepare responses`)");
+  d.packed = PackedTextReader::open(path, tokenizer);
+  d.train = std::make_shared<PackedSource>(d.packed->split(Split::Train));
+  d.val = std::make_shared<PackedSource>(d.packed->split(Split::Val));
+  return d;
 }
 
 struct StepLosses {
@@ -163,11 +201,11 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
     const CheckpointIdentity identity{c.component_kind, base.model_id, base.config_sha256};
 
     const Tokenizer tokenizer = Tokenizer::from_file(c.model_dir);
-    const PackedTextReader data = PackedTextReader::open(c.data_train, tokenizer);
-    const PackedSplitReader train_split = data.split(Split::Train);
+    const TrainData data = open_train_data(c.data_train, "data.train", tokenizer, c);
+    const SequenceSource& train_split = *data.train;
     KVD_CHECK(c.budget <= train_split.seq_len(), "config key 'component.budget': M=", c.budget,
-              " exceeds the sequence length ", train_split.seq_len(), " of data.train (", c.data_train,
-              "); lower component.budget or prepare the data with a larger --seq-len");
+              " exceeds the sequence length ", train_split.seq_len(), " of data.train (", c.data_train, "); lower component.budget or ",
+              data.format == kResponsesFormat ? "raise data.seq_len" : "prepare the data with a larger --seq-len");
 
     torch::manual_seed(static_cast<uint64_t>(c.seed));
     if (device.is_cuda()) torch::cuda::manual_seed_all(static_cast<uint64_t>(c.seed));
@@ -210,7 +248,7 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
     LoaderOptions lo;
     lo.sampler = so;
     lo.prefetch = static_cast<int>(c.data_prefetch);
-    Loader loader(train_split, lo, cursor);
+    Loader loader(data.train, lo, cursor);
 
     std::unique_ptr<MetricsLog> metrics;
     if (main_rank) {
@@ -220,18 +258,20 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
     ProgressLine progress(start_step, c.steps, main_rank ? progress_mode(c.progress) : ProgressMode::Never);
 
     // The held-out check: KL(full cache || cache evicted to M per head by the component's scores) on val text.
-    std::optional<PackedTextReader> val_data;
-    if (main_rank && c.eval_every > 0 && !c.data_val.empty()) val_data = PackedTextReader::open(c.data_val, tokenizer);
+    // (A responses file's val sequences are scored over all their tokens, prompts included.)
+    std::optional<TrainData> val_data;
+    if (main_rank && c.eval_every > 0 && !c.data_val.empty()) val_data = open_train_data(c.data_val, "data.val", tokenizer, c);
     auto heldout = [&](int64_t step) {
       if (!main_rank) return;
-      const PackedSplitReader val = (val_data ? *val_data : data).split(Split::Val);
+      const SequenceSource& val = *(val_data ? *val_data : data).val;
       std::vector<at::Tensor> seqs;
+      std::vector<uint8_t> targets;
       for (int64_t i = 0; i < std::min<int64_t>(val.size(), c.eval_batches * c.batch_size); ++i) {
-        const PackedSequence s = val.get(i);
+        const PackedSequence s = val.get(i, targets);
         seqs.push_back(torch::tensor(s.tokens, torch::kInt32).to(torch::kInt64).unsqueeze(0).to(device));  // (1, L)
       }
       if (seqs.empty()) {
-        progress.message("held-out check skipped: no val sequences (prepare text with --val-fraction > 0)");
+        progress.message("held-out check skipped: no val sequences (prepare text with --val-fraction > 0, or for a responses file raise data.val_fraction)");
         return;
       }
       torch::NoGradGuard ng;

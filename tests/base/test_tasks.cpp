@@ -1,9 +1,12 @@
 // The RULER-style task generator (data/tasks.h) on a synthetic corpus and the tiny test tokenizer:
-// every task meets its length within 2%, answers occur in the context, samples are a pure function of
-// (seed, task, length, index), and the suite file is byte-identical for one seed.
+// every task meets its length within 2%, answers occur in the context (and never in the question or the
+// answer_prefix), samples are a pure function of (seed, task, length, index), and the suite file is
+// byte-identical for one seed.
 #include "data/tasks.h"
 
 #include <gtest/gtest.h>
+
+#include <map>
 
 #include "base/data_fixtures.h"
 #include "common/error.h"
@@ -62,7 +65,15 @@ TEST(Tasks, EveryTaskMeetsItsLengthAndContainsItsAnswers) {
         EXPECT_LE(std::abs(s.length - length), length / 50) << s.id;
         EXPECT_FALSE(s.question.empty());
         ASSERT_FALSE(s.answers.empty()) << s.id;
-        for (const std::string& a : s.answers) EXPECT_NE(s.context.find(a), std::string::npos) << s.id << ": " << a;
+        EXPECT_FALSE(s.answer_prefix.empty()) << s.id;
+        EXPECT_GT(s.max_new_tokens, 0) << s.id;
+        EXPECT_LE(s.max_new_tokens, 64) << s.id;
+        for (const std::string& a : s.answers) {
+          EXPECT_NE(s.context.find(a), std::string::npos) << s.id << ": " << a;
+          // The prompt must not give the answer away.
+          EXPECT_EQ(s.question.find(a), std::string::npos) << s.id << ": " << a;
+          EXPECT_EQ(s.answer_prefix.find(a), std::string::npos) << s.id << ": " << a;
+        }
       }
     }
   }
@@ -78,14 +89,56 @@ TEST(Tasks, SamplesArePureFunctionsOfSeedTaskLengthIndex) {
   EXPECT_EQ(a.answers, b.answers);
   EXPECT_NE(gen.make("niah_multikey", 800, 2, 2).context, a.context);
   EXPECT_NE(gen.make("niah_multikey", 800, 1, 3).context, a.context);
-  // niah_multivalue: four numbers for one key, in order of appearance.
+  // niah_multivalue: two numbers for one key, in order of appearance, each in its ordinal's needle.
   const TaskSample mv = gen.make("niah_multivalue", 800, 1, 0);
-  ASSERT_EQ(mv.answers.size(), 4u);
-  size_t last = 0;
-  for (const std::string& v : mv.answers) {
-    const size_t at = mv.context.find(v);
-    EXPECT_GT(at, last == 0 ? 0 : last);
-    last = at;
+  ASSERT_EQ(mv.answers.size(), 2u);
+  const size_t first = mv.context.find(" is: " + mv.answers[0] + ".");
+  const size_t second = mv.context.find(" is: " + mv.answers[1] + ".");
+  ASSERT_NE(first, std::string::npos);
+  ASSERT_NE(second, std::string::npos);
+  EXPECT_LT(first, second);
+  const std::string head = "What are all the special magic numbers for ";
+  ASSERT_EQ(mv.question.rfind(head, 0), 0u) << mv.question;
+  const std::string key = mv.question.substr(head.size(), mv.question.find(" mentioned") - head.size());
+  EXPECT_NE(mv.context.find("The first special magic number for " + key + " is: " + mv.answers[0] + "."), std::string::npos);
+  EXPECT_NE(mv.context.find("The second special magic number for " + key + " is: " + mv.answers[1] + "."), std::string::npos);
+  EXPECT_EQ(mv.answer_prefix, "The first special magic number for " + key + " is:");
+}
+
+// Each task's answer re-derived from the context by a naive reading, as a model would have to.
+TEST(Tasks, AnswersFollowFromTheContext) {
+  Fixture f;
+  const TaskGenerator gen(f.tok, f.hay);
+  for (int64_t i = 0; i < 3; ++i) {
+    // vt: "The value V is assigned to VAR A." then "The value of VAR A is assigned to VAR B."
+    const TaskSample vt = gen.make("vt", 1500, 7, i);
+    ASSERT_EQ(vt.answers.size(), 2u);
+    const size_t vat = vt.question.find("the value ");
+    ASSERT_NE(vat, std::string::npos) << vt.question;
+    const std::string value = vt.question.substr(vat + 10, 5);
+    EXPECT_NE(vt.context.find("The value " + value + " is assigned to VAR " + vt.answers[0] + "."), std::string::npos);
+    EXPECT_NE(vt.context.find("The value of VAR " + vt.answers[0] + " is assigned to VAR " + vt.answers[1] + "."),
+              std::string::npos);
+    // cwe: the answer is the most frequent list item, by a margin.
+    const TaskSample cwe = gen.make("cwe", 1500, 7, i);
+    ASSERT_EQ(cwe.answers.size(), 1u);
+    std::map<std::string, int> counts;
+    for (size_t p = cwe.context.find(". \""); p != std::string::npos; p = cwe.context.find(". \"", p + 1)) {
+      const size_t end = cwe.context.find('"', p + 3);
+      ++counts[cwe.context.substr(p + 3, end - p - 3)];
+    }
+    int runner_up = 0;
+    for (const auto& [w, c] : counts)
+      if (w != cwe.answers[0]) runner_up = std::max(runner_up, c);
+    EXPECT_GT(counts[cwe.answers[0]], 4 * runner_up) << cwe.id;
+    // qa: the answer_prefix quotes a sentence start found once in the context, followed by the answer.
+    const TaskSample qa = gen.make("qa", 1500, 7, i);
+    ASSERT_EQ(qa.answer_prefix[0], '"');
+    const std::string start = qa.answer_prefix.substr(1);
+    const size_t at = qa.context.find(start);
+    ASSERT_NE(at, std::string::npos) << qa.id;
+    EXPECT_EQ(qa.context.find(start, at + 1), std::string::npos) << qa.id;
+    EXPECT_EQ(qa.context.compare(at + start.size(), qa.answers[0].size() + 1, " " + qa.answers[0]), 0) << qa.id;
   }
 }
 

@@ -2,7 +2,12 @@
 // against forward_train with the evicted keys masked out for the later query rows).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
 
 #include "common/error.h"
 #include "models/kv_cache.h"
@@ -70,10 +75,10 @@ TEST(KVCache, KeepCompactsEachHead) {
   c.append(0, k, v, pos);
   const int64_t peak = c.peak_bytes();
   const int64_t alloc = c.allocated_bytes();
-  // Keeping more than half of the capacity compacts in place (no reallocation).
+  // keep() reallocates to exactly the kept entries (K, V and the int64 position of each).
   at::Tensor idx60 = torch::arange(40, n, torch::kLong).view({1, 1, 60}).expand({B, H, 60}).contiguous();
   c.keep(0, idx60);
-  EXPECT_EQ(c.allocated_bytes(), alloc);
+  EXPECT_EQ(c.allocated_bytes(), B * H * 60 * (c.bytes_per_entry() + 8));
   EXPECT_TRUE(torch::equal(c.layer(0).k, k.narrow(2, 40, 60)));
   // Different sorted indices for every (batch row, head); 30 <= capacity / 2: the storage shrinks for real.
   at::Tensor idx = std::get<0>(torch::rand({B, H, 60}).argsort(/*dim=*/int64_t{-1}, /*descending=*/false)
@@ -173,4 +178,270 @@ TEST(KVCache, DecodeAfterEvictionUsesStoredPositions) {
   check_decode_after_eviction("llama3", 1);
   check_decode_after_eviction("qwen3", 2);
   check_decode_after_eviction("mistral", 2);  // sliding window over stored positions
+}
+
+// ---- Randomized replay against a naive reference --------------------------------------------------------------
+
+namespace {
+
+// The naive model of the cache: per (layer, head row r = b * H_kv + h), its entries in order.
+struct RefEntry {
+  int64_t pos;
+  std::vector<double> k, v;  // (hd) each
+};
+
+struct RefCache {
+  int64_t L, B, H, hd;
+  std::vector<std::vector<std::vector<RefEntry>>> e;  // [layer][row][entry]
+  std::vector<int64_t> next, peak;                    // [B]
+  RefCache(int64_t L_, int64_t B_, int64_t H_, int64_t hd_) : L(L_), B(B_), H(H_), hd(hd_) { clear(); }
+  void clear() {
+    e.assign(L, std::vector<std::vector<RefEntry>>(B * H));
+    next.assign(B, 0);
+    peak.assign(B, 0);
+  }
+  int64_t row_entries(int64_t b) const {
+    int64_t n = 0;
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t h = 0; h < H; ++h) n += static_cast<int64_t>(e[l][b * H + h].size());
+    return n;
+  }
+};
+
+// Compares every layer, count, byte figure and position of `c` with the reference; returns false on the
+// first difference (after recording a gtest failure that names it).
+bool matches(const KVCache& c, const RefCache& ref, const std::string& what) {
+  const int64_t B = ref.B, H = ref.H, hd = ref.hd, bpe = c.bytes_per_entry();
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = ref.row_entries(b);
+    total += n;
+    if (c.row_bytes(b) != n * bpe || c.next_position(b) != ref.next[b] || c.row_peak_bytes(b) != ref.peak[b] * bpe) {
+      ADD_FAILURE() << what << ": row " << b << " bytes " << c.row_bytes(b) << " vs " << n * bpe << ", next "
+                    << c.next_position(b) << " vs " << ref.next[b] << ", peak " << c.row_peak_bytes(b) << " vs "
+                    << ref.peak[b] * bpe;
+      return false;
+    }
+  }
+  if (c.next_positions() != ref.next || c.bytes() != total * bpe || c.allocated_bytes() < total * (bpe + 8)) {
+    ADD_FAILURE() << what << ": bytes " << c.bytes() << " vs " << total * bpe << ", allocated " << c.allocated_bytes();
+    return false;
+  }
+  for (int64_t l = 0; l < ref.L; ++l) {
+    const auto& rows = ref.e[l];
+    int64_t n = 0;
+    bool ragged = false;
+    for (const auto& r : rows) n = std::max<int64_t>(n, static_cast<int64_t>(r.size()));
+    std::vector<int64_t> lens;
+    for (const auto& r : rows) {
+      lens.push_back(static_cast<int64_t>(r.size()));
+      ragged = ragged || static_cast<int64_t>(r.size()) != n;
+    }
+    // Expected padded tensors: padding is zero, position -1.
+    std::vector<double> ek(B * H * n * hd, 0.0), ev(B * H * n * hd, 0.0);
+    std::vector<int64_t> ep(B * H * n, -1);
+    std::vector<uint8_t> evalid(B * H * n, 0);
+    for (int64_t r = 0; r < B * H; ++r)
+      for (size_t j = 0; j < rows[r].size(); ++j) {
+        ep[r * n + j] = rows[r][j].pos;
+        evalid[r * n + j] = 1;
+        for (int64_t d = 0; d < hd; ++d) {
+          ek[(r * n + j) * hd + d] = rows[r][j].k[d];
+          ev[(r * n + j) * hd + d] = rows[r][j].v[d];
+        }
+      }
+    const KVLayerView view = c.layer(l);
+    bool ok = c.lengths(l) == lens && c.max_length(l) == n && view.n == n && view.valid.defined() == ragged;
+    ok = ok && view.k.sizes() == at::IntArrayRef({B, H, n, hd}) && view.pos.sizes() == at::IntArrayRef({B, H, n});
+    if (ok) {
+      auto dbl = torch::TensorOptions().dtype(torch::kDouble);
+      ok = torch::equal(view.k.to(torch::kCPU).to(torch::kDouble), torch::from_blob(ek.data(), {B, H, n, hd}, dbl)) &&
+           torch::equal(view.v.to(torch::kCPU).to(torch::kDouble), torch::from_blob(ev.data(), {B, H, n, hd}, dbl)) &&
+           torch::equal(view.pos.to(torch::kCPU), torch::from_blob(ep.data(), {B, H, n}, torch::kLong));
+      if (ok && ragged)
+        ok = torch::equal(view.valid.to(torch::kCPU),
+                          torch::from_blob(evalid.data(), {B, H, n}, torch::kUInt8).to(torch::kBool));
+    }
+    if (!ok) {
+      ADD_FAILURE() << what << ": layer " << l << " differs from the reference (n " << view.n << " vs " << n << ")";
+      return false;
+    }
+  }
+  return true;
+}
+
+void replay_against_reference(c10::ScalarType dtype, c10::Device device, int64_t ops, uint64_t seed) {
+  const int64_t L = 2, B = 3, H = 2, hd = 3;
+  KVCache c(L, B, H, hd, dtype, device);
+  RefCache ref(L, B, H, hd);
+  std::mt19937_64 rng(seed);
+  torch::manual_seed(static_cast<uint64_t>(seed));
+  auto uni = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(rng); };
+  // Sorted random subset of `keep` indices out of [0, n).
+  auto subset = [&](int64_t n, int64_t keep) {
+    std::vector<int64_t> all(n);
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(keep);
+    std::sort(all.begin(), all.end());
+    return all;
+  };
+  auto dev = torch::TensorOptions().device(device);
+  for (int64_t op = 0; op < ops; ++op) {
+    const int64_t kind = uni(0, 99);
+    std::string what;
+    if (kind < 55) {
+      // Append to every layer (as a forward does), t = 1 or a chunk, with or without left padding.
+      const int64_t t = uni(0, 1) ? 1 : uni(2, 6);
+      std::vector<int64_t> lead;
+      if (uni(0, 2) == 0)
+        for (int64_t b = 0; b < B; ++b) lead.push_back(uni(0, t));
+      const bool per_head_pos = uni(0, 3) == 0;
+      what = "op " + std::to_string(op) + " append t=" + std::to_string(t) + (lead.empty() ? "" : " padded");
+      for (int64_t l = 0; l < L; ++l) {
+        at::Tensor k = torch::randn({B, H, t, hd}).to(dtype), v = torch::randn({B, H, t, hd}).to(dtype);
+        at::Tensor kd = k.to(torch::kDouble), vd = v.to(torch::kDouble);  // exact copies for the reference
+        at::Tensor pos = torch::empty({B, H, t}, torch::kLong);          // (B, H_kv, t)
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t j = 0; j < t; ++j) {
+              const int64_t lb = lead.empty() ? 0 : lead[b];
+              // Padding slots get garbage positions: they must not be stored.
+              pos[b][h][j] = j < lb ? -77 : ref.next[b] + (j - lb) + (per_head_pos ? 1000 * h : 0);
+            }
+        at::Tensor p = per_head_pos ? pos : pos.select(1, 0).contiguous();  // (B, H_kv, t) or (B, t)
+        if (lead.empty() && uni(0, 1))
+          c.append(l, k.to(device), v.to(device), p.to(device));
+        else
+          c.append(l, k.to(device), v.to(device), p.to(device), lead);
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t lb = lead.empty() ? 0 : lead[b];
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t j = lb; j < t; ++j) {
+              RefEntry e{pos[b][h][j].item<int64_t>(), {}, {}};
+              for (int64_t d = 0; d < hd; ++d) {
+                e.k.push_back(kd[b][h][j][d].item<double>());
+                e.v.push_back(vd[b][h][j][d].item<double>());
+              }
+              ref.e[l][b * H + h].push_back(std::move(e));
+            }
+        }
+        for (int64_t b = 0; b < B; ++b) ref.peak[b] = std::max(ref.peak[b], ref.row_entries(b));
+      }
+      std::vector<int64_t> adv(B);
+      for (int64_t b = 0; b < B; ++b) adv[b] = t - (lead.empty() ? 0 : lead[b]);
+      if (lead.empty() && uni(0, 1)) {
+        c.advance(t);
+      } else {
+        c.advance(adv);
+      }
+      for (int64_t b = 0; b < B; ++b) ref.next[b] += adv[b];
+    } else if (kind < 70) {
+      // Ragged keep on one layer: each head keeps its own random subset.
+      const int64_t l = uni(0, L - 1);
+      std::vector<int64_t> idx, off{0};
+      for (int64_t r = 0; r < B * H; ++r) {
+        auto& row = ref.e[l][r];
+        const int64_t n = static_cast<int64_t>(row.size());
+        std::vector<int64_t> s = subset(n, uni(0, n));
+        std::vector<RefEntry> kept;
+        for (int64_t i : s) kept.push_back(row[i]);
+        row = kept;
+        idx.insert(idx.end(), s.begin(), s.end());
+        off.push_back(static_cast<int64_t>(idx.size()));
+      }
+      RaggedIndices rg{torch::tensor(idx, torch::kLong).to(device), torch::tensor(off, torch::kLong)};
+      c.keep(l, rg);
+      what = "op " + std::to_string(op) + " ragged keep";
+    } else if (kind < 80) {
+      // Uniform keep on one layer: every head keeps n_keep <= its count.
+      const int64_t l = uni(0, L - 1);
+      int64_t mn = std::numeric_limits<int64_t>::max();
+      for (const auto& row : ref.e[l]) mn = std::min<int64_t>(mn, static_cast<int64_t>(row.size()));
+      const int64_t n_keep = uni(0, mn);
+      at::Tensor idx = torch::empty({B, H, n_keep}, torch::kLong);
+      for (int64_t r = 0; r < B * H; ++r) {
+        auto& row = ref.e[l][r];
+        std::vector<int64_t> s = subset(static_cast<int64_t>(row.size()), n_keep);
+        std::vector<RefEntry> kept;
+        for (int64_t j = 0; j < n_keep; ++j) {
+          idx[r / H][r % H][j] = s[j];
+          kept.push_back(row[s[j]]);
+        }
+        row = kept;
+      }
+      c.keep(l, idx.to(device));
+      what = "op " + std::to_string(op) + " uniform keep " + std::to_string(n_keep);
+    } else if (kind < 97) {
+      // Rewind each row by up to what all its heads hold.
+      std::vector<int64_t> back(B);
+      for (int64_t b = 0; b < B; ++b) {
+        int64_t mn = ref.next[b];
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t h = 0; h < H; ++h) mn = std::min<int64_t>(mn, static_cast<int64_t>(ref.e[l][b * H + h].size()));
+        back[b] = uni(0, std::min<int64_t>(mn, 4));
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t h = 0; h < H; ++h) ref.e[l][b * H + h].resize(ref.e[l][b * H + h].size() - back[b]);
+        ref.next[b] -= back[b];
+      }
+      c.rewind(back);
+      what = "op " + std::to_string(op) + " rewind";
+    } else {
+      c.clear();
+      ref.clear();
+      what = "op " + std::to_string(op) + " clear";
+    }
+    if (!matches(c, ref, what)) return;
+  }
+  // Rewinding more than a head holds is refused.
+  std::vector<int64_t> too_far(B, 0);
+  too_far[0] = ref.next[0] + 1;
+  EXPECT_THROW(c.rewind(too_far), Error);
+  (void)dev;
+}
+
+}  // namespace
+
+TEST(KVCache, RandomOpsMatchNaiveReference) {
+  replay_against_reference(torch::kFloat, torch::kCPU, 200, 11);
+  replay_against_reference(torch::kBFloat16, torch::kCPU, 80, 12);
+  replay_against_reference(torch::kDouble, torch::kCPU, 80, 13);
+  if (torch::cuda::is_available()) {
+    replay_against_reference(torch::kFloat, torch::kCUDA, 200, 14);
+    replay_against_reference(torch::kBFloat16, torch::kCUDA, 80, 15);
+  }
+}
+
+TEST(KVCache, PlainAppendsAreZeroCopyViews) {
+  const int64_t L = 1, B = 2, H = 3, hd = 4;
+  KVCache c(L, B, H, hd, torch::kFloat, torch::kCPU);
+  torch::manual_seed(3);
+  at::Tensor k = torch::randn({B, H, 20, hd}), v = torch::randn({B, H, 20, hd});
+  c.append(0, k, v, torch::arange(20, torch::kLong).view({1, 20}).expand({B, 20}));
+  c.append(0, k.narrow(2, 0, 1), v.narrow(2, 0, 1), torch::full({B, 1}, 20, torch::kLong));  // a decode step
+  const KVLayerView view = c.layer(0);
+  EXPECT_FALSE(view.valid.defined());
+  EXPECT_TRUE(torch::equal(view.k.narrow(2, 0, 20), k));
+  // The view's data lies inside the cache's own buffer: the same address every call, and a write through it
+  // is seen by the next layer() call.
+  EXPECT_EQ(c.layer(0).k.data_ptr(), view.k.data_ptr());
+  EXPECT_EQ(c.layer(0).v.data_ptr(), view.v.data_ptr());
+  EXPECT_FALSE(view.k.is_contiguous());  // a narrow of the (B, H_kv, cap, hd) storage (cap > n: growth slack)
+  view.k.fill_(7.0f);
+  EXPECT_TRUE(c.layer(0).k.eq(7.0f).all().item<bool>());
+  // A uniform keep stays zero-copy (exactly sized: then the view is the whole buffer).
+  c.keep(0, torch::arange(5, torch::kLong).view({1, 1, 5}).expand({B, H, 5}).contiguous());
+  EXPECT_EQ(c.layer(0).k.data_ptr(), c.layer(0).k.data_ptr());
+  EXPECT_EQ(c.allocated_bytes(), B * H * 5 * (c.bytes_per_entry() + 8));
+  // A ragged keep makes layer() a transient padded copy: writing to it leaves the cache alone.
+  RaggedIndices rg{torch::tensor({0, 1, 2, 0, 0, 1, 2, 3, 4, 4}, torch::kLong),
+                   torch::tensor({0, 3, 4, 4, 8, 9, 10}, torch::kLong)};
+  c.keep(0, rg);
+  EXPECT_EQ(c.allocated_bytes(), 10 * (c.bytes_per_entry() + 8));
+  KVLayerView r1 = c.layer(0);
+  ASSERT_TRUE(r1.valid.defined());
+  EXPECT_NE(r1.k.data_ptr(), c.layer(0).k.data_ptr());
+  r1.k.fill_(-3.0f);
+  EXPECT_TRUE(c.layer(0).k.eq(7.0f).logical_or(c.layer(0).valid.logical_not().unsqueeze(-1)).all().item<bool>());
+  EXPECT_TRUE(c.layer(0).k.masked_select(c.layer(0).valid.logical_not().unsqueeze(-1)).eq(0).all().item<bool>());
 }

@@ -2,6 +2,9 @@
 // tests/python/test_kvpress_parity.py).
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <string>
+
 #include <torch/torch.h>
 
 #include "common/error.h"
@@ -88,4 +91,49 @@ TEST(Scorers, DefensiveKVMethodWiring) {
   EXPECT_EQ(make_method("defensivekv", 0.5).selector.allocation, Allocation::AdaKV);
   EXPECT_EQ(make_method("layer_defensivekv", 0.5).selector.allocation, Allocation::Global);
   EXPECT_THROW(make_method("adakv_defensivekv", 0.5), Error);
+}
+
+TEST(Scorers, MethodBudgetsAndFlagErrors) {
+  EXPECT_EQ(make_method("snapkv", Budget::tokens(64)).selector.budget.kind, BudgetKind::TokensPerHead);
+  EXPECT_EQ(make_method("snapkv", Budget::threshold(0.1)).selector.budget.kind, BudgetKind::Threshold);
+  auto message = [](auto&& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  EXPECT_NE(message([] { make_method("snapkvv", 0.5); }).find("known: random"), std::string::npos);
+  EXPECT_NE(message([] { make_method("snapkv", 1.0); }).find("--ratio"), std::string::npos);
+  EXPECT_NE(message([] { make_method("snapkv", Budget{BudgetKind::TokensPerHead, 0.0}); }).find("--budget-tokens"),
+            std::string::npos);
+  EXPECT_NE(message([] { make_method("snapkv", Budget{BudgetKind::Ratio, -0.5}); }).find("--ratio"), std::string::npos);
+  EXPECT_THROW(make_method("pyramidkv", Budget::tokens(10)), Error);  // pyramid budgets need a ratio
+  EXPECT_EQ(make_method("cake", 0.5).selector.allocation, Allocation::Cake);
+  EXPECT_THROW(make_method("adakv_cake", 0.5), Error);
+  EXPECT_THROW(make_method("cake", Budget::threshold(0.5)), Error);
+}
+
+// CAKE on a hand-made window->prefix attention a (1, H = 2, w = 3, m = 4), against naive loops.
+TEST(Scorers, CakeIndicatorAndPreferenceByHand) {
+  const float A[2][3][4] = {{{0.5f, 0.2f, 0.2f, 0.1f}, {0.1f, 0.6f, 0.1f, 0.1f}, {0.3f, 0.3f, 0.2f, 0.1f}},
+                            {{0.25f, 0.25f, 0.25f, 0.2f}, {0.7f, 0.1f, 0.05f, 0.05f}, {0.0f, 0.4f, 0.4f, 0.1f}}};
+  at::Tensor a = torch::from_blob(const_cast<float*>(&A[0][0][0]), {1, 2, 3, 4}, torch::kFloat).clone();
+  const double gamma = 200, tau1 = 1.6, tau2 = 0.4;
+  at::Tensor ind = cake_indicator(a, gamma);  // (1, 2, 4)
+  double ent = 0, var_sum = 0;
+  for (int h = 0; h < 2; ++h)
+    for (int j = 0; j < 4; ++j) {
+      double mean = 0;
+      for (int i = 0; i < 3; ++i) mean += A[h][i][j] / 3.0;
+      double var = 0;
+      for (int i = 0; i < 3; ++i) var += (A[h][i][j] - mean) * (A[h][i][j] - mean) / 2.0;  // Bessel
+      for (int i = 0; i < 3; ++i) ent -= A[h][i][j] * std::log(A[h][i][j] + 1e-10);
+      var_sum += var;
+      EXPECT_NEAR(ind[0][h][j].item<double>(), mean + gamma * var, 1e-4) << h << " " << j;
+    }
+  const std::vector<double> p = cake_preference(a, tau1, tau2);
+  ASSERT_EQ(p.size(), 1u);
+  EXPECT_NEAR(p[0], std::pow(ent, 1 / tau1) * std::pow(var_sum, 1 / tau2), 1e-4 * p[0]);
 }

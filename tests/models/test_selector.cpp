@@ -2,6 +2,8 @@
 // global allocation, and the TensorRT-LLM ragged layout.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include <torch/torch.h>
 
 #include "common/error.h"
@@ -72,4 +74,72 @@ TEST(Selector, ThresholdAndGlobal) {
   EXPECT_EQ(ragged_to_lists(r[0])[0], (std::vector<int64_t>{1, 3}));
   EXPECT_EQ(ragged_to_lists(r[1])[0], (std::vector<int64_t>{0, 2}));
   EXPECT_THROW(select_layer(s0, 0, 2, g), Error);
+}
+
+TEST(Selector, TokensSoFarAndValidity) {
+  // Chunked prefill: the budget applies to the tokens seen (10 at ratio 0.5 -> 5), not to the 7 entries held;
+  // entries outside `valid` are never kept even when the budget exceeds the valid ones.
+  at::Tensor s = torch::tensor({5.f, 1.f, 4.f, 2.f, 3.f, 0.f, 6.f, 9.f, 8.f, 7.f, -INFINITY, -INFINITY, -INFINITY,
+                                -INFINITY})
+                     .view({1, 2, 7});  // (B, H_kv, n)
+  at::Tensor valid = torch::ones({1, 2, 7}, torch::kBool);
+  valid[0][1].narrow(0, 3, 4).fill_(false);  // head 1 holds 3 entries
+  SelectorOptions opt;
+  opt.budget = Budget::ratio(0.5);
+  auto lists = ragged_to_lists(select_layer(s, 0, 1, opt, 10, valid));
+  EXPECT_EQ(lists[0], (std::vector<int64_t>{0, 2, 3, 4, 6}));
+  EXPECT_EQ(lists[1], (std::vector<int64_t>{0, 1, 2}));
+}
+
+TEST(Selector, GlobalAcrossLayersOfDifferentLengths) {
+  // Layer 0 holds 2 entries, layer 1 holds 4; tokens 4 at ratio 0.5: 2 layers * 1 head * 2 = 4 kept in all.
+  std::vector<at::Tensor> s = {torch::tensor({0.5f, 0.9f}).view({1, 1, 2}),
+                               torch::tensor({0.1f, 0.8f, 0.7f, 0.2f}).view({1, 1, 4})};
+  SelectorOptions opt;
+  opt.allocation = Allocation::Global;
+  opt.budget = Budget::ratio(0.5);
+  std::vector<RaggedIndices> r = select_all(s, opt, 4);
+  // The top 4 pooled: 0.9, 0.8, 0.7, 0.5 (the shorter layer is padded with -inf, never kept).
+  EXPECT_EQ(ragged_to_lists(r[0])[0], (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(ragged_to_lists(r[1])[0], (std::vector<int64_t>{1, 2}));
+  // tokens 6: 6 kept of the 6 held, the padding of layer 0 still excluded.
+  r = select_all(s, opt, 6);
+  EXPECT_EQ(r[0].count(0), 2);
+  EXPECT_EQ(r[1].count(0), 4);
+}
+
+TEST(Selector, ConcatRaggedAndKeepAll) {
+  RaggedIndices a = ragged_keep_all({2, 0});
+  RaggedIndices b = ragged_from_mask(torch::tensor({0, 1, 1, 1, 0, 0}, torch::kBool).view({1, 2, 3}));
+  RaggedIndices c = concat_ragged({a, b});
+  EXPECT_EQ(ragged_to_lists(c), (std::vector<std::vector<int64_t>>{{0, 1}, {}, {1, 2}, {0}}));
+  EXPECT_TRUE(torch::equal(c.offsets, torch::tensor({0, 2, 2, 4, 5}, torch::kLong)));
+}
+
+TEST(Selector, CakeLayerBudgetsAgainstANaiveSplit) {
+  // Exact proportional shares.
+  EXPECT_EQ(cake_layer_budgets({1, 2, 3, 4}, 100, 1000), (std::vector<int64_t>{10, 20, 30, 40}));
+  // Rounded down: 10/3 each -> 3.
+  EXPECT_EQ(cake_layer_budgets({1, 1, 1}, 10, 1000), (std::vector<int64_t>{3, 3, 3}));
+  // Cap: layer 0 would get 25 > 12, so it holds 12 and the other two split 18.
+  EXPECT_EQ(cake_layer_budgets({10, 1, 1}, 30, 12), (std::vector<int64_t>{12, 9, 9}));
+  // Everything fits: every layer at its cap.
+  EXPECT_EQ(cake_layer_budgets({1, 5}, 50, 20), (std::vector<int64_t>{20, 20}));
+  // Naive reference on irregular preferences: floor(total p / Σp).
+  const std::vector<double> p = {0.37, 2.9, 1.13, 0.02, 5.5};
+  const int64_t total = 137;
+  const std::vector<int64_t> got = cake_layer_budgets(p, total, 1000);
+  double sp = 0;
+  for (double x : p) sp += x;
+  int64_t sum = 0;
+  for (size_t i = 0; i < p.size(); ++i) {
+    const double share = total * p[i] / sp;
+    EXPECT_EQ(got[i], static_cast<int64_t>(std::floor(share)));
+    sum += got[i];
+  }
+  EXPECT_LE(sum, total);
+  EXPECT_GT(sum, total - static_cast<int64_t>(p.size()));
+  // Cascade monotonicity: adding a layer never raises an earlier layer's budget.
+  const std::vector<int64_t> first3 = cake_layer_budgets({p[0], p[1], p[2]}, total, 1000);
+  for (size_t i = 0; i < 3; ++i) EXPECT_LE(got[i], first3[i]);
 }

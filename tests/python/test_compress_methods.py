@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import MODEL_DIR, run_kvd
+from conftest import MODEL_DIR, assert_clean_error, run_kvd
 
 PROMPT = " ".join(f"Line {i}: station {chr(65 + i % 26)} reports {3 * i % 17} trains late by {i % 9} minutes."
                   for i in range(14))
@@ -38,3 +38,45 @@ def test_compress_method(tmp_path, method):
     assert b["kept"] == entries * b["per_entry"]
     assert b["full"] == len(layers) * len(layers[0]) * T * b["per_entry"]
     assert b["peak"] >= b["kept"]
+
+
+def _kept(tmp_path, *flags):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(PROMPT)
+    out = tmp_path / "kept.json"
+    r = run_kvd("compress", "--model", MODEL_DIR, "--prompt-file", prompt, "--out", out, *flags)
+    return r, out
+
+
+def test_budget_tokens_and_chunk_size(tmp_path):
+    """--budget-tokens N keeps min(T, N) per head; --chunk-size compresses after every chunk and still ends at
+    the budget of all T tokens; a chunk covering the prompt gives the unchunked result."""
+    r, out = _kept(tmp_path, "--method", "snapkv", "--budget-tokens", 100)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["budget_tokens"] == 100 and "ratio" not in d
+    assert all(len(p) == min(d["tokens"], 100) for heads in d["layers"] for p in heads)
+    r, out = _kept(tmp_path, "--method", "snapkv", "--ratio", 0.5)
+    once = json.loads(out.read_text())
+    r, out = _kept(tmp_path, "--method", "snapkv", "--ratio", 0.5, "--chunk-size", 100000)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(out.read_text())["layers"] == once["layers"]
+    r, out = _kept(tmp_path, "--method", "snapkv", "--ratio", 0.5, "--chunk-size", 96)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    T = d["tokens"]
+    assert T > 96 and d["chunk_size"] == 96
+    assert all(len(p) == T // 2 for heads in d["layers"] for p in heads)
+    assert d["layers"] != once["layers"]
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--method", "snapkv", "--ratio", 0.5, "--budget-tokens", 10], ["--ratio", "--budget-tokens"]),
+    (["--method", "snapkv", "--budget-tokens", 0], ["--budget-tokens"]),
+    (["--method", "snapkv", "--ratio", 1.5], ["--ratio"]),
+    (["--method", "nosuch", "--ratio", 0.5], ["known:", "snapkv", "cake"]),
+    (["--method", "snapkv"], ["--ratio", "--budget-tokens"]),
+])
+def test_compress_flag_errors(tmp_path, flags, needles):
+    r, _ = _kept(tmp_path, *flags)
+    assert_clean_error(r, *needles)

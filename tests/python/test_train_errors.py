@@ -37,6 +37,8 @@ def fails(config, *args):
     ("component.budget=-3", "component.budget", "> 0"),
     ("train.lr=-1e-3", "train.lr", ">= 0"),
     ("component.budget=4096", "component.budget", "sequence length"),  # M larger than the data's 32
+    ("data.seq_len=1", "data.seq_len", ">= 2"),
+    ("data.val_fraction=1.5", "data.val_fraction", "[0, 1)"),
 ])
 def test_bad_config_value_names_the_key(tiny_model, data, tmp_path, override, key, words):
     cfg = write_config(tmp_path / "run.yaml", tiny_model, data, tmp_path / "out")
@@ -86,3 +88,33 @@ def test_nonfinite_loss_reports_the_step_and_saves_nothing_poisoned(tiny_model, 
     line = fails(cfg)
     assert "step 2: non-finite" in line and "nothing was saved" in line and "step_00000001" in line, line
     assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["step_00000001"]
+
+
+@pytest.fixture(scope="module")
+def responses_data(tiny_model, tmp_path_factory):
+    """A finished responses file of the tiny model, and an unfinished one (2 of 3 prompts done)."""
+    import h5py
+    d = tmp_path_factory.mktemp("responses")
+    prompts = d / "p.jsonl"
+    prompts.write_text('{"prompt": "One."}\n{"prompt": "Two."}\n{"prompt": "Three."}\n')
+    out = d / "r.h5"
+    r = subprocess.run([KVD_BIN, "prepare", "responses", "--model", str(tiny_model), "--prompts", str(prompts),
+                        "--out", str(out), "--max-new-tokens", "4", "--device", "cpu", "--progress", "never"],
+                       capture_output=True, text=True, timeout=300, env=train_env())
+    assert r.returncode == 0, r.stderr
+    part = d / "unfinished.h5"
+    shutil.copy(out, part)
+    with h5py.File(part, "r+") as f:
+        f.attrs["num_done"] = 2
+    return out, part
+
+
+def test_responses_data_errors_name_the_key(tiny_model, responses_data, tmp_path):
+    out, unfinished = responses_data
+    cfg = write_config(tmp_path / "run.yaml", tiny_model, out, tmp_path / "out")
+    line = fails(cfg, "data.seq_len=16", "component.budget=32")
+    assert "'component.budget'" in line and "raise data.seq_len" in line, line
+    line = fails(cfg, f"data.train={unfinished}")
+    assert "unfinished.h5" in line and "holds 2 of 3 responses" in line and "prepare responses" in line, line
+    line = fails(cfg, "data.seq_len=16", "train.batch_size=64")
+    assert "too few for one batch" in line, line

@@ -1,0 +1,110 @@
+// kvdistill eval --model DIR --tasks FILE.jsonl --methods m1,m2,... (--ratios 0.5,0.75,0.875 |
+//   --budget-tokens 64,128,256) --out DIR [--batch B] [--query-aware] [--device cuda]
+// Every method at every budget on every sample, against the full cache (eval/runner.h); resumable.
+#include <CLI/CLI.hpp>
+
+#include <iostream>
+#include <sstream>
+
+#include "cli/commands.h"
+#include "cli/common.h"
+#include "common/error.h"
+#include "eval/runner.h"
+
+namespace kvd::cli {
+namespace {
+
+struct EvalArgs {
+  std::string model, tasks, methods, ratios, budget_tokens, out, device = "cpu";
+  int64_t batch = 1, max_new_tokens = 32;
+  bool query_aware = false, report_only = false;
+  uint64_t seed = 0;
+};
+
+std::vector<std::string> split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+int run(const EvalArgs& a) {
+  if (a.report_only) {
+    write_eval_reports(a.out);
+    std::cerr << "wrote " << a.out << "/results.{json,csv,md}\n";
+    return 0;
+  }
+  EvalOptions o;
+  o.model_dir = a.model;
+  o.tasks = a.tasks;
+  o.out_dir = a.out;
+  o.device = a.device;
+  o.batch = a.batch;
+  o.max_new_tokens = a.max_new_tokens;
+  o.seed = a.seed;
+  o.query = a.query_aware ? QueryMode::Aware : QueryMode::Agnostic;
+  o.methods = split(a.methods);
+  KVD_CHECK(a.ratios.empty() != a.budget_tokens.empty(), "give exactly one of --ratios and --budget-tokens");
+  for (const std::string& r : split(a.ratios)) {
+    double v = 0;
+    try {
+      size_t used = 0;
+      v = std::stod(r, &used);
+      KVD_CHECK(used == r.size(), "");
+    } catch (...) {
+      KVD_FAIL("--ratios: '", r, "' is not a number");
+    }
+    KVD_CHECK(v >= 0.0 && v < 1.0, "--ratios: ", r, " is outside [0, 1) (the fraction of KV entries removed)");
+    o.budgets.push_back(Budget::ratio(v));
+  }
+  for (const std::string& t : split(a.budget_tokens)) {
+    int64_t v = 0;
+    try {
+      size_t used = 0;
+      v = std::stoll(t, &used);
+      KVD_CHECK(used == t.size(), "");
+    } catch (...) {
+      KVD_FAIL("--budget-tokens: '", t, "' is not an integer");
+    }
+    KVD_CHECK(v > 0, "--budget-tokens: ", t, " must be positive (KV entries kept per head)");
+    o.budgets.push_back(Budget::tokens(v));
+  }
+  parse_device(a.device);  // a clear error for a bad device before anything runs
+  run_eval(o);
+  std::cerr << "wrote " << a.out << "/results.{jsonl,json,csv,md}; plot: python scripts/plot_results.py " << a.out
+            << "\n";
+  return 0;
+}
+
+Registration reg([](CLI::App& root) {
+  auto a = std::make_shared<EvalArgs>();
+  CLI::App* sub = root.add_subcommand(
+      "eval", "Compare KV compression methods against the full cache on a task file (accuracy, KL, memory)");
+  sub->add_option("--model", a->model, "Model directory")->required();
+  sub->add_option("--tasks", a->tasks, "Task JSONL (kvdistill prepare tasks, or LongBench / RULER shaped)");
+  sub->add_option("--methods", a->methods,
+                  "Comma-separated: snapkv, tova, ..., adakv_<m>, global_<m>, gate:<bundle dir> (full always runs)");
+  sub->add_option("--ratios", a->ratios, "Comma-separated compression ratios in [0, 1) (fraction removed)");
+  sub->add_option("--budget-tokens", a->budget_tokens, "Comma-separated KV entries kept per head");
+  sub->add_option("--out", a->out, "Output directory (results.jsonl is appended; reruns skip what is done)")
+      ->required();
+  sub->add_option("--batch", a->batch, "Samples per batch")->capture_default_str();
+  sub->add_flag("--query-aware", a->query_aware, "Compress the question together with the context");
+  sub->add_option("--max-new-tokens", a->max_new_tokens, "Answer length for samples that set none")
+      ->capture_default_str();
+  sub->add_option("--seed", a->seed, "Seed of the random method")->capture_default_str();
+  sub->add_option("--device", a->device, "cpu | cuda | cuda:N")->capture_default_str();
+  sub->add_flag("--report-only", a->report_only, "Only rebuild results.{json,csv,md} from --out/results.jsonl");
+  on_run(sub, [a] {
+    if (!a->report_only) {
+      KVD_CHECK(!a->tasks.empty(), "--tasks is required");
+      KVD_CHECK(!a->methods.empty(), "--methods is required");
+    }
+    return run(*a);
+  });
+});
+
+}  // namespace
+}  // namespace kvd::cli

@@ -1,0 +1,57 @@
+// The evaluation harness behind `kvdistill eval`: every method at every budget on every sample of a task
+// file, against the full cache, with real per-head eviction and real memory.
+//
+// Per batch of samples (left-padded rows; every number is per sample and equals a batch-1 run):
+//   1. the compressed span (the chat prompt up to the end of the context; with QueryMode::Aware also the
+//      question) is prefilled and compressed by the method (or kept whole: "full");
+//   2. the rest of the prompt (question, end of turn, answer prefix) is appended uncompressed and the answer
+//      is generated greedily: accuracy by RULER string match (eval/tasks_io.h);
+//   3. that generation is rolled back (KVCache::rewind) and the rest of the prompt plus the full cache's
+//      answer is teacher-forced: the KL(full || method) of the next-token distributions over those positions
+//      and the perplexity of the full cache's answer under the method's cache;
+//   4. the critical-KV hit rate: per layer and KV head, the share of the kept context entries that are among
+//      the top-k (k = entries kept) by the attention the full cache's answer pays to the context (mean over
+//      the answer's queries and the GQA group), averaged over layers and heads.
+// Kept fraction = kept context entries / (layers x KV heads x context tokens); peak KV bytes = the sample's
+// peak K+V bytes through compression and generation (KVCache::row_peak_bytes).
+//
+// Output (out_dir): results.jsonl (one line per sample x method x budget, appended and fsync'ed as each
+// batch finishes, so a crash loses at most the batch in flight; a rerun skips what is there), run.json (the
+// settings; a rerun with other settings is refused), and, rebuilt at the end from results.jsonl,
+// results.json (aggregates), results.csv and results.md.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gates/selector.h"
+
+namespace kvd {
+
+enum class QueryMode {
+  Agnostic,  // the question is not in the compressed span (kvpress's protocol)
+  Aware      // the question is compressed together with the context
+};
+
+struct EvalOptions {
+  std::string model_dir, tasks, out_dir, device = "cpu";
+  std::vector<std::string> methods;  // compression methods and gate:<bundle dir>; "full" always runs
+  std::vector<Budget> budgets;       // ratios or tokens per head
+  int64_t batch = 1;
+  QueryMode query = QueryMode::Agnostic;
+  int64_t max_new_tokens = 32;  // for samples without their own
+  uint64_t seed = 0;
+};
+
+// Checks methods, budgets and the task file (clear errors) before loading the model.
+void validate_eval(const EvalOptions& opt);
+// Runs whatever is not in out_dir/results.jsonl yet, then writes the reports.
+void run_eval(const EvalOptions& opt);
+// Rebuilds results.json / results.csv / results.md from out_dir/results.jsonl.
+void write_eval_reports(const std::string& out_dir);
+
+// "ratio=0.5" / "tokens=128" / "threshold=..": the budget's key in the result files.
+std::string budget_key(const Budget& b);
+
+}  // namespace kvd

@@ -1,0 +1,249 @@
+// Batched compression on SmolLM2: per-row scoring gives each prompt of a left-padded batch exactly the kept
+// positions it gets alone; CAKE's cascade ends at the budgets of its final layer preferences and keeps each
+// layer's top entries by its indicator; the per-prefill-chunk trigger matches an independent chunk loop.
+//
+// Tolerance policy: kept sets are compared exactly (every (layer, head) position list). The batched and the
+// single-row prefills run the same per-row arithmetic on slices, but the matmuls of a (3, T) batch may round
+// differently from (1, T); a flipped near-tie would show up here as one swapped position, and we would then
+// relax that method alone (none needed it when this was written).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "gates/compress.h"
+#include "gates/heuristics.h"
+#include "gates/selector.h"
+#include "models/kv_cache.h"
+#include "models/model.h"
+#include "models/tokenizer.h"
+#include "test_paths.h"
+
+using namespace kvd;
+
+namespace {
+
+using Kept = std::vector<std::vector<std::vector<int64_t>>>;  // [layer][head] sorted positions
+
+bool have_model() { return std::filesystem::exists(std::string(KVD_MODEL_DIR) + "/config.json"); }
+
+const Model& model() {
+  static Model m = Model::load(KVD_MODEL_DIR, torch::kCPU);
+  return m;
+}
+
+std::vector<int64_t> encode(const std::string& text) {
+  static Tokenizer tok = Tokenizer::from_file(KVD_MODEL_DIR);
+  std::vector<int32_t> ids = tok.encode(text);
+  return std::vector<int64_t>(ids.begin(), ids.end());
+}
+
+std::string story(int lines, int salt) {
+  std::string s;
+  for (int i = 0; i < lines; ++i)
+    s += "Entry " + std::to_string(i + salt) + ": the ferry to " + std::string(1, char('A' + (i * 7 + salt) % 26)) +
+         " left at " + std::to_string(6 + (i + salt) % 12) + " with " + std::to_string(3 * i + salt) + " cars. ";
+  return s;
+}
+
+// Three prompts of different lengths (about 100, 170 and 250 tokens).
+const std::vector<std::vector<int64_t>>& prompts() {
+  static std::vector<std::vector<int64_t>> p = {encode(story(5, 1)), encode(story(12, 4)), encode(story(8, 9))};
+  return p;
+}
+
+Kept kept_of(const KVCache& c, int64_t b) {
+  Kept out(c.num_layers());
+  for (int64_t l = 0; l < c.num_layers(); ++l) {
+    at::Tensor pos = c.layer(l).pos.to(torch::kCPU);  // (B, H_kv, n)
+    for (int64_t h = 0; h < c.num_kv_heads(); ++h) {
+      const int64_t len = c.length(l, b, h);
+      at::Tensor p = std::get<0>(pos[b][h].narrow(0, 0, len).sort()).contiguous();  // (len)
+      out[l].push_back(std::vector<int64_t>(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + len));
+    }
+  }
+  return out;
+}
+
+Kept compress_one(const std::string& method, const std::vector<int64_t>& prompt, double ratio,
+                  CompressOptions opts = {}) {
+  Method m = make_method(method, ratio);
+  KVCache c = model().new_cache(1);
+  compress_prefill(model(), c, std::vector<std::vector<int64_t>>{prompt}, m, opts);
+  return kept_of(c, 0);
+}
+
+void expect_same(const Kept& a, const Kept& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t l = 0; l < a.size(); ++l)
+    for (size_t h = 0; h < a[l].size(); ++h) ASSERT_EQ(a[l][h], b[l][h]) << what << " layer " << l << " head " << h;
+}
+
+}  // namespace
+
+class CompressBatch : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CompressBatch, EachRowKeepsWhatItKeepsAlone) {
+  if (!have_model()) GTEST_SKIP() << "no SmolLM2 model";
+  const std::string method = GetParam();
+  const double ratio = 0.5;
+  const auto& p = prompts();
+  Method m = make_method(method, ratio);
+  KVCache batch = model().new_cache(3);
+  const CompressStats st = compress_prefill(model(), batch, p, m);
+  ASSERT_EQ(st.rows.size(), 3u);
+  const int64_t L = batch.num_layers(), H = batch.num_kv_heads(), bpe = batch.bytes_per_entry();
+  for (int64_t b = 0; b < 3; ++b) {
+    const Kept alone = compress_one(method, p[b], ratio);
+    const Kept got = kept_of(batch, b);
+    expect_same(got, alone, method + " row " + std::to_string(b));
+    // Per-row stats: tokens, full and kept bytes from the kept lists.
+    int64_t entries = 0;
+    for (const auto& layer : got)
+      for (const auto& head : layer) entries += static_cast<int64_t>(head.size());
+    const RowCompressStats& r = st.rows[b];
+    EXPECT_EQ(r.tokens, static_cast<int64_t>(p[b].size()));
+    EXPECT_EQ(r.full_bytes, r.tokens * L * H * bpe);
+    EXPECT_EQ(r.kept_bytes, entries * bpe);
+    EXPECT_DOUBLE_EQ(r.kept_fraction, static_cast<double>(entries) / static_cast<double>(r.tokens * L * H));
+    EXPECT_GE(r.peak_bytes, r.kept_bytes);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Methods, CompressBatch,
+                         ::testing::Values("snapkv", "adakv_snapkv", "pyramidkv", "tova", "knorm",
+                                           "expected_attention", "observed_attention", "cake", "global_snapkv"));
+
+TEST(CompressChunked, BatchedChunksMatchEachRowAlone) {
+  if (!have_model()) GTEST_SKIP() << "no SmolLM2 model";
+  const auto& p = prompts();
+  CompressOptions o;
+  // Ratio 0.25 and chunks of 90 keep every row's cache above SnapKV's 64-entry window after each chunk.
+  o.chunk_size = 90;
+  Method m = make_method("snapkv", 0.25);
+  KVCache batch = model().new_cache(3);
+  compress_prefill(model(), batch, p, m, o);
+  for (int64_t b = 0; b < 3; ++b)
+    expect_same(kept_of(batch, b), compress_one("snapkv", p[b], 0.25, o), "row " + std::to_string(b));
+}
+
+// After every chunk each head holds n_kept(tokens so far): compressing the prompt's first c·k tokens with
+// chunks of c ends at n_kept(c·k) per head, and the kept positions match an independent chunk loop (plain
+// Model::prefill + an observer doing its own top-k of -||k|| per head).
+TEST(CompressChunked, KNormChunksMatchAnIndependentLoop) {
+  if (!have_model()) GTEST_SKIP() << "no SmolLM2 model";
+  const std::vector<int64_t>& prompt = prompts()[2];
+  const int64_t T = static_cast<int64_t>(prompt.size()), c = 70;
+  const double ratio = 0.6;
+  for (int64_t t : {2 * c, T}) {
+    const std::vector<int64_t> prefix(prompt.begin(), prompt.begin() + t);
+    CompressOptions o;
+    o.chunk_size = c;
+    const Kept got = compress_one("knorm", prefix, ratio, o);
+    // Reference loop.
+    KVCache ref = model().new_cache(1);
+    int64_t seen = 0;
+    PrefillObserver obs = [&](const PrefillLayerObservation& ob, KVCache& cache) {
+      const KVLayerView v = cache.layer(ob.layer);
+      const int64_t keep = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(seen) * (1.0 - ratio)));
+      at::Tensor s = -torch::linalg_vector_norm(v.k.to(torch::kFloat), 2, {-1}, false, c10::nullopt);  // (1, H_kv, n)
+      // Stable descending order: among equal norms (repeated tokens at layer 0) the older token wins.
+      at::Tensor order = std::get<1>(s.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));  // (1, H_kv, n)
+      at::Tensor idx = std::get<0>(order.narrow(-1, 0, keep).sort(-1));                         // (1, H_kv, keep)
+      cache.keep(ob.layer, idx);
+    };
+    for (int64_t s0 = 0; s0 < t; s0 += c) {
+      const int64_t s1 = std::min(s0 + c, t);
+      seen = s1;
+      at::Tensor ids = torch::tensor(std::vector<int64_t>(prefix.begin() + s0, prefix.begin() + s1), torch::kLong).view({1, -1});
+      model().prefill(ids, ref, LogitsMode::LastPosition, obs);
+    }
+    const int64_t n_kept = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(t) * (1.0 - ratio)));
+    for (const auto& layer : got)
+      for (const auto& head : layer) ASSERT_EQ(static_cast<int64_t>(head.size()), n_kept) << "after " << t << " tokens";
+    expect_same(got, kept_of(ref, 0), "knorm chunked, " + std::to_string(t) + " tokens");
+  }
+}
+
+TEST(CompressChunked, OneChunkCoveringThePromptIsTheUnchunkedResult) {
+  if (!have_model()) GTEST_SKIP() << "no SmolLM2 model";
+  const std::vector<int64_t>& prompt = prompts()[1];
+  const int64_t T = static_cast<int64_t>(prompt.size());
+  const Kept once = compress_one("snapkv", prompt, 0.5);
+  for (int64_t c : {T, T + 50}) {
+    CompressOptions o;
+    o.chunk_size = c;
+    expect_same(compress_one("snapkv", prompt, 0.5, o), once, "chunk " + std::to_string(c));
+  }
+  // A real chunking (3 chunks) changes the result but keeps n_kept(T) per head.
+  CompressOptions o;
+  o.chunk_size = 70;
+  const Kept chunked = compress_one("snapkv", prompt, 0.5, o);
+  bool differs = false;
+  for (size_t l = 0; l < chunked.size(); ++l)
+    for (size_t h = 0; h < chunked[l].size(); ++h) {
+      EXPECT_EQ(chunked[l][h].size(), once[l][h].size());
+      differs = differs || chunked[l][h] != once[l][h];
+    }
+  EXPECT_TRUE(differs);
+  EXPECT_THROW(compress_one("snapkv", prompt, 0.5, CompressOptions{32}), Error);  // shorter than the window
+}
+
+// CAKE's cascade on SmolLM2: the final counts are cake_layer_budgets of the layer preferences of an
+// uncompressed prefill (compression during prefill does not change later layers' inputs), they sum to
+// L · n_kept(T) within rounding, each layer keeps its top entries by the CAKE indicator, and the peak stays under
+// L · n_kept(T) entries per head plus one layer's full prompt.
+TEST(CompressCake, CascadeEndsAtTheFinalBudgets) {
+  if (!have_model()) GTEST_SKIP() << "no SmolLM2 model";
+  const std::vector<int64_t>& prompt = prompts()[2];
+  const int64_t T = static_cast<int64_t>(prompt.size());
+  const double ratio = 0.75;
+  const int64_t L = model().config().num_layers, H = model().config().num_kv_heads;
+  // Reference: preferences and indicator scores of every layer, uncompressed.
+  std::vector<double> pref(L);
+  std::vector<at::Tensor> scores(L);  // [layer] (1, H_kv, T)
+  CakeScorer scorer;
+  KVCache full = model().new_cache(1);
+  PrefillObserver obs = [&](const PrefillLayerObservation& ob, KVCache& cache) {
+    const KVLayerView v = cache.layer(ob.layer);
+    LayerView view;
+    view.layer = ob.layer;
+    view.keys = v.k;
+    view.values = v.v;
+    view.positions = v.pos;
+    view.window_queries = ob.queries.narrow(2, T - 32, 32);
+    view.window_positions = ob.query_positions.narrow(1, T - 32, 32);
+    scores[ob.layer] = scorer.score(view);
+    pref[ob.layer] = scorer.layer_preference().at(0);
+  };
+  model().prefill(torch::tensor(prompt, torch::kLong).view({1, -1}), full, LogitsMode::LastPosition, obs);
+  const int64_t per_head = Budget::ratio(ratio).n_kept(T);
+  const std::vector<int64_t> budgets = cake_layer_budgets(pref, L * per_head, T);
+  int64_t sum = 0;
+  for (int64_t b : budgets) sum += b;
+  EXPECT_LE(sum, L * per_head);  // each budget rounded down: at most L entries per head short
+  EXPECT_GT(sum, L * per_head - L);
+  EXPECT_GT(*std::max_element(budgets.begin(), budgets.end()), *std::min_element(budgets.begin(), budgets.end()));
+
+  Method m = make_method("cake", ratio);
+  KVCache cache = model().new_cache(1);
+  const CompressStats st = compress_prefill(model(), cache, std::vector<std::vector<int64_t>>{prompt}, m);
+  const Kept got = kept_of(cache, 0);
+  for (int64_t l = 0; l < L; ++l) {
+    // Stable top-k (ties, e.g. the window's max + 1, to the lower index).
+    at::Tensor order = std::get<1>(scores[l].sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));  // (1, H_kv, T)
+    at::Tensor top = std::get<0>(order.narrow(-1, 0, budgets[l]).sort(-1));                          // (1, H_kv, B_l)
+    for (int64_t h = 0; h < H; ++h) {
+      ASSERT_EQ(static_cast<int64_t>(got[l][h].size()), budgets[l]) << "layer " << l;
+      at::Tensor t = top[0][h].contiguous();
+      // Positions are 0..T-1 in a fresh prefill, so indices are positions.
+      EXPECT_EQ(got[l][h], std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + budgets[l])) << "layer " << l;
+    }
+  }
+  EXPECT_LE(st.peak_bytes, (L * per_head + T) * H * cache.bytes_per_entry());
+}

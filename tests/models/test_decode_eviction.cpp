@@ -1,0 +1,437 @@
+// Decode-time eviction (gates/decode_eviction.h): H2O and TOVA decode against naive references (explicit
+// softmax of each step's query over the kept entries, selection by plain sorting), LazyEviction's state and
+// ranking on hand-built attention rows, the every-N-steps trigger (head lengths, peak bytes, ragged prefill
+// budgets) and batch-row independence.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <set>
+#include <tuple>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "gates/compress.h"
+#include "gates/decode_eviction.h"
+#include "gates/heuristics.h"
+#include "models/config.h"
+#include "models/kv_cache.h"
+#include "models/model.h"
+#include "models/generate.h"
+#include "models/weights.h"
+
+using namespace kvd;
+
+namespace {
+
+// A tiny random Llama-style decoder with GQA (4 query heads over 2 KV heads), weights scaled so attention is
+// far from uniform.
+Model tiny_model(c10::ScalarType dtype, uint64_t seed = 7) {
+  ModelConfig cfg;
+  cfg.family = Family::Llama;
+  cfg.architecture = "LlamaForCausalLM";
+  cfg.model_type = "llama";
+  cfg.hidden_size = 32;
+  cfg.intermediate_size = 48;
+  cfg.num_layers = 2;
+  cfg.num_heads = 4;
+  cfg.num_kv_heads = 2;
+  cfg.head_dim = 8;
+  cfg.vocab_size = 61;
+  cfg.max_position_embeddings = 512;
+  cfg.rms_norm_eps = 1e-6;
+  torch::manual_seed(seed);
+  auto o = torch::TensorOptions().dtype(dtype);
+  const int64_t d = cfg.hidden_size, H = cfg.num_heads, Hkv = cfg.num_kv_heads, hd = cfg.head_dim,
+                f = cfg.intermediate_size;
+  auto rn = [&](int64_t a, int64_t b, double s) { return torch::randn({a, b}, o) * s; };
+  DecoderWeights w;
+  w.embed = rn(cfg.vocab_size, d, 1.0);
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    LayerWeights lw;
+    lw.input_norm = torch::ones({d}, o);
+    lw.q_proj = rn(H * hd, d, 0.6);
+    lw.k_proj = rn(Hkv * hd, d, 0.6);
+    lw.v_proj = rn(Hkv * hd, d, 0.3);
+    lw.o_proj = rn(d, H * hd, 0.3);
+    lw.post_norm = torch::ones({d}, o);
+    lw.gate_proj = rn(f, d, 0.3);
+    lw.up_proj = rn(f, d, 0.3);
+    lw.down_proj = rn(d, f, 0.3);
+    w.layers.push_back(lw);
+  }
+  w.final_norm = torch::ones({d}, o);
+  w.lm_head = rn(cfg.vocab_size, d, 0.5);
+  return Model(cfg, std::move(w), dtype, torch::kCPU);
+}
+
+const Model& model64() {
+  static Model m = tiny_model(torch::kDouble);
+  return m;
+}
+
+at::Tensor prompt_ids(int64_t B, int64_t T, uint64_t seed) {
+  torch::manual_seed(seed);
+  return torch::randint(61, {B, T}, torch::kLong);
+}
+
+std::vector<int64_t> head_positions(const KVCache& cache, int64_t l, int64_t b, int64_t h) {
+  at::Tensor p = cache.positions(l)[b][h].narrow(0, 0, cache.length(l, b, h)).contiguous();
+  return std::vector<int64_t>(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + p.numel());
+}
+
+// Greedy decode of `steps` steps after the prompt, every layer of every step through `observer`.
+std::vector<at::Tensor> decode_loop(const Model& m, KVCache& cache, const at::Tensor& prompt, int64_t steps,
+                                    const PrefillObserver& observer) {
+  at::Tensor logits = m.prefill(prompt, cache);  // (B, V)
+  std::vector<at::Tensor> toks;
+  for (int64_t s = 0; s < steps; ++s) {
+    at::Tensor ids = logits.argmax(-1).view({-1, 1});  // (B, 1)
+    toks.push_back(ids);
+    logits = m.prefill(ids, cache, LogitsMode::LastPosition, observer);
+  }
+  return toks;
+}
+
+// Naive attention of query head hq of row b to the entries of KV head h, by explicit softmax (float64).
+std::vector<double> naive_attention(const at::Tensor& q, const KVCache& cache, int64_t l, int64_t b, int64_t hq,
+                                    int64_t h) {
+  at::Tensor qd = q.to(torch::kDouble).contiguous();                     // (B, H, 1, hd)
+  at::Tensor kd = cache.layer(l).k.to(torch::kDouble).contiguous();      // (B, H_kv, n, hd)
+  auto qa = qd.accessor<double, 4>();
+  auto ka = kd.accessor<double, 4>();
+  const int64_t n = cache.length(l, b, h), hd = qd.size(3);
+  std::vector<double> logit(n), p(n);
+  double mx = -1e300, z = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    double dot = 0;
+    for (int64_t e = 0; e < hd; ++e) dot += qa[b][hq][0][e] * ka[b][h][j][e];
+    logit[j] = dot / std::sqrt(static_cast<double>(hd));
+    mx = std::max(mx, logit[j]);
+  }
+  for (int64_t j = 0; j < n; ++j) z += (p[j] = std::exp(logit[j] - mx));
+  for (double& x : p) x /= z;
+  return p;
+}
+
+enum class RefPolicy { H2O, TOVA, Lazy };
+
+// One cached entry of the reference: H2O's accumulated score, LazyEviction's step counters and attention.
+struct RefEntry {
+  double score = 0;
+  int64_t born = 0, last = 0, mri = 0;
+  double attn = 0;
+};
+
+// Runs `steps` decode steps with the evictor and a naive reference side by side; after every step (every
+// layer) the cache's positions must equal the reference's kept set.
+void check_against_reference(RefPolicy pol, int64_t T, int64_t interval, int64_t steps) {
+  const Model& m = model64();
+  const ModelConfig& c = m.config();
+  const int64_t B = 1, Hkv = c.num_kv_heads, G = c.group_size(), n0 = 10;
+  const DecodePolicy dp = pol == RefPolicy::H2O    ? DecodePolicy::H2O
+                         : pol == RefPolicy::TOVA ? DecodePolicy::TOVA
+                                                  : DecodePolicy::LazyEviction;
+  DecodeEvictor ev(m, dp, {interval, T});
+  PrefillObserver inner = ev.observer();
+  // reference: [layer][head] position -> entry state (TOVA uses the kept set only)
+  std::vector<std::vector<std::map<int64_t, RefEntry>>> ref(c.num_layers, std::vector<std::map<int64_t, RefEntry>>(Hkv));
+  for (auto& layer : ref)
+    for (auto& head : layer)
+      for (int64_t p = 0; p < n0; ++p) head[p] = RefEntry{};
+  std::vector<int64_t> step_of(c.num_layers, 0);
+  int64_t checks = 0, evicted = 0;
+  PrefillObserver obs_fn = [&](const PrefillLayerObservation& obs, KVCache& cache) {
+    const int64_t l = obs.layer, step = ++step_of[l];
+    const int64_t qpos = obs.query_positions[0][0].item<int64_t>();
+    std::vector<double> tova;  // TOVA: attention averaged over all query heads, by entry index
+    for (int64_t h = 0; h < Hkv; ++h) {
+      auto& R = ref[l][h];
+      R[qpos] = RefEntry{0.0, step, step, 0, 0.0};  // the entry this step appended
+      std::vector<int64_t> have = head_positions(cache, l, 0, h);
+      std::vector<int64_t> want;
+      for (auto& kv : R) want.push_back(kv.first);
+      ASSERT_EQ(have, want) << "layer " << l << " head " << h << " step " << step << " before eviction";
+      std::vector<double> mean(have.size(), 0.0);
+      for (int64_t g = 0; g < G; ++g) {
+        std::vector<double> p = naive_attention(obs.queries, cache, l, 0, h * G + g, h);
+        for (size_t j = 0; j < p.size(); ++j) mean[j] += p[j] / G;
+      }
+      if (pol == RefPolicy::H2O) {
+        for (size_t j = 0; j < have.size(); ++j) R[have[j]].score += mean[j];
+      } else if (pol == RefPolicy::Lazy) {
+        for (size_t j = 0; j < have.size(); ++j) {
+          RefEntry& e = R[have[j]];
+          if (mean[j] > 1.0 / have.size()) {
+            e.mri = std::max(e.mri, step - e.last);
+            e.last = step;
+          }
+          e.attn = mean[j];
+        }
+      } else {
+        if (tova.empty()) tova.assign(have.size(), 0.0);
+        for (size_t j = 0; j < have.size(); ++j) tova[j] += mean[j] / Hkv;
+      }
+    }
+    if (step % interval == 0) {
+      for (int64_t h = 0; h < Hkv; ++h) {
+        auto& R = ref[l][h];
+        if (static_cast<int64_t>(R.size()) <= T) continue;
+        std::vector<std::pair<double, int64_t>> cand;  // (score, position) of evictable entries, lowest first
+        std::vector<std::tuple<int, int64_t, double, int64_t>> lazy;  // (not over, -(idle - MRI), attn, position)
+        const int64_t n = R.size();
+        if (pol == RefPolicy::H2O) {
+          int64_t idx = 0;
+          for (auto& kv : R) {
+            if (idx < n - T / 2) cand.push_back({kv.second.score, kv.first});  // the last T/2 are protected
+            ++idx;
+          }
+        } else if (pol == RefPolicy::Lazy) {
+          for (auto& kv : R) {
+            const RefEntry& e = kv.second;
+            if (e.born > step - interval) continue;  // appended within the current window: protected
+            const int64_t over = (step - e.last) - e.mri;
+            lazy.emplace_back(over > 0 ? 0 : 1, over > 0 ? -over : 0, e.attn, kv.first);
+          }
+          std::sort(lazy.begin(), lazy.end());
+          for (auto& t : lazy) cand.push_back({static_cast<double>(cand.size()), std::get<3>(t)});
+        } else {
+          int64_t idx = 0;
+          for (auto& kv : R) cand.push_back({tova[idx++], kv.first});
+        }
+        std::sort(cand.begin(), cand.end());
+        for (int64_t e = 0; e < n - T; ++e) R.erase(cand[e].second);
+        evicted += n - T;
+      }
+    }
+    inner(obs, cache);
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::vector<int64_t> want;
+      for (auto& kv : ref[l][h]) want.push_back(kv.first);
+      ASSERT_EQ(head_positions(cache, l, 0, h), want) << "layer " << l << " head " << h << " step " << step;
+      ++checks;
+    }
+  };
+  KVCache cache = m.new_cache(B);
+  decode_loop(m, cache, prompt_ids(B, n0, 3), steps, obs_fn);
+  EXPECT_EQ(checks, steps * c.num_layers * Hkv);
+  EXPECT_EQ(ev.stats().steps, steps);
+  EXPECT_EQ(ev.stats().evictions, evicted);
+  EXPECT_GT(evicted, 0);
+}
+
+}  // namespace
+
+TEST(DecodeEviction, H2OMatchesNaiveReferenceEveryStep) { check_against_reference(RefPolicy::H2O, 6, 1, 14); }
+TEST(DecodeEviction, H2OMatchesNaiveReferenceEveryThirdStep) { check_against_reference(RefPolicy::H2O, 7, 3, 14); }
+TEST(DecodeEviction, TOVAMatchesNaiveReferenceEveryStep) { check_against_reference(RefPolicy::TOVA, 6, 1, 14); }
+TEST(DecodeEviction, TOVAMatchesNaiveReferenceEveryThirdStep) { check_against_reference(RefPolicy::TOVA, 5, 3, 14); }
+TEST(DecodeEviction, LazyMatchesNaiveReferenceEveryStep) { check_against_reference(RefPolicy::Lazy, 6, 1, 14); }
+TEST(DecodeEviction, LazyMatchesNaiveReferenceEveryFourthStep) { check_against_reference(RefPolicy::Lazy, 6, 4, 17); }
+
+// H2O's initial scores decide the first evictions: with a huge score on position 1 it must survive, with a
+// very negative one it must go first.
+TEST(DecodeEviction, H2OInitialScores) {
+  const Model& m = model64();
+  for (double boost : {1e6, -1e6}) {
+    DecodeEvictor ev(m, DecodePolicy::H2O, {1, 6});
+    for (int64_t l = 0; l < m.config().num_layers; ++l) {
+      at::Tensor s = torch::zeros({1, m.config().num_kv_heads, 10}, torch::kDouble);
+      s.select(2, 1).fill_(boost);
+      ev.set_initial_scores(l, s);
+    }
+    KVCache cache = m.new_cache(1);
+    decode_loop(m, cache, prompt_ids(1, 10, 3), 6, ev.observer());
+    for (int64_t l = 0; l < m.config().num_layers; ++l)
+      for (int64_t h = 0; h < m.config().num_kv_heads; ++h) {
+        std::vector<int64_t> p = head_positions(cache, l, 0, h);
+        EXPECT_EQ(std::count(p.begin(), p.end(), 1), boost > 0 ? 1 : 0) << "boost " << boost;
+      }
+  }
+}
+
+// LazyEviction on hand-built attention rows (6 entries present before decoding, default threshold 1/6).
+TEST(DecodeEviction, LazyEvictionStateAndOrderByHand) {
+  const std::vector<std::vector<double>> rows = {
+      {0.40, 0.05, 0.05, 0.10, 0.10, 0.30},  // step 1: e0, e5 important
+      {0.05, 0.40, 0.05, 0.10, 0.10, 0.30},  // step 2: e1, e5
+      {0.05, 0.05, 0.50, 0.10, 0.10, 0.20},  // step 3: e2, e5
+      {0.50, 0.05, 0.05, 0.10, 0.10, 0.20},  // step 4: e0 (gap 3), e5
+      {0.10, 0.10, 0.10, 0.10, 0.50, 0.10},  // step 5: e4 (gap 5)
+      {0.14, 0.15, 0.16, 0.40, 0.05, 0.10},  // step 6: e3 (gap 6); 0.16 < 1/6
+  };
+  LazyEvictionState st = lazy_eviction_fresh(1, 1, 6, 0, torch::kCPU);
+  for (size_t s = 0; s < rows.size(); ++s)
+    lazy_eviction_update(st, torch::tensor(rows[s], torch::kDouble).view({1, 1, 6}), at::Tensor(),
+                         static_cast<int64_t>(s) + 1, 0.0);
+  auto vec = [](const at::Tensor& t) {
+    at::Tensor c = t.reshape({-1}).to(torch::kLong).contiguous();
+    return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  };
+  EXPECT_EQ(vec(st.last), (std::vector<int64_t>{4, 2, 3, 6, 5, 4}));
+  EXPECT_EQ(vec(st.mri), (std::vector<int64_t>{3, 2, 3, 6, 5, 1}));
+  // At step 6, idle - MRI: e1 4-2 = 2, e5 2-1 = 1 (both over their MRI); e0 2-3, e2 3-3, e3 0-6, e4 1-5 not.
+  // Over-MRI first by (idle - MRI) descending: e1, e5 (e5's lower attention does not matter); then the rest
+  // by lower attention: e4 (.05), e0 (.14), e2 (.16), e3 (.40).
+  at::Tensor keep = lazy_eviction_keep_scores(st, at::Tensor(), 6, 1);  // (1, 1, 6)
+  at::Tensor order = std::get<1>(keep.view({6}).sort(/*stable=*/true, 0, /*descending=*/false));
+  EXPECT_EQ(vec(order), (std::vector<int64_t>{1, 5, 4, 0, 2, 3}));
+  // A threshold of 0.35 makes only e0 (steps 1, 4: MRI 3), e1 (2), e2 (3), e4 (5), e3 (6) important.
+  LazyEvictionState st2 = lazy_eviction_fresh(1, 1, 6, 0, torch::kCPU);
+  for (size_t s = 0; s < rows.size(); ++s)
+    lazy_eviction_update(st2, torch::tensor(rows[s], torch::kDouble).view({1, 1, 6}), at::Tensor(),
+                         static_cast<int64_t>(s) + 1, 0.35);
+  EXPECT_EQ(vec(st2.last), (std::vector<int64_t>{4, 2, 3, 6, 5, 0}));
+  EXPECT_EQ(vec(st2.mri), (std::vector<int64_t>{3, 2, 3, 6, 5, 0}));
+  // Window protection: entries born after step - window are never evicted; invalid entries always go.
+  st.born = torch::tensor(std::vector<int64_t>{0, 5, 0, 0, 4, 0}).view({1, 1, 6});
+  at::Tensor valid = torch::tensor(std::vector<int64_t>{1, 1, 1, 1, 1, 0}).view({1, 1, 6}).to(torch::kBool);
+  at::Tensor k2 = lazy_eviction_keep_scores(st, valid, 6, 2);  // protects born > 4: e1
+  EXPECT_TRUE(std::isinf(k2[0][0][1].item<double>()) && k2[0][0][1].item<double>() > 0);
+  EXPECT_FALSE(std::isinf(k2[0][0][4].item<double>()));
+  EXPECT_TRUE(std::isinf(k2[0][0][5].item<double>()) && k2[0][0][5].item<double>() < 0);
+}
+
+// With interval N and target T, every head holds exactly T entries after each trigger and grows by one in
+// between; no head ever exceeds T + N entries, nor the cache's peak (T + N) entries per head.
+TEST(DecodeEviction, TriggerKeepsTargetAndBoundsPeak) {
+  const Model& m = tiny_model(torch::kFloat);
+  const ModelConfig& c = m.config();
+  const int64_t n0 = 8, N = 3, steps = 11;
+  for (int64_t T : {int64_t{0}, int64_t{5}}) {
+    for (DecodePolicy pol : {DecodePolicy::H2O, DecodePolicy::TOVA, DecodePolicy::LazyEviction, DecodePolicy::Scorer}) {
+      DecodeEvictionOptions opt;
+      opt.scorer = std::make_shared<SnapKVScorer>(SnapKVOptions{2, 3, GroupReduce::Mean});
+      DecodeEvictor ev(m, pol, {N, T}, opt);
+      const int64_t target = T > 0 ? T : n0;
+      PrefillObserver inner = ev.observer();
+      std::vector<int64_t> step_of(c.num_layers, 0), prev(c.num_layers, n0);
+      int64_t max_len = 0, max_bytes = 0;
+      PrefillObserver obs_fn = [&](const PrefillLayerObservation& obs, KVCache& cache) {
+        const int64_t l = obs.layer, step = ++step_of[l];
+        if (step > N) max_bytes = std::max(max_bytes, cache.bytes());  // every layer has been evicted once
+        inner(obs, cache);
+        for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+          const int64_t len = cache.length(l, 0, h);
+          if (step % N == 0)
+            EXPECT_EQ(len, std::min(target, prev[l] + 1)) << "layer " << l << " step " << step;
+          else
+            EXPECT_EQ(len, prev[l] + 1) << "layer " << l << " step " << step;
+          if (step >= N) max_len = std::max(max_len, len);
+          if (h == c.num_kv_heads - 1) prev[l] = len;
+        }
+      };
+      KVCache cache = m.new_cache(1);
+      decode_loop(m, cache, prompt_ids(1, n0, 5), steps, obs_fn);
+      EXPECT_LE(max_len, target + N - 1);
+      const int64_t bound = c.num_layers * c.num_kv_heads * (target + N) * cache.bytes_per_entry();
+      EXPECT_LE(max_bytes, bound);
+      EXPECT_GT(max_bytes, bound - c.num_layers * c.num_kv_heads * cache.bytes_per_entry());  // reached: T + N - 1
+      // Keeping the prefill's budget (T = 0), the cache's own peak stays within (T + N) entries per head.
+      if (T == 0) EXPECT_LE(cache.peak_bytes(), bound);
+      EXPECT_EQ(ev.targets(0), std::vector<int64_t>(c.num_kv_heads, target));
+      EXPECT_EQ(ev.stats().triggers, (steps / N) * c.num_layers);
+      // Final length: after the last trigger (step 9) the heads grew by steps - 9.
+      EXPECT_EQ(cache.length(1, 0, 1), target + steps % N);
+    }
+  }
+}
+
+// target 0 keeps what a ragged (AdaKV) prefill compression left, per head.
+TEST(DecodeEviction, TargetZeroKeepsRaggedPrefillBudgets) {
+  const Model& m = tiny_model(torch::kFloat);
+  const ModelConfig& c = m.config();
+  Method method = make_method("adakv_knorm", 0.5);
+  KVCache cache = m.new_cache(1);
+  compress_prefill(m, cache, prompt_ids(1, 16, 9), method);
+  std::vector<std::vector<int64_t>> budget(c.num_layers);
+  bool ragged = false;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    budget[l] = cache.lengths(l);
+    ragged = ragged || *std::min_element(budget[l].begin(), budget[l].end()) !=
+                           *std::max_element(budget[l].begin(), budget[l].end());
+  }
+  ASSERT_TRUE(ragged) << "the AdaKV prefill should leave heads of different lengths";
+  DecodeEvictor ev(m, DecodePolicy::H2O, {2, 0});
+  at::Tensor ids = torch::full({1, 1}, 3, torch::kLong);
+  for (int64_t s = 1; s <= 6; ++s) {
+    m.prefill(ids, cache, LogitsMode::LastPosition, ev.observer());
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      for (int64_t r = 0; r < c.num_kv_heads; ++r) EXPECT_EQ(cache.lengths(l)[r], budget[l][r] + s % 2);
+  }
+  for (int64_t l = 0; l < c.num_layers; ++l) EXPECT_EQ(ev.targets(l), budget[l]);
+}
+
+// Two batch rows of different prompt lengths (left-padded through Model::prefill's `lead`) evict exactly as
+// each row alone; a row that finished (its later steps are padding, as in generate_batch) is left alone and
+// does not disturb the other.
+TEST(DecodeEviction, BatchRowsEvictAsAlone) {
+  const Model& m = model64();
+  const ModelConfig& c = m.config();
+  const int64_t steps = 8;
+  torch::manual_seed(11);
+  auto toks = [](int64_t n) {
+    at::Tensor t = torch::randint(61, {n}, torch::kLong);
+    return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
+  };
+  const std::vector<int64_t> p0 = toks(9), p1 = toks(6);
+  using Trace = std::vector<std::vector<std::vector<std::vector<int64_t>>>>;  // [step][layer][head] positions
+  struct Out {
+    std::vector<Trace> pos;                   // [row]
+    std::vector<std::vector<int64_t>> token;  // [row][step]
+  };
+  for (DecodePolicy pol : {DecodePolicy::H2O, DecodePolicy::TOVA, DecodePolicy::LazyEviction, DecodePolicy::Scorer}) {
+    // finish: from this step on, row 1's steps are padding (-1: never)
+    auto run = [&](const std::vector<std::vector<int64_t>>& rows, int64_t finish) {
+      const int64_t B = rows.size();
+      DecodeEvictionOptions opt;
+      opt.scorer = std::make_shared<KNormScorer>();
+      DecodeEvictor ev(m, pol, {2, 6}, opt);
+      PrefillObserver inner = ev.observer();
+      Out out;
+      out.pos.assign(B, {});
+      out.token.assign(B, {});
+      PrefillObserver f = [&](const PrefillLayerObservation& obs, KVCache& cache) {
+        inner(obs, cache);
+        for (int64_t b = 0; b < B; ++b) {
+          if (obs.layer == 0) out.pos[b].emplace_back();
+          out.pos[b].back().emplace_back();
+          for (int64_t h = 0; h < c.num_kv_heads; ++h)
+            out.pos[b].back().back().push_back(head_positions(cache, obs.layer, b, h));
+        }
+      };
+      std::vector<int64_t> lead;
+      at::Tensor ids = left_pad(rows, 0, lead);  // (B, T)
+      KVCache cache = m.new_cache(B);
+      at::Tensor logits = m.prefill(ids, cache, LogitsMode::LastPosition, {}, lead);  // (B, V)
+      for (int64_t s = 0; s < steps; ++s) {
+        at::Tensor next = logits.argmax(-1).view({B, 1});  // (B, 1)
+        for (int64_t b = 0; b < B; ++b) out.token[b].push_back(next[b][0].item<int64_t>());
+        std::vector<int64_t> step_lead(B, 0);
+        if (finish >= 0 && s >= finish) step_lead[1] = 1;
+        logits = m.prefill(next, cache, LogitsMode::LastPosition, f, step_lead);
+      }
+      return out;
+    };
+    const Out both = run({p0, p1}, -1), a0 = run({p0}, -1), a1 = run({p1}, -1);
+    EXPECT_EQ(both.pos[0], a0.pos[0]) << "policy " << static_cast<int>(pol);
+    EXPECT_EQ(both.pos[1], a1.pos[0]) << "policy " << static_cast<int>(pol);
+    EXPECT_EQ(both.token[0], a0.token[0]);
+    EXPECT_EQ(both.token[1], a1.token[0]);
+    EXPECT_NE(both.pos[0], both.pos[1]);  // the rows differ, so the check above can fail
+    // Row 1 finishes after 3 steps: row 0 is unaffected, row 1 gains no entry (and loses none at triggers,
+    // since it already holds at most its target).
+    const Out fin = run({p0, p1}, 3);
+    EXPECT_EQ(fin.pos[0], a0.pos[0]) << "policy " << static_cast<int>(pol);
+    for (int64_t s = 3; s < steps; ++s)
+      for (int64_t l = 0; l < c.num_layers; ++l)
+        for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+          const std::vector<int64_t>& p = fin.pos[1][s][l][h];
+          EXPECT_LE(static_cast<int64_t>(p.size()), 7);
+          EXPECT_LE(*std::max_element(p.begin(), p.end()), 6 + 3 - 1) << "a padding step stored an entry";
+        }
+  }
+}
