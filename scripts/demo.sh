@@ -2,8 +2,10 @@
 # The main job on the default model, end to end on this machine. Today: the frozen SmolLM2-135M-Instruct,
 # converted from its GGUF, answers a chat prompt and scores English prose (perplexity); the default corpus
 # becomes a packed HDF5 distillation dataset and a RULER-style long-context task suite; a TRIM-KV retention
-# gate is distilled from the frozen model on CPU (configs/demo-trimkv.yaml, about 8 minutes on 2 cores), and
-# its held-out KL at M tokens per KV head is printed before and after training.
+# gate is distilled from the frozen model on CPU (configs/demo-trimkv.yaml, about 2 minutes on 2 cores), and
+# its held-out KL at M tokens per KV head is printed before and after training; the model writes its own
+# responses to a few prompts (the data of response-trained gates); finally a CPU-sized comparison of the
+# full cache, heuristics and the trained gate on the task suite (accuracy, KL, memory; table and plots).
 # Bootstraps first, so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,3 +34,18 @@ echo
 echo "held-out KL to the full cache at M=64 per KV head (step 0 = untrained gate):"
 grep heldout_kl runs/demo-trimkv/metrics.jsonl || true
 echo "gate bundle: runs/demo-trimkv/bundle (gates.safetensors + kvdistill.json)"
+step "prompts cut from the corpus" "$KVD" prepare prompts --input .cache/corpus/python-doc --out .cache/data/demo-prompts.jsonl \
+  --count 4 --seed 0 --model "$MODEL" --passage-tokens 120
+step "the model's own greedy responses to them (teacher data for response-trained gates)" "$KVD" prepare responses \
+  --model "$MODEL" --prompts .cache/data/demo-prompts.jsonl --out .cache/data/demo-responses.h5 --max-new-tokens 32 \
+  --batch 4 --device "$DEVICE"
+step "a small task suite for the comparison (8 tasks at 1K tokens)" "$KVD" prepare tasks --model "$MODEL" --suite ruler \
+  --lengths 1024 --samples 1 --seed 1 --out .cache/data/demo-tasks.jsonl
+step "the comparison, CPU-sized: full cache vs heuristics vs the trained gate (resumes if interrupted)" \
+  "$KVD" eval --model "$MODEL" --tasks .cache/data/demo-tasks.jsonl --device "$DEVICE" --batch 4 \
+  --methods streaming_llm,snapkv,tova,expected_attention,adakv_snapkv,defensivekv,gate:runs/demo-trimkv/bundle \
+  --ratios 0.5,0.75 --out runs/demo-eval
+.venv/bin/python scripts/plot_results.py runs/demo-eval --title "demo: 8 samples at 1K, CPU"
+echo
+sed -n '/^## Accuracy (%)$/,/^## KL/p' runs/demo-eval/results.md | sed '$d'
+echo "full report: runs/demo-eval/results.md (also .json, .csv); plots: runs/demo-eval/accuracy.png, runs/demo-eval/kl.png"
