@@ -495,7 +495,6 @@ void run_eval(const EvalOptions& opt) {
   }
 
   const Model model = Model::load(opt.model_dir, device);
-  const Tokenizer& tk = tok;
   const auto t_start = Clock::now();
   int64_t computed = 0;
   for (size_t i0 = 0; i0 < order.size(); i0 += static_cast<size_t>(opt.batch)) {
@@ -513,7 +512,7 @@ void run_eval(const EvalOptions& opt) {
     bool have_ref = false;
     for (const Config& c : configs) {
       const bool needed = std::find(need.begin(), need.end(), &c) != need.end();
-      if (!needed && !(c.method == "full" && !need.empty())) continue;  // full always runs: the reference
+      if (!needed && c.method != "full") continue;  // the full cache always runs: it is the reference
       EvalMethod m = make_eval_method(c.method, c.b, model.config(), opt.model_dir, model.device(), opt.seed);
       KVD_CHECK(m.full || have_ref, "eval: internal error, no full-cache reference");
       double prefill_s = 0, decode_s = 0;
@@ -528,7 +527,7 @@ void run_eval(const EvalOptions& opt) {
           if (std::find(model.config().eos_token_ids.begin(), model.config().eos_token_ids.end(), t) ==
               model.config().eos_token_ids.end())
             toks.push_back(static_cast<int32_t>(t));
-        const std::string output = tk.decode(toks, SkipSpecial::Yes);
+        const std::string output = tok.decode(toks, SkipSpecial::Yes);
         json j = {{"id", s.id},
                   {"task", s.task},
                   {"length", s.length},

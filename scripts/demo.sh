@@ -43,7 +43,7 @@ step "a small task suite for the comparison (8 tasks at 1K tokens)" "$KVD" prepa
   --lengths 1024 --samples 1 --seed 1 --out .cache/data/demo-tasks.jsonl
 step "the comparison, CPU-sized: full cache vs heuristics vs the trained gate (resumes if interrupted)" \
   "$KVD" eval --model "$MODEL" --tasks .cache/data/demo-tasks.jsonl --device "$DEVICE" --batch 4 \
-  --methods streaming_llm,snapkv,tova,expected_attention,adakv_snapkv,defensivekv,gate:runs/demo-trimkv/bundle \
+  --methods streaming_llm,snapkv,adakv_snapkv,defensivekv,gate:runs/demo-trimkv/bundle \
   --ratios 0.5,0.75 --out runs/demo-eval
 .venv/bin/python scripts/plot_results.py runs/demo-eval --title "demo: 8 samples at 1K, CPU"
 echo
