@@ -45,16 +45,8 @@ NamedScorer make(const std::string& spec, const Model& model, const std::string&
   if (spec == "streaming_llm") {
     s.scorer = std::make_unique<StreamingLLMScorer>(4);
   } else if (spec == "gate-untrained" || spec.rfind("gate:", 0) == 0) {
-    RetentionGateOptions opt;
-    if (spec != "gate-untrained") {
-      const nlohmann::json m = read_gate_manifest(spec.substr(5));
-      opt.hidden = m.value("gate_hidden", opt.hidden);
-      opt.budget = m.value("budget", opt.budget);
-    }
-    torch::manual_seed(seed);  // the untrained gate's random init, reproducible
-    s.gate = RetentionGate(model.config(), opt);
-    s.gate->to(model.device());
-    if (spec != "gate-untrained") load_gate_bundle(spec.substr(5), *s.gate, base_model_info(model_dir));
+    s.gate = load_retention_gate(model.config(), model_dir, spec == "gate-untrained" ? "" : spec.substr(5),
+                                 model.device(), seed);
     s.scorer = s.gate->make_scorer();
   } else {
     KVD_FAIL("--scorers: unknown scorer '", spec, "' (streaming_llm, gate-untrained, gate:<bundle dir>)");

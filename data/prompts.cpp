@@ -54,17 +54,7 @@ std::vector<PromptRecord> read_prompts(const std::string& path) {
     if (blank(line)) continue;
     const std::string where = path + ":" + std::to_string(n);
     KVD_CHECK(find_invalid_utf8(line) == std::string::npos, where, ": invalid UTF-8; convert the file to UTF-8");
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::parse_error& e) {
-      std::string what = e.what();
-      const size_t p = what.find("] ");
-      if (p != std::string::npos) what = what.substr(p + 2);
-      const size_t l1 = what.find("at line 1, column ");
-      if (l1 != std::string::npos) what.replace(l1, 18, "at column ");
-      KVD_FAIL(where, ": malformed JSON (", what, "); each line must be one JSON object");
-    }
+    json j = parse_jsonl_line(line, where);
     KVD_CHECK(j.is_object(), where, ": expected a JSON object with \"prompt\" or \"messages\", found ", j.type_name());
     PromptRecord r;
     r.line = n;

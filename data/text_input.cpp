@@ -206,17 +206,7 @@ bool DocumentReader::next_jsonl(Document& doc) {
     if (std::all_of(line.begin(), line.end(), [](unsigned char c) { return std::isspace(c) != 0; })) continue;
     const std::string where = f.path + ":" + std::to_string(line_);
     if (opt_.invalid_utf8 == InvalidUtf8::Replace) line = replace_invalid_utf8(line);
-    json j;
-    try {
-      j = json::parse(line);
-    } catch (const json::parse_error& e) {
-      std::string what = e.what();
-      const size_t p = what.find("] ");
-      if (p != std::string::npos) what = what.substr(p + 2);
-      const size_t l1 = what.find("at line 1, column ");  // the line is the JSONL line: keep the column
-      if (l1 != std::string::npos) what.replace(l1, 18, "at column ");
-      KVD_FAIL(where, ": malformed JSON (", what, "); each line must be one JSON object");
-    }
+    json j = parse_jsonl_line(line, where);
     KVD_CHECK(j.is_object(), where, ": expected a JSON object with \"text\" or \"messages\", found ", j.type_name());
     doc.source = where;
     if (j.contains("text")) {
@@ -243,6 +233,19 @@ bool DocumentReader::next_jsonl(Document& doc) {
   }
   KVD_CHECK(!in_->bad(), f.path, ": read error (", std::strerror(errno), ")");
   return false;
+}
+
+nlohmann::json parse_jsonl_line(const std::string& line, const std::string& where) {
+  try {
+    return nlohmann::json::parse(line);
+  } catch (const nlohmann::json::parse_error& e) {
+    std::string what = e.what();
+    const size_t p = what.find("] ");
+    if (p != std::string::npos) what = what.substr(p + 2);
+    const size_t l1 = what.find("at line 1, column ");  // the line is the JSONL line: keep the column
+    if (l1 != std::string::npos) what.replace(l1, 18, "at column ");
+    KVD_FAIL(where, ": malformed JSON (", what, "); each line must be one JSON object");
+  }
 }
 
 }  // namespace kvd

@@ -24,6 +24,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "models/chat_template.h"
 
 namespace kvd {
@@ -86,6 +88,8 @@ class DocumentReader {
 
 // Offset of the first byte of the first invalid UTF-8 sequence in `s`, or npos if it is valid.
 size_t find_invalid_utf8(const std::string& s);
+// One JSONL line as JSON; a parse error is one error naming `where` ("file:line") and the column.
+nlohmann::json parse_jsonl_line(const std::string& line, const std::string& where);
 // `s` with each maximal invalid UTF-8 subpart replaced by U+FFFD.
 std::string replace_invalid_utf8(const std::string& s);
 

@@ -99,17 +99,7 @@ EvalMethod make_eval_method(const std::string& name, const Budget& budget, const
     }
     return m;
   }
-  const std::string dir = name.substr(5);
-  const json manifest = read_gate_manifest(dir);
-  const std::string kind = manifest.value("kind", std::string("retention_gate"));
-  KVD_CHECK(kind == "retention_gate", "--methods ", name, ": the bundle holds a '", kind,
-            "' component; eval scores retention_gate bundles");
-  RetentionGateOptions opt;
-  opt.hidden = manifest.value("gate_hidden", opt.hidden);
-  opt.budget = manifest.value("budget", opt.budget);
-  m.gate = RetentionGate(cfg, opt);
-  m.gate->to(device);
-  load_gate_bundle(dir, *m.gate, base_model_info(model_dir));  // refuses a bundle of another model
+  m.gate = load_retention_gate(cfg, model_dir, name.substr(5), device, seed);  // refuses another model's bundle
   m.method.name = name;
   m.method.scorer = m.gate->make_scorer();
   m.method.selector.budget = budget;

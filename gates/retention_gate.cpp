@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "export/gate_bundle.h"
 #include "losses/capacity.h"
 
 namespace kvd {
@@ -151,6 +152,21 @@ nlohmann::json RetentionGateImpl::manifest() const {
       {"score_formula", "log_beta_i * (t + 1 - pos_i)"},
       {"higher_keeps", true},
   };
+}
+
+RetentionGate load_retention_gate(const ModelConfig& cfg, const std::string& model_dir, const std::string& bundle_dir,
+                                  c10::Device device, uint64_t seed) {
+  RetentionGateOptions opt;
+  if (!bundle_dir.empty()) {
+    const nlohmann::json m = read_gate_manifest(bundle_dir);
+    opt.hidden = m.value("gate_hidden", opt.hidden);
+    opt.budget = m.value("budget", opt.budget);
+  }
+  torch::manual_seed(seed);  // the untrained gate's random init, reproducible
+  RetentionGate gate(cfg, opt);
+  gate->to(device);
+  if (!bundle_dir.empty()) load_gate_bundle(bundle_dir, *gate, base_model_info(model_dir));
+  return gate;
 }
 
 }  // namespace kvd

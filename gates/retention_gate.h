@@ -84,4 +84,10 @@ TORCH_MODULE(RetentionGate);
 // query position t -> (B, H_kv, n) float32 log β · (t + 1 − pos) (higher = keep).
 at::Tensor retention_score(const at::Tensor& log_beta, const at::Tensor& positions, int64_t next_position);
 
+// A retention gate for the model in `model_dir` (config cfg), on `device`: loaded from the gate bundle in
+// bundle_dir (its manifest's width and budget; a bundle of another model or component is refused), or, with
+// an empty bundle_dir, untrained with a reproducible init from `seed`.
+RetentionGate load_retention_gate(const ModelConfig& cfg, const std::string& model_dir, const std::string& bundle_dir,
+                                  c10::Device device, uint64_t seed = 0);
+
 }  // namespace kvd
