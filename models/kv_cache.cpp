@@ -57,6 +57,24 @@ void KVCache::set_len(Layer& L, int64_t r, int64_t n) {
   L.len[r] = n;
 }
 
+const at::Tensor& KVCache::device_start(const Layer& L) const {
+  if (!L.start_d.defined()) L.start_d = index_tensor(L.start, device_);
+  return L.start_d;
+}
+
+const at::Tensor& KVCache::device_len(const Layer& L) const {
+  if (!L.len_d.defined()) L.len_d = index_tensor(L.len, device_);
+  return L.len_d;
+}
+
+const at::Tensor& KVCache::device_vector(const std::vector<int64_t>& v) const {
+  if (!memo_d_.defined() || v != memo_key_) {
+    memo_key_ = v;
+    memo_d_ = index_tensor(v, device_);
+  }
+  return memo_d_;
+}
+
 void KVCache::reallocate(Layer& L, const std::vector<int64_t>& new_cap) {
   const int64_t rows = batch_ * kv_heads_;
   std::vector<int64_t> new_start(rows, 0);
@@ -94,6 +112,7 @@ void KVCache::reallocate(Layer& L, const std::vector<int64_t>& new_cap) {
   L.cap = new_cap;
   L.start = new_start;
   L.total = total;
+  L.start_d = at::Tensor();
 }
 
 void KVCache::append(int64_t layer, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pos) {
@@ -138,37 +157,70 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
   p = p.to(device_, torch::kLong);                                         // (B, H_kv, t)
   const int64_t n0 = L.len[0];
   const bool uniform = !padded && std::all_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l == n0; });
+  // A padded decode step can write in place of its padding rows only where each such row owns a slot.
+  bool device_path = !padded;
+  if (padded && t == 1) {
+    device_path = true;
+    for (int64_t r = 0; r < rows && device_path; ++r) device_path = gain(r) > 0 || L.cap[r] > 0;
+  }
   if (uniform && layout(L) == Layout::Regular) {
     // Hot path for plain prefill / decode: one strided copy into the (B, H_kv, cap, hd) view.
     const int64_t c = L.cap[0];
     L.k.view({batch_, kv_heads_, c, head_dim_}).narrow(2, n0, t).copy_(k);
     L.v.view({batch_, kv_heads_, c, head_dim_}).narrow(2, n0, t).copy_(v);
     L.pos.view({batch_, kv_heads_, c}).narrow(2, n0, t).copy_(p);
+  } else if (device_path) {
+    // Scatter indices built on the device from its copy of the segment table: nothing is uploaded.
+    at::Tensor kf = k.reshape({rows * t, head_dim_});  // (B*H_kv*t, hd)
+    at::Tensor vf = v.reshape({rows * t, head_dim_});  // (B*H_kv*t, hd)
+    at::Tensor pf = p.reshape({rows * t});             // (B*H_kv*t)
+    const at::Tensor& start = device_start(L);         // (B*H_kv)
+    const at::Tensor& len = device_len(L);             // (B*H_kv)
+    at::Tensor d;                                      // (B*H_kv*t)
+    if (!padded) {
+      d = ((start + len).view({rows, 1}) + torch::arange(t, start.options()).view({1, t})).reshape({rows * t});
+    } else {
+      // t = 1: a padding row (a finished one) writes its own last slot back unchanged, so one index_copy_
+      // serves every row with no compaction (which would need the count on the host).
+      std::vector<int64_t> g(rows);
+      for (int64_t r = 0; r < rows; ++r) g[r] = gain(r);
+      at::Tensor real = device_vector(g).gt(0);                                            // (B*H_kv)
+      d = torch::where(real, start + len, start + (len - 1).clamp_min(0));                  // (B*H_kv)
+      at::Tensor real2 = real.view({rows, 1});
+      kf = torch::where(real2, kf, L.k.index_select(0, d));
+      vf = torch::where(real2, vf, L.v.index_select(0, d));
+      pf = torch::where(real, pf, L.pos.index_select(0, d));
+    }
+    L.k.index_copy_(0, d, kf);
+    L.v.index_copy_(0, d, vf);
+    L.pos.index_copy_(0, d, pf);
   } else {
-    // Every head's new entries go to its own next slots: one index_copy_ per tensor.
-    std::vector<int64_t> dst, src;  // src only with padding: which of the B * H_kv * t chunk rows are stored
+    // A left-padded chunk: every head's real entries go to its own next slots, one index_copy_ per tensor.
+    std::vector<int64_t> dst, src;  // which of the B * H_kv * t chunk rows are stored, and where
     dst.reserve(rows * t);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t first = t - gain(r);
       for (int64_t j = first; j < t; ++j) {
         dst.push_back(L.start[r] + L.len[r] + (j - first));
-        if (padded) src.push_back(r * t + j);
+        src.push_back(r * t + j);
       }
     }
     if (!dst.empty()) {
-      at::Tensor kf = k.reshape({rows * t, head_dim_});  // (B*H_kv*t, hd)
-      at::Tensor vf = v.reshape({rows * t, head_dim_});  // (B*H_kv*t, hd)
-      at::Tensor pf = p.reshape({rows * t});             // (B*H_kv*t)
-      if (padded) {
-        at::Tensor s = index_tensor(src, device_);  // (N)
-        kf = kf.index_select(0, s);
-        vf = vf.index_select(0, s);
-        pf = pf.index_select(0, s);
-      }
+      at::Tensor s = index_tensor(src, device_);  // (N)
       at::Tensor d = index_tensor(dst, device_);  // (N)
-      L.k.index_copy_(0, d, kf);
-      L.v.index_copy_(0, d, vf);
-      L.pos.index_copy_(0, d, pf);
+      L.k.index_copy_(0, d, k.reshape({rows * t, head_dim_}).index_select(0, s));
+      L.v.index_copy_(0, d, v.reshape({rows * t, head_dim_}).index_select(0, s));
+      L.pos.index_copy_(0, d, p.reshape({rows * t}).index_select(0, s));
+    }
+  }
+  // The device copy of len follows without an upload where it is current.
+  if (L.len_d.defined()) {
+    if (!padded) {
+      L.len_d.add_(t);
+    } else {
+      std::vector<int64_t> g(rows);
+      for (int64_t r = 0; r < rows; ++r) g[r] = gain(r);
+      L.len_d.add_(device_vector(g));
     }
   }
   for (int64_t r = 0; r < rows; ++r) set_len(L, r, L.len[r] + gain(r));
@@ -208,7 +260,7 @@ KVLayerView KVCache::layer(int64_t layer) const {
   }
   const bool ragged = std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != n; });
   if (ragged) {
-    at::Tensor len = index_tensor(L.len, device_).view({batch_, kv_heads_, 1});  // (B, H_kv, 1)
+    at::Tensor len = device_len(L).view({batch_, kv_heads_, 1});                     // (B, H_kv, 1)
     view.valid = torch::arange(n, opt.dtype(torch::kLong)).view({1, 1, n}).lt(len);  // (B, H_kv, n)
   }
   if (layout(L) == Layout::Regular) {
@@ -219,13 +271,14 @@ KVLayerView KVCache::layer(int64_t layer) const {
     view.pos = L.pos.view({batch_, kv_heads_, c}).narrow(2, 0, n);         // (B, H_kv, n)
     return view;
   }
-  // Irregular segments: a transient padded copy, one gather per tensor. Padding slots read some held slot
-  // (the head's last one, or slot 0 for an empty head: n > 0, so the buffer is not empty) and are then zeroed.
+  // Irregular segments: a transient padded copy, one gather per tensor, its indices built on the device.
+  // Padding slots read some held slot (the head's last one, or its segment's first slot for an empty head;
+  // clamped into the buffer, which is not empty as n > 0) and are then zeroed.
   const int64_t rows = batch_ * kv_heads_;
-  std::vector<int64_t> idx(rows * n, 0);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < n && L.len[r] > 0; ++j) idx[r * n + j] = L.start[r] + std::min(j, L.len[r] - 1);
-  at::Tensor gi = index_tensor(idx, device_);                                         // (B*H_kv*n)
+  const at::Tensor& start = device_start(L);  // (B*H_kv)
+  at::Tensor last = (device_len(L) - 1).clamp_min(0).view({rows, 1});                        // (B*H_kv, 1)
+  at::Tensor j = torch::arange(n, start.options()).view({1, n});                               // (1, n)
+  at::Tensor gi = (start.view({rows, 1}) + torch::minimum(j, last)).clamp_max(L.total - 1).reshape({rows * n});
   view.k = L.k.index_select(0, gi).view({batch_, kv_heads_, n, head_dim_});          // (B, H_kv, n, hd)
   view.v = L.v.index_select(0, gi).view({batch_, kv_heads_, n, head_dim_});          // (B, H_kv, n, hd)
   view.pos = L.pos.index_select(0, gi).view({batch_, kv_heads_, n});                 // (B, H_kv, n)
@@ -301,6 +354,7 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep) {
   L.start = start;
   L.total = total;
   for (int64_t r = 0; r < rows; ++r) set_len(L, r, cap[r]);
+  L.start_d = L.len_d = at::Tensor();
 }
 
 void KVCache::rewind(const std::vector<int64_t>& per_row) {
@@ -319,6 +373,7 @@ void KVCache::rewind(const std::vector<int64_t>& per_row) {
   for (Layer& L : layers_) {
     // Dropped slots go back to zero (positions -1), as unused slots must be.
     std::vector<int64_t> drop;
+    L.len_d = at::Tensor();
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t d = per_row[r / kv_heads_];
       for (int64_t j = L.len[r] - d; j < L.len[r]; ++j) drop.push_back(L.start[r] + j);
@@ -390,6 +445,7 @@ void KVCache::clear() {
     std::fill(L.start.begin(), L.start.end(), 0);
     L.total = 0;
     L.aligned = true;
+    L.start_d = L.len_d = at::Tensor();
   }
   std::fill(next_pos_.begin(), next_pos_.end(), 0);
   std::fill(row_entries_.begin(), row_entries_.end(), 0);

@@ -11,6 +11,10 @@
 // capacity and they are laid out r * cap (the common case: plain prefill / decode, a uniform keep), these are
 // zero-copy views of the storage; otherwise they are a transient padded copy built with one gather
 // (index_select), valid until the caller drops it, and `valid` marks the real entries.
+//
+// The segment table (start, len) lives on the host, and a copy of it on the device builds the gather and
+// scatter indices there: a decode step (t = 1, padded or not) and layer() upload nothing and never wait for
+// the device. Only keep(), rewind(), a reallocation and a left-padded multi-token chunk upload indices.
 #pragma once
 
 #include <cstdint>
@@ -115,6 +119,8 @@ class KVCache {
     std::vector<int64_t> start;  // [B * H_kv] first slot of r's segment
     int64_t total = 0;           // S_total = Σ cap
     bool aligned = true;         // heads_aligned(): no keep() since the last clear()
+    // Device copies of start / len, (B * H_kv) int64; undefined while stale (rebuilt on next use).
+    mutable at::Tensor start_d, len_d;
   };
   enum class Layout { Regular, Irregular };  // Regular: equal capacities, segment r at r * cap
   void check_layer(int64_t layer) const;
@@ -122,6 +128,11 @@ class KVCache {
   // Reallocates L with segment capacities new_cap (each >= len_r + the room needed), copying the entries.
   void reallocate(Layer& L, const std::vector<int64_t>& new_cap);
   void set_len(Layer& L, int64_t r, int64_t n);  // keeps the per-row entry counts in step
+  const at::Tensor& device_start(const Layer& L) const;  // (B * H_kv) int64 on the device
+  const at::Tensor& device_len(const Layer& L) const;    // (B * H_kv) int64 on the device
+  // `v` on the device, uploaded once while the same values keep coming (every layer of a forward asks for
+  // the same per-row gains).
+  const at::Tensor& device_vector(const std::vector<int64_t>& v) const;
   void update_peak();
 
   int64_t batch_, kv_heads_, head_dim_;
@@ -132,6 +143,8 @@ class KVCache {
   std::vector<int64_t> row_entries_;  // [B] entries of row b, all layers and heads
   int64_t peak_bytes_ = 0;
   std::vector<int64_t> row_peak_;   // [B]
+  mutable std::vector<int64_t> memo_key_;  // device_vector()'s last upload
+  mutable at::Tensor memo_d_;
 };
 
 }  // namespace kvd

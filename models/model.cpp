@@ -4,6 +4,9 @@
 #include <cmath>
 #include <limits>
 
+#include <ATen/autocast_mode.h>
+#include <torch/torch.h>
+
 #include "common/error.h"
 #include "models/kv_cache.h"
 #include "models/safetensors.h"
@@ -145,6 +148,215 @@ at::Tensor grouped_probs(const at::Tensor& q,     // (B, H, Sq, hd)
   return torch::softmax(scores, -1);                                                // (B, H_kv, G, Sq, S)
 }
 
+// What every layer of one forward_train shares: masks, RoPE tables, LoRA rows, the statistics request.
+// Held by pointer from each checkpointed layer's autograd node, so it lives until the backward is done.
+struct TrainForwardCtx : torch::CustomClassHolder {
+  TrainMask tm;
+  at::Tensor cos, sin;      // (B, 1, S, hd)
+  LoraRows lrows;
+  at::Tensor all_rows;      // (B, S) 0..S-1, for the explicit path
+  at::Tensor stat_rows;     // (B, n_rows) or undefined
+  int64_t stat_block = 0;
+  StatReduce stat_reduce = StatReduce::Mean;
+  int64_t B = 0, S = 0, H = 0, Hkv = 0, hd = 0;
+  double scale = 1.0, eps = 0.0;
+  bool qk_norm = false;
+  c10::ScalarType acc = torch::kFloat;  // scores and softmax
+};
+
+struct LayerResult {
+  at::Tensor x;      // (B, S, d) the layer's output (residual stream)
+  at::Tensor stats;  // (B, H, S) or undefined
+};
+
+// One decoder layer after its input RMSNorm and hook: attention with the mods, the optional statistics, the
+// MLP. x (B, S, d) is the layer input, h (B, S, d) = rms_norm(x, input_norm).
+LayerResult decoder_layer(TrainForwardCtx& c, const LayerWeights& lw, const LayerMods& m, bool want_stats,
+                          const at::Tensor& x_in, const at::Tensor& h) {
+  const int64_t B = c.B, S = c.S, H = c.H, Hkv = c.Hkv, hd = c.hd;
+  const LoraRows* lr = m.lora.any() ? &c.lrows : nullptr;
+
+  at::Tensor q = project(h, lw.q_proj, lw.q_bias, m.lora.q, lr).view({B, S, H, hd}).transpose(1, 2);  // (B, H, S, hd)
+  at::Tensor k = project(h, lw.k_proj, lw.k_bias, m.lora.k, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
+  at::Tensor v = project(h, lw.v_proj, lw.v_bias, m.lora.v, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
+  if (c.qk_norm) {
+    q = rms_norm(q, lw.q_norm, c.eps);
+    k = rms_norm(k, lw.k_norm, c.eps);
+  }
+  q = apply_rope(q, c.cos, c.sin);  // (B, H, S, hd)
+  k = apply_rope(k, c.cos, c.sin);  // (B, H_kv, S, hd)
+
+  at::Tensor attn;  // (B, H, S, hd)
+  if (!m.changes_attention()) {
+    if (c.tm.plain_causal()) {
+      attn = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, c.scale, /*enable_gqa=*/true);
+    } else {
+      attn = at::scaled_dot_product_attention(q, k, v, c.tm.sdpa_mask(), 0.0, false, c.scale, true);
+    }
+  } else {
+    if (!c.all_rows.defined())
+      c.all_rows = torch::arange(S, c.tm.positions.options()).view({1, S}).expand({B, S});
+    at::Tensor p = grouped_probs(q, k, mods_bias(c.all_rows, c.tm, m, Hkv, c.acc), c.scale);  // (B, H_kv, G, S, S)
+    attn = torch::matmul(p.to(v.scalar_type()), v.unsqueeze(2)).reshape({B, H, S, hd});
+  }
+
+  LayerResult out;
+  if (want_stats) {
+    const int64_t nr = c.stat_rows.size(1), blk = c.stat_block;
+    at::Tensor sum;  // (B, H, S)
+    for (int64_t r0 = 0; r0 < nr; r0 += blk) {
+      const int64_t nb = std::min(blk, nr - r0);
+      at::Tensor rows = c.stat_rows.narrow(1, r0, nb);                                 // (B, nb)
+      at::Tensor qr = q.gather(2, rows.view({B, 1, nb, 1}).expand({B, H, nb, hd}));    // (B, H, nb, hd)
+      at::Tensor p = grouped_probs(qr, k, mods_bias(rows, c.tm, m, Hkv, c.acc), c.scale);  // (B, H_kv, G, nb, S)
+      at::Tensor s = p.sum(3).reshape({B, H, S});                                      // (B, H, S)
+      sum = sum.defined() ? sum + s : s;
+    }
+    out.stats = c.stat_reduce == StatReduce::Mean ? sum / static_cast<double>(nr) : sum;
+  }
+
+  at::Tensor o = attn.transpose(1, 2).reshape({B, S, H * hd});  // (B, S, H*hd)
+  at::Tensor x = x_in + project(o, lw.o_proj, lw.o_bias, m.lora.o, lr);  // (B, S, d)
+  at::Tensor h2 = rms_norm(x, lw.post_norm, c.eps);                 // (B, S, d)
+  at::Tensor g = project(h2, lw.gate_proj, {}, m.lora.gate, lr);    // (B, S, ffn)
+  at::Tensor u = project(h2, lw.up_proj, {}, m.lora.up, lr);        // (B, S, ffn)
+  out.x = x + project(torch::silu(g) * u, lw.down_proj, {}, m.lora.down, lr);  // (B, S, d)
+  return out;
+}
+
+// --- activation checkpointing of one layer ----------------------------------------------------------------
+//
+// The tensors a checkpointed layer takes as autograd inputs, in this order (undefined ones are left out and
+// remembered by slot): x, h (when the layer hook ran), key_rate, key_log_mask, the LoRA a/b of q k v o gate up
+// down, and an empty anchor (when a pair_bias closure is set, so that its captured parameters get gradients
+// even where no other input requires grad).
+enum Slot : int {
+  kX = 0, kH, kKeyRate, kKeyLogMask, kLoraFirst,
+  kAnchor = kLoraFirst + 14,
+  kNumSlots
+};
+
+std::vector<LoraDelta*> lora_deltas(LayerLora& l) { return {&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down}; }
+
+// What a checkpointed layer needs besides its tensor inputs.
+struct CheckpointedLayerRun : torch::CustomClassHolder {
+  c10::intrusive_ptr<TrainForwardCtx> ctx;
+  LayerWeights w;                    // the frozen layer's weights (handles; they never require grad)
+  PairBiasFn pair_bias;              // re-run in the backward
+  std::vector<double> lora_scale;    // [7]
+  bool want_stats = false;
+  std::vector<int> slot_of_input;    // [n_inputs] which Slot each autograd input fills
+  // at::autocast state of the forward, restored for the recomputation.
+  bool autocast_cuda = false, autocast_cpu = false;
+  c10::ScalarType autocast_cuda_dtype = torch::kHalf, autocast_cpu_dtype = torch::kBFloat16;
+};
+
+// Sets the autocast state of CUDA and CPU for a scope, restoring the previous one on exit. The cast cache is
+// off inside: the recomputation's inputs are fresh leaves that require grad, which autocast would otherwise
+// cache (one bfloat16 copy of h shared by the q, k and v projections sums their gradients in bfloat16, where
+// the original graph, in which h is no leaf, sums them in float32: 5e-3 relative on the gate's gradients).
+class AutocastStateGuard {
+ public:
+  AutocastStateGuard(bool cuda, c10::ScalarType cuda_dtype, bool cpu, c10::ScalarType cpu_dtype)
+      : cuda_(at::autocast::is_autocast_enabled(c10::DeviceType::CUDA)),
+        cpu_(at::autocast::is_autocast_enabled(c10::DeviceType::CPU)),
+        cache_(at::autocast::is_autocast_cache_enabled()),
+        cuda_dtype_(at::autocast::get_autocast_dtype(c10::DeviceType::CUDA)),
+        cpu_dtype_(at::autocast::get_autocast_dtype(c10::DeviceType::CPU)) {
+    set(cuda, cuda_dtype, cpu, cpu_dtype, /*cache=*/false);
+  }
+  ~AutocastStateGuard() { set(cuda_, cuda_dtype_, cpu_, cpu_dtype_, cache_); }
+  AutocastStateGuard(const AutocastStateGuard&) = delete;
+  AutocastStateGuard& operator=(const AutocastStateGuard&) = delete;
+
+ private:
+  static void set(bool cuda, c10::ScalarType cuda_dtype, bool cpu, c10::ScalarType cpu_dtype, bool cache) {
+    at::autocast::set_autocast_enabled(c10::DeviceType::CUDA, cuda);
+    at::autocast::set_autocast_dtype(c10::DeviceType::CUDA, cuda_dtype);
+    at::autocast::set_autocast_enabled(c10::DeviceType::CPU, cpu);
+    at::autocast::set_autocast_dtype(c10::DeviceType::CPU, cpu_dtype);
+    at::autocast::set_autocast_cache_enabled(cache);
+  }
+  bool cuda_, cpu_, cache_;
+  c10::ScalarType cuda_dtype_, cpu_dtype_;
+};
+
+// Rebuilds the layer's mods from the slots (tensors) and the run (closures, scales).
+LayerMods mods_from_slots(const CheckpointedLayerRun& r, const std::vector<at::Tensor>& slots) {
+  LayerMods m;
+  m.key_rate = slots[kKeyRate];
+  m.key_log_mask = slots[kKeyLogMask];
+  m.pair_bias = r.pair_bias;
+  std::vector<LoraDelta*> d = lora_deltas(m.lora);
+  for (size_t i = 0; i < d.size(); ++i) {
+    d[i]->a = slots[kLoraFirst + 2 * i];
+    d[i]->b = slots[kLoraFirst + 2 * i + 1];
+    d[i]->scale = r.lora_scale[i];
+  }
+  return m;
+}
+
+// Forward: the layer under no-grad (Function::apply turns grad mode off), saving only its inputs.
+// Backward: the layer again, with grad, from detached copies of the saved inputs, under the forward's autocast
+// state; torch::autograd::backward through it accumulates into leaves the layer reached (parameters captured
+// by pair_bias closures) and into the detached inputs, whose gradients are returned.
+struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, at::TensorList inputs,
+                                                c10::intrusive_ptr<CheckpointedLayerRun> run) {
+    std::vector<at::Tensor> slots(kNumSlots);
+    for (size_t i = 0; i < inputs.size(); ++i) slots[run->slot_of_input[i]] = inputs[i];
+    at::Tensor h = slots[kH].defined() ? slots[kH] : rms_norm(slots[kX], run->w.input_norm, run->ctx->eps);
+    LayerResult r = decoder_layer(*run->ctx, run->w, mods_from_slots(*run, slots), run->want_stats, slots[kX], h);
+    // h is an input only to carry the hook's gradient path; it is recomputed from x in the backward.
+    std::vector<at::Tensor> to_save(inputs.begin(), inputs.end());
+    for (size_t i = 0; i < to_save.size(); ++i)
+      if (run->slot_of_input[i] == kH) to_save[i] = at::Tensor();
+    ctx->save_for_backward(to_save);
+    ctx->saved_data["run"] = c10::IValue::make_capsule(run);
+    ctx->set_materialize_grads(false);
+    torch::autograd::variable_list out{r.x};
+    if (run->want_stats) out.push_back(r.stats);
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_out) {
+    auto run = c10::static_intrusive_pointer_cast<CheckpointedLayerRun>(ctx->saved_data["run"].toCapsule());
+    const std::vector<at::Tensor> saved = ctx->get_saved_variables();  // x is always input 0
+    const size_t n = saved.size();
+    torch::autograd::variable_list grads(n + 1);  // + one (undefined) for the run, which is not a tensor
+
+    std::vector<at::Tensor> slots(kNumSlots), leaves(n);
+    {
+      torch::NoGradGuard ng;
+      for (size_t i = 0; i < n; ++i) {
+        const int slot = run->slot_of_input[i];
+        const at::Tensor t = slot == kH ? rms_norm(saved[0], run->w.input_norm, run->ctx->eps) : saved[i];
+        leaves[i] = t.detach().requires_grad_(ctx->needs_input_grad(i));
+        slots[slot] = leaves[i];
+      }
+    }
+    {
+      torch::AutoGradMode grad_on(true);
+      AutocastStateGuard autocast(run->autocast_cuda, run->autocast_cuda_dtype, run->autocast_cpu,
+                                  run->autocast_cpu_dtype);
+      const at::Tensor h = slots[kH].defined() ? slots[kH] : rms_norm(slots[kX], run->w.input_norm, run->ctx->eps);
+      LayerResult r = decoder_layer(*run->ctx, run->w, mods_from_slots(*run, slots), run->want_stats, slots[kX], h);
+      const std::vector<at::Tensor> outs{r.x, r.stats};
+      std::vector<at::Tensor> o, g;  // recomputed outputs with an incoming gradient and a graph
+      for (size_t i = 0; i < grad_out.size() && i < outs.size(); ++i)
+        if (grad_out[i].defined() && outs[i].requires_grad()) {
+          o.push_back(outs[i]);
+          g.push_back(grad_out[i]);
+        }
+      if (!o.empty()) torch::autograd::backward(o, g);
+    }
+    for (size_t i = 0; i < n; ++i)
+      if (run->slot_of_input[i] != kAnchor && leaves[i].requires_grad()) grads[i] = leaves[i].grad();
+    return grads;
+  }
+};
+
 at::Tensor check_ids(const at::Tensor& ids, int64_t vocab, const char* what) {
   KVD_CHECK(ids.dim() == 2, what, ": ids must be (B, T), got ", ids.sizes());
   KVD_CHECK(ids.scalar_type() == torch::kLong || ids.scalar_type() == torch::kInt, what,
@@ -240,7 +452,8 @@ KVCache Model::new_cache(int64_t batch) const { return KVCache(cfg_, batch, dtyp
 // --- forward_train ------------------------------------------------------------------------------------------
 
 ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& positions_in,
-                                   const AttentionMods& mods, const at::Tensor& doc_ids_in) const {
+                                   const AttentionMods& mods, const at::Tensor& doc_ids_in,
+                                   ActivationCheckpointing checkpointing) const {
   const char* ctx = "Model::forward_train";
   at::Tensor ids = check_ids(ids_in, cfg_.vocab_size, ctx).to(device_);  // (B, T)
   const int64_t B = ids.size(0), T = ids.size(1);
@@ -284,27 +497,29 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
   }
   const int64_t S = T + n;
 
-  TrainMask tm{positions, doc_ids, cfg_.sliding_window, S, {}};
-
-  LoraRows lrows{at::Tensor(), T, S};
+  auto c = c10::make_intrusive<TrainForwardCtx>();
+  c->tm = TrainMask{positions, doc_ids, cfg_.sliding_window, S, {}};
+  c->lrows = LoraRows{at::Tensor(), T, S};
   if (mods.lora_row_mask.defined()) {
     KVD_CHECK(mods.lora_row_mask.dim() == 2 && mods.lora_row_mask.size(0) == B && mods.lora_row_mask.size(1) == S,
               ctx, ": lora_row_mask must be (B, S = T + n_extra) = (", B, ", ", S, "), got ",
               mods.lora_row_mask.sizes());
-    lrows.mask = mods.lora_row_mask.to(device_, dtype_).unsqueeze(-1);  // (B, S, 1)
+    c->lrows.mask = mods.lora_row_mask.to(device_, dtype_).unsqueeze(-1);  // (B, S, 1)
   }
 
   // Statistics request.
-  at::Tensor stat_rows;  // (B, n_rows)
   std::vector<bool> stat_layer(cfg_.num_layers, false);
   if (mods.stats.wanted()) {
-    stat_rows = mods.stats.rows.to(device_, torch::kLong);
+    at::Tensor stat_rows = mods.stats.rows.to(device_, torch::kLong);  // (B, n_rows)
     if (stat_rows.dim() == 1) stat_rows = stat_rows.unsqueeze(0).expand({B, stat_rows.size(0)});
     KVD_CHECK(stat_rows.dim() == 2 && stat_rows.size(0) == B && stat_rows.size(1) > 0, ctx,
               ": stats.rows must be (n) or (B, n) with n > 0, got ", mods.stats.rows.sizes());
     KVD_CHECK(stat_rows.min().item<int64_t>() >= 0 && stat_rows.max().item<int64_t>() < S, ctx,
               ": stats.rows must lie in [0, S = ", S, ")");
     KVD_CHECK(mods.stats.row_block > 0, ctx, ": stats.row_block must be positive");
+    c->stat_rows = stat_rows;
+    c->stat_block = mods.stats.row_block;
+    c->stat_reduce = mods.stats.reduce;
     if (mods.stats.layers.empty()) {
       std::fill(stat_layer.begin(), stat_layer.end(), true);
     } else {
@@ -316,64 +531,71 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
   }
 
   const at::Tensor cs = rope_cos_sin(positions);  // (2, B, 1, S, hd)
-  const at::Tensor cos = cs[0], sin = cs[1];      // (B, 1, S, hd)
-  const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  at::Tensor all_rows;  // (B, S) 0..S-1, for the explicit path
-  const c10::ScalarType acc = dtype_ == torch::kDouble ? torch::kDouble : torch::kFloat;  // scores, softmax
+  c->cos = cs[0];                                 // (B, 1, S, hd)
+  c->sin = cs[1];
+  c->B = B;
+  c->S = S;
+  c->H = cfg_.num_heads;
+  c->Hkv = cfg_.num_kv_heads;
+  c->hd = cfg_.head_dim;
+  c->scale = 1.0 / std::sqrt(static_cast<double>(cfg_.head_dim));
+  c->eps = cfg_.rms_norm_eps;
+  c->qk_norm = cfg_.qk_norm;
+  c->acc = dtype_ == torch::kDouble ? torch::kDouble : torch::kFloat;
 
+  const bool checkpoint = checkpointing == ActivationCheckpointing::Layers && torch::GradMode::is_enabled();
   ForwardOutput out;
   out.attention_stats.resize(cfg_.num_layers);
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
-    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, S, d)
+    if (!checkpoint) {
+      at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, S, d)
+      LayerMods m;
+      if (mods.layer_hook) m = mods.layer_hook(LayerInput{l, h, positions, doc_ids, T});
+      LayerResult r = decoder_layer(*c, lw, m, stat_layer[l], x, h);
+      x = r.x;
+      out.attention_stats[l] = r.stats;
+      continue;
+    }
+    // Checkpointed: the hook runs here, in the graph; the rest of the layer in CheckpointedLayer.
+    at::Tensor h;  // (B, S, d), only when a hook needs it
     LayerMods m;
-    if (mods.layer_hook) m = mods.layer_hook(LayerInput{l, h, positions, doc_ids, T});
-    const LoraRows* lr = m.lora.any() ? &lrows : nullptr;
-
-    at::Tensor q = project(h, lw.q_proj, lw.q_bias, m.lora.q, lr).view({B, S, H, hd}).transpose(1, 2);  // (B, H, S, hd)
-    at::Tensor k = project(h, lw.k_proj, lw.k_bias, m.lora.k, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
-    at::Tensor v = project(h, lw.v_proj, lw.v_bias, m.lora.v, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
-    if (cfg_.qk_norm) {
-      q = rms_norm(q, lw.q_norm, cfg_.rms_norm_eps);
-      k = rms_norm(k, lw.k_norm, cfg_.rms_norm_eps);
+    if (mods.layer_hook) {
+      h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);
+      m = mods.layer_hook(LayerInput{l, h, positions, doc_ids, T});
     }
-    q = apply_rope(q, cos, sin);  // (B, H, S, hd)
-    k = apply_rope(k, cos, sin);  // (B, H_kv, S, hd)
-
-    at::Tensor attn;  // (B, H, S, hd)
-    if (!m.changes_attention()) {
-      if (tm.plain_causal()) {
-        attn = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, scale, /*enable_gqa=*/true);
-      } else {
-        attn = at::scaled_dot_product_attention(q, k, v, tm.sdpa_mask(), 0.0, false, scale, true);
+    auto run = c10::make_intrusive<CheckpointedLayerRun>();
+    run->ctx = c;
+    run->w = lw;
+    run->pair_bias = m.pair_bias;
+    run->want_stats = stat_layer[l];
+    run->autocast_cuda = at::autocast::is_autocast_enabled(c10::DeviceType::CUDA);
+    run->autocast_cuda_dtype = at::autocast::get_autocast_dtype(c10::DeviceType::CUDA);
+    run->autocast_cpu = at::autocast::is_autocast_enabled(c10::DeviceType::CPU);
+    run->autocast_cpu_dtype = at::autocast::get_autocast_dtype(c10::DeviceType::CPU);
+    std::vector<at::Tensor> inputs;
+    auto add = [&](const at::Tensor& t, int slot) {
+      if (!t.defined()) return;
+      inputs.push_back(t);
+      run->slot_of_input.push_back(slot);
+    };
+    add(x, kX);
+    add(h, kH);
+    add(m.key_rate, kKeyRate);
+    add(m.key_log_mask, kKeyLogMask);
+    std::vector<LoraDelta*> d = lora_deltas(m.lora);
+    for (size_t i = 0; i < d.size(); ++i) {
+      // A half-defined delta is off in project(); keep it so.
+      if (d[i]->defined()) {
+        add(d[i]->a, kLoraFirst + 2 * static_cast<int>(i));
+        add(d[i]->b, kLoraFirst + 2 * static_cast<int>(i) + 1);
       }
-    } else {
-      if (!all_rows.defined()) all_rows = torch::arange(S, positions.options()).view({1, S}).expand({B, S});
-      at::Tensor p = grouped_probs(q, k, mods_bias(all_rows, tm, m, Hkv, acc), scale);  // (B, H_kv, G, S, S)
-      attn = torch::matmul(p.to(v.scalar_type()), v.unsqueeze(2)).reshape({B, H, S, hd});
+      run->lora_scale.push_back(d[i]->scale);
     }
-
-    if (stat_layer[l]) {
-      const int64_t nr = stat_rows.size(1), blk = mods.stats.row_block;
-      at::Tensor sum;  // (B, H, S)
-      for (int64_t r0 = 0; r0 < nr; r0 += blk) {
-        const int64_t nb = std::min(blk, nr - r0);
-        at::Tensor rows = stat_rows.narrow(1, r0, nb);                                   // (B, nb)
-        at::Tensor qr = q.gather(2, rows.view({B, 1, nb, 1}).expand({B, H, nb, hd}));    // (B, H, nb, hd)
-        at::Tensor p = grouped_probs(qr, k, mods_bias(rows, tm, m, Hkv, acc), scale);  // (B, H_kv, G, nb, S)
-        at::Tensor s = p.sum(3).reshape({B, H, S});                                      // (B, H, S)
-        sum = sum.defined() ? sum + s : s;
-      }
-      out.attention_stats[l] = mods.stats.reduce == StatReduce::Mean ? sum / static_cast<double>(nr) : sum;
-    }
-
-    at::Tensor o = attn.transpose(1, 2).reshape({B, S, H * hd});  // (B, S, H*hd)
-    x = x + project(o, lw.o_proj, lw.o_bias, m.lora.o, lr);        // (B, S, d)
-    at::Tensor h2 = rms_norm(x, lw.post_norm, cfg_.rms_norm_eps);   // (B, S, d)
-    at::Tensor g = project(h2, lw.gate_proj, {}, m.lora.gate, lr);  // (B, S, ffn)
-    at::Tensor u = project(h2, lw.up_proj, {}, m.lora.up, lr);      // (B, S, ffn)
-    x = x + project(torch::silu(g) * u, lw.down_proj, {}, m.lora.down, lr);  // (B, S, d)
+    if (m.pair_bias) add(torch::empty({0}, x.options().dtype(torch::kFloat)).requires_grad_(), kAnchor);
+    torch::autograd::variable_list r = CheckpointedLayer::apply(at::TensorList(inputs), run);
+    x = r[0];
+    if (stat_layer[l]) out.attention_stats[l] = r[1];
   }
   out.hidden = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);  // (B, S, d)
   return out;

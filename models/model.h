@@ -20,6 +20,7 @@
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
+#include "models/activation_checkpointing.h"
 #include "models/attention_mods.h"
 #include "models/config.h"
 #include "models/weights.h"
@@ -70,9 +71,17 @@ class Model {
   // Layers whose mods leave attention alone run fused SDPA; a layer with a bias / log-mask / pair bias runs
   // an explicit grouped softmax that holds (B, H, S, S) float32 scores (the fused biased kernel is wave 2).
   // For a teacher pass, wrap the call in torch::NoGradGuard.
+  // checkpointing = Layers (and grad mode on): each decoder layer runs in a custom autograd function that keeps
+  // only the layer's input and the tensors its mods supply; the backward runs the layer again (under the
+  // forward's autocast state) and backpropagates through it. Gradients are those of the plain forward. The
+  // layer_hook still runs once per layer, in the forward, in the graph (so what a component records there,
+  // e.g. log beta for a regularizer, keeps its gradient); pair_bias closures run again in the backward and
+  // must capture only leaf tensors (parameters), whose .grad then accumulates there. The Model must outlive
+  // the backward.
   ForwardOutput forward_train(const at::Tensor& ids, const at::Tensor& positions,
                               const AttentionMods& mods = AttentionMods(),
-                              const at::Tensor& doc_ids = at::Tensor()) const;
+                              const at::Tensor& doc_ids = at::Tensor(),
+                              ActivationCheckpointing checkpointing = ActivationCheckpointing::None) const;
   // lm_head: (..., d) -> (..., V) in the model dtype. Apply to blocks of rows to bound memory.
   at::Tensor logits(const at::Tensor& hidden) const;
   // Input embeddings of ids: (B, T) -> (B, T, d), model dtype, no grad.

@@ -63,6 +63,9 @@ const std::vector<ConfigKey>& config_keys() {
       {"train.save_every", ValueType::Int, "50", "steps between checkpoints (0: only at the end)"},
       {"train.keep_last", ValueType::Int, "3", "checkpoints kept (older ones are removed)"},
       {"train.progress", ValueType::String, "auto", "auto (live line on a terminal) | lines | never"},
+      {"train.activation_checkpointing", ValueType::String, "none",
+       "none | layers (keep only each frozen decoder layer's input and recompute the layer in the backward: "
+       "less memory, about one more forward; same gradients)"},
       {"dist.backend", ValueType::String, "auto", "auto (nccl on CUDA, gloo on CPU) | gloo | nccl"},
       {"dist.timeout_s", ValueType::Float, "300", "timeout of rendezvous and collectives, seconds"},
       {"dist.bucket_mb", ValueType::Float, "25", "gradient all-reduce bucket size, MiB"},
@@ -195,6 +198,7 @@ RunConfig from_values(const json& values) {
   c.save_every = I("train.save_every");
   c.keep_last = I("train.keep_last");
   c.progress = S("train.progress");
+  const std::string ckpt = S("train.activation_checkpointing");
   c.dist_backend = S("dist.backend");
   c.dist_timeout_s = F("dist.timeout_s");
   c.bucket_mb = F("dist.bucket_mb");
@@ -233,6 +237,8 @@ RunConfig from_values(const json& values) {
   check(c.data_seq_len >= 2, "data.seq_len", "must be >= 2");
   check(c.data_val_fraction >= 0 && c.data_val_fraction < 1, "data.val_fraction", "must be in [0, 1)");
   one_of(c.progress, "train.progress", {"auto", "lines", "never"});
+  one_of(ckpt, "train.activation_checkpointing", {"none", "layers"});
+  c.activation_checkpointing = ckpt == "layers" ? ActivationCheckpointing::Layers : ActivationCheckpointing::None;
   one_of(c.dist_backend, "dist.backend", {"auto", "gloo", "nccl"});
   check(c.dist_timeout_s > 0, "dist.timeout_s", "must be > 0");
   check(c.bucket_mb > 0, "dist.bucket_mb", "must be > 0");

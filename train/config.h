@@ -16,6 +16,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "models/activation_checkpointing.h"
+
 namespace kvd {
 
 enum class ValueType { Int, Float, String, Bool };
@@ -64,6 +66,8 @@ struct RunConfig {
   std::string device;             // train.device: auto | cpu | cuda | cuda:N
   int64_t log_every = 1, eval_every = 0, save_every = 0, keep_last = 3, eval_batches = 2;
   std::string progress;           // train.progress: auto | lines | never
+  // train.activation_checkpointing: none | layers (recompute each frozen decoder layer in the backward)
+  ActivationCheckpointing activation_checkpointing = ActivationCheckpointing::None;
   // dist
   std::string dist_backend;       // dist.backend: auto | gloo | nccl
   double dist_timeout_s = 300;    // dist.timeout_s

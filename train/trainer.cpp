@@ -143,7 +143,8 @@ StepLosses micro_step_loss(const Model& model, Component& component, const Train
     teacher = model.forward_train(tb.ids, tb.positions, AttentionMods(), tb.doc_ids).hidden;
   }
   const AttentionMods mods = component.attention_mods(tb);
-  at::Tensor student = model.forward_train(tb.ids, tb.positions, mods, tb.doc_ids).hidden;  // (B, T, d)
+  at::Tensor student =
+      model.forward_train(tb.ids, tb.positions, mods, tb.doc_ids, c.activation_checkpointing).hidden;  // (B, T, d)
   const LogitsFn logits = [&](const at::Tensor& h) { return model.logits(h); };
   const int64_t B = tb.ids.size(0);
   at::Tensor kl = torch::zeros({}, student.options().dtype(torch::kFloat32));

@@ -1,14 +1,17 @@
 """Resumable training: a run killed with SIGKILL mid-run and resumed with `--resume auto` ends with the same
 gate weights, bitwise, as an uninterrupted run; and "train k, checkpoint, reload, train k more" equals an
-uninterrupted 2k (llm.c's determinism test). CPU, one process, OMP_NUM_THREADS=1."""
+uninterrupted 2k (llm.c's determinism test); activation checkpointing trains to the same weights. CPU, one
+process, OMP_NUM_THREADS=1."""
 import json
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from conftest import KVD_BIN
-from train_helpers import assert_bitwise_equal, kill9, prepare_data, train, train_env, wait_for, weights, write_config
+from train_helpers import (assert_bitwise_equal, kill9, max_abs_diff, prepare_data, train, train_env, wait_for, weights,
+                           write_config)
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +58,14 @@ def test_train_k_checkpoint_reload_train_k_more_equals_2k(tiny_model, data, unin
     # keep_last: the resumed run kept at most 10 (all here), the checkpoints hold the resolved config.
     state = json.loads((tmp_path / "out/checkpoints/step_00000012/state.json").read_text())
     assert state["config"]["train.steps"] == 12 and state["component_kind"] == "retention_gate"
+
+
+def test_activation_checkpointing_trains_to_the_same_weights(tiny_model, data, uninterrupted, tmp_path):
+    """train.activation_checkpointing=layers recomputes every frozen layer in the backward: the same 12 steps end
+    at the uninterrupted run's weights (CPU float32; observed bitwise or within 1e-6)."""
+    cfg = write_config(tmp_path / "run.yaml", tiny_model, data, tmp_path / "out", steps=12, save_every=2, grad_accum=2,
+                       activation_checkpointing="layers")
+    r = train(cfg)
+    assert "activation_checkpointing: layers" in r.stdout  # the resolved config says so
+    a, b = weights(tmp_path / "out", 12), weights(uninterrupted, 12)
+    assert max_abs_diff(a, b) <= 1e-6 * max(float(np.max(np.abs(v))) for v in b.values())

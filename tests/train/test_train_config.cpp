@@ -88,6 +88,16 @@ TEST(Config, ImpossibleValueIsNamed) {
   EXPECT_EQ(error_of(kBase), "");
 }
 
+TEST(Config, ActivationCheckpointingIsATypedEnum) {
+  EXPECT_EQ(resolve_config(kBase, "run.yaml", {}).activation_checkpointing, ActivationCheckpointing::None);
+  RunConfig c = resolve_config(std::string(kBase) + "  activation_checkpointing: layers\n", "run.yaml", {});
+  EXPECT_EQ(c.activation_checkpointing, ActivationCheckpointing::Layers);
+  EXPECT_EQ(config_from_values(c.values, "state.json").activation_checkpointing, ActivationCheckpointing::Layers);
+  const std::string e = error_of(kBase, {"train.activation_checkpointing=true"});
+  EXPECT_NE(e.find("'train.activation_checkpointing'"), std::string::npos) << e;
+  EXPECT_NE(e.find("none | layers"), std::string::npos) << e;
+}
+
 TEST(Schedule, WarmupThenCosineToMinLr) {
   RunConfig c = resolve_config(kBase, "run.yaml", {"train.steps=110", "train.warmup=10", "train.lr=1.0",
                                                    "train.min_lr=0.1"});
