@@ -1,18 +1,68 @@
 #include "models/model.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
+#include <map>
+#include <string>
 
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "models/attention.h"
 #include "models/kv_cache.h"
 #include "models/safetensors.h"
 
 namespace kvd {
 namespace {
+
+// KVD_PROFILE=1 in the environment: inference forwards (prefill / decode) time their sections, with the device
+// synchronized at every boundary so that the sections add up to the forward, and print the totals at exit.
+// For finding where time goes; the synchronization itself slows the run.
+struct SectionTotals {
+  const bool on = std::getenv("KVD_PROFILE") != nullptr;
+  std::map<std::string, std::pair<double, int64_t>> sec;  // name -> (seconds, calls)
+  ~SectionTotals() {
+    if (!on || sec.empty()) return;
+    double all = 0;
+    for (const auto& [name, v] : sec) all += v.first;
+    std::fprintf(stderr, "[profile] inference forwards, %.3f s in all:\n", all);
+    for (const auto& [name, v] : sec)
+      std::fprintf(stderr, "[profile] %-14s %9.3f s %5.1f%% %9lld calls\n", name.c_str(), v.first,
+                   100.0 * v.first / std::max(all, 1e-12), static_cast<long long>(v.second));
+  }
+};
+SectionTotals& section_totals() {
+  static SectionTotals t;
+  return t;
+}
+
+// lap("name") charges the time since the previous lap (or construction) to "name".
+class Lap {
+ public:
+  explicit Lap(c10::Device d) : on_(section_totals().on), cuda_(d.is_cuda()) { mark(); }
+  void operator()(const char* name) {
+    if (!on_) return;
+    const auto t0 = t_;
+    mark();
+    auto& e = section_totals().sec[name];
+    e.first += std::chrono::duration<double>(t_ - t0).count();
+    e.second += 1;
+  }
+
+ private:
+  void mark() {
+    if (!on_) return;
+    if (cuda_) torch::cuda::synchronize();
+    t_ = std::chrono::steady_clock::now();
+  }
+  bool on_, cuda_;
+  std::chrono::steady_clock::time_point t_;
+};
 
 constexpr double kPi = 3.14159265358979323846;
 
@@ -191,7 +241,7 @@ LayerResult decoder_layer(TrainForwardCtx& c, const LayerWeights& lw, const Laye
     if (c.tm.plain_causal()) {
       attn = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, c.scale, /*enable_gqa=*/true);
     } else {
-      attn = at::scaled_dot_product_attention(q, k, v, c.tm.sdpa_mask(), 0.0, false, c.scale, true);
+      attn = grouped_sdpa(q, k, v, c.tm.sdpa_mask(), false, c.scale);
     }
   } else {
     if (!c.all_rows.defined())
@@ -416,6 +466,21 @@ at::Tensor Model::rope_cos_sin(const at::Tensor& positions) const {  // (B, S)
   return torch::stack({cos, sin});  // (2, B, 1, S, hd)
 }
 
+// See models/attention.h. A mask rules flash attention out, and the memory-efficient kernel, which takes one,
+// does not group heads: K/V are repeated to H heads for it (one layer's K/V copied) instead of leaving the call
+// to the math fallback (on an H100: 7x slower at T = n = 2048 alone; an eval batch's compressing prefill
+// 0.67 s instead of 1.00 s).
+at::Tensor grouped_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                        bool causal, double scale) {
+  if (!mask.defined() || !q.is_cuda()) return at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, true);
+  const int64_t G = q.size(1) / k.size(1);
+  if (G == 1) return at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, false);
+  return at::scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), mask, 0.0, causal,
+                                          scale, false);  // (B, H, T, hd)
+}
+
+void disable_cudnn_attention() { at::globalContext().setSDPUseCuDNN(false); }
+
 // --- construction -----------------------------------------------------------------------------------------
 
 Model::Model(ModelConfig cfg, DecoderWeights weights, c10::ScalarType dtype, c10::Device device)
@@ -425,6 +490,8 @@ Model::Model(ModelConfig cfg, DecoderWeights weights, c10::ScalarType dtype, c10
   KVD_CHECK(static_cast<int64_t>(w_.layers.size()) == cfg_.num_layers, "Model: ", w_.layers.size(),
             " layers of weights for num_hidden_layers ", cfg_.num_layers);
   inv_freq_ = rope_inv_freq(cfg_).to(device_);
+  // See disable_cudnn_attention(); KVD_CUDNN_ATTENTION=1 keeps cuDNN's attention on (bench/cudnn_attention.sh).
+  if (device_.is_cuda() && std::getenv("KVD_CUDNN_ATTENTION") == nullptr) disable_cudnn_attention();
 }
 
 Model Model::load(const std::string& model_dir, c10::Device device, std::optional<c10::ScalarType> dtype) {
@@ -639,6 +706,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     qpos = torch::where(real, first + t - ld, torch::full_like(t - ld, -1));                         // (B, T)
     if (padded) pad_rows = real.logical_not().view({B, 1, T, 1});
   }
+  Lap lap(device_);
   const at::Tensor cs = rope_cos_sin(qpos.clamp_min(0));  // (2, B, 1, T, hd)
   const at::Tensor cos = cs[0], sin = cs[1];
 
@@ -658,8 +726,11 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     k = apply_rope(k, cos, sin);
 
     const bool fresh = cache.max_length(l) == 0;
+    lap("qkv+rope");
     cache.append(l, k, v, qpos, lead);
+    lap("cache.append");
     const KVLayerView view = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
+    lap("cache.layer");
 
     // The masks below are built as small as the case allows: none for a plain causal prefill or a decode
     // step, (B, 1, T, n) when the heads of a row hold the same entries, per KV head otherwise.
@@ -676,7 +747,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
       at::Tensor j = torch::arange(view.n, qpos.options()).view({1, view.n});  // (1, n)
       at::Tensor t = torch::arange(T, qpos.options()).view({T, 1});           // (T, 1)
       at::Tensor mask = j.lt(t + (view.n - T + 1)).view({1, 1, T, view.n});  // (1, 1, T, n)
-      attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);
+      attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
     } else {
       // Key j of head h is visible to query t iff its stored position <= the query's (and within the window,
       // and valid). Padding query rows see every valid key (their output is discarded; this keeps it finite).
@@ -701,13 +772,17 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
         mask = torch::where(pad_rows, all, mask);  // (B, H_kv | 1, T, n)
       }
       if (per_head) mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
-      attn = at::scaled_dot_product_attention(q, view.k, view.v, mask, 0.0, false, scale, true);
+      lap("mask");
+      attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
     }
+    lap("attention");
     if (observer) observer(PrefillLayerObservation{l, h, q_pre, q, qpos, lead}, cache);
+    if (observer) lap("observer");
     at::Tensor o = attn.transpose(1, 2).reshape({B, T, H * hd});  // (B, T, H*hd)
     x = x + project(o, lw.o_proj, lw.o_bias, {}, nullptr);         // (B, T, d)
     at::Tensor h2 = rms_norm(x, lw.post_norm, cfg_.rms_norm_eps);
     x = x + at::linear(torch::silu(at::linear(h2, lw.gate_proj)) * at::linear(h2, lw.up_proj), lw.down_proj);
+    lap("o_proj+mlp");
   }
   if (padded) {
     std::vector<int64_t> adv(B);
@@ -719,6 +794,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
   if (mode == LogitsMode::LastPosition) x = x.narrow(1, T - 1, 1);  // (B, 1, d)
   at::Tensor hid = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);   // (B, T|1, d)
   at::Tensor lg = logits(hid).to(torch::kFloat);                    // (B, T|1, V)
+  lap("lm_head");
   return mode == LogitsMode::LastPosition ? lg.squeeze(1) : lg;
 }
 
