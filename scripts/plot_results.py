@@ -58,20 +58,26 @@ def main():
     for metric, ylabel, fname in [("accuracy", "accuracy (%)", "accuracy.png"),
                                   ("kl", "KL(full || method), nats/token", "kl.png")]:
         fig, ax = plt.subplots(figsize=(8, 5.5))
-        for label in sorted(series):
+        # Up to 20 heuristics stay apart: 20 colours, and markers that change with every colour cycle.
+        # Learned gates in black / navy, thick; the heuristics in 20 colours with a marker per colour cycle.
+        colors = plt.get_cmap("tab20").colors
+        markers = "osD^vP<>Xh"
+        gate_colors = ["black", "#1f3a93", "#7b241c"]
+        n_gate = 0
+        for i, label in enumerate(sorted(series)):
             pts = sorted(series[label], key=lambda p: p[0])
-            style = "-o" if not label.startswith("trimkv") else "-*"
-            lw = 1.4 if not label.startswith("trimkv") else 2.8
-            ax.plot([p[0] for p in pts], [p[1][metric] for p in pts], style, label=label, linewidth=lw, markersize=5)
+            gate = label.startswith("trimkv")
+            color = gate_colors[n_gate % len(gate_colors)] if gate else colors[(2 * i + i // 10) % len(colors)]
+            n_gate += 1 if gate else 0
+            ax.plot([p[0] for p in pts], [p[1][metric] for p in pts], "-" + ("*" if gate else markers[i % len(markers)]),
+                    color=color, label=label, linewidth=2.8 if gate else 1.4, markersize=9 if gate else 5)
         if full is not None and metric == "accuracy":
             ax.axhline(full[metric], color="black", linestyle="--", linewidth=1.2, label="full cache")
         if metric == "kl":
             ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        title = f"{model}: {ylabel} vs budget"
-        if args.title:
-            title += f"\n{args.title}"
+        title = f"{ylabel} vs budget\n{args.title}" if args.title else f"{model}: {ylabel} vs budget"
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
