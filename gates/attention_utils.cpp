@@ -1,4 +1,4 @@
-// Shared helpers of the attention-based heuristic scorers (see heuristics.h).
+// Shared helpers of the attention-based heuristic scorers (see heuristics.h), and layer_view (scorer.h).
 #include <cmath>
 #include <limits>
 
@@ -6,6 +6,7 @@
 
 #include "common/error.h"
 #include "gates/heuristics.h"
+#include "models/kv_cache.h"
 
 namespace kvd {
 namespace {
@@ -53,6 +54,18 @@ at::Tensor attention_column_sums(const at::Tensor& q, const at::Tensor& q_pos, c
     sum = sum.defined() ? sum + s : s;
   }
   return sum;
+}
+
+LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, int64_t next_position) {
+  LayerView view;
+  view.layer = layer;
+  view.model = &model;
+  view.keys = kv.k;         // (B, H_kv, n, hd)
+  view.values = kv.v;       // (B, H_kv, n, hd)
+  view.positions = kv.pos;  // (B, H_kv, n)
+  view.valid = kv.valid;    // (B, H_kv, n) or undefined
+  view.next_position = next_position;
+  return view;
 }
 
 }  // namespace kvd

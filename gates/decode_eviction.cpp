@@ -239,14 +239,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
       break;
     case DecodePolicy::Scorer: {
       const ScorerNeeds needs = opt_.scorer->needs();
-      LayerView view;
-      view.layer = l;
-      view.model = &model_;
-      view.keys = kv.k;
-      view.values = kv.v;
-      view.positions = kv.pos;
-      view.valid = kv.valid;
-      view.next_position = obs.query_positions.max().item<int64_t>() + 1;
+      LayerView view = layer_view(kv, l, model_, obs.query_positions.max().item<int64_t>() + 1);
       if (needs.window > 0) {
         view.window_queries = S.q;      // (B, H, w, hd)
         view.window_positions = S.q_pos;  // (B, w)

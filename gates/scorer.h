@@ -12,6 +12,7 @@
 namespace kvd {
 
 class Model;
+struct KVLayerView;
 
 // What a scorer may look at for one layer. Fields a scorer does not declare in needs() may be undefined.
 struct LayerView {
@@ -27,6 +28,10 @@ struct LayerView {
   at::Tensor queries_pre_rope;   // (B, H, n_q, hd) pre-RoPE queries of the prompt rows (Expected Attention)
   int64_t next_position = 0;     // position the next query will have (t)
 };
+
+// One layer of a cache as a scorer sees it: its entries, validity and positions; the optional fields are left
+// undefined for the caller to fill as the scorer's needs() ask.
+LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, int64_t next_position);
 
 // Which optional LayerView fields a scorer reads, so the harness captures only those.
 struct ScorerNeeds {

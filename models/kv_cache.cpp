@@ -139,15 +139,17 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
   if (t == 0) return;
   const bool padded = std::any_of(lead.begin(), lead.end(), [](int64_t x) { return x != 0; });
   const int64_t rows = batch_ * kv_heads_;
-  auto gain = [&](int64_t r) { return t - (padded ? lead[r / kv_heads_] : 0); };  // new entries of head row r
+  std::vector<int64_t> gain(rows, t);  // [B * H_kv] new entries of head row r
+  if (padded)
+    for (int64_t r = 0; r < rows; ++r) gain[r] -= lead[r / kv_heads_];
 
   // Room check; reallocate every segment with slack when any head lacks room.
   bool room = true;
-  for (int64_t r = 0; r < rows && room; ++r) room = L.len[r] + gain(r) <= L.cap[r];
+  for (int64_t r = 0; r < rows && room; ++r) room = L.len[r] + gain[r] <= L.cap[r];
   if (!room) {
     std::vector<int64_t> cap(rows);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t need = L.len[r] + gain(r);
+      const int64_t need = L.len[r] + gain[r];
       cap[r] = need + std::max<int64_t>(16, need / 8);  // geometric: amortized O(1) single-token appends
     }
     reallocate(L, cap);
@@ -161,7 +163,7 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
   bool device_path = !padded;
   if (padded && t == 1) {
     device_path = true;
-    for (int64_t r = 0; r < rows && device_path; ++r) device_path = gain(r) > 0 || L.cap[r] > 0;
+    for (int64_t r = 0; r < rows && device_path; ++r) device_path = gain[r] > 0 || L.cap[r] > 0;
   }
   if (uniform && layout(L) == Layout::Regular) {
     // Hot path for plain prefill / decode: one strided copy into the (B, H_kv, cap, hd) view.
@@ -182,9 +184,7 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
     } else {
       // t = 1: a padding row (a finished one) writes its own last slot back unchanged, so one index_copy_
       // serves every row with no compaction (which would need the count on the host).
-      std::vector<int64_t> g(rows);
-      for (int64_t r = 0; r < rows; ++r) g[r] = gain(r);
-      at::Tensor real = device_vector(g).gt(0);                                            // (B*H_kv)
+      at::Tensor real = device_vector(gain).gt(0);                                            // (B*H_kv)
       d = torch::where(real, start + len, start + (len - 1).clamp_min(0));                  // (B*H_kv)
       at::Tensor real2 = real.view({rows, 1});
       kf = torch::where(real2, kf, L.k.index_select(0, d));
@@ -199,7 +199,7 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
     std::vector<int64_t> dst, src;  // which of the B * H_kv * t chunk rows are stored, and where
     dst.reserve(rows * t);
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t first = t - gain(r);
+      const int64_t first = t - gain[r];
       for (int64_t j = first; j < t; ++j) {
         dst.push_back(L.start[r] + L.len[r] + (j - first));
         src.push_back(r * t + j);
@@ -218,12 +218,10 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
     if (!padded) {
       L.len_d.add_(t);
     } else {
-      std::vector<int64_t> g(rows);
-      for (int64_t r = 0; r < rows; ++r) g[r] = gain(r);
-      L.len_d.add_(device_vector(g));
+      L.len_d.add_(device_vector(gain));
     }
   }
-  for (int64_t r = 0; r < rows; ++r) set_len(L, r, L.len[r] + gain(r));
+  for (int64_t r = 0; r < rows; ++r) set_len(L, r, L.len[r] + gain[r]);
   update_peak();
 }
 

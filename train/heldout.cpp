@@ -22,14 +22,7 @@ void evict_to_budget(const Model& model, KVCache& cache, Scorer& scorer, int64_t
   for (int64_t l = 0; l < cache.num_layers(); ++l) {
     if (cache.max_length(l) <= budget) continue;
     const KVLayerView kv = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
-    LayerView view;
-    view.layer = l;
-    view.model = &model;
-    view.keys = kv.k;
-    view.values = kv.v;
-    view.positions = kv.pos;
-    view.valid = kv.valid;
-    view.next_position = cache.next_position();
+    LayerView view = layer_view(kv, l, model, cache.next_position());
     if (needs.hidden) {
       KVD_CHECK(l < static_cast<int64_t>(layer_hidden.size()) && layer_hidden[l].defined(),
                 "evict_to_budget: scorer '", scorer.name(), "' needs hidden states of layer ", l);
