@@ -17,6 +17,9 @@
 #include "cli/commands.h"
 #include "cli/common.h"
 #include "common/error.h"
+#include "common/fs.h"
+#include "export/gate_bundle.h"
+#include "gates/registry.h"
 #include "gates/compress.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
@@ -36,9 +39,13 @@ struct CompressArgs {
 
 int run(const CompressArgs& a) {
   // Validate the cheap arguments before loading anything.
-  Method method = a.use_tokens ? make_method(a.method, Budget{BudgetKind::TokensPerHead,
-                                                                      static_cast<double>(a.budget_tokens)}, a.seed)
-                                       : make_method(a.method, a.ratio, a.seed);
+  const Budget budget = a.use_tokens ? Budget{BudgetKind::TokensPerHead, static_cast<double>(a.budget_tokens)}
+                                     : Budget::ratio(a.ratio);
+  MethodContext ctx;
+  ctx.seed = a.seed;
+  ctx.learned_mode = LearnedMode::Once;  // compress: the prompt, compressed once (or per --chunk-size)
+  const bool learned = a.method.find(':') != std::string::npos || a.method == "gate-untrained";
+  if (!learned) resolve_method(a.method, budget, ctx);
   KVD_CHECK(a.chunk_size >= 0, "--chunk-size must be >= 0 (0: compress once after the whole prefill), got ",
             a.chunk_size);
   std::ifstream in(a.prompt_file, std::ios::binary);
@@ -49,6 +56,13 @@ int run(const CompressArgs& a) {
   const std::vector<int32_t> ids32 = tok.encode(text);
   KVD_CHECK(!ids32.empty(), "--prompt-file ", a.prompt_file, ": encodes to no tokens");
   Model model = Model::load(a.model, device);
+  ctx.model = &model;
+  const BaseModelInfo base = base_model_info(a.model);
+  ctx.load_bundle = [&](const std::string& dir) { return load_component(dir, model, base); };
+  ResolvedMethod rm = resolve_method(a.method, budget, ctx);
+  KVD_CHECK(!rm.full && !rm.decode, "--method ", a.method, ": compress runs prefill methods; ", a.method,
+            rm.full ? " keeps everything" : " evicts while decoding (use it with kvdistill eval)");
+  Method& method = rm.method;
   const std::vector<std::vector<int64_t>> prompts{std::vector<int64_t>(ids32.begin(), ids32.end())};
   KVCache cache = model.new_cache(1);
   CompressOptions copts;
@@ -81,9 +95,7 @@ int run(const CompressArgs& a) {
     j["budget_tokens"] = a.budget_tokens;
   else
     j["ratio"] = a.ratio;
-  std::ofstream out(a.out);
-  KVD_CHECK(out.good(), "--out ", a.out, ": cannot be written");
-  out << j.dump() << "\n";
+  write_file_atomic(a.out, j.dump() + "\n");
   std::cerr << a.method << (a.use_tokens ? " tokens/head=" + std::to_string(a.budget_tokens)
                                                  : " r=" + std::to_string(a.ratio))
             << ": " << st.tokens << " tokens, kept " << st.kept_bytes << " of "
@@ -98,7 +110,8 @@ Registration reg([](CLI::App& root) {
   sub->add_option("--model", a->model, "Model directory")->required();
   sub->add_option("--prompt-file", a->prompt_file, "Text file with the prompt (encoded as is, no chat template)")
       ->required();
-  sub->add_option("--method", a->method, "snapkv, tova, knorm, ... (adakv_<m>, criticalkv_<m>, global_<m>)")
+  sub->add_option("--method", a->method,
+                  "snapkv, tova, knorm, ... (adakv_<m>, criticalkv_<m>, global_<m>), gate:<bundle dir>")
       ->required();
   CLI::Option* ratio =
       sub->add_option("--ratio", a->ratio, "Fraction of tokens removed, in [0, 1) (kvpress compression_ratio)");

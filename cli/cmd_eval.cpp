@@ -18,6 +18,8 @@ struct EvalArgs {
   std::string model, tasks, methods, ratios, budget_tokens, out, device = "cpu";
   int64_t batch = 1, max_new_tokens = 32;
   bool query_aware = false, report_only = false;
+  std::string learned_mode = "continuous";
+  int64_t continuous_chunk = 128;
   uint64_t seed = 0;
 };
 
@@ -46,6 +48,9 @@ int run(const EvalArgs& a) {
   o.seed = a.seed;
   o.query = a.query_aware ? QueryMode::Aware : QueryMode::Agnostic;
   o.methods = split(a.methods);
+  o.learned_mode = a.learned_mode == "once" ? LearnedMode::Once : LearnedMode::Continuous;
+  KVD_CHECK(a.continuous_chunk > 0, "--continuous-chunk ", a.continuous_chunk, ": must be positive");
+  o.continuous_chunk = a.continuous_chunk;
   KVD_CHECK(a.ratios.empty() != a.budget_tokens.empty(), "give exactly one of --ratios and --budget-tokens");
   for (const std::string& r : split(a.ratios)) {
     double v = 0;
@@ -85,7 +90,8 @@ Registration reg([](CLI::App& root) {
   sub->add_option("--model", a->model, "Model directory")->required();
   sub->add_option("--tasks", a->tasks, "Task JSONL (kvdistill prepare tasks, or LongBench / RULER shaped)");
   sub->add_option("--methods", a->methods,
-                  "Comma-separated: snapkv, tova, ..., adakv_<m>, global_<m>, gate:<bundle dir> (full always runs)");
+                  "Comma-separated: snapkv, tova, ..., adakv_<m>, global_<m>, h2o_decode, ..., gate:<bundle dir> "
+                  "(full always runs)");
   sub->add_option("--ratios", a->ratios, "Comma-separated compression ratios in [0, 1) (fraction removed)");
   sub->add_option("--budget-tokens", a->budget_tokens, "Comma-separated KV entries kept per head");
   sub->add_option("--out", a->out, "Output directory (results.jsonl is appended; reruns skip what is done)")
@@ -96,6 +102,13 @@ Registration reg([](CLI::App& root) {
       ->capture_default_str();
   sub->add_option("--seed", a->seed, "Seed of the random method")->capture_default_str();
   sub->add_option("--device", a->device, "cpu | cuda | cuda:N")->capture_default_str();
+  sub->add_option("--learned-mode", a->learned_mode,
+                  "Learned parts: continuous (evict after every prefill chunk and decode step, as TRIM-KV runs) or "
+                  "once (compress the prompt once after prefill)")
+      ->check(CLI::IsMember({"continuous", "once"}))
+      ->capture_default_str();
+  sub->add_option("--continuous-chunk", a->continuous_chunk, "Prefill chunk of the continuous mode")
+      ->capture_default_str();
   sub->add_flag("--report-only", a->report_only, "Only rebuild results.{json,csv,md} from --out/results.jsonl");
   on_run(sub, [a] {
     if (!a->report_only) {

@@ -74,10 +74,8 @@ std::string fmt_duration(double s) {
 int run_responses(const ResponsesArgs& a) {
   KVD_CHECK(a.max_new_tokens > 0, "--max-new-tokens ", a.max_new_tokens, ": must be positive");
   KVD_CHECK(a.batch > 0, "--batch ", a.batch, ": must be positive");
+  make_parent_dirs(a.out);
   std::error_code ec;
-  const fs::path parent = fs::path(a.out).parent_path();
-  KVD_CHECK(parent.empty() || fs::is_directory(parent, ec), a.out, ": the directory ", parent.string(),
-            " does not exist; create it first");
   const std::vector<PromptRecord> records = read_prompts(a.prompts);
   const Tokenizer tok = Tokenizer::from_file(a.model);
   ChatTemplate chat = [&] {
@@ -129,8 +127,7 @@ int run_responses(const ResponsesArgs& a) {
     std::cerr << "prepare responses: resuming " << partial << " after " << first << " of " << n << " prompts\n";
 
   const c10::Device device =
-      a.device == "auto" ? (torch::cuda::is_available() ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU))
-                         : parse_device(a.device);
+      parse_device(a.device);
   const Model model = Model::load(a.model, device);
   GenerateOptions opts;
   opts.mode = SamplingMode::Greedy;

@@ -10,6 +10,7 @@
 
 #include "cli/commands.h"
 #include "common/error.h"
+#include "gates/components.h"
 #include "train/config.h"
 #include "train/distributed.h"
 #include "train/trainer.h"
@@ -24,11 +25,19 @@ struct TrainArgs {
   bool list_keys = false;
 };
 
+void print_key(const ConfigKey& k) {
+  std::printf("%-26s %-8s %-16s %s\n", k.key, value_type_short(k.type), *k.value ? k.value : "\"\"", k.doc);
+}
+
+// The general keys, then each component kind's own options and loss weights.
 int list_keys() {
-  std::printf("%-22s %-8s %-16s %s\n", "key", "type", "default", "meaning");
-  for (const ConfigKey& k : config_keys()) {
-    const char* t = k.type == ValueType::Int ? "int" : k.type == ValueType::Float ? "float" : k.type == ValueType::Bool ? "bool" : "string";
-    std::printf("%-22s %-8s %-16s %s\n", k.key, t, *k.value ? k.value : "\"\"", k.doc);
+  std::printf("%-26s %-8s %-16s %s\n", "key", "type", "default", "meaning");
+  for (const ConfigKey& k : config_keys()) print_key(k);
+  for (const std::string& kind : component_kinds()) {
+    const ComponentSpec& spec = component_spec(kind, "--list-keys");
+    std::printf("\ncomponent.kind: %s  (%s)\n", kind.c_str(), spec.doc.c_str());
+    for (const ConfigKey& k : spec.options) print_key(k);
+    for (const ConfigKey& k : spec.losses) print_key(k);
   }
   return 0;
 }

@@ -9,17 +9,6 @@
 
 namespace kvd::cli {
 
-c10::Device parse_device(const std::string& s) {
-  if (s == "cpu") return c10::Device(c10::kCPU);
-  KVD_CHECK(s == "cuda" || s.rfind("cuda:", 0) == 0, "--device ", s, ": expected cpu, cuda or cuda:N");
-  KVD_CHECK(torch::cuda::is_available(), "--device ", s,
-            ": no CUDA device is visible on this machine; use --device cpu");
-  c10::Device d(s);
-  KVD_CHECK(!d.has_index() || d.index() < static_cast<int>(torch::cuda::device_count()), "--device ", s,
-            ": only ", torch::cuda::device_count(), " CUDA device(s) are visible");
-  return d;
-}
-
 std::vector<int64_t> read_ids_file(const std::string& path, int64_t vocab_size) {
   const std::string text = read_file(path);
   std::vector<int64_t> ids;

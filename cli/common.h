@@ -8,10 +8,11 @@
 
 #include <c10/core/Device.h>
 
+#include "models/device.h"
+
 namespace kvd::cli {
 
-// "cpu", "cuda" or "cuda:N". Throws kvd::Error when CUDA is asked for but absent.
-c10::Device parse_device(const std::string& s);
+using kvd::parse_device;  // models/device.h
 
 // Whitespace-separated non-negative integers; throws kvd::Error naming the file and the bad token.
 std::vector<int64_t> read_ids_file(const std::string& path, int64_t vocab_size);

@@ -27,7 +27,26 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
+void make_dirs(const std::string& dir) {
+  if (dir.empty()) return;
+  struct stat st{};
+  if (::stat(dir.c_str(), &st) == 0) {
+    KVD_CHECK(S_ISDIR(st.st_mode), dir, ": exists and is not a directory");
+    return;
+  }
+  const size_t slash = dir.find_last_of('/');
+  if (slash != std::string::npos && slash > 0) make_dirs(dir.substr(0, slash));
+  KVD_CHECK(::mkdir(dir.c_str(), 0755) == 0 || errno == EEXIST, "cannot create directory ", dir, " (",
+            std::strerror(errno), ")");
+}
+
+void make_parent_dirs(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash != std::string::npos && slash > 0) make_dirs(path.substr(0, slash));
+}
+
 void write_file_atomic(const std::string& path, const std::function<void(std::ostream&)>& write) {
+  make_parent_dirs(path);
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   try {
     {

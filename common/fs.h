@@ -11,8 +11,16 @@ namespace kvd {
 // The whole file as bytes; throws kvd::Error naming `path` if it cannot be read.
 std::string read_file(const std::string& path);
 
+// Creates directory `dir` and its missing parents (like `mkdir -p`); throws kvd::Error naming the first
+// directory that cannot be made.
+void make_dirs(const std::string& dir);
+// Creates the missing parent directories of an output file `path` (every writer calls this, so
+// `--out runs/x/y.h5` works without a prior mkdir).
+void make_parent_dirs(const std::string& path);
+
 // Writes `path` atomically: `write` fills "<path>.tmp.<pid>", which is flushed, fsync'ed and renamed
-// over `path`. If `write` throws, the temporary is removed and nothing at `path` changes.
+// over `path`. Missing parent directories are created. If `write` throws, the temporary is removed and
+// nothing at `path` changes.
 void write_file_atomic(const std::string& path, const std::function<void(std::ostream&)>& write);
 void write_file_atomic(const std::string& path, const std::string& bytes);
 

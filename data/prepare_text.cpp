@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "common/error.h"
+#include "common/fs.h"
 #include "data/h5.h"
 #include "data/packed_text.h"
 #include "models/chat_template.h"
@@ -296,10 +297,8 @@ PrepareTextStats prepare_text(const PrepareTextOptions& opt) {
             ": must be between 2 and 2^30");
   KVD_CHECK(opt.val_fraction >= 0 && opt.val_fraction < 1, "--val-fraction ", opt.val_fraction, ": must be in [0, 1)");
   KVD_CHECK(!opt.out.empty(), "--out: an output .h5 path is required");
+  make_parent_dirs(opt.out);
   std::error_code ec;
-  const fs::path parent = fs::path(opt.out).parent_path();
-  KVD_CHECK(parent.empty() || fs::is_directory(parent, ec), opt.out, ": the directory ", parent.string(),
-            " does not exist; create it first");
   const std::string tmp = opt.out + ".tmp." + std::to_string(::getpid());
   try {
     PrepareTextStats stats = write_packed(opt, tmp);

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "gates/registry.h"
 #include "gates/selector.h"
 
 namespace kvd {
@@ -42,6 +43,10 @@ struct EvalOptions {
   QueryMode query = QueryMode::Agnostic;
   int64_t max_new_tokens = 32;  // for samples without their own
   uint64_t seed = 0;
+  // Learned parts: Continuous (default; TRIM-KV holds every head at its budget through a chunked prefill and
+  // while decoding) or Once (compress the prompt once after prefill).
+  LearnedMode learned_mode = LearnedMode::Continuous;
+  int64_t continuous_chunk = 128;  // prefill chunk of the continuous mode
 };
 
 // Checks methods, budgets and the task file (clear errors) before loading the model.

@@ -7,6 +7,8 @@
 
 #include "common/error.h"
 #include "common/fs.h"
+#include "gates/components.h"
+#include "models/model.h"
 #include "gates/component.h"
 #include "models/safetensors.h"
 #include "models/weights.h"
@@ -46,7 +48,7 @@ std::string bundle_tensor_name(const std::string& kind, const std::string& param
 }
 
 void save_gate_bundle(const std::string& dir, const Component& component, const BaseModelInfo& base) {
-  std::filesystem::create_directories(dir);
+  make_dirs(dir);
   const std::string kind = component.kind();
   std::vector<at::Tensor> hold;  // CPU float32 copies backing the TensorRefs
   std::vector<TensorRef> refs;
@@ -114,6 +116,37 @@ void load_gate_bundle(const std::string& dir, Component& component, const BaseMo
     KVD_CHECK(t.sizes() == p.sizes(), f.path(), ": tensor '", name, "' has shape ", t.sizes(), ", expected ", p.sizes());
     p.copy_(t.to(p.device(), p.scalar_type()));
   }
+}
+
+std::shared_ptr<Component> load_component(const std::string& dir, const Model& model, const BaseModelInfo& base) {
+  return load_component(dir, model.config(), model.device(), base);
+}
+
+std::shared_ptr<Component> load_component(const std::string& dir, const ModelConfig& cfg, c10::Device device,
+                                          const BaseModelInfo& base) {
+  const std::string mpath = dir + "/" + kManifestFile;
+  const nlohmann::json m = read_gate_manifest(dir);
+  KVD_CHECK(m.is_object() && m.contains("kind") && m.at("kind").is_string(), mpath,
+            ": the manifest names no component kind; export the bundle again");
+  const std::string kind = m.at("kind").get<std::string>();
+  const ComponentSpec* spec = find_component(kind);
+  if (spec == nullptr) {
+    std::string known;
+    for (const std::string& k : component_kinds()) known += (known.empty() ? "" : ", ") + k;
+    KVD_FAIL(mpath, ": the bundle holds a '", kind, "' component, which this kvdistill does not know (known kinds: ",
+             known, ")");
+  }
+  nlohmann::json options;
+  try {
+    options = spec->options_from_manifest ? spec->options_from_manifest(m) : m.value("options", nlohmann::json::object());
+    options = complete_options(*spec, options, mpath);
+  } catch (const nlohmann::json::exception& e) {
+    KVD_FAIL(mpath, ": malformed options (", e.what(), ")");
+  }
+  std::shared_ptr<Component> c = spec->make(cfg, options);
+  load_gate_bundle(dir, *c, base);
+  c->to(device, torch::kFloat32);
+  return c;
 }
 
 }  // namespace kvd

@@ -7,13 +7,17 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
+#include <c10/core/Device.h>
 #include <nlohmann/json.hpp>
 
 namespace kvd {
 
 class Component;
+class Model;
+struct ModelConfig;
 
 constexpr int64_t kGateBundleFormatVersion = 1;
 
@@ -42,5 +46,14 @@ nlohmann::json read_gate_manifest(const std::string& dir);
 // kvd::Error when the format version, component kind, base model config hash or dims differ (naming both
 // models) or a tensor is missing / mis-shaped.
 void load_gate_bundle(const std::string& dir, Component& component, const BaseModelInfo& base);
+
+// A learned part from its bundle, for `model` (whose config.json `base` describes): the manifest's kind is
+// looked up in the registry (gates/components.h; an unknown kind is refused, naming the known ones), the
+// component is built from the manifest's options, checked and loaded as load_gate_bundle does, and moved to
+// the model's device (float32 parameters).
+std::shared_ptr<Component> load_component(const std::string& bundle_dir, const Model& model, const BaseModelInfo& base);
+// The same for a model config on `device` (e.g. to validate a bundle on the CPU before the model is loaded).
+std::shared_ptr<Component> load_component(const std::string& bundle_dir, const ModelConfig& cfg, c10::Device device,
+                                          const BaseModelInfo& base);
 
 }  // namespace kvd

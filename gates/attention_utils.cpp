@@ -6,18 +6,10 @@
 
 #include "common/error.h"
 #include "gates/heuristics.h"
+#include "models/attention.h"
 #include "models/kv_cache.h"
 
 namespace kvd {
-namespace {
-
-// (B, H_kv, ...) -> (B, H, ...) by repeating each KV head over its group.
-at::Tensor to_query_heads(const at::Tensor& t, int64_t H) {
-  const int64_t G = H / t.size(1);
-  return G == 1 ? t : t.repeat_interleave(G, 1);
-}
-
-}  // namespace
 
 at::Tensor reduce_group(const at::Tensor& s, int64_t num_kv_heads, GroupReduce reduce) {  // (B, H, m)
   KVD_CHECK(s.dim() == 3 && s.size(1) % num_kv_heads == 0, "reduce_group: scores must be (B, H, m) with H a multiple of ",
@@ -29,18 +21,7 @@ at::Tensor reduce_group(const at::Tensor& s, int64_t num_kv_heads, GroupReduce r
 
 at::Tensor window_attention(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k, const at::Tensor& k_pos,
                             const at::Tensor& valid) {
-  KVD_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3) &&
-                q.size(1) % k.size(1) == 0,
-            "window_attention: q (B, H, w, hd) and k (B, H_kv, n, hd) do not fit: ", q.sizes(), " vs ", k.sizes());
-  const int64_t H = q.size(1), hd = q.size(3);
-  at::Tensor qf = q.to(torch::kFloat);                       // (B, H, w, hd)
-  at::Tensor kf = to_query_heads(k.to(torch::kFloat), H);    // (B, H, n, hd)
-  at::Tensor logits = torch::matmul(qf, kf.transpose(2, 3)) / std::sqrt(static_cast<double>(hd));  // (B, H, w, n)
-  at::Tensor kp = to_query_heads(k_pos, H).unsqueeze(2);     // (B, H, 1, n)
-  at::Tensor vis = kp.le(q_pos.unsqueeze(1).unsqueeze(-1));  // (B, H, w, n)
-  if (valid.defined()) vis = vis.logical_and(to_query_heads(valid, H).unsqueeze(2));
-  logits = logits.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
-  return torch::softmax(logits, -1);  // (B, H, w, n)
+  return attention_probs(q, q_pos, k, k_pos, valid, torch::kFloat);  // (B, H, w, n) float32
 }
 
 at::Tensor attention_column_sums(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k,
@@ -64,6 +45,7 @@ LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, i
   view.values = kv.v;       // (B, H_kv, n, hd)
   view.positions = kv.pos;  // (B, H_kv, n)
   view.valid = kv.valid;    // (B, H_kv, n) or undefined
+  view.payload = kv.payload;
   view.next_position = next_position;
   return view;
 }

@@ -1,9 +1,12 @@
-// Component: a learned part (TRIM-KV retention gate, soft queries, lookahead predictor, attention gate).
-// It is a torch::nn::Module whose parameters are the only ones that train; it acts on the frozen model
-// through AttentionMods during training and ranks tokens through a Scorer at inference. The trainer
-// (train/) knows components only through this interface (DESIGN.md, "The abstractions").
+// Component: a learned part (TRIM-KV retention gate, soft queries, lookahead predictor, attention gate, ...).
+// It is a torch::nn::Module whose parameters are the only ones that train. It owns its objective: loss()
+// runs whatever forwards of the frozen model it needs (with its AttentionMods) and returns named loss terms,
+// which the trainer weights by name (`loss.<name>` in the run config) without knowing the component. At
+// inference it ranks tokens through a Scorer. The trainer (train/) and the harness (eval/) know components
+// only through this interface and the registry of gates/components.h (DESIGN.md, "The abstractions").
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
@@ -13,6 +16,7 @@
 #include <torch/nn/module.h>
 
 #include "gates/scorer.h"
+#include "models/activation_checkpointing.h"
 #include "models/attention_mods.h"
 
 namespace kvd {
@@ -30,19 +34,33 @@ struct TrainBatch {
 // A named scalar loss term, e.g. {"capacity", L_cap}.
 using LossTerm = std::pair<std::string, at::Tensor>;
 
+// How the trainer asks for a loss: settings that belong to the run, not to the component.
+struct LossOptions {
+  int64_t block = 256;  // rows per block when a loss forms full-vocabulary logits (loss.block)
+  ActivationCheckpointing checkpointing = ActivationCheckpointing::None;  // for the component's student forwards
+};
+
+struct ComponentLoss {
+  std::vector<LossTerm> terms;  // unweighted, each a () tensor in the graph; the trainer sums w_name · term
+  int64_t tokens = 0;           // tokens the loss was computed over (for the tokens/s log)
+};
+
 class Component : public torch::nn::Module {
  public:
-  // "retention_gate", "soft_queries", ... (the gate bundle's component kind).
+  // "retention_gate", ... (the registry's kind, the bundle manifest's "kind").
   virtual std::string kind() const = 0;
-  // Hooks for the student forward over `batch`. The component may record what regularizers() needs
-  // (e.g. per-layer log β) while the hooks run.
-  virtual AttentionMods attention_mods(const TrainBatch& batch) = 0;
-  // Loss terms of the component itself, from what the last student forward recorded (weights applied by
-  // the trainer from the run config).
-  virtual std::vector<LossTerm> regularizers() = 0;
-  // Scorer for inference / evaluation, sharing this component's parameters.
+  // The component's objective on one micro-batch: forwards of the frozen `model` (teacher and student, as
+  // the method needs) and the named terms. Gradients flow into this component's parameters only.
+  virtual ComponentLoss loss(const Model& model, const TrainBatch& batch, const LossOptions& options) = 0;
+  // Scorer for inference / evaluation, sharing this component's parameters (hold the component in a
+  // shared_ptr, or keep it alive longer than the scorer).
   virtual std::unique_ptr<Scorer> make_scorer() = 0;
-  // Dims, hyper-parameters and score semantics for the gate bundle manifest (kvdistill.json).
+  // The budget the component is trained for (tokens per KV head), used by the trainer's held-out check;
+  // 0: none (the check then uses train.eval_budget).
+  virtual int64_t budget() const { return 0; }
+  // Dims, hyper-parameters and score semantics for the bundle manifest (kvdistill.json). Must hold
+  // "options": the component's options (the `component.*` keys without the prefix), from which the
+  // registry rebuilds it when a bundle is loaded.
   virtual nlohmann::json manifest() const = 0;
 };
 

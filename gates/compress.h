@@ -19,21 +19,13 @@ namespace kvd {
 class Model;
 class KVCache;
 
+// A compression method: a scorer (shared, so decode-time eviction can hold it too) and a selector. Names
+// resolve in gates/registry.h.
 struct Method {
   std::string name;
-  std::unique_ptr<Scorer> scorer;
+  std::shared_ptr<Scorer> scorer;
   SelectorOptions selector;
 };
-
-// Known names: random, knorm, streaming_llm, h2o, observed_attention, snapkv, pyramidkv, tova, keydiff,
-// expected_attention, defensivekv (AdaKV budgets), layer_defensivekv (global budgets), cake (CAKE indicator
-// and cascading layer budgets), plus the prefixes adakv_<name> (head-adaptive budgets), criticalkv_<name> (value-norm
-// re-weighting) and global_<name> (one budget across layers), e.g. adakv_snapkv.
-std::vector<std::string> method_names();
-// Throws a clear error naming the flag for an unknown name (listing the known ones), a ratio outside [0, 1)
-// (--ratio) or a token budget <= 0 (--budget-tokens).
-Method make_method(const std::string& name, const Budget& budget, uint64_t seed = 0);
-Method make_method(const std::string& name, double ratio, uint64_t seed = 0);  // Budget::ratio(ratio)
 
 // When compression runs (specs/baselines.md, "Triggers").
 //   chunk_size == 0: prefill the whole prompt, compress once after (each layer right after its attention).
@@ -47,8 +39,16 @@ Method make_method(const std::string& name, double ratio, uint64_t seed = 0);  /
 //                    a shorter last chunk takes the missing window rows from the previous chunk's queries.
 //                    Not for cake (its cascade is per prefill) nor for scorers that refuse ragged heads after
 //                    a head-adaptive / global compression.
+// Chunked prefill's budget: the tokens the budget applies to after each chunk.
+enum class ChunkBudget {
+  SoFar,  // n_kept(tokens so far): the cache shrinks to the budget's share of what it has seen
+  Final   // n_kept(the row's whole prompt): a head is evicted only once it holds more than its final budget
+          // (TRIM-KV's fixed memory M while the prompt streams in)
+};
+
 struct CompressOptions {
   int64_t chunk_size = 0;
+  ChunkBudget chunk_budget = ChunkBudget::SoFar;
 };
 
 struct RowCompressStats {

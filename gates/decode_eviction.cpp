@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "models/attention.h"
 #include "models/kv_cache.h"
 
 namespace kvd {
@@ -18,8 +19,6 @@ struct DecodeEvictor::LayerState {
   std::vector<int64_t> len;     // [B * H_kv] entries the state covers (== the cache's after each call)
   std::vector<int64_t> target;  // [B * H_kv]
   at::Tensor init_scores;       // (B, H_kv, n0) H2O initial scores, or undefined
-  at::Tensor acc;               // (B, H_kv, n) float64 H2O accumulated attention
-  LazyEvictionState lazy;       // (B, H_kv, n) each
   at::Tensor q, q_pre, q_pos;   // Scorer: (B, H, w, hd), (B, H, w, hd), (B, w) the last decode queries
 };
 
@@ -27,63 +26,41 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
+// Payload columns of the decode-time policies (KVCache per-entry payload).
+constexpr const char* kH2OAcc = "h2o.acc";      // float64 accumulated attention
+constexpr const char* kLazyBorn = "lazy.born";  // int64 step the entry was appended (0: before decoding)
+constexpr const char* kLazyLast = "lazy.last";  // int64 last important step
+constexpr const char* kLazyMri = "lazy.mri";    // int64 maximum recurrence interval
+constexpr const char* kLazyAttn = "lazy.attn";  // float64 attention at the latest tracked step
+
 // Softmax attention of one query row per batch row to a layer's entries, per query head:
 //   q (B, H, 1, hd), q_pos (B, 1); k (B, H_kv, n, hd), pos (B, H_kv, n), valid (B, H_kv, n) or undefined.
 // Computed in float64 for a float64 model, else float32. Returns (B, H, n); invisible entries get 0, and a
 // padding query row (position -1, e.g. a finished row of generate_batch) sees nothing and gets 0 everywhere.
 at::Tensor step_attention(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k, const at::Tensor& pos,
                           const at::Tensor& valid) {
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(3), Hkv = k.size(1), G = H / Hkv;
   const auto ct = q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  at::Tensor kf = k.to(ct);                                                   // (B, H_kv, n, hd)
-  if (G > 1) kf = kf.repeat_interleave(G, 1);                                 // (B, H, n, hd)
-  at::Tensor logits = torch::matmul(q.to(ct), kf.transpose(2, 3)).squeeze(2) / std::sqrt(static_cast<double>(hd));  // (B, H, n)
-  at::Tensor vis = pos.le(q_pos.reshape({B, 1, 1}));                           // (B, H_kv, n)
-  if (valid.defined()) vis = vis.logical_and(valid);
-  if (G > 1) vis = vis.repeat_interleave(G, 1);                               // (B, H, n)
-  at::Tensor a = torch::softmax(logits.masked_fill(vis.logical_not(), -kInf), -1);  // (B, H, n)
-  return torch::nan_to_num(a, 0.0, 0.0, 0.0);  // rows that see nothing: 0, not NaN
-}
-
-// Grows per-entry state to the cache's padded length: entries below old_len keep `old`, the rest `fresh`.
-//   old (B, H_kv, m), old_len [B * H_kv], fresh (B, H_kv, n) -> (B, H_kv, n)
-at::Tensor grow(const at::Tensor& old, const std::vector<int64_t>& old_len, const at::Tensor& fresh) {
-  const int64_t B = fresh.size(0), Hkv = fresh.size(1);
-  const int64_t m = std::min(old.defined() ? old.size(2) : 0, fresh.size(2));
-  at::Tensor out = fresh.clone();
-  if (m == 0) return out;
-  at::Tensor ol = torch::tensor(old_len, torch::kLong).view({B, Hkv, 1}).to(fresh.device());  // (B, H_kv, 1)
-  at::Tensor keep = torch::arange(m, ol.options()).view({1, 1, m}).lt(ol);                    // (B, H_kv, m)
-  out.narrow(2, 0, m).copy_(torch::where(keep, old.narrow(2, 0, m), fresh.narrow(2, 0, m)));
-  return out;
+  return attention_probs(q, q_pos, k, pos, valid, ct, EmptyRows::Zero).squeeze(2);  // (B, H, n); rows that see nothing: 0
 }
 
 // Per head r, the counts[r] entries with the highest keep score (ties: the lower index), in ascending order.
-// keep (B, H_kv, n); idx_pad receives (B, H_kv, max count) the same indices padded with 0 (to gather state).
-RaggedIndices top_sorted(const at::Tensor& keep, const std::vector<int64_t>& counts, at::Tensor& idx_pad) {
-  const int64_t B = keep.size(0), Hkv = keep.size(1), n = keep.size(2), R = B * Hkv;
+// keep (B, H_kv, n).
+RaggedIndices top_sorted(const at::Tensor& keep, const std::vector<int64_t>& counts) {
+  const int64_t n = keep.size(2), R = keep.size(0) * keep.size(1);
   at::Tensor s = keep.reshape({R, n}).to(torch::kCPU, torch::kDouble);                  // (R, n)
   at::Tensor order = std::get<1>(s.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));  // (R, n)
-  const int64_t n_new = *std::max_element(counts.begin(), counts.end());
   std::vector<at::Tensor> parts;
   std::vector<int64_t> off(R + 1, 0);
-  at::Tensor pad = torch::zeros({R, n_new}, torch::kLong);  // (R, n_new)
   for (int64_t r = 0; r < R; ++r) {
     KVD_CHECK(counts[r] <= n, "decode eviction: head row ", r, " keeps ", counts[r], " of ", n, " entries");
     at::Tensor sel = std::get<0>(order[r].narrow(0, 0, counts[r]).sort());  // (c)
     parts.push_back(sel);
-    pad[r].narrow(0, 0, counts[r]).copy_(sel);
     off[r + 1] = off[r] + counts[r];
   }
   RaggedIndices out;
   out.indices = torch::cat(parts).to(keep.device());  // (total)
   out.offsets = torch::tensor(off, torch::kLong);     // (R + 1) CPU
-  idx_pad = pad.view({B, Hkv, n_new}).to(keep.device());
   return out;
-}
-
-at::Tensor compact(const at::Tensor& st, const at::Tensor& idx_pad) {  // (B, H_kv, n) -> (B, H_kv, n')
-  return st.defined() ? st.gather(2, idx_pad) : st;
 }
 
 // Keeps the last `rows` rows along dim `d`.
@@ -102,7 +79,8 @@ DecodeEvictor::DecodeEvictor(const Model& model, DecodePolicy policy, DecodeTrig
             "DecodeEvictionOptions::scorer (e.g. from make_method(name, ratio).scorer)");
   if (policy_ == DecodePolicy::Scorer)
     KVD_CHECK(!opt_.scorer->needs().hidden, "decode eviction: scorer '", opt_.scorer->name(),
-              "' needs the hidden state of every cached token, which decode does not have; use it at prefill");
+              "' needs the hidden state of every cached token, which decode does not have; use it at prefill "
+              "(a scorer that keeps per-entry state writes it in on_append instead)");
   KVD_CHECK(opt_.max_query_rows >= 1, "decode eviction: max_query_rows must be >= 1");
   reset();
 }
@@ -135,10 +113,10 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
             "(decode ids (B, 1)); for a multi-token prefill compress with compress_prefill instead, got queries ",
             obs.queries.sizes());
   LayerState& S = *layers_[l];
-  const KVLayerView kv = cache.layer(l);  // k, v (B, H_kv, n, hd); pos, valid (B, H_kv, n)
-  const int64_t B = kv.k.size(0), Hkv = kv.k.size(1), n = kv.n, R = B * Hkv;
+  if (policy_ == DecodePolicy::Scorer) opt_.scorer->on_append(obs, cache);  // per-entry state of the new entry
+  const int64_t B = cache.batch(), Hkv = cache.num_kv_heads(), n = cache.max_length(l), R = B * Hkv;
   const std::vector<int64_t>& lens = cache.lengths(l);
-  const c10::Device dev = kv.k.device();
+  const c10::Device dev = cache.device();
   auto dopt = torch::TensorOptions().dtype(torch::kDouble).device(dev);
 
   if (S.len.empty()) {  // first decode step of this layer: the entries before it are the prefill's
@@ -151,16 +129,26 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
       KVD_CHECK(S.target[r] >= 1, "decode eviction: layer ", l, " head row ", r, " would keep 0 entries; pass "
                 "DecodeTrigger::target >= 1");
     }
+    // Per-entry state lives in the cache's payload (kept and compacted with the entries): entries present
+    // before decoding start from 0 (LazyEviction: born at step 0), or H2O from set_initial_scores().
     const int64_t n0 = *std::max_element(S.len.begin(), S.len.end());
-    if (S.init_scores.defined()) {
-      KVD_CHECK(S.init_scores.size(0) == B && S.init_scores.size(1) == Hkv && S.init_scores.size(2) >= n0,
-                "set_initial_scores: layer ", l, ": scores ", S.init_scores.sizes(), " do not cover the cache's (", B,
-                ", ", Hkv, ", ", n0, ") entries at the start of decoding");
-      S.acc = S.init_scores.narrow(2, 0, n0).to(dev);
-    } else {
-      S.acc = torch::zeros({B, Hkv, n0}, dopt);
+    if (policy_ == DecodePolicy::H2O) {
+      cache.add_payload(kH2OAcc, torch::kDouble, 0.0);
+      if (S.init_scores.defined()) {
+        KVD_CHECK(S.init_scores.size(0) == B && S.init_scores.size(1) == Hkv && S.init_scores.size(2) >= n0,
+                  "set_initial_scores: layer ", l, ": scores ", S.init_scores.sizes(), " do not cover the cache's (", B,
+                  ", ", Hkv, ", ", n0, ") entries at the start of decoding");
+        at::Tensor init = torch::zeros({B, Hkv, n}, dopt);  // (B, H_kv, n); the step's new entry starts at 0
+        init.narrow(2, 0, std::min(n0, n)).copy_(S.init_scores.narrow(2, 0, std::min(n0, n)));
+        at::Tensor idx = torch::arange(n, dopt.dtype(torch::kLong)).view({1, 1, n});
+        at::Tensor old = torch::tensor(S.len, torch::kLong).view({B, Hkv, 1}).to(dev);
+        cache.set_payload(l, kH2OAcc, torch::where(idx.lt(old), init, torch::zeros_like(init)));
+      }
     }
-    S.lazy = lazy_eviction_fresh(B, Hkv, n0, 0, dev);
+    if (policy_ == DecodePolicy::LazyEviction) {
+      for (const char* c : {kLazyBorn, kLazyLast, kLazyMri}) cache.add_payload(c, torch::kLong, 0.0);
+      cache.add_payload(kLazyAttn, torch::kDouble, 0.0);
+    }
   }
   for (int64_t r = 0; r < R; ++r)
     KVD_CHECK(lens[r] >= S.len[r], "decode eviction: layer ", l, " head row ", r, " shrank from ", S.len[r], " to ",
@@ -168,16 +156,14 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
   const int64_t step = ++S.steps;
   if (l == 0) ++stats_.steps;
 
-  // Fresh state for the entries appended since the last call.
+  // The step's new entry: the cache gave its payload columns their fill (0); LazyEviction's is born now.
   const bool h2o = policy_ == DecodePolicy::H2O, lazy = policy_ == DecodePolicy::LazyEviction;
-  if (h2o) S.acc = grow(S.acc, S.len, torch::zeros({B, Hkv, n}, dopt));
   if (lazy) {
-    LazyEvictionState f = lazy_eviction_fresh(B, Hkv, n, step, dev);
-    S.lazy.born = grow(S.lazy.born, S.len, f.born);
-    S.lazy.last = grow(S.lazy.last, S.len, f.last);
-    S.lazy.mri = grow(S.lazy.mri, S.len, f.mri);
-    S.lazy.attn = grow(S.lazy.attn, S.len, f.attn);
+    const at::Tensor now = torch::full({B, Hkv, 1}, step, dopt.dtype(torch::kLong));  // (B, H_kv, 1)
+    cache.set_payload_tail(l, kLazyBorn, now, obs.lead);
+    cache.set_payload_tail(l, kLazyLast, now, obs.lead);
   }
+  const KVLayerView kv = cache.layer(l);  // k, v (B, H_kv, n, hd); pos, valid, payload (B, H_kv, n)
   S.len = lens;
 
   const bool fire = step % trigger_.interval == 0;
@@ -185,12 +171,26 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
                          (fire && policy_ == DecodePolicy::TOVA);
   at::Tensor attn;  // (B, H, n)
   if (need_attn) attn = step_attention(obs.queries, obs.query_positions, kv.k, kv.pos, kv.valid);
-  if (h2o) S.acc = S.acc + reduce_group(attn, Hkv, opt_.reduce).to(torch::kDouble);  // (B, H_kv, n)
+  at::Tensor acc;  // (B, H_kv, n) float64 H2O accumulated attention
+  if (h2o) {
+    acc = kv.payload.at(kH2OAcc) + reduce_group(attn, Hkv, opt_.reduce).to(torch::kDouble);
+    cache.set_payload(l, kH2OAcc, acc);
+  }
+  LazyEvictionState lz;  // (B, H_kv, n) each
+  if (lazy) {
+    lz.born = kv.payload.at(kLazyBorn);
+    lz.last = kv.payload.at(kLazyLast).clone();
+    lz.mri = kv.payload.at(kLazyMri).clone();
+    lz.attn = kv.payload.at(kLazyAttn).clone();
+  }
   if (lazy && attn.defined()) {
     // Padding query rows (a finished row's step) leave the state alone.
     at::Tensor seen = obs.query_positions.ge(0).reshape({B, 1, 1}).expand({B, Hkv, n});  // (B, H_kv, n)
     if (kv.valid.defined()) seen = seen.logical_and(kv.valid);
-    lazy_eviction_update(S.lazy, reduce_group(attn, Hkv, opt_.reduce), seen, step, opt_.lazy_threshold);
+    lazy_eviction_update(lz, reduce_group(attn, Hkv, opt_.reduce), seen, step, opt_.lazy_threshold);
+    cache.set_payload(l, kLazyLast, lz.last);
+    cache.set_payload(l, kLazyMri, lz.mri);
+    cache.set_payload(l, kLazyAttn, lz.attn);
   }
   if (policy_ == DecodePolicy::Scorer) {
     const ScorerNeeds needs = opt_.scorer->needs();
@@ -220,7 +220,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
       std::vector<int64_t> first_recent(R);  // index of the first protected entry of each head
       for (int64_t r = 0; r < R; ++r) first_recent[r] = lens[r] - S.target[r] / 2;
       at::Tensor fr = torch::tensor(first_recent, torch::kLong).view({B, Hkv, 1}).to(dev);  // (B, H_kv, 1)
-      keep = S.acc.masked_fill(idx.ge(fr), kInf);
+      keep = acc.masked_fill(idx.ge(fr), kInf);
       break;
     }
     case DecodePolicy::TOVA: {
@@ -235,7 +235,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
       break;
     }
     case DecodePolicy::LazyEviction:
-      keep = lazy_eviction_keep_scores(S.lazy, kv.valid, step, trigger_.interval);
+      keep = lazy_eviction_keep_scores(lz, kv.valid, step, trigger_.interval);
       break;
     case DecodePolicy::Scorer: {
       const ScorerNeeds needs = opt_.scorer->needs();
@@ -251,16 +251,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
   }
   if (kv.valid.defined()) keep = keep.masked_fill(kv.valid.logical_not(), -kInf);
 
-  at::Tensor idx_pad;
-  RaggedIndices sel = top_sorted(keep, counts, idx_pad);
-  cache.keep(l, sel);
-  if (h2o) S.acc = compact(S.acc, idx_pad);
-  if (lazy) {
-    S.lazy.born = compact(S.lazy.born, idx_pad);
-    S.lazy.last = compact(S.lazy.last, idx_pad);
-    S.lazy.mri = compact(S.lazy.mri, idx_pad);
-    S.lazy.attn = compact(S.lazy.attn, idx_pad);
-  }
+  cache.keep(l, top_sorted(keep, counts));  // the payload columns follow their entries
   S.len = counts;
   stats_.evictions += evicted;
 }

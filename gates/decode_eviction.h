@@ -4,9 +4,10 @@
 //
 // The observer runs for every layer of every decode step, right after the layer's attention ran and the
 // step's K/V entry was appended (Model::prefill's contract), so the cache it sees holds the kept entries plus
-// the new one. It keeps per-entry state aligned with the cache: entries appended since its last call get
-// fresh state, and every keep() it issues compacts the state with the same indices. It is the only thing
-// that may compact the cache during decode (a foreign keep between steps is detected when a head shrinks).
+// the new one. Its per-entry state (H2O's accumulated attention, LazyEviction's step counters) lives in the
+// cache's payload columns, so appends give new entries fresh state and every keep() compacts the state with
+// its entries; a Scorer policy's scorer writes its own state there through Scorer::on_append. The evictor is
+// the only thing that may compact the cache during decode (a foreign keep is detected when a head shrinks).
 //
 // Per layer, decode step s = 1, 2, ... (counted by the evictor itself). At each step the policy updates its
 // state; at steps where s % interval == 0 (a trigger) every head holding more than its target is evicted

@@ -140,13 +140,14 @@ class ExpectedAttentionScorer : public Scorer {
 // score: tokens of the first stage get max(s') + 1 + s.
 class CriticalKVScorer : public Scorer {
  public:
-  CriticalKVScorer(std::unique_ptr<Scorer> base, double ratio) : base_(std::move(base)), ratio_(ratio) {}
+  CriticalKVScorer(std::shared_ptr<Scorer> base, double ratio) : base_(std::move(base)), ratio_(ratio) {}
   std::string name() const override { return "criticalkv_" + base_->name(); }
   ScorerNeeds needs() const override { return base_->needs(); }
+  void on_append(const PrefillLayerObservation& obs, KVCache& cache) override { base_->on_append(obs, cache); }
   at::Tensor score(const LayerView& view) override;
 
  private:
-  std::unique_ptr<Scorer> base_;
+  std::shared_ptr<Scorer> base_;
   double ratio_;
 };
 

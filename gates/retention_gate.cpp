@@ -5,8 +5,11 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
-#include "export/gate_bundle.h"
+#include "gates/components.h"
+#include "gates/distill_objective.h"
 #include "losses/capacity.h"
+#include "models/kv_cache.h"
+#include "models/model.h"
 
 namespace kvd {
 
@@ -81,6 +84,16 @@ std::vector<LossTerm> RetentionGateImpl::regularizers() {
                                      opt_.capacity_block)}};
 }
 
+ComponentLoss RetentionGateImpl::loss(const Model& model, const TrainBatch& batch, const LossOptions& options) {
+  const AttentionMods mods = attention_mods(batch);
+  DistillTerms d = distill_to_frozen(model, batch, mods, options);
+  ComponentLoss out;
+  out.terms = {{"kl", d.kl}, {"ce", d.ce}};
+  for (LossTerm& t : regularizers()) out.terms.push_back(std::move(t));
+  out.tokens = d.tokens;
+  return out;
+}
+
 at::Tensor retention_score(const at::Tensor& log_beta, const at::Tensor& positions, int64_t next_position) {
   KVD_CHECK(log_beta.sizes() == positions.sizes(), "retention_score: log_beta ", log_beta.sizes(),
             " and positions ", positions.sizes(), " must match");
@@ -90,29 +103,44 @@ at::Tensor retention_score(const at::Tensor& log_beta, const at::Tensor& positio
 
 namespace {
 
+constexpr const char* kLogBeta = "log_beta";
+
+// TRIM-KV at inference: log β is computed once, when a token is appended (on_append, every prefill chunk and
+// decode step), and kept in the cache's payload column "log_beta"; the score log β_i · (t + 1 − pos_i)
+// then decays as decoding goes on. A view without that column (a caller that drove no on_append) is scored
+// from LayerView.hidden instead.
 class RetentionScorer : public Scorer {
  public:
   RetentionScorer(std::shared_ptr<RetentionGateImpl> owner, RetentionGateImpl* gate)
       : owner_(std::move(owner)), gate_(gate) {}
   std::string name() const override { return "retention_gate"; }
-  ScorerNeeds needs() const override {
-    ScorerNeeds n;
-    n.hidden = true;
-    return n;
+
+  void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
+    torch::NoGradGuard no_grad;
+    cache.add_payload(kLogBeta, torch::kFloat, 0.0);
+    at::Tensor lb = gate_->log_beta(obs.layer, obs.hidden).transpose(1, 2);  // (B, t, H_kv) -> (B, H_kv, t)
+    cache.set_payload_tail(obs.layer, kLogBeta, lb, obs.lead);
   }
+
   at::Tensor score(const LayerView& view) override {
-    KVD_CHECK(view.hidden.defined(), "retention_gate scorer: LayerView.hidden is required (needs().hidden)");
     KVD_CHECK(view.positions.defined() && view.positions.dim() == 3,
               "retention_gate scorer: LayerView.positions must be (B, H_kv, n)");
     torch::NoGradGuard no_grad;
     at::Tensor lb;  // (B, H_kv, n)
-    if (view.hidden.dim() == 3) {
-      lb = gate_->log_beta(view.layer, view.hidden).transpose(1, 2);  // (B, n, H_kv) -> (B, H_kv, n)
+    auto it = view.payload.find(kLogBeta);
+    if (it != view.payload.end()) {
+      lb = it->second;
     } else {
-      KVD_CHECK(view.hidden.dim() == 4, "retention_gate scorer: hidden must be (B, n, d) or (B, H_kv, n, d), got ",
-                view.hidden.sizes());
-      at::Tensor all = gate_->log_beta(view.layer, view.hidden);  // (B, H_kv, n, H_kv): every head's gate per head
-      lb = all.diagonal(0, 1, 3).permute({0, 2, 1});              // (B, n, H_kv) -> (B, H_kv, n)
+      KVD_CHECK(view.hidden.defined(), "retention_gate scorer: the cache holds no log beta (payload '", kLogBeta,
+                "') and LayerView.hidden is empty; drive prefill / decode through the scorer's on_append");
+      if (view.hidden.dim() == 3) {
+        lb = gate_->log_beta(view.layer, view.hidden).transpose(1, 2);  // (B, n, H_kv) -> (B, H_kv, n)
+      } else {
+        KVD_CHECK(view.hidden.dim() == 4, "retention_gate scorer: hidden must be (B, n, d) or (B, H_kv, n, d), got ",
+                  view.hidden.sizes());
+        at::Tensor all = gate_->log_beta(view.layer, view.hidden);  // (B, H_kv, n, H_kv): every head's gate per head
+        lb = all.diagonal(0, 1, 3).permute({0, 2, 1});              // (B, n, H_kv) -> (B, H_kv, n)
+      }
     }
     at::Tensor s = retention_score(lb, view.positions.to(lb.device()), view.next_position);  // (B, H_kv, n)
     if (view.valid.defined()) s = s.masked_fill(view.valid.to(s.device()).logical_not(), -std::numeric_limits<float>::infinity());
@@ -151,22 +179,45 @@ nlohmann::json RetentionGateImpl::manifest() const {
       {"score", "log_beta"},
       {"score_formula", "log_beta_i * (t + 1 - pos_i)"},
       {"higher_keeps", true},
+      {"options", {{"budget", opt_.budget}, {"hidden", opt_.hidden}, {"bias_init", opt_.bias_init}}},
   };
 }
 
-RetentionGate load_retention_gate(const ModelConfig& cfg, const std::string& model_dir, const std::string& bundle_dir,
-                                  c10::Device device, uint64_t seed) {
-  RetentionGateOptions opt;
-  if (!bundle_dir.empty()) {
-    const nlohmann::json m = read_gate_manifest(bundle_dir);
-    opt.hidden = m.value("gate_hidden", opt.hidden);
-    opt.budget = m.value("budget", opt.budget);
-  }
-  torch::manual_seed(seed);  // the untrained gate's random init, reproducible
-  RetentionGate gate(cfg, opt);
-  gate->to(device);
-  if (!bundle_dir.empty()) load_gate_bundle(bundle_dir, *gate, base_model_info(model_dir));
-  return gate;
+ComponentSpec retention_gate_spec() {
+  ComponentSpec s;
+  s.kind = "retention_gate";
+  s.doc = "TRIM-KV retention gate: per layer an MLP x -> log beta per KV head (arXiv 2512.03324)";
+  s.options = {
+      {"component.budget", ValueType::Int, "128", "M: KV entries kept per head (capacity loss, held-out check)"},
+      {"component.hidden", ValueType::Int, "512", "retention gate MLP width"},
+      {"component.bias_init", ValueType::Float, "18.0", "retention gate output bias at init (beta ~ 1)"},
+  };
+  s.losses = {
+      {"loss.kl", ValueType::Float, "1.0", "weight of the forward KL(teacher || student)"},
+      {"loss.ce", ValueType::Float, "0.0", "weight of the student's next-token cross-entropy"},
+      {"loss.capacity", ValueType::Float, "1.0", "weight of the capacity regularizer (memory budget M)"},
+  };
+  s.check = [](const nlohmann::json& o) {
+    KVD_CHECK(o.at("budget").get<int64_t>() > 0, "config key 'component.budget': M must be > 0, got ", o.at("budget").dump());
+    KVD_CHECK(o.at("hidden").get<int64_t>() > 0, "config key 'component.hidden': must be > 0, got ", o.at("hidden").dump());
+  };
+  s.make = [](const ModelConfig& cfg, const nlohmann::json& o) -> std::shared_ptr<Component> {
+    RetentionGateOptions opt;
+    opt.budget = o.at("budget").get<int64_t>();
+    opt.hidden = o.at("hidden").get<int64_t>();
+    opt.bias_init = o.at("bias_init").get<double>();
+    return RetentionGate(cfg, opt).ptr();
+  };
+  // Bundles written before manifests held "options" carry the width and budget at the top level.
+  s.options_from_manifest = [](const nlohmann::json& m) {
+    if (m.contains("options")) return m.at("options");
+    nlohmann::json o = nlohmann::json::object();
+    if (m.contains("gate_hidden")) o["hidden"] = m.at("gate_hidden");
+    if (m.contains("budget")) o["budget"] = m.at("budget");
+    if (m.contains("bias_init")) o["bias_init"] = m.at("bias_init");
+    return o;
+  };
+  return s;
 }
 
 }  // namespace kvd

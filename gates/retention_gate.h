@@ -56,11 +56,16 @@ class RetentionGateImpl : public Component {
   at::Tensor log_beta(int64_t layer, const at::Tensor& hidden);
   RetentionGateLayer layer(int64_t i) { return layers_->ptr<RetentionGateLayerImpl>(i); }
 
+  // TRIM-KV's objective: {"kl", "ce"} of the student (the frozen model with the retention bias) against the
+  // teacher (gates/distill_objective.h), then {"capacity", L_cap} (budget options().budget).
+  ComponentLoss loss(const Model& model, const TrainBatch& batch, const LossOptions& options) override;
+  int64_t budget() const override { return opt_.budget; }
+
   // A layer_hook computing log β for the S rows of each layer, recording the sequence rows' (B, T, H_kv)
   // for regularizers(), and returning key_rate = log β (B, H_kv, S). Records batch.doc_ids too.
-  AttentionMods attention_mods(const TrainBatch& batch) override;
+  AttentionMods attention_mods(const TrainBatch& batch);
   // {"capacity", L_cap} over every (b, layer, KV head, t) of the last forward, budget options().budget.
-  std::vector<LossTerm> regularizers() override;
+  std::vector<LossTerm> regularizers();
   // Scores log β_i · (t + 1 − pos_i) from LayerView.hidden ((B, n, d) shared by the heads, or (B, H_kv, n, d)
   // per head), positions and next_position. Shares this gate's parameters (the gate must be held by a
   // RetentionGate / shared_ptr, or outlive the scorer).
@@ -84,10 +89,9 @@ TORCH_MODULE(RetentionGate);
 // query position t -> (B, H_kv, n) float32 log β · (t + 1 − pos) (higher = keep).
 at::Tensor retention_score(const at::Tensor& log_beta, const at::Tensor& positions, int64_t next_position);
 
-// A retention gate for the model in `model_dir` (config cfg), on `device`: loaded from the gate bundle in
-// bundle_dir (its manifest's width and budget; a bundle of another model or component is refused), or, with
-// an empty bundle_dir, untrained with a reproducible init from `seed`.
-RetentionGate load_retention_gate(const ModelConfig& cfg, const std::string& model_dir, const std::string& bundle_dir,
-                                  c10::Device device, uint64_t seed = 0);
+// The registry entry (gates/components.h): options component.budget / hidden / bias_init, loss terms
+// kl (1.0), ce (0.0), capacity (1.0).
+struct ComponentSpec;
+ComponentSpec retention_gate_spec();
 
 }  // namespace kvd

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -12,7 +13,9 @@
 namespace kvd {
 
 class Model;
+class KVCache;
 struct KVLayerView;
+struct PrefillLayerObservation;
 
 // What a scorer may look at for one layer. Fields a scorer does not declare in needs() may be undefined.
 struct LayerView {
@@ -26,6 +29,7 @@ struct LayerView {
   at::Tensor window_queries;     // (B, H, w, hd) post-RoPE queries of the last w prompt rows (observation window)
   at::Tensor window_positions;   // (B, w) int64 positions of those rows
   at::Tensor queries_pre_rope;   // (B, H, n_q, hd) pre-RoPE queries of the prompt rows (Expected Attention)
+  std::map<std::string, at::Tensor> payload;  // the cache's per-entry columns (B, H_kv, n) (KVCache payload)
   int64_t next_position = 0;     // position the next query will have (t)
 };
 
@@ -46,6 +50,15 @@ class Scorer {
   virtual ~Scorer() = default;
   virtual std::string name() const = 0;
   virtual ScorerNeeds needs() const { return {}; }
+  // Called by every driver that prefills or decodes with this scorer (compress_prefill, the decode evictor, the
+  // held-out check), once per layer of every chunk or decode step, right after the chunk's entries were
+  // appended to `cache` and before any scoring of that layer: a scorer that rates tokens when they are
+  // written (TRIM-KV's retention gate) stores its per-entry state in the cache's payload here
+  // (KVCache::add_payload / set_payload_tail; obs.hidden (B, t, d) are the new rows' attention inputs).
+  virtual void on_append(const PrefillLayerObservation& obs, KVCache& cache) {
+    (void)obs;
+    (void)cache;
+  }
   // Importance of each cached token, higher = keep: (B, H_kv, n) float32. Invalid entries are ignored.
   virtual at::Tensor score(const LayerView& view) = 0;
   // Layer preference of the view last passed to score(), one value per batch row (CAKE's P_ℓ, read by

@@ -1,7 +1,16 @@
-// Attention entry points shared by the decoder's inference and training paths.
+// The attention math of the decoder, in one place: the fused calls (grouped SDPA), the explicit grouped softmax
+// of a whole-sequence forward with a learned part's biases (retention decay, per-key log-masks, pair biases)
+// and its statistics, and the explicit probabilities the scorers and the decode-time evictors read (queries
+// against cached keys by stored position). Fused kernels bind here.
 #pragma once
 
+#include <cstdint>
+#include <optional>
+
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include "models/attention_mods.h"
 
 namespace kvd {
 
@@ -19,5 +28,44 @@ at::Tensor grouped_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // key lengths, one per layer, and cuDNN plans per shape; an isolated loop of such calls did not show the
 // slowdown, so its exact trigger is not pinned down.
 void disable_cudnn_attention();
+
+// ---- whole-sequence (training) attention -------------------------------------------------------------------
+
+// Which keys a row may see in a whole-sequence forward: key j is visible to query row i iff j <= i (row
+// order), both rows are in the same document, and (with a sliding window w) pos_i - pos_j < w.
+struct SequenceMask {
+  at::Tensor positions;  // (B, S) int64
+  at::Tensor doc_ids;    // (B, S) int64 or undefined
+  std::optional<int64_t> window;
+  int64_t S = 0;
+  at::Tensor bool_mask;  // (B, 1, S, S) lazily built for the SDPA path
+
+  bool plain_causal() const { return !doc_ids.defined() && !window; }
+  // (B, Sq, S) bool: may query row q_rows[b, i] (B, Sq) int64 see key j?
+  at::Tensor visible(const at::Tensor& q_rows) const;
+  // (B, 1, S, S) bool for every row, built once.
+  const at::Tensor& sdpa_mask();
+};
+
+// Additive bias (B, H_kv or 1, Sq, S) in `acc` (float32, or float64 for a float64 model) for query rows q_rows
+// (B, Sq): -inf where a key is invisible, else the sum of the layer's mods.
+at::Tensor mods_bias(const at::Tensor& q_rows, const SequenceMask& tm, const LayerMods& m, int64_t Hkv, c10::ScalarType acc);
+// Softmax attention probabilities of query rows against all keys, grouped by KV head, in bias's dtype:
+// q (B, H, Sq, hd), k (B, H_kv, S, hd), bias (B, H_kv|1, Sq, S) -> (B, H_kv, G, Sq, S).
+at::Tensor grouped_probs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& bias, double scale);
+
+// ---- queries against cached keys ---------------------------------------------------------------------------
+
+enum class EmptyRows {
+  Nan,  // a query that sees no key gets NaN probabilities (plain softmax)
+  Zero  // ... gets zeros
+};
+
+// Softmax attention of queries to cached keys, computed explicitly in `compute` dtype: key j of KV head h is
+// visible to query i iff its stored position k_pos <= q_pos[i] and (valid undefined or) valid. GQA: each query
+// head reads its group's KV head. q (B, H, w, hd), q_pos (B, w) int64, k (B, H_kv, n, hd), k_pos (B, H_kv, n)
+// int64, valid (B, H_kv, n) bool or undefined -> (B, H, w, n).
+at::Tensor attention_probs(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k, const at::Tensor& k_pos,
+                           const at::Tensor& valid, c10::ScalarType compute, EmptyRows empty = EmptyRows::Nan);
 
 }  // namespace kvd

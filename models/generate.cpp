@@ -119,7 +119,7 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
   auto t0 = Clock::now();
   std::vector<int64_t> lead;
   at::Tensor ids = left_pad(prompts, 0, lead);                                          // (B, T)
-  at::Tensor logits = model.prefill(ids, cache, LogitsMode::LastPosition, {}, lead);    // (B, V)
+  at::Tensor logits = model.prefill(ids, cache, LogitsMode::LastPosition, opts.prefill_observer, lead);  // (B, V)
   std::vector<int64_t> tok = pick(logits);  // syncs the device
   auto t1 = Clock::now();
   res.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();

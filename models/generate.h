@@ -39,6 +39,9 @@ struct GenerateOptions {
   std::function<void(int64_t token)> on_token;
   // Called for every layer of every decode step (not the prompt's prefill): decode-time eviction hooks in here.
   PrefillObserver decode_observer;
+  // Called for every layer of the prompt's prefill (e.g. a scorer's on_append, so that per-entry state covers
+  // the prompt's entries too).
+  PrefillObserver prefill_observer;
 };
 
 struct GenerateResult {

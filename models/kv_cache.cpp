@@ -90,6 +90,8 @@ void KVCache::reallocate(Layer& L, const std::vector<int64_t>& new_cap) {
   at::Tensor k = torch::zeros({total, head_dim_}, opt);               // (S_total', hd)
   at::Tensor v = torch::zeros({total, head_dim_}, opt);               // (S_total', hd)
   at::Tensor pos = torch::full({total}, -1, opt.dtype(torch::kLong));  // (S_total')
+  std::vector<at::Tensor> cols;  // [slot] (S_total')
+  for (const Payload& p : payload_) cols.push_back(torch::full({total}, p.fill, opt.dtype(p.dtype)));
   std::vector<int64_t> src, dst;  // old slot -> new slot of every held entry
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < L.len[r]; ++j) {
@@ -101,13 +103,16 @@ void KVCache::reallocate(Layer& L, const std::vector<int64_t>& new_cap) {
     k.index_copy_(0, d, L.k.index_select(0, s));
     v.index_copy_(0, d, L.v.index_select(0, s));
     pos.index_copy_(0, d, L.pos.index_select(0, s));
+    for (size_t c = 0; c < cols.size(); ++c) cols[c].index_copy_(0, d, L.cols[c].index_select(0, s));
   }
   if (total > 0) {
     L.k = k;
     L.v = v;
     L.pos = pos;
+    L.cols = cols;
   } else {
     L.k = L.v = L.pos = at::Tensor();
+    L.cols.assign(payload_.size(), at::Tensor());
   }
   L.cap = new_cap;
   L.start = new_start;
@@ -171,6 +176,7 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
     L.k.view({batch_, kv_heads_, c, head_dim_}).narrow(2, n0, t).copy_(k);
     L.v.view({batch_, kv_heads_, c, head_dim_}).narrow(2, n0, t).copy_(v);
     L.pos.view({batch_, kv_heads_, c}).narrow(2, n0, t).copy_(p);
+    for (size_t i = 0; i < payload_.size(); ++i) L.cols[i].view({batch_, kv_heads_, c}).narrow(2, n0, t).fill_(payload_[i].fill);
   } else if (device_path) {
     // Scatter indices built on the device from its copy of the segment table: nothing is uploaded.
     at::Tensor kf = k.reshape({rows * t, head_dim_});  // (B*H_kv*t, hd)
@@ -194,6 +200,11 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
     L.k.index_copy_(0, d, kf);
     L.v.index_copy_(0, d, vf);
     L.pos.index_copy_(0, d, pf);
+    for (size_t i = 0; i < payload_.size(); ++i) {
+      at::Tensor cf = torch::full({d.size(0)}, payload_[i].fill, L.cols[i].options());  // (B*H_kv*t)
+      if (padded) cf = torch::where(device_vector(gain).gt(0), cf, L.cols[i].index_select(0, d));
+      L.cols[i].index_copy_(0, d, cf);
+    }
   } else {
     // A left-padded chunk: every head's real entries go to its own next slots, one index_copy_ per tensor.
     std::vector<int64_t> dst, src;  // which of the B * H_kv * t chunk rows are stored, and where
@@ -211,6 +222,7 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
       L.k.index_copy_(0, d, k.reshape({rows * t, head_dim_}).index_select(0, s));
       L.v.index_copy_(0, d, v.reshape({rows * t, head_dim_}).index_select(0, s));
       L.pos.index_copy_(0, d, p.reshape({rows * t}).index_select(0, s));
+      for (size_t i = 0; i < payload_.size(); ++i) L.cols[i].index_fill_(0, d, payload_[i].fill);
     }
   }
   // The device copy of len follows without an upload where it is current.
@@ -254,6 +266,7 @@ KVLayerView KVCache::layer(int64_t layer) const {
     view.k = torch::empty({batch_, kv_heads_, 0, head_dim_}, opt);
     view.v = torch::empty({batch_, kv_heads_, 0, head_dim_}, opt);
     view.pos = torch::empty({batch_, kv_heads_, 0}, opt.dtype(torch::kLong));
+    for (const Payload& p : payload_) view.payload[p.name] = torch::empty({batch_, kv_heads_, 0}, opt.dtype(p.dtype));
     return view;
   }
   const bool ragged = std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != n; });
@@ -267,16 +280,14 @@ KVLayerView KVCache::layer(int64_t layer) const {
     view.k = L.k.view({batch_, kv_heads_, c, head_dim_}).narrow(2, 0, n);  // (B, H_kv, n, hd)
     view.v = L.v.view({batch_, kv_heads_, c, head_dim_}).narrow(2, 0, n);  // (B, H_kv, n, hd)
     view.pos = L.pos.view({batch_, kv_heads_, c}).narrow(2, 0, n);         // (B, H_kv, n)
+    for (size_t i = 0; i < payload_.size(); ++i)
+      view.payload[payload_[i].name] = L.cols[i].view({batch_, kv_heads_, c}).narrow(2, 0, n);  // (B, H_kv, n)
     return view;
   }
   // Irregular segments: a transient padded copy, one gather per tensor, its indices built on the device.
   // Padding slots read some held slot (the head's last one, or its segment's first slot for an empty head;
   // clamped into the buffer, which is not empty as n > 0) and are then zeroed.
-  const int64_t rows = batch_ * kv_heads_;
-  const at::Tensor& start = device_start(L);  // (B*H_kv)
-  at::Tensor last = (device_len(L) - 1).clamp_min(0).view({rows, 1});                        // (B*H_kv, 1)
-  at::Tensor j = torch::arange(n, start.options()).view({1, n});                               // (1, n)
-  at::Tensor gi = (start.view({rows, 1}) + torch::minimum(j, last)).clamp_max(L.total - 1).reshape({rows * n});
+  const at::Tensor gi = gather_index(L, n);  // (B*H_kv*n)
   view.k = L.k.index_select(0, gi).view({batch_, kv_heads_, n, head_dim_});          // (B, H_kv, n, hd)
   view.v = L.v.index_select(0, gi).view({batch_, kv_heads_, n, head_dim_});          // (B, H_kv, n, hd)
   view.pos = L.pos.index_select(0, gi).view({batch_, kv_heads_, n});                 // (B, H_kv, n)
@@ -286,7 +297,99 @@ KVLayerView KVCache::layer(int64_t layer) const {
     view.v.masked_fill_(pad.unsqueeze(-1), 0);
     view.pos.masked_fill_(pad, -1);
   }
+  for (size_t i = 0; i < payload_.size(); ++i) {
+    at::Tensor c = L.cols[i].index_select(0, gi).view({batch_, kv_heads_, n});  // (B, H_kv, n)
+    if (ragged) c.masked_fill_(view.valid.logical_not(), payload_[i].fill);
+    view.payload[payload_[i].name] = c;
+  }
   return view;
+}
+
+at::Tensor KVCache::gather_index(const Layer& L, int64_t n) const {
+  const int64_t rows = batch_ * kv_heads_;
+  const at::Tensor& start = device_start(L);                               // (B*H_kv)
+  at::Tensor last = (device_len(L) - 1).clamp_min(0).view({rows, 1});      // (B*H_kv, 1)
+  at::Tensor j = torch::arange(n, start.options()).view({1, n});           // (1, n)
+  return (start.view({rows, 1}) + torch::minimum(j, last)).clamp_max(L.total - 1).reshape({rows * n});
+}
+
+at::Tensor KVCache::tail_index(const Layer& L, int64_t t) const {
+  const int64_t rows = batch_ * kv_heads_;
+  const at::Tensor& start = device_start(L);                                                   // (B*H_kv)
+  at::Tensor first = (device_len(L) - t).view({rows, 1});                                      // (B*H_kv, 1)
+  at::Tensor j = torch::arange(t, start.options()).view({1, t});                               // (1, t)
+  return (start.view({rows, 1}) + (first + j).clamp_min(0)).clamp(0, std::max<int64_t>(L.total - 1, 0)).reshape({rows * t});
+}
+
+int64_t KVCache::payload_slot(const std::string& name, const char* what) const {
+  for (size_t i = 0; i < payload_.size(); ++i)
+    if (payload_[i].name == name) return static_cast<int64_t>(i);
+  KVD_FAIL("KVCache::", what, ": no payload column '", name, "'; add it with add_payload first");
+}
+
+bool KVCache::has_payload(const std::string& name) const {
+  for (const Payload& p : payload_)
+    if (p.name == name) return true;
+  return false;
+}
+
+void KVCache::add_payload(const std::string& name, c10::ScalarType dtype, double fill) {
+  for (const Payload& p : payload_)
+    if (p.name == name) {
+      KVD_CHECK(p.dtype == dtype, "KVCache::add_payload: column '", name, "' exists with another dtype");
+      return;
+    }
+  payload_.push_back(Payload{name, dtype, fill});
+  for (Layer& L : layers_)
+    L.cols.push_back(L.total > 0 ? torch::full({L.total}, fill, torch::TensorOptions().dtype(dtype).device(device_))
+                                 : at::Tensor());
+}
+
+void KVCache::set_payload_tail(int64_t layer, const std::string& name, const at::Tensor& values,
+                               const std::vector<int64_t>& lead) {
+  check_layer(layer);
+  const int64_t slot = payload_slot(name, "set_payload_tail");
+  Layer& L = layers_[layer];
+  KVD_CHECK(values.dim() == 3 && values.size(0) == batch_ && values.size(1) == kv_heads_,
+            "KVCache::set_payload_tail: values must be (B=", batch_, ", H_kv=", kv_heads_, ", t), got ", values.sizes());
+  const int64_t t = values.size(2), rows = batch_ * kv_heads_;
+  KVD_CHECK(lead.empty() || static_cast<int64_t>(lead.size()) == batch_, "KVCache::set_payload_tail: lead must be empty or have B entries");
+  if (t == 0 || L.total == 0) return;
+  at::Tensor& col = L.cols[slot];
+  at::Tensor vals = values.to(device_, payload_[slot].dtype);  // (B, H_kv, t)
+  const bool padded = std::any_of(lead.begin(), lead.end(), [](int64_t x) { return x != 0; });
+  for (int64_t r = 0; r < rows; ++r)
+    KVD_CHECK(L.len[r] >= t - (padded ? lead[r / kv_heads_] : 0), "KVCache::set_payload_tail: layer ", layer,
+              " head row ", r, " holds ", L.len[r], " entries, fewer than the ", t, " values given");
+  if (!padded) {
+    L.cols[slot].index_copy_(0, tail_index(L, t), vals.reshape({rows * t}));
+    return;
+  }
+  // Left padding: row b's values [lead[b], t) are its last t - lead[b] entries, i.e. the tail of length t
+  // shifted so that the padding columns land before the head's entries; those slots keep their values.
+  at::Tensor idx = tail_index(L, t).view({rows, t});                               // (B*H_kv, t)
+  std::vector<int64_t> lr(rows);
+  for (int64_t r = 0; r < rows; ++r) lr[r] = lead[r / kv_heads_];
+  at::Tensor real = torch::arange(t, idx.options()).view({1, t}).ge(index_tensor(lr, device_).view({rows, 1}));  // (rows, t)
+  at::Tensor v = torch::where(real, vals.reshape({rows, t}), col.index_select(0, idx.reshape({rows * t})).view({rows, t}));
+  // Padding columns may alias real slots (a short head): write them first, then the real ones.
+  col.index_copy_(0, idx.masked_select(real.logical_not()), v.masked_select(real.logical_not()));
+  col.index_copy_(0, idx.masked_select(real), v.masked_select(real));
+}
+
+void KVCache::set_payload(int64_t layer, const std::string& name, const at::Tensor& values) {
+  check_layer(layer);
+  const int64_t slot = payload_slot(name, "set_payload");
+  Layer& L = layers_[layer];
+  const int64_t n = max_length(layer), rows = batch_ * kv_heads_;
+  KVD_CHECK(values.dim() == 3 && values.size(0) == batch_ && values.size(1) == kv_heads_ && values.size(2) == n,
+            "KVCache::set_payload: values must be (B=", batch_, ", H_kv=", kv_heads_, ", n=", n, "), got ", values.sizes());
+  if (n == 0) return;
+  at::Tensor vals = values.to(device_, payload_[slot].dtype).reshape({rows, n});  // (B*H_kv, n)
+  at::Tensor valid = torch::arange(n, torch::TensorOptions().dtype(torch::kLong).device(device_)).view({1, n})
+                         .lt(device_len(L).view({rows, 1}));                                 // (B*H_kv, n)
+  at::Tensor idx = gather_index(L, n).view({rows, n});                                       // (B*H_kv, n)
+  L.cols[slot].index_copy_(0, idx.masked_select(valid), vals.masked_select(valid));
 }
 
 at::Tensor KVCache::positions(int64_t layer) const { return this->layer(layer).pos; }
@@ -345,8 +448,10 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep) {
     L.k = L.k.index_select(0, s);               // (total, hd)
     L.v = L.v.index_select(0, s);               // (total, hd)
     L.pos = L.pos.index_select(0, s);           // (total)
+    for (at::Tensor& c : L.cols) c = c.index_select(0, s);  // (total)
   } else {
     L.k = L.v = L.pos = at::Tensor();
+    for (at::Tensor& c : L.cols) c = at::Tensor();
   }
   L.cap = cap;
   L.start = start;
@@ -382,6 +487,7 @@ void KVCache::rewind(const std::vector<int64_t>& per_row) {
     L.k.index_fill_(0, d, 0);
     L.v.index_fill_(0, d, 0);
     L.pos.index_fill_(0, d, -1);
+    for (size_t i = 0; i < payload_.size(); ++i) L.cols[i].index_fill_(0, d, payload_[i].fill);
   }
   for (int64_t b = 0; b < batch_; ++b) next_pos_[b] -= per_row[b];
 }
@@ -396,6 +502,7 @@ int64_t KVCache::allocated_bytes() const {
   for (const Layer& L : layers_) {
     if (L.total == 0) continue;
     total += static_cast<int64_t>(L.k.nbytes() + L.v.nbytes() + L.pos.nbytes());
+    for (const at::Tensor& c : L.cols) total += static_cast<int64_t>(c.nbytes());
   }
   return total;
 }
@@ -438,6 +545,7 @@ bool KVCache::heads_aligned(int64_t layer) const {
 void KVCache::clear() {
   for (Layer& L : layers_) {
     L.k = L.v = L.pos = at::Tensor();
+    for (at::Tensor& c : L.cols) c = at::Tensor();
     std::fill(L.len.begin(), L.len.end(), 0);
     std::fill(L.cap.begin(), L.cap.end(), 0);
     std::fill(L.start.begin(), L.start.end(), 0);

@@ -12,12 +12,19 @@
 // zero-copy views of the storage; otherwise they are a transient padded copy built with one gather
 // (index_select), valid until the caller drops it, and `valid` marks the real entries.
 //
+// Per-entry payload: named per-entry columns a scorer attaches (TRIM-KV's log β written when a token is
+// appended, H2O's accumulated attention, LazyEviction's step counters). Each is one scalar per entry of every
+// head, stored flat like the positions; appends give new entries the column's fill value, keep() / rewind() /
+// reallocation carry the columns with their entries, and layer() shows them padded like the positions.
+//
 // The segment table (start, len) lives on the host, and a copy of it on the device builds the gather and
 // scatter indices there: a decode step (t = 1, padded or not) and layer() upload nothing and never wait for
 // the device. Only keep(), rewind(), a reallocation and a left-padded multi-token chunk upload indices.
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -35,6 +42,7 @@ struct KVLayerView {
   at::Tensor v;      // (B, H_kv, n, hd)
   at::Tensor pos;    // (B, H_kv, n) int64 original positions
   at::Tensor valid;  // (B, H_kv, n) bool, or undefined when every head holds exactly n entries
+  std::map<std::string, at::Tensor> payload;  // name -> (B, H_kv, n) in the column's dtype (padding: fill)
   int64_t n = 0;
 };
 
@@ -109,11 +117,31 @@ class KVCache {
 
   void clear();
 
+  // ---- per-entry payload ----
+  // Adds a column (every layer; entries already held get `fill`). Adding an existing name with the same dtype
+  // is a no-op; another dtype is an error.
+  void add_payload(const std::string& name, c10::ScalarType dtype = c10::ScalarType::Float, double fill = 0.0);
+  bool has_payload(const std::string& name) const;
+  // Writes the column for the entries appended last to `layer`: values (B, H_kv, t); row b's last
+  // t - lead[b] entries get values[b, :, lead[b]:] (lead as given to append; empty: none).
+  void set_payload_tail(int64_t layer, const std::string& name, const at::Tensor& values,
+                        const std::vector<int64_t>& lead = {});
+  // Writes the column for every entry of `layer`: values (B, H_kv, n) aligned with layer(layer) (padding
+  // ignored).
+  void set_payload(int64_t layer, const std::string& name, const at::Tensor& values);
+
  private:
+  struct Payload {
+    std::string name;
+    c10::ScalarType dtype;
+    double fill;
+  };
+  int64_t payload_slot(const std::string& name, const char* what) const;
   struct Layer {
     at::Tensor k;    // (S_total, hd), undefined while S_total = 0
     at::Tensor v;    // (S_total, hd)
     at::Tensor pos;  // (S_total) int64
+    std::vector<at::Tensor> cols;  // [payload slot] (S_total) in the payload's dtype
     std::vector<int64_t> len;    // [B * H_kv] entries held by head row r
     std::vector<int64_t> cap;    // [B * H_kv] slots of r's segment
     std::vector<int64_t> start;  // [B * H_kv] first slot of r's segment
@@ -134,11 +162,16 @@ class KVCache {
   // the same per-row gains).
   const at::Tensor& device_vector(const std::vector<int64_t>& v) const;
   void update_peak();
+  // (B*H_kv*n) flat slots of layer()'s padded (B, H_kv, n) view of an irregular layer (padding reads a held slot).
+  at::Tensor gather_index(const Layer& L, int64_t n) const;
+  // (B*H_kv*t) flat slots of each head's last t entries (rows with fewer entries repeat their first slot).
+  at::Tensor tail_index(const Layer& L, int64_t t) const;
 
   int64_t batch_, kv_heads_, head_dim_;
   c10::ScalarType dtype_;
   c10::Device device_;
   std::vector<Layer> layers_;
+  std::vector<Payload> payload_;
   std::vector<int64_t> next_pos_;   // [B]
   std::vector<int64_t> row_entries_;  // [B] entries of row b, all layers and heads
   int64_t peak_bytes_ = 0;

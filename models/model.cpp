@@ -112,96 +112,10 @@ at::Tensor project(const at::Tensor& x,  // (B, S, in)
   return torch::cat({y.narrow(1, 0, rows->T), y.narrow(1, rows->T, n) + delta(x.narrow(1, rows->T, n))}, 1);
 }
 
-// Everything about which keys a training row may see.
-struct TrainMask {
-  at::Tensor positions;  // (B, S) int64
-  at::Tensor doc_ids;    // (B, S) int64 or undefined
-  std::optional<int64_t> window;
-  int64_t S = 0;
-  at::Tensor bool_mask;  // (B, 1, S, S) lazily built for the SDPA path
-
-  bool plain_causal() const { return !doc_ids.defined() && !window; }
-
-  // (B, Sq, S) bool: may query row q_rows[b, i] see key j?
-  at::Tensor visible(const at::Tensor& q_rows) const {  // (B, Sq) int64
-    at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)
-    at::Tensor vis = kj.le(q_rows.unsqueeze(-1));                      // (B, Sq, S)
-    if (doc_ids.defined()) {
-      at::Tensor qd = doc_ids.gather(1, q_rows);                    // (B, Sq)
-      vis = vis.logical_and(qd.unsqueeze(-1).eq(doc_ids.unsqueeze(1)));  // (B, Sq, S)
-    }
-    if (window) {
-      at::Tensor qp = positions.gather(1, q_rows);                           // (B, Sq)
-      at::Tensor dp = qp.unsqueeze(-1) - positions.unsqueeze(1);             // (B, Sq, S)
-      vis = vis.logical_and(dp.lt(*window));
-    }
-    return vis;
-  }
-
-  const at::Tensor& sdpa_mask() {
-    if (!bool_mask.defined()) {
-      const int64_t B = positions.size(0);
-      at::Tensor rows = torch::arange(S, positions.options()).view({1, S}).expand({B, S});  // (B, S)
-      bool_mask = visible(rows).unsqueeze(1);  // (B, 1, S, S)
-    }
-    return bool_mask;
-  }
-};
-
-// Additive bias (B, H_kv or 1, Sq, S) in `acc` (float32, or float64 for a float64 model) for query rows
-// q_rows: -inf where a key is invisible, else the sum of the layer's mods.
-at::Tensor mods_bias(const at::Tensor& q_rows,  // (B, Sq)
-                     const TrainMask& tm, const LayerMods& m, int64_t Hkv, c10::ScalarType acc) {
-  const int64_t B = q_rows.size(0), Sq = q_rows.size(1), S = tm.S;
-  at::Tensor vis = tm.visible(q_rows);  // (B, Sq, S)
-  at::Tensor bias = torch::zeros({B, 1, Sq, S}, q_rows.options().dtype(acc));  // (B, 1, Sq, S)
-  at::Tensor qpos = tm.positions.gather(1, q_rows);                                      // (B, Sq)
-  if (m.key_rate.defined()) {
-    KVD_CHECK(m.key_rate.dim() == 3 && m.key_rate.size(0) == B && m.key_rate.size(1) == Hkv &&
-                  m.key_rate.size(2) == S,
-              "LayerMods::key_rate must be (B=", B, ", H_kv=", Hkv, ", S=", S, "), got ", m.key_rate.sizes());
-    at::Tensor age = (qpos.unsqueeze(-1) - tm.positions.unsqueeze(1)).to(acc);  // (B, Sq, S)
-    // Future keys (masked anyway) get age 0 so that no inf * 0 can appear.
-    age = age.clamp_min(0);
-    bias = bias + age.unsqueeze(1) * m.key_rate.to(acc).unsqueeze(2);  // (B, H_kv, Sq, S)
-  }
-  if (m.key_log_mask.defined()) {
-    KVD_CHECK(m.key_log_mask.dim() == 3 && m.key_log_mask.size(0) == B && m.key_log_mask.size(1) == Hkv &&
-                  m.key_log_mask.size(2) == S,
-              "LayerMods::key_log_mask must be (B=", B, ", H_kv=", Hkv, ", S=", S, "), got ",
-              m.key_log_mask.sizes());
-    at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)
-    at::Tensor diag = kj.eq(q_rows.unsqueeze(-1)).unsqueeze(1);          // (B, 1, Sq, S)
-    at::Tensor lm = m.key_log_mask.to(acc).unsqueeze(2);       // (B, H_kv, 1, S)
-    bias = bias + torch::where(diag, torch::zeros_like(lm), lm);         // (B, H_kv, Sq, S)
-  }
-  if (m.pair_bias) {
-    PairBiasQuery pq{q_rows, qpos, tm.positions};
-    at::Tensor pb = m.pair_bias(pq).to(acc);  // broadcastable to (B, H_kv, Sq, S)
-    KVD_CHECK(pb.dim() == 4 && pb.size(-1) == S && pb.size(-2) == Sq &&
-                  (pb.size(1) == 1 || pb.size(1) == Hkv),
-              "LayerMods::pair_bias must return (B|1, H_kv|1, Sq=", Sq, ", S=", S, "), got ", pb.sizes());
-    bias = bias + pb;
-  }
-  return bias.masked_fill(vis.logical_not().unsqueeze(1), -std::numeric_limits<float>::infinity());
-}
-
-// Softmax attention probabilities of query rows against all keys, grouped by KV head, in bias's dtype.
-at::Tensor grouped_probs(const at::Tensor& q,     // (B, H, Sq, hd)
-                         const at::Tensor& k,     // (B, H_kv, S, hd)
-                         const at::Tensor& bias,  // (B, H_kv|1, Sq, S) float32 / float64
-                         double scale) {
-  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), hd = q.size(3), Hkv = k.size(1);
-  at::Tensor qg = q.reshape({B, Hkv, H / Hkv, Sq, hd}).to(bias.scalar_type());           // (B, H_kv, G, Sq, hd)
-  at::Tensor kt = k.to(bias.scalar_type()).unsqueeze(2).transpose(-1, -2);               // (B, H_kv, 1, hd, S)
-  at::Tensor scores = torch::matmul(qg, kt) * scale + bias.unsqueeze(2);            // (B, H_kv, G, Sq, S)
-  return torch::softmax(scores, -1);                                                // (B, H_kv, G, Sq, S)
-}
-
 // What every layer of one forward_train shares: masks, RoPE tables, LoRA rows, the statistics request.
 // Held by pointer from each checkpointed layer's autograd node, so it lives until the backward is done.
 struct TrainForwardCtx : torch::CustomClassHolder {
-  TrainMask tm;
+  SequenceMask tm;
   at::Tensor cos, sin;      // (B, 1, S, hd)
   LoraRows lrows;
   at::Tensor all_rows;      // (B, S) 0..S-1, for the explicit path
@@ -214,63 +128,89 @@ struct TrainForwardCtx : torch::CustomClassHolder {
   c10::ScalarType acc = torch::kFloat;  // scores and softmax
 };
 
+// One decoder layer's projections from its normed input h (B, S, d).
+struct LayerQKV {
+  at::Tensor q;      // (B, H, S, hd) post-RoPE
+  at::Tensor k;      // (B, H_kv, S, hd) post-RoPE
+  at::Tensor v;      // (B, H_kv, S, hd)
+  at::Tensor q_pre;  // (B, H, S, hd) before RoPE (after q_norm for Qwen3)
+};
+
+// What a layer's attention reads: its projections, returning the attention output (B, H, S, hd). Training
+// attends over the whole sequence (with the mods' biases and statistics); inference appends K/V to a cache and
+// attends over it.
+using AttendFn = std::function<at::Tensor(const LayerQKV&)>;
+
+// The decoder layer, the one both paths run: q/k/v projections (with LoRA on the LoRA rows), Qwen3's q/k
+// norm, RoPE (cos / sin (B, 1, S, hd)), the attention `attend` computes, the output projection, the residual
+// and the MLP. x (B, S, d) is the layer input, h (B, S, d) = rms_norm(x, input_norm). Returns the layer output.
+at::Tensor decoder_layer(const LayerWeights& lw, const LayerLora& lora, const LoraRows* lr, const at::Tensor& cos,
+                         const at::Tensor& sin, int64_t H, int64_t Hkv, int64_t hd, bool qk_norm, double eps,
+                         const at::Tensor& x_in, const at::Tensor& h, const AttendFn& attend) {
+  const int64_t B = h.size(0), S = h.size(1);
+  LayerQKV p;
+  p.q = project(h, lw.q_proj, lw.q_bias, lora.q, lr).view({B, S, H, hd}).transpose(1, 2);  // (B, H, S, hd)
+  p.k = project(h, lw.k_proj, lw.k_bias, lora.k, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
+  p.v = project(h, lw.v_proj, lw.v_bias, lora.v, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
+  if (qk_norm) {
+    p.q = rms_norm(p.q, lw.q_norm, eps);
+    p.k = rms_norm(p.k, lw.k_norm, eps);
+  }
+  p.q_pre = p.q;
+  p.q = apply_rope(p.q, cos, sin);  // (B, H, S, hd)
+  p.k = apply_rope(p.k, cos, sin);  // (B, H_kv, S, hd)
+  at::Tensor attn = attend(p);      // (B, H, S, hd)
+
+  at::Tensor o = attn.transpose(1, 2).reshape({B, S, H * hd});  // (B, S, H*hd)
+  at::Tensor x = x_in + project(o, lw.o_proj, lw.o_bias, lora.o, lr);  // (B, S, d)
+  at::Tensor h2 = rms_norm(x, lw.post_norm, eps);                 // (B, S, d)
+  at::Tensor g = project(h2, lw.gate_proj, {}, lora.gate, lr);    // (B, S, ffn)
+  at::Tensor u = project(h2, lw.up_proj, {}, lora.up, lr);        // (B, S, ffn)
+  return x + project(torch::silu(g) * u, lw.down_proj, {}, lora.down, lr);  // (B, S, d)
+}
+
 struct LayerResult {
   at::Tensor x;      // (B, S, d) the layer's output (residual stream)
   at::Tensor stats;  // (B, H, S) or undefined
 };
 
-// One decoder layer after its input RMSNorm and hook: attention with the mods, the optional statistics, the
-// MLP. x (B, S, d) is the layer input, h (B, S, d) = rms_norm(x, input_norm).
-LayerResult decoder_layer(TrainForwardCtx& c, const LayerWeights& lw, const LayerMods& m, bool want_stats,
-                          const at::Tensor& x_in, const at::Tensor& h) {
+// One training layer after its input RMSNorm and hook: decoder_layer with whole-sequence attention under the
+// mods, and the optional statistics of the chosen query rows.
+LayerResult train_layer(TrainForwardCtx& c, const LayerWeights& lw, const LayerMods& m, bool want_stats,
+                        const at::Tensor& x_in, const at::Tensor& h) {
   const int64_t B = c.B, S = c.S, H = c.H, Hkv = c.Hkv, hd = c.hd;
   const LoraRows* lr = m.lora.any() ? &c.lrows : nullptr;
-
-  at::Tensor q = project(h, lw.q_proj, lw.q_bias, m.lora.q, lr).view({B, S, H, hd}).transpose(1, 2);  // (B, H, S, hd)
-  at::Tensor k = project(h, lw.k_proj, lw.k_bias, m.lora.k, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
-  at::Tensor v = project(h, lw.v_proj, lw.v_bias, m.lora.v, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
-  if (c.qk_norm) {
-    q = rms_norm(q, lw.q_norm, c.eps);
-    k = rms_norm(k, lw.k_norm, c.eps);
-  }
-  q = apply_rope(q, c.cos, c.sin);  // (B, H, S, hd)
-  k = apply_rope(k, c.cos, c.sin);  // (B, H_kv, S, hd)
-
-  at::Tensor attn;  // (B, H, S, hd)
-  if (!m.changes_attention()) {
-    if (c.tm.plain_causal()) {
-      attn = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, c.scale, /*enable_gqa=*/true);
-    } else {
-      attn = grouped_sdpa(q, k, v, c.tm.sdpa_mask(), false, c.scale);
-    }
-  } else {
-    if (!c.all_rows.defined())
-      c.all_rows = torch::arange(S, c.tm.positions.options()).view({1, S}).expand({B, S});
-    at::Tensor p = grouped_probs(q, k, mods_bias(c.all_rows, c.tm, m, Hkv, c.acc), c.scale);  // (B, H_kv, G, S, S)
-    attn = torch::matmul(p.to(v.scalar_type()), v.unsqueeze(2)).reshape({B, H, S, hd});
-  }
-
   LayerResult out;
-  if (want_stats) {
-    const int64_t nr = c.stat_rows.size(1), blk = c.stat_block;
-    at::Tensor sum;  // (B, H, S)
-    for (int64_t r0 = 0; r0 < nr; r0 += blk) {
-      const int64_t nb = std::min(blk, nr - r0);
-      at::Tensor rows = c.stat_rows.narrow(1, r0, nb);                                 // (B, nb)
-      at::Tensor qr = q.gather(2, rows.view({B, 1, nb, 1}).expand({B, H, nb, hd}));    // (B, H, nb, hd)
-      at::Tensor p = grouped_probs(qr, k, mods_bias(rows, c.tm, m, Hkv, c.acc), c.scale);  // (B, H_kv, G, nb, S)
-      at::Tensor s = p.sum(3).reshape({B, H, S});                                      // (B, H, S)
-      sum = sum.defined() ? sum + s : s;
+  const AttendFn attend = [&](const LayerQKV& p) {
+    at::Tensor attn;  // (B, H, S, hd)
+    if (!m.changes_attention()) {
+      if (c.tm.plain_causal()) {
+        attn = at::scaled_dot_product_attention(p.q, p.k, p.v, {}, 0.0, /*is_causal=*/true, c.scale, /*enable_gqa=*/true);
+      } else {
+        attn = grouped_sdpa(p.q, p.k, p.v, c.tm.sdpa_mask(), false, c.scale);
+      }
+    } else {
+      if (!c.all_rows.defined())
+        c.all_rows = torch::arange(S, c.tm.positions.options()).view({1, S}).expand({B, S});
+      at::Tensor pr = grouped_probs(p.q, p.k, mods_bias(c.all_rows, c.tm, m, Hkv, c.acc), c.scale);  // (B, H_kv, G, S, S)
+      attn = torch::matmul(pr.to(p.v.scalar_type()), p.v.unsqueeze(2)).reshape({B, H, S, hd});
     }
-    out.stats = c.stat_reduce == StatReduce::Mean ? sum / static_cast<double>(nr) : sum;
-  }
-
-  at::Tensor o = attn.transpose(1, 2).reshape({B, S, H * hd});  // (B, S, H*hd)
-  at::Tensor x = x_in + project(o, lw.o_proj, lw.o_bias, m.lora.o, lr);  // (B, S, d)
-  at::Tensor h2 = rms_norm(x, lw.post_norm, c.eps);                 // (B, S, d)
-  at::Tensor g = project(h2, lw.gate_proj, {}, m.lora.gate, lr);    // (B, S, ffn)
-  at::Tensor u = project(h2, lw.up_proj, {}, m.lora.up, lr);        // (B, S, ffn)
-  out.x = x + project(torch::silu(g) * u, lw.down_proj, {}, m.lora.down, lr);  // (B, S, d)
+    if (want_stats) {
+      const int64_t nr = c.stat_rows.size(1), blk = c.stat_block;
+      at::Tensor sum;  // (B, H, S)
+      for (int64_t r0 = 0; r0 < nr; r0 += blk) {
+        const int64_t nb = std::min(blk, nr - r0);
+        at::Tensor rows = c.stat_rows.narrow(1, r0, nb);                                   // (B, nb)
+        at::Tensor qr = p.q.gather(2, rows.view({B, 1, nb, 1}).expand({B, H, nb, hd}));    // (B, H, nb, hd)
+        at::Tensor pr = grouped_probs(qr, p.k, mods_bias(rows, c.tm, m, Hkv, c.acc), c.scale);  // (B, H_kv, G, nb, S)
+        at::Tensor st = pr.sum(3).reshape({B, H, S});                                      // (B, H, S)
+        sum = sum.defined() ? sum + st : st;
+      }
+      out.stats = c.stat_reduce == StatReduce::Mean ? sum / static_cast<double>(nr) : sum;
+    }
+    return attn;
+  };
+  out.x = decoder_layer(lw, m.lora, lr, c.cos, c.sin, H, Hkv, hd, c.qk_norm, c.eps, x_in, h, attend);
   return out;
 }
 
@@ -356,7 +296,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
     std::vector<at::Tensor> slots(kNumSlots);
     for (size_t i = 0; i < inputs.size(); ++i) slots[run->slot_of_input[i]] = inputs[i];
     at::Tensor h = slots[kH].defined() ? slots[kH] : rms_norm(slots[kX], run->w.input_norm, run->ctx->eps);
-    LayerResult r = decoder_layer(*run->ctx, run->w, mods_from_slots(*run, slots), run->want_stats, slots[kX], h);
+    LayerResult r = train_layer(*run->ctx, run->w, mods_from_slots(*run, slots), run->want_stats, slots[kX], h);
     // h is an input only to carry the hook's gradient path; it is recomputed from x in the backward.
     std::vector<at::Tensor> to_save(inputs.begin(), inputs.end());
     for (size_t i = 0; i < to_save.size(); ++i)
@@ -391,7 +331,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       AutocastStateGuard autocast(run->autocast_cuda, run->autocast_cuda_dtype, run->autocast_cpu,
                                   run->autocast_cpu_dtype);
       const at::Tensor h = slots[kH].defined() ? slots[kH] : rms_norm(slots[kX], run->w.input_norm, run->ctx->eps);
-      LayerResult r = decoder_layer(*run->ctx, run->w, mods_from_slots(*run, slots), run->want_stats, slots[kX], h);
+      LayerResult r = train_layer(*run->ctx, run->w, mods_from_slots(*run, slots), run->want_stats, slots[kX], h);
       const std::vector<at::Tensor> outs{r.x, r.stats};
       std::vector<at::Tensor> o, g;  // recomputed outputs with an incoming gradient and a graph
       for (size_t i = 0; i < grad_out.size() && i < outs.size(); ++i)
@@ -465,21 +405,6 @@ at::Tensor Model::rope_cos_sin(const at::Tensor& positions) const {  // (B, S)
   at::Tensor sin = ang.sin().to(mid).to(dtype_);
   return torch::stack({cos, sin});  // (2, B, 1, S, hd)
 }
-
-// See models/attention.h. A mask rules flash attention out, and the memory-efficient kernel, which takes one,
-// does not group heads: K/V are repeated to H heads for it (one layer's K/V copied) instead of leaving the call
-// to the math fallback (on an H100: 7x slower at T = n = 2048 alone; an eval batch's compressing prefill
-// 0.67 s instead of 1.00 s).
-at::Tensor grouped_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                        bool causal, double scale) {
-  if (!mask.defined() || !q.is_cuda()) return at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, true);
-  const int64_t G = q.size(1) / k.size(1);
-  if (G == 1) return at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, false);
-  return at::scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), mask, 0.0, causal,
-                                          scale, false);  // (B, H, T, hd)
-}
-
-void disable_cudnn_attention() { at::globalContext().setSDPUseCuDNN(false); }
 
 // --- construction -----------------------------------------------------------------------------------------
 
@@ -565,7 +490,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
   const int64_t S = T + n;
 
   auto c = c10::make_intrusive<TrainForwardCtx>();
-  c->tm = TrainMask{positions, doc_ids, cfg_.sliding_window, S, {}};
+  c->tm = SequenceMask{positions, doc_ids, cfg_.sliding_window, S, {}};
   c->lrows = LoraRows{at::Tensor(), T, S};
   if (mods.lora_row_mask.defined()) {
     KVD_CHECK(mods.lora_row_mask.dim() == 2 && mods.lora_row_mask.size(0) == B && mods.lora_row_mask.size(1) == S,
@@ -619,7 +544,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
       at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, S, d)
       LayerMods m;
       if (mods.layer_hook) m = mods.layer_hook(LayerInput{l, h, positions, doc_ids, T});
-      LayerResult r = decoder_layer(*c, lw, m, stat_layer[l], x, h);
+      LayerResult r = train_layer(*c, lw, m, stat_layer[l], x, h);
       x = r.x;
       out.attention_stats[l] = r.stats;
       continue;
@@ -714,74 +639,69 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
     at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, T, d)
-    at::Tensor q = project(h, lw.q_proj, lw.q_bias, {}, nullptr).view({B, T, H, hd}).transpose(1, 2);    // (B, H, T, hd)
-    at::Tensor k = project(h, lw.k_proj, lw.k_bias, {}, nullptr).view({B, T, Hkv, hd}).transpose(1, 2);  // (B, H_kv, T, hd)
-    at::Tensor v = project(h, lw.v_proj, lw.v_bias, {}, nullptr).view({B, T, Hkv, hd}).transpose(1, 2);  // (B, H_kv, T, hd)
-    if (cfg_.qk_norm) {
-      q = rms_norm(q, lw.q_norm, cfg_.rms_norm_eps);
-      k = rms_norm(k, lw.k_norm, cfg_.rms_norm_eps);
-    }
-    const at::Tensor q_pre = q;  // (B, H, T, hd)
-    q = apply_rope(q, cos, sin);
-    k = apply_rope(k, cos, sin);
+    // Attention against the cache: this chunk's K/V are appended, then the chunk attends to every stored entry
+    // by its stored position.
+    const AttendFn attend = [&](const LayerQKV& p) -> at::Tensor {
+      const at::Tensor& q = p.q;
+      const at::Tensor& k = p.k;
+      const at::Tensor& v = p.v;
+      const at::Tensor& q_pre = p.q_pre;
+      const bool fresh = cache.max_length(l) == 0;
+      lap("qkv+rope");
+      cache.append(l, k, v, qpos, lead);
+      lap("cache.append");
+      const KVLayerView view = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
+      lap("cache.layer");
 
-    const bool fresh = cache.max_length(l) == 0;
-    lap("qkv+rope");
-    cache.append(l, k, v, qpos, lead);
-    lap("cache.append");
-    const KVLayerView view = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
-    lap("cache.layer");
-
-    // The masks below are built as small as the case allows: none for a plain causal prefill or a decode
-    // step, (B, 1, T, n) when the heads of a row hold the same entries, per KV head otherwise.
-    at::Tensor attn;  // (B, H, T, hd)
-    const bool window = cfg_.sliding_window.has_value();
-    const bool simple = !padded && !window && !view.valid.defined();
-    if (simple && fresh) {
-      attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, /*is_causal=*/true, scale, true);
-    } else if (simple && T == 1) {
-      // Every stored entry is in the past of the one query.
-      attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, false, scale, true);
-    } else if (simple) {
-      // Entries before this chunk are all visible; the chunk's own T entries are the last T, causally.
-      at::Tensor j = torch::arange(view.n, qpos.options()).view({1, view.n});  // (1, n)
-      at::Tensor t = torch::arange(T, qpos.options()).view({T, 1});           // (T, 1)
-      at::Tensor mask = j.lt(t + (view.n - T + 1)).view({1, 1, T, view.n});  // (1, 1, T, n)
-      attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
-    } else {
-      // Key j of head h is visible to query t iff its stored position <= the query's (and within the window,
-      // and valid). Padding query rows see every valid key (their output is discarded; this keeps it finite).
-      // Per-head masks where a row's heads differ: in their counts, or (for a sliding window, the one mask
-      // that compares positions of entries older than this chunk) in which positions they kept.
-      const std::vector<int64_t>& len = cache.lengths(l);
-      bool per_head = window && !cache.heads_aligned(l);
-      for (int64_t b = 0; b < B && !per_head; ++b)
-        for (int64_t hh = 1; hh < Hkv; ++hh) per_head |= len[b * Hkv + hh] != len[b * Hkv];
-      at::Tensor kpos = per_head ? view.pos : view.pos.narrow(1, 0, 1);  // (B, H_kv | 1, n)
-      at::Tensor kp = kpos.unsqueeze(2);                                 // (B, H_kv | 1, 1, n)
-      at::Tensor qp = qpos.view({B, 1, T, 1});                           // (B, 1, T, 1)
-      at::Tensor mask = kp.le(qp);                                       // (B, H_kv | 1, T, n)
-      if (window) mask = mask.logical_and((qp - kp).lt(*cfg_.sliding_window));
-      at::Tensor valid;  // (B, H_kv | 1, 1, n)
-      if (view.valid.defined()) {
-        valid = (per_head ? view.valid : view.valid.narrow(1, 0, 1)).unsqueeze(2);
-        mask = mask.logical_and(valid);
+      // The masks below are built as small as the case allows: none for a plain causal prefill or a decode
+      // step, (B, 1, T, n) when the heads of a row hold the same entries, per KV head otherwise.
+      at::Tensor attn;  // (B, H, T, hd)
+      const bool window = cfg_.sliding_window.has_value();
+      const bool simple = !padded && !window && !view.valid.defined();
+      if (simple && fresh) {
+        attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, /*is_causal=*/true, scale, true);
+      } else if (simple && T == 1) {
+        // Every stored entry is in the past of the one query.
+        attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, false, scale, true);
+      } else if (simple) {
+        // Entries before this chunk are all visible; the chunk's own T entries are the last T, causally.
+        at::Tensor j = torch::arange(view.n, qpos.options()).view({1, view.n});  // (1, n)
+        at::Tensor t = torch::arange(T, qpos.options()).view({T, 1});           // (T, 1)
+        at::Tensor mask = j.lt(t + (view.n - T + 1)).view({1, 1, T, view.n});  // (1, 1, T, n)
+        attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
+      } else {
+        // Key j of head h is visible to query t iff its stored position <= the query's (and within the window,
+        // and valid). Padding query rows see every valid key (their output is discarded; this keeps it finite).
+        // Per-head masks where a row's heads differ: in their counts, or (for a sliding window, the one mask
+        // that compares positions of entries older than this chunk) in which positions they kept.
+        const std::vector<int64_t>& len = cache.lengths(l);
+        bool per_head = window && !cache.heads_aligned(l);
+        for (int64_t b = 0; b < B && !per_head; ++b)
+          for (int64_t hh = 1; hh < Hkv; ++hh) per_head |= len[b * Hkv + hh] != len[b * Hkv];
+        at::Tensor kpos = per_head ? view.pos : view.pos.narrow(1, 0, 1);  // (B, H_kv | 1, n)
+        at::Tensor kp = kpos.unsqueeze(2);                                 // (B, H_kv | 1, 1, n)
+        at::Tensor qp = qpos.view({B, 1, T, 1});                           // (B, 1, T, 1)
+        at::Tensor mask = kp.le(qp);                                       // (B, H_kv | 1, T, n)
+        if (window) mask = mask.logical_and((qp - kp).lt(*cfg_.sliding_window));
+        at::Tensor valid;  // (B, H_kv | 1, 1, n)
+        if (view.valid.defined()) {
+          valid = (per_head ? view.valid : view.valid.narrow(1, 0, 1)).unsqueeze(2);
+          mask = mask.logical_and(valid);
+        }
+        if (pad_rows.defined()) {
+          at::Tensor all = valid.defined() ? valid : torch::ones_like(kp, kp.options().dtype(torch::kBool));
+          mask = torch::where(pad_rows, all, mask);  // (B, H_kv | 1, T, n)
+        }
+        if (per_head) mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
+        lap("mask");
+        attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
       }
-      if (pad_rows.defined()) {
-        at::Tensor all = valid.defined() ? valid : torch::ones_like(kp, kp.options().dtype(torch::kBool));
-        mask = torch::where(pad_rows, all, mask);  // (B, H_kv | 1, T, n)
-      }
-      if (per_head) mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
-      lap("mask");
-      attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
-    }
-    lap("attention");
-    if (observer) observer(PrefillLayerObservation{l, h, q_pre, q, qpos, lead}, cache);
-    if (observer) lap("observer");
-    at::Tensor o = attn.transpose(1, 2).reshape({B, T, H * hd});  // (B, T, H*hd)
-    x = x + project(o, lw.o_proj, lw.o_bias, {}, nullptr);         // (B, T, d)
-    at::Tensor h2 = rms_norm(x, lw.post_norm, cfg_.rms_norm_eps);
-    x = x + at::linear(torch::silu(at::linear(h2, lw.gate_proj)) * at::linear(h2, lw.up_proj), lw.down_proj);
+      lap("attention");
+      if (observer) observer(PrefillLayerObservation{l, h, q_pre, q, qpos, lead}, cache);
+      if (observer) lap("observer");
+      return attn;
+    };
+    x = decoder_layer(lw, LayerLora(), nullptr, cos, sin, H, Hkv, hd, cfg_.qk_norm, cfg_.rms_norm_eps, x, h, attend);
     lap("o_proj+mlp");
   }
   if (padded) {
@@ -796,6 +716,69 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
   at::Tensor lg = logits(hid).to(torch::kFloat);                    // (B, T|1, V)
   lap("lm_head");
   return mode == LogitsMode::LastPosition ? lg.squeeze(1) : lg;
+}
+
+ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& mods) const {
+  const char* ctx = "Model::forward_extra";
+  const ExtraRows& ex = mods.extra;
+  const int64_t n = ex.count(), B = cache.batch();
+  KVD_CHECK(n > 0, ctx, ": no extra rows (AttentionMods::extra.embeddings is empty)");
+  KVD_CHECK(cache.num_layers() == cfg_.num_layers && cache.num_kv_heads() == cfg_.num_kv_heads &&
+                cache.dtype() == dtype_ && cache.device() == device_,
+            ctx, ": the cache does not belong to this model; create it with Model::new_cache");
+  KVD_CHECK(!mods.stats.wanted() && !mods.lora_row_mask.defined(), ctx,
+            ": statistics and LoRA row masks are implied (every extra row); leave stats / lora_row_mask empty");
+  at::Tensor e = ex.embeddings;
+  if (e.dim() == 2) e = e.unsqueeze(0).expand({B, n, e.size(1)});  // (B, n, d)
+  KVD_CHECK(e.dim() == 3 && e.size(0) == B && e.size(2) == cfg_.hidden_size, ctx,
+            ": extra embeddings must be (n, d) or (B, n, d) with d = ", cfg_.hidden_size, ", got ", ex.embeddings.sizes());
+  KVD_CHECK(ex.positions.defined(), ctx, ": extra rows need positions");
+  at::Tensor pos = ex.positions.to(device_, torch::kLong);
+  if (pos.dim() == 1) pos = pos.unsqueeze(0).expand({B, n});  // (B, n)
+  KVD_CHECK(pos.dim() == 2 && pos.size(0) == B && pos.size(1) == n, ctx, ": extra positions must be (n) or (B, n), got ",
+            ex.positions.sizes());
+  const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  const c10::ScalarType acc = dtype_ == torch::kDouble ? torch::kDouble : torch::kFloat;
+  const at::Tensor cs = rope_cos_sin(pos);  // (2, B, 1, n, hd)
+  const LoraRows all_rows{at::Tensor(), 0, n};
+  // Extra row i sees extra row j <= i.
+  const at::Tensor causal = torch::ones({n, n}, pos.options().dtype(torch::kBool)).tril();  // (n, n)
+
+  ExtraRowsOutput out;
+  out.attention_to_cache.resize(cfg_.num_layers);
+  at::Tensor x = e.to(device_, dtype_);  // (B, n, d)
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const LayerWeights& lw = w_.layers[l];
+    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, n, d)
+    LayerMods m;
+    if (mods.layer_hook) m = mods.layer_hook(LayerInput{l, h, pos, at::Tensor(), 0});
+    KVD_CHECK(!m.changes_attention(), ctx, ": layer hooks of extra rows may return LoRA only");
+    const AttendFn attend = [&](const LayerQKV& p) -> at::Tensor {
+      const KVLayerView kv = cache.layer(l);  // k, v (B, H_kv, nc, hd); pos (B, H_kv, nc)
+      const int64_t nc = kv.n;
+      at::Tensor keys = torch::cat({kv.k, p.k.to(kv.k.scalar_type())}, 2);    // (B, H_kv, nc + n, hd)
+      at::Tensor vals = torch::cat({kv.v, p.v.to(kv.v.scalar_type())}, 2);    // (B, H_kv, nc + n, hd)
+      at::Tensor qp = pos.view({B, 1, n, 1});                                    // (B, 1, n, 1)
+      at::Tensor see = kv.pos.unsqueeze(2).le(qp);                               // (B, H_kv, n, nc)
+      if (kv.valid.defined()) see = see.logical_and(kv.valid.unsqueeze(2));
+      at::Tensor mine = causal.view({1, 1, n, n}).expand({B, Hkv, n, n});        // (B, H_kv, n, n)
+      if (cfg_.sliding_window) {
+        see = see.logical_and((qp - kv.pos.unsqueeze(2)).lt(*cfg_.sliding_window));
+        mine = mine.logical_and((qp - pos.view({B, 1, 1, n})).lt(*cfg_.sliding_window));
+      }
+      at::Tensor vis = torch::cat({see, mine}, 3);                               // (B, H_kv, n, nc + n)
+      at::Tensor bias = torch::zeros(vis.sizes(), vis.options().dtype(acc))
+                            .masked_fill(vis.logical_not(), -std::numeric_limits<double>::infinity());
+      at::Tensor pr = grouped_probs(p.q, keys, bias, scale);  // (B, H_kv, G, n, nc + n)
+      out.attention_to_cache[l] = pr.narrow(-1, 0, nc).mean(3).reshape({B, H, nc});  // (B, H, nc)
+      return torch::matmul(pr.to(vals.scalar_type()), vals.unsqueeze(2)).reshape({B, H, n, hd});  // (B, H, n, hd)
+    };
+    x = decoder_layer(lw, m.lora, m.lora.any() ? &all_rows : nullptr, cs[0], cs[1], H, Hkv, hd, cfg_.qk_norm,
+                      cfg_.rms_norm_eps, x, h, attend);
+  }
+  out.hidden = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);  // (B, n, d)
+  return out;
 }
 
 at::Tensor Model::decode(const at::Tensor& ids, KVCache& cache, const PrefillObserver& observer) const {

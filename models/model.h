@@ -37,6 +37,13 @@ struct ForwardOutput {
 
 enum class LogitsMode { LastPosition, AllPositions };
 
+struct ExtraRowsOutput {
+  at::Tensor hidden;                           // (B, n, d) the extra rows after the final RMSNorm
+  std::vector<at::Tensor> attention_to_cache;  // [layer] (B, H, n_cache): the extra rows' mean softmax attention
+                                               // per query head to each entry of cache.layer(layer) (its padded
+                                               // order; invalid entries 0), float32 (float64 for a float64 model)
+};
+
 // What prefill shows an observer for one layer, right after the layer's attention ran and its K/V entries
 // of this chunk were appended to the cache (so the observer may score and evict that layer's entries, as
 // kvpress does from its attention hook). Nothing here holds T×T attention.
@@ -98,6 +105,15 @@ class Model {
   at::Tensor prefill(const at::Tensor& ids, KVCache& cache, LogitsMode mode = LogitsMode::LastPosition,
                      const PrefillObserver& observer = PrefillObserver(),
                      const std::vector<int64_t>& lead = {}) const;
+  // n extra rows (soft / lookahead query tokens, mods.extra) run after the cache's entries, for scoring them:
+  // each extra row attends to every cached entry (by stored position; invalid entries never) and causally to
+  // the extra rows before it. Their K/V are never stored, so the cache is left exactly as it was (the prompt's
+  // logits and KV are those of a prefill without extra rows). mods.layer_hook is called once per layer with
+  // the rows' normed input (LayerInput::seq_len = 0) and may return LayerMods::lora, applied to every extra
+  // row; its other fields are refused. Runs with autograd when grad mode is on (gradients reach the
+  // embeddings and the LoRA tensors), so a query-row method can train or score through the same layers.
+  ExtraRowsOutput forward_extra(const KVCache& cache, const AttentionMods& mods) const;
+
   // One step: ids (B, 1) -> float32 logits (B, V). observer as in prefill.
   at::Tensor decode(const at::Tensor& ids, KVCache& cache, const PrefillObserver& observer = PrefillObserver()) const;
 

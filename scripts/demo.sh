@@ -7,12 +7,23 @@
 # responses to a few prompts (the data of response-trained gates); finally a CPU-sized comparison of the
 # full cache, heuristics and the trained gate on the task suite (accuracy, KL, memory; table and plots).
 # Bootstraps first, so it works on a fresh machine.
+#
+# KVD_DEMO_SCALE=full (default) or ci: `ci` is the same pipeline, shortened to fit CI (10 training steps, a
+# comparison of 3 methods at one ratio), written under runs/demo-ci/ so it never resumes a full run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
 KVD=${KVD_BUILD_DIR:-build}/kvdistill
 MODEL=.cache/models/SmolLM2-135M-Instruct
 DEVICE=${KVD_DEVICE:-cpu}
+SCALE=${KVD_DEMO_SCALE:-full}
+case "$SCALE" in
+  full) RUNS=runs; TRAIN_ARGS=(); METHODS=streaming_llm,snapkv,adakv_snapkv,defensivekv; RATIOS=0.5,0.75 ;;
+  ci)   RUNS=runs/demo-ci
+        TRAIN_ARGS=(train.steps=10 train.eval_every=10 train.save_every=5 train.warmup=2 train.out_dir=$RUNS/demo-trimkv)
+        METHODS=streaming_llm,snapkv; RATIOS=0.75 ;;
+  *) echo "demo.sh: KVD_DEMO_SCALE=$SCALE: expected full or ci" >&2; exit 2 ;;
+esac
 step() { printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"; "${@:2}"; }
 
 step "the model, as kvdistill resolves it" "$KVD" info --model "$MODEL"
@@ -29,11 +40,11 @@ echo "tasks: $(wc -l < .cache/data/tasks.jsonl) samples in .cache/data/tasks.jso
 step "data for the demo's gate training" "$KVD" prepare text --model "$MODEL" \
   --input data/samples/prose.txt .cache/corpus/linux-doc/RCU --out .cache/data/demo-trimkv.h5 \
   --seq-len 256 --val-fraction 0.05 --progress never
-step "distill a TRIM-KV retention gate (CPU-sized; resumes if interrupted)" "$KVD" train --config configs/demo-trimkv.yaml
+step "distill a TRIM-KV retention gate (CPU-sized; resumes if interrupted)" "$KVD" train --config configs/demo-trimkv.yaml "${TRAIN_ARGS[@]}"
 echo
 echo "held-out KL to the full cache at M=64 per KV head (step 0 = untrained gate):"
-grep heldout_kl runs/demo-trimkv/metrics.jsonl || true
-echo "gate bundle: runs/demo-trimkv/bundle (gates.safetensors + kvdistill.json)"
+grep heldout_kl $RUNS/demo-trimkv/metrics.jsonl || true
+echo "gate bundle: $RUNS/demo-trimkv/bundle (gates.safetensors + kvdistill.json)"
 step "prompts cut from the corpus" "$KVD" prepare prompts --input .cache/corpus/python-doc --out .cache/data/demo-prompts.jsonl \
   --count 4 --seed 0 --model "$MODEL" --passage-tokens 120
 step "the model's own greedy responses to them (teacher data for response-trained gates)" "$KVD" prepare responses \
@@ -43,9 +54,10 @@ step "a small task suite for the comparison (8 tasks at 1K tokens)" "$KVD" prepa
   --lengths 1024 --samples 1 --seed 1 --out .cache/data/demo-tasks.jsonl
 step "the comparison, CPU-sized: full cache vs heuristics vs the trained gate (resumes if interrupted)" \
   "$KVD" eval --model "$MODEL" --tasks .cache/data/demo-tasks.jsonl --device "$DEVICE" --batch 4 \
-  --methods streaming_llm,snapkv,adakv_snapkv,defensivekv,gate:runs/demo-trimkv/bundle \
-  --ratios 0.5,0.75 --out runs/demo-eval
-.venv/bin/python scripts/plot_results.py runs/demo-eval --title "demo: 8 samples at 1K, CPU"
+  --methods "$METHODS,gate:$RUNS/demo-trimkv/bundle" --ratios "$RATIOS" --out "$RUNS/demo-eval"
+test -s "$RUNS/demo-eval/results.md" || { echo "demo.sh: the comparison wrote no report" >&2; exit 1; }
+.venv/bin/python scripts/plot_results.py "$RUNS/demo-eval" --title "demo: 8 samples at 1K, CPU"
 echo
-sed -n '/^## Accuracy (%)$/,/^## KL/p' runs/demo-eval/results.md | sed '$d'
-echo "full report: runs/demo-eval/results.md (also .json, .csv); plots: runs/demo-eval/accuracy.png, runs/demo-eval/kl.png"
+sed -n '/^## Accuracy (%)$/,/^## KL/p' $RUNS/demo-eval/results.md | sed '$d'
+test -s "$RUNS/demo-eval/accuracy.png" && test -s "$RUNS/demo-eval/kl.png" || { echo "demo.sh: the plots were not written" >&2; exit 1; }
+echo "full report: $RUNS/demo-eval/results.md (also .json, .csv); plots: $RUNS/demo-eval/accuracy.png, $RUNS/demo-eval/kl.png"

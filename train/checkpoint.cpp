@@ -49,14 +49,6 @@ std::vector<std::string> entries(const std::string& dir) {
 
 }  // namespace
 
-void make_dirs(const std::string& p) {
-  if (p.empty() || exists(p)) return;
-  const size_t slash = p.find_last_of('/');
-  if (slash != std::string::npos && slash > 0) make_dirs(p.substr(0, slash));
-  KVD_CHECK(::mkdir(p.c_str(), 0755) == 0 || errno == EEXIST, "cannot create directory ", p, ": ",
-            std::strerror(errno), "; check train.out_dir");
-}
-
 std::string checkpoint_name(int64_t step) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));

@@ -19,6 +19,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/fs.h"  // make_dirs
+
 namespace torch::optim {
 class Optimizer;
 }
@@ -42,9 +44,6 @@ struct CheckpointMeta {
   CheckpointIdentity identity;
   int64_t world_size = 1;
 };
-
-// mkdir -p; throws naming the path (and train.out_dir) on failure.
-void make_dirs(const std::string& path);
 
 // <root>/step_<8 digits>
 std::string checkpoint_name(int64_t step);

@@ -9,18 +9,9 @@
 
 #include "common/error.h"
 #include "common/fs.h"
+#include "gates/components.h"
 
 namespace kvd {
-
-const char* value_type_name(ValueType t) {
-  switch (t) {
-    case ValueType::Int: return "an integer";
-    case ValueType::Float: return "a number";
-    case ValueType::String: return "a string";
-    case ValueType::Bool: return "true or false";
-  }
-  return "?";
-}
 
 // The defaults table: the one place that says which keys exist, their types, defaults and meaning.
 const std::vector<ConfigKey>& config_keys() {
@@ -35,13 +26,8 @@ const std::vector<ConfigKey>& config_keys() {
        "responses files only: samples (prompt + response) are packed into sequences of this many tokens"},
       {"data.val_fraction", ValueType::Float, "0.05",
        "responses files only: fraction of samples held out as val (by a hash of the prompt and train.seed)"},
-      {"component.kind", ValueType::String, "retention_gate", "learned part: retention_gate"},
-      {"component.budget", ValueType::Int, "128", "M: KV entries kept per head (capacity loss, held-out check)"},
-      {"component.hidden", ValueType::Int, "512", "retention gate MLP width"},
-      {"component.bias_init", ValueType::Float, "18.0", "retention gate output bias at init (beta ~ 1)"},
-      {"loss.kl", ValueType::Float, "1.0", "weight of the forward KL(teacher || student)"},
-      {"loss.ce", ValueType::Float, "0.0", "weight of the student's next-token cross-entropy"},
-      {"loss.capacity", ValueType::Float, "1.0", "weight of the component's capacity regularizer"},
+      {"component.kind", ValueType::String, "retention_gate",
+       "learned part (its options follow as component.*; `--list-keys` prints every kind's)"},
       {"loss.block", ValueType::Int, "256", "sequence rows per block when computing logits for KL / CE"},
       {"train.steps", ValueType::Int, "100", "optimizer steps"},
       {"train.batch_size", ValueType::Int, "1", "sequences per rank per micro-step"},
@@ -60,6 +46,8 @@ const std::vector<ConfigKey>& config_keys() {
       {"train.log_every", ValueType::Int, "1", "steps between progress lines"},
       {"train.eval_every", ValueType::Int, "0", "steps between held-out checks (0: never)"},
       {"train.eval_batches", ValueType::Int, "2", "val batches per held-out check"},
+      {"train.eval_budget", ValueType::Int, "0",
+       "entries kept per KV head in the held-out check (0: the component's budget, e.g. component.budget)"},
       {"train.save_every", ValueType::Int, "50", "steps between checkpoints (0: only at the end)"},
       {"train.keep_last", ValueType::Int, "3", "checkpoints kept (older ones are removed)"},
       {"train.progress", ValueType::String, "auto", "auto (live line on a terminal) | lines | never"},
@@ -73,75 +61,68 @@ const std::vector<ConfigKey>& config_keys() {
   return keys;
 }
 
+std::vector<ConfigKey> config_keys_for(const std::string& kind) {
+  const ComponentSpec& spec = component_spec(kind, "config key 'component.kind'");
+  std::vector<ConfigKey> out;
+  for (const ConfigKey& k : config_keys()) {
+    if (std::string(k.key) == "loss.block") out.insert(out.end(), spec.losses.begin(), spec.losses.end());
+    out.push_back(k);
+    if (std::string(k.key) == "component.kind") out.insert(out.end(), spec.options.begin(), spec.options.end());
+  }
+  return out;
+}
+
+double RunConfig::loss_weight(const std::string& term) const {
+  for (const auto& [name, w] : loss_weights)
+    if (name == term) return w;
+  KVD_FAIL("component '", component_kind, "' has no loss term '", term, "' (config key 'loss.", term, "')");
+}
+
 namespace {
 
 using json = nlohmann::ordered_json;
 
-const ConfigKey* find_key(const std::string& k) {
-  for (const ConfigKey& c : config_keys())
+const ConfigKey* find_key(const std::vector<ConfigKey>& keys, const std::string& k) {
+  for (const ConfigKey& c : keys)
     if (k == c.key) return &c;
   return nullptr;
 }
 
-[[noreturn]] void unknown_key(const std::string& key, const std::string& where) {
+[[noreturn]] void unknown_key(const std::vector<ConfigKey>& keys, const std::string& key, const std::string& where) {
   std::string section = key.substr(0, key.find('.'));
   std::string known;
-  for (const ConfigKey& c : config_keys())
+  for (const ConfigKey& c : keys)
     if (std::string(c.key).rfind(section + ".", 0) == 0) known += (known.empty() ? "" : ", ") + std::string(c.key);
   if (known.empty())
-    for (const ConfigKey& c : config_keys()) known += (known.empty() ? "" : ", ") + std::string(c.key);
+    for (const ConfigKey& c : keys) known += (known.empty() ? "" : ", ") + std::string(c.key);
   KVD_FAIL("config key '", key, "' (", where, ") is unknown; known keys: ", known,
            " (run `kvdistill train --list-keys` for their meaning)");
 }
 
-// Parses a scalar's text as the key's type.
-json parse_value(const ConfigKey& k, const std::string& text, const std::string& where) {
-  auto bad = [&]() -> json {
-    KVD_FAIL("config key '", k.key, "' (", where, ") must be ", value_type_name(k.type), ", got '", text, "'");
-  };
-  switch (k.type) {
-    case ValueType::String: return text;
-    case ValueType::Bool:
-      if (text == "true") return true;
-      if (text == "false") return false;
-      return bad();
-    case ValueType::Int: {
-      errno = 0;
-      char* end = nullptr;
-      long long v = std::strtoll(text.c_str(), &end, 10);
-      if (text.empty() || *end != '\0' || errno) return bad();
-      return static_cast<int64_t>(v);
-    }
-    case ValueType::Float: {
-      errno = 0;
-      char* end = nullptr;
-      double v = std::strtod(text.c_str(), &end);
-      if (text.empty() || *end != '\0' || errno || !std::isfinite(v)) return bad();
-      return v;
-    }
-  }
-  return bad();
-}
+// A value as written, before the component kind (and so the full key table) is known.
+struct RawValue {
+  std::string text;
+  bool null = false;  // YAML `key:` with no value
+  bool list = false;  // a YAML sequence
+  std::string where;  // the file or the override it came from
+};
+using RawValues = std::vector<std::pair<std::string, RawValue>>;  // in the order given (later ones win)
 
-void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source, json& values) {
+void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source, RawValues& raw) {
   for (const auto& kv : node) {
     const std::string name = kv.first.as<std::string>();
     const std::string key = prefix.empty() ? name : prefix + "." + name;
     const YAML::Node& v = kv.second;
     if (v.IsMap()) {
-      flatten(v, key, source, values);
+      flatten(v, key, source, raw);
       continue;
     }
-    const ConfigKey* k = find_key(key);
-    if (!k) unknown_key(key, source);
-    if (v.IsNull()) {
-      if (k->type != ValueType::String) KVD_FAIL("config key '", key, "' (", source, ") has no value; it must be ", value_type_name(k->type));
-      values[key] = "";
-    } else if (!v.IsScalar()) {
-      KVD_FAIL("config key '", key, "' (", source, ") must be ", value_type_name(k->type), ", got a list");
-    } else {
-      values[key] = parse_value(*k, v.Scalar(), source);
-    }
+    RawValue r;
+    r.where = source;
+    r.null = v.IsNull();
+    r.list = !r.null && !v.IsScalar();
+    if (!r.null && !r.list) r.text = v.Scalar();
+    raw.emplace_back(key, r);
   }
 }
 
@@ -171,12 +152,15 @@ RunConfig from_values(const json& values) {
   c.data_seq_len = I("data.seq_len");
   c.data_val_fraction = F("data.val_fraction");
   c.component_kind = S("component.kind");
-  c.budget = I("component.budget");
-  c.gate_hidden = I("component.hidden");
-  c.gate_bias_init = F("component.bias_init");
-  c.w_kl = F("loss.kl");
-  c.w_ce = F("loss.ce");
-  c.w_capacity = F("loss.capacity");
+  const ComponentSpec& spec = component_spec(c.component_kind, "config key 'component.kind'");
+  json options = json::object();
+  for (const ConfigKey& k : spec.options) options[std::string(k.key).substr(10)] = values.at(k.key);
+  c.component = complete_options(spec, nlohmann::json::parse(options.dump()), "run config");
+  for (const ConfigKey& k : spec.losses) {
+    const double w = F(k.key);
+    check(w >= 0, k.key, "loss weights must be >= 0");
+    c.loss_weights.emplace_back(std::string(k.key).substr(5), w);
+  }
   c.loss_block = I("loss.block");
   c.steps = I("train.steps");
   c.batch_size = I("train.batch_size");
@@ -195,6 +179,7 @@ RunConfig from_values(const json& values) {
   c.log_every = I("train.log_every");
   c.eval_every = I("train.eval_every");
   c.eval_batches = I("train.eval_batches");
+  c.eval_budget = I("train.eval_budget");
   c.save_every = I("train.save_every");
   c.keep_last = I("train.keep_last");
   c.progress = S("train.progress");
@@ -209,11 +194,6 @@ RunConfig from_values(const json& values) {
   check(!c.data_train.empty(), "data.train",
         "is required (make one with `kvdistill prepare text` or `kvdistill prepare responses`)");
   one_of(c.model_dtype, "model.dtype", {"auto", "float32", "bfloat16"});
-  one_of(c.component_kind, "component.kind", {"retention_gate"});
-  check(c.budget > 0, "component.budget", "M must be > 0, got " + std::to_string(c.budget));
-  check(c.gate_hidden > 0, "component.hidden", "must be > 0");
-  check(c.w_kl >= 0 && c.w_ce >= 0 && c.w_capacity >= 0, c.w_kl < 0 ? "loss.kl" : c.w_ce < 0 ? "loss.ce" : "loss.capacity",
-        "loss weights must be >= 0");
   check(c.loss_block > 0, "loss.block", "must be > 0");
   check(c.steps > 0, "train.steps", "must be > 0");
   check(c.batch_size > 0, "train.batch_size", "must be > 0");
@@ -231,6 +211,7 @@ RunConfig from_values(const json& values) {
   check(c.log_every > 0, "train.log_every", "must be > 0");
   check(c.eval_every >= 0, "train.eval_every", "must be >= 0");
   check(c.eval_batches > 0, "train.eval_batches", "must be > 0");
+  check(c.eval_budget >= 0, "train.eval_budget", "must be >= 0");
   check(c.save_every >= 0, "train.save_every", "must be >= 0");
   check(c.keep_last > 0, "train.keep_last", "must be > 0");
   check(c.data_prefetch >= 0, "data.prefetch", "must be >= 0");
@@ -245,10 +226,32 @@ RunConfig from_values(const json& values) {
   return c;
 }
 
-json defaults() {
-  json v = json::object();
-  for (const ConfigKey& k : config_keys()) v[k.key] = parse_value(k, k.value, "default");
-  return v;
+// Typed values for every key of `kind`: defaults, then `raw` in order (each checked against its key).
+json resolve_values(const std::string& kind, const RawValues& raw) {
+  const std::vector<ConfigKey> keys = config_keys_for(kind);
+  json values = json::object();
+  for (const ConfigKey& k : keys) values[k.key] = parse_option(k, k.value, "default");
+  for (const auto& [key, r] : raw) {
+    const ConfigKey* k = find_key(keys, key);
+    if (!k) unknown_key(keys, key, r.where);
+    if (r.list) KVD_FAIL("config key '", key, "' (", r.where, ") must be ", value_type_name(k->type), ", got a list");
+    if (r.null) {
+      if (k->type != ValueType::String)
+        KVD_FAIL("config key '", key, "' (", r.where, ") has no value; it must be ", value_type_name(k->type));
+      values[key] = "";
+      continue;
+    }
+    values[key] = parse_option(*k, r.text, r.where);
+  }
+  return values;
+}
+
+// component.kind as given last in `raw`, else its default.
+std::string kind_of(const RawValues& raw) {
+  std::string kind = find_key(config_keys(), "component.kind")->value;
+  for (const auto& [key, r] : raw)
+    if (key == "component.kind" && !r.null && !r.list) kind = r.text;
+  return kind;
 }
 
 }  // namespace
@@ -261,7 +264,7 @@ std::string RunConfig::to_text() const {
 
 RunConfig resolve_config(const std::string& yaml_text, const std::string& source,
                          const std::vector<std::string>& overrides) {
-  json values = defaults();
+  RawValues raw;
   YAML::Node root;
   try {
     root = YAML::Load(yaml_text);
@@ -271,7 +274,7 @@ RunConfig resolve_config(const std::string& yaml_text, const std::string& source
   if (root.IsDefined() && !root.IsNull()) {
     KVD_CHECK(root.IsMap(), source, ": a run config must be a mapping of sections (model, data, component, loss, train, dist)");
     try {
-      flatten(root, "", source, values);
+      flatten(root, "", source, raw);
     } catch (const YAML::Exception& e) {
       KVD_FAIL(source, ": ", e.what());
     }
@@ -279,12 +282,12 @@ RunConfig resolve_config(const std::string& yaml_text, const std::string& source
   for (const std::string& o : overrides) {
     const size_t eq = o.find('=');
     KVD_CHECK(eq != std::string::npos && eq > 0, "override '", o, "' must look like key=value (e.g. train.steps=100)");
-    const std::string key = o.substr(0, eq);
-    const ConfigKey* k = find_key(key);
-    if (!k) unknown_key(key, "override '" + o + "'");
-    values[key] = parse_value(*k, o.substr(eq + 1), "override '" + o + "'");
+    RawValue r;
+    r.text = o.substr(eq + 1);
+    r.where = "override '" + o + "'";
+    raw.emplace_back(o.substr(0, eq), r);
   }
-  return from_values(values);
+  return from_values(resolve_values(kind_of(raw), raw));
 }
 
 RunConfig load_config(const std::string& path, const std::vector<std::string>& overrides) {
@@ -292,13 +295,14 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
 }
 
 RunConfig config_from_values(const nlohmann::ordered_json& stored, const std::string& source) {
-  json values = defaults();
+  RawValues raw;
   for (const auto& [k, v] : stored.items()) {
-    const ConfigKey* key = find_key(k);
-    if (!key) unknown_key(k, source);
-    values[k] = v;
+    RawValue r;
+    r.where = source;
+    r.text = v.is_string() ? v.get<std::string>() : v.dump();
+    raw.emplace_back(k, r);
   }
-  return from_values(values);
+  return from_values(resolve_values(kind_of(raw), raw));
 }
 
 }  // namespace kvd

@@ -11,26 +11,24 @@
 
 #include <cstdint>
 #include <map>
+#include <utility>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "common/options.h"
 #include "models/activation_checkpointing.h"
 
 namespace kvd {
 
-enum class ValueType { Int, Float, String, Bool };
-const char* value_type_name(ValueType t);
-
-// One documented key.
-struct ConfigKey {
-  const char* key;        // dotted, e.g. "train.steps"
-  ValueType type;
-  const char* value;      // default, as YAML would write it ("" for an empty string)
-  const char* doc;        // one line
-};
+// The keys every run has (model, data, component.kind, loss.block, train, dist). A component's own
+// `component.*` options and `loss.*` weights come from its registry entry (gates/components.h).
 const std::vector<ConfigKey>& config_keys();
+// Every key of a run whose component.kind is `kind`, in the order they are printed: the general keys with
+// the component's options after component.kind and its loss weights before loss.block. Throws for an
+// unknown kind.
+std::vector<ConfigKey> config_keys_for(const std::string& kind);
 
 // Where the run's settings live once resolved. Field names follow the dotted keys.
 struct RunConfig {
@@ -45,14 +43,11 @@ struct RunConfig {
   double data_val_fraction = 0.05;  // data.val_fraction (responses files only: held-out samples)
   // component
   std::string component_kind;     // component.kind
-  int64_t budget = 128;           // component.budget (M, tokens kept per KV head)
-  int64_t gate_hidden = 512;      // component.hidden
-  double gate_bias_init = 18.0;   // component.bias_init
+  nlohmann::json component;       // the component's options (component.<name> as {"<name>": value}), checked
   // loss
-  double w_kl = 1.0;              // loss.kl
-  double w_ce = 0.0;              // loss.ce
-  double w_capacity = 1.0;        // loss.capacity
+  std::vector<std::pair<std::string, double>> loss_weights;  // loss.<term> in the component's term order
   int64_t loss_block = 256;       // loss.block
+  double loss_weight(const std::string& term) const;  // throws if the component declares no such term
   // train
   int64_t steps = 0;              // train.steps
   int64_t batch_size = 1;         // train.batch_size (per rank, per micro-step)
@@ -65,6 +60,7 @@ struct RunConfig {
   std::string out_dir;            // train.out_dir
   std::string device;             // train.device: auto | cpu | cuda | cuda:N
   int64_t log_every = 1, eval_every = 0, save_every = 0, keep_last = 3, eval_batches = 2;
+  int64_t eval_budget = 0;        // train.eval_budget (0: the component's budget())
   std::string progress;           // train.progress: auto | lines | never
   // train.activation_checkpointing: none | layers (recompute each frozen decoder layer in the backward)
   ActivationCheckpointing activation_checkpointing = ActivationCheckpointing::None;

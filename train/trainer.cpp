@@ -19,13 +19,14 @@
 #include "data/responses.h"
 #include "export/gate_bundle.h"
 #include "gates/component.h"
-#include "gates/retention_gate.h"
+#include "gates/components.h"
 #include "losses/distill.h"
+#include "models/device.h"
 #include "models/model.h"
 #include "models/tokenizer.h"
 #include "train/checkpoint.h"
 #include "train/distributed.h"
-#include "train/heldout.h"
+#include "eval/heldout.h"
 #include "train/metrics.h"
 
 namespace kvd {
@@ -47,29 +48,12 @@ double lr_at(int64_t step, const RunConfig& c) {
 
 namespace {
 
-c10::Device resolve_device(const std::string& s, int local_rank) {
-  if (s == "cpu") return c10::Device(c10::kCPU);
-  if (s == "auto" || s == "cuda") {
-    if (s == "auto" && !torch::cuda::is_available()) return c10::Device(c10::kCPU);
-    KVD_CHECK(torch::cuda::is_available(), "train.device=cuda but no CUDA device is visible; use train.device=cpu");
-    const int n = static_cast<int>(torch::cuda::device_count());
-    return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank % n));
-  }
-  KVD_CHECK(s.rfind("cuda:", 0) == 0, "train.device: '", s, "' is not auto, cpu, cuda or cuda:N");
-  KVD_CHECK(torch::cuda::is_available(), "train.device=", s, " but no CUDA device is visible; use train.device=cpu");
-  return c10::Device(s);
-}
-
-// The learned part named by component.kind, its parameters fp32 on `device`. Seeded by the caller.
-std::shared_ptr<Component> make_component(const RunConfig& c, const ModelConfig& mc, c10::Device device) {
-  KVD_CHECK(c.component_kind == "retention_gate", "component.kind: '", c.component_kind, "' is not implemented");
-  RetentionGateOptions o;
-  o.hidden = c.gate_hidden;
-  o.bias_init = c.gate_bias_init;
-  o.budget = c.budget;
-  RetentionGate gate(mc, o);
-  gate->to(device, torch::kFloat32);
-  return gate.ptr();
+// The learned part named by component.kind (gates/components.h), its parameters fp32 on `device`. Seeded by
+// the caller.
+std::shared_ptr<Component> build_component(const RunConfig& c, const ModelConfig& mc, c10::Device device) {
+  std::shared_ptr<Component> component = component_spec(c.component_kind, "config key 'component.kind'").make(mc, c.component);
+  component->to(device, torch::kFloat32);
+  return component;
 }
 
 // A loader Batch as the component and the model take it, on `device`.
@@ -133,39 +117,23 @@ struct StepLosses {
   int64_t tokens = 0;                              // label-valid tokens
 };
 
-// Teacher and student forwards of one micro-batch and the weighted loss. KL and CE are per-sequence means
-// averaged over the batch rows, so a global batch gives the same loss however it is split over micro-steps
-// and ranks.
+// The component's loss on one micro-batch, weighted by the run config's loss.<term> weights and summed in the
+// order the component returns its terms.
 StepLosses micro_step_loss(const Model& model, Component& component, const TrainBatch& tb, const RunConfig& c) {
-  at::Tensor teacher;  // (B, T, d)
-  {
-    torch::NoGradGuard ng;
-    teacher = model.forward_train(tb.ids, tb.positions, AttentionMods(), tb.doc_ids).hidden;
-  }
-  const AttentionMods mods = component.attention_mods(tb);
-  at::Tensor student =
-      model.forward_train(tb.ids, tb.positions, mods, tb.doc_ids, c.activation_checkpointing).hidden;  // (B, T, d)
-  const LogitsFn logits = [&](const at::Tensor& h) { return model.logits(h); };
-  const int64_t B = tb.ids.size(0);
-  at::Tensor kl = torch::zeros({}, student.options().dtype(torch::kFloat32));
-  at::Tensor ce = torch::zeros({}, student.options().dtype(torch::kFloat32));
+  LossOptions lo;
+  lo.block = c.loss_block;
+  lo.checkpointing = c.activation_checkpointing;
+  ComponentLoss l = component.loss(model, tb, lo);
+  KVD_CHECK(!l.terms.empty(), "component ", component.kind(), " returned no loss terms");
   StepLosses out;
-  for (int64_t b = 0; b < B; ++b) {
-    DistillLosses d = distill_losses(teacher.narrow(0, b, 1), student.narrow(0, b, 1), tb.labels.narrow(0, b, 1),
-                                     logits, c.loss_block);
-    kl = kl + d.kl / static_cast<double>(B);
-    ce = ce + d.ce / static_cast<double>(B);
-    out.tokens += d.tokens;
-  }
-  at::Tensor total = c.w_kl * kl + c.w_ce * ce;
-  out.terms = {{"kl", kl.item<double>()}, {"ce", ce.item<double>()}};
-  for (auto& [name, value] : component.regularizers()) {
-    KVD_CHECK(name == "capacity", "component ", component.kind(), " returned regularizer '", name,
-              "', which has no loss.* weight; add one to train/config.cpp");
-    total = total + c.w_capacity * value.to(torch::kFloat32);
+  at::Tensor total;
+  for (auto& [name, value] : l.terms) {
+    const at::Tensor weighted = c.loss_weight(name) * value.to(torch::kFloat32);
+    total = total.defined() ? total + weighted : weighted;
     out.terms.emplace_back(name, value.item<double>());
   }
   out.total = total;
+  out.tokens = l.tokens;
   return out;
 }
 
@@ -180,7 +148,7 @@ std::string fmt_terms(const std::vector<std::pair<std::string, double>>& terms) 
 TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
   // ---- setup: ranks, device, rendezvous -----------------------------------------------------------------
   const RankInfo ranks = discover_ranks();
-  const c10::Device device = resolve_device(c.device, ranks.local_rank);
+  const c10::Device device = parse_device(c.device, "train.device", ranks.local_rank);
   CollectiveBackend backend = CollectiveBackend::None;
   if (ranks.world_size > 1) {
     const std::string b = c.dist_backend == "auto" ? (device.is_cuda() ? "nccl" : "gloo") : c.dist_backend;
@@ -204,13 +172,15 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
     const Tokenizer tokenizer = Tokenizer::from_file(c.model_dir);
     const TrainData data = open_train_data(c.data_train, "data.train", tokenizer, c);
     const SequenceSource& train_split = *data.train;
-    KVD_CHECK(c.budget <= train_split.seq_len(), "config key 'component.budget': M=", c.budget,
-              " exceeds the sequence length ", train_split.seq_len(), " of data.train (", c.data_train, "); lower component.budget or ",
-              data.format == kResponsesFormat ? "raise data.seq_len" : "prepare the data with a larger --seq-len");
-
     torch::manual_seed(static_cast<uint64_t>(c.seed));
     if (device.is_cuda()) torch::cuda::manual_seed_all(static_cast<uint64_t>(c.seed));
-    std::shared_ptr<Component> component = make_component(c, model.config(), device);
+    std::shared_ptr<Component> component = build_component(c, model.config(), device);
+    // The held-out check's budget: train.eval_budget, else the one the component trains for.
+    const int64_t eval_budget = c.eval_budget > 0 ? c.eval_budget : component->budget() > 0 ? component->budget() : 128;
+    const char* budget_key = c.eval_budget > 0 ? "train.eval_budget" : "component.budget";
+    KVD_CHECK(eval_budget <= train_split.seq_len(), "config key '", budget_key, "': M=", eval_budget,
+              " exceeds the sequence length ", train_split.seq_len(), " of data.train (", c.data_train, "); lower ", budget_key,
+              " or ", data.format == kResponsesFormat ? "raise data.seq_len" : "prepare the data with a larger --seq-len");
     std::vector<at::Tensor> params = component->parameters();
     torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(c.lr)
                                               .betas({c.beta1, c.beta2})
@@ -278,13 +248,13 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       torch::NoGradGuard ng;
       std::unique_ptr<Scorer> scorer = component->make_scorer();
       HeldoutOptions ho;
-      ho.budget = c.budget;
+      ho.budget = eval_budget;
       const HeldoutResult r = heldout_kl(model, seqs, *scorer, ho);
       std::ostringstream os;
-      os << "held-out KL at step " << step << " (M=" << c.budget << "): " << r.kl << " nats/token over " << r.tokens
+      os << "held-out KL at step " << step << " (M=" << eval_budget << "): " << r.kl << " nats/token over " << r.tokens
          << " tokens";
       progress.message(os.str());
-      metrics->write({{"step", step}, {"heldout_kl", r.kl}, {"heldout_tokens", r.tokens}, {"budget", c.budget}});
+      metrics->write({{"step", step}, {"heldout_kl", r.kl}, {"heldout_tokens", r.tokens}, {"budget", eval_budget}});
     };
 
     const int64_t bucket_bytes = static_cast<int64_t>(c.bucket_mb * 1048576.0);

@@ -184,16 +184,21 @@ TEST(KVCache, DecodeAfterEvictionUsesStoredPositions) {
 
 namespace {
 
-// The naive model of the cache: per (layer, head row r = b * H_kv + h), its entries in order.
+// The naive model of the cache: per (layer, head row r = b * H_kv + h), its entries in order, each with its
+// payload: a float32 column "score" set at append time or for a whole layer, and a float64 column "late" added
+// halfway through (every entry, old or new, holds its fill value).
+constexpr double kScoreFill = -1.0, kLateFill = 7.0;
 struct RefEntry {
   int64_t pos;
   std::vector<double> k, v;  // (hd) each
+  double score = kScoreFill;  // the payload column "score" (float32)
 };
 
 struct RefCache {
   int64_t L, B, H, hd;
   std::vector<std::vector<std::vector<RefEntry>>> e;  // [layer][row][entry]
   std::vector<int64_t> next, peak;                    // [B]
+  bool late = false;                                  // the "late" column exists
   RefCache(int64_t L_, int64_t B_, int64_t H_, int64_t hd_) : L(L_), B(B_), H(H_), hd(hd_) { clear(); }
   void clear() {
     e.assign(L, std::vector<std::vector<RefEntry>>(B * H));
@@ -241,8 +246,10 @@ bool matches(const KVCache& c, const RefCache& ref, const std::string& what) {
     std::vector<double> ek(B * H * n * hd, 0.0), ev(B * H * n * hd, 0.0);
     std::vector<int64_t> ep(B * H * n, -1);
     std::vector<uint8_t> evalid(B * H * n, 0);
+    std::vector<double> es(B * H * n, kScoreFill);
     for (int64_t r = 0; r < B * H; ++r)
       for (size_t j = 0; j < rows[r].size(); ++j) {
+        es[r * n + j] = rows[r][j].score;
         ep[r * n + j] = rows[r][j].pos;
         evalid[r * n + j] = 1;
         for (int64_t d = 0; d < hd; ++d) {
@@ -261,6 +268,11 @@ bool matches(const KVCache& c, const RefCache& ref, const std::string& what) {
       if (ok && ragged)
         ok = torch::equal(view.valid.to(torch::kCPU),
                           torch::from_blob(evalid.data(), {B, H, n}, torch::kUInt8).to(torch::kBool));
+      // The payload columns, padded like the positions (padding holds the fill value).
+      ok = ok && view.payload.size() == (ref.late ? 2u : 1u) &&
+           torch::equal(view.payload.at("score").to(torch::kCPU).to(torch::kDouble), torch::from_blob(es.data(), {B, H, n}, dbl));
+      if (ok && ref.late)
+        ok = torch::equal(view.payload.at("late").to(torch::kCPU), torch::full({B, H, n}, kLateFill, dbl));
     }
     if (!ok) {
       ADD_FAILURE() << what << ": layer " << l << " differs from the reference (n " << view.n << " vs " << n << ")";
@@ -273,6 +285,7 @@ bool matches(const KVCache& c, const RefCache& ref, const std::string& what) {
 void replay_against_reference(c10::ScalarType dtype, c10::Device device, int64_t ops, uint64_t seed) {
   const int64_t L = 2, B = 3, H = 2, hd = 3;
   KVCache c(L, B, H, hd, dtype, device);
+  c.add_payload("score", torch::kFloat, kScoreFill);
   RefCache ref(L, B, H, hd);
   std::mt19937_64 rng(seed);
   torch::manual_seed(static_cast<uint64_t>(seed));
@@ -288,6 +301,10 @@ void replay_against_reference(c10::ScalarType dtype, c10::Device device, int64_t
   };
   auto dev = torch::TensorOptions().device(device);
   for (int64_t op = 0; op < ops; ++op) {
+    if (op == ops / 2) {
+      c.add_payload("late", torch::kDouble, kLateFill);
+      ref.late = true;
+    }
     const int64_t kind = uni(0, 99);
     std::string what;
     if (kind < 55) {
@@ -314,11 +331,15 @@ void replay_against_reference(c10::ScalarType dtype, c10::Device device, int64_t
           c.append(l, k.to(device), v.to(device), p.to(device));
         else
           c.append(l, k.to(device), v.to(device), p.to(device), lead);
+        // Half the appends also write the new entries' scores, as a scorer's on_append does.
+        const bool scored = uni(0, 1) == 1;
+        const at::Tensor sc = torch::randn({B, H, t});  // (B, H_kv, t) float32
+        if (scored) c.set_payload_tail(l, "score", sc.to(device), lead);
         for (int64_t b = 0; b < B; ++b) {
           const int64_t lb = lead.empty() ? 0 : lead[b];
           for (int64_t h = 0; h < H; ++h)
             for (int64_t j = lb; j < t; ++j) {
-              RefEntry e{pos[b][h][j].item<int64_t>(), {}, {}};
+              RefEntry e{pos[b][h][j].item<int64_t>(), {}, {}, scored ? sc[b][h][j].item<double>() : kScoreFill};
               for (int64_t d = 0; d < hd; ++d) {
                 e.k.push_back(kd[b][h][j][d].item<double>());
                 e.v.push_back(vd[b][h][j][d].item<double>());
@@ -336,7 +357,16 @@ void replay_against_reference(c10::ScalarType dtype, c10::Device device, int64_t
         c.advance(adv);
       }
       for (int64_t b = 0; b < B; ++b) ref.next[b] += adv[b];
-    } else if (kind < 70) {
+    } else if (kind < 62) {
+      // New scores for every entry of one layer (padded view order; padding values are ignored).
+      const int64_t l = uni(0, L - 1);
+      const int64_t n = c.max_length(l);
+      const at::Tensor sc = torch::randn({B, H, n});  // (B, H_kv, n)
+      c.set_payload(l, "score", sc.to(device));
+      for (int64_t r = 0; r < B * H; ++r)
+        for (size_t j = 0; j < ref.e[l][r].size(); ++j) ref.e[l][r][j].score = sc[r / H][r % H][j].item<double>();
+      what = "op " + std::to_string(op) + " set_payload";
+    } else if (kind < 72) {
       // Ragged keep on one layer: each head keeps its own random subset.
       const int64_t l = uni(0, L - 1);
       std::vector<int64_t> idx, off{0};

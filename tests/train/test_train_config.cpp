@@ -40,11 +40,14 @@ TEST(Config, DefaultsFileAndOverridesResolveInOrder) {
   EXPECT_DOUBLE_EQ(c.min_lr, 1e-4);   // default
   EXPECT_EQ(c.out_dir, "runs/x");
   EXPECT_EQ(c.seed, 3);
-  EXPECT_DOUBLE_EQ(c.w_kl, 0.5);
-  EXPECT_EQ(c.budget, 64);
+  EXPECT_DOUBLE_EQ(c.loss_weight("kl"), 0.5);
+  EXPECT_DOUBLE_EQ(c.loss_weight("capacity"), 1.0);  // the component's default weight
+  EXPECT_EQ(c.component.at("budget").get<int64_t>(), 64);
+  EXPECT_EQ(c.component.at("hidden").get<int64_t>(), 512);
   EXPECT_EQ(c.component_kind, "retention_gate");
-  // Every documented key is resolved, in table order.
-  EXPECT_EQ(c.values.size(), config_keys().size());
+  EXPECT_THROW(c.loss_weight("mse"), Error);  // the retention gate has no such term
+  // Every documented key is resolved, in table order: the general ones plus the component's own.
+  EXPECT_EQ(c.values.size(), config_keys_for("retention_gate").size());
   EXPECT_EQ(c.values.begin().key(), "model.dir");
   EXPECT_NE(c.to_text().find("train.steps: 100\n"), std::string::npos);
 }

@@ -17,6 +17,7 @@
 
 #include "common/error.h"
 #include "gates/compress.h"
+#include "gates/registry.h"
 #include "gates/heuristics.h"
 #include "gates/selector.h"
 #include "models/kv_cache.h"

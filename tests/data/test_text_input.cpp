@@ -4,7 +4,7 @@
 
 #include <gtest/gtest.h>
 
-#include "base/data_fixtures.h"
+#include "data/data_fixtures.h"
 #include "common/error.h"
 
 namespace kvd {

@@ -15,8 +15,10 @@
 #include <torch/torch.h>
 
 #include "gates/compress.h"
+#include "gates/registry.h"
 #include "gates/decode_eviction.h"
 #include "gates/heuristics.h"
+#include "gates/retention_gate.h"
 #include "models/config.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
@@ -433,5 +435,117 @@ TEST(DecodeEviction, BatchRowsEvictAsAlone) {
           EXPECT_LE(static_cast<int64_t>(p.size()), 7);
           EXPECT_LE(*std::max_element(p.begin(), p.end()), 6 + 3 - 1) << "a padding step stored an entry";
         }
+  }
+}
+
+// TRIM-KV as its paper runs it: log beta written when each token is appended (every prefill chunk, every decode
+// step), and each (layer, KV head) holding more than M entries evicting its lowest log beta_i (t + 1 - pos_i).
+// The batched, left-padded run (compress_prefill in chunks with the final budget, then the decode evictor with
+// the gate's scorer) keeps exactly the entries of a naive per-row reference: plain lists of (position,
+// log beta) per head, sorted by score, driving KVCache::keep itself.
+TEST(DecodeEviction, RetentionGateKeepsWhatANaiveReferenceKeeps) {
+  const Model& model = model64();
+  const ModelConfig& cfg = model.config();
+  RetentionGateOptions go;
+  go.hidden = 16;
+  go.bias_init = 0.5;
+  go.init_std = 0.4;  // retentions far apart, so the ranking has no near-ties
+  torch::manual_seed(11);
+  RetentionGate gate(cfg, go);
+  gate->to(torch::kDouble);
+  const int64_t L = cfg.num_layers, Hkv = cfg.num_kv_heads;
+  for (const auto& [M, chunk] : std::vector<std::pair<int64_t, int64_t>>{{5, 4}, {9, 6}, {13, 5}}) {
+    const std::vector<int64_t> lens = {17, 11};  // two rows, the second left-padded by 6
+    const int64_t B = 2, steps = 7;
+    std::vector<std::vector<int64_t>> prompts(B);
+    torch::manual_seed(100 + M);
+    for (int64_t b = 0; b < B; ++b) {
+      at::Tensor p = torch::randint(61, {lens[b]}, torch::kLong);
+      prompts[b].assign(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + lens[b]);
+    }
+    at::Tensor next = torch::randint(61, {steps, B}, torch::kLong);  // teacher-forced decode tokens
+
+    // Batched: chunked prefill at the final budget, then decode-time eviction holding M per head.
+    KVCache cache = model.new_cache(B);
+    Method method;
+    method.scorer = gate->make_scorer();
+    method.selector.budget = Budget::tokens(M);
+    CompressOptions co;
+    co.chunk_size = chunk;
+    co.chunk_budget = ChunkBudget::Final;
+    compress_prefill(model, cache, prompts, method, co);
+    DecodeTrigger trig;
+    trig.target = M;
+    DecodeEvictionOptions eo;
+    eo.scorer = method.scorer;
+    DecodeEvictor ev(model, DecodePolicy::Scorer, trig, eo);
+    auto kept = [&](KVCache& c, int64_t b, int64_t l, int64_t h) {
+      const int64_t len = c.length(l, b, h);
+      at::Tensor pos = c.layer(l).pos[b][h].narrow(0, 0, len).to(torch::kCPU);
+      return std::set<int64_t>(pos.data_ptr<int64_t>(), pos.data_ptr<int64_t>() + len);
+    };
+    std::vector<std::vector<std::vector<std::set<int64_t>>>> got(steps + 1, std::vector<std::vector<std::set<int64_t>>>(B, std::vector<std::set<int64_t>>(L * Hkv)));
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t h = 0; h < Hkv; ++h) got[0][b][l * Hkv + h] = kept(cache, b, l, h);
+    for (int64_t s = 0; s < steps; ++s) {
+      model.decode(next[s].view({B, 1}), cache, ev.observer());
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t h = 0; h < Hkv; ++h) got[s + 1][b][l * Hkv + h] = kept(cache, b, l, h);
+    }
+
+    // Naive, one row at a time.
+    for (int64_t b = 0; b < B; ++b) {
+      struct Entry {
+        int64_t pos;
+        double lb;
+      };
+      std::vector<std::vector<Entry>> lists(L * Hkv);  // [l * H_kv + h], in cache order
+      KVCache c = model.new_cache(1);
+      PrefillObserver naive = [&](const PrefillLayerObservation& obs, KVCache& cc) {
+        const int64_t l = obs.layer, t = obs.queries.size(2);
+        at::Tensor lb = gate->log_beta(l, obs.hidden)[0].to(torch::kCPU);  // (t, H_kv)
+        const int64_t next_pos = obs.query_positions[0][t - 1].item<int64_t>() + 1;
+        at::Tensor idx = torch::empty({1, Hkv, M}, torch::kLong);
+        bool evict = false;
+        for (int64_t h = 0; h < Hkv; ++h) {
+          auto& list = lists[l * Hkv + h];
+          for (int64_t j = 0; j < t; ++j)
+            list.push_back({obs.query_positions[0][j].item<int64_t>(), lb[j][h].item<double>()});
+          if (static_cast<int64_t>(list.size()) <= M) continue;
+          evict = true;
+          std::vector<int64_t> order(list.size());
+          for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+          auto score = [&](int64_t i) { return list[i].lb * static_cast<double>(next_pos + 1 - list[i].pos); };
+          std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return score(x) > score(y); });
+          order.resize(M);
+          std::sort(order.begin(), order.end());
+          std::vector<Entry> kept_list;
+          for (int64_t i = 0; i < M; ++i) {
+            idx[0][h][i] = order[i];
+            kept_list.push_back(list[order[i]]);
+          }
+          list = kept_list;
+        }
+        if (evict) cc.keep(l, idx);
+      };
+      for (int64_t c0 = 0; c0 < lens[b]; c0 += chunk) {
+        const int64_t n = std::min(chunk, lens[b] - c0);
+        model.prefill(torch::tensor(std::vector<int64_t>(prompts[b].begin() + c0, prompts[b].begin() + c0 + n)).view({1, n}),
+                      c, LogitsMode::LastPosition, naive);
+      }
+      for (int64_t s = 0; s <= steps; ++s) {
+        if (s > 0) model.decode(next[s - 1][b].view({1, 1}), c, naive);
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t h = 0; h < Hkv; ++h) {
+            std::set<int64_t> want;
+            for (const Entry& e : lists[l * Hkv + h]) want.insert(e.pos);
+            EXPECT_EQ(got[s][b][l * Hkv + h], want) << "M " << M << " chunk " << chunk << " row " << b << " step " << s
+                                                      << " layer " << l << " head " << h;
+            EXPECT_LE(static_cast<int64_t>(want.size()), M);
+          }
+      }
+    }
   }
 }

@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "gates/compress.h"
+#include "gates/registry.h"
 #include "gates/selector.h"
 #include "models/kv_cache.h"
 #include "models/model.h"

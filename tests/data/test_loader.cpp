@@ -13,7 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "base/data_fixtures.h"
+#include "data/data_fixtures.h"
 #include "common/error.h"
 #include "data/random.h"
 #include "data/responses.h"

@@ -9,7 +9,7 @@
 #include <map>
 #include <set>
 
-#include "base/data_fixtures.h"
+#include "data/data_fixtures.h"
 #include "common/error.h"
 #include "common/fs.h"
 #include "data/prepare_text.h"

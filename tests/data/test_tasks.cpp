@@ -8,7 +8,7 @@
 
 #include <map>
 
-#include "base/data_fixtures.h"
+#include "data/data_fixtures.h"
 #include "common/error.h"
 #include "common/fs.h"
 #include "data/random.h"

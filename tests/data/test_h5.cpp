@@ -7,7 +7,7 @@
 #include <numeric>
 #include <thread>
 
-#include "base/data_fixtures.h"
+#include "data/data_fixtures.h"
 #include "common/error.h"
 
 namespace kvd {

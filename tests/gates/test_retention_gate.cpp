@@ -27,7 +27,7 @@
 #include "models/safetensors.h"
 #include "models/model.h"
 #include "test_paths.h"
-#include "train/heldout.h"
+#include "eval/heldout.h"
 
 using namespace kvd;
 

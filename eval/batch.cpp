@@ -1,0 +1,249 @@
+#include "eval/run_parts.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "common/fs.h"
+#include "models/device.h"
+#include "eval/tasks_io.h"
+#include "export/gate_bundle.h"
+#include "gates/compress.h"
+#include "gates/decode_eviction.h"
+#include "gates/heuristics.h"
+#include "models/chat_template.h"
+#include "models/config.h"
+#include "models/generate.h"
+#include "models/kv_cache.h"
+#include "models/model.h"
+#include "models/tokenizer.h"
+namespace kvd {
+namespace evalrun {
+
+using nlohmann::json;
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// --- methods ----------------------------------------------------------------------------------------------
+
+MethodContext method_context(const Model& model, const std::string& model_dir, const EvalOptions& opt) {
+  MethodContext ctx;
+  ctx.model = &model;
+  ctx.seed = opt.seed;
+  ctx.learned_mode = opt.learned_mode;
+  ctx.continuous_chunk = opt.continuous_chunk;
+  const BaseModelInfo base = base_model_info(model_dir);
+  ctx.load_bundle = [&model, base](const std::string& dir) { return load_component(dir, model, base); };
+  return ctx;
+}
+
+// --- prompts ----------------------------------------------------------------------------------------------
+
+
+std::vector<int64_t> to64(const std::vector<int32_t>& v) { return std::vector<int64_t>(v.begin(), v.end()); }
+
+Prepared prepare(const EvalSample& s, const Tokenizer& tok, const ChatTemplate& chat, QueryMode query,
+                 int64_t default_max_new) {
+  const std::string text =
+      chat.render({{"user", s.context + "\n\n" + s.question}}, AddGenerationPrompt::Yes) + s.answer_prefix;
+  const size_t at = text.find(s.context);
+  KVD_CHECK(at != std::string::npos, "sample ", s.id, ": the context is not in the rendered prompt");
+  const size_t cut = at + s.context.size();
+  Prepared p;
+  p.sample = &s;
+  p.span = to64(tok.encode(text.substr(0, cut)));
+  p.rest = to64(tok.encode(text.substr(cut)));
+  if (query == QueryMode::Aware) {
+    // Everything but the last prompt token is compressed; generation starts from that token.
+    p.span.insert(p.span.end(), p.rest.begin(), p.rest.end() - 1);
+    p.rest.erase(p.rest.begin(), p.rest.end() - 1);
+  }
+  KVD_CHECK(!p.rest.empty() && !p.span.empty(), "sample ", s.id, ": empty prompt part");
+  p.max_new = s.max_new_tokens > 0 ? s.max_new_tokens : default_max_new;
+  return p;
+}
+
+// --- the per-batch run ----------------------------------------------------------------------------------
+
+
+void sync(c10::Device d) {
+  if (d.is_cuda()) torch::cuda::synchronize();
+}
+
+// Stable top-k of a row (ties to the lower index), as a membership mask.
+std::vector<char> topk_members(const at::Tensor& row, int64_t k) {  // (n) float32 CPU
+  const int64_t n = row.size(0);
+  std::vector<char> in(n, 0);
+  if (k <= 0) return in;
+  at::Tensor order = std::get<1>(row.sort(/*stable=*/true, 0, /*descending=*/true));  // (n)
+  const int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t i = 0; i < std::min(k, n); ++i) in[o[i]] = 1;
+  return in;
+}
+
+
+std::vector<RowResult> run_batch(const Model& model, const std::vector<const Prepared*>& rows, ResolvedMethod& m,
+                                 FullReference& ref, double& prefill_s, double& decode_s) {
+  const ModelConfig& cfg = model.config();
+  const int64_t B = static_cast<int64_t>(rows.size()), L = cfg.num_layers, Hkv = cfg.num_kv_heads;
+  std::vector<std::vector<int64_t>> spans, rests;
+  std::vector<int64_t> max_new;
+  for (const Prepared* p : rows) {
+    spans.push_back(p->span);
+    rests.push_back(p->rest);
+    max_new.push_back(p->max_new);
+  }
+  KVCache cache = model.new_cache(B);
+  std::vector<RowResult> out(B);
+
+  // 1. The compressed span.
+  auto t0 = Clock::now();
+  if (m.full) {
+    std::vector<int64_t> lead;
+    at::Tensor ids = left_pad(spans, 0, lead);  // (B, T)
+    model.prefill(ids, cache, LogitsMode::LastPosition, {}, lead);
+  } else {
+    compress_prefill(model, cache, spans, m.method, m.compress);
+  }
+  sync(model.device());
+  prefill_s = seconds_since(t0);
+  // Kept context positions per (row, layer, KV head).
+  std::vector<std::vector<std::vector<std::vector<int64_t>>>> kept(B, std::vector<std::vector<std::vector<int64_t>>>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    at::Tensor pos = cache.layer(l).pos.to(torch::kCPU).contiguous();  // (B, H_kv, n)
+    const int64_t n = pos.size(2);
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t len = cache.length(l, b, h);
+        const int64_t* row = pp + (b * Hkv + h) * n;
+        std::vector<int64_t> v(row, row + len);
+        std::sort(v.begin(), v.end());
+        kept[b][l].push_back(std::move(v));
+      }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t span = static_cast<int64_t>(spans[b].size());
+    out[b].kept_bytes = cache.row_bytes(b);
+    out[b].full_bytes = span * L * Hkv * cache.bytes_per_entry();
+    out[b].kept_fraction = static_cast<double>(out[b].kept_bytes) / static_cast<double>(out[b].full_bytes);
+  }
+
+  // 2. The answer.
+  auto t1 = Clock::now();
+  const std::vector<int64_t> before = cache.next_positions();
+  GenerateOptions g;
+  g.mode = SamplingMode::Greedy;
+  g.max_new_tokens_per_row = max_new;
+  std::unique_ptr<DecodeEvictor> evictor;
+  if (m.decode) {
+    DecodeTrigger trig;
+    trig.interval = m.decode->interval;
+    DecodeEvictionOptions eo;
+    eo.scorer = m.method.scorer;
+    evictor = std::make_unique<DecodeEvictor>(model, m.decode->policy, trig, eo);
+    g.decode_observer = evictor->observer();
+    // The rest of the prompt is appended before decoding: the scorer rates those entries too.
+    g.prefill_observer = [&m](const PrefillLayerObservation& obs, KVCache& c) { m.method.scorer->on_append(obs, c); };
+  }
+  BatchGenerateResult gen = generate_batch(model, rests, cache, g);
+  sync(model.device());
+  decode_s = seconds_since(t1);
+  std::vector<int64_t> stored(B);
+  for (int64_t b = 0; b < B; ++b) {
+    out[b].tokens = gen.tokens[b];
+    out[b].peak_bytes = cache.row_peak_bytes(b);
+    stored[b] = cache.next_position(b) - before[b];
+  }
+  cache.rewind(stored);
+  if (m.full) {
+    ref = FullReference();
+    ref.answer = gen.tokens;
+    ref.logp.resize(B);
+    ref.attention.assign(B, std::vector<at::Tensor>(L));
+  }
+
+  // 3. Teacher-forced rest + the full cache's answer.
+  std::vector<std::vector<int64_t>> xs(B);
+  for (int64_t b = 0; b < B; ++b) {
+    xs[b] = rests[b];
+    xs[b].insert(xs[b].end(), ref.answer[b].begin(), ref.answer[b].end());
+  }
+  std::vector<int64_t> lead;
+  at::Tensor ids = left_pad(xs, 0, lead);  // (B, Tx)
+  PrefillObserver observer;
+  if (m.full) {
+    // 4. (reference side) the attention of the answer's queries to the compressed span.
+    observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
+      const KVLayerView kv = c.layer(obs.layer);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t nr = static_cast<int64_t>(ref.answer[b].size());
+        const int64_t span = static_cast<int64_t>(spans[b].size());
+        if (nr == 0) continue;
+        const int64_t r0 = lead[b] + static_cast<int64_t>(rests[b].size());
+        at::Tensor q = obs.queries.narrow(0, b, 1).narrow(2, r0, nr);          // (1, H, nr, hd)
+        at::Tensor qp = obs.query_positions.narrow(0, b, 1).narrow(1, r0, nr);  // (1, nr)
+        at::Tensor valid = kv.valid.defined() ? kv.valid.narrow(0, b, 1) : at::Tensor();
+        at::Tensor a = window_attention(q, qp, kv.k.narrow(0, b, 1), kv.pos.narrow(0, b, 1), valid);  // (1, H, nr, n)
+        at::Tensor per_kv = reduce_group(a.mean(2), Hkv, GroupReduce::Mean);  // (1, H_kv, n)
+        ref.attention[b][obs.layer] = per_kv[0].narrow(1, 0, span).to(torch::kCPU, torch::kFloat).contiguous();
+      }
+    };
+  }
+  at::Tensor logits = model.prefill(ids, cache, LogitsMode::AllPositions, observer, lead);  // (B, Tx, V)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t nx = static_cast<int64_t>(xs[b].size()), nrest = static_cast<int64_t>(rests[b].size());
+    if (nx < 2) continue;
+    at::Tensor lp = torch::log_softmax(logits[b].narrow(0, lead[b], nx - 1), -1);  // (nx - 1, V)
+    if (m.full) ref.logp[b] = lp;
+    at::Tensor rp = ref.logp[b];                                                   // (nx - 1, V)
+    out[b].kl = (rp.exp() * (rp - lp)).sum(-1).mean().item<double>();
+    // Perplexity of the full cache's answer: positions nrest - 1 .. nx - 2 predict the answer's tokens.
+    const int64_t na = nx - nrest;
+    if (na > 0) {
+      at::Tensor tgt = torch::tensor(std::vector<int64_t>(xs[b].begin() + nrest, xs[b].end()), torch::kLong)
+                           .to(lp.device());                                      // (na)
+      at::Tensor nll = -lp.narrow(0, nrest - 1, na).gather(1, tgt.view({na, 1}));  // (na, 1)
+      out[b].ppl = std::exp(nll.mean().item<double>());
+    }
+  }
+
+  // 4. The critical-KV hit rate.
+  for (int64_t b = 0; b < B; ++b) {
+    double sum = 0;
+    int64_t cnt = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor& att = ref.attention[b][l];  // (H_kv, span)
+      if (!att.defined()) continue;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const std::vector<int64_t>& k = kept[b][l][h];
+        if (k.empty()) continue;
+        const std::vector<char> top = topk_members(att[h], static_cast<int64_t>(k.size()));
+        int64_t hits = 0;
+        for (int64_t p : k) hits += (p >= 0 && p < static_cast<int64_t>(top.size()) && top[p]) ? 1 : 0;
+        sum += static_cast<double>(hits) / static_cast<double>(k.size());
+        ++cnt;
+      }
+    }
+    out[b].hit_rate = cnt > 0 ? sum / static_cast<double>(cnt) : 0.0;
+  }
+  return out;
+}
+
+}  // namespace evalrun
+}  // namespace kvd

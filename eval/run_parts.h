@@ -1,0 +1,77 @@
+// The pieces of `kvdistill eval` (eval/runner.h), one file each:
+//   eval/batch.cpp    the prompts of a sample and the per-batch run of one method (compression, answer,
+//                     teacher-forced KL / perplexity, critical-KV hit rate)
+//   eval/results.cpp  results.jsonl: keys, reading (torn lines dropped), fsync'ed appends
+//   eval/report.cpp   results.json / .csv / .md from results.jsonl
+//   eval/runner.cpp   the run: settings, what is done, batches x configurations
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <nlohmann/json.hpp>
+
+#include "eval/runner.h"
+#include "eval/tasks_io.h"
+#include "gates/registry.h"
+
+namespace kvd {
+
+class ChatTemplate;
+class Model;
+class Tokenizer;
+
+namespace evalrun {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t);
+
+// ---- batch.cpp ----
+
+struct Prepared {
+  const EvalSample* sample = nullptr;
+  std::vector<int64_t> span;  // compressed: the chat prompt up to the end of the context (+ question if Aware)
+  std::vector<int64_t> rest;  // appended uncompressed, then the answer is generated
+  int64_t max_new = 0;
+};
+Prepared prepare(const EvalSample& s, const Tokenizer& tok, const ChatTemplate& chat, QueryMode query,
+                 int64_t default_max_new);
+
+// What the full cache gives a batch: its answers, the log-probs over the teacher-forced positions and the
+// attention its answer pays to the compressed span.
+struct FullReference {
+  std::vector<std::vector<int64_t>> answer;          // [row]
+  std::vector<at::Tensor> logp;                      // [row] (|X| - 1, V) float32, on the model's device
+  std::vector<std::vector<at::Tensor>> attention;    // [row][layer] (H_kv, |span|) float32 on the CPU
+};
+
+struct RowResult {
+  std::vector<int64_t> tokens;
+  double score = 0, kl = 0, ppl = 0, hit_rate = 0, kept_fraction = 0;
+  int64_t kept_bytes = 0, full_bytes = 0, peak_bytes = 0;
+};
+
+// Runs one method over a batch. With method.full, fills `ref`; otherwise reads it.
+std::vector<RowResult> run_batch(const Model& model, const std::vector<const Prepared*>& rows, ResolvedMethod& m,
+                                 FullReference& ref, double& prefill_s, double& decode_s);
+
+// What resolves method names for this run: the registry (gates/registry.h), with bundles loaded for `model`.
+MethodContext method_context(const Model& model, const std::string& model_dir, const EvalOptions& opt);
+
+// ---- results.cpp ----
+
+std::string key_of(const std::string& method, const std::string& budget, const std::string& id);
+// Reads results.jsonl; a torn last line (a crash mid-write) is cut off so appends stay line-aligned.
+std::vector<nlohmann::json> read_results(const std::string& path);
+// Appends lines and fsyncs, so what is reported done survives a crash.
+void append_lines(const std::string& path, const std::vector<nlohmann::json>& lines);
+std::string fmt(double v, int prec);
+// Length bucket of a sample: the nearest power of two ("2K", "4K", "512").
+int64_t length_bucket(int64_t len);
+std::string bucket_label(int64_t b);
+
+}  // namespace evalrun
+}  // namespace kvd

@@ -1,0 +1,232 @@
+#include "gates/registry.h"
+
+#include <cmath>
+#include <filesystem>
+#include <sstream>
+
+#include "common/error.h"
+#include "gates/component.h"
+#include "gates/components.h"
+#include "gates/heuristics.h"
+#include "models/model.h"
+
+namespace kvd {
+namespace {
+
+bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
+
+// ---- the table ---------------------------------------------------------------------------------------------
+
+// Heuristic scorers by base name.
+struct HeuristicEntry {
+  const char* name;
+  std::function<std::shared_ptr<Scorer>(uint64_t seed)> make;
+};
+const std::vector<HeuristicEntry>& heuristics() {
+  static const std::vector<HeuristicEntry> t = {
+      {"random", [](uint64_t s) { return std::make_shared<RandomScorer>(s); }},
+      {"knorm", [](uint64_t) { return std::make_shared<KNormScorer>(); }},
+      {"streaming_llm", [](uint64_t) { return std::make_shared<StreamingLLMScorer>(); }},
+      {"h2o", [](uint64_t) { return std::make_shared<H2OScorer>(H2ONorm::Sum); }},
+      {"observed_attention", [](uint64_t) { return std::make_shared<H2OScorer>(H2ONorm::PerObservingQuery); }},
+      {"snapkv", [](uint64_t) { return std::make_shared<SnapKVScorer>(); }},
+      {"pyramidkv", [](uint64_t) { return std::make_shared<SnapKVScorer>(); }},
+      {"tova", [](uint64_t) { return std::make_shared<TOVAScorer>(); }},
+      {"keydiff", [](uint64_t) { return std::make_shared<KeyDiffScorer>(); }},
+      {"expected_attention", [](uint64_t) { return std::make_shared<ExpectedAttentionScorer>(); }},
+      {"defensivekv", [](uint64_t) { return std::make_shared<DefensiveKVScorer>(); }},
+      {"layer_defensivekv", [](uint64_t) { return std::make_shared<DefensiveKVScorer>(); }},
+      {"cake", [](uint64_t) { return std::make_shared<CakeScorer>(); }},
+  };
+  return t;
+}
+
+// Decode-time methods: a prefill heuristic, then a policy while decoding.
+struct DecodeEntry {
+  const char* name;
+  const char* prefill;
+  DecodeSchedule schedule;
+  const char* doc;
+};
+const std::vector<DecodeEntry>& decode_methods() {
+  static const std::vector<DecodeEntry> t = {
+      {"h2o_decode", "h2o", {DecodePolicy::H2O, 1}, "H2O, then each step evicts the lowest accumulated attention outside the recent half"},
+      {"tova_decode", "tova", {DecodePolicy::TOVA, 1}, "TOVA, then each step evicts the current query's lowest-attention entry"},
+      {"lazy_eviction", "h2o", {DecodePolicy::LazyEviction, 16}, "H2O, then LazyEviction every 16 steps"},
+      {"streaming_llm_decode", "streaming_llm", {DecodePolicy::Scorer, 1}, "StreamingLLM sinks + recent window, held while decoding"},
+  };
+  return t;
+}
+
+void check_budget(const Budget& budget) {
+  switch (budget.kind) {
+    case BudgetKind::Ratio:
+      KVD_CHECK(std::isfinite(budget.value) && budget.value >= 0.0 && budget.value < 1.0,
+                "--ratio must lie in [0, 1) (the fraction of tokens removed, as in kvpress), got ", budget.value);
+      break;
+    case BudgetKind::TokensPerHead:
+      KVD_CHECK(std::isfinite(budget.value) && budget.value >= 1.0 && budget.value == std::floor(budget.value),
+                "--budget-tokens must be a positive whole number of tokens per KV head, got ", budget.value);
+      break;
+    case BudgetKind::Threshold:
+      KVD_CHECK(std::isfinite(budget.value), "--threshold must be a finite score, got ", budget.value);
+      break;
+  }
+}
+
+// "<run>" for ".../<run>/bundle", else the directory's own name.
+std::string bundle_label(const std::string& kind, const std::string& dir_in) {
+  std::string dir = dir_in;
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  std::filesystem::path p(dir);
+  if (p.filename() == "bundle" && p.has_parent_path()) p = p.parent_path();
+  return kind + "(" + p.filename().string() + ")";
+}
+
+// A learned part as a method at `budget`, in ctx.learned_mode.
+ResolvedMethod learned(const std::string& name, std::shared_ptr<Component> c, const Budget& budget,
+                       const MethodContext& ctx) {
+  ResolvedMethod r;
+  r.name = name;
+  r.component = std::move(c);
+  r.method.name = name;
+  r.method.scorer = r.component->make_scorer();
+  r.method.selector.budget = budget;
+  if (ctx.learned_mode == LearnedMode::Continuous) {
+    KVD_CHECK(ctx.continuous_chunk > 0, "the continuous mode's prefill chunk must be positive");
+    KVD_CHECK(budget.kind != BudgetKind::Threshold, name, ": the continuous mode holds a token budget; use --ratio or "
+              "--budget-tokens, or compress once");
+    r.compress.chunk_size = ctx.continuous_chunk;
+    r.compress.chunk_budget = ChunkBudget::Final;
+    r.decode = DecodeSchedule{DecodePolicy::Scorer, 1};
+  }
+  return r;
+}
+
+}  // namespace
+
+std::vector<std::string> method_names() {
+  std::vector<std::string> out;
+  for (const HeuristicEntry& h : heuristics()) out.push_back(h.name);
+  return out;
+}
+
+std::string known_methods() {
+  std::ostringstream os;
+  os << "full, ";
+  for (const HeuristicEntry& h : heuristics()) os << h.name << ", ";
+  os << "prefixes adakv_ / criticalkv_ / global_; decode-time: ";
+  bool first = true;
+  for (const DecodeEntry& d : decode_methods()) os << (first ? "" : ", ") << d.name, first = false;
+  os << "; learned: gate:<bundle dir>, <kind>:<bundle dir>, untrained:<kind> (kinds: ";
+  first = true;
+  for (const std::string& k : component_kinds()) os << (first ? "" : ", ") << k, first = false;
+  os << ")";
+  return os.str();
+}
+
+bool is_bundle_method(const std::string& name) {
+  if (starts_with(name, "gate:")) return true;
+  const size_t colon = name.find(':');
+  return colon != std::string::npos && name.substr(0, colon) != "untrained" && find_component(name.substr(0, colon));
+}
+
+Method make_method(const std::string& name, double ratio, uint64_t seed) {
+  return make_method(name, Budget::ratio(ratio), seed);
+}
+
+Method make_method(const std::string& name, const Budget& budget, uint64_t seed) {
+  check_budget(budget);
+  Method m;
+  m.name = name;
+  m.selector.budget = budget;
+  std::string base = name;
+  bool critical = false;
+  for (;;) {
+    if (starts_with(base, "adakv_")) {
+      m.selector.allocation = Allocation::AdaKV;
+      base = base.substr(6);
+    } else if (starts_with(base, "global_")) {
+      m.selector.allocation = Allocation::Global;
+      base = base.substr(7);
+    } else if (starts_with(base, "criticalkv_")) {
+      critical = true;
+      base = base.substr(11);
+    } else {
+      break;
+    }
+  }
+  for (const HeuristicEntry& h : heuristics())
+    if (base == h.name) m.scorer = h.make(seed);
+  KVD_CHECK(m.scorer != nullptr, "--method: unknown method '", name, "'; known: ", known_methods());
+  if (base == "pyramidkv") {
+    KVD_CHECK(m.selector.allocation == Allocation::Uniform, "pyramidkv sets its own layer budgets; it takes no prefix");
+    KVD_CHECK(budget.kind == BudgetKind::Ratio, "pyramidkv's layer budgets need --ratio");
+    m.selector.allocation = Allocation::Pyramid;
+    m.selector.pyramid_window = static_cast<SnapKVScorer*>(m.scorer.get())->options().window;
+  }
+  if (base == "defensivekv" || base == "layer_defensivekv") {
+    KVD_CHECK(m.selector.allocation == Allocation::Uniform, base, " sets its own budgets; it takes no prefix");
+    m.selector.allocation = base == "defensivekv" ? Allocation::AdaKV : Allocation::Global;
+  }
+  if (base == "cake") {
+    KVD_CHECK(m.selector.allocation == Allocation::Uniform && !critical, "cake sets its own layer budgets; it takes no prefix");
+    KVD_CHECK(budget.kind != BudgetKind::Threshold, "cake splits a token budget over layers: use --ratio or --budget-tokens");
+    m.selector.allocation = Allocation::Cake;
+  }
+  if (critical) {
+    KVD_CHECK(budget.kind == BudgetKind::Ratio, "criticalkv_ splits its budget by a ratio: use --ratio");
+    m.scorer = std::make_shared<CriticalKVScorer>(m.scorer, budget.value);
+  }
+  return m;
+}
+
+ResolvedMethod resolve_method(const std::string& name, const Budget& budget, const MethodContext& ctx) {
+  KVD_CHECK(!name.empty(), "--methods: an empty method name; known: ", known_methods());
+  if (name == "full") {
+    ResolvedMethod r;
+    r.name = r.label = name;
+    r.full = true;
+    return r;
+  }
+  for (const DecodeEntry& d : decode_methods())
+    if (name == d.name) {
+      ResolvedMethod r;
+      r.name = r.label = name;
+      r.method = make_method(d.prefill, budget, ctx.seed);
+      r.method.name = name;
+      r.decode = d.schedule;
+      return r;
+    }
+  const size_t colon = name.find(':');
+  if (colon == std::string::npos && name != "gate-untrained") {
+    ResolvedMethod r;
+    r.name = r.label = name;
+    r.method = make_method(name, budget, ctx.seed);
+    return r;
+  }
+  check_budget(budget);
+  KVD_CHECK(ctx.model != nullptr, name, ": a learned method needs the model (MethodContext::model)");
+  const std::string head = name == "gate-untrained" ? "untrained" : name.substr(0, colon);
+  const std::string arg = name == "gate-untrained" ? "retention_gate" : name.substr(colon + 1);
+  if (head == "untrained") {
+    component_spec(arg, name);
+    torch::manual_seed(ctx.seed);  // the untrained component's init, reproducible
+    std::shared_ptr<Component> c = make_component(arg, ctx.model->config());
+    c->to(ctx.model->device(), torch::kFloat32);
+    ResolvedMethod r = learned(name, std::move(c), budget, ctx);
+    r.label = name;
+    return r;
+  }
+  KVD_CHECK(head == "gate" || find_component(head), "unknown method '", name, "'; known: ", known_methods());
+  KVD_CHECK(!arg.empty(), name, ": give the bundle directory after '", head, ":'");
+  KVD_CHECK(bool(ctx.load_bundle), name, ": bundles cannot be loaded here (no MethodContext::load_bundle)");
+  std::shared_ptr<Component> c = ctx.load_bundle(arg);
+  KVD_CHECK(head == "gate" || c->kind() == head, name, ": the bundle in ", arg, " holds a '", c->kind(),
+            "' component, not a '", head, "'");
+  ResolvedMethod r = learned(name, std::move(c), budget, ctx);
+  r.label = bundle_label(r.component->kind(), arg);
+  return r;
+}
+
+}  // namespace kvd

@@ -1,0 +1,115 @@
+#include "models/attention.h"
+
+#include <cmath>
+#include <limits>
+
+#include <torch/torch.h>
+
+#include "common/error.h"
+
+namespace kvd {
+
+// See models/attention.h. A mask rules flash attention out, and the memory-efficient kernel, which takes one,
+// does not group heads: K/V are repeated to H heads for it (one layer's K/V copied) instead of leaving the call
+// to the math fallback (on an H100: 7x slower at T = n = 2048 alone; an eval batch's compressing prefill
+// 0.67 s instead of 1.00 s).
+at::Tensor grouped_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                        bool causal, double scale) {
+  if (!mask.defined() || !q.is_cuda()) return at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, true);
+  const int64_t G = q.size(1) / k.size(1);
+  if (G == 1) return at::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, scale, false);
+  return at::scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), mask, 0.0, causal,
+                                          scale, false);  // (B, H, T, hd)
+}
+
+void disable_cudnn_attention() { at::globalContext().setSDPUseCuDNN(false); }
+
+at::Tensor SequenceMask::visible(const at::Tensor& q_rows) const {  // (B, Sq) int64
+  at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)
+  at::Tensor vis = kj.le(q_rows.unsqueeze(-1));                      // (B, Sq, S)
+  if (doc_ids.defined()) {
+    at::Tensor qd = doc_ids.gather(1, q_rows);                    // (B, Sq)
+    vis = vis.logical_and(qd.unsqueeze(-1).eq(doc_ids.unsqueeze(1)));  // (B, Sq, S)
+  }
+  if (window) {
+    at::Tensor qp = positions.gather(1, q_rows);                           // (B, Sq)
+    at::Tensor dp = qp.unsqueeze(-1) - positions.unsqueeze(1);             // (B, Sq, S)
+    vis = vis.logical_and(dp.lt(*window));
+  }
+  return vis;
+}
+
+const at::Tensor& SequenceMask::sdpa_mask() {
+  if (!bool_mask.defined()) {
+    const int64_t B = positions.size(0);
+    at::Tensor rows = torch::arange(S, positions.options()).view({1, S}).expand({B, S});  // (B, S)
+    bool_mask = visible(rows).unsqueeze(1);  // (B, 1, S, S)
+  }
+  return bool_mask;
+}
+
+
+at::Tensor mods_bias(const at::Tensor& q_rows,  // (B, Sq)
+                     const SequenceMask& tm, const LayerMods& m, int64_t Hkv, c10::ScalarType acc) {
+  const int64_t B = q_rows.size(0), Sq = q_rows.size(1), S = tm.S;
+  at::Tensor vis = tm.visible(q_rows);  // (B, Sq, S)
+  at::Tensor bias = torch::zeros({B, 1, Sq, S}, q_rows.options().dtype(acc));  // (B, 1, Sq, S)
+  at::Tensor qpos = tm.positions.gather(1, q_rows);                                      // (B, Sq)
+  if (m.key_rate.defined()) {
+    KVD_CHECK(m.key_rate.dim() == 3 && m.key_rate.size(0) == B && m.key_rate.size(1) == Hkv &&
+                  m.key_rate.size(2) == S,
+              "LayerMods::key_rate must be (B=", B, ", H_kv=", Hkv, ", S=", S, "), got ", m.key_rate.sizes());
+    at::Tensor age = (qpos.unsqueeze(-1) - tm.positions.unsqueeze(1)).to(acc);  // (B, Sq, S)
+    // Future keys (masked anyway) get age 0 so that no inf * 0 can appear.
+    age = age.clamp_min(0);
+    bias = bias + age.unsqueeze(1) * m.key_rate.to(acc).unsqueeze(2);  // (B, H_kv, Sq, S)
+  }
+  if (m.key_log_mask.defined()) {
+    KVD_CHECK(m.key_log_mask.dim() == 3 && m.key_log_mask.size(0) == B && m.key_log_mask.size(1) == Hkv &&
+                  m.key_log_mask.size(2) == S,
+              "LayerMods::key_log_mask must be (B=", B, ", H_kv=", Hkv, ", S=", S, "), got ",
+              m.key_log_mask.sizes());
+    at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)
+    at::Tensor diag = kj.eq(q_rows.unsqueeze(-1)).unsqueeze(1);          // (B, 1, Sq, S)
+    at::Tensor lm = m.key_log_mask.to(acc).unsqueeze(2);       // (B, H_kv, 1, S)
+    bias = bias + torch::where(diag, torch::zeros_like(lm), lm);         // (B, H_kv, Sq, S)
+  }
+  if (m.pair_bias) {
+    PairBiasQuery pq{q_rows, qpos, tm.positions};
+    at::Tensor pb = m.pair_bias(pq).to(acc);  // broadcastable to (B, H_kv, Sq, S)
+    KVD_CHECK(pb.dim() == 4 && pb.size(-1) == S && pb.size(-2) == Sq &&
+                  (pb.size(1) == 1 || pb.size(1) == Hkv),
+              "LayerMods::pair_bias must return (B|1, H_kv|1, Sq=", Sq, ", S=", S, "), got ", pb.sizes());
+    bias = bias + pb;
+  }
+  return bias.masked_fill(vis.logical_not().unsqueeze(1), -std::numeric_limits<float>::infinity());
+}
+
+at::Tensor grouped_probs(const at::Tensor& q,     // (B, H, Sq, hd)
+                         const at::Tensor& k,     // (B, H_kv, S, hd)
+                         const at::Tensor& bias,  // (B, H_kv|1, Sq, S) float32 / float64
+                         double scale) {
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), hd = q.size(3), Hkv = k.size(1);
+  at::Tensor qg = q.reshape({B, Hkv, H / Hkv, Sq, hd}).to(bias.scalar_type());           // (B, H_kv, G, Sq, hd)
+  at::Tensor kt = k.to(bias.scalar_type()).unsqueeze(2).transpose(-1, -2);               // (B, H_kv, 1, hd, S)
+  at::Tensor scores = torch::matmul(qg, kt) * scale + bias.unsqueeze(2);            // (B, H_kv, G, Sq, S)
+  return torch::softmax(scores, -1);                                                // (B, H_kv, G, Sq, S)
+}
+
+at::Tensor attention_probs(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k, const at::Tensor& k_pos,
+                           const at::Tensor& valid, c10::ScalarType compute, EmptyRows empty) {
+  KVD_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3) &&
+                q.size(1) % k.size(1) == 0,
+            "attention_probs: q (B, H, w, hd) and k (B, H_kv, n, hd) do not fit: ", q.sizes(), " vs ", k.sizes());
+  const int64_t H = q.size(1), hd = q.size(3), G = H / k.size(1);
+  auto heads = [&](const at::Tensor& t) { return G == 1 ? t : t.repeat_interleave(G, 1); };  // (B, H_kv, ..) -> (B, H, ..)
+  at::Tensor qf = q.to(compute);                                                      // (B, H, w, hd)
+  at::Tensor kf = heads(k.to(compute));                                               // (B, H, n, hd)
+  at::Tensor logits = torch::matmul(qf, kf.transpose(2, 3)) / std::sqrt(static_cast<double>(hd));  // (B, H, w, n)
+  at::Tensor vis = heads(k_pos).unsqueeze(2).le(q_pos.unsqueeze(1).unsqueeze(-1));   // (B, H, w, n)
+  if (valid.defined()) vis = vis.logical_and(heads(valid).unsqueeze(2));
+  at::Tensor p = torch::softmax(logits.masked_fill(vis.logical_not(), -std::numeric_limits<double>::infinity()), -1);
+  return empty == EmptyRows::Zero ? torch::nan_to_num(p, 0.0, 0.0, 0.0) : p;  // (B, H, w, n)
+}
+
+}  // namespace kvd

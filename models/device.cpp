@@ -1,0 +1,34 @@
+#include "models/device.h"
+
+#include <torch/cuda.h>
+
+#include "common/error.h"
+
+namespace kvd {
+
+c10::Device parse_device(const std::string& s, const std::string& option, int local_rank) {
+  if (s == "cpu") return c10::Device(c10::kCPU);
+  const bool cuda = torch::cuda::is_available();
+  if (s == "auto") {
+    if (!cuda) return c10::Device(c10::kCPU);
+    const int n = static_cast<int>(torch::cuda::device_count());
+    return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank % n));
+  }
+  KVD_CHECK(s == "cuda" || s.rfind("cuda:", 0) == 0, option, " ", s, ": expected auto, cpu, cuda or cuda:N");
+  KVD_CHECK(cuda, option, " ", s, ": no CUDA device is visible on this machine; use ", option, " cpu");
+  const int n = static_cast<int>(torch::cuda::device_count());
+  if (s == "cuda") return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(local_rank % n));
+  int index = -1;
+  try {
+    size_t used = 0;
+    index = std::stoi(s.substr(5), &used);
+    if (used != s.size() - 5) index = -1;
+  } catch (const std::exception&) {
+    index = -1;
+  }
+  KVD_CHECK(index >= 0, option, " ", s, ": expected auto, cpu, cuda or cuda:N");
+  KVD_CHECK(index < n, option, " ", s, ": only ", n, " CUDA device(s) are visible");
+  return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+}
+
+}  // namespace kvd
