@@ -42,7 +42,10 @@ HeldoutResult heldout_kl(const Model& model, const at::Tensor& ids_in, Scorer& s
   torch::NoGradGuard no_grad;
   at::Tensor ids = ids_in.to(model.device(), torch::kLong);  // (B, T)
   const int64_t B = ids.size(0), T = ids.size(1);
-  const int64_t eval_from = opt.eval_from >= 0 ? opt.eval_from : std::min(opt.chunk, T - 1);
+  // Continuous: count from the second chunk on; Once: the first half is the prompt that is compressed.
+  const int64_t eval_from = opt.eval_from >= 0                       ? opt.eval_from
+                            : opt.mode == HeldoutMode::Continuous ? std::min(opt.chunk, T - 1)
+                                                                  : T / 2;
 
   KVCache full = model.new_cache(B), ev = model.new_cache(B);
   const PrefillObserver on_append = [&scorer](const PrefillLayerObservation& obs, KVCache& c) { scorer.on_append(obs, c); };
