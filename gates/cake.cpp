@@ -1,4 +1,4 @@
-// CAKE's indicator and layer preference (specs/baselines.md; the budgets: Allocation::Cake in selector.cpp).
+// CAKE's indicator and layer preference (docs/methods/cake.md; the budgets: Allocation::Cake in selector.cpp).
 #include <cmath>
 
 #include <torch/torch.h>

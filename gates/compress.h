@@ -27,7 +27,7 @@ struct Method {
   SelectorOptions selector;
 };
 
-// When compression runs (specs/baselines.md, "Triggers").
+// When compression runs (docs/methods/budgets.md, "Triggers").
 //   chunk_size == 0: prefill the whole prompt, compress once after (each layer right after its attention).
 //   chunk_size  > 0: "after each prefill chunk": prefill chunk_size tokens at a time (the last chunk shorter)
 //                    and compress after every chunk, the budget applied to the tokens so far: each head keeps

@@ -1,4 +1,4 @@
-// CriticalKV (specs/baselines.md; kvpress CriticalKVPress, first_stage_ratio 0.5, epsilon 1e-4).
+// CriticalKV (docs/methods/criticalkv.md; kvpress CriticalKVPress, first_stage_ratio 0.5, epsilon 1e-4).
 #include <algorithm>
 #include <limits>
 

@@ -1,4 +1,4 @@
-// Decode-time eviction (specs/baselines.md: H2O and TOVA in decode, LazyEviction, the "every N decode steps"
+// Decode-time eviction (docs/methods/budgets.md: H2O and TOVA in decode, LazyEviction, the "every N decode steps"
 // trigger): a policy that plugs into any decode loop as a PrefillObserver (GenerateOptions::decode_observer,
 // or the observer argument of Model::decode / Model::prefill with ids (B, 1)).
 //

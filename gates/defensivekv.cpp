@@ -1,4 +1,4 @@
-// DefensiveKV (specs/baselines.md): a worst-case (max) window score, floored at its mean, with CriticalKV's
+// DefensiveKV (docs/methods/defensivekv.md): a worst-case (max) window score, floored at its mean, with CriticalKV's
 // value term. Not in kvpress 0.5.5, so there is no parity oracle; tests/models/test_scorers.cpp checks it.
 #include <torch/torch.h>
 

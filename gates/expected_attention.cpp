@@ -1,4 +1,4 @@
-// Expected Attention (specs/baselines.md; kvpress ExpectedAttentionPress): a Gaussian model of future
+// Expected Attention (docs/methods/expected_attention.md; kvpress ExpectedAttentionPress): a Gaussian model of future
 // queries (mean and covariance of the prompt's pre-RoPE queries, rotated by the average RoPE of the next
 // n_future positions) gives each key its expected softmax attention, times ||v_j||.
 #include <cmath>

@@ -1,4 +1,4 @@
-// H2O and kvpress's ObservedAttention: accumulated attention from every prefill row (specs/baselines.md).
+// H2O and kvpress's ObservedAttention: accumulated attention from every prefill row (docs/methods/h2o.md).
 #include <torch/torch.h>
 
 #include "common/error.h"

@@ -1,4 +1,4 @@
-// Heuristic scorers (specs/baselines.md). Each class lives in its own gates/<name>.cpp. Where kvpress 0.5.5
+// Heuristic scorers (docs/methods/README.md). Each class lives in its own gates/<name>.cpp. Where kvpress 0.5.5
 // implements the method, its defaults are ours, so the same model, prompt and ratio keep the same indices.
 //
 // Conventions shared by all of them:
@@ -118,7 +118,7 @@ class KeyDiffScorer : public Scorer {
 };
 
 // Expected Attention (kvpress ExpectedAttentionPress defaults: 512 future positions, 4 sinks, covariance and
-// value norm on, epsilon 0; baselines.md suggests epsilon 1e-2).
+// value norm on, epsilon 0; docs/methods/expected_attention.md suggests epsilon 1e-2).
 struct ExpectedAttentionOptions {
   int64_t n_future = 512;
   int64_t n_sink = 4;
@@ -174,7 +174,7 @@ class DefensiveKVScorer : public Scorer {
   DefensiveKVOptions opt_;
 };
 
-// CAKE (specs/baselines.md): the indicator I_j = mean_i A_ij + γ · Var_i A_ij over the last w window rows i
+// CAKE (docs/methods/cake.md): the indicator I_j = mean_i A_ij + γ · Var_i A_ij over the last w window rows i
 // (Var with Bessel's correction, as torch.var), avg-pooled (kernel k, zero padding counted), mean over the
 // GQA group; the window itself gets max + 1 (as SnapKV). With every score it also computes the layer's
 // preference P = H^(1/τ1) · V^(1/τ2) per batch row (returned by layer_preference()), where, over the query

@@ -1,4 +1,4 @@
-// KeyDiff: s_j = -cos(k_j, anchor), anchor = mean_m k_m / ||k_m|| (specs/baselines.md; kvpress KeyDiffPress).
+// KeyDiff: s_j = -cos(k_j, anchor), anchor = mean_m k_m / ||k_m|| (docs/methods/keydiff.md; kvpress KeyDiffPress).
 #include <torch/torch.h>
 
 #include "gates/heuristics.h"

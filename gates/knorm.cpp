@@ -1,4 +1,4 @@
-// KNorm: s_j = -||k_j||_2 (specs/baselines.md; kvpress KnormPress). Computed in float32.
+// KNorm: s_j = -||k_j||_2 (docs/methods/knorm.md; kvpress KnormPress). Computed in float32.
 #include <torch/torch.h>
 
 #include "gates/heuristics.h"

@@ -1,4 +1,4 @@
-// LazyEviction (specs/baselines.md): per cached entry, the decode step it was last important and its maximum
+// LazyEviction (docs/methods/lazy_eviction.md): per cached entry, the decode step it was last important and its maximum
 // recurrence interval (MRI); at each trigger, entries idle for longer than their MRI go first. See
 // gates/decode_eviction.h for the exact ranking.
 #include <limits>

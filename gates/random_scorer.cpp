@@ -1,4 +1,4 @@
-// Random: uniform scores from a seeded generator (specs/baselines.md).
+// Random: uniform scores from a seeded generator (docs/methods/random.md).
 #include <torch/torch.h>
 
 #include "gates/heuristics.h"

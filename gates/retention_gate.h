@@ -1,4 +1,4 @@
-// TRIM-KV retention gate (shared/specs/trimkv.md, "Gate"): one small MLP per decoder layer that maps the
+// TRIM-KV retention gate (docs/methods/trimkv.md, "Gate"): one small MLP per decoder layer that maps the
 // attention block's input x_t (after the input RMSNorm) to a retention log β per KV head:
 //   z = W2 · act(W1 · x + b1) + b,   log β = log_sigmoid(z)   (B, S, H_kv), computed in fp32 (or float64)
 // Training: key_rate = log β gives the decoder's additive bias (t − i) · log β_i (document-aware, GQA).

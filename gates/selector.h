@@ -1,5 +1,5 @@
 // Selectors: turn per-token scores plus a budget into keep indices, allocating the budget across layers and
-// heads (specs/baselines.md, "Selectors"). The output is RaggedIndices (models/kv_cache.h): sorted keep
+// heads (docs/methods/budgets.md, "Selectors"). The output is RaggedIndices (models/kv_cache.h): sorted keep
 // indices per KV head plus offsets, the layout TensorRT-LLM's sparse attention reads, and what
 // KVCache::keep(layer, RaggedIndices) compacts to.
 //

@@ -1,5 +1,5 @@
 // SnapKV (and PyramidKV's scores): pooled window attention; the window itself is always kept
-// (specs/baselines.md; kvpress SnapKVPress computes its window attention the same way).
+// (docs/methods/snapkv.md; kvpress SnapKVPress computes its window attention the same way).
 #include <torch/torch.h>
 
 #include "common/error.h"

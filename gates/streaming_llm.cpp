@@ -1,4 +1,4 @@
-// StreamingLLM: sinks + recent window (specs/baselines.md; kvpress StreamingLLMPress keeps the same set).
+// StreamingLLM: sinks + recent window (docs/methods/streaming_llm.md; kvpress StreamingLLMPress keeps the same set).
 #include <torch/torch.h>
 
 #include "gates/heuristics.h"

@@ -1,5 +1,5 @@
 // TOVA: attention of the last row, averaged over every query head; the same ranking for all KV heads
-// (specs/baselines.md; kvpress TOVAPress).
+// (docs/methods/tova.md; kvpress TOVAPress).
 #include <torch/torch.h>
 
 #include "common/error.h"

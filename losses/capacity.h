@@ -1,4 +1,4 @@
-// TRIM-KV capacity loss (shared/specs/trimkv.md, "Capacity loss"): the soft cache size
+// TRIM-KV capacity loss (docs/methods/trimkv.md, "Capacity loss"): the soft cache size
 //   S_t = Σ_{i ≤ t, same document} exp((t − i) · x_i),   x = log β ≤ 0
 // and L_cap = Σ max(0, (S_t − M) / max(t − M, 1)) / #{S_t − M > 0}, t = position within its document.
 //

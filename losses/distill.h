@@ -1,4 +1,4 @@
-// Distillation losses (shared/specs/trimkv.md, "Losses"): forward KL(p_teacher ‖ q_student) per token over the
+// Distillation losses (docs/methods/distillation.md): forward KL(p_teacher ‖ q_student) per token over the
 // vocabulary plus next-token cross-entropy, both averaged over label-valid tokens (label != -100).
 //
 // Computed in blocks of rows: for each block the teacher's and the student's logits are formed, turned into

@@ -1,5 +1,5 @@
 // Strict parsing of a Hugging Face config.json into ModelConfig.
-// Fields honoured: shared/specs/ecosystem.md, "HF model config fields". Defaults for absent optional fields
+// Fields honoured: docs/ecosystem.md, "HF model config fields". Defaults for absent optional fields
 // are the ones transformers 5.2 uses for the same family, so a config loads here as it loads there; a value
 // we cannot honour is an error naming the field, never ignored.
 #include "models/config.h"

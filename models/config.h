@@ -1,6 +1,6 @@
 // The resolved configuration of a frozen decoder, parsed strictly from a Hugging Face config.json.
 // One struct for every supported family; the decoder reads its flags instead of forking per family.
-// Fields honoured: shared/specs/ecosystem.md, "HF model config fields".
+// Fields honoured: docs/ecosystem.md, "HF model config fields".
 #pragma once
 
 #include <cstdint>

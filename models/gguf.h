@@ -1,5 +1,5 @@
 // GGUF (llama.cpp's model file format, version 3): a validating mmap reader and dequantization to
-// float32. Torch-free. Format facts: shared/specs/ecosystem.md, "GGUF"; block layouts are documented
+// float32. Torch-free. Format facts: docs/ecosystem.md, "GGUF"; block layouts are documented
 // next to each dequantizer in gguf.cpp.
 //
 // File layout (all little-endian):

@@ -1,5 +1,5 @@
 // safetensors reader (mmap + full validation), writer (reference byte layout) and HF checkpoints.
-// Format: shared/specs/ecosystem.md, "safetensors".
+// Format: docs/ecosystem.md, "safetensors".
 //
 // File layout:   [u64 LE: N] [N bytes: JSON header, space padded] [buffer: tensor bytes]
 // Header entry:  "name": {"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}  (relative to buffer)

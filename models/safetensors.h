@@ -1,6 +1,6 @@
 // safetensors: a validating mmap reader, a writer in the reference layout, and sharded checkpoints.
 // Torch-free on purpose (bytes, dtypes and shapes only); models/weights.h turns views into tensors.
-// Format and validation rules: shared/specs/ecosystem.md, "safetensors".
+// Format and validation rules: docs/ecosystem.md, "safetensors".
 #pragma once
 
 #include <cstddef>

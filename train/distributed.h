@@ -1,4 +1,4 @@
-// Data-parallel training over c10d (shared/specs/ecosystem.md, "Distributed launch").
+// Data-parallel training over c10d (docs/ecosystem.md, "Distributed launch").
 //
 //   rank discovery   torchrun env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), then SLURM
 //                    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR from the env or the first host

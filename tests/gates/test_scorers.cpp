@@ -1,4 +1,4 @@
-// Heuristic scorers on hand-made caches: formulas of specs/baselines.md (the kvpress parity on SmolLM2 is
+// Heuristic scorers on hand-made caches: formulas of docs/methods/ (the kvpress parity on SmolLM2 is
 // tests/python/test_kvpress_parity.py).
 #include <gtest/gtest.h>
 
