@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -39,6 +40,8 @@ struct CompressArgs {
 
 int run(const CompressArgs& a) {
   // Validate the cheap arguments before loading anything.
+  KVD_CHECK(a.use_tokens || (std::isfinite(a.ratio) && a.ratio >= 0.0 && a.ratio < 1.0),
+            "--ratio must lie in [0, 1) (the fraction of tokens removed, as in kvpress), got ", a.ratio);
   const Budget budget = a.use_tokens ? Budget{BudgetKind::TokensPerHead, static_cast<double>(a.budget_tokens)}
                                      : Budget::ratio(a.ratio);
   MethodContext ctx;

@@ -238,14 +238,39 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
       keep = lazy_eviction_keep_scores(lz, kv.valid, step, trigger_.interval);
       break;
     case DecodePolicy::Scorer: {
+      // Row by row: each row's next query position is its own (rows of a batch sit at different positions,
+      // and a score such as TRIM-KV's log beta · age depends on it).
       const ScorerNeeds needs = opt_.scorer->needs();
-      LayerView view = layer_view(kv, l, model_, obs.query_positions.max().item<int64_t>() + 1);
-      if (needs.window > 0) {
-        view.window_queries = S.q;      // (B, H, w, hd)
-        view.window_positions = S.q_pos;  // (B, w)
+      const at::Tensor qpos = obs.query_positions.to(torch::kCPU);  // (B, 1)
+      const bool same = (qpos == qpos[0][0]).all().item<bool>();
+      if (same) {  // one view for the whole batch
+        LayerView view = layer_view(kv, l, model_, qpos[0][0].item<int64_t>() + 1);
+        if (needs.window > 0) {
+          view.window_queries = S.q;        // (B, H, w, hd)
+          view.window_positions = S.q_pos;  // (B, w)
+        }
+        if (needs.queries_pre_rope) view.queries_pre_rope = S.q_pre;  // (B, H, w, hd)
+        keep = opt_.scorer->score(view).to(torch::kDouble);            // (B, H_kv, n)
+        break;
       }
-      if (needs.queries_pre_rope) view.queries_pre_rope = S.q_pre;  // (B, H, w, hd)
-      keep = opt_.scorer->score(view).to(torch::kDouble);            // (B, H_kv, n)
+      std::vector<at::Tensor> rows;
+      for (int64_t b = 0; b < B; ++b) {
+        KVLayerView kb;
+        kb.k = kv.k.narrow(0, b, 1);
+        kb.v = kv.v.narrow(0, b, 1);
+        kb.pos = kv.pos.narrow(0, b, 1);
+        if (kv.valid.defined()) kb.valid = kv.valid.narrow(0, b, 1);
+        for (const auto& [name, col] : kv.payload) kb.payload[name] = col.narrow(0, b, 1);
+        kb.n = kv.n;
+        LayerView view = layer_view(kb, l, model_, qpos[b][0].item<int64_t>() + 1);
+        if (needs.window > 0) {
+          view.window_queries = S.q.narrow(0, b, 1);        // (1, H, w, hd)
+          view.window_positions = S.q_pos.narrow(0, b, 1);  // (1, w)
+        }
+        if (needs.queries_pre_rope) view.queries_pre_rope = S.q_pre.narrow(0, b, 1);  // (1, H, w, hd)
+        rows.push_back(opt_.scorer->score(view).to(torch::kDouble));                // (1, H_kv, n)
+      }
+      keep = torch::cat(rows, 0);  // (B, H_kv, n)
       break;
     }
   }

@@ -113,9 +113,8 @@ std::vector<std::string> method_names() {
 
 std::string known_methods() {
   std::ostringstream os;
-  os << "full, ";
   for (const HeuristicEntry& h : heuristics()) os << h.name << ", ";
-  os << "prefixes adakv_ / criticalkv_ / global_; decode-time: ";
+  os << "full; prefixes adakv_ / criticalkv_ / global_; decode-time: ";
   bool first = true;
   for (const DecodeEntry& d : decode_methods()) os << (first ? "" : ", ") << d.name, first = false;
   os << "; learned: gate:<bundle dir>, <kind>:<bundle dir>, untrained:<kind> (kinds: ";
@@ -132,6 +131,8 @@ bool is_bundle_method(const std::string& name) {
 }
 
 Method make_method(const std::string& name, double ratio, uint64_t seed) {
+  KVD_CHECK(std::isfinite(ratio) && ratio >= 0.0 && ratio < 1.0,
+            "--ratio must lie in [0, 1) (the fraction of tokens removed, as in kvpress), got ", ratio);
   return make_method(name, Budget::ratio(ratio), seed);
 }
 
@@ -206,11 +207,11 @@ ResolvedMethod resolve_method(const std::string& name, const Budget& budget, con
     return r;
   }
   check_budget(budget);
-  KVD_CHECK(ctx.model != nullptr, name, ": a learned method needs the model (MethodContext::model)");
   const std::string head = name == "gate-untrained" ? "untrained" : name.substr(0, colon);
   const std::string arg = name == "gate-untrained" ? "retention_gate" : name.substr(colon + 1);
   if (head == "untrained") {
     component_spec(arg, name);
+    KVD_CHECK(ctx.model != nullptr, name, ": an untrained component needs the model (MethodContext::model)");
     torch::manual_seed(ctx.seed);  // the untrained component's init, reproducible
     std::shared_ptr<Component> c = make_component(arg, ctx.model->config());
     c->to(ctx.model->device(), torch::kFloat32);

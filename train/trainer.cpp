@@ -178,9 +178,11 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
     // The held-out check's budget: train.eval_budget, else the one the component trains for.
     const int64_t eval_budget = c.eval_budget > 0 ? c.eval_budget : component->budget() > 0 ? component->budget() : 128;
     const char* budget_key = c.eval_budget > 0 ? "train.eval_budget" : "component.budget";
-    KVD_CHECK(eval_budget <= train_split.seq_len(), "config key '", budget_key, "': M=", eval_budget,
-              " exceeds the sequence length ", train_split.seq_len(), " of data.train (", c.data_train, "); lower ", budget_key,
-              " or ", data.format == kResponsesFormat ? "raise data.seq_len" : "prepare the data with a larger --seq-len");
+    // A budget (the component's own, or the held-out check's) must fit in a training sequence.
+    if (component->budget() > 0 || (c.eval_every > 0 && c.eval_budget > 0))
+      KVD_CHECK(eval_budget <= train_split.seq_len(), "config key '", budget_key, "': M=", eval_budget,
+                " exceeds the sequence length ", train_split.seq_len(), " of data.train (", c.data_train, "); lower ",
+                budget_key, " or ", data.format == kResponsesFormat ? "raise data.seq_len" : "prepare the data with a larger --seq-len");
     std::vector<at::Tensor> params = component->parameters();
     torch::optim::AdamW optimizer(params, torch::optim::AdamWOptions(c.lr)
                                               .betas({c.beta1, c.beta2})

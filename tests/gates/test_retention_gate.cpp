@@ -289,7 +289,7 @@ TEST(RetentionGate, ScorerRanksByLogBetaTimesAge) {
   const Model& model = tiny_model("qwen3", torch::kFloat);
   RetentionGate gate = spread_gate(model.config(), torch::kFloat, 4);
   std::unique_ptr<Scorer> scorer = gate->make_scorer();
-  EXPECT_TRUE(scorer->needs().hidden);
+  EXPECT_FALSE(scorer->needs().hidden);  // log beta is written into the cache payload at append (on_append)
   const int64_t B = 1, n = 10, Hkv = model.config().num_kv_heads;
   at::Tensor hidden = torch::randn({B, n, model.config().hidden_size});  // (B, n, d)
   LayerView view;
@@ -304,6 +304,26 @@ TEST(RetentionGate, ScorerRanksByLogBetaTimesAge) {
   // Per-head hidden (B, H_kv, n, d) gives the same scores when every head sees the same tokens.
   view.hidden = hidden.unsqueeze(1).expand({B, Hkv, n, model.config().hidden_size});
   EXPECT_LT(max_abs_diff(scorer->score(view), want), 1e-5);
+
+  // The payload path: on_append writes log beta for the appended rows (two chunks, the second left-padded in
+  // a batch of two), and scoring reads it back without any hidden state.
+  KVCache cache(model.config(), 2, torch::kFloat, torch::kCPU);
+  const int64_t hd = model.config().head_dim;
+  for (int64_t c0 : {0, 6}) {
+    const int64_t t = c0 == 0 ? 6 : 4;
+    const std::vector<int64_t> lead = c0 == 0 ? std::vector<int64_t>{} : std::vector<int64_t>{0, 1};
+    at::Tensor pos = torch::arange(c0, c0 + t).view({1, t}).expand({2, t}).contiguous() * 2;  // (2, t)
+    if (!lead.empty()) pos[1] = torch::cat({torch::full({1}, -1, torch::kLong), pos[1].narrow(0, 0, t - 1)});
+    cache.append(1, torch::zeros({2, Hkv, t, hd}), torch::zeros({2, Hkv, t, hd}), pos, lead);
+    at::Tensor h2 = torch::cat({hidden.narrow(1, c0, t), hidden.narrow(1, c0, t)});  // (2, t, d)
+    if (!lead.empty()) h2[1] = torch::cat({torch::zeros({1, h2.size(2)}), hidden[0].narrow(0, c0, t - 1)});
+    scorer->on_append(PrefillLayerObservation{1, h2, {}, {}, pos, lead}, cache);
+  }
+  LayerView pv = layer_view(cache.layer(1), 1, model, 25);
+  EXPECT_FALSE(pv.hidden.defined());
+  at::Tensor ps = scorer->score(pv);  // (2, H_kv, n): row 0 holds positions 0..18 step 2, row 1 one fewer
+  EXPECT_LT(max_abs_diff(ps[0], want[0]), 1e-5);
+  EXPECT_LT(max_abs_diff(ps[1].narrow(1, 0, n - 1), want[0].narrow(1, 0, n - 1)), 1e-5);
 }
 
 // --- capacity loss ----------------------------------------------------------------------------------------

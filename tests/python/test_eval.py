@@ -179,5 +179,11 @@ def test_bad_input(tasks, tmp_path):
         "format_version": 1, "kind": "retention_gate", "gate_hidden": 512,
         "base_model": {"id": "Llama-3.2-1B", "config_sha256": "0" * 64}}))
     assert_clean_error(evaluate(tasks, tmp_path / "e", methods=f"gate:{bundle}"), "trained for model 'Llama-3.2-1B'")
-    for d in "abcde":
+    alien = tmp_path / "alien-bundle"
+    alien.mkdir()
+    (alien / "kvdistill.json").write_text(json.dumps({"format_version": 1, "kind": "warp_drive"}))
+    assert_clean_error(evaluate(tasks, tmp_path / "f", methods=f"gate:{alien}"), "'warp_drive'", "known kinds",
+                       "retention_gate")
+    assert_clean_error(evaluate(tasks, tmp_path / "g", methods=f"retention_gate:{tmp_path / 'nowhere'}"), "nowhere")
+    for d in "abcdefg":
         assert not (tmp_path / d / "results.jsonl").exists()

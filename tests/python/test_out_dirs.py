@@ -69,9 +69,9 @@ def test_compress(tiny_model, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("The quick brown fox jumps over the lazy dog. " * 4)
     out = deep(tmp_path, "kept.json")
-    ok(run_kvd("compress", "--model", tiny_model, "--prompt-file", prompt, "--method", "snapkv", "--ratio", 0.5,
+    ok(run_kvd("compress", "--model", tiny_model, "--prompt-file", prompt, "--method", "knorm", "--ratio", 0.5,
                "--out", out))
-    assert json.loads(out.read_text())["method"] == "snapkv"
+    assert json.loads(out.read_text())["method"] == "knorm"
 
 
 def test_eval(tiny_model, tmp_path):
@@ -86,8 +86,15 @@ def test_eval(tiny_model, tmp_path):
 
 def test_heldout_and_train(tiny_model, tmp_path):
     data = prepare_data(tiny_model, tmp_path / "d.h5")
+    docs = tmp_path / "docs"  # four documents, so that a val split exists
+    docs.mkdir()
+    for i in range(4):
+        (docs / f"{i}.txt").write_text(PROSE.read_text())
+    val = tmp_path / "v.h5"
+    ok(run_kvd("prepare", "text", "--model", tiny_model, "--input", docs, "--out", val, "--seq-len", 32,
+               "--val-fraction", "0.5", "--progress", "never"))
     out = deep(tmp_path, "heldout.json")
-    ok(run_kvd("heldout", "--model", tiny_model, "--data", data, "--budget", 8, "--chunk", 8, "--sequences", 1,
+    ok(run_kvd("heldout", "--model", tiny_model, "--data", val, "--budget", 8, "--chunk", 8, "--sequences", 1,
                "--scorers", "streaming_llm", "--out", out))
     assert json.loads(out.read_text())
     run_dir = tmp_path / "runs" / "deep" / "gate"

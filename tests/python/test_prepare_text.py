@@ -286,6 +286,9 @@ def test_missing_attribute_and_dataset(good_file, tmp_path):
     assert_clean_error(inspect(bad2), "nods.h5", "/val/seg_docs is missing")
 
 
-def test_output_directory_missing(corpus, tmp_path):
+def test_output_directory_missing_is_created(corpus, tmp_path):
     inp, _ = corpus
-    assert_clean_error(prepare(inp, tmp_path / "no/such/dir/out.h5"), "does not exist")
+    out = tmp_path / "no/such/dir/out.h5"
+    proc = prepare(inp, out)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists() and not list(out.parent.glob("*.tmp.*"))
