@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
       const int kj = k0 + tid;
       const bool ok = kj < S;
       sKpos[buf * BN + tid] = ok ? gpos[kj] : 0;
-      sKdoc[buf * BN + tid] = ok && gdoc ? gdoc[kj] : INT_MIN;
+      sKdoc[buf * BN + tid] = gdoc ? (ok ? gdoc[kj] : INT_MIN) : 0;
       sKrate[buf * BN + tid] = ok && grate ? grate[kj] * kLog2e : 0.f;
       sKmask[buf * BN + tid] = ok && gmask ? gmask[kj] * kLog2e : 0.f;
     }
@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
       const int r = q0 + warp * 16 * MT + mt * 16 + (lane >> 2) + hf * 8;
       qrow[mt][hf] = r;
       qpos[mt][hf] = r < S ? gpos[r] : 0;
-      qdoc[mt][hf] = r < S && gdoc ? gdoc[r] : INT_MAX;
+      qdoc[mt][hf] = gdoc ? (r < S ? gdoc[r] : INT_MAX) : 0;
     }
 
   const int kend = min(S, q0 + BM);  // causal: no key after the tile's last row
@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
       const int kj = k0 + tid;
       const bool ok = kj < S;
       sKpos[buf * BN + tid] = ok ? gpos[kj] : 0;
-      sKdoc[buf * BN + tid] = ok && gdoc ? gdoc[kj] : INT_MIN;
+      sKdoc[buf * BN + tid] = gdoc ? (ok ? gdoc[kj] : INT_MIN) : 0;
       sKrate[buf * BN + tid] = ok && grate ? grate[kj] * kLog2e : 0.f;
       sKmask[buf * BN + tid] = ok && gmask ? gmask[kj] * kLog2e : 0.f;
     }
@@ -403,7 +403,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
     const int r = q0 + warp * 16 + (lane >> 2) + hf * 8;
     qrow[hf] = r;
     qpos[hf] = r < S ? gpos[r] : 0;
-    qdoc[hf] = r < S && gdoc ? gdoc[r] : INT_MAX;
+    qdoc[hf] = gdoc ? (r < S ? gdoc[r] : INT_MAX) : 0;
     const float ls = r < S ? p.lse[row_base + r] : -INFINITY;
     lse2[hf] = ls == -INFINITY ? INFINITY : ls * kLog2e;  // a row that sees nothing: P = 0
     dlt[hf] = r < S ? g.delta[row_base + r] : 0.f;
@@ -544,7 +544,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
     const bool ok = r < S;
     krow[hf] = r;
     kpos[hf] = ok ? gpos[r] : 0;
-    kdoc[hf] = ok && gdoc ? gdoc[r] : INT_MIN;
+    kdoc[hf] = gdoc ? (ok ? gdoc[r] : INT_MIN) : 0;
     rate2[hf] = ok && p.key_rate ? p.key_rate[b * p.kr_sb + hk * p.kr_sh + r] * kLog2e : 0.f;
     mask2[hf] = ok && p.key_log_mask ? p.key_log_mask[b * p.km_sb + hk * p.km_sh + r] * kLog2e : 0.f;
   }
@@ -566,7 +566,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
       const bool ok = r < S;
       const int64_t row = (static_cast<int64_t>(b) * p.H + h) * S + r;
       sQpos[buf * BMQ + tid] = ok ? gpos[r] : 0;
-      sQdoc[buf * BMQ + tid] = ok && gdoc ? gdoc[r] : INT_MAX;
+      sQdoc[buf * BMQ + tid] = gdoc ? (ok ? gdoc[r] : INT_MAX) : 0;
       const float ls = ok ? p.lse[row] : -INFINITY;
       sLse2[buf * BMQ + tid] = ls == -INFINITY ? INFINITY : ls * kLog2e;
       sDelta[buf * BMQ + tid] = ok ? g.delta[row] : 0.f;
