@@ -83,11 +83,12 @@ int main(int argc, char** argv) {
   std::ofstream out_csv;
   if (!csv.empty()) {
     out_csv.open(csv);
-    out_csv << "S,H,Hkv,D,ours_fwd_ms,ours_nobias_fwd_ms,sdpa_fwd_ms,ours_fb_ms,ours_nobias_fb_ms,sdpa_fb_ms\n";
+    out_csv << "S,H,Hkv,D,ours_fwd_ms,ours_nobias_fwd_ms,sdpa_fwd_ms,ours_fb_ms,ours_nobias_fb_ms,sdpa_fb_ms,bwd_dq_ms,"
+               "bwd_dkv_ms\n";
   }
-  std::printf("%6s %3s %4s %4s | %22s %22s %22s %6s | %22s %22s %22s %6s %6s\n", "S", "H", "Hkv", "D",
+  std::printf("%6s %3s %4s %4s | %22s %22s %22s %6s | %22s %22s %22s %6s %6s | %7s %7s\n", "S", "H", "Hkv", "D",
               "ours fwd ms (TF/s)", "ours-nobias fwd", "sdpa flash fwd", "ratio", "ours fwd+bwd ms (TF/s)",
-              "ours-nobias f+b", "sdpa flash f+b", "ratio", "nb/sd");
+              "ours-nobias f+b", "sdpa flash f+b", "ratio", "nb/sd", "bwd dQ", "bwd dKV");
   for (int64_t D : dims)
     for (int64_t H : heads)
       for (int64_t S : seqs) {
@@ -130,6 +131,12 @@ int main(int argc, char** argv) {
                   scale);
             },
             reps);
+        // The backward's passes apart (with the key_rate bias): Δ + dQ, and Δ + dK/dV.
+        f = kvd::retention_attention_forward(q, k, v, pos, {}, rate, {}, {}, scale);
+        const double b_dq = time_ms(
+            [&] { kvd::retention_attention_backward(dout, q, k, v, f, pos, {}, rate, {}, {}, scale, 1 | 2); }, reps);
+        const double b_dkv = time_ms(
+            [&] { kvd::retention_attention_backward(dout, q, k, v, f, pos, {}, rate, {}, {}, scale, 1 | 4); }, reps);
         auto tf = [](double flops, double ms) { return flops / (ms * 1e-3) / 1e12; };
         char c1[64], c2[64], c3[64], c4[64], c5[64], c6[64];
         std::snprintf(c1, sizeof c1, "%.3f (%.0f)", o_f, tf(fl, o_f));
@@ -138,13 +145,15 @@ int main(int argc, char** argv) {
         std::snprintf(c4, sizeof c4, "%.3f (%.0f)", o_fb, tf(3.5 * fl, o_fb));
         std::snprintf(c5, sizeof c5, "%.3f (%.0f)", n_fb, tf(3.5 * fl, n_fb));
         std::snprintf(c6, sizeof c6, "%.3f (%.0f)", s_fb, tf(3.5 * fl, s_fb));
-        std::printf("%6ld %3ld %4ld %4ld | %22s %22s %22s %6.2f | %22s %22s %22s %6.2f %6.2f\n", (long)S, (long)H,
-                    (long)Hkv, (long)D, c1, c2, c3, o_f / s_f, c4, c5, c6, o_fb / s_fb, n_fb / s_fb);
+        std::printf("%6ld %3ld %4ld %4ld | %22s %22s %22s %6.2f | %22s %22s %22s %6.2f %6.2f | %7.3f %7.3f\n",
+                    (long)S, (long)H, (long)Hkv, (long)D, c1, c2, c3, o_f / s_f, c4, c5, c6, o_fb / s_fb, n_fb / s_fb,
+                    b_dq, b_dkv);
         std::fflush(stdout);
         if (out_csv)
           out_csv << S << ',' << H << ',' << Hkv << ',' << D << ',' << o_f << ',' << n_f << ',' << s_f << ',' << o_fb
-                  << ',' << n_fb << ',' << s_fb << '\n';
+                  << ',' << n_fb << ',' << s_fb << ',' << b_dq << ',' << b_dkv << '\n';
       }
-  std::printf("ratio = ours (key_rate bias, GQA) / SDPA flash (no bias); nb/sd = ours without mods / SDPA flash\n");
+  std::printf("ratio = ours (key_rate bias, GQA) / SDPA flash (no bias); nb/sd = ours without mods / SDPA flash; "
+              "bwd dQ / dKV: ms of the backward's Δ + dQ and Δ + dK/dV passes alone\n");
   return 0;
 }

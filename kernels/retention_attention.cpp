@@ -222,7 +222,7 @@ RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, con
                                                      const at::Tensor& v, const RetentionAttentionForward& fwd,
                                                      const at::Tensor& positions, const at::Tensor& doc_ids,
                                                      const at::Tensor& key_rate, const at::Tensor& key_log_mask,
-                                                     std::optional<int64_t> window, double scale) {
+                                                     std::optional<int64_t> window, double scale, int passes) {
 #ifdef KVD_WITH_RA_KERNEL
   const char* who = "retention_attention_backward";
   Prepared p = prepare(who, q, k, v, positions, doc_ids, key_rate, key_log_mask, window);
@@ -236,24 +236,32 @@ RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, con
   at::Tensor out = kernel_layout(fwd.out);
   at::Tensor d_o = kernel_layout(dout.to(at::kBFloat16));
   RetentionAttentionGrads g;
-  g.dq = kernel_empty_like(p.q);
-  g.dk = kernel_empty_like(p.k);
-  g.dv = kernel_empty_like(p.v);
+  const bool do_dq = passes & kernels::kRetentionBwdDq, do_dkv = passes & kernels::kRetentionBwdDkv;
+  if (do_dq) g.dq = kernel_empty_like(p.q);
+  if (do_dkv) {
+    g.dk = kernel_empty_like(p.k);
+    g.dv = kernel_empty_like(p.v);
+  }
   auto fopt = q.options().dtype(torch::kFloat);
-  if (p.rate.defined()) g.dkey_rate = at::empty({p.d.B, p.d.Hkv, p.d.S}, fopt);
-  if (p.mask.defined()) g.dkey_log_mask = at::empty({p.d.B, p.d.Hkv, p.d.S}, fopt);
+  if (do_dkv && p.rate.defined()) g.dkey_rate = at::empty({p.d.B, p.d.Hkv, p.d.S}, fopt);
+  if (do_dkv && p.mask.defined()) g.dkey_log_mask = at::empty({p.d.B, p.d.Hkv, p.d.S}, fopt);
   at::Tensor delta = at::empty({p.d.B, p.d.H, p.d.S}, fopt);
 
   kernels::RetentionAttnParams r = params(p, out, fwd.lse, window, scale);
   kernels::RetentionAttnGrads gr;
   gr.dout = d_o.data_ptr();
   gr.do_sb = d_o.stride(0), gr.do_sh = d_o.stride(1), gr.do_ss = d_o.stride(2);
-  gr.dq = g.dq.data_ptr();
-  gr.dq_sb = g.dq.stride(0), gr.dq_sh = g.dq.stride(1), gr.dq_ss = g.dq.stride(2);
-  gr.dk = g.dk.data_ptr();
-  gr.dk_sb = g.dk.stride(0), gr.dk_sh = g.dk.stride(1), gr.dk_ss = g.dk.stride(2);
-  gr.dv = g.dv.data_ptr();
-  gr.dv_sb = g.dv.stride(0), gr.dv_sh = g.dv.stride(1), gr.dv_ss = g.dv.stride(2);
+  if (do_dq) {
+    gr.dq = g.dq.data_ptr();
+    gr.dq_sb = g.dq.stride(0), gr.dq_sh = g.dq.stride(1), gr.dq_ss = g.dq.stride(2);
+  }
+  if (do_dkv) {
+    gr.dk = g.dk.data_ptr();
+    gr.dk_sb = g.dk.stride(0), gr.dk_sh = g.dk.stride(1), gr.dk_ss = g.dk.stride(2);
+    gr.dv = g.dv.data_ptr();
+    gr.dv_sb = g.dv.stride(0), gr.dv_sh = g.dv.stride(1), gr.dv_ss = g.dv.stride(2);
+  }
+  gr.passes = passes & kernels::kRetentionBwdAll;
   gr.dkey_rate = g.dkey_rate.defined() ? g.dkey_rate.data_ptr<float>() : nullptr;
   gr.dkey_log_mask = g.dkey_log_mask.defined() ? g.dkey_log_mask.data_ptr<float>() : nullptr;
   gr.delta = delta.data_ptr<float>();
@@ -261,7 +269,7 @@ RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, con
   return g;
 #else
   (void)dout, (void)q, (void)k, (void)v, (void)fwd, (void)positions, (void)doc_ids, (void)key_rate,
-      (void)key_log_mask, (void)window, (void)scale;
+      (void)key_log_mask, (void)window, (void)scale, (void)passes;
   KVD_FAIL("retention_attention_backward: this build has no CUDA kernels (LibTorch without CUDA or no nvcc)");
 #endif
 }
@@ -274,13 +282,17 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct RetentionAttentionFn : torch::autograd::Function<RetentionAttentionFn> {
+  // The optional inputs travel as std::optional: autograd makes no VariableInfo for an empty one (it cannot
+  // for an undefined at::Tensor).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& positions, const at::Tensor& doc_ids, const at::Tensor& key_rate,
-                            const at::Tensor& key_log_mask, int64_t window, double scale) {
+                            const at::Tensor& positions, const std::optional<at::Tensor>& doc_ids,
+                            const std::optional<at::Tensor>& key_rate, const std::optional<at::Tensor>& key_log_mask,
+                            int64_t window, double scale) {
     std::optional<int64_t> w = window > 0 ? std::optional<int64_t>(window) : std::nullopt;
-    RetentionAttentionForward f =
-        retention_attention_forward(q, k, v, positions, doc_ids, key_rate, key_log_mask, w, scale);
-    ctx->save_for_backward({q, k, v, f.out, f.lse, positions, doc_ids, key_rate, key_log_mask});
+    const at::Tensor doc = doc_ids.value_or(at::Tensor()), rate = key_rate.value_or(at::Tensor()),
+                     mask = key_log_mask.value_or(at::Tensor());
+    RetentionAttentionForward f = retention_attention_forward(q, k, v, positions, doc, rate, mask, w, scale);
+    ctx->save_for_backward({q, k, v, f.out, f.lse, positions, doc, rate, mask});
     ctx->saved_data["window"] = window;
     ctx->saved_data["scale"] = scale;
     return f.out;
@@ -292,10 +304,17 @@ struct RetentionAttentionFn : torch::autograd::Function<RetentionAttentionFn> {
     const double scale = ctx->saved_data["scale"].toDouble();
     std::optional<int64_t> w = window > 0 ? std::optional<int64_t>(window) : std::nullopt;
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &pos = s[5], &doc = s[6], &rate = s[7], &mask = s[8];
+    // dQ only when q needs it (e.g. not in a first layer whose q depends on no trained part).
+    // Edges exist for the tensor inputs only: q, k, v, positions, then doc_ids, key_rate, key_log_mask if given.
+    const size_t e_rate = 4 + (doc.defined() ? 1 : 0), e_mask = e_rate + (rate.defined() ? 1 : 0);
+    const bool need_dkv = ctx->needs_input_grad(1) || ctx->needs_input_grad(2) ||
+                          (rate.defined() && ctx->needs_input_grad(e_rate)) ||
+                          (mask.defined() && ctx->needs_input_grad(e_mask));
+    const int passes = 1 | (ctx->needs_input_grad(0) ? 2 : 0) | (need_dkv ? 4 : 0);
     RetentionAttentionGrads g =
-        retention_attention_backward(grad_out[0], q, k, v, {s[3], s[4]}, pos, doc, rate, mask, w, scale);
-    at::Tensor drate = rate.defined() ? g.dkey_rate.to(rate.scalar_type()) : at::Tensor();
-    at::Tensor dmask = mask.defined() ? g.dkey_log_mask.to(mask.scalar_type()) : at::Tensor();
+        retention_attention_backward(grad_out[0], q, k, v, {s[3], s[4]}, pos, doc, rate, mask, w, scale, passes);
+    at::Tensor drate = g.dkey_rate.defined() ? g.dkey_rate.to(rate.scalar_type()) : at::Tensor();
+    at::Tensor dmask = g.dkey_log_mask.defined() ? g.dkey_log_mask.to(mask.scalar_type()) : at::Tensor();
     return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), drate, dmask, at::Tensor(), at::Tensor()};
   }
 };
@@ -311,8 +330,9 @@ at::Tensor retention_attention(const at::Tensor& q, const at::Tensor& k, const a
         .to(q.scalar_type());
   }
   check_args("retention_attention", q, k, v, positions, doc_ids, key_rate, key_log_mask, window);
-  return RetentionAttentionFn::apply(q, k, v, positions, doc_ids, key_rate, key_log_mask, window ? *window : 0,
-                                     scale);
+  auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+  return RetentionAttentionFn::apply(q, k, v, positions, opt(doc_ids), opt(key_rate), opt(key_log_mask),
+                                     window ? *window : 0, scale);
 }
 
 }  // namespace kvd

@@ -111,19 +111,19 @@ struct Side {
 
 // Score in log2 units: (scale·qk + bias)·log2(e), or -inf where the key is invisible.
 template <bool BIAS, bool MASKS>
-__device__ __forceinline__ float score2(float acc, float scale2, int qi, int qpos, int qdoc, int kj, int kpos,
-                                        int kdoc, float rate2, float mask2, bool check, int window) {
-  float x = acc * scale2;
+__device__ __forceinline__ float score2(float acc, float scale2, int qi, float qpos, int qdoc, int kj, float kpos,
+                                        int kdoc, float rate2, float mask2, bool check, float window) {
+  float x;
   if (BIAS) {
-    const int age = max(qpos - kpos, 0);
-    x = fmaf(static_cast<float>(age), rate2, x) + (kj != qi ? mask2 : 0.f);
+    // Positions are exact in float (< 2^24); a row's own key (only in tiles that cross the diagonal) is unmasked.
+    const float m = (check && kj == qi) ? 0.f : mask2;
+    x = fmaf(fmaxf(qpos - kpos, 0.f), rate2, fmaf(acc, scale2, m));
+  } else {
+    x = acc * scale2;
   }
   if (MASKS || check) {
     bool vis = kj <= qi;
-    if (MASKS) {
-      vis = vis && qdoc == kdoc;
-      if (window > 0) vis = vis && (qpos - kpos < window);
-    }
+    if (MASKS) vis = vis && qdoc == kdoc && (qpos - kpos < window);  // window = +inf when there is none
     if (!vis) x = -INFINITY;
   }
   return x;
@@ -138,8 +138,8 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
   bf16* sQ = reinterpret_cast<bf16*>(smem);
   bf16* sK = sQ + BM * D;
   bf16* sV = sK + 2 * BN * D;
-  int* sKpos = reinterpret_cast<int*>(sV + 2 * BN * D);
-  int* sKdoc = sKpos + 2 * BN;
+  float* sKpos = reinterpret_cast<float*>(sV + 2 * BN * D);
+  int* sKdoc = reinterpret_cast<int*>(sKpos + 2 * BN);
   float* sKrate = reinterpret_cast<float*>(sKdoc + 2 * BN);
   float* sKmask = sKrate + 2 * BN;
 
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
     if (tid < BN) {
       const int kj = k0 + tid;
       const bool ok = kj < S;
-      sKpos[buf * BN + tid] = ok ? gpos[kj] : 0;
+      sKpos[buf * BN + tid] = ok ? static_cast<float>(gpos[kj]) : 0.f;
       sKdoc[buf * BN + tid] = gdoc ? (ok ? gdoc[kj] : INT_MIN) : 0;
       sKrate[buf * BN + tid] = ok && grate ? grate[kj] * kLog2e : 0.f;
       sKmask[buf * BN + tid] = ok && gmask ? gmask[kj] * kLog2e : 0.f;
@@ -169,20 +169,22 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
   };
 
   // This thread's rows: rows[mt][hf] = q0 + warp·16·MT + mt·16 + lane/4 + 8·hf.
-  int qrow[MT][2], qpos[MT][2], qdoc[MT][2];
+  int qrow[MT][2], qdoc[MT][2];
+  float qpos[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int r = q0 + warp * 16 * MT + mt * 16 + (lane >> 2) + hf * 8;
       qrow[mt][hf] = r;
-      qpos[mt][hf] = r < S ? gpos[r] : 0;
+      qpos[mt][hf] = r < S ? static_cast<float>(gpos[r]) : 0.f;
       qdoc[mt][hf] = gdoc ? (r < S ? gdoc[r] : INT_MAX) : 0;
     }
 
   const int kend = min(S, q0 + BM);  // causal: no key after the tile's last row
   const int nkt = (kend + BN - 1) / BN;
   const float scale2 = p.scale * kLog2e;
+  const float window = p.window > 0 ? static_cast<float>(p.window) : INFINITY;
 
   load_tile<D, BM, NT>(sQ, gq, p.q_ss, q0, S);
   load_kv(0, 0);
@@ -245,7 +247,8 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
       for (int e1 = 0; e1 < 2; ++e1) {
         const int c = j * 8 + (lane & 3) * 2 + e1;
         const int kj = k0 + c;
-        const int kpos = sKpos[buf * BN + c], kdoc = sKdoc[buf * BN + c];
+        const float kpos = sKpos[buf * BN + c];
+        const int kdoc = sKdoc[buf * BN + c];
         const float rate2 = sKrate[buf * BN + c], mask2 = sKmask[buf * BN + c];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -253,7 +256,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
           for (int hf = 0; hf < 2; ++hf)
             s[mt][j][2 * hf + e1] =
                 score2<BIAS, MASKS>(s[mt][j][2 * hf + e1], scale2, qrow[mt][hf], qpos[mt][hf], qdoc[mt][hf], kj,
-                                    kpos, kdoc, rate2, mask2, check, p.window);
+                                    kpos, kdoc, rate2, mask2, check, window);
       }
 
     // Online softmax (log2 units).
@@ -355,17 +358,18 @@ __global__ void delta_kernel(const RetentionAttnParams p, const RetentionAttnGra
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// dQ: one CTA per (query tile, head, batch), looping over key tiles; recomputes P and dP.
-template <int D, int NW, bool BIAS, bool MASKS>
+// dQ: one CTA per (query tile, head, batch), looping over key tiles of BNK keys; recomputes P and dP. Each warp
+// owns MT m16 row tiles, so every K / V fragment read from shared memory feeds MT products.
+template <int D, int NW, int MT, int BNK, bool BIAS, bool MASKS>
 __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p, const RetentionAttnGrads g) {
-  constexpr int BM = NW * 16, NT = NW * 32, BN = kBN;
+  constexpr int BM = NW * 16 * MT, NT = NW * 32, BN = BNK;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* sQ = reinterpret_cast<bf16*>(smem);
   bf16* sdO = sQ + BM * D;
   bf16* sK = sdO + BM * D;
   bf16* sV = sK + 2 * BN * D;
-  int* sKpos = reinterpret_cast<int*>(sV + 2 * BN * D);
-  int* sKdoc = sKpos + 2 * BN;
+  float* sKpos = reinterpret_cast<float*>(sV + 2 * BN * D);
+  int* sKdoc = reinterpret_cast<int*>(sKpos + 2 * BN);
   float* sKrate = reinterpret_cast<float*>(sKdoc + 2 * BN);
   float* sKmask = sKrate + 2 * BN;
 
@@ -389,40 +393,45 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
     if (tid < BN) {
       const int kj = k0 + tid;
       const bool ok = kj < S;
-      sKpos[buf * BN + tid] = ok ? gpos[kj] : 0;
+      sKpos[buf * BN + tid] = ok ? static_cast<float>(gpos[kj]) : 0.f;
       sKdoc[buf * BN + tid] = gdoc ? (ok ? gdoc[kj] : INT_MIN) : 0;
       sKrate[buf * BN + tid] = ok && grate ? grate[kj] * kLog2e : 0.f;
       sKmask[buf * BN + tid] = ok && gmask ? gmask[kj] * kLog2e : 0.f;
     }
   };
 
-  int qrow[2], qpos[2], qdoc[2];
-  float lse2[2], dlt[2];
+  int qrow[MT][2], qdoc[MT][2];
+  float qpos[MT][2], lse2[MT][2], dlt[MT][2];
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int r = q0 + warp * 16 + (lane >> 2) + hf * 8;
-    qrow[hf] = r;
-    qpos[hf] = r < S ? gpos[r] : 0;
-    qdoc[hf] = gdoc ? (r < S ? gdoc[r] : INT_MAX) : 0;
-    const float ls = r < S ? p.lse[row_base + r] : -INFINITY;
-    lse2[hf] = ls == -INFINITY ? INFINITY : ls * kLog2e;  // a row that sees nothing: P = 0
-    dlt[hf] = r < S ? g.delta[row_base + r] : 0.f;
-  }
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = q0 + warp * 16 * MT + mt * 16 + (lane >> 2) + hf * 8;
+      qrow[mt][hf] = r;
+      qpos[mt][hf] = r < S ? static_cast<float>(gpos[r]) : 0.f;
+      qdoc[mt][hf] = gdoc ? (r < S ? gdoc[r] : INT_MAX) : 0;
+      const float ls = r < S ? p.lse[row_base + r] : -INFINITY;
+      lse2[mt][hf] = ls == -INFINITY ? INFINITY : ls * kLog2e;  // a row that sees nothing: P = 0
+      dlt[mt][hf] = r < S ? g.delta[row_base + r] : 0.f;
+    }
 
   const int kend = min(S, q0 + BM);
   const int nkt = (kend + BN - 1) / BN;
   const float scale2 = p.scale * kLog2e;
+  const float window = p.window > 0 ? static_cast<float>(p.window) : INFINITY;
 
   load_tile<D, BM, NT>(sQ, gq, p.q_ss, q0, S);
   load_tile<D, BM, NT>(sdO, gdo, g.do_ss, q0, S);
   load_kv(0, 0);
   cp_async_commit();
 
-  float acc[D / 8][4];
+  float acc[MT][D / 8][4];
 #pragma unroll
-  for (int j = 0; j < D / 8; ++j)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
 
   for (int kt = 0; kt < nkt; ++kt) {
     const int buf = kt & 1;
@@ -437,25 +446,33 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
     const bf16* cK = sK + buf * BN * D;
     const bf16* cV = sV + buf * BN * D;
 
-    float s[BN / 8][4], dp[BN / 8][4];
+    float s[MT][BN / 8][4], dp[MT][BN / 8][4];
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.f;
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][j][e] = dp[mt][j][e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      uint32_t a[4], ad[4];
-      ld_a<D>(a, sQ, warp * 16, ks * 16, lane);
-      ld_a<D>(ad, sdO, warp * 16, ks * 16, lane);
+      uint32_t a[MT][4], ad[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        ld_a<D>(a[mt], sQ, warp * 16 * MT + mt * 16, ks * 16, lane);
+        ld_a<D>(ad[mt], sdO, warp * 16 * MT + mt * 16, ks * 16, lane);
+      }
 #pragma unroll
       for (int np = 0; np < BN / 16; ++np) {
         uint32_t bk[4], bv[4];
         ld_b_nk<D>(bk, cK, np * 16, ks * 16, lane);
         ld_b_nk<D>(bv, cV, np * 16, ks * 16, lane);
-        mma16816(s[2 * np], a, bk[0], bk[1]);
-        mma16816(s[2 * np + 1], a, bk[2], bk[3]);
-        mma16816(dp[2 * np], ad, bv[0], bv[1]);
-        mma16816(dp[2 * np + 1], ad, bv[2], bv[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816(s[mt][2 * np], a[mt], bk[0], bk[1]);
+          mma16816(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+          mma16816(dp[mt][2 * np], ad[mt], bv[0], bv[1]);
+          mma16816(dp[mt][2 * np + 1], ad[mt], bv[2], bv[3]);
+        }
       }
     }
 
@@ -467,48 +484,59 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
       for (int e1 = 0; e1 < 2; ++e1) {
         const int c = j * 8 + (lane & 3) * 2 + e1;
         const int kj = k0 + c;
-        const int kpos = sKpos[buf * BN + c], kdoc = sKdoc[buf * BN + c];
+        const float kpos = sKpos[buf * BN + c];
+        const int kdoc = sKdoc[buf * BN + c];
         const float rate2 = sKrate[buf * BN + c], mask2 = sKmask[buf * BN + c];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const float x = score2<BIAS, MASKS>(s[j][2 * hf + e1], scale2, qrow[hf], qpos[hf], qdoc[hf], kj, kpos, kdoc,
-                                              rate2, mask2, check, p.window);
-          const float pr = fast_exp2(x - lse2[hf]);
-          s[j][2 * hf + e1] = pr * (dp[j][2 * hf + e1] - dlt[hf]);  // dS
-        }
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const float x = score2<BIAS, MASKS>(s[mt][j][2 * hf + e1], scale2, qrow[mt][hf], qpos[mt][hf],
+                                                qdoc[mt][hf], kj, kpos, kdoc, rate2, mask2, check, window);
+            const float pr = fast_exp2(x - lse2[mt][hf]);
+            s[mt][j][2 * hf + e1] = pr * (dp[mt][j][2 * hf + e1] - dlt[mt][hf]);  // dS
+          }
       }
 
     // dQ += dS·K
 #pragma unroll
     for (int ks = 0; ks < BN / 16; ++ks) {
-      uint32_t a[4];
-      a[0] = pack_bf16(s[2 * ks][0], s[2 * ks][1]);
-      a[1] = pack_bf16(s[2 * ks][2], s[2 * ks][3]);
-      a[2] = pack_bf16(s[2 * ks + 1][0], s[2 * ks + 1][1]);
-      a[3] = pack_bf16(s[2 * ks + 1][2], s[2 * ks + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = pack_bf16(s[mt][2 * ks][0], s[mt][2 * ks][1]);
+        a[mt][1] = pack_bf16(s[mt][2 * ks][2], s[mt][2 * ks][3]);
+        a[mt][2] = pack_bf16(s[mt][2 * ks + 1][0], s[mt][2 * ks + 1][1]);
+        a[mt][3] = pack_bf16(s[mt][2 * ks + 1][2], s[mt][2 * ks + 1][3]);
+      }
 #pragma unroll
       for (int np = 0; np < D / 16; ++np) {
         uint32_t bb[4];
         ld_b_kn<D>(bb, cK, ks * 16, np * 16, lane);
-        mma16816(acc[2 * np], a, bb[0], bb[1]);
-        mma16816(acc[2 * np + 1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816(acc[mt][2 * np], a[mt], bb[0], bb[1]);
+          mma16816(acc[mt][2 * np + 1], a[mt], bb[2], bb[3]);
+        }
       }
     }
     __syncthreads();
   }
 
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int r = qrow[hf];
-    if (r >= S) continue;
-    bf16* gdq = static_cast<bf16*>(g.dq) + b * g.dq_sb + h * g.dq_sh + r * g.dq_ss;
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-      const int c = j * 8 + (lane & 3) * 2;
-      *reinterpret_cast<__nv_bfloat162*>(gdq + c) =
-          __floats2bfloat162_rn(acc[j][2 * hf] * p.scale, acc[j][2 * hf + 1] * p.scale);
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = qrow[mt][hf];
+      if (r >= S) continue;
+      bf16* gdq = static_cast<bf16*>(g.dq) + b * g.dq_sb + h * g.dq_sh + r * g.dq_ss;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        const int c = j * 8 + (lane & 3) * 2;
+        *reinterpret_cast<__nv_bfloat162*>(gdq + c) =
+            __floats2bfloat162_rn(acc[mt][j][2 * hf] * p.scale, acc[mt][j][2 * hf + 1] * p.scale);
+      }
     }
-  }
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -522,8 +550,8 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
   bf16* sV = sK + BN * D;
   bf16* sQ = sV + BN * D;        // 2 buffers
   bf16* sdO = sQ + 2 * BMQ * D;  // 2 buffers
-  int* sQpos = reinterpret_cast<int*>(sdO + 2 * BMQ * D);
-  int* sQdoc = sQpos + 2 * BMQ;
+  float* sQpos = reinterpret_cast<float*>(sdO + 2 * BMQ * D);
+  int* sQdoc = reinterpret_cast<int*>(sQpos + 2 * BMQ);
   float* sLse2 = reinterpret_cast<float*>(sQdoc + 2 * BMQ);
   float* sDelta = sLse2 + 2 * BMQ;
 
@@ -536,14 +564,14 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
   const int* gdoc = p.doc ? p.doc + static_cast<int64_t>(b) * S : nullptr;
 
   // This thread's keys: k0 + warp·16 + lane/4 + 8·hf.
-  int krow[2], kpos[2], kdoc[2];
-  float rate2[2], mask2[2];
+  int krow[2], kdoc[2];
+  float kpos[2], rate2[2], mask2[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int r = k0 + warp * 16 + (lane >> 2) + hf * 8;
     const bool ok = r < S;
     krow[hf] = r;
-    kpos[hf] = ok ? gpos[r] : 0;
+    kpos[hf] = ok ? static_cast<float>(gpos[r]) : 0.f;
     kdoc[hf] = gdoc ? (ok ? gdoc[r] : INT_MIN) : 0;
     rate2[hf] = ok && p.key_rate ? p.key_rate[b * p.kr_sb + hk * p.kr_sh + r] * kLog2e : 0.f;
     mask2[hf] = ok && p.key_log_mask ? p.key_log_mask[b * p.km_sb + hk * p.km_sh + r] * kLog2e : 0.f;
@@ -565,7 +593,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
       const int r = q0 + tid;
       const bool ok = r < S;
       const int64_t row = (static_cast<int64_t>(b) * p.H + h) * S + r;
-      sQpos[buf * BMQ + tid] = ok ? gpos[r] : 0;
+      sQpos[buf * BMQ + tid] = ok ? static_cast<float>(gpos[r]) : 0.f;
       sQdoc[buf * BMQ + tid] = gdoc ? (ok ? gdoc[r] : INT_MAX) : 0;
       const float ls = ok ? p.lse[row] : -INFINITY;
       sLse2[buf * BMQ + tid] = ls == -INFINITY ? INFINITY : ls * kLog2e;
@@ -585,6 +613,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
     for (int e = 0; e < 4; ++e) adk[j][e] = adv[j][e] = 0.f;
   float grate[2] = {0.f, 0.f}, gmask[2] = {0.f, 0.f};
   const float scale2 = p.scale * kLog2e;
+  const float window = p.window > 0 ? static_cast<float>(p.window) : INFINITY;
 
   for (int it = 0; it < iters; ++it) {
     const int buf = it & 1;
@@ -598,7 +627,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
     __syncthreads();
     const bf16* cQ = sQ + buf * BMQ * D;
     const bf16* cdO = sdO + buf * BMQ * D;
-    const int* cpos = sQpos + buf * BMQ;
+    const float* cpos = sQpos + buf * BMQ;
     const int* cdoc = sQdoc + buf * BMQ;
     const float* clse = sLse2 + buf * BMQ;
     const float* cdel = sDelta + buf * BMQ;
@@ -634,18 +663,19 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
       for (int e1 = 0; e1 < 2; ++e1) {
         const int c = j * 8 + (lane & 3) * 2 + e1;
         const int qi = q0 + c;
-        const int qp = cpos[c], qd = cdoc[c];
+        const float qp = cpos[c];
+        const int qd = cdoc[c];
         const float ls = clse[c], de = cdel[c];
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const float x = score2<BIAS, MASKS>(s[j][2 * hf + e1], scale2, qi, qp, qd, krow[hf], kpos[hf], kdoc[hf],
-                                              rate2[hf], mask2[hf], check, p.window);
+                                              rate2[hf], mask2[hf], check, window);
           const float pr = fast_exp2(x - ls);
           const float ds = pr * (dp[j][2 * hf + e1] - de);
           s[j][2 * hf + e1] = pr;
           dp[j][2 * hf + e1] = ds;
           if (BIAS) {
-            grate[hf] = fmaf(ds, static_cast<float>(max(qp - kpos[hf], 0)), grate[hf]);
+            grate[hf] = fmaf(ds, fmaxf(qp - kpos[hf], 0.f), grate[hf]);
             gmask[hf] += qi != krow[hf] ? ds : 0.f;
           }
         }
@@ -706,7 +736,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
 // ------------------------------------------------------------------------------------------------------------
 // Launch configurations.
 constexpr int kFwdNW = 4, kFwdMT = 2;  // 128 query rows per CTA, 32 per warp
-constexpr int kDqNW = 4;               // 64 query rows per CTA
+constexpr int kDqNW = 4, kDqMT = 2, kDqBN = 32;  // 128 query rows per CTA, 32 per warp, 32-key tiles
 constexpr int kDkvNW = 4, kDkvBMQ = 64;  // 64 keys per CTA, 64-query tiles
 
 template <int D>
@@ -715,7 +745,7 @@ constexpr size_t fwd_smem() {
 }
 template <int D>
 constexpr size_t dq_smem() {
-  return (2 * kDqNW * 16 * D + 4 * kBN * D) * sizeof(bf16) + 8 * kBN * 4;
+  return (2 * kDqNW * 16 * kDqMT * D + 4 * kDqBN * D) * sizeof(bf16) + 8 * kDqBN * 4;
 }
 template <int D>
 constexpr size_t dkv_smem() {
@@ -741,16 +771,19 @@ cudaError_t fwd_launch(const RetentionAttnParams& p, cudaStream_t st) {
 template <int D, bool BIAS, bool MASKS>
 cudaError_t bwd_launch(const RetentionAttnParams& p, const RetentionAttnGrads& g, cudaStream_t st) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.S;
-  delta_kernel<<<static_cast<unsigned>((rows * 32 + 255) / 256), 256, 0, st>>>(p, g);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-
-  auto kdq = dq_kernel<D, kDqNW, BIAS, MASKS>;
+  if (g.passes & kRetentionBwdDelta) {
+    delta_kernel<<<static_cast<unsigned>((rows * 32 + 255) / 256), 256, 0, st>>>(p, g);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  }
+  if (g.passes & kRetentionBwdDq) {
+  auto kdq = dq_kernel<D, kDqNW, kDqMT, kDqBN, BIAS, MASKS>;
   constexpr size_t smq = dq_smem<D>();
   if (cudaError_t e = allow_smem(kdq, smq); e != cudaSuccess) return e;
-  constexpr int BM = kDqNW * 16;
+  constexpr int BM = kDqNW * 16 * kDqMT;
   kdq<<<dim3((p.S + BM - 1) / BM, p.H, p.B), kDqNW * 32, smq, st>>>(p, g);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-
+  }
+  if (!(g.passes & kRetentionBwdDkv)) return cudaSuccess;
   auto kkv = dkv_kernel<D, kDkvNW, kDkvBMQ, BIAS, MASKS>;
   constexpr size_t smk = dkv_smem<D>();
   if (cudaError_t e = allow_smem(kkv, smk); e != cudaSuccess) return e;
@@ -801,7 +834,9 @@ cudaError_t retention_attention_fwd(const RetentionAttnParams& p, cudaStream_t s
 }
 
 cudaError_t retention_attention_bwd(const RetentionAttnParams& p, const RetentionAttnGrads& g, cudaStream_t stream) {
-  if (!valid(p) || !g.dout || !g.dq || !g.dk || !g.dv || !g.delta) return cudaErrorInvalidValue;
+  if (!valid(p) || !g.dout || !g.delta) return cudaErrorInvalidValue;
+  if (((g.passes & kRetentionBwdDq) && !g.dq) || ((g.passes & kRetentionBwdDkv) && (!g.dk || !g.dv)))
+    return cudaErrorInvalidValue;
   return dispatch<BwdOp>(p, g, stream);
 }
 

@@ -55,6 +55,9 @@ struct RetentionAttnParams {
   float scale = 1.f;
 };
 
+// The backward's passes: Δ, then dQ and dK/dV (+ dkey_rate, dkey_log_mask), independent of each other.
+constexpr int kRetentionBwdDelta = 1, kRetentionBwdDq = 2, kRetentionBwdDkv = 4, kRetentionBwdAll = 7;
+
 struct RetentionAttnGrads {
   const void* dout = nullptr;  // bf16 (B, H, S, D)
   int64_t do_sb = 0, do_sh = 0, do_ss = 0;
@@ -67,6 +70,7 @@ struct RetentionAttnGrads {
   float* dkey_rate = nullptr;      // (B, H_kv, S) contiguous; written when key_rate is set (may be null)
   float* dkey_log_mask = nullptr;  // (B, H_kv, S) contiguous; written when key_log_mask is set (may be null)
   float* delta = nullptr;          // workspace (B, H, S) contiguous fp32
+  int passes = kRetentionBwdAll;   // which passes run (bits below); dq needs delta, so does dk/dv
 };
 
 // Forward: writes out and lse.

@@ -24,6 +24,7 @@ namespace kvd {
 //   key_rate     (B, H_kv, S) floating, or undefined: bias (pos_i - pos_j)·key_rate[j] (TRIM-KV log β)
 //   key_log_mask (B, H_kv, S) floating, or undefined: bias key_log_mask[j] for j != i (Attention-Gate)
 //   window       sliding window w >= 1 (pos_i - pos_j < w), or nullopt
+//   (the kernel holds positions in float32: exact below 2^24)
 //   scale        the logit scale, e.g. 1/sqrt(D)
 // Returns (B, H, S, D) in q's dtype. Gradients flow to q, k, v, key_rate and key_log_mask.
 // On CUDA (bf16, D in {64, 128}) this runs the fused kernel, deterministic in its gradients; elsewhere it runs
@@ -59,10 +60,12 @@ struct RetentionAttentionGrads {
   at::Tensor dkey_rate;            // (B, H_kv, S) float32, undefined without key_rate
   at::Tensor dkey_log_mask;        // (B, H_kv, S) float32, undefined without key_log_mask
 };
+// passes: bit flags of the backward's passes, 1 = Δ (rowsum dout·out, needed by the others), 2 = dQ,
+// 4 = dK, dV, dkey_rate, dkey_log_mask. Grads of a pass that does not run stay undefined.
 RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, const RetentionAttentionForward& fwd,
                                                      const at::Tensor& positions, const at::Tensor& doc_ids,
                                                      const at::Tensor& key_rate, const at::Tensor& key_log_mask,
-                                                     std::optional<int64_t> window, double scale);
+                                                     std::optional<int64_t> window, double scale, int passes = 7);
 
 }  // namespace kvd
