@@ -11,15 +11,17 @@ BIN=devbin
 if ! LD_LIBRARY_PATH="$LD_LIBRARY_PATH" "$BIN/kvd_test_retention_attention" --gtest_list_tests >/dev/null 2>&1; then
   echo "prebuilt binaries do not run here; building in build-gpu"
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-  ninja -C build-gpu kvd_test_retention_attention bench_retention_attention >"$OUT/build.log" 2>&1 ||
+  ninja -C build-gpu kvd_test_retention_attention kvd_test_soft_cache_size bench_retention_attention >"$OUT/build.log" 2>&1 ||
     { grep -E "error|FAILED" "$OUT/build.log" | head -30; exit 1; }
   BIN=build-gpu
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 date -u
-"$BIN/kvd_test_retention_attention" >"$OUT/test.log" 2>&1
-echo "tests rc=$?"
-grep -E "rel L2|^\[  (PASSED|FAILED|  OK|SKIPPED)|Failure|Expected|Which is|which is|error" "$OUT/test.log" | head -80
+for t in kvd_test_retention_attention kvd_test_soft_cache_size; do
+  "$BIN/$t" >"$OUT/$t.log" 2>&1
+  echo "$t rc=$?"
+  grep -E "rel L2|^\[  (PASSED|FAILED)|Failure|Expected|Which is|which is|error|exception" "$OUT/$t.log" | head -60
+done
 "$BIN/bench_retention_attention" --seqs "${SEQS:-4096,8192,16384,32768}" --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log"
 if [ -n "${FLEX_SEQS-8192,16384}" ]; then
   PYTHONUNBUFFERED=1 timeout "${FLEX_TIMEOUT:-150}" python3 bench/flex_retention_attention.py \
