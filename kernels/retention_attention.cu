@@ -18,7 +18,19 @@
 #include <climits>
 #include <cmath>
 
-namespace kvd::kernels {
+// KVD_SIMT_EMULATION: the same kernel code compiled as host C++ against tests/kernels/simt_emulator.h (CPU tests
+// of the kernels; CI has no GPU). The launchers then live in kvd::kernels::emulated.
+#ifdef KVD_SIMT_EMULATION
+#include "tests/kernels/simt_emulator.h"
+#define KVD_RA_NAMESPACE kvd::kernels::emulated
+#else
+#define KVD_RA_NAMESPACE kvd::kernels
+#define KVD_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#define KVD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define KVD_LAST_ERROR() cudaGetLastError()
+#endif
+
+namespace KVD_RA_NAMESPACE {
 namespace {
 
 using bf16 = __nv_bfloat16;
@@ -26,6 +38,21 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kBN = 64;  // keys per tile (forward and dQ), queries per tile (dK/dV)
 
+#ifdef KVD_SIMT_EMULATION
+inline void cp_async16(void* dst, const void* src, bool pred) {
+  if (pred) std::memcpy(dst, src, 16);
+  else std::memset(dst, 0, 16);
+}
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
+inline void ldsm_x4(uint32_t (&r)[4], const void* p) { kvd_sim::ldmatrix_x4(r, p, false); }
+inline void ldsm_x4_t(uint32_t (&r)[4], const void* p) { kvd_sim::ldmatrix_x4(r, p, true); }
+inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  kvd_sim::mma_m16n8k16_bf16(c, a, b0, b1);
+}
+inline float fast_exp2(float x) { return std::exp2(x); }
+#else
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -54,14 +81,16 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 __device__ __forceinline__ float fast_exp2(float x) {  // exp2(-inf) = 0
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+#endif
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+  return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // Element offset of (row, col) in a swizzled tile of rows × D bf16.
@@ -134,7 +163,7 @@ __device__ __forceinline__ float score2(float acc, float scale2, int qi, float q
 template <int D, int NW, int MT, bool BIAS, bool MASKS>
 __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams p) {
   constexpr int BM = NW * 16 * MT, NT = NW * 32, BN = kBN;
-  extern __shared__ __align__(128) unsigned char smem[];
+  KVD_DYNAMIC_SMEM(smem);
   bf16* sQ = reinterpret_cast<bf16*>(smem);
   bf16* sK = sQ + BM * D;
   bf16* sV = sK + 2 * BN * D;
@@ -363,7 +392,7 @@ __global__ void delta_kernel(const RetentionAttnParams p, const RetentionAttnGra
 template <int D, int NW, int MT, int BNK, bool BIAS, bool MASKS>
 __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p, const RetentionAttnGrads g) {
   constexpr int BM = NW * 16 * MT, NT = NW * 32, BN = BNK;
-  extern __shared__ __align__(128) unsigned char smem[];
+  KVD_DYNAMIC_SMEM(smem);
   bf16* sQ = reinterpret_cast<bf16*>(smem);
   bf16* sdO = sQ + BM * D;
   bf16* sK = sdO + BM * D;
@@ -545,7 +574,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
 template <int D, int NW, int BMQ, bool BIAS, bool MASKS>
 __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams p, const RetentionAttnGrads g) {
   constexpr int BN = NW * 16, NT = NW * 32;
-  extern __shared__ __align__(128) unsigned char smem[];
+  KVD_DYNAMIC_SMEM(smem);
   bf16* sK = reinterpret_cast<bf16*>(smem);
   bf16* sV = sK + BN * D;
   bf16* sQ = sV + BN * D;        // 2 buffers
@@ -754,7 +783,12 @@ constexpr size_t dkv_smem() {
 
 template <typename K>
 cudaError_t allow_smem(K kernel, size_t bytes) {
+#ifdef KVD_SIMT_EMULATION
+  (void)kernel, (void)bytes;
+  return cudaSuccess;
+#else
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+#endif
 }
 
 template <int D, bool BIAS, bool MASKS>
@@ -764,32 +798,32 @@ cudaError_t fwd_launch(const RetentionAttnParams& p, cudaStream_t st) {
   if (cudaError_t e = allow_smem(kernel, sm); e != cudaSuccess) return e;
   constexpr int BM = kFwdNW * 16 * kFwdMT;
   dim3 grid((p.S + BM - 1) / BM, p.H, p.B);
-  kernel<<<grid, kFwdNW * 32, sm, st>>>(p);
-  return cudaGetLastError();
+  KVD_LAUNCH(kernel, grid, kFwdNW * 32, sm, st, p);
+  return KVD_LAST_ERROR();
 }
 
 template <int D, bool BIAS, bool MASKS>
 cudaError_t bwd_launch(const RetentionAttnParams& p, const RetentionAttnGrads& g, cudaStream_t st) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.S;
   if (g.passes & kRetentionBwdDelta) {
-    delta_kernel<<<static_cast<unsigned>((rows * 32 + 255) / 256), 256, 0, st>>>(p, g);
-    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    KVD_LAUNCH(delta_kernel, static_cast<unsigned>((rows * 32 + 255) / 256), 256, 0, st, p, g);
+    if (cudaError_t e = KVD_LAST_ERROR(); e != cudaSuccess) return e;
   }
   if (g.passes & kRetentionBwdDq) {
   auto kdq = dq_kernel<D, kDqNW, kDqMT, kDqBN, BIAS, MASKS>;
   constexpr size_t smq = dq_smem<D>();
   if (cudaError_t e = allow_smem(kdq, smq); e != cudaSuccess) return e;
   constexpr int BM = kDqNW * 16 * kDqMT;
-  kdq<<<dim3((p.S + BM - 1) / BM, p.H, p.B), kDqNW * 32, smq, st>>>(p, g);
-  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  KVD_LAUNCH(kdq, dim3((p.S + BM - 1) / BM, p.H, p.B), kDqNW * 32, smq, st, p, g);
+  if (cudaError_t e = KVD_LAST_ERROR(); e != cudaSuccess) return e;
   }
   if (!(g.passes & kRetentionBwdDkv)) return cudaSuccess;
   auto kkv = dkv_kernel<D, kDkvNW, kDkvBMQ, BIAS, MASKS>;
   constexpr size_t smk = dkv_smem<D>();
   if (cudaError_t e = allow_smem(kkv, smk); e != cudaSuccess) return e;
   constexpr int BN = kDkvNW * 16;
-  kkv<<<dim3((p.S + BN - 1) / BN, p.Hkv, p.B), kDkvNW * 32, smk, st>>>(p, g);
-  return cudaGetLastError();
+  KVD_LAUNCH(kkv, dim3((p.S + BN - 1) / BN, p.Hkv, p.B), kDkvNW * 32, smk, st, p, g);
+  return KVD_LAST_ERROR();
 }
 
 template <template <int, bool, bool> class F, typename... A>
@@ -840,4 +874,4 @@ cudaError_t retention_attention_bwd(const RetentionAttnParams& p, const Retentio
   return dispatch<BwdOp>(p, g, stream);
 }
 
-}  // namespace kvd::kernels
+}  // namespace KVD_RA_NAMESPACE
