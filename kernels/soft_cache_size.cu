@@ -1,22 +1,40 @@
 // See soft_cache_size.cuh.
 #include "kernels/soft_cache_size.cuh"
 
-namespace kvd::kernels {
+// KVD_SIMT_EMULATION: compiled as host C++ against tests/kernels/simt_emulator.h for CPU tests (see
+// kernels/retention_attention.cu); the launchers then live in kvd::kernels::emulated.
+#ifdef KVD_SIMT_EMULATION
+#include <cmath>
+
+#include "tests/kernels/simt_emulator.h"
+#define KVD_SCS_NAMESPACE kvd::kernels::emulated
+#else
+#define KVD_SCS_NAMESPACE kvd::kernels
+#define KVD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define KVD_LAST_ERROR() cudaGetLastError()
+#define KVD_SHARED_ARRAY(type, name, n) __shared__ type name[n]
+#endif
+
+namespace KVD_SCS_NAMESPACE {
 namespace {
 
 constexpr int kTile = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
+#ifdef KVD_SIMT_EMULATION
+inline float ex2(float x) { return std::exp2(x); }
+#else
 __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
+#endif
 
 // grid (ceil(T / kTile), H, B); thread = one row t.
 __global__ void __launch_bounds__(kTile) fwd_kernel(const float* __restrict__ x, const int32_t* __restrict__ start,
                                                     float* __restrict__ out, int H, int T) {
-  __shared__ float sx[kTile];
+  KVD_SHARED_ARRAY(float, sx, kTile);
   const int b = blockIdx.z, h = blockIdx.y, t0 = blockIdx.x * kTile;
   const int t = t0 + threadIdx.x;
   const float* xr = x + (static_cast<int64_t>(b) * H + h) * T;
@@ -44,7 +62,7 @@ __global__ void __launch_bounds__(kTile) fwd_kernel(const float* __restrict__ x,
 __global__ void __launch_bounds__(kTile) bwd_kernel(const float* __restrict__ x, const float* __restrict__ dout,
                                                     const int32_t* __restrict__ end, float* __restrict__ dx, int H,
                                                     int T) {
-  __shared__ float sd[kTile];
+  KVD_SHARED_ARRAY(float, sd, kTile);
   const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kTile;
   const int j = j0 + threadIdx.x;
   const int64_t row = (static_cast<int64_t>(b) * H + h) * T;
@@ -74,15 +92,15 @@ __global__ void __launch_bounds__(kTile) bwd_kernel(const float* __restrict__ x,
 cudaError_t soft_cache_size_fwd(const float* x, const int32_t* start, float* out, int B, int H, int T,
                                 cudaStream_t stream) {
   if (B <= 0 || H <= 0 || T <= 0 || !x || !start || !out) return cudaErrorInvalidValue;
-  fwd_kernel<<<dim3((T + kTile - 1) / kTile, H, B), kTile, 0, stream>>>(x, start, out, H, T);
-  return cudaGetLastError();
+  KVD_LAUNCH(fwd_kernel, dim3((T + kTile - 1) / kTile, H, B), kTile, 0, stream, x, start, out, H, T);
+  return KVD_LAST_ERROR();
 }
 
 cudaError_t soft_cache_size_bwd(const float* x, const float* dout, const int32_t* end, float* dx, int B, int H, int T,
                                 cudaStream_t stream) {
   if (B <= 0 || H <= 0 || T <= 0 || !x || !dout || !end || !dx) return cudaErrorInvalidValue;
-  bwd_kernel<<<dim3((T + kTile - 1) / kTile, H, B), kTile, 0, stream>>>(x, dout, end, dx, H, T);
-  return cudaGetLastError();
+  KVD_LAUNCH(bwd_kernel, dim3((T + kTile - 1) / kTile, H, B), kTile, 0, stream, x, dout, end, dx, H, T);
+  return KVD_LAST_ERROR();
 }
 
-}  // namespace kvd::kernels
+}  // namespace KVD_SCS_NAMESPACE

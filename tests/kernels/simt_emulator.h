@@ -72,7 +72,7 @@ struct Warp {
 };
 
 struct Cta {
-  Cta(int threads, size_t smem_bytes) : bar(threads), smem(smem_bytes + 16, 0xFF) {
+  Cta(int threads, size_t smem_bytes) : bar(threads), smem(smem_bytes + 65536, 0xFF) {  // + static __shared__
     for (int w = 0; w < (threads + 31) / 32; ++w) warps.emplace_back(std::make_unique<Warp>());
   }
   Barrier bar;
@@ -193,6 +193,8 @@ inline void __syncthreads() { kvd_sim::tl_cta->bar.wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return kvd_sim::shfl_xor(v, mask); }
 
 #define KVD_DYNAMIC_SMEM(name) unsigned char* name = ::kvd_sim::dynamic_smem()
+// A static __shared__ array: one per CTA, i.e. per emulated CTA's dynamic buffer (launch with smem >= its size).
+#define KVD_SHARED_ARRAY(type, name, n) type* name = reinterpret_cast<type*>(::kvd_sim::dynamic_smem())
 #define KVD_LAUNCH(kernel, grid, block, smem, stream, ...) \
   ::kvd_sim::launch(kernel, dim3(grid), dim3(block), smem, __VA_ARGS__)
 #define KVD_LAST_ERROR() cudaSuccess
