@@ -2,6 +2,9 @@
 // (no bias, causal), forward and forward + backward, in the same run, and prints ratios and TFLOP/s.
 //
 //   bench_retention_attention [--seqs 4096,8192,16384,32768] [--heads 9,32] [--dims 64,128] [--csv FILE]
+//                             [--docs N]
+// --docs N: ours sees N packed documents of S/N rows each (doc ids, positions restarting), the training layout
+// of packed sequences; the kernels skip the key tiles of other documents. SDPA still runs plain causal.
 //
 // Shapes: batch 1, H query heads, H_kv = 3 for H = 9 (SmolLM2-135M) and H / 4 otherwise; ours is grouped (GQA)
 // with a key_rate bias (TRIM-KV) and, as a second line, without any mod; SDPA flash gets K/V repeated to H heads
@@ -56,12 +59,14 @@ double time_ms(const std::function<void()>& fn, int reps) {
 int main(int argc, char** argv) {
   std::vector<int64_t> seqs{4096, 8192, 16384, 32768}, heads{9, 32}, dims{64, 128};
   std::string csv;
+  int64_t ndocs = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string a = argv[i];
     if (a == "--seqs") seqs = parse_list(argv[i + 1]);
     else if (a == "--heads") heads = parse_list(argv[i + 1]);
     else if (a == "--dims") dims = parse_list(argv[i + 1]);
     else if (a == "--csv") csv = argv[i + 1];
+    else if (a == "--docs") ndocs = std::stoll(argv[i + 1]);
     else {
       std::fprintf(stderr, "unknown option %s\n", a.c_str());
       return 2;
@@ -97,6 +102,11 @@ int main(int argc, char** argv) {
         at::Tensor q = torch::randn({1, H, S, D}, bf), k = torch::randn({1, Hkv, S, D}, bf),
                    v = torch::randn({1, Hkv, S, D}, bf);
         at::Tensor pos = torch::arange(S, f32.dtype(torch::kLong)).view({1, S});
+        at::Tensor docs;  // undefined: one document
+        if (ndocs > 1) {
+          docs = torch::div(pos * ndocs, S, "floor");                        // (1, S) document of each row
+          pos = pos - torch::div(docs * S + ndocs - 1, ndocs, "floor");      // restart at each document's start
+        }
         at::Tensor rate = -torch::exp(torch::randn({1, Hkv, S}, f32) * 1.5 - 5.0);
         at::Tensor dout = torch::randn({1, H, S, D}, bf);
         at::Tensor ke = k.repeat_interleave(G, 1), ve = v.repeat_interleave(G, 1);
@@ -104,20 +114,20 @@ int main(int argc, char** argv) {
         const double fl = 2.0 * H * static_cast<double>(S) * S * D;  // causal forward FLOPs
 
         kvd::RetentionAttentionForward f;
-        const double o_f = time_ms([&] { f = kvd::retention_attention_forward(q, k, v, pos, {}, rate, {}, {}, scale); },
+        const double o_f = time_ms([&] { f = kvd::retention_attention_forward(q, k, v, pos, docs, rate, {}, {}, scale); },
                                    reps);
         const double o_fb = time_ms(
             [&] {
-              f = kvd::retention_attention_forward(q, k, v, pos, {}, rate, {}, {}, scale);
-              kvd::retention_attention_backward(dout, q, k, v, f, pos, {}, rate, {}, {}, scale);
+              f = kvd::retention_attention_forward(q, k, v, pos, docs, rate, {}, {}, scale);
+              kvd::retention_attention_backward(dout, q, k, v, f, pos, docs, rate, {}, {}, scale);
             },
             reps);
-        const double n_f = time_ms([&] { f = kvd::retention_attention_forward(q, k, v, pos, {}, {}, {}, {}, scale); },
+        const double n_f = time_ms([&] { f = kvd::retention_attention_forward(q, k, v, pos, docs, {}, {}, {}, scale); },
                                    reps);
         const double n_fb = time_ms(
             [&] {
-              f = kvd::retention_attention_forward(q, k, v, pos, {}, {}, {}, {}, scale);
-              kvd::retention_attention_backward(dout, q, k, v, f, pos, {}, {}, {}, {}, scale);
+              f = kvd::retention_attention_forward(q, k, v, pos, docs, {}, {}, {}, scale);
+              kvd::retention_attention_backward(dout, q, k, v, f, pos, docs, {}, {}, {}, scale);
             },
             reps);
         const double s_f = time_ms([&] { at::_scaled_dot_product_flash_attention(q, ke, ve, 0.0, true, false, scale); },
@@ -132,11 +142,11 @@ int main(int argc, char** argv) {
             },
             reps);
         // The backward's passes apart (with the key_rate bias): Δ + dQ, and Δ + dK/dV.
-        f = kvd::retention_attention_forward(q, k, v, pos, {}, rate, {}, {}, scale);
+        f = kvd::retention_attention_forward(q, k, v, pos, docs, rate, {}, {}, scale);
         const double b_dq = time_ms(
-            [&] { kvd::retention_attention_backward(dout, q, k, v, f, pos, {}, rate, {}, {}, scale, 1 | 2); }, reps);
+            [&] { kvd::retention_attention_backward(dout, q, k, v, f, pos, docs, rate, {}, {}, scale, 1 | 2); }, reps);
         const double b_dkv = time_ms(
-            [&] { kvd::retention_attention_backward(dout, q, k, v, f, pos, {}, rate, {}, {}, scale, 1 | 4); }, reps);
+            [&] { kvd::retention_attention_backward(dout, q, k, v, f, pos, docs, rate, {}, {}, scale, 1 | 4); }, reps);
         auto tf = [](double flops, double ms) { return flops / (ms * 1e-3) / 1e12; };
         char c1[64], c2[64], c3[64], c4[64], c5[64], c6[64];
         std::snprintf(c1, sizeof c1, "%.3f (%.0f)", o_f, tf(fl, o_f));
@@ -153,6 +163,7 @@ int main(int argc, char** argv) {
           out_csv << S << ',' << H << ',' << Hkv << ',' << D << ',' << o_f << ',' << n_f << ',' << s_f << ',' << o_fb
                   << ',' << n_fb << ',' << s_fb << ',' << b_dq << ',' << b_dkv << '\n';
       }
+  if (ndocs > 1) std::printf("ours with %ld packed documents per row; SDPA plain causal\n", (long)ndocs);
   std::printf("ratio = ours (key_rate bias, GQA) / SDPA flash (no bias); nb/sd = ours without mods / SDPA flash; "
               "bwd dQ / dKV: ms of the backward's Δ + dQ and Δ + dK/dV passes alone\n");
   return 0;

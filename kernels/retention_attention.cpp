@@ -130,6 +130,7 @@ at::Tensor kernel_empty_like(const at::Tensor& t) {
 struct Prepared {
   Dims d;
   at::Tensor q, k, v, pos, doc, rate, mask;
+  at::Tensor row_blocks;  // (B, ceil(S / 32), 4) int32 workspace when doc ids or a window are set
 };
 
 Prepared prepare(const char* who, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -154,6 +155,8 @@ Prepared prepare(const char* who, const at::Tensor& q, const at::Tensor& k, cons
   };
   p.rate = per_key(key_rate);
   p.mask = per_key(key_log_mask);
+  if (doc_ids.defined() || window)
+    p.row_blocks = at::empty({p.d.B, (p.d.S + 31) / 32, 4}, p.pos.options());
   return p;
 }
 
@@ -186,6 +189,7 @@ kernels::RetentionAttnParams params(const Prepared& p, const at::Tensor& out, co
   }
   r.window = window ? static_cast<int>(std::min<int64_t>(*window, std::numeric_limits<int>::max())) : 0;
   r.scale = static_cast<float>(scale);
+  r.row_blocks = p.row_blocks.defined() ? p.row_blocks.data_ptr<int32_t>() : nullptr;
   return r;
 }
 

@@ -158,6 +158,53 @@ __device__ __forceinline__ float score2(float acc, float scale2, int qi, float q
   return x;
 }
 
+// Row blocks of 32: min / max document and position of the valid rows of each block (B, ceil(S / 32), 4).
+constexpr int kRowBlock = 32;
+__global__ void row_blocks_kernel(const RetentionAttnParams p) {
+  const int blk = blockIdx.x, b = blockIdx.y, lane = threadIdx.x;
+  const int r = blk * kRowBlock + lane;
+  const bool ok = r < p.S;
+  const int64_t at = static_cast<int64_t>(b) * p.S + (ok ? r : blk * kRowBlock);  // the block's first row is valid
+  int dmin = p.doc ? p.doc[at] : 0, dmax = dmin, pmin = p.pos[at], pmax = pmin;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    dmin = min(dmin, __shfl_xor_sync(0xffffffffu, dmin, off));
+    dmax = max(dmax, __shfl_xor_sync(0xffffffffu, dmax, off));
+    pmin = min(pmin, __shfl_xor_sync(0xffffffffu, pmin, off));
+    pmax = max(pmax, __shfl_xor_sync(0xffffffffu, pmax, off));
+  }
+  if (lane == 0) {
+    int32_t* o = p.row_blocks + (static_cast<int64_t>(b) * ((p.S + kRowBlock - 1) / kRowBlock) + blk) * 4;
+    o[0] = dmin, o[1] = dmax, o[2] = pmin, o[3] = pmax;
+  }
+}
+
+struct RowBounds {
+  int dmin, dmax, pmin, pmax;
+};
+// Bounds of rows [r0, r0 + n) ∩ [0, S) of batch row b (r0 a multiple of 32, r0 < S).
+__device__ __forceinline__ RowBounds row_bounds(const RetentionAttnParams& p, int b, int r0, int n) {
+  const int nblk = (p.S + kRowBlock - 1) / kRowBlock;
+  const int first = r0 / kRowBlock, last = (min(r0 + n, p.S) - 1) / kRowBlock;
+  const int32_t* o = p.row_blocks + (static_cast<int64_t>(b) * nblk + first) * 4;
+  RowBounds rb{o[0], o[1], o[2], o[3]};
+  for (int i = 1; i <= last - first; ++i) {
+    rb.dmin = min(rb.dmin, o[4 * i]);
+    rb.dmax = max(rb.dmax, o[4 * i + 1]);
+    rb.pmin = min(rb.pmin, o[4 * i + 2]);
+    rb.pmax = max(rb.pmax, o[4 * i + 3]);
+  }
+  return rb;
+}
+// True when no (query, key) pair of the two row ranges can be visible: their documents differ for sure, or every
+// pair is out of the window (pos_q - pos_k >= min pos_q - max pos_k >= w). Sound for any doc ids and positions.
+__device__ __forceinline__ bool tiles_invisible(const RetentionAttnParams& p, int b, int q0, int qn, int k0,
+                                                int kn) {
+  const RowBounds q = row_bounds(p, b, q0, qn), k = row_bounds(p, b, k0, kn);
+  if (p.doc && (q.dmax < k.dmin || k.dmax < q.dmin)) return true;
+  return p.window > 0 && static_cast<int64_t>(q.pmin) - k.pmax >= p.window;
+}
+
 // ------------------------------------------------------------------------------------------------------------
 // Forward: one CTA per (query tile of BM rows, head, batch); NW warps, each MT m16 row tiles.
 template <int D, int NW, int MT, bool BIAS, bool MASKS>
@@ -215,8 +262,15 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
   const float scale2 = p.scale * kLog2e;
   const float window = p.window > 0 ? static_cast<float>(p.window) : INFINITY;
 
+  // The next key tile at or after kt that may hold a visible key (all of them without documents / window).
+  auto next_kt = [&](int kt) {
+    if (MASKS)
+      while (kt < nkt && tiles_invisible(p, b, q0, BM, kt * BN, BN)) ++kt;
+    return kt;
+  };
+  int kt = next_kt(0);
   load_tile<D, BM, NT>(sQ, gq, p.q_ss, q0, S);
-  load_kv(0, 0);
+  if (kt < nkt) load_kv(kt, 0);
   cp_async_commit();
 
   float acc_o[MT][D / 8][4];
@@ -231,10 +285,10 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
     l[mt][0] = l[mt][1] = 0.f;
   }
 
-  for (int kt = 0; kt < nkt; ++kt) {
-    const int buf = kt & 1;
-    if (kt + 1 < nkt) {
-      load_kv(kt + 1, buf ^ 1);
+  for (int buf = 0; kt < nkt; buf ^= 1) {
+    const int kt_next = next_kt(kt + 1);
+    if (kt_next < nkt) {
+      load_kv(kt_next, buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -341,6 +395,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
       }
     }
     __syncthreads();  // the next iteration's prefetch overwrites this buffer
+    kt = kt_next;
   }
 
   // Epilogue: normalize, write out (bf16) and lse.
@@ -449,9 +504,15 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
   const float scale2 = p.scale * kLog2e;
   const float window = p.window > 0 ? static_cast<float>(p.window) : INFINITY;
 
+  auto next_kt = [&](int kt) {
+    if (MASKS)
+      while (kt < nkt && tiles_invisible(p, b, q0, BM, kt * BN, BN)) ++kt;
+    return kt;
+  };
+  int kt = next_kt(0);
   load_tile<D, BM, NT>(sQ, gq, p.q_ss, q0, S);
   load_tile<D, BM, NT>(sdO, gdo, g.do_ss, q0, S);
-  load_kv(0, 0);
+  if (kt < nkt) load_kv(kt, 0);
   cp_async_commit();
 
   float acc[MT][D / 8][4];
@@ -462,10 +523,10 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][j][e] = 0.f;
 
-  for (int kt = 0; kt < nkt; ++kt) {
-    const int buf = kt & 1;
-    if (kt + 1 < nkt) {
-      load_kv(kt + 1, buf ^ 1);
+  for (int buf = 0; kt < nkt; buf ^= 1) {
+    const int kt_next = next_kt(kt + 1);
+    if (kt_next < nkt) {
+      load_kv(kt_next, buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -550,6 +611,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
       }
     }
     __syncthreads();
+    kt = kt_next;
   }
 
 #pragma unroll
@@ -630,9 +692,16 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
     }
   };
 
+  // The next iteration at or after it whose query tile may see a key of this tile (the same for every head).
+  auto next_it = [&](int it) {
+    if (MASKS)
+      while (it < iters && tiles_invisible(p, b, (qt0 + it % per_head) * BMQ, BMQ, k0, BN)) ++it;
+    return it;
+  };
+  int it = next_it(0);
   load_tile<D, BN, NT>(sK, gk, p.k_ss, k0, S);
   load_tile<D, BN, NT>(sV, gv, p.v_ss, k0, S);
-  if (iters > 0) load_q(0, 0);
+  if (it < iters) load_q(it, 0);
   cp_async_commit();
 
   float adk[D / 8][4], adv[D / 8][4];
@@ -644,10 +713,10 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
   const float scale2 = p.scale * kLog2e;
   const float window = p.window > 0 ? static_cast<float>(p.window) : INFINITY;
 
-  for (int it = 0; it < iters; ++it) {
-    const int buf = it & 1;
-    if (it + 1 < iters) {
-      load_q(it + 1, buf ^ 1);
+  for (int buf = 0; it < iters; buf ^= 1) {
+    const int it_next = next_it(it + 1);
+    if (it_next < iters) {
+      load_q(it_next, buf ^ 1);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -734,6 +803,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
       }
     }
     __syncthreads();
+    it = it_next;
   }
 
 #pragma unroll
@@ -791,8 +861,16 @@ cudaError_t allow_smem(K kernel, size_t bytes) {
 #endif
 }
 
+cudaError_t row_blocks_launch(const RetentionAttnParams& p, cudaStream_t st) {
+  if (!p.row_blocks) return cudaErrorInvalidValue;
+  KVD_LAUNCH(row_blocks_kernel, dim3((p.S + kRowBlock - 1) / kRowBlock, p.B), kRowBlock, 0, st, p);
+  return KVD_LAST_ERROR();
+}
+
 template <int D, bool BIAS, bool MASKS>
 cudaError_t fwd_launch(const RetentionAttnParams& p, cudaStream_t st) {
+  if (MASKS)
+    if (cudaError_t e = row_blocks_launch(p, st); e != cudaSuccess) return e;
   auto kernel = fwd_kernel<D, kFwdNW, kFwdMT, BIAS, MASKS>;
   constexpr size_t sm = fwd_smem<D>();
   if (cudaError_t e = allow_smem(kernel, sm); e != cudaSuccess) return e;
@@ -805,6 +883,8 @@ cudaError_t fwd_launch(const RetentionAttnParams& p, cudaStream_t st) {
 template <int D, bool BIAS, bool MASKS>
 cudaError_t bwd_launch(const RetentionAttnParams& p, const RetentionAttnGrads& g, cudaStream_t st) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.S;
+  if (MASKS)
+    if (cudaError_t e = row_blocks_launch(p, st); e != cudaSuccess) return e;
   if (g.passes & kRetentionBwdDelta) {
     KVD_LAUNCH(delta_kernel, static_cast<unsigned>((rows * 32 + 255) / 256), 256, 0, st, p, g);
     if (cudaError_t e = KVD_LAST_ERROR(); e != cudaSuccess) return e;

@@ -53,6 +53,10 @@ struct RetentionAttnParams {
   int64_t km_sb = 0, km_sh = 0;
   int window = 0;   // sliding window w > 0: pos_i - pos_j < w; 0: none
   float scale = 1.f;
+  // Workspace (B, ceil(S / 32), 4) int32, needed when doc ids or a window are set (else may be null): the
+  // launchers write each 32-row block's min / max document and position into it, and the kernels skip the tile
+  // pairs that these bounds prove invisible (packed documents and windows then cost only their own tiles).
+  int32_t* row_blocks = nullptr;
 };
 
 // The backward's passes: Δ, then dQ and dK/dV (+ dkey_rate, dkey_log_mask), independent of each other.

@@ -69,6 +69,8 @@ void run_case(const Case& c, uint64_t seed) {
   if (c.mask) p.key_log_mask = mask.data_ptr<float>(), p.km_sb = mask.stride(0), p.km_sh = mask.stride(1);
   p.window = static_cast<int>(c.window);
   p.scale = static_cast<float>(scale);
+  at::Tensor row_blocks = torch::full({c.B, (c.S + 31) / 32, 4}, -7, torch::kInt);
+  p.row_blocks = row_blocks.data_ptr<int32_t>();
   ASSERT_EQ(ke::emulated::retention_attention_fwd(p, nullptr), cudaSuccess);
 
   at::Tensor dout = torch::randn(q.sizes()).to(torch::kBFloat16);
@@ -118,5 +120,12 @@ TEST(RetentionAttentionEmulated, DocumentsWindowGqaD128) {
 TEST(RetentionAttentionEmulated, SeveralTilesNoMods) { run_case({1, 2, 2, 150, 64, false, false, false, 0, false}, 3); }
 
 TEST(RetentionAttentionEmulated, SeveralTilesAllMods) { run_case({1, 3, 1, 200, 64, true, true, true, 50, true}, 4); }
+
+// Tiles that the row-block bounds skip: documents of ~100 rows (key tiles of earlier documents), and a window
+// of 40 without documents (key tiles far behind).
+TEST(RetentionAttentionEmulated, SkippedTilesDocuments) {
+  run_case({1, 2, 1, 300, 64, true, true, true, 0, false}, 5);
+}
+TEST(RetentionAttentionEmulated, SkippedTilesWindow) { run_case({1, 2, 2, 300, 64, true, false, false, 40, false}, 6); }
 
 }  // namespace

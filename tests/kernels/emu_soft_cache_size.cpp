@@ -32,7 +32,7 @@ TEST(SoftCacheSizeEmulated, MatchesDenseReference) {
     const int64_t B = 2, H = 2;
     at::Tensor x = torch::log_sigmoid(torch::randn({B, H, T}) * 2.0 + 5.0);  // (B, H, T) log β, mostly near 0
     at::Tensor docs = torch::zeros({B, T}, torch::kLong);
-    if (T > 3) docs[1] = torch::arange(T, torch::kLong) * 3 / T;  // row 1: three packed documents
+    if (T > 3) docs[1] = torch::div(torch::arange(T, torch::kLong) * 3, T, "floor");  // row 1: three packed documents
     // start / end rows of each row's document
     at::Tensor start = torch::empty({B, T}, torch::kInt), end = torch::empty({B, T}, torch::kInt);
     for (int64_t b = 0; b < B; ++b) {

@@ -157,9 +157,10 @@ inline void mma_m16n8k16_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0
   done();
 }
 
-inline float shfl_xor(float v, int mask) {
+template <class T>
+T shfl_xor(T v, int mask) {
   post(v);
-  const float r = peek<float>(tl_lane ^ mask);
+  const T r = peek<T>(tl_lane ^ mask);
   done();
   return r;
 }
@@ -191,6 +192,7 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem_bytes, const A&... args
 
 inline void __syncthreads() { kvd_sim::tl_cta->bar.wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return kvd_sim::shfl_xor(v, mask); }
+inline int __shfl_xor_sync(unsigned, int v, int mask) { return kvd_sim::shfl_xor(v, mask); }
 
 #define KVD_DYNAMIC_SMEM(name) unsigned char* name = ::kvd_sim::dynamic_smem()
 // A static __shared__ array: one per CTA, i.e. per emulated CTA's dynamic buffer (launch with smem >= its size).

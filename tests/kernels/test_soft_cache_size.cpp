@@ -34,7 +34,7 @@ TEST(SoftCacheSizeKernel, MatchesDenseReference) {
     // log β near 0 (slow decay) for most, a few fast; packed documents in row 1, one document in row 0.
     at::Tensor x = torch::log_sigmoid(torch::randn({B, H, T}, f) * 2.0 + 5.0);
     at::Tensor docs = torch::zeros({B, T}, f.dtype(torch::kLong));
-    if (T > 3) docs[1] = (torch::arange(T, f.dtype(torch::kLong)) * 5 / T);  // 5 documents
+    if (T > 3) docs[1] = torch::div(torch::arange(T, f.dtype(torch::kLong)) * 5, T, "floor");  // 5 documents
     at::Tensor xl = x.clone().requires_grad_(true);
     at::Tensor s = kvd::soft_cache_size_fused(xl, docs);
     at::Tensor dout = torch::randn_like(s);
