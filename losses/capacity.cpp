@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "kernels/soft_cache_size.h"
 
 namespace kvd {
 namespace {
@@ -158,6 +159,8 @@ at::Tensor soft_cache_size(const at::Tensor& x, const at::Tensor& doc_ids, Capac
   at::Tensor docs = docs_or_zero(doc_ids, B, T, x.device());  // (B, T)
   if (T == 0) return torch::zeros(x.sizes(), x.options().dtype(acc_type(x)));
   if (impl == CapacityImpl::Dense) return soft_cache_size_dense(x, docs);
+  // On CUDA the fused kernel (float32, one pass, deterministic); float64 keeps the tiled path's precision.
+  if (soft_cache_size_fused_available(x) && x.scalar_type() != torch::kDouble) return soft_cache_size_fused(x, docs);
   return SoftCacheSizeFn::apply(x, docs, block);
 }
 

@@ -18,8 +18,8 @@ namespace kvd {
 enum class CapacityImpl { Tiled, Dense };
 
 // x (B, H, T) log β (float32 / bfloat16 / float64), doc_ids (B, T) int64 or undefined (one document per row).
-// Returns S (B, H, T) in float32 (float64 for float64 x). Tiled: block×block tiles; Dense: the T×T
-// reference (tests only).
+// Returns S (B, H, T) in float32 (float64 for float64 x). Tiled: block×block tiles, or on CUDA (non-float64)
+// the fused kernel of kernels/soft_cache_size.h; Dense: the T×T reference (tests only).
 at::Tensor soft_cache_size(const at::Tensor& x, const at::Tensor& doc_ids, CapacityImpl impl = CapacityImpl::Tiled,
                            int64_t block = 256);
 
