@@ -159,8 +159,12 @@ at::Tensor soft_cache_size(const at::Tensor& x, const at::Tensor& doc_ids, Capac
   at::Tensor docs = docs_or_zero(doc_ids, B, T, x.device());  // (B, T)
   if (T == 0) return torch::zeros(x.sizes(), x.options().dtype(acc_type(x)));
   if (impl == CapacityImpl::Dense) return soft_cache_size_dense(x, docs);
-  // On CUDA the fused kernel (float32, one pass, deterministic); float64 keeps the tiled path's precision.
-  if (soft_cache_size_fused_available(x) && x.scalar_type() != torch::kDouble) return soft_cache_size_fused(x, docs);
+  if (impl == CapacityImpl::Fused) {
+    KVD_CHECK(soft_cache_size_fused_available(x) && x.scalar_type() != torch::kDouble,
+              "soft_cache_size: the fused kernel needs a CUDA float32 / bfloat16 input and a kvdistill built with "
+              "CUDA kernels; use CapacityImpl::Tiled");
+    return soft_cache_size_fused(x, docs);
+  }
   return SoftCacheSizeFn::apply(x, docs, block);
 }
 

@@ -15,11 +15,14 @@
 
 namespace kvd {
 
-enum class CapacityImpl { Tiled, Dense };
+enum class CapacityImpl {
+  Tiled,  // block x block tiles through autograd (the default, every device)
+  Dense,  // the T x T reference (tests only)
+  Fused   // CUDA: kernels/soft_cache_size.h, one deterministic pass; opt-in until it is checked on a GPU
+};
 
 // x (B, H, T) log β (float32 / bfloat16 / float64), doc_ids (B, T) int64 or undefined (one document per row).
-// Returns S (B, H, T) in float32 (float64 for float64 x). Tiled: block×block tiles, or on CUDA (non-float64)
-// the fused kernel of kernels/soft_cache_size.h; Dense: the T×T reference (tests only).
+// Returns S (B, H, T) in float32 (float64 for float64 x), by the CapacityImpl chosen.
 at::Tensor soft_cache_size(const at::Tensor& x, const at::Tensor& doc_ids, CapacityImpl impl = CapacityImpl::Tiled,
                            int64_t block = 256);
 
