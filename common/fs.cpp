@@ -9,7 +9,9 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <streambuf>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -45,26 +47,90 @@ void make_parent_dirs(const std::string& path) {
   if (slash != std::string::npos && slash > 0) make_dirs(path.substr(0, slash));
 }
 
+namespace {
+
+// A std::streambuf over a POSIX file descriptor that remembers the errno of the first failed write (a
+// std::ofstream only says "failed", and a full disk must be reported as such).
+class FdBuf : public std::streambuf {
+ public:
+  FdBuf(int fd, bool disk_full) : fd_(fd), disk_full_(disk_full) { setp(buf_, buf_ + sizeof buf_); }
+  int error() const { return err_; }
+  bool flush_all() { return sync() == 0; }
+
+ protected:
+  int_type overflow(int_type ch) override {
+    if (sync() != 0) return traits_type::eof();
+    if (!traits_type::eq_int_type(ch, traits_type::eof())) {
+      *pptr() = traits_type::to_char_type(ch);
+      pbump(1);
+    }
+    return traits_type::not_eof(ch);
+  }
+  int sync() override {
+    const char* p = pbase();
+    size_t n = static_cast<size_t>(pptr() - pbase());
+    while (n > 0 && err_ == 0) {
+      if (disk_full_) {
+        err_ = ENOSPC;
+        break;
+      }
+      const ssize_t w = ::write(fd_, p, n);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        err_ = errno;
+        break;
+      }
+      p += w;
+      n -= static_cast<size_t>(w);
+    }
+    setp(buf_, buf_ + sizeof buf_);
+    return err_ == 0 ? 0 : -1;
+  }
+
+ private:
+  int fd_;
+  bool disk_full_;
+  int err_ = 0;
+  char buf_[1 << 16];
+};
+
+}  // namespace
+
+bool test_disk_full(const std::string& path) {
+  const char* text = std::getenv("KVD_TEST_DISK_FULL");
+  return text && *text && path.find(text) != std::string::npos;
+}
+
+void fail_write(const std::string& path, int err, const std::string& what, const std::string& then) {
+  if (err == ENOSPC || err == EDQUOT) {
+    std::string dir = std::filesystem::path(path).parent_path().string();
+    if (dir.empty()) dir = ".";
+    KVD_FAIL(path, ": no space left on device (the disk holding ", dir, " is full); free space there and rerun", then);
+  }
+  KVD_FAIL(path, ": ", what, " failed (", std::strerror(err), ")", then);
+}
+
 void write_file_atomic(const std::string& path, const std::function<void(std::ostream&)>& write) {
   make_parent_dirs(path);
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  const std::string unchanged = "; " + path + " was not changed";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) fail_write(tmp, errno, "creating the file", unchanged);
+  bool open = true;
   try {
-    {
-      std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-      KVD_CHECK(out.good(), tmp, ": cannot create (", std::strerror(errno), ")");
-      write(out);
-      out.flush();
-      KVD_CHECK(out.good(), tmp, ": write failed (disk full?)");
-    }
-    int fd = ::open(tmp.c_str(), O_RDONLY | O_CLOEXEC);
-    KVD_CHECK(fd >= 0, tmp, ": cannot reopen for fsync");
-    const int rc = ::fsync(fd);
-    ::close(fd);
-    KVD_CHECK(rc == 0, tmp, ": fsync failed");
+    FdBuf buf(fd, test_disk_full(path));
+    std::ostream out(&buf);
+    write(out);
+    const bool flushed = buf.flush_all();
+    if (!flushed || buf.error() != 0) fail_write(path, buf.error() ? buf.error() : EIO, "writing", unchanged);
+    if (::fsync(fd) != 0) fail_write(path, errno, "fsync", unchanged);
+    open = false;
+    if (::close(fd) != 0) fail_write(path, errno, "closing", unchanged);
     std::error_code ec;
     std::filesystem::rename(tmp, path, ec);
     KVD_CHECK(!ec, path, ": cannot rename temporary into place (", ec.message(), ")");
   } catch (...) {
+    if (open) ::close(fd);
     std::remove(tmp.c_str());
     throw;
   }

@@ -24,6 +24,15 @@ void make_parent_dirs(const std::string& path);
 void write_file_atomic(const std::string& path, const std::function<void(std::ostream&)>& write);
 void write_file_atomic(const std::string& path, const std::string& bytes);
 
+// Fails with the one message every writer gives when `path` cannot be written. For ENOSPC / EDQUOT:
+//   "<path>: no space left on device (the disk holding <dir> is full); free space there and rerun"
+// otherwise "<path>: <what> failed (<strerror(err)>)". `then` is appended (e.g. "; <path> was not changed").
+[[noreturn]] void fail_write(const std::string& path, int err, const std::string& what, const std::string& then = "");
+
+// Test hook (docs/reliability.md): with KVD_TEST_DISK_FULL=<text> in the environment, every write to a path
+// that contains <text> fails as on a full disk (errno ENOSPC). Writers call this before writing.
+bool test_disk_full(const std::string& path);
+
 // Removes a file or a directory tree (like `rm -rf`); a missing path is not an error. Returns false and
 // leaves what it could not remove on failure. Use this instead of std::filesystem::remove_all, which
 // crashes in binaries linked with PyPI's LibTorch 2.11 (its exported std::filesystem symbols win).

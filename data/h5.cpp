@@ -2,12 +2,14 @@
 
 #include <hdf5.h>
 
+#include <cerrno>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
 #include <type_traits>
 
 #include "common/error.h"
+#include "common/fs.h"
 
 namespace kvd::h5 {
 
@@ -47,6 +49,15 @@ std::string hdf5_reason() {
       &reason);
   H5Eclear2(H5E_DEFAULT);
   return reason.empty() ? "" : " (HDF5: " + reason + ")";
+}
+
+// A failed write: a full disk (ENOSPC from HDF5's POSIX driver, or the KVD_TEST_DISK_FULL hook) gets the
+// common "no space left on device" message naming the file; anything else HDF5's own reason.
+[[noreturn]] void fail_h5_write(const std::string& file, const std::string& where, const std::string& what) {
+  const std::string why = hdf5_reason();
+  if (why.find("errno = 28") != std::string::npos || why.find("No space left") != std::string::npos)
+    fail_write(file, ENOSPC, what, "; the output is incomplete: rerun the command");
+  KVD_FAIL(where, ": ", what, why, "; is the disk full?");
 }
 
 }  // namespace
@@ -200,6 +211,8 @@ std::string Object::attr_string(const std::string& attr) const {
   }
   // Fixed-length (e.g. written by h5py from numpy bytes): read the bytes, drop padding.
   const size_t n = H5Tget_size(ftype);
+  KVD_CHECK(n > 0 && n <= (size_t(1) << 20), where(), ": attribute '", attr, "' is a string of ", n,
+            " bytes; the file is corrupt");
   std::string s(n, '\0');
   Tmp mtype(H5Tcopy(ftype), H5Tclose);
   KVD_CHECK(H5Aread(a, mtype, s.data()) >= 0, where(), ": cannot read attribute '", attr, "'", hdf5_reason());
@@ -241,6 +254,18 @@ int64_t Dataset::size() const {
   return static_cast<int64_t>(dims[0]);
 }
 
+void Dataset::check_read_size(int64_t start, int64_t count, size_t elem_size) const {
+  const int64_t n = size();
+  KVD_CHECK(start >= 0 && count >= 0 && start <= n && count <= n - start, where(), ": range [", start, ", ",
+            start + count, ") is outside the dataset (", n, " elements); the file is inconsistent");
+  std::error_code ec;
+  const uintmax_t file_bytes = std::filesystem::file_size(file_path(), ec);
+  const double limit = (ec ? 0.0 : 1100.0 * static_cast<double>(file_bytes)) + 1048576.0;
+  KVD_CHECK(static_cast<double>(count) * static_cast<double>(elem_size) <= limit, where(), ": ", count,
+            " elements declared, more than this ", ec ? 0 : file_bytes,
+            "-byte file can hold even compressed; the file is corrupt");
+}
+
 template <typename T>
 void Dataset::check_type(const char* op) const {
   KVD_CHECK(dtype_ == dtype_of<T>(), where(), ": cannot ", op, " ", dtype_name(dtype_of<T>()),
@@ -260,8 +285,10 @@ void Dataset::append(const T* data, int64_t n) {
   const hsize_t start[1] = {static_cast<hsize_t>(old)}, count[1] = {static_cast<hsize_t>(n)};
   H5Sselect_hyperslab(fspace, H5S_SELECT_SET, start, nullptr, count, nullptr);
   Tmp mspace(H5Screate_simple(1, count, nullptr), H5Sclose);
-  KVD_CHECK(H5Dwrite(id(), native_type<T>(), mspace, fspace, H5P_DEFAULT, data) >= 0, where(),
-            ": cannot write ", n, " elements at ", old, hdf5_reason(), "; is the disk full?");
+  if (test_disk_full(file_path()))
+    fail_write(file_path(), ENOSPC, "writing", "; the output is incomplete: rerun the command");
+  if (H5Dwrite(id(), native_type<T>(), mspace, fspace, H5P_DEFAULT, data) < 0)
+    fail_h5_write(file_path(), where(), "cannot write " + std::to_string(n) + " elements at " + std::to_string(old));
 }
 
 template <typename T>
@@ -269,7 +296,7 @@ void Dataset::read(int64_t start, int64_t count, T* out) const {
   check_type<T>("read");
   Lock lock;
   const int64_t n = size();
-  KVD_CHECK(start >= 0 && count >= 0 && start + count <= n, where(), ": range [", start, ", ", start + count,
+  KVD_CHECK(start >= 0 && count >= 0 && start <= n && count <= n - start, where(), ": range [", start, ", ", start + count,
             ") is outside the dataset (", n, " elements); the file is inconsistent");
   if (count == 0) return;
   Tmp fspace(H5Dget_space(id()), H5Sclose);
@@ -394,7 +421,7 @@ File File::open(const std::string& path, Access access) {
 
 void File::flush() {
   Lock lock;
-  KVD_CHECK(H5Fflush(id(), H5F_SCOPE_LOCAL) >= 0, file_, ": cannot flush", hdf5_reason(), "; is the disk full?");
+  if (H5Fflush(id(), H5F_SCOPE_LOCAL) < 0) fail_h5_write(file_, file_, "cannot flush");
 }
 
 void File::close() {
@@ -404,7 +431,7 @@ void File::close() {
   id_->id = -1;
   // The file was opened with H5F_CLOSE_STRONG: this also closes its open groups and datasets, so the
   // file is complete on disk when close() returns (writers rename it into place next).
-  KVD_CHECK(H5Fclose(f) >= 0, file_, ": cannot close", hdf5_reason(), "; is the disk full?");
+  if (H5Fclose(f) < 0) fail_h5_write(file_, file_, "cannot close");
 }
 
 // ---- stamp ---------------------------------------------------------------------------------------

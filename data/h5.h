@@ -88,6 +88,7 @@ class Dataset : public Object {
   void read(int64_t start, int64_t count, T* out) const;
   template <typename T>
   std::vector<T> read(int64_t start, int64_t count) const {
+    check_read_size(start, count, sizeof(T));
     std::vector<T> v(static_cast<size_t>(count));
     read(start, count, v.data());
     return v;
@@ -101,6 +102,10 @@ class Dataset : public Object {
       : Object(std::move(id), std::move(file), std::move(name)), dtype_(t) {}
   template <typename T>
   void check_type(const char* op) const;
+  // Throws before a read of `count` elements allocates more than the file could hold: a dataset's size
+  // comes from the file, and a tiny file can declare 10^15 elements (chunks never written). The bound is
+  // the file size times deflate's maximum ratio (about 1032:1), plus 1 MiB.
+  void check_read_size(int64_t start, int64_t count, size_t elem_size) const;
   DType dtype_ = DType::Int32;
 };
 

@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/json_error.h"
 
 namespace kvd {
 
@@ -236,6 +237,9 @@ bool DocumentReader::next_jsonl(Document& doc) {
 }
 
 nlohmann::json parse_jsonl_line(const std::string& line, const std::string& where) {
+  const size_t deep = json_too_deep_at(line);
+  KVD_CHECK(deep == std::string::npos, where, ": malformed JSON (nested deeper than ", kMaxJsonDepth,
+            " levels at column ", deep + 1, "); each line must be one JSON object");
   try {
     return nlohmann::json::parse(line);
   } catch (const nlohmann::json::parse_error& e) {

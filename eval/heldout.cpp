@@ -22,8 +22,13 @@ void evict_to_budget(const Model& model, KVCache& cache, Scorer& scorer, int64_t
   const ScorerNeeds needs = scorer.needs();
   KVD_CHECK(needs.window == 0 && !needs.queries_pre_rope && !needs.hidden, "evict_to_budget: scorer '", scorer.name(),
             "' needs window / pre-RoPE queries / hidden states, which the held-out check does not capture");
+  bool prepared = false;
   for (int64_t l = 0; l < cache.num_layers(); ++l) {
     if (cache.max_length(l) <= budget) continue;
+    if (!prepared) {  // once per call, on the cache before any layer is cut (query rows run here)
+      scorer.prepare(model, cache);
+      prepared = true;
+    }
     const KVLayerView kv = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
     const LayerView view = layer_view(kv, l, model, cache.next_position());
     at::Tensor s = scorer.score(view).to(torch::kFloat);  // (B, H_kv, n)

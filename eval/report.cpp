@@ -20,6 +20,7 @@
 
 #include "common/error.h"
 #include "common/fs.h"
+#include "common/json_error.h"
 #include "models/device.h"
 #include "eval/tasks_io.h"
 #include "export/gate_bundle.h"
@@ -39,11 +40,18 @@ using namespace evalrun;
 
 // --- reports ----------------------------------------------------------------------------------------------
 
+static void write_eval_reports_impl(const std::string& out_dir);
+
 void write_eval_reports(const std::string& out_dir) {
+  // A record or run.json edited by hand (a field of another type) is an error naming the directory.
+  with_json_context(out_dir + "/results.jsonl", "unexpected record", [&] { write_eval_reports_impl(out_dir); });
+}
+
+static void write_eval_reports_impl(const std::string& out_dir) {
   const std::vector<json> rows = read_results(out_dir + "/results.jsonl");
   KVD_CHECK(!rows.empty(), out_dir, "/results.jsonl: no results yet");
   json settings = json::object();
-  if (std::filesystem::exists(out_dir + "/run.json")) settings = json::parse(read_file(out_dir + "/run.json"));
+  if (std::filesystem::exists(out_dir + "/run.json")) settings = parse_json(read_file(out_dir + "/run.json"), out_dir + "/run.json", "not valid JSON");
 
   struct Acc {
     int64_t n = 0;

@@ -20,6 +20,7 @@
 
 #include "common/error.h"
 #include "common/fs.h"
+#include "common/json_error.h"
 #include "models/device.h"
 #include "eval/tasks_io.h"
 #include "export/gate_bundle.h"
@@ -53,11 +54,8 @@ std::vector<json> read_results(const std::string& path) {
     if (nl == std::string::npos) break;
     const std::string line = text.substr(start, nl - start);
     if (!line.empty()) {
-      try {
-        out.push_back(json::parse(line));
-      } catch (const json::exception&) {
-        KVD_FAIL(path, ": line ", out.size() + 1, " is not valid JSON; remove it (or the file) and rerun");
-      }
+      out.push_back(parse_json(line, path + ": line " + std::to_string(out.size() + 1), "not valid JSON",
+                               "; remove it (or the file) and rerun"));
     }
     start = nl + 1;
     good = start;
@@ -74,17 +72,25 @@ void append_lines(const std::string& path, const std::vector<json>& lines) {
   std::string buf;
   for (const json& j : lines) buf += j.dump() + "\n";
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  KVD_CHECK(fd >= 0, path, ": cannot be opened for appending");
+  if (fd < 0) fail_write(path, errno, "opening for appending");
+  const off_t before = ::lseek(fd, 0, SEEK_END);
   size_t off = 0;
-  while (off < buf.size()) {
+  int err = test_disk_full(path) ? ENOSPC : 0;
+  while (off < buf.size() && err == 0) {
     const ssize_t w = ::write(fd, buf.data() + off, buf.size() - off);
     if (w < 0) {
-      ::close(fd);
-      KVD_FAIL(path, ": write failed (disk full?)");
+      if (errno != EINTR) err = errno;
+      continue;
     }
     off += static_cast<size_t>(w);
   }
-  ::fsync(fd);
+  if (err == 0 && ::fsync(fd) != 0) err = errno;
+  if (err != 0) {
+    // No half line stays behind: the results of this batch are computed again on the rerun.
+    if (before >= 0 && ::ftruncate(fd, before) != 0) {}
+    ::close(fd);
+    fail_write(path, err, "appending results", "; the results written before are kept and a rerun continues after them");
+  }
   ::close(fd);
 }
 

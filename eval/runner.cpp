@@ -21,6 +21,7 @@
 
 #include "common/error.h"
 #include "common/fs.h"
+#include "common/json_error.h"
 #include "models/device.h"
 #include "eval/tasks_io.h"
 #include "export/gate_bundle.h"
@@ -96,7 +97,8 @@ void run_eval(const EvalOptions& opt) {
                          {"learned_mode", opt.learned_mode == LearnedMode::Continuous ? "continuous" : "once"},
                          {"seed", opt.seed}};
   if (std::filesystem::exists(run_path)) {
-    const json old = json::parse(read_file(run_path));
+    const json old = parse_json(read_file(run_path), run_path, "not valid JSON", "; use a new --out directory");
+    KVD_CHECK(old.is_object(), run_path, ": expected a JSON object; use a new --out directory");
     for (auto it = settings.begin(); it != settings.end(); ++it)
       KVD_CHECK(old.contains(it.key()) && old[it.key()] == it.value(), "--out ", opt.out_dir,
                 " holds results made with another ", it.key(), " (", old.value(it.key(), json()).dump(), " vs ",
@@ -106,8 +108,10 @@ void run_eval(const EvalOptions& opt) {
   }
 
   std::set<std::string> done;
-  for (const json& r : read_results(results_path))
-    done.insert(key_of(r.at("method").get<std::string>(), r.at("budget").get<std::string>(), r.at("id").get<std::string>()));
+  with_json_context(results_path, "unexpected record (remove the file, or use a new --out directory)", [&] {
+    for (const json& r : read_results(results_path))
+      done.insert(key_of(r.at("method").get<std::string>(), r.at("budget").get<std::string>(), r.at("id").get<std::string>()));
+  });
 
   const std::vector<EvalSample> samples = read_eval_tasks(opt.tasks);
   const c10::Device device = parse_device(opt.device);

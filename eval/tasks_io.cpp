@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/json_error.h"
 
 namespace kvd {
 namespace {
@@ -29,12 +30,7 @@ std::vector<EvalSample> read_eval_tasks(const std::string& path) {
   while (std::getline(in, line)) {
     ++n;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::exception& e) {
-      KVD_FAIL(path, ":", n, ": not valid JSON (", e.what(), ")");
-    }
+    nlohmann::json j = parse_json(line, path + ":" + std::to_string(n), "not valid JSON");
     KVD_CHECK(j.is_object(), path, ":", n, ": each line must be a JSON object");
     auto need = [&](const char* key) -> const nlohmann::json& {
       KVD_CHECK(j.contains(key), path, ":", n, ": missing field \"", key,

@@ -1,5 +1,7 @@
 #include "export/gate_bundle.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <vector>
 
@@ -18,8 +20,6 @@ namespace {
 
 const char* kManifestFile = "kvdistill.json";
 const char* kTensorFile = "gates.safetensors";
-
-std::string short_hash(const std::string& h) { return h.substr(0, 12); }
 
 }  // namespace
 
@@ -47,8 +47,21 @@ std::string bundle_tensor_name(const std::string& kind, const std::string& param
   return "kvdistill." + kind + "." + parameter_name;  // component-wide parameters (none for retention gates)
 }
 
-void save_gate_bundle(const std::string& dir, const Component& component, const BaseModelInfo& base) {
+void save_gate_bundle(const std::string& final_dir, const Component& component, const BaseModelInfo& base) {
+  // Written whole into a temporary directory, then renamed into place: a reader never sees a bundle whose
+  // tensors and manifest come from different saves, and a failed save (a full disk) leaves the old one.
+  std::string d = final_dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  const std::string dir = d + ".tmp." + std::to_string(::getpid());
+  remove_tree(dir);
   make_dirs(dir);
+  struct Cleanup {
+    const std::string& p;
+    bool armed = true;
+    ~Cleanup() {
+      if (armed) remove_tree(p);
+    }
+  } cleanup{dir};
   const std::string kind = component.kind();
   std::vector<at::Tensor> hold;  // CPU float32 copies backing the TensorRefs
   std::vector<TensorRef> refs;
@@ -68,43 +81,21 @@ void save_gate_bundle(const std::string& dir, const Component& component, const 
   m["dtype"] = "F32";
   m["tensors"] = names;
   write_file_atomic(dir + "/" + kManifestFile, m.dump(2) + "\n");
-}
-
-nlohmann::json read_gate_manifest(const std::string& dir) {
-  const std::string path = dir + "/" + kManifestFile;
-  const std::string bytes = read_file(path);
-  try {
-    return nlohmann::json::parse(bytes);
-  } catch (const nlohmann::json::exception& e) {
-    KVD_FAIL(path, ": not valid JSON (", e.what(), "); the gate bundle is corrupt, export it again");
+  const std::string old = d + ".old." + std::to_string(::getpid());
+  std::error_code ec;
+  if (std::filesystem::exists(d, ec)) {
+    std::filesystem::rename(d, old, ec);
+    KVD_CHECK(!ec, d, ": cannot move the previous bundle aside (", ec.message(), ")");
   }
+  std::filesystem::rename(dir, d, ec);
+  KVD_CHECK(!ec, d, ": cannot rename ", dir, " into place (", ec.message(), ")");
+  cleanup.armed = false;
+  remove_tree(old);
 }
 
 void load_gate_bundle(const std::string& dir, Component& component, const BaseModelInfo& base) {
   const std::string mpath = dir + "/" + kManifestFile;
-  const nlohmann::json m = read_gate_manifest(dir);
-  try {
-    const int64_t version = m.at("format_version").get<int64_t>();
-    KVD_CHECK(version == kGateBundleFormatVersion, mpath, ": format_version ", version, ", this kvdistill reads ",
-              kGateBundleFormatVersion);
-    const std::string kind = m.at("kind").get<std::string>();
-    KVD_CHECK(kind == component.kind(), mpath, ": the bundle holds a '", kind, "' component, not a '",
-              component.kind(), "'");
-    const std::string id = m.at("base_model").at("id").get<std::string>();
-    const std::string hash = m.at("base_model").at("config_sha256").get<std::string>();
-    KVD_CHECK(hash == base.config_sha256, mpath, ": these gates were trained for model '", id, "' (config sha256 ",
-              short_hash(hash), "), not for model '", base.model_id, "' (config sha256 ", short_hash(base.config_sha256),
-              "); load the model they were trained for, or train gates for this one");
-    const nlohmann::json mine = component.manifest();
-    for (const char* key : {"num_layers", "hidden_size", "num_kv_heads", "gate_hidden"}) {
-      if (!mine.contains(key)) continue;
-      KVD_CHECK(m.contains(key) && m.at(key) == mine.at(key), mpath, ": ", key, " is ",
-                (m.contains(key) ? m.at(key).dump() : std::string("missing")), " in the bundle but ", mine.at(key).dump(),
-                " in this component (model '", base.model_id, "')");
-    }
-  } catch (const nlohmann::json::exception& e) {
-    KVD_FAIL(mpath, ": malformed manifest (", e.what(), ")");
-  }
+  check_gate_manifest(read_gate_manifest(dir), mpath, component.kind(), component.manifest(), base);
   SafetensorsFile f(dir + "/" + kTensorFile);
   torch::NoGradGuard no_grad;
   for (auto& item : component.named_parameters()) {

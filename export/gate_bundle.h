@@ -13,22 +13,13 @@
 #include <c10/core/Device.h>
 #include <nlohmann/json.hpp>
 
+#include "export/gate_manifest.h"
+
 namespace kvd {
 
 class Component;
 class Model;
 struct ModelConfig;
-
-constexpr int64_t kGateBundleFormatVersion = 1;
-
-// What identifies a base model: its id (e.g. "HuggingFaceTB/SmolLM2-135M-Instruct" or the directory name)
-// and the sha256 of its config.json bytes.
-struct BaseModelInfo {
-  std::string model_id;
-  std::string config_sha256;
-};
-// Reads <model_dir>/config.json. model_id defaults to the directory's last path component.
-BaseModelInfo base_model_info(const std::string& model_dir, const std::string& model_id = "");
 
 // The bundle tensor name of a component parameter ("layers.3.w1.weight" ->
 // "model.layers.3.self_attn.retention_gate.w1.weight" for kind "retention_gate").
@@ -38,9 +29,6 @@ std::string bundle_tensor_name(const std::string& kind, const std::string& param
 // the component's manifest() plus format_version, kind, base_model {id, config_sha256}, dtype "F32" and
 // tensor names.
 void save_gate_bundle(const std::string& dir, const Component& component, const BaseModelInfo& base);
-
-// The manifest of a bundle (throws naming the file if missing or not JSON).
-nlohmann::json read_gate_manifest(const std::string& dir);
 
 // Loads a bundle into `component` (parameters copied in place, keeping their dtype and device). Throws
 // kvd::Error when the format version, component kind, base model config hash or dims differ (naming both

@@ -38,6 +38,7 @@ using LossTerm = std::pair<std::string, at::Tensor>;
 struct LossOptions {
   int64_t block = 256;  // rows per block when a loss forms full-vocabulary logits (loss.block)
   ActivationCheckpointing checkpointing = ActivationCheckpointing::None;  // for the component's student forwards
+  KernelPath kernels = KernelPath::Fused;  // fused CUDA kernels where they apply (train.kernels)
 };
 
 struct ComponentLoss {

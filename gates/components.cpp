@@ -4,25 +4,16 @@
 #include <mutex>
 
 #include "common/error.h"
-#include "gates/component.h"
-#include "gates/retention_gate.h"
 
 namespace kvd {
 namespace {
-
-// The learned parts kvdistill ships, one line each.
-std::vector<ComponentSpec> builtins() {
-  return {
-      retention_gate_spec(),
-  };
-}
 
 struct Registry {
   std::mutex mu;
   std::map<std::string, ComponentSpec> specs;
   std::vector<std::string> order;
   Registry() {
-    for (ComponentSpec& s : builtins()) add(std::move(s));
+    for (ComponentSpec& s : builtin_component_specs()) add(std::move(s));
   }
   void add(ComponentSpec s) {
     KVD_CHECK(!s.kind.empty() && s.make, "register_component: a spec needs a kind and a factory");
@@ -33,6 +24,10 @@ struct Registry {
     for (const ConfigKey& k : s.losses)
       KVD_CHECK(std::string(k.key).rfind("loss.", 0) == 0 && k.type == ValueType::Float,
                 "register_component: loss weight '", k.key, "' of '", s.kind, "' must be a Float 'loss.*' key");
+    for (const std::string& v : s.variants)
+      for (const auto& [kind, other] : specs)
+        for (const std::string& w : other.variants)
+          KVD_CHECK(v != w, "register_component: variant '", v, "' of '", s.kind, "' is already a variant of '", kind, "'");
     order.push_back(s.kind);
     specs.emplace(s.kind, std::move(s));
   }
@@ -56,6 +51,15 @@ const ComponentSpec* find_component(const std::string& kind) {
   std::lock_guard<std::mutex> lock(r.mu);
   auto it = r.specs.find(kind);
   return it == r.specs.end() ? nullptr : &it->second;
+}
+
+const ComponentSpec* find_component_variant(const std::string& variant) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  for (const auto& [kind, spec] : r.specs)
+    for (const std::string& v : spec.variants)
+      if (v == variant) return &spec;
+  return nullptr;
 }
 
 std::vector<std::string> component_kinds() {
@@ -98,7 +102,13 @@ nlohmann::json complete_options(const ComponentSpec& spec, const nlohmann::json&
     KVD_CHECK(ok, where, ": 'component.", name, "' must be ", value_type_name(key->type), ", got ", value.dump());
     o[name] = key->type == ValueType::Float ? nlohmann::json(value.get<double>()) : value;
   }
-  if (spec.check) spec.check(o);
+  if (spec.check) {
+    try {
+      spec.check(o);
+    } catch (const Error& e) {
+      KVD_FAIL(where, ": ", e.what());  // names the file or the config the values came from
+    }
+  }
   return o;
 }
 

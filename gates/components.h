@@ -34,7 +34,13 @@ struct ComponentSpec {
   std::function<void(const nlohmann::json& options)> check;
   // Options to rebuild a component from a bundle manifest; default: manifest["options"].
   std::function<nlohmann::json(const nlohmann::json& manifest)> options_from_manifest;
+  // Named variants of the kind (e.g. query_rows: judgeq, lookahead): each is also a method prefix,
+  // `<variant>:<bundle dir>`, which loads the bundle and insists that its manifest's "variant" is that one.
+  std::vector<std::string> variants;
 };
+
+// The kinds the registry starts with (gates/builtin_components.cpp).
+std::vector<ComponentSpec> builtin_component_specs();
 
 // Adds a kind (replacing none: a kind registered twice is an error).
 void register_component(ComponentSpec spec);
@@ -43,6 +49,8 @@ const ComponentSpec* find_component(const std::string& kind);
 // The spec of `kind`; an unknown kind throws naming `where` and the known kinds.
 const ComponentSpec& component_spec(const std::string& kind, const std::string& where);
 std::vector<std::string> component_kinds();
+// The spec that declares `variant` (ComponentSpec::variants), or nullptr.
+const ComponentSpec* find_component_variant(const std::string& variant);
 
 // Defaults of a spec's options, as the factory takes them: {"budget": 128, ...}.
 nlohmann::json default_options(const ComponentSpec& spec);

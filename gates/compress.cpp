@@ -63,11 +63,14 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const std::ve
   // The tokens a row's budget applies to after the current chunk (CompressOptions::chunk_budget).
   const std::vector<int64_t>& budget_tokens = opts.chunk_budget == ChunkBudget::Final ? lens : seen;  // [row]
 
-  PrefillObserver observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
-    const int64_t l = obs.layer;
-    method.scorer->on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
+  // Scores and compacts layer l of every row. obs: the layer's prefill observation (ScoreTiming::PerLayer), or
+  // nullptr when the whole forward already ran (ScoreTiming::AfterForward: no queries or hidden states then).
+  const bool after_forward = needs.timing == ScoreTiming::AfterForward;
+  KVD_CHECK(!after_forward || (needs.window == 0 && !needs.hidden && !needs.queries_pre_rope), "compress_prefill: ",
+            method.scorer->name(), " scores after the forward, when no window queries or hidden states are left");
+  auto score_layer = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
     const KVLayerView kv = c.layer(l);
-    const int64_t Tc = obs.queries.size(2);
+    const int64_t Tc = obs ? obs->queries.size(2) : 0;
     std::vector<RaggedIndices> parts(B);
     bool any = false;
     for (int64_t b = 0; b < B; ++b) {
@@ -76,7 +79,7 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const std::ve
         parts[b] = ragged_keep_all(rl);
         continue;
       }
-      const int64_t lb = lead.empty() ? 0 : lead[b], nq = Tc - lb;
+      const int64_t lb = lead.empty() || !obs ? 0 : lead[b], nq = Tc - lb;
       const int64_t nb = *std::max_element(rl.begin(), rl.end());
       const bool ragged = std::any_of(rl.begin(), rl.end(), [&](int64_t x) { return x != nb; });
       // Row b alone, as a batch-1 view: its entries and its non-padding rows.
@@ -88,26 +91,32 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const std::ve
       view.positions = kv.pos.narrow(0, b, 1).narrow(2, 0, nb);  // (1, H_kv, n_b)
       if (ragged) view.valid = kv.valid.narrow(0, b, 1).narrow(2, 0, nb);  // (1, H_kv, n_b)
       for (const auto& [name, col] : kv.payload) view.payload[name] = col.narrow(0, b, 1).narrow(2, 0, nb);  // (1, H_kv, n_b)
-      at::Tensor qpos = obs.query_positions.narrow(0, b, 1);               // (1, Tc)
-      view.next_position = qpos[0][Tc - 1].item<int64_t>() + 1;
-      if (needs.hidden) view.hidden = obs.hidden.narrow(0, b, 1).narrow(1, lb, nq);  // (1, nq, d)
-      if (needs.window > 0) {
-        const int64_t w = std::min(needs.window, nq);
-        view.window_queries = obs.queries.narrow(0, b, 1).narrow(2, Tc - w, w);  // (1, H, w, hd)
-        view.window_positions = qpos.narrow(1, Tc - w, w);                       // (1, w)
-        if (carry) {
-          if (w < needs.window && win_q[b][l].defined()) {
-            view.window_queries = torch::cat({win_q[b][l], view.window_queries}, 2);        // (1, H, w' + w, hd)
-            view.window_positions = torch::cat({win_p[b][l], view.window_positions}, 1);  // (1, w' + w)
-            const int64_t have = view.window_queries.size(2), keep = std::min(have, needs.window);
-            view.window_queries = view.window_queries.narrow(2, have - keep, keep);
-            view.window_positions = view.window_positions.narrow(1, have - keep, keep);
+      view.batch_offset = b;
+      if (!obs) {
+        view.next_position = c.next_position(b);
+      } else {
+        const PrefillLayerObservation& o = *obs;
+        at::Tensor qpos = o.query_positions.narrow(0, b, 1);  // (1, Tc)
+        view.next_position = qpos[0][Tc - 1].item<int64_t>() + 1;
+        if (needs.hidden) view.hidden = o.hidden.narrow(0, b, 1).narrow(1, lb, nq);  // (1, nq, d)
+        if (needs.window > 0) {
+          const int64_t w = std::min(needs.window, nq);
+          view.window_queries = o.queries.narrow(0, b, 1).narrow(2, Tc - w, w);  // (1, H, w, hd)
+          view.window_positions = qpos.narrow(1, Tc - w, w);                       // (1, w)
+          if (carry) {
+            if (w < needs.window && win_q[b][l].defined()) {
+              view.window_queries = torch::cat({win_q[b][l], view.window_queries}, 2);        // (1, H, w' + w, hd)
+              view.window_positions = torch::cat({win_p[b][l], view.window_positions}, 1);  // (1, w' + w)
+              const int64_t have = view.window_queries.size(2), keep = std::min(have, needs.window);
+              view.window_queries = view.window_queries.narrow(2, have - keep, keep);
+              view.window_positions = view.window_positions.narrow(1, have - keep, keep);
+            }
+            win_q[b][l] = view.window_queries.clone();
+            win_p[b][l] = view.window_positions.clone();
           }
-          win_q[b][l] = view.window_queries.clone();
-          win_p[b][l] = view.window_positions.clone();
         }
+        if (needs.queries_pre_rope) view.queries_pre_rope = o.queries_pre_rope.narrow(0, b, 1).narrow(2, lb, nq);  // (1, H, nq, hd)
       }
-      if (needs.queries_pre_rope) view.queries_pre_rope = obs.queries_pre_rope.narrow(0, b, 1).narrow(2, lb, nq);  // (1, H, nq, hd)
       at::Tensor s = method.scorer->score(view).to(torch::kFloat);  // (1, H_kv, n_b)
       if (ragged) s = s.masked_fill(view.valid.logical_not(), ninf);
       parts[b] = alloc->row_scored(l, b, s, view.valid, budget_tokens[b], method.scorer->layer_preference());
@@ -119,6 +128,10 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const std::ve
     }
     if (any) c.keep(l, concat_ragged(parts));
     alloc->layer_done(l, c, budget_tokens);
+  };
+  PrefillObserver observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
+    method.scorer->on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
+    if (!after_forward) score_layer(obs.layer, c, &obs);
   };
 
   for (int64_t ci = 0; ci < n_chunks; ++ci) {
@@ -132,6 +145,10 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const std::ve
     at::Tensor ids = left_pad(pieces, 0, lead);  // (B, Tc)
     if (std::all_of(lead.begin(), lead.end(), [](int64_t x) { return x == 0; })) lead.clear();
     model.prefill(ids, cache, LogitsMode::LastPosition, observer, lead);
+    if (after_forward) {  // every layer of this chunk is cached: the scorer runs (e.g. its query rows), then scores
+      method.scorer->prepare(model, cache);
+      for (int64_t l = 0; l < L; ++l) score_layer(l, cache, nullptr);
+    }
     alloc->forward_done(cache, fresh, budget_tokens);
   }
 

@@ -1,7 +1,9 @@
 // Compression methods by name (a scorer plus a selector) and the prefill that applies one: the entry point
 // of `kvdistill compress` and of the eval harness. Each layer is scored and compacted right after its
 // attention ran during prefill (as kvpress's hooks do), so the full cache of only one layer is held at a
-// time, except for the global allocation, which needs every layer's scores first.
+// time, except for the global allocation, which needs every layer's scores first. A scorer of
+// ScoreTiming::AfterForward (query rows appended to the prompt) is prepared once every layer of a chunk is
+// cached (Scorer::prepare) and then scores and compacts the layers one by one, in the same way.
 #pragma once
 
 #include <cstdint>

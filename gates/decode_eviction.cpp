@@ -81,6 +81,10 @@ DecodeEvictor::DecodeEvictor(const Model& model, DecodePolicy policy, DecodeTrig
     KVD_CHECK(!opt_.scorer->needs().hidden, "decode eviction: scorer '", opt_.scorer->name(),
               "' needs the hidden state of every cached token, which decode does not have; use it at prefill "
               "(a scorer that keeps per-entry state writes it in on_append instead)");
+  if (policy_ == DecodePolicy::Scorer)
+    KVD_CHECK(opt_.scorer->needs().timing == ScoreTiming::PerLayer, "decode eviction: scorer '", opt_.scorer->name(),
+              "' scores a cache only after a whole forward (its query rows run after the prompt); it compresses the "
+              "prompt once, so use it without decode-time eviction");
   KVD_CHECK(opt_.max_query_rows >= 1, "decode eviction: max_query_rows must be >= 1");
   reset();
 }
@@ -263,6 +267,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
         for (const auto& [name, col] : kv.payload) kb.payload[name] = col.narrow(0, b, 1);
         kb.n = kv.n;
         LayerView view = layer_view(kb, l, model_, qpos[b][0].item<int64_t>() + 1);
+        view.batch_offset = b;
         if (needs.window > 0) {
           view.window_queries = S.q.narrow(0, b, 1);        // (1, H, w, hd)
           view.window_positions = S.q_pos.narrow(0, b, 1);  // (1, w)

@@ -4,17 +4,25 @@
 
 #include "losses/distill.h"
 #include "models/model.h"
+#include "models/profile.h"
 
 namespace kvd {
 
 DistillTerms distill_to_frozen(const Model& model, const TrainBatch& tb, const AttentionMods& mods,
                                const LossOptions& opt) {
+  ProfileLap lap(model.device(), "train ");
   at::Tensor teacher;  // (B, T, d)
   {
     torch::NoGradGuard ng;
-    teacher = model.forward_train(tb.ids, tb.positions, AttentionMods(), tb.doc_ids).hidden;
+    AttentionMods plain;
+    plain.kernels = opt.kernels;
+    teacher = model.forward_train(tb.ids, tb.positions, plain, tb.doc_ids).hidden;
   }
-  at::Tensor student = model.forward_train(tb.ids, tb.positions, mods, tb.doc_ids, opt.checkpointing).hidden;  // (B, T, d)
+  lap("teacher forward");
+  AttentionMods student_mods = mods;
+  student_mods.kernels = opt.kernels;
+  at::Tensor student = model.forward_train(tb.ids, tb.positions, student_mods, tb.doc_ids, opt.checkpointing).hidden;  // (B, T, d)
+  lap("student forward");
   const LogitsFn logits = [&](const at::Tensor& h) { return model.logits(h); };
   const int64_t B = tb.ids.size(0);
   DistillTerms out;
@@ -27,6 +35,7 @@ DistillTerms distill_to_frozen(const Model& model, const TrainBatch& tb, const A
     out.ce = out.ce + d.ce / static_cast<double>(B);
     out.tokens += d.tokens;
   }
+  lap("kl/ce forward");
   return out;
 }
 

@@ -92,7 +92,9 @@ ResolvedMethod learned(const std::string& name, std::shared_ptr<Component> c, co
   r.method.name = name;
   r.method.scorer = r.component->make_scorer();
   r.method.selector.budget = budget;
-  if (ctx.learned_mode == LearnedMode::Continuous) {
+  // A scorer that rates a cache only after a whole forward (query rows appended to the prompt) acts once, after
+  // prefill, in either mode: that is how its method is defined.
+  if (ctx.learned_mode == LearnedMode::Continuous && r.method.scorer->needs().timing == ScoreTiming::PerLayer) {
     KVD_CHECK(ctx.continuous_chunk > 0, "the continuous mode's prefill chunk must be positive");
     KVD_CHECK(budget.kind != BudgetKind::Threshold, name, ": the continuous mode holds a token budget; use --ratio or "
               "--budget-tokens, or compress once");
@@ -117,17 +119,26 @@ std::string known_methods() {
   os << "full; prefixes adakv_ / criticalkv_ / global_; decode-time: ";
   bool first = true;
   for (const DecodeEntry& d : decode_methods()) os << (first ? "" : ", ") << d.name, first = false;
-  os << "; learned: gate:<bundle dir>, <kind>:<bundle dir>, untrained:<kind> (kinds: ";
+  os << "; learned: gate:<bundle dir>, <kind>:<bundle dir>, <variant>:<bundle dir>, untrained:<kind>, each with an "
+        "optional adakv_ / global_ / pyramid_ prefix (kinds: ";
   first = true;
-  for (const std::string& k : component_kinds()) os << (first ? "" : ", ") << k, first = false;
-  os << ")";
+  std::string variants;
+  for (const std::string& k : component_kinds()) {
+    os << (first ? "" : ", ") << k, first = false;
+    for (const std::string& v : component_spec(k, "known_methods").variants) variants += (variants.empty() ? "" : ", ") + v;
+  }
+  os << (variants.empty() ? "" : "; variants: " + variants) << ")";
   return os.str();
 }
 
-bool is_bundle_method(const std::string& name) {
+bool is_bundle_method(const std::string& name_in) {
+  std::string name = name_in;
+  for (const char* p : {"adakv_", "global_", "pyramid_"})
+    if (starts_with(name, p) && name.find(':') != std::string::npos) name = name.substr(std::string(p).size());
   if (starts_with(name, "gate:")) return true;
   const size_t colon = name.find(':');
-  return colon != std::string::npos && name.substr(0, colon) != "untrained" && find_component(name.substr(0, colon));
+  return colon != std::string::npos && name.substr(0, colon) != "untrained" &&
+         (find_component(name.substr(0, colon)) || find_component_variant(name.substr(0, colon)));
 }
 
 Method make_method(const std::string& name, double ratio, uint64_t seed) {
@@ -207,8 +218,26 @@ ResolvedMethod resolve_method(const std::string& name, const Budget& budget, con
     return r;
   }
   check_budget(budget);
-  const std::string head = name == "gate-untrained" ? "untrained" : name.substr(0, colon);
-  const std::string arg = name == "gate-untrained" ? "retention_gate" : name.substr(colon + 1);
+  // A budget allocation prefix on a learned name (adakv_gate:<dir>, pyramid_query_rows:<dir>, ...).
+  Allocation alloc = Allocation::Uniform;
+  std::string prefix, lname = name;
+  for (const auto& [p, a] : std::vector<std::pair<std::string, Allocation>>{
+           {"adakv_", Allocation::AdaKV}, {"global_", Allocation::Global}, {"pyramid_", Allocation::Pyramid}})
+    if (colon != std::string::npos && starts_with(name, p)) {
+      alloc = a;
+      prefix = p;
+      lname = name.substr(p.size());
+    }
+  if (alloc == Allocation::Pyramid)
+    KVD_CHECK(budget.kind == BudgetKind::Ratio, name, ": the pyramid layer budgets need --ratio");
+  const size_t lcolon = lname.find(':');
+  const std::string head = lname == "gate-untrained" ? "untrained" : lname.substr(0, lcolon);
+  const std::string arg = lname == "gate-untrained" ? "retention_gate" : lname.substr(lcolon + 1);
+  auto with_alloc = [&](ResolvedMethod r) {
+    r.method.selector.allocation = alloc;
+    if (!prefix.empty()) r.label = prefix + r.label;
+    return r;
+  };
   if (head == "untrained") {
     component_spec(arg, name);
     KVD_CHECK(ctx.model != nullptr, name, ": an untrained component needs the model (MethodContext::model)");
@@ -216,18 +245,26 @@ ResolvedMethod resolve_method(const std::string& name, const Budget& budget, con
     std::shared_ptr<Component> c = make_component(arg, ctx.model->config());
     c->to(ctx.model->device(), torch::kFloat32);
     ResolvedMethod r = learned(name, std::move(c), budget, ctx);
-    r.label = name;
-    return r;
+    r.label = lname;
+    return with_alloc(std::move(r));
   }
-  KVD_CHECK(head == "gate" || find_component(head), "unknown method '", name, "'; known: ", known_methods());
+  const ComponentSpec* variant_of = find_component(head) ? nullptr : find_component_variant(head);
+  KVD_CHECK(head == "gate" || find_component(head) || variant_of, "unknown method '", name, "'; known: ", known_methods());
   KVD_CHECK(!arg.empty(), name, ": give the bundle directory after '", head, ":'");
   KVD_CHECK(bool(ctx.load_bundle), name, ": bundles cannot be loaded here (no MethodContext::load_bundle)");
   std::shared_ptr<Component> c = ctx.load_bundle(arg);
-  KVD_CHECK(head == "gate" || c->kind() == head, name, ": the bundle in ", arg, " holds a '", c->kind(),
-            "' component, not a '", head, "'");
+  if (variant_of) {
+    const std::string v = c->manifest().value("variant", std::string());
+    KVD_CHECK(c->kind() == variant_of->kind && v == head, name, ": the bundle in ", arg, " holds a '", c->kind(), "' component",
+              v.empty() ? std::string() : " of variant '" + v + "'", ", not a '", variant_of->kind, "' of variant '", head,
+              "'; use gate:", arg);
+  } else {
+    KVD_CHECK(head == "gate" || c->kind() == head, name, ": the bundle in ", arg, " holds a '", c->kind(),
+              "' component, not a '", head, "'");
+  }
   ResolvedMethod r = learned(name, std::move(c), budget, ctx);
   r.label = bundle_label(r.component->kind(), arg);
-  return r;
+  return with_alloc(std::move(r));
 }
 
 }  // namespace kvd

@@ -8,11 +8,17 @@
 //                                 compress the prompt, then evict while decoding (gates/decode_eviction.h)
 //   gate:<bundle dir>             a trained learned part; the bundle's manifest names its kind
 //   <kind>:<bundle dir>           the same, insisting on the kind (e.g. retention_gate:<dir>)
+//   <variant>:<bundle dir>        the same, insisting on a kind's named variant (judgeq:<dir>, lookahead:<dir>:
+//                                 query_rows bundles of that variant; ComponentSpec::variants)
 //   untrained:<kind>              a fresh, untrained component of that kind (a baseline; seeded)
 //   gate-untrained                = untrained:retention_gate
+//   adakv_ / global_ / pyramid_   prefixes on a learned name: its scores under that budget allocation
+//                                 (e.g. adakv_gate:<dir>; pyramid_ needs --ratio)
 // Learned parts run in LearnedMode::Continuous unless asked otherwise: a component whose scores are written
 // when tokens are appended (TRIM-KV) keeps every head at its budget through a chunked prefill and while
-// decoding, as its paper runs it; LearnedMode::Once compresses the prompt once after prefill.
+// decoding, as its paper runs it; LearnedMode::Once compresses the prompt once after prefill. A component
+// whose scorer needs the whole forward first (ScoreTiming::AfterForward: Judge-Q / LookaheadKV query rows)
+// compresses the prompt once after prefill in both modes.
 #pragma once
 
 #include <cstdint>

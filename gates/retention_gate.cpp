@@ -7,9 +7,11 @@
 #include "common/error.h"
 #include "gates/components.h"
 #include "gates/distill_objective.h"
+#include "kernels/soft_cache_size.h"
 #include "losses/capacity.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
+#include "models/profile.h"
 
 namespace kvd {
 
@@ -71,7 +73,7 @@ AttentionMods RetentionGateImpl::attention_mods(const TrainBatch& batch) {
   return mods;
 }
 
-std::vector<LossTerm> RetentionGateImpl::regularizers() {
+std::vector<LossTerm> RetentionGateImpl::regularizers(KernelPath kernels) {
   std::vector<at::Tensor> per_layer;  // [layer] (B, H_kv, T)
   for (const at::Tensor& lb : recorded_) {
     KVD_CHECK(lb.defined(), "RetentionGate::regularizers: no recorded log beta; run a forward with attention_mods first");
@@ -80,8 +82,10 @@ std::vector<LossTerm> RetentionGateImpl::regularizers() {
   KVD_CHECK(!per_layer.empty(), "RetentionGate::regularizers: no recorded log beta; run a forward with attention_mods first");
   at::Tensor x = torch::cat(per_layer, 1);  // (B, L*H_kv, T)
   at::Tensor docs = recorded_docs_.defined() ? recorded_docs_.to(x.device()) : at::Tensor();
-  return {{"capacity", capacity_loss(x, docs, static_cast<double>(opt_.budget), CapacityImpl::Tiled,
-                                     opt_.capacity_block)}};
+  const CapacityImpl impl = kernels == KernelPath::Fused && x.is_cuda() && soft_cache_size_fused_available(x)
+                                ? CapacityImpl::Fused
+                                : CapacityImpl::Tiled;
+  return {{"capacity", capacity_loss(x, docs, static_cast<double>(opt_.budget), impl, opt_.capacity_block)}};
 }
 
 ComponentLoss RetentionGateImpl::loss(const Model& model, const TrainBatch& batch, const LossOptions& options) {
@@ -89,7 +93,9 @@ ComponentLoss RetentionGateImpl::loss(const Model& model, const TrainBatch& batc
   DistillTerms d = distill_to_frozen(model, batch, mods, options);
   ComponentLoss out;
   out.terms = {{"kl", d.kl}, {"ce", d.ce}};
-  for (LossTerm& t : regularizers()) out.terms.push_back(std::move(t));
+  ProfileLap lap(model.device(), "train ");
+  for (LossTerm& t : regularizers(options.kernels)) out.terms.push_back(std::move(t));
+  lap("capacity forward");
   out.tokens = d.tokens;
   return out;
 }
@@ -198,8 +204,13 @@ ComponentSpec retention_gate_spec() {
       {"loss.capacity", ValueType::Float, "1.0", "weight of the capacity regularizer (memory budget M)"},
   };
   s.check = [](const nlohmann::json& o) {
-    KVD_CHECK(o.at("budget").get<int64_t>() > 0, "config key 'component.budget': M must be > 0, got ", o.at("budget").dump());
-    KVD_CHECK(o.at("hidden").get<int64_t>() > 0, "config key 'component.hidden': must be > 0, got ", o.at("hidden").dump());
+    // Bounded above too: a bundle's manifest sizes the parameters before any tensor is read.
+    constexpr int64_t kMaxGateBudget = int64_t(1) << 24, kMaxGateHidden = int64_t(1) << 16;
+    const int64_t budget = o.at("budget").get<int64_t>(), hidden = o.at("hidden").get<int64_t>();
+    KVD_CHECK(budget > 0 && budget <= kMaxGateBudget, "config key 'component.budget': M must be in [1, ",
+              kMaxGateBudget, "], got ", budget);
+    KVD_CHECK(hidden > 0 && hidden <= kMaxGateHidden, "config key 'component.hidden': must be in [1, ",
+              kMaxGateHidden, "], got ", hidden);
   };
   s.make = [](const ModelConfig& cfg, const nlohmann::json& o) -> std::shared_ptr<Component> {
     RetentionGateOptions opt;

@@ -64,8 +64,9 @@ class RetentionGateImpl : public Component {
   // A layer_hook computing log β for the S rows of each layer, recording the sequence rows' (B, T, H_kv)
   // for regularizers(), and returning key_rate = log β (B, H_kv, S). Records batch.doc_ids too.
   AttentionMods attention_mods(const TrainBatch& batch);
-  // {"capacity", L_cap} over every (b, layer, KV head, t) of the last forward, budget options().budget.
-  std::vector<LossTerm> regularizers();
+  // {"capacity", L_cap} over every (b, layer, KV head, t) of the last forward, budget options().budget. The
+  // soft cache size runs the fused kernel on CUDA with KernelPath::Fused, else the tiled reference.
+  std::vector<LossTerm> regularizers(KernelPath kernels = KernelPath::Reference);
   // Scores log β_i · (t + 1 − pos_i) from LayerView.hidden ((B, n, d) shared by the heads, or (B, H_kv, n, d)
   // per head), positions and next_position. Shares this gate's parameters (the gate must be held by a
   // RetentionGate / shared_ptr, or outlive the scorer).

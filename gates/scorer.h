@@ -31,11 +31,20 @@ struct LayerView {
   at::Tensor queries_pre_rope;   // (B, H, n_q, hd) pre-RoPE queries of the prompt rows (Expected Attention)
   std::map<std::string, at::Tensor> payload;  // the cache's per-entry columns (B, H_kv, n) (KVCache payload)
   int64_t next_position = 0;     // position the next query will have (t)
+  int64_t batch_offset = 0;      // the cache's batch row of this view's row 0 (compress_prefill scores one row at a
+                                 // time: a view of row b alone has batch_offset b)
 };
 
 // One layer of a cache as a scorer sees it: its entries, validity and positions; the optional fields are left
 // undefined for the caller to fill as the scorer's needs() ask.
 LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, int64_t next_position);
+
+// When a scorer can rate a layer's entries.
+enum class ScoreTiming {
+  PerLayer,     // right after the layer's attention ran (a prefill observer), from the LayerView alone
+  AfterForward  // only once the forward of every layer ended: drivers call Scorer::prepare(model, cache) on the
+                // whole cache, then score each layer (query-row methods: their rows run after the prompt)
+};
 
 // Which optional LayerView fields a scorer reads, so the harness captures only those.
 struct ScorerNeeds {
@@ -43,6 +52,7 @@ struct ScorerNeeds {
   int64_t window = 0;  // > 0: window_queries of this many rows (kAllRows: every row of the prefill chunk)
   static constexpr int64_t kAllRows = INT64_MAX;
   bool queries_pre_rope = false;
+  ScoreTiming timing = ScoreTiming::PerLayer;
 };
 
 class Scorer {
@@ -57,6 +67,13 @@ class Scorer {
   // (KVCache::add_payload / set_payload_tail; obs.hidden (B, t, d) are the new rows' attention inputs).
   virtual void on_append(const PrefillLayerObservation& obs, KVCache& cache) {
     (void)obs;
+    (void)cache;
+  }
+  // Called by drivers that score a cache after a whole forward (compress_prefill for ScoreTiming::AfterForward
+  // scorers, evict_to_budget for every scorer), once the forward ended and before the first score() of the
+  // cache as it is now; the scorer may run the model against the cache (it must leave the cache as it is).
+  virtual void prepare(const Model& model, const KVCache& cache) {
+    (void)model;
     (void)cache;
   }
   // Importance of each cached token, higher = keep: (B, H_kv, n) float32. Invalid entries are ignored.

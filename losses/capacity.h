@@ -18,7 +18,8 @@ namespace kvd {
 enum class CapacityImpl {
   Tiled,  // block x block tiles through autograd (the default, every device)
   Dense,  // the T x T reference (tests only)
-  Fused   // CUDA: kernels/soft_cache_size.h, one deterministic pass; opt-in until it is checked on a GPU
+  Fused   // CUDA: kernels/soft_cache_size.h, one deterministic pass (the retention gate uses it on CUDA under
+          // train.kernels=fused; checked against Tiled on an H200, bench/RESULTS.md)
 };
 
 // x (B, H, T) log β (float32 / bfloat16 / float64), doc_ids (B, T) int64 or undefined (one document per row).

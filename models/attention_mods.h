@@ -20,6 +20,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "models/kernel_path.h"
+
 namespace kvd {
 
 // What a layer hook sees, once per layer and forward, before the layer's Q/K/V projections.
@@ -103,6 +105,10 @@ struct AttentionMods {
   // Rows outside it are bit-identical to the base model's.
   at::Tensor lora_row_mask;
   AttentionStatsRequest stats;
+  // Fused: on CUDA, layers whose mods set key_rate / key_log_mask (and no pair_bias) run the fused
+  // retention-biased attention of kernels/retention_attention.h instead of the explicit (B, H, S, S) softmax;
+  // so do layers without mods over packed documents or a window (instead of SDPA over a dense mask).
+  KernelPath kernels = KernelPath::Fused;
 };
 
 }  // namespace kvd

@@ -11,6 +11,7 @@
 
 #include "common/error.h"
 #include "common/fs.h"
+#include "common/json_error.h"
 
 namespace kvd {
 namespace {
@@ -194,12 +195,7 @@ ChatTemplate ChatTemplate::from_file(const std::string& path_or_dir) {
   std::string path = path_or_dir;
   if (std::filesystem::is_directory(path))
     path = (std::filesystem::path(path) / "tokenizer_config.json").string();
-  json cfg;
-  try {
-    cfg = json::parse(read_file(path));
-  } catch (const json::exception& e) {
-    KVD_FAIL(path, ": malformed JSON (", e.what(), ")");
-  }
+  const json cfg = parse_json(read_file(path), path, "malformed JSON");
   KVD_CHECK(cfg.is_object(), path, ": expected a JSON object");
   const auto it = cfg.find("chat_template");
   KVD_CHECK(it != cfg.end() && !it->is_null(), path, ": no chat_template", kNoChatHint);
@@ -208,7 +204,7 @@ ChatTemplate ChatTemplate::from_file(const std::string& path_or_dir) {
     text = it->get<std::string>();
   } else if (it->is_array()) {  // named templates: [{"name": "default", "template": "..."}, ...]
     for (const json& e : *it) {
-      if (e.is_object() && e.value("name", "") == "default" && e.contains("template") &&
+      if (e.is_object() && e.contains("name") && e["name"] == "default" && e.contains("template") &&
           e["template"].is_string())
         text = e["template"].get<std::string>();
     }

@@ -376,14 +376,8 @@ ModelConfig load_config(const std::string& path_or_dir) {
   KVD_CHECK(fs::exists(path_or_dir, ec), path_or_dir, ": no such file or directory");
   const std::string path =
       fs::is_directory(path_or_dir, ec) ? (fs::path(path_or_dir) / "config.json").string() : path_or_dir;
-  const std::string text = read_file(path);
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const json::exception& e) {
-    KVD_FAIL(path, ": not valid JSON (", json_error_text(e), ")");
-  }
-  return parse_config(j, path);
+  const json j = parse_json(read_file(path), path, "not valid JSON");
+  return with_json_context(path, "invalid config", [&] { return parse_config(j, path); });
 }
 
 json ModelConfig::to_json() const {

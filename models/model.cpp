@@ -13,56 +13,14 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "kernels/retention_attention.h"
 #include "models/attention.h"
 #include "models/kv_cache.h"
+#include "models/profile.h"
 #include "models/safetensors.h"
 
 namespace kvd {
 namespace {
-
-// KVD_PROFILE=1 in the environment: inference forwards (prefill / decode) time their sections, with the device
-// synchronized at every boundary so that the sections add up to the forward, and print the totals at exit.
-// For finding where time goes; the synchronization itself slows the run.
-struct SectionTotals {
-  const bool on = std::getenv("KVD_PROFILE") != nullptr;
-  std::map<std::string, std::pair<double, int64_t>> sec;  // name -> (seconds, calls)
-  ~SectionTotals() {
-    if (!on || sec.empty()) return;
-    double all = 0;
-    for (const auto& [name, v] : sec) all += v.first;
-    std::fprintf(stderr, "[profile] inference forwards, %.3f s in all:\n", all);
-    for (const auto& [name, v] : sec)
-      std::fprintf(stderr, "[profile] %-14s %9.3f s %5.1f%% %9lld calls\n", name.c_str(), v.first,
-                   100.0 * v.first / std::max(all, 1e-12), static_cast<long long>(v.second));
-  }
-};
-SectionTotals& section_totals() {
-  static SectionTotals t;
-  return t;
-}
-
-// lap("name") charges the time since the previous lap (or construction) to "name".
-class Lap {
- public:
-  explicit Lap(c10::Device d) : on_(section_totals().on), cuda_(d.is_cuda()) { mark(); }
-  void operator()(const char* name) {
-    if (!on_) return;
-    const auto t0 = t_;
-    mark();
-    auto& e = section_totals().sec[name];
-    e.first += std::chrono::duration<double>(t_ - t0).count();
-    e.second += 1;
-  }
-
- private:
-  void mark() {
-    if (!on_) return;
-    if (cuda_) torch::cuda::synchronize();
-    t_ = std::chrono::steady_clock::now();
-  }
-  bool on_, cuda_;
-  std::chrono::steady_clock::time_point t_;
-};
 
 constexpr double kPi = 3.14159265358979323846;
 
@@ -126,6 +84,7 @@ struct TrainForwardCtx : torch::CustomClassHolder {
   double scale = 1.0, eps = 0.0;
   bool qk_norm = false;
   c10::ScalarType acc = torch::kFloat;  // scores and softmax
+  KernelPath kernels = KernelPath::Fused;
 };
 
 // One decoder layer's projections from its normed input h (B, S, d).
@@ -169,6 +128,26 @@ at::Tensor decoder_layer(const LayerWeights& lw, const LayerLora& lora, const Lo
   return x + project(torch::silu(g) * u, lw.down_proj, {}, lora.down, lr);  // (B, S, d)
 }
 
+// The attention by the fused kernel (kernels/retention_attention.h), with the layer's key_rate / key_log_mask
+// if any and the documents / window of the mask; or an undefined tensor where the kernel does not apply
+// (KernelPath::Reference, a pair_bias, not CUDA, not bf16 under the model dtype or autocast, another head dim),
+// and the caller runs its LibTorch path.
+at::Tensor fused_attention(const TrainForwardCtx& c, const LayerMods& m, const LayerQKV& p) {
+  if (c.kernels != KernelPath::Fused || m.pair_bias || !p.q.is_cuda()) return {};
+  at::Tensor q = p.q, k = p.k, v = p.v;
+  // Under bf16 autocast the projections are bf16 but RoPE may promote q / k to float32.
+  if (q.scalar_type() != torch::kBFloat16 && at::autocast::is_autocast_enabled(at::kCUDA) &&
+      at::autocast::get_autocast_dtype(at::kCUDA) == torch::kBFloat16) {
+    q = q.to(torch::kBFloat16);
+    k = k.to(torch::kBFloat16);
+    v = v.to(torch::kBFloat16);
+  }
+  if (v.scalar_type() != q.scalar_type() || !retention_attention_fused_available(q, k)) return {};
+  return retention_attention(q, k, v, c.tm.positions, c.tm.doc_ids, m.key_rate, m.key_log_mask, c.tm.window,
+                             c.scale)
+      .to(p.v.scalar_type());  // (B, H, S, hd), as the reference returns it
+}
+
 struct LayerResult {
   at::Tensor x;      // (B, S, d) the layer's output (residual stream)
   at::Tensor stats;  // (B, H, S) or undefined
@@ -186,9 +165,15 @@ LayerResult train_layer(TrainForwardCtx& c, const LayerWeights& lw, const LayerM
     if (!m.changes_attention()) {
       if (c.tm.plain_causal()) {
         attn = at::scaled_dot_product_attention(p.q, p.k, p.v, {}, 0.0, /*is_causal=*/true, c.scale, /*enable_gqa=*/true);
+      } else if (at::Tensor fused = fused_attention(c, m, p); fused.defined()) {
+        // Packed documents or a window: the fused kernel skips the tiles no query can see, where SDPA would
+        // run its memory-efficient path over a dense (B, 1, S, S) mask.
+        attn = fused;
       } else {
         attn = grouped_sdpa(p.q, p.k, p.v, c.tm.sdpa_mask(), false, c.scale);
       }
+    } else if (at::Tensor fused = fused_attention(c, m, p); fused.defined()) {
+      attn = fused;
     } else {
       if (!c.all_rows.defined())
         c.all_rows = torch::arange(S, c.tm.positions.options()).view({1, S}).expand({B, S});
@@ -534,6 +519,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
   c->eps = cfg_.rms_norm_eps;
   c->qk_norm = cfg_.qk_norm;
   c->acc = dtype_ == torch::kDouble ? torch::kDouble : torch::kFloat;
+  c->kernels = mods.kernels;
 
   const bool checkpoint = checkpointing == ActivationCheckpointing::Layers && torch::GradMode::is_enabled();
   ForwardOutput out;
@@ -631,7 +617,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     qpos = torch::where(real, first + t - ld, torch::full_like(t - ld, -1));                         // (B, T)
     if (padded) pad_rows = real.logical_not().view({B, 1, T, 1});
   }
-  Lap lap(device_);
+  ProfileLap lap(device_, "prefill/decode ");
   const at::Tensor cs = rope_cos_sin(qpos.clamp_min(0));  // (2, B, 1, T, hd)
   const at::Tensor cos = cs[0], sin = cs[1];
 

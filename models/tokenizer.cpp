@@ -21,6 +21,7 @@
 
 #include "common/error.h"
 #include "common/fs.h"
+#include "common/json_error.h"
 
 namespace kvd {
 namespace {
@@ -107,13 +108,20 @@ size_t append_lossy(std::string& out, std::string_view bytes, bool final) {
   return i;
 }
 
-// Decodes the code point at s[i] of valid UTF-8 and advances i.
+// Decodes the code point at s[i] of valid UTF-8 and advances i. Never reads past the end: a sequence cut
+// short by the end of `s` (which valid UTF-8 cannot have, but a piece cut inside a character would)
+// yields U+FFFD and consumes the rest.
 inline uint32_t next_cp(std::string_view s, size_t& i) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
   const unsigned char b = p[i];
   if (b < 0x80) {
     i += 1;
     return b;
+  }
+  const size_t need = b < 0xE0 ? 2 : b < 0xF0 ? 3 : 4;
+  if (s.size() - i < need) {
+    i = s.size();
+    return 0xFFFD;
   }
   if (b < 0xE0) {
     const uint32_t c = ((b & 0x1Fu) << 6) | (p[i + 1] & 0x3Fu);
@@ -133,7 +141,8 @@ inline uint32_t next_cp(std::string_view s, size_t& i) {
 
 inline size_t cp_len_at(std::string_view s, size_t i) {
   const auto b = static_cast<unsigned char>(s[i]);
-  return b < 0x80 ? 1 : b < 0xE0 ? 2 : b < 0xF0 ? 3 : 4;
+  const size_t n = b < 0x80 ? 1 : b < 0xE0 ? 2 : b < 0xF0 ? 3 : 4;
+  return std::min(n, s.size() - i);
 }
 
 void append_cp(std::string& out, uint32_t c) {
@@ -384,13 +393,15 @@ MatchScratch& scratch() {
 class Regex {
  public:
   enum class Kind { Pattern, Literal };
-  Regex(const std::string& pattern, Kind kind, const std::string& context) {
+  Regex(const std::string& pattern, Kind kind, const std::string& context) : context_(context), pattern_(pattern) {
     uint32_t options = PCRE2_UTF | PCRE2_NO_UTF_CHECK;
     std::string p = pattern;
     if (kind == Kind::Literal) {
       options |= PCRE2_LITERAL;  // (PCRE2_UCP is not allowed with it, and not needed)
     } else {
-      options |= PCRE2_UCP;
+      // PCRE2_NEVER_BACKSLASH_C: \C matches one byte even in UTF mode, which would cut a piece inside a
+      // UTF-8 character (and BPE expects whole characters). (Not allowed with, nor needed by, a literal.)
+      options |= PCRE2_UCP | PCRE2_NEVER_BACKSLASH_C;
       p = rewrite_white_space(pattern);
     }
     int err = 0;
@@ -421,10 +432,15 @@ class Regex {
       if (rc < 0) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(rc, msg, sizeof msg);
-        KVD_FAIL("tokenizer: regex matching failed: ", reinterpret_cast<char*>(msg));
+        KVD_FAIL(context_, ": regex '", pattern_, "' failed while matching: ", reinterpret_cast<char*>(msg));
       }
       const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(ms.data);
       const size_t start = ov[0], end = ov[1];
+      // A pattern can still end a match before its start (\K in a lookahead) or inside a character;
+      // pieces must be whole UTF-8 characters, so such a pattern is refused here.
+      KVD_CHECK(start <= end && end <= s.size() && is_cp_boundary(s, start) && is_cp_boundary(s, end), context_,
+                ": pre-tokenizer regex '", pattern_, "' cut the text inside a UTF-8 character or matched backwards; "
+                "this tokenizer.json is not supported");
       if (start == end && last_match_end == end) {
         if (last_end >= s.size()) break;
         last_end += cp_len_at(s, last_end);
@@ -444,6 +460,10 @@ class Regex {
   }
 
  private:
+  static bool is_cp_boundary(std::string_view s, size_t i) {
+    return i == s.size() || (static_cast<unsigned char>(s[i]) & 0xC0) != 0x80;
+  }
+  std::string context_, pattern_;
   std::shared_ptr<pcre2_code> code_;
 };
 
@@ -1160,7 +1180,8 @@ struct Loader {
           const json& ids = field(*it, "ids", "TemplateProcessing.special_tokens");
           KVD_CHECK(ids.is_array(), path, ": TemplateProcessing.special_tokens['", name, "'].ids must be a list");
           for (const json& id : ids) {
-            KVD_CHECK(id.is_number_integer(), path, ": TemplateProcessing ids must be integers");
+            KVD_CHECK(id.is_number_integer() && id.get<int64_t>() >= 0 && id.get<int64_t>() < (1 << 30), path,
+                      ": TemplateProcessing ids must be non-negative integers");
             (seen_sequence ? t.template_suffix : t.template_prefix).push_back(id.get<int32_t>());
           }
         } else {
@@ -1198,12 +1219,7 @@ Tokenizer Tokenizer::from_file(const std::string& path_or_dir) {
 }
 
 Tokenizer Tokenizer::from_json(std::string_view text, const std::string& path) {
-  json j;
-  try {
-    j = json::parse(text.begin(), text.end());
-  } catch (const json::exception& e) {
-    KVD_FAIL(path, ": malformed JSON (", e.what(), ")");
-  }
+  const json j = parse_json(text, path, "malformed JSON");
   KVD_CHECK(j.is_object(), path, ": not a tokenizers JSON file (expected an object at the top level)");
   auto t = std::make_shared<Impl>();
   t->path = path;
@@ -1219,13 +1235,17 @@ Tokenizer Tokenizer::from_json(std::string_view text, const std::string& path) {
     L.post_processor(j.value("post_processor", json()), *t);
     L.decoder(j.value("decoder", json()), *t);
   } catch (const json::exception& e) {
-    KVD_FAIL(path, ": invalid tokenizer JSON (", e.what(), ")");
+    KVD_FAIL(path, ": invalid tokenizer JSON (", json_error_text(e), ")");
   }
 
-  // The id -> token table.
+  // The id -> token table. Ids come from the file: the table may not be much larger than the number of
+  // tokens that fill it (a tiny file with one id of 10^9 would otherwise allocate gigabytes).
   int32_t size = 0;
   for (const auto& [tok, id] : t->vocab) size = std::max(size, id + 1);
   for (const AddedToken& a : t->added) size = std::max(size, a.id + 1);
+  const int64_t entries = static_cast<int64_t>(t->vocab.size() + t->added.size());
+  KVD_CHECK(size <= 2 * entries + 1024, path, ": token id ", size - 1, " is far beyond the ", entries,
+            " tokens of the file (ids must be dense); the tokenizer.json is corrupt");
   t->id_token.assign(size, std::string());
   t->id_kind.assign(size, 0);
   for (const auto& [tok, id] : t->vocab) t->id_token[id] = tok, t->id_kind[id] = 1;

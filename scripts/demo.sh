@@ -4,12 +4,14 @@
 # becomes a packed HDF5 distillation dataset and a RULER-style long-context task suite; a TRIM-KV retention
 # gate is distilled from the frozen model on CPU (configs/demo-trimkv.yaml, about 2 minutes on 2 cores), and
 # its held-out KL at M tokens per KV head is printed before and after training; the model writes its own
-# responses to a few prompts (the data of response-trained gates); finally a CPU-sized comparison of the
-# full cache, heuristics and the trained gate on the task suite (accuracy, KL, memory; table and plots).
+# responses to a few prompts, and LookaheadKV-style query rows are distilled from them
+# (configs/demo-lookahead.yaml); finally a CPU-sized comparison of the full cache, heuristics, the trained gate and the query rows on the task
+# suite (accuracy, KL, memory; table and plots).
 # Bootstraps first, so it works on a fresh machine.
 #
-# KVD_DEMO_SCALE=full (default) or ci: `ci` is the same pipeline, shortened to fit CI (10 training steps, a
-# comparison of 3 methods at one ratio), written under runs/demo-ci/ so it never resumes a full run.
+# KVD_DEMO_SCALE=full (default) or ci: `ci` is the same pipeline, shortened to fit CI (10 gate and 4 query-row
+# training steps, a comparison of 4 methods at one ratio), written under runs/demo-ci/ so it never resumes a full
+# run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/bootstrap.sh
@@ -18,9 +20,10 @@ MODEL=.cache/models/SmolLM2-135M-Instruct
 DEVICE=${KVD_DEVICE:-cpu}
 SCALE=${KVD_DEMO_SCALE:-full}
 case "$SCALE" in
-  full) RUNS=runs; TRAIN_ARGS=(); METHODS=streaming_llm,snapkv,adakv_snapkv,defensivekv; RATIOS=0.5,0.75 ;;
+  full) RUNS=runs; TRAIN_ARGS=(); QR_ARGS=(); METHODS=streaming_llm,snapkv,adakv_snapkv,defensivekv; RATIOS=0.5,0.75 ;;
   ci)   RUNS=runs/demo-ci
         TRAIN_ARGS=(train.steps=10 train.eval_every=10 train.save_every=5 train.warmup=2 train.out_dir=$RUNS/demo-trimkv)
+        QR_ARGS=(train.steps=4 train.save_every=2 train.warmup=1 train.out_dir=$RUNS/demo-lookahead)
         METHODS=streaming_llm,snapkv; RATIOS=0.75 ;;
   *) echo "demo.sh: KVD_DEMO_SCALE=$SCALE: expected full or ci" >&2; exit 2 ;;
 esac
@@ -50,11 +53,14 @@ step "prompts cut from the corpus" "$KVD" prepare prompts --input .cache/corpus/
 step "the model's own greedy responses to them (teacher data for response-trained gates)" "$KVD" prepare responses \
   --model "$MODEL" --prompts .cache/data/demo-prompts.jsonl --out .cache/data/demo-responses.h5 --max-new-tokens 32 \
   --batch 4 --device "$DEVICE"
+step "distill LookaheadKV-style query rows on those responses (8 rows + LoRA on the rows only; CPU-sized)" \
+  "$KVD" train --config configs/demo-lookahead.yaml "${QR_ARGS[@]}"
+echo "query-rows bundle: $RUNS/demo-lookahead/bundle (kind query_rows, variant lookahead)"
 step "a small task suite for the comparison (8 tasks at 1K tokens)" "$KVD" prepare tasks --model "$MODEL" --suite ruler \
   --lengths 1024 --samples 1 --seed 1 --out .cache/data/demo-tasks.jsonl
-step "the comparison, CPU-sized: full cache vs heuristics vs the trained gate (resumes if interrupted)" \
+step "the comparison, CPU-sized: full cache vs heuristics vs the trained gate and query rows (resumes if interrupted)" \
   "$KVD" eval --model "$MODEL" --tasks .cache/data/demo-tasks.jsonl --device "$DEVICE" --batch 4 \
-  --methods "$METHODS,gate:$RUNS/demo-trimkv/bundle" --ratios "$RATIOS" --out "$RUNS/demo-eval"
+  --methods "$METHODS,gate:$RUNS/demo-trimkv/bundle,gate:$RUNS/demo-lookahead/bundle" --ratios "$RATIOS" --out "$RUNS/demo-eval"
 test -s "$RUNS/demo-eval/results.md" || { echo "demo.sh: the comparison wrote no report" >&2; exit 1; }
 .venv/bin/python scripts/plot_results.py "$RUNS/demo-eval" --title "demo: 8 samples at 1K, CPU"
 echo

@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 
 #include "common/error.h"
 #include "common/fs.h"
+#include "common/json_error.h"
 #include "models/safetensors.h"
 
 namespace kvd {
@@ -81,16 +83,38 @@ std::string save_checkpoint_dir(const std::string& root, const std::string& name
     write_files(tmp);
     for (const std::string& n : entries(tmp)) fsync_path(tmp + "/" + n);
     fsync_path(tmp);
-  } catch (...) {
+  } catch (const Error&) {
     remove_tree(tmp);
     throw;
+  } catch (const std::exception& e) {
+    // LibTorch's writer (optimizer.pt, rng.pt) does not say why a write failed: a nearly full disk does.
+    remove_tree(tmp);
+    struct statvfs vfs {};
+    const bool full = ::statvfs(root.c_str(), &vfs) == 0 &&
+                      static_cast<double>(vfs.f_bavail) * static_cast<double>(vfs.f_frsize) < 64.0 * 1048576.0;
+    const std::string what = std::string(e.what()).substr(0, std::string(e.what()).find('\n'));
+    if (full) fail_write(tmp, ENOSPC, "writing the checkpoint");
+    KVD_FAIL(tmp, ": writing the checkpoint failed (", what, ")");
   }
-  if (exists(final_path)) remove_tree(final_path);  // the same step saved again (after a resume)
+  // A directory is removed only after it was renamed out of the step_* namespace (one atomic rename), so
+  // a process killed at any moment leaves either a whole checkpoint or a .tmp.* leftover, never a
+  // step_* directory with some of its files gone.
+  auto retire = [&](const std::string& dir, const std::string& name_) {
+    const std::string gone = root + "/.tmp.retired." + name_ + "." + std::to_string(::getpid());
+    KVD_CHECK(::rename(dir.c_str(), gone.c_str()) == 0, "cannot rename ", dir, " to ", gone, ": ", std::strerror(errno));
+    return gone;
+  };
+  std::string replaced;
+  if (exists(final_path)) replaced = retire(final_path, name);  // the same step saved again (after a resume)
   KVD_CHECK(::rename(tmp.c_str(), final_path.c_str()) == 0, "cannot rename ", tmp, " to ", final_path, ": ",
             std::strerror(errno));
   fsync_path(root);
+  if (!replaced.empty()) remove_tree(replaced);
   auto all = list_checkpoints(root);
-  for (size_t i = 0; i + static_cast<size_t>(keep_last) < all.size(); ++i) remove_tree(all[i]);
+  for (size_t i = 0; i + static_cast<size_t>(keep_last) < all.size(); ++i) {
+    const size_t slash = all[i].find_last_of('/');
+    remove_tree(retire(all[i], all[i].substr(slash + 1)));
+  }
   return final_path;
 }
 
@@ -134,21 +158,20 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir, const CheckpointIden
   const std::string path = dir + "/state.json";
   KVD_CHECK(exists(path), dir, ": not a kvdistill training checkpoint (no state.json); pass a step_* directory "
             "under <train.out_dir>/checkpoints, or --resume none");
-  nlohmann::ordered_json j;
-  try {
-    j = nlohmann::ordered_json::parse(read_file(path));
-  } catch (const nlohmann::json::exception& e) {
-    KVD_FAIL(path, ": corrupt checkpoint state (", e.what(), "); resume from an earlier checkpoint");
-  }
-  KVD_CHECK(j.value("format", "") == "kvdistill_train_checkpoint", path, ": not a kvdistill training checkpoint");
+  const nlohmann::ordered_json j = parse_json<nlohmann::ordered_json>(
+      read_file(path), path, "corrupt checkpoint state", "; resume from an earlier checkpoint");
+  KVD_CHECK(j.is_object() && j.contains("format") && j["format"] == "kvdistill_train_checkpoint", path,
+            ": not a kvdistill training checkpoint");
   CheckpointMeta m;
-  m.step = j.at("step").get<int64_t>();
-  m.identity.component_kind = j.at("component_kind").get<std::string>();
-  m.identity.model_id = j.at("model_id").get<std::string>();
-  m.identity.model_sha256 = j.at("model_config_sha256").get<std::string>();
-  m.world_size = j.value("world_size", int64_t{1});
-  m.cursor = j.at("cursor");
-  m.config = j.at("config");
+  with_json_context(path, "corrupt checkpoint state", [&] {
+    m.step = j.at("step").get<int64_t>();
+    m.identity.component_kind = j.at("component_kind").get<std::string>();
+    m.identity.model_id = j.at("model_id").get<std::string>();
+    m.identity.model_sha256 = j.at("model_config_sha256").get<std::string>();
+    m.world_size = j.value("world_size", int64_t{1});
+    m.cursor = j.at("cursor");
+    m.config = j.at("config");
+  });
   KVD_CHECK(m.identity.component_kind == expect.component_kind, dir, ": this checkpoint trains component '",
             m.identity.component_kind, "', but the run config says component.kind=", expect.component_kind,
             "; use another train.out_dir, set component.kind=", m.identity.component_kind, ", or pass --resume none");

@@ -10,6 +10,7 @@
 #include "common/error.h"
 #include "common/fs.h"
 #include "gates/components.h"
+#include "common/json_error.h"
 
 namespace kvd {
 
@@ -54,6 +55,12 @@ const std::vector<ConfigKey>& config_keys() {
       {"train.activation_checkpointing", ValueType::String, "none",
        "none | layers (keep only each frozen decoder layer's input and recompute the layer in the backward: "
        "less memory, about one more forward; same gradients)"},
+      {"train.kernels", ValueType::String, "fused",
+       "fused (on CUDA: the fused retention-biased attention and capacity kernels of kernels/, where they apply) "
+       "| reference (the LibTorch reference paths; what CPU runs use either way)"},
+      {"train.on_nonfinite", ValueType::String, "stop",
+       "when a loss term or the gradient is NaN / Inf: stop (exit 1 naming the step and the term; the last "
+       "checkpoint stays the latest) | skip (drop that step's update, count it, go on)"},
       {"dist.backend", ValueType::String, "auto", "auto (nccl on CUDA, gloo on CPU) | gloo | nccl"},
       {"dist.timeout_s", ValueType::Float, "300", "timeout of rendezvous and collectives, seconds"},
       {"dist.bucket_mb", ValueType::Float, "25", "gradient all-reduce bucket size, MiB"},
@@ -108,12 +115,22 @@ struct RawValue {
 };
 using RawValues = std::vector<std::pair<std::string, RawValue>>;  // in the order given (later ones win)
 
+// True if some general key lives under section `prefix` ("train" -> train.steps, ...). A component's own
+// keys live in the component and loss sections, which always have general keys too.
+bool is_section(const std::string& prefix) {
+  for (const ConfigKey& c : config_keys())
+    if (std::string(c.key).rfind(prefix + ".", 0) == 0) return true;
+  return false;
+}
+
 void flatten(const YAML::Node& node, const std::string& prefix, const std::string& source, RawValues& raw) {
   for (const auto& kv : node) {
     const std::string name = kv.first.as<std::string>();
     const std::string key = prefix.empty() ? name : prefix + "." + name;
     const YAML::Node& v = kv.second;
     if (v.IsMap()) {
+      // Recurse only into sections that exist: the depth is that of the key table, whatever the file's.
+      if (!prefix.empty() || !is_section(key)) unknown_key(config_keys(), key, source);
       flatten(v, key, source, raw);
       continue;
     }
@@ -219,7 +236,13 @@ RunConfig from_values(const json& values) {
   check(c.data_val_fraction >= 0 && c.data_val_fraction < 1, "data.val_fraction", "must be in [0, 1)");
   one_of(c.progress, "train.progress", {"auto", "lines", "never"});
   one_of(ckpt, "train.activation_checkpointing", {"none", "layers"});
+  const std::string nonfinite = S("train.on_nonfinite");
+  one_of(nonfinite, "train.on_nonfinite", {"stop", "skip"});
+  c.on_nonfinite = nonfinite == "skip" ? NonFinite::Skip : NonFinite::Stop;
   c.activation_checkpointing = ckpt == "layers" ? ActivationCheckpointing::Layers : ActivationCheckpointing::None;
+  const std::string kernels = S("train.kernels");
+  one_of(kernels, "train.kernels", {"fused", "reference"});
+  c.kernels = kernels == "reference" ? KernelPath::Reference : KernelPath::Fused;
   one_of(c.dist_backend, "dist.backend", {"auto", "gloo", "nccl"});
   check(c.dist_timeout_s > 0, "dist.timeout_s", "must be > 0");
   check(c.bucket_mb > 0, "dist.bucket_mb", "must be > 0");
@@ -295,14 +318,17 @@ RunConfig load_config(const std::string& path, const std::vector<std::string>& o
 }
 
 RunConfig config_from_values(const nlohmann::ordered_json& stored, const std::string& source) {
+  KVD_CHECK(stored.is_object(), source, ": the stored config is not an object");
   RawValues raw;
   for (const auto& [k, v] : stored.items()) {
     RawValue r;
     r.where = source;
-    r.text = v.is_string() ? v.get<std::string>() : v.dump();
+    r.null = v.is_null();
+    r.list = v.is_array() || v.is_object();
+    if (!r.null && !r.list) r.text = v.is_string() ? v.get<std::string>() : v.dump();
     raw.emplace_back(k, r);
   }
-  return from_values(resolve_values(kind_of(raw), raw));
+  return with_json_context(source, "invalid stored config", [&] { return from_values(resolve_values(kind_of(raw), raw)); });
 }
 
 }  // namespace kvd

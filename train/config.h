@@ -19,8 +19,15 @@
 
 #include "common/options.h"
 #include "models/activation_checkpointing.h"
+#include "models/kernel_path.h"
 
 namespace kvd {
+
+// What the trainer does when a loss term or the gradient of a step is NaN or Inf (train.on_nonfinite).
+enum class NonFinite {
+  Stop,  // throw naming the step and the term; nothing of that step is applied or saved
+  Skip,  // drop the step's update (parameters and optimizer state unchanged), count it, continue
+};
 
 // The keys every run has (model, data, component.kind, loss.block, train, dist). A component's own
 // `component.*` options and `loss.*` weights come from its registry entry (gates/components.h).
@@ -64,6 +71,8 @@ struct RunConfig {
   std::string progress;           // train.progress: auto | lines | never
   // train.activation_checkpointing: none | layers (recompute each frozen decoder layer in the backward)
   ActivationCheckpointing activation_checkpointing = ActivationCheckpointing::None;
+  NonFinite on_nonfinite = NonFinite::Stop;  // train.on_nonfinite: stop | skip
+  KernelPath kernels = KernelPath::Fused;     // train.kernels: fused | reference
   // dist
   std::string dist_backend;       // dist.backend: auto | gloo | nccl
   double dist_timeout_s = 300;    // dist.timeout_s

@@ -1,5 +1,9 @@
 #include "train/distributed.h"
 
+#include <signal.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -152,7 +156,34 @@ struct Distributed::State {
   c10::intrusive_ptr<c10d::Backend> pg;
   std::chrono::milliseconds timeout{300000};
   c10::Device device{c10::kCPU};  // where collective tensors live (this rank's GPU for NCCL)
+  // Every rank's host name and pid, exchanged at init and kept here (the store lives in rank 0: it is
+  // gone when rank 0 is), so that a failed collective can name the rank that died.
+  std::vector<std::pair<std::string, int64_t>> peers;
 };
+
+namespace {
+
+std::string host_name() {
+  char buf[256] = {0};
+  if (::gethostname(buf, sizeof buf - 1) != 0) return "?";
+  return buf;
+}
+
+// "rank 1 (pid 4242) exited" for each peer on this host whose process is gone; "" if none is known gone
+// (a peer on another host, or one that is alive but stuck: then the timeout fired).
+std::string dead_peers(const std::vector<std::pair<std::string, int64_t>>& peers, int self) {
+  const std::string me = host_name();
+  std::string out;
+  for (size_t r = 0; r < peers.size(); ++r) {
+    if (static_cast<int>(r) == self || peers[r].first != me || peers[r].second <= 0) continue;
+    if (::kill(static_cast<pid_t>(peers[r].second), 0) != 0 && errno == ESRCH)
+      out += (out.empty() ? "" : ", ") + std::string("rank ") + std::to_string(r) + " (pid " +
+             std::to_string(peers[r].second) + ") exited";
+  }
+  return out;
+}
+
+}  // namespace
 
 Distributed::Distributed(RankInfo info, CollectiveBackend backend, std::unique_ptr<State> st)
     : info_(std::move(info)), backend_(backend), st_(std::move(st)) {}
@@ -207,8 +238,16 @@ std::unique_ptr<Distributed> Distributed::init(const RankInfo& info, CollectiveB
   } else {
     KVD_FAIL("world size ", info.world_size, " needs a collective backend (gloo or nccl)");
   }
+  const std::string me = host_name() + " " + std::to_string(::getpid());
+  st->store->set("peer/" + std::to_string(info.rank), std::vector<uint8_t>(me.begin(), me.end()));
   auto d = std::unique_ptr<Distributed>(new Distributed(info, backend, std::move(st)));
   d->barrier();
+  for (int r = 0; r < info.world_size; ++r) {
+    const std::vector<uint8_t> v = d->st_->store->get("peer/" + std::to_string(r));
+    const std::string s(v.begin(), v.end());
+    const size_t sp = s.rfind(' ');
+    d->st_->peers.emplace_back(s.substr(0, sp), sp == std::string::npos ? 0 : std::atoll(s.c_str() + sp + 1));
+  }
   return d;
 }
 
@@ -227,9 +266,12 @@ void Distributed::sum_(at::Tensor& t, const char* what) {
   }
   if (!ok) {
     std::string peer = peer_failure();
-    KVD_FAIL("all-reduce of ", what, " failed",
-             peer.empty() ? std::string(" (a peer exited, or it timed out after dist.timeout_s=") + std::to_string(st_->timeout.count() / 1000) + " s)"
-                          : " because " + peer,
+    const std::string dead = peer.empty() ? dead_peers(st_->peers, rank()) : "";
+    KVD_FAIL("rank ", rank(), ": all-reduce of ", what, " failed",
+             !peer.empty() ? " because " + peer
+             : !dead.empty() ? " because " + dead + " (killed or crashed; its last output says why)"
+                             : std::string(" (a peer exited, or it timed out after dist.timeout_s=") +
+                                   std::to_string(st_->timeout.count() / 1000) + " s)",
              err.empty() ? "" : ": " + err.substr(0, err.find('\n')));
   }
 }
@@ -245,7 +287,8 @@ void Distributed::broadcast_(const std::vector<at::Tensor>& tensors) {
       st_->pg->broadcast(v, o)->wait(st_->timeout);
     } catch (const std::exception& e) {
       std::string peer = peer_failure();
-      KVD_FAIL("broadcast of the trainable parameters failed", peer.empty() ? "" : " because " + peer,
+      if (peer.empty()) peer = dead_peers(st_->peers, rank());
+      KVD_FAIL("rank ", rank(), ": broadcast of the trainable parameters failed", peer.empty() ? "" : " because " + peer,
                ": ", std::string(e.what()).substr(0, std::string(e.what()).find('\n')));
     }
   }

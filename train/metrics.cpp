@@ -28,7 +28,8 @@ void drop_lines_after(const std::string& path, int64_t step) {
   std::string kept, line;
   while (std::getline(in, line)) {
     nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (j.is_object() && j.value("step", int64_t{0}) > step) continue;
+    if (j.is_object() && j.contains("step") && (!j["step"].is_number_integer() || j["step"].get<int64_t>() > step))
+      continue;
     kept += line + "\n";
   }
   write_file_atomic(path, kept);
@@ -36,7 +37,10 @@ void drop_lines_after(const std::string& path, int64_t step) {
 }  // namespace
 
 MetricsLog::MetricsLog(const std::string& path, int64_t resume_step) : path_(path) {
+  // A run that starts from scratch in a directory where an earlier run was killed before its first
+  // checkpoint starts a new log.
   if (resume_step > 0) drop_lines_after(path, resume_step);
+  else write_file_atomic(path, std::string());
   out_.open(path, std::ios::app);
   KVD_CHECK(out_.good(), "cannot open ", path, " for writing; check train.out_dir");
 }

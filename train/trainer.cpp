@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <cmath>
 #include <iostream>
@@ -23,6 +24,7 @@
 #include "losses/distill.h"
 #include "models/device.h"
 #include "models/model.h"
+#include "models/profile.h"
 #include "models/tokenizer.h"
 #include "train/checkpoint.h"
 #include "train/distributed.h"
@@ -44,6 +46,24 @@ double lr_at(int64_t step, const RunConfig& c) {
   if (decay <= 0) return c.lr;
   const double progress = std::min(1.0, static_cast<double>(step - c.warmup) / static_cast<double>(decay));
   return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1.0 + std::cos(M_PI * progress));
+}
+
+PoisonHook poison_hook_from_env() {
+  PoisonHook h;
+  const char* v = std::getenv("KVD_TEST_POISON");
+  if (!v || !*v) return h;
+  const std::string s = v;
+  const size_t at = s.find('@'), eq = s.find('=');
+  KVD_CHECK(at != std::string::npos && at > 0, "KVD_TEST_POISON='", s, "' must look like <term|grad>@<step>[=nan|inf]");
+  h.what = s.substr(0, at);
+  const std::string step = s.substr(at + 1, eq == std::string::npos ? std::string::npos : eq - at - 1);
+  char* end = nullptr;
+  h.step = std::strtoll(step.c_str(), &end, 10);
+  KVD_CHECK(!step.empty() && *end == '\0' && h.step > 0, "KVD_TEST_POISON='", s, "': the step must be a positive integer");
+  const std::string kind = eq == std::string::npos ? "nan" : s.substr(eq + 1);
+  KVD_CHECK(kind == "nan" || kind == "inf", "KVD_TEST_POISON='", s, "': the value must be nan or inf");
+  h.value = kind == "nan" ? std::nan("") : INFINITY;
+  return h;
 }
 
 namespace {
@@ -123,6 +143,7 @@ StepLosses micro_step_loss(const Model& model, Component& component, const Train
   LossOptions lo;
   lo.block = c.loss_block;
   lo.checkpointing = c.activation_checkpointing;
+  lo.kernels = c.kernels;
   ComponentLoss l = component.loss(model, tb, lo);
   KVD_CHECK(!l.terms.empty(), "component ", component.kind(), " returned no loss terms");
   StepLosses out;
@@ -135,6 +156,16 @@ StepLosses micro_step_loss(const Model& model, Component& component, const Train
   out.total = total;
   out.tokens = l.tokens;
   return out;
+}
+
+// "nan", "inf" or "-inf" (std::to_string may print "-nan").
+std::string nonfinite_name(double v) { return std::isnan(v) ? "nan" : v > 0 ? "inf" : "-inf"; }
+
+// True if every element of every tensor is finite.
+bool all_finite(const std::vector<at::Tensor>& ts) {
+  for (const at::Tensor& t : ts)
+    if (t.defined() && !torch::isfinite(t).all().item<bool>()) return false;
+  return true;
 }
 
 std::string fmt_terms(const std::vector<std::pair<std::string, double>>& terms) {
@@ -251,6 +282,9 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       std::unique_ptr<Scorer> scorer = component->make_scorer();
       HeldoutOptions ho;
       ho.budget = eval_budget;
+      // A scorer that needs the whole forward first (query rows) compresses a prompt once; the others are held
+      // at M after every chunk.
+      if (scorer->needs().timing == ScoreTiming::AfterForward) ho.mode = HeldoutMode::Once;
       const HeldoutResult r = heldout_kl(model, seqs, *scorer, ho);
       std::ostringstream os;
       os << "held-out KL at step " << step << " (M=" << eval_budget << "): " << r.kl << " nats/token over " << r.tokens
@@ -260,8 +294,11 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
     };
 
     const int64_t bucket_bytes = static_cast<int64_t>(c.bucket_mb * 1048576.0);
+    const PoisonHook poison = poison_hook_from_env();
+    const auto named_params = component->named_parameters();
     TrainResult result;
     result.first_step = start_step;
+    result.steps_done = start_step;  // a run resumed from its last checkpoint still writes the bundle
     std::string last_ckpt = resume_dir;
     if (c.eval_every > 0 && start_step == 0) heldout(0);
 
@@ -278,9 +315,19 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       double loss = 0;
       int64_t tokens = 0;
       for (int64_t micro = 0; micro < c.grad_accum; ++micro) {
+        ProfileLap lap(device, "step ");
         const TrainBatch tb = make_train_batch(loader.next(), device);
+        lap("batch");
         StepLosses l = micro_step_loss(model, *component, tb, c);
+        if (poison.step == step + 1 && poison.what != "grad") {  // test hook: a poisoned loss term
+          for (auto& [k, v] : l.terms)
+            if (k == poison.what) v = poison.value, l.total = l.total + poison.value;
+        }
+        lap("loss forwards");
         (l.total / static_cast<double>(c.grad_accum)).backward();
+        lap("backward");
+        if (poison.step == step + 1 && poison.what == "grad" && !params.empty())  // test hook: a poisoned gradient
+          params[0].mutable_grad().fill_(poison.value);
         loss += l.total.item<double>() / static_cast<double>(c.grad_accum);
         for (auto& [k, v] : l.terms) {
           if (!terms.count(k)) order.push_back(k);
@@ -314,20 +361,41 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
         for (const at::Tensor& p : params) sq += p.grad().to(torch::kFloat64).pow(2).sum().item<double>();
         grad_norm = std::sqrt(sq);
       }
-      KVD_CHECK(std::isfinite(loss) && std::isfinite(grad_norm), "step ", step + 1, ": non-finite ",
-                std::isfinite(loss) ? "gradient (norm " + std::to_string(grad_norm) + ")" : "loss " + std::to_string(loss),
-                " (", fmt_terms(term_values), " ); nothing was saved for this step",
-                last_ckpt.empty() ? std::string("") : "; the last good checkpoint is " + last_ckpt,
-                "; lower train.lr, raise train.warmup or check data.train");
-      optimizer.step();
+      // Which value went bad, named: the first non-finite loss term, else the first parameter whose
+      // gradient is non-finite.
+      std::string nonfinite;
+      for (const auto& [k, v] : term_values)
+        if (nonfinite.empty() && !std::isfinite(v)) nonfinite = "loss term '" + k + "' is " + nonfinite_name(v);
+      if (nonfinite.empty() && !std::isfinite(loss)) nonfinite = "the loss is " + nonfinite_name(loss);
+      if (nonfinite.empty() && !std::isfinite(grad_norm)) {
+        for (const auto& p : named_params)
+          if (nonfinite.empty() && p.value().grad().defined() && !all_finite({p.value().grad()}))
+            nonfinite = "the gradient of '" + p.key() + "' is not finite";
+        if (nonfinite.empty()) nonfinite = "the gradient norm is " + nonfinite_name(grad_norm);
+      }
       const int64_t done = step + 1;
+      if (!nonfinite.empty() && c.on_nonfinite == NonFinite::Stop) {
+        KVD_FAIL("step ", done, ": ", nonfinite, " (", fmt_terms(term_values), " ); nothing of this step was applied or saved",
+                 last_ckpt.empty() ? std::string("") : "; the last good checkpoint is " + last_ckpt,
+                 "; lower train.lr, raise train.warmup or check data.train (or set train.on_nonfinite=skip)");
+      }
+      if (!nonfinite.empty()) {  // NonFinite::Skip: parameters and optimizer state stay as they were
+        optimizer.zero_grad();
+        ++result.skipped_steps;
+        progress.message("step " + std::to_string(done) + " skipped: " + nonfinite + " (train.on_nonfinite=skip)");
+        if (main_rank) metrics->write({{"step", done}, {"skipped", nonfinite}});
+      } else {
+        ProfileLap lap(device, "step ");
+        optimizer.step();
+        lap("optimizer");
+      }
       const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       const double tok_s = global_tokens / std::max(step_s, 1e-9);
       result.steps_done = done;
       result.last_loss = loss;
 
       // ---- once in a while: log ---------------------------------------------------------------------
-      if (main_rank) {
+      if (main_rank && nonfinite.empty()) {
         nlohmann::ordered_json rec = {{"step", done}, {"loss", loss}};
         for (const auto& [k, v] : term_values) rec[k] = v;
         rec["lr"] = lr;
@@ -352,13 +420,22 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       // ---- once in a while: checkpoint (rank 0 writes; the loss was finite) -------------------------------
       if ((c.save_every > 0 && done % c.save_every == 0) || done == c.steps) {
         if (main_rank) {
+          // Never a poisoned checkpoint: a non-finite weight here would be a bug above, refused all the same.
+          KVD_CHECK(all_finite(params), "step ", done, ": the component's weights are not finite; no checkpoint was "
+                    "written", last_ckpt.empty() ? std::string("") : "; the last good checkpoint is " + last_ckpt);
           CheckpointMeta meta;
           meta.step = done;
           meta.cursor = cursor_to_json(loader.cursor(), plan);
           meta.config = c.values;
           meta.identity = identity;
           meta.world_size = ranks.world_size;
-          last_ckpt = save_training_checkpoint(ckpt_root, meta, *component, optimizer, c.keep_last);
+          try {
+            last_ckpt = save_training_checkpoint(ckpt_root, meta, *component, optimizer, c.keep_last);
+          } catch (const std::exception& e) {
+            KVD_FAIL(e.what(), last_ckpt.empty() ? std::string("; no earlier checkpoint exists")
+                                                 : "; the previous checkpoint " + last_ckpt +
+                                                       " is intact and `--resume auto` continues from it");
+          }
           result.last_checkpoint = last_ckpt;
           progress.message("saved " + last_ckpt);
         }
@@ -368,6 +445,7 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
 
     // ---- the trained part as a gate bundle ------------------------------------------------------------------
     if (main_rank && result.steps_done == c.steps) {
+      KVD_CHECK(all_finite(params), "the component's weights are not finite; no gate bundle was written");
       save_gate_bundle(c.out_dir + "/bundle", *component, base);
       std::cout << "gate bundle: " << c.out_dir << "/bundle\n";
     }

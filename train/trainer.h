@@ -29,10 +29,22 @@ struct TrainResult {
   int64_t steps_done = 0;        // optimizer steps done in total
   double last_loss = 0;
   std::string last_checkpoint;   // "" when none was written (ranks other than 0)
+  int64_t skipped_steps = 0;     // steps whose update was dropped (train.on_nonfinite=skip)
 };
 
-// Runs the whole training described by `cfg`. Throws kvd::Error on bad input, a non-finite loss or
-// gradient (no checkpoint is written for that step), or a failed peer.
+// Test hook (docs/reliability.md): KVD_TEST_POISON="<what>@<step>[=nan|inf]" poisons, at that optimizer
+// step (1-based), a loss term (<what> = kl, ce, capacity, ...) or the gradient (<what> = grad) with NaN
+// (default) or +Inf. Parsed once; {"", 0} when unset. Throws on a malformed value.
+struct PoisonHook {
+  std::string what;  // "" = off
+  int64_t step = 0;
+  double value = 0;
+};
+PoisonHook poison_hook_from_env();
+
+// Runs the whole training described by `cfg`. Throws kvd::Error on bad input, a non-finite loss term or
+// gradient with train.on_nonfinite=stop (naming the step and the term; nothing of that step is applied or
+// saved), or a failed peer. With train.on_nonfinite=skip such a step's update is dropped and counted.
 TrainResult train(const RunConfig& cfg, const ResumeRequest& resume);
 
 }  // namespace kvd

@@ -608,5 +608,21 @@ TEST(GateBundle, RoundTripsAndRefusesAnotherModel) {
   wide.hidden = 32;
   RetentionGate c(model.config(), wide);
   EXPECT_THROW(load_gate_bundle(dir, *c, base), Error);
+
+  // A manifest whose options would size a huge gate is refused before anything is allocated, naming the
+  // file (load_component completes and checks the options with the spec's bounds).
+  for (const char* bad : {R"({"hidden": 100000000000})", R"({"budget": 0})", R"({"hidden": "16"})"}) {
+    nlohmann::json edited = m;
+    edited["options"] = nlohmann::json::parse(bad);
+    write_file_atomic(dir + "/kvdistill.json", edited.dump());
+    try {
+      load_component(dir, model, base);
+      FAIL() << "options " << bad << " loaded";
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("kvdistill.json"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("component."), std::string::npos) << msg;
+    }
+  }
   remove_tree(dir);
 }

@@ -1,4 +1,4 @@
-"""Golden HF config.json files and the values transformers resolves from them, for tests/base/test_config.cpp.
+"""Golden HF config.json files and the values transformers resolves from them, for tests/models/test_config.cpp.
 
 Writes under --out:
   valid/<name>/config.json     written by transformers' config.save_pretrained (v5 form: rope_parameters),

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden files for tests/base/test_gguf.cpp (the GGUF reader, dequantization and `convert`).
+"""Golden files for tests/models/test_gguf.cpp (the GGUF reader, dequantization and `convert`).
 
 References: the `gguf` package 0.19.0 (llama.cpp's own Python reader / writer / dequantizers), transformers
 5.2.0's GGUF import (modeling_gguf_pytorch_utils.load_gguf_checkpoint, the function from_pretrained(gguf_file=)

@@ -1,5 +1,5 @@
 """Golden safetensors files written by the reference implementation (the `safetensors` package), for
-tests/base/test_safetensors.cpp.
+tests/models/test_safetensors.cpp.
 
 Writes under --out:
   basic.safetensors        every dtype, odd shapes (scalar, zero-size dims), names that need JSON escaping,

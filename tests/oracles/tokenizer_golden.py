@@ -1,4 +1,4 @@
-"""Golden data for tests/base/test_tokenizer.cpp and tests/base/test_chat_template.cpp.
+"""Golden data for tests/models/test_tokenizer.cpp and tests/models/test_chat_template.cpp.
 
 References: HF `tokenizers` (encode / decode), Python's `unicodedata` (NFC) and jinja2 through
 transformers' chat-template renderer (the environment `apply_chat_template` uses).

@@ -33,8 +33,8 @@ def fails(config, *args):
     ("train.stepz=3", "train.stepz", "unknown"),
     ("train.steps=many", "train.steps", "integer"),
     ("loss.kl=high", "loss.kl", "number"),
-    ("component.budget=0", "component.budget", "> 0"),
-    ("component.budget=-3", "component.budget", "> 0"),
+    ("component.budget=0", "component.budget", "must be in [1, "),
+    ("component.budget=-3", "component.budget", "must be in [1, "),
     ("train.lr=-1e-3", "train.lr", ">= 0"),
     ("component.budget=4096", "component.budget", "sequence length"),  # M larger than the data's 32
     ("data.seq_len=1", "data.seq_len", ">= 2"),
@@ -86,7 +86,8 @@ def test_nonfinite_loss_reports_the_step_and_saves_nothing_poisoned(tiny_model, 
     cfg = write_config(tmp_path / "run.yaml", tiny_model, data, tmp_path / "out", steps=6, save_every=1, lr=1e30,
                        min_lr=0, warmup=0, clip=0, progress="never")
     line = fails(cfg)
-    assert "step 2: non-finite" in line and "nothing was saved" in line and "step_00000001" in line, line
+    assert "step 2: " in line and "nothing of this step was applied or saved" in line and "step_00000001" in line, line
+    assert "loss term '" in line or "the loss is" in line or "the gradient of '" in line, line  # names the term
     assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["step_00000001"]
 
 

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# GPU measurements of the fused training kernels wired into `kvdistill train` (bench/RESULTS.md), one stage per
+# call on the GPU machine (source .device/setup.sh first):
+#   bench/gpu_kernels.sh build    kvdistill, the kernels' GoogleTests and the attention bench into build-gpu/
+#   bench/gpu_kernels.sh tests    the kernels' tests (fused vs reference, determinism) and forward_train's fused
+#                                 path against its reference path (tests/kernels/test_fused_forward_train.cpp)
+#   bench/gpu_kernels.sh attn     the attention bench: ours vs SDPA flash (no bias), forward and forward+backward
+#   bench/gpu_kernels.sh randmodel  writes a SmolLM2-135M-shaped Llama with random weights to $MODEL (HF format)
+#   bench/gpu_kernels.sh model    joins the GGUF parts staged in /root/kvd-stage and converts the model to $MODEL
+#   bench/gpu_kernels.sh step     the whole TRIM-KV step, in one run: `kvdistill train` (KL + capacity, batch 1)
+#                                 with train.kernels=fused and =reference, and the PyTorch reference step
+#                                 (../shared/bench/trimkv_ref_step.py, flex_attention, no capacity loss) at each
+#                                 length of STEP_SEQS; tokens/s, peak memory and the ratios
+#   bench/gpu_kernels.sh profile  the sections of a fused step at PROFILE_T (default 8192) under KVD_PROFILE=1
+#   bench/gpu_kernels.sh loss50   50 training steps with train.kernels=fused and =reference from the same seed:
+#                                 the largest relative difference of the loss and of each term
+# Inputs (env): MODEL (default /root/model), LONG (dir of docs-<T>.h5, default .devdata/long), W (work dir,
+# default /root/kern), STEP_SEQS (default 4096 8192 16384 32768), REF_STEP (the reference script, default
+# .devref/trimkv_ref_step.py), OUT (logs).
+set -uo pipefail
+MODEL=${MODEL:-/root/model}
+LONG=${LONG:-.devdata/long}
+W=${W:-/root/kern}
+OUT=${OUT:-/tmp/kvd-out}
+REF_STEP=${REF_STEP:-.devref/trimkv_ref_step.py}
+STEP_SEQS=${STEP_SEQS:-4096 8192 16384 32768}
+REF_SEQS=${REF_SEQS:-$STEP_SEQS}  # lengths at which the PyTorch step runs too
+mkdir -p "$W" "$OUT"
+t() { local s=$SECONDS; "$@"; local rc=$?; echo "[time] $((SECONDS - s)) s (rc $rc): $*" >&2; return $rc; }
+
+# One short training run; prints "<tokens/s> <peak MiB> <last loss>" from its metrics (steps after the third).
+train_run() {  # out_dir data steps overrides...
+  local dir=$1 data=$2 steps=$3; shift 3
+  rm -rf "$dir"
+  build-gpu/kvdistill train --config configs/trimkv-smollm2.yaml model.dir="$MODEL" data.train="$data" \
+    train.out_dir="$dir" train.steps="$steps" train.warmup=2 train.eval_every=0 train.save_every=0 \
+    train.log_every=1 train.batch_size=1 train.grad_accum=1 train.progress=never "$@" --resume none \
+    >"$dir.log" 2>&1 || { echo "failed (rc $?): $(grep -m1 'error' "$dir.log")"; return 1; }
+  python3 - "$dir/metrics.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"tokens_per_s"' in l]
+steady = rows[3:] or rows
+print(f"{sum(r['tokens_per_s'] for r in steady) / len(steady):.0f} {max(r['cuda_max_alloc_mb'] for r in rows):.0f} {rows[-1]['loss']:.6f}")
+PY
+}
+
+case "${1:-}" in
+  build)
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
+      >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
+    t ninja -C build-gpu kvdistill kvd_test_retention_attention kvd_test_soft_cache_size \
+      kvd_test_fused_forward_train bench_retention_attention >"$OUT/build.log" 2>&1 ||
+      { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+    ;;
+  tests)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    for b in kvd_test_retention_attention kvd_test_soft_cache_size kvd_test_fused_forward_train; do
+      t build-gpu/$b >"$OUT/$b.log" 2>&1
+      echo "$b rc=$?"
+      grep -E "rel L2|relative|peak|kl |^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \
+        "$OUT/$b.log" | head -40
+    done
+    ;;
+  attn)
+    build-gpu/bench_retention_attention --seqs "${SEQS:-8192,16384}" --csv "$OUT/attn.csv" 2>&1 | tee "$OUT/attn.log"
+    ;;
+  randmodel)  # SmolLM2-135M's shape with random weights, as the PyTorch reference step builds it (no staging)
+    python3 - "$MODEL" <<'PY'
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=32768,
+                  rope_theta=100000.0, tie_word_embeddings=True)
+LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
+print("random SmolLM2-135M-shaped Llama in", sys.argv[1])
+PY
+    ;;
+  model)
+    cat /root/kvd-stage/part-* > /root/smollm2.gguf
+    sha256sum /root/smollm2.gguf
+    t build-gpu/kvdistill convert --gguf /root/smollm2.gguf --out "$MODEL"
+    ;;
+  step)
+    nvidia-smi --query-gpu=name --format=csv,noheader
+    printf "%-7s %-28s %-28s %-28s %s\n" T "fused: tok/s MiB loss" "reference: tok/s MiB loss" "PyTorch step: tok/s MiB" "fused / PyTorch"
+    for T in $STEP_SEQS; do
+      f=$(train_run "$W/step-fused-$T" "$LONG/docs-$T.h5" 10 train.kernels=fused)
+      if [ "$T" -le 8192 ]; then r=$(train_run "$W/step-ref-$T" "$LONG/docs-$T.h5" 6 train.kernels=reference); else r="-"; fi
+      p=""
+      case " $REF_SEQS " in *" $T "*) p=$(timeout 240 python3 "$REF_STEP" "$T" 2>"$W/ref-$T.err" | tail -1) ;; esac
+      [ -n "$p" ] || p="failed: $(grep -m1 -E 'Error|error' "$W/ref-$T.err")"
+      pt=$(echo "$p" | python3 -c 'import json, sys
+try:
+    d = json.loads(sys.stdin.read()); print("%.0f %.0f" % (d["tokens_per_s"], d["peak_GB"] * 1e9 / 2**20))
+except Exception:
+    print("-")')
+      ratio=$(python3 -c 'import sys
+try: print("%.2fx" % (float(sys.argv[1].split()[0]) / float(sys.argv[2].split()[0])))
+except Exception: print("-")' "$f" "$pt")
+      printf "%-7s %-28s %-28s %-28s %s\n" "$T" "$f" "$r" "$pt" "$ratio"
+      echo "  ref step: $p"
+    done
+    ;;
+  profile)  # where the time of a fused step goes at PROFILE_T (KVD_PROFILE sections, synchronized)
+    T=${PROFILE_T:-8192}
+    rm -rf "$W/prof"
+    KVD_PROFILE=1 build-gpu/kvdistill train --config configs/trimkv-smollm2.yaml model.dir="$MODEL" \
+      data.train="$LONG/docs-$T.h5" train.out_dir="$W/prof" train.steps=6 train.warmup=2 train.eval_every=0 \
+      train.save_every=0 train.batch_size=1 train.grad_accum=1 train.progress=never --resume none 2>&1 | grep profile
+    ;;
+  loss50)
+    data=${DATA:-.devdata/docs-2k.h5}
+    for k in fused reference; do
+      rm -rf "$W/l50-$k"
+      t build-gpu/kvdistill train --config configs/trimkv-smollm2.yaml model.dir="$MODEL" data.train="$data" \
+        train.out_dir="$W/l50-$k" train.steps=50 train.warmup=5 train.eval_every=0 train.save_every=0 \
+        train.log_every=10 train.batch_size=2 train.grad_accum=1 train.progress=never train.kernels=$k \
+        --resume none >"$W/l50-$k.log" 2>&1 || { echo "$k failed"; tail -5 "$W/l50-$k.log"; }
+    done
+    python3 - "$W/l50-fused/metrics.jsonl" "$W/l50-reference/metrics.jsonl" <<'PY'
+import json, sys
+def rows(p): return [json.loads(l) for l in open(p) if '"tokens_per_s"' in l]
+a, b = rows(sys.argv[1]), rows(sys.argv[2])
+print(f"steps: {len(a)} fused, {len(b)} reference")
+for key in ("loss", "kl", "capacity"):
+    d = [abs(x[key] - y[key]) / max(abs(y[key]), 1e-12) for x, y in zip(a, b)]
+    print(f"{key}: max relative difference {max(d):.3e} (step {d.index(max(d)) + 1}); "
+          f"step 1 {a[0][key]:.6f} / {b[0][key]:.6f}; step 50 {a[-1][key]:.6f} / {b[-1][key]:.6f}")
+ta = sum(r['tokens_per_s'] for r in a[5:]) / len(a[5:]); tb = sum(r['tokens_per_s'] for r in b[5:]) / len(b[5:])
+print(f"tokens/s (steps 6-50): fused {ta:.0f}, reference {tb:.0f} ({ta / tb:.2f}x)")
+PY
+    ;;
+  *)
+    sed -n '2,20p' "$0"
+    exit 2
+    ;;
+esac

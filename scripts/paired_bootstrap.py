@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Paired bootstrap over samples for an eval directory (results.jsonl of `kvdistill eval`).
+
+For every budget and method, the per-sample difference to a baseline method on the same samples (paired by
+sample id) of accuracy (`score`) and critical-KV hit rate (`hit_rate`); prints the method's means, the mean
+differences and their 95% percentile intervals over `--resamples` bootstrap resamples of the samples, and
+whether the interval lies above 0 ("beats"). Writes the same as JSON next to results.jsonl.
+
+  scripts/paired_bootstrap.py DIR [--baseline snapkv] [--resamples 2000] [--seed 0]
+"""
+import argparse
+import json
+import os
+import random
+import sys
+from collections import defaultdict
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("dir")
+    ap.add_argument("--baseline", default="snapkv")
+    ap.add_argument("--resamples", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    rows = [json.loads(l) for l in open(os.path.join(a.dir, "results.jsonl")) if l.strip()]
+    by = defaultdict(dict)  # (budget, method label) -> id -> row
+    for r in rows:
+        if r["method"] == "full":
+            continue
+        by[(r["budget"], r.get("label", r["method"]))][r["id"]] = r
+    rng = random.Random(a.seed)
+    out = []
+    print(f"| budget | method | n | accuracy | Δacc vs {a.baseline} [95% CI] | hit rate | Δhit [95% CI] | beats on both |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (budget, label), samples in sorted(by.items()):
+        base = by.get((budget, a.baseline))
+        if base is None or label == a.baseline:
+            continue
+        ids = sorted(set(samples) & set(base))
+        if not ids:
+            continue
+        res = {"budget": budget, "method": label, "baseline": a.baseline, "n": len(ids)}
+        for key in ("score", "hit_rate"):
+            d = [samples[i][key] - base[i][key] for i in ids]
+            means = []
+            for _ in range(a.resamples):
+                s = [d[rng.randrange(len(d))] for _ in d]
+                means.append(sum(s) / len(s))
+            means.sort()
+            lo, hi = means[int(0.025 * len(means))], means[int(0.975 * len(means)) - 1]
+            res[key] = sum(samples[i][key] for i in ids) / len(ids)
+            res[key + "_diff"] = sum(d) / len(d)
+            res[key + "_ci"] = [lo, hi]
+        res["beats"] = res["score_ci"][0] > 0 and res["hit_rate_ci"][0] > 0
+        out.append(res)
+        print(f"| {budget} | {label} | {res['n']} | {100 * res['score']:.1f} | {100 * res['score_diff']:+.1f} "
+              f"[{100 * res['score_ci'][0]:+.1f}, {100 * res['score_ci'][1]:+.1f}] | {res['hit_rate']:.3f} | "
+              f"{res['hit_rate_diff']:+.3f} [{res['hit_rate_ci'][0]:+.3f}, {res['hit_rate_ci'][1]:+.3f}] | "
+              f"{'yes' if res['beats'] else 'no'} |")
+    with open(os.path.join(a.dir, f"bootstrap_vs_{a.baseline}.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
