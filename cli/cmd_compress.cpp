@@ -1,9 +1,10 @@
-// kvdistill compress --model DIR --prompt-file F --method NAME (--ratio R | --budget-tokens N) --out kept.json
+// kvdistill compress --model DIR --prompt-file F --method NAME (--ratio R | --budget-tokens N | --threshold S)
+//                    --out kept.json
 //                    [--chunk-size N] [--device cpu|cuda]
 // Prefills the prompt, compresses the KV cache with one method (once after prefill, or after every prefill
 // chunk of N tokens with --chunk-size), and writes the kept positions per layer and KV head (ascending) plus
 // the byte counts:
-//   {"method", "ratio" | "budget_tokens", "chunk_size", "tokens", "layers": [[[pos, ...] per KV head] per layer],
+//   {"method", "ratio" | "budget_tokens" | "threshold", "chunk_size", "tokens", "layers": [[[pos, ...] per KV head] per layer],
 //    "bytes": {...}}
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -34,16 +35,19 @@ struct CompressArgs {
   double ratio = 0.5;
   int64_t budget_tokens = 0;  // tokens per KV head instead of --ratio (when use_tokens)
   bool use_tokens = false;
+  double threshold = 0.0;     // keep entries scoring >= this instead (when use_threshold)
+  bool use_threshold = false;
   int64_t chunk_size = 0;
   uint64_t seed = 0;
 };
 
 int run(const CompressArgs& a) {
   // Validate the cheap arguments before loading anything.
-  KVD_CHECK(a.use_tokens || (std::isfinite(a.ratio) && a.ratio >= 0.0 && a.ratio < 1.0),
+  KVD_CHECK(a.use_tokens || a.use_threshold || (std::isfinite(a.ratio) && a.ratio >= 0.0 && a.ratio < 1.0),
             "--ratio must lie in [0, 1) (the fraction of tokens removed, as in kvpress), got ", a.ratio);
-  const Budget budget = a.use_tokens ? Budget{BudgetKind::TokensPerHead, static_cast<double>(a.budget_tokens)}
-                                     : Budget::ratio(a.ratio);
+  const Budget budget = a.use_threshold ? Budget::threshold(a.threshold)
+                        : a.use_tokens  ? Budget{BudgetKind::TokensPerHead, static_cast<double>(a.budget_tokens)}
+                                        : Budget::ratio(a.ratio);
   MethodContext ctx;
   ctx.seed = a.seed;
   ctx.learned_mode = LearnedMode::Once;  // compress: the prompt, compressed once (or per --chunk-size)
@@ -94,13 +98,16 @@ int run(const CompressArgs& a) {
                         {"peak", st.peak_bytes},
                         {"allocated", st.allocated_bytes},
                         {"per_entry", cache.bytes_per_entry()}}}};
-  if (a.use_tokens)
+  if (a.use_threshold)
+    j["threshold"] = a.threshold;
+  else if (a.use_tokens)
     j["budget_tokens"] = a.budget_tokens;
   else
     j["ratio"] = a.ratio;
   write_file_atomic(a.out, j.dump() + "\n");
-  std::cerr << a.method << (a.use_tokens ? " tokens/head=" + std::to_string(a.budget_tokens)
-                                                 : " r=" + std::to_string(a.ratio))
+  std::cerr << a.method << (a.use_threshold ? " threshold=" + std::to_string(a.threshold)
+                            : a.use_tokens  ? " tokens/head=" + std::to_string(a.budget_tokens)
+                                            : " r=" + std::to_string(a.ratio))
             << ": " << st.tokens << " tokens, kept " << st.kept_bytes << " of "
             << st.full_bytes << " KV bytes (" << (100.0 * st.kept_bytes / std::max<int64_t>(1, st.full_bytes))
             << "%), peak " << st.peak_bytes << ", allocated " << st.allocated_bytes << "\n";
@@ -120,8 +127,12 @@ Registration reg([](CLI::App& root) {
       sub->add_option("--ratio", a->ratio, "Fraction of tokens removed, in [0, 1) (kvpress compression_ratio)");
   CLI::Option* tokens =
       sub->add_option("--budget-tokens", a->budget_tokens, "Entries kept per KV head (instead of --ratio)");
-  ratio->excludes(tokens);
-  tokens->excludes(ratio);
+  CLI::Option* threshold = sub->add_option(
+      "--threshold", a->threshold,
+      "Keep every entry whose score is >= S, each head its own count (e.g. attngate:<dir> --threshold 0.5: its flags)");
+  ratio->excludes(tokens)->excludes(threshold);
+  tokens->excludes(ratio)->excludes(threshold);
+  threshold->excludes(ratio)->excludes(tokens);
   sub->add_option("--chunk-size", a->chunk_size,
                   "0: compress once after prefill; N > 0: prefill N tokens at a time and compress after each chunk "
                   "(budget applied to the tokens so far)")
@@ -129,9 +140,11 @@ Registration reg([](CLI::App& root) {
   sub->add_option("--out", a->out, "Output JSON")->required();
   sub->add_option("--seed", a->seed, "Seed of the random method")->capture_default_str();
   sub->add_option("--device", a->device, "cpu | cuda | cuda:N")->capture_default_str();
-  on_run(sub, [a, ratio, tokens] {
-    KVD_CHECK(ratio->count() + tokens->count() == 1, "compress: give exactly one of --ratio R or --budget-tokens N");
+  on_run(sub, [a, ratio, tokens, threshold] {
+    KVD_CHECK(ratio->count() + tokens->count() + threshold->count() == 1,
+              "compress: give exactly one of --ratio R, --budget-tokens N or --threshold S");
     a->use_tokens = tokens->count() > 0;
+    a->use_threshold = threshold->count() > 0;
     return run(*a);
   });
 });

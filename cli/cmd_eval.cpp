@@ -1,8 +1,9 @@
 // kvdistill eval --model DIR --tasks FILE.jsonl --methods m1,m2,... (--ratios 0.5,0.75,0.875 |
-//   --budget-tokens 64,128,256) --out DIR [--batch B] [--query-aware] [--device cuda]
+//   --budget-tokens 64,128,256 | --thresholds 0.5) --out DIR [--batch B] [--query-aware] [--device cuda]
 // Every method at every budget on every sample, against the full cache (eval/runner.h); resumable.
 #include <CLI/CLI.hpp>
 
+#include <cmath>
 #include <iostream>
 #include <sstream>
 
@@ -15,7 +16,7 @@ namespace kvd::cli {
 namespace {
 
 struct EvalArgs {
-  std::string model, tasks, methods, ratios, budget_tokens, out, device = "cpu";
+  std::string model, tasks, methods, ratios, budget_tokens, thresholds, out, device = "cpu";
   int64_t batch = 1, max_new_tokens = 32;
   bool query_aware = false, report_only = false;
   std::string learned_mode = "continuous";
@@ -51,7 +52,8 @@ int run(const EvalArgs& a) {
   o.learned_mode = a.learned_mode == "once" ? LearnedMode::Once : LearnedMode::Continuous;
   KVD_CHECK(a.continuous_chunk > 0, "--continuous-chunk ", a.continuous_chunk, ": must be positive");
   o.continuous_chunk = a.continuous_chunk;
-  KVD_CHECK(a.ratios.empty() != a.budget_tokens.empty(), "give exactly one of --ratios and --budget-tokens");
+  KVD_CHECK((!a.ratios.empty()) + (!a.budget_tokens.empty()) + (!a.thresholds.empty()) == 1,
+            "give exactly one of --ratios, --budget-tokens and --thresholds");
   for (const std::string& r : split(a.ratios)) {
     double v = 0;
     try {
@@ -76,6 +78,17 @@ int run(const EvalArgs& a) {
     KVD_CHECK(v > 0, "--budget-tokens: ", t, " must be positive (KV entries kept per head)");
     o.budgets.push_back(Budget::tokens(v));
   }
+  for (const std::string& t : split(a.thresholds)) {
+    double v = 0;
+    try {
+      size_t used = 0;
+      v = std::stod(t, &used);
+      KVD_CHECK(used == t.size() && std::isfinite(v), "");
+    } catch (...) {
+      KVD_FAIL("--thresholds: '", t, "' is not a finite number");
+    }
+    o.budgets.push_back(Budget::threshold(v));
+  }
   parse_device(a.device);  // a clear error for a bad device before anything runs
   run_eval(o);
   std::cerr << "wrote " << a.out << "/results.{jsonl,json,csv,md}; plot: python scripts/plot_results.py " << a.out
@@ -94,6 +107,8 @@ Registration reg([](CLI::App& root) {
                   "(full always runs)");
   sub->add_option("--ratios", a->ratios, "Comma-separated compression ratios in [0, 1) (fraction removed)");
   sub->add_option("--budget-tokens", a->budget_tokens, "Comma-separated KV entries kept per head");
+  sub->add_option("--thresholds", a->thresholds,
+                  "Comma-separated score thresholds: keep entries scoring >= each (e.g. attngate:<dir> at 0.5: its flags)");
   sub->add_option("--out", a->out, "Output directory (results.jsonl is appended; reruns skip what is done)")
       ->required();
   sub->add_option("--batch", a->batch, "Samples per batch")->capture_default_str();

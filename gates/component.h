@@ -39,11 +39,18 @@ struct LossOptions {
   int64_t block = 256;  // rows per block when a loss forms full-vocabulary logits (loss.block)
   ActivationCheckpointing checkpointing = ActivationCheckpointing::None;  // for the component's student forwards
   KernelPath kernels = KernelPath::Fused;  // fused CUDA kernels where they apply (train.kernels)
+  int64_t step = 0;  // the optimizer step being computed (0-based), for objectives with a schedule
 };
 
 struct ComponentLoss {
   std::vector<LossTerm> terms;  // unweighted, each a () tensor in the graph; the trainer sums w_name · term
   int64_t tokens = 0;           // tokens the loss was computed over (for the tokens/s log)
+  // Logged next to the terms (averaged like them over micro-batches and ranks), never weighted: e.g. the
+  // Attention-Gate's kept fraction.
+  std::vector<std::pair<std::string, double>> metrics;
+  // What the component's end_step() needs from this micro-batch (e.g. each layer's kept fraction); the trainer
+  // averages them over micro-batches and ranks like the terms, and does not log them.
+  std::vector<double> stats;
 };
 
 class Component : public torch::nn::Module {
@@ -59,6 +66,14 @@ class Component : public torch::nn::Module {
   // The budget the component is trained for (tokens per KV head), used by the trainer's held-out check;
   // 0: none (the check then uses train.eval_budget).
   virtual int64_t budget() const { return 0; }
+  // Called by the trainer on every rank after each optimizer step it applied, with the step's
+  // ComponentLoss::stats averaged over micro-batches and ranks (so every rank sees the same values): a
+  // component that adapts a quantity of its objective between steps (a Lagrange multiplier) updates it here.
+  // Such state lives in buffers (register_buffer), which checkpoints save and restore with the parameters.
+  virtual void end_step(int64_t step, const std::vector<double>& stats) {
+    (void)step;
+    (void)stats;
+  }
   // Dims, hyper-parameters and score semantics for the bundle manifest (kvdistill.json). Must hold
   // "options": the component's options (the `component.*` keys without the prefix), from which the
   // registry rebuilds it when a bundle is loaded.

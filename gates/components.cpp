@@ -1,5 +1,6 @@
 #include "gates/components.h"
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 
@@ -24,6 +25,10 @@ struct Registry {
     for (const ConfigKey& k : s.losses)
       KVD_CHECK(std::string(k.key).rfind("loss.", 0) == 0 && k.type == ValueType::Float,
                 "register_component: loss weight '", k.key, "' of '", s.kind, "' must be a Float 'loss.*' key");
+    for (const std::string& a : s.aliases)
+      for (const auto& [kind, other] : specs)
+        KVD_CHECK(a != kind && std::find(other.aliases.begin(), other.aliases.end(), a) == other.aliases.end(),
+                  "register_component: alias '", a, "' of '", s.kind, "' already names '", kind, "'");
     for (const std::string& v : s.variants)
       for (const auto& [kind, other] : specs)
         for (const std::string& w : other.variants)
@@ -50,7 +55,10 @@ const ComponentSpec* find_component(const std::string& kind) {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   auto it = r.specs.find(kind);
-  return it == r.specs.end() ? nullptr : &it->second;
+  if (it != r.specs.end()) return &it->second;
+  for (const auto& [k, spec] : r.specs)
+    if (std::find(spec.aliases.begin(), spec.aliases.end(), kind) != spec.aliases.end()) return &spec;
+  return nullptr;
 }
 
 const ComponentSpec* find_component_variant(const std::string& variant) {

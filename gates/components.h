@@ -37,6 +37,8 @@ struct ComponentSpec {
   // Named variants of the kind (e.g. query_rows: judgeq, lookahead): each is also a method prefix,
   // `<variant>:<bundle dir>`, which loads the bundle and insists that its manifest's "variant" is that one.
   std::vector<std::string> variants;
+  // Other names of the kind: accepted as `component.kind` and as method prefixes (`<alias>:<bundle dir>`).
+  std::vector<std::string> aliases;
 };
 
 // The kinds the registry starts with (gates/builtin_components.cpp).
@@ -44,7 +46,7 @@ std::vector<ComponentSpec> builtin_component_specs();
 
 // Adds a kind (replacing none: a kind registered twice is an error).
 void register_component(ComponentSpec spec);
-// The spec of `kind`, or nullptr.
+// The spec of `kind` (or of a kind that has it among its aliases), or nullptr.
 const ComponentSpec* find_component(const std::string& kind);
 // The spec of `kind`; an unknown kind throws naming `where` and the known kinds.
 const ComponentSpec& component_spec(const std::string& kind, const std::string& where);

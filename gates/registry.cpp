@@ -96,11 +96,11 @@ ResolvedMethod learned(const std::string& name, std::shared_ptr<Component> c, co
   // prefill, in either mode: that is how its method is defined.
   if (ctx.learned_mode == LearnedMode::Continuous && r.method.scorer->needs().timing == ScoreTiming::PerLayer) {
     KVD_CHECK(ctx.continuous_chunk > 0, "the continuous mode's prefill chunk must be positive");
-    KVD_CHECK(budget.kind != BudgetKind::Threshold, name, ": the continuous mode holds a token budget; use --ratio or "
-              "--budget-tokens, or compress once");
     r.compress.chunk_size = ctx.continuous_chunk;
     r.compress.chunk_budget = ChunkBudget::Final;
-    r.decode = DecodeSchedule{DecodePolicy::Scorer, 1};
+    // A threshold evicts what scores below it after every chunk; it holds no count for decoding to keep, so
+    // the cache grows by the generated tokens.
+    if (budget.kind != BudgetKind::Threshold) r.decode = DecodeSchedule{DecodePolicy::Scorer, 1};
   }
   return r;
 }
@@ -125,7 +125,9 @@ std::string known_methods() {
   std::string variants;
   for (const std::string& k : component_kinds()) {
     os << (first ? "" : ", ") << k, first = false;
-    for (const std::string& v : component_spec(k, "known_methods").variants) variants += (variants.empty() ? "" : ", ") + v;
+    const ComponentSpec& spec = component_spec(k, "known_methods");
+    for (const std::string& a : spec.aliases) os << " (alias " << a << ")";
+    for (const std::string& v : spec.variants) variants += (variants.empty() ? "" : ", ") + v;
   }
   os << (variants.empty() ? "" : "; variants: " + variants) << ")";
   return os.str();
@@ -259,8 +261,9 @@ ResolvedMethod resolve_method(const std::string& name, const Budget& budget, con
               v.empty() ? std::string() : " of variant '" + v + "'", ", not a '", variant_of->kind, "' of variant '", head,
               "'; use gate:", arg);
   } else {
-    KVD_CHECK(head == "gate" || c->kind() == head, name, ": the bundle in ", arg, " holds a '", c->kind(),
-              "' component, not a '", head, "'");
+    const std::string want = head == "gate" ? c->kind() : find_component(head)->kind;  // an alias names its kind
+    KVD_CHECK(c->kind() == want, name, ": the bundle in ", arg, " holds a '", c->kind(), "' component, not a '", want,
+              "'; use gate:", arg);
   }
   ResolvedMethod r = learned(name, std::move(c), budget, ctx);
   r.label = bundle_label(r.component->kind(), arg);

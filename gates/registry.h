@@ -7,7 +7,8 @@
 //   h2o_decode, tova_decode, lazy_eviction, streaming_llm_decode
 //                                 compress the prompt, then evict while decoding (gates/decode_eviction.h)
 //   gate:<bundle dir>             a trained learned part; the bundle's manifest names its kind
-//   <kind>:<bundle dir>           the same, insisting on the kind (e.g. retention_gate:<dir>)
+//   <kind>:<bundle dir>           the same, insisting on the kind (e.g. retention_gate:<dir>; a kind's alias too:
+//                                 attngate:<dir>)
 //   <variant>:<bundle dir>        the same, insisting on a kind's named variant (judgeq:<dir>, lookahead:<dir>:
 //                                 query_rows bundles of that variant; ComponentSpec::variants)
 //   untrained:<kind>              a fresh, untrained component of that kind (a baseline; seeded)
@@ -18,7 +19,8 @@
 // when tokens are appended (TRIM-KV) keeps every head at its budget through a chunked prefill and while
 // decoding, as its paper runs it; LearnedMode::Once compresses the prompt once after prefill. A component
 // whose scorer needs the whole forward first (ScoreTiming::AfterForward: Judge-Q / LookaheadKV query rows)
-// compresses the prompt once after prefill in both modes.
+// compresses the prompt once after prefill in both modes. A threshold budget (BudgetKind::Threshold) in the continuous
+// mode evicts what scores below it after every prefill chunk and nothing while decoding (it holds no count).
 #pragma once
 
 #include <cstdint>

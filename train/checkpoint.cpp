@@ -133,6 +133,15 @@ std::string save_training_checkpoint(const std::string& root, const CheckpointMe
         }
         write_safetensors(dir + "/weights.safetensors", refs,
                           {{"component_kind", meta.identity.component_kind}, {"model_id", meta.identity.model_id}});
+        // The component's training state outside its parameters (Component::end_step), if any, in its dtype.
+        std::vector<at::Tensor> bkeep;
+        std::vector<TensorRef> brefs;
+        for (const auto& b : module.named_buffers()) {
+          at::Tensor t = b.value().detach().to(torch::kCPU, torch::kFloat64).contiguous();
+          bkeep.push_back(t);
+          brefs.push_back({b.key(), DType::F64, t.sizes().vec(), t.data_ptr()});
+        }
+        if (!brefs.empty()) write_safetensors(dir + "/buffers.safetensors", brefs, {});
         torch::save(optimizer, dir + "/optimizer.pt");
         std::vector<at::Tensor> rng{at::globalContext().defaultGenerator(c10::kCPU).get_state()};
         if (torch::cuda::is_available())
@@ -195,6 +204,16 @@ void load_training_state(const std::string& dir, torch::nn::Module& module, torc
               "; check component.* settings against the checkpoint's config");
     at::Tensor src = torch::from_blob(const_cast<uint8_t*>(v->data), v->shape, torch::kFloat32);
     p.value().copy_(src);
+  }
+  auto buffers = module.named_buffers();
+  if (!buffers.is_empty()) {
+    SafetensorsFile bf(dir + "/buffers.safetensors");
+    for (auto& b : buffers) {
+      const TensorView* v = bf.find(b.key());
+      KVD_CHECK(v && v->dtype == DType::F64 && v->shape == b.value().sizes().vec(), bf.path(), ": buffer '", b.key(),
+                "' is missing or has another shape; the checkpoint is for another configuration of the component");
+      b.value().copy_(torch::from_blob(const_cast<uint8_t*>(v->data), v->shape, torch::kFloat64));
+    }
   }
   const c10::Device device = params.size() ? params[0].value().device() : c10::Device(c10::kCPU);
   torch::load(optimizer, dir + "/optimizer.pt", device);

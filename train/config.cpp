@@ -168,8 +168,8 @@ RunConfig from_values(const json& values) {
   c.data_prefetch = I("data.prefetch");
   c.data_seq_len = I("data.seq_len");
   c.data_val_fraction = F("data.val_fraction");
-  c.component_kind = S("component.kind");
-  const ComponentSpec& spec = component_spec(c.component_kind, "config key 'component.kind'");
+  const ComponentSpec& spec = component_spec(S("component.kind"), "config key 'component.kind'");
+  c.component_kind = spec.kind;  // an alias (attngate) names its kind
   json options = json::object();
   for (const ConfigKey& k : spec.options) options[std::string(k.key).substr(10)] = values.at(k.key);
   c.component = complete_options(spec, nlohmann::json::parse(options.dump()), "run config");

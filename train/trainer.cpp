@@ -133,14 +133,17 @@ TrainData open_train_data(const std::string& path, const char* key, const Tokeni
 
 struct StepLosses {
   at::Tensor total;                                // () in the graph
-  std::vector<std::pair<std::string, double>> terms;  // unweighted values, for the log
+  std::vector<std::pair<std::string, double>> terms;  // unweighted values and metrics, for the log
   int64_t tokens = 0;                              // label-valid tokens
+  std::vector<double> stats;                       // ComponentLoss::stats
 };
 
 // The component's loss on one micro-batch, weighted by the run config's loss.<term> weights and summed in the
 // order the component returns its terms.
-StepLosses micro_step_loss(const Model& model, Component& component, const TrainBatch& tb, const RunConfig& c) {
+StepLosses micro_step_loss(const Model& model, Component& component, const TrainBatch& tb, const RunConfig& c,
+                           int64_t step) {
   LossOptions lo;
+  lo.step = step;
   lo.block = c.loss_block;
   lo.checkpointing = c.activation_checkpointing;
   lo.kernels = c.kernels;
@@ -153,8 +156,10 @@ StepLosses micro_step_loss(const Model& model, Component& component, const Train
     total = total.defined() ? total + weighted : weighted;
     out.terms.emplace_back(name, value.item<double>());
   }
+  for (const auto& [name, value] : l.metrics) out.terms.emplace_back(name, value);  // logged, not weighted
   out.total = total;
   out.tokens = l.tokens;
+  out.stats = std::move(l.stats);
   return out;
 }
 
@@ -269,10 +274,21 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       if (!main_rank) return;
       const SequenceSource& val = *(val_data ? *val_data : data).val;
       std::vector<at::Tensor> seqs;
+      std::vector<TrainBatch> val_batches;  // the same sequences for the component's own objective
       std::vector<uint8_t> targets;
       for (int64_t i = 0; i < std::min<int64_t>(val.size(), c.eval_batches * c.batch_size); ++i) {
         const PackedSequence s = val.get(i, targets);
         seqs.push_back(torch::tensor(s.tokens, torch::kInt32).to(torch::kInt64).unsqueeze(0).to(device));  // (1, L)
+        Batch b;
+        b.rows = 1;
+        b.cols = static_cast<int64_t>(s.tokens.size());
+        b.indices = {s.index};
+        b.tokens = s.tokens;
+        b.positions = s.positions;
+        b.segments = s.segments;
+        b.lengths = {static_cast<int32_t>(s.tokens.size())};
+        b.targets = targets.empty() ? std::vector<uint8_t>(s.tokens.size(), 1) : targets;
+        val_batches.push_back(make_train_batch(b, device));
       }
       if (seqs.empty()) {
         progress.message("held-out check skipped: no val sequences (prepare text with --val-fraction > 0, or for a responses file raise data.val_fraction)");
@@ -290,7 +306,25 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       os << "held-out KL at step " << step << " (M=" << eval_budget << "): " << r.kl << " nats/token over " << r.tokens
          << " tokens";
       progress.message(os.str());
-      metrics->write({{"step", step}, {"heldout_kl", r.kl}, {"heldout_tokens", r.tokens}, {"budget", eval_budget}});
+      nlohmann::ordered_json rec = {{"step", step}, {"heldout_kl", r.kl}, {"heldout_tokens", r.tokens}, {"budget", eval_budget}};
+      // The component's own objective on the same sequences (its terms and metrics, e.g. the Attention-Gate's
+      // kept fraction), as "val_<name>".
+      std::map<std::string, double> val_terms;
+      std::vector<std::string> val_order;
+      for (const TrainBatch& tb : val_batches) {
+        const StepLosses l = micro_step_loss(model, *component, tb, c, step);
+        for (const auto& [k, v] : l.terms) {
+          if (!val_terms.count(k)) val_order.push_back(k);
+          val_terms[k] += v / static_cast<double>(val_batches.size());
+        }
+      }
+      std::ostringstream vs;
+      for (const std::string& k : val_order) {
+        rec["val_" + k] = val_terms[k];
+        vs << " " << k << "=" << val_terms[k];
+      }
+      if (!val_order.empty()) progress.message("held-out objective at step " + std::to_string(step) + ":" + vs.str());
+      metrics->write(rec);
     };
 
     const int64_t bucket_bytes = static_cast<int64_t>(c.bucket_mb * 1048576.0);
@@ -314,11 +348,12 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       std::vector<std::string> order;
       double loss = 0;
       int64_t tokens = 0;
+      std::vector<double> stats;  // ComponentLoss::stats, averaged over the micro-batches
       for (int64_t micro = 0; micro < c.grad_accum; ++micro) {
         ProfileLap lap(device, "step ");
         const TrainBatch tb = make_train_batch(loader.next(), device);
         lap("batch");
-        StepLosses l = micro_step_loss(model, *component, tb, c);
+        StepLosses l = micro_step_loss(model, *component, tb, c, step);
         if (poison.step == step + 1 && poison.what != "grad") {  // test hook: a poisoned loss term
           for (auto& [k, v] : l.terms)
             if (k == poison.what) v = poison.value, l.total = l.total + poison.value;
@@ -334,14 +369,20 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
           terms[k] += v / static_cast<double>(c.grad_accum);
         }
         tokens += l.tokens;
+        if (stats.empty()) stats.assign(l.stats.size(), 0.0);
+        KVD_CHECK(stats.size() == l.stats.size(), "component ", component->kind(), " returned ", l.stats.size(),
+                  " stats after ", stats.size(), " in the same step");
+        for (size_t i = 0; i < stats.size(); ++i) stats[i] += l.stats[i] / static_cast<double>(c.grad_accum);
       }
 
       // Average gradients and the logged values over ranks.
       dist->average_grads_(params, bucket_bytes);
-      at::Tensor logged = torch::zeros({static_cast<int64_t>(order.size()) + 2}, torch::kFloat64);  // loss, terms, tokens
+      const int64_t n_terms = static_cast<int64_t>(order.size()), n_stats = static_cast<int64_t>(stats.size());
+      at::Tensor logged = torch::zeros({n_terms + 2 + n_stats}, torch::kFloat64);  // loss, terms, tokens, stats
       logged[0] = loss;
-      for (size_t i = 0; i < order.size(); ++i) logged[static_cast<int64_t>(i) + 1] = terms[order[i]];
-      logged[static_cast<int64_t>(order.size()) + 1] = static_cast<double>(tokens);
+      for (int64_t i = 0; i < n_terms; ++i) logged[i + 1] = terms[order[i]];
+      logged[n_terms + 1] = static_cast<double>(tokens);
+      for (int64_t i = 0; i < n_stats; ++i) logged[n_terms + 2 + i] = stats[i];
       if (backend == CollectiveBackend::Nccl) logged = logged.to(device);
       dist->sum_(logged, "loss values");
       logged = logged.cpu();
@@ -349,7 +390,8 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       loss = logged[0].item<double>() / W;
       std::vector<std::pair<std::string, double>> term_values;
       for (size_t i = 0; i < order.size(); ++i) term_values.emplace_back(order[i], logged[static_cast<int64_t>(i) + 1].item<double>() / W);
-      const int64_t global_tokens = static_cast<int64_t>(logged[static_cast<int64_t>(order.size()) + 1].item<double>());
+      const int64_t global_tokens = static_cast<int64_t>(logged[n_terms + 1].item<double>());
+      for (int64_t i = 0; i < n_stats; ++i) stats[i] = logged[n_terms + 2 + i].item<double>() / W;
 
       // Clip, and refuse to step on a non-finite loss or gradient (the same decision on every rank: the
       // gradients and the loss were all-reduced).
@@ -387,6 +429,7 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       } else {
         ProfileLap lap(device, "step ");
         optimizer.step();
+        component->end_step(step, stats);
         lap("optimizer");
       }
       const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -21,6 +21,7 @@
 #include "eval/heldout.h"
 #include "export/gate_bundle.h"
 #include "gates/components.h"
+#include "gates/gate_test_utils.h"
 #include "gates/query_rows.h"
 #include "gates/registry.h"
 #include "losses/distill.h"
@@ -29,20 +30,9 @@
 #include "test_paths.h"
 
 using namespace kvd;
+using namespace kvd::test;
 
 namespace {
-
-const Model& tiny_model(const std::string& family, c10::ScalarType dtype) {
-  static std::map<std::pair<std::string, int>, std::unique_ptr<Model>> cache;
-  auto key = std::make_pair(family, static_cast<int>(dtype));
-  auto it = cache.find(key);
-  if (it == cache.end())
-    it = cache
-             .emplace(key, std::make_unique<Model>(Model::load(std::string(KVD_TESTDATA) + "/decoder_golden/" + family,
-                                                               torch::kCPU, dtype)))
-             .first;
-  return *it->second;
-}
 
 bool smollm_present() { return std::ifstream(std::string(KVD_MODEL_DIR) + "/config.json").good(); }
 
@@ -67,10 +57,6 @@ std::vector<int64_t> random_tokens(int64_t vocab, int64_t n, uint64_t seed) {
   torch::manual_seed(seed);
   at::Tensor t = torch::randint(vocab, {n}, torch::kLong);
   return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
-}
-
-double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
-  return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
 }
 
 // Greedy continuation of a cache that holds prompt[:-1]: decode the last prompt token, then `steps` tokens.
@@ -361,15 +347,6 @@ TEST(QueryRows, ScorerRefusesUnpreparedOrChangedLayers) {
 
 // ---- bundles and bad input ---------------------------------------------------------------------------------
 
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/kvd_qr_XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~TempDir() { remove_tree(path); }
-};
-
 TEST(QueryRows, BundleRoundTripsAndResolvesAsAMethod) {
   const Model& model = tiny_model("llama3", torch::kFloat);
   auto qr = make_rows(model, "lookahead", 3, 17);
@@ -421,15 +398,6 @@ TEST(QueryRows, BundleRoundTripsAndResolvesAsAMethod) {
     const CompressStats st = compress_prefill(model, ev, {prompt}, r.method, r.compress);
     EXPECT_LT(st.kept_bytes, st.full_bytes) << name;
   }
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 TEST(QueryRows, BadInputGetsOneClearError) {

@@ -20,6 +20,7 @@
 #include "common/fs.h"
 #include "export/gate_bundle.h"
 #include "gates/heuristics.h"
+#include "gates/gate_test_utils.h"
 #include "gates/retention_gate.h"
 #include "losses/capacity.h"
 #include "losses/distill.h"
@@ -30,24 +31,13 @@
 #include "eval/heldout.h"
 
 using namespace kvd;
+using namespace kvd::test;
 
 namespace {
 
 std::string model_dir(const std::string& family) { return std::string(KVD_TESTDATA) + "/decoder_golden/" + family; }
 
-const Model& tiny_model(const std::string& family, c10::ScalarType dtype) {
-  static std::map<std::pair<std::string, int>, std::unique_ptr<Model>> cache;
-  auto key = std::make_pair(family, static_cast<int>(dtype));
-  auto it = cache.find(key);
-  if (it == cache.end())
-    it = cache.emplace(key, std::make_unique<Model>(Model::load(model_dir(family), torch::kCPU, dtype))).first;
-  return *it->second;
-}
-
 double max_abs(const at::Tensor& a) { return a.abs().max().item<double>(); }
-double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
-  return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
-}
 
 // Packed batch: row 0 holds documents of lengths `docs0`, row 1 a single document.
 struct Packed {

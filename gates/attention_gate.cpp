@@ -1,0 +1,355 @@
+#include "gates/attention_gate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "gates/components.h"
+#include "gates/distill_objective.h"
+#include "models/kv_cache.h"
+#include "models/model.h"
+#include "models/profile.h"
+
+namespace kvd {
+
+AttentionGateLayerImpl::AttentionGateLayerImpl(int64_t d_model, int64_t heads_, int64_t head_dim_, int64_t num_kv_heads)
+    : heads(heads_), head_dim(head_dim_) {
+  const int64_t inner = heads * head_dim;
+  wq = register_module("wq", torch::nn::Linear(torch::nn::LinearOptions(d_model, inner).bias(false)));
+  wk = register_module("wk", torch::nn::Linear(torch::nn::LinearOptions(d_model, inner).bias(false)));
+  wv = register_module("wv", torch::nn::Linear(torch::nn::LinearOptions(d_model, inner).bias(false)));
+  wo = register_module("wo", torch::nn::Linear(torch::nn::LinearOptions(inner, num_kv_heads).bias(true)));
+}
+
+std::vector<at::Tensor> AttentionGateLayerImpl::qkv(const at::Tensor& x) {  // (B, S, d)
+  const c10::ScalarType dt = c10::promoteTypes(wq->weight.scalar_type(), torch::kFloat);
+  const at::Tensor xf = x.to(wq->weight.device(), dt);
+  const int64_t B = x.size(0), S = x.size(1);
+  auto split = [&](const at::Tensor& y) { return y.view({B, S, heads, head_dim}).transpose(1, 2); };  // (B, g, S, d_g)
+  return {split(wq->forward(xf)), split(wk->forward(xf)), split(wv->forward(xf))};
+}
+
+at::Tensor AttentionGateLayerImpl::out(const at::Tensor& o) {  // (B, g, S, d_g)
+  const int64_t B = o.size(0), S = o.size(2);
+  return wo->forward(o.transpose(1, 2).reshape({B, S, heads * head_dim}));  // (B, S, H_kv)
+}
+
+at::Tensor AttentionGateLayerImpl::forward(const at::Tensor& x, const at::Tensor& allowed) {
+  std::vector<at::Tensor> p = qkv(x);  // 3 × (B, g, S, d_g)
+  // Memory-efficient attention with the boolean visibility (no (S, S) probabilities kept for the backward on
+  // CUDA); the math path on CPU.
+  at::Tensor o = at::scaled_dot_product_attention(p[0], p[1], p[2], allowed.to(p[0].device()));  // (B, g, S, d_g)
+  return out(o);                                                                                   // (B, S, H_kv)
+}
+
+at::Tensor straight_through_flags(const at::Tensor& s, const at::Tensor& positions, double tau, int64_t sinks) {
+  at::Tensor hard = s.ge(tau).to(s.scalar_type());  // (B, S, H_kv)
+  at::Tensor f = hard + (s - s.detach());           // value: exactly hard; gradient: ds
+  if (sinks > 0) {
+    at::Tensor sink = positions.to(s.device()).lt(sinks).unsqueeze(-1);  // (B, S, 1)
+    f = torch::where(sink, torch::ones_like(f), f);
+  }
+  return f;
+}
+
+at::Tensor causal_document_mask(const at::Tensor& doc_ids, int64_t B, int64_t S, c10::Device device) {
+  at::Tensor idx = torch::arange(S, torch::TensorOptions().dtype(torch::kLong).device(device));
+  at::Tensor allowed = idx.view({1, 1, S, 1}).ge(idx.view({1, 1, 1, S}));  // (1, 1, S, S) key <= query
+  if (!doc_ids.defined()) return allowed.expand({B, 1, S, S});
+  at::Tensor d = doc_ids.to(device);                                     // (B, S)
+  at::Tensor same = d.unsqueeze(2).eq(d.unsqueeze(1)).unsqueeze(1);      // (B, 1, S, S)
+  at::Tensor real = d.ge(0).view({B, 1, S, 1});                          // (B, 1, S, 1)
+  at::Tensor eye = torch::eye(S, torch::TensorOptions().dtype(torch::kBool).device(device)).view({1, 1, S, S});
+  return (allowed & same & real) | eye;  // a padding row sees itself only (no empty softmax)
+}
+
+AttentionGateImpl::AttentionGateImpl(const ModelConfig& cfg, AttentionGateOptions options)
+    : opt_(options), d_model_(cfg.hidden_size), num_kv_heads_(cfg.num_kv_heads) {
+  KVD_CHECK(cfg.num_layers > 0 && cfg.hidden_size > 0 && cfg.num_kv_heads > 0,
+            "AttentionGate: the model config has no layers / hidden size / KV heads");
+  KVD_CHECK(opt_.heads > 0 && opt_.head_dim > 0, "AttentionGate: heads and head_dim must be positive");
+  KVD_CHECK(opt_.target > 0.0 && opt_.target <= 1.0, "AttentionGate: the target keep ratio must lie in (0, 1], got ",
+            opt_.target);
+  KVD_CHECK(opt_.tau > 0.0 && opt_.tau < 1.0, "AttentionGate: tau must lie in (0, 1), got ", opt_.tau);
+  layers_ = register_module("layers", torch::nn::ModuleList());
+  multiplier_ = register_buffer("multiplier", torch::zeros({cfg.num_layers}, torch::kDouble));
+  torch::NoGradGuard no_grad;
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    AttentionGateLayer layer(d_model_, opt_.heads, opt_.head_dim, num_kv_heads_);
+    for (auto* lin : {&layer->wq, &layer->wk, &layer->wv, &layer->wo}) (*lin)->weight.normal_(0.0, opt_.init_std);
+    layer->wo->bias.fill_(opt_.bias_init);
+    layers_->push_back(layer);
+  }
+}
+
+at::Tensor AttentionGateImpl::logits(int64_t layer, const at::Tensor& hidden, const at::Tensor& allowed) {
+  KVD_CHECK(layer >= 0 && layer < num_layers(), "AttentionGate: layer ", layer, " out of range [0, ", num_layers(), ")");
+  KVD_CHECK(hidden.dim() == 3 && hidden.size(-1) == d_model_, "AttentionGate: hidden must be (B, S, ", d_model_,
+            "), got ", hidden.sizes());
+  return layers_->ptr<AttentionGateLayerImpl>(layer)->forward(hidden, allowed);  // (B, S, H_kv)
+}
+
+void AttentionGateImpl::end_step(int64_t step, const std::vector<double>& stats) {
+  if (opt_.penalty != KeepPenalty::Dual) return;
+  KVD_CHECK(static_cast<int64_t>(stats.size()) == num_layers(), "AttentionGate::end_step: ", stats.size(),
+            " kept fractions for ", num_layers(), " layers");
+  const double beta = target_at(step);
+  torch::NoGradGuard ng;
+  at::Tensor kept = torch::tensor(stats, torch::kDouble).to(multiplier_.device());  // (L)
+  multiplier_.copy_((multiplier_ + opt_.dual_lr * (kept - beta)).clamp_min(0.0));
+}
+
+double AttentionGateImpl::target_at(int64_t step) const {
+  if (opt_.schedule_steps <= 0) return opt_.target;
+  const double left = std::max(0.0, 1.0 - static_cast<double>(step) / static_cast<double>(opt_.schedule_steps));
+  return opt_.target + (1.0 - opt_.target) * left;
+}
+
+AttentionMods AttentionGateImpl::attention_mods(const TrainBatch& batch) {
+  recorded_.assign(num_layers(), at::Tensor());
+  const int64_t B = batch.ids.size(0), T = batch.ids.size(1);
+  const c10::Device dev = batch.ids.device();
+  recorded_valid_ = batch.doc_ids.defined() ? batch.doc_ids.to(dev).ge(0) : torch::ones({B, T}, torch::TensorOptions().dtype(torch::kBool).device(dev));
+  const at::Tensor allowed = causal_document_mask(batch.doc_ids, B, T, dev);  // (B, 1, T, T), shared by the layers
+  AttentionMods mods;
+  mods.layer_hook = [this, allowed, T](const LayerInput& in) {
+    KVD_CHECK(in.hidden.size(1) == T, "AttentionGate: extra rows are not supported (the gate flags sequence tokens)");
+    at::Tensor s = torch::sigmoid(logits(in.layer, in.hidden, allowed));                // (B, T, H_kv)
+    at::Tensor f = straight_through_flags(s, in.positions, opt_.tau, opt_.sinks);      // (B, T, H_kv)
+    recorded_[in.layer] = f;
+    LayerMods m;
+    m.key_log_mask = torch::log(f + opt_.eps).transpose(1, 2);  // (B, H_kv, T)
+    return m;
+  };
+  return mods;
+}
+
+std::vector<at::Tensor> AttentionGateImpl::keep_fractions() const {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& f : recorded_) {
+    KVD_CHECK(f.defined(), "AttentionGate::keep_fractions: run a forward with attention_mods first");
+    at::Tensor w = recorded_valid_.to(f.device()).to(f.scalar_type()).unsqueeze(-1);  // (B, T, 1)
+    out.push_back((f * w).sum() / (w.sum() * static_cast<double>(f.size(-1))).clamp_min(1.0));  // ()
+  }
+  return out;
+}
+
+ComponentLoss AttentionGateImpl::loss(const Model& model, const TrainBatch& batch, const LossOptions& options) {
+  const AttentionMods mods = attention_mods(batch);
+  DistillTerms d = distill_to_frozen(model, batch, mods, options);
+  ProfileLap lap(model.device(), "train ");
+  const std::vector<at::Tensor> keep = keep_fractions();  // [layer] ()
+  const double beta = target_at(options.step);
+  at::Tensor k = torch::stack(keep);  // (L)
+  at::Tensor penalty;                  // (L)
+  switch (opt_.penalty) {
+    case KeepPenalty::Hinge: penalty = torch::relu(k - beta); break;
+    case KeepPenalty::TwoSided: penalty = (k - beta).abs(); break;
+    case KeepPenalty::Dual: penalty = torch::relu(k - beta) + multiplier_.to(k.device(), k.scalar_type()) * (k - beta); break;
+  }
+  lap("keep penalty");
+  ComponentLoss out;
+  const at::Tensor kc = k.detach().to(torch::kCPU, torch::kDouble).contiguous();  // one device sync
+  out.stats.assign(kc.data_ptr<double>(), kc.data_ptr<double>() + kc.numel());
+  out.terms = {{"kl", d.kl}, {"ce", d.ce}, {"keep", penalty.mean().to(torch::kFloat32)}};
+  out.metrics = {{"kept", kc.mean().item<double>()}, {"keep_target", beta}};
+  if (opt_.penalty == KeepPenalty::Dual) out.metrics.emplace_back("keep_multiplier", multiplier_.mean().item<double>());
+  out.tokens = d.tokens;
+  return out;
+}
+
+namespace {
+
+constexpr const char* kKeep = "attention_gate_keep";
+
+// The gate at inference. Its block attends over every earlier token of the sequence, evicted or not, so the
+// scorer keeps the gate's own keys and values per layer, indexed by position (slot p holds position p; a
+// rewound or restarted sequence overwrites its slots in order). It holds them for the two caches it saw last
+// (the harnesses drive one evicted cache at a time; a cache of another batch size starts over).
+class AttentionGateScorer : public Scorer {
+ public:
+  AttentionGateScorer(std::shared_ptr<AttentionGateImpl> owner, AttentionGateImpl* gate)
+      : owner_(std::move(owner)), gate_(gate) {}
+  std::string name() const override { return "attention_gate"; }
+
+  void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
+    torch::NoGradGuard no_grad;
+    cache.add_payload(kKeep, torch::kFloat, 1.0);
+    const at::Tensor x = obs.hidden;                                 // (B, t, d)
+    const int64_t B = x.size(0), t = x.size(1);
+    AttentionGateLayerImpl& L = *gate_->layer(obs.layer);
+    std::vector<at::Tensor> p = L.qkv(x);                           // 3 × (B, g, t, d_g)
+    const at::Tensor qpos = obs.query_positions.to(p[0].device());  // (B, t), -1 on padding
+    const int64_t top = qpos.max().item<int64_t>() + 1;             // slots in use after this append
+    LayerState& st = state(cache, obs.layer, B, top, p[1]);
+    const int64_t trash = st.k.size(2) - 1;                         // padding rows write here
+    at::Tensor slot = torch::where(qpos.ge(0), qpos, torch::full_like(qpos, trash));  // (B, t)
+    at::Tensor idx = slot.view({B, 1, t, 1}).expand({B, L.heads, t, L.head_dim});
+    st.k.scatter_(2, idx, p[1]);
+    st.v.scatter_(2, idx, p[2]);
+    at::Tensor slots = torch::arange(top, qpos.options());                              // (top)
+    at::Tensor allowed = slots.view({1, 1, 1, top}).le(qpos.view({B, 1, t, 1}));        // (B, 1, t, top)
+    allowed = allowed | slots.view({1, 1, 1, top}).eq(0);  // padding rows (position -1) see slot 0: no empty row
+    at::Tensor o = at::scaled_dot_product_attention(p[0], st.k.narrow(2, 0, top), st.v.narrow(2, 0, top), allowed);
+    at::Tensor s = torch::sigmoid(L.out(o)).transpose(1, 2);  // (B, H_kv, t)
+    cache.set_payload_tail(obs.layer, kKeep, s, obs.lead);
+  }
+
+  at::Tensor score(const LayerView& view) override {
+    auto it = view.payload.find(kKeep);
+    KVD_CHECK(it != view.payload.end(), "attention_gate scorer: the cache holds no keep probabilities (payload '", kKeep,
+              "'); drive prefill / decode through the scorer's on_append");
+    KVD_CHECK(view.positions.defined(), "attention_gate scorer: LayerView.positions is required");
+    at::Tensor s = it->second.to(torch::kFloat);  // (B, H_kv, n)
+    const at::Tensor pos = view.positions.to(s.device());
+    if (gate_->options().sinks > 0) s = torch::where(pos.lt(gate_->options().sinks), torch::full_like(s, 2.0), s);
+    if (view.valid.defined()) s = s.masked_fill(view.valid.to(s.device()).logical_not(), -std::numeric_limits<float>::infinity());
+    return s;
+  }
+
+ private:
+  struct LayerState {
+    at::Tensor k, v;  // (B, g, capacity + 1, d_g); the last slot takes padding rows' writes
+  };
+  struct CacheState {
+    const KVCache* cache = nullptr;
+    int64_t batch = 0;
+    std::vector<LayerState> layers;
+  };
+
+  LayerState& state(const KVCache& cache, int64_t layer, int64_t B, int64_t top, const at::Tensor& like) {
+    auto it = std::find_if(caches_.begin(), caches_.end(), [&](const CacheState& c) { return c.cache == &cache; });
+    if (it == caches_.end() || it->batch != B) {
+      if (it != caches_.end()) caches_.erase(it);
+      if (caches_.size() >= 2) caches_.erase(caches_.begin());
+      caches_.push_back(CacheState{&cache, B, std::vector<LayerState>(gate_->num_layers())});
+      it = caches_.end() - 1;
+    } else if (it != caches_.end() - 1) {
+      std::rotate(it, it + 1, caches_.end());  // most recently used last
+      it = caches_.end() - 1;
+    }
+    LayerState& st = it->layers[layer];
+    const int64_t cap = st.k.defined() ? st.k.size(2) - 1 : 0;
+    if (top > cap) {
+      const int64_t grown = std::max<int64_t>(top, std::max<int64_t>(256, cap * 2));
+      at::Tensor k = torch::zeros({B, like.size(1), grown + 1, like.size(3)}, like.options());
+      at::Tensor v = torch::zeros_like(k);
+      if (cap > 0) {
+        k.narrow(2, 0, cap).copy_(st.k.narrow(2, 0, cap));
+        v.narrow(2, 0, cap).copy_(st.v.narrow(2, 0, cap));
+      }
+      st.k = k;
+      st.v = v;
+    }
+    return st;
+  }
+
+  std::shared_ptr<AttentionGateImpl> owner_;
+  AttentionGateImpl* gate_;
+  std::vector<CacheState> caches_;
+};
+
+}  // namespace
+
+std::unique_ptr<Scorer> AttentionGateImpl::make_scorer() {
+  std::shared_ptr<AttentionGateImpl> owner;
+  try {
+    owner = std::dynamic_pointer_cast<AttentionGateImpl>(shared_from_this());
+  } catch (const std::bad_weak_ptr&) {
+    // Not shared-owned: the caller keeps it alive.
+  }
+  return std::make_unique<AttentionGateScorer>(owner, this);
+}
+
+nlohmann::json AttentionGateImpl::manifest() const {
+  return nlohmann::json{
+      {"kind", kind()},
+      {"num_layers", num_layers()},
+      {"hidden_size", d_model_},
+      {"num_kv_heads", num_kv_heads_},
+      {"gate_heads", opt_.heads},
+      {"gate_head_dim", opt_.head_dim},
+      {"input", "attention input after the layer's input RMSNorm"},
+      {"output", "keep probability s = sigmoid(wo . attention(wq x, wk x, wv x) + bias) per KV head; causal, no "
+                 "positional encoding"},
+      {"score", "keep_probability"},
+      {"score_formula", "s_i; positions < sinks score 2"},
+      {"score_timing", "on_append"},
+      {"flag_threshold", opt_.tau},
+      {"higher_keeps", true},
+      {"options",
+       {{"heads", opt_.heads},
+        {"head_dim", opt_.head_dim},
+        {"target", opt_.target},
+        {"tau", opt_.tau},
+        {"sinks", opt_.sinks},
+        {"schedule_steps", opt_.schedule_steps},
+        {"bias_init", opt_.bias_init},
+        {"keep_penalty", opt_.penalty == KeepPenalty::TwoSided ? "two_sided" : opt_.penalty == KeepPenalty::Hinge ? "hinge" : "dual"},
+        {"dual_lr", opt_.dual_lr}}},
+  };
+}
+
+ComponentSpec attention_gate_spec() {
+  ComponentSpec s;
+  s.kind = "attention_gate";
+  s.doc = "Attention-Gate: per layer a small causal attention block -> keep flags per token and KV head (arXiv 2410.12876)";
+  s.aliases = {"attngate"};
+  s.options = {
+      {"component.heads", ValueType::Int, "2", "heads of the gate's attention block"},
+      {"component.head_dim", ValueType::Int, "32", "head dim of the gate's attention block"},
+      {"component.target", ValueType::Float, "0.5", "target kept fraction per layer, in (0, 1] (the keep hinge)"},
+      {"component.tau", ValueType::Float, "0.5", "flag threshold on the keep probability, in (0, 1)"},
+      {"component.sinks", ValueType::Int, "4", "first positions of every document, always kept"},
+      {"component.schedule_steps", ValueType::Int, "0", "> 0: the target falls linearly from 1 over these steps"},
+      {"component.bias_init", ValueType::Float, "4.0", "output bias at init (keep probability ~0.98)"},
+      {"component.keep_penalty", ValueType::String, "dual",
+       "dual: hinge + a Lagrange multiplier per layer raised while kept > target | hinge: max(0, kept - target) | "
+       "two_sided: |kept - target|"},
+      {"component.dual_lr", ValueType::Float, "0.1", "step of the multipliers' dual ascent (keep_penalty: dual)"},
+  };
+  s.losses = {
+      {"loss.kl", ValueType::Float, "1.0", "weight of the forward KL(teacher || student)"},
+      {"loss.ce", ValueType::Float, "0.0", "weight of the student's next-token cross-entropy"},
+      {"loss.keep", ValueType::Float, "10.0", "weight of the hinge (1/L) sum_l max(0, kept_l - target)"},
+  };
+  s.check = [](const nlohmann::json& o) {
+    constexpr int64_t kMax = int64_t(1) << 12;
+    const double target = o.at("target").get<double>(), tau = o.at("tau").get<double>();
+    KVD_CHECK(std::isfinite(target) && target > 0.0 && target <= 1.0,
+              "config key 'component.target': the target keep ratio must lie in (0, 1], got ", target);
+    KVD_CHECK(std::isfinite(tau) && tau > 0.0 && tau < 1.0, "config key 'component.tau': must lie in (0, 1), got ", tau);
+    for (const char* k : {"heads", "head_dim"}) {
+      const int64_t v = o.at(k).get<int64_t>();
+      KVD_CHECK(v > 0 && v <= kMax, "config key 'component.", k, "': must be in [1, ", kMax, "], got ", v);
+    }
+    KVD_CHECK(o.at("sinks").get<int64_t>() >= 0, "config key 'component.sinks': must be >= 0");
+    KVD_CHECK(o.at("schedule_steps").get<int64_t>() >= 0, "config key 'component.schedule_steps': must be >= 0");
+    KVD_CHECK(std::isfinite(o.at("bias_init").get<double>()), "config key 'component.bias_init': must be finite");
+    const std::string pen = o.at("keep_penalty").get<std::string>();
+    KVD_CHECK(pen == "dual" || pen == "hinge" || pen == "two_sided", "config key 'component.keep_penalty': '", pen,
+              "' is not one of dual, hinge, two_sided");
+    const double dual_lr = o.at("dual_lr").get<double>();
+    KVD_CHECK(std::isfinite(dual_lr) && dual_lr >= 0.0, "config key 'component.dual_lr': must be >= 0, got ", dual_lr);
+  };
+  s.make = [](const ModelConfig& cfg, const nlohmann::json& o) -> std::shared_ptr<Component> {
+    AttentionGateOptions opt;
+    opt.heads = o.at("heads").get<int64_t>();
+    opt.head_dim = o.at("head_dim").get<int64_t>();
+    opt.target = o.at("target").get<double>();
+    opt.tau = o.at("tau").get<double>();
+    opt.sinks = o.at("sinks").get<int64_t>();
+    opt.schedule_steps = o.at("schedule_steps").get<int64_t>();
+    opt.bias_init = o.at("bias_init").get<double>();
+    const std::string pen = o.at("keep_penalty").get<std::string>();
+    opt.penalty = pen == "two_sided" ? KeepPenalty::TwoSided : pen == "hinge" ? KeepPenalty::Hinge : KeepPenalty::Dual;
+    opt.dual_lr = o.at("dual_lr").get<double>();
+    return AttentionGate(cfg, opt).ptr();
+  };
+  return s;
+}
+
+}  // namespace kvd

@@ -1,0 +1,121 @@
+"""The Attention-Gate (kind attention_gate, alias attngate) through the CLI on the tiny random Llama: it trains
+under its alias and logs its kept fraction and target (and, at the held-out check, val_kept); 2 Gloo ranks
+match 1 process at the same global batch; a resumed run matches an uninterrupted one bitwise; its bundle
+compresses a prompt at its own flags (`compress --threshold 0.5`, each head its own count) and at a ratio; bad
+targets and a bundle of another kind exit with one clear line."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import KVD_BIN, run_kvd
+from train_helpers import launch_ranks, max_abs_diff, prepare_data, train, train_env, weights, write_config
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ag_data") / "prose.h5"
+    r = run_kvd("prepare", "text", "--model", tiny_model, "--input", Path(__file__).resolve().parents[2] /
+                "data/samples/prose.txt", "--out", out, "--seq-len", 32, "--val-fraction", "0.1", "--progress", "never")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def config(path, model_dir, data, out_dir, **train_keys):
+    t = dict(steps=4, batch_size=2, grad_accum=1, lr=0.01, min_lr=0.001, warmup=1, clip=1.0, seed=0, save_every=0,
+             keep_last=10, progress="lines", eval_every=0)
+    t.update(train_keys)
+    lines = [f"model: {{dir: {model_dir}}}", f"data: {{train: {data}, prefetch: 2}}",
+             "component: {kind: attngate, heads: 2, head_dim: 8, target: 0.5, sinks: 2, schedule_steps: 2, "
+             "bias_init: 0.5}",
+             "loss: {kl: 1.0, ce: 0.0, keep: 10.0, block: 16}", "dist: {timeout_s: 60, bucket_mb: 0.001}",
+             "train:", f"  out_dir: {out_dir}", "  device: cpu"]
+    lines += [f"  {k}: {v}" for k, v in t.items()]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return path
+
+
+def records(out_dir):
+    return [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trains_logs_kept_resumes_in_parallel_and_compresses(tiny_model, data, tmp_path):
+    one = config(tmp_path / "one.yaml", tiny_model, data, tmp_path / "one", save_every=2, eval_every=4)
+    train(one, "--resume", "none")
+    recs = records(tmp_path / "one")
+    steps = [r for r in recs if "loss" in r]
+    assert len(steps) == 4
+    assert all(0.0 <= r["kept"] <= 1.0 and "keep" in r and "kl" in r for r in steps)
+    assert [r["keep_target"] for r in steps] == [1.0, 0.75, 0.5, 0.5]  # the schedule, step by step
+    checks = [r for r in recs if "heldout_kl" in r]
+    assert checks and all(0.0 <= r["val_kept"] <= 1.0 and "val_kl" in r for r in checks), checks
+    manifest = json.loads((tmp_path / "one" / "bundle" / "kvdistill.json").read_text())
+    assert manifest["kind"] == "attention_gate" and manifest["score"] == "keep_probability"
+    assert manifest["options"]["target"] == 0.5
+
+    # 2 ranks of batch 1 = 1 process of batch 2.
+    two = config(tmp_path / "two.yaml", tiny_model, data, tmp_path / "two", batch_size=1)
+    procs = launch_ranks(two, 2, "--resume", "none")
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, out + err
+    plain = config(tmp_path / "plain.yaml", tiny_model, data, tmp_path / "plain", save_every=2)
+    train(plain, "--resume", "none")
+    lp = [r["loss"] for r in records(tmp_path / "plain") if "loss" in r]
+    l2 = [r["loss"] for r in records(tmp_path / "two") if "loss" in r]
+    assert max(abs(a - b) for a, b in zip(lp, l2)) < 1e-5
+
+    # Resume from step 2: steps 3 and 4 are those of the uninterrupted run, bitwise.
+    w1 = weights(tmp_path / "plain", 4)
+    shutil.rmtree(tmp_path / "plain" / "checkpoints" / "step_00000004")
+    train(plain, "--resume", "auto")
+    assert max_abs_diff(w1, weights(tmp_path / "plain", 4)) == 0
+
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    bundle = tmp_path / "one" / "bundle"
+    r = run_kvd("compress", "--model", tiny_model, "--prompt-file", prompt, "--method", f"attngate:{bundle}",
+                "--threshold", "0.5", "--out", tmp_path / "t.json")
+    assert r.returncode == 0, r.stderr
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert t["threshold"] == 0.5
+    kept = sum(len(h) for layer in t["layers"] for h in layer)
+    assert t["bytes"]["kept"] == kept * t["bytes"]["per_entry"]
+    assert all(h[:2] == [0, 1] for layer in t["layers"] for h in layer)  # the sinks stay
+    r = run_kvd("compress", "--model", tiny_model, "--prompt-file", prompt, "--method", f"adakv_attngate:{bundle}",
+                "--ratio", "0.5", "--out", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    c = json.loads((tmp_path / "r.json").read_text())
+    assert 0 < c["bytes"]["kept"] < c["bytes"]["full"]
+
+
+def one_line_error(args):
+    r = subprocess.run([KVD_BIN, *map(str, args)], capture_output=True, text=True, timeout=300, env=train_env())
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvdistill: error: "), r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("override, words", [
+    ("component.target=0", ["component.target", "(0, 1]"]),
+    ("component.target=1.2", ["component.target", "(0, 1]"]),
+    ("component.tau=1", ["component.tau"]),
+    ("component.heads=0", ["component.heads"]),
+])
+def test_bad_options_get_one_line(tiny_model, data, tmp_path, override, words):
+    cfg = config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "run")
+    line = one_line_error(["train", "--config", cfg, override])
+    assert all(w in line for w in words), line
+
+
+def test_bundle_of_another_kind_gets_one_line(tiny_model, data, tmp_path):
+    cfg = write_config(tmp_path / "rg.yaml", tiny_model, data, tmp_path / "rg", steps=1)
+    train(cfg, "--resume", "none")
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Hello there. " * 10)
+    line = one_line_error(["compress", "--model", tiny_model, "--prompt-file", prompt, "--method",
+                           f"attngate:{tmp_path / 'rg' / 'bundle'}", "--threshold", "0.5", "--out", tmp_path / "c.json"])
+    assert "holds a 'retention_gate' component, not a 'attention_gate'" in line, line
