@@ -5,13 +5,12 @@ compresses a prompt at its own flags (`compress --threshold 0.5`, each head its 
 targets and a bundle of another kind exit with one clear line."""
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import KVD_BIN, run_kvd
-from train_helpers import launch_ranks, max_abs_diff, prepare_data, train, train_env, weights, write_config
+from conftest import run_kvd
+from train_helpers import launch_ranks, max_abs_diff, one_line_error, train, weights, write_config
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +89,6 @@ def test_trains_logs_kept_resumes_in_parallel_and_compresses(tiny_model, data, t
     assert r.returncode == 0, r.stderr
     c = json.loads((tmp_path / "r.json").read_text())
     assert 0 < c["bytes"]["kept"] < c["bytes"]["full"]
-
-
-def one_line_error(args):
-    r = subprocess.run([KVD_BIN, *map(str, args)], capture_output=True, text=True, timeout=300, env=train_env())
-    assert r.returncode == 1, r.stdout + r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kvdistill: error: "), r.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("override, words", [

@@ -5,13 +5,12 @@ uninterrupted one bitwise, the bundle compresses a prompt (`compress --method ga
 or a bundle of another model exit with one clear line."""
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import KVD_BIN, run_kvd
-from train_helpers import launch_ranks, max_abs_diff, prepare_data, train, train_env, weights
+from conftest import run_kvd
+from train_helpers import launch_ranks, max_abs_diff, one_line_error, prepare_data, train, weights
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +65,6 @@ def test_trains_in_parallel_resumes_and_compresses(tiny_model, data, tmp_path):
     assert r.returncode == 0, r.stderr
     c = json.loads((tmp_path / "c.json").read_text())
     assert 0 < c["bytes"]["kept"] < c["bytes"]["full"]
-
-
-def one_line_error(args):
-    r = subprocess.run([KVD_BIN, *map(str, args)], capture_output=True, text=True, timeout=300, env=train_env())
-    assert r.returncode == 1, r.stdout + r.stderr
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("kvdistill: error: "), r.stderr
-    return lines[0]
 
 
 @pytest.mark.parametrize("override, words", [

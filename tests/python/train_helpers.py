@@ -97,3 +97,12 @@ def kill9(proc):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     return proc.returncode
+
+
+def one_line_error(args):
+    """Runs kvdistill expecting a failure: exit 1 and exactly one stderr line, `kvdistill: error: ...`."""
+    r = subprocess.run([KVD_BIN, *map(str, args)], capture_output=True, text=True, timeout=300, env=train_env())
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvdistill: error: "), r.stderr
+    return lines[0]
