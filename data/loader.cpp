@@ -119,22 +119,20 @@ Loader::~Loader() {
   if (worker_.joinable()) worker_.join();
 }
 
-Batch Loader::read_batch(Cursor c, ShardedSampler& sampler) const {
+Batch read_sequences(const SequenceSource& source, const std::vector<int64_t>& indices, int64_t cols, int32_t pad_id) {
   Batch b;
-  b.epoch = c.epoch;
-  b.step = c.step;
-  b.indices = sampler.batch(c.epoch, c.step);
+  b.indices = indices;
   b.rows = static_cast<int64_t>(b.indices.size());
-  b.cols = source_->seq_len();
+  b.cols = cols;
   const size_t cells = static_cast<size_t>(b.rows * b.cols);
-  b.tokens.assign(cells, opt_.pad_id);
+  b.tokens.assign(cells, pad_id);
   b.positions.assign(cells, 0);
   b.segments.assign(cells, -1);
   b.targets.assign(cells, 0);
   b.lengths.resize(static_cast<size_t>(b.rows));
   std::vector<uint8_t> targets;
   for (int64_t r = 0; r < b.rows; ++r) {
-    const PackedSequence s = source_->get(b.indices[static_cast<size_t>(r)], targets);
+    const PackedSequence s = source.get(b.indices[static_cast<size_t>(r)], targets);
     KVD_CHECK(static_cast<int64_t>(s.tokens.size()) <= b.cols && (targets.empty() || targets.size() == s.tokens.size()),
               "sequence ", s.index, " has ", s.tokens.size(), " tokens (", targets.size(),
               " targets), more than seq_len ", b.cols, "; the data file is corrupt");
@@ -148,6 +146,13 @@ Batch Loader::read_batch(Cursor c, ShardedSampler& sampler) const {
       std::copy(targets.begin(), targets.end(), b.targets.begin() + row);
     b.lengths[static_cast<size_t>(r)] = static_cast<int32_t>(s.tokens.size());
   }
+  return b;
+}
+
+Batch Loader::read_batch(Cursor c, ShardedSampler& sampler) const {
+  Batch b = read_sequences(*source_, sampler.batch(c.epoch, c.step), source_->seq_len(), opt_.pad_id);
+  b.epoch = c.epoch;
+  b.step = c.step;
   return b;
 }
 

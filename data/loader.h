@@ -122,6 +122,11 @@ struct Batch {
                                    // tokens the source marks as context only (a responses file's prompts)
 };
 
+// Sequences `indices` of `source` as one batch of `cols` columns (each row padded with pad_id after its
+// length; rows longer than cols are refused as a corrupt file). The loader's batches are made here, and so are
+// the trainer's held-out ones.
+Batch read_sequences(const SequenceSource& source, const std::vector<int64_t>& indices, int64_t cols, int32_t pad_id);
+
 struct LoaderOptions {
   SamplerOptions sampler;
   int prefetch = 2;    // batches prepared ahead on a background thread; 0 reads in next()

@@ -8,6 +8,7 @@
 
 #include "common/error.h"
 #include "gates/components.h"
+#include "gates/shared_owner.h"
 #include "gates/distill_objective.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
@@ -255,13 +256,7 @@ class AttentionGateScorer : public Scorer {
 }  // namespace
 
 std::unique_ptr<Scorer> AttentionGateImpl::make_scorer() {
-  std::shared_ptr<AttentionGateImpl> owner;
-  try {
-    owner = std::dynamic_pointer_cast<AttentionGateImpl>(shared_from_this());
-  } catch (const std::bad_weak_ptr&) {
-    // Not shared-owned: the caller keeps it alive.
-  }
-  return std::make_unique<AttentionGateScorer>(owner, this);
+  return std::make_unique<AttentionGateScorer>(shared_owner(this), this);
 }
 
 nlohmann::json AttentionGateImpl::manifest() const {

@@ -8,6 +8,7 @@
 
 #include "common/error.h"
 #include "gates/components.h"
+#include "gates/shared_owner.h"
 #include "gates/heuristics.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
@@ -372,13 +373,7 @@ const char* pooling_name(ScorePooling p) {
 }  // namespace
 
 std::unique_ptr<Scorer> QueryRowsImpl::make_scorer() {
-  std::shared_ptr<QueryRowsImpl> owner;
-  try {
-    owner = std::dynamic_pointer_cast<QueryRowsImpl>(shared_from_this());
-  } catch (const std::bad_weak_ptr&) {
-    // Not shared-owned: the caller keeps it alive.
-  }
-  return std::make_unique<QueryRowsScorer>(owner, this);
+  return std::make_unique<QueryRowsScorer>(shared_owner(this), this);
 }
 
 nlohmann::json QueryRowsImpl::manifest() const {

@@ -6,6 +6,7 @@
 
 #include "common/error.h"
 #include "gates/components.h"
+#include "gates/shared_owner.h"
 #include "gates/distill_objective.h"
 #include "kernels/soft_cache_size.h"
 #include "losses/capacity.h"
@@ -161,13 +162,7 @@ class RetentionScorer : public Scorer {
 }  // namespace
 
 std::unique_ptr<Scorer> RetentionGateImpl::make_scorer() {
-  std::shared_ptr<RetentionGateImpl> owner;
-  try {
-    owner = std::dynamic_pointer_cast<RetentionGateImpl>(shared_from_this());
-  } catch (const std::bad_weak_ptr&) {
-    // Not shared-owned (a plain object): the caller keeps it alive.
-  }
-  return std::make_unique<RetentionScorer>(owner, this);
+  return std::make_unique<RetentionScorer>(shared_owner(this), this);
 }
 
 nlohmann::json RetentionGateImpl::manifest() const {

@@ -273,22 +273,12 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
     auto heldout = [&](int64_t step) {
       if (!main_rank) return;
       const SequenceSource& val = *(val_data ? *val_data : data).val;
-      std::vector<at::Tensor> seqs;
+      std::vector<at::Tensor> seqs;         // [i] (1, L_i) for the eviction check
       std::vector<TrainBatch> val_batches;  // the same sequences for the component's own objective
-      std::vector<uint8_t> targets;
       for (int64_t i = 0; i < std::min<int64_t>(val.size(), c.eval_batches * c.batch_size); ++i) {
-        const PackedSequence s = val.get(i, targets);
-        seqs.push_back(torch::tensor(s.tokens, torch::kInt32).to(torch::kInt64).unsqueeze(0).to(device));  // (1, L)
-        Batch b;
-        b.rows = 1;
-        b.cols = static_cast<int64_t>(s.tokens.size());
-        b.indices = {s.index};
-        b.tokens = s.tokens;
-        b.positions = s.positions;
-        b.segments = s.segments;
-        b.lengths = {static_cast<int32_t>(s.tokens.size())};
-        b.targets = targets.empty() ? std::vector<uint8_t>(s.tokens.size(), 1) : targets;
-        val_batches.push_back(make_train_batch(b, device));
+        const Batch one = read_sequences(val, {i}, val.seq_len(), 0);
+        val_batches.push_back(make_train_batch(one, device));
+        seqs.push_back(val_batches.back().ids.narrow(1, 0, one.lengths[0]));  // (1, L)
       }
       if (seqs.empty()) {
         progress.message("held-out check skipped: no val sequences (prepare text with --val-fraction > 0, or for a responses file raise data.val_fraction)");
