@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""Paired bootstrap over samples for an eval directory (results.jsonl of `kvdistill eval`).
+"""Paired bootstrap over samples for eval directories (results.jsonl of `kvdistill eval`).
 
 For every budget and method, the per-sample difference to a baseline method on the same samples (paired by
-sample id) of accuracy (`score`) and critical-KV hit rate (`hit_rate`); prints the method's means, the mean
-differences and their 95% percentile intervals over `--resamples` bootstrap resamples of the samples, and
-whether the interval lies above 0 ("beats"). Writes the same as JSON next to results.jsonl.
+sample id) of accuracy (`score`), critical-KV hit rate (`hit_rate`) and KL(full || method) (`kl`, lower is
+better); prints the method's means, the mean differences and their 95% percentile intervals over
+`--resamples` bootstrap resamples of the samples, the mean peak KV bytes per sample, and whether the accuracy
+and hit-rate intervals both lie above 0 ("beats"). Several directories (shards of one comparison, each with
+its own full-cache reference) are read as one; the first record of a (method, budget, sample) wins. Writes
+the same as JSON into the first directory (bootstrap_vs_<baseline>.json).
 
-  scripts/paired_bootstrap.py DIR [--baseline snapkv] [--resamples 2000] [--seed 0]
+  scripts/paired_bootstrap.py DIR [DIR ...] [--baseline snapkv] [--resamples 2000] [--seed 0]
 """
 import argparse
 import json
@@ -18,21 +21,27 @@ from collections import defaultdict
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("dir")
+    ap.add_argument("dirs", nargs="+", metavar="DIR")
     ap.add_argument("--baseline", default="snapkv")
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    rows = [json.loads(l) for l in open(os.path.join(a.dir, "results.jsonl")) if l.strip()]
     by = defaultdict(dict)  # (budget, method label) -> id -> row
-    for r in rows:
-        if r["method"] == "full":
-            continue
-        by[(r["budget"], r.get("label", r["method"]))][r["id"]] = r
+    for d in a.dirs:
+        path = os.path.join(d, "results.jsonl")
+        if not os.path.exists(path):
+            sys.exit(f"paired_bootstrap: {path} does not exist; give directories written by `kvdistill eval --out`")
+        for line in open(path):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r["method"] != "full":
+                by[(r["budget"], r.get("label", r["method"]))].setdefault(r["id"], r)
     rng = random.Random(a.seed)
     out = []
-    print(f"| budget | method | n | accuracy | Δacc vs {a.baseline} [95% CI] | hit rate | Δhit [95% CI] | beats on both |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| budget | method | n | accuracy | Δacc vs {a.baseline} [95% CI] | hit rate | Δhit [95% CI] | KL | ΔKL [95% CI] "
+          f"| peak KV MiB | beats on acc and hit |")
+    print("|---|---|---:|---:|---|---:|---|---:|---|---:|---|")
     for (budget, label), samples in sorted(by.items()):
         base = by.get((budget, a.baseline))
         if base is None or label == a.baseline:
@@ -41,7 +50,7 @@ def main():
         if not ids:
             continue
         res = {"budget": budget, "method": label, "baseline": a.baseline, "n": len(ids)}
-        for key in ("score", "hit_rate"):
+        for key in ("score", "hit_rate", "kl"):
             d = [samples[i][key] - base[i][key] for i in ids]
             means = []
             for _ in range(a.resamples):
@@ -52,13 +61,15 @@ def main():
             res[key] = sum(samples[i][key] for i in ids) / len(ids)
             res[key + "_diff"] = sum(d) / len(d)
             res[key + "_ci"] = [lo, hi]
+        res["peak_kv_bytes"] = sum(samples[i]["peak_kv_bytes"] for i in ids) / len(ids)
         res["beats"] = res["score_ci"][0] > 0 and res["hit_rate_ci"][0] > 0
         out.append(res)
         print(f"| {budget} | {label} | {res['n']} | {100 * res['score']:.1f} | {100 * res['score_diff']:+.1f} "
               f"[{100 * res['score_ci'][0]:+.1f}, {100 * res['score_ci'][1]:+.1f}] | {res['hit_rate']:.3f} | "
               f"{res['hit_rate_diff']:+.3f} [{res['hit_rate_ci'][0]:+.3f}, {res['hit_rate_ci'][1]:+.3f}] | "
-              f"{'yes' if res['beats'] else 'no'} |")
-    with open(os.path.join(a.dir, f"bootstrap_vs_{a.baseline}.json"), "w") as f:
+              f"{res['kl']:.4f} | {res['kl_diff']:+.4f} [{res['kl_ci'][0]:+.4f}, {res['kl_ci'][1]:+.4f}] | "
+              f"{res['peak_kv_bytes'] / 2**20:.2f} | {'yes' if res['beats'] else 'no'} |")
+    with open(os.path.join(a.dirs[0], f"bootstrap_vs_{a.baseline}.json"), "w") as f:
         json.dump(out, f, indent=1)
     return 0
 
