@@ -11,7 +11,9 @@
 #                                      and at ratios 0.5 / 0.75 / 0.875 next to SnapKV, AdaKV-SnapKV,
 #                                      DefensiveKV and StreamingLLM; three processes sharing the GPU, each
 #                                      resumable (re-running skips the results already written)
-#   bench/gpu_attngate.sh collect      metrics, results and logs into $OUT (the device's return folder)
+#   bench/gpu_attngate.sh eval-matched [S]  the heuristics at the mean kept fraction of each gate's flags
+#   bench/gpu_attngate.sh collect      metrics, results and logs into $OUT (the device's return folder, one
+#                                      tarball: a call returns only a few files)
 # Then, here: scripts/paired_bootstrap.py over the collected results (see docs/results/attngate-*).
 # Inputs (env): MODEL (default /root/model), DATA (default .devdata/ag: py-2k.h5 from `prepare text --seq-len
 # 2048 --val-fraction 0.02` over the Python docs, tasks-2k4k.jsonl from `prepare tasks --lengths 2048,4096
@@ -67,20 +69,34 @@ case "${1:-}" in
     tail -n 2 "$W"/eval-*.log
     wc -l "$W"/eval-*/results.jsonl
     ;;
+  eval-matched)
+    # The heuristics at the kept fraction each gate chose at its own flags (the mean over the samples of
+    # eval-flags), into eval-matched: the comparison "at the fraction the gate chooses".
+    limit=${2:-540}
+    ratios=$(python3 - "$W/eval-flags/results.jsonl" <<'PY'
+import json, sys
+kept = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["method"] != "full":
+        kept.setdefault(r["label"], []).append(r["kept_fraction"])
+print(",".join(sorted({f"{1 - sum(v) / len(v):.3f}" for v in kept.values()})))
+PY
+)
+    echo "ratios matching the gates' flags: $ratios"
+    timeout "$limit" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k.jsonl" --device cuda --batch 16 \
+      --ratios "$ratios" --out "$W/eval-matched" --methods "snapkv,adakv_snapkv,defensivekv,streaming_llm" \
+      > "$W/eval-matched.log" 2>&1 || true
+    tail -n 2 "$W/eval-matched.log"
+    ;;
   collect)
     out=${OUT:?OUT is the device call\'s return folder}
-    for d in ag05 ag025; do
-      mkdir -p "$out/$d"
-      cp "$W/$d/metrics.jsonl" "$W/train-$d.log" "$out/$d/" 2>/dev/null || true
-      [ -d "$W/$d/bundle" ] && cp -r "$W/$d/bundle" "$out/$d/"
-    done
-    for d in "$W"/eval-*/; do
-      n=$(basename "$d"); mkdir -p "$out/$n"; cp "$d"/*.json* "$out/$n/" 2>/dev/null || true
-      cp "$W/$n.log" "$out/$n/" 2>/dev/null || true
-    done
+    (cd "$W" && tar czf "$out/attngate-results.tgz" --ignore-failed-read ag*/metrics.jsonl ag*/bundle *.log \
+      eval-*/results.jsonl eval-*/run.json)
+    ls -la "$out"
     ;;
   *)
-    sed -n '2,19p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac
