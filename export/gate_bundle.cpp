@@ -9,6 +9,7 @@
 
 #include "common/error.h"
 #include "common/fs.h"
+#include "common/json_error.h"
 #include "gates/components.h"
 #include "models/model.h"
 #include "gates/component.h"
@@ -47,7 +48,24 @@ std::string bundle_tensor_name(const std::string& kind, const std::string& param
   return "kvdistill." + kind + "." + parameter_name;  // component-wide parameters (none for retention gates)
 }
 
-void save_gate_bundle(const std::string& final_dir, const Component& component, const BaseModelInfo& base) {
+BundleDType parse_bundle_dtype(const std::string& s) {
+  if (s == "f32" || s == "float32") return BundleDType::F32;
+  if (s == "bf16" || s == "bfloat16") return BundleDType::BF16;
+  if (s == "f16" || s == "float16") return BundleDType::F16;
+  KVD_FAIL("unknown bundle dtype '", s, "'; use f32, bf16 or f16");
+}
+
+const char* bundle_dtype_name(BundleDType d) {
+  switch (d) {
+    case BundleDType::F32: return "F32";
+    case BundleDType::BF16: return "BF16";
+    case BundleDType::F16: return "F16";
+  }
+  return "F32";
+}
+
+void save_gate_bundle(const std::string& final_dir, const Component& component, const BaseModelInfo& base,
+                      BundleDType dtype) {
   // Written whole into a temporary directory, then renamed into place: a reader never sees a bundle whose
   // tensors and manifest come from different saves, and a failed save (a full disk) leaves the old one.
   std::string d = final_dir;
@@ -63,22 +81,26 @@ void save_gate_bundle(const std::string& final_dir, const Component& component, 
     }
   } cleanup{dir};
   const std::string kind = component.kind();
-  std::vector<at::Tensor> hold;  // CPU float32 copies backing the TensorRefs
+  const c10::ScalarType st = dtype == BundleDType::BF16 ? torch::kBFloat16
+                            : dtype == BundleDType::F16  ? torch::kHalf
+                                                         : torch::kFloat;
+  const DType file_dtype = dtype_from_name(bundle_dtype_name(dtype), "save_gate_bundle");
+  std::vector<at::Tensor> hold;  // CPU copies in the bundle's dtype backing the TensorRefs
   std::vector<TensorRef> refs;
   std::vector<std::string> names;
   for (const auto& item : component.named_parameters()) {
-    at::Tensor t = item.value().detach().to(torch::kCPU, torch::kFloat).contiguous();
+    at::Tensor t = item.value().detach().to(torch::kCPU, torch::kFloat).to(st).contiguous();  // round to nearest
     hold.push_back(t);
     std::string name = bundle_tensor_name(kind, item.key());
     names.push_back(name);
-    refs.push_back(TensorRef{name, DType::F32, std::vector<int64_t>(t.sizes().begin(), t.sizes().end()), t.data_ptr()});
+    refs.push_back(TensorRef{name, file_dtype, std::vector<int64_t>(t.sizes().begin(), t.sizes().end()), t.data_ptr()});
   }
   write_safetensors(dir + "/" + kTensorFile, refs, {{"format", "pt"}, {"kvdistill_kind", kind}});
   nlohmann::json m = component.manifest();
   m["format_version"] = kGateBundleFormatVersion;
   m["kind"] = kind;
   m["base_model"] = {{"id", base.model_id}, {"config_sha256", base.config_sha256}};
-  m["dtype"] = "F32";
+  m["dtype"] = bundle_dtype_name(dtype);
   m["tensors"] = names;
   write_file_atomic(dir + "/" + kManifestFile, m.dump(2) + "\n");
   const std::string old = d + ".old." + std::to_string(::getpid());
@@ -107,6 +129,42 @@ void load_gate_bundle(const std::string& dir, Component& component, const BaseMo
     KVD_CHECK(t.sizes() == p.sizes(), f.path(), ": tensor '", name, "' has shape ", t.sizes(), ", expected ", p.sizes());
     p.copy_(t.to(p.device(), p.scalar_type()));
   }
+}
+
+nlohmann::json inspect_gate_bundle(const std::string& dir) {
+  const std::string mpath = dir + "/" + kManifestFile;
+  const nlohmann::json m = read_gate_manifest(dir);
+  nlohmann::json out;
+  with_json_context(mpath, "malformed manifest", [&] {
+    const int64_t version = m.at("format_version").get<int64_t>();
+    KVD_CHECK(version == kGateBundleFormatVersion, mpath, ": format_version ", version, ", this kvdistill reads ",
+              kGateBundleFormatVersion, "; export the bundle again with this kvdistill");
+    const std::string kind = m.at("kind").get<std::string>();
+    KVD_CHECK(find_component(kind) != nullptr, mpath, ": the bundle holds a '", kind,
+              "' component, which this kvdistill does not know");
+    m.at("base_model").at("id").get<std::string>();
+    m.at("base_model").at("config_sha256").get<std::string>();
+    const std::string dtype = m.at("dtype").get<std::string>();
+    KVD_CHECK(dtype == "F32" || dtype == "BF16" || dtype == "F16", mpath, ": dtype '", dtype,
+              "' is not a bundle dtype (F32, BF16, F16); the bundle is corrupt, export it again");
+    const std::vector<std::string> names = m.at("tensors").get<std::vector<std::string>>();
+    SafetensorsFile f(dir + "/" + kTensorFile);  // checks the header and every tensor's extent
+    KVD_CHECK(f.tensors().size() == names.size(), f.path(), ": holds ", f.tensors().size(), " tensors, the manifest ",
+              names.size(), "; the bundle is corrupt, export it again");
+    nlohmann::json tensors = nlohmann::json::array();
+    int64_t bytes = 0;
+    for (const std::string& name : names) {
+      const TensorView* v = f.find(name);
+      KVD_CHECK(v != nullptr, f.path(), ": tensor '", name, "' of the manifest is missing; the bundle is corrupt, "
+                "export it again");
+      KVD_CHECK(dtype_name(v->dtype) == dtype, f.path(), ": tensor '", name, "' is ", dtype_name(v->dtype),
+                ", the manifest says ", dtype, "; the bundle is corrupt, export it again");
+      tensors.push_back({{"name", name}, {"dtype", dtype_name(v->dtype)}, {"shape", v->shape}});
+      bytes += static_cast<int64_t>(v->nbytes);
+    }
+    out = {{"manifest", m}, {"tensors", tensors}, {"tensor_bytes", bytes}};
+  });
+  return out;
 }
 
 std::shared_ptr<Component> load_component(const std::string& dir, const Model& model, const BaseModelInfo& base) {

@@ -25,10 +25,23 @@ struct ModelConfig;
 // "model.layers.3.self_attn.retention_gate.w1.weight" for kind "retention_gate").
 std::string bundle_tensor_name(const std::string& kind, const std::string& parameter_name);
 
-// Writes <dir>/gates.safetensors and <dir>/kvdistill.json (creating dir; each file atomic). The manifest is
-// the component's manifest() plus format_version, kind, base_model {id, config_sha256}, dtype "F32" and
-// tensor names.
-void save_gate_bundle(const std::string& dir, const Component& component, const BaseModelInfo& base);
+// The dtype a bundle stores its tensors in (they load into float32 parameters whatever it is).
+enum class BundleDType { F32, BF16, F16 };
+// "f32" | "float32" | "bf16" | "bfloat16" | "f16" | "float16"; anything else is a kvd::Error listing these.
+BundleDType parse_bundle_dtype(const std::string& s);
+const char* bundle_dtype_name(BundleDType d);  // "F32", "BF16", "F16" (safetensors spelling)
+
+// Writes <dir>/gates.safetensors and <dir>/kvdistill.json, whole into a temporary directory renamed into place
+// (a failed save leaves the previous bundle). The manifest is the component's manifest() plus format_version,
+// kind, base_model {id, config_sha256}, dtype and tensor names.
+void save_gate_bundle(const std::string& dir, const Component& component, const BaseModelInfo& base,
+                      BundleDType dtype = BundleDType::F32);
+
+// Checks a bundle without its model: the manifest (format version, kind, base model, dtype, tensor list) and
+// the tensor file (a valid safetensors file holding exactly the manifest's tensors, in the manifest's dtype).
+// Returns {"manifest": ..., "tensors": [{"name", "dtype", "shape"}], "tensor_bytes": n}. A corrupt, truncated or
+// foreign bundle is a kvd::Error naming the file and what to do.
+nlohmann::json inspect_gate_bundle(const std::string& dir);
 
 // Loads a bundle into `component` (parameters copied in place, keeping their dtype and device). Throws
 // kvd::Error when the format version, component kind, base model config hash or dims differ (naming both

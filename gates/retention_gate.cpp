@@ -179,6 +179,7 @@ nlohmann::json RetentionGateImpl::manifest() const {
       {"output", "log_beta = log_sigmoid(w2 . silu(w1 . x + b1) + bias), per KV head"},
       {"score", "log_beta"},
       {"score_formula", "log_beta_i * (t + 1 - pos_i)"},
+      {"score_timing", "on_append"},
       {"higher_keeps", true},
       {"options", {{"budget", opt_.budget}, {"hidden", opt_.hidden}, {"bias_init", opt_.bias_init}}},
   };

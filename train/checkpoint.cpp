@@ -190,7 +190,7 @@ CheckpointMeta read_checkpoint_meta(const std::string& dir, const CheckpointIden
   return m;
 }
 
-void load_training_state(const std::string& dir, torch::nn::Module& module, torch::optim::Optimizer& optimizer) {
+void load_checkpoint_weights(const std::string& dir, torch::nn::Module& module) {
   SafetensorsFile f(dir + "/weights.safetensors");
   torch::NoGradGuard ng;
   auto params = module.named_parameters();
@@ -215,6 +215,11 @@ void load_training_state(const std::string& dir, torch::nn::Module& module, torc
       b.value().copy_(torch::from_blob(const_cast<uint8_t*>(v->data), v->shape, torch::kFloat64));
     }
   }
+}
+
+void load_training_state(const std::string& dir, torch::nn::Module& module, torch::optim::Optimizer& optimizer) {
+  load_checkpoint_weights(dir, module);
+  auto params = module.named_parameters();
   const c10::Device device = params.size() ? params[0].value().device() : c10::Device(c10::kCPU);
   torch::load(optimizer, dir + "/optimizer.pt", device);
   std::vector<at::Tensor> rng;

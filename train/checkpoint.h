@@ -67,7 +67,9 @@ std::string save_training_checkpoint(const std::string& root, const CheckpointMe
 // Reads state.json of `dir`, checking that it belongs to `expect` (component kind and model); throws a
 // message naming both and what to do otherwise.
 CheckpointMeta read_checkpoint_meta(const std::string& dir, const CheckpointIdentity& expect);
-// Loads parameters (by name, shapes checked), optimizer state and RNG states saved by
+// Loads the parameters (by name, shapes checked) and buffers saved by save_training_checkpoint into `module`.
+void load_checkpoint_weights(const std::string& dir, torch::nn::Module& module);
+// Loads parameters and buffers (load_checkpoint_weights), optimizer state and RNG states saved by
 // save_training_checkpoint.
 void load_training_state(const std::string& dir, torch::nn::Module& module, torch::optim::Optimizer& optimizer);
 
