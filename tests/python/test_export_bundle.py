@@ -13,19 +13,13 @@ from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file as load_torch
 
 from conftest import assert_clean_error, copy_model, run_kvd
-from train_helpers import prepare_data, train, weights, write_config
+from train_helpers import retention_run, weights
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_model, tmp_path_factory):
     """A 4-step retention-gate run with checkpoints at steps 2 and 4 and its final bundle."""
-    d = tmp_path_factory.mktemp("export_run")
-    data = prepare_data(tiny_model, d / "prose.h5")
-    out = d / "run"
-    r = train(write_config(d / "run.yaml", tiny_model, data, out, save_every=2))
-    assert r.returncode == 0, r.stderr
-    assert (out / "bundle" / "kvdistill.json").exists()
-    return out
+    return retention_run(tiny_model, tmp_path_factory.mktemp("export_run"))
 
 
 def bundle_name(param):

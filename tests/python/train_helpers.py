@@ -38,6 +38,17 @@ def write_config(path, model_dir, data, out_dir, **train):
     return path
 
 
+def retention_run(model_dir, d, **train_keys):
+    """A finished TRIM-KV run of the tiny model under directory d (4 steps, checkpoints every 2): returns its
+    train.out_dir, which holds bundle/ and checkpoints/."""
+    data = prepare_data(model_dir, Path(d) / "prose.h5")
+    out = Path(d) / "run"
+    r = train(write_config(Path(d) / "run.yaml", model_dir, data, out, **{"save_every": 2, **train_keys}))
+    assert r.returncode == 0, r.stderr
+    assert (out / "bundle" / "kvdistill.json").exists()
+    return out
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
