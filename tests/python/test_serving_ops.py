@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_kvd
+from hf_helpers import PROMPT, attention_inputs
 from train_helpers import retention_run
 
 torch = pytest.importorskip("torch")
@@ -29,9 +30,6 @@ from kvdistill_export import Bundle, BundleError, load_ops  # noqa: E402
 
 OPS = Path(__file__).resolve().parents[2] / "build" / "libkvdistill_ops.so"  # unless $KVD_OPS_LIB names it
 REL_TIE = 1e-4
-# ~170 tokens of varied text (the tiny model has 256 positions)
-PROMPT = " ".join(f"Parcel {1000 + 37 * i} left {['Lyon', 'Porto', 'Oslo', 'Quito', 'Accra'][i % 5]} at "
-                  f"{7 + i % 11}:{(13 * i) % 60:02d}." for i in range(14))
 
 
 @pytest.fixture(scope="module")
@@ -213,19 +211,6 @@ def test_bad_bundles(ops, run, tiny_model, tmp_path):
     with pytest.raises(BundleError, match="num_layers is 2 in the bundle"):
         with press(other):
             pass
-
-
-def attention_inputs(model, ids):
-    """Per layer, the attention input (after the input RMSNorm) of a prefill: [L] (T, D)."""
-    seen = {}
-    hooks = [layer.self_attn.register_forward_pre_hook(
-        lambda mod, args, kwargs, l=l: seen.__setitem__(l, kwargs["hidden_states"][0].detach().clone()),
-        with_kwargs=True) for l, layer in enumerate(model.model.layers)]
-    with torch.no_grad():
-        model(ids)
-    for h in hooks:
-        h.remove()
-    return [seen[l] for l in range(len(model.model.layers))]
 
 
 def test_trtllm_contract(ops, run, tiny_model, tmp_path):
