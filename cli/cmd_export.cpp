@@ -115,9 +115,7 @@ int run_export(const ExportArgs& a) {
   // Validate: the bundle as a reader sees it, loaded into a fresh component, against the source's weights.
   const nlohmann::json summary = inspect_gate_bundle(a.out);
   std::shared_ptr<Component> back = load_component(a.out, cfg, c10::Device(c10::kCPU), base);
-  const c10::ScalarType st = dtype == BundleDType::BF16 ? torch::kBFloat16
-                             : dtype == BundleDType::F16 ? torch::kHalf
-                                                         : torch::kFloat;
+  const c10::ScalarType st = bundle_scalar_type(dtype);
   double max_err = 0.0;
   const auto want = src->named_parameters();
   const auto got = back->named_parameters();

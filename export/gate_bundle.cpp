@@ -64,6 +64,10 @@ const char* bundle_dtype_name(BundleDType d) {
   return "F32";
 }
 
+c10::ScalarType bundle_scalar_type(BundleDType d) {
+  return d == BundleDType::BF16 ? torch::kBFloat16 : d == BundleDType::F16 ? torch::kHalf : torch::kFloat;
+}
+
 void save_gate_bundle(const std::string& final_dir, const Component& component, const BaseModelInfo& base,
                       BundleDType dtype) {
   // Written whole into a temporary directory, then renamed into place: a reader never sees a bundle whose
@@ -81,9 +85,7 @@ void save_gate_bundle(const std::string& final_dir, const Component& component, 
     }
   } cleanup{dir};
   const std::string kind = component.kind();
-  const c10::ScalarType st = dtype == BundleDType::BF16 ? torch::kBFloat16
-                            : dtype == BundleDType::F16  ? torch::kHalf
-                                                         : torch::kFloat;
+  const c10::ScalarType st = bundle_scalar_type(dtype);
   const DType file_dtype = dtype_from_name(bundle_dtype_name(dtype), "save_gate_bundle");
   std::vector<at::Tensor> hold;  // CPU copies in the bundle's dtype backing the TensorRefs
   std::vector<TensorRef> refs;

@@ -11,6 +11,7 @@
 #include <string>
 
 #include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 #include <nlohmann/json.hpp>
 
 #include "export/gate_manifest.h"
@@ -30,6 +31,7 @@ enum class BundleDType { F32, BF16, F16 };
 // "f32" | "float32" | "bf16" | "bfloat16" | "f16" | "float16"; anything else is a kvd::Error listing these.
 BundleDType parse_bundle_dtype(const std::string& s);
 const char* bundle_dtype_name(BundleDType d);  // "F32", "BF16", "F16" (safetensors spelling)
+c10::ScalarType bundle_scalar_type(BundleDType d);  // kFloat, kBFloat16, kHalf
 
 // Writes <dir>/gates.safetensors and <dir>/kvdistill.json, whole into a temporary directory renamed into place
 // (a failed save leaves the previous bundle). The manifest is the component's manifest() plus format_version,

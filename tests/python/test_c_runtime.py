@@ -9,7 +9,6 @@
 """
 import ctypes
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from conftest import KVD_BIN, run_kvd
 from hf_helpers import PROMPT, attention_inputs
-from train_helpers import retention_run
+from train_helpers import broken_bundle, retention_run, set_manifest_field, truncate_tensors
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -140,27 +139,13 @@ def test_c_api_errors(lib, run, tiny_model, tmp_path):
     lib.kvd_bundle_close(None)
 
     def broken(name, edit):
-        d = tmp_path / name
-        shutil.copytree(run / "bundle", d)
-        edit(d)
-        return d
+        return broken_bundle(run / "bundle", tmp_path / name, edit)
 
-    def set_field(key, value):
-        def edit(d):
-            m = json.loads((d / "kvdistill.json").read_text())
-            m[key] = value
-            (d / "kvdistill.json").write_text(json.dumps(m))
-        return edit
-
-    def truncate(d):
-        f = d / "gates.safetensors"
-        f.write_bytes(f.read_bytes()[:-9])
-
-    cases = [("truncated", truncate, "KVD_ERR_CORRUPT", "gates.safetensors"),
+    cases = [("truncated", truncate_tensors, "KVD_ERR_CORRUPT", "gates.safetensors"),
              ("json", lambda d: (d / "kvdistill.json").write_text("{"), "KVD_ERR_CORRUPT", "not valid JSON"),
-             ("v2", set_field("format_version", 2), "KVD_ERR_VERSION", "format_version 2"),
-             ("kind", set_field("kind", "attention_gate"), "KVD_ERR_UNSUPPORTED", "'attention_gate'"),
-             ("dims", set_field("hidden_size", 64), "KVD_ERR_CORRUPT", "shape")]
+             ("v2", set_manifest_field("format_version", 2), "KVD_ERR_VERSION", "format_version 2"),
+             ("kind", set_manifest_field("kind", "attention_gate"), "KVD_ERR_UNSUPPORTED", "'attention_gate'"),
+             ("dims", set_manifest_field("hidden_size", 64), "KVD_ERR_CORRUPT", "shape")]
     for name, edit, code, needle in cases:
         s, h, msg = opened(lib, broken(name, edit))
         assert STATUS[s] == code and needle in msg and not h.value, (name, STATUS.get(s), msg)

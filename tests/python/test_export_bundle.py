@@ -3,7 +3,6 @@ bundle and any kept checkpoint export to bundles whose tensors equal the source 
 the safetensors package); bf16 / f16 exports equal torch's round-to-nearest of the float32 weights; an exported
 bundle compresses a prompt; and a corrupt, truncated, newer-format or foreign bundle exits with one clear line."""
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file as load_torch
 
 from conftest import assert_clean_error, copy_model, run_kvd
-from train_helpers import retention_run, weights
+from train_helpers import broken_bundle, retention_run, set_manifest_field, truncate_tensors, weights
 
 
 @pytest.fixture(scope="module")
@@ -93,31 +92,15 @@ def test_inspect_bundle(trained):
 
 def test_bad_bundles_and_arguments(trained, tiny_model, tmp_path):
     def broken(name, edit):
-        d = tmp_path / name
-        shutil.copytree(trained / "bundle", d)
-        edit(d)
-        return d
+        return broken_bundle(trained / "bundle", tmp_path / name, edit)
 
-    # a truncated tensor file
-    def truncate(d):
-        f = d / "gates.safetensors"
-        f.write_bytes(f.read_bytes()[:-9])
-    assert_clean_error(run_kvd("inspect-bundle", broken("truncated", truncate)), "gates.safetensors")
-    # corrupt JSON
+    assert_clean_error(run_kvd("inspect-bundle", broken("truncated", truncate_tensors)), "gates.safetensors")
     assert_clean_error(run_kvd("inspect-bundle", broken("json", lambda d: (d / "kvdistill.json").write_text("{\"kind"))),
                        "kvdistill.json", "export it again")
-    # a newer format
-    def newer(d):
-        m = manifest(d)
-        m["format_version"] = 2
-        (d / "kvdistill.json").write_text(json.dumps(m))
-    assert_clean_error(run_kvd("inspect-bundle", broken("v2", newer)), "format_version 2", "reads 1")
+    assert_clean_error(run_kvd("inspect-bundle", broken("v2", set_manifest_field("format_version", 2))),
+                       "format_version 2", "reads 1")
     # the manifest says bf16, the file holds f32
-    def wrong_dtype(d):
-        m = manifest(d)
-        m["dtype"] = "BF16"
-        (d / "kvdistill.json").write_text(json.dumps(m))
-    assert_clean_error(run_kvd("inspect-bundle", broken("dtype", wrong_dtype)), "F32", "BF16")
+    assert_clean_error(run_kvd("inspect-bundle", broken("dtype", set_manifest_field("dtype", "BF16"))), "F32", "BF16")
     # a bundle for another model (one more layer)
     other = copy_model(tiny_model, tmp_path / "other_model")
     cfg = json.loads((other / "config.json").read_text())

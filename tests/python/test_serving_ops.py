@@ -10,7 +10,6 @@
   newer-format, other-kind and other-model bundles raise BundleError.
 """
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from conftest import run_kvd
 from hf_helpers import PROMPT, attention_inputs
-from train_helpers import retention_run
+from train_helpers import broken_bundle, retention_run, set_manifest_field, truncate_tensors
 
 torch = pytest.importorskip("torch")
 kvpress = pytest.importorskip("kvpress")
@@ -176,32 +175,18 @@ def test_bad_bundles(ops, run, tiny_model, tmp_path):
     from kvdistill_export.kvpress_press import KVDistillPress
 
     def broken(name, edit):
-        d = tmp_path / name
-        shutil.copytree(run / "bundle", d)
-        edit(d)
-        return d
-
-    def set_field(key, value):
-        def edit(d):
-            m = json.loads((d / "kvdistill.json").read_text())
-            m[key] = value
-            (d / "kvdistill.json").write_text(json.dumps(m))
-        return edit
-
-    def truncate(d):
-        f = d / "gates.safetensors"
-        f.write_bytes(f.read_bytes()[:-9])
+        return broken_bundle(run / "bundle", tmp_path / name, edit)
 
     with pytest.raises(BundleError, match="corrupt"):
-        Bundle(broken("truncated", truncate))
+        Bundle(broken("truncated", truncate_tensors))
     with pytest.raises(BundleError, match="not valid JSON"):
         Bundle(broken("json", lambda d: (d / "kvdistill.json").write_text("{")))
     with pytest.raises(BundleError, match="format_version 2, this reader reads 1"):
-        Bundle(broken("v2", set_field("format_version", 2)))
+        Bundle(broken("v2", set_manifest_field("format_version", 2)))
     with pytest.raises(BundleError, match="BF16"):
-        Bundle(broken("dtype", set_field("dtype", "BF16")))
+        Bundle(broken("dtype", set_manifest_field("dtype", "BF16")))
     with pytest.raises(BundleError, match="'attention_gate' bundle"):
-        KVDistillPress(bundle=broken("kind", set_field("kind", "attention_gate")), compression_ratio=0.5)
+        KVDistillPress(bundle=broken("kind", set_manifest_field("kind", "attention_gate")), compression_ratio=0.5)
     # another model: one layer more than the bundle was trained for
     from transformers import AutoConfig, AutoModelForCausalLM
     cfg = AutoConfig.from_pretrained(tiny_model)

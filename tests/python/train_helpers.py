@@ -1,6 +1,8 @@
 """Helpers shared by the `kvdistill train` pytest files: a tiny packed dataset for the conftest tiny model,
 run configs, launching (single, 2 Gloo ranks), and reading trained weights back with safetensors."""
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +49,28 @@ def retention_run(model_dir, d, **train_keys):
     assert r.returncode == 0, r.stderr
     assert (out / "bundle" / "kvdistill.json").exists()
     return out
+
+
+def broken_bundle(src, dst, edit):
+    """A copy of bundle directory src at dst, changed by edit(dst): for the bad-input tests."""
+    shutil.copytree(src, dst)
+    edit(Path(dst))
+    return Path(dst)
+
+
+def set_manifest_field(key, value):
+    """An edit for broken_bundle: kvdistill.json's `key` set to `value`."""
+    def edit(d):
+        m = json.loads((d / "kvdistill.json").read_text())
+        m[key] = value
+        (d / "kvdistill.json").write_text(json.dumps(m))
+    return edit
+
+
+def truncate_tensors(d):
+    """An edit for broken_bundle: gates.safetensors loses its last 9 bytes."""
+    f = d / "gates.safetensors"
+    f.write_bytes(f.read_bytes()[:-9])
 
 
 def free_port():
