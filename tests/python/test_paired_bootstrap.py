@@ -1,0 +1,59 @@
+"""scripts/paired_bootstrap.py on hand-made eval directories: the paired differences and their means are the
+hand-derived ones, the 95% interval contains the mean and excludes 0 exactly when the difference is clear, shards
+are read as one (the first record of a method / budget / sample wins), and a missing directory is one clear
+error."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "paired_bootstrap.py"
+
+
+def record(method, budget, sid, score, hit, kl, peak):
+    return {"method": method, "label": method, "budget": budget, "id": sid, "score": score, "hit_rate": hit,
+            "kl": kl, "peak_kv_bytes": peak}
+
+
+def write(d, rows):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_paired_differences_and_shards(tmp_path):
+    n = 40
+    base, good, same = [], [], []
+    for i in range(n):
+        sid = f"s{i}"
+        base.append(record("snapkv", "ratio=0.5", sid, float(i % 2), 0.5, 0.30, 2 ** 20))
+        # always at least as good: +1 on the samples snapkv fails, hit +0.1, KL lower by 0.05
+        good.append(record("gate", "ratio=0.5", sid, 1.0, 0.6, 0.25, 2 ** 21))
+        # the same score as snapkv on half the samples, swapped on the other half: mean difference 0
+        same.append(record("coin", "ratio=0.5", sid, float((i // 2) % 2), 0.5, 0.30, 2 ** 20))
+    a = write(tmp_path / "a", base + good + [record("full", "none", f"s{i}", 1, 1, 0, 3) for i in range(n)])
+    # the second shard repeats the gate on s0 with another score: the first record must win
+    b = write(tmp_path / "b", same + [record("gate", "ratio=0.5", "s0", 0.0, 0.0, 9.0, 1)])
+    r = run(a, b, "--baseline", "snapkv", "--resamples", 500)
+    assert r.returncode == 0, r.stderr
+    res = {x["method"]: x for x in json.loads((a / "bootstrap_vs_snapkv.json").read_text())}
+    assert set(res) == {"gate", "coin"}
+    g = res["gate"]
+    assert g["n"] == n
+    assert abs(g["score_diff"] - 0.5) < 1e-12 and abs(g["hit_rate_diff"] - 0.1) < 1e-12
+    assert abs(g["kl_diff"] + 0.05) < 1e-12 and g["peak_kv_bytes"] == 2 ** 21
+    assert g["score_ci"][0] > 0 and g["score_ci"][0] <= 0.5 <= g["score_ci"][1] and g["beats"]
+    c = res["coin"]
+    assert abs(c["score_diff"]) < 1e-12 and c["score_ci"][0] < 0 < c["score_ci"][1] and not c["beats"]
+    assert "| ratio=0.5 | gate | 40 |" in r.stdout
+
+
+def test_missing_directory(tmp_path):
+    r = run(tmp_path / "nope")
+    assert r.returncode != 0
+    assert "does not exist" in r.stderr and "kvdistill eval --out" in r.stderr
