@@ -20,10 +20,17 @@
 //       cache[b, h, indices[h, offsets[b]:offsets[b+1]]] move to the front, in order, rows [keep, n) are left
 //       as they were. Returns the cache; its first `keep` rows per head are the compacted cache.
 // Every check failure raises RuntimeError (c10::Error) naming the argument and what was expected.
+//
+// With KVD_OPS_CUDA, CUDA tensors go to the fused kernels of kernels/kv_select.cuh (select, compact, and score
+// where positions is (n)); the ATen code above serves the CPU and the remaining cases.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
 #include <tuple>
+
+#ifdef KVD_OPS_CUDA
+#include "kernels/kv_select.h"
+#endif
 
 namespace {
 
@@ -39,8 +46,8 @@ void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name) 
               ref.device(), "; move every tensor to one device");
 }
 
-at::Tensor score_op(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                 const at::Tensor& bias, const at::Tensor& positions, int64_t next_position) {
+void check_score(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                 const at::Tensor& bias, const at::Tensor& positions) {
   TORCH_CHECK(hidden.dim() == 3, "kvdistill::score: hidden must be (B, n, D), got ", hidden.sizes());
   check_float(hidden, "hidden", true);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{w1, "w1"}, {b1, "b1"}, {w2, "w2"},
@@ -62,6 +69,11 @@ at::Tensor score_op(const at::Tensor& hidden, const at::Tensor& w1, const at::Te
   TORCH_CHECK((positions.dim() == 1 && positions.size(0) == n) ||
                   (positions.dim() == 3 && positions.sizes() == at::IntArrayRef({B, H, n})),
               "kvdistill::score: positions must be (", n, ") or (", B, ", ", H, ", ", n, "), got ", positions.sizes());
+}
+
+at::Tensor score_op(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                    const at::Tensor& bias, const at::Tensor& positions, int64_t next_position) {
+  check_score(hidden, w1, b1, w2, bias, positions);
   at::Tensor x = hidden.to(at::kFloat);                                        // (B, n, D)
   at::Tensor z = at::linear(at::silu(at::linear(x, w1, b1)), w2) + bias;      // (B, n, H)
   at::Tensor log_beta = at::log_sigmoid(z).transpose(1, 2);                    // (B, H, n)
@@ -69,21 +81,30 @@ at::Tensor score_op(const at::Tensor& hidden, const at::Tensor& w1, const at::Te
   return (log_beta * age).contiguous();                                        // (B, H, n)
 }
 
-std::tuple<at::Tensor, at::Tensor> select_op(const at::Tensor& scores, int64_t keep) {
+void check_select(const at::Tensor& scores, int64_t keep) {
   TORCH_CHECK(scores.dim() == 3, "kvdistill::select: scores must be (B, H_kv, n), got ", scores.sizes());
-  const int64_t B = scores.size(0), H = scores.size(1), n = scores.size(2);
+  const int64_t n = scores.size(2);
   TORCH_CHECK(keep >= 1 && keep <= n, "kvdistill::select: keep must lie in [1, n = ", n, "], got ", keep);
   TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "kvdistill::select: scores must be floating point, got ",
               scores.scalar_type());
+}
+
+at::Tensor trtllm_offsets(int64_t B, int64_t keep, const at::TensorOptions& opt) {
+  return (at::arange(B + 1, opt.dtype(at::kLong)) * keep).to(at::kInt);  // (B + 1)
+}
+
+std::tuple<at::Tensor, at::Tensor> select_op(const at::Tensor& scores, int64_t keep) {
+  check_select(scores, keep);
+  const int64_t B = scores.size(0), H = scores.size(1);
   // Stable descending sort: among equal scores the lower position comes first.
   at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));  // (B, H, n)
   at::Tensor kept = std::get<0>(order.narrow(-1, 0, keep).sort(-1));                              // (B, H, keep)
   at::Tensor indices = kept.permute({1, 0, 2}).reshape({H, B * keep}).to(at::kInt).contiguous();  // (H, B·keep)
-  at::Tensor offsets = (at::arange(B + 1, scores.options().dtype(at::kLong)) * keep).to(at::kInt);  // (B + 1)
-  return {indices, offsets};
+  return {indices, trtllm_offsets(B, keep, scores.options())};
 }
 
-at::Tensor compact_op(at::Tensor cache, const at::Tensor& indices, const at::Tensor& offsets) {
+// The checks of compact; returns keep (rows kept per request and head).
+int64_t check_compact(const at::Tensor& cache, const at::Tensor& indices, const at::Tensor& offsets) {
   TORCH_CHECK(cache.dim() == 4, "kvdistill::compact: cache must be (B, H_kv, n, d), got ", cache.sizes());
   const int64_t B = cache.size(0), H = cache.size(1), n = cache.size(2);
   TORCH_CHECK(indices.scalar_type() == at::kInt && offsets.scalar_type() == at::kInt,
@@ -98,9 +119,14 @@ at::Tensor compact_op(at::Tensor cache, const at::Tensor& indices, const at::Ten
   TORCH_CHECK(indices.size(1) % std::max<int64_t>(B, 1) == 0, "kvdistill::compact: indices' ", indices.size(1),
               " columns are not B = ", B, " equal blocks");
   const int64_t keep = B ? indices.size(1) / B : 0;
-  at::Tensor expect = (at::arange(B + 1, offsets.options().dtype(at::kLong)) * keep).to(at::kInt);
-  TORCH_CHECK(at::equal(offsets, expect), "kvdistill::compact: offsets must be b · keep (equal counts per request)");
+  TORCH_CHECK(at::equal(offsets, trtllm_offsets(B, keep, offsets.options())), "kvdistill::compact: offsets must be b · keep (equal counts per request)");
   TORCH_CHECK(keep <= n, "kvdistill::compact: keep ", keep, " exceeds the cache's ", n, " rows");
+  return keep;
+}
+
+at::Tensor compact_op(at::Tensor cache, const at::Tensor& indices, const at::Tensor& offsets) {
+  const int64_t keep = check_compact(cache, indices, offsets);
+  const int64_t B = cache.size(0), H = cache.size(1), n = cache.size(2);
   if (keep == 0 || B == 0) return cache;
   at::Tensor idx = indices.reshape({H, B, keep}).permute({1, 0, 2}).to(at::kLong);  // (B, H, keep)
   TORCH_CHECK(idx.min().item<int64_t>() >= 0 && idx.max().item<int64_t>() < n,
@@ -109,6 +135,39 @@ at::Tensor compact_op(at::Tensor cache, const at::Tensor& indices, const at::Ten
   cache.narrow(2, 0, keep).copy_(rows);
   return cache;
 }
+
+#ifdef KVD_OPS_CUDA
+// CUDA: the fused kernels. Same checks, same results (selection ties and order are the kernels' documented rule,
+// which is the ATen path's stable sort).
+std::tuple<at::Tensor, at::Tensor> select_cuda(const at::Tensor& scores, int64_t keep) {
+  check_select(scores, keep);
+  const int64_t B = scores.size(0), H = scores.size(1);
+  kvd::RowSelectSpec spec;
+  spec.keep = keep;
+  const kvd::RowSelection sel = kvd::select_rows_fused(scores.to(at::kFloat), spec);   // (B, H, keep)
+  at::Tensor indices = sel.indices.permute({1, 0, 2}).reshape({H, B * keep}).contiguous();  // (H, B·keep)
+  return {indices, trtllm_offsets(B, keep, scores.options())};
+}
+
+at::Tensor compact_cuda(at::Tensor cache, const at::Tensor& indices, const at::Tensor& offsets) {
+  const int64_t keep = check_compact(cache, indices, offsets);
+  const int64_t B = cache.size(0), H = cache.size(1);
+  if (keep == 0 || B == 0) return cache;
+  if (!cache.is_contiguous()) return compact_op(cache, indices, offsets);
+  kvd::RowSelection sel{indices.reshape({H, B, keep}).permute({1, 0, 2}).contiguous(),  // (B, H, keep)
+                        at::full({B, H}, keep, cache.options().dtype(at::kInt))};
+  kvd::compact_rows_fused(cache, sel);
+  return cache;
+}
+
+at::Tensor score_cuda(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& bias, const at::Tensor& positions, int64_t next_position) {
+  check_score(hidden, w1, b1, w2, bias, positions);
+  if (positions.dim() != 1 || w1.size(0) > 1024)  // per-head positions or a gate wider than the kernel's: ATen
+    return score_op(hidden, w1, b1, w2, bias, positions, next_position);
+  return kvd::retention_score_fused(hidden, w1, b1, w2, bias, positions, next_position);
+}
+#endif
 
 }  // namespace
 
@@ -123,3 +182,11 @@ TORCH_LIBRARY_IMPL(kvdistill, CompositeExplicitAutograd, m) {
   m.impl("select", TORCH_FN(select_op));
   m.impl("compact", TORCH_FN(compact_op));
 }
+
+#ifdef KVD_OPS_CUDA
+TORCH_LIBRARY_IMPL(kvdistill, CUDA, m) {
+  m.impl("score", TORCH_FN(score_cuda));
+  m.impl("select", TORCH_FN(select_cuda));
+  m.impl("compact", TORCH_FN(compact_cuda));
+}
+#endif

@@ -1,7 +1,7 @@
 /* kvdistill runtime: a C ABI to use kvdistill gate bundles (docs/bundle.md) in a serving engine written in C or
  * C++, without LibTorch. libkvdistill_runtime.so loads a bundle, scores new tokens from their hidden states,
  * selects the entries to keep per KV head (TensorRT-LLM's layout) and compacts a flat or paged KV cache in
- * place. Everything runs on the CPU, on caller-owned memory.
+ * place, on the CPU or (the kvd_cuda_ functions) on a CUDA device, always on caller-owned memory.
  *
  * Conventions:
  * - Every function returns a kvd_status; KVD_OK is 0. On failure, kvd_last_error() returns a message for the
@@ -95,6 +95,35 @@ KVD_API kvd_status kvd_compact_flat(void* cache, int32_t num_kv_heads, int64_t n
 KVD_API kvd_status kvd_compact_paged(void* pool, int64_t num_pool_blocks, const int32_t* block_table, int64_t n,
                                      int32_t num_kv_heads, int32_t tokens_per_block, int64_t row_bytes,
                                      const int32_t* indices, int64_t keep);
+
+/* ---- CUDA ------------------------------------------------------------------------------------------------------
+ * The same operations on device memory, queued on `stream` (a cudaStream_t; NULL: the legacy default stream). They
+ * return once the work is queued; a kernel's own failure surfaces at the caller's next synchronization. Pointers
+ * must be device or managed memory: host memory returns KVD_ERR_INVALID_ARGUMENT. A runtime built without CUDA,
+ * or a machine without a device, returns KVD_ERR_UNSUPPORTED (kvd_cuda_available() says which holds). Selection
+ * breaks ties as kvd_select_topk does; indices passed to the compactions are not checked on the device: an index
+ * outside [0, n) or out of order is skipped (no memory outside the cache is touched), so pass
+ * kvd_cuda_select_topk's output. */
+KVD_API int32_t kvd_cuda_available(void); /* 1 when built with CUDA and a device is visible */
+
+/* hidden (batch, n, hidden_size) in `dtype`; positions (batch, n) int64 or NULL; out (batch, num_kv_heads, n)
+ * float32: log beta when positions is NULL, else log_beta * (next_position + 1 - position). The bundle's weights
+ * are copied to the current device at the first call (kept until kvd_bundle_close). */
+KVD_API kvd_status kvd_cuda_score(const kvd_bundle* bundle, int32_t layer, const void* hidden, kvd_dtype dtype,
+                                  int32_t batch, int64_t n, const int64_t* positions, int64_t next_position, float* out,
+                                  void* stream);
+/* scores (batch, num_kv_heads, n) float32 -> indices (num_kv_heads, batch * keep) int32: TensorRT-LLM's
+ * sparse_kv_indices, request b in columns [b * keep, (b + 1) * keep), ascending. */
+KVD_API kvd_status kvd_cuda_select_topk(const float* scores, int32_t batch, int32_t num_kv_heads, int64_t n,
+                                        int64_t keep, int32_t* indices, void* stream);
+/* In place: cache (batch, num_kv_heads, n, row_bytes); indices as kvd_cuda_select_topk writes them. */
+KVD_API kvd_status kvd_cuda_compact_flat(void* cache, int32_t batch, int32_t num_kv_heads, int64_t n, int64_t row_bytes,
+                                         const int32_t* indices, int64_t keep, void* stream);
+/* In place: kvd_compact_paged's pool layout; block_tables (batch, max_blocks) int32, request b's tokens in the
+ * blocks of row b. */
+KVD_API kvd_status kvd_cuda_compact_paged(void* pool, const int32_t* block_tables, int64_t max_blocks, int32_t batch,
+                                          int64_t n, int32_t num_kv_heads, int32_t tokens_per_block, int64_t row_bytes,
+                                          const int32_t* indices, int64_t keep, void* stream);
 
 #ifdef __cplusplus
 }

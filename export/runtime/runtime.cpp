@@ -1,6 +1,7 @@
 // libkvdistill_runtime.so: the C ABI of export/runtime/kvdistill.h. Plain C++ on the CPU; it links the safetensors
-// reader and nlohmann/json only (no LibTorch). Every entry point catches everything and turns it into a status
-// and a thread-local message.
+// reader and nlohmann/json, and with KVD_RUNTIME_CUDA the framework-free launchers of kernels/kv_select.cuh and the
+// CUDA runtime (no LibTorch). Every entry point catches everything and turns it into a status and a thread-local
+// message.
 #include "export/runtime/kvdistill.h"
 
 #include <algorithm>
@@ -16,7 +17,14 @@
 #include <string>
 #include <vector>
 
+#include <map>
+#include <mutex>
+
 #include <nlohmann/json.hpp>
+
+#ifdef KVD_RUNTIME_CUDA
+#include "kernels/kv_select.cuh"
+#endif
 
 #include "models/safetensors.h"
 
@@ -94,6 +102,20 @@ struct kvd_bundle {
   std::string dir;
   kvd_bundle_info info{};
   std::vector<Layer> layers;
+#ifdef KVD_RUNTIME_CUDA
+  // Per CUDA device: every layer's (W1ᵀ, b1, W2, bias) in one allocation, uploaded at the first kvd_cuda_score.
+  mutable std::mutex device_mutex;
+  mutable std::map<int, float*> device_weights;
+  ~kvd_bundle() {
+    for (auto& [dev, ptr] : device_weights) {
+      int cur = 0;
+      if (cudaGetDevice(&cur) == cudaSuccess && cudaSetDevice(dev) == cudaSuccess) {
+        cudaFree(ptr);
+        cudaSetDevice(cur);
+      }
+    }
+  }
+#endif
 };
 
 namespace {
@@ -363,4 +385,198 @@ kvd_status kvd_compact_paged(void* pool, int64_t num_pool_blocks, const int32_t*
   });
 }
 
+#ifdef KVD_RUNTIME_CUDA
 }  // extern "C"
+
+namespace {
+
+void cuda_ok(cudaError_t e, const char* who) {
+  if (e != cudaSuccess) fail(KVD_ERR_INTERNAL, who, ": CUDA error ", cudaGetErrorString(e));
+}
+
+bool device_count_positive() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+// KVD_ERR_UNSUPPORTED without a device; KVD_ERR_INVALID_ARGUMENT for NULL or host memory.
+void need_device_memory(const void* p, const char* who, const char* name) {
+  if (!device_count_positive()) fail(KVD_ERR_UNSUPPORTED, who, ": no CUDA device is visible; use the CPU functions");
+  if (!p) fail(KVD_ERR_INVALID_ARGUMENT, who, ": ", name, " must not be NULL");
+  cudaPointerAttributes attr{};
+  const cudaError_t e = cudaPointerGetAttributes(&attr, p);
+  if (e != cudaSuccess || attr.type == cudaMemoryTypeUnregistered) {
+    cudaGetLastError();  // clear the query's error state
+    fail(KVD_ERR_INVALID_ARGUMENT, who, ": ", name, " is host memory; pass device memory (cudaMalloc), or use the CPU "
+         "function");
+  }
+}
+
+const float* device_weights(const kvd_bundle& b) {
+  int dev = 0;
+  cuda_ok(cudaGetDevice(&dev), "kvd_cuda_score");
+  std::lock_guard<std::mutex> lock(b.device_mutex);
+  auto it = b.device_weights.find(dev);
+  if (it != b.device_weights.end()) return it->second;
+  const int64_t D = b.info.hidden_size, G = b.info.gate_hidden, H = b.info.num_kv_heads;
+  const int64_t per_layer = D * G + G + H * G + H;
+  std::vector<float> host(static_cast<size_t>(per_layer * b.info.num_layers));
+  for (size_t l = 0; l < b.layers.size(); ++l) {
+    float* p = host.data() + l * per_layer;
+    const Layer& L = b.layers[l];
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) p[d * G + g] = L.w1[static_cast<size_t>(g * D + d)];  // W1ᵀ (D, G)
+    std::copy(L.b1.begin(), L.b1.end(), p + D * G);
+    std::copy(L.w2.begin(), L.w2.end(), p + D * G + G);
+    std::copy(L.bias.begin(), L.bias.end(), p + D * G + G + H * G);
+  }
+  float* ptr = nullptr;
+  cuda_ok(cudaMalloc(&ptr, host.size() * sizeof(float)), "kvd_cuda_score (weights)");
+  const cudaError_t e = cudaMemcpy(ptr, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice);
+  if (e != cudaSuccess) {
+    cudaFree(ptr);
+    cuda_ok(e, "kvd_cuda_score (weights)");
+  }
+  b.device_weights[dev] = ptr;
+  return ptr;
+}
+
+void check_select_dims(const char* who, int32_t batch, int32_t num_kv_heads, int64_t n, int64_t keep) {
+  need(batch > 0 && num_kv_heads > 0, "batch and num_kv_heads must be > 0");
+  if (keep < 1 || keep > n) fail(KVD_ERR_INVALID_ARGUMENT, who, ": keep must lie in [1, n = ", n, "], got ", keep);
+  if (n > INT32_MAX) fail(KVD_ERR_INVALID_ARGUMENT, who, ": n = ", n, " does not fit int32 indices");
+}
+
+}  // namespace
+
+extern "C" {
+
+int32_t kvd_cuda_available(void) { return device_count_positive() ? 1 : 0; }
+
+kvd_status kvd_cuda_score(const kvd_bundle* bundle, int32_t layer, const void* hidden, kvd_dtype dtype, int32_t batch,
+                          int64_t n, const int64_t* positions, int64_t next_position, float* out, void* stream) {
+  return guarded([&] {
+    need(bundle != nullptr, "kvd_cuda_score: bundle must not be NULL");
+    if (dtype != KVD_DTYPE_F32 && dtype != KVD_DTYPE_BF16 && dtype != KVD_DTYPE_F16)
+      fail(KVD_ERR_DTYPE, "kvd_cuda_score: dtype ", static_cast<int>(dtype),
+           " is not KVD_DTYPE_F32, KVD_DTYPE_BF16 or KVD_DTYPE_F16");
+    if (layer < 0 || layer >= bundle->info.num_layers)
+      fail(KVD_ERR_INVALID_ARGUMENT, "kvd_cuda_score: layer ", layer, " outside [0, ", bundle->info.num_layers, ")");
+    need(batch >= 0 && n >= 0, "kvd_cuda_score: batch and n must be >= 0");
+    if (bundle->info.gate_hidden > kvd::kernels::kMaxGateWidth)
+      fail(KVD_ERR_UNSUPPORTED, "kvd_cuda_score: gate width ", bundle->info.gate_hidden, " exceeds the kernel's ",
+           kvd::kernels::kMaxGateWidth, "; use kvd_score_log_beta");
+    need_device_memory(hidden, "kvd_cuda_score", "hidden");
+    need_device_memory(out, "kvd_cuda_score", "out");
+    if (positions) need_device_memory(positions, "kvd_cuda_score", "positions");
+    const int64_t D = bundle->info.hidden_size, G = bundle->info.gate_hidden, H = bundle->info.num_kv_heads;
+    const float* w = device_weights(*bundle) + layer * (D * G + G + H * G + H);
+    kvd::kernels::RetentionGateDevice g;
+    g.w1t = w;
+    g.b1 = w + D * G;
+    g.w2 = w + D * G + G;
+    g.bias = w + D * G + G + H * G;
+    g.D = static_cast<int>(D), g.G = static_cast<int>(G), g.H = static_cast<int>(H);
+    const auto dt = dtype == KVD_DTYPE_F32 ? kvd::kernels::RowDType::F32
+                    : dtype == KVD_DTYPE_BF16 ? kvd::kernels::RowDType::BF16 : kvd::kernels::RowDType::F16;
+    cuda_ok(kvd::kernels::retention_score(hidden, dt, batch, n, g, positions, n, next_position, out,
+                                          static_cast<cudaStream_t>(stream)),
+            "kvd_cuda_score");
+  });
+}
+
+kvd_status kvd_cuda_select_topk(const float* scores, int32_t batch, int32_t num_kv_heads, int64_t n, int64_t keep,
+                                int32_t* indices, void* stream) {
+  return guarded([&] {
+    need_device_memory(scores, "kvd_cuda_select_topk", "scores");
+    need_device_memory(indices, "kvd_cuda_select_topk", "indices");
+    check_select_dims("kvd_cuda_select_topk", batch, num_kv_heads, n, keep);
+    kvd::kernels::SelectArgs a;
+    a.scores = scores;
+    a.score_stride = n;
+    a.num_segments = batch * num_kv_heads;
+    a.heads = num_kv_heads;
+    a.n = n;
+    a.keep = keep;
+    a.indices = indices;
+    a.out_b_stride = keep;                       // TensorRT-LLM: (H, batch · keep)
+    a.out_h_stride = static_cast<int64_t>(batch) * keep;
+    cuda_ok(kvd::kernels::select_rows(a, static_cast<cudaStream_t>(stream)), "kvd_cuda_select_topk");
+  });
+}
+
+kvd_status kvd_cuda_compact_flat(void* cache, int32_t batch, int32_t num_kv_heads, int64_t n, int64_t row_bytes,
+                                 const int32_t* indices, int64_t keep, void* stream) {
+  return guarded([&] {
+    need_device_memory(cache, "kvd_cuda_compact_flat", "cache");
+    need_device_memory(indices, "kvd_cuda_compact_flat", "indices");
+    check_select_dims("kvd_cuda_compact_flat", batch, num_kv_heads, n, keep);
+    need(row_bytes > 0, "kvd_cuda_compact_flat: row_bytes must be > 0");
+    kvd::kernels::CompactArgs a;
+    a.base = cache;
+    a.row_bytes = row_bytes;
+    a.segment_rows = n;
+    a.num_segments = batch * num_kv_heads;
+    a.heads = num_kv_heads;
+    a.n = n;
+    a.indices = indices;
+    a.idx_b_stride = keep;
+    a.idx_h_stride = static_cast<int64_t>(batch) * keep;
+    a.keep = keep;
+    cuda_ok(kvd::kernels::compact_rows(a, static_cast<cudaStream_t>(stream)), "kvd_cuda_compact_flat");
+  });
+}
+
+kvd_status kvd_cuda_compact_paged(void* pool, const int32_t* block_tables, int64_t max_blocks, int32_t batch, int64_t n,
+                                  int32_t num_kv_heads, int32_t tokens_per_block, int64_t row_bytes,
+                                  const int32_t* indices, int64_t keep, void* stream) {
+  return guarded([&] {
+    need_device_memory(pool, "kvd_cuda_compact_paged", "pool");
+    need_device_memory(block_tables, "kvd_cuda_compact_paged", "block_tables");
+    need_device_memory(indices, "kvd_cuda_compact_paged", "indices");
+    check_select_dims("kvd_cuda_compact_paged", batch, num_kv_heads, n, keep);
+    need(tokens_per_block > 0 && row_bytes > 0, "kvd_cuda_compact_paged: tokens_per_block and row_bytes must be > 0");
+    if (max_blocks * tokens_per_block < n)
+      fail(KVD_ERR_INVALID_ARGUMENT, "kvd_cuda_compact_paged: ", max_blocks, " blocks of ", tokens_per_block,
+           " tokens cannot hold n = ", n);
+    kvd::kernels::CompactArgs a;
+    a.base = pool;
+    a.row_bytes = row_bytes;
+    a.num_segments = batch * num_kv_heads;
+    a.heads = num_kv_heads;
+    a.n = n;
+    a.block_table = block_tables;
+    a.block_table_stride = max_blocks;
+    a.tokens_per_block = tokens_per_block;
+    a.indices = indices;
+    a.idx_b_stride = keep;
+    a.idx_h_stride = static_cast<int64_t>(batch) * keep;
+    a.keep = keep;
+    cuda_ok(kvd::kernels::compact_rows(a, static_cast<cudaStream_t>(stream)), "kvd_cuda_compact_paged");
+  });
+}
+
+}  // extern "C"
+#else
+int32_t kvd_cuda_available(void) { return 0; }
+
+#define KVD_NO_CUDA(name)                                                                                       \
+  guarded([] { fail(KVD_ERR_UNSUPPORTED, name ": this runtime was built without CUDA; use the CPU functions"); })
+kvd_status kvd_cuda_score(const kvd_bundle*, int32_t, const void*, kvd_dtype, int32_t, int64_t, const int64_t*, int64_t,
+                          float*, void*) {
+  return KVD_NO_CUDA("kvd_cuda_score");
+}
+kvd_status kvd_cuda_select_topk(const float*, int32_t, int32_t, int64_t, int64_t, int32_t*, void*) {
+  return KVD_NO_CUDA("kvd_cuda_select_topk");
+}
+kvd_status kvd_cuda_compact_flat(void*, int32_t, int32_t, int64_t, int64_t, const int32_t*, int64_t, void*) {
+  return KVD_NO_CUDA("kvd_cuda_compact_flat");
+}
+kvd_status kvd_cuda_compact_paged(void*, const int32_t*, int64_t, int32_t, int64_t, int32_t, int32_t, int64_t,
+                                  const int32_t*, int64_t, void*) {
+  return KVD_NO_CUDA("kvd_cuda_compact_paged");
+}
+#undef KVD_NO_CUDA
+
+}  // extern "C"
+#endif

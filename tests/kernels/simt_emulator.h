@@ -3,7 +3,7 @@
 // kernel then calls the functions below instead of its inline PTX.
 //
 // One std::thread per CUDA thread; a CTA at a time. __syncthreads is a barrier over the CTA; the warp-collective
-// instructions (ldmatrix, mma.sync, shfl.xor) exchange operands through a per-warp slot array between two warp
+// instructions (ldmatrix, mma.sync, shfl.xor, ballot) exchange operands through a per-warp slot array between two warp
 // barriers, then each lane computes its own result as the PTX ISA defines it:
 //   ldmatrix .m8n8.x4.b16: lanes 8i..8i+7 give the row addresses of matrix i; lane l receives, in register i,
 //     row l/4, columns 2(l%4) and 2(l%4)+1 of matrix i (.trans: rows 2(l%4), 2(l%4)+1 of column l/4);
@@ -193,6 +193,15 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem_bytes, const A&... args
 inline void __syncthreads() { kvd_sim::tl_cta->bar.wait(); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return kvd_sim::shfl_xor(v, mask); }
 inline int __shfl_xor_sync(unsigned, int v, int mask) { return kvd_sim::shfl_xor(v, mask); }
+inline unsigned __ballot_sync(unsigned, int pred) {
+  kvd_sim::post(pred ? 1 : 0);
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l) r |= kvd_sim::peek<int>(l) ? (1u << l) : 0u;
+  kvd_sim::done();
+  return r;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 
 #define KVD_DYNAMIC_SMEM(name) unsigned char* name = ::kvd_sim::dynamic_smem()
 // A static __shared__ array: one per CTA, i.e. per emulated CTA's dynamic buffer (launch with smem >= its size).

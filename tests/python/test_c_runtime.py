@@ -3,7 +3,8 @@
 - Linked against the runtime only: neither the example nor the runtime needs LibTorch (ldd).
 - On a TRIM-KV bundle of the tiny random Llama, the example scores each layer's prompt from transformers'
   attention inputs, and its kept sets equal `kvdistill compress --budget-tokens K` for the same bundle and prompt,
-  in F32 and in a bf16 export. The example also checks its own flat and paged compaction.
+  in F32 and in a bf16 export, on the CPU and (where a GPU is present) through the kvd_cuda_ functions. The example also checks its own flat and paged compaction.
+- Without a GPU the kvd_cuda_ functions return KVD_ERR_UNSUPPORTED.
 - Through ctypes: another model's dims, a wrong dtype, NULL pointers and bad indices return their error codes
   with a message; a corrupt, truncated, newer-format or other-kind bundle fails to open with its code.
 """
@@ -57,8 +58,15 @@ def test_linked_without_libtorch():
     assert "libkvdistill_runtime.so" in subprocess.run(["ldd", str(EXAMPLE)], capture_output=True, text=True).stdout
 
 
+def cuda_available():
+    return ctypes.CDLL(str(RUNTIME)).kvd_cuda_available() == 1
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
-def test_example_keeps_what_compress_keeps(run, tiny_model, prompt_inputs, tmp_path, dtype):
+def test_example_keeps_what_compress_keeps(run, tiny_model, prompt_inputs, tmp_path, dtype, device):
+    if device == "cuda" and not cuda_available():
+        pytest.skip("no CUDA device, or a runtime built without CUDA")
     prompt, n, files = prompt_inputs
     bundle = run / "bundle"
     if dtype != "f32":
@@ -71,12 +79,24 @@ def test_example_keeps_what_compress_keeps(run, tiny_model, prompt_inputs, tmp_p
     ours = json.loads((tmp_path / "kept.json").read_text())
     assert ours["tokens"] == n
     for l, f in enumerate(files):
-        r = subprocess.run([str(EXAMPLE), str(bundle), str(l), str(f), str(n), str(KEEP)], capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run([str(EXAMPLE), str(bundle), str(l), str(f), str(n), str(KEEP), device],
+                           capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         assert "hold the kept rows in order" in r.stderr
         out = json.loads(r.stdout)
-        assert out["kept"] == ours["layers"][l], f"layer {l}: the C runtime keeps other entries than compress"
+        assert out["device"] == device
+        assert out["kept"] == ours["layers"][l], f"layer {l}: the C runtime ({device}) keeps other entries than compress"
+
+
+def test_cuda_functions_without_a_device(lib):
+    """Without a device (CI) every kvd_cuda_ function returns KVD_ERR_UNSUPPORTED with a message, never a crash."""
+    if cuda_available():
+        pytest.skip("a CUDA device is present: the example covers the device path")
+    buf = (ctypes.c_float * 16)()
+    idx = (ctypes.c_int32 * 4)()
+    assert STATUS[lib.kvd_cuda_select_topk(buf, 1, 2, 8, 2, idx, None)] == "KVD_ERR_UNSUPPORTED"
+    assert "CPU functions" in lib.kvd_last_error().decode()
+    assert STATUS[lib.kvd_cuda_compact_flat(buf, 1, 2, 8, 4, idx, 2, None)] == "KVD_ERR_UNSUPPORTED"
 
 
 class Info(ctypes.Structure):
@@ -98,6 +118,10 @@ def lib():
     lib.kvd_select_topk.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.kvd_compact_flat.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                      ctypes.c_int64]
+    lib.kvd_cuda_select_topk.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64,
+                                         ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.kvd_cuda_compact_flat.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64,
+                                          ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib
 
 

@@ -20,7 +20,6 @@ from hf_helpers import PROMPT, attention_inputs
 from train_helpers import broken_bundle, retention_run, set_manifest_field, truncate_tensors
 
 torch = pytest.importorskip("torch")
-kvpress = pytest.importorskip("kvpress")
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +74,7 @@ def kept_by_kvpress(model, ids, press):
 
 @pytest.mark.parametrize("ratio", [0.5, 0.75])
 def test_press_keeps_what_compress_keeps(ops, run, tiny_model, tmp_path, ratio):
+    kvpress = pytest.importorskip("kvpress")
     from kvdistill_export.kvpress_press import KVDistillPress
     from transformers import AutoModelForCausalLM, AutoTokenizer
     prompt = tmp_path / "prompt.txt"
@@ -172,6 +172,7 @@ def test_ops_reject_bad_input(ops):
 
 
 def test_bad_bundles(ops, run, tiny_model, tmp_path):
+    pytest.importorskip("kvpress")
     from kvdistill_export.kvpress_press import KVDistillPress
 
     def broken(name, edit):

@@ -1,0 +1,182 @@
+// Eviction on the GPU: the fused kernels of kernels/kv_select.* against the PyTorch chains a user would write, in
+// the same run, plus the per-layer cost of the serving runtime's steps next to that layer's attention.
+//
+//   bench_select_compact [--reps 20]
+//
+// 1. Select + compact, all layers at once, the shapes of ../shared/bench/attention_anchors.py: scores (L·B, H_kv, n)
+//    fp32, K and V (L·B, H_kv, n, 128) bf16, keep M per head. PyTorch: topk → sort → gather of K and V (new
+//    tensors). Ours: select_rows_fused (one launch) + compact_rows_fused of K and of V (in place). Bytes counted as
+//    the anchor does: the scores read + the kept K and V rows read and written. Bandwidth is also given as a
+//    fraction of a device-to-device copy measured in the same run. Ours and PyTorch's kept sets are compared (random
+//    scores: no ties).
+// 2. One layer of TRIM-KV in a serving engine after a prefill of n tokens (n = 8K, 32K), keeping n/2 per head:
+//    score (the gate MLP on the layer's attention input) + select + compact K and V, fused vs the ATen ops of
+//    libkvdistill_ops.so's CPU path, next to SDPA flash attention's causal prefill of the same layer
+//    (K/V repeated to the query heads outside the timed region). Shapes: SmolLM2-135M (D 576, 9 / 3 heads,
+//    d 64) and Llama-3-8B (D 4096, 32 / 8 heads, d 128); gate width 512.
+// Times are medians of CUDA-event-timed repetitions, one JSON line per measurement.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <ATen/cuda/CUDAEvent.h>
+#include <torch/torch.h>
+
+#include "kernels/kv_select.h"
+
+namespace {
+
+double time_ms(const std::function<void()>& fn, int reps) {
+  for (int i = 0; i < 3; ++i) fn();
+  torch::cuda::synchronize();
+  std::vector<double> ts;
+  for (int i = 0; i < reps; ++i) {
+    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
+    a.record();
+    fn();
+    b.record();
+    b.synchronize();
+    ts.push_back(a.elapsed_time(b));
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int reps = 20;
+  for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
+      reps = std::atoi(argv[++i]);
+    } else {
+      std::fprintf(stderr, "usage: bench_select_compact [--reps N]\n");
+      return 2;
+    }
+  }
+  if (!torch::cuda::is_available() || !kvd::kv_select_fused_available(torch::empty({1}, torch::kCUDA))) {
+    std::fprintf(stderr, "bench_select_compact: needs a CUDA device and a build with the CUDA kernels\n");
+    return 1;
+  }
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(0);
+  auto f = torch::TensorOptions().device(torch::kCUDA);
+
+  // The roofline: a device-to-device copy of 2 GiB.
+  double copy_tbps = 0;
+  {
+    at::Tensor x = torch::empty({int64_t{2} << 30}, f.dtype(torch::kUInt8)), y = torch::empty_like(x);
+    const double ms = time_ms([&] { y.copy_(x); }, reps);
+    copy_tbps = 2.0 * x.numel() / ms / 1e9;
+    std::printf("{\"what\": \"copy\", \"TBps\": %.3f}\n", copy_tbps);
+  }
+
+  // 1. Select + compact over every layer at once.
+  struct Evict {
+    int64_t B, H, n, M, D, L;
+  };
+  for (const Evict& e : {Evict{1, 8, 32768, 4096, 128, 32}, Evict{8, 8, 8192, 1024, 128, 32}}) {
+    const int64_t LB = e.L * e.B;
+    at::Tensor K = torch::randn({LB, e.H, e.n, e.D}, f.dtype(torch::kBFloat16));  // (L·B, H, n, D)
+    at::Tensor V = torch::randn_like(K);
+    at::Tensor S = torch::randn({LB, e.H, e.n}, f);                               // (L·B, H, n)
+    const double torch_ms = time_ms(
+        [&] {
+          at::Tensor idx = std::get<0>(std::get<1>(S.topk(e.M, -1)).sort(-1));  // (L·B, H, M)
+          at::Tensor gi = idx.unsqueeze(-1).expand({LB, e.H, e.M, e.D});
+          K.gather(2, gi);
+          V.gather(2, gi);
+        },
+        reps);
+    kvd::RowSelectSpec spec;
+    spec.keep = e.M;
+    kvd::RowSelection sel = kvd::select_rows_fused(S, spec);
+    const double select_ms = time_ms([&] { sel = kvd::select_rows_fused(S, spec); }, reps);
+    const double compact_ms = time_ms(
+        [&] {
+          kvd::compact_rows_fused(K, sel);
+          kvd::compact_rows_fused(V, sel);
+        },
+        reps);
+    const double ours_ms = time_ms(
+        [&] {
+          kvd::RowSelection s = kvd::select_rows_fused(S, spec);
+          kvd::compact_rows_fused(K, s);
+          kvd::compact_rows_fused(V, s);
+        },
+        reps);
+    at::Tensor want = std::get<0>(std::get<1>(S.topk(e.M, -1)).sort(-1)).to(torch::kInt);
+    const int64_t differ = sel.indices.ne(want).any(-1).sum().item<int64_t>();
+    const double moved = S.numel() * 4.0 + 2.0 * 2.0 * (LB * e.H * e.M * e.D * 2.0);
+    std::printf("{\"what\": \"select+compact\", \"L\": %ld, \"B\": %ld, \"H_kv\": %ld, \"n\": %ld, \"keep\": %ld, "
+                "\"d\": %ld, \"torch_ms\": %.4f, \"ours_ms\": %.4f, \"select_ms\": %.4f, \"compact_kv_ms\": %.4f, "
+                "\"speedup\": %.2f, \"ours_TBps\": %.3f, \"ours_fraction_of_copy\": %.3f, \"torch_TBps\": %.3f, "
+                "\"torch_fraction_of_copy\": %.3f, \"segments_whose_kept_set_differs\": %ld}\n",
+                (long)e.L, (long)e.B, (long)e.H, (long)e.n, (long)e.M, (long)e.D, torch_ms, ours_ms, select_ms,
+                compact_ms, torch_ms / ours_ms, moved / ours_ms / 1e9, moved / ours_ms / 1e9 / copy_tbps,
+                moved / torch_ms / 1e9, moved / torch_ms / 1e9 / copy_tbps, (long)differ);
+    std::fflush(stdout);
+  }
+
+  // 2. One layer: score + select + compact vs the same layer's attention.
+  struct Shape {
+    const char* name;
+    int64_t D, Hq, Hkv, d;
+  };
+  const int64_t G = 512;
+  for (const Shape& m : {Shape{"SmolLM2-135M", 576, 9, 3, 64}, Shape{"Llama-3-8B", 4096, 32, 8, 128}})
+    for (int64_t n : {int64_t{8192}, int64_t{32768}}) {
+      const int64_t keep = n / 2;
+      at::Tensor hidden = torch::randn({1, n, m.D}, f.dtype(torch::kBFloat16));  // (1, n, D)
+      at::Tensor w1 = torch::randn({G, m.D}, f) * 0.05, b1 = torch::randn({G}, f) * 0.1,
+                 w2 = torch::randn({m.Hkv, G}, f) * 0.05, bias = torch::randn({m.Hkv}, f) + 3.0;
+      at::Tensor pos = torch::arange(n, f.dtype(torch::kLong));
+      at::Tensor q = torch::randn({1, m.Hq, n, m.d}, f.dtype(torch::kBFloat16));
+      at::Tensor k = torch::randn({1, m.Hkv, n, m.d}, f.dtype(torch::kBFloat16)), v = torch::randn_like(k);
+      at::Tensor ke = k.repeat_interleave(m.Hq / m.Hkv, 1), ve = v.repeat_interleave(m.Hq / m.Hkv, 1);
+      const double scale = 1.0 / std::sqrt(static_cast<double>(m.d));
+      const double attn_ms =
+          time_ms([&] { at::_scaled_dot_product_flash_attention(q, ke, ve, 0.0, true, false, scale); }, reps);
+      kvd::RowSelectSpec spec;
+      spec.keep = keep;
+      at::Tensor scores;
+      kvd::RowSelection sel;
+      const double score_ms =
+          time_ms([&] { scores = kvd::retention_score_fused(hidden, w1, b1, w2, bias, pos, n); }, reps);
+      const double select_ms = time_ms([&] { sel = kvd::select_rows_fused(scores, spec); }, reps);
+      const double compact_ms = time_ms(
+          [&] {
+            kvd::compact_rows_fused(k, sel);
+            kvd::compact_rows_fused(v, sel);
+          },
+          reps);
+      // The ATen chain (libkvdistill_ops.so's CPU path, run on the GPU).
+      at::Tensor aten_scores;
+      const double aten_ms = time_ms(
+          [&] {
+            at::Tensor z = at::linear(at::silu(at::linear(hidden.to(torch::kFloat), w1, b1)), w2) + bias;  // (1, n, H)
+            aten_scores = at::log_sigmoid(z).transpose(1, 2) * (n + 1 - pos).to(torch::kFloat);           // (1, H, n)
+            at::Tensor order = std::get<1>(aten_scores.sort(true, -1, true));
+            at::Tensor kept = std::get<0>(order.narrow(-1, 0, keep).sort(-1));                           // (1, H, keep)
+            at::Tensor gi = kept.unsqueeze(-1).expand({1, m.Hkv, keep, m.d});
+            k.narrow(2, 0, keep).copy_(k.gather(2, gi));
+            v.narrow(2, 0, keep).copy_(v.gather(2, gi));
+          },
+          reps);
+      const double ours = score_ms + select_ms + compact_ms;
+      const double score_err =
+          (scores - aten_scores).abs().max().item<double>() / aten_scores.abs().max().item<double>();
+      std::printf("{\"what\": \"runtime layer\", \"model\": \"%s\", \"n\": %ld, \"keep\": %ld, \"attention_ms\": %.4f, "
+                  "\"score_ms\": %.4f, \"select_ms\": %.4f, \"compact_kv_ms\": %.4f, \"ours_ms\": %.4f, "
+                  "\"ours_percent_of_attention\": %.2f, \"aten_ms\": %.4f, \"aten_percent_of_attention\": %.2f, "
+                  "\"speedup\": %.2f, \"score_max_rel_diff\": %.2e}\n",
+                  m.name, (long)n, (long)keep, attn_ms, score_ms, select_ms, compact_ms, ours,
+                  100.0 * ours / attn_ms, aten_ms, 100.0 * aten_ms / attn_ms, aten_ms / ours, score_err);
+      std::fflush(stdout);
+    }
+  return 0;
+}

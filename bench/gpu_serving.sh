@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# GPU checks of the serving path (issue: export to serving engines; inference kernels), one call on the GPU machine
+# (source .device/setup.sh first; results go to bench/RESULTS.md by hand):
+#   bench/gpu_serving.sh build   kvdistill, the C runtime and its example, libkvdistill_ops.so, the kernels' GPU test
+#                                and bench_select_compact into build-gpu/
+#   bench/gpu_serving.sh tests   kvd_test_kv_select (kernels vs CPU references at serving sizes), then the runtime's
+#                                and the ops' Python tests on the GPU: the C example's kept sets through the
+#                                kvd_cuda_ functions against `kvdistill compress`, the ops' CUDA path
+#   bench/gpu_serving.sh bench   bench_select_compact: select + compact vs PyTorch's topk / sort / gather, and one
+#                                layer's score + select + compact next to its attention, at 8K and 32K
+# Inputs (env): TOK (a dir with SmolLM2's tokenizer.json and tokenizer_config.json, for the tests' tiny model;
+# default .devdata/tok), OUT (logs, default /tmp/kvd-out).
+set -uo pipefail
+TOK=${TOK:-.devdata/tok}
+OUT=${OUT:-/tmp/kvd-out}
+mkdir -p "$OUT"
+t() { local s=$SECONDS; "$@"; local rc=$?; echo "[time] $((SECONDS - s)) s (rc $rc): $*" >&2; return $rc; }
+
+case "${1:-}" in
+  build)
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
+      >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
+    t ninja -C build-gpu kvdistill kvdistill_runtime kvd_example kvdistill_ops kvd_test_kv_select \
+      bench_select_compact >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+    ;;
+  tests)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    t build-gpu/kvd_test_kv_select >"$OUT/kvd_test_kv_select.log" 2>&1
+    echo "kvd_test_kv_select rc=$?"
+    grep -E "max error|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|differs" "$OUT/kvd_test_kv_select.log"
+    ldd build-gpu/libkvdistill_runtime.so build-gpu/kvd_example | grep -E "torch|c10|cudart|kvdistill"
+    KVD_BIN=build-gpu/kvdistill KVD_OPS_LIB=build-gpu/libkvdistill_ops.so KVD_MODEL_DIR="$TOK" \
+      t python3 -m pytest -q -p no:cacheprovider -rs tests/python/test_c_runtime.py tests/python/test_serving_ops.py \
+      2>&1 | tail -15
+    ;;
+  bench)
+    t build-gpu/bench_select_compact --reps 20 | tee "$OUT/bench_select_compact.jsonl"
+    ;;
+  *)
+    echo "usage: bench/gpu_serving.sh build|tests|bench" >&2
+    exit 2
+    ;;
+esac

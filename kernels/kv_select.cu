@@ -1,0 +1,386 @@
+// See kv_select.cuh.
+#include "kernels/kv_select.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstring>
+
+// KVD_SIMT_EMULATION: compiled as host C++ against tests/kernels/simt_emulator.h for CPU tests (see
+// kernels/retention_attention.cu); the launchers then live in kvd::kernels::emulated.
+#ifdef KVD_SIMT_EMULATION
+#include <cmath>
+
+#include "tests/kernels/simt_emulator.h"
+#define KVD_KS_NAMESPACE kvd::kernels::emulated
+#else
+#define KVD_KS_NAMESPACE kvd::kernels
+#define KVD_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define KVD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define KVD_LAST_ERROR() cudaGetLastError()
+#define KVD_SHARED_ARRAY(type, name, n) __shared__ type name[n]
+#endif
+
+namespace KVD_KS_NAMESPACE {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Retention score: a CTA of kScoreThreads scores kTok rows. Each thread owns UPT gate units g = tid + u · 256 and
+// accumulates W1 x for the kTok rows over chunks of kChunk input features staged in shared memory (W1 is read
+// transposed, coalesced across threads). The silu outputs go to shared memory; then each warp reduces (row, head)
+// pairs over g with a fixed shuffle tree (deterministic).
+constexpr int kScoreThreads = 256;
+constexpr int kTok = 16;
+constexpr int kChunk = 64;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+#ifdef KVD_SIMT_EMULATION
+inline float to_float(__nv_bfloat16 v) {
+  uint16_t h;
+  std::memcpy(&h, &v, 2);
+  return kvd_sim::bf16_bits_to_float(h);
+}
+inline float to_float(__half v) {
+  uint16_t h;
+  std::memcpy(&h, &v, 2);
+  const uint32_t sign = (h >> 15) & 1u, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  float f = e == 0 ? std::ldexp(static_cast<float>(m), -24)
+                   : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(static_cast<float>(m | 0x400u), static_cast<int>(e) - 25);
+  return sign ? -f : f;
+}
+inline float expf_(float x) { return std::exp(x); }
+inline float log1pf_(float x) { return std::log1p(x); }
+#else
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float expf_(float x) { return expf(x); }
+__device__ __forceinline__ float log1pf_(float x) { return log1pf(x); }
+#endif
+
+template <typename T, int UPT>
+__global__ void __launch_bounds__(kScoreThreads)
+    score_kernel(const T* __restrict__ x, int64_t rows, int64_t n, RetentionGateDevice gate,
+                 const int64_t* __restrict__ positions, int64_t pos_b_stride, int64_t next_position,
+                 float* __restrict__ out) {
+  KVD_DYNAMIC_SMEM(smem);
+  const int D = gate.D, G = gate.G, H = gate.H;
+  float* xs = reinterpret_cast<float*>(smem);  // (kChunk, kTok): feature-major, a row's 16 values contiguous
+  float* hs = xs + kChunk * kTok;              // (kTok, G + 1)
+  const int tid = threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTok;
+  float acc[UPT][kTok];
+  for (int u = 0; u < UPT; ++u) {
+    const int g = tid + u * kScoreThreads;
+    const float b = g < G ? gate.b1[g] : 0.f;
+    for (int t = 0; t < kTok; ++t) acc[u][t] = b;
+  }
+  for (int d0 = 0; d0 < D; d0 += kChunk) {
+    const int dn = min(kChunk, D - d0);
+    __syncthreads();
+    for (int e = tid; e < kChunk * kTok; e += kScoreThreads) {
+      const int t = e / kChunk, dd = e % kChunk;  // consecutive threads read consecutive features of one row
+      const int64_t r = r0 + t;
+      xs[dd * kTok + t] = (r < rows && dd < dn) ? to_float(x[r * D + d0 + dd]) : 0.f;
+    }
+    __syncthreads();
+    for (int dd = 0; dd < dn; ++dd) {
+      const float* xv = xs + dd * kTok;
+      for (int u = 0; u < UPT; ++u) {
+        const int g = tid + u * kScoreThreads;
+        const float w = g < G ? gate.w1t[static_cast<int64_t>(d0 + dd) * G + g] : 0.f;
+        for (int t = 0; t < kTok; ++t) acc[u][t] += w * xv[t];
+      }
+    }
+  }
+  for (int u = 0; u < UPT; ++u) {
+    const int g = tid + u * kScoreThreads;
+    if (g < G)
+      for (int t = 0; t < kTok; ++t) hs[t * (G + 1) + g] = acc[u][t] / (1.f + expf_(-acc[u][t]));  // silu
+  }
+  __syncthreads();
+  const int warp = tid / 32, lane = tid % 32;
+  for (int p = warp; p < kTok * H; p += kScoreThreads / 32) {
+    const int t = p / H, h = p % H;
+    const int64_t r = r0 + t;
+    float z = 0.f;
+    for (int g = lane; g < G; g += 32) z += gate.w2[static_cast<int64_t>(h) * G + g] * hs[t * (G + 1) + g];
+    for (int m = 16; m > 0; m >>= 1) z += __shfl_xor_sync(0xffffffffu, z, m);
+    if (lane == 0 && r < rows) {
+      z += gate.bias[h];
+      const float ls = z < 0.f ? z - log1pf_(expf_(z)) : -log1pf_(expf_(-z));  // log_sigmoid
+      const int64_t b = r / n, i = r % n;
+      float v = ls;
+      if (positions) v *= static_cast<float>(next_position + 1 - positions[b * pos_b_stride + i]);
+      out[(b * H + h) * n + i] = v;
+    }
+  }
+}
+
+template <typename T, int UPT>
+cudaError_t launch_score_upt(const T* x, int64_t rows, int64_t n, const RetentionGateDevice& g, const int64_t* pos,
+                             int64_t pos_stride, int64_t next, float* out, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (kChunk * kTok + static_cast<size_t>(kTok) * (g.G + 1));
+  const int grid = static_cast<int>((rows + kTok - 1) / kTok);
+  auto* kernel = &score_kernel<T, UPT>;
+#ifndef KVD_SIMT_EMULATION
+  const cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+#endif
+  KVD_LAUNCH(kernel, grid, kScoreThreads, smem, stream, x, rows, n, g, pos, pos_stride, next, out);
+  return KVD_LAST_ERROR();
+}
+
+template <typename T>
+cudaError_t launch_score(const T* x, int64_t rows, int64_t n, const RetentionGateDevice& g, const int64_t* pos,
+                         int64_t pos_stride, int64_t next, float* out, cudaStream_t stream) {
+  switch ((g.G + kScoreThreads - 1) / kScoreThreads) {  // gate units per thread
+    case 1: return launch_score_upt<T, 1>(x, rows, n, g, pos, pos_stride, next, out, stream);
+    case 2: return launch_score_upt<T, 2>(x, rows, n, g, pos, pos_stride, next, out, stream);
+    case 3: return launch_score_upt<T, 3>(x, rows, n, g, pos, pos_stride, next, out, stream);
+    case 4: return launch_score_upt<T, 4>(x, rows, n, g, pos, pos_stride, next, out, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Selection: one CTA of kSelectThreads per segment.
+constexpr int kSelectThreads = 512;
+constexpr int kWarps = kSelectThreads / 32;
+
+__device__ __forceinline__ uint32_t float_bits(float v) {
+#ifdef KVD_SIMT_EMULATION
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u;
+#else
+  return __float_as_uint(v);
+#endif
+}
+
+// An order-preserving key: a > b as floats <=> key(a) > key(b); NaN lowest; ±0 equal.
+__device__ __forceinline__ uint32_t order_key(float v) {
+  if (v != v) return 0u;
+  if (v == 0.f) return 0x80000000u;
+  const uint32_t u = float_bits(v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+constexpr uint32_t kProtected = 0xFFFFFFFFu;  // above every number's key (+inf is 0xFF800000)
+
+// Exclusive rank of `pred` among the CTA's threads, in thread order; *total = the count over the CTA.
+// `wsum` holds kWarps ints; two barriers.
+__device__ __forceinline__ int block_rank(bool pred, int* wsum, int* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, pred);
+  if (lane == 0) wsum[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0, all = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    const int c = wsum[w];
+    before += w < warp ? c : 0;
+    all += c;
+  }
+  __syncthreads();
+  *total = all;
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
+  // One static shared array (the emulator gives each CTA one buffer): hist, suffix sums, warp sums, scalars.
+  KVD_SHARED_ARRAY(int, sh, 256 + 256 + kWarps + 4);
+  int* hist = sh;
+  int* suf = sh + 256;
+  int* wsum = sh + 512;
+  int* scalar = sh + 512 + kWarps;  // [0] digit, [1] remaining
+  const int s = blockIdx.x, tid = threadIdx.x;
+  const int b = s / a.heads, h = s % a.heads;
+  const int64_t len = a.lengths ? static_cast<int64_t>(a.lengths[b]) : a.n;
+  const float* sc = a.scores + static_cast<int64_t>(s) * a.score_stride;
+  int32_t* out = a.indices + b * a.out_b_stride + h * a.out_h_stride;
+  const int64_t sinks = a.sinks, recent_from = len - a.recent;
+  auto key_of = [&](int64_t i) -> uint32_t {
+    return (i < sinks || i >= recent_from) ? kProtected : order_key(sc[i]);
+  };
+
+  // The threshold key T and how many entries equal to T to take (the lowest indices among them).
+  uint32_t T = 0;
+  int64_t take_eq = 0;
+  bool keep_all = false, keep_none = false;
+  if (a.mode == SelectMode::Threshold) {
+    T = order_key(a.threshold);
+    take_eq = INT64_MAX;
+  } else {
+    const int64_t k = a.keeps ? static_cast<int64_t>(a.keeps[s]) : a.keep;
+    keep_all = k >= len;
+    keep_none = k <= 0;
+    if (!keep_all && !keep_none) {
+      uint32_t prefix = 0, mask = 0;
+      int remaining = static_cast<int>(k);
+      for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
+        __syncthreads();
+        for (int64_t i = tid; i < len; i += kSelectThreads) {
+          const uint32_t key = key_of(i);
+          if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+        }
+        __syncthreads();
+        if (tid < 256) suf[tid] = hist[tid];
+        __syncthreads();
+        for (int off = 1; off < 256; off <<= 1) {  // suf[d] = Σ_{d' >= d} hist[d']
+          const int v = (tid < 256 && tid + off < 256) ? suf[tid + off] : 0;
+          __syncthreads();
+          if (tid < 256) suf[tid] += v;
+          __syncthreads();
+        }
+        if (tid < 256) {
+          const int incl = suf[tid], excl = incl - hist[tid];
+          if (excl < remaining && remaining <= incl) {
+            scalar[0] = tid;
+            scalar[1] = remaining - excl;
+          }
+        }
+        __syncthreads();
+        prefix |= static_cast<uint32_t>(scalar[0]) << shift;
+        mask |= 255u << shift;
+        remaining = scalar[1];
+        __syncthreads();
+      }
+      T = prefix;
+      take_eq = remaining;
+    }
+  }
+
+  // One pass in index order: kept entries are those above T, and the first take_eq equal to T.
+  int64_t written = 0, eq_seen = 0;
+  const int64_t target = a.mode == SelectMode::TopK && !keep_all ? (keep_none ? 0 : (a.keeps ? a.keeps[s] : a.keep))
+                                                                 : INT64_MAX;
+  for (int64_t c = 0; c < len && written < target; c += kSelectThreads) {
+    const int64_t i = c + tid;
+    bool gt = false, eq = false;
+    if (i < len) {
+      if (keep_all) {
+        gt = true;
+      } else if (!keep_none) {
+        const uint32_t key = key_of(i);
+        gt = key > T;
+        eq = key == T;
+      }
+    }
+    int eq_total, sel_total;
+    const int eq_rank = block_rank(eq, wsum, &eq_total);
+    const bool sel = gt || (eq && eq_seen + eq_rank < take_eq);
+    const int sel_rank = block_rank(sel, wsum, &sel_total);
+    if (sel) out[written + sel_rank] = static_cast<int32_t>(i);
+    written += sel_total;
+    eq_seen += eq_total;
+  }
+  if (tid == 0 && a.counts) a.counts[s] = static_cast<int32_t>(written);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Compaction: grid (segments, column groups); a CTA moves one column group (kColumnBytes of every row) of one
+// segment, kRowsPerThread rows per thread per chunk.
+constexpr int kCompactThreads = 256;
+constexpr int kColumnBytes = 32;
+constexpr int kRowsPerThread = 4;
+
+template <typename V>
+__global__ void __launch_bounds__(kCompactThreads) compact_kernel(CompactArgs a) {
+  const int s = blockIdx.x, tid = threadIdx.x;
+  const int b = s / a.heads, h = s % a.heads;
+  const int64_t vecs_per_row = a.row_bytes / static_cast<int64_t>(sizeof(V));
+  const int cols = static_cast<int>(kColumnBytes / sizeof(V) < static_cast<size_t>(vecs_per_row)
+                                        ? kColumnBytes / sizeof(V)
+                                        : vecs_per_row);  // vectors per row in this CTA
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * cols + tid % cols;
+  const bool col_ok = col < vecs_per_row && tid < (kCompactThreads / cols) * cols;
+  const int row_lane = tid / cols, rows_per_pass = kCompactThreads / cols;
+  const int64_t count = a.counts ? static_cast<int64_t>(a.counts[s]) : a.keep;
+  const int32_t* idx = a.indices + b * a.idx_b_stride + h * a.idx_h_stride;
+  unsigned char* base = static_cast<unsigned char*>(a.base);
+  auto row = [&](int64_t token) -> V* {
+    int64_t off;
+    if (a.block_table) {
+      const int64_t blk = a.block_table[b * a.block_table_stride + token / a.tokens_per_block];
+      off = ((blk * a.heads + h) * a.tokens_per_block + token % a.tokens_per_block) * a.row_bytes;
+    } else {
+      off = (static_cast<int64_t>(s) * a.segment_rows + token) * a.row_bytes;
+    }
+    return reinterpret_cast<V*>(base + off) + col;
+  };
+  const int64_t chunk = static_cast<int64_t>(rows_per_pass) * kRowsPerThread;
+  for (int64_t c = 0; c < count; c += chunk) {
+    V v[kRowsPerThread];
+    bool move[kRowsPerThread];
+    for (int u = 0; u < kRowsPerThread; ++u) {
+      const int64_t j = c + static_cast<int64_t>(u) * rows_per_pass + row_lane;
+      const int64_t src = j < count ? idx[j] : j;
+      move[u] = col_ok && j < count && src != j && src > j && src < a.n;
+      if (move[u]) v[u] = *row(src);
+    }
+    __syncthreads();
+    for (int u = 0; u < kRowsPerThread; ++u) {
+      const int64_t j = c + static_cast<int64_t>(u) * rows_per_pass + row_lane;
+      if (move[u]) *row(j) = v[u];
+    }
+    __syncthreads();
+  }
+}
+
+struct alignas(16) Vec16 {
+  uint32_t w[4];
+};
+
+}  // namespace
+
+cudaError_t retention_score(const void* hidden, RowDType dtype, int B, int64_t n, const RetentionGateDevice& gate,
+                            const int64_t* positions, int64_t positions_batch_stride, int64_t next_position,
+                            float* out, cudaStream_t stream) {
+  if (B < 0 || n < 0 || !hidden || !out || !gate.w1t || !gate.b1 || !gate.w2 || !gate.bias || gate.D <= 0 ||
+      gate.G <= 0 || gate.G > kMaxGateWidth || gate.H <= 0)
+    return cudaErrorInvalidValue;
+  const int64_t rows = static_cast<int64_t>(B) * n;
+  if (rows == 0) return cudaSuccess;
+  switch (dtype) {
+    case RowDType::F32:
+      return launch_score(static_cast<const float*>(hidden), rows, n, gate, positions, positions_batch_stride,
+                          next_position, out, stream);
+    case RowDType::BF16:
+      return launch_score(static_cast<const __nv_bfloat16*>(hidden), rows, n, gate, positions,
+                          positions_batch_stride, next_position, out, stream);
+    case RowDType::F16:
+      return launch_score(static_cast<const __half*>(hidden), rows, n, gate, positions, positions_batch_stride,
+                          next_position, out, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t select_rows(const SelectArgs& a, cudaStream_t stream) {
+  if (a.num_segments < 0 || a.heads <= 0 || !a.scores || !a.indices || a.n < 0 || a.sinks < 0 || a.recent < 0)
+    return cudaErrorInvalidValue;
+  if (a.num_segments == 0) return cudaSuccess;
+  KVD_LAUNCH(select_kernel, a.num_segments, kSelectThreads, 0, stream, a);
+  return KVD_LAST_ERROR();
+}
+
+cudaError_t compact_rows(const CompactArgs& a, cudaStream_t stream) {
+  if (a.num_segments < 0 || a.heads <= 0 || !a.base || !a.indices || a.row_bytes <= 0 || a.n < 0 ||
+      (a.block_table && a.tokens_per_block <= 0))
+    return cudaErrorInvalidValue;
+  if (a.num_segments == 0) return cudaSuccess;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(a.base);
+  auto launch = [&](auto vec) -> cudaError_t {
+    using V = decltype(vec);
+    const int64_t vecs = a.row_bytes / static_cast<int64_t>(sizeof(V));
+    const int64_t cols = static_cast<int64_t>(kColumnBytes / sizeof(V)) < vecs ? kColumnBytes / sizeof(V) : vecs;
+    const dim3 grid(static_cast<unsigned>(a.num_segments), static_cast<unsigned>((vecs + cols - 1) / cols));
+    auto* kernel = &compact_kernel<V>;
+    KVD_LAUNCH(kernel, grid, kCompactThreads, 0, stream, a);
+    return KVD_LAST_ERROR();
+  };
+  if (a.row_bytes % 16 == 0 && addr % 16 == 0) return launch(Vec16{});
+  if (a.row_bytes % 4 == 0 && addr % 4 == 0) return launch(uint32_t{});
+  return launch(uint8_t{});
+}
+
+}  // namespace KVD_KS_NAMESPACE

@@ -1,0 +1,105 @@
+// The eviction kernels on the GPU (kernels/kv_select.*) against their CPU references at serving sizes. Metrics: kept
+// sets and counts equal select_rows_reference exactly (top-k at 32K → 4K, ragged budgets, padded requests,
+// protected entries, threshold); compaction byte-identical to compact_rows_reference; the retention score within
+// 2e-5 (relative to the largest) of a float64 evaluation, bitwise equal across two runs. GPU only (skipped without
+// one); the same kernel code runs in CI through the emulator (emu_kv_select).
+#include <cstdio>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "kernels/kv_select.h"
+
+namespace {
+
+using kvd::RowSelectMode;
+using kvd::RowSelectSpec;
+using kvd::RowSelection;
+
+bool have_kernels() {
+  return torch::cuda::is_available() && kvd::kv_select_fused_available(torch::empty({1}, torch::kCUDA));
+}
+
+void expect_same(const RowSelection& got, const RowSelection& want, const char* what) {
+  ASSERT_TRUE(torch::equal(got.counts.cpu(), want.counts)) << what;
+  at::Tensor gi = got.indices.cpu();
+  int64_t mismatched = 0;
+  for (int64_t b = 0; b < want.counts.size(0); ++b)
+    for (int64_t h = 0; h < want.counts.size(1); ++h) {
+      const int64_t c = want.counts[b][h].item<int64_t>();
+      mismatched += !torch::equal(gi[b][h].narrow(0, 0, c), want.indices[b][h].narrow(0, 0, c));
+    }
+  EXPECT_EQ(mismatched, 0) << what << ": segments whose kept set differs";
+}
+
+TEST(KvSelectKernel, SelectMatchesReferenceAtServingSizes) {
+  if (!have_kernels()) GTEST_SKIP() << "no CUDA device or no fused kernels in this build";
+  torch::manual_seed(0);
+  const int64_t B = 2, H = 8, n = 32768;
+  // Quantized scores: thousands of exact ties around the cut.
+  at::Tensor s = torch::round(torch::randn({B, H, n}) * 64.0) / 64.0;  // (B, H, n)
+  at::Tensor sg = s.cuda();
+  RowSelectSpec topk;
+  topk.keep = 4096;
+  expect_same(kvd::select_rows_fused(sg, topk), kvd::select_rows_reference(s, topk), "top-k 32K -> 4K");
+  RowSelectSpec ragged;
+  ragged.keeps = torch::randint(0, n + 10, {B, H}, torch::kLong);
+  ragged.lengths = torch::tensor({n, n - 1001}, torch::kLong);
+  ragged.sinks = 4;
+  ragged.recent = 64;
+  expect_same(kvd::select_rows_fused(sg, ragged), kvd::select_rows_reference(s, ragged), "ragged, padded, protected");
+  RowSelectSpec th;
+  th.mode = RowSelectMode::Threshold;
+  th.threshold = 0.5;
+  th.sinks = 4;
+  expect_same(kvd::select_rows_fused(sg, th), kvd::select_rows_reference(s, th), "threshold");
+  // Awkward small sizes, one CTA chunk or less.
+  for (int64_t m : {1, 3, 31, 511, 513}) {
+    at::Tensor t = torch::round(torch::randn({3, 5, m}) * 2.0) / 2.0;
+    RowSelectSpec spec;
+    spec.keep = std::max<int64_t>(1, m / 2);
+    expect_same(kvd::select_rows_fused(t.cuda(), spec), kvd::select_rows_reference(t, spec), "small");
+  }
+}
+
+TEST(KvSelectKernel, CompactMatchesReference) {
+  if (!have_kernels()) GTEST_SKIP() << "no CUDA device or no fused kernels in this build";
+  torch::manual_seed(1);
+  const int64_t B = 2, H = 8, n = 8191;
+  at::Tensor s = torch::randn({B, H, n});
+  RowSelectSpec spec;
+  spec.keeps = torch::randint(0, n, {B, H}, torch::kLong);
+  spec.sinks = 4;
+  const RowSelection sel = kvd::select_rows_reference(s, spec);
+  RowSelection sel_gpu{sel.indices.cuda(), sel.counts.cuda()};
+  for (auto [dtype, d] : std::vector<std::pair<c10::ScalarType, int64_t>>{{torch::kBFloat16, 128}, {torch::kFloat, 3}}) {
+    at::Tensor cache = torch::randn({B, H, n, d}).to(dtype);
+    at::Tensor want = cache.clone();
+    kvd::compact_rows_reference(want, sel);
+    at::Tensor got = cache.cuda();
+    kvd::compact_rows_fused(got, sel_gpu);
+    EXPECT_TRUE(torch::equal(got.cpu(), want)) << dtype << " d=" << d;
+  }
+}
+
+TEST(KvSelectKernel, RetentionScoreMatchesFloat64AndIsDeterministic) {
+  if (!have_kernels()) GTEST_SKIP() << "no CUDA device or no fused kernels in this build";
+  torch::manual_seed(2);
+  const int64_t B = 2, n = 4099, D = 576, G = 512, H = 3;  // SmolLM2-135M's gate shape
+  auto f = torch::TensorOptions().device(torch::kCUDA);
+  at::Tensor w1 = torch::randn({G, D}, f) * 0.05, b1 = torch::randn({G}, f) * 0.1, w2 = torch::randn({H, G}, f) * 0.05,
+             bias = torch::randn({H}, f) + 3.0;
+  at::Tensor x = torch::randn({B, n, D}, f).to(torch::kBFloat16);
+  at::Tensor pos = torch::arange(n, f.dtype(torch::kLong));
+  at::Tensor a = kvd::retention_score_fused(x, w1, b1, w2, bias, pos, n);
+  at::Tensor b = kvd::retention_score_fused(x, w1, b1, w2, bias, pos, n);
+  EXPECT_TRUE(torch::equal(a, b)) << "two runs differ";
+  auto dd = [](const at::Tensor& t) { return t.to(torch::kDouble); };
+  at::Tensor z = torch::linear(torch::silu(torch::linear(dd(x), dd(w1), dd(b1))), dd(w2)) + dd(bias);  // (B, n, H)
+  at::Tensor want = torch::log_sigmoid(z).transpose(1, 2) * (n + 1 - pos).to(torch::kDouble);           // (B, H, n)
+  const double err = (dd(a) - want).abs().max().item<double>() / want.abs().max().item<double>();
+  std::printf("  retention score on the GPU: max error %.2e of the largest score\n", err);
+  EXPECT_LT(err, 2e-5);
+}
+
+}  // namespace
