@@ -29,9 +29,13 @@ case "${1:-}" in
     echo "kvd_test_kv_select rc=$?"
     grep -E "max error|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|differs" "$OUT/kvd_test_kv_select.log"
     ldd build-gpu/libkvdistill_runtime.so build-gpu/kvd_example | grep -E "torch|c10|cudart|kvdistill"
-    KVD_BIN=build-gpu/kvdistill KVD_OPS_LIB=build-gpu/libkvdistill_ops.so KVD_MODEL_DIR="$TOK" \
-      t python3 -m pytest -q -p no:cacheprovider -rs tests/python/test_c_runtime.py tests/python/test_serving_ops.py \
-      2>&1 | tail -15
+    for py in test_c_runtime test_serving_ops; do
+      KVD_BIN=build-gpu/kvdistill KVD_OPS_LIB=build-gpu/libkvdistill_ops.so KVD_MODEL_DIR="$TOK" \
+        t python3 -X faulthandler -m pytest -v -p no:cacheprovider -rs tests/python/$py.py >"$OUT/$py.log" 2>&1
+      echo "$py rc=$?"
+      grep -E "PASSED|FAILED|SKIPPED|ERROR|Error|error|passed|failed|Fatal|tests/python|kvdistill_export" "$OUT/$py.log" |
+        grep -v "^  File \"/opt" | head -30
+    done
     ;;
   bench)
     t build-gpu/bench_select_compact --reps 20 | tee "$OUT/bench_select_compact.jsonl"

@@ -18,7 +18,6 @@
 #define KVD_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #define KVD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define KVD_LAST_ERROR() cudaGetLastError()
-#define KVD_SHARED_ARRAY(type, name, n) __shared__ type name[n]
 #endif
 
 namespace KVD_KS_NAMESPACE {
@@ -144,9 +143,16 @@ cudaError_t launch_score(const T* x, int64_t rows, int64_t n, const RetentionGat
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Selection: one CTA of kSelectThreads per segment.
+// Selection: one CTA of kSelectThreads per segment. A segment of up to kCachedKeys entries has its keys cached in
+// shared memory (read from global memory once, kLoadBatch loads in flight per thread); a longer one re-reads its
+// scores in every pass. The final pass gives each thread kPerThread consecutive entries and places them with two
+// block-wide exclusive sums (of the entries equal to the cut, then of the kept ones).
 constexpr int kSelectThreads = 512;
 constexpr int kWarps = kSelectThreads / 32;
+constexpr int kPerThread = 8;
+constexpr int kLoadBatch = 8;
+constexpr int64_t kCachedKeys = 48 * 1024;  // 192 KB of keys
+constexpr int kSelectHeaderInts = 256 + 256 + kWarps + 4;
 
 __device__ __forceinline__ uint32_t float_bits(float v) {
 #ifdef KVD_SIMT_EMULATION
@@ -167,12 +173,15 @@ __device__ __forceinline__ uint32_t order_key(float v) {
 }
 constexpr uint32_t kProtected = 0xFFFFFFFFu;  // above every number's key (+inf is 0xFF800000)
 
-// Exclusive rank of `pred` among the CTA's threads, in thread order; *total = the count over the CTA.
-// `wsum` holds kWarps ints; two barriers.
-__device__ __forceinline__ int block_rank(bool pred, int* wsum, int* total) {
+// Exclusive sum of v over the CTA's threads in thread order; *total = the sum over the CTA. Two barriers.
+__device__ __forceinline__ int block_exclusive_sum(int v, int* wsum, int* total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const unsigned ballot = __ballot_sync(0xffffffffu, pred);
-  if (lane == 0) wsum[warp] = __popc(ballot);
+  int x = v;
+  for (int d = 1; d < 32; d <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, d);
+    if (lane >= d) x += y;
+  }
+  if (lane == 31) wsum[warp] = x;
   __syncthreads();
   int before = 0, all = 0;
   for (int w = 0; w < kWarps; ++w) {
@@ -182,29 +191,45 @@ __device__ __forceinline__ int block_rank(bool pred, int* wsum, int* total) {
   }
   __syncthreads();
   *total = all;
-  return before + __popc(ballot & ((1u << lane) - 1u));
+  return before + x - v;
 }
 
-__global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
-  // One static shared array (the emulator gives each CTA one buffer): hist, suffix sums, warp sums, scalars.
-  KVD_SHARED_ARRAY(int, sh, 256 + 256 + kWarps + 4);
-  int* hist = sh;
-  int* suf = sh + 256;
-  int* wsum = sh + 512;
-  int* scalar = sh + 512 + kWarps;  // [0] digit, [1] remaining
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a, int64_t cached_capacity) {
+  KVD_DYNAMIC_SMEM(smem);
+  int* hist = reinterpret_cast<int*>(smem);  // (256)
+  int* suf = hist + 256;                     // (256)
+  int* wsum = suf + 256;                     // (kWarps)
+  int* scalar = wsum + kWarps;               // [0] digit, [1] remaining
+  uint32_t* keys = reinterpret_cast<uint32_t*>(hist + kSelectHeaderInts);  // (cached_capacity)
   const int s = blockIdx.x, tid = threadIdx.x;
   const int b = s / a.heads, h = s % a.heads;
   const int64_t len = a.lengths ? static_cast<int64_t>(a.lengths[b]) : a.n;
   const float* sc = a.scores + static_cast<int64_t>(s) * a.score_stride;
   int32_t* out = a.indices + b * a.out_b_stride + h * a.out_h_stride;
   const int64_t sinks = a.sinks, recent_from = len - a.recent;
-  auto key_of = [&](int64_t i) -> uint32_t {
-    return (i < sinks || i >= recent_from) ? kProtected : order_key(sc[i]);
+  auto key_of = [&](int64_t i, float v) -> uint32_t {
+    return (i < sinks || i >= recent_from) ? kProtected : order_key(v);
   };
+  const bool cached = len <= cached_capacity;
+  if (cached) {
+    for (int64_t c = 0; c < len; c += static_cast<int64_t>(kSelectThreads) * kLoadBatch) {
+      float v[kLoadBatch];
+      for (int u = 0; u < kLoadBatch; ++u) {
+        const int64_t i = c + static_cast<int64_t>(u) * kSelectThreads + tid;
+        v[u] = i < len ? sc[i] : 0.f;
+      }
+      for (int u = 0; u < kLoadBatch; ++u) {
+        const int64_t i = c + static_cast<int64_t>(u) * kSelectThreads + tid;
+        if (i < len) keys[i] = key_of(i, v[u]);
+      }
+    }
+    __syncthreads();
+  }
+  auto key_at = [&](int64_t i) -> uint32_t { return cached ? keys[i] : key_of(i, sc[i]); };
 
   // The threshold key T and how many entries equal to T to take (the lowest indices among them).
   uint32_t T = 0;
-  int64_t take_eq = 0;
+  int64_t take_eq = 0, target = INT64_MAX;
   bool keep_all = false, keep_none = false;
   if (a.mode == SelectMode::Threshold) {
     T = order_key(a.threshold);
@@ -213,6 +238,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
     const int64_t k = a.keeps ? static_cast<int64_t>(a.keeps[s]) : a.keep;
     keep_all = k >= len;
     keep_none = k <= 0;
+    target = keep_all ? len : keep_none ? 0 : k;
     if (!keep_all && !keep_none) {
       uint32_t prefix = 0, mask = 0;
       int remaining = static_cast<int>(k);
@@ -220,7 +246,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
         for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
         __syncthreads();
         for (int64_t i = tid; i < len; i += kSelectThreads) {
-          const uint32_t key = key_of(i);
+          const uint32_t key = key_at(i);
           if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
         }
         __syncthreads();
@@ -252,25 +278,37 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
 
   // One pass in index order: kept entries are those above T, and the first take_eq equal to T.
   int64_t written = 0, eq_seen = 0;
-  const int64_t target = a.mode == SelectMode::TopK && !keep_all ? (keep_none ? 0 : (a.keeps ? a.keeps[s] : a.keep))
-                                                                 : INT64_MAX;
-  for (int64_t c = 0; c < len && written < target; c += kSelectThreads) {
-    const int64_t i = c + tid;
-    bool gt = false, eq = false;
-    if (i < len) {
-      if (keep_all) {
-        gt = true;
-      } else if (!keep_none) {
-        const uint32_t key = key_of(i);
-        gt = key > T;
-        eq = key == T;
+  const int64_t span = static_cast<int64_t>(kSelectThreads) * kPerThread;
+  for (int64_t c = 0; c < len && written < target; c += span) {
+    const int64_t i0 = c + static_cast<int64_t>(tid) * kPerThread;
+    bool gt[kPerThread], eq[kPerThread];
+    int n_gt = 0, n_eq = 0;
+    for (int u = 0; u < kPerThread; ++u) {
+      const int64_t i = i0 + u;
+      gt[u] = eq[u] = false;
+      if (i < len && !keep_none) {
+        if (keep_all) {
+          gt[u] = true;
+        } else {
+          const uint32_t key = key_at(i);
+          gt[u] = key > T;
+          eq[u] = key == T;
+        }
       }
+      n_gt += gt[u];
+      n_eq += eq[u];
     }
     int eq_total, sel_total;
-    const int eq_rank = block_rank(eq, wsum, &eq_total);
-    const bool sel = gt || (eq && eq_seen + eq_rank < take_eq);
-    const int sel_rank = block_rank(sel, wsum, &sel_total);
-    if (sel) out[written + sel_rank] = static_cast<int32_t>(i);
+    const int eq_before = block_exclusive_sum(n_eq, wsum, &eq_total);
+    int64_t eq_rank = eq_seen + eq_before;  // rank of this thread's first equal entry among all equal entries
+    const int64_t eq_taken = take_eq - eq_rank <= 0 ? 0 : (take_eq - eq_rank < n_eq ? take_eq - eq_rank : n_eq);
+    const int sel_before = block_exclusive_sum(n_gt + static_cast<int>(eq_taken), wsum, &sel_total);
+    int64_t pos = written + sel_before;
+    for (int u = 0; u < kPerThread; ++u) {
+      const bool take = gt[u] || (eq[u] && eq_rank < take_eq);
+      eq_rank += eq[u];
+      if (take) out[pos++] = static_cast<int32_t>(i0 + u);
+    }
     written += sel_total;
     eq_seen += eq_total;
   }
@@ -281,8 +319,8 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a) {
 // Compaction: grid (segments, column groups); a CTA moves one column group (kColumnBytes of every row) of one
 // segment, kRowsPerThread rows per thread per chunk.
 constexpr int kCompactThreads = 256;
-constexpr int kColumnBytes = 32;
-constexpr int kRowsPerThread = 4;
+constexpr int kColumnBytes = 128;  // a whole cache line of a row per CTA column group
+constexpr int kRowsPerThread = 8;
 
 template <typename V>
 __global__ void __launch_bounds__(kCompactThreads) compact_kernel(CompactArgs a) {
@@ -359,7 +397,15 @@ cudaError_t select_rows(const SelectArgs& a, cudaStream_t stream) {
   if (a.num_segments < 0 || a.heads <= 0 || !a.scores || !a.indices || a.n < 0 || a.sinks < 0 || a.recent < 0)
     return cudaErrorInvalidValue;
   if (a.num_segments == 0) return cudaSuccess;
-  KVD_LAUNCH(select_kernel, a.num_segments, kSelectThreads, 0, stream, a);
+  // Cache the keys in shared memory when every segment fits (lengths never exceed n).
+  const int64_t capacity = a.n <= kCachedKeys ? a.n : 0;
+  const size_t smem = sizeof(int) * (kSelectHeaderInts + static_cast<size_t>(capacity));
+  auto* kernel = &select_kernel;
+#ifndef KVD_SIMT_EMULATION
+  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+#endif
+  KVD_LAUNCH(kernel, a.num_segments, kSelectThreads, smem, stream, a, capacity);
   return KVD_LAST_ERROR();
 }
 

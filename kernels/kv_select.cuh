@@ -16,7 +16,7 @@
 // Compaction (compact_rows): for each segment, row indices[j] moves to row j, for j < count, in place. Indices
 // must be ascending (select_rows' output), so indices[j] >= j: a CTA walks its segment's rows in chunks, loading a
 // whole chunk before storing it, and no store can reach a row that a later chunk still has to read. CTAs split a
-// row into 32-byte columns, so that a short cache still fills the GPU. An index outside [0, len) is skipped: the
+// row into 128-byte columns (a cache line each), so that wide rows spread over more CTAs. An index outside [0, len) is skipped: the
 // kernel never touches memory outside its segment.
 #pragma once
 

@@ -200,6 +200,12 @@ inline unsigned __ballot_sync(unsigned, int pred) {
   kvd_sim::done();
   return r;
 }
+inline int __shfl_up_sync(unsigned, int v, int delta) {
+  kvd_sim::post(v);
+  const int r = kvd_sim::tl_lane >= delta ? kvd_sim::peek<int>(kvd_sim::tl_lane - delta) : v;
+  kvd_sim::done();
+  return r;
+}
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 

@@ -53,6 +53,12 @@ TEST(KvSelectKernel, SelectMatchesReferenceAtServingSizes) {
   th.threshold = 0.5;
   th.sinks = 4;
   expect_same(kvd::select_rows_fused(sg, th), kvd::select_rows_reference(s, th), "threshold");
+  // Longer than the shared-memory key cache (48K entries): every pass reads the scores again.
+  at::Tensor longer = torch::round(torch::randn({1, 2, 70001}) * 16.0) / 16.0;
+  RowSelectSpec lk;
+  lk.keep = 9000;
+  lk.recent = 100;
+  expect_same(kvd::select_rows_fused(longer.cuda(), lk), kvd::select_rows_reference(longer, lk), "70001 entries");
   // Awkward small sizes, one CTA chunk or less.
   for (int64_t m : {1, 3, 31, 511, 513}) {
     at::Tensor t = torch::round(torch::randn({3, 5, m}) * 2.0) / 2.0;
