@@ -72,8 +72,10 @@ case "${1:-}" in
   eval-matched)
     # The heuristics at the kept fraction each gate chose at its own flags (the mean over the samples of
     # eval-flags), into eval-matched: the comparison "at the fraction the gate chooses".
+    # RATIOS (comma-separated) overrides the ratios read from eval-flags (e.g. on a fresh machine). One eval
+    # process per ratio and method, overlapped on the GPU (a 135M model's decode is launch-bound).
     limit=${2:-540}
-    ratios=$(python3 - "$W/eval-flags/results.jsonl" <<'PY'
+    ratios=${RATIOS:-$(python3 - "$W/eval-flags/results.jsonl" <<'PY'
 import json, sys
 kept = {}
 for line in open(sys.argv[1]):
@@ -82,12 +84,16 @@ for line in open(sys.argv[1]):
         kept.setdefault(r["label"], []).append(r["kept_fraction"])
 print(",".join(sorted({f"{1 - sum(v) / len(v):.3f}" for v in kept.values()})))
 PY
-)
+)}
     echo "ratios matching the gates' flags: $ratios"
-    timeout "$limit" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k.jsonl" --device cuda --batch 16 \
-      --ratios "$ratios" --out "$W/eval-matched" --methods "snapkv,adakv_snapkv,defensivekv,streaming_llm" \
-      > "$W/eval-matched.log" 2>&1 || true
-    tail -n 2 "$W/eval-matched.log"
+    for r in ${ratios//,/ }; do
+      for m in snapkv adakv_snapkv defensivekv streaming_llm; do
+        timeout "$limit" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k.jsonl" --device cuda --batch 16 \
+          --ratios "$r" --out "$W/eval-matched-$r-$m" --methods "$m" > "$W/eval-matched-$r-$m.log" 2>&1 &
+      done
+    done
+    wait || true
+    for f in "$W"/eval-matched-*.log; do echo "$f: $(tail -n 1 "$f")"; done
     ;;
   collect)
     out=${OUT:?OUT is the device call\'s return folder}

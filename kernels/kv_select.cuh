@@ -15,8 +15,8 @@
 //
 // Compaction (compact_rows): for each segment, row indices[j] moves to row j, for j < count, in place. Indices
 // must be ascending (select_rows' output), so indices[j] >= j: a CTA walks its segment's rows in chunks, loading a
-// whole chunk before storing it, and no store can reach a row that a later chunk still has to read. CTAs split a
-// row into 128-byte columns (a cache line each), so that wide rows spread over more CTAs. An index outside [0, len) is skipped: the
+// whole chunk before storing it, and no store can reach a row that a later chunk still has to read. A CTA moves
+// whole rows of up to 512 bytes (wider rows are split into 512-byte columns over several CTAs). An index outside [0, len) is skipped: the
 // kernel never touches memory outside its segment.
 #pragma once
 
@@ -35,9 +35,9 @@ struct RetentionGateDevice {
   const float* b1 = nullptr;    // (G)
   const float* w2 = nullptr;    // (H, G)
   const float* bias = nullptr;  // (H)
-  int D = 0, G = 0, H = 0;      // G <= kMaxGateWidth
+  int D = 0, G = 0, H = 0;      // H <= kMaxScoreHeads
 };
-constexpr int kMaxGateWidth = 1024;
+constexpr int kMaxScoreHeads = 64;
 
 // hidden (B, n, D) contiguous rows of `dtype`; out (B, H, n) fp32.
 // positions == nullptr: out = log β. Otherwise out = log β · (next_position + 1 − pos), with pos =

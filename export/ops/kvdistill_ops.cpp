@@ -163,7 +163,7 @@ at::Tensor compact_cuda(at::Tensor cache, const at::Tensor& indices, const at::T
 at::Tensor score_cuda(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                       const at::Tensor& bias, const at::Tensor& positions, int64_t next_position) {
   check_score(hidden, w1, b1, w2, bias, positions);
-  if (positions.dim() != 1 || w1.size(0) > 1024)  // per-head positions or a gate wider than the kernel's: ATen
+  if (positions.dim() != 1 || w2.size(0) > 64)  // per-head positions, or more KV heads than the kernel takes: ATen
     return score_op(hidden, w1, b1, w2, bias, positions, next_position);
   return kvd::retention_score_fused(hidden, w1, b1, w2, bias, positions, next_position);
 }

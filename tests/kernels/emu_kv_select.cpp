@@ -140,9 +140,9 @@ TEST(KvSelectEmulated, CompactFlatMatchesReference) {
   spec.keeps = torch::tensor({1299, 400, 7, 0}, torch::kLong).view({B, H});
   spec.sinks = 3;
   const RowSelection sel = kvd::select_rows_reference(s, spec);
-  // Row widths for the 1-, 4- and 16-byte paths: 3 bytes, 12 bytes, 128 bytes (bf16 d = 64).
+  // Row widths for the 1-, 4- and 16-byte paths: 3 bytes, 12 bytes, 128 bytes (bf16 d = 64), and 601 bytes.
   const std::vector<std::pair<c10::ScalarType, int64_t>> rows = {
-      {torch::kUInt8, 3}, {torch::kInt, 3}, {torch::kBFloat16, 64}};
+      {torch::kUInt8, 3}, {torch::kInt, 3}, {torch::kBFloat16, 64}, {torch::kUInt8, 601}};  // 601: 3 CTA columns
   for (const auto& [dtype, width] : rows) {
     at::Tensor cache = torch::randint(0, 120, {B, H, n, width}, torch::TensorOptions().dtype(dtype));
     at::Tensor want = cache.clone();
