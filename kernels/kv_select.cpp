@@ -188,8 +188,8 @@ at::Tensor retention_score_fused(const at::Tensor& hidden, const at::Tensor& w1,
   const int64_t B = hidden.size(0), n = hidden.size(1), D = hidden.size(2);
   KVD_CHECK(w1.dim() == 2 && w1.size(1) == D && w2.dim() == 2 && w2.size(1) == w1.size(0),
             "retention_score_fused: w1 (G, D) and w2 (H, G) do not match hidden size ", D);
-  KVD_CHECK(w2.size(0) <= kernels::kMaxScoreHeads, "retention_score_fused: ", w2.size(0), " KV heads exceed the kernel's ",
-            kernels::kMaxScoreHeads);
+  KVD_CHECK(w1.size(0) <= kernels::kMaxGateWidth, "retention_score_fused: gate width ", w1.size(0), " exceeds ",
+            kernels::kMaxGateWidth);
   c10::cuda::CUDAGuard guard(hidden.device());
   auto f = hidden.options().dtype(torch::kFloat);
   at::Tensor x = hidden.contiguous();

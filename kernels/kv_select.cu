@@ -24,12 +24,13 @@ namespace KVD_KS_NAMESPACE {
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
-// Retention score: a CTA of kScoreThreads scores kTM rows. For each tile of kTN gate units it computes W1 x as a
-// small SGEMM (kBK features of x and of W1ᵀ staged in shared memory per step; each thread owns 4 rows × 8 units),
-// puts silu(W1 x + b1) in shared memory, and adds that tile's share of w2 · h to a per-(row, head) sum that one
-// thread owns, over the units in order: a fixed order of operations, so the result is deterministic.
+// Retention score: a CTA of kScoreThreads scores kTok rows. Each thread owns UPT gate units g = tid + u · 256 and
+// accumulates W1 x for the kTok rows over chunks of kChunk input features staged in shared memory (W1 is read
+// transposed, coalesced across threads). The silu outputs go to shared memory; then each warp reduces (row, head)
+// pairs over g with a fixed shuffle tree (deterministic).
 constexpr int kScoreThreads = 256;
-constexpr int kTM = 64, kTN = 128, kBK = 16;
+constexpr int kTok = 16;
+constexpr int kChunk = 64;
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 #ifdef KVD_SIMT_EMULATION
@@ -55,84 +56,71 @@ __device__ __forceinline__ float expf_(float x) { return expf(x); }
 __device__ __forceinline__ float log1pf_(float x) { return log1pf(x); }
 #endif
 
-template <typename T>
+template <typename T, int UPT>
 __global__ void __launch_bounds__(kScoreThreads)
     score_kernel(const T* __restrict__ x, int64_t rows, int64_t n, RetentionGateDevice gate,
                  const int64_t* __restrict__ positions, int64_t pos_b_stride, int64_t next_position,
                  float* __restrict__ out) {
   KVD_DYNAMIC_SMEM(smem);
   const int D = gate.D, G = gate.G, H = gate.H;
-  float* xs = reinterpret_cast<float*>(smem);  // (kBK, kTM): a feature of the tile's rows contiguous
-  float* ws = xs + kBK * kTM;                  // (kBK, kTN)
-  float* hs = ws + kBK * kTN;                  // (kTM, kTN + 1): silu(W1 x + b1) of the unit tile
-  float* zs = hs + kTM * (kTN + 1);            // (kTM, H): w2 · h so far
-  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;  // rows 4 ty.., units 8 tx.. of the tile
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTM;
-  for (int i = tid; i < kTM * H; i += kScoreThreads) zs[i] = 0.f;
-  for (int g0 = 0; g0 < G; g0 += kTN) {
-    float acc[4][8];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
-    for (int k0 = 0; k0 < D; k0 += kBK) {
-      __syncthreads();
-      for (int e = tid; e < kTM * kBK; e += kScoreThreads) {  // consecutive threads: consecutive features of a row
-        const int t = e / kBK, kk = e % kBK, d = k0 + kk;
-        const int64_t r = r0 + t;
-        xs[kk * kTM + t] = (r < rows && d < D) ? to_float(x[r * D + d]) : 0.f;
-      }
-      for (int e = tid; e < kBK * kTN; e += kScoreThreads) {
-        const int kk = e / kTN, u = e % kTN, d = k0 + kk, g = g0 + u;
-        ws[kk * kTN + u] = (d < D && g < G) ? gate.w1t[static_cast<int64_t>(d) * G + g] : 0.f;
-      }
-      __syncthreads();
-      for (int kk = 0; kk < kBK; ++kk) {
-        const float4 a = *reinterpret_cast<const float4*>(xs + kk * kTM + ty * 4);
-        const float4 b0 = *reinterpret_cast<const float4*>(ws + kk * kTN + tx * 8);
-        const float4 b1 = *reinterpret_cast<const float4*>(ws + kk * kTN + tx * 8 + 4);
-        const float av[4] = {a.x, a.y, a.z, a.w};
-        const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 8; ++j) acc[i][j] += av[i] * bv[j];
-      }
-    }
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 8; ++j) {
-        const int g = g0 + tx * 8 + j;
-        const float v = acc[i][j] + (g < G ? gate.b1[g] : 0.f);
-        hs[(ty * 4 + i) * (kTN + 1) + tx * 8 + j] = g < G ? v / (1.f + expf_(-v)) : 0.f;  // silu
-      }
+  float* xs = reinterpret_cast<float*>(smem);  // (kChunk, kTok): feature-major, a row's 16 values contiguous
+  float* hs = xs + kChunk * kTok;              // (kTok, G + 1)
+  const int tid = threadIdx.x;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTok;
+  float acc[UPT][kTok];
+  for (int u = 0; u < UPT; ++u) {
+    const int g = tid + u * kScoreThreads;
+    const float b = g < G ? gate.b1[g] : 0.f;
+    for (int t = 0; t < kTok; ++t) acc[u][t] = b;
+  }
+  for (int d0 = 0; d0 < D; d0 += kChunk) {
+    const int dn = min(kChunk, D - d0);
     __syncthreads();
-    const int un = min(kTN, G - g0);
-    for (int p = tid; p < kTM * H; p += kScoreThreads) {  // (row, head) p: its own sum, units in order
-      const int t = p / H, h = p % H;
-      const float* hr = hs + t * (kTN + 1);
-      const float* w = gate.w2 + static_cast<int64_t>(h) * G + g0;
-      float z = zs[p];
-      for (int u = 0; u < un; ++u) z += w[u] * hr[u];
-      zs[p] = z;
+    for (int e = tid; e < kChunk * kTok; e += kScoreThreads) {
+      const int t = e / kChunk, dd = e % kChunk;  // consecutive threads read consecutive features of one row
+      const int64_t r = r0 + t;
+      xs[dd * kTok + t] = (r < rows && dd < dn) ? to_float(x[r * D + d0 + dd]) : 0.f;
     }
-    // The next tile's first barrier keeps hs from being overwritten before these sums have read it.
+    __syncthreads();
+    for (int dd = 0; dd < dn; ++dd) {
+      const float* xv = xs + dd * kTok;
+      for (int u = 0; u < UPT; ++u) {
+        const int g = tid + u * kScoreThreads;
+        const float w = g < G ? gate.w1t[static_cast<int64_t>(d0 + dd) * G + g] : 0.f;
+        for (int t = 0; t < kTok; ++t) acc[u][t] += w * xv[t];
+      }
+    }
+  }
+  for (int u = 0; u < UPT; ++u) {
+    const int g = tid + u * kScoreThreads;
+    if (g < G)
+      for (int t = 0; t < kTok; ++t) hs[t * (G + 1) + g] = acc[u][t] / (1.f + expf_(-acc[u][t]));  // silu
   }
   __syncthreads();
-  for (int p = tid; p < kTM * H; p += kScoreThreads) {
+  const int warp = tid / 32, lane = tid % 32;
+  for (int p = warp; p < kTok * H; p += kScoreThreads / 32) {
     const int t = p / H, h = p % H;
     const int64_t r = r0 + t;
-    if (r >= rows) continue;
-    const float z = zs[p] + gate.bias[h];
-    const float ls = z < 0.f ? z - log1pf_(expf_(z)) : -log1pf_(expf_(-z));  // log_sigmoid
-    const int64_t b = r / n, i = r % n;
-    float v = ls;
-    if (positions) v *= static_cast<float>(next_position + 1 - positions[b * pos_b_stride + i]);
-    out[(b * H + h) * n + i] = v;
+    float z = 0.f;
+    for (int g = lane; g < G; g += 32) z += gate.w2[static_cast<int64_t>(h) * G + g] * hs[t * (G + 1) + g];
+    for (int m = 16; m > 0; m >>= 1) z += __shfl_xor_sync(0xffffffffu, z, m);
+    if (lane == 0 && r < rows) {
+      z += gate.bias[h];
+      const float ls = z < 0.f ? z - log1pf_(expf_(z)) : -log1pf_(expf_(-z));  // log_sigmoid
+      const int64_t b = r / n, i = r % n;
+      float v = ls;
+      if (positions) v *= static_cast<float>(next_position + 1 - positions[b * pos_b_stride + i]);
+      out[(b * H + h) * n + i] = v;
+    }
   }
 }
 
-template <typename T>
-cudaError_t launch_score(const T* x, int64_t rows, int64_t n, const RetentionGateDevice& g, const int64_t* pos,
-                         int64_t pos_stride, int64_t next, float* out, cudaStream_t stream) {
-  const size_t smem = sizeof(float) * (kBK * kTM + kBK * kTN + kTM * (kTN + 1) + static_cast<size_t>(kTM) * g.H);
-  const int grid = static_cast<int>((rows + kTM - 1) / kTM);
-  auto* kernel = &score_kernel<T>;
+template <typename T, int UPT>
+cudaError_t launch_score_upt(const T* x, int64_t rows, int64_t n, const RetentionGateDevice& g, const int64_t* pos,
+                             int64_t pos_stride, int64_t next, float* out, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * (kChunk * kTok + static_cast<size_t>(kTok) * (g.G + 1));
+  const int grid = static_cast<int>((rows + kTok - 1) / kTok);
+  auto* kernel = &score_kernel<T, UPT>;
 #ifndef KVD_SIMT_EMULATION
   const cudaError_t e =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -140,6 +128,18 @@ cudaError_t launch_score(const T* x, int64_t rows, int64_t n, const RetentionGat
 #endif
   KVD_LAUNCH(kernel, grid, kScoreThreads, smem, stream, x, rows, n, g, pos, pos_stride, next, out);
   return KVD_LAST_ERROR();
+}
+
+template <typename T>
+cudaError_t launch_score(const T* x, int64_t rows, int64_t n, const RetentionGateDevice& g, const int64_t* pos,
+                         int64_t pos_stride, int64_t next, float* out, cudaStream_t stream) {
+  switch ((g.G + kScoreThreads - 1) / kScoreThreads) {  // gate units per thread
+    case 1: return launch_score_upt<T, 1>(x, rows, n, g, pos, pos_stride, next, out, stream);
+    case 2: return launch_score_upt<T, 2>(x, rows, n, g, pos, pos_stride, next, out, stream);
+    case 3: return launch_score_upt<T, 3>(x, rows, n, g, pos, pos_stride, next, out, stream);
+    case 4: return launch_score_upt<T, 4>(x, rows, n, g, pos, pos_stride, next, out, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -381,7 +381,7 @@ cudaError_t retention_score(const void* hidden, RowDType dtype, int B, int64_t n
                             const int64_t* positions, int64_t positions_batch_stride, int64_t next_position,
                             float* out, cudaStream_t stream) {
   if (B < 0 || n < 0 || !hidden || !out || !gate.w1t || !gate.b1 || !gate.w2 || !gate.bias || gate.D <= 0 ||
-      gate.G <= 0 || gate.H <= 0 || gate.H > kMaxScoreHeads)
+      gate.G <= 0 || gate.G > kMaxGateWidth || gate.H <= 0)
     return cudaErrorInvalidValue;
   const int64_t rows = static_cast<int64_t>(B) * n;
   if (rows == 0) return cudaSuccess;

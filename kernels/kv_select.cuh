@@ -35,9 +35,9 @@ struct RetentionGateDevice {
   const float* b1 = nullptr;    // (G)
   const float* w2 = nullptr;    // (H, G)
   const float* bias = nullptr;  // (H)
-  int D = 0, G = 0, H = 0;      // H <= kMaxScoreHeads
+  int D = 0, G = 0, H = 0;      // G <= kMaxGateWidth
 };
-constexpr int kMaxScoreHeads = 64;
+constexpr int kMaxGateWidth = 1024;
 
 // hidden (B, n, D) contiguous rows of `dtype`; out (B, H, n) fp32.
 // positions == nullptr: out = log β. Otherwise out = log β · (next_position + 1 − pos), with pos =

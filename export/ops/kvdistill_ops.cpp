@@ -138,13 +138,26 @@ at::Tensor compact_op(at::Tensor cache, const at::Tensor& indices, const at::Ten
 
 #ifdef KVD_OPS_CUDA
 // CUDA: the fused kernels. Same checks, same results (selection ties and order are the kernels' documented rule,
-// which is the ATen path's stable sort).
+// which is the ATen path's stable sort). A failure inside the kernels' binding leaves as a c10::Error, like every
+// other error of the operators.
+template <typename F>
+auto as_c10_error(const char* op, F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const c10::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "kvdistill::", op, ": ", e.what());
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> select_cuda(const at::Tensor& scores, int64_t keep) {
   check_select(scores, keep);
   const int64_t B = scores.size(0), H = scores.size(1);
   kvd::RowSelectSpec spec;
   spec.keep = keep;
-  const kvd::RowSelection sel = kvd::select_rows_fused(scores.to(at::kFloat), spec);   // (B, H, keep)
+  const kvd::RowSelection sel =
+      as_c10_error("select", [&] { return kvd::select_rows_fused(scores.to(at::kFloat), spec); });  // (B, H, keep)
   at::Tensor indices = sel.indices.permute({1, 0, 2}).reshape({H, B * keep}).contiguous();  // (H, B·keep)
   return {indices, trtllm_offsets(B, keep, scores.options())};
 }
@@ -156,16 +169,19 @@ at::Tensor compact_cuda(at::Tensor cache, const at::Tensor& indices, const at::T
   if (!cache.is_contiguous()) return compact_op(cache, indices, offsets);
   kvd::RowSelection sel{indices.reshape({H, B, keep}).permute({1, 0, 2}).contiguous(),  // (B, H, keep)
                         at::full({B, H}, keep, cache.options().dtype(at::kInt))};
-  kvd::compact_rows_fused(cache, sel);
+  as_c10_error("compact", [&] {
+    kvd::compact_rows_fused(cache, sel);
+    return 0;
+  });
   return cache;
 }
 
 at::Tensor score_cuda(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
                       const at::Tensor& bias, const at::Tensor& positions, int64_t next_position) {
   check_score(hidden, w1, b1, w2, bias, positions);
-  if (positions.dim() != 1 || w2.size(0) > 64)  // per-head positions, or more KV heads than the kernel takes: ATen
+  if (positions.dim() != 1 || w1.size(0) > 1024)  // per-head positions, or a gate wider than the kernel's: ATen
     return score_op(hidden, w1, b1, w2, bias, positions, next_position);
-  return kvd::retention_score_fused(hidden, w1, b1, w2, bias, positions, next_position);
+  return as_c10_error("score", [&] { return kvd::retention_score_fused(hidden, w1, b1, w2, bias, positions, next_position); });
 }
 #endif
 

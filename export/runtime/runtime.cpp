@@ -463,9 +463,9 @@ kvd_status kvd_cuda_score(const kvd_bundle* bundle, int32_t layer, const void* h
     if (layer < 0 || layer >= bundle->info.num_layers)
       fail(KVD_ERR_INVALID_ARGUMENT, "kvd_cuda_score: layer ", layer, " outside [0, ", bundle->info.num_layers, ")");
     need(batch >= 0 && n >= 0, "kvd_cuda_score: batch and n must be >= 0");
-    if (bundle->info.num_kv_heads > kvd::kernels::kMaxScoreHeads)
-      fail(KVD_ERR_UNSUPPORTED, "kvd_cuda_score: ", bundle->info.num_kv_heads, " KV heads exceed the kernel's ",
-           kvd::kernels::kMaxScoreHeads, "; use kvd_score_log_beta");
+    if (bundle->info.gate_hidden > kvd::kernels::kMaxGateWidth)
+      fail(KVD_ERR_UNSUPPORTED, "kvd_cuda_score: gate width ", bundle->info.gate_hidden, " exceeds the kernel's ",
+           kvd::kernels::kMaxGateWidth, "; use kvd_score_log_beta");
     need_device_memory(hidden, "kvd_cuda_score", "hidden");
     need_device_memory(out, "kvd_cuda_score", "out");
     if (positions) need_device_memory(positions, "kvd_cuda_score", "positions");
