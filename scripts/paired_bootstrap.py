@@ -10,6 +10,10 @@ its own full-cache reference) are read as one; the first record of a (method, bu
 the same as JSON into the first directory (bootstrap_vs_<baseline>.json).
 
   scripts/paired_bootstrap.py DIR [DIR ...] [--baseline snapkv] [--resamples 2000] [--seed 0]
+                              [--move LABEL FROM TO ...]
+
+--move LABEL FROM TO compares method LABEL's records at budget FROM as if they were at budget TO: e.g. a gate
+evaluated at its own flags (`threshold=0.5`) against heuristics run at the fraction it kept (`ratio=0.039`).
 """
 import argparse
 import json
@@ -25,7 +29,10 @@ def main():
     ap.add_argument("--baseline", default="snapkv")
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--move", nargs=3, action="append", default=[], metavar=("LABEL", "FROM", "TO"),
+                    help="treat LABEL's records at budget FROM as records at budget TO")
     a = ap.parse_args()
+    moves = {(label, src): dst for label, src, dst in a.move}
     by = defaultdict(dict)  # (budget, method label) -> id -> row
     for d in a.dirs:
         path = os.path.join(d, "results.jsonl")
@@ -36,7 +43,8 @@ def main():
                 continue
             r = json.loads(line)
             if r["method"] != "full":
-                by[(r["budget"], r.get("label", r["method"]))].setdefault(r["id"], r)
+                label = r.get("label", r["method"])
+                by[(moves.get((label, r["budget"]), r["budget"]), label)].setdefault(r["id"], r)
     rng = random.Random(a.seed)
     out = []
     print(f"| budget | method | n | accuracy | Δacc vs {a.baseline} [95% CI] | hit rate | Δhit [95% CI] | KL | ΔKL [95% CI] "

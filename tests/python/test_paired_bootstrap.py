@@ -57,3 +57,20 @@ def test_missing_directory(tmp_path):
     r = run(tmp_path / "nope")
     assert r.returncode != 0
     assert "does not exist" in r.stderr and "kvdistill eval --out" in r.stderr
+
+
+def test_move_compares_across_budgets(tmp_path):
+    """--move LABEL FROM TO: a gate at its own flags (threshold) paired with a heuristic run at the gate's fraction."""
+    n = 20
+    rows = []
+    for i in range(n):
+        rows.append(record("snapkv", "ratio=0.04", f"s{i}", 0.0, 0.9, 0.2, 10))
+        rows.append(record("gate", "threshold=0.5", f"s{i}", 1.0, 0.95, 0.1, 10))
+    d = write(tmp_path / "m", rows)
+    r = run(d, "--baseline", "snapkv", "--resamples", 200)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((d / "bootstrap_vs_snapkv.json").read_text()) == [], "different budgets must not be paired"
+    r = run(d, "--baseline", "snapkv", "--resamples", 200, "--move", "gate", "threshold=0.5", "ratio=0.04")
+    assert r.returncode == 0, r.stderr
+    (g,) = json.loads((d / "bootstrap_vs_snapkv.json").read_text())
+    assert g["budget"] == "ratio=0.04" and g["n"] == n and abs(g["score_diff"] - 1.0) < 1e-12
