@@ -21,9 +21,10 @@
 #include <string>
 #include <vector>
 
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/torch.h>
+
+#include "bench/cuda_time.h"
 
 #include "kernels/retention_attention.h"
 
@@ -37,22 +38,6 @@ std::vector<int64_t> parse_list(const char* s) {
   return out;
 }
 
-// Median milliseconds of fn over reps runs (after warm-up), timed with CUDA events on the current stream.
-double time_ms(const std::function<void()>& fn, int reps) {
-  for (int i = 0; i < 2; ++i) fn();
-  torch::cuda::synchronize();
-  std::vector<double> ts;
-  for (int i = 0; i < reps; ++i) {
-    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
-    a.record();
-    fn();
-    b.record();
-    b.synchronize();
-    ts.push_back(a.elapsed_time(b));
-  }
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
 
 }  // namespace
 
@@ -114,25 +99,25 @@ int main(int argc, char** argv) {
         const double fl = 2.0 * H * static_cast<double>(S) * S * D;  // causal forward FLOPs
 
         kvd::RetentionAttentionForward f;
-        const double o_f = time_ms([&] { f = kvd::retention_attention_forward(q, k, v, pos, docs, rate, {}, {}, scale); },
+        const double o_f = kvd::bench::time_ms([&] { f = kvd::retention_attention_forward(q, k, v, pos, docs, rate, {}, {}, scale); },
                                    reps);
-        const double o_fb = time_ms(
+        const double o_fb = kvd::bench::time_ms(
             [&] {
               f = kvd::retention_attention_forward(q, k, v, pos, docs, rate, {}, {}, scale);
               kvd::retention_attention_backward(dout, q, k, v, f, pos, docs, rate, {}, {}, scale);
             },
             reps);
-        const double n_f = time_ms([&] { f = kvd::retention_attention_forward(q, k, v, pos, docs, {}, {}, {}, scale); },
+        const double n_f = kvd::bench::time_ms([&] { f = kvd::retention_attention_forward(q, k, v, pos, docs, {}, {}, {}, scale); },
                                    reps);
-        const double n_fb = time_ms(
+        const double n_fb = kvd::bench::time_ms(
             [&] {
               f = kvd::retention_attention_forward(q, k, v, pos, docs, {}, {}, {}, scale);
               kvd::retention_attention_backward(dout, q, k, v, f, pos, docs, {}, {}, {}, scale);
             },
             reps);
-        const double s_f = time_ms([&] { at::_scaled_dot_product_flash_attention(q, ke, ve, 0.0, true, false, scale); },
+        const double s_f = kvd::bench::time_ms([&] { at::_scaled_dot_product_flash_attention(q, ke, ve, 0.0, true, false, scale); },
                                    reps);
-        const double s_fb = time_ms(
+        const double s_fb = kvd::bench::time_ms(
             [&] {
               auto r = at::_scaled_dot_product_flash_attention(q, ke, ve, 0.0, true, false, scale);
               at::_scaled_dot_product_flash_attention_backward(
@@ -143,9 +128,9 @@ int main(int argc, char** argv) {
             reps);
         // The backward's passes apart (with the key_rate bias): Δ + dQ, and Δ + dK/dV.
         f = kvd::retention_attention_forward(q, k, v, pos, docs, rate, {}, {}, scale);
-        const double b_dq = time_ms(
+        const double b_dq = kvd::bench::time_ms(
             [&] { kvd::retention_attention_backward(dout, q, k, v, f, pos, docs, rate, {}, {}, scale, 1 | 2); }, reps);
-        const double b_dkv = time_ms(
+        const double b_dkv = kvd::bench::time_ms(
             [&] { kvd::retention_attention_backward(dout, q, k, v, f, pos, docs, rate, {}, {}, scale, 1 | 4); }, reps);
         auto tf = [](double flops, double ms) { return flops / (ms * 1e-3) / 1e12; };
         char c1[64], c2[64], c3[64], c4[64], c5[64], c6[64];

@@ -23,30 +23,10 @@
 #include <string>
 #include <vector>
 
-#include <ATen/cuda/CUDAEvent.h>
 #include <torch/torch.h>
 
+#include "bench/cuda_time.h"
 #include "kernels/kv_select.h"
-
-namespace {
-
-double time_ms(const std::function<void()>& fn, int reps) {
-  for (int i = 0; i < 3; ++i) fn();
-  torch::cuda::synchronize();
-  std::vector<double> ts;
-  for (int i = 0; i < reps; ++i) {
-    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
-    a.record();
-    fn();
-    b.record();
-    b.synchronize();
-    ts.push_back(a.elapsed_time(b));
-  }
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   int reps = 20;
@@ -70,7 +50,7 @@ int main(int argc, char** argv) {
   double copy_tbps = 0;
   {
     at::Tensor x = torch::empty({int64_t{2} << 30}, f.dtype(torch::kUInt8)), y = torch::empty_like(x);
-    const double ms = time_ms([&] { y.copy_(x); }, reps);
+    const double ms = kvd::bench::time_ms([&] { y.copy_(x); }, reps);
     copy_tbps = 2.0 * x.numel() / ms / 1e9;
     std::printf("{\"what\": \"copy\", \"TBps\": %.3f}\n", copy_tbps);
   }
@@ -84,7 +64,7 @@ int main(int argc, char** argv) {
     at::Tensor K = torch::randn({LB, e.H, e.n, e.D}, f.dtype(torch::kBFloat16));  // (L·B, H, n, D)
     at::Tensor V = torch::randn_like(K);
     at::Tensor S = torch::randn({LB, e.H, e.n}, f);                               // (L·B, H, n)
-    const double torch_ms = time_ms(
+    const double torch_ms = kvd::bench::time_ms(
         [&] {
           at::Tensor idx = std::get<0>(std::get<1>(S.topk(e.M, -1)).sort(-1));  // (L·B, H, M)
           at::Tensor gi = idx.unsqueeze(-1).expand({LB, e.H, e.M, e.D});
@@ -95,14 +75,14 @@ int main(int argc, char** argv) {
     kvd::RowSelectSpec spec;
     spec.keep = e.M;
     kvd::RowSelection sel = kvd::select_rows_fused(S, spec);
-    const double select_ms = time_ms([&] { sel = kvd::select_rows_fused(S, spec); }, reps);
-    const double compact_ms = time_ms(
+    const double select_ms = kvd::bench::time_ms([&] { sel = kvd::select_rows_fused(S, spec); }, reps);
+    const double compact_ms = kvd::bench::time_ms(
         [&] {
           kvd::compact_rows_fused(K, sel);
           kvd::compact_rows_fused(V, sel);
         },
         reps);
-    const double ours_ms = time_ms(
+    const double ours_ms = kvd::bench::time_ms(
         [&] {
           kvd::RowSelection s = kvd::select_rows_fused(S, spec);
           kvd::compact_rows_fused(K, s);
@@ -140,15 +120,15 @@ int main(int argc, char** argv) {
       at::Tensor ke = k.repeat_interleave(m.Hq / m.Hkv, 1), ve = v.repeat_interleave(m.Hq / m.Hkv, 1);
       const double scale = 1.0 / std::sqrt(static_cast<double>(m.d));
       const double attn_ms =
-          time_ms([&] { at::_scaled_dot_product_flash_attention(q, ke, ve, 0.0, true, false, scale); }, reps);
+          kvd::bench::time_ms([&] { at::_scaled_dot_product_flash_attention(q, ke, ve, 0.0, true, false, scale); }, reps);
       kvd::RowSelectSpec spec;
       spec.keep = keep;
       at::Tensor scores;
       kvd::RowSelection sel;
       const double score_ms =
-          time_ms([&] { scores = kvd::retention_score_fused(hidden, w1, b1, w2, bias, pos, n); }, reps);
-      const double select_ms = time_ms([&] { sel = kvd::select_rows_fused(scores, spec); }, reps);
-      const double compact_ms = time_ms(
+          kvd::bench::time_ms([&] { scores = kvd::retention_score_fused(hidden, w1, b1, w2, bias, pos, n); }, reps);
+      const double select_ms = kvd::bench::time_ms([&] { sel = kvd::select_rows_fused(scores, spec); }, reps);
+      const double compact_ms = kvd::bench::time_ms(
           [&] {
             kvd::compact_rows_fused(k, sel);
             kvd::compact_rows_fused(v, sel);
@@ -156,7 +136,7 @@ int main(int argc, char** argv) {
           reps);
       // The ATen chain (libkvdistill_ops.so's CPU path, run on the GPU).
       at::Tensor aten_scores;
-      const double aten_ms = time_ms(
+      const double aten_ms = kvd::bench::time_ms(
           [&] {
             at::Tensor z = at::linear(at::silu(at::linear(hidden.to(torch::kFloat), w1, b1)), w2) + bias;  // (1, n, H)
             aten_scores = at::log_sigmoid(z).transpose(1, 2) * (n + 1 - pos).to(torch::kFloat);           // (1, H, n)

@@ -119,7 +119,8 @@ int64_t check_compact(const at::Tensor& cache, const at::Tensor& indices, const 
   TORCH_CHECK(indices.size(1) % std::max<int64_t>(B, 1) == 0, "kvdistill::compact: indices' ", indices.size(1),
               " columns are not B = ", B, " equal blocks");
   const int64_t keep = B ? indices.size(1) / B : 0;
-  TORCH_CHECK(at::equal(offsets, trtllm_offsets(B, keep, offsets.options())), "kvdistill::compact: offsets must be b · keep (equal counts per request)");
+  TORCH_CHECK(at::equal(offsets, trtllm_offsets(B, keep, offsets.options())),
+              "kvdistill::compact: offsets must be b · keep (equal counts per request)");
   TORCH_CHECK(keep <= n, "kvdistill::compact: keep ", keep, " exceeds the cache's ", n, " rows");
   return keep;
 }
