@@ -9,7 +9,8 @@
 #   bench/gpu_serving.sh bench   bench_select_compact: select + compact vs PyTorch's topk / sort / gather, and one
 #                                layer's score + select + compact next to its attention, at 8K and 32K
 # Inputs (env): TOK (a dir with SmolLM2's tokenizer.json and tokenizer_config.json, for the tests' tiny model;
-# default .devdata/tok), OUT (logs, default /tmp/kvd-out).
+# default .devdata/tok, staged here with `mkdir -p .devdata/tok && cp .cache/models/SmolLM2-135M-Instruct/tokenizer*.json
+# .devdata/tok/` and carried with the call), OUT (logs, default /tmp/kvd-out).
 set -uo pipefail
 TOK=${TOK:-.devdata/tok}
 OUT=${OUT:-/tmp/kvd-out}

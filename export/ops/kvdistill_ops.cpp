@@ -71,14 +71,20 @@ void check_score(const at::Tensor& hidden, const at::Tensor& w1, const at::Tenso
               "kvdistill::score: positions must be (", n, ") or (", B, ", ", H, ", ", n, "), got ", positions.sizes());
 }
 
-at::Tensor score_op(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                    const at::Tensor& bias, const at::Tensor& positions, int64_t next_position) {
-  check_score(hidden, w1, b1, w2, bias, positions);
+// The score with ATen operations, after check_score.
+at::Tensor score_aten(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& bias, const at::Tensor& positions, int64_t next_position) {
   at::Tensor x = hidden.to(at::kFloat);                                        // (B, n, D)
   at::Tensor z = at::linear(at::silu(at::linear(x, w1, b1)), w2) + bias;      // (B, n, H)
   at::Tensor log_beta = at::log_sigmoid(z).transpose(1, 2);                    // (B, H, n)
   at::Tensor age = (next_position + 1 - positions).to(at::kFloat);             // (n) or (B, H, n)
   return (log_beta * age).contiguous();                                        // (B, H, n)
+}
+
+at::Tensor score_op(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                    const at::Tensor& bias, const at::Tensor& positions, int64_t next_position) {
+  check_score(hidden, w1, b1, w2, bias, positions);
+  return score_aten(hidden, w1, b1, w2, bias, positions, next_position);
 }
 
 void check_select(const at::Tensor& scores, int64_t keep) {
@@ -181,7 +187,7 @@ at::Tensor score_cuda(const at::Tensor& hidden, const at::Tensor& w1, const at::
                       const at::Tensor& bias, const at::Tensor& positions, int64_t next_position) {
   check_score(hidden, w1, b1, w2, bias, positions);
   if (positions.dim() != 1 || w1.size(0) > 1024)  // per-head positions, or a gate wider than the kernel's: ATen
-    return score_op(hidden, w1, b1, w2, bias, positions, next_position);
+    return score_aten(hidden, w1, b1, w2, bias, positions, next_position);
   return as_c10_error("score", [&] { return kvd::retention_score_fused(hidden, w1, b1, w2, bias, positions, next_position); });
 }
 #endif

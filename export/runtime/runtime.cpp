@@ -394,9 +394,14 @@ void cuda_ok(cudaError_t e, const char* who) {
   if (e != cudaSuccess) fail(KVD_ERR_INTERNAL, who, ": CUDA error ", cudaGetErrorString(e));
 }
 
-bool device_count_positive() {
-  int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+bool device_count_positive() {  // asked once per process: every kvd_cuda_ call checks it
+  static const bool positive = [] {
+    int count = 0;
+    const bool ok = cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+    cudaGetLastError();  // no device: clear the query's error state
+    return ok;
+  }();
+  return positive;
 }
 
 // KVD_ERR_UNSUPPORTED without a device; KVD_ERR_INVALID_ARGUMENT for NULL or host memory.
@@ -445,6 +450,23 @@ void check_select_dims(const char* who, int32_t batch, int32_t num_kv_heads, int
   need(batch > 0 && num_kv_heads > 0, "batch and num_kv_heads must be > 0");
   if (keep < 1 || keep > n) fail(KVD_ERR_INVALID_ARGUMENT, who, ": keep must lie in [1, n = ", n, "], got ", keep);
   if (n > INT32_MAX) fail(KVD_ERR_INVALID_ARGUMENT, who, ": n = ", n, " does not fit int32 indices");
+}
+
+// A compaction of `batch` requests' (num_kv_heads) segments of n rows with kvd_cuda_select_topk's indices
+// (TensorRT-LLM's layout: head h, request b at h · batch · keep + b · keep).
+kvd::kernels::CompactArgs trtllm_compact(void* base, int32_t batch, int32_t num_kv_heads, int64_t n, int64_t row_bytes,
+                                         const int32_t* indices, int64_t keep) {
+  kvd::kernels::CompactArgs a;
+  a.base = base;
+  a.row_bytes = row_bytes;
+  a.num_segments = batch * num_kv_heads;
+  a.heads = num_kv_heads;
+  a.n = n;
+  a.indices = indices;
+  a.idx_b_stride = keep;
+  a.idx_h_stride = static_cast<int64_t>(batch) * keep;
+  a.keep = keep;
+  return a;
 }
 
 }  // namespace
@@ -512,17 +534,8 @@ kvd_status kvd_cuda_compact_flat(void* cache, int32_t batch, int32_t num_kv_head
     need_device_memory(indices, "kvd_cuda_compact_flat", "indices");
     check_select_dims("kvd_cuda_compact_flat", batch, num_kv_heads, n, keep);
     need(row_bytes > 0, "kvd_cuda_compact_flat: row_bytes must be > 0");
-    kvd::kernels::CompactArgs a;
-    a.base = cache;
-    a.row_bytes = row_bytes;
+    kvd::kernels::CompactArgs a = trtllm_compact(cache, batch, num_kv_heads, n, row_bytes, indices, keep);
     a.segment_rows = n;
-    a.num_segments = batch * num_kv_heads;
-    a.heads = num_kv_heads;
-    a.n = n;
-    a.indices = indices;
-    a.idx_b_stride = keep;
-    a.idx_h_stride = static_cast<int64_t>(batch) * keep;
-    a.keep = keep;
     cuda_ok(kvd::kernels::compact_rows(a, static_cast<cudaStream_t>(stream)), "kvd_cuda_compact_flat");
   });
 }
@@ -539,19 +552,10 @@ kvd_status kvd_cuda_compact_paged(void* pool, const int32_t* block_tables, int64
     if (max_blocks * tokens_per_block < n)
       fail(KVD_ERR_INVALID_ARGUMENT, "kvd_cuda_compact_paged: ", max_blocks, " blocks of ", tokens_per_block,
            " tokens cannot hold n = ", n);
-    kvd::kernels::CompactArgs a;
-    a.base = pool;
-    a.row_bytes = row_bytes;
-    a.num_segments = batch * num_kv_heads;
-    a.heads = num_kv_heads;
-    a.n = n;
+    kvd::kernels::CompactArgs a = trtllm_compact(pool, batch, num_kv_heads, n, row_bytes, indices, keep);
     a.block_table = block_tables;
     a.block_table_stride = max_blocks;
     a.tokens_per_block = tokens_per_block;
-    a.indices = indices;
-    a.idx_b_stride = keep;
-    a.idx_h_stride = static_cast<int64_t>(batch) * keep;
-    a.keep = keep;
     cuda_ok(kvd::kernels::compact_rows(a, static_cast<cudaStream_t>(stream)), "kvd_cuda_compact_paged");
   });
 }
