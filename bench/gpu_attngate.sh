@@ -4,26 +4,35 @@
 #   bench/gpu_attngate.sh build        this tree into build-gpu/ (kvdistill)
 #   bench/gpu_attngate.sh model        joins the GGUF parts staged in /root/kvd-stage, checks the sha256 and
 #                                      converts it to $MODEL
-#   bench/gpu_attngate.sh train [S]    the gate at targets 0.5 and 0.25 (configs/attngate-smollm2.yaml), both on
-#                                      the GPU at once, each stopped after S seconds (default 420) and resumed
-#                                      from its last checkpoint by the next call
-#   bench/gpu_attngate.sh eval [S]     the tasks at 2K and 4K: both gates at their own flags (--thresholds 0.5),
-#                                      and at ratios 0.5 / 0.75 / 0.875 next to SnapKV, AdaKV-SnapKV,
-#                                      DefensiveKV and StreamingLLM; three processes sharing the GPU, each
-#                                      resumable (re-running skips the results already written)
+#   bench/gpu_attngate.sh train [S]    every run of $RUNS (configs/attngate-smollm2.yaml), all on the GPU at
+#                                      once, each stopped after S seconds (default 420) and resumed from its
+#                                      last checkpoint by the next call; prints each run's held-out kept fraction
+#   bench/gpu_attngate.sh eval [S]     the tasks at 2K and 4K: every gate of $GATES at its own flags
+#                                      (--thresholds 0.5), and at ratios 0.5 / 0.75 / 0.875 next to SnapKV,
+#                                      AdaKV-SnapKV, DefensiveKV and StreamingLLM; one process per gate and
+#                                      budget and per heuristic, sharing the GPU, each resumable (re-running
+#                                      skips the results already written). SEED (a results.jsonl of an earlier
+#                                      run on the same tasks) pre-fills the heuristics' results it holds.
 #   bench/gpu_attngate.sh eval-matched [S]  the heuristics at the mean kept fraction of each gate's flags
 #   bench/gpu_attngate.sh collect      metrics, results and logs into $OUT (the device's return folder, one
-#                                      tarball: a call returns only a few files)
+#                                      tarball: a call returns only a few files), and one tarball per bundle
 # Then, here: scripts/paired_bootstrap.py over the collected results (see docs/results/attngate-*).
-# Inputs (env): MODEL (default /root/model), DATA (default .devdata/ag: py-2k.h5 from `prepare text --seq-len
-# 2048 --val-fraction 0.02` over the Python docs, tasks-2k4k.jsonl from `prepare tasks --lengths 2048,4096
-# --samples 12 --seed 7`), W (work dir, default /root/ag), STEPS (default 400), SCHEDULE (default 100).
+# Inputs (env): MODEL (default /root/model), DATA (default .devdata/ag: tasks-2k4k.jsonl from `prepare tasks
+# --lengths 2048,4096 --samples 12 --seed 7`, and the training file $TRAIN_H5), TRAIN_H5 (default py-2k.h5:
+# `prepare text --seq-len 2048 --val-fraction 0.02` over the Python docs), W (work dir, default /root/ag),
+# STEPS (default 400), SCHEDULE (default 100), RUNS (space-separated name:target:keep_scope, default
+# "ag05:0.5:batch ag025:0.25:batch"), GATES (the run names eval compares at fixed ratios, default all of RUNS),
+# FLAGS_ONLY (run names evaluated at their own flags only).
 set -euo pipefail
 MODEL=${MODEL:-/root/model}
 DATA=${DATA:-.devdata/ag}
 W=${W:-/root/ag}
 STEPS=${STEPS:-400}
 SCHEDULE=${SCHEDULE:-100}
+TRAIN_H5=${TRAIN_H5:-py-2k.h5}
+RUNS=${RUNS:-ag05:0.5:batch ag025:0.25:batch}
+GATES=${GATES:-$(for r in $RUNS; do printf '%s ' "${r%%:*}"; done)}
+FLAGS_ONLY=${FLAGS_ONLY:-}
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 KVD=build-gpu/kvdistill
 mkdir -p "$W"
@@ -42,31 +51,60 @@ case "${1:-}" in
     ;;
   train)
     limit=${2:-420}
-    for target in 0.5 0.25; do
-      name=ag$(echo "$target" | tr -d .)
+    for run in $RUNS; do
+      IFS=: read -r name target scope <<< "$run"
       timeout "$limit" $KVD train --config configs/attngate-smollm2.yaml model.dir="$MODEL" \
-        data.train="$DATA/py-2k.h5" component.target="$target" component.schedule_steps="$SCHEDULE" \
-        train.steps="$STEPS" train.eval_every=100 train.save_every=50 train.progress=lines \
-        train.out_dir="$W/$name" >> "$W/train-$name.log" 2>&1 &
+        data.train="$DATA/$TRAIN_H5" component.target="$target" component.keep_scope="$scope" \
+        component.schedule_steps="$SCHEDULE" train.steps="$STEPS" train.eval_every=100 train.eval_batches=16 \
+        train.save_every=50 train.progress=lines train.out_dir="$W/$name" >> "$W/train-$name.log" 2>&1 &
     done
     wait || true
-    for name in ag05 ag025; do
-      echo "== $name"; grep -E '"val_kept"|val_kept' "$W/$name/metrics.jsonl" | tail -2 || true
-      tail -n 2 "$W/train-$name.log"
-      ls "$W/$name/bundle" 2>/dev/null || echo "(no bundle yet: run train again to resume)"
+    for run in $RUNS; do
+      name=${run%%:*}
+      echo "== $run: step, held-out kept fraction, held-out KL"
+      python3 - "$W/$name/metrics.jsonl" <<'PY' || true
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "val_kept" in r:
+        print(f"  {r['step']:5d}  val_kept {r['val_kept']:.4f}  val_kl {r['val_kl']:.4f}")
+PY
+      tail -n 1 "$W/train-$name.log"
+      ls "$W/$name/bundle" >/dev/null 2>&1 && echo "  bundle ready" || echo "  (no bundle yet: run train again to resume)"
     done
     ;;
   eval)
     limit=${2:-540}
     common=(--model "$MODEL" --tasks "$DATA/tasks-2k4k.jsonl" --device cuda --batch 16)
-    timeout "$limit" $KVD eval "${common[@]}" --thresholds 0.5 --out "$W/eval-flags" \
-      --methods "attngate:$W/ag05/bundle,attngate:$W/ag025/bundle" > "$W/eval-flags.log" 2>&1 &
-    timeout "$limit" $KVD eval "${common[@]}" --ratios 0.5,0.75,0.875 --out "$W/eval-a" \
-      --methods "snapkv,adakv_snapkv,attngate:$W/ag05/bundle" > "$W/eval-a.log" 2>&1 &
-    timeout "$limit" $KVD eval "${common[@]}" --ratios 0.5,0.75,0.875 --out "$W/eval-b" \
-      --methods "defensivekv,streaming_llm,attngate:$W/ag025/bundle" > "$W/eval-b.log" 2>&1 &
+    for g in $GATES $FLAGS_ONLY; do
+      timeout "$limit" $KVD eval "${common[@]}" --thresholds 0.5 --out "$W/eval-flags-$g" \
+        --methods "attngate:$W/$g/bundle" > "$W/eval-flags-$g.log" 2>&1 &
+    done
+    for g in $GATES; do
+      for r in 0.5 0.75 0.875; do
+        timeout "$limit" $KVD eval "${common[@]}" --ratios "$r" --out "$W/eval-$g-$r" \
+          --methods "attngate:$W/$g/bundle" > "$W/eval-$g-$r.log" 2>&1 &
+      done
+    done
+    for m in snapkv adakv_snapkv defensivekv streaming_llm; do
+      out="$W/eval-h-$m"
+      if [ -n "${SEED:-}" ] && [ ! -e "$out/results.jsonl" ]; then
+        mkdir -p "$out"
+        python3 - "$SEED" "$m" "$out/results.jsonl" <<'PY'
+import json, sys
+seed, method, out = sys.argv[1:]
+with open(out, "w") as f:
+    for line in open(seed):
+        if json.loads(line)["method"] in ("full", method):
+            f.write(line)
+PY
+        cp "$(dirname "$SEED")/run.json" "$out/run.json"
+      fi
+      timeout "$limit" $KVD eval "${common[@]}" --ratios 0.5,0.75,0.875 --out "$out" --methods "$m" \
+        > "$W/eval-h-$m.log" 2>&1 &
+    done
     wait || true
-    tail -n 2 "$W"/eval-*.log
+    for f in "$W"/eval-*.log; do echo "$f: $(tail -n 1 "$f")"; done
     wc -l "$W"/eval-*/results.jsonl
     ;;
   eval-matched)
@@ -75,15 +113,15 @@ case "${1:-}" in
     # RATIOS (comma-separated) overrides the ratios read from eval-flags (e.g. on a fresh machine). One eval
     # process per ratio and method, overlapped on the GPU (a 135M model's decode is launch-bound).
     limit=${2:-540}
-    ratios=${RATIOS:-$(python3 - "$W/eval-flags/results.jsonl" <<'PY'
+    ratios=${RATIOS:-$(cat "$W"/eval-flags-*/results.jsonl | python3 -c '
 import json, sys
 kept = {}
-for line in open(sys.argv[1]):
+for line in sys.stdin:
     r = json.loads(line)
     if r["method"] != "full":
         kept.setdefault(r["label"], []).append(r["kept_fraction"])
 print(",".join(sorted({f"{1 - sum(v) / len(v):.3f}" for v in kept.values()})))
-PY
+'
 )}
     echo "ratios matching the gates' flags: $ratios"
     for r in ${ratios//,/ }; do
@@ -97,12 +135,14 @@ PY
     ;;
   collect)
     out=${OUT:?OUT is the device call\'s return folder}
-    (cd "$W" && tar czf "$out/attngate-results.tgz" --ignore-failed-read ag*/metrics.jsonl ag*/bundle *.log \
+    (cd "$W" && tar czf "$out/attngate-results.tgz" --ignore-failed-read ag*/metrics.jsonl *.log \
       eval-*/results.jsonl eval-*/run.json)
+    # The bundles of $GATES, one file each (a returned file holds at most 16 MiB).
+    for g in $GATES; do (cd "$W" && tar czf "$out/bundle-$g.tgz" --ignore-failed-read "$g/bundle"); done
     ls -la "$out"
     ;;
   *)
-    sed -n '2,22p' "$0"
+    sed -n '2,25p' "$0"
     exit 2
     ;;
 esac

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 
 #include <torch/torch.h>
@@ -138,6 +139,19 @@ std::vector<at::Tensor> AttentionGateImpl::keep_fractions() const {
   return out;
 }
 
+at::Tensor AttentionGateImpl::row_keep_fractions(at::Tensor* row_valid) const {
+  std::vector<at::Tensor> rows;
+  at::Tensor n;  // (B) valid tokens per row
+  for (const at::Tensor& f : recorded_) {
+    KVD_CHECK(f.defined(), "AttentionGate::row_keep_fractions: run a forward with attention_mods first");
+    at::Tensor w = recorded_valid_.to(f.device()).to(f.scalar_type()).unsqueeze(-1);  // (B, T, 1)
+    if (!n.defined()) n = w.sum({1, 2});                                              // (B)
+    rows.push_back((f * w).sum({1, 2}) / (n * static_cast<double>(f.size(-1))).clamp_min(1.0));  // (B)
+  }
+  if (row_valid) *row_valid = n.gt(0);
+  return torch::stack(rows);  // (L, B)
+}
+
 ComponentLoss AttentionGateImpl::loss(const Model& model, const TrainBatch& batch, const LossOptions& options) {
   const AttentionMods mods = attention_mods(batch);
   DistillTerms d = distill_to_frozen(model, batch, mods, options);
@@ -145,18 +159,31 @@ ComponentLoss AttentionGateImpl::loss(const Model& model, const TrainBatch& batc
   const std::vector<at::Tensor> keep = keep_fractions();  // [layer] ()
   const double beta = target_at(options.step);
   at::Tensor k = torch::stack(keep);  // (L)
-  at::Tensor penalty;                  // (L)
+  at::Tensor rv;
+  const at::Tensor kr = row_keep_fractions(&rv);             // (L, B)
+  const at::Tensor rw = rv.to(kr.scalar_type());             // (B) 1 for rows with a valid token
+  const at::Tensor nrows = rw.sum().clamp_min(1.0);          // ()
+  // The hinge's and the two-sided penalty's argument, per layer: over the batch, or each row's then averaged.
+  auto over_scope = [&](const std::function<at::Tensor(const at::Tensor&)>& g) {
+    return opt_.scope == KeepScope::Sequence ? (g(kr) * rw).sum(1) / nrows : g(k);  // (L)
+  };
+  auto hinge = [beta](const at::Tensor& x) { return torch::relu(x - beta); };
+  at::Tensor penalty;  // (L)
   switch (opt_.penalty) {
-    case KeepPenalty::Hinge: penalty = torch::relu(k - beta); break;
-    case KeepPenalty::TwoSided: penalty = (k - beta).abs(); break;
-    case KeepPenalty::Dual: penalty = torch::relu(k - beta) + multiplier_.to(k.device(), k.scalar_type()) * (k - beta); break;
+    case KeepPenalty::Hinge: penalty = over_scope(hinge); break;
+    case KeepPenalty::TwoSided: penalty = over_scope([beta](const at::Tensor& x) { return (x - beta).abs(); }); break;
+    case KeepPenalty::Dual: penalty = over_scope(hinge) + multiplier_.to(k.device(), k.scalar_type()) * (k - beta); break;
   }
+  // The spread of the kept fraction between rows (each row's mean over layers): what the Sequence scope narrows.
+  const at::Tensor row_mean = kr.detach().mean(0);                                   // (B)
+  const at::Tensor row_avg = (row_mean * rw).sum() / nrows;                          // ()
+  const double row_std = ((row_mean - row_avg).pow(2) * rw).sum().div(nrows).sqrt().item<double>();
   lap("keep penalty");
   ComponentLoss out;
   const at::Tensor kc = k.detach().to(torch::kCPU, torch::kDouble).contiguous();  // one device sync
   out.stats.assign(kc.data_ptr<double>(), kc.data_ptr<double>() + kc.numel());
   out.terms = {{"kl", d.kl}, {"ce", d.ce}, {"keep", penalty.mean().to(torch::kFloat32)}};
-  out.metrics = {{"kept", kc.mean().item<double>()}, {"keep_target", beta}};
+  out.metrics = {{"kept", kc.mean().item<double>()}, {"keep_target", beta}, {"kept_row_std", row_std}};
   if (opt_.penalty == KeepPenalty::Dual) out.metrics.emplace_back("keep_multiplier", multiplier_.mean().item<double>());
   out.tokens = d.tokens;
   return out;
@@ -284,6 +311,7 @@ nlohmann::json AttentionGateImpl::manifest() const {
         {"schedule_steps", opt_.schedule_steps},
         {"bias_init", opt_.bias_init},
         {"keep_penalty", opt_.penalty == KeepPenalty::TwoSided ? "two_sided" : opt_.penalty == KeepPenalty::Hinge ? "hinge" : "dual"},
+        {"keep_scope", opt_.scope == KeepScope::Sequence ? "sequence" : "batch"},
         {"dual_lr", opt_.dual_lr}}},
   };
 }
@@ -304,6 +332,8 @@ ComponentSpec attention_gate_spec() {
       {"component.keep_penalty", ValueType::String, "dual",
        "dual: hinge + a Lagrange multiplier per layer raised while kept > target | hinge: max(0, kept - target) | "
        "two_sided: |kept - target|"},
+      {"component.keep_scope", ValueType::String, "batch",
+       "batch: the hinge on the batch's kept fraction | sequence: on each sequence's, averaged over sequences"},
       {"component.dual_lr", ValueType::Float, "0.1", "step of the multipliers' dual ascent (keep_penalty: dual)"},
   };
   s.losses = {
@@ -327,6 +357,9 @@ ComponentSpec attention_gate_spec() {
     const std::string pen = o.at("keep_penalty").get<std::string>();
     KVD_CHECK(pen == "dual" || pen == "hinge" || pen == "two_sided", "config key 'component.keep_penalty': '", pen,
               "' is not one of dual, hinge, two_sided");
+    const std::string scope = o.at("keep_scope").get<std::string>();
+    KVD_CHECK(scope == "sequence" || scope == "batch", "config key 'component.keep_scope': '", scope,
+              "' is not one of sequence, batch");
     const double dual_lr = o.at("dual_lr").get<double>();
     KVD_CHECK(std::isfinite(dual_lr) && dual_lr >= 0.0, "config key 'component.dual_lr': must be >= 0, got ", dual_lr);
   };
@@ -341,6 +374,7 @@ ComponentSpec attention_gate_spec() {
     opt.bias_init = o.at("bias_init").get<double>();
     const std::string pen = o.at("keep_penalty").get<std::string>();
     opt.penalty = pen == "two_sided" ? KeepPenalty::TwoSided : pen == "hinge" ? KeepPenalty::Hinge : KeepPenalty::Dual;
+    opt.scope = o.at("keep_scope").get<std::string>() == "sequence" ? KeepScope::Sequence : KeepScope::Batch;
     opt.dual_lr = o.at("dual_lr").get<double>();
     return AttentionGate(cfg, opt).ptr();
   };

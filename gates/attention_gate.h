@@ -42,6 +42,13 @@ enum class KeepPenalty {
              // it grows until the constraint keep_ℓ ≤ β holds on average, however strongly the KL pulls
 };
 
+// Over what the hinge (and the two-sided penalty) measures the kept fraction. The dual term always uses the
+// layer's mean over the batch.
+enum class KeepScope {
+  Batch,     // keep_ℓ over all the batch's tokens: rows that keep little can offset rows that keep much
+  Sequence   // keep_ℓ,b per sequence (row), the penalty averaged over rows: every row above β is pushed down
+};
+
 struct AttentionGateOptions {
   int64_t heads = 2;            // g: heads of the gate's attention block
   int64_t head_dim = 32;        // d_g
@@ -53,6 +60,7 @@ struct AttentionGateOptions {
   double init_std = 0.02;       // W_q, W_k, W_v, W_o ~ N(0, init_std)
   double eps = 1e-6;            // ε of the training log-mask log(f + ε)
   KeepPenalty penalty = KeepPenalty::Dual;
+  KeepScope scope = KeepScope::Batch;
   double dual_lr = 0.1;         // η of the multipliers' dual ascent
 };
 
@@ -104,6 +112,8 @@ class AttentionGateImpl : public Component {
   AttentionMods attention_mods(const TrainBatch& batch);
   // [layer] () the kept fraction of the last attention_mods forward (value exact, gradient straight-through).
   std::vector<at::Tensor> keep_fractions() const;
+  // (L, B) the same per sequence (row); rows without a valid token hold 0 and are left out by `row_valid` (B).
+  at::Tensor row_keep_fractions(at::Tensor* row_valid = nullptr) const;
 
   std::unique_ptr<Scorer> make_scorer() override;
   nlohmann::json manifest() const override;

@@ -200,7 +200,7 @@ TEST(AttentionGate, LogMaskEqualsRemovingFlaggedKeysForLaterQueries) {
 
 TEST(AttentionGate, ObjectiveTermsAndKeptFraction) {
   const Model& model = tiny_model("llama3", torch::kFloat);
-  auto gate = make_gate(model, 8, {{"target", 0.3}, {"sinks", 2}});
+  auto gate = make_gate(model, 8, {{"target", 0.3}, {"sinks", 2}, {"keep_scope", "batch"}});
   spread_gate(*gate, 1.0, 0.5);
   const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9, torch::kFloat);
   ComponentLoss l = gate->loss(model, tb, LossOptions{});
@@ -211,10 +211,11 @@ TEST(AttentionGate, ObjectiveTermsAndKeptFraction) {
   // The kept fraction, recomputed from the flags of the same forward's first layer (layer 0 sees the
   // unmodified embeddings, so its flags are recomputable from the gate alone).
   const at::Tensor allowed = causal_document_mask(tb.doc_ids, 2, 24, torch::kCPU);
-  ASSERT_EQ(l.metrics.size(), 3u);
+  ASSERT_EQ(l.metrics.size(), 4u);
   EXPECT_EQ(l.metrics[0].first, "kept");
   EXPECT_EQ(l.metrics[1].first, "keep_target");
-  EXPECT_EQ(l.metrics[2].first, "keep_multiplier");
+  EXPECT_EQ(l.metrics[2].first, "kept_row_std");
+  EXPECT_EQ(l.metrics[3].first, "keep_multiplier");
   EXPECT_EQ(l.stats.size(), static_cast<size_t>(model.config().num_layers));
   const std::vector<at::Tensor> keep = gate->keep_fractions();
   at::Tensor hidden0;
@@ -247,6 +248,52 @@ TEST(AttentionGate, ObjectiveTermsAndKeptFraction) {
   double mean = 0;
   for (const at::Tensor& k : keep) mean += k.item<double>() / static_cast<double>(keep.size());
   EXPECT_NEAR(l.metrics[0].second, mean, 1e-6);
+}
+
+// keep_scope sequence: the hinge on each row's kept fraction, averaged over rows, so a row
+// that keeps little no longer hides one that keeps much; the dual term stays on the layer's mean.
+TEST(AttentionGate, SequenceScopeHingesEachRow) {
+  const Model& model = tiny_model("llama3", torch::kFloat);
+  auto gate = make_gate(model, 8, {{"target", 0.3}, {"sinks", 2}, {"keep_penalty", "hinge"}, {"keep_scope", "sequence"}});
+  ASSERT_EQ(gate->options().scope, KeepScope::Sequence);
+  spread_gate(*gate, 1.0, 0.5);
+  const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9, torch::kFloat);
+  ComponentLoss l = gate->loss(model, tb, LossOptions{});
+  const at::Tensor rows = gate->row_keep_fractions();  // (L, 2)
+  ASSERT_EQ(rows.sizes(), (std::vector<int64_t>{model.config().num_layers, 2}));
+  // Layer 0's rows, recomputed from the gate alone (its input is the embeddings, unaffected by eviction).
+  at::Tensor hidden0;
+  {
+    AttentionMods grab;
+    grab.layer_hook = [&](const LayerInput& in) {
+      if (in.layer == 0) hidden0 = in.hidden.detach();
+      return LayerMods();
+    };
+    torch::NoGradGuard ng;
+    model.forward_train(tb.ids, tb.positions, grab, tb.doc_ids);
+  }
+  torch::NoGradGuard ng;
+  const at::Tensor allowed = causal_document_mask(tb.doc_ids, 2, 24, torch::kCPU);
+  at::Tensor f0 = torch::sigmoid(gate->logits(0, hidden0, allowed)).ge(0.5) | tb.positions.lt(2).unsqueeze(-1);
+  at::Tensor valid = tb.doc_ids.ge(0).unsqueeze(-1).expand_as(f0);
+  for (int64_t b = 0; b < 2; ++b) {
+    const double r = (f0[b] & valid[b]).sum().item<double>() / valid[b].sum().item<double>();
+    EXPECT_NEAR(rows[0][b].item<double>(), r, 1e-6) << b;
+  }
+  // The rows must differ for the test to tell the scopes apart: mean of hinges != hinge of the mean.
+  double per_row = 0, of_mean = 0;
+  for (int64_t i = 0; i < rows.size(0); ++i) {
+    const double a = rows[i][0].item<double>(), c = rows[i][1].item<double>();
+    per_row += 0.5 * (std::max(0.0, a - 0.3) + std::max(0.0, c - 0.3));
+  }
+  for (const at::Tensor& k : gate->keep_fractions()) of_mean += std::max(0.0, k.item<double>() - 0.3);
+  const double L = static_cast<double>(rows.size(0));
+  EXPECT_NEAR(l.terms[2].second.item<double>(), per_row / L, 1e-6);
+  EXPECT_GT(std::abs(per_row - of_mean) / L, 1e-3) << "the rows keep alike: the test cannot tell the scopes apart";
+  // kept_row_std: the population std over rows of each row's mean over layers.
+  const at::Tensor m = rows.mean(0);
+  EXPECT_NEAR(l.metrics[2].second, (m[0] - m[1]).abs().item<double>() / 2.0, 1e-6);
+  EXPECT_THROW(make_gate(model, 8, {{"keep_scope", "doc"}}), std::exception);
 }
 
 TEST(AttentionGate, ScheduleFallsFromOneToTheTarget) {
