@@ -4,6 +4,7 @@
 #include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -54,15 +55,21 @@ int run(const TrainArgs& a) {
     rank = r.rank;
   } catch (...) {
   }
-  if (world == 1) {
-    train(cfg, resume);
-    return 0;
-  }
+  // Stopped by SIGTERM / SIGINT after a checkpoint: say where, and exit as the signal would (128 + its number).
+  auto finish = [&](const TrainResult& r) {
+    if (r.stop_signal == 0) return 0;
+    if (rank == 0)
+      std::fprintf(stderr, "kvdistill: stopped by %s after step %lld of %lld%s%s; rerun with --resume auto to continue\n",
+                   r.stop_signal == SIGINT ? "SIGINT" : "SIGTERM", static_cast<long long>(r.steps_done),
+                   static_cast<long long>(cfg.steps), r.last_checkpoint.empty() ? "" : ", saved ",
+                   r.last_checkpoint.c_str());
+    return 128 + r.stop_signal;
+  };
+  if (world == 1) return finish(train(cfg, resume));
   // Data-parallel: an error ends this rank at once, without tearing down a process group whose peers may be
   // gone (the trainer has told them why through the store).
   try {
-    train(cfg, resume);
-    return 0;
+    return finish(train(cfg, resume));
   } catch (const kvd::Error& e) {
     std::fprintf(stderr, "kvdistill: error: rank %d: %s\n", rank, e.what());
   } catch (const c10::Error& e) {

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <optional>
+#include <utility>
 
 #include <torch/torch.h>
 
@@ -16,6 +18,27 @@
 #include "models/profile.h"
 
 namespace kvd {
+
+namespace {
+
+constexpr std::pair<KeepPenalty, const char*> kPenaltyNames[] = {{KeepPenalty::Dual, "dual"},
+                                                                  {KeepPenalty::DualEquality, "dual_equality"},
+                                                                  {KeepPenalty::Hinge, "hinge"},
+                                                                  {KeepPenalty::TwoSided, "two_sided"}};
+
+const char* penalty_name(KeepPenalty p) {
+  for (const auto& [v, n] : kPenaltyNames)
+    if (v == p) return n;
+  return "?";
+}
+
+std::optional<KeepPenalty> parse_penalty(const std::string& s) {
+  for (const auto& [v, n] : kPenaltyNames)
+    if (s == n) return v;
+  return std::nullopt;
+}
+
+}  // namespace
 
 AttentionGateLayerImpl::AttentionGateLayerImpl(int64_t d_model, int64_t heads_, int64_t head_dim_, int64_t num_kv_heads)
     : heads(heads_), head_dim(head_dim_) {
@@ -95,13 +118,14 @@ at::Tensor AttentionGateImpl::logits(int64_t layer, const at::Tensor& hidden, co
 }
 
 void AttentionGateImpl::end_step(int64_t step, const std::vector<double>& stats) {
-  if (opt_.penalty != KeepPenalty::Dual) return;
+  if (opt_.penalty != KeepPenalty::Dual && opt_.penalty != KeepPenalty::DualEquality) return;
   KVD_CHECK(static_cast<int64_t>(stats.size()) == num_layers(), "AttentionGate::end_step: ", stats.size(),
             " kept fractions for ", num_layers(), " layers");
   const double beta = target_at(step);
   torch::NoGradGuard ng;
   at::Tensor kept = torch::tensor(stats, torch::kDouble).to(multiplier_.device());  // (L)
-  multiplier_.copy_((multiplier_ + opt_.dual_lr * (kept - beta)).clamp_min(0.0));
+  at::Tensor next = multiplier_ + opt_.dual_lr * (kept - beta);  // (L)
+  multiplier_.copy_(opt_.penalty == KeepPenalty::Dual ? next.clamp_min(0.0) : next);
 }
 
 double AttentionGateImpl::target_at(int64_t step) const {
@@ -172,7 +196,10 @@ ComponentLoss AttentionGateImpl::loss(const Model& model, const TrainBatch& batc
   switch (opt_.penalty) {
     case KeepPenalty::Hinge: penalty = over_scope(hinge); break;
     case KeepPenalty::TwoSided: penalty = over_scope([beta](const at::Tensor& x) { return (x - beta).abs(); }); break;
-    case KeepPenalty::Dual: penalty = over_scope(hinge) + multiplier_.to(k.device(), k.scalar_type()) * (k - beta); break;
+    case KeepPenalty::Dual:
+    case KeepPenalty::DualEquality:
+      penalty = over_scope(hinge) + multiplier_.to(k.device(), k.scalar_type()) * (k - beta);
+      break;
   }
   // The spread of the kept fraction between rows (each row's mean over layers): what the Sequence scope narrows.
   const at::Tensor row_mean = kr.detach().mean(0);                                   // (B)
@@ -184,7 +211,8 @@ ComponentLoss AttentionGateImpl::loss(const Model& model, const TrainBatch& batc
   out.stats.assign(kc.data_ptr<double>(), kc.data_ptr<double>() + kc.numel());
   out.terms = {{"kl", d.kl}, {"ce", d.ce}, {"keep", penalty.mean().to(torch::kFloat32)}};
   out.metrics = {{"kept", kc.mean().item<double>()}, {"keep_target", beta}, {"kept_row_std", row_std}};
-  if (opt_.penalty == KeepPenalty::Dual) out.metrics.emplace_back("keep_multiplier", multiplier_.mean().item<double>());
+  if (opt_.penalty == KeepPenalty::Dual || opt_.penalty == KeepPenalty::DualEquality)
+    out.metrics.emplace_back("keep_multiplier", multiplier_.mean().item<double>());
   out.tokens = d.tokens;
   return out;
 }
@@ -310,7 +338,7 @@ nlohmann::json AttentionGateImpl::manifest() const {
         {"sinks", opt_.sinks},
         {"schedule_steps", opt_.schedule_steps},
         {"bias_init", opt_.bias_init},
-        {"keep_penalty", opt_.penalty == KeepPenalty::TwoSided ? "two_sided" : opt_.penalty == KeepPenalty::Hinge ? "hinge" : "dual"},
+        {"keep_penalty", penalty_name(opt_.penalty)},
         {"keep_scope", opt_.scope == KeepScope::Sequence ? "sequence" : "batch"},
         {"dual_lr", opt_.dual_lr}}},
   };
@@ -330,7 +358,8 @@ ComponentSpec attention_gate_spec() {
       {"component.schedule_steps", ValueType::Int, "0", "> 0: the target falls linearly from 1 over these steps"},
       {"component.bias_init", ValueType::Float, "4.0", "output bias at init (keep probability ~0.98)"},
       {"component.keep_penalty", ValueType::String, "dual",
-       "dual: hinge + a Lagrange multiplier per layer raised while kept > target | hinge: max(0, kept - target) | "
+       "dual: hinge + a Lagrange multiplier (>= 0) per layer raised while kept > target | dual_equality: the "
+       "multiplier may turn negative, holding every layer at the target | hinge: max(0, kept - target) | "
        "two_sided: |kept - target|"},
       {"component.keep_scope", ValueType::String, "batch",
        "batch: the hinge on the batch's kept fraction | sequence: on each sequence's, averaged over sequences"},
@@ -355,8 +384,8 @@ ComponentSpec attention_gate_spec() {
     KVD_CHECK(o.at("schedule_steps").get<int64_t>() >= 0, "config key 'component.schedule_steps': must be >= 0");
     KVD_CHECK(std::isfinite(o.at("bias_init").get<double>()), "config key 'component.bias_init': must be finite");
     const std::string pen = o.at("keep_penalty").get<std::string>();
-    KVD_CHECK(pen == "dual" || pen == "hinge" || pen == "two_sided", "config key 'component.keep_penalty': '", pen,
-              "' is not one of dual, hinge, two_sided");
+    KVD_CHECK(parse_penalty(pen).has_value(), "config key 'component.keep_penalty': '", pen,
+              "' is not one of dual, dual_equality, hinge, two_sided");
     const std::string scope = o.at("keep_scope").get<std::string>();
     KVD_CHECK(scope == "sequence" || scope == "batch", "config key 'component.keep_scope': '", scope,
               "' is not one of sequence, batch");
@@ -373,7 +402,7 @@ ComponentSpec attention_gate_spec() {
     opt.schedule_steps = o.at("schedule_steps").get<int64_t>();
     opt.bias_init = o.at("bias_init").get<double>();
     const std::string pen = o.at("keep_penalty").get<std::string>();
-    opt.penalty = pen == "two_sided" ? KeepPenalty::TwoSided : pen == "hinge" ? KeepPenalty::Hinge : KeepPenalty::Dual;
+    opt.penalty = *parse_penalty(pen);
     opt.scope = o.at("keep_scope").get<std::string>() == "sequence" ? KeepScope::Sequence : KeepScope::Batch;
     opt.dual_lr = o.at("dual_lr").get<double>();
     return AttentionGate(cfg, opt).ptr();

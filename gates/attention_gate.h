@@ -35,11 +35,13 @@ namespace kvd {
 
 // How the kept fraction keep_ℓ of a layer is held at the target β.
 enum class KeepPenalty {
-  Hinge,     // max(0, keep_ℓ − β): only a kept fraction above β is penalized
-  TwoSided,  // |keep_ℓ − β|: pulled to β from both sides (the KL then only decides which entries stay)
-  Dual       // hinge + μ_ℓ · (keep_ℓ − β), μ_ℓ ≥ 0 a Lagrange multiplier per layer raised by dual ascent after
-             // every step, μ_ℓ ← max(0, μ_ℓ + dual_lr · (keep_ℓ − β)) on the step's kept fraction (all ranks):
-             // it grows until the constraint keep_ℓ ≤ β holds on average, however strongly the KL pulls
+  Hinge,         // max(0, keep_ℓ − β): only a kept fraction above β is penalized
+  TwoSided,      // |keep_ℓ − β|: pulled to β from both sides (the KL then only decides which entries stay)
+  Dual,          // hinge + μ_ℓ · (keep_ℓ − β), μ_ℓ ≥ 0 a Lagrange multiplier per layer raised by dual ascent after
+                 // every step, μ_ℓ ← max(0, μ_ℓ + dual_lr · (keep_ℓ − β)) on the step's kept fraction (all
+                 // ranks): it grows until keep_ℓ ≤ β holds on average, however strongly the KL pulls
+  DualEquality   // Dual without the clamp at 0: μ_ℓ may turn negative, so a layer the KL lets prune below β is
+                 // pulled back up: an equality constraint keep_ℓ = β instead of keep_ℓ ≤ β
 };
 
 // Over what the hinge (and the two-sided penalty) measures the kept fraction. The dual term always uses the
@@ -117,7 +119,7 @@ class AttentionGateImpl : public Component {
 
   std::unique_ptr<Scorer> make_scorer() override;
   nlohmann::json manifest() const override;
-  // KeepPenalty::Dual: stats = each layer's kept fraction averaged over the step -> the multipliers' ascent.
+  // KeepPenalty::Dual / DualEquality: stats = each layer's kept fraction averaged over the step -> the multipliers' ascent.
   void end_step(int64_t step, const std::vector<double>& stats) override;
   const at::Tensor& multipliers() const { return multiplier_; }  // (L) μ_ℓ
 
@@ -127,7 +129,7 @@ class AttentionGateImpl : public Component {
   torch::nn::ModuleList layers_{nullptr};
   std::vector<at::Tensor> recorded_;  // [layer] (B, T, H_kv) straight-through flags
   at::Tensor recorded_valid_;         // (B, T) bool rows that count (not padding)
-  at::Tensor multiplier_;             // (L) buffer "multiplier": μ_ℓ (KeepPenalty::Dual); checkpoints keep it
+  at::Tensor multiplier_;             // (L) buffer "multiplier": μ_ℓ (Dual, DualEquality); checkpoints keep it
 };
 TORCH_MODULE(AttentionGate);
 

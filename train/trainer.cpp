@@ -1,6 +1,7 @@
 #include "train/trainer.h"
 
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <cstdio>
 #include <cmath>
@@ -33,6 +34,40 @@
 
 namespace kvd {
 
+namespace {
+
+// SIGTERM (timeout, SLURM's preemption, torchrun) and SIGINT (Ctrl-C) stop training at the end of the current
+// step, after a checkpoint of it: nothing done is lost, and `--resume auto` continues. A second signal of the
+// same kind acts as usual (the handler resets itself).
+volatile std::sig_atomic_t g_stop_signal = 0;
+
+extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
+
+class StopSignals {
+ public:
+  StopSignals() {
+    g_stop_signal = 0;
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESETHAND;
+    sigaction(SIGTERM, &sa, &old_term_);
+    sigaction(SIGINT, &sa, &old_int_);
+  }
+  ~StopSignals() {
+    sigaction(SIGTERM, &old_term_, nullptr);
+    sigaction(SIGINT, &old_int_, nullptr);
+  }
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+  static int caught() { return static_cast<int>(g_stop_signal); }
+
+ private:
+  struct sigaction old_term_ {}, old_int_ {};
+};
+
+}  // namespace
+
 ResumeRequest parse_resume(const std::string& s) {
   if (s == "auto") return {ResumeMode::Auto, ""};
   if (s == "none") return {ResumeMode::None, ""};
@@ -54,12 +89,18 @@ PoisonHook poison_hook_from_env() {
   if (!v || !*v) return h;
   const std::string s = v;
   const size_t at = s.find('@'), eq = s.find('=');
-  KVD_CHECK(at != std::string::npos && at > 0, "KVD_TEST_POISON='", s, "' must look like <term|grad>@<step>[=nan|inf]");
+  KVD_CHECK(at != std::string::npos && at > 0, "KVD_TEST_POISON='", s,
+            "' must look like <term|grad>@<step>[=nan|inf] or <sigterm|sigint>@<step>");
   h.what = s.substr(0, at);
+  const bool sig = h.what == "sigterm" || h.what == "sigint";
   const std::string step = s.substr(at + 1, eq == std::string::npos ? std::string::npos : eq - at - 1);
   char* end = nullptr;
   h.step = std::strtoll(step.c_str(), &end, 10);
   KVD_CHECK(!step.empty() && *end == '\0' && h.step > 0, "KVD_TEST_POISON='", s, "': the step must be a positive integer");
+  if (sig) {
+    KVD_CHECK(eq == std::string::npos, "KVD_TEST_POISON='", s, "': a signal takes no value");
+    return h;
+  }
   const std::string kind = eq == std::string::npos ? "nan" : s.substr(eq + 1);
   KVD_CHECK(kind == "nan" || kind == "inf", "KVD_TEST_POISON='", s, "': the value must be nan or inf");
   h.value = kind == "nan" ? std::nan("") : INFINITY;
@@ -327,6 +368,7 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
     if (c.eval_every > 0 && start_step == 0) heldout(0);
 
     // ---- the loop ----------------------------------------------------------------------------------------
+    const StopSignals stop_signals;
     for (int64_t step = start_step; step < c.steps; ++step) {
       const auto t0 = std::chrono::steady_clock::now();
       const double lr = lr_at(step, c);
@@ -351,6 +393,8 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
         lap("loss forwards");
         (l.total / static_cast<double>(c.grad_accum)).backward();
         lap("backward");
+        if (poison.step == step + 1 && micro == 0 && (poison.what == "sigterm" || poison.what == "sigint"))
+          std::raise(poison.what == "sigterm" ? SIGTERM : SIGINT);  // test hook: a signal in mid-step
         if (poison.step == step + 1 && poison.what == "grad" && !params.empty())  // test hook: a poisoned gradient
           params[0].mutable_grad().fill_(poison.value);
         loss += l.total.item<double>() / static_cast<double>(c.grad_accum);
@@ -368,8 +412,10 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       // Average gradients and the logged values over ranks.
       dist->average_grads_(params, bucket_bytes);
       const int64_t n_terms = static_cast<int64_t>(order.size()), n_stats = static_cast<int64_t>(stats.size());
-      at::Tensor logged = torch::zeros({n_terms + 2 + n_stats}, torch::kFloat64);  // loss, terms, tokens, stats
+      // loss, terms, tokens, stats, stop signal
+      at::Tensor logged = torch::zeros({n_terms + 3 + n_stats}, torch::kFloat64);
       logged[0] = loss;
+      logged[n_terms + 2 + n_stats] = static_cast<double>(StopSignals::caught());
       for (int64_t i = 0; i < n_terms; ++i) logged[i + 1] = terms[order[i]];
       logged[n_terms + 1] = static_cast<double>(tokens);
       for (int64_t i = 0; i < n_stats; ++i) logged[n_terms + 2 + i] = stats[i];
@@ -382,6 +428,8 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       for (size_t i = 0; i < order.size(); ++i) term_values.emplace_back(order[i], logged[static_cast<int64_t>(i) + 1].item<double>() / W);
       const int64_t global_tokens = static_cast<int64_t>(logged[n_terms + 1].item<double>());
       for (int64_t i = 0; i < n_stats; ++i) stats[i] = logged[n_terms + 2 + i].item<double>() / W;
+      // Every rank stops at the same step when any rank was signalled.
+      const bool stop = logged[n_terms + 2 + n_stats].item<double>() > 0;
 
       // Clip, and refuse to step on a non-finite loss or gradient (the same decision on every rank: the
       // gradients and the loss were all-reduced).
@@ -448,10 +496,10 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       }
 
       // ---- once in a while: held-out check -------------------------------------------------------------
-      if (c.eval_every > 0 && (done % c.eval_every == 0 || done == c.steps)) heldout(done);
+      if (!stop && c.eval_every > 0 && (done % c.eval_every == 0 || done == c.steps)) heldout(done);
 
       // ---- once in a while: checkpoint (rank 0 writes; the loss was finite) -------------------------------
-      if ((c.save_every > 0 && done % c.save_every == 0) || done == c.steps) {
+      if ((c.save_every > 0 && done % c.save_every == 0) || done == c.steps || stop) {
         if (main_rank) {
           // Never a poisoned checkpoint: a non-finite weight here would be a bug above, refused all the same.
           KVD_CHECK(all_finite(params), "step ", done, ": the component's weights are not finite; no checkpoint was "
@@ -472,6 +520,10 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
           result.last_checkpoint = last_ckpt;
           progress.message("saved " + last_ckpt);
         }
+      }
+      if (stop && done < c.steps) {
+        result.stop_signal = StopSignals::caught() ? StopSignals::caught() : SIGTERM;  // SIGTERM: a peer's
+        break;
       }
     }
     progress.finish();

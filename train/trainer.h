@@ -30,11 +30,14 @@ struct TrainResult {
   double last_loss = 0;
   std::string last_checkpoint;   // "" when none was written (ranks other than 0)
   int64_t skipped_steps = 0;     // steps whose update was dropped (train.on_nonfinite=skip)
+  int stop_signal = 0;           // SIGTERM / SIGINT that stopped the run early (on any rank), after a checkpoint
+                                 // of its last step; 0 when it ran to train.steps
 };
 
 // Test hook (docs/reliability.md): KVD_TEST_POISON="<what>@<step>[=nan|inf]" poisons, at that optimizer
 // step (1-based), a loss term (<what> = kl, ce, capacity, ...) or the gradient (<what> = grad) with NaN
-// (default) or +Inf. Parsed once; {"", 0} when unset. Throws on a malformed value.
+// (default) or +Inf; "sigterm@<step>" / "sigint@<step>" raises that signal in the middle of the step (after
+// the first micro-batch's backward). Parsed once; {"", 0} when unset. Throws on a malformed value.
 struct PoisonHook {
   std::string what;  // "" = off
   int64_t step = 0;

@@ -51,6 +51,20 @@ void spread_gate(AttentionGateImpl& g, double weight_std, double bias) {
   }
 }
 
+// Layer 0's attention input (B, T, d) in the batch's forward: the embeddings after the input norm, which no
+// eviction changes, so layer 0's flags can be recomputed from the gate alone.
+at::Tensor layer0_input(const Model& model, const TrainBatch& tb) {
+  at::Tensor hidden0;
+  AttentionMods grab;
+  grab.layer_hook = [&](const LayerInput& in) {
+    if (in.layer == 0) hidden0 = in.hidden.detach();
+    return LayerMods();
+  };
+  torch::NoGradGuard ng;
+  model.forward_train(tb.ids, tb.positions, grab, tb.doc_ids);
+  return hidden0;
+}
+
 // Packed batch: row 0 holds two documents, row 1 one document then padding.
 TrainBatch packed_batch(int64_t vocab, int64_t T, uint64_t seed, c10::ScalarType) {
   torch::manual_seed(seed);
@@ -218,16 +232,7 @@ TEST(AttentionGate, ObjectiveTermsAndKeptFraction) {
   EXPECT_EQ(l.metrics[3].first, "keep_multiplier");
   EXPECT_EQ(l.stats.size(), static_cast<size_t>(model.config().num_layers));
   const std::vector<at::Tensor> keep = gate->keep_fractions();
-  at::Tensor hidden0;
-  {
-    AttentionMods grab;
-    grab.layer_hook = [&](const LayerInput& in) {
-      if (in.layer == 0) hidden0 = in.hidden.detach();
-      return LayerMods();
-    };
-    torch::NoGradGuard ng;
-    model.forward_train(tb.ids, tb.positions, grab, tb.doc_ids);
-  }
+  const at::Tensor hidden0 = layer0_input(model, tb);
   torch::NoGradGuard ng;
   at::Tensor s0 = torch::sigmoid(gate->logits(0, hidden0, allowed));              // (2, 24, H_kv)
   at::Tensor f0 = s0.ge(0.5) | tb.positions.lt(2).unsqueeze(-1);                 // kept
@@ -262,16 +267,7 @@ TEST(AttentionGate, SequenceScopeHingesEachRow) {
   const at::Tensor rows = gate->row_keep_fractions();  // (L, 2)
   ASSERT_EQ(rows.sizes(), (std::vector<int64_t>{model.config().num_layers, 2}));
   // Layer 0's rows, recomputed from the gate alone (its input is the embeddings, unaffected by eviction).
-  at::Tensor hidden0;
-  {
-    AttentionMods grab;
-    grab.layer_hook = [&](const LayerInput& in) {
-      if (in.layer == 0) hidden0 = in.hidden.detach();
-      return LayerMods();
-    };
-    torch::NoGradGuard ng;
-    model.forward_train(tb.ids, tb.positions, grab, tb.doc_ids);
-  }
+  const at::Tensor hidden0 = layer0_input(model, tb);
   torch::NoGradGuard ng;
   const at::Tensor allowed = causal_document_mask(tb.doc_ids, 2, 24, torch::kCPU);
   at::Tensor f0 = torch::sigmoid(gate->logits(0, hidden0, allowed)).ge(0.5) | tb.positions.lt(2).unsqueeze(-1);
@@ -294,6 +290,33 @@ TEST(AttentionGate, SequenceScopeHingesEachRow) {
   const at::Tensor m = rows.mean(0);
   EXPECT_NEAR(l.metrics[2].second, (m[0] - m[1]).abs().item<double>() / 2.0, 1e-6);
   EXPECT_THROW(make_gate(model, 8, {{"keep_scope", "doc"}}), std::exception);
+}
+
+// dual keeps μ ≥ 0 (an inequality: a layer below β is left there); dual_equality lets μ turn negative, which
+// pulls a layer below β back up.
+TEST(AttentionGate, DualEqualityMultiplierTurnsNegativeBelowTheTarget) {
+  const Model& model = tiny_model("llama3", torch::kFloat);
+  for (const char* pen : {"dual", "dual_equality"}) {
+    auto gate = make_gate(model, 8, {{"target", 0.95}, {"sinks", 2}, {"keep_penalty", pen}});
+    spread_gate(*gate, 1.0, 0.5);
+    const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9, torch::kFloat);
+    ComponentLoss l = gate->loss(model, tb, LossOptions{});
+    gate->end_step(0, l.stats);
+    gate->end_step(1, l.stats);
+    for (size_t i = 0; i < l.stats.size(); ++i) {
+      ASSERT_LT(l.stats[i], 0.95) << "layer " << i << " keeps more than the target: the test needs it below";
+      const double mu = gate->multipliers()[static_cast<int64_t>(i)].item<double>();
+      EXPECT_NEAR(mu, std::string(pen) == "dual" ? 0.0 : 2 * 0.1 * (l.stats[i] - 0.95), 1e-6) << pen << " layer " << i;
+    }
+    // The next loss carries μ_ℓ · (keep_ℓ − β): positive for dual_equality below the target (it pushes up).
+    ComponentLoss l2 = gate->loss(model, tb, LossOptions{});
+    double expect = 0;
+    for (size_t i = 0; i < l.stats.size(); ++i) {
+      const double mu = gate->multipliers()[static_cast<int64_t>(i)].item<double>();
+      expect += (std::max(0.0, l.stats[i] - 0.95) + mu * (l.stats[i] - 0.95)) / static_cast<double>(l.stats.size());
+    }
+    EXPECT_NEAR(l2.terms[2].second.item<double>(), expect, 1e-6) << pen;
+  }
 }
 
 TEST(AttentionGate, ScheduleFallsFromOneToTheTarget) {

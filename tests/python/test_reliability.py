@@ -6,7 +6,10 @@
   `prepare text` and `eval` each fail with one line saying the disk is full and where; the previous checkpoint
   survives; a rerun after space is freed continues to the same result as an undisturbed run.
 - Rank death: of 2 Gloo ranks, the one killed with SIGKILL is named by the other, which exits != 0 well within
-  dist.timeout_s (nothing hangs), whichever rank dies (rank 0 also hosts the TCPStore)."""
+  dist.timeout_s (nothing hangs), whichever rank dies (rank 0 also hosts the TCPStore).
+- A stop signal: SIGTERM / SIGINT (raised mid-step by KVD_TEST_POISON, or sent from outside) ends the run after
+  its current step with a checkpoint of that step and exit 128 + the signal; `--resume auto` then ends on the
+  weights of an undisturbed run; a signal on one rank stops both at the same step."""
 import json
 import math
 import os
@@ -18,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import KVD_BIN
-from train_helpers import (assert_bitwise_equal, kill9, launch_ranks, prepare_data, train, train_env, weights,
+from train_helpers import (assert_bitwise_equal, free_port, kill9, launch_ranks, prepare_data, train, train_env, weights,
                            write_config)
 
 
@@ -179,3 +182,63 @@ def test_a_dead_rank_is_named_and_the_other_exits_within_the_timeout(tiny_model,
     assert len(lines) == 1, err
     print(f"{elapsed:.1f} s: {lines[0]}")
     assert f"rank {dead} (pid {pid}) exited" in lines[0], lines[0]
+
+
+# ---- a stop signal (timeout, SLURM preemption, Ctrl-C) ---------------------------------------------------
+
+def metric_steps(out):
+    return [json.loads(l)["step"] for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("sig,code", [("sigterm", 143), ("sigint", 130)])
+def test_a_stop_signal_checkpoints_its_step_and_resume_matches_an_undisturbed_run(tiny_model, data, tmp_path, sig,
+                                                                                   code):
+    # No periodic checkpoint (save_every 0): the only one before the end can come from the signal.
+    cfg = write_config(tmp_path / "run.yaml", tiny_model, data, tmp_path / "out", steps=8, save_every=0, grad_accum=2)
+    r = run_train(cfg, env_extra={"KVD_TEST_POISON": f"{sig}@3"})
+    assert r.returncode == code, r.stdout + r.stderr
+    assert f"stopped by {sig.upper()} after step 3 of 8" in r.stderr and "--resume auto" in r.stderr, r.stderr
+    assert ckpts(tmp_path / "out") == ["step_00000003"]
+    assert metric_steps(tmp_path / "out") == [1, 2, 3]
+    assert not (tmp_path / "out" / "bundle").exists()
+    r = run_train(cfg, "--resume", "auto")
+    assert r.returncode == 0 and "at step 3" in r.stdout, r.stdout + r.stderr
+    assert metric_steps(tmp_path / "out") == list(range(1, 9))
+    ref = write_config(tmp_path / "ref.yaml", tiny_model, data, tmp_path / "ref", steps=8, save_every=0, grad_accum=2)
+    train(ref)
+    assert_bitwise_equal(weights(tmp_path / "out", 8), weights(tmp_path / "ref", 8))
+
+
+def test_an_external_sigterm_loses_no_step(tiny_model, data, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", tiny_model, data, tmp_path / "out", steps=100000, save_every=0)
+    p = subprocess.Popen([KVD_BIN, "train", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=train_env())
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert p.poll() is None, p.stderr.read()
+        assert time.time() - t0 < 120
+        time.sleep(0.01)
+    p.terminate()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err
+    last = metric_steps(tmp_path / "out")[-1]
+    assert ckpts(tmp_path / "out") == [f"step_{last:08d}"], err
+    assert f"after step {last} of 100000" in err
+
+
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tiny_model, data, tmp_path):
+    cfg = write_config(tmp_path / "run.yaml", tiny_model, data, tmp_path / "out", steps=8, save_every=0)
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = train_env(rank, 2, port)
+        if rank == 1:
+            env["KVD_TEST_POISON"] = "sigterm@4"
+        procs.append(subprocess.Popen([KVD_BIN, "train", "--config", str(cfg)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], errs
+    assert "stopped by SIGTERM after step 4 of 8" in errs[0], errs[0]
+    assert ckpts(tmp_path / "out") == ["step_00000004"]
+    assert metric_steps(tmp_path / "out") == [1, 2, 3, 4]
