@@ -50,6 +50,7 @@ int run(const CompressArgs& a) {
                                         : Budget::ratio(a.ratio);
   MethodContext ctx;
   ctx.seed = a.seed;
+  ctx.model_dir = a.model;
   ctx.learned_mode = LearnedMode::Once;  // compress: the prompt, compressed once (or per --chunk-size)
   const bool learned = a.method.find(':') != std::string::npos || a.method == "gate-untrained";
   if (!learned) resolve_method(a.method, budget, ctx);

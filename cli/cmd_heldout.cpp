@@ -60,6 +60,7 @@ int run(const HeldoutArgs& a) {
   if (a.mode == "once" || a.mode == "both") modes.push_back(HeldoutMode::Once);
   MethodContext ctx;
   ctx.model = &model;
+  ctx.model_dir = a.model;
   ctx.seed = a.seed;
   const BaseModelInfo base = base_model_info(a.model);
   ctx.load_bundle = [&](const std::string& dir) { return load_component(dir, model, base); };

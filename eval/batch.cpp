@@ -44,6 +44,7 @@ double seconds_since(Clock::time_point t) { return std::chrono::duration<double>
 MethodContext method_context(const Model& model, const std::string& model_dir, const EvalOptions& opt) {
   MethodContext ctx;
   ctx.model = &model;
+  ctx.model_dir = model_dir;
   ctx.seed = opt.seed;
   ctx.learned_mode = opt.learned_mode;
   ctx.continuous_chunk = opt.continuous_chunk;

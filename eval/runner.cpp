@@ -61,6 +61,7 @@ void validate_eval(const EvalOptions& opt) {
   const BaseModelInfo base = base_model_info(opt.model_dir);
   MethodContext ctx;
   ctx.seed = opt.seed;
+  ctx.model_dir = opt.model_dir;
   ctx.learned_mode = opt.learned_mode;
   ctx.continuous_chunk = opt.continuous_chunk;
   ctx.load_bundle = [&](const std::string& dir) { return load_component(dir, cfg, c10::Device(c10::kCPU), base); };

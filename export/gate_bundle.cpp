@@ -98,6 +98,19 @@ void save_gate_bundle(const std::string& final_dir, const Component& component, 
     refs.push_back(TensorRef{name, file_dtype, std::vector<int64_t>(t.sizes().begin(), t.sizes().end()), t.data_ptr()});
   }
   write_safetensors(dir + "/" + kTensorFile, refs, {{"format", "pt"}, {"kvdistill_kind", kind}});
+  // Another library's layout of the same weights (Component::foreign_layout): its config and the parameters under
+  // their own names, in the same dtype.
+  const nlohmann::json foreign = component.foreign_layout();
+  if (!foreign.is_null()) {
+    const std::string sub = dir + "/" + foreign.at("dir").get<std::string>();
+    make_dirs(sub);
+    write_file_atomic(sub + "/config.json", foreign.at("config").dump(2) + "\n");
+    std::vector<TensorRef> raw = refs;
+    std::vector<std::string> raw_names;
+    for (const auto& item : component.named_parameters()) raw_names.push_back(item.key());
+    for (size_t i = 0; i < raw.size(); ++i) raw[i].name = raw_names[i];
+    write_safetensors(sub + "/" + foreign.at("tensor_file").get<std::string>(), raw, {{"format", "pt"}});
+  }
   nlohmann::json m = component.manifest();
   m["format_version"] = kGateBundleFormatVersion;
   m["kind"] = kind;

@@ -40,6 +40,7 @@ struct LossOptions {
   ActivationCheckpointing checkpointing = ActivationCheckpointing::None;  // for the component's student forwards
   KernelPath kernels = KernelPath::Fused;  // fused CUDA kernels where they apply (train.kernels)
   int64_t step = 0;  // the optimizer step being computed (0-based), for objectives with a schedule
+  std::string model_dir;  // the frozen model's directory, for objectives that need its tokenizer (KVzap's targets)
 };
 
 struct ComponentLoss {
@@ -78,6 +79,10 @@ class Component : public torch::nn::Module {
   // "options": the component's options (the `component.*` keys without the prefix), from which the
   // registry rebuilds it when a bundle is loaded.
   virtual nlohmann::json manifest() const = 0;
+  // Another library's on-disk layout of this component's weights, which bundles also hold (save_gate_bundle):
+  // {"dir": <subdirectory>, "config": <its config.json>, "tensor_file": <file name>}; the tensors are the
+  // parameters under their own names (named_parameters()), in the bundle's dtype. Null: none (the default).
+  virtual nlohmann::json foreign_layout() const { return nullptr; }
 };
 
 }  // namespace kvd

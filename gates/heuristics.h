@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gates/scorer.h"
+#include "gates/selector.h"
 
 namespace kvd {
 
@@ -155,13 +156,22 @@ class CriticalKVScorer : public Scorer {
 // value term; needs view.model and view.values).
 at::Tensor projected_value_l1(const LayerView& view);
 
-// DefensiveKV: per query head and window row, the prefix attention is avg-pooled (kernel k) and rescaled to
-// the row's mass; s_j = max over the group and the window, then max(s_j, mean_m s_m), then the CriticalKV
-// value term (s_j + 1e-4) · ||W_O v_j||_1; the window gets max + 1. Its budgets are AdaKV's (method
-// "defensivekv"), or global across layers ("layer_defensivekv").
+// DefensiveKV, as its authors' code computes it (FFY0/DefensiveKV, efficient_defensivekv_press.py; docs/methods/
+// defensivekv.md): per query head and window row, the prefix attention is avg-pooled (kernel k) and rescaled to
+// the row's mass; s_j = max over the group and the window, then max(s_j, mean_m s_m); then CriticalKV's value
+// term as a share, s_j · ν_h,j / Σ_h' ν_h',j with ν = ||W_O v_j||_1 averaged over the group; then CriticalKV's
+// first stage: per KV head, the entries of highest mean window attention, in order, until their normalized
+// mass reaches 0.9 − b (b: the mean attention mass on the prefix's last w positions), at most
+// `stage1_cap(n − w)` of them, get the layer's maximum score; the window gets that maximum too. Its budgets are
+// AdaKV's without a floor (method "defensivekv"), or global across layers ("layer_defensivekv").
 struct DefensiveKVOptions {
   int64_t window = 32;
   int64_t kernel = 5;
+  double stage1_mass = 0.9;
+  // The budget the method runs at: the first stage takes at most int(m (1 − r) − w) entries per head, m = n − w
+  // the prefix length, as the authors' code computes it (a token budget N: N − w; a threshold: no cap).
+  Budget budget = Budget::ratio(0.5);
+  int64_t stage1_cap(int64_t n) const;
 };
 class DefensiveKVScorer : public Scorer {
  public:

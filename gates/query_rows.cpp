@@ -8,6 +8,7 @@
 
 #include "common/error.h"
 #include "gates/components.h"
+#include "gates/prepared_scores.h"
 #include "gates/shared_owner.h"
 #include "gates/heuristics.h"
 #include "models/kv_cache.h"
@@ -332,37 +333,16 @@ class QueryRowsScorer : public Scorer {
   }
   void prepare(const Model& model, const KVCache& cache) override {
     torch::NoGradGuard no_grad;
-    const std::vector<at::Tensor> a = qr_->row_attention(model, cache);  // [layer] (B, H_kv, nc)
-    scores_.assign(a.size(), at::Tensor());
-    positions_.assign(a.size(), at::Tensor());
-    for (size_t l = 0; l < a.size(); ++l) {
-      const KVLayerView kv = cache.layer(static_cast<int64_t>(l));
-      at::Tensor s = pool_scores(a[l].to(torch::kFloat), qr_->options().pooling, qr_->options().pool_kernel);
-      if (kv.valid.defined()) s = s.masked_fill(kv.valid.logical_not(), -std::numeric_limits<float>::infinity());
-      scores_[l] = s;                  // (B, H_kv, nc)
-      positions_[l] = kv.pos.clone();  // (B, H_kv, nc), to check that score() sees the same entries
-    }
+    std::vector<at::Tensor> a = qr_->row_attention(model, cache);  // [layer] (B, H_kv, nc)
+    for (at::Tensor& s : a) s = pool_scores(s.to(torch::kFloat), qr_->options().pooling, qr_->options().pool_kernel);
+    scores_.set(cache, std::move(a));
   }
-  at::Tensor score(const LayerView& view) override {
-    const int64_t l = view.layer;
-    KVD_CHECK(l >= 0 && l < static_cast<int64_t>(scores_.size()) && scores_[l].defined(),
-              "query_rows scorer: layer ", l, " was not prepared; drive it through compress_prefill or evict_to_budget "
-              "(Scorer::prepare runs the rows after the prefill)");
-    const int64_t B = view.positions.size(0), n = view.positions.size(2);
-    const at::Tensor& all = scores_[l];
-    KVD_CHECK(view.batch_offset >= 0 && view.batch_offset + B <= all.size(0) && n <= all.size(2),
-              "query_rows scorer: the view (rows ", view.batch_offset, "..", view.batch_offset + B, ", ", n,
-              " entries) is not part of the prepared cache (", all.size(0), " rows, ", all.size(2), " entries)");
-    const at::Tensor pos = positions_[l].narrow(0, view.batch_offset, B).narrow(2, 0, n);
-    KVD_CHECK(pos.to(view.positions.device()).equal(view.positions),
-              "query_rows scorer: layer ", l, " changed since prepare(); score each layer before compacting it");
-    return all.narrow(0, view.batch_offset, B).narrow(2, 0, n);  // (B, H_kv, n)
-  }
+  at::Tensor score(const LayerView& view) override { return scores_.get(view); }
 
  private:
   std::shared_ptr<QueryRowsImpl> owner_;
   QueryRowsImpl* qr_;
-  std::vector<at::Tensor> scores_, positions_;  // [layer] (B, H_kv, nc)
+  PreparedScores scores_{"query_rows scorer"};
 };
 
 const char* loss_name(QueryRowsLoss l) { return l == QueryRowsLoss::Mse ? "mse" : "kl"; }

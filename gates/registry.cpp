@@ -8,6 +8,7 @@
 #include "gates/component.h"
 #include "gates/components.h"
 #include "gates/heuristics.h"
+#include "gates/kvzip.h"
 #include "models/model.h"
 
 namespace kvd {
@@ -17,26 +18,43 @@ bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p,
 
 // ---- the table ---------------------------------------------------------------------------------------------
 
+// What a heuristic may be built from besides its name.
+struct ScorerContext {
+  uint64_t seed = 0;
+  std::string model_dir;  // KVzip reads the model's tokenizer and chat template
+};
+
+// KVzip's scorer: the reconstruction prompts come from the model directory.
+std::shared_ptr<Scorer> kvzip(const ScorerContext& c, KVzipNorm norm) {
+  KVD_CHECK(!c.model_dir.empty(), "kvzip needs the model's tokenizer and chat template for its repeat prompt: pass the "
+            "model directory (MethodContext::model_dir)");
+  KVzipOptions o;
+  o.norm = norm;
+  return std::shared_ptr<Scorer>(make_kvzip_scorer(kvzip_prompts(c.model_dir), o));
+}
+
 // Heuristic scorers by base name.
 struct HeuristicEntry {
   const char* name;
-  std::function<std::shared_ptr<Scorer>(uint64_t seed)> make;
+  std::function<std::shared_ptr<Scorer>(const ScorerContext&)> make;
 };
 const std::vector<HeuristicEntry>& heuristics() {
   static const std::vector<HeuristicEntry> t = {
-      {"random", [](uint64_t s) { return std::make_shared<RandomScorer>(s); }},
-      {"knorm", [](uint64_t) { return std::make_shared<KNormScorer>(); }},
-      {"streaming_llm", [](uint64_t) { return std::make_shared<StreamingLLMScorer>(); }},
-      {"h2o", [](uint64_t) { return std::make_shared<H2OScorer>(H2ONorm::Sum); }},
-      {"observed_attention", [](uint64_t) { return std::make_shared<H2OScorer>(H2ONorm::PerObservingQuery); }},
-      {"snapkv", [](uint64_t) { return std::make_shared<SnapKVScorer>(); }},
-      {"pyramidkv", [](uint64_t) { return std::make_shared<SnapKVScorer>(); }},
-      {"tova", [](uint64_t) { return std::make_shared<TOVAScorer>(); }},
-      {"keydiff", [](uint64_t) { return std::make_shared<KeyDiffScorer>(); }},
-      {"expected_attention", [](uint64_t) { return std::make_shared<ExpectedAttentionScorer>(); }},
-      {"defensivekv", [](uint64_t) { return std::make_shared<DefensiveKVScorer>(); }},
-      {"layer_defensivekv", [](uint64_t) { return std::make_shared<DefensiveKVScorer>(); }},
-      {"cake", [](uint64_t) { return std::make_shared<CakeScorer>(); }},
+      {"random", [](const ScorerContext& c) { return std::make_shared<RandomScorer>(c.seed); }},
+      {"knorm", [](const ScorerContext&) { return std::make_shared<KNormScorer>(); }},
+      {"streaming_llm", [](const ScorerContext&) { return std::make_shared<StreamingLLMScorer>(); }},
+      {"h2o", [](const ScorerContext&) { return std::make_shared<H2OScorer>(H2ONorm::Sum); }},
+      {"observed_attention", [](const ScorerContext&) { return std::make_shared<H2OScorer>(H2ONorm::PerObservingQuery); }},
+      {"snapkv", [](const ScorerContext&) { return std::make_shared<SnapKVScorer>(); }},
+      {"pyramidkv", [](const ScorerContext&) { return std::make_shared<SnapKVScorer>(); }},
+      {"tova", [](const ScorerContext&) { return std::make_shared<TOVAScorer>(); }},
+      {"keydiff", [](const ScorerContext&) { return std::make_shared<KeyDiffScorer>(); }},
+      {"expected_attention", [](const ScorerContext&) { return std::make_shared<ExpectedAttentionScorer>(); }},
+      {"defensivekv", [](const ScorerContext&) { return std::make_shared<DefensiveKVScorer>(); }},
+      {"layer_defensivekv", [](const ScorerContext&) { return std::make_shared<DefensiveKVScorer>(); }},
+      {"cake", [](const ScorerContext&) { return std::make_shared<CakeScorer>(); }},
+      {"kvzip", [](const ScorerContext& c) { return kvzip(c, KVzipNorm::None); }},
+      {"kvzip_plus", [](const ScorerContext& c) { return kvzip(c, KVzipNorm::Plus); }},
   };
   return t;
 }
@@ -149,7 +167,7 @@ Method make_method(const std::string& name, double ratio, uint64_t seed) {
   return make_method(name, Budget::ratio(ratio), seed);
 }
 
-Method make_method(const std::string& name, const Budget& budget, uint64_t seed) {
+Method make_method(const std::string& name, const Budget& budget, uint64_t seed, const std::string& model_dir) {
   check_budget(budget);
   Method m;
   m.name = name;
@@ -171,7 +189,7 @@ Method make_method(const std::string& name, const Budget& budget, uint64_t seed)
     }
   }
   for (const HeuristicEntry& h : heuristics())
-    if (base == h.name) m.scorer = h.make(seed);
+    if (base == h.name) m.scorer = h.make(ScorerContext{seed, model_dir});
   KVD_CHECK(m.scorer != nullptr, "--method: unknown method '", name, "'; known: ", known_methods());
   if (base == "pyramidkv") {
     KVD_CHECK(m.selector.allocation == Allocation::Uniform, "pyramidkv sets its own layer budgets; it takes no prefix");
@@ -182,7 +200,14 @@ Method make_method(const std::string& name, const Budget& budget, uint64_t seed)
   if (base == "defensivekv" || base == "layer_defensivekv") {
     KVD_CHECK(m.selector.allocation == Allocation::Uniform, base, " sets its own budgets; it takes no prefix");
     m.selector.allocation = base == "defensivekv" ? Allocation::AdaKV : Allocation::Global;
+    m.selector.ada_alpha = 0.0;  // one top-k over the layer's heads, no per-head floor (the authors' code)
+    DefensiveKVOptions o;
+    o.budget = budget;  // its first stage is capped by the budget
+    m.scorer = std::make_shared<DefensiveKVScorer>(o);
   }
+  // KVzip ranks every layer and head together unless a prefix says otherwise (kvpress's default, layerwise=False).
+  if ((base == "kvzip" || base == "kvzip_plus") && m.selector.allocation == Allocation::Uniform)
+    m.selector.allocation = Allocation::Global;
   if (base == "cake") {
     KVD_CHECK(m.selector.allocation == Allocation::Uniform && !critical, "cake sets its own layer budgets; it takes no prefix");
     KVD_CHECK(budget.kind != BudgetKind::Threshold, "cake splits a token budget over layers: use --ratio or --budget-tokens");
@@ -207,7 +232,7 @@ ResolvedMethod resolve_method(const std::string& name, const Budget& budget, con
     if (name == d.name) {
       ResolvedMethod r;
       r.name = r.label = name;
-      r.method = make_method(d.prefill, budget, ctx.seed);
+      r.method = make_method(d.prefill, budget, ctx.seed, ctx.model_dir);
       r.method.name = name;
       r.decode = d.schedule;
       return r;
@@ -216,7 +241,7 @@ ResolvedMethod resolve_method(const std::string& name, const Budget& budget, con
   if (colon == std::string::npos && name != "gate-untrained") {
     ResolvedMethod r;
     r.name = r.label = name;
-    r.method = make_method(name, budget, ctx.seed);
+    r.method = make_method(name, budget, ctx.seed, ctx.model_dir);
     return r;
   }
   check_budget(budget);

@@ -1,7 +1,9 @@
 // The method registry: every name `compress`, `eval` and `heldout` accept resolves here, in one table:
 //   full                          the full cache (no eviction)
 //   <heuristic>                   random, knorm, streaming_llm, h2o, observed_attention, snapkv, pyramidkv, tova,
-//                                 keydiff, expected_attention, defensivekv, layer_defensivekv, cake
+//                                 keydiff, expected_attention, defensivekv, layer_defensivekv, cake, kvzip,
+//                                 kvzip_plus (KVzip needs MethodContext::model_dir; one budget across layers unless
+//                                 prefixed)
 //   adakv_ / criticalkv_ / global_ prefixes on a heuristic: head-adaptive budgets, value-norm re-weighting, one
 //                                 budget across layers (e.g. adakv_snapkv)
 //   h2o_decode, tova_decode, lazy_eviction, streaming_llm_decode
@@ -53,6 +55,7 @@ struct DecodeSchedule {
 struct MethodContext {
   const Model* model = nullptr;  // the frozen model (a learned part is built for its config and device)
   uint64_t seed = 0;             // random / untrained components
+  std::string model_dir;         // the model's directory: KVzip's repeat prompt needs its tokenizer and chat template
   // Loads a bundle for `model` (export/bundle.h: load_component). Needed for gate:<dir> names.
   std::function<std::shared_ptr<Component>(const std::string& bundle_dir)> load_bundle;
   LearnedMode learned_mode = LearnedMode::Continuous;
@@ -73,7 +76,8 @@ struct ResolvedMethod {
 // forms above), a budget the method cannot take, or a bundle of another model or of an unknown kind.
 ResolvedMethod resolve_method(const std::string& name, const Budget& budget, const MethodContext& ctx);
 // The heuristic prefill methods only (no decode-time, learned or full names): a scorer plus a selector.
-Method make_method(const std::string& name, const Budget& budget, uint64_t seed = 0);
+// model_dir: the model's directory, for scorers that read its tokenizer (kvzip, kvzip_plus).
+Method make_method(const std::string& name, const Budget& budget, uint64_t seed = 0, const std::string& model_dir = "");
 Method make_method(const std::string& name, double ratio, uint64_t seed = 0);  // Budget::ratio(ratio)
 // The base heuristic names (without prefixes).
 std::vector<std::string> method_names();

@@ -683,7 +683,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
         attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
       }
       lap("attention");
-      if (observer) observer(PrefillLayerObservation{l, h, q_pre, q, qpos, lead}, cache);
+      if (observer) observer(PrefillLayerObservation{l, h, q_pre, q, qpos, lead, ids}, cache);
       if (observer) lap("observer");
       return attn;
     };
@@ -704,7 +704,8 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
   return mode == LogitsMode::LastPosition ? lg.squeeze(1) : lg;
 }
 
-ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& mods) const {
+ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& mods,
+                                    const ExtraRowsObserver& observer) const {
   const char* ctx = "Model::forward_extra";
   const ExtraRows& ex = mods.extra;
   const int64_t n = ex.count(), B = cache.batch();
@@ -758,6 +759,7 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
                             .masked_fill(vis.logical_not(), -std::numeric_limits<double>::infinity());
       at::Tensor pr = grouped_probs(p.q, keys, bias, scale);  // (B, H_kv, G, n, nc + n)
       out.attention_to_cache[l] = pr.narrow(-1, 0, nc).mean(3).reshape({B, H, nc});  // (B, H, nc)
+      if (observer) observer(ExtraRowsLayerObservation{l, h, p.q, p.k, p.v, pos}, kv);
       return torch::matmul(pr.to(vals.scalar_type()), vals.unsqueeze(2)).reshape({B, H, n, hd});  // (B, H, n, hd)
     };
     x = decoder_layer(lw, m.lora, m.lora.any() ? &all_rows : nullptr, cs[0], cs[1], H, Hkv, hd, cfg_.qk_norm,

@@ -28,6 +28,7 @@
 namespace kvd {
 
 class KVCache;
+struct KVLayerView;
 
 struct ForwardOutput {
   at::Tensor hidden;                        // (B, S, d) after the final RMSNorm; S = T + extra rows
@@ -55,8 +56,21 @@ struct PrefillLayerObservation {
   at::Tensor query_positions;   // (B, T) int64 positions of this chunk's rows (-1 on padding rows)
   std::vector<int64_t> lead;    // [B] leading padding rows of each batch row (empty: none); rows
                                 // [0, lead[b]) of hidden / queries are padding, never stored in the cache
+  at::Tensor ids;               // (B, T) this chunk's token ids, int64 or int32 (padding rows included)
 };
 using PrefillObserver = std::function<void(const PrefillLayerObservation&, KVCache&)>;
+
+// What forward_extra shows an observer for one layer, right after the extra rows' attention ran: their own
+// projections, which are never stored, next to the cache's entries of that layer (unchanged).
+struct ExtraRowsLayerObservation {
+  int64_t layer = 0;
+  at::Tensor hidden;     // (B, n, d) the rows' attention input (after the input RMSNorm)
+  at::Tensor queries;    // (B, H, n, hd) post-RoPE
+  at::Tensor keys;       // (B, H_kv, n, hd) the rows' own post-RoPE keys
+  at::Tensor values;     // (B, H_kv, n, hd)
+  at::Tensor positions;  // (B, n) int64
+};
+using ExtraRowsObserver = std::function<void(const ExtraRowsLayerObservation&, const KVLayerView& cached)>;
 
 class Model {
  public:
@@ -112,7 +126,10 @@ class Model {
   // the rows' normed input (LayerInput::seq_len = 0) and may return LayerMods::lora, applied to every extra
   // row; its other fields are refused. Runs with autograd when grad mode is on (gradients reach the
   // embeddings and the LoRA tensors), so a query-row method can train or score through the same layers.
-  ExtraRowsOutput forward_extra(const KVCache& cache, const AttentionMods& mods) const;
+  // observer (optional) is called once per layer with the rows' projections and the layer's cached entries, for
+  // statistics other than the mean attention (KVzip's maximum over a chosen subset of keys).
+  ExtraRowsOutput forward_extra(const KVCache& cache, const AttentionMods& mods,
+                                const ExtraRowsObserver& observer = ExtraRowsObserver()) const;
 
   // One step: ids (B, 1) -> float32 logits (B, V). observer as in prefill.
   at::Tensor decode(const at::Tensor& ids, KVCache& cache, const PrefillObserver& observer = PrefillObserver()) const;

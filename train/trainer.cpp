@@ -188,6 +188,7 @@ StepLosses micro_step_loss(const Model& model, Component& component, const Train
   lo.block = c.loss_block;
   lo.checkpointing = c.activation_checkpointing;
   lo.kernels = c.kernels;
+  lo.model_dir = c.model_dir;
   ComponentLoss l = component.loss(model, tb, lo);
   KVD_CHECK(!l.terms.empty(), "component ", component.kind(), " returned no loss terms");
   StepLosses out;

@@ -1,0 +1,241 @@
+#include "gates/kvzip.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "gates/prepared_scores.h"
+#include "gates/scorer.h"
+#include "models/chat_template.h"
+#include "models/kv_cache.h"
+#include "models/model.h"
+#include "models/tokenizer.h"
+
+namespace kvd {
+namespace {
+
+std::vector<int64_t> encode64(const Tokenizer& tok, const std::string& text) {
+  const std::vector<int32_t> v = tok.encode(text);
+  return std::vector<int64_t>(v.begin(), v.end());
+}
+
+bool has_chat_template(const std::string& model_dir) {
+  const std::filesystem::path p = std::filesystem::path(model_dir) / "tokenizer_config.json";
+  std::ifstream in(p);
+  if (!in.good()) return false;
+  const nlohmann::json cfg = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  return cfg.is_object() && cfg.contains("chat_template") && !cfg["chat_template"].is_null();
+}
+
+// One reconstruction pass of row b: context positions [start, end) and the repeat sequence's ids.
+struct RowPass {
+  int64_t start = 0, end = 0;
+  std::vector<int64_t> ids;
+};
+
+// Row b's passes: the context after the template prefix (when the row starts with it), cut into chunks.
+std::vector<RowPass> row_passes(const std::vector<int64_t>& ctx, const KVzipPrompts& pr, const KVzipOptions& opt) {
+  const int64_t N = static_cast<int64_t>(ctx.size()), P0 = static_cast<int64_t>(pr.prefix.size());
+  const int64_t P = P0 > 0 && N >= P0 && std::equal(pr.prefix.begin(), pr.prefix.end(), ctx.begin()) ? P0 : 0;
+  std::vector<RowPass> out;
+  for (int64_t s = P; s < N; s += opt.chunk_size) {
+    RowPass r;
+    r.start = s;
+    r.end = std::min(N, s + opt.chunk_size);
+    if (s == P) {
+      r.ids = pr.first;
+    } else {
+      r.ids = pr.next;
+      const int64_t q = std::max(s - opt.prev_postfix, s - opt.chunk_size);  // the previous chunk's last tokens
+      r.ids.insert(r.ids.end(), ctx.begin() + q, ctx.begin() + s);
+    }
+    r.ids.insert(r.ids.end(), pr.suffix.begin(), pr.suffix.end());
+    r.ids.insert(r.ids.end(), ctx.begin() + r.start, ctx.begin() + r.end);
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+}  // namespace
+
+KVzipPrompts kvzip_prompts(const std::string& model_dir) {
+  const Tokenizer tok = Tokenizer::from_file(model_dir);
+  KVzipPrompts p;
+  p.first = encode64(tok, "\n\nRepeat the previous context exactly.");
+  p.next = encode64(tok, "\n\nRepeat the part of the previous context exactly, starting with");
+  if (!has_chat_template(model_dir)) {
+    p.suffix = encode64(tok, "\n");
+    return p;
+  }
+  // The template around a user turn: render one with a marked content and cut the text at the marks.
+  const ChatTemplate chat = ChatTemplate::from_file(model_dir);
+  const std::string dummy = "dummy context", sep = "\n" + std::string(dummy.size(), '#');
+  const std::string text = chat.render({{"user", dummy + sep}}, AddGenerationPrompt::Yes);
+  const size_t at_sep = text.find(sep), at_dummy = text.find(dummy);
+  KVD_CHECK(at_sep != std::string::npos && at_dummy != std::string::npos && at_dummy < at_sep, model_dir,
+            ": the chat template does not render a user turn's content verbatim; KVzip cannot find its prefix");
+  p.prefix = encode64(tok, text.substr(0, at_dummy));
+  p.suffix = encode64(tok, text.substr(at_sep + sep.size()));
+  return p;
+}
+
+std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
+                                     const std::vector<std::vector<int64_t>>& context, const KVzipPrompts& prompts,
+                                     const KVzipOptions& opt) {
+  torch::NoGradGuard no_grad;
+  const ModelConfig& c = model.config();
+  const int64_t B = cache.batch(), L = c.num_layers, H = c.num_heads, Hkv = c.num_kv_heads, G = H / Hkv,
+                hd = c.head_dim;
+  KVD_CHECK(static_cast<int64_t>(context.size()) == B, "kvzip: ", context.size(), " contexts for a cache of batch ", B);
+  KVD_CHECK(opt.chunk_size > 0 && opt.n_sink >= 0 && opt.prev_postfix >= 0,
+            "kvzip: chunk_size must be > 0, n_sink and prev_postfix >= 0");
+  const c10::ScalarType acc = model.dtype() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  const double ninf = -std::numeric_limits<double>::infinity();
+
+  std::vector<std::vector<RowPass>> passes(B);
+  size_t n_pass = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    KVD_CHECK(static_cast<int64_t>(context[b].size()) == cache.next_position(b), "kvzip: row ", b, " has ",
+              context[b].size(), " context tokens but its cache is at position ", cache.next_position(b));
+    passes[b] = row_passes(context[b], prompts, opt);
+    n_pass = std::max(n_pass, passes[b].size());
+  }
+  std::vector<at::Tensor> out(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const KVLayerView kv = cache.layer(l);
+    out[l] = torch::zeros({B, Hkv, kv.n}, kv.k.options().dtype(acc));  // (B, H_kv, n_l)
+  }
+  // KVzip+: ||W_O,h v||² = vᵀ (W_O,hᵀ W_O,h) v for query head h, with the (hd, hd) Gram matrix of its slice.
+  std::vector<at::Tensor> gram(L);
+  if (opt.norm == KVzipNorm::Plus)
+    for (int64_t l = 0; l < L; ++l) {
+      const at::Tensor wo = model.weights().layers[l].o_proj.to(acc).view({c.hidden_size, Hkv, G, hd});  // (d, H_kv, G, hd)
+      gram[l] = torch::einsum("dhgi,dhgj->hgij", {wo, wo});  // (H_kv, G, hd, hd)
+    }
+
+  for (size_t pi = 0; pi < n_pass; ++pi) {
+    // Pass pi of every row at once, each row's repeat sequence padded at its end.
+    int64_t m = 1;
+    for (int64_t b = 0; b < B; ++b)
+      if (pi < passes[b].size()) m = std::max<int64_t>(m, passes[b][pi].ids.size());
+    at::Tensor ids = torch::zeros({B, m}, torch::kLong);  // (B, m)
+    std::vector<int64_t> len(B, 0);
+    for (int64_t b = 0; b < B; ++b)
+      if (pi < passes[b].size()) {
+        const std::vector<int64_t>& r = passes[b][pi].ids;
+        len[b] = static_cast<int64_t>(r.size());
+        ids[b].narrow(0, 0, len[b]).copy_(torch::tensor(r, torch::kLong));
+      }
+    const at::Tensor start = torch::tensor(cache.next_positions(), torch::kLong).view({B, 1});
+    AttentionMods mods;
+    mods.extra.embeddings = model.embed(ids.to(model.device()));                                     // (B, m, d)
+    mods.extra.positions = (start + torch::arange(m, torch::kLong).view({1, m})).to(model.device());  // (B, m)
+    const at::Tensor own_causal = torch::ones({m, m}, torch::TensorOptions().dtype(torch::kBool).device(model.device())).tril();
+
+    const ExtraRowsObserver observer = [&](const ExtraRowsLayerObservation& obs, const KVLayerView& kv) {
+      const int64_t l = obs.layer, nc = kv.n;
+      const at::Tensor q = obs.queries.to(acc).view({B, Hkv, G, m, hd});  // (B, H_kv, G, m, hd)
+      const at::Tensor k = kv.k.to(acc);                                   // (B, H_kv, nc, hd)
+      const at::Tensor own = obs.keys.to(acc);                             // (B, H_kv, m, hd)
+      at::Tensor wov;                                                      // (B, H_kv, G, nc) ||W_O v_j||
+      if (opt.norm == KVzipNorm::Plus) {
+        const at::Tensor v = kv.v.to(acc);  // (B, H_kv, nc, hd)
+        wov = torch::einsum("bhti,hgij,bhtj->bhgt", {v, gram[l], v}).clamp_min(0).sqrt();
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        if (pi >= passes[b].size()) continue;
+        const RowPass& rp = passes[b][pi];
+        const int64_t sink = std::min(opt.n_sink, rp.start);
+        const at::Tensor pos = kv.pos[b];                                                  // (H_kv, nc)
+        at::Tensor chunk = pos.ge(rp.start).logical_and(pos.lt(rp.end));                   // (H_kv, nc)
+        if (kv.valid.defined()) chunk = chunk.logical_and(kv.valid[b]);
+        at::Tensor keys = chunk.logical_or(pos.lt(sink));                                  // (H_kv, nc)
+        if (kv.valid.defined()) keys = keys.logical_and(kv.valid[b]);
+        at::Tensor lc = torch::matmul(q[b], k[b].unsqueeze(1).transpose(-1, -2)) * scale;  // (H_kv, G, m, nc)
+        lc = lc.masked_fill(keys.logical_not().view({Hkv, 1, 1, nc}), ninf);
+        at::Tensor lo = torch::matmul(q[b], own[b].unsqueeze(1).transpose(-1, -2)) * scale;  // (H_kv, G, m, m)
+        lo = lo.masked_fill(own_causal.logical_not(), ninf);
+        at::Tensor p = torch::softmax(torch::cat({lc, lo}, -1), -1).narrow(-1, 0, nc).narrow(2, 0, len[b]);  // (H_kv, G, m_b, nc)
+        if (opt.norm == KVzipNorm::Plus) {
+          const at::Tensor hn = obs.hidden[b].narrow(0, 0, len[b]).to(acc).norm(2, -1);  // (m_b)
+          p = p / hn.view({1, 1, len[b], 1}) * wov[b].unsqueeze(2);
+        }
+        const at::Tensor s = p.amax({1, 2});  // (H_kv, nc)
+        out[l][b] = torch::where(chunk, s, out[l][b]);
+      }
+    };
+    model.forward_extra(cache, mods, observer);
+  }
+  // Sinks outrank everything of their row.
+  if (opt.n_sink > 0)
+    for (int64_t b = 0; b < B; ++b) {
+      at::Tensor top = out[0][b].max();
+      for (int64_t l = 1; l < L; ++l) top = torch::maximum(top, out[l][b].max());
+      for (int64_t l = 0; l < L; ++l) {
+        const KVLayerView kv = cache.layer(l);
+        at::Tensor sinks = kv.pos[b].lt(opt.n_sink);
+        if (kv.valid.defined()) sinks = sinks.logical_and(kv.valid[b]);
+        out[l][b] = torch::where(sinks, top + 1.0, out[l][b]);
+      }
+    }
+  return out;
+}
+
+namespace {
+
+class KVzipScorer : public Scorer {
+ public:
+  KVzipScorer(KVzipPrompts prompts, KVzipOptions opt) : prompts_(std::move(prompts)), opt_(opt) {}
+  std::string name() const override { return opt_.norm == KVzipNorm::Plus ? "kvzip_plus" : "kvzip"; }
+  ScorerNeeds needs() const override {
+    ScorerNeeds n;
+    n.timing = ScoreTiming::AfterForward;
+    return n;
+  }
+  // Records the tokens behind each position, in order: a row that starts again at position 0 is a new prompt.
+  void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
+    if (obs.layer != 0) return;
+    KVD_CHECK(obs.ids.defined(), "kvzip: the prefill did not pass its token ids (PrefillLayerObservation::ids)");
+    const at::Tensor ids = obs.ids.to(torch::kCPU, torch::kLong).contiguous();             // (B, T)
+    const at::Tensor pos = obs.query_positions.to(torch::kCPU, torch::kLong).contiguous();  // (B, T)
+    const int64_t B = ids.size(0), T = ids.size(1);
+    ids_.resize(cache.batch());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t p = pos[b][t].item<int64_t>();
+        if (p < 0) continue;  // left padding
+        std::vector<int64_t>& row = ids_[b];
+        if (p == 0) row.clear();
+        KVD_CHECK(p == static_cast<int64_t>(row.size()), "kvzip: row ", b, " appended position ", p, " after ", row.size(),
+                  " recorded tokens; drive every prefill and decode step of the cache through the scorer's on_append");
+        row.push_back(ids[b][t].item<int64_t>());
+      }
+  }
+  void prepare(const Model& model, const KVCache& cache) override {
+    KVD_CHECK(static_cast<int64_t>(ids_.size()) == cache.batch(), "kvzip: the cache's tokens were not recorded; drive its "
+              "prefill through compress_prefill (the scorer's on_append)");
+    scores_.set(cache, kvzip_scores(model, cache, ids_, prompts_, opt_));
+  }
+  at::Tensor score(const LayerView& view) override { return scores_.get(view); }
+
+ private:
+  KVzipPrompts prompts_;
+  KVzipOptions opt_;
+  std::vector<std::vector<int64_t>> ids_;  // [row] the token at each position so far
+  PreparedScores scores_{"kvzip scorer"};
+};
+
+}  // namespace
+
+std::unique_ptr<Scorer> make_kvzip_scorer(KVzipPrompts prompts, KVzipOptions options) {
+  return std::make_unique<KVzipScorer>(std::move(prompts), options);
+}
+
+}  // namespace kvd
