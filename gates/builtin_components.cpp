@@ -3,6 +3,7 @@
 // with a list of their own.
 #include "gates/attention_gate.h"
 #include "gates/components.h"
+#include "gates/dms.h"
 #include "gates/kvzap.h"
 #include "gates/query_rows.h"
 #include "gates/retention_gate.h"
@@ -15,6 +16,7 @@ std::vector<ComponentSpec> builtin_component_specs() {
       query_rows_spec(),
       attention_gate_spec(),
       kvzap_spec(),
+      dms_spec(),
   };
 }
 

@@ -1,0 +1,247 @@
+// DMS-style learned eviction (issue 14): the probe's shapes and names; the delayed-eviction pair bias (0 for keys
+// a query sees within the window, log(1 − α + ε) beyond) against a loop; the gradient of the whole objective
+// (distillation KL + the one-sided compression penalty, through the Gumbel-sigmoid and the biased attention)
+// against finite differences in float64; the rising target; the delay window never evicts an entry younger than
+// the window, in a chunked prefill at threshold 0.5 and at every decode step; bundles round-trip; bad options
+// get one clear error.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "export/gate_bundle.h"
+#include "gates/components.h"
+#include "gates/compress.h"
+#include "gates/decode_eviction.h"
+#include "gates/dms.h"
+#include "gates/gate_test_utils.h"
+#include "gates/registry.h"
+#include "models/kv_cache.h"
+#include "models/model.h"
+
+using namespace kvd;
+using namespace kvd::test;
+
+namespace {
+
+std::shared_ptr<DMSImpl> make_dms(const ModelConfig& cfg, const nlohmann::json& options, uint64_t seed = 0) {
+  torch::manual_seed(seed);
+  auto c = std::dynamic_pointer_cast<DMSImpl>(make_component("dms", cfg, options));
+  EXPECT_TRUE(c != nullptr);
+  return c;
+}
+
+// Two rows: row 0 two documents, row 1 one document and right padding.
+TrainBatch packed_batch(int64_t vocab, int64_t T, uint64_t seed) {
+  torch::manual_seed(seed);
+  TrainBatch tb;
+  tb.ids = torch::randint(vocab, {2, T}, torch::kLong);
+  tb.doc_ids = torch::zeros({2, T}, torch::kLong);
+  tb.positions = torch::arange(T, torch::kLong).repeat({2, 1});
+  const int64_t cut = T / 2, pad = T - 3;
+  tb.doc_ids[0].narrow(0, cut, T - cut).fill_(1);
+  tb.positions[0].narrow(0, cut, T - cut).copy_(torch::arange(T - cut, torch::kLong));
+  tb.doc_ids[1].narrow(0, pad, T - pad).fill_(-1);
+  tb.positions[1].narrow(0, pad, T - pad).fill_(0);
+  tb.labels = torch::full({2, T}, -100, torch::kLong);
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t t = 0; t + 1 < T; ++t)
+      if (tb.doc_ids[b][t].item<int64_t>() >= 0 && tb.doc_ids[b][t].item<int64_t>() == tb.doc_ids[b][t + 1].item<int64_t>())
+        tb.labels[b][t] = tb.ids[b][t + 1];
+  return tb;
+}
+
+std::vector<int64_t> head_positions(const KVCache& c, int64_t l, int64_t h) {
+  const int64_t n = c.length(l, 0, h);
+  at::Tensor p = std::get<0>(c.layer(l).pos[0][h].narrow(0, 0, n).sort());
+  return std::vector<int64_t>(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + n);
+}
+
+}  // namespace
+
+TEST(DMS, ProbeShapesNamesAndOptions) {
+  const ModelConfig& cfg = tiny_model("llama3", torch::kFloat).config();
+  auto d = make_dms(cfg, {{"bias_init", -3.0}});
+  std::map<std::string, std::vector<int64_t>> got, want;
+  for (const auto& p : d->named_parameters()) got[p.key()] = p.value().sizes().vec();
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    want["layers." + std::to_string(l) + ".weight"] = {cfg.num_kv_heads, cfg.hidden_size};
+    want["layers." + std::to_string(l) + ".bias"] = {cfg.num_kv_heads};
+  }
+  EXPECT_EQ(got, want);
+  const at::Tensor z = d->logits(1, torch::zeros({2, 5, cfg.hidden_size}));
+  EXPECT_EQ(z.sizes(), (std::vector<int64_t>{2, 5, cfg.num_kv_heads}));
+  EXPECT_NEAR(z.mean().item<double>(), -3.0, 1e-6);  // x = 0: the bias alone
+  auto r = make_dms(cfg, {{"target", 0.8}, {"ramp_steps", 100}});
+  EXPECT_DOUBLE_EQ(r->target_at(0), 0.0);
+  EXPECT_DOUBLE_EQ(r->target_at(50), 0.4);
+  EXPECT_DOUBLE_EQ(r->target_at(100), 0.8);
+  EXPECT_DOUBLE_EQ(r->target_at(1000), 0.8);
+  EXPECT_NE(error_of([&] { make_dms(cfg, {{"target", 1.0}}); }).find("component.target"), std::string::npos);
+  EXPECT_NE(error_of([&] { make_dms(cfg, {{"window", -1}}); }).find("component.window"), std::string::npos);
+  EXPECT_NE(error_of([&] { make_dms(cfg, {{"temperature", 0.0}}); }).find("component.temperature"), std::string::npos);
+}
+
+// The delayed bias against a loop: 0 where pos_q − pos_k <= window, log(1 − α_k + ε) beyond.
+TEST(DMS, PairBiasIsDelayedByTheWindow) {
+  torch::manual_seed(1);
+  const int64_t B = 2, Hkv = 3, S = 11, w = 3;
+  const at::Tensor alpha = torch::rand({B, Hkv, S}, torch::kDouble);
+  PairBiasQuery q;
+  q.k_pos = torch::arange(S, torch::kLong).repeat({B, 1});
+  q.k_pos[1].narrow(0, 6, 5).copy_(torch::arange(5, torch::kLong));  // row 1: a second document at 6
+  q.q_rows = torch::tensor({1, 4, 5, 9, 10}, torch::kLong).repeat({B, 1});
+  q.q_pos = q.k_pos.gather(1, q.q_rows);
+  const at::Tensor bias = dms_pair_bias(alpha, q, w, 1e-6);  // (B, H_kv, 5, S)
+  ASSERT_EQ(bias.sizes(), (std::vector<int64_t>{B, Hkv, 5, S}));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t i = 0; i < 5; ++i)
+        for (int64_t j = 0; j < S; ++j) {
+          const int64_t d = q.q_pos[b][i].item<int64_t>() - q.k_pos[b][j].item<int64_t>();
+          const double want = d > w ? std::log(1.0 - alpha[b][h][j].item<double>() + 1e-6) : 0.0;
+          EXPECT_DOUBLE_EQ(bias[b][h][i][j].item<double>(), want) << b << " " << h << " " << i << " " << j;
+        }
+}
+
+// d/dθ of the student's output under the delayed-eviction bias plus the compression penalty, in float64: autograd
+// against central differences, the Gumbel noise drawn from the same seed in every evaluation. (The component's
+// loss() reports its KL / CE in float32, the trainer's precision; the KL itself is shared with the other parts
+// and checked in tests/train.)
+TEST(DMS, GradientMatchesFiniteDifferences) {
+  const Model& model = tiny_model("llama3", torch::kDouble);
+  auto d = make_dms(model.config(), {{"target", 0.9}, {"ramp_steps", 0}, {"window", 2}, {"bias_init", 0.0},
+                                     {"init_std", 0.3}}, 2);
+  d->to(torch::kDouble);
+  const TrainBatch tb = packed_batch(model.config().vocab_size, 14, 3);
+  torch::manual_seed(5);
+  const at::Tensor R = torch::randn({2, 14, model.config().hidden_size}, torch::kDouble);
+  auto total = [&] {
+    torch::manual_seed(11);  // the same noise
+    const AttentionMods mods = d->attention_mods(tb, DMSNoise::Gumbel);
+    const at::Tensor h = model.forward_train(tb.ids, tb.positions, mods, tb.doc_ids).hidden;  // (B, T, d)
+    return (h * R).sum() + torch::relu(0.9 - d->evicted_fraction());
+  };
+  for (auto& p : d->parameters()) p.mutable_grad() = at::Tensor();
+  total().backward();
+  {
+    torch::NoGradGuard ng;
+    torch::manual_seed(11);
+    const AttentionMods biased = d->attention_mods(tb, DMSNoise::Gumbel);
+    const at::Tensor hb = model.forward_train(tb.ids, tb.positions, biased, tb.doc_ids).hidden;
+    const at::Tensor h0 = model.forward_train(tb.ids, tb.positions, AttentionMods(), tb.doc_ids).hidden;
+    EXPECT_GT(max_abs_diff(hb, h0), 1e-3) << "the bias changes the student";
+    EXPECT_LT(d->evicted_fraction().item<double>(), 0.9) << "the compression penalty is active";
+  }
+  int checked = 0;
+  for (const auto& item : d->named_parameters()) {
+    at::Tensor p = item.value();
+    const at::Tensor g = p.grad().clone();
+    torch::NoGradGuard ng;
+    at::Tensor flat = p.view({-1});
+    for (int64_t i = 0; i < std::min<int64_t>(flat.numel(), 4); ++i) {
+      const double keep = flat[i].item<double>(), eps = 1e-6;
+      flat[i].fill_(keep + eps);
+      const double up = total().item<double>();
+      flat[i].fill_(keep - eps);
+      const double down = total().item<double>();
+      flat[i].fill_(keep);
+      const double fd = (up - down) / (2 * eps);
+      EXPECT_NEAR(g.view({-1})[i].item<double>(), fd, 1e-7 + 1e-5 * std::abs(fd)) << item.key() << "[" << i << "]";
+      EXPECT_GT(std::abs(fd), 1e-6) << item.key() << "[" << i << "]: a gradient that is there";
+      ++checked;
+    }
+  }
+  EXPECT_GE(checked, 8);
+}
+
+// The component's loss: terms kl, ce, compression (= max(0, ρ − mean α̃)) and its metrics.
+TEST(DMS, LossTermsAndMetrics) {
+  const Model& model = tiny_model("llama3", torch::kFloat);
+  auto d = make_dms(model.config(), {{"target", 0.6}, {"ramp_steps", 10}, {"window", 2}, {"bias_init", -1.0}}, 3);
+  const TrainBatch tb = packed_batch(model.config().vocab_size, 14, 4);
+  LossOptions lo;
+  lo.step = 5;
+  torch::manual_seed(9);
+  const ComponentLoss l = d->loss(model, tb, lo);
+  ASSERT_EQ(l.terms.size(), 3u);
+  EXPECT_EQ(l.terms[0].first, "kl");
+  EXPECT_EQ(l.terms[1].first, "ce");
+  EXPECT_EQ(l.terms[2].first, "compression");
+  std::map<std::string, double> m(l.metrics.begin(), l.metrics.end());
+  EXPECT_DOUBLE_EQ(m.at("evict_target"), 0.3);
+  EXPECT_NEAR(l.terms[2].second.item<double>(), std::max(0.0, 0.3 - m.at("evicted")), 1e-6);
+  EXPECT_GT(m.at("evicted"), 0.05);  // sigmoid(-1) ≈ 0.27 with noise
+  EXPECT_GE(m.at("evicted_hard"), 0.0);
+  EXPECT_GT(l.terms[0].second.item<double>(), 0.0);
+  EXPECT_EQ(l.tokens, 14 + 11 - 3);  // label-valid tokens: row 0 two documents, row 1 padded
+}
+
+// A probe that wants everything evicted (α ≈ 1): a chunked prefill at threshold 0.5 keeps exactly the window,
+// and decoding under a token budget never evicts an entry the next `window` queries may still see.
+TEST(DMS, DelayWindowNeverEvictsYoungEntries) {
+  const Model& model = tiny_model("llama3", torch::kFloat);
+  const ModelConfig& cfg = model.config();
+  const int64_t w = 6;
+  auto d = make_dms(cfg, {{"window", w}, {"bias_init", 20.0}, {"init_std", 0.0}});
+  MethodContext ctx;
+  ctx.model = &model;
+  ctx.learned_mode = LearnedMode::Continuous;
+  ctx.continuous_chunk = 5;
+  ctx.load_bundle = [&](const std::string&) { return std::static_pointer_cast<Component>(d); };
+  torch::manual_seed(4);
+  at::Tensor ids = torch::randint(cfg.vocab_size, {1, 23}, torch::kLong);
+  {
+    ResolvedMethod rm = resolve_method("dms:unused", Budget::threshold(0.5), ctx);
+    ASSERT_EQ(rm.compress.chunk_size, 5);
+    KVCache cache = model.new_cache(1);
+    compress_prefill(model, cache, {std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + 23)},
+                     rm.method, rm.compress);
+    std::vector<int64_t> want;
+    for (int64_t j = 23 - w; j < 23; ++j) want.push_back(j);
+    for (int64_t l = 0; l < cfg.num_layers; ++l)
+      for (int64_t h = 0; h < cfg.num_kv_heads; ++h) EXPECT_EQ(head_positions(cache, l, h), want) << l << " " << h;
+  }
+  // Decoding: prefill compressed to 10 entries per head, then every step evicts down to 10 (the scorer's own
+  // decode schedule in the continuous mode).
+  ResolvedMethod rm = resolve_method("dms:unused", Budget::tokens(10), ctx);
+  ASSERT_TRUE(rm.decode.has_value());
+  KVCache cache = model.new_cache(1);
+  compress_prefill(model, cache, {std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + 23)},
+                   rm.method, rm.compress);
+  DecodeEvictionOptions eo;
+  eo.scorer = rm.method.scorer;
+  DecodeEvictor ev(model, DecodePolicy::Scorer, DecodeTrigger{1, 10}, eo);
+  for (int64_t step = 0; step < 9; ++step) {
+    model.decode(torch::randint(cfg.vocab_size, {1, 1}, torch::kLong), cache, ev.observer());
+    const int64_t next = cache.next_position(0);
+    for (int64_t l = 0; l < cfg.num_layers; ++l)
+      for (int64_t h = 0; h < cfg.num_kv_heads; ++h) {
+        const std::vector<int64_t> pos = head_positions(cache, l, h);
+        EXPECT_EQ(static_cast<int64_t>(pos.size()), 10);
+        for (int64_t j = next - w; j < next; ++j)
+          EXPECT_TRUE(std::find(pos.begin(), pos.end(), j) != pos.end())
+              << "step " << step << " layer " << l << " head " << h << ": position " << j << " (younger than the window) evicted";
+      }
+  }
+}
+
+TEST(DMS, BundleRoundTrip) {
+  const Model& model = tiny_model("llama3", torch::kFloat);
+  auto d = make_dms(model.config(), {{"window", 7}, {"init_std", 0.5}}, 6);
+  TempDir dir;
+  const BaseModelInfo base{"tiny", "abcd"};
+  save_gate_bundle(dir.path + "/b", *d, base);
+  auto back = std::dynamic_pointer_cast<DMSImpl>(load_component(dir.path + "/b", model, base));
+  ASSERT_TRUE(back != nullptr);
+  EXPECT_EQ(back->options().window, 7);
+  const at::Tensor x = torch::randn({1, 4, model.config().hidden_size});
+  for (int64_t l = 0; l < model.config().num_layers; ++l) EXPECT_TRUE(back->logits(l, x).equal(d->logits(l, x)));
+  EXPECT_NE(error_of([&] { load_component(dir.path + "/b", model, BaseModelInfo{"other", "ffff"}); }).find("other"),
+            std::string::npos);
+}
