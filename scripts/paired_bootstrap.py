@@ -9,8 +9,13 @@ and hit-rate intervals both lie above 0 ("beats"). Several directories (shards o
 its own full-cache reference) are read as one; the first record of a (method, budget, sample) wins. Writes
 the same as JSON into the first directory (bootstrap_vs_<baseline>.json).
 
-  scripts/paired_bootstrap.py DIR [DIR ...] [--baseline snapkv] [--resamples 2000] [--seed 0]
+  scripts/paired_bootstrap.py DIR [DIR ...] [--baseline snapkv | best] [--resamples 2000] [--seed 0]
                               [--move LABEL FROM TO ...]
+
+--baseline best: at each budget the baseline is the best heuristic there (the heuristic with the highest mean
+accuracy over its samples; a learned part is a method whose label names a bundle, "<kind>(<run>)"), and a
+headline table follows: per budget, the best learned part against the best heuristic, the accuracy difference
+with its interval, and "significant" only when the interval excludes 0 (else "no significant difference").
 
 --move LABEL FROM TO compares method LABEL's records at budget FROM as if they were at budget TO: e.g. a gate
 evaluated at its own flags (`threshold=0.5`) against heuristics run at the fraction it kept (`ratio=0.039`).
@@ -47,17 +52,19 @@ def main():
                 by[(moves.get((label, r["budget"]), r["budget"]), label)].setdefault(r["id"], r)
     rng = random.Random(a.seed)
     out = []
+    baselines = baseline_per_budget(by, a.baseline)
     print(f"| budget | method | n | accuracy | Δacc vs {a.baseline} [95% CI] | hit rate | Δhit [95% CI] | KL | ΔKL [95% CI] "
           f"| peak KV MiB | beats on acc and hit |")
     print("|---|---|---:|---:|---|---:|---|---:|---|---:|---|")
     for (budget, label), samples in sorted(by.items()):
-        base = by.get((budget, a.baseline))
-        if base is None or label == a.baseline:
+        base_label = baselines.get(budget)
+        base = by.get((budget, base_label))
+        if base is None or label == base_label:
             continue
         ids = sorted(set(samples) & set(base))
         if not ids:
             continue
-        res = {"budget": budget, "method": label, "baseline": a.baseline, "n": len(ids)}
+        res = {"budget": budget, "method": label, "baseline": base_label, "n": len(ids)}
         for key in ("score", "hit_rate", "kl"):
             d = [samples[i][key] - base[i][key] for i in ids]
             means = []
@@ -72,14 +79,60 @@ def main():
         res["peak_kv_bytes"] = sum(samples[i]["peak_kv_bytes"] for i in ids) / len(ids)
         res["beats"] = res["score_ci"][0] > 0 and res["hit_rate_ci"][0] > 0
         out.append(res)
-        print(f"| {budget} | {label} | {res['n']} | {100 * res['score']:.1f} | {100 * res['score_diff']:+.1f} "
+        shown = label if a.baseline != "best" else f"{label} (vs {base_label})"
+        print(f"| {budget} | {shown} | {res['n']} | {100 * res['score']:.1f} | {100 * res['score_diff']:+.1f} "
               f"[{100 * res['score_ci'][0]:+.1f}, {100 * res['score_ci'][1]:+.1f}] | {res['hit_rate']:.3f} | "
               f"{res['hit_rate_diff']:+.3f} [{res['hit_rate_ci'][0]:+.3f}, {res['hit_rate_ci'][1]:+.3f}] | "
               f"{res['kl']:.4f} | {res['kl_diff']:+.4f} [{res['kl_ci'][0]:+.4f}, {res['kl_ci'][1]:+.4f}] | "
               f"{res['peak_kv_bytes'] / 2**20:.2f} | {'yes' if res['beats'] else 'no'} |")
     with open(os.path.join(a.dirs[0], f"bootstrap_vs_{a.baseline}.json"), "w") as f:
         json.dump(out, f, indent=1)
+    if a.baseline == "best":
+        headline(by, out, baselines)
     return 0
+
+
+def is_learned(label):
+    """A learned part's label names its bundle: "<kind>(<run>)", possibly behind an allocation prefix."""
+    return "(" in label
+
+
+def mean_score(samples):
+    return sum(r["score"] for r in samples.values()) / len(samples)
+
+
+def baseline_per_budget(by, baseline):
+    """budget -> the baseline's label: the one given, or with "best" the heuristic of highest mean accuracy."""
+    budgets = sorted({b for b, _ in by})
+    if baseline != "best":
+        return {b: baseline for b in budgets}
+    out = {}
+    for b in budgets:
+        cands = [(mean_score(s), label) for (bb, label), s in by.items() if bb == b and not is_learned(label)]
+        if cands:
+            out[b] = max(cands)[1]
+    return out
+
+
+def headline(by, rows, baselines):
+    """Per budget: the best learned part (highest mean accuracy) against the best heuristic, with its interval."""
+    print()
+    print("| budget | best learned part | accuracy | best heuristic | accuracy | Δacc [95% CI] | finding |")
+    print("|---|---|---:|---|---:|---|---|")
+    for b in sorted(baselines):
+        learned = [(mean_score(s), label) for (bb, label), s in by.items() if bb == b and is_learned(label)]
+        if not learned:
+            continue
+        best = max(learned)[1]
+        r = next((x for x in rows if x["budget"] == b and x["method"] == best), None)
+        if r is None:
+            continue
+        lo, hi = r["score_ci"]
+        finding = ("no significant difference" if lo <= 0 <= hi
+                   else f"{'learned' if lo > 0 else 'heuristic'} better (significant)")
+        base = by[(b, baselines[b])]
+        print(f"| {b} | {best} | {100 * r['score']:.1f} | {baselines[b]} | {100 * mean_score(base):.1f} | "
+              f"{100 * r['score_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {finding} |")
 
 
 if __name__ == "__main__":

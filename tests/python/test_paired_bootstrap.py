@@ -74,3 +74,34 @@ def test_move_compares_across_budgets(tmp_path):
     assert r.returncode == 0, r.stderr
     (g,) = json.loads((d / "bootstrap_vs_snapkv.json").read_text())
     assert g["budget"] == "ratio=0.04" and g["n"] == n and abs(g["score_diff"] - 1.0) < 1e-12
+
+
+def test_best_heuristic_baseline_and_headline(tmp_path):
+    """--baseline best: per budget the heuristic of highest mean accuracy is the baseline (learned parts, whose
+    labels name a bundle, never are), and the headline pairs the best learned part with it."""
+    n = 40
+    rows = []
+    for i in range(n):
+        sid = f"s{i}"
+        for budget, lo_acc, hi_acc, learned_acc in (("ratio=0.5", 0.0, float(i % 2), 1.0),
+                                                    ("ratio=0.75", 0.0, float(i % 2), float((i // 2) % 2))):
+            rows.append(record("snapkv", budget, sid, lo_acc, 0.5, 0.3, 10))
+            rows.append(record("defensivekv", budget, sid, hi_acc, 0.6, 0.2, 10))
+            r = record("kvzap:/runs/a/bundle", budget, sid, learned_acc, 0.7, 0.1, 10)
+            r["label"] = "kvzap(a)"
+            rows.append(r)
+            r = record("dms:/runs/b/bundle", budget, sid, 0.0, 0.7, 0.1, 10)
+            r["label"] = "dms(b)"
+            rows.append(r)
+    d = write(tmp_path / "best", rows)
+    r = run(d, "--baseline", "best", "--resamples", 500)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((d / "bootstrap_vs_best.json").read_text())
+    assert {x["baseline"] for x in res} == {"defensivekv"}
+    assert {(x["budget"], x["method"]) for x in res} == {(b, m) for b in ("ratio=0.5", "ratio=0.75")
+                                                         for m in ("snapkv", "kvzap(a)", "dms(b)")}
+    head = r.stdout.split("| budget | best learned part |")[1]
+    assert "| ratio=0.5 | kvzap(a) | 100.0 | defensivekv | 50.0 | +50.0 [" in head
+    assert "learned better (significant)" in head.splitlines()[2]
+    assert "| ratio=0.75 | kvzap(a) | 50.0 | defensivekv | 50.0 | +0.0 [" in head
+    assert "no significant difference" in head.splitlines()[3]
