@@ -88,10 +88,12 @@ void run_eval(const EvalOptions& opt) {
   const std::string results_path = opt.out_dir + "/results.jsonl";
   const std::string run_path = opt.out_dir + "/run.json";
 
-  // Settings that change what a result means; a rerun into the same directory must match them.
+  // Settings that change what a result means; a rerun into the same directory must match them. The model and the
+  // tasks are named by file name and content hash, never by a machine path (a results directory moves between
+  // machines); the task file's name is informative only (its hash decides).
   const json settings = {{"model", std::filesystem::path(opt.model_dir).filename().string()},
                          {"model_config_sha256", base_model_info(opt.model_dir).config_sha256},
-                         {"tasks", opt.tasks},
+                         {"tasks", std::filesystem::path(opt.tasks).filename().string()},
                          {"tasks_sha256", sha256_hex(read_file(opt.tasks))},
                          {"query", opt.query == QueryMode::Aware ? "aware" : "agnostic"},
                          {"max_new_tokens", opt.max_new_tokens},
@@ -101,7 +103,7 @@ void run_eval(const EvalOptions& opt) {
     const json old = parse_json(read_file(run_path), run_path, "not valid JSON", "; use a new --out directory");
     KVD_CHECK(old.is_object(), run_path, ": expected a JSON object; use a new --out directory");
     for (auto it = settings.begin(); it != settings.end(); ++it)
-      KVD_CHECK(old.contains(it.key()) && old[it.key()] == it.value(), "--out ", opt.out_dir,
+      KVD_CHECK(it.key() == "tasks" || (old.contains(it.key()) && old[it.key()] == it.value()), "--out ", opt.out_dir,
                 " holds results made with another ", it.key(), " (", old.value(it.key(), json()).dump(), " vs ",
                 it.value().dump(), "); use a new --out directory");
   } else {

@@ -102,6 +102,11 @@ def test_records_and_reports(single, tasks):
     assert len(csv) == 1 + 4 * len(samples)
     md = (Path(single) / "results.md").read_text()
     assert "| full cache |" in md and "| snapkv |" in md and "Accuracy (%) per task, ratio=0.5" in md
+    # run.json names the model and the tasks by file name and hash, never by a machine path.
+    run = json.loads((Path(single) / "run.json").read_text())
+    assert run["model"] == Path(MODEL_DIR).name and run["tasks"] == Path(tasks).name
+    assert len(run["model_config_sha256"]) == 64 and len(run["tasks_sha256"]) == 64
+    assert not any("/" in str(v) for v in run.values())
 
 
 def test_plot(single):

@@ -223,7 +223,9 @@ def test_batch_decode_and_ratio_zero(ops, bundles, hf):
     for l in range(len(one.layers)):
         k1, k2 = one.layers[l].keys, two.layers[l].keys  # (1, H_kv, n_kept, hd), (2, H_kv, n_kept, hd)
         assert k2.shape[2] == k1.shape[2] == 80
-        assert torch.allclose(k2[0], k1[0], atol=1e-5) and torch.allclose(k2[1], k1[0], atol=1e-5), \
+        # The batched forward rounds differently from the single one (keys of deep layers, of magnitude ~10, differ
+        # by up to ~2e-5); a different kept entry would differ by the size of a key.
+        assert torch.allclose(k2[0], k1[0], rtol=1e-5, atol=1e-4) and torch.allclose(k2[1], k1[0], rtol=1e-5, atol=1e-4), \
             f"layer {l}: each row of a batch must keep what the prompt keeps alone"
 
     # A decode step inside the press is not a prefill: it appends one entry and compresses nothing.
