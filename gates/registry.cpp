@@ -22,7 +22,14 @@ bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p,
 struct ScorerContext {
   uint64_t seed = 0;
   std::string model_dir;  // KVzip reads the model's tokenizer and chat template
+  Budget budget;          // DefensiveKV caps its first stage by the budget
 };
+
+std::shared_ptr<Scorer> defensivekv(const ScorerContext& c) {
+  DefensiveKVOptions o;
+  o.budget = c.budget;
+  return std::make_shared<DefensiveKVScorer>(o);
+}
 
 // KVzip's scorer: the reconstruction prompts come from the model directory.
 std::shared_ptr<Scorer> kvzip(const ScorerContext& c, KVzipNorm norm) {
@@ -50,8 +57,8 @@ const std::vector<HeuristicEntry>& heuristics() {
       {"tova", [](const ScorerContext&) { return std::make_shared<TOVAScorer>(); }},
       {"keydiff", [](const ScorerContext&) { return std::make_shared<KeyDiffScorer>(); }},
       {"expected_attention", [](const ScorerContext&) { return std::make_shared<ExpectedAttentionScorer>(); }},
-      {"defensivekv", [](const ScorerContext&) { return std::make_shared<DefensiveKVScorer>(); }},
-      {"layer_defensivekv", [](const ScorerContext&) { return std::make_shared<DefensiveKVScorer>(); }},
+      {"defensivekv", defensivekv},
+      {"layer_defensivekv", defensivekv},
       {"cake", [](const ScorerContext&) { return std::make_shared<CakeScorer>(); }},
       {"kvzip", [](const ScorerContext& c) { return kvzip(c, KVzipNorm::None); }},
       {"kvzip_plus", [](const ScorerContext& c) { return kvzip(c, KVzipNorm::Plus); }},
@@ -189,7 +196,7 @@ Method make_method(const std::string& name, const Budget& budget, uint64_t seed,
     }
   }
   for (const HeuristicEntry& h : heuristics())
-    if (base == h.name) m.scorer = h.make(ScorerContext{seed, model_dir});
+    if (base == h.name) m.scorer = h.make(ScorerContext{seed, model_dir, budget});
   KVD_CHECK(m.scorer != nullptr, "--method: unknown method '", name, "'; known: ", known_methods());
   if (base == "pyramidkv") {
     KVD_CHECK(m.selector.allocation == Allocation::Uniform, "pyramidkv sets its own layer budgets; it takes no prefix");
@@ -201,9 +208,6 @@ Method make_method(const std::string& name, const Budget& budget, uint64_t seed,
     KVD_CHECK(m.selector.allocation == Allocation::Uniform, base, " sets its own budgets; it takes no prefix");
     m.selector.allocation = base == "defensivekv" ? Allocation::AdaKV : Allocation::Global;
     m.selector.ada_alpha = 0.0;  // one top-k over the layer's heads, no per-head floor (the authors' code)
-    DefensiveKVOptions o;
-    o.budget = budget;  // its first stage is capped by the budget
-    m.scorer = std::make_shared<DefensiveKVScorer>(o);
   }
   // KVzip ranks every layer and head together unless a prefix says otherwise (kvpress's default, layerwise=False).
   if ((base == "kvzip" || base == "kvzip_plus") && m.selector.allocation == Allocation::Uniform)
