@@ -33,21 +33,16 @@ TRAIN_H5=${TRAIN_H5:-py-2k.h5}
 RUNS=${RUNS:-ag05:0.5:batch ag025:0.25:batch}
 GATES=${GATES:-$(for r in $RUNS; do printf '%s ' "${r%%:*}"; done)}
 FLAGS_ONLY=${FLAGS_ONLY:-}
-SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 KVD=build-gpu/kvdistill
 mkdir -p "$W"
-t() { local s=$SECONDS; "$@"; echo "[time] $((SECONDS - s)) s: $*" >&2; }
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model
 
 case "${1:-}" in
   build)
-    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVD_BUILD_TESTS=OFF \
-      -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" >/dev/null
-    t ninja -C build-gpu kvdistill
+    gpu_build kvdistill
     ;;
   model)
-    cat /root/kvd-stage/part-* > /root/smollm2.gguf
-    echo "$SHA  /root/smollm2.gguf" | sha256sum -c -
-    t $KVD convert --gguf /root/smollm2.gguf --out "$MODEL"
+    gpu_model "$MODEL"
     ;;
   train)
     limit=${2:-420}

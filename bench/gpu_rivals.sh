@@ -34,10 +34,9 @@ MODES=${MODES:-agnostic aware}
 HEURISTICS=${HEURISTICS:-streaming_llm snapkv pyramidkv tova expected_attention adakv_snapkv defensivekv layer_defensivekv cake kvzip}
 LEARNED=${LEARNED:-}
 RATIOS=0.25,0.5,0.75,0.875
-SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 KVD=build-gpu/kvdistill
 mkdir -p "$W"
-t() { local s=$SECONDS; "$@"; echo "[time] $((SECONDS - s)) s: $*" >&2; }
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model
 
 learned_methods() {
   local m=$LEARNED
@@ -48,14 +47,10 @@ learned_methods() {
 
 case "${1:-}" in
   build)
-    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVD_BUILD_TESTS=OFF \
-      -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" >/dev/null
-    t ninja -C build-gpu kvdistill
+    gpu_build kvdistill
     ;;
   model)
-    cat /root/kvd-stage/part-* > /root/smollm2.gguf
-    echo "$SHA  /root/smollm2.gguf" | sha256sum -c -
-    t $KVD convert --gguf /root/smollm2.gguf --out "$MODEL"
+    gpu_model "$MODEL"
     ;;
   train)
     limit=${2:-540}

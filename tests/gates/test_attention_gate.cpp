@@ -65,26 +65,6 @@ at::Tensor layer0_input(const Model& model, const TrainBatch& tb) {
   return hidden0;
 }
 
-// Packed batch: row 0 holds two documents, row 1 one document then padding.
-TrainBatch packed_batch(int64_t vocab, int64_t T, uint64_t seed, c10::ScalarType) {
-  torch::manual_seed(seed);
-  TrainBatch tb;
-  tb.ids = torch::randint(vocab, {2, T}, torch::kLong);
-  tb.doc_ids = torch::zeros({2, T}, torch::kLong);
-  tb.positions = torch::arange(T, torch::kLong).repeat({2, 1});
-  const int64_t cut = T / 2 - 3, pad = T - 5;
-  tb.doc_ids[0].narrow(0, cut, T - cut).fill_(1);
-  tb.positions[0].narrow(0, cut, T - cut).copy_(torch::arange(T - cut, torch::kLong));
-  tb.doc_ids[1].narrow(0, pad, T - pad).fill_(-1);
-  tb.positions[1].narrow(0, pad, T - pad).fill_(0);
-  tb.labels = torch::full({2, T}, -100, torch::kLong);
-  for (int64_t b = 0; b < 2; ++b)
-    for (int64_t t = 0; t + 1 < T; ++t)
-      if (tb.doc_ids[b][t].item<int64_t>() >= 0 && tb.doc_ids[b][t].item<int64_t>() == tb.doc_ids[b][t + 1].item<int64_t>())
-        tb.labels[b][t] = tb.ids[b][t + 1];
-  return tb;
-}
-
 // The gate block written out naively in float64: per row, per head, an explicit softmax over the visible keys.
 at::Tensor naive_gate_logits(AttentionGateLayerImpl& L, const at::Tensor& x, const at::Tensor& doc) {
   const int64_t B = x.size(0), S = x.size(1), g = L.heads, dg = L.head_dim;
@@ -120,7 +100,7 @@ TEST(AttentionGate, BlockMatchesNaiveReferenceValueAndGradient) {
   const Model& model = tiny_model("llama3", torch::kFloat);
   auto gate = make_gate(model, 1);
   spread_gate(*gate, 1.0, 0.0);
-  const TrainBatch tb = packed_batch(model.config().vocab_size, 20, 2, torch::kFloat);
+  const TrainBatch tb = packed_batch(model.config().vocab_size, 20, 2);
   torch::manual_seed(3);
   at::Tensor x = torch::randn({2, 20, model.config().hidden_size});
   const at::Tensor allowed = causal_document_mask(tb.doc_ids, 2, 20, torch::kCPU);
@@ -169,7 +149,7 @@ TEST(AttentionGate, LogMaskEqualsRemovingFlaggedKeysForLaterQueries) {
   for (const std::string fam : {"llama3", "qwen3"}) {
     const Model& model = tiny_model(fam, torch::kDouble);
     const int64_t Hkv = model.config().num_kv_heads, T = 22;
-    const TrainBatch tb = packed_batch(model.config().vocab_size, T, 6, torch::kDouble);
+    const TrainBatch tb = packed_batch(model.config().vocab_size, T, 6);
     torch::manual_seed(7);
     std::vector<at::Tensor> flags;  // [layer] (B, T, H_kv) 0/1, sinks kept
     for (int64_t l = 0; l < model.config().num_layers; ++l) {
@@ -216,7 +196,7 @@ TEST(AttentionGate, ObjectiveTermsAndKeptFraction) {
   const Model& model = tiny_model("llama3", torch::kFloat);
   auto gate = make_gate(model, 8, {{"target", 0.3}, {"sinks", 2}, {"keep_scope", "batch"}});
   spread_gate(*gate, 1.0, 0.5);
-  const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9, torch::kFloat);
+  const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9);
   ComponentLoss l = gate->loss(model, tb, LossOptions{});
   std::map<std::string, double> v;
   for (auto& [k, t] : l.terms) v[k] = t.item<double>();
@@ -262,7 +242,7 @@ TEST(AttentionGate, SequenceScopeHingesEachRow) {
   auto gate = make_gate(model, 8, {{"target", 0.3}, {"sinks", 2}, {"keep_penalty", "hinge"}, {"keep_scope", "sequence"}});
   ASSERT_EQ(gate->options().scope, KeepScope::Sequence);
   spread_gate(*gate, 1.0, 0.5);
-  const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9, torch::kFloat);
+  const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9);
   ComponentLoss l = gate->loss(model, tb, LossOptions{});
   const at::Tensor rows = gate->row_keep_fractions();  // (L, 2)
   ASSERT_EQ(rows.sizes(), (std::vector<int64_t>{model.config().num_layers, 2}));
@@ -299,7 +279,7 @@ TEST(AttentionGate, DualEqualityMultiplierTurnsNegativeBelowTheTarget) {
   for (const char* pen : {"dual", "dual_equality"}) {
     auto gate = make_gate(model, 8, {{"target", 0.95}, {"sinks", 2}, {"keep_penalty", pen}});
     spread_gate(*gate, 1.0, 0.5);
-    const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9, torch::kFloat);
+    const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9);
     ComponentLoss l = gate->loss(model, tb, LossOptions{});
     gate->end_step(0, l.stats);
     gate->end_step(1, l.stats);

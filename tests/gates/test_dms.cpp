@@ -36,26 +36,6 @@ std::shared_ptr<DMSImpl> make_dms(const ModelConfig& cfg, const nlohmann::json& 
   return c;
 }
 
-// Two rows: row 0 two documents, row 1 one document and right padding.
-TrainBatch packed_batch(int64_t vocab, int64_t T, uint64_t seed) {
-  torch::manual_seed(seed);
-  TrainBatch tb;
-  tb.ids = torch::randint(vocab, {2, T}, torch::kLong);
-  tb.doc_ids = torch::zeros({2, T}, torch::kLong);
-  tb.positions = torch::arange(T, torch::kLong).repeat({2, 1});
-  const int64_t cut = T / 2, pad = T - 3;
-  tb.doc_ids[0].narrow(0, cut, T - cut).fill_(1);
-  tb.positions[0].narrow(0, cut, T - cut).copy_(torch::arange(T - cut, torch::kLong));
-  tb.doc_ids[1].narrow(0, pad, T - pad).fill_(-1);
-  tb.positions[1].narrow(0, pad, T - pad).fill_(0);
-  tb.labels = torch::full({2, T}, -100, torch::kLong);
-  for (int64_t b = 0; b < 2; ++b)
-    for (int64_t t = 0; t + 1 < T; ++t)
-      if (tb.doc_ids[b][t].item<int64_t>() >= 0 && tb.doc_ids[b][t].item<int64_t>() == tb.doc_ids[b][t + 1].item<int64_t>())
-        tb.labels[b][t] = tb.ids[b][t + 1];
-  return tb;
-}
-
 std::vector<int64_t> head_positions(const KVCache& c, int64_t l, int64_t h) {
   const int64_t n = c.length(l, 0, h);
   at::Tensor p = std::get<0>(c.layer(l).pos[0][h].narrow(0, 0, n).sort());
@@ -179,7 +159,7 @@ TEST(DMS, LossTermsAndMetrics) {
   EXPECT_GT(m.at("evicted"), 0.05);  // sigmoid(-1) ≈ 0.27 with noise
   EXPECT_GE(m.at("evicted_hard"), 0.0);
   EXPECT_GT(l.terms[0].second.item<double>(), 0.0);
-  EXPECT_EQ(l.tokens, 14 + 11 - 3);  // label-valid tokens: row 0 two documents, row 1 padded
+  EXPECT_EQ(l.tokens, (4 - 1) + (10 - 1) + (9 - 1));  // label-valid: row 0 documents of 4 and 10, row 1 of 9
 }
 
 // A probe that wants everything evicted (α ≈ 1): a chunked prefill at threshold 0.5 keeps exactly the window,
