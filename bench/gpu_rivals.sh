@@ -15,6 +15,8 @@
 #                                      resumable (re-running skips what is written); S seconds per call
 #   bench/gpu_rivals.sh report         per mode: paired bootstrap against the best heuristic at each ratio and the
 #                                      headline table (scripts/paired_bootstrap.py --baseline best), the plots
+#   bench/gpu_rivals.sh harness [M]   where the eval's time goes: KVD_PROFILE over a slice of $TASKS (16 samples
+#                                      per length), method M (default snapkv) at two ratios, batch 16 and 64
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT (one tarball), one tarball per bundle
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
@@ -80,6 +82,28 @@ case "${1:-}" in
     wait || true
     for f in "$W"/eval-*.log; do echo "$f: $(tail -n 1 "$f")"; done
     wc -l "$W"/eval-*/results.jsonl | tail -n 1
+    ;;
+  harness)
+    m=${2:-snapkv}
+    python3 - "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl" <<'PY'
+import json, sys
+seen = {}
+with open(sys.argv[1]) as f, open(sys.argv[2], "w") as out:
+    for line in f:
+        r = json.loads(line)
+        if seen.get(r["length"] // 1000, 0) < 16:
+            seen[r["length"] // 1000] = seen.get(r["length"] // 1000, 0) + 1
+            out.write(line)
+print("slice:", seen)
+PY
+    for b in 16 64; do
+      rm -rf "$W/harness-$b"
+      KVD_PROFILE=1 t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch $b \
+        --methods "$m" --ratios 0.5,0.75 --out "$W/harness-$b" 2>&1 | grep -v '^\[eval\]' | tee "$W/harness-$b.log"
+    done
+    rm -rf "$W/harness-plain"
+    t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$m" \
+      --ratios 0.5,0.75 --out "$W/harness-plain" 2>&1 | tail -n 2
     ;;
   report)
     for mode in $MODES; do

@@ -20,6 +20,7 @@ struct EvalArgs {
   int64_t batch = 1, max_new_tokens = 32;
   bool query_aware = false, report_only = false;
   std::string learned_mode = "continuous";
+  std::string share_prefill = "budgets";
   int64_t continuous_chunk = 128;
   uint64_t seed = 0;
 };
@@ -52,6 +53,7 @@ int run(const EvalArgs& a) {
   o.learned_mode = a.learned_mode == "once" ? LearnedMode::Once : LearnedMode::Continuous;
   KVD_CHECK(a.continuous_chunk > 0, "--continuous-chunk ", a.continuous_chunk, ": must be positive");
   o.continuous_chunk = a.continuous_chunk;
+  o.share_prefill = a.share_prefill == "none" ? SharePrefill::PerConfig : SharePrefill::AcrossBudgets;
   KVD_CHECK((!a.ratios.empty()) + (!a.budget_tokens.empty()) + (!a.thresholds.empty()) == 1,
             "give exactly one of --ratios, --budget-tokens and --thresholds");
   for (const std::string& r : split(a.ratios)) {
@@ -123,6 +125,11 @@ Registration reg([](CLI::App& root) {
       ->check(CLI::IsMember({"continuous", "once"}))
       ->capture_default_str();
   sub->add_option("--continuous-chunk", a->continuous_chunk, "Prefill chunk of the continuous mode")
+      ->capture_default_str();
+  sub->add_option("--share-prefill", a->share_prefill,
+                  "budgets: a method whose scores do not depend on the budget is prefilled and scored once per batch "
+                  "for all its budgets (same results, faster); none: every (method, budget) prefills itself")
+      ->check(CLI::IsMember({"budgets", "none"}))
       ->capture_default_str();
   sub->add_flag("--report-only", a->report_only, "Only rebuild results.{json,csv,md} from --out/results.jsonl");
   on_run(sub, [a] {

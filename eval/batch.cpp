@@ -31,6 +31,7 @@
 #include "models/generate.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
+#include "models/profile.h"
 #include "models/tokenizer.h"
 namespace kvd {
 namespace evalrun {
@@ -86,57 +87,62 @@ void sync(c10::Device d) {
   if (d.is_cuda()) torch::cuda::synchronize();
 }
 
-// Stable top-k of a row (ties to the lower index), as a membership mask.
-std::vector<char> topk_members(const at::Tensor& row, int64_t k) {  // (n) float32 CPU
-  const int64_t n = row.size(0);
-  std::vector<char> in(n, 0);
-  if (k <= 0) return in;
-  at::Tensor order = std::get<1>(row.sort(/*stable=*/true, 0, /*descending=*/true));  // (n)
-  const int64_t* o = order.data_ptr<int64_t>();
-  for (int64_t i = 0; i < std::min(k, n); ++i) in[o[i]] = 1;
-  return in;
+std::vector<KVCache> compress_batch(const Model& model, const std::vector<const Prepared*>& rows,
+                                   const std::vector<ResolvedMethod*>& ms, double& prefill_s) {
+  KVD_CHECK(!ms.empty(), "eval: internal error, no method to run");
+  const int64_t B = static_cast<int64_t>(rows.size());
+  std::vector<std::vector<int64_t>> spans;
+  for (const Prepared* p : rows) spans.push_back(p->span);
+  std::vector<KVCache> caches;
+  for (size_t i = 0; i < ms.size(); ++i) caches.push_back(model.new_cache(B));
+  auto t0 = Clock::now();
+  if (ms.size() > 1) {
+    std::vector<KVCache*> ptrs;
+    std::vector<SelectorOptions> sels;
+    for (size_t i = 0; i < ms.size(); ++i) {
+      KVD_CHECK(shares_prefill(*ms[i]) && ms[i]->name == ms[0]->name,
+                "eval: internal error, methods that cannot share a prefill were grouped");
+      ptrs.push_back(&caches[i]);
+      sels.push_back(ms[i]->method.selector);
+    }
+    compress_prefill_many(model, ptrs, spans, *ms[0]->method.scorer, sels);
+  } else if (ms[0]->full) {
+    std::vector<int64_t> lead;
+    at::Tensor ids = left_pad(spans, 0, lead);  // (B, T)
+    model.prefill(ids, caches[0], LogitsMode::LastPosition, {}, lead);
+  } else {
+    compress_prefill(model, caches[0], spans, ms[0]->method, ms[0]->compress);
+  }
+  sync(model.device());
+  prefill_s = seconds_since(t0);
+  return caches;
 }
 
-
-std::vector<RowResult> run_batch(const Model& model, const std::vector<const Prepared*>& rows, ResolvedMethod& m,
-                                 FullReference& ref, double& prefill_s, double& decode_s) {
+std::vector<RowResult> finish_batch(const Model& model, const std::vector<const Prepared*>& rows, ResolvedMethod& m,
+                                    KVCache& cache, FullReference& ref, double& decode_s) {
   const ModelConfig& cfg = model.config();
   const int64_t B = static_cast<int64_t>(rows.size()), L = cfg.num_layers, Hkv = cfg.num_kv_heads;
   std::vector<std::vector<int64_t>> spans, rests;
   std::vector<int64_t> max_new;
+  int64_t span_max = 0;
   for (const Prepared* p : rows) {
     spans.push_back(p->span);
     rests.push_back(p->rest);
     max_new.push_back(p->max_new);
+    span_max = std::max(span_max, static_cast<int64_t>(p->span.size()));
   }
-  KVCache cache = model.new_cache(B);
   std::vector<RowResult> out(B);
+  ProfileLap lap(model.device(), "eval ");
 
-  // 1. The compressed span.
-  auto t0 = Clock::now();
-  if (m.full) {
-    std::vector<int64_t> lead;
-    at::Tensor ids = left_pad(spans, 0, lead);  // (B, T)
-    model.prefill(ids, cache, LogitsMode::LastPosition, {}, lead);
-  } else {
-    compress_prefill(model, cache, spans, m.method, m.compress);
-  }
-  sync(model.device());
-  prefill_s = seconds_since(t0);
-  // Kept context positions per (row, layer, KV head).
-  std::vector<std::vector<std::vector<std::vector<int64_t>>>> kept(B, std::vector<std::vector<std::vector<int64_t>>>(L));
+  // The kept context positions per (row, layer, KV head), as the cache holds them after compression: (B, H_kv, n)
+  // positions, which of them are real, and each head's count. Read back only for the hit rate (step 4).
+  std::vector<at::Tensor> kept_pos(L), kept_valid(L);
+  std::vector<std::vector<int64_t>> kept_len(L);
   for (int64_t l = 0; l < L; ++l) {
-    at::Tensor pos = cache.layer(l).pos.to(torch::kCPU).contiguous();  // (B, H_kv, n)
-    const int64_t n = pos.size(2);
-    const int64_t* pp = pos.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t len = cache.length(l, b, h);
-        const int64_t* row = pp + (b * Hkv + h) * n;
-        std::vector<int64_t> v(row, row + len);
-        std::sort(v.begin(), v.end());
-        kept[b][l].push_back(std::move(v));
-      }
+    const KVLayerView kv = cache.layer(l);
+    kept_pos[l] = kv.pos.clone();                                                          // (B, H_kv, n)
+    kept_valid[l] = kv.valid.defined() ? kv.valid.clone() : at::Tensor();                  // (B, H_kv, n)
+    kept_len[l] = cache.lengths(l);                                                        // [B * H_kv]
   }
   for (int64_t b = 0; b < B; ++b) {
     const int64_t span = static_cast<int64_t>(spans[b].size());
@@ -144,6 +150,7 @@ std::vector<RowResult> run_batch(const Model& model, const std::vector<const Pre
     out[b].full_bytes = span * L * Hkv * cache.bytes_per_entry();
     out[b].kept_fraction = static_cast<double>(out[b].kept_bytes) / static_cast<double>(out[b].full_bytes);
   }
+  lap("kept sets");
 
   // 2. The answer.
   auto t1 = Clock::now();
@@ -165,6 +172,7 @@ std::vector<RowResult> run_batch(const Model& model, const std::vector<const Pre
   BatchGenerateResult gen = generate_batch(model, rests, cache, g);
   sync(model.device());
   decode_s = seconds_since(t1);
+  lap("answer");
   std::vector<int64_t> stored(B);
   for (int64_t b = 0; b < B; ++b) {
     out[b].tokens = gen.tokens[b];
@@ -176,7 +184,7 @@ std::vector<RowResult> run_batch(const Model& model, const std::vector<const Pre
     ref = FullReference();
     ref.answer = gen.tokens;
     ref.logp.resize(B);
-    ref.attention.assign(B, std::vector<at::Tensor>(L));
+    ref.rank.assign(L, at::Tensor());
   }
 
   // 3. Teacher-forced rest + the full cache's answer.
@@ -189,9 +197,11 @@ std::vector<RowResult> run_batch(const Model& model, const std::vector<const Pre
   at::Tensor ids = left_pad(xs, 0, lead);  // (B, Tx)
   PrefillObserver observer;
   if (m.full) {
-    // 4. (reference side) the attention of the answer's queries to the compressed span.
+    // 4. (reference side) the attention of the answer's queries to the compressed span, mean over the answer's
+    // rows and the GQA group, ranked per (row, KV head): stable, so ties go to the lower position.
     observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
       const KVLayerView kv = c.layer(obs.layer);
+      at::Tensor att = torch::full({B, Hkv, span_max}, -1.0f, kv.k.options().dtype(torch::kFloat));  // (B, H_kv, N)
       for (int64_t b = 0; b < B; ++b) {
         const int64_t nr = static_cast<int64_t>(ref.answer[b].size());
         const int64_t span = static_cast<int64_t>(spans[b].size());
@@ -202,11 +212,15 @@ std::vector<RowResult> run_batch(const Model& model, const std::vector<const Pre
         at::Tensor valid = kv.valid.defined() ? kv.valid.narrow(0, b, 1) : at::Tensor();
         at::Tensor a = window_attention(q, qp, kv.k.narrow(0, b, 1), kv.pos.narrow(0, b, 1), valid);  // (1, H, nr, n)
         at::Tensor per_kv = reduce_group(a.mean(2), Hkv, GroupReduce::Mean);  // (1, H_kv, n)
-        ref.attention[b][obs.layer] = per_kv[0].narrow(1, 0, span).to(torch::kCPU, torch::kFloat).contiguous();
+        att[b].narrow(1, 0, span).copy_(per_kv[0].narrow(1, 0, span));
       }
+      at::Tensor order = std::get<1>(att.sort(/*stable=*/true, 2, /*descending=*/true));  // (B, H_kv, N)
+      ref.rank[obs.layer] = torch::empty_like(order).scatter_(
+          2, order, torch::arange(span_max, order.options()).view({1, 1, span_max}).expand_as(order));  // (B, H_kv, N)
     };
   }
   at::Tensor logits = model.prefill(ids, cache, LogitsMode::AllPositions, observer, lead);  // (B, Tx, V)
+  lap("teacher-forced forward");
   for (int64_t b = 0; b < B; ++b) {
     const int64_t nx = static_cast<int64_t>(xs[b].size()), nrest = static_cast<int64_t>(rests[b].size());
     if (nx < 2) continue;
@@ -223,26 +237,36 @@ std::vector<RowResult> run_batch(const Model& model, const std::vector<const Pre
       out[b].ppl = std::exp(nll.mean().item<double>());
     }
   }
+  lap("kl + ppl");
 
-  // 4. The critical-KV hit rate.
+  // 4. The critical-KV hit rate: per (row, layer, KV head), the share of the k kept entries that lie among the
+  // k entries the full cache's answer attends to most; the mean over heads that keep something. A row whose
+  // reference answer is empty has none (0).
+  std::vector<at::Tensor> hits(L);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& p = kept_pos[l];                                                        // (B, H_kv, n)
+    at::Tensor k = torch::tensor(kept_len[l], torch::kLong).to(p.device()).view({B, Hkv, 1});  // (B, H_kv, 1)
+    at::Tensor r = ref.rank[l].gather(2, p.clamp(0, span_max - 1));                          // (B, H_kv, n)
+    at::Tensor hit = r.lt(k).logical_and(p.ge(0)).logical_and(p.lt(span_max));                // (B, H_kv, n)
+    if (kept_valid[l].defined()) hit = hit.logical_and(kept_valid[l]);
+    hits[l] = hit.sum(2);                                                                     // (B, H_kv)
+  }
+  at::Tensor h = torch::stack(hits).to(torch::kCPU).contiguous();  // (L, B, H_kv) int64
+  const int64_t* hp = h.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     double sum = 0;
     int64_t cnt = 0;
-    for (int64_t l = 0; l < L; ++l) {
-      const at::Tensor& att = ref.attention[b][l];  // (H_kv, span)
-      if (!att.defined()) continue;
-      for (int64_t h = 0; h < Hkv; ++h) {
-        const std::vector<int64_t>& k = kept[b][l][h];
-        if (k.empty()) continue;
-        const std::vector<char> top = topk_members(att[h], static_cast<int64_t>(k.size()));
-        int64_t hits = 0;
-        for (int64_t p : k) hits += (p >= 0 && p < static_cast<int64_t>(top.size()) && top[p]) ? 1 : 0;
-        sum += static_cast<double>(hits) / static_cast<double>(k.size());
-        ++cnt;
-      }
-    }
+    if (!ref.answer[b].empty())
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t hh = 0; hh < Hkv; ++hh) {
+          const int64_t k = kept_len[l][b * Hkv + hh];
+          if (k == 0) continue;
+          sum += static_cast<double>(hp[(l * B + b) * Hkv + hh]) / static_cast<double>(k);
+          ++cnt;
+        }
     out[b].hit_rate = cnt > 0 ? sum / static_cast<double>(cnt) : 0.0;
   }
+  lap("hit rate");
   return out;
 }
 

@@ -21,6 +21,7 @@
 namespace kvd {
 
 class ChatTemplate;
+class KVCache;
 class Model;
 class Tokenizer;
 
@@ -40,12 +41,14 @@ struct Prepared {
 Prepared prepare(const EvalSample& s, const Tokenizer& tok, const ChatTemplate& chat, QueryMode query,
                  int64_t default_max_new);
 
-// What the full cache gives a batch: its answers, the log-probs over the teacher-forced positions and the
-// attention its answer pays to the compressed span.
+// What the full cache gives a batch: its answers, the log-probs over the teacher-forced positions and, per layer,
+// the rank of every span position in the attention its answer pays to the span.
 struct FullReference {
-  std::vector<std::vector<int64_t>> answer;          // [row]
-  std::vector<at::Tensor> logp;                      // [row] (|X| - 1, V) float32, on the model's device
-  std::vector<std::vector<at::Tensor>> attention;    // [row][layer] (H_kv, |span|) float32 on the CPU
+  std::vector<std::vector<int64_t>> answer;  // [row]
+  std::vector<at::Tensor> logp;              // [row] (|X| - 1, V) float32, on the model's device
+  std::vector<at::Tensor> rank;              // [layer] (B, H_kv, N) int64 on the model's device, N the longest span:
+                                             // 0 = most attended (mean over the answer's rows and the GQA group;
+                                             // ties to the lower position); positions past a row's span rank last
 };
 
 struct RowResult {
@@ -54,9 +57,15 @@ struct RowResult {
   int64_t kept_bytes = 0, full_bytes = 0, peak_bytes = 0;
 };
 
-// Runs one method over a batch. With method.full, fills `ref`; otherwise reads it.
-std::vector<RowResult> run_batch(const Model& model, const std::vector<const Prepared*>& rows, ResolvedMethod& m,
-                                 FullReference& ref, double& prefill_s, double& decode_s);
+// Step 1 of a batch: every row's span compressed by each method of ms into a cache of its own. Several methods
+// must share a prefill (shares_prefill, one name at several budgets): the span is prefilled and scored once
+// (compress_prefill_many). prefill_s: the seconds it took.
+std::vector<KVCache> compress_batch(const Model& model, const std::vector<const Prepared*>& rows,
+                                   const std::vector<ResolvedMethod*>& ms, double& prefill_s);
+// Steps 2-4 on one compressed cache: the answer, the teacher-forced KL / perplexity and the critical-KV hit
+// rate. With m.full, fills `ref`; otherwise reads it.
+std::vector<RowResult> finish_batch(const Model& model, const std::vector<const Prepared*>& rows, ResolvedMethod& m,
+                                    KVCache& cache, FullReference& ref, double& decode_s);
 
 // What resolves method names for this run: the registry (gates/registry.h), with bundles loaded for `model`.
 MethodContext method_context(const Model& model, const std::string& model_dir, const EvalOptions& opt);

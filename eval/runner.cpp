@@ -164,59 +164,81 @@ void run_eval(const EvalOptions& opt) {
           break;
         }
     if (need.empty()) continue;
+    // The configurations this batch runs (the full cache always: it is the reference), in order; consecutive
+    // budgets of one method that can share a prefill (shares_prefill) are compressed from one prefill.
+    std::vector<const Config*> run;
+    for (const Config& c : configs)
+      if (c.method == "full" || std::find(need.begin(), need.end(), &c) != need.end()) run.push_back(&c);
     FullReference ref;
     bool have_ref = false;
-    for (const Config& c : configs) {
-      const bool needed = std::find(need.begin(), need.end(), &c) != need.end();
-      if (!needed && c.method != "full") continue;  // the full cache always runs: it is the reference
-      ResolvedMethod m = resolve_method(c.method, c.b, ctx);
-      KVD_CHECK(m.full || have_ref, "eval: internal error, no full-cache reference");
-      double prefill_s = 0, decode_s = 0;
-      std::vector<RowResult> res = run_batch(model, rows, m, ref, prefill_s, decode_s);
-      if (m.full) have_ref = true;
-      std::vector<json> lines;
-      for (size_t r = 0; r < rows.size(); ++r) {
-        const EvalSample& s = *rows[r]->sample;
-        if (done.count(key_of(c.method, c.budget, s.id))) continue;
-        std::vector<int32_t> toks;
-        for (int64_t t : res[r].tokens)
-          if (std::find(model.config().eos_token_ids.begin(), model.config().eos_token_ids.end(), t) ==
-              model.config().eos_token_ids.end())
-            toks.push_back(static_cast<int32_t>(t));
-        const std::string output = tok.decode(toks, SkipSpecial::Yes);
-        json j = {{"id", s.id},
-                  {"task", s.task},
-                  {"length", s.length},
-                  {"method", c.method},
-                  {"label", m.label},
-                  {"budget", c.budget},
-                  {"span_tokens", rows[r]->span.size()},
-                  {"output", output},
-                  {"score", string_match(output, s.answers, match_rule_for(s.task))},
-                  {"kl", res[r].kl},
-                  {"ppl", res[r].ppl},
-                  {"hit_rate", res[r].hit_rate},
-                  {"kept_fraction", res[r].kept_fraction},
-                  {"kv_bytes_full", res[r].full_bytes},
-                  {"kv_bytes_kept", res[r].kept_bytes},
-                  {"peak_kv_bytes", res[r].peak_bytes},
-                  {"prefill_s", prefill_s / static_cast<double>(rows.size())},
-                  {"decode_s", decode_s / static_cast<double>(rows.size())},
-                  {"batch", rows.size()}};
-        if (c.b.kind == BudgetKind::Ratio && c.method != "full") j["ratio"] = c.b.value;
-        if (c.b.kind == BudgetKind::TokensPerHead && c.method != "full") j["budget_tokens"] = static_cast<int64_t>(c.b.value);
-        lines.push_back(std::move(j));
-        done.insert(key_of(c.method, c.budget, s.id));
+    for (size_t g0 = 0; g0 < run.size();) {
+      std::vector<ResolvedMethod> group{resolve_method(run[g0]->method, run[g0]->b, ctx)};
+      size_t g1 = g0 + 1;
+      if (opt.share_prefill == SharePrefill::AcrossBudgets && shares_prefill(group[0]))
+        for (; g1 < run.size() && run[g1]->method == run[g0]->method; ++g1) {
+          ResolvedMethod next = resolve_method(run[g1]->method, run[g1]->b, ctx);
+          if (!shares_prefill(next)) break;
+          group.push_back(std::move(next));
+        }
+      std::vector<ResolvedMethod*> ms;
+      for (ResolvedMethod& m : group) ms.push_back(&m);
+      KVD_CHECK(group[0].full || have_ref, "eval: internal error, no full-cache reference");
+      double prefill_s = 0;
+      std::vector<KVCache> caches = compress_batch(model, rows, ms, prefill_s);
+      for (size_t gi = 0; gi < group.size(); ++gi) {
+        const Config& c = *run[g0 + gi];
+        ResolvedMethod& m = group[gi];
+        double decode_s = 0;
+        std::vector<RowResult> res = finish_batch(model, rows, m, caches[gi], ref, decode_s);
+        caches[gi] = KVCache(model.config(), 1, caches[gi].dtype(), caches[gi].device());  // its memory back now
+        if (m.full) have_ref = true;
+        std::vector<json> lines;
+        for (size_t r = 0; r < rows.size(); ++r) {
+          const EvalSample& s = *rows[r]->sample;
+          if (done.count(key_of(c.method, c.budget, s.id))) continue;
+          std::vector<int32_t> toks;
+          for (int64_t t : res[r].tokens)
+            if (std::find(model.config().eos_token_ids.begin(), model.config().eos_token_ids.end(), t) ==
+                model.config().eos_token_ids.end())
+              toks.push_back(static_cast<int32_t>(t));
+          const std::string output = tok.decode(toks, SkipSpecial::Yes);
+          json j = {{"id", s.id},
+                    {"task", s.task},
+                    {"length", s.length},
+                    {"method", c.method},
+                    {"label", m.label},
+                    {"budget", c.budget},
+                    {"span_tokens", rows[r]->span.size()},
+                    {"output", output},
+                    {"score", string_match(output, s.answers, match_rule_for(s.task))},
+                    {"kl", res[r].kl},
+                    {"ppl", res[r].ppl},
+                    {"hit_rate", res[r].hit_rate},
+                    {"kept_fraction", res[r].kept_fraction},
+                    {"kv_bytes_full", res[r].full_bytes},
+                    {"kv_bytes_kept", res[r].kept_bytes},
+                    {"peak_kv_bytes", res[r].peak_bytes},
+                    {"prefill_s", prefill_s / static_cast<double>(rows.size())},
+                    {"decode_s", decode_s / static_cast<double>(rows.size())},
+                    {"batch", rows.size()}};
+          // prefill_s of a shared prefill is the whole prefill's (every budget of the group reports it).
+          if (group.size() > 1) j["prefill_shared_by"] = group.size();
+          if (c.b.kind == BudgetKind::Ratio && c.method != "full") j["ratio"] = c.b.value;
+          if (c.b.kind == BudgetKind::TokensPerHead && c.method != "full") j["budget_tokens"] = static_cast<int64_t>(c.b.value);
+          lines.push_back(std::move(j));
+          done.insert(key_of(c.method, c.budget, s.id));
+        }
+        append_lines(results_path, lines);
+        computed += static_cast<int64_t>(lines.size());
+        if (!lines.empty()) {
+          const double el = seconds_since(t_start);
+          const double eta = computed > 0 ? el / static_cast<double>(computed) * static_cast<double>(todo - computed) : 0;
+          std::cerr << "[eval] " << computed << "/" << todo << " results | " << m.label << " " << c.budget
+                    << " | samples " << i1 << "/" << order.size() << " | " << fmt(el, 0) << " s, ETA " << fmt(eta, 0)
+                    << " s\n";
+        }
       }
-      append_lines(results_path, lines);
-      computed += static_cast<int64_t>(lines.size());
-      if (!lines.empty()) {
-        const double el = seconds_since(t_start);
-        const double eta = computed > 0 ? el / static_cast<double>(computed) * static_cast<double>(todo - computed) : 0;
-        std::cerr << "[eval] " << computed << "/" << todo << " results | " << m.label << " "
-                  << c.budget << " | samples " << i1 << "/" << order.size() << " | " << fmt(el, 0) << " s, ETA "
-                  << fmt(eta, 0) << " s\n";
-      }
+      g0 = g1;
     }
   }
   write_eval_reports(opt.out_dir);

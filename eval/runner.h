@@ -35,6 +35,12 @@ enum class QueryMode {
   Aware      // the question is compressed together with the context
 };
 
+// Whether the budgets of one method are compressed from one prefill (gates/registry.h: shares_prefill).
+enum class SharePrefill {
+  PerConfig,     // every (method, budget) prefills the batch itself
+  AcrossBudgets  // one prefill and scoring per method where its scores do not depend on the budget (default)
+};
+
 struct EvalOptions {
   std::string model_dir, tasks, out_dir, device = "cpu";
   std::vector<std::string> methods;  // compression methods and gate:<bundle dir>; "full" always runs
@@ -47,6 +53,7 @@ struct EvalOptions {
   // while decoding) or Once (compress the prompt once after prefill).
   LearnedMode learned_mode = LearnedMode::Continuous;
   int64_t continuous_chunk = 128;  // prefill chunk of the continuous mode
+  SharePrefill share_prefill = SharePrefill::AcrossBudgets;
 };
 
 // Checks methods, budgets and the task file (clear errors) before loading the model.

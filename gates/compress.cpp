@@ -22,20 +22,53 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const at::Ten
   return compress_prefill(model, cache, prompts, method);
 }
 
-CompressStats compress_prefill(const Model& model, KVCache& cache, const std::vector<std::vector<int64_t>>& prompts,
-                               Method& method, const CompressOptions& opts) {
+namespace {
+
+// The stats of a compressed cache holding rows of lens[b] prompt tokens.
+CompressStats cache_stats(const KVCache& cache, const std::vector<int64_t>& lens, int64_t L) {
+  CompressStats st;
+  const int64_t bpe = cache.bytes_per_entry(), Hkv = cache.num_kv_heads();
+  for (size_t b = 0; b < lens.size(); ++b) {
+    RowCompressStats r;
+    r.tokens = lens[b];
+    r.full_bytes = lens[b] * Hkv * L * bpe;
+    r.kept_bytes = cache.row_bytes(static_cast<int64_t>(b));
+    r.peak_bytes = cache.row_peak_bytes(static_cast<int64_t>(b));
+    r.kept_fraction = static_cast<double>(r.kept_bytes) / static_cast<double>(std::max<int64_t>(1, r.full_bytes));
+    st.tokens += r.tokens;
+    st.full_bytes += r.full_bytes;
+    st.rows.push_back(r);
+  }
+  st.kept_bytes = cache.bytes();
+  st.peak_bytes = cache.peak_bytes();
+  st.allocated_bytes = cache.allocated_bytes();
+  return st;
+}
+
+// The prefill of compress_prefill and compress_prefill_many: prompts prefilled into *caches[0], scored once by
+// `scorer`, and compressed into every cache t under selectors[t] (caches t > 0 receive a copy of each layer
+// before it is compacted).
+std::vector<CompressStats> compress_impl(const Model& model, const std::vector<KVCache*>& caches,
+                                         const std::vector<std::vector<int64_t>>& prompts, Scorer& scorer,
+                                         const std::vector<SelectorOptions>& selectors, const CompressOptions& opts) {
   const int64_t B = static_cast<int64_t>(prompts.size());
+  const size_t NT = caches.size();
+  KVD_CHECK(NT > 0 && NT == selectors.size(), "compress_prefill: one selector per cache");
   KVD_CHECK(B > 0, "compress_prefill: no prompts");
-  KVD_CHECK(cache.batch() == B, "compress_prefill: the cache has batch ", cache.batch(), " but there are ", B,
-            " prompts; create it with model.new_cache(", B, ")");
-  for (int64_t l = 0; l < cache.num_layers(); ++l)
-    KVD_CHECK(cache.max_length(l) == 0, "compress_prefill: the cache must be empty");
+  for (KVCache* c : caches) {
+    KVD_CHECK(c->batch() == B, "compress_prefill: the cache has batch ", c->batch(), " but there are ", B,
+              " prompts; create it with model.new_cache(", B, ")");
+    for (int64_t l = 0; l < c->num_layers(); ++l)
+      KVD_CHECK(c->max_length(l) == 0, "compress_prefill: the cache must be empty");
+  }
   KVD_CHECK(opts.chunk_size >= 0, "--chunk-size must be >= 0 (0: compress once after the whole prefill), got ",
             opts.chunk_size);
-  const int64_t L = model.config().num_layers, Hkv = cache.num_kv_heads();
-  const ScorerNeeds needs = method.scorer->needs();
-  const SelectorOptions& sel = method.selector;
-  const std::unique_ptr<LayerAllocation> alloc = make_allocation(sel, L, B);
+  KVCache& cache = *caches[0];
+  const int64_t L = model.config().num_layers;
+  const ScorerNeeds needs = scorer.needs();
+  std::vector<std::unique_ptr<LayerAllocation>> allocs;
+  for (const SelectorOptions& sel : selectors) allocs.push_back(make_allocation(sel, L, B));
+  const std::unique_ptr<LayerAllocation>& alloc = allocs[0];
   std::vector<int64_t> lens(B);
   int64_t T = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -45,10 +78,11 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const std::ve
   }
   const int64_t chunk = opts.chunk_size > 0 ? opts.chunk_size : T;
   const int64_t n_chunks = (T + chunk - 1) / chunk;
+  KVD_CHECK(NT == 1 || n_chunks == 1, "compress_prefill_many: one prefill serves several budgets only unchunked");
   KVD_CHECK(alloc->chunkable() || n_chunks == 1, "--chunk-size: cake's cascade runs once per prefill; use --chunk-size 0 or >= ",
             T);
   if (n_chunks > 1 && needs.window > 0 && needs.window != ScorerNeeds::kAllRows)
-    KVD_CHECK(chunk >= needs.window, "--chunk-size ", chunk, " is shorter than ", method.scorer->name(),
+    KVD_CHECK(chunk >= needs.window, "--chunk-size ", chunk, " is shorter than ", scorer.name(),
               "'s observation window (", needs.window, " rows); use at least ", needs.window);
 
   std::vector<int64_t> seen(B, 0);                     // [row] tokens prefilled so far
@@ -67,16 +101,17 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const std::ve
   // nullptr when the whole forward already ran (ScoreTiming::AfterForward: no queries or hidden states then).
   const bool after_forward = needs.timing == ScoreTiming::AfterForward;
   KVD_CHECK(!after_forward || (needs.window == 0 && !needs.hidden && !needs.queries_pre_rope), "compress_prefill: ",
-            method.scorer->name(), " scores after the forward, when no window queries or hidden states are left");
+            scorer.name(), " scores after the forward, when no window queries or hidden states are left");
   auto score_layer = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
+    for (size_t t = 1; t < NT; ++t) caches[t]->copy_layer_from(c, l);  // before c's layer is compacted
     const KVLayerView kv = c.layer(l);
     const int64_t Tc = obs ? obs->queries.size(2) : 0;
-    std::vector<RaggedIndices> parts(B);
-    bool any = false;
+    std::vector<std::vector<RaggedIndices>> parts(NT, std::vector<RaggedIndices>(B));  // [target][row]
+    std::vector<char> any(NT, 0);
     for (int64_t b = 0; b < B; ++b) {
       const std::vector<int64_t> rl = row_lengths(c, l, b);
       if (fresh[b] == 0) {  // an all-padding chunk for this row: nothing new to score
-        parts[b] = ragged_keep_all(rl);
+        for (size_t t = 0; t < NT; ++t) parts[t][b] = ragged_keep_all(rl);
         continue;
       }
       const int64_t lb = lead.empty() || !obs ? 0 : lead[b], nq = Tc - lb;
@@ -117,20 +152,25 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const std::ve
         }
         if (needs.queries_pre_rope) view.queries_pre_rope = o.queries_pre_rope.narrow(0, b, 1).narrow(2, lb, nq);  // (1, H, nq, hd)
       }
-      at::Tensor s = method.scorer->score(view).to(torch::kFloat);  // (1, H_kv, n_b)
+      at::Tensor s = scorer.score(view).to(torch::kFloat);  // (1, H_kv, n_b)
       if (ragged) s = s.masked_fill(view.valid.logical_not(), ninf);
-      parts[b] = alloc->row_scored(l, b, s, view.valid, budget_tokens[b], method.scorer->layer_preference());
-      if (parts[b].indices.defined()) {
-        any = true;
-      } else {
-        parts[b] = ragged_keep_all(rl);
+      const std::vector<double> pref = scorer.layer_preference();
+      for (size_t t = 0; t < NT; ++t) {
+        parts[t][b] = allocs[t]->row_scored(l, b, s, view.valid, budget_tokens[b], pref);
+        if (parts[t][b].indices.defined()) {
+          any[t] = 1;
+        } else {
+          parts[t][b] = ragged_keep_all(rl);
+        }
       }
     }
-    if (any) c.keep(l, concat_ragged(parts));
-    alloc->layer_done(l, c, budget_tokens);
+    for (size_t t = 0; t < NT; ++t) {
+      if (any[t]) caches[t]->keep(l, concat_ragged(parts[t]));
+      allocs[t]->layer_done(l, *caches[t], budget_tokens);
+    }
   };
   PrefillObserver observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
-    method.scorer->on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
+    scorer.on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
     if (!after_forward) score_layer(obs.layer, c, &obs);
   };
 
@@ -146,29 +186,29 @@ CompressStats compress_prefill(const Model& model, KVCache& cache, const std::ve
     if (std::all_of(lead.begin(), lead.end(), [](int64_t x) { return x == 0; })) lead.clear();
     model.prefill(ids, cache, LogitsMode::LastPosition, observer, lead);
     if (after_forward) {  // every layer of this chunk is cached: the scorer runs (e.g. its query rows), then scores
-      method.scorer->prepare(model, cache);
+      scorer.prepare(model, cache);
       for (int64_t l = 0; l < L; ++l) score_layer(l, cache, nullptr);
     }
-    alloc->forward_done(cache, fresh, budget_tokens);
+    for (size_t t = 0; t < NT; ++t) allocs[t]->forward_done(*caches[t], fresh, budget_tokens);
   }
+  for (size_t t = 1; t < NT; ++t) caches[t]->advance(cache.next_positions());  // they started empty, at position 0
 
-  CompressStats st;
-  const int64_t bpe = cache.bytes_per_entry();
-  for (int64_t b = 0; b < B; ++b) {
-    RowCompressStats r;
-    r.tokens = lens[b];
-    r.full_bytes = lens[b] * Hkv * L * bpe;
-    r.kept_bytes = cache.row_bytes(b);
-    r.peak_bytes = cache.row_peak_bytes(b);
-    r.kept_fraction = static_cast<double>(r.kept_bytes) / static_cast<double>(std::max<int64_t>(1, r.full_bytes));
-    st.tokens += r.tokens;
-    st.full_bytes += r.full_bytes;
-    st.rows.push_back(r);
-  }
-  st.kept_bytes = cache.bytes();
-  st.peak_bytes = cache.peak_bytes();
-  st.allocated_bytes = cache.allocated_bytes();
-  return st;
+  std::vector<CompressStats> out;
+  for (KVCache* c : caches) out.push_back(cache_stats(*c, lens, L));
+  return out;
+}
+
+}  // namespace
+
+CompressStats compress_prefill(const Model& model, KVCache& cache, const std::vector<std::vector<int64_t>>& prompts,
+                               Method& method, const CompressOptions& opts) {
+  return compress_impl(model, {&cache}, prompts, *method.scorer, {method.selector}, opts)[0];
+}
+
+std::vector<CompressStats> compress_prefill_many(const Model& model, const std::vector<KVCache*>& caches,
+                                                 const std::vector<std::vector<int64_t>>& prompts, Scorer& scorer,
+                                                 const std::vector<SelectorOptions>& selectors) {
+  return compress_impl(model, caches, prompts, scorer, selectors, CompressOptions());
 }
 
 }  // namespace kvd

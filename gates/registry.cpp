@@ -44,10 +44,11 @@ std::shared_ptr<Scorer> kvzip(const ScorerContext& c, KVzipNorm norm) {
 struct HeuristicEntry {
   const char* name;
   std::function<std::shared_ptr<Scorer>(const ScorerContext&)> make;
+  ScoreSharing sharing = ScoreSharing::AcrossBudgets;
 };
 const std::vector<HeuristicEntry>& heuristics() {
   static const std::vector<HeuristicEntry> t = {
-      {"random", [](const ScorerContext& c) { return std::make_shared<RandomScorer>(c.seed); }},
+      {"random", [](const ScorerContext& c) { return std::make_shared<RandomScorer>(c.seed); }, ScoreSharing::PerBudget},
       {"knorm", [](const ScorerContext&) { return std::make_shared<KNormScorer>(); }},
       {"streaming_llm", [](const ScorerContext&) { return std::make_shared<StreamingLLMScorer>(); }},
       {"h2o", [](const ScorerContext&) { return std::make_shared<H2OScorer>(H2ONorm::Sum); }},
@@ -57,8 +58,8 @@ const std::vector<HeuristicEntry>& heuristics() {
       {"tova", [](const ScorerContext&) { return std::make_shared<TOVAScorer>(); }},
       {"keydiff", [](const ScorerContext&) { return std::make_shared<KeyDiffScorer>(); }},
       {"expected_attention", [](const ScorerContext&) { return std::make_shared<ExpectedAttentionScorer>(); }},
-      {"defensivekv", defensivekv},
-      {"layer_defensivekv", defensivekv},
+      {"defensivekv", defensivekv, ScoreSharing::PerBudget},
+      {"layer_defensivekv", defensivekv, ScoreSharing::PerBudget},
       {"cake", [](const ScorerContext&) { return std::make_shared<CakeScorer>(); }},
       {"kvzip", [](const ScorerContext& c) { return kvzip(c, KVzipNorm::None); }},
       {"kvzip_plus", [](const ScorerContext& c) { return kvzip(c, KVzipNorm::Plus); }},
@@ -126,6 +127,8 @@ ResolvedMethod learned(const std::string& name, std::shared_ptr<Component> c, co
     // A threshold evicts what scores below it after every chunk; it holds no count for decoding to keep, so
     // the cache grows by the generated tokens.
     if (budget.kind != BudgetKind::Threshold) r.decode = DecodeSchedule{DecodePolicy::Scorer, 1};
+  } else {
+    r.method.sharing = ScoreSharing::AcrossBudgets;  // a component's scores never read the budget
   }
   return r;
 }
@@ -196,7 +199,10 @@ Method make_method(const std::string& name, const Budget& budget, uint64_t seed,
     }
   }
   for (const HeuristicEntry& h : heuristics())
-    if (base == h.name) m.scorer = h.make(ScorerContext{seed, model_dir, budget});
+    if (base == h.name) {
+      m.scorer = h.make(ScorerContext{seed, model_dir, budget});
+      m.sharing = h.sharing;
+    }
   KVD_CHECK(m.scorer != nullptr, "--method: unknown method '", name, "'; known: ", known_methods());
   if (base == "pyramidkv") {
     KVD_CHECK(m.selector.allocation == Allocation::Uniform, "pyramidkv sets its own layer budgets; it takes no prefix");
@@ -220,8 +226,13 @@ Method make_method(const std::string& name, const Budget& budget, uint64_t seed,
   if (critical) {
     KVD_CHECK(budget.kind == BudgetKind::Ratio, "criticalkv_ splits its budget by a ratio: use --ratio");
     m.scorer = std::make_shared<CriticalKVScorer>(m.scorer, budget.value);
+    m.sharing = ScoreSharing::PerBudget;  // its first stage keeps a share of the budget
   }
   return m;
+}
+
+bool shares_prefill(const ResolvedMethod& m) {
+  return !m.full && m.method.sharing == ScoreSharing::AcrossBudgets && m.compress.chunk_size == 0 && !m.decode;
 }
 
 ResolvedMethod resolve_method(const std::string& name, const Budget& budget, const MethodContext& ctx) {

@@ -333,6 +333,36 @@ bool KVCache::has_payload(const std::string& name) const {
   return false;
 }
 
+void KVCache::copy_layer_from(const KVCache& src, int64_t layer) {
+  check_layer(layer);
+  KVD_CHECK(src.batch_ == batch_ && src.kv_heads_ == kv_heads_ && src.head_dim_ == head_dim_ &&
+                src.num_layers() == num_layers() && src.dtype_ == dtype_ && src.device_ == device_,
+            "KVCache::copy_layer_from: the caches differ in shape, dtype or device");
+  for (const Payload& p : src.payload_) add_payload(p.name, p.dtype, p.fill);
+  const Layer& S = src.layers_[layer];
+  Layer& D = layers_[layer];
+  for (int64_t r = 0; r < batch_ * kv_heads_; ++r) set_len(D, r, S.len[r]);
+  D.k = S.k.defined() ? S.k.clone() : at::Tensor();
+  D.v = S.v.defined() ? S.v.clone() : at::Tensor();
+  D.pos = S.pos.defined() ? S.pos.clone() : at::Tensor();
+  D.cols.assign(payload_.size(), at::Tensor());
+  for (size_t i = 0; i < payload_.size(); ++i) {
+    const int64_t slot = src.has_payload(payload_[i].name) ? src.payload_slot(payload_[i].name, "copy_layer_from") : -1;
+    if (slot >= 0 && S.cols[slot].defined()) {
+      D.cols[i] = S.cols[slot].clone();
+    } else if (S.total > 0) {
+      D.cols[i] = torch::full({S.total}, payload_[i].fill, torch::TensorOptions().dtype(payload_[i].dtype).device(device_));
+    }
+  }
+  D.cap = S.cap;
+  D.start = S.start;
+  D.total = S.total;
+  D.aligned = S.aligned;
+  D.start_d = at::Tensor();
+  D.len_d = at::Tensor();
+  update_peak();
+}
+
 void KVCache::add_payload(const std::string& name, c10::ScalarType dtype, double fill) {
   for (const Payload& p : payload_)
     if (p.name == name) {

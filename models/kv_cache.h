@@ -79,6 +79,11 @@ class KVCache {
               const at::Tensor& pos,               // (B, t) or (B, H_kv, t) int64
               const std::vector<int64_t>& lead);   // [B] or empty
   KVLayerView layer(int64_t layer) const;
+  // Replaces this cache's `layer` with a copy of src's (entries, positions, payload columns, layout), as if the
+  // same entries had been appended here; the byte counts and peaks follow. src must have the same shape, dtype
+  // and device; src's payload columns are added here first. Used to compress one prefill at several budgets
+  // (compress_prefill_many).
+  void copy_layer_from(const KVCache& src, int64_t layer);
   at::Tensor positions(int64_t layer) const;  // (B, H_kv, n) int64
   int64_t length(int64_t layer, int64_t b, int64_t h) const;  // entries of one head
   int64_t max_length(int64_t layer) const;                    // the longest head of the layer

@@ -617,7 +617,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     qpos = torch::where(real, first + t - ld, torch::full_like(t - ld, -1));                         // (B, T)
     if (padded) pad_rows = real.logical_not().view({B, 1, T, 1});
   }
-  ProfileLap lap(device_, "prefill/decode ");
+  ProfileLap lap(device_, T == 1 ? "decode " : "prefill ");
   const at::Tensor cs = rope_cos_sin(qpos.clamp_min(0));  // (2, B, 1, T, hd)
   const at::Tensor cos = cs[0], sin = cs[1];
 

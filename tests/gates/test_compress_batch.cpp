@@ -248,3 +248,57 @@ TEST(CompressCake, CascadeEndsAtTheFinalBudgets) {
   }
   EXPECT_LE(st.peak_bytes, (L * per_head + T) * H * cache.bytes_per_entry());
 }
+
+// One prefill compressed at several budgets (compress_prefill_many, the eval's --share-prefill budgets) gives
+// every budget exactly what its own compress_prefill gives: the kept sets of every row, the bytes and the peaks,
+// across allocations (uniform, AdaKV, global, pyramid, CAKE), a scorer that runs after the forward (KVzip) and a
+// learned part whose scores live in the cache's payload (an untrained retention gate, once mode).
+TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
+  if (!have_model()) GTEST_SKIP() << "no model at " << KVD_MODEL_DIR;
+  MethodContext ctx;
+  ctx.model = &model();
+  ctx.model_dir = KVD_MODEL_DIR;
+  ctx.learned_mode = LearnedMode::Once;
+  const std::vector<double> ratios = {0.25, 0.6, 0.875};
+  const int64_t B = static_cast<int64_t>(prompts().size());
+  for (const std::string name : {"snapkv", "adakv_snapkv", "global_snapkv", "pyramidkv", "cake", "expected_attention",
+                                 "kvzip", "untrained:retention_gate"}) {
+    SCOPED_TRACE(name);
+    std::vector<ResolvedMethod> ms;
+    for (double r : ratios) ms.push_back(resolve_method(name, Budget::ratio(r), ctx));
+    for (const ResolvedMethod& m : ms) ASSERT_TRUE(shares_prefill(m));
+    std::vector<KVCache> caches;
+    std::vector<KVCache*> ptrs;
+    std::vector<SelectorOptions> sels;
+    for (const ResolvedMethod& m : ms) {
+      caches.push_back(model().new_cache(B));
+      sels.push_back(m.method.selector);
+    }
+    for (KVCache& c : caches) ptrs.push_back(&c);
+    compress_prefill_many(model(), ptrs, prompts(), *ms[0].method.scorer, sels);
+    for (size_t i = 0; i < ratios.size(); ++i) {
+      SCOPED_TRACE("ratio " + std::to_string(ratios[i]));
+      ResolvedMethod alone = resolve_method(name, Budget::ratio(ratios[i]), ctx);
+      KVCache c = model().new_cache(B);
+      compress_prefill(model(), c, prompts(), alone.method, alone.compress);
+      EXPECT_EQ(caches[i].next_positions(), c.next_positions());
+      EXPECT_EQ(caches[i].peak_bytes(), c.peak_bytes());
+      for (int64_t b = 0; b < B; ++b) {
+        EXPECT_EQ(kept_of(caches[i], b), kept_of(c, b)) << "row " << b;
+        EXPECT_EQ(caches[i].row_bytes(b), c.row_bytes(b));
+        EXPECT_EQ(caches[i].row_peak_bytes(b), c.row_peak_bytes(b));
+      }
+      // The copied entries are the same keys, bit for bit.
+      for (int64_t l = 0; l < c.num_layers(); l += 7)
+        EXPECT_TRUE(torch::equal(caches[i].layer(l).k, c.layer(l).k)) << "layer " << l;
+    }
+  }
+}
+
+TEST(CompressMany, BudgetDependentScoresDoNotShare) {
+  MethodContext ctx;
+  for (const std::string name : {"defensivekv", "layer_defensivekv", "random", "criticalkv_snapkv", "h2o_decode"})
+    EXPECT_FALSE(shares_prefill(resolve_method(name, Budget::ratio(0.5), ctx))) << name;
+  EXPECT_FALSE(shares_prefill(resolve_method("full", Budget::ratio(0.5), ctx)));
+  EXPECT_TRUE(shares_prefill(resolve_method("snapkv", Budget::ratio(0.5), ctx)));
+}

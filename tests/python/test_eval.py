@@ -3,6 +3,8 @@
 - the full cache has KL 0, hit rate 1 and keeps everything; byte counts equal entries x bytes per entry;
 - a ratio-r uniform method keeps floor(n (1 - r)) entries per head;
 - --batch 3 gives every sample the same results as --batch 1;
+- one prefill shared by a method's budgets (--share-prefill budgets, the default) gives the same records as a
+  prefill per (method, budget);
 - a run killed mid-way (plus a torn last line) resumes to the same results without duplicates;
 - bad input: one clear line each."""
 import json
@@ -132,6 +134,24 @@ def test_batch_equals_single(single, tasks, tmp_path):
         assert b["hit_rate"] == pytest.approx(a["hit_rate"], abs=1e-9)
         assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-6)
         assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-4)
+
+
+def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
+    methods = "snapkv,pyramidkv,defensivekv"
+    shared, per = tmp_path / "shared", tmp_path / "per"
+    for out, mode in ((shared, "budgets"), (per, "none")):
+        proc = evaluate(tasks, out, "--share-prefill", mode, batch=2, methods=methods, ratios="0.25,0.75")
+        assert proc.returncode == 0, proc.stderr
+    a, _ = records(shared)
+    b, _ = records(per)
+    assert a.keys() == b.keys() and len(a) == 7 * 4
+    for k, ra in a.items():
+        rb = b[k]
+        for f in ("output", "score", "kl", "ppl", "hit_rate", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes"):
+            assert ra[f] == rb[f], (k, f, ra[f], rb[f])
+        # SnapKV and PyramidKV score alike at every budget; DefensiveKV's first stage depends on it.
+        assert ra.get("prefill_shared_by") == (2 if k[0] in ("snapkv", "pyramidkv") else None), k
+        assert "prefill_shared_by" not in rb
 
 
 def test_resume_after_kill(single, tasks, tmp_path):
