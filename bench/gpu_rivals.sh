@@ -11,19 +11,21 @@
 #   bench/gpu_rivals.sh protocol [S]   $TASKS (50 samples per task and length at 2K / 4K / 8K) at ratios
 #                                      0.25 / 0.5 / 0.75 / 0.875, in $MODES (agnostic: the default, aware:
 #                                      --query-aware): every heuristic of $HEURISTICS and every learned part of
-#                                      $LEARNED, one eval process per method and mode sharing the GPU, each
-#                                      resumable (re-running skips what is written); S seconds per call
+#                                      $LEARNED, $GROUP methods per eval process, $P processes at a time on the
+#                                      GPU, each resumable (re-running skips what is written); S seconds per call
 #   bench/gpu_rivals.sh report         per mode: paired bootstrap against the best heuristic at each ratio and the
 #                                      headline table (scripts/paired_bootstrap.py --baseline best), the plots
-#   bench/gpu_rivals.sh harness [M]   where the eval's time goes: KVD_PROFILE over a slice of $TASKS (16 samples
-#                                      per length), method M (default snapkv) at two ratios, batch 16 and 64
-#   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT (one tarball), one tarball per bundle
+#   bench/gpu_rivals.sh harness [M]    the eval's speed on a slice of $TASKS (16 samples per length), method M
+#                                      (default snapkv) at $RATIOS: with and without the shared prefill, then
+#                                      where the time goes (KVD_PROFILE)
+#   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
-# KVZAP_STEPS (default 1000), DMS_STEPS (default 600); MODES (default "agnostic aware"); HEURISTICS (default
+# KVZAP_STEPS (default 1000), DMS_STEPS (default 600); P (eval processes at once, default 10), GROUP (methods per
+# process, default 2), BATCH (default 16), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
 # below); LEARNED (extra learned methods, e.g. "gate:/root/trimkv/bundle attngate:/root/ag/bundle"; the trained
-# KVzap and DMS bundles are added when they exist).
+# KVzap and DMS bundles are added when they exist; KVD (default build-gpu/kvdistill).
 set -euo pipefail
 MODEL=${MODEL:-/root/model}
 DATA=${DATA:-/root/rivals}
@@ -33,18 +35,28 @@ DMS_H5=${DMS_H5:-corpus-2k.h5}
 KVZAP_STEPS=${KVZAP_STEPS:-1000}
 DMS_STEPS=${DMS_STEPS:-600}
 MODES=${MODES:-agnostic aware}
-HEURISTICS=${HEURISTICS:-streaming_llm snapkv pyramidkv tova expected_attention adakv_snapkv defensivekv layer_defensivekv cake kvzip}
+# Every heuristic, the strongest first (a call that ends early has them): the prefill ones, then those that evict
+# while decoding.
+HEURISTICS=${HEURISTICS:-kvzip defensivekv snapkv adakv_snapkv streaming_llm expected_attention pyramidkv tova \
+layer_defensivekv cake kvzip_plus criticalkv_snapkv h2o observed_attention keydiff knorm random tova_decode h2o_decode \
+lazy_eviction streaming_llm_decode}
 LEARNED=${LEARNED:-}
-RATIOS=0.25,0.5,0.75,0.875
-KVD=build-gpu/kvdistill
+RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}
+P=${P:-10}
+GROUP=${GROUP:-2}
+BATCH=${BATCH:-16}
+KVD=${KVD:-build-gpu/kvdistill}
 mkdir -p "$W"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model
 
-learned_methods() {
-  local m=$LEARNED
-  [ -f "$W/kvzap/bundle/kvdistill.json" ] && m+=" kvzap:$W/kvzap/bundle"
-  [ -f "$W/dms/bundle/kvdistill.json" ] && m+=" dms:$W/dms/bundle"
-  echo "$m"
+# The learned parts, one per line with the eval flags they run under: at a ratio both compress once after prefill
+# (as kvpress's KVzapPress does; DMS's scores protect its delay window, docs/methods/dms.md), which shares one
+# prefill across the ratios.
+learned_jobs() {
+  for m in $LEARNED; do echo "$m"; done
+  [ -f "$W/kvzap/bundle/kvdistill.json" ] && echo "kvzap:$W/kvzap/bundle --learned-mode once"
+  [ -f "$W/dms/bundle/kvdistill.json" ] && echo "dms:$W/dms/bundle --learned-mode once"
+  return 0
 }
 
 case "${1:-}" in
@@ -69,19 +81,35 @@ case "${1:-}" in
     done
     ;;
   protocol)
+    # A pool of P eval processes (a 135M model's eval is launch-bound: processes overlap on the GPU almost
+    # linearly), each over GROUP methods in one mode, all stopped at the call's deadline and resumed by the next
+    # call (re-running skips what is written). One CPU thread each: LibTorch's spinning threads would contend.
     limit=${2:-540}
-    for mode in $MODES; do
-      flag=(); [ "$mode" = aware ] && flag=(--query-aware)
-      for m in $HEURISTICS $(learned_methods); do
-        name=$(echo "$m" | tr '/:' '__')
-        timeout "$limit" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k8k.jsonl" --device cuda --batch 16 \
-          "${flag[@]}" --methods "$m" --ratios "$RATIOS" --out "$W/eval-$mode-$name" \
-          > "$W/eval-$mode-$name.log" 2>&1 &
-      done
+    jobs=$W/protocol-jobs.txt
+    : > "$jobs"
+    for mode in $MODES; do  # a line: mode, methods (comma-separated), extra eval flags
+      learned_jobs | sed "s/^/$mode /" >> "$jobs"
+      echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | xargs -n "$GROUP" echo | tr ' ' ',' | sed "s/^/$mode /" >> "$jobs"
     done
-    wait || true
-    for f in "$W"/eval-*.log; do echo "$f: $(tail -n 1 "$f")"; done
-    wc -l "$W"/eval-*/results.jsonl | tail -n 1
+    echo "[protocol] $(wc -l < "$jobs") jobs, $P at a time, $limit s"
+    export KVD MODEL DATA W RATIOS BATCH
+    export OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    run_job() {
+      local mode methods extra left=$(($2 - $(date +%s)))
+      read -r mode methods extra <<< "$1"
+      local name; name=$(echo "$methods" | tr '/:,' '__+')
+      [ "$left" -gt 10 ] || return 0
+      local flag=(); [ "$mode" = aware ] && flag=(--query-aware)
+      # shellcheck disable=SC2086  # extra: flags, split on purpose
+      timeout "$left" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k8k.jsonl" --device cuda --batch "$BATCH" \
+        "${flag[@]}" $extra --methods "$methods" --ratios "$RATIOS" --out "$W/eval-$mode-$name" \
+        >> "$W/eval-$mode-$name.log" 2>&1 || true
+    }
+    export -f run_job
+    end=$(($(date +%s) + limit))
+    t xargs -a "$jobs" -d '\n' -P "$P" -I{} bash -c 'run_job "$1" '"$end" _ {}
+    for f in "$W"/eval-*.log; do echo "$(basename "$f"): $(grep '^\[eval\]' "$f" | tail -n 1)"; done
+    cat "$W"/eval-*/results.jsonl 2>/dev/null | wc -l | sed 's/^/[protocol] results written: /'
     ;;
   harness)
     m=${2:-snapkv}
@@ -96,14 +124,21 @@ with open(sys.argv[1]) as f, open(sys.argv[2], "w") as out:
             out.write(line)
 print("slice:", seen)
 PY
-    for b in 16 64; do
-      rm -rf "$W/harness-$b"
-      KVD_PROFILE=1 t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch $b \
-        --methods "$m" --ratios 0.5,0.75 --out "$W/harness-$b" 2>&1 | grep -v '^\[eval\]' | tee "$W/harness-$b.log"
+    # The same slice at four ratios: one prefill per (method, budget) against one per method, then the profile.
+    for share in none budgets; do
+      rm -rf "$W/harness-$share"
+      t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$m" \
+        --ratios "$RATIOS" --share-prefill $share --out "$W/harness-$share" 2>&1 | tail -n 1
     done
-    rm -rf "$W/harness-plain"
-    t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$m" \
-      --ratios 0.5,0.75 --out "$W/harness-plain" 2>&1 | tail -n 2
+    python3 - "$W/harness-none/results.jsonl" "$W/harness-budgets/results.jsonl" <<'PY'
+import json, sys
+a, b = ({(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:])
+same = sum(a[k]["output"] == b[k]["output"] and a[k]["kv_bytes_kept"] == b[k]["kv_bytes_kept"] for k in a)
+print(f"harness: {len(a)} records; {same} identical in output and kept bytes with and without the shared prefill")
+PY
+    rm -rf "$W/harness-prof"
+    KVD_PROFILE=1 $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$m" \
+      --ratios "$RATIOS" --out "$W/harness-prof" 2>&1 | grep '^\[profile\] eval\|^\[profile\] decode\|^\[profile\] prefill'
     ;;
   report)
     for mode in $MODES; do
@@ -113,14 +148,19 @@ PY
     done
     ;;
   collect)
+    # Into $OUT in parts of at most 15 MB (the device call returns files of up to 16 MiB): the results, metrics
+    # and logs, and each trained bundle. Rejoin with `cat NAME.tgz.part-* | tar xz`.
     out=${OUT:?OUT is the device call\'s return folder}
-    (cd "$W" && tar czf "$out/rivals-results.tgz" --ignore-failed-read kvzap/metrics.jsonl dms/metrics.jsonl \
-      *.log eval-*/results.jsonl eval-*/run.json bootstrap-*.md)
-    for r in kvzap dms; do (cd "$W" && tar czf "$out/bundle-$r.tgz" --ignore-failed-read "$r/bundle"); done
+    (cd "$W" && tar czf - --ignore-failed-read kvzap/metrics.jsonl dms/metrics.jsonl ./*.log \
+      eval-*/results.jsonl eval-*/run.json bootstrap-*.md harness-*/results.jsonl 2>/dev/null) |
+      split -b 15M - "$out/rivals-results.tgz.part-"
+    for r in kvzap dms; do
+      [ -d "$W/$r/bundle" ] && (cd "$W" && tar czf - "$r/bundle") | split -b 15M - "$out/bundle-$r.tgz.part-"
+    done
     ls -la "$out"
     ;;
   *)
-    sed -n '2,27p' "$0"
+    sed -n '2,32p' "$0"
     exit 2
     ;;
 esac
