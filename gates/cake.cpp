@@ -48,8 +48,8 @@ at::Tensor CakeScorer::score(const LayerView& view) {
   at::Tensor s = cake_indicator(a, opt_.gamma);                                          // (B, H, m)
   s = at::avg_pool1d(s, {opt_.kernel}, {1}, {opt_.kernel / 2}, false, true);             // (B, H, m)
   s = reduce_group(s, Hkv, GroupReduce::Mean);                                           // (B, H_kv, m)
-  const double top = s.max().item<double>() + 1.0;
-  return torch::cat({s, torch::full({B, Hkv, w}, top, s.options())}, 2);  // (B, H_kv, n)
+  at::Tensor top = s.max() + 1.0;  // () on the device: no wait for it
+  return torch::cat({s, top.expand({B, Hkv, w})}, 2);  // (B, H_kv, n)
 }
 
 }  // namespace kvd

@@ -132,7 +132,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       } else {
         const PrefillLayerObservation& o = *obs;
         at::Tensor qpos = o.query_positions.narrow(0, b, 1);  // (1, Tc)
-        view.next_position = qpos[0][Tc - 1].item<int64_t>() + 1;
+        view.next_position = c.next_position(b) + fresh[b];  // the row's last query + 1 (advanced after the forward)
         if (needs.hidden) view.hidden = o.hidden.narrow(0, b, 1).narrow(1, lb, nq);  // (1, nq, d)
         if (needs.window > 0) {
           const int64_t w = std::min(needs.window, nq);

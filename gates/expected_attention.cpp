@@ -58,8 +58,8 @@ at::Tensor ExpectedAttentionScorer::score(const LayerView& view) {
   at::Tensor vn = torch::linalg_vector_norm(view.values.narrow(2, ns, n - ns).to(torch::kFloat), 2, {-1}, false,
                                             c10::nullopt);  // (B, H_kv, n')
   s = (s + opt_.epsilon) * vn;
-  const double top = s.max().item<double>() + 1.0;
-  return torch::cat({torch::full({B, Hkv, ns}, top, s.options()), s}, 2);  // (B, H_kv, n)
+  at::Tensor top = s.max() + 1.0;  // () on the device: no wait for it
+  return torch::cat({top.expand({B, Hkv, ns}), s}, 2);  // (B, H_kv, n)
 }
 
 }  // namespace kvd

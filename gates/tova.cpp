@@ -22,8 +22,8 @@ at::Tensor TOVAScorer::score(const LayerView& view) {
   at::Tensor a = window_attention(q, qp, view.keys, view.positions, view.valid);  // (B, H, 1, n)
   at::Tensor s = a.select(2, 0).narrow(2, 0, n - 1).mean(1, true);               // (B, 1, n-1)
   s = s.expand({B, Hkv, n - 1});                                                   // (B, H_kv, n-1)
-  const double top = s.max().item<double>() + 1.0;
-  return torch::cat({s, torch::full({B, Hkv, 1}, top, s.options())}, 2);           // (B, H_kv, n)
+  at::Tensor top = s.max() + 1.0;  // () on the device: no wait for it
+  return torch::cat({s, top.expand({B, Hkv, 1})}, 2);                              // (B, H_kv, n)
 }
 
 }  // namespace kvd
