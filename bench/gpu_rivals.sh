@@ -24,7 +24,8 @@
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
 # KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
 # three quarters); P (eval processes at once, default 10), GROUP (methods per
-# process, default 2), BATCH (default 16), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
+# process, default 2), BATCH (default 16), BATCH_TOKENS (default 0: no limit; e.g. BATCH=64 BATCH_TOKENS=131072
+# for 64 rows at 2K, 32 at 4K, 16 at 8K), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
 # below); LEARNED (extra learned methods, e.g. "gate:/root/trimkv/bundle attngate:/root/ag/bundle"; the trained
 # KVzap and DMS bundles are added when they exist; KVD (default build-gpu/kvdistill).
 set -euo pipefail
@@ -46,6 +47,7 @@ RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}
 P=${P:-10}
 GROUP=${GROUP:-2}
 BATCH=${BATCH:-16}
+BATCH_TOKENS=${BATCH_TOKENS:-0}
 KVD=${KVD:-build-gpu/kvdistill}
 mkdir -p "$W"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model
@@ -94,7 +96,7 @@ case "${1:-}" in
       echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | xargs -n "$GROUP" echo | tr ' ' ',' | sed "s/^/$mode /" >> "$jobs"
     done
     echo "[protocol] $(wc -l < "$jobs") jobs, $P at a time, $limit s"
-    export KVD MODEL DATA W RATIOS BATCH
+    export KVD MODEL DATA W RATIOS BATCH BATCH_TOKENS
     export OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     run_job() {
       local mode methods extra left=$(($2 - $(date +%s)))
@@ -104,7 +106,7 @@ case "${1:-}" in
       local flag=(); [ "$mode" = aware ] && flag=(--query-aware)
       # shellcheck disable=SC2086  # extra: flags, split on purpose
       timeout "$left" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k8k.jsonl" --device cuda --batch "$BATCH" \
-        "${flag[@]}" $extra --methods "$methods" --ratios "$RATIOS" --out "$W/eval-$mode-$name" \
+        --batch-tokens "$BATCH_TOKENS" "${flag[@]}" $extra --methods "$methods" --ratios "$RATIOS" --out "$W/eval-$mode-$name" \
         >> "$W/eval-$mode-$name.log" 2>&1 || true
     }
     export -f run_job

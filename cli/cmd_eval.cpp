@@ -17,7 +17,7 @@ namespace {
 
 struct EvalArgs {
   std::string model, tasks, methods, ratios, budget_tokens, thresholds, out, device = "cpu";
-  int64_t batch = 1, max_new_tokens = 32;
+  int64_t batch = 1, batch_tokens = 0, max_new_tokens = 32;
   bool query_aware = false, report_only = false;
   std::string learned_mode = "continuous";
   std::string share_prefill = "budgets";
@@ -46,6 +46,7 @@ int run(const EvalArgs& a) {
   o.out_dir = a.out;
   o.device = a.device;
   o.batch = a.batch;
+  o.batch_tokens = a.batch_tokens;
   o.max_new_tokens = a.max_new_tokens;
   o.seed = a.seed;
   o.query = a.query_aware ? QueryMode::Aware : QueryMode::Agnostic;
@@ -113,7 +114,11 @@ Registration reg([](CLI::App& root) {
                   "Comma-separated score thresholds: keep entries scoring >= each (e.g. attngate:<dir> at 0.5: its flags)");
   sub->add_option("--out", a->out, "Output directory (results.jsonl is appended; reruns skip what is done)")
       ->required();
-  sub->add_option("--batch", a->batch, "Samples per batch")->capture_default_str();
+  sub->add_option("--batch", a->batch, "Samples per batch (at most)")->capture_default_str();
+  sub->add_option("--batch-tokens", a->batch_tokens,
+                  "Also at most this many prompt tokens per batch, counting each row at the batch's longest prompt "
+                  "(e.g. --batch 64 --batch-tokens 131072: 64 rows at 2K, 32 at 4K, 16 at 8K); 0: no limit")
+      ->capture_default_str();
   sub->add_flag("--query-aware", a->query_aware, "Compress the question together with the context");
   sub->add_option("--max-new-tokens", a->max_new_tokens, "Answer length for samples that set none")
       ->capture_default_str();

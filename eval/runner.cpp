@@ -54,6 +54,7 @@ void validate_eval(const EvalOptions& opt) {
   KVD_CHECK(!opt.methods.empty(), "--methods: give at least one method (e.g. streaming_llm,snapkv)");
   KVD_CHECK(!opt.budgets.empty(), "give --ratios or --budget-tokens");
   KVD_CHECK(opt.batch > 0, "--batch ", opt.batch, ": must be positive");
+  KVD_CHECK(opt.batch_tokens >= 0, "--batch-tokens ", opt.batch_tokens, ": must be positive (or 0: no token limit)");
   KVD_CHECK(opt.max_new_tokens > 0, "--max-new-tokens ", opt.max_new_tokens, ": must be positive");
   // Every name and budget resolves (bundles are loaded on the CPU and checked against the model) before the
   // model is loaded.
@@ -153,8 +154,19 @@ void run_eval(const EvalOptions& opt) {
   const MethodContext ctx = method_context(model, opt.model_dir, opt);
   const auto t_start = Clock::now();
   int64_t computed = 0;
-  for (size_t i0 = 0; i0 < order.size(); i0 += static_cast<size_t>(opt.batch)) {
-    const size_t i1 = std::min(order.size(), i0 + static_cast<size_t>(opt.batch));
+  // Batches: consecutive samples (shortest first), at most opt.batch of them and, with opt.batch_tokens, at most
+  // that many span tokens counting every row at the batch's longest span (its padded size).
+  std::vector<std::pair<size_t, size_t>> batches;
+  for (size_t i0 = 0; i0 < order.size();) {
+    size_t i1 = i0 + 1;
+    while (i1 < order.size() && i1 - i0 < static_cast<size_t>(opt.batch) &&
+           (opt.batch_tokens == 0 ||
+            static_cast<int64_t>(i1 - i0 + 1) * static_cast<int64_t>(order[i1]->span.size()) <= opt.batch_tokens))
+      ++i1;
+    batches.emplace_back(i0, i1);
+    i0 = i1;
+  }
+  for (const auto& [i0, i1] : batches) {
     std::vector<const Prepared*> rows(order.begin() + i0, order.begin() + i1);
     std::vector<const Config*> need;
     for (const Config& c : configs)

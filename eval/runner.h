@@ -45,7 +45,8 @@ struct EvalOptions {
   std::string model_dir, tasks, out_dir, device = "cpu";
   std::vector<std::string> methods;  // compression methods and gate:<bundle dir>; "full" always runs
   std::vector<Budget> budgets;       // ratios or tokens per head
-  int64_t batch = 1;
+  int64_t batch = 1;         // samples per batch at most
+  int64_t batch_tokens = 0;  // > 0: and at most this many span tokens per batch (rows x its longest span)
   QueryMode query = QueryMode::Agnostic;
   int64_t max_new_tokens = 32;  // for samples without their own
   uint64_t seed = 0;

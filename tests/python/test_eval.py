@@ -2,7 +2,7 @@
 - every record's score is re-derived from its output with RULER's string-match rules;
 - the full cache has KL 0, hit rate 1 and keeps everything; byte counts equal entries x bytes per entry;
 - a ratio-r uniform method keeps floor(n (1 - r)) entries per head;
-- --batch 3 gives every sample the same results as --batch 1;
+- --batch 3 gives every sample the same results as --batch 1; --batch-tokens caps a batch's padded size;
 - one prefill shared by a method's budgets (--share-prefill budgets, the default) gives the same records as a
   prefill per (method, budget);
 - a run killed mid-way (plus a torn last line) resumes to the same results without duplicates;
@@ -134,6 +134,28 @@ def test_batch_equals_single(single, tasks, tmp_path):
         assert b["hit_rate"] == pytest.approx(a["hit_rate"], abs=1e-9)
         assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-6)
         assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-4)
+
+
+def test_batch_tokens_caps_the_padded_batch(single, tasks, tmp_path):
+    one, _ = records(single)
+    spans = sorted({r["id"]: r["span_tokens"] for r in one.values()}.items(), key=lambda kv: kv[1])
+    cap = 2 * spans[-1][1]  # two rows of the longest prompt fit, three do not
+    proc = evaluate(tasks, tmp_path, "--batch-tokens", cap, batch=4)
+    assert proc.returncode == 0, proc.stderr
+    got, _ = records(tmp_path)
+    # The rule, rederived: consecutive samples by length, while (rows) x (the longest span) <= cap.
+    size, i = {}, 0
+    while i < len(spans):
+        j = i + 1
+        while j < len(spans) and j - i < 4 and (j - i + 1) * spans[j][1] <= cap:
+            j += 1
+        for sid, _ in spans[i:j]:
+            size[sid] = j - i
+        i = j
+    assert sorted(size.values()) == [2, 2, 2, 2]
+    for k, a in one.items():
+        assert got[k]["batch"] == size[k[2]], k
+        assert got[k]["output"] == a["output"] and got[k]["kv_bytes_kept"] == a["kv_bytes_kept"], k
 
 
 def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
