@@ -21,6 +21,7 @@ struct EvalArgs {
   bool query_aware = false, report_only = false;
   std::string learned_mode = "continuous";
   std::string share_prefill = "budgets";
+  std::string decode = "auto";
   int64_t continuous_chunk = 128;
   uint64_t seed = 0;
 };
@@ -55,6 +56,7 @@ int run(const EvalArgs& a) {
   KVD_CHECK(a.continuous_chunk > 0, "--continuous-chunk ", a.continuous_chunk, ": must be positive");
   o.continuous_chunk = a.continuous_chunk;
   o.share_prefill = a.share_prefill == "none" ? SharePrefill::PerConfig : SharePrefill::AcrossBudgets;
+  o.decode = parse_decode_path(a.decode);
   KVD_CHECK((!a.ratios.empty()) + (!a.budget_tokens.empty()) + (!a.thresholds.empty()) == 1,
             "give exactly one of --ratios, --budget-tokens and --thresholds");
   for (const std::string& r : split(a.ratios)) {
@@ -135,6 +137,12 @@ Registration reg([](CLI::App& root) {
                   "budgets: a method whose scores do not depend on the budget is prefilled and scored once per batch "
                   "for all its budgets (same results, faster); none: every (method, budget) prefills itself")
       ->check(CLI::IsMember({"budgets", "none"}))
+      ->capture_default_str();
+  sub->add_option("--decode", a->decode,
+                  "The answer's decode steps: graph (a fixed-shape copy of the compressed cache, each step replayed "
+                  "from a CUDA graph; CUDA only), static (the same without the graph), cache (step by step on the "
+                  "cache), auto (graph on CUDA, cache elsewhere). Methods that evict while decoding use cache")
+      ->check(CLI::IsMember({"auto", "graph", "static", "cache"}))
       ->capture_default_str();
   sub->add_flag("--report-only", a->report_only, "Only rebuild results.{json,csv,md} from --out/results.jsonl");
   on_run(sub, [a] {

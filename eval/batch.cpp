@@ -119,7 +119,8 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
 }
 
 std::vector<RowResult> finish_batch(const Model& model, const std::vector<const Prepared*>& rows, ResolvedMethod& m,
-                                    KVCache& cache, FullReference& ref, double& decode_s) {
+                                    KVCache& cache, FullReference& ref, DecodePath decode, double& decode_s,
+                                    DecodePath& decode_path) {
   const ModelConfig& cfg = model.config();
   const int64_t B = static_cast<int64_t>(rows.size()), L = cfg.num_layers, Hkv = cfg.num_kv_heads;
   std::vector<std::vector<int64_t>> spans, rests;
@@ -158,6 +159,7 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
   GenerateOptions g;
   g.mode = SamplingMode::Greedy;
   g.max_new_tokens_per_row = max_new;
+  g.decode = m.decode ? DecodePath::Cache : decode;
   std::unique_ptr<DecodeEvictor> evictor;
   if (m.decode) {
     DecodeTrigger trig;
@@ -170,6 +172,7 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
     g.prefill_observer = [&m](const PrefillLayerObservation& obs, KVCache& c) { m.method.scorer->on_append(obs, c); };
   }
   BatchGenerateResult gen = generate_batch(model, rests, cache, g);
+  decode_path = gen.decode;
   sync(model.device());
   decode_s = seconds_since(t1);
   lap("answer");

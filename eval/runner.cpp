@@ -201,7 +201,8 @@ void run_eval(const EvalOptions& opt) {
         const Config& c = *run[g0 + gi];
         ResolvedMethod& m = group[gi];
         double decode_s = 0;
-        std::vector<RowResult> res = finish_batch(model, rows, m, caches[gi], ref, decode_s);
+        DecodePath decode_path = DecodePath::Cache;
+        std::vector<RowResult> res = finish_batch(model, rows, m, caches[gi], ref, opt.decode, decode_s, decode_path);
         caches[gi] = KVCache(model.config(), 1, caches[gi].dtype(), caches[gi].device());  // its memory back now
         if (m.full) have_ref = true;
         std::vector<json> lines;
@@ -232,6 +233,7 @@ void run_eval(const EvalOptions& opt) {
                     {"peak_kv_bytes", res[r].peak_bytes},
                     {"prefill_s", prefill_s / static_cast<double>(rows.size())},
                     {"decode_s", decode_s / static_cast<double>(rows.size())},
+                    {"decode", decode_path_name(decode_path)},
                     {"batch", rows.size()}};
           // prefill_s of a shared prefill is the whole prefill's (every budget of the group reports it).
           if (group.size() > 1) j["prefill_shared_by"] = group.size();

@@ -27,6 +27,7 @@
 
 #include "gates/registry.h"
 #include "gates/selector.h"
+#include "models/generate.h"
 
 namespace kvd {
 
@@ -55,6 +56,8 @@ struct EvalOptions {
   LearnedMode learned_mode = LearnedMode::Continuous;
   int64_t continuous_chunk = 128;  // prefill chunk of the continuous mode
   SharePrefill share_prefill = SharePrefill::AcrossBudgets;
+  // The answer's decode steps (models/generate.h): auto = CUDA graphs on CUDA, the cache path elsewhere.
+  DecodePath decode = DecodePath::Auto;
 };
 
 // Checks methods, budgets and the task file (clear errors) before loading the model.

@@ -4,10 +4,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 
 #include "common/error.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
+#include "models/static_decode.h"
 
 namespace kvd {
 
@@ -39,6 +41,50 @@ int64_t Sampler::next(const at::Tensor& logits_in) {
   }
   return at::multinomial(probs, 1, /*replacement=*/false, gen_).item<int64_t>();
 }
+
+const char* decode_path_name(DecodePath p) {
+  switch (p) {
+    case DecodePath::Auto: return "auto";
+    case DecodePath::Cache: return "cache";
+    case DecodePath::Static: return "static";
+    case DecodePath::Graph: return "graph";
+  }
+  return "?";
+}
+
+DecodePath parse_decode_path(const std::string& s) {
+  for (DecodePath p : {DecodePath::Auto, DecodePath::Cache, DecodePath::Static, DecodePath::Graph})
+    if (s == decode_path_name(p)) return p;
+  KVD_FAIL("decode path '", s, "': use auto, cache, static or graph");
+}
+
+namespace {
+
+// The path generate_batch takes: Auto resolved; Static / Graph checked against the options.
+DecodePath resolve_decode(const Model& model, const GenerateOptions& opts) {
+  const bool fixed_shape_ok = opts.mode == SamplingMode::Greedy && !opts.decode_observer;
+  bool graphs = false;
+#if KVD_WITH_CUDA
+  graphs = model.device().is_cuda();
+#endif
+  switch (opts.decode) {
+    case DecodePath::Auto:
+      return fixed_shape_ok && graphs ? DecodePath::Graph : DecodePath::Cache;
+    case DecodePath::Cache:
+      return DecodePath::Cache;
+    case DecodePath::Static:
+    case DecodePath::Graph:
+      KVD_CHECK(fixed_shape_ok, "generate: the ", decode_path_name(opts.decode),
+                " decode path is greedy and takes no decode-time observer (eviction while decoding); use the cache "
+                "path");
+      KVD_CHECK(opts.decode == DecodePath::Static || graphs,
+                "generate: the graph decode path needs a model on a CUDA device; use static or cache");
+      return opts.decode;
+  }
+  return DecodePath::Cache;
+}
+
+}  // namespace
 
 GenerateResult generate(const Model& model, const std::vector<int64_t>& prompt, const GenerateOptions& opts) {
   KVCache cache = model.new_cache(1);
@@ -112,7 +158,9 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
     return next;
   };
 
+  const DecodePath path = resolve_decode(model, opts);
   BatchGenerateResult res;
+  res.decode = path;
   res.tokens.assign(B, {});
   res.stop.assign(B, StopReason::MaxNewTokens);
   for (const auto& p : prompts) res.prompt_tokens.push_back(static_cast<int64_t>(p.size()));
@@ -129,6 +177,10 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
     done[b] = limit[b] == 0;
     active += done[b] ? 0 : 1;
   }
+  // The fixed-shape paths: a state with room for every step the longest row can need, made at the first step.
+  std::unique_ptr<StaticDecodeState> state;
+  std::unique_ptr<StaticDecoder> decoder;
+  std::vector<int64_t> fed(B, 0);  // tokens each row fed (what its cache gains)
   while (active > 0) {
     for (int64_t b = 0; b < B; ++b) {
       if (done[b]) continue;
@@ -144,15 +196,28 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
       if (done[b]) --active;
     }
     if (active == 0) break;
-    // A finished row's step is padding (lead 1): nothing of it is stored, so every row's cache (and its bytes)
-    // is what it would be alone.
-    std::vector<int64_t> pad(B, 0);
-    for (int64_t b = 0; b < B; ++b) pad[b] = done[b] ? 1 : 0;
-    at::Tensor step = torch::tensor(tok, torch::kLong).view({B, 1});                                // (B, 1)
-    logits = model.prefill(step, cache, LogitsMode::LastPosition, opts.decode_observer, pad);    // (B, V)
+    for (int64_t b = 0; b < B; ++b) fed[b] += done[b] ? 0 : 1;
+    if (path == DecodePath::Cache) {
+      // A finished row's step is padding (lead 1): nothing of it is stored, so every row's cache (and its bytes)
+      // is what it would be alone.
+      std::vector<int64_t> pad(B, 0);
+      for (int64_t b = 0; b < B; ++b) pad[b] = done[b] ? 1 : 0;
+      at::Tensor step = torch::tensor(tok, torch::kLong).view({B, 1});                                // (B, 1)
+      logits = model.prefill(step, cache, LogitsMode::LastPosition, opts.decode_observer, pad);    // (B, V)
+      tok = pick(logits);
+    } else {
+      // Every row steps (a finished row's tokens are dropped); write_back stores only what each row fed.
+      if (!decoder) {
+        const int64_t longest = *std::max_element(limit.begin(), limit.end());
+        state = std::make_unique<StaticDecodeState>(make_static_decode(model, cache, tok, longest - 1));
+        decoder = std::make_unique<StaticDecoder>(model, *state,
+                                                  path == DecodePath::Graph ? StepRunner::Graph : StepRunner::Eager);
+      }
+      tok = decoder->next();
+    }
     ++res.decode_steps;
-    tok = pick(logits);
   }
+  if (state) write_back(*state, cache, fed);
   res.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   res.peak_kv_bytes = cache.peak_bytes();
   return res;

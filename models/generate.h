@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <ATen/core/Generator.h>
@@ -25,6 +26,16 @@ enum class SamplingMode {
 
 enum class StopReason { Eos, MaxNewTokens };
 
+// How generate_batch runs its decode steps (the prompt's prefill is the same for all).
+enum class DecodePath {
+  Auto,    // Graph on CUDA where it applies (greedy, no decode_observer), else Cache
+  Cache,   // Model::prefill on the KVCache, one step at a time: any sampling, decode-time observers
+  Static,  // a fixed-shape copy of the cache (models/static_decode.h), op by op; greedy, no decode_observer
+  Graph,   // Static, each step replayed from one CUDA graph (CUDA only)
+};
+const char* decode_path_name(DecodePath p);      // "auto" | "cache" | "static" | "graph"
+DecodePath parse_decode_path(const std::string& s);  // the names above; anything else is an error
+
 struct GenerateOptions {
   SamplingMode mode = SamplingMode::Greedy;
   double temperature = 1.0;  // > 0; Sample only
@@ -42,6 +53,9 @@ struct GenerateOptions {
   // Called for every layer of the prompt's prefill (e.g. a scorer's on_append, so that per-entry state covers
   // the prompt's entries too).
   PrefillObserver prefill_observer;
+  // Static and Graph give the tokens Cache gives up to floating-point ties: the attention sums in another order
+  // (tests/models/test_static_decode.cpp); the cache is left as Cache leaves it.
+  DecodePath decode = DecodePath::Auto;
 };
 
 struct GenerateResult {
@@ -78,6 +92,7 @@ struct BatchGenerateResult {
   double decode_seconds = 0;
   int64_t decode_steps = 0;                  // batched decode steps run
   int64_t peak_kv_bytes = 0;                 // KVCache::peak_bytes at the end (the whole batch)
+  DecodePath decode = DecodePath::Cache;     // the path the decode steps took (Auto resolved)
 };
 
 // Appends each row's prompt to a caller-owned cache of batch prompts.size() (which may already hold earlier

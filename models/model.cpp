@@ -13,11 +13,13 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "kernels/decode_attention.h"
 #include "kernels/retention_attention.h"
 #include "models/attention.h"
 #include "models/kv_cache.h"
 #include "models/profile.h"
 #include "models/safetensors.h"
+#include "models/static_decode.h"
 
 namespace kvd {
 namespace {
@@ -772,6 +774,51 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
 at::Tensor Model::decode(const at::Tensor& ids, KVCache& cache, const PrefillObserver& observer) const {
   KVD_CHECK(ids.dim() == 2 && ids.size(1) == 1, "Model::decode: ids must be (B, 1), got ", ids.sizes());
   return prefill(ids, cache, LogitsMode::LastPosition, observer);  // (B, V)
+}
+
+void Model::decode_static(StaticDecodeState& s) const {
+  torch::NoGradGuard no_grad;
+  const int64_t B = s.batch, H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+  KVD_CHECK(s.kv_heads == Hkv && s.head_dim == hd && static_cast<int64_t>(s.k.size()) == cfg_.num_layers,
+            "Model::decode_static: the state was made for another model");
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  const at::Tensor cs = rope_cos_sin(s.qpos);              // (2, B, 1, 1, hd)
+  at::Tensor x = at::embedding(w_.embed, s.tok);            // (B, 1, d)
+  const at::Tensor qpos_kv = s.qpos.expand({B, Hkv}).reshape({B * Hkv});  // (B * H_kv)
+  for (int64_t l = 0; l < cfg_.num_layers; ++l) {
+    const LayerWeights& lw = w_.layers[l];
+    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, 1, d)
+    const AttendFn attend = [&](const LayerQKV& p) -> at::Tensor {
+      // This step's entry goes to slot len[s] of segment s = b * H_kv + h, then every head attends over its own
+      // len[s] + 1 entries.
+      at::Tensor row = s.start + s.len[l];                                  // (B * H_kv)
+      s.k[l].index_copy_(0, row, p.k.reshape({B * Hkv, hd}).to(s.k[l].scalar_type()));
+      s.v[l].index_copy_(0, row, p.v.reshape({B * Hkv, hd}).to(s.v[l].scalar_type()));
+      s.pos[l].index_copy_(0, row, qpos_kv);
+      s.len[l].add_(1);
+      DecodeAttentionInput in;
+      in.q = p.q.reshape({B, H, hd});
+      in.k = s.k[l];
+      in.v = s.v[l];
+      in.start = s.start;
+      in.len = s.len[l];
+      in.max_len = s.capacity;
+      in.scale = scale;
+      if (cfg_.sliding_window) {
+        in.window = *cfg_.sliding_window;
+        in.kpos = s.pos[l];
+        in.qpos = s.qpos.view({B});
+      }
+      return decode_attention(in).view({B, H, 1, hd});  // (B, H, 1, hd)
+    };
+    x = decoder_layer(lw, LayerLora(), nullptr, cs[0], cs[1], H, Hkv, hd, cfg_.qk_norm, cfg_.rms_norm_eps, x, h, attend);
+  }
+  at::Tensor hid = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);  // (B, 1, d)
+  at::Tensor next = logits(hid).to(torch::kFloat).argmax(-1);      // (B, 1)
+  s.tok.copy_(next);
+  s.history.index_copy_(0, s.step, next.view({1, B}));
+  s.step.add_(1);
+  s.qpos.add_(1);
 }
 
 // --- positions ----------------------------------------------------------------------------------------------

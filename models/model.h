@@ -29,6 +29,7 @@ namespace kvd {
 
 class KVCache;
 struct KVLayerView;
+struct StaticDecodeState;
 
 struct ForwardOutput {
   at::Tensor hidden;                        // (B, S, d) after the final RMSNorm; S = T + extra rows
@@ -133,6 +134,11 @@ class Model {
 
   // One step: ids (B, 1) -> float32 logits (B, V). observer as in prefill.
   at::Tensor decode(const at::Tensor& ids, KVCache& cache, const PrefillObserver& observer = PrefillObserver()) const;
+  // One greedy step over a fixed-shape state (models/static_decode.h): the step's K/V go to slot len[s] of each
+  // (row, KV head) segment, each query attends over its head's own entries (kernels/decode_attention.h), and the
+  // argmax becomes the next step's input token (also written to s.history). Fixed shapes and no host
+  // synchronization, so that a CUDA graph can capture it. Rows never stop: the caller drops a finished row's tokens.
+  void decode_static(StaticDecodeState& s) const;
 
  private:
   at::Tensor rope_cos_sin(const at::Tensor& positions) const;  // (B, S) -> (2, B, 1, S, hd) in dtype

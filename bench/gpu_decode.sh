@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The decode paths (models/generate.h: cache, static, graph) and the ragged decode attention kernel on the GPU, one
+# call (source .device/setup.sh first; results go to bench/RESULTS.md by hand):
+#   bench/gpu_decode.sh build   this tree into build-gpu/ with the decode tests, and the tiny golden models they use
+#   bench/gpu_decode.sh model   joins the GGUF parts staged in /root/kvd-stage and converts SmolLM2 to $MODEL
+#   bench/gpu_decode.sh tests   kvd_test_decode_attention (kernel vs float64 loops) and kvd_test_static_decode
+#                               (graph replays = eager fixed-shape steps; both vs the cache path)
+#   bench/gpu_decode.sh bench   bench_cache_decode at batch 1 and 16 (2K context, 64 steps, full / uniform / ragged
+#                               caches): the three paths timed in the same run, with their tokens compared
+#   bench/gpu_decode.sh eval    an eval slice ($TASKS: 16 samples per length) with $METHODS at $RATIOS, once with
+#                               --decode cache and once with --decode graph: wall time and how many records agree
+# Inputs (env): MODEL (default /root/model), TASKS (default /root/rivals/tasks-2k4k8k.jsonl), W (default /root/dec),
+# METHODS (default snapkv,adakv_snapkv), RATIOS (default 0.25,0.5,0.75,0.875), OUT (the call's return folder).
+set -euo pipefail
+MODEL=${MODEL:-/root/model}
+TASKS=${TASKS:-/root/rivals/tasks-2k4k8k.jsonl}
+W=${W:-/root/dec}
+METHODS=${METHODS:-snapkv,adakv_snapkv}
+RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}
+OUT=${OUT:-/tmp}
+KVD=build-gpu/kvdistill
+mkdir -p "$W"
+source bench/gpu_common.sh
+
+case "${1:-}" in
+  build)
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
+      >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
+    t ninja -C build-gpu kvdistill bench_cache_decode kvd_test_decode_attention kvd_test_static_decode \
+      >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+    t python3 tests/oracles/decoder_golden.py --out build-gpu/testdata/decoder_golden >"$OUT/oracle.log" 2>&1 ||
+      tail -5 "$OUT/oracle.log"
+    ;;
+  model)
+    gpu_model "$MODEL"
+    ;;
+  tests)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    for b in kvd_test_decode_attention kvd_test_static_decode; do
+      t build-gpu/$b >"$OUT/$b.log" 2>&1 && echo "$b rc=0" || echo "$b rc=$?"
+      grep -E "error |tokens equal|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \
+        "$OUT/$b.log" | head -40
+    done
+    ;;
+  bench)
+    for b in 1 16; do
+      t build-gpu/bench_cache_decode --model "$MODEL" --device cuda --batch $b --context 2048 --keep 0.5 --steps 64 \
+        --repeat 2 --paths cache,static,graph | tee "$OUT/bench-decode-b$b.log"
+    done
+    ;;
+  eval)
+    python3 - "$TASKS" "$W/tasks-slice.jsonl" <<'PY'
+import json, sys
+seen = {}
+with open(sys.argv[1]) as f, open(sys.argv[2], "w") as out:
+    for line in f:
+        r = json.loads(line)
+        if seen.get(r["length"] // 1000, 0) < 16:
+            seen[r["length"] // 1000] = seen.get(r["length"] // 1000, 0) + 1
+            out.write(line)
+print("slice:", seen)
+PY
+    for d in cache graph; do
+      rm -rf "$W/eval-$d"
+      t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$METHODS" \
+        --ratios "$RATIOS" --decode $d --out "$W/eval-$d" 2>&1 | tail -n 1
+    done
+    python3 - "$W/eval-cache/results.jsonl" "$W/eval-graph/results.jsonl" <<'PY' | tee "$OUT/eval-decode.txt"
+import json, sys
+a, b = ({(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:])
+keys = sorted(a)
+same_out = sum(a[k]["output"] == b[k]["output"] for k in keys)
+same_score = sum(a[k]["score"] == b[k]["score"] for k in keys)
+same_bytes = sum(a[k]["peak_kv_bytes"] == b[k]["peak_kv_bytes"] and a[k]["kv_bytes_kept"] == b[k]["kv_bytes_kept"] for k in keys)
+dkl = max(abs(a[k]["kl"] - b[k]["kl"]) for k in keys)
+sa, sb = (sum(x[k]["score"] for k in keys) / len(keys) for x in (a, b))
+ta, tb = (sum(x[k]["decode_s"] for k in keys) for x in (a, b))
+print(f"{len(keys)} records: output identical {same_out}, score identical {same_score}, peak / kept bytes identical "
+      f"{same_bytes}; max |dKL| {dkl:.2e}; mean score cache {sa:.4f} graph {sb:.4f}; "
+      f"decode seconds (sum over records) cache {ta:.1f} graph {tb:.1f} ({ta / tb:.2f}x); paths: "
+      f"{sorted({r['decode'] for r in b.values()})}")
+PY
+    ;;
+  *)
+    sed -n '2,14p' "$0"
+    exit 2
+    ;;
+esac

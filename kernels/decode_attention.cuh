@@ -1,0 +1,54 @@
+// Decode attention over a ragged per-head KV cache (framework-free launcher; the LibTorch binding and the
+// reference are kernels/decode_attention.{h,cpp}).
+//
+// One query token per request. Segment s = b · H_kv + h is one (request, KV head); its entries are the rows
+// start[s] .. start[s] + len[s] − 1 of flat K and V storages (row stride hd elements, bf16). Query head
+// q = h · G + g (G = H / H_kv) of request b reads segment b · H_kv + h:
+//   out[b, q] = Σ_j softmax_j(scale · <Q[b, q], K[start[s] + j]>) · V[start[s] + j]
+// over its visible entries j < len[s]; with a sliding window (window > 0), entry j is visible only if
+// qpos[b] − kpos[start[s] + j] < window. A segment with no visible entry gives 0.
+//
+// start and len are read on the device, so one launch shape serves every decode step (CUDA graphs): the caller
+// gives max_len, an upper bound of every len, and the grid has `splits` CTAs per segment, each over a chunk of
+// ceil(max_len / splits) rows; a CTA past its segment's length exits after writing an empty partial. Each CTA
+// writes, per query head, its chunk's running max, sum and unnormalized output (fp32) to a workspace; a second
+// kernel merges the splits in split order (deterministic: no atomics).
+//
+// Inside a CTA (4 warps), hd / 8 lanes hold one key row (8 bf16 each, one 16-byte load), so a warp reads
+// 32 · 8 / hd keys per iteration with coalesced rows; q · k is reduced over those lanes with shuffles, and each
+// lane group keeps an online softmax for the G query heads. fp32 accumulation throughout.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace kvd::kernels {
+
+constexpr int kDecodeMaxGroup = 8;  // G = H / H_kv up to this
+
+struct DecodeAttentionArgs {
+  const uint16_t* q = nullptr;    // (B, H, hd) contiguous bf16
+  const uint16_t* k = nullptr;    // flat rows (·, hd) bf16
+  const uint16_t* v = nullptr;    // flat rows (·, hd) bf16
+  const int64_t* start = nullptr;  // (B · H_kv) first row of each segment
+  const int64_t* len = nullptr;    // (B · H_kv) entries of each segment, <= max_len
+  const int64_t* kpos = nullptr;   // flat (·) stored positions; read only when window > 0
+  const int64_t* qpos = nullptr;   // (B) positions of the queries; read only when window > 0
+  int64_t window = 0;              // <= 0: no sliding window
+  int B = 0, H = 0, Hkv = 0, hd = 0;  // hd 64 or 128; H / Hkv <= kDecodeMaxGroup
+  float scale = 1.f;
+  int64_t max_len = 0;
+  int splits = 1;                  // CTAs per segment, >= 1
+  float* part_o = nullptr;         // workspace (splits, B · H, hd) fp32
+  float* part_ml = nullptr;        // workspace (splits, B · H, 2) fp32: max, sum
+  uint16_t* out = nullptr;         // (B, H, hd) bf16
+};
+
+// How many splits a launch should use: enough CTAs to fill the GPU (about 2 per SM on 132 SMs) without chunks
+// shorter than 64 rows.
+int decode_attention_splits(int segments, int64_t max_len);
+
+cudaError_t decode_attention(const DecodeAttentionArgs& a, cudaStream_t stream);
+
+}  // namespace kvd::kernels

@@ -1,0 +1,172 @@
+#include "models/static_decode.h"
+
+#include <algorithm>
+#include <optional>
+
+#include <torch/torch.h>
+
+#include "common/error.h"
+#include "models/kv_cache.h"
+#include "models/model.h"
+
+#if KVD_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace kvd {
+
+StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, const std::vector<int64_t>& first,
+                                     int64_t steps) {
+  torch::NoGradGuard no_grad;
+  const char* who = "make_static_decode";
+  const int64_t B = cache.batch(), Hkv = cache.num_kv_heads(), hd = cache.head_dim(), L = cache.num_layers();
+  KVD_CHECK(static_cast<int64_t>(first.size()) == B, who, ": ", first.size(), " first tokens for a batch of ", B);
+  KVD_CHECK(steps >= 1, who, ": steps must be >= 1, got ", steps);
+  KVD_CHECK(cache.dtype() == model.dtype() && cache.device() == model.device() && L == model.config().num_layers,
+            who, ": the cache does not belong to this model");
+  int64_t longest = 0;
+  for (int64_t l = 0; l < L; ++l) longest = std::max(longest, cache.max_length(l));
+  StaticDecodeState s;
+  s.batch = B;
+  s.kv_heads = Hkv;
+  s.head_dim = hd;
+  s.capacity = longest + steps;
+  s.max_steps = steps;
+  const int64_t C = s.capacity, S = B * Hkv;
+  const auto kv_opt = torch::TensorOptions().dtype(model.dtype()).device(model.device());
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(model.device());
+  s.start = torch::arange(S, lopt) * C;  // (B * H_kv)
+  for (int64_t l = 0; l < L; ++l) {
+    const KVLayerView kv = cache.layer(l);  // (B, H_kv, n, hd) padded to the longest head
+    at::Tensor k = torch::zeros({B, Hkv, C, hd}, kv_opt), v = torch::zeros({B, Hkv, C, hd}, kv_opt);
+    at::Tensor pos = torch::full({B, Hkv, C}, -1, lopt);
+    if (kv.n > 0) {
+      k.narrow(2, 0, kv.n).copy_(kv.k);
+      v.narrow(2, 0, kv.n).copy_(kv.v);
+      pos.narrow(2, 0, kv.n).copy_(kv.valid.defined() ? torch::where(kv.valid, kv.pos, torch::full_like(kv.pos, -1)) : kv.pos);
+    }
+    s.k.push_back(k.view({S * C, hd}));
+    s.v.push_back(v.view({S * C, hd}));
+    s.pos.push_back(pos.view({S * C}));
+    s.len0.push_back(cache.lengths(l));
+    s.len.push_back(torch::tensor(cache.lengths(l), torch::kLong).to(model.device()));  // (B * H_kv)
+  }
+  s.next0 = cache.next_positions();
+  s.tok = torch::tensor(first, torch::kLong).view({B, 1}).to(model.device());     // (B, 1)
+  s.qpos = torch::tensor(s.next0, torch::kLong).view({B, 1}).to(model.device());  // (B, 1)
+  s.history = torch::zeros({steps, B}, lopt);                                    // (steps, B)
+  s.step = torch::zeros({1}, lopt);
+  return s;
+}
+
+void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<int64_t>& fed) {
+  torch::NoGradGuard no_grad;
+  const int64_t B = s.batch, Hkv = s.kv_heads, hd = s.head_dim;
+  KVD_CHECK(static_cast<int64_t>(fed.size()) == B && cache.batch() == B, "write_back: ", fed.size(),
+            " counts for a batch of ", B);
+  int64_t T = 0;
+  for (int64_t f : fed) {
+    KVD_CHECK(f >= 0 && f <= s.max_steps, "write_back: a row fed ", f, " tokens, outside [0, ", s.max_steps, "]");
+    T = std::max(T, f);
+  }
+  if (T == 0) return;
+  // Row b's decoded entries are left-padded to T: lead[b] = T - fed[b] padding entries, never stored.
+  std::vector<int64_t> lead(B);
+  for (int64_t b = 0; b < B; ++b) lead[b] = T - fed[b];
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(s.start.device());
+  at::Tensor t = torch::arange(T, lopt).view({1, T});                               // (1, T)
+  at::Tensor ld = torch::tensor(lead, torch::kLong).to(s.start.device()).view({B, 1});  // (B, 1)
+  at::Tensor i = (t - ld).clamp_min(0);                                              // (B, T) decode step of each slot
+  at::Tensor first = torch::tensor(s.next0, torch::kLong).to(s.start.device()).view({B, 1});  // (B, 1)
+  at::Tensor positions = torch::where(t.ge(ld), first + i, torch::full_like(i, -1));  // (B, T)
+  for (int64_t l = 0; l < static_cast<int64_t>(s.k.size()); ++l) {
+    at::Tensor len0 = torch::tensor(s.len0[l], torch::kLong).to(s.start.device()).view({B, Hkv, 1});  // (B, H_kv, 1)
+    at::Tensor rows = (s.start.view({B, Hkv, 1}) + len0 + i.view({B, 1, T})).flatten();            // (B * H_kv * T)
+    at::Tensor k = s.k[l].index_select(0, rows).view({B, Hkv, T, hd});  // (B, H_kv, T, hd)
+    at::Tensor v = s.v[l].index_select(0, rows).view({B, Hkv, T, hd});
+    cache.append(l, k, v, positions, lead);
+  }
+  cache.advance(fed);
+}
+
+struct StaticDecoder::Graph {
+#if KVD_WITH_CUDA
+  at::cuda::CUDAGraph graph;
+  std::optional<c10::cuda::CUDAStream> stream;
+  bool captured = false;
+#endif
+};
+
+StaticDecoder::StaticDecoder(const Model& model, StaticDecodeState& state, StepRunner runner, int64_t block)
+    : model_(model), s_(state), runner_(runner), block_(block) {
+  KVD_CHECK(block >= 1, "StaticDecoder: block must be >= 1");
+  if (runner == StepRunner::Graph) {
+#if KVD_WITH_CUDA
+    KVD_CHECK(model.device().is_cuda(), "StaticDecoder: CUDA graphs need a model on a CUDA device; use the eager runner");
+    graph_ = std::make_unique<Graph>();
+#else
+    KVD_CHECK(false, "StaticDecoder: this build has no CUDA; use the eager runner");
+#endif
+  }
+}
+
+StaticDecoder::~StaticDecoder() = default;
+
+void StaticDecoder::run_step() {
+  KVD_CHECK(run_ < s_.max_steps, "StaticDecoder: the state has room for ", s_.max_steps, " steps");
+  if (runner_ == StepRunner::Eager) {
+    model_.decode_static(s_);
+    ++run_;
+    return;
+  }
+#if KVD_WITH_CUDA
+  Graph& g = *graph_;
+  if (!g.captured) {
+    // Capture needs a side stream. It waits for the state's uploads on the current stream; its first step runs
+    // for real (which also sets up cuBLAS's workspace and the allocator's blocks on this stream), then the
+    // second is recorded, not run.
+    c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(model_.device().index());
+    g.stream = c10::cuda::getStreamFromPool(false, model_.device().index());
+    at::cuda::CUDAEvent ready;
+    ready.record(current);
+    ready.block(*g.stream);
+    c10::cuda::CUDAStreamGuard guard(*g.stream);
+    model_.decode_static(s_);
+    g.graph.capture_begin();
+    model_.decode_static(s_);
+    g.graph.capture_end();
+    g.captured = true;
+  } else {
+    c10::cuda::CUDAStreamGuard guard(*g.stream);
+    g.graph.replay();
+  }
+  ++run_;
+#endif
+}
+
+std::vector<int64_t> StaticDecoder::next() {
+  const int64_t B = s_.batch;
+  if (read_ == run_) {
+    const int64_t n = std::min(block_, s_.max_steps - run_);
+    KVD_CHECK(n > 0, "StaticDecoder: no room for another step (the state holds ", s_.max_steps, ")");
+    const int64_t first = run_;
+    for (int64_t i = 0; i < n; ++i) run_step();
+    at::Tensor blk;  // (n, B)
+#if KVD_WITH_CUDA
+    if (runner_ == StepRunner::Graph) {
+      c10::cuda::CUDAStreamGuard guard(*graph_->stream);
+      blk = s_.history.narrow(0, first, n).to(torch::kCPU).contiguous();  // waits for the side stream
+    }
+#endif
+    if (!blk.defined()) blk = s_.history.narrow(0, first, n).to(torch::kCPU).contiguous();
+    host_.insert(host_.end(), blk.data_ptr<int64_t>(), blk.data_ptr<int64_t>() + n * B);
+  }
+  std::vector<int64_t> out(host_.begin() + read_ * B, host_.begin() + (read_ + 1) * B);
+  ++read_;
+  return out;
+}
+
+}  // namespace kvd

@@ -1,0 +1,79 @@
+// Greedy decoding with fixed shapes, for CUDA graphs.
+//
+// KVCache grows each head's segment as tokens arrive and reallocates on eviction, so every decode step has new
+// shapes and addresses and launches its ~20 kernels per layer one by one from the host (a 135M model's batched
+// step is launch-bound: bench/RESULTS.md). A StaticDecodeState copies a cache's entries once into buffers of a
+// fixed capacity per head, C = the longest head + the steps to come, with each head's entry count on the device.
+// A step (Model::decode_static) then appends at slot len[s], attends over each head's own entries with the
+// ragged decode kernel (kernels/decode_attention.h), picks the argmax and feeds it to the next step, all on the
+// device with fixed shapes: StaticDecoder captures one step in a CUDA graph and replays it.
+//
+// After decoding, write_back appends each row's decoded entries (only the tokens that row really fed: a finished
+// row's later steps are dropped) to the KVCache in one call per layer, so the cache, its byte counts and peaks
+// are what step-by-step decoding leaves.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace kvd {
+
+class KVCache;
+class Model;
+
+struct StaticDecodeState {
+  int64_t batch = 0, kv_heads = 0, head_dim = 0;
+  int64_t capacity = 0;   // C: slots per (row, KV head) segment
+  int64_t max_steps = 0;  // steps this state has room for
+  at::Tensor tok;         // (B, 1) int64: the step's input tokens; the step overwrites them with its argmax
+  at::Tensor qpos;        // (B, 1) int64: their positions; +1 per step
+  at::Tensor start;       // (B * H_kv) int64: segment s starts at row s * C
+  std::vector<at::Tensor> k, v;  // [layer] (B * H_kv * C, hd) flat rows in the model dtype
+  std::vector<at::Tensor> pos;   // [layer] (B * H_kv * C) int64 stored positions (-1: empty)
+  std::vector<at::Tensor> len;   // [layer] (B * H_kv) int64 entries held; +1 per step
+  std::vector<std::vector<int64_t>> len0;  // [layer][B * H_kv] entries held before the first step (host)
+  std::vector<int64_t> next0;              // [B] positions of the first step's tokens (host)
+  at::Tensor history;     // (max_steps, B) int64: the token step i chose
+  at::Tensor step;        // (1) int64: steps run so far, on the device
+};
+
+// Copies cache's entries into a state with room for `steps` more tokens per row. first (B) are the tokens the
+// first step feeds (at positions cache.next_position(b)).
+StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, const std::vector<int64_t>& first,
+                                     int64_t steps);
+
+// Appends to `cache` row b's first fed[b] decoded entries of every layer and head (in step order) and advances
+// its positions by fed[b]: what fed[b] decode steps of that row would have appended.
+void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<int64_t>& fed);
+
+enum class StepRunner {
+  Eager,  // Model::decode_static, launched op by op
+  Graph,  // the first step runs eagerly and captures a CUDA graph of one step, which later steps replay (CUDA)
+};
+
+// Runs steps of a state and hands their tokens to the host in blocks (one device read per `block` steps).
+class StaticDecoder {
+ public:
+  StaticDecoder(const Model& model, StaticDecodeState& state, StepRunner runner, int64_t block = 8);
+  ~StaticDecoder();
+  StaticDecoder(const StaticDecoder&) = delete;
+  StaticDecoder& operator=(const StaticDecoder&) = delete;
+  // The tokens (B) of the next step; runs up to `block` steps (never past max_steps) when none are buffered.
+  std::vector<int64_t> next();
+  int64_t steps_run() const { return run_; }
+
+ private:
+  void run_step();
+  const Model& model_;
+  StaticDecodeState& s_;
+  StepRunner runner_;
+  int64_t block_, run_ = 0, read_ = 0;
+  std::vector<int64_t> host_;  // (run_ x B) the tokens read back so far, step by step
+  struct Graph;
+  std::unique_ptr<Graph> graph_;
+};
+
+}  // namespace kvd
