@@ -7,6 +7,8 @@
 #                               (graph replays = eager fixed-shape steps; both vs the cache path)
 #   bench/gpu_decode.sh bench   bench_cache_decode at batch 1 and 16 (2K context, 64 steps, full / uniform / ragged
 #                               caches): the three paths timed in the same run, with their tokens compared
+#   bench/gpu_decode.sh attn    bench_decode_attention: the ragged decode kernel against SDPA over the same kept
+#                               tokens (uniform and ragged caches, 8K / 32K per head, batch 1 / 16), bandwidth
 #   bench/gpu_decode.sh eval    an eval slice ($TASKS: 16 samples per length) with $METHODS at $RATIOS, once with
 #                               --decode cache and once with --decode graph: wall time and how many records agree
 # Inputs (env): MODEL (default /root/model), TASKS (default /root/rivals/tasks-2k4k8k.jsonl), W (default /root/dec),
@@ -26,7 +28,7 @@ case "${1:-}" in
   build)
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-    t ninja -C build-gpu kvdistill bench_cache_decode kvd_test_decode_attention kvd_test_static_decode \
+    t ninja -C build-gpu kvdistill bench_cache_decode bench_decode_attention kvd_test_decode_attention kvd_test_static_decode \
       >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
     t python3 tests/oracles/decoder_golden.py --out build-gpu/testdata/decoder_golden >"$OUT/oracle.log" 2>&1 ||
       tail -5 "$OUT/oracle.log"
@@ -47,6 +49,9 @@ case "${1:-}" in
       t build-gpu/bench_cache_decode --model "$MODEL" --device cuda --batch $b --context 2048 --keep 0.5 --steps 64 \
         --repeat 2 --paths cache,static,graph | tee "$OUT/bench-decode-b$b.log"
     done
+    ;;
+  attn)
+    t build-gpu/bench_decode_attention | tee "$OUT/bench-decode-attention.log"
     ;;
   eval)
     python3 - "$TASKS" "$W/tasks-slice.jsonl" <<'PY'
@@ -82,7 +87,7 @@ print(f"{len(keys)} records: output identical {same_out}, score identical {same_
 PY
     ;;
   *)
-    sed -n '2,14p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
     ;;
 esac

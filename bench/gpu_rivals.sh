@@ -22,7 +22,7 @@
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
-# KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
+# TRAIN (which of them `train` runs, default "kvzap dms"); KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
 # three quarters); P (eval processes at once, default 10), GROUP (methods per
 # process, default 2), BATCH (default 16), BATCH_TOKENS (default 0: no limit; e.g. BATCH=64 BATCH_TOKENS=131072
 # for 64 rows at 2K, 32 at 4K, 16 at 8K), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
@@ -36,6 +36,7 @@ KVZAP_H5=${KVZAP_H5:-corpus-1k.h5}
 DMS_H5=${DMS_H5:-corpus-2k.h5}
 KVZAP_STEPS=${KVZAP_STEPS:-600}
 DMS_STEPS=${DMS_STEPS:-400}
+TRAIN=${TRAIN:-kvzap dms}
 MODES=${MODES:-agnostic aware}
 # Every heuristic, the strongest first (a call that ends early has them): the prefill ones, then those that evict
 # while decoding.
@@ -71,10 +72,10 @@ case "${1:-}" in
     ;;
   train)
     limit=${2:-540}
-    [ -f "$W/kvzap/bundle/kvdistill.json" ] || timeout "$limit" $KVD train --config configs/kvzap-smollm2.yaml model.dir="$MODEL" data.train="$DATA/$KVZAP_H5" \
+    [[ " $TRAIN " != *" kvzap "* ]] || [ -f "$W/kvzap/bundle/kvdistill.json" ] || timeout "$limit" $KVD train --config configs/kvzap-smollm2.yaml model.dir="$MODEL" data.train="$DATA/$KVZAP_H5" \
       train.steps="$KVZAP_STEPS" train.save_every=50 train.progress=lines train.out_dir="$W/kvzap" \
       >> "$W/train-kvzap.log" 2>&1 &
-    [ -f "$W/dms/bundle/kvdistill.json" ] || timeout "$limit" $KVD train --config configs/dms-smollm2.yaml model.dir="$MODEL" data.train="$DATA/$DMS_H5" \
+    [[ " $TRAIN " != *" dms "* ]] || [ -f "$W/dms/bundle/kvdistill.json" ] || timeout "$limit" $KVD train --config configs/dms-smollm2.yaml model.dir="$MODEL" data.train="$DATA/$DMS_H5" \
       train.steps="$DMS_STEPS" component.ramp_steps=$((DMS_STEPS * 3 / 4)) train.save_every=50 train.progress=lines \
       train.out_dir="$W/dms" \
       >> "$W/train-dms.log" 2>&1 &

@@ -61,15 +61,17 @@ __device__ __forceinline__ uint16_t to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// grid (splits, B · H_kv); kThreads threads. See decode_attention.cuh.
-template <int HD>
+// grid (splits, B · H_kv); kThreads threads. See decode_attention.cuh. Each lane group loads U keys (K and V rows)
+// before using any, so that enough loads are in flight to keep HBM busy.
+template <int HD, int G>
 __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::DecodeAttentionArgs a, int64_t chunk) {
-  constexpr int LPK = HD / 8;       // lanes per key row
-  constexpr int KPW = 32 / LPK;     // keys per warp and iteration
+  constexpr int LPK = HD / 8;         // lanes per key row
+  constexpr int KPW = 32 / LPK;       // keys per warp and round
   constexpr int NGRP = kWarps * KPW;  // lane groups per CTA
+  constexpr int U = 4;                // rounds per iteration
   KVD_DYNAMIC_SMEM(smem);
   const int split = blockIdx.x, seg = blockIdx.y;
-  const int G = a.H / a.Hkv, b = seg / a.Hkv, h = seg % a.Hkv;
+  const int b = seg / a.Hkv, h = seg % a.Hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kg = lane / LPK, sub = lane % LPK, grp = warp * KPW + kg;
   const int64_t len = a.len[seg], row0 = a.start[seg];
@@ -77,51 +79,60 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
   const int64_t hi = len < lo + chunk ? len : lo + chunk;
   const int64_t qp = a.window > 0 ? a.qpos[b] : 0;
 
-  float q[kMaxG][8], acc[kMaxG][8], m[kMaxG], l[kMaxG];
+  float q[G][8], acc[G][8], m[G], l[G];
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
+  for (int g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     l[g] = 0.f;
+    load8(a.q + (static_cast<int64_t>(b) * a.H + h * G + g) * HD + sub * 8, q[g]);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) acc[g][i] = 0.f, q[g][i] = 0.f;
-    if (g < G) {
-      load8(a.q + (static_cast<int64_t>(b) * a.H + h * G + g) * HD + sub * 8, q[g]);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) q[g][i] *= a.scale;
-    }
+    for (int i = 0; i < 8; ++i) acc[g][i] = 0.f, q[g][i] *= a.scale;
   }
 
   // Every lane of a warp runs the same iterations (the shuffles need all 32); lanes past `hi` read a held row.
-  for (int64_t base = lo + warp * KPW; base < hi; base += kWarps * KPW) {
-    const int64_t j = base + kg;
-    const bool in = j < hi;
-    const int64_t r = row0 + (in ? j : lo);
-    const bool visible = in && (a.window <= 0 || qp - a.kpos[r] < a.window);
-    float kf[8];
-    load8(a.k + r * HD + sub * 8, kf);
-    float s[kMaxG];
+  for (int64_t base = lo + warp * KPW; base < hi; base += NGRP * U) {
+    float kf[U][8], vf[U][8];
+    bool vis[U];
 #pragma unroll
-    for (int g = 0; g < kMaxG; ++g) {
-      float d = 0.f;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) d += q[g][i] * kf[i];
-#pragma unroll
-      for (int off = LPK / 2; off > 0; off /= 2) d += __shfl_xor_sync(0xFFFFFFFFu, d, off);
-      s[g] = d;
+    for (int u = 0; u < U; ++u) {
+      const int64_t j = base + u * NGRP + kg;
+      const bool in = j < hi;
+      const int64_t r = row0 + (in ? j : lo);
+      vis[u] = in && (a.window <= 0 || qp - a.kpos[r] < a.window);
+      load8(a.k + r * HD + sub * 8, kf[u]);
+      load8(a.v + r * HD + sub * 8, vf[u]);
     }
-    if (visible) {
-      float vf[8];
-      load8(a.v + r * HD + sub * 8, vf);
+    float s[U][G];
 #pragma unroll
-      for (int g = 0; g < kMaxG; ++g) {
-        if (g >= G) continue;
-        const float mn = s[g] > m[g] ? s[g] : m[g];
-        const float corr = ex(m[g] - mn), p = ex(s[g] - mn);  // m = -inf: corr = 0
-        l[g] = l[g] * corr + p;
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] = acc[g][i] * corr + p * vf[i];
-        m[g] = mn;
+      for (int g = 0; g < G; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) d += q[g][i] * kf[u][i];
+#pragma unroll
+        for (int off = LPK / 2; off > 0; off /= 2) d += __shfl_xor_sync(0xFFFFFFFFu, d, off);
+        s[u][g] = d;
       }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      float mx = m[g];
+#pragma unroll
+      for (int u = 0; u < U; ++u) mx = vis[u] && s[u][g] > mx ? s[u][g] : mx;
+      if (mx == -INFINITY) continue;  // nothing visible yet
+      const float corr = ex(m[g] - mx);  // m = -inf: 0
+      l[g] *= corr;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!vis[u]) continue;
+        const float p = ex(s[u][g] - mx);
+        l[g] += p;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] += p * vf[u][i];
+      }
+      m[g] = mx;
     }
   }
 
@@ -130,8 +141,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
   float* s_ml = reinterpret_cast<float*>(smem);  // (NGRP, G, 2)
   float* s_o = s_ml + NGRP * G * 2;              // (NGRP, G, HD)
 #pragma unroll
-  for (int g = 0; g < kMaxG; ++g) {
-    if (g >= G) continue;
+  for (int g = 0; g < G; ++g) {
     if (sub == 0) {
       s_ml[(grp * G + g) * 2] = m[g];
       s_ml[(grp * G + g) * 2 + 1] = l[g];
@@ -187,13 +197,27 @@ __global__ void __launch_bounds__(HD) merge_kernel(const kvd::kernels::DecodeAtt
   a.out[row * HD + d] = to_bf16(L > 0.f ? O / L : 0.f);
 }
 
+template <int HD, int G>
+void launch_g(const kvd::kernels::DecodeAttentionArgs& a, int64_t chunk, cudaStream_t stream) {
+  constexpr int NGRP = kWarps * (32 / (HD / 8));
+  const size_t smem = static_cast<size_t>(NGRP) * G * (HD + 2) * sizeof(float);
+  auto* kernel = split_kernel<HD, G>;
+  KVD_LAUNCH(kernel, dim3(a.splits, a.B * a.Hkv), dim3(kThreads), smem, stream, a, chunk);
+  KVD_LAUNCH(merge_kernel<HD>, dim3(a.B * a.H), dim3(HD), 0, stream, a);
+}
+
 template <int HD>
 void launch(const kvd::kernels::DecodeAttentionArgs& a, int64_t chunk, cudaStream_t stream) {
-  constexpr int NGRP = kWarps * (32 / (HD / 8));
-  const int G = a.H / a.Hkv;
-  const size_t smem = static_cast<size_t>(NGRP) * G * (HD + 2) * sizeof(float);
-  KVD_LAUNCH(split_kernel<HD>, dim3(a.splits, a.B * a.Hkv), dim3(kThreads), smem, stream, a, chunk);
-  KVD_LAUNCH(merge_kernel<HD>, dim3(a.B * a.H), dim3(HD), 0, stream, a);
+  switch (a.H / a.Hkv) {
+    case 1: return launch_g<HD, 1>(a, chunk, stream);
+    case 2: return launch_g<HD, 2>(a, chunk, stream);
+    case 3: return launch_g<HD, 3>(a, chunk, stream);
+    case 4: return launch_g<HD, 4>(a, chunk, stream);
+    case 5: return launch_g<HD, 5>(a, chunk, stream);
+    case 6: return launch_g<HD, 6>(a, chunk, stream);
+    case 7: return launch_g<HD, 7>(a, chunk, stream);
+    default: return launch_g<HD, 8>(a, chunk, stream);
+  }
 }
 
 }  // namespace

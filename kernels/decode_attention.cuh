@@ -15,8 +15,9 @@
 // kernel merges the splits in split order (deterministic: no atomics).
 //
 // Inside a CTA (4 warps), hd / 8 lanes hold one key row (8 bf16 each, one 16-byte load), so a warp reads
-// 32 · 8 / hd keys per iteration with coalesced rows; q · k is reduced over those lanes with shuffles, and each
-// lane group keeps an online softmax for the G query heads. fp32 accumulation throughout.
+// 32 · 8 / hd keys per round with coalesced rows; a lane group loads 4 rounds of K and V rows before using them (loads
+// in flight), q · k is reduced over its lanes with shuffles, and each lane group keeps an online softmax for the G
+// query heads (G is a template parameter: registers for exactly G heads). fp32 accumulation throughout.
 #pragma once
 
 #include <cstdint>
