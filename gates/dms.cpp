@@ -67,11 +67,12 @@ AttentionMods DMSImpl::attention_mods(const TrainBatch& batch, DMSNoise noise) {
     }
     alpha_[in.layer] = a;
     hard_[in.layer] = z.detach().ge(0);
-    const at::Tensor a_kv = a.transpose(1, 2);  // (B, H_kv, T)
-    const int64_t w = opt_.window;
-    const double eps = opt_.eps;
+    // The delayed-eviction bias log(1 − α̃_k + ε) for queries more than `window` positions after key k: a per-key
+    // log-mask with a delay (dms_pair_bias is the same bias as a pair bias), which the fused attention kernel
+    // computes without a (B, H_kv, S, S) tensor.
     LayerMods m;
-    m.pair_bias = [a_kv, w, eps](const PairBiasQuery& q) { return dms_pair_bias(a_kv, q, w, eps); };
+    m.key_log_mask = torch::log(1.0 - a.transpose(1, 2) + opt_.eps);  // (B, H_kv, T)
+    m.key_log_mask_delay = opt_.window;
     return m;
   };
   return mods;
@@ -97,10 +98,8 @@ ComponentLoss DMSImpl::loss(const Model& model, const TrainBatch& batch, const L
             " KV heads; this model has ", model.config().num_layers, ", ", model.config().hidden_size, " and ",
             model.config().num_kv_heads);
   const AttentionMods mods = attention_mods(batch, DMSNoise::Gumbel);
-  LossOptions lo = options;
-  // The pair bias captures α̃, which is no parameter: a checkpointed layer's backward could not rebuild it.
-  lo.checkpointing = ActivationCheckpointing::None;
-  DistillTerms d = distill_to_frozen(model, batch, mods, lo);
+  // The log-mask is an input of each layer (not a closure over α̃), so activation checkpointing keeps its gradient.
+  DistillTerms d = distill_to_frozen(model, batch, mods, options);
   const at::Tensor evicted = evicted_fraction();
   const double rho = target_at(options.step);
   double hard = 0, count = 0;

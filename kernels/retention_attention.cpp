@@ -66,9 +66,11 @@ Dims check_args(const char* who, const at::Tensor& q, const at::Tensor& k, const
 at::Tensor retention_attention_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& positions, const at::Tensor& doc_ids,
                                          const at::Tensor& key_rate, const at::Tensor& key_log_mask,
-                                         std::optional<int64_t> window, double scale, c10::ScalarType acc) {
+                                         std::optional<int64_t> window, double scale, c10::ScalarType acc,
+                                         int64_t mask_delay) {
   const Dims d = check_args("retention_attention_reference", q, k, v, positions, doc_ids, key_rate, key_log_mask,
                             window);
+  KVD_CHECK(mask_delay >= 0, "retention_attention_reference: mask_delay must be >= 0, got ", mask_delay);
   const int64_t B = d.B, H = d.H, Hkv = d.Hkv, S = d.S, D = d.D, G = H / Hkv;
   auto lopt = torch::TensorOptions().dtype(torch::kLong).device(q.device());
   at::Tensor pos = positions.to(q.device(), torch::kLong);              // (B, S)
@@ -86,9 +88,11 @@ at::Tensor retention_attention_reference(const at::Tensor& q, const at::Tensor& 
     bias = bias + age.unsqueeze(1) * key_rate.to(acc).unsqueeze(2);
   }
   if (key_log_mask.defined()) {
-    at::Tensor diag = rows.view({1, 1, S, 1}).eq(rows.view({1, 1, 1, S}));  // (1, 1, Sq, Sk)
+    // Unmasked: a row's own key (delay 0), or every key at most mask_delay positions back.
+    at::Tensor keep = mask_delay > 0 ? dpos.le(mask_delay).unsqueeze(1)                          // (B, 1, Sq, Sk)
+                                     : rows.view({1, 1, S, 1}).eq(rows.view({1, 1, 1, S}));     // (1, 1, Sq, Sk)
     at::Tensor lm = key_log_mask.to(acc).unsqueeze(2);                       // (B, H_kv, 1, Sk)
-    bias = bias + torch::where(diag, torch::zeros_like(lm), lm);
+    bias = bias + torch::where(keep, torch::zeros_like(lm), lm);
   }
   bias = bias.masked_fill(vis.logical_not().unsqueeze(1), -std::numeric_limits<double>::infinity());
   at::Tensor qg = q.to(acc).reshape({B, Hkv, G, S, D});                 // (B, H_kv, G, S, D)
@@ -161,7 +165,7 @@ Prepared prepare(const char* who, const at::Tensor& q, const at::Tensor& k, cons
 }
 
 kernels::RetentionAttnParams params(const Prepared& p, const at::Tensor& out, const at::Tensor& lse,
-                                    std::optional<int64_t> window, double scale) {
+                                    std::optional<int64_t> window, double scale, int64_t mask_delay) {
   kernels::RetentionAttnParams r;
   r.B = static_cast<int>(p.d.B);
   r.H = static_cast<int>(p.d.H);
@@ -189,6 +193,9 @@ kernels::RetentionAttnParams params(const Prepared& p, const at::Tensor& out, co
   }
   r.window = window ? static_cast<int>(std::min<int64_t>(*window, std::numeric_limits<int>::max())) : 0;
   r.scale = static_cast<float>(scale);
+  KVD_CHECK(mask_delay >= 0 && mask_delay < (int64_t{1} << 24), "retention attention: mask_delay ", mask_delay,
+            " outside [0, 2^24)");
+  r.mask_delay = static_cast<int>(mask_delay);
   r.row_blocks = p.row_blocks.defined() ? p.row_blocks.data_ptr<int32_t>() : nullptr;
   return r;
 }
@@ -203,7 +210,8 @@ void check_cuda(cudaError_t e, const char* who) {
 RetentionAttentionForward retention_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const at::Tensor& positions, const at::Tensor& doc_ids,
                                                       const at::Tensor& key_rate, const at::Tensor& key_log_mask,
-                                                      std::optional<int64_t> window, double scale) {
+                                                      std::optional<int64_t> window, double scale,
+                                                      int64_t mask_delay) {
 #ifdef KVD_WITH_RA_KERNEL
   const char* who = "retention_attention_forward";
   Prepared p = prepare(who, q, k, v, positions, doc_ids, key_rate, key_log_mask, window);
@@ -211,13 +219,13 @@ RetentionAttentionForward retention_attention_forward(const at::Tensor& q, const
   RetentionAttentionForward f;
   f.out = kernel_empty_like(p.q);
   f.lse = at::empty({p.d.B, p.d.H, p.d.S}, q.options().dtype(torch::kFloat));
-  check_cuda(kernels::retention_attention_fwd(params(p, f.out, f.lse, window, scale),
+  check_cuda(kernels::retention_attention_fwd(params(p, f.out, f.lse, window, scale, mask_delay),
                                               c10::cuda::getCurrentCUDAStream().stream()),
              who);
   return f;
 #else
   (void)q, (void)k, (void)v, (void)positions, (void)doc_ids, (void)key_rate, (void)key_log_mask, (void)window,
-      (void)scale;
+      (void)scale, (void)mask_delay;
   KVD_FAIL("retention_attention_forward: this build has no CUDA kernels (LibTorch without CUDA or no nvcc)");
 #endif
 }
@@ -226,7 +234,8 @@ RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, con
                                                      const at::Tensor& v, const RetentionAttentionForward& fwd,
                                                      const at::Tensor& positions, const at::Tensor& doc_ids,
                                                      const at::Tensor& key_rate, const at::Tensor& key_log_mask,
-                                                     std::optional<int64_t> window, double scale, int passes) {
+                                                     std::optional<int64_t> window, double scale, int passes,
+                                                     int64_t mask_delay) {
 #ifdef KVD_WITH_RA_KERNEL
   const char* who = "retention_attention_backward";
   Prepared p = prepare(who, q, k, v, positions, doc_ids, key_rate, key_log_mask, window);
@@ -251,7 +260,7 @@ RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, con
   if (do_dkv && p.mask.defined()) g.dkey_log_mask = at::empty({p.d.B, p.d.Hkv, p.d.S}, fopt);
   at::Tensor delta = at::empty({p.d.B, p.d.H, p.d.S}, fopt);
 
-  kernels::RetentionAttnParams r = params(p, out, fwd.lse, window, scale);
+  kernels::RetentionAttnParams r = params(p, out, fwd.lse, window, scale, mask_delay);
   kernels::RetentionAttnGrads gr;
   gr.dout = d_o.data_ptr();
   gr.do_sb = d_o.stride(0), gr.do_sh = d_o.stride(1), gr.do_ss = d_o.stride(2);
@@ -273,7 +282,7 @@ RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, con
   return g;
 #else
   (void)dout, (void)q, (void)k, (void)v, (void)fwd, (void)positions, (void)doc_ids, (void)key_rate,
-      (void)key_log_mask, (void)window, (void)scale, (void)passes;
+      (void)key_log_mask, (void)window, (void)scale, (void)passes, (void)mask_delay;
   KVD_FAIL("retention_attention_backward: this build has no CUDA kernels (LibTorch without CUDA or no nvcc)");
 #endif
 }
@@ -291,14 +300,16 @@ struct RetentionAttentionFn : torch::autograd::Function<RetentionAttentionFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& positions, const std::optional<at::Tensor>& doc_ids,
                             const std::optional<at::Tensor>& key_rate, const std::optional<at::Tensor>& key_log_mask,
-                            int64_t window, double scale) {
+                            int64_t window, double scale, int64_t mask_delay) {
     std::optional<int64_t> w = window > 0 ? std::optional<int64_t>(window) : std::nullopt;
     const at::Tensor doc = doc_ids.value_or(at::Tensor()), rate = key_rate.value_or(at::Tensor()),
                      mask = key_log_mask.value_or(at::Tensor());
-    RetentionAttentionForward f = retention_attention_forward(q, k, v, positions, doc, rate, mask, w, scale);
+    RetentionAttentionForward f =
+        retention_attention_forward(q, k, v, positions, doc, rate, mask, w, scale, mask_delay);
     ctx->save_for_backward({q, k, v, f.out, f.lse, positions, doc, rate, mask});
     ctx->saved_data["window"] = window;
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["mask_delay"] = mask_delay;
     return f.out;
   }
 
@@ -306,6 +317,7 @@ struct RetentionAttentionFn : torch::autograd::Function<RetentionAttentionFn> {
     const variable_list s = ctx->get_saved_variables();
     const int64_t window = ctx->saved_data["window"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t mask_delay = ctx->saved_data["mask_delay"].toInt();
     std::optional<int64_t> w = window > 0 ? std::optional<int64_t>(window) : std::nullopt;
     const at::Tensor &q = s[0], &k = s[1], &v = s[2], &pos = s[5], &doc = s[6], &rate = s[7], &mask = s[8];
     // dQ only when q needs it (e.g. not in a first layer whose q depends on no trained part).
@@ -316,10 +328,11 @@ struct RetentionAttentionFn : torch::autograd::Function<RetentionAttentionFn> {
                           (mask.defined() && ctx->needs_input_grad(e_mask));
     const int passes = 1 | (ctx->needs_input_grad(0) ? 2 : 0) | (need_dkv ? 4 : 0);
     RetentionAttentionGrads g =
-        retention_attention_backward(grad_out[0], q, k, v, {s[3], s[4]}, pos, doc, rate, mask, w, scale, passes);
+        retention_attention_backward(grad_out[0], q, k, v, {s[3], s[4]}, pos, doc, rate, mask, w, scale, passes,
+                                     mask_delay);
     at::Tensor drate = g.dkey_rate.defined() ? g.dkey_rate.to(rate.scalar_type()) : at::Tensor();
     at::Tensor dmask = g.dkey_log_mask.defined() ? g.dkey_log_mask.to(mask.scalar_type()) : at::Tensor();
-    return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), drate, dmask, at::Tensor(), at::Tensor()};
+    return {g.dq, g.dk, g.dv, at::Tensor(), at::Tensor(), drate, dmask, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -327,16 +340,18 @@ struct RetentionAttentionFn : torch::autograd::Function<RetentionAttentionFn> {
 
 at::Tensor retention_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& positions, const at::Tensor& doc_ids, const at::Tensor& key_rate,
-                               const at::Tensor& key_log_mask, std::optional<int64_t> window, double scale) {
+                               const at::Tensor& key_log_mask, std::optional<int64_t> window, double scale,
+                               int64_t mask_delay) {
   if (!retention_attention_fused_available(q, k)) {
     const c10::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    return retention_attention_reference(q, k, v, positions, doc_ids, key_rate, key_log_mask, window, scale, acc)
+    return retention_attention_reference(q, k, v, positions, doc_ids, key_rate, key_log_mask, window, scale, acc,
+                                         mask_delay)
         .to(q.scalar_type());
   }
   check_args("retention_attention", q, k, v, positions, doc_ids, key_rate, key_log_mask, window);
   auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
   return RetentionAttentionFn::apply(q, k, v, positions, opt(doc_ids), opt(key_rate), opt(key_log_mask),
-                                     window ? *window : 0, scale);
+                                     window ? *window : 0, scale, mask_delay);
 }
 
 }  // namespace kvd

@@ -141,11 +141,12 @@ struct Side {
 // Score in log2 units: (scale·qk + bias)·log2(e), or -inf where the key is invisible.
 template <bool BIAS, bool MASKS>
 __device__ __forceinline__ float score2(float acc, float scale2, int qi, float qpos, int qdoc, int kj, float kpos,
-                                        int kdoc, float rate2, float mask2, bool check, float window) {
+                                        int kdoc, float rate2, float mask2, bool check, float window, float delay) {
   float x;
   if (BIAS) {
-    // Positions are exact in float (< 2^24); a row's own key (only in tiles that cross the diagonal) is unmasked.
-    const float m = (check && kj == qi) ? 0.f : mask2;
+    // Positions are exact in float (< 2^24). delay 0: a row's own key (only in tiles that cross the diagonal) is
+    // unmasked; delay d > 0: only keys more than d positions back are.
+    const float m = delay > 0.f ? (qpos - kpos > delay ? mask2 : 0.f) : ((check && kj == qi) ? 0.f : mask2);
     x = fmaf(fmaxf(qpos - kpos, 0.f), rate2, fmaf(acc, scale2, m));
   } else {
     x = acc * scale2;
@@ -261,6 +262,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
   const int nkt = (kend + BN - 1) / BN;
   const float scale2 = p.scale * kLog2e;
   const float window = p.window > 0 ? static_cast<float>(p.window) : INFINITY;
+  const float delay = static_cast<float>(p.mask_delay);
 
   // The next key tile at or after kt that may hold a visible key (all of them without documents / window).
   auto next_kt = [&](int kt) {
@@ -339,7 +341,7 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
           for (int hf = 0; hf < 2; ++hf)
             s[mt][j][2 * hf + e1] =
                 score2<BIAS, MASKS>(s[mt][j][2 * hf + e1], scale2, qrow[mt][hf], qpos[mt][hf], qdoc[mt][hf], kj,
-                                    kpos, kdoc, rate2, mask2, check, window);
+                                    kpos, kdoc, rate2, mask2, check, window, delay);
       }
 
     // Online softmax (log2 units).
@@ -503,6 +505,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
   const int nkt = (kend + BN - 1) / BN;
   const float scale2 = p.scale * kLog2e;
   const float window = p.window > 0 ? static_cast<float>(p.window) : INFINITY;
+  const float delay = static_cast<float>(p.mask_delay);
 
   auto next_kt = [&](int kt) {
     if (MASKS)
@@ -582,7 +585,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             const float x = score2<BIAS, MASKS>(s[mt][j][2 * hf + e1], scale2, qrow[mt][hf], qpos[mt][hf],
-                                                qdoc[mt][hf], kj, kpos, kdoc, rate2, mask2, check, window);
+                                                qdoc[mt][hf], kj, kpos, kdoc, rate2, mask2, check, window, delay);
             const float pr = fast_exp2(x - lse2[mt][hf]);
             s[mt][j][2 * hf + e1] = pr * (dp[mt][j][2 * hf + e1] - dlt[mt][hf]);  // dS
           }
@@ -712,6 +715,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
   float grate[2] = {0.f, 0.f}, gmask[2] = {0.f, 0.f};
   const float scale2 = p.scale * kLog2e;
   const float window = p.window > 0 ? static_cast<float>(p.window) : INFINITY;
+  const float delay = static_cast<float>(p.mask_delay);
 
   for (int buf = 0; it < iters; buf ^= 1) {
     const int it_next = next_it(it + 1);
@@ -767,14 +771,14 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const float x = score2<BIAS, MASKS>(s[j][2 * hf + e1], scale2, qi, qp, qd, krow[hf], kpos[hf], kdoc[hf],
-                                              rate2[hf], mask2[hf], check, window);
+                                              rate2[hf], mask2[hf], check, window, delay);
           const float pr = fast_exp2(x - ls);
           const float ds = pr * (dp[j][2 * hf + e1] - de);
           s[j][2 * hf + e1] = pr;
           dp[j][2 * hf + e1] = ds;
           if (BIAS) {
             grate[hf] = fmaf(ds, fmaxf(qp - kpos[hf], 0.f), grate[hf]);
-            gmask[hf] += qi != krow[hf] ? ds : 0.f;
+            gmask[hf] += (delay > 0.f ? qp - kpos[hf] > delay : qi != krow[hf]) ? ds : 0.f;
           }
         }
       }

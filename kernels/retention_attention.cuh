@@ -8,12 +8,14 @@
 //     visible(i, j) = j <= i  &&  doc[i] == doc[j] (when doc ids are given)
 //                     &&  pos[i] - pos[j] < window (when window > 0)
 //     s(i, j) = scale · q_i·k_j + max(pos[i] - pos[j], 0) · key_rate[hk, j]
-//                               + (j != i ? key_log_mask[hk, j] : 0)            if visible, else -inf
+//                               + (masked(i, j) ? key_log_mask[hk, j] : 0)       if visible, else -inf
+//     masked(i, j) = j != i (mask_delay 0), or pos[i] - pos[j] > mask_delay (mask_delay > 0: DMS's delayed
+//                    eviction, a key stays fully visible to the next mask_delay positions)
 //     out_i  = Σ_j softmax_j(s(i, ·)) v_j,    lse_i = log Σ_j exp s(i, j)  (-inf for a row that sees nothing)
 // Backward: with dS = P ⊙ (dP − Δ), Δ_i = Σ_d dout_i·out_i,
 //     dq = scale · dS k,  dk = scale · dSᵀ q,  dv = Pᵀ dout,
 //     dkey_rate[j] = Σ_{i, heads of the group} dS(i, j) · max(pos[i] - pos[j], 0),
-//     dkey_log_mask[j] = Σ_{i != j, heads of the group} dS(i, j).
+//     dkey_log_mask[j] = Σ_{i: masked(i, j), heads of the group} dS(i, j).
 //
 // Precision: bf16 q, k, v, dout; fp32 accumulation (mma.sync m16n8k16), fp32 softmax statistics; P and dS are
 // rounded to bf16 as the operands of the second matrix products (as FlashAttention-2 does).
@@ -52,6 +54,7 @@ struct RetentionAttnParams {
   const float* key_log_mask = nullptr;  // (B, H_kv, S), last dim contiguous, or null (no log-mask)
   int64_t km_sb = 0, km_sh = 0;
   int window = 0;   // sliding window w > 0: pos_i - pos_j < w; 0: none
+  int mask_delay = 0;  // key_log_mask applies where j != i (0) or where pos_i - pos_j > mask_delay (> 0)
   float scale = 1.f;
   // Workspace (B, ceil(S / 32), 4) int32, needed when doc ids or a window are set (else may be null): the
   // launchers write each 32-row block's min / max document and position into it, and the kernels skip the tile

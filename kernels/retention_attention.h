@@ -4,7 +4,8 @@
 // The math is models/model.cpp's explicit grouped softmax path (mods_bias + grouped_probs), for S query rows
 // against the same S key rows, query head h grouped with KV head h / (H / H_kv):
 //   visible(i, j) = j <= i (row order) && doc[i] == doc[j] (doc_ids given) && pos[i] - pos[j] < window
-//   s(i, j) = scale · q_i·k_j + max(pos[i] - pos[j], 0) · key_rate[j] + (j != i ? key_log_mask[j] : 0)
+//   s(i, j) = scale · q_i·k_j + max(pos[i] - pos[j], 0) · key_rate[j] + (masked(i, j) ? key_log_mask[j] : 0)
+//   masked(i, j) = j != i (mask_delay 0), or pos[i] - pos[j] > mask_delay (mask_delay > 0: delayed eviction)
 //   out_i = softmax over the visible j of s(i, j), applied to v.
 // key_rate and key_log_mask are per KV head and broadcast over the query heads of its group.
 #pragma once
@@ -22,16 +23,19 @@ namespace kvd {
 //   positions    (B, S) int32 / int64, the RoPE positions (restart per packed document)
 //   doc_ids      (B, S) integer document ids, or undefined (one document per batch row)
 //   key_rate     (B, H_kv, S) floating, or undefined: bias (pos_i - pos_j)·key_rate[j] (TRIM-KV log β)
-//   key_log_mask (B, H_kv, S) floating, or undefined: bias key_log_mask[j] for j != i (Attention-Gate)
+//   key_log_mask (B, H_kv, S) floating, or undefined: bias key_log_mask[j] where masked(i, j) (Attention-Gate,
+//                DMS)
 //   window       sliding window w >= 1 (pos_i - pos_j < w), or nullopt
 //   (the kernel holds positions in float32: exact below 2^24)
 //   scale        the logit scale, e.g. 1/sqrt(D)
+//   mask_delay   0: the log-mask applies to every other row; d > 0: only to rows more than d positions later
 // Returns (B, H, S, D) in q's dtype. Gradients flow to q, k, v, key_rate and key_log_mask.
 // On CUDA (bf16, D in {64, 128}) this runs the fused kernel, deterministic in its gradients; elsewhere it runs
 // retention_attention_reference in float32 (float64 for float64 inputs).
 at::Tensor retention_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& positions, const at::Tensor& doc_ids, const at::Tensor& key_rate,
-                               const at::Tensor& key_log_mask, std::optional<int64_t> window, double scale);
+                               const at::Tensor& key_log_mask, std::optional<int64_t> window, double scale,
+                               int64_t mask_delay = 0);
 
 // Whether retention_attention would run the fused kernel for these inputs (a CUDA build, CUDA tensors, bf16,
 // D in {64, 128}).
@@ -43,7 +47,7 @@ at::Tensor retention_attention_reference(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& positions, const at::Tensor& doc_ids,
                                          const at::Tensor& key_rate, const at::Tensor& key_log_mask,
                                          std::optional<int64_t> window, double scale,
-                                         c10::ScalarType acc = c10::ScalarType::Double);
+                                         c10::ScalarType acc = c10::ScalarType::Double, int64_t mask_delay = 0);
 
 // The fused kernel's two passes without autograd (tests, benchmarks). CUDA bf16 only.
 struct RetentionAttentionForward {
@@ -53,7 +57,8 @@ struct RetentionAttentionForward {
 RetentionAttentionForward retention_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                       const at::Tensor& positions, const at::Tensor& doc_ids,
                                                       const at::Tensor& key_rate, const at::Tensor& key_log_mask,
-                                                      std::optional<int64_t> window, double scale);
+                                                      std::optional<int64_t> window, double scale,
+                                                      int64_t mask_delay = 0);
 
 struct RetentionAttentionGrads {
   at::Tensor dq, dk, dv;           // like q, k, v (bf16)
@@ -66,6 +71,7 @@ RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, con
                                                      const at::Tensor& v, const RetentionAttentionForward& fwd,
                                                      const at::Tensor& positions, const at::Tensor& doc_ids,
                                                      const at::Tensor& key_rate, const at::Tensor& key_log_mask,
-                                                     std::optional<int64_t> window, double scale, int passes = 7);
+                                                     std::optional<int64_t> window, double scale, int passes = 7,
+                                                     int64_t mask_delay = 0);
 
 }  // namespace kvd

@@ -69,10 +69,14 @@ at::Tensor mods_bias(const at::Tensor& q_rows,  // (B, Sq)
                   m.key_log_mask.size(2) == S,
               "LayerMods::key_log_mask must be (B=", B, ", H_kv=", Hkv, ", S=", S, "), got ",
               m.key_log_mask.sizes());
+    KVD_CHECK(m.key_log_mask_delay >= 0, "LayerMods::key_log_mask_delay must be >= 0, got ", m.key_log_mask_delay);
+    // Unmasked: a row's own key (delay 0), or every key at most `delay` positions back.
     at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)
-    at::Tensor diag = kj.eq(q_rows.unsqueeze(-1)).unsqueeze(1);          // (B, 1, Sq, S)
+    at::Tensor keep = m.key_log_mask_delay > 0
+                          ? (qpos.unsqueeze(-1) - tm.positions.unsqueeze(1)).le(m.key_log_mask_delay).unsqueeze(1)
+                          : kj.eq(q_rows.unsqueeze(-1)).unsqueeze(1);   // (B, 1, Sq, S)
     at::Tensor lm = m.key_log_mask.to(acc).unsqueeze(2);       // (B, H_kv, 1, S)
-    bias = bias + torch::where(diag, torch::zeros_like(lm), lm);         // (B, H_kv, Sq, S)
+    bias = bias + torch::where(keep, torch::zeros_like(lm), lm);         // (B, H_kv, Sq, S)
   }
   if (m.pair_bias) {
     PairBiasQuery pq{q_rows, qpos, tm.positions};

@@ -70,6 +70,9 @@ struct LayerMods {
   // Additive per-key log-mask, per KV head (Attention-Gate flags, e.g. log sigmoid(logit)):
   //   bias[q, k] += key_log_mask[k]   for k != q; the diagonal (a row's own key) always stays unmasked.
   at::Tensor key_log_mask;  // (B, H_kv, S)
+  // > 0: key_log_mask[k] applies only to queries more than this many positions later (pos_q - pos_k > delay):
+  // DMS's delayed eviction, a key stays fully visible to the next `delay` positions. 0: every later query.
+  int64_t key_log_mask_delay = 0;
   PairBiasFn pair_bias;     // any other (query pos, key pos) bias
   LayerLora lora;           // applied on AttentionMods::lora_row_mask rows only
   bool changes_attention() const { return key_rate.defined() || key_log_mask.defined() || bool(pair_bias); }

@@ -146,7 +146,7 @@ at::Tensor fused_attention(const TrainForwardCtx& c, const LayerMods& m, const L
   }
   if (v.scalar_type() != q.scalar_type() || !retention_attention_fused_available(q, k)) return {};
   return retention_attention(q, k, v, c.tm.positions, c.tm.doc_ids, m.key_rate, m.key_log_mask, c.tm.window,
-                             c.scale)
+                             c.scale, m.key_log_mask_delay)
       .to(p.v.scalar_type());  // (B, H, S, hd), as the reference returns it
 }
 
@@ -220,6 +220,7 @@ struct CheckpointedLayerRun : torch::CustomClassHolder {
   c10::intrusive_ptr<TrainForwardCtx> ctx;
   LayerWeights w;                    // the frozen layer's weights (handles; they never require grad)
   PairBiasFn pair_bias;              // re-run in the backward
+  int64_t key_log_mask_delay = 0;
   std::vector<double> lora_scale;    // [7]
   bool want_stats = false;
   std::vector<int> slot_of_input;    // [n_inputs] which Slot each autograd input fills
@@ -263,6 +264,7 @@ LayerMods mods_from_slots(const CheckpointedLayerRun& r, const std::vector<at::T
   LayerMods m;
   m.key_rate = slots[kKeyRate];
   m.key_log_mask = slots[kKeyLogMask];
+  m.key_log_mask_delay = r.key_log_mask_delay;
   m.pair_bias = r.pair_bias;
   std::vector<LoraDelta*> d = lora_deltas(m.lora);
   for (size_t i = 0; i < d.size(); ++i) {
@@ -548,6 +550,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
     run->ctx = c;
     run->w = lw;
     run->pair_bias = m.pair_bias;
+    run->key_log_mask_delay = m.key_log_mask_delay;
     run->want_stats = stat_layer[l];
     run->autocast_cuda = at::autocast::is_autocast_enabled(c10::DeviceType::CUDA);
     run->autocast_cuda_dtype = at::autocast::get_autocast_dtype(c10::DeviceType::CUDA);

@@ -1,5 +1,6 @@
 // DMS-style learned eviction (issue 14): the probe's shapes and names; the delayed-eviction pair bias (0 for keys
-// a query sees within the window, log(1 − α + ε) beyond) against a loop; the gradient of the whole objective
+// a query sees within the window, log(1 − α + ε) beyond) against a loop, and the per-key log-mask with a delay that
+// the component trains with (which the fused kernel runs) against that pair bias and against a loop; the gradient of the whole objective
 // (distillation KL + the one-sided compression penalty, through the Gumbel-sigmoid and the biased attention)
 // against finite differences in float64; the rising target; the delay window never evicts an entry younger than
 // the window, in a chunked prefill at threshold 0.5 and at every decode step; bundles round-trip; bad options
@@ -21,6 +22,7 @@
 #include "gates/dms.h"
 #include "gates/gate_test_utils.h"
 #include "gates/registry.h"
+#include "kernels/retention_attention.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
 
@@ -89,6 +91,66 @@ TEST(DMS, PairBiasIsDelayedByTheWindow) {
         }
 }
 
+// The component's attention mods (a per-key log-mask delayed by the window, which the fused kernel runs) give the
+// student exactly what the pair bias of the previous test gives, at windows 0, 2 and 5, over packed documents.
+TEST(DMS, DelayedLogMaskEqualsThePairBias) {
+  const Model& model = tiny_model("llama3", torch::kDouble);
+  const TrainBatch tb = packed_batch(model.config().vocab_size, 14, 3);
+  for (int64_t w : {0, 2, 5}) {
+    auto d = make_dms(model.config(), {{"window", w}, {"bias_init", 0.0}, {"init_std", 0.5}}, 3);
+    d->to(torch::kDouble);
+    torch::NoGradGuard ng;
+    const AttentionMods mods = d->attention_mods(tb, DMSNoise::None);
+    AttentionMods pair;
+    pair.layer_hook = [&](const LayerInput& in) {
+      const at::Tensor a = torch::sigmoid(d->logits(in.layer, in.hidden)).transpose(1, 2);  // (B, H_kv, T)
+      LayerMods m;
+      m.pair_bias = [a, w](const PairBiasQuery& q) { return dms_pair_bias(a, q, w, 1e-6); };
+      return m;
+    };
+    // The rows that hold documents (the padding rows all sit at position 0, where window 0's `j != i` and the pair
+    // bias's `p - k > 0` differ; nothing reads them).
+    const at::Tensor docs = tb.doc_ids.ge(0);  // (B, T)
+    const at::Tensor h = model.forward_train(tb.ids, tb.positions, mods, tb.doc_ids).hidden.index({docs});
+    const at::Tensor want = model.forward_train(tb.ids, tb.positions, pair, tb.doc_ids).hidden.index({docs});
+    const at::Tensor plain = model.forward_train(tb.ids, tb.positions, AttentionMods(), tb.doc_ids).hidden.index({docs});
+    EXPECT_LT(max_abs_diff(h, want), 1e-12) << "window " << w;
+    EXPECT_GT(max_abs_diff(h, plain), 1e-3) << "window " << w << ": the bias changes the student";
+  }
+}
+
+// The fused kernel's reference (retention_attention_reference, which the emulated kernel is checked against) with
+// mask_delay, against a loop: the log-mask applies where pos_i - pos_j > delay, within a document, causally.
+TEST(DMS, RetentionAttentionReferenceDelaysTheLogMask) {
+  torch::manual_seed(4);
+  const int64_t S = 12, D = 4, H = 2, w = 2;
+  const at::Tensor q = torch::randn({1, H, S, D}, torch::kDouble), k = torch::randn({1, 1, S, D}, torch::kDouble),
+                   v = torch::randn({1, 1, S, D}, torch::kDouble);
+  const at::Tensor lm = torch::log(torch::rand({1, 1, S}, torch::kDouble));
+  const at::Tensor doc = torch::tensor({0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1}, torch::kLong).view({1, S});
+  const at::Tensor pos = torch::tensor({0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4}, torch::kLong).view({1, S});
+  const at::Tensor out = retention_attention_reference(q, k, v, pos, doc, {}, lm, std::nullopt, 0.5, torch::kDouble, w);
+  double worst = 0;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < S; ++i) {
+      std::vector<double> logit(S, -std::numeric_limits<double>::infinity());
+      for (int64_t j = 0; j <= i; ++j) {
+        if (doc[0][j].item<int64_t>() != doc[0][i].item<int64_t>()) continue;
+        const int64_t age = pos[0][i].item<int64_t>() - pos[0][j].item<int64_t>();
+        logit[j] = 0.5 * (q[0][h][i] * k[0][0][j]).sum().item<double>() + (age > w ? lm[0][0][j].item<double>() : 0.0);
+      }
+      double mx = -std::numeric_limits<double>::infinity(), z = 0;
+      for (double x : logit) mx = std::max(mx, x);
+      for (double x : logit) z += std::exp(x - mx);
+      for (int64_t c = 0; c < D; ++c) {
+        double o = 0;
+        for (int64_t j = 0; j < S; ++j) o += std::exp(logit[j] - mx) / z * v[0][0][j][c].item<double>();
+        worst = std::max(worst, std::abs(o - out[0][h][i][c].item<double>()));
+      }
+    }
+  EXPECT_LT(worst, 1e-12);
+}
+
 // d/dθ of the student's output under the delayed-eviction bias plus the compression penalty, in float64: autograd
 // against central differences, the Gumbel noise drawn from the same seed in every evaluation. (The component's
 // loss() reports its KL / CE in float32, the trainer's precision; the KL itself is shared with the other parts
@@ -138,6 +200,32 @@ TEST(DMS, GradientMatchesFiniteDifferences) {
     }
   }
   EXPECT_GE(checked, 8);
+}
+
+// Activation checkpointing of the student's layers (train.activation_checkpointing: layers) gives the probe the
+// gradients of the plain forward: the delayed log-mask is a tensor input of each checkpointed layer.
+TEST(DMS, CheckpointedLayersGiveThePlainGradients) {
+  const Model& model = tiny_model("llama3", torch::kDouble);
+  auto d = make_dms(model.config(), {{"window", 2}, {"bias_init", 0.0}, {"init_std", 0.3}}, 6);
+  d->to(torch::kDouble);
+  const TrainBatch tb = packed_batch(model.config().vocab_size, 14, 3);
+  torch::manual_seed(7);
+  const at::Tensor R = torch::randn({2, 14, model.config().hidden_size}, torch::kDouble);
+  auto grads = [&](ActivationCheckpointing c) {
+    for (auto& p : d->parameters()) p.mutable_grad() = at::Tensor();
+    torch::manual_seed(11);  // the same Gumbel noise
+    const AttentionMods mods = d->attention_mods(tb, DMSNoise::Gumbel);
+    (model.forward_train(tb.ids, tb.positions, mods, tb.doc_ids, c).hidden * R).sum().backward();
+    std::vector<at::Tensor> g;
+    for (auto& p : d->parameters()) g.push_back(p.grad().clone());
+    return g;
+  };
+  const std::vector<at::Tensor> plain = grads(ActivationCheckpointing::None), ckpt = grads(ActivationCheckpointing::Layers);
+  ASSERT_EQ(plain.size(), ckpt.size());
+  for (size_t i = 0; i < plain.size(); ++i) {
+    EXPECT_GT(plain[i].abs().max().item<double>(), 1e-8) << i;
+    EXPECT_LT(max_abs_diff(plain[i], ckpt[i]), 1e-12) << i;
+  }
 }
 
 // The component's loss: terms kl, ce, compression (= max(0, ρ − mean α̃)) and its metrics.

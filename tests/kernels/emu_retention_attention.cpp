@@ -1,8 +1,8 @@
 // The real CUDA kernel code of kernels/retention_attention.cu, run on the CPU through tests/kernels/simt_emulator.h
 // (host threads for CUDA threads, the PTX semantics of ldmatrix / mma.sync / shfl), against the float64
 // reference retention_attention_reference. Runs in CI (no GPU): small sizes only (the emulation is slow), but
-// they cover partial tiles, several key and query tiles, the diagonal, documents, windows, GQA, both head dims
-// and non-contiguous inputs. Metric: relative L2 error ||x - ref|| / ||ref|| of out and of every gradient, under
+// they cover partial tiles, several key and query tiles, the diagonal, documents, windows, GQA, both head dims,
+// non-contiguous inputs and the DMS delayed log-mask. Metric: relative L2 error ||x - ref|| / ||ref|| of out and of every gradient, under
 // 1e-2 (out) and 2e-2 (gradients); bf16 operands of the products give 1e-3 to 1e-2.
 #define KVD_SIMT_EMULATION 1
 #include "kernels/retention_attention.cu"
@@ -23,6 +23,7 @@ struct Case {
   bool rate, mask, docs;
   int64_t window;  // 0: none
   bool noncontig;
+  int64_t mask_delay = 0;  // the log-mask applies beyond this many positions (DMS); 0: every other row
 };
 
 double rel_l2(const at::Tensor& x, const at::Tensor& ref) {
@@ -68,6 +69,7 @@ void run_case(const Case& c, uint64_t seed) {
   if (c.rate) p.key_rate = rate.data_ptr<float>(), p.kr_sb = rate.stride(0), p.kr_sh = rate.stride(1);
   if (c.mask) p.key_log_mask = mask.data_ptr<float>(), p.km_sb = mask.stride(0), p.km_sh = mask.stride(1);
   p.window = static_cast<int>(c.window);
+  p.mask_delay = static_cast<int>(c.mask_delay);
   p.scale = static_cast<float>(scale);
   at::Tensor row_blocks = torch::full({c.B, (c.S + 31) / 32, 4}, -7, torch::kInt);
   p.row_blocks = row_blocks.data_ptr<int32_t>();
@@ -90,16 +92,17 @@ void run_case(const Case& c, uint64_t seed) {
   // Reference (float64, autograd)
   auto leaf = [](const at::Tensor& t) { return t.defined() ? t.to(torch::kDouble).requires_grad_(true) : t; };
   at::Tensor qr = leaf(q), kr = leaf(k), vr = leaf(v), rr = leaf(rate), mr = leaf(mask);
-  at::Tensor ref = kvd::retention_attention_reference(qr, kr, vr, pos, docs, rr, mr, window, scale);
+  at::Tensor ref = kvd::retention_attention_reference(qr, kr, vr, pos, docs, rr, mr, window, scale, torch::kDouble,
+                                                      c.mask_delay);
   ref.backward(dout.to(torch::kDouble));
 
   const double e_out = rel_l2(out, ref), e_dq = rel_l2(dq, qr.grad()), e_dk = rel_l2(dk, kr.grad()),
                e_dv = rel_l2(dv, vr.grad());
   const double e_dr = c.rate ? rel_l2(drate, rr.grad()) : 0.0, e_dm = c.mask ? rel_l2(dmask, mr.grad()) : 0.0;
-  std::printf("  emulated B=%ld H=%ld Hkv=%ld S=%ld D=%ld rate=%d mask=%d docs=%d window=%ld noncontig=%d | rel L2: "
-              "out %.2e dq %.2e dk %.2e dv %.2e dkey_rate %.2e dkey_log_mask %.2e\n",
+  std::printf("  emulated B=%ld H=%ld Hkv=%ld S=%ld D=%ld rate=%d mask=%d docs=%d window=%ld noncontig=%d "
+              "mask_delay=%ld | rel L2: out %.2e dq %.2e dk %.2e dv %.2e dkey_rate %.2e dkey_log_mask %.2e\n",
               (long)c.B, (long)c.H, (long)c.Hkv, (long)c.S, (long)c.D, c.rate, c.mask, c.docs, (long)c.window,
-              c.noncontig, e_out, e_dq, e_dk, e_dv, e_dr, e_dm);
+              c.noncontig, (long)c.mask_delay, e_out, e_dq, e_dk, e_dv, e_dr, e_dm);
   EXPECT_LT(e_out, 1e-2);
   EXPECT_LT(e_dq, 2e-2);
   EXPECT_LT(e_dk, 2e-2);
@@ -126,6 +129,13 @@ TEST(RetentionAttentionEmulated, SeveralTilesAllMods) { run_case({1, 3, 1, 200, 
 TEST(RetentionAttentionEmulated, SkippedTilesDocuments) {
   run_case({1, 2, 1, 300, 64, true, true, true, 0, false}, 5);
 }
+// DMS's delayed log-mask: keys within 16 (or 5) positions of a query stay unmasked, across tile borders and packed
+// documents; with the decay bias and a window too.
+TEST(RetentionAttentionEmulated, DelayedLogMask) {
+  run_case({1, 3, 1, 150, 64, false, true, true, 0, false, 16}, 7);
+  run_case({1, 4, 2, 90, 128, true, true, false, 40, true, 5}, 8);
+}
+
 TEST(RetentionAttentionEmulated, SkippedTilesWindow) { run_case({1, 2, 2, 300, 64, true, false, false, 40, false}, 6); }
 
 }  // namespace
