@@ -43,13 +43,7 @@ int main(int argc, char** argv) {
   torch::NoGradGuard no_grad;
   torch::manual_seed(0);
   auto f = torch::TensorOptions().device(torch::kCUDA);
-  double copy_tbps = 0;
-  {
-    at::Tensor x = torch::empty({int64_t{2} << 30}, f.dtype(torch::kUInt8)), y = torch::empty_like(x);
-    const double ms = kvd::bench::time_ms([&] { y.copy_(x); }, 20);
-    copy_tbps = 2.0 * static_cast<double>(x.numel()) / ms / 1e9;
-    std::printf("{\"what\": \"copy\", \"TBps\": %.3f}\n", copy_tbps);
-  }
+  const double copy_tbps = kvd::bench::copy_tbps(20);
   struct Shape {
     const char* name;
     int64_t H, Hkv, d;

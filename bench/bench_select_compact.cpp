@@ -46,14 +46,7 @@ int main(int argc, char** argv) {
   torch::manual_seed(0);
   auto f = torch::TensorOptions().device(torch::kCUDA);
 
-  // The roofline: a device-to-device copy of 2 GiB.
-  double copy_tbps = 0;
-  {
-    at::Tensor x = torch::empty({int64_t{2} << 30}, f.dtype(torch::kUInt8)), y = torch::empty_like(x);
-    const double ms = kvd::bench::time_ms([&] { y.copy_(x); }, reps);
-    copy_tbps = 2.0 * x.numel() / ms / 1e9;
-    std::printf("{\"what\": \"copy\", \"TBps\": %.3f}\n", copy_tbps);
-  }
+  const double copy_tbps = kvd::bench::copy_tbps(reps);  // the roofline
 
   // 1. Select + compact over every layer at once.
   struct Evict {

@@ -18,3 +18,18 @@ gpu_model() {
   echo "$SMOLLM2_GGUF_SHA  /root/smollm2.gguf" | sha256sum -c -
   t build-gpu/kvdistill convert --gguf /root/smollm2.gguf --out "$1"
 }
+
+# The first 16 samples of each context length of task file $1, written to $2 (a slice for timing the eval).
+tasks_slice() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+seen = {}
+with open(sys.argv[1]) as f, open(sys.argv[2], "w") as out:
+    for line in f:
+        r = json.loads(line)
+        if seen.get(r["length"] // 1000, 0) < 16:
+            seen[r["length"] // 1000] = seen.get(r["length"] // 1000, 0) + 1
+            out.write(line)
+print("slice:", seen)
+PY
+}

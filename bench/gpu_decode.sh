@@ -22,7 +22,7 @@ RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}
 OUT=${OUT:-/tmp}
 KVD=build-gpu/kvdistill
 mkdir -p "$W"
-source bench/gpu_common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_model, tasks_slice
 
 case "${1:-}" in
   build)
@@ -54,17 +54,7 @@ case "${1:-}" in
     t build-gpu/bench_decode_attention | tee "$OUT/bench-decode-attention.log"
     ;;
   eval)
-    python3 - "$TASKS" "$W/tasks-slice.jsonl" <<'PY'
-import json, sys
-seen = {}
-with open(sys.argv[1]) as f, open(sys.argv[2], "w") as out:
-    for line in f:
-        r = json.loads(line)
-        if seen.get(r["length"] // 1000, 0) < 16:
-            seen[r["length"] // 1000] = seen.get(r["length"] // 1000, 0) + 1
-            out.write(line)
-print("slice:", seen)
-PY
+    tasks_slice "$TASKS" "$W/tasks-slice.jsonl"
     for d in cache graph; do
       rm -rf "$W/eval-$d"
       t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$METHODS" \

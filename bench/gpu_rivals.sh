@@ -51,7 +51,7 @@ BATCH=${BATCH:-16}
 BATCH_TOKENS=${BATCH_TOKENS:-0}
 KVD=${KVD:-build-gpu/kvdistill}
 mkdir -p "$W"
-source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model, tasks_slice
 
 # The learned parts, one per line with the eval flags they run under: at a ratio both compress once after prefill
 # (as kvpress's KVzapPress does; DMS's scores protect its delay window, docs/methods/dms.md), which shares one
@@ -118,17 +118,7 @@ case "${1:-}" in
     ;;
   harness)
     m=${2:-snapkv}
-    python3 - "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl" <<'PY'
-import json, sys
-seen = {}
-with open(sys.argv[1]) as f, open(sys.argv[2], "w") as out:
-    for line in f:
-        r = json.loads(line)
-        if seen.get(r["length"] // 1000, 0) < 16:
-            seen[r["length"] // 1000] = seen.get(r["length"] // 1000, 0) + 1
-            out.write(line)
-print("slice:", seen)
-PY
+    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
     # The same slice at four ratios: one prefill per (method, budget) against one per method, then the profile.
     for share in none budgets; do
       rm -rf "$W/harness-$share"
