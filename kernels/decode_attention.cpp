@@ -18,6 +18,7 @@ namespace kvd {
 namespace {
 
 void check_input(const DecodeAttentionInput& in, const char* who) {
+  KVD_CHECK(in.q.defined() && in.q.dim() == 3 && in.q.size(0) > 0, who, ": q must be (B, H, hd) with B > 0");
   KVD_CHECK(in.q.dim() == 3 && in.k.dim() == 2 && in.v.sizes() == in.k.sizes() && in.k.size(1) == in.q.size(2), who,
             ": q must be (B, H, hd) and k / v (rows, hd); got ", in.q.sizes(), ", ", in.k.sizes(), ", ", in.v.sizes());
   KVD_CHECK(in.start.dim() == 1 && in.len.sizes() == in.start.sizes() && in.start.size(0) > 0 &&
@@ -61,13 +62,17 @@ at::Tensor decode_attention_reference(const DecodeAttentionInput& in) {
 
 bool decode_attention_fused_available(const DecodeAttentionInput& in) {
 #ifdef KVD_WITH_RA_KERNEL
-  if (!in.q.defined() || !in.q.is_cuda() || in.q.dim() != 3 || in.start.dim() != 1 || in.start.size(0) == 0) return false;
+  if (!in.q.defined() || !in.q.is_cuda() || in.q.dim() != 3 || in.q.size(0) == 0 || in.start.dim() != 1 ||
+      in.start.size(0) == 0 || !in.k.defined() || !in.v.defined())
+    return false;
   const int64_t B = in.q.size(0), H = in.q.size(1), hd = in.q.size(2);
-  if (in.start.size(0) % B != 0) return false;
+  if (in.start.size(0) % B != 0 || in.start.size(0) > 65535) return false;  // the grid's y dimension
   const int64_t Hkv = in.start.size(0) / B;
+  auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
   return in.q.scalar_type() == torch::kBFloat16 && in.k.scalar_type() == torch::kBFloat16 &&
          in.v.scalar_type() == torch::kBFloat16 && (hd == 64 || hd == 128) && H % Hkv == 0 &&
-         H / Hkv <= kernels::kDecodeMaxGroup;
+         H / Hkv <= kernels::kDecodeMaxGroup && in.k.is_contiguous() && in.v.is_contiguous() && aligned(in.k) &&
+         aligned(in.v);
 #else
   (void)in;
   return false;
@@ -89,6 +94,7 @@ at::Tensor decode_attention_fused(const DecodeAttentionInput& in) {
             who, ": k / v must be 16-byte aligned");
   c10::cuda::CUDAGuard guard(in.q.device());
   at::Tensor q = in.q.contiguous();
+  if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) q = q.clone();  // 16-byte loads
   at::Tensor start = in.start.contiguous(), len = in.len.contiguous();
   at::Tensor kpos, qpos;
   if (in.window) {

@@ -223,7 +223,9 @@ void launch(const kvd::kernels::DecodeAttentionArgs& a, int64_t chunk, cudaStrea
 }  // namespace
 
 int decode_attention_splits(int segments, int64_t max_len) {
-  const int64_t want = (264 + segments - 1) / (segments > 0 ? segments : 1);
+  // About 8 CTAs per SM of an H100 / H200 (132 SMs): a CTA holds few loads in flight, so bandwidth needs many of
+  // them; with ragged heads the splits are sized by the longest, and short heads leave theirs idle.
+  const int64_t want = (1056 + segments - 1) / (segments > 0 ? segments : 1);
   const int64_t most = (max_len + 63) / 64;
   const int64_t s = want < most ? want : most;
   return static_cast<int>(s < 1 ? 1 : s);

@@ -46,8 +46,7 @@ struct DecodeAttentionArgs {
   uint16_t* out = nullptr;         // (B, H, hd) bf16
 };
 
-// How many splits a launch should use: enough CTAs to fill the GPU (about 2 per SM on 132 SMs) without chunks
-// shorter than 64 rows.
+// How many splits a launch should use: about 1,056 CTAs (8 per SM on 132 SMs) without chunks shorter than 64 rows.
 int decode_attention_splits(int segments, int64_t max_len);
 
 cudaError_t decode_attention(const DecodeAttentionArgs& a, cudaStream_t stream);

@@ -158,7 +158,7 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
     return next;
   };
 
-  const DecodePath path = resolve_decode(model, opts);
+  DecodePath path = resolve_decode(model, opts);
   BatchGenerateResult res;
   res.decode = path;
   res.tokens.assign(B, {});
@@ -197,6 +197,11 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
     }
     if (active == 0) break;
     for (int64_t b = 0; b < B; ++b) fed[b] += done[b] ? 0 : 1;
+    if (path != DecodePath::Cache && !decoder && opts.decode == DecodePath::Auto &&
+        !static_decode_fits(cache, *std::max_element(limit.begin(), limit.end()) - 1)) {
+      path = DecodePath::Cache;  // the fixed-shape copy would take over half the free memory: decode on the cache
+      res.decode = path;
+    }
     if (path == DecodePath::Cache) {
       // A finished row's step is padding (lead 1): nothing of it is stored, so every row's cache (and its bytes)
       // is what it would be alone.

@@ -28,7 +28,8 @@ enum class StopReason { Eos, MaxNewTokens };
 
 // How generate_batch runs its decode steps (the prompt's prefill is the same for all).
 enum class DecodePath {
-  Auto,    // Graph on CUDA where it applies (greedy, no decode_observer), else Cache
+  Auto,    // Graph on CUDA where it applies (greedy, no decode_observer) and its copy of the cache takes at most
+           // half the free device memory, else Cache
   Cache,   // Model::prefill on the KVCache, one step at a time: any sampling, decode-time observers
   Static,  // a fixed-shape copy of the cache (models/static_decode.h), op by op; greedy, no decode_observer
   Graph,   // Static, each step replayed from one CUDA graph (CUDA only)

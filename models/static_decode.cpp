@@ -62,11 +62,32 @@ StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, c
   return s;
 }
 
+int64_t static_decode_bytes(const KVCache& cache, int64_t steps) {
+  int64_t longest = 0;
+  for (int64_t l = 0; l < cache.num_layers(); ++l) longest = std::max(longest, cache.max_length(l));
+  const int64_t slots = cache.num_layers() * cache.batch() * cache.num_kv_heads() * (longest + steps);
+  return slots * (cache.bytes_per_entry() + 8);  // K + V, and an int64 position
+}
+
+bool static_decode_fits(const KVCache& cache, int64_t steps) {
+#if KVD_WITH_CUDA
+  if (cache.device().is_cuda()) {
+    c10::cuda::CUDAGuard guard(cache.device());
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) return false;
+    return static_decode_bytes(cache, steps) <= static_cast<int64_t>(free / 2);
+  }
+#endif
+  (void)steps;
+  return true;
+}
+
 void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<int64_t>& fed) {
   torch::NoGradGuard no_grad;
   const int64_t B = s.batch, Hkv = s.kv_heads, hd = s.head_dim;
-  KVD_CHECK(static_cast<int64_t>(fed.size()) == B && cache.batch() == B, "write_back: ", fed.size(),
-            " counts for a batch of ", B);
+  KVD_CHECK(cache.batch() == B, "write_back: the cache has batch ", cache.batch(), ", the state ", B);
+  KVD_CHECK(static_cast<int64_t>(fed.size()) == B, "write_back: ", fed.size(), " counts for a batch of ", B);
+  KVD_CHECK(cache.next_positions() == s.next0, "write_back: the cache moved since the state was made from it");
   int64_t T = 0;
   for (int64_t f : fed) {
     KVD_CHECK(f >= 0 && f <= s.max_steps, "write_back: a row fed ", f, " tokens, outside [0, ", s.max_steps, "]");

@@ -45,6 +45,12 @@ struct StaticDecodeState {
 StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, const std::vector<int64_t>& first,
                                      int64_t steps);
 
+// Bytes a state for `cache` with room for `steps` more tokens takes (every head padded to the longest + steps),
+// and whether that is at most half of the device's free memory (always true on the CPU): generate_batch's Auto
+// path falls back to the cache path where it is not.
+int64_t static_decode_bytes(const KVCache& cache, int64_t steps);
+bool static_decode_fits(const KVCache& cache, int64_t steps);
+
 // Appends to `cache` row b's first fed[b] decoded entries of every layer and head (in step order) and advances
 // its positions by fed[b]: what fed[b] decode steps of that row would have appended.
 void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<int64_t>& fed);

@@ -230,6 +230,12 @@ TEST(StaticDecodeOptions, WriteBackChecksItsCounts) {
   EXPECT_THROW(write_back(s, cache, {4, 0}), kvd::Error);  // more than the state's steps
   EXPECT_THROW(write_back(s, cache, {1}), kvd::Error);     // one count for two rows
   EXPECT_THROW(make_static_decode(m, cache, {5}, 3), kvd::Error);
+  // Its size: every (layer, row, KV head) segment padded to the longest head + the steps, K + V + a position.
+  const int64_t slots = m.config().num_layers * 2 * m.config().num_kv_heads * (9 + 3);
+  EXPECT_EQ(static_decode_bytes(cache, 3), slots * (cache.bytes_per_entry() + 8));
+  EXPECT_TRUE(static_decode_fits(cache, 3));  // the CPU: always
+  cache.advance(1);
+  EXPECT_THROW(write_back(s, cache, {1, 1}), kvd::Error);  // the cache moved since
 }
 
 }  // namespace
