@@ -181,6 +181,7 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
   std::unique_ptr<StaticDecodeState> state;
   std::unique_ptr<StaticDecoder> decoder;
   std::vector<int64_t> fed(B, 0);  // tokens each row fed (what its cache gains)
+  const int64_t most_steps = *std::max_element(limit.begin(), limit.end()) - 1;  // the longest row's decode steps
   while (active > 0) {
     for (int64_t b = 0; b < B; ++b) {
       if (done[b]) continue;
@@ -198,7 +199,7 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
     if (active == 0) break;
     for (int64_t b = 0; b < B; ++b) fed[b] += done[b] ? 0 : 1;
     if (path != DecodePath::Cache && !decoder && opts.decode == DecodePath::Auto &&
-        !static_decode_fits(cache, *std::max_element(limit.begin(), limit.end()) - 1)) {
+        !static_decode_fits(cache, most_steps)) {
       path = DecodePath::Cache;  // the fixed-shape copy would take over half the free memory: decode on the cache
       res.decode = path;
     }
@@ -213,8 +214,7 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
     } else {
       // Every row steps (a finished row's tokens are dropped); write_back stores only what each row fed.
       if (!decoder) {
-        const int64_t longest = *std::max_element(limit.begin(), limit.end());
-        state = std::make_unique<StaticDecodeState>(make_static_decode(model, cache, tok, longest - 1));
+        state = std::make_unique<StaticDecodeState>(make_static_decode(model, cache, tok, most_steps));
         decoder = std::make_unique<StaticDecoder>(model, *state,
                                                   path == DecodePath::Graph ? StepRunner::Graph : StepRunner::Eager);
       }

@@ -69,7 +69,6 @@ class StaticDecoder {
   StaticDecoder& operator=(const StaticDecoder&) = delete;
   // The tokens (B) of the next step; runs up to `block` steps (never past max_steps) when none are buffered.
   std::vector<int64_t> next();
-  int64_t steps_run() const { return run_; }
 
  private:
   void run_step();
