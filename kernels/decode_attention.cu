@@ -16,6 +16,7 @@
 #define KVD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define KVD_LAST_ERROR() cudaGetLastError()
 #endif
+#include "kernels/bf16_bits.cuh"
 
 namespace KVD_DA_NAMESPACE {
 namespace {
@@ -25,22 +26,12 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxG = kvd::kernels::kDecodeMaxGroup;
 
 #ifdef KVD_SIMT_EMULATION
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
 inline float ex(float x) { return std::exp(x); }
 #else
-__device__ __forceinline__ float bits_to_float(uint32_t u) { return __uint_as_float(u); }
-__device__ __forceinline__ uint32_t float_to_bits(float f) { return __float_as_uint(f); }
 __device__ __forceinline__ float ex(float x) { return expf(x); }
 #endif
+using kvd::kernels::bits::bits_to_float;
+using kvd::kernels::bits::to_bf16;
 
 // 8 consecutive bf16 (one 16-byte load) to fp32.
 __device__ __forceinline__ void load8(const uint16_t* p, float (&f)[8]) {
@@ -51,14 +42,6 @@ __device__ __forceinline__ void load8(const uint16_t* p, float (&f)[8]) {
     f[2 * i] = bits_to_float(w[i] << 16);
     f[2 * i + 1] = bits_to_float(w[i] & 0xFFFF0000u);
   }
-}
-
-// fp32 -> bf16, round to nearest even (NaN stays NaN).
-__device__ __forceinline__ uint16_t to_bf16(float f) {
-  uint32_t u = float_to_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
 }
 
 // grid (splits, B · H_kv); kThreads threads. See decode_attention.cuh. Each lane group loads U keys (K and V rows)

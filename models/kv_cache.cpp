@@ -363,6 +363,61 @@ void KVCache::copy_layer_from(const KVCache& src, int64_t layer) {
   update_peak();
 }
 
+KVCache KVCache::concat_rows(const std::vector<const KVCache*>& parts) {
+  KVD_CHECK(!parts.empty(), "KVCache::concat_rows: no caches given");
+  const KVCache& first = *parts[0];
+  int64_t batch = 0;
+  for (const KVCache* p : parts) {
+    KVD_CHECK(p->num_layers() == first.num_layers() && p->kv_heads_ == first.kv_heads_ &&
+                  p->head_dim_ == first.head_dim_ && p->dtype_ == first.dtype_ && p->device_ == first.device_,
+              "KVCache::concat_rows: the caches differ in layers, KV heads, head_dim, dtype or device");
+    batch += p->batch_;
+  }
+  KVCache out(first.num_layers(), batch, first.kv_heads_, first.head_dim_, first.dtype_, first.device_);
+  for (const KVCache* p : parts)
+    for (const Payload& c : p->payload_) out.add_payload(c.name, c.dtype, c.fill);
+  const auto opts = [&](c10::ScalarType dt) { return torch::TensorOptions().dtype(dt).device(out.device_); };
+  for (int64_t l = 0; l < out.num_layers(); ++l) {
+    Layer& D = out.layers_[l];
+    std::vector<at::Tensor> ks, vs, ps;
+    std::vector<std::vector<at::Tensor>> cols(out.payload_.size());
+    D.len.clear(), D.cap.clear(), D.start.clear();
+    D.total = 0;
+    D.aligned = true;
+    for (const KVCache* p : parts) {
+      const Layer& S = p->layers_[l];
+      for (size_t r = 0; r < S.len.size(); ++r) {
+        D.len.push_back(S.len[r]);
+        D.cap.push_back(S.cap[r]);
+        D.start.push_back(S.start[r] + D.total);
+      }
+      D.aligned = D.aligned && S.aligned;
+      if (S.total > 0) {
+        ks.push_back(S.k), vs.push_back(S.v), ps.push_back(S.pos);
+        for (size_t i = 0; i < out.payload_.size(); ++i) {
+          const Payload& c = out.payload_[i];
+          const int64_t slot = p->has_payload(c.name) ? p->payload_slot(c.name, "concat_rows") : -1;
+          cols[i].push_back(slot >= 0 ? S.cols[slot] : torch::full({S.total}, c.fill, opts(c.dtype)));
+        }
+      }
+      D.total += S.total;
+    }
+    if (D.total > 0) {
+      D.k = torch::cat(ks), D.v = torch::cat(vs), D.pos = torch::cat(ps);
+      for (size_t i = 0; i < cols.size(); ++i) D.cols[i] = torch::cat(cols[i]);
+    }
+  }
+  out.next_pos_.clear(), out.row_entries_.clear(), out.row_peak_.clear();
+  out.peak_bytes_ = 0;
+  for (const KVCache* p : parts) {
+    out.next_pos_.insert(out.next_pos_.end(), p->next_pos_.begin(), p->next_pos_.end());
+    out.row_entries_.insert(out.row_entries_.end(), p->row_entries_.begin(), p->row_entries_.end());
+    out.row_peak_.insert(out.row_peak_.end(), p->row_peak_.begin(), p->row_peak_.end());
+    out.peak_bytes_ += p->peak_bytes_;  // the parts existed side by side
+  }
+  return out;
+}
+
 void KVCache::add_payload(const std::string& name, c10::ScalarType dtype, double fill) {
   for (const Payload& p : payload_)
     if (p.name == name) {

@@ -84,6 +84,11 @@ class KVCache {
   // and device; src's payload columns are added here first. Used to compress one prefill at several budgets
   // (compress_prefill_many).
   void copy_layer_from(const KVCache& src, int64_t layer);
+  // One cache holding the rows of `parts` one after another (part 0's rows first): entries, positions, payload
+  // columns (a column some part lacks gets its fill there), segment tables, next positions and per-row peaks, as
+  // if those rows had been run as one batch. The parts must agree in layers, KV heads, head_dim, dtype and device;
+  // they are left as they were. Used to decode the budgets of one prefill as one batch (eval).
+  static KVCache concat_rows(const std::vector<const KVCache*>& parts);
   at::Tensor positions(int64_t layer) const;  // (B, H_kv, n) int64
   int64_t length(int64_t layer, int64_t b, int64_t h) const;  // entries of one head
   int64_t max_length(int64_t layer) const;                    // the longest head of the layer

@@ -14,6 +14,7 @@
 
 #include "common/error.h"
 #include "kernels/decode_attention.h"
+#include "kernels/decode_step.h"
 #include "kernels/retention_attention.h"
 #include "models/attention.h"
 #include "models/kv_cache.h"
@@ -25,24 +26,6 @@ namespace kvd {
 namespace {
 
 constexpr double kPi = 3.14159265358979323846;
-
-// HF RMSNorm: normalize in float32 (float64 stays float64), cast back, then scale in the input dtype.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {  // (..., n), (n)
-  at::Tensor xf = x.to(c10::promoteTypes(x.scalar_type(), torch::kFloat));   // (..., n)
-  at::Tensor r = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);   // (..., 1)
-  return w * (xf * r).to(x.scalar_type());                                   // (..., n)
-}
-
-// x * cos + rotate_half(x) * sin with the HF half-split layout.
-at::Tensor apply_rope(const at::Tensor& x,    // (B, H, S, hd)
-                      const at::Tensor& cos,  // (B, 1, S, hd)
-                      const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor x1 = x.narrow(-1, 0, half);     // (B, H, S, hd/2)
-  at::Tensor x2 = x.narrow(-1, half, half);  // (B, H, S, hd/2)
-  at::Tensor rot = torch::cat({-x2, x1}, -1);  // (B, H, S, hd)
-  return x * cos + rot * sin;
-}
 
 // Which rows LoRA deltas apply to.
 struct LoraRows {
@@ -105,29 +88,31 @@ using AttendFn = std::function<at::Tensor(const LayerQKV&)>;
 // The decoder layer, the one both paths run: q/k/v projections (with LoRA on the LoRA rows), Qwen3's q/k
 // norm, RoPE (cos / sin (B, 1, S, hd)), the attention `attend` computes, the output projection, the residual
 // and the MLP. x (B, S, d) is the layer input, h (B, S, d) = rms_norm(x, input_norm). Returns the layer output.
+// ops: KernelPath::Fused runs RMSNorm (with the residual add), RoPE and SiLU · up as one kernel each where they
+// apply (kernels/decode_step.h: inference on CUDA bf16); the decode step takes it.
 at::Tensor decoder_layer(const LayerWeights& lw, const LayerLora& lora, const LoraRows* lr, const at::Tensor& cos,
                          const at::Tensor& sin, int64_t H, int64_t Hkv, int64_t hd, bool qk_norm, double eps,
-                         const at::Tensor& x_in, const at::Tensor& h, const AttendFn& attend) {
+                         const at::Tensor& x_in, const at::Tensor& h, const AttendFn& attend,
+                         KernelPath ops = KernelPath::Reference) {
   const int64_t B = h.size(0), S = h.size(1);
   LayerQKV p;
   p.q = project(h, lw.q_proj, lw.q_bias, lora.q, lr).view({B, S, H, hd}).transpose(1, 2);  // (B, H, S, hd)
   p.k = project(h, lw.k_proj, lw.k_bias, lora.k, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
   p.v = project(h, lw.v_proj, lw.v_bias, lora.v, lr).view({B, S, Hkv, hd}).transpose(1, 2);  // (B, H_kv, S, hd)
   if (qk_norm) {
-    p.q = rms_norm(p.q, lw.q_norm, eps);
-    p.k = rms_norm(p.k, lw.k_norm, eps);
+    p.q = rms_norm(p.q, lw.q_norm, eps, ops);
+    p.k = rms_norm(p.k, lw.k_norm, eps, ops);
   }
   p.q_pre = p.q;
-  p.q = apply_rope(p.q, cos, sin);  // (B, H, S, hd)
-  p.k = apply_rope(p.k, cos, sin);  // (B, H_kv, S, hd)
-  at::Tensor attn = attend(p);      // (B, H, S, hd)
+  std::tie(p.q, p.k) = rope(p.q, p.k, cos, sin, ops);  // (B, H, S, hd), (B, H_kv, S, hd)
+  at::Tensor attn = attend(p);                          // (B, H, S, hd)
 
   at::Tensor o = attn.transpose(1, 2).reshape({B, S, H * hd});  // (B, S, H*hd)
-  at::Tensor x = x_in + project(o, lw.o_proj, lw.o_bias, lora.o, lr);  // (B, S, d)
-  at::Tensor h2 = rms_norm(x, lw.post_norm, eps);                 // (B, S, d)
-  at::Tensor g = project(h2, lw.gate_proj, {}, lora.gate, lr);    // (B, S, ffn)
-  at::Tensor u = project(h2, lw.up_proj, {}, lora.up, lr);        // (B, S, ffn)
-  return x + project(torch::silu(g) * u, lw.down_proj, {}, lora.down, lr);  // (B, S, d)
+  const AddRmsNorm r = add_rms_norm(x_in, project(o, lw.o_proj, lw.o_bias, lora.o, lr), lw.post_norm, eps, ops);
+  const at::Tensor& x = r.sum;                                        // (B, S, d)
+  at::Tensor g = project(r.normed, lw.gate_proj, {}, lora.gate, lr);  // (B, S, ffn)
+  at::Tensor u = project(r.normed, lw.up_proj, {}, lora.up, lr);      // (B, S, ffn)
+  return x + project(silu_mul(g, u, ops), lw.down_proj, {}, lora.down, lr);  // (B, S, d)
 }
 
 // The attention by the fused kernel (kernels/retention_attention.h), with the layer's key_rate / key_log_mask
@@ -784,21 +769,28 @@ void Model::decode_static(StaticDecodeState& s) const {
   const int64_t B = s.batch, H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
   KVD_CHECK(s.kv_heads == Hkv && s.head_dim == hd && static_cast<int64_t>(s.k.size()) == cfg_.num_layers,
             "Model::decode_static: the state was made for another model");
+  // The small ops take one fused kernel each where they apply (kernels/decode_step.h; the reference elsewhere).
+  const KernelPath ops = KernelPath::Fused;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   const at::Tensor cs = rope_cos_sin(s.qpos);              // (2, B, 1, 1, hd)
   at::Tensor x = at::embedding(w_.embed, s.tok);            // (B, 1, d)
-  const at::Tensor qpos_kv = s.qpos.expand({B, Hkv}).reshape({B * Hkv});  // (B * H_kv)
+  const at::Tensor qpos = s.qpos.view({B});                 // (B)
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
-    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, 1, d)
+    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, ops);  // (B, 1, d)
     const AttendFn attend = [&](const LayerQKV& p) -> at::Tensor {
       // This step's entry goes to slot len[s] of segment s = b * H_kv + h, then every head attends over its own
       // len[s] + 1 entries.
-      at::Tensor row = s.start + s.len[l];                                  // (B * H_kv)
-      s.k[l].index_copy_(0, row, p.k.reshape({B * Hkv, hd}).to(s.k[l].scalar_type()));
-      s.v[l].index_copy_(0, row, p.v.reshape({B * Hkv, hd}).to(s.v[l].scalar_type()));
-      s.pos[l].index_copy_(0, row, qpos_kv);
-      s.len[l].add_(1);
+      DecodeAppend app;
+      app.k = p.k.reshape({B, Hkv, hd}).to(s.k[l].scalar_type());
+      app.v = p.v.reshape({B, Hkv, hd}).to(s.v[l].scalar_type());
+      app.qpos = qpos;
+      app.start = s.start;
+      app.len = s.len[l];
+      app.k_store = s.k[l];
+      app.v_store = s.v[l];
+      app.pos_store = s.pos[l];
+      decode_append(app, ops);
       DecodeAttentionInput in;
       in.q = p.q.reshape({B, H, hd});
       in.k = s.k[l];
@@ -810,14 +802,15 @@ void Model::decode_static(StaticDecodeState& s) const {
       if (cfg_.sliding_window) {
         in.window = *cfg_.sliding_window;
         in.kpos = s.pos[l];
-        in.qpos = s.qpos.view({B});
+        in.qpos = qpos;
       }
       return decode_attention(in).view({B, H, 1, hd});  // (B, H, 1, hd)
     };
-    x = decoder_layer(lw, LayerLora(), nullptr, cs[0], cs[1], H, Hkv, hd, cfg_.qk_norm, cfg_.rms_norm_eps, x, h, attend);
+    x = decoder_layer(lw, LayerLora(), nullptr, cs[0], cs[1], H, Hkv, hd, cfg_.qk_norm, cfg_.rms_norm_eps, x, h, attend,
+                      ops);
   }
-  at::Tensor hid = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);  // (B, 1, d)
-  at::Tensor next = logits(hid).to(torch::kFloat).argmax(-1);      // (B, 1)
+  at::Tensor hid = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps, ops);  // (B, 1, d)
+  at::Tensor next = logits(hid).to(torch::kFloat).argmax(-1);           // (B, 1)
   s.tok.copy_(next);
   s.history.index_copy_(0, s.step, next.view({1, B}));
   s.step.add_(1);

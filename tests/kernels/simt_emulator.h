@@ -41,6 +41,7 @@ using std::min;
 inline thread_local uint3 threadIdx;
 inline thread_local uint3 blockIdx;
 inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
 
 namespace kvd_sim {
 
@@ -179,6 +180,7 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem_bytes, const A&... args
             threadIdx = uint3{t, 0, 0};
             blockIdx = uint3{x, y, z};
             blockDim = block;
+            gridDim = grid;
             tl_cta = &cta;
             tl_lane = static_cast<int>(t % 32);
             tl_warp = static_cast<int>(t / 32);

@@ -1,0 +1,235 @@
+// See kernels/decode_step.h.
+#include "kernels/decode_step.h"
+
+#include <limits>
+
+#include <torch/torch.h>
+
+#include "common/error.h"
+
+#ifdef KVD_WITH_RA_KERNEL
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "kernels/decode_step.cuh"
+#endif
+
+namespace kvd {
+namespace {
+
+#ifdef KVD_WITH_RA_KERNEL
+const uint16_t* in_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+uint16_t* out_bits(const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+void check_launch(cudaError_t e, const char* who) {
+  KVD_CHECK(e == cudaSuccess, who, ": CUDA error ", cudaGetErrorString(e));
+}
+bool same_device(std::initializer_list<at::Tensor> ts) {
+  const at::Tensor& first = *ts.begin();
+  for (const at::Tensor& t : ts)
+    if (t.device() != first.device()) return false;
+  return true;
+}
+#endif
+
+}  // namespace
+
+bool row_kernels_apply(std::initializer_list<at::Tensor> ts) {
+#ifdef KVD_WITH_RA_KERNEL
+  for (const at::Tensor& t : ts) {
+    if (!t.defined() || !t.is_cuda() || t.requires_grad()) return false;
+    if (t.scalar_type() != torch::kBFloat16 && t.scalar_type() != torch::kLong) return false;
+  }
+  return ts.size() > 0 && same_device(ts);
+#else
+  (void)ts;
+  return false;
+#endif
+}
+
+// ---- RMSNorm --------------------------------------------------------------------------------------------------
+
+namespace {
+
+at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& w, double eps) {  // (..., n), (n)
+  at::Tensor xf = x.to(c10::promoteTypes(x.scalar_type(), torch::kFloat));              // (..., n)
+  at::Tensor r = torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);              // (..., 1)
+  return w * (xf * r).to(x.scalar_type());                                              // (..., n)
+}
+
+// Dense with a unit last stride: the rows of n lie one after another in memory, in some order.
+bool dense_rows(const at::Tensor& x) { return x.dim() >= 1 && x.stride(-1) == 1 && x.is_non_overlapping_and_dense(); }
+
+#ifdef KVD_WITH_RA_KERNEL
+void launch_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w, double eps,
+                     const at::Tensor& sum, const at::Tensor& y) {
+  c10::cuda::CUDAGuard guard(x.device());
+  kernels::RmsNormArgs a;
+  a.x = in_bits(x);
+  a.residual = residual.defined() ? in_bits(residual) : nullptr;
+  a.w = in_bits(w);
+  a.sum = sum.defined() ? out_bits(sum) : nullptr;
+  a.y = out_bits(y);
+  a.n = static_cast<int>(x.size(-1));
+  a.rows = x.numel() / x.size(-1);
+  a.eps = static_cast<float>(eps);
+  check_launch(kernels::rms_norm(a, stream_of(x)), "rms_norm");
+}
+#endif
+
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, KernelPath path) {
+  KVD_CHECK(x.dim() >= 1 && w.dim() == 1 && w.size(0) == x.size(-1), "rms_norm: x must be (..., n) and w (n); got ",
+            x.sizes(), " and ", w.sizes());
+#ifdef KVD_WITH_RA_KERNEL
+  if (path == KernelPath::Fused && x.numel() > 0 && row_kernels_apply({x, w}) && dense_rows(x) && w.is_contiguous() &&
+      x.size(-1) <= std::numeric_limits<int>::max()) {
+    at::Tensor y = at::empty_like(x);  // x's strides (dense): the same rows in the same memory order
+    launch_rms_norm(x, at::Tensor(), w, eps, at::Tensor(), y);
+    return y;
+  }
+#endif
+  (void)path;
+  return rms_norm_reference(x, w, eps);
+}
+
+AddRmsNorm add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w, double eps,
+                        KernelPath path) {
+  KVD_CHECK(x.sizes() == residual.sizes(), "add_rms_norm: x ", x.sizes(), " and residual ", residual.sizes(),
+            " must have one shape");
+#ifdef KVD_WITH_RA_KERNEL
+  if (path == KernelPath::Fused && x.numel() > 0 && row_kernels_apply({x, residual, w}) && x.is_contiguous() &&
+      residual.is_contiguous() && w.is_contiguous() && w.dim() == 1 && w.size(0) == x.size(-1)) {
+    AddRmsNorm out{at::empty_like(x), at::empty_like(x)};
+    launch_rms_norm(x, residual, w, eps, out.sum, out.normed);
+    return out;
+  }
+#endif
+  AddRmsNorm out;
+  out.sum = x + residual;
+  out.normed = rms_norm(out.sum, w, eps, KernelPath::Reference);
+  return out;
+}
+
+// ---- RoPE -----------------------------------------------------------------------------------------------------
+
+namespace {
+
+// x * cos + rotate_half(x) * sin with the HF half-split layout.
+at::Tensor rope_reference(const at::Tensor& x,    // (B, H, S, hd)
+                          const at::Tensor& cos,  // (B, 1, S, hd)
+                          const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor x1 = x.narrow(-1, 0, half);       // (B, H, S, hd/2)
+  at::Tensor x2 = x.narrow(-1, half, half);    // (B, H, S, hd/2)
+  at::Tensor rot = torch::cat({-x2, x1}, -1);  // (B, H, S, hd)
+  return x * cos + rot * sin;
+}
+
+// (B, heads, S, hd) whose memory is (B, S, heads, hd), as a projection's output viewed and transposed.
+bool token_major(const at::Tensor& x) { return x.dim() == 4 && x.transpose(1, 2).is_contiguous(); }
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                       const at::Tensor& sin, KernelPath path) {
+  KVD_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3) &&
+                q.size(3) % 2 == 0,
+            "rope: q must be (B, H, S, hd) and k (B, H_kv, S, hd) with an even hd; got ", q.sizes(), " and ", k.sizes());
+  KVD_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 4 && cos.size(1) == 1 && cos.size(2) == q.size(2) &&
+                cos.size(3) == q.size(3) && (cos.size(0) == q.size(0) || cos.size(0) == 1),
+            "rope: cos / sin must be (B, 1, S, hd); got ", cos.sizes(), " for q ", q.sizes());
+#ifdef KVD_WITH_RA_KERNEL
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), S = q.size(2), hd = q.size(3);
+  if (path == KernelPath::Fused && q.numel() > 0 && row_kernels_apply({q, k, cos, sin}) && token_major(q) &&
+      token_major(k) && cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == B && hd <= 2048 &&
+      H + Hkv <= 65535) {
+    c10::cuda::CUDAGuard guard(q.device());
+    at::Tensor qo = at::empty({B, S, H, hd}, q.options()), ko = at::empty({B, S, Hkv, hd}, k.options());
+    kernels::RopeArgs a;
+    a.q = in_bits(q);
+    a.k = in_bits(k);
+    a.cos = in_bits(cos);
+    a.sin = in_bits(sin);
+    a.q_out = out_bits(qo);
+    a.k_out = out_bits(ko);
+    a.tokens = B * S;
+    a.H = static_cast<int>(H);
+    a.Hkv = static_cast<int>(Hkv);
+    a.hd = static_cast<int>(hd);
+    check_launch(kernels::rope(a, stream_of(q)), "rope");
+    return {qo.transpose(1, 2), ko.transpose(1, 2)};  // (B, H, S, hd), (B, H_kv, S, hd)
+  }
+#endif
+  (void)path;
+  return {rope_reference(q, cos, sin), rope_reference(k, cos, sin)};
+}
+
+// ---- SiLU · up ------------------------------------------------------------------------------------------------
+
+at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u, KernelPath path) {
+#ifdef KVD_WITH_RA_KERNEL
+  if (path == KernelPath::Fused && g.numel() > 0 && row_kernels_apply({g, u}) && g.sizes() == u.sizes() &&
+      g.is_contiguous() && u.is_contiguous()) {
+    c10::cuda::CUDAGuard guard(g.device());
+    at::Tensor out = at::empty_like(g);
+    kernels::SiluMulArgs a;
+    a.g = in_bits(g);
+    a.u = in_bits(u);
+    a.out = out_bits(out);
+    a.n = g.numel();
+    check_launch(kernels::silu_mul(a, stream_of(g)), "silu_mul");
+    return out;
+  }
+#endif
+  (void)path;
+  return torch::silu(g) * u;
+}
+
+// ---- the decode step's append -----------------------------------------------------------------------------------
+
+void decode_append(const DecodeAppend& a, KernelPath path) {
+  KVD_CHECK(a.k.dim() == 3 && a.v.sizes() == a.k.sizes() && a.qpos.numel() == a.k.size(0) &&
+                a.start.numel() == a.k.size(0) * a.k.size(1) && a.len.sizes() == a.start.sizes() &&
+                a.k_store.dim() == 2 && a.k_store.size(1) == a.k.size(2) && a.v_store.sizes() == a.k_store.sizes() &&
+                a.pos_store.dim() == 1 && a.pos_store.size(0) == a.k_store.size(0),
+            "decode_append: expected k / v (B, H_kv, hd), qpos (B), start / len (B * H_kv), stores (rows, hd) and "
+            "positions (rows); got k ",
+            a.k.sizes(), ", start ", a.start.sizes(), ", k_store ", a.k_store.sizes());
+  const int64_t B = a.k.size(0), Hkv = a.k.size(1), hd = a.k.size(2);
+#ifdef KVD_WITH_RA_KERNEL
+  if (path == KernelPath::Fused && B > 0 && row_kernels_apply({a.k, a.v, a.qpos, a.start, a.len, a.k_store, a.v_store,
+                                                                a.pos_store}) &&
+      a.k.scalar_type() == torch::kBFloat16 && a.v.scalar_type() == torch::kBFloat16 &&
+      a.k_store.scalar_type() == torch::kBFloat16 && a.v_store.scalar_type() == torch::kBFloat16 && a.qpos.scalar_type() == torch::kLong &&
+      a.start.scalar_type() == torch::kLong && a.len.scalar_type() == torch::kLong &&
+      a.pos_store.scalar_type() == torch::kLong && a.k.is_contiguous() && a.v.is_contiguous() &&
+      a.qpos.is_contiguous() && a.start.is_contiguous() && a.len.is_contiguous() && a.k_store.is_contiguous() &&
+      a.v_store.is_contiguous() && a.pos_store.is_contiguous() && hd <= 1024) {
+    c10::cuda::CUDAGuard guard(a.k.device());
+    kernels::DecodeAppendArgs args;
+    args.k = in_bits(a.k);
+    args.v = in_bits(a.v);
+    args.qpos = a.qpos.data_ptr<int64_t>();
+    args.start = a.start.data_ptr<int64_t>();
+    args.len = a.len.data_ptr<int64_t>();
+    args.k_store = out_bits(a.k_store);
+    args.v_store = out_bits(a.v_store);
+    args.pos_store = a.pos_store.data_ptr<int64_t>();
+    args.B = static_cast<int>(B);
+    args.Hkv = static_cast<int>(Hkv);
+    args.hd = static_cast<int>(hd);
+    check_launch(kernels::decode_append(args, stream_of(a.k)), "decode_append");
+    return;
+  }
+#endif
+  (void)path;
+  const at::Tensor row = a.start + a.len;  // (B * H_kv)
+  a.k_store.index_copy_(0, row, a.k.reshape({B * Hkv, hd}).to(a.k_store.scalar_type()));
+  a.v_store.index_copy_(0, row, a.v.reshape({B * Hkv, hd}).to(a.v_store.scalar_type()));
+  a.pos_store.index_copy_(0, row, a.qpos.reshape({B, 1}).expand({B, Hkv}).reshape({B * Hkv}));
+  a.len.add_(1);
+}
+
+}  // namespace kvd

@@ -1,0 +1,83 @@
+// The row kernels of a decode step (kernels/decode_step.*) on the GPU against their LibTorch references on the same
+// device and inputs. Metric: the largest distance in bf16 units in the last place: 0 for RoPE, the residual sum and
+// the append; at most 1 for RMSNorm and SiLU · up (summation order, exp). Also the layouts the decoder hands them
+// (a projection's output viewed and transposed, Qwen3's per-head norm) and the fall-back to the reference. Skipped
+// without a GPU; the kernels' code runs in CI through the emulator (emu_decode_step).
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "kernels/decode_step.h"
+#include "tests/kernels/decode_step_cases.h"
+
+namespace {
+
+using kvd::KernelPath;
+using kvd_test::bf16_randn;
+using kvd_test::max_ulps;
+
+at::Tensor cuda(const at::Tensor& t) { return t.to(torch::kCUDA); }
+
+TEST(DecodeStepKernels, MatchTheReferences) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const at::Tensor probe = cuda(bf16_randn({4}, 1));
+  if (!kvd::row_kernels_apply({probe})) GTEST_SKIP() << "no fused kernels in this build";
+  for (int64_t n : {64, 576, 4096}) {
+    const at::Tensor x = cuda(bf16_randn({16, 1, n}, n, 3.0)), r = cuda(bf16_randn({16, 1, n}, n + 1, 2.0));
+    const at::Tensor w = cuda(bf16_randn({n}, n + 2));
+    EXPECT_LE(max_ulps(kvd::rms_norm(x, w, 1e-5, KernelPath::Fused), kvd::rms_norm(x, w, 1e-5)), 1) << n;
+    const kvd::AddRmsNorm f = kvd::add_rms_norm(x, r, w, 1e-6, KernelPath::Fused), ref = kvd::add_rms_norm(x, r, w, 1e-6);
+    EXPECT_EQ(max_ulps(f.sum, ref.sum), 0) << n;
+    EXPECT_LE(max_ulps(f.normed, ref.normed), 1) << n;
+    const at::Tensor g = cuda(bf16_randn({16, 1, n}, n + 3, 4.0));
+    EXPECT_LE(max_ulps(kvd::silu_mul(g, r, KernelPath::Fused), kvd::silu_mul(g, r)), 1) << n;
+  }
+  for (int64_t hd : {64, 128}) {
+    for (int64_t S : {1, 7}) {
+      const int64_t B = 3, H = 8, Hkv = 2;
+      // Projection outputs (B, S, heads * hd) viewed and transposed, as the decoder layer hands them over.
+      const at::Tensor q = cuda(bf16_randn({B, S, H * hd}, hd + S)).view({B, S, H, hd}).transpose(1, 2);
+      const at::Tensor k = cuda(bf16_randn({B, S, Hkv * hd}, hd + S + 1)).view({B, S, Hkv, hd}).transpose(1, 2);
+      const at::Tensor ang = torch::rand({B, 1, S, hd / 2}, torch::kDouble) * 4096;
+      const at::Tensor cos = cuda(torch::cat({ang, ang}, -1).cos().to(torch::kFloat).to(torch::kBFloat16));
+      const at::Tensor sin = cuda(torch::cat({ang, ang}, -1).sin().to(torch::kFloat).to(torch::kBFloat16));
+      const auto [qf, kf] = kvd::rope(q, k, cos, sin, KernelPath::Fused);
+      const auto [qr, kr] = kvd::rope(q, k, cos, sin);
+      EXPECT_EQ(max_ulps(qf, qr), 0) << hd << " " << S;
+      EXPECT_EQ(max_ulps(kf, kr), 0) << hd << " " << S;
+      // Qwen3's per-head norm on the transposed view: the result keeps its layout.
+      const at::Tensor wn = cuda(bf16_randn({hd}, 7));
+      const at::Tensor qn = kvd::rms_norm(q, wn, 1e-6, KernelPath::Fused);
+      EXPECT_EQ(qn.strides(), q.strides());
+      EXPECT_LE(max_ulps(qn, kvd::rms_norm(q, wn, 1e-6)), 1);
+    }
+  }
+}
+
+TEST(DecodeStepKernels, AppendMatchesTheReference) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const int64_t B = 5, Hkv = 4, hd = 128, C = 9, S = B * Hkv;
+  const at::Tensor k = cuda(bf16_randn({B, Hkv, hd}, 40)), v = cuda(bf16_randn({B, Hkv, hd}, 41));
+  const at::Tensor qpos = cuda(torch::randint(0, 5000, {B}, torch::kLong));
+  const at::Tensor start = cuda(torch::randperm(S, torch::kLong) * C);
+  const at::Tensor len0 = cuda(torch::randint(0, C, {S}, torch::kLong));
+  auto fresh = [&] {
+    return std::vector<at::Tensor>{cuda(bf16_randn({S * C, hd}, 42)), cuda(bf16_randn({S * C, hd}, 43)),
+                                   cuda(torch::full({S * C}, -1, torch::kLong)), len0.clone()};
+  };
+  std::vector<at::Tensor> f = fresh(), r = fresh();
+  kvd::decode_append({k, v, qpos, start, f[3], f[0], f[1], f[2]}, KernelPath::Fused);
+  kvd::decode_append({k, v, qpos, start, r[3], r[0], r[1], r[2]});
+  for (int i = 0; i < 4; ++i) EXPECT_TRUE(torch::equal(f[i], r[i])) << "tensor " << i;
+}
+
+TEST(DecodeStepKernels, FallBackWhereTheyDoNotApply) {
+  // float32, or a tensor that requires grad: the reference runs (any device).
+  const c10::Device dev = torch::cuda::is_available() ? c10::Device(torch::kCUDA) : c10::Device(torch::kCPU);
+  const at::Tensor x = torch::randn({4, 64}).to(dev), w = torch::randn({64}).to(dev).requires_grad_(true);
+  EXPECT_FALSE(kvd::row_kernels_apply({x, w}));
+  const at::Tensor y = kvd::rms_norm(x, w, 1e-6, KernelPath::Fused);
+  EXPECT_TRUE(y.requires_grad());
+  EXPECT_TRUE(torch::allclose(y, kvd::rms_norm(x, w, 1e-6)));
+}
+
+}  // namespace
