@@ -3,14 +3,16 @@
 # call (source .device/setup.sh first; results go to bench/RESULTS.md by hand):
 #   bench/gpu_decode.sh build   this tree into build-gpu/ with the decode tests, and the tiny golden models they use
 #   bench/gpu_decode.sh model   joins the GGUF parts staged in /root/kvd-stage and converts SmolLM2 to $MODEL
-#   bench/gpu_decode.sh tests   kvd_test_decode_attention (kernel vs float64 loops) and kvd_test_static_decode
-#                               (graph replays = eager fixed-shape steps; both vs the cache path)
+#   bench/gpu_decode.sh tests   kvd_test_decode_attention (kernel vs float64 loops), kvd_test_decode_step (the step's
+#                               row kernels vs their LibTorch references) and kvd_test_static_decode (graph replays =
+#                               eager fixed-shape steps; both vs the cache path)
 #   bench/gpu_decode.sh bench   bench_cache_decode at batch 1 and 16 (2K context, 64 steps, full / uniform / ragged
 #                               caches): the three paths timed in the same run, with their tokens compared
 #   bench/gpu_decode.sh attn    bench_decode_attention: the ragged decode kernel against SDPA over the same kept
 #                               tokens (uniform and ragged caches, 8K / 32K per head, batch 1 / 16), bandwidth
-#   bench/gpu_decode.sh eval    an eval slice ($TASKS: 16 samples per length) with $METHODS at $RATIOS, once with
-#                               --decode cache and once with --decode graph: wall time and how many records agree
+#   bench/gpu_decode.sh eval    an eval slice ($TASKS: 16 samples per length) with $METHODS at $RATIOS: --decode cache
+#                               and --decode graph with each budget decoded alone (--decode-rows 0), then graph with
+#                               a prefill's budgets decoded together (the default): wall times, how many records agree
 # Inputs (env): MODEL (default /root/model), TASKS (default /root/rivals/tasks-2k4k8k.jsonl), W (default /root/dec),
 # METHODS (default snapkv,adakv_snapkv), RATIOS (default 0.25,0.5,0.75,0.875), OUT (the call's return folder).
 set -euo pipefail
@@ -28,8 +30,8 @@ case "${1:-}" in
   build)
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-    t ninja -C build-gpu kvdistill bench_cache_decode bench_decode_attention kvd_test_decode_attention kvd_test_static_decode \
-      >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+    t ninja -C build-gpu kvdistill bench_cache_decode bench_decode_attention kvd_test_decode_attention kvd_test_decode_step \
+      kvd_test_static_decode >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
     t python3 tests/oracles/decoder_golden.py --out build-gpu/testdata/decoder_golden >"$OUT/oracle.log" 2>&1 ||
       tail -5 "$OUT/oracle.log"
     ;;
@@ -38,7 +40,7 @@ case "${1:-}" in
     ;;
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    for b in kvd_test_decode_attention kvd_test_static_decode; do
+    for b in kvd_test_decode_attention kvd_test_decode_step kvd_test_static_decode; do
       t build-gpu/$b >"$OUT/$b.log" 2>&1 && echo "$b rc=0" || echo "$b rc=$?"
       grep -E "error |tokens equal|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \
         "$OUT/$b.log" | head -40
@@ -55,25 +57,33 @@ case "${1:-}" in
     ;;
   eval)
     tasks_slice "$TASKS" "$W/tasks-slice.jsonl"
-    for d in cache graph; do
-      rm -rf "$W/eval-$d"
+    for v in cache:0 graph:0 graph:256; do
+      d=${v%:*} rows=${v#*:}
+      rm -rf "$W/eval-$d-$rows"
       t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$METHODS" \
-        --ratios "$RATIOS" --decode $d --out "$W/eval-$d" 2>&1 | tail -n 1
+        --ratios "$RATIOS" --decode $d --decode-rows $rows --out "$W/eval-$d-$rows" 2>&1 | tail -n 1
     done
-    python3 - "$W/eval-cache/results.jsonl" "$W/eval-graph/results.jsonl" <<'PY' | tee "$OUT/eval-decode.txt"
+    python3 - "$W/eval-cache-0/results.jsonl" "$W/eval-graph-0/results.jsonl" "$W/eval-graph-256/results.jsonl" \
+      <<'PY' | tee "$OUT/eval-decode.txt"
 import json, sys
-a, b = ({(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:])
-keys = sorted(a)
-same_out = sum(a[k]["output"] == b[k]["output"] for k in keys)
-same_score = sum(a[k]["score"] == b[k]["score"] for k in keys)
-same_bytes = sum(a[k]["peak_kv_bytes"] == b[k]["peak_kv_bytes"] and a[k]["kv_bytes_kept"] == b[k]["kv_bytes_kept"] for k in keys)
-dkl = max(abs(a[k]["kl"] - b[k]["kl"]) for k in keys)
-sa, sb = (sum(x[k]["score"] for k in keys) / len(keys) for x in (a, b))
-ta, tb = (sum(x[k]["decode_s"] for k in keys) for x in (a, b))
-print(f"{len(keys)} records: output identical {same_out}, score identical {same_score}, peak / kept bytes identical "
-      f"{same_bytes}; max |dKL| {dkl:.2e}; mean score cache {sa:.4f} graph {sb:.4f}; "
-      f"decode seconds (sum over records) cache {ta:.1f} graph {tb:.1f} ({ta / tb:.2f}x); paths: "
-      f"{sorted({r['decode'] for r in b.values()})}")
+runs = [{(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:]]
+names = ["cache, alone", "graph, alone", "graph, budgets together"]
+def compare(i, j):
+    a, b = runs[i], runs[j]
+    keys = sorted(a)
+    same_out = sum(a[k]["output"] == b[k]["output"] for k in keys)
+    same_score = sum(a[k]["score"] == b[k]["score"] for k in keys)
+    same_bytes = sum(a[k]["peak_kv_bytes"] == b[k]["peak_kv_bytes"] and a[k]["kv_bytes_kept"] == b[k]["kv_bytes_kept"]
+                     for k in keys)
+    dkl = max(abs(a[k]["kl"] - b[k]["kl"]) for k in keys)
+    sa, sb = (sum(x[k]["score"] for k in keys) / len(keys) for x in (a, b))
+    ta, tb = (sum(x[k]["decode_s"] for k in keys) for x in (a, b))
+    print(f"{names[i]} vs {names[j]}: {len(keys)} records: output identical {same_out}, score identical {same_score}, "
+          f"peak / kept bytes identical {same_bytes}; max |dKL| {dkl:.2e}; mean score {sa:.4f} / {sb:.4f}; decode "
+          f"seconds (sum over records) {ta:.1f} / {tb:.1f} ({ta / tb:.2f}x); paths {sorted({r['decode'] for r in b.values()})}")
+compare(0, 1)
+compare(1, 2)
+compare(0, 2)
 PY
     ;;
   *)

@@ -23,6 +23,7 @@ struct EvalArgs {
   std::string share_prefill = "budgets";
   std::string decode = "auto";
   int64_t continuous_chunk = 128;
+  int64_t decode_rows = 256;
   uint64_t seed = 0;
 };
 
@@ -57,6 +58,8 @@ int run(const EvalArgs& a) {
   o.continuous_chunk = a.continuous_chunk;
   o.share_prefill = a.share_prefill == "none" ? SharePrefill::PerConfig : SharePrefill::AcrossBudgets;
   o.decode = parse_decode_path(a.decode);
+  KVD_CHECK(a.decode_rows >= 0, "--decode-rows ", a.decode_rows, ": must be >= 0 (0 decodes every budget alone)");
+  o.decode_rows = a.decode_rows;
   KVD_CHECK((!a.ratios.empty()) + (!a.budget_tokens.empty()) + (!a.thresholds.empty()) == 1,
             "give exactly one of --ratios, --budget-tokens and --thresholds");
   for (const std::string& r : split(a.ratios)) {
@@ -143,6 +146,11 @@ Registration reg([](CLI::App& root) {
                   "from a CUDA graph; CUDA only), static (the same without the graph), cache (step by step on the "
                   "cache), auto (graph on CUDA, cache elsewhere). Methods that evict while decoding use cache")
       ->check(CLI::IsMember({"auto", "graph", "static", "cache"}))
+      ->capture_default_str();
+  sub->add_option("--decode-rows", a->decode_rows,
+                  "With --share-prefill budgets: the budgets of one prefill decode their answers and teacher-forced "
+                  "passes as one batch of up to this many rows (same results per sample, fewer small steps); 0: "
+                  "each budget alone")
       ->capture_default_str();
   sub->add_flag("--report-only", a->report_only, "Only rebuild results.{json,csv,md} from --out/results.jsonl");
   on_run(sub, [a] {

@@ -118,6 +118,16 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
   return caches;
 }
 
+FullReference repeat_rows(const FullReference& ref, int64_t n) {
+  FullReference out;
+  for (int64_t i = 0; i < n; ++i) {
+    out.answer.insert(out.answer.end(), ref.answer.begin(), ref.answer.end());
+    out.logp.insert(out.logp.end(), ref.logp.begin(), ref.logp.end());
+  }
+  for (const at::Tensor& r : ref.rank) out.rank.push_back(r.defined() ? r.repeat({n, 1, 1}) : r);  // (n * B, H_kv, N)
+  return out;
+}
+
 std::vector<RowResult> finish_batch(const Model& model, const std::vector<const Prepared*>& rows, ResolvedMethod& m,
                                     KVCache& cache, FullReference& ref, DecodePath decode, double& decode_s,
                                     DecodePath& decode_path) {

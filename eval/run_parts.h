@@ -51,6 +51,9 @@ struct FullReference {
                                              // ties to the lower position); positions past a row's span rank last
 };
 
+// The reference for n copies of the batch's rows one after another (budgets decoded together).
+FullReference repeat_rows(const FullReference& ref, int64_t n);
+
 struct RowResult {
   std::vector<int64_t> tokens;
   double score = 0, kl = 0, ppl = 0, hit_rate = 0, kept_fraction = 0;

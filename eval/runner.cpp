@@ -197,20 +197,50 @@ void run_eval(const EvalOptions& opt) {
       KVD_CHECK(group[0].full || have_ref, "eval: internal error, no full-cache reference");
       double prefill_s = 0;
       std::vector<KVCache> caches = compress_batch(model, rows, ms, prefill_s);
+      // The group's budgets are finished in runs of consecutive budgets whose rows decode as one batch.
+      const int64_t B = static_cast<int64_t>(rows.size());
+      const size_t per_run =
+          group[0].decode || opt.decode_rows < 2 * B ? 1 : static_cast<size_t>(opt.decode_rows / B);
+      std::vector<std::vector<RowResult>> res(group.size());
+      std::vector<double> decode_s(group.size(), 0.0);
+      std::vector<DecodePath> decode_path(group.size(), DecodePath::Cache);
+      std::vector<int64_t> decoded_with(group.size(), B);  // rows decoded together
+      for (size_t r0 = 0; r0 < group.size(); r0 += per_run) {
+        const size_t r1 = std::min(group.size(), r0 + per_run), n = r1 - r0;
+        double ds = 0;
+        DecodePath dp = DecodePath::Cache;
+        std::vector<RowResult> out;
+        if (n == 1) {
+          out = finish_batch(model, rows, group[r0], caches[r0], ref, opt.decode, ds, dp);
+          caches[r0] = KVCache(model.config(), 1, caches[r0].dtype(), caches[r0].device());  // its memory back now
+        } else {
+          std::vector<const KVCache*> parts;
+          for (size_t gi = r0; gi < r1; ++gi) parts.push_back(&caches[gi]);
+          KVCache merged = KVCache::concat_rows(parts);
+          for (size_t gi = r0; gi < r1; ++gi) caches[gi] = KVCache(model.config(), 1, merged.dtype(), merged.device());
+          std::vector<const Prepared*> rows_n;
+          for (size_t i = 0; i < n; ++i) rows_n.insert(rows_n.end(), rows.begin(), rows.end());
+          FullReference ref_n = repeat_rows(ref, static_cast<int64_t>(n));
+          out = finish_batch(model, rows_n, group[r0], merged, ref_n, opt.decode, ds, dp);
+        }
+        for (size_t gi = r0; gi < r1; ++gi) {
+          res[gi].assign(out.begin() + static_cast<int64_t>(gi - r0) * B, out.begin() + static_cast<int64_t>(gi - r0 + 1) * B);
+          decode_s[gi] = ds / static_cast<double>(n);
+          decode_path[gi] = dp;
+          decoded_with[gi] = static_cast<int64_t>(n) * B;
+        }
+        if (group[r0].full) have_ref = true;
+      }
       for (size_t gi = 0; gi < group.size(); ++gi) {
         const Config& c = *run[g0 + gi];
         ResolvedMethod& m = group[gi];
-        double decode_s = 0;
-        DecodePath decode_path = DecodePath::Cache;
-        std::vector<RowResult> res = finish_batch(model, rows, m, caches[gi], ref, opt.decode, decode_s, decode_path);
-        caches[gi] = KVCache(model.config(), 1, caches[gi].dtype(), caches[gi].device());  // its memory back now
-        if (m.full) have_ref = true;
         std::vector<json> lines;
         for (size_t r = 0; r < rows.size(); ++r) {
           const EvalSample& s = *rows[r]->sample;
           if (done.count(key_of(c.method, c.budget, s.id))) continue;
+          const RowResult& rr = res[gi][r];
           std::vector<int32_t> toks;
-          for (int64_t t : res[r].tokens)
+          for (int64_t t : rr.tokens)
             if (std::find(model.config().eos_token_ids.begin(), model.config().eos_token_ids.end(), t) ==
                 model.config().eos_token_ids.end())
               toks.push_back(static_cast<int32_t>(t));
@@ -224,19 +254,21 @@ void run_eval(const EvalOptions& opt) {
                     {"span_tokens", rows[r]->span.size()},
                     {"output", output},
                     {"score", string_match(output, s.answers, match_rule_for(s.task))},
-                    {"kl", res[r].kl},
-                    {"ppl", res[r].ppl},
-                    {"hit_rate", res[r].hit_rate},
-                    {"kept_fraction", res[r].kept_fraction},
-                    {"kv_bytes_full", res[r].full_bytes},
-                    {"kv_bytes_kept", res[r].kept_bytes},
-                    {"peak_kv_bytes", res[r].peak_bytes},
+                    {"kl", rr.kl},
+                    {"ppl", rr.ppl},
+                    {"hit_rate", rr.hit_rate},
+                    {"kept_fraction", rr.kept_fraction},
+                    {"kv_bytes_full", rr.full_bytes},
+                    {"kv_bytes_kept", rr.kept_bytes},
+                    {"peak_kv_bytes", rr.peak_bytes},
                     {"prefill_s", prefill_s / static_cast<double>(rows.size())},
-                    {"decode_s", decode_s / static_cast<double>(rows.size())},
-                    {"decode", decode_path_name(decode_path)},
+                    {"decode_s", decode_s[gi] / static_cast<double>(rows.size())},
+                    {"decode", decode_path_name(decode_path[gi])},
                     {"batch", rows.size()}};
-          // prefill_s of a shared prefill is the whole prefill's (every budget of the group reports it).
+          // prefill_s of a shared prefill is the whole prefill's (every budget of the group reports it); decode_s
+          // of budgets decoded together is their share of the joint decode.
           if (group.size() > 1) j["prefill_shared_by"] = group.size();
+          if (decoded_with[gi] > B) j["decode_rows"] = decoded_with[gi];
           if (c.b.kind == BudgetKind::Ratio && c.method != "full") j["ratio"] = c.b.value;
           if (c.b.kind == BudgetKind::TokensPerHead && c.method != "full") j["budget_tokens"] = static_cast<int64_t>(c.b.value);
           lines.push_back(std::move(j));

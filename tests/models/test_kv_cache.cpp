@@ -115,6 +115,64 @@ TEST(KVCache, KeepCompactsEachHead) {
   EXPECT_EQ(c.bytes(), 0);
 }
 
+// concat_rows: the rows of two caches (one with a ragged keep and a payload column, one plain, another batch size)
+// become one cache whose rows hold exactly what they held, with their positions, bytes and peaks; appends and a
+// rewind then act on each row as on the originals.
+TEST(KVCache, ConcatRowsKeepsEveryRowsEntries) {
+  const int64_t L = 2, H = 2, hd = 3;
+  torch::manual_seed(3);
+  KVCache a(L, 2, H, hd, torch::kFloat, torch::kCPU), b(L, 1, H, hd, torch::kFloat, torch::kCPU);
+  a.add_payload("score", torch::kFloat, -1.0);
+  for (int64_t l = 0; l < L; ++l) {
+    a.append(l, torch::randn({2, H, 6, hd}), torch::randn({2, H, 6, hd}),
+             torch::arange(6, torch::kLong).view({1, 6}).expand({2, 6}));
+    a.set_payload_tail(l, "score", torch::rand({2, H, 6}));
+    b.append(l, torch::randn({1, H, 4, hd}), torch::randn({1, H, 4, hd}), torch::arange(4, torch::kLong).view({1, 4}));
+  }
+  RaggedIndices keep{torch::tensor({0, 2, 5, 1, 1, 2, 3, 4, 5, 0}, torch::kLong), torch::tensor({0, 3, 4, 9, 10}, torch::kLong)};
+  a.keep(0, keep);  // layer 0 ragged: 3 / 1 / 5 / 1 entries
+  a.advance(std::vector<int64_t>{6, 6});
+  b.advance(std::vector<int64_t>{4});
+  const KVCache c = KVCache::concat_rows({&a, &b});
+  ASSERT_EQ(c.batch(), 3);
+  EXPECT_TRUE(c.has_payload("score"));
+  EXPECT_EQ(c.next_positions(), (std::vector<int64_t>{6, 6, 4}));
+  for (int64_t l = 0; l < L; ++l) {
+    const KVLayerView va = a.layer(l), vb = b.layer(l), vc = c.layer(l);
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t r = 0; r < 2; ++r) {
+        const int64_t n = a.length(l, r, h);
+        ASSERT_EQ(c.length(l, r, h), n);
+        EXPECT_TRUE(torch::equal(vc.k[r][h].narrow(0, 0, n), va.k[r][h].narrow(0, 0, n)));
+        EXPECT_TRUE(torch::equal(vc.v[r][h].narrow(0, 0, n), va.v[r][h].narrow(0, 0, n)));
+        EXPECT_TRUE(torch::equal(vc.pos[r][h].narrow(0, 0, n), va.pos[r][h].narrow(0, 0, n)));
+        EXPECT_TRUE(torch::equal(vc.payload.at("score")[r][h].narrow(0, 0, n), va.payload.at("score")[r][h].narrow(0, 0, n)));
+      }
+      ASSERT_EQ(c.length(l, 2, h), 4);
+      EXPECT_TRUE(torch::equal(vc.k[2][h].narrow(0, 0, 4), vb.k[0][h]));
+      EXPECT_TRUE(torch::equal(vc.pos[2][h].narrow(0, 0, 4), vb.pos[0][h]));
+      // b had no "score": its entries get the column's fill.
+      EXPECT_TRUE(torch::equal(vc.payload.at("score")[2][h].narrow(0, 0, 4), torch::full({4}, -1.0f)));
+    }
+  }
+  for (int64_t r = 0; r < 2; ++r) {
+    EXPECT_EQ(c.row_bytes(r), a.row_bytes(r));
+    EXPECT_EQ(c.row_peak_bytes(r), a.row_peak_bytes(r));
+  }
+  EXPECT_EQ(c.row_bytes(2), b.row_bytes(0));
+  EXPECT_EQ(c.row_peak_bytes(2), b.row_peak_bytes(0));
+  EXPECT_EQ(c.bytes(), a.bytes() + b.bytes());
+  // An append lands behind each row's own entries; a rewind takes it back.
+  KVCache d = KVCache::concat_rows({&a, &b});
+  const at::Tensor k1 = torch::randn({3, H, 1, hd});
+  d.append(0, k1, k1, torch::tensor({6, 6, 4}, torch::kLong).view({3, 1}));
+  EXPECT_EQ(d.length(0, 0, 1), 2);  // row 0 head 1 kept 1 entry
+  EXPECT_TRUE(torch::equal(d.layer(0).k[0][1][1], k1[0][1][0]));
+  EXPECT_TRUE(torch::equal(d.layer(0).k[2][0][4], k1[2][0][0]));
+  KVCache e(L, 1, H + 1, hd, torch::kFloat, torch::kCPU);
+  EXPECT_THROW(KVCache::concat_rows({&a, &e}), Error);  // other KV heads
+}
+
 namespace {
 
 // Decoding after eviction must equal the full forward in which the later query rows (>= n_prompt) cannot see

@@ -4,7 +4,8 @@
 - a ratio-r uniform method keeps floor(n (1 - r)) entries per head;
 - --batch 3 gives every sample the same results as --batch 1; --batch-tokens caps a batch's padded size;
 - one prefill shared by a method's budgets (--share-prefill budgets, the default) gives the same records as a
-  prefill per (method, budget);
+  prefill per (method, budget); decoding those budgets as one batch (--decode-rows) gives each sample the same
+  answer, kept set and bytes, and KL / perplexity / hit rate within float tolerance;
 - a run killed mid-way (plus a torn last line) resumes to the same results without duplicates;
 - bad input: one clear line each."""
 import json
@@ -162,7 +163,8 @@ def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
     methods = "snapkv,pyramidkv,defensivekv"
     shared, per = tmp_path / "shared", tmp_path / "per"
     for out, mode in ((shared, "budgets"), (per, "none")):
-        proc = evaluate(tasks, out, "--share-prefill", mode, batch=2, methods=methods, ratios="0.25,0.75")
+        proc = evaluate(tasks, out, "--share-prefill", mode, "--decode-rows", 0, batch=2, methods=methods,
+                        ratios="0.25,0.75")
         assert proc.returncode == 0, proc.stderr
     a, _ = records(shared)
     b, _ = records(per)
@@ -174,6 +176,26 @@ def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
         # SnapKV and PyramidKV score alike at every budget; DefensiveKV's first stage depends on it.
         assert ra.get("prefill_shared_by") == (2 if k[0] in ("snapkv", "pyramidkv") else None), k
         assert "prefill_shared_by" not in rb
+
+
+def test_budgets_decoded_together_equal_budgets_decoded_alone(tasks, tmp_path):
+    methods = "snapkv,defensivekv"
+    together, alone = tmp_path / "together", tmp_path / "alone"
+    for out, rows in ((together, 256), (alone, 0)):
+        proc = evaluate(tasks, out, "--decode-rows", rows, batch=2, methods=methods, ratios="0.25,0.5,0.75")
+        assert proc.returncode == 0, proc.stderr
+    a, _ = records(together)
+    b, _ = records(alone)
+    assert a.keys() == b.keys() and len(a) == 7 * 4
+    for k, ra in a.items():
+        rb = b[k]
+        for f in ("output", "score", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes", "batch"):
+            assert ra[f] == rb[f], (k, f, ra[f], rb[f])
+        for f in ("kl", "ppl", "hit_rate"):
+            assert ra[f] == pytest.approx(rb[f], rel=1e-3, abs=1e-6), (k, f, ra[f], rb[f])
+        # SnapKV's three budgets share a prefill and decode as one batch of 3 x 2 rows; DefensiveKV's do not share.
+        assert ra.get("decode_rows") == (6 if k[0] == "snapkv" else None), k
+        assert "decode_rows" not in rb
 
 
 def test_resume_after_kill(single, tasks, tmp_path):
