@@ -23,9 +23,10 @@
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
 # TRAIN (which of them `train` runs, default "kvzap dms"); KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
-# three quarters); P (eval processes at once, default 10), GROUP (methods per
-# process, default 2), BATCH (default 16), BATCH_TOKENS (default 0: no limit; e.g. BATCH=64 BATCH_TOKENS=131072
-# for 64 rows at 2K, 32 at 4K, 16 at 8K), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
+# three quarters); P (eval processes at once, default 6), GROUP (methods per
+# process, default 2), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
+# BATCH=64 BATCH_TOKENS=131072 six processes ran out of the H200's memory on 2026-12-04: KVzip's repeat pass and
+# the teacher-forced logits of budgets decoded together), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
 # below); LEARNED (extra learned methods, e.g. "gate:/root/trimkv/bundle attngate:/root/ag/bundle"; the trained
 # KVzap and DMS bundles are added when they exist; KVD (default build-gpu/kvdistill).
 set -euo pipefail
@@ -45,10 +46,10 @@ layer_defensivekv cake kvzip_plus criticalkv_snapkv h2o observed_attention keydi
 lazy_eviction streaming_llm_decode}
 LEARNED=${LEARNED:-}
 RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}
-P=${P:-10}
+P=${P:-6}
 GROUP=${GROUP:-2}
-BATCH=${BATCH:-16}
-BATCH_TOKENS=${BATCH_TOKENS:-0}
+BATCH=${BATCH:-32}
+BATCH_TOKENS=${BATCH_TOKENS:-65536}
 KVD=${KVD:-build-gpu/kvdistill}
 mkdir -p "$W"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model, tasks_slice

@@ -149,8 +149,8 @@ Registration reg([](CLI::App& root) {
       ->capture_default_str();
   sub->add_option("--decode-rows", a->decode_rows,
                   "With --share-prefill budgets: the budgets of one prefill decode their answers and teacher-forced "
-                  "passes as one batch of up to this many rows (same results per sample, fewer small steps); 0: "
-                  "each budget alone")
+                  "passes as one batch of up to this many rows and 2 GiB of teacher-forced logits (same results per "
+                  "sample, fewer small steps); 0: each budget alone")
       ->capture_default_str();
   sub->add_flag("--report-only", a->report_only, "Only rebuild results.{json,csv,md} from --out/results.jsonl");
   on_run(sub, [a] {

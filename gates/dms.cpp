@@ -210,21 +210,30 @@ ComponentSpec dms_spec() {
       {"component.temperature", ValueType::Float, "0.5", "Gumbel-sigmoid temperature in training"},
       {"component.bias_init", ValueType::Float, "-5.0", "probe bias at init (evict probability sigmoid(b))"},
       {"component.init_std", ValueType::Float, "0.02", "std of the probe weights at init"},
-      {"component.budget", ValueType::Int, "128", "KV entries per head of the held-out check"},
+      {"component.budget", ValueType::Int, "512", "KV entries per head of the held-out check (more than the window)"},
   };
   s.losses = {
       {"loss.kl", ValueType::Float, "1.0", "weight of the forward KL(teacher || student)"},
       {"loss.ce", ValueType::Float, "0.0", "weight of the student's next-token cross-entropy"},
       {"loss.compression", ValueType::Float, "1.0", "weight of max(0, target(step) - mean evict probability)"},
   };
-  s.check = [](const nlohmann::json& o) { resolve_options(o); };
+  s.check = [](const nlohmann::json& o) {
+    const DMSOptions d = resolve_options(o);
+    KVD_CHECK(d.budget > d.window, "config key 'component.budget': must exceed component.window (", d.window, "), got ",
+              d.budget, ": at a budget <= the window the held-out check keeps exactly the delay window and cannot "
+              "see the probe; use e.g. ", 4 * std::max<int64_t>(d.window, 32));
+  };
   s.make = [](const ModelConfig& cfg, const nlohmann::json& o) -> std::shared_ptr<Component> {
     return DMS(cfg, resolve_options(o)).ptr();
   };
   s.options_from_manifest = [](const nlohmann::json& m) {
     KVD_CHECK(m.value("score", std::string()) == "dms_keep_probability", "the manifest's score is '",
               m.value("score", std::string("missing")), "', not dms_keep_probability; export the bundle again");
-    return m.at("options");
+    // The budget is the trainer's held-out check only; bundles from before the budget > window rule still load.
+    nlohmann::json o = m.at("options");
+    if (o.contains("budget") && o.contains("window") && o["budget"].get<int64_t>() <= o["window"].get<int64_t>())
+      o["budget"] = 4 * std::max<int64_t>(o["window"].get<int64_t>(), 32);
+    return o;
   };
   return s;
 }

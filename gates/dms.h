@@ -39,7 +39,7 @@ struct DMSOptions {
   double bias_init = -5.0;   // b at init: α ≈ 0.007, nothing evicted (the model starts as plain attention)
   double init_std = 0.02;    // W ~ N(0, init_std)
   double eps = 1e-6;         // ε of the training bias log(1 − α̃ + ε)
-  int64_t budget = 128;      // KV entries per head of the trainer's held-out check
+  int64_t budget = 512;      // KV entries per head of the trainer's held-out check (more than the window)
 };
 
 // Whether the training decision is relaxed with Gumbel noise (training) or taken as sigmoid(z) (deterministic).

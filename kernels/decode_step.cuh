@@ -6,7 +6,7 @@
 //
 //   rms_norm      y = w · bf16(x · rsqrt(mean(x²) + eps)), per row of n (HF's RMSNorm: x in fp32, the product with
 //                 w in bf16). With `residual`: x = bf16(x + residual) first, written to `sum`. The mean's
-//                 summation order differs from LibTorch's, so y may differ in the last bf16 bit.
+//                 summation order differs from LibTorch's, so y may differ by up to 2 bf16 units in the last place.
 //   rope          the HF half-split rotation of q and k in one launch: out = bf16(bf16(x · cos) + bf16(rot(x) · sin)),
 //                 rot(x) = (−x₂, x₁). Bitwise equal to LibTorch's chain.
 //   silu_mul      out = bf16(bf16(silu(g)) · u). silu(g) = g / (1 + exp(−g)) in fp32, as LibTorch computes it.

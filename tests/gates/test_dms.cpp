@@ -67,6 +67,8 @@ TEST(DMS, ProbeShapesNamesAndOptions) {
   EXPECT_NE(error_of([&] { make_dms(cfg, {{"target", 1.0}}); }).find("component.target"), std::string::npos);
   EXPECT_NE(error_of([&] { make_dms(cfg, {{"window", -1}}); }).find("component.window"), std::string::npos);
   EXPECT_NE(error_of([&] { make_dms(cfg, {{"temperature", 0.0}}); }).find("component.temperature"), std::string::npos);
+  // The held-out check's budget must exceed the delay window, or it would keep exactly the window.
+  EXPECT_NE(error_of([&] { make_dms(cfg, {{"budget", 128}, {"window", 128}}); }).find("component.budget"), std::string::npos);
 }
 
 // The delayed bias against a loop: 0 where pos_q − pos_k <= window, log(1 − α_k + ε) beyond.

@@ -1,8 +1,8 @@
 // The row kernels of a decode step (kernels/decode_step.cu: RMSNorm with the residual add, RoPE, SiLU · up, the
 // fixed-shape append) on the CPU through the SIMT emulator, against the LibTorch references of
 // kernels/decode_step.h on the same bf16 inputs. Metric: the largest distance in bf16 units in the last place.
-// RoPE, the residual sum and the append must be bitwise equal; RMSNorm and SiLU may differ by 1 unit (the mean's
-// summation order; exp). Runs in CI.
+// RoPE, the residual sum and the append must be bitwise equal; SiLU · up may differ by 1 unit (exp) and RMSNorm by
+// 2 (the mean's summation order may move the normalized value by 1 unit before the product with w). Runs in CI.
 #define KVD_SIMT_EMULATION 1
 #include "kernels/decode_step.cu"
 
@@ -36,9 +36,9 @@ TEST(DecodeStepEmulated, RmsNormMatchesTheReference) {
       if (residual) {
         const kvd::AddRmsNorm ref = kvd::add_rms_norm(x, r, w, eps);
         EXPECT_EQ(max_ulps(sum, ref.sum), 0) << "n " << n;
-        EXPECT_LE(max_ulps(y, ref.normed), 1) << "n " << n;
+        EXPECT_LE(max_ulps(y, ref.normed), 2) << "n " << n;
       } else {
-        EXPECT_LE(max_ulps(y, kvd::rms_norm(x, w, eps)), 1) << "n " << n;
+        EXPECT_LE(max_ulps(y, kvd::rms_norm(x, w, eps)), 2) << "n " << n;
       }
     }
   }

@@ -1,6 +1,7 @@
 // The row kernels of a decode step (kernels/decode_step.*) on the GPU against their LibTorch references on the same
 // device and inputs. Metric: the largest distance in bf16 units in the last place: 0 for RoPE, the residual sum and
-// the append; at most 1 for RMSNorm and SiLU · up (summation order, exp). Also the layouts the decoder hands them
+// the append; at most 2 for RMSNorm (the mean's summation order may move the normalized value by 1 unit, which
+// the product with w can make 2) and 1 for SiLU · up (exp). Also the layouts the decoder hands them
 // (a projection's output viewed and transposed, Qwen3's per-head norm) and the fall-back to the reference. Skipped
 // without a GPU; the kernels' code runs in CI through the emulator (emu_decode_step).
 #include <gtest/gtest.h>
@@ -24,10 +25,10 @@ TEST(DecodeStepKernels, MatchTheReferences) {
   for (int64_t n : {64, 576, 4096}) {
     const at::Tensor x = cuda(bf16_randn({16, 1, n}, n, 3.0)), r = cuda(bf16_randn({16, 1, n}, n + 1, 2.0));
     const at::Tensor w = cuda(bf16_randn({n}, n + 2));
-    EXPECT_LE(max_ulps(kvd::rms_norm(x, w, 1e-5, KernelPath::Fused), kvd::rms_norm(x, w, 1e-5)), 1) << n;
+    EXPECT_LE(max_ulps(kvd::rms_norm(x, w, 1e-5, KernelPath::Fused), kvd::rms_norm(x, w, 1e-5)), 2) << n;
     const kvd::AddRmsNorm f = kvd::add_rms_norm(x, r, w, 1e-6, KernelPath::Fused), ref = kvd::add_rms_norm(x, r, w, 1e-6);
     EXPECT_EQ(max_ulps(f.sum, ref.sum), 0) << n;
-    EXPECT_LE(max_ulps(f.normed, ref.normed), 1) << n;
+    EXPECT_LE(max_ulps(f.normed, ref.normed), 2) << n;
     const at::Tensor g = cuda(bf16_randn({16, 1, n}, n + 3, 4.0));
     EXPECT_LE(max_ulps(kvd::silu_mul(g, r, KernelPath::Fused), kvd::silu_mul(g, r)), 1) << n;
   }
@@ -48,7 +49,7 @@ TEST(DecodeStepKernels, MatchTheReferences) {
       const at::Tensor wn = cuda(bf16_randn({hd}, 7));
       const at::Tensor qn = kvd::rms_norm(q, wn, 1e-6, KernelPath::Fused);
       EXPECT_EQ(qn.strides(), q.strides());
-      EXPECT_LE(max_ulps(qn, kvd::rms_norm(q, wn, 1e-6)), 1);
+      EXPECT_LE(max_ulps(qn, kvd::rms_norm(q, wn, 1e-6)), 2);
     }
   }
 }
