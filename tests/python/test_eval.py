@@ -159,16 +159,21 @@ def test_batch_tokens_caps_the_padded_batch(single, tasks, tmp_path):
         assert got[k]["output"] == a["output"] and got[k]["kv_bytes_kept"] == a["kv_bytes_kept"], k
 
 
-def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
-    methods = "snapkv,pyramidkv,defensivekv"
-    shared, per = tmp_path / "shared", tmp_path / "per"
-    for out, mode in ((shared, "budgets"), (per, "none")):
-        proc = evaluate(tasks, out, "--share-prefill", mode, "--decode-rows", 0, batch=2, methods=methods,
-                        ratios="0.25,0.75")
+def eval_pair(tasks, tmp_path, flags_a, flags_b, **kw):
+    """Two runs of the same samples and configurations, differing in flags: their records by key."""
+    runs = []
+    for name, flags in (("a", flags_a), ("b", flags_b)):
+        proc = evaluate(tasks, tmp_path / name, *flags, **kw)
         assert proc.returncode == 0, proc.stderr
-    a, _ = records(shared)
-    b, _ = records(per)
-    assert a.keys() == b.keys() and len(a) == 7 * 4
+        runs.append(records(tmp_path / name)[0])
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 7 * 4
+    return runs
+
+
+def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
+    a, b = eval_pair(tasks, tmp_path, ("--share-prefill", "budgets", "--decode-rows", 0),
+                     ("--share-prefill", "none", "--decode-rows", 0), batch=2, methods="snapkv,pyramidkv,defensivekv",
+                     ratios="0.25,0.75")
     for k, ra in a.items():
         rb = b[k]
         for f in ("output", "score", "kl", "ppl", "hit_rate", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes"):
@@ -179,14 +184,8 @@ def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
 
 
 def test_budgets_decoded_together_equal_budgets_decoded_alone(tasks, tmp_path):
-    methods = "snapkv,defensivekv"
-    together, alone = tmp_path / "together", tmp_path / "alone"
-    for out, rows in ((together, 256), (alone, 0)):
-        proc = evaluate(tasks, out, "--decode-rows", rows, batch=2, methods=methods, ratios="0.25,0.5,0.75")
-        assert proc.returncode == 0, proc.stderr
-    a, _ = records(together)
-    b, _ = records(alone)
-    assert a.keys() == b.keys() and len(a) == 7 * 4
+    a, b = eval_pair(tasks, tmp_path, ("--decode-rows", 256), ("--decode-rows", 0), batch=2,
+                     methods="snapkv,defensivekv", ratios="0.25,0.5,0.75")
     for k, ra in a.items():
         rb = b[k]
         for f in ("output", "score", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes", "batch"):
