@@ -1,5 +1,8 @@
 #include "gates/allocation.h"
 
+#include <algorithm>
+#include <limits>
+
 #include <torch/torch.h>
 
 #include "common/error.h"
@@ -72,61 +75,60 @@ class Global : public LayerAllocation {
 // let an earlier layer's budget grow back after it had evicted.)
 class Cake : public LayerAllocation {
  public:
-  Cake(const SelectorOptions& o, int64_t L, int64_t B) : opt_(o), L_(L), rows_(B) {
-    for (Row& r : rows_) {
-      r.pref.assign(L, 0.0);
-      r.scores.assign(L, at::Tensor());
-      r.count.assign(L, 0);
-    }
-  }
+  Cake(const SelectorOptions& o, int64_t L, int64_t B)
+      : opt_(o), L_(L), B_(B), pref_(B, std::vector<double>(L, 0.0)), staged_(L, std::vector<at::Tensor>(B)),
+        scores_(L), count_(L, std::vector<int64_t>(B, 0)) {}
   bool chunkable() const override { return false; }
   RaggedIndices row_scored(int64_t l, int64_t b, const at::Tensor& s, const at::Tensor&, int64_t,
                            const std::vector<double>& pref) override {
     KVD_CHECK(pref.size() == 1, "the cake allocation needs a scorer with a layer preference");
-    Row& r = rows_[b];
-    r.pref[l] = pref[0];
-    r.scores[l] = s;
-    r.count[l] = s.size(2);
+    pref_[b][l] = pref[0];
+    staged_[l][b] = s;
+    count_[l][b] = s.size(2);
     return RaggedIndices();  // the cascade in layer_done decides
   }
+  // Every row at once: one sort, one keep and one read-back per layer cut (a row at a time cost B times more).
   void layer_done(int64_t l, KVCache& c, const std::vector<int64_t>& tokens) override {
-    const int64_t B = static_cast<int64_t>(rows_.size()), Hkv = c.num_kv_heads();
-    std::vector<std::vector<RaggedIndices>> cut(l + 1, std::vector<RaggedIndices>(B));  // [layer][row]
-    std::vector<bool> changed(l + 1, false);
-    for (int64_t b = 0; b < B; ++b) {
-      Row& r = rows_[b];
+    const float ninf = -std::numeric_limits<float>::infinity();
+    {  // Layer l's rows side by side, -inf past each row's entries (a stable descending sort puts them last).
+      const int64_t w = *std::max_element(count_[l].begin(), count_[l].end());
+      std::vector<at::Tensor> rows;
+      for (int64_t b = 0; b < B_; ++b)
+        rows.push_back(at::constant_pad_nd(staged_[l][b], {0, w - count_[l][b]}, ninf));  // (1, H_kv, w)
+      scores_[l] = torch::cat(rows);  // (B, H_kv, w)
+      staged_[l].assign(B_, at::Tensor());
+    }
+    std::vector<std::vector<int64_t>> k(l + 1, std::vector<int64_t>(B_));  // [layer][row] the new counts
+    for (int64_t b = 0; b < B_; ++b) {
       const Budget& bud = opt_.budget;
       const int64_t per_head = bud.kind == BudgetKind::Ratio && bud.value == 0.0 ? tokens[b] : bud.n_kept(tokens[b]);
       const std::vector<int64_t> budgets =
-          cake_layer_budgets(std::vector<double>(r.pref.begin(), r.pref.begin() + l + 1), L_ * per_head, tokens[b]);
-      for (int64_t i = 0; i <= l; ++i) {
-        const int64_t k = std::min(budgets[i], r.count[i]);
-        if (k == r.count[i]) {
-          cut[i][b] = ragged_keep_all(row_lengths(c, i, b));
-          continue;
-        }
-        at::Tensor mask = topk_mask(r.scores[i], k);  // (1, H_kv, count)
-        cut[i][b] = ragged_from_mask(mask);
-        r.scores[i] = r.scores[i].masked_select(mask).view({1, Hkv, k});  // (1, H_kv, k)
-        r.count[i] = k;
-        changed[i] = true;
-      }
+          cake_layer_budgets(std::vector<double>(pref_[b].begin(), pref_[b].begin() + l + 1), L_ * per_head, tokens[b]);
+      for (int64_t i = 0; i <= l; ++i) k[i][b] = std::min(budgets[i], count_[i][b]);
     }
-    for (int64_t i = 0; i <= l; ++i)
-      if (changed[i]) c.keep(i, concat_ragged(cut[i]));
+    for (int64_t i = 0; i <= l; ++i) {
+      if (k[i] == count_[i]) continue;
+      // Each row's top k (its padding ranks last, past its count >= k), in position order; the scores go with
+      // the entries they were kept with, so a later cut ranks by them.
+      const at::Tensor mask = topk_mask(scores_[i], k[i]);  // (B, H_kv, w)
+      c.keep(i, ragged_from_mask(mask));
+      const int64_t w = *std::max_element(k[i].begin(), k[i].end());
+      const at::Tensor first = std::get<1>(mask.to(torch::kByte).sort(/*stable=*/true, -1, /*descending=*/true)).narrow(-1, 0, w);
+      const at::Tensor kk = torch::tensor(k[i], torch::kLong).to(mask.device()).view({B_, 1, 1});  // (B, 1, 1)
+      const at::Tensor past = torch::arange(w, kk.options()).view({1, 1, w}).ge(kk);              // (B, 1, w)
+      scores_[i] = scores_[i].gather(-1, first).masked_fill(past, ninf);                          // (B, H_kv, w)
+      count_[i] = k[i];
+    }
   }
 
  private:
-  // Per batch row: each layer's preference and the scores of the entries it still holds (compacted with them,
-  // so a later cut uses the scores the entries were kept with).
-  struct Row {
-    std::vector<double> pref;        // [layer]
-    std::vector<at::Tensor> scores;  // [layer] (1, H_kv, count)
-    std::vector<int64_t> count;      // [layer] entries per head
-  };
   SelectorOptions opt_;
-  int64_t L_;
-  std::vector<Row> rows_;
+  int64_t L_, B_;
+  std::vector<std::vector<double>> pref_;           // [row][layer] the layer preference
+  std::vector<std::vector<at::Tensor>> staged_;     // [layer][row] (1, H_kv, n_b) until the layer is done
+  std::vector<at::Tensor> scores_;                  // [layer] (B, H_kv, w): the scores of the entries each row
+                                                    // still holds, in position order, -inf past its count
+  std::vector<std::vector<int64_t>> count_;         // [layer][row] entries per head
 };
 
 }  // namespace

@@ -71,6 +71,18 @@ at::Tensor topk_mask(const at::Tensor& scores, int64_t k) {  // (B, H_kv, n)
   return mask.scatter(-1, top, true);
 }
 
+at::Tensor topk_mask(const at::Tensor& scores, const std::vector<int64_t>& k) {  // (B, H_kv, n)
+  KVD_CHECK(scores.dim() == 3 && static_cast<int64_t>(k.size()) == scores.size(0), "topk_mask: scores must be (B, H_kv, n) "
+            "with one k per row; got ", scores.sizes(), " and ", k.size(), " k");
+  const int64_t n = scores.size(-1);
+  if (n == 0) return torch::zeros(scores.sizes(), scores.options().dtype(torch::kBool));
+  const at::Tensor order = order_desc(scores);  // (B, H_kv, n)
+  const at::Tensor rank = torch::empty_like(order).scatter_(
+      -1, order, torch::arange(n, order.options()).view({1, 1, n}).expand_as(order));  // (B, H_kv, n): 0 = best
+  const at::Tensor kk = torch::tensor(k, torch::kLong).to(scores.device()).view({-1, 1, 1});  // (B, 1, 1)
+  return rank.lt(kk);  // (B, H_kv, n)
+}
+
 int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double beta, int64_t layer, int64_t num_layers) {
   KVD_CHECK(beta >= 1.0, "pyramid: beta must be >= 1");
   const double w = static_cast<double>(window), q = static_cast<double>(n);

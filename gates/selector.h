@@ -57,6 +57,8 @@ std::vector<std::vector<int64_t>> ragged_to_lists(const RaggedIndices& r);
 
 // The top-k of each row of scores (B, H_kv, n) as a keep mask (B, H_kv, n), ties to the lower index.
 at::Tensor topk_mask(const at::Tensor& scores, int64_t k);
+// The same with its own k for each batch row: every head of row b keeps its top k[b] ([B]).
+at::Tensor topk_mask(const at::Tensor& scores, const std::vector<int64_t>& k);
 
 // kvpress PyramidKV budget of `layer` (entries per head) for a prompt of n tokens.
 int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double beta, int64_t layer, int64_t num_layers);

@@ -28,6 +28,20 @@ TEST(Selector, UniformTopKTiesGoToTheLowerIndex) {
   EXPECT_EQ(ragged_to_lists(r)[0], (std::vector<int64_t>{1, 2}));
 }
 
+// A k per batch row (CAKE's cascade cuts every row at once): each row equals topk_mask of that row alone, ties
+// (many here: 4 distinct values) to the lower index, -inf padding last.
+TEST(Selector, TopKMaskWithAKPerRow) {
+  at::Tensor s = torch::randint(0, 4, {3, 2, 9}, at::detail::createCPUGenerator(5)).to(torch::kFloat);  // (B, H_kv, n)
+  s[2].narrow(-1, 6, 3).fill_(-INFINITY);  // row 2 holds 6 entries
+  const std::vector<int64_t> k = {0, 4, 6};
+  const at::Tensor got = topk_mask(s, k);
+  for (int64_t b = 0; b < 3; ++b)
+    EXPECT_TRUE(torch::equal(got[b], topk_mask(s.narrow(0, b, 1), k[b])[0])) << "row " << b;
+  EXPECT_EQ(got[2].narrow(-1, 6, 3).sum().item<int64_t>(), 0);  // the padding is never kept
+  EXPECT_EQ(got.sum().item<int64_t>(), 2 * (0 + 4 + 6));
+  EXPECT_THROW(topk_mask(s, std::vector<int64_t>{1, 2}), Error);  // one k per row
+}
+
 TEST(Selector, RaggedLayoutIsSortedIndicesPlusOffsets) {
   at::Tensor mask = torch::tensor({1, 0, 1, 0, 0, 0, 1, 1, 1}, torch::kBool).view({1, 3, 3});  // (B, H_kv, n)
   RaggedIndices r = ragged_from_mask(mask);
