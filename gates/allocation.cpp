@@ -90,11 +90,15 @@ class Cake : public LayerAllocation {
   // Every row at once: one sort, one keep and one read-back per layer cut (a row at a time cost B times more).
   void layer_done(int64_t l, KVCache& c, const std::vector<int64_t>& tokens) override {
     const float ninf = -std::numeric_limits<float>::infinity();
-    {  // Layer l's rows side by side, -inf past each row's entries (a stable descending sort puts them last).
+    {  // Layer l's rows side by side, -inf past each row's entries (a stable descending sort puts them last). A row
+       // that was not scored (no tokens) holds nothing.
       const int64_t w = *std::max_element(count_[l].begin(), count_[l].end());
       std::vector<at::Tensor> rows;
       for (int64_t b = 0; b < B_; ++b)
-        rows.push_back(at::constant_pad_nd(staged_[l][b], {0, w - count_[l][b]}, ninf));  // (1, H_kv, w)
+        rows.push_back(staged_[l][b].defined()
+                           ? at::constant_pad_nd(staged_[l][b], {0, w - count_[l][b]}, ninf)  // (1, H_kv, w)
+                           : torch::full({1, c.num_kv_heads(), w}, ninf,
+                                         torch::TensorOptions().dtype(torch::kFloat).device(c.device())));
       scores_[l] = torch::cat(rows);  // (B, H_kv, w)
       staged_[l].assign(B_, at::Tensor());
     }
