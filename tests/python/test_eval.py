@@ -3,13 +3,10 @@
 - the full cache has KL 0, hit rate 1 and keeps everything; byte counts equal entries x bytes per entry;
 - a ratio-r uniform method keeps floor(n (1 - r)) entries per head;
 - --batch 3 gives every sample the same results as --batch 1; --batch-tokens caps a batch's padded size;
-- one prefill shared by a method's budgets (--share-prefill budgets, the default) gives the same records as a
-  prefill per (method, budget); decoding those budgets as one batch (--decode-rows) gives each sample the same
-  answer, kept set and bytes, and KL / perplexity / hit rate within float tolerance;
+- (a method's budgets sharing one prefill and one decode batch: test_eval_budgets.py)
 - a run killed mid-way (plus a torn last line) resumes to the same results without duplicates;
 - bad input: one clear line each."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,46 +16,12 @@ from pathlib import Path
 import pytest
 
 from conftest import KVD_BIN, MODEL_DIR, assert_clean_error, run_kvd
+from eval_helpers import METHODS, ROOT, evaluate, needs_corpus, records, ruler_score, tasks  # noqa: F401 (a fixture)
 
-ROOT = Path(__file__).resolve().parents[2]
-CORPUS = ROOT / ".cache/corpus"
 L, HKV, HD = 30, 3, 64          # SmolLM2-135M: layers, KV heads, head dim
 BYTES_PER_ENTRY = 2 * HD * 4    # K + V in float32 (CPU)
-METHODS = "streaming_llm,snapkv,adakv_snapkv"
 
-pytestmark = pytest.mark.skipif(not (CORPUS / "MANIFEST").exists(),
-                                reason="the default corpus is missing: run scripts/corpus.sh")
-
-
-@pytest.fixture(scope="module")
-def tasks(tmp_path_factory):
-    d = tmp_path_factory.mktemp("evaltasks")
-    full = d / "all.jsonl"
-    proc = run_kvd("prepare", "tasks", "--model", MODEL_DIR, "--suite", "ruler", "--lengths", "384",
-                   "--samples", "1", "--seed", "5", "--corpus", CORPUS, "--out", full)
-    assert proc.returncode == 0, proc.stderr
-    lines = full.read_text().splitlines()
-    keep = [l for l in lines if json.loads(l)["task"] in ("niah_single", "vt", "fwe", "qa")]
-    assert len(keep) == 4
-    out = d / "tasks.jsonl"
-    out.write_text("\n".join(keep) + "\n")
-    return out
-
-
-def evaluate(tasks, out, *extra, batch=1, methods=METHODS, ratios="0.5"):
-    return run_kvd("eval", "--model", MODEL_DIR, "--tasks", tasks, "--methods", methods, "--ratios", ratios,
-                   "--out", out, "--batch", batch, "--max-new-tokens", 12, *extra)
-
-
-def records(out):
-    rows = [json.loads(l) for l in (Path(out) / "results.jsonl").read_text().splitlines()]
-    return {(r["method"], r["budget"], r["id"]): r for r in rows}, rows
-
-
-def ruler_score(output, answers, task):
-    o = output.lower()
-    hits = [a.lower() in o for a in answers]
-    return float(any(hits)) if task.startswith("qa") else sum(hits) / len(answers)
+pytestmark = needs_corpus
 
 
 @pytest.fixture(scope="module")
@@ -157,44 +120,6 @@ def test_batch_tokens_caps_the_padded_batch(single, tasks, tmp_path):
     for k, a in one.items():
         assert got[k]["batch"] == size[k[2]], k
         assert got[k]["output"] == a["output"] and got[k]["kv_bytes_kept"] == a["kv_bytes_kept"], k
-
-
-def eval_pair(tasks, tmp_path, flags_a, flags_b, **kw):
-    """Two runs of the same samples and configurations, differing in flags: their records by key."""
-    runs = []
-    for name, flags in (("a", flags_a), ("b", flags_b)):
-        proc = evaluate(tasks, tmp_path / name, *flags, **kw)
-        assert proc.returncode == 0, proc.stderr
-        runs.append(records(tmp_path / name)[0])
-    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 7 * 4
-    return runs
-
-
-def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
-    a, b = eval_pair(tasks, tmp_path, ("--share-prefill", "budgets", "--decode-rows", 0),
-                     ("--share-prefill", "none", "--decode-rows", 0), batch=2, methods="snapkv,pyramidkv,defensivekv",
-                     ratios="0.25,0.75")
-    for k, ra in a.items():
-        rb = b[k]
-        for f in ("output", "score", "kl", "ppl", "hit_rate", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes"):
-            assert ra[f] == rb[f], (k, f, ra[f], rb[f])
-        # SnapKV and PyramidKV score alike at every budget; DefensiveKV's first stage depends on it.
-        assert ra.get("prefill_shared_by") == (2 if k[0] in ("snapkv", "pyramidkv") else None), k
-        assert "prefill_shared_by" not in rb
-
-
-def test_budgets_decoded_together_equal_budgets_decoded_alone(tasks, tmp_path):
-    a, b = eval_pair(tasks, tmp_path, ("--decode-rows", 256), ("--decode-rows", 0), batch=2,
-                     methods="snapkv,defensivekv", ratios="0.25,0.5,0.75")
-    for k, ra in a.items():
-        rb = b[k]
-        for f in ("output", "score", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes", "batch"):
-            assert ra[f] == rb[f], (k, f, ra[f], rb[f])
-        for f in ("kl", "ppl", "hit_rate"):
-            assert ra[f] == pytest.approx(rb[f], rel=1e-3, abs=1e-6), (k, f, ra[f], rb[f])
-        # SnapKV's three budgets share a prefill and decode as one batch of 3 x 2 rows; DefensiveKV's do not share.
-        assert ra.get("decode_rows") == (6 if k[0] == "snapkv" else None), k
-        assert "decode_rows" not in rb
 
 
 def test_resume_after_kill(single, tasks, tmp_path):
