@@ -223,8 +223,10 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
         at::Tensor q = obs.queries.narrow(0, b, 1).narrow(2, r0, nr);          // (1, H, nr, hd)
         at::Tensor qp = obs.query_positions.narrow(0, b, 1).narrow(1, r0, nr);  // (1, nr)
         at::Tensor valid = kv.valid.defined() ? kv.valid.narrow(0, b, 1) : at::Tensor();
-        at::Tensor a = window_attention(q, qp, kv.k.narrow(0, b, 1), kv.pos.narrow(0, b, 1), valid);  // (1, H, nr, n)
-        at::Tensor per_kv = reduce_group(a.mean(2), Hkv, GroupReduce::Mean);  // (1, H_kv, n)
+        const at::Tensor a = window_columns({q, qp, kv.k.narrow(0, b, 1), kv.pos.narrow(0, b, 1), valid},
+                                            WindowMoments::Sum, m.compress.kernels)
+                                 .sum;  // (1, H, n)
+        at::Tensor per_kv = reduce_group(a / static_cast<double>(nr), Hkv, GroupReduce::Mean);  // (1, H_kv, n)
         att[b].narrow(1, 0, span).copy_(per_kv[0].narrow(1, 0, span));
       }
       at::Tensor order = std::get<1>(att.sort(/*stable=*/true, 2, /*descending=*/true));  // (B, H_kv, N)

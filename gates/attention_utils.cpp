@@ -24,20 +24,28 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& q_pos, const 
   return attention_probs(q, q_pos, k, k_pos, valid, torch::kFloat);  // (B, H, w, n) float32
 }
 
-at::Tensor attention_column_sums(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k,
-                                 const at::Tensor& k_pos, const at::Tensor& valid, int64_t row_block) {
-  const int64_t w = q.size(2);
-  at::Tensor sum;  // (B, H, n)
+WindowColumns window_columns(const WindowScoresInput& in, WindowMoments moments, KernelPath path, int64_t row_block) {
+  if (path == KernelPath::Fused && window_scores_fused_available(in)) return window_columns_fused(in, moments);
+  KVD_CHECK(in.q.defined() && in.q.dim() == 4 && row_block > 0, "window_columns: q must be (B, H, w, hd), got ",
+            in.q.sizes());
+  const int64_t w = in.q.size(2);
+  WindowColumns out;  // (B, H, n) each
   for (int64_t r0 = 0; r0 < w; r0 += row_block) {
     const int64_t nb = std::min(row_block, w - r0);
-    at::Tensor p = window_attention(q.narrow(2, r0, nb), q_pos.narrow(1, r0, nb), k, k_pos, valid);  // (B, H, nb, n)
-    at::Tensor s = p.sum(2);                                                                         // (B, H, n)
-    sum = sum.defined() ? sum + s : s;
+    at::Tensor p = attention_probs(in.q.narrow(2, r0, nb), in.q_pos.narrow(1, r0, nb), in.k, in.k_pos, in.valid,
+                                   torch::kFloat, EmptyRows::Zero);  // (B, H, nb, n)
+    at::Tensor s = p.sum(2);                                        // (B, H, n)
+    out.sum = out.sum.defined() ? out.sum + s : s;
+    if (moments == WindowMoments::SumAndSquares) {
+      at::Tensor s2 = p.square().sum(2);  // (B, H, n)
+      out.sumsq = out.sumsq.defined() ? out.sumsq + s2 : s2;
+    }
   }
-  return sum;
+  return out;
 }
 
-LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, int64_t next_position) {
+LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, int64_t next_position,
+                     KernelPath kernels) {
   LayerView view;
   view.layer = layer;
   view.model = &model;
@@ -47,6 +55,7 @@ LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, i
   view.valid = kv.valid;    // (B, H_kv, n) or undefined
   view.payload = kv.payload;
   view.next_position = next_position;
+  view.kernels = kernels;
   return view;
 }
 

@@ -127,6 +127,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       if (ragged) view.valid = kv.valid.narrow(0, b, 1).narrow(2, 0, nb);  // (1, H_kv, n_b)
       for (const auto& [name, col] : kv.payload) view.payload[name] = col.narrow(0, b, 1).narrow(2, 0, nb);  // (1, H_kv, n_b)
       view.batch_offset = b;
+      view.kernels = opts.kernels;
       if (!obs) {
         view.next_position = c.next_position(b);
       } else {

@@ -59,6 +59,7 @@ enum class ChunkBudget {
 struct CompressOptions {
   int64_t chunk_size = 0;
   ChunkBudget chunk_budget = ChunkBudget::SoFar;
+  KernelPath kernels = KernelPath::Fused;  // scorers' fused kernels where they apply (LayerView::kernels)
 };
 
 struct RowCompressStats {

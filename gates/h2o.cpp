@@ -16,8 +16,9 @@ at::Tensor H2OScorer::score(const LayerView& view) {
   KVD_CHECK(view.window_queries.defined() && view.window_positions.defined(), name(),
             ": needs the queries of every prefill row (LayerView::window_queries)");
   const int64_t Hkv = view.keys.size(1);
-  at::Tensor sums = attention_column_sums(view.window_queries, view.window_positions, view.keys, view.positions,
-                                          view.valid);  // (B, H, n)
+  at::Tensor sums = window_columns({view.window_queries, view.window_positions, view.keys, view.positions, view.valid},
+                                   WindowMoments::Sum, view.kernels)
+                        .sum;  // (B, H, n)
   if (norm_ == H2ONorm::PerObservingQuery) {
     // Rows are consecutive positions p0 .. p1; key j is seen by p1 - max(pos_j, p0) + 1 of them.
     const int64_t H = sums.size(1), G = H / Hkv;

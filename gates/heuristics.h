@@ -14,6 +14,7 @@
 
 #include "gates/scorer.h"
 #include "gates/selector.h"
+#include "kernels/window_scores.h"
 
 namespace kvd {
 
@@ -28,10 +29,12 @@ at::Tensor reduce_group(const at::Tensor& per_query_head, int64_t num_kv_heads, 
 at::Tensor window_attention(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k, const at::Tensor& k_pos,
                             const at::Tensor& valid);
 
-// Column sums Σ_i A_ij over all rows of `q`, computed by blocks of rows (never w×n at once for large w):
-// (B, H, n) float32. Same arguments as window_attention.
-at::Tensor attention_column_sums(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k,
-                                 const at::Tensor& k_pos, const at::Tensor& valid, int64_t row_block = 256);
+// Column statistics of window attention over all rows of in.q: Σ_i A_ij (and Σ_i A_ij² with SumAndSquares),
+// (B, H, n) float32 each. With path Fused, the fused kernel (kernels/window_scores.h) where it applies (CUDA, bf16,
+// head dim 64 / 128): no (w, n) tensor at all. Else window_attention by blocks of row_block rows (never w × n at
+// once for large w); a row that sees nothing adds 0.
+WindowColumns window_columns(const WindowScoresInput& in, WindowMoments moments, KernelPath path,
+                             int64_t row_block = 256);
 
 // s_j = uniform(0, 1), from a generator seeded once (same seed -> same scores).
 class RandomScorer : public Scorer {

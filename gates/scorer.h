@@ -10,6 +10,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "models/kernel_path.h"
+
 namespace kvd {
 
 class Model;
@@ -33,11 +35,13 @@ struct LayerView {
   int64_t next_position = 0;     // position the next query will have (t)
   int64_t batch_offset = 0;      // the cache's batch row of this view's row 0 (compress_prefill scores one row at a
                                  // time: a view of row b alone has batch_offset b)
+  KernelPath kernels = KernelPath::Fused;  // fused scoring kernels where they apply (CompressOptions::kernels)
 };
 
 // One layer of a cache as a scorer sees it: its entries, validity and positions; the optional fields are left
 // undefined for the caller to fill as the scorer's needs() ask.
-LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, int64_t next_position);
+LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, int64_t next_position,
+                     KernelPath kernels = KernelPath::Fused);
 
 // When a scorer can rate a layer's entries.
 enum class ScoreTiming {

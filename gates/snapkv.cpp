@@ -21,9 +21,9 @@ at::Tensor SnapKVScorer::score(const LayerView& view) {
   KVD_CHECK(n > w, "snapkv: the cache (", n, " entries) must be longer than the window (", w, ")");
   KVD_CHECK(!view.valid.defined(), "snapkv: ragged heads before scoring are not supported (score once per prefill)");
   const int64_t m = n - w;  // prefix entries; the window is the last w entries of every head
-  at::Tensor a = window_attention(view.window_queries, view.window_positions, view.keys, view.positions,
-                                  view.valid);                     // (B, H, w, n)
-  at::Tensor s = a.narrow(3, 0, m).mean(2);                        // (B, H, m)
+  at::Tensor s = window_columns({view.window_queries, view.window_positions, view.keys, view.positions, view.valid},
+                                 WindowMoments::Sum, view.kernels)
+                     .sum.narrow(2, 0, m) / static_cast<double>(w);  // (B, H, m): the mean window attention
   s = at::avg_pool1d(s, {opt_.kernel}, {1}, {opt_.kernel / 2}, false, true);  // (B, H, m)
   s = reduce_group(s, Hkv, opt_.reduce);                           // (B, H_kv, m)
   at::Tensor top = s.max() + 1.0;  // () on the device: no wait for it
