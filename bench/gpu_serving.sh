@@ -8,6 +8,9 @@
 #                                kvd_cuda_ functions against `kvdistill compress`, the ops' CUDA path
 #   bench/gpu_serving.sh bench   bench_select_compact: select + compact vs PyTorch's topk / sort / gather, and one
 #                                layer's score + select + compact next to its attention, at 8K and 32K
+#   bench/gpu_serving.sh window  kvd_test_window_scores (the window-scoring kernel vs float64 loops, deterministic),
+#                                then bench_window_scores: the kernel vs the explicit softmax path, next to the
+#                                layer's prefill attention (SmolLM2 and Llama-3-8B shapes, 8K and 32K, w 64 / 32 / 1)
 # Inputs (env): TOK (a dir with SmolLM2's tokenizer.json and tokenizer_config.json, for the tests' tiny model;
 # default .devdata/tok, staged here with `mkdir -p .devdata/tok && cp .cache/models/SmolLM2-135M-Instruct/tokenizer*.json
 # .devdata/tok/` and carried with the call), OUT (logs, default /tmp/kvd-out).
@@ -22,7 +25,7 @@ case "${1:-}" in
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
     t ninja -C build-gpu kvdistill kvdistill_runtime kvd_example kvdistill_ops kvd_test_kv_select \
-      bench_select_compact >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+      bench_select_compact kvd_test_window_scores bench_window_scores >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
     ;;
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -41,8 +44,14 @@ case "${1:-}" in
   bench)
     t build-gpu/bench_select_compact --reps 20 | tee "$OUT/bench_select_compact.jsonl"
     ;;
+  window)
+    t build-gpu/kvd_test_window_scores >"$OUT/kvd_test_window_scores.log" 2>&1
+    echo "kvd_test_window_scores rc=$?"
+    grep -E "error [0-9]|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|differ" "$OUT/kvd_test_window_scores.log"
+    t build-gpu/bench_window_scores --reps 20 | tee "$OUT/bench_window_scores.jsonl"
+    ;;
   *)
-    echo "usage: bench/gpu_serving.sh build|tests|bench" >&2
+    echo "usage: bench/gpu_serving.sh build|tests|bench|window" >&2
     exit 2
     ;;
 esac

@@ -32,6 +32,7 @@ namespace {
 
 struct CompressArgs {
   std::string model, prompt_file, method, out, device = "cpu";
+  std::string kernels = "fused";
   double ratio = 0.5;
   int64_t budget_tokens = 0;  // tokens per KV head instead of --ratio (when use_tokens)
   bool use_tokens = false;
@@ -75,6 +76,7 @@ int run(const CompressArgs& a) {
   KVCache cache = model.new_cache(1);
   CompressOptions copts;
   copts.chunk_size = a.chunk_size;
+  copts.kernels = a.kernels == "reference" ? KernelPath::Reference : KernelPath::Fused;
   const CompressStats st = compress_prefill(model, cache, prompts, method, copts);
 
   nlohmann::json layers = nlohmann::json::array();
@@ -134,6 +136,11 @@ Registration reg([](CLI::App& root) {
   ratio->excludes(tokens)->excludes(threshold);
   tokens->excludes(ratio)->excludes(threshold);
   threshold->excludes(ratio)->excludes(tokens);
+  sub->add_option("--kernels", a->kernels,
+                  "Scoring on CUDA: fused (the fused kernels where they apply) or reference (LibTorch ops; what CPU "
+                  "runs use)")
+      ->check(CLI::IsMember({"fused", "reference"}))
+      ->capture_default_str();
   sub->add_option("--chunk-size", a->chunk_size,
                   "0: compress once after prefill; N > 0: prefill N tokens at a time and compress after each chunk "
                   "(budget applied to the tokens so far)")

@@ -22,6 +22,7 @@ struct EvalArgs {
   std::string learned_mode = "continuous";
   std::string share_prefill = "budgets";
   std::string decode = "auto";
+  std::string kernels = "fused";
   int64_t continuous_chunk = 128;
   int64_t decode_rows = 256;
   uint64_t seed = 0;
@@ -60,6 +61,7 @@ int run(const EvalArgs& a) {
   o.decode = parse_decode_path(a.decode);
   KVD_CHECK(a.decode_rows >= 0, "--decode-rows ", a.decode_rows, ": must be >= 0 (0 decodes every budget alone)");
   o.decode_rows = a.decode_rows;
+  o.kernels = a.kernels == "reference" ? KernelPath::Reference : KernelPath::Fused;
   KVD_CHECK((!a.ratios.empty()) + (!a.budget_tokens.empty()) + (!a.thresholds.empty()) == 1,
             "give exactly one of --ratios, --budget-tokens and --thresholds");
   for (const std::string& r : split(a.ratios)) {
@@ -151,6 +153,11 @@ Registration reg([](CLI::App& root) {
                   "With --share-prefill budgets: the budgets of one prefill decode their answers and teacher-forced "
                   "passes as one batch of up to this many rows and 2 GiB of teacher-forced logits (same results per "
                   "sample, fewer small steps); 0: each budget alone")
+      ->capture_default_str();
+  sub->add_option("--kernels", a->kernels,
+                  "Scoring on CUDA: fused (the fused kernels where they apply: window attention for SnapKV, "
+                  "PyramidKV, TOVA, H2O and the hit-rate oracle) or reference (LibTorch ops; what CPU runs use)")
+      ->check(CLI::IsMember({"fused", "reference"}))
       ->capture_default_str();
   sub->add_flag("--report-only", a->report_only, "Only rebuild results.{json,csv,md} from --out/results.jsonl");
   on_run(sub, [a] {

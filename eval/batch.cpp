@@ -49,6 +49,7 @@ MethodContext method_context(const Model& model, const std::string& model_dir, c
   ctx.seed = opt.seed;
   ctx.learned_mode = opt.learned_mode;
   ctx.continuous_chunk = opt.continuous_chunk;
+  ctx.kernels = opt.kernels;
   const BaseModelInfo base = base_model_info(model_dir);
   ctx.load_bundle = [&model, base](const std::string& dir) { return load_component(dir, model, base); };
   return ctx;

@@ -276,6 +276,7 @@ void run_eval(const EvalOptions& opt) {
           // of budgets decoded together is their share of the joint decode.
           if (group.size() > 1) j["prefill_shared_by"] = group.size();
           if (decoded_with[gi] > B) j["decode_rows"] = decoded_with[gi];
+          if (opt.kernels == KernelPath::Reference) j["kernels"] = "reference";  // --kernels reference (fused: absent)
           if (c.b.kind == BudgetKind::Ratio && c.method != "full") j["ratio"] = c.b.value;
           if (c.b.kind == BudgetKind::TokensPerHead && c.method != "full") j["budget_tokens"] = static_cast<int64_t>(c.b.value);
           lines.push_back(std::move(j));

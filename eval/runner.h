@@ -63,6 +63,9 @@ struct EvalOptions {
   // 0: each budget alone. Every record is what a batch-1 run gives either way; a small step is launch-bound, so
   // more rows per step cost little.
   int64_t decode_rows = 256;
+  // Scoring on CUDA: the scorers' fused kernels where they apply (window attention: kernels/window_scores.h), or
+  // the LibTorch reference everywhere (what CPU runs use either way).
+  KernelPath kernels = KernelPath::Fused;
 };
 
 // Checks methods, budgets and the task file (clear errors) before loading the model.

@@ -235,7 +235,9 @@ bool shares_prefill(const ResolvedMethod& m) {
   return !m.full && m.method.sharing == ScoreSharing::AcrossBudgets && m.compress.chunk_size == 0 && !m.decode;
 }
 
-ResolvedMethod resolve_method(const std::string& name, const Budget& budget, const MethodContext& ctx) {
+namespace {
+
+ResolvedMethod resolve(const std::string& name, const Budget& budget, const MethodContext& ctx) {
   KVD_CHECK(!name.empty(), "--methods: an empty method name; known: ", known_methods());
   if (name == "full") {
     ResolvedMethod r;
@@ -308,6 +310,14 @@ ResolvedMethod resolve_method(const std::string& name, const Budget& budget, con
   ResolvedMethod r = learned(name, std::move(c), budget, ctx);
   r.label = bundle_label(r.component->kind(), arg);
   return with_alloc(std::move(r));
+}
+
+}  // namespace
+
+ResolvedMethod resolve_method(const std::string& name, const Budget& budget, const MethodContext& ctx) {
+  ResolvedMethod r = resolve(name, budget, ctx);
+  r.compress.kernels = ctx.kernels;
+  return r;
 }
 
 }  // namespace kvd

@@ -60,6 +60,7 @@ struct MethodContext {
   std::function<std::shared_ptr<Component>(const std::string& bundle_dir)> load_bundle;
   LearnedMode learned_mode = LearnedMode::Continuous;
   int64_t continuous_chunk = 128;  // prefill chunk of LearnedMode::Continuous
+  KernelPath kernels = KernelPath::Fused;  // the scorers' fused kernels where they apply (CompressOptions::kernels)
 };
 
 struct ResolvedMethod {

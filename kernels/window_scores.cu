@@ -245,7 +245,8 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
           float s1 = 0.f, s2 = 0.f;
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            const float p = id[hf].ok && spos[col] <= qp[hf] ? fast_exp2(c[nt][2 * hf + e] * scale2 - mrow[hf]) * inv[hf] : 0.f;
+            const bool seen = id[hf].ok && spos[col] <= qp[hf];
+            const float p = seen ? fast_exp2(c[nt][2 * hf + e] * scale2 - mrow[hf]) * inv[hf] : 0.f;
             s1 += p;
             s2 += p * p;
           }

@@ -1,7 +1,8 @@
 // The window-scores kernels' own code (kernels/window_scores.cu) on the CPU through the SIMT emulator, against a
 // naive float64 loop (tests/kernels/window_scores_cases.h) on the same bf16 inputs. Metric: max |got - ref| over
 // every column sum and sum of squares <= 2e-6 (each is a sum of at most w probabilities in [0, 1], computed in
-// fp32; measured up to 4.2e-7); pass 1 split into 1, 2 and as many chunks as tiles, so the chunk merge is exercised. Runs in CI.
+// fp32; measured up to 4.2e-7); pass 1 split into 1, 2 and as many chunks as tiles, so the chunk merge is
+// exercised. Runs in CI.
 #define KVD_SIMT_EMULATION 1
 #include "kernels/window_scores.cu"
 

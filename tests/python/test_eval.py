@@ -3,6 +3,7 @@
 - the full cache has KL 0, hit rate 1 and keeps everything; byte counts equal entries x bytes per entry;
 - a ratio-r uniform method keeps floor(n (1 - r)) entries per head;
 - --batch 3 gives every sample the same results as --batch 1; --batch-tokens caps a batch's padded size;
+- --kernels reference is recorded in each record;
 - (a method's budgets sharing one prefill and one decode batch: test_eval_budgets.py)
 - a run killed mid-way (plus a torn last line) resumes to the same results without duplicates;
 - bad input: one clear line each."""
@@ -104,7 +105,8 @@ def test_batch_tokens_caps_the_padded_batch(single, tasks, tmp_path):
     one, _ = records(single)
     spans = sorted({r["id"]: r["span_tokens"] for r in one.values()}.items(), key=lambda kv: kv[1])
     cap = 2 * spans[-1][1]  # two rows of the longest prompt fit, three do not
-    proc = evaluate(tasks, tmp_path, "--batch-tokens", cap, batch=4)
+    # --kernels reference: on the CPU the reference runs either way, so the records are the same, and say so.
+    proc = evaluate(tasks, tmp_path, "--batch-tokens", cap, "--kernels", "reference", batch=4)
     assert proc.returncode == 0, proc.stderr
     got, _ = records(tmp_path)
     # The rule, rederived: consecutive samples by length, while (rows) x (the longest span) <= cap.
@@ -120,6 +122,7 @@ def test_batch_tokens_caps_the_padded_batch(single, tasks, tmp_path):
     for k, a in one.items():
         assert got[k]["batch"] == size[k[2]], k
         assert got[k]["output"] == a["output"] and got[k]["kv_bytes_kept"] == a["kv_bytes_kept"], k
+        assert got[k]["kernels"] == "reference" and "kernels" not in a, k
 
 
 def test_resume_after_kill(single, tasks, tmp_path):
@@ -157,6 +160,7 @@ def test_other_settings_refused(single, tasks):
 def test_bad_input(tasks, tmp_path):
     assert_clean_error(evaluate(tasks, tmp_path / "a", methods="snapkv,nosuch"), "unknown method 'nosuch'", "known:")
     assert_clean_error(evaluate(tasks, tmp_path / "b", ratios="1.0"), "--ratios", "outside [0, 1)")
+    assert_clean_error(evaluate(tasks, tmp_path / "b", "--kernels", "cudnn"), "--kernels", "cudnn")
     proc = run_kvd("eval", "--model", MODEL_DIR, "--tasks", tasks, "--methods", "snapkv", "--budget-tokens", "100000",
                    "--out", tmp_path / "c")
     assert_clean_error(proc, "--budget-tokens 100000", "not smaller than the context")
