@@ -139,8 +139,9 @@ Registration reg([](CLI::App& root) {
   sub->add_option("--continuous-chunk", a->continuous_chunk, "Prefill chunk of the continuous mode")
       ->capture_default_str();
   sub->add_option("--share-prefill", a->share_prefill,
-                  "budgets: a method whose scores do not depend on the budget is prefilled and scored once per batch "
-                  "for all its budgets (same results, faster); none: every (method, budget) prefills itself")
+                  "budgets: a method's budgets share one prefill per batch, scored once where its scores do not depend "
+                  "on the budget, else by each budget (same results, faster; not for chunked prefills or eviction "
+                  "while decoding); none: every (method, budget) prefills itself")
       ->check(CLI::IsMember({"budgets", "none"}))
       ->capture_default_str();
   sub->add_option("--decode", a->decode,

@@ -99,14 +99,14 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
   auto t0 = Clock::now();
   if (ms.size() > 1) {
     std::vector<KVCache*> ptrs;
-    std::vector<SelectorOptions> sels;
+    std::vector<Method*> methods;
     for (size_t i = 0; i < ms.size(); ++i) {
       KVD_CHECK(shares_prefill(*ms[i]) && ms[i]->name == ms[0]->name,
                 "eval: internal error, methods that cannot share a prefill were grouped");
       ptrs.push_back(&caches[i]);
-      sels.push_back(ms[i]->method.selector);
+      methods.push_back(&ms[i]->method);
     }
-    compress_prefill_many(model, ptrs, spans, *ms[0]->method.scorer, sels);
+    compress_prefill_many(model, ptrs, spans, methods, ms[0]->compress);
   } else if (ms[0]->full) {
     std::vector<int64_t> lead;
     at::Tensor ids = left_pad(spans, 0, lead);  // (B, T)

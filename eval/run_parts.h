@@ -61,8 +61,8 @@ struct RowResult {
 };
 
 // Step 1 of a batch: every row's span compressed by each method of ms into a cache of its own. Several methods
-// must share a prefill (shares_prefill, one name at several budgets): the span is prefilled and scored once
-// (compress_prefill_many). prefill_s: the seconds it took.
+// must share a prefill (shares_prefill, one name at several budgets): the span is prefilled once, and scored once
+// or by each budget's scorer (compress_prefill_many). prefill_s: the seconds it took.
 std::vector<KVCache> compress_batch(const Model& model, const std::vector<const Prepared*>& rows,
                                    const std::vector<ResolvedMethod*>& ms, double& prefill_s);
 // Steps 2-4 on one compressed cache: the answer, the teacher-forced KL / perplexity and the critical-KV hit

@@ -39,7 +39,8 @@ enum class QueryMode {
 // Whether the budgets of one method are compressed from one prefill (gates/registry.h: shares_prefill).
 enum class SharePrefill {
   PerConfig,     // every (method, budget) prefills the batch itself
-  AcrossBudgets  // one prefill and scoring per method where its scores do not depend on the budget (default)
+  AcrossBudgets  // one prefill per method where shares_prefill allows (default); scored once where the scores do
+                 // not depend on the budget, else by each budget's scorer
 };
 
 struct EvalOptions {

@@ -45,15 +45,18 @@ CompressStats cache_stats(const KVCache& cache, const std::vector<int64_t>& lens
   return st;
 }
 
-// The prefill of compress_prefill and compress_prefill_many: prompts prefilled into *caches[0], scored once by
-// `scorer`, and compressed into every cache t under selectors[t] (caches t > 0 receive a copy of each layer
-// before it is compacted).
+// The prefill of compress_prefill and compress_prefill_many: prompts prefilled into *caches[0], scored by
+// scorers[0] once for every cache (one scorer) or by scorers[t] for cache t, and compressed into every cache t under
+// selectors[t] (caches t > 0 receive a copy of each layer before it is compacted).
 std::vector<CompressStats> compress_impl(const Model& model, const std::vector<KVCache*>& caches,
-                                         const std::vector<std::vector<int64_t>>& prompts, Scorer& scorer,
+                                         const std::vector<std::vector<int64_t>>& prompts,
+                                         const std::vector<Scorer*>& scorers,
                                          const std::vector<SelectorOptions>& selectors, const CompressOptions& opts) {
   const int64_t B = static_cast<int64_t>(prompts.size());
   const size_t NT = caches.size();
   KVD_CHECK(NT > 0 && NT == selectors.size(), "compress_prefill: one selector per cache");
+  KVD_CHECK(scorers.size() == 1 || scorers.size() == NT, "compress_prefill: one scorer, or one per cache");
+  Scorer& scorer = *scorers[0];
   KVD_CHECK(B > 0, "compress_prefill: no prompts");
   for (KVCache* c : caches) {
     KVD_CHECK(c->batch() == B, "compress_prefill: the cache has batch ", c->batch(), " but there are ", B,
@@ -66,6 +69,13 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
   KVCache& cache = *caches[0];
   const int64_t L = model.config().num_layers;
   const ScorerNeeds needs = scorer.needs();
+  for (const Scorer* s : scorers) {
+    const ScorerNeeds n = s->needs();
+    KVD_CHECK(n.hidden == needs.hidden && n.window == needs.window && n.queries_pre_rope == needs.queries_pre_rope &&
+                  n.timing == needs.timing && (scorers.size() == 1 || n.timing == ScoreTiming::PerLayer),
+              "compress_prefill_many: ", s->name(), " does not observe the prefill as ", scorer.name(),
+              " does (one scorer per cache must score each layer alike, right after it ran)");
+  }
   std::vector<std::unique_ptr<LayerAllocation>> allocs;
   for (const SelectorOptions& sel : selectors) allocs.push_back(make_allocation(sel, L, B));
   const std::unique_ptr<LayerAllocation>& alloc = allocs[0];
@@ -153,10 +163,14 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
         }
         if (needs.queries_pre_rope) view.queries_pre_rope = o.queries_pre_rope.narrow(0, b, 1).narrow(2, lb, nq);  // (1, H, nq, hd)
       }
-      at::Tensor s = scorer.score(view).to(torch::kFloat);  // (1, H_kv, n_b)
-      if (ragged) s = s.masked_fill(view.valid.logical_not(), ninf);
-      const std::vector<double> pref = scorer.layer_preference();
+      at::Tensor s;  // (1, H_kv, n_b)
+      std::vector<double> pref;
       for (size_t t = 0; t < NT; ++t) {
+        if (t < scorers.size()) {  // the one shared scoring, or cache t's own
+          s = scorers[t]->score(view).to(torch::kFloat);
+          if (ragged) s = s.masked_fill(view.valid.logical_not(), ninf);
+          pref = scorers[t]->layer_preference();
+        }
         parts[t][b] = allocs[t]->row_scored(l, b, s, view.valid, budget_tokens[b], pref);
         if (parts[t][b].indices.defined()) {
           any[t] = 1;
@@ -171,7 +185,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
     }
   };
   PrefillObserver observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
-    scorer.on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
+    for (Scorer* s : scorers) s->on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
     if (!after_forward) score_layer(obs.layer, c, &obs);
   };
 
@@ -203,13 +217,22 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
 
 CompressStats compress_prefill(const Model& model, KVCache& cache, const std::vector<std::vector<int64_t>>& prompts,
                                Method& method, const CompressOptions& opts) {
-  return compress_impl(model, {&cache}, prompts, *method.scorer, {method.selector}, opts)[0];
+  return compress_impl(model, {&cache}, prompts, {method.scorer.get()}, {method.selector}, opts)[0];
 }
 
 std::vector<CompressStats> compress_prefill_many(const Model& model, const std::vector<KVCache*>& caches,
-                                                 const std::vector<std::vector<int64_t>>& prompts, Scorer& scorer,
-                                                 const std::vector<SelectorOptions>& selectors) {
-  return compress_impl(model, caches, prompts, scorer, selectors, CompressOptions());
+                                                 const std::vector<std::vector<int64_t>>& prompts,
+                                                 const std::vector<Method*>& methods, const CompressOptions& opts) {
+  KVD_CHECK(!methods.empty() && methods.size() == caches.size(), "compress_prefill_many: one method per cache");
+  const bool shared = std::all_of(methods.begin(), methods.end(),
+                                  [](const Method* m) { return m->sharing == ScoreSharing::AcrossBudgets; });
+  std::vector<Scorer*> scorers;
+  std::vector<SelectorOptions> selectors;
+  for (Method* m : methods) {
+    if (!shared || scorers.empty()) scorers.push_back(m->scorer.get());
+    selectors.push_back(m->selector);
+  }
+  return compress_impl(model, caches, prompts, scorers, selectors, opts);
 }
 
 }  // namespace kvd

@@ -23,11 +23,12 @@ class KVCache;
 
 // A compression method: a scorer (shared, so decode-time eviction can hold it too) and a selector. Names
 // resolve in gates/registry.h.
-// Whether a method scores a prompt the same at every budget (only its selection differs), so that one prefill
-// and scoring can serve several budgets (compress_prefill_many).
+// Whether a method scores a prompt the same at every budget (only its selection differs), so that one scoring can
+// serve several budgets of one prefill (compress_prefill_many).
 enum class ScoreSharing {
-  PerBudget,     // the scores depend on the budget (DefensiveKV's first-stage cap) or on the call (random)
-  AcrossBudgets  // the same scores at every budget
+  PerBudget,     // the scores depend on the budget (DefensiveKV's first-stage cap) or on the scorer's own state
+                 // (random): one prefill may still serve several budgets, each scored by its own scorer
+  AcrossBudgets  // the same scores at every budget: scored once
 };
 
 struct Method {
@@ -85,13 +86,16 @@ struct CompressStats {
 // when compressed alone (up to floating-point differences of the batched matmuls).
 CompressStats compress_prefill(const Model& model, KVCache& cache, const std::vector<std::vector<int64_t>>& prompts,
                                Method& method, const CompressOptions& opts = {});
-// The same prefill compressed at several budgets at once: the prompts are prefilled and scored once by `scorer`,
-// and caches[t] (each empty, batch prompts.size()) receives what compress_prefill would keep under
-// selectors[t] — the same entries and the same peak — for scorers whose scores do not depend on the budget
-// (ResolvedMethod::sharing). Unchunked only (a chunked prefill's later chunks see the earlier evictions).
+// The same prefill compressed by several methods at once (one method at several budgets): the prompts are
+// prefilled once, and caches[t] (each empty, batch prompts.size()) receives what compress_prefill would keep with
+// methods[t] — the same entries and the same peak. When every method shares its scores
+// (ScoreSharing::AcrossBudgets), methods[0]'s scorer scores each layer once for all of them; otherwise each
+// method's scorer scores the layer's observation itself (they must observe alike: the same ScorerNeeds, scoring
+// per layer). Unchunked only (a chunked prefill's later chunks see the earlier evictions).
 std::vector<CompressStats> compress_prefill_many(const Model& model, const std::vector<KVCache*>& caches,
-                                                 const std::vector<std::vector<int64_t>>& prompts, Scorer& scorer,
-                                                 const std::vector<SelectorOptions>& selectors);
+                                                 const std::vector<std::vector<int64_t>>& prompts,
+                                                 const std::vector<Method*>& methods,
+                                                 const CompressOptions& opts = {});
 // ids (1, T): the single-prompt form of the above.
 CompressStats compress_prefill(const Model& model, KVCache& cache, const at::Tensor& ids, Method& method);
 

@@ -251,8 +251,10 @@ TEST(CompressCake, CascadeEndsAtTheFinalBudgets) {
 
 // One prefill compressed at several budgets (compress_prefill_many, the eval's --share-prefill budgets) gives
 // every budget exactly what its own compress_prefill gives: the kept sets of every row, the bytes and the peaks,
-// across allocations (uniform, AdaKV, global, pyramid, CAKE), a scorer that runs after the forward (KVzip) and a
-// learned part whose scores live in the cache's payload (an untrained retention gate, once mode).
+// across allocations (uniform, AdaKV, global, pyramid, CAKE), a scorer that runs after the forward (KVzip), a
+// learned part whose scores live in the cache's payload (an untrained retention gate, once mode), and scorers
+// whose scores depend on the budget or on their own state (DefensiveKV, CriticalKV, random), each budget then
+// scored by its own scorer.
 TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
   if (!have_model()) GTEST_SKIP() << "no model at " << KVD_MODEL_DIR;
   MethodContext ctx;
@@ -262,20 +264,21 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
   const std::vector<double> ratios = {0.25, 0.6, 0.875};
   const int64_t B = static_cast<int64_t>(prompts().size());
   for (const std::string name : {"snapkv", "adakv_snapkv", "global_snapkv", "pyramidkv", "cake", "expected_attention",
-                                 "kvzip", "untrained:retention_gate"}) {
+                                 "kvzip", "untrained:retention_gate", "defensivekv", "layer_defensivekv",
+                                 "criticalkv_snapkv", "random"}) {
     SCOPED_TRACE(name);
     std::vector<ResolvedMethod> ms;
     for (double r : ratios) ms.push_back(resolve_method(name, Budget::ratio(r), ctx));
     for (const ResolvedMethod& m : ms) ASSERT_TRUE(shares_prefill(m));
     std::vector<KVCache> caches;
     std::vector<KVCache*> ptrs;
-    std::vector<SelectorOptions> sels;
-    for (const ResolvedMethod& m : ms) {
+    std::vector<Method*> methods;
+    for (ResolvedMethod& m : ms) {
       caches.push_back(model().new_cache(B));
-      sels.push_back(m.method.selector);
+      methods.push_back(&m.method);
     }
     for (KVCache& c : caches) ptrs.push_back(&c);
-    compress_prefill_many(model(), ptrs, prompts(), *ms[0].method.scorer, sels);
+    compress_prefill_many(model(), ptrs, prompts(), methods);
     for (size_t i = 0; i < ratios.size(); ++i) {
       SCOPED_TRACE("ratio " + std::to_string(ratios[i]));
       ResolvedMethod alone = resolve_method(name, Budget::ratio(ratios[i]), ctx);
@@ -295,10 +298,14 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
   }
 }
 
-TEST(CompressMany, BudgetDependentScoresDoNotShare) {
+TEST(CompressMany, WhoSharesAPrefill) {
   MethodContext ctx;
-  for (const std::string name : {"defensivekv", "layer_defensivekv", "random", "criticalkv_snapkv", "h2o_decode"})
+  // Eviction while decoding holds the scorer; the full cache compresses nothing.
+  for (const std::string name : {"h2o_decode", "tova_decode", "full"})
     EXPECT_FALSE(shares_prefill(resolve_method(name, Budget::ratio(0.5), ctx))) << name;
-  EXPECT_FALSE(shares_prefill(resolve_method("full", Budget::ratio(0.5), ctx)));
-  EXPECT_TRUE(shares_prefill(resolve_method("snapkv", Budget::ratio(0.5), ctx)));
+  for (const std::string name : {"snapkv", "defensivekv", "random", "criticalkv_snapkv"})
+    EXPECT_TRUE(shares_prefill(resolve_method(name, Budget::ratio(0.5), ctx))) << name;
+  // Scored once only where the scores do not depend on the budget.
+  EXPECT_EQ(resolve_method("snapkv", Budget::ratio(0.5), ctx).method.sharing, ScoreSharing::AcrossBudgets);
+  EXPECT_EQ(resolve_method("defensivekv", Budget::ratio(0.5), ctx).method.sharing, ScoreSharing::PerBudget);
 }

@@ -1,6 +1,7 @@
 """`kvdistill eval`'s work shared across a method's budgets (SmolLM2, CPU), checked from the records alone:
 - one prefill shared by a method's budgets (--share-prefill budgets, the default) gives the same records as a
-  prefill per (method, budget);
+  prefill per (method, budget), whether the budgets share one scoring (SnapKV, PyramidKV) or each scores the
+  shared observation itself (DefensiveKV);
 - decoding those budgets as one batch (--decode-rows) gives each sample the same answer, kept set and bytes, and
   KL / perplexity / hit rate within float tolerance."""
 import pytest
@@ -18,8 +19,9 @@ def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
         rb = b[k]
         for f in ("output", "score", "kl", "ppl", "hit_rate", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes"):
             assert ra[f] == rb[f], (k, f, ra[f], rb[f])
-        # SnapKV and PyramidKV score alike at every budget; DefensiveKV's first stage depends on it.
-        assert ra.get("prefill_shared_by") == (2 if k[0] in ("snapkv", "pyramidkv") else None), k
+        # Every method's two budgets share the prefill (DefensiveKV's first stage depends on the budget: each budget
+        # scores the shared observation itself).
+        assert ra.get("prefill_shared_by") == (None if k[0] == "full" else 2), k
         assert "prefill_shared_by" not in rb
 
 
@@ -32,6 +34,6 @@ def test_budgets_decoded_together_equal_budgets_decoded_alone(tasks, tmp_path):
             assert ra[f] == rb[f], (k, f, ra[f], rb[f])
         for f in ("kl", "ppl", "hit_rate"):
             assert ra[f] == pytest.approx(rb[f], rel=1e-3, abs=1e-6), (k, f, ra[f], rb[f])
-        # SnapKV's three budgets share a prefill and decode as one batch of 3 x 2 rows; DefensiveKV's do not share.
-        assert ra.get("decode_rows") == (6 if k[0] == "snapkv" else None), k
+        # Each method's three budgets share a prefill and decode as one batch of 3 x 2 rows.
+        assert ra.get("decode_rows") == (None if k[0] == "full" else 6), k
         assert "decode_rows" not in rb
