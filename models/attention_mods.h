@@ -83,6 +83,10 @@ struct ExtraRows {
   at::Tensor embeddings;  // (B, n, d) or (n, d), any floating dtype (cast to the model dtype, grads flow)
   at::Tensor positions;   // (B, n) or (n) int64, e.g. T .. T+n-1
   at::Tensor doc_ids;     // (B, n) int64, or undefined: the document of the sequence's last row
+  // Model::forward_extra computes the rows' attention for as many batch rows at a time as hold at most this many
+  // bytes of probabilities (n × (cached + n) per query head; at least one row), so that a long repeat (KVzip) over
+  // a large batch never needs them all at once. The results do not depend on it.
+  int64_t prob_bytes = int64_t{1} << 30;
   int64_t count() const { return embeddings.defined() ? embeddings.size(-2) : 0; }
 };
 

@@ -734,23 +734,33 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
     const AttendFn attend = [&](const LayerQKV& p) -> at::Tensor {
       const KVLayerView kv = cache.layer(l);  // k, v (B, H_kv, nc, hd); pos (B, H_kv, nc)
       const int64_t nc = kv.n;
-      at::Tensor keys = torch::cat({kv.k, p.k.to(kv.k.scalar_type())}, 2);    // (B, H_kv, nc + n, hd)
-      at::Tensor vals = torch::cat({kv.v, p.v.to(kv.v.scalar_type())}, 2);    // (B, H_kv, nc + n, hd)
-      at::Tensor qp = pos.view({B, 1, n, 1});                                    // (B, 1, n, 1)
-      at::Tensor see = kv.pos.unsqueeze(2).le(qp);                               // (B, H_kv, n, nc)
-      if (kv.valid.defined()) see = see.logical_and(kv.valid.unsqueeze(2));
-      at::Tensor mine = causal.view({1, 1, n, n}).expand({B, Hkv, n, n});        // (B, H_kv, n, n)
-      if (cfg_.sliding_window) {
-        see = see.logical_and((qp - kv.pos.unsqueeze(2)).lt(*cfg_.sliding_window));
-        mine = mine.logical_and((qp - pos.view({B, 1, 1, n})).lt(*cfg_.sliding_window));
+      // Batch rows [b0, b0 + nb) at a time, each block's probabilities within ex.prob_bytes.
+      const int64_t row_bytes = H * n * (nc + n) * static_cast<int64_t>(c10::elementSize(acc));
+      const int64_t rows = std::clamp<int64_t>(ex.prob_bytes / std::max<int64_t>(row_bytes, 1), 1, B);
+      std::vector<at::Tensor> att, res;
+      for (int64_t b0 = 0; b0 < B; b0 += rows) {
+        const int64_t nb = std::min(rows, B - b0);
+        auto r = [&](const at::Tensor& t) { return t.narrow(0, b0, nb); };
+        at::Tensor keys = torch::cat({r(kv.k), r(p.k).to(kv.k.scalar_type())}, 2);  // (nb, H_kv, nc + n, hd)
+        at::Tensor vals = torch::cat({r(kv.v), r(p.v).to(kv.v.scalar_type())}, 2);  // (nb, H_kv, nc + n, hd)
+        at::Tensor qp = r(pos).view({nb, 1, n, 1});                                  // (nb, 1, n, 1)
+        at::Tensor see = r(kv.pos).unsqueeze(2).le(qp);                              // (nb, H_kv, n, nc)
+        if (kv.valid.defined()) see = see.logical_and(r(kv.valid).unsqueeze(2));
+        at::Tensor mine = causal.view({1, 1, n, n}).expand({nb, Hkv, n, n});         // (nb, H_kv, n, n)
+        if (cfg_.sliding_window) {
+          see = see.logical_and((qp - r(kv.pos).unsqueeze(2)).lt(*cfg_.sliding_window));
+          mine = mine.logical_and((qp - r(pos).view({nb, 1, 1, n})).lt(*cfg_.sliding_window));
+        }
+        at::Tensor vis = torch::cat({see, mine}, 3);                                 // (nb, H_kv, n, nc + n)
+        at::Tensor bias = torch::zeros(vis.sizes(), vis.options().dtype(acc))
+                              .masked_fill(vis.logical_not(), -std::numeric_limits<double>::infinity());
+        at::Tensor pr = grouped_probs(r(p.q), keys, bias, scale);  // (nb, H_kv, G, n, nc + n)
+        att.push_back(pr.narrow(-1, 0, nc).mean(3).reshape({nb, H, nc}));  // (nb, H, nc)
+        res.push_back(torch::matmul(pr.to(vals.scalar_type()), vals.unsqueeze(2)).reshape({nb, H, n, hd}));
       }
-      at::Tensor vis = torch::cat({see, mine}, 3);                               // (B, H_kv, n, nc + n)
-      at::Tensor bias = torch::zeros(vis.sizes(), vis.options().dtype(acc))
-                            .masked_fill(vis.logical_not(), -std::numeric_limits<double>::infinity());
-      at::Tensor pr = grouped_probs(p.q, keys, bias, scale);  // (B, H_kv, G, n, nc + n)
-      out.attention_to_cache[l] = pr.narrow(-1, 0, nc).mean(3).reshape({B, H, nc});  // (B, H, nc)
+      out.attention_to_cache[l] = att.size() == 1 ? att[0] : torch::cat(att, 0);  // (B, H, nc)
       if (observer) observer(ExtraRowsLayerObservation{l, h, p.q, p.k, p.v, pos}, kv);
-      return torch::matmul(pr.to(vals.scalar_type()), vals.unsqueeze(2)).reshape({B, H, n, hd});  // (B, H, n, hd)
+      return res.size() == 1 ? res[0] : torch::cat(res, 0);  // (B, H, n, hd)
     };
     x = decoder_layer(lw, m.lora, m.lora.any() ? &all_rows : nullptr, cs[0], cs[1], H, Hkv, hd, cfg_.qk_norm,
                       cfg_.rms_norm_eps, x, h, attend);

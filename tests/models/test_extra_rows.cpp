@@ -2,7 +2,8 @@
 // the way a query-row method scores a prompt at eval time. Checked on the tiny random models of every family
 // (tests/oracles/decoder_golden.py) against the training forward (Model::forward_train with the same extra rows
 // and row-masked LoRA): the prompt's logits and KV stay bit-identical, the rows' attention to the prompt equals
-// the training forward's statistics, their hidden states and their gradients agree.
+// the training forward's statistics, their hidden states and their gradients agree; computing the attention one
+// batch row at a time (ExtraRows::prob_bytes) changes nothing.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -105,6 +106,14 @@ TEST_P(ExtraRows, PromptUntouchedAndAttentionEqualsTrainingStatistics) {
     EXPECT_LE(err, 1e-5) << "layer " << l;
   }
   EXPECT_LE((ex.hidden - tr.hidden.narrow(1, T, n)).abs().max().item<double>(), 1e-5);
+
+  // One batch row at a time (a probability budget below one row's): the same attention and hidden states.
+  AttentionMods one = mods;
+  one.extra.prob_bytes = 1;
+  const ExtraRowsOutput ex1 = model.forward_extra(cache, one);
+  EXPECT_TRUE(torch::equal(ex1.hidden, ex.hidden));
+  for (int64_t l = 0; l < cfg.num_layers; ++l)
+    EXPECT_TRUE(torch::equal(ex1.attention_to_cache[l], ex.attention_to_cache[l])) << "layer " << l;
 
   // Gradients through the extra rows (embeddings and LoRA) agree with the training forward's.
   const at::Tensor w = torch::randn({B, n, cfg.hidden_size});
