@@ -10,7 +10,10 @@ its own full-cache reference) are read as one; the first record of a (method, bu
 the same as JSON into the first directory (bootstrap_vs_<baseline>.json).
 
   scripts/paired_bootstrap.py DIR [DIR ...] [--baseline snapkv | best] [--resamples 2000] [--seed 0]
-                              [--move LABEL FROM TO ...]
+                              [--move LABEL FROM TO ...] [--plot]
+
+--plot also draws the accuracy differences with their intervals as error bars, one series per method against
+the budget, into the first directory (bootstrap_vs_<baseline>.png); learned parts are drawn thick.
 
 --baseline best: at each budget the baseline is the best heuristic there (the heuristic with the highest mean
 accuracy over its samples; a learned part is a method whose label names a bundle, "<kind>(<run>)"), and a
@@ -36,6 +39,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--move", nargs=3, action="append", default=[], metavar=("LABEL", "FROM", "TO"),
                     help="treat LABEL's records at budget FROM as records at budget TO")
+    ap.add_argument("--plot", action="store_true", help="draw the differences with their intervals as error bars")
     a = ap.parse_args()
     moves = {(label, src): dst for label, src, dst in a.move}
     by = defaultdict(dict)  # (budget, method label) -> id -> row
@@ -89,7 +93,51 @@ def main():
         json.dump(out, f, indent=1)
     if a.baseline == "best":
         headline(by, out, baselines)
+    if a.plot:
+        path = os.path.join(a.dirs[0], f"bootstrap_vs_{a.baseline}.png")
+        plot(out, a.baseline, path)
+        print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def budget_x(budget):
+    """"ratio=0.75" -> 0.75 (the x of a budget); a budget without a number keeps its order instead."""
+    try:
+        return float(budget.partition("=")[2])
+    except ValueError:
+        return None
+
+
+def plot(rows, baseline, path):
+    """Δaccuracy (points, in %) with its 95% interval (error bars) per method and budget; 0 is the baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    budgets = sorted({r["budget"] for r in rows}, key=lambda b: (budget_x(b) is None, budget_x(b) or 0, b))
+    xs = {b: (budget_x(b) if budget_x(b) is not None else i) for i, b in enumerate(budgets)}
+    span = (max(xs.values()) - min(xs.values())) or 1.0
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (not is_learned(m), m))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, m in enumerate(methods):
+        pts = sorted((xs[r["budget"]], r) for r in rows if r["method"] == m)
+        dx = (i - (len(methods) - 1) / 2) * 0.004 * span  # side by side, so the bars do not hide each other
+        x = [p[0] + dx for p in pts]
+        y = [100 * p[1]["score_diff"] for p in pts]
+        err = [[100 * (p[1]["score_diff"] - p[1]["score_ci"][0]) for p in pts],
+               [100 * (p[1]["score_ci"][1] - p[1]["score_diff"]) for p in pts]]
+        learned = is_learned(m)
+        ax.errorbar(x, y, yerr=err, fmt="-o" if learned else "-", color="black" if learned and i == 0 else colors[i % 20],
+                    linewidth=2.6 if learned else 1.0, markersize=6 if learned else 3, capsize=3, label=m)
+    ax.axhline(0, color="black", linestyle="--", linewidth=1)
+    ax.set_xlabel("budget (" + (budgets[0].partition("=")[0] if budgets else "") + ")")
+    ax.set_ylabel(f"accuracy − {baseline} (points), 95% CI")
+    ax.set_title(f"Paired bootstrap: accuracy difference to {'the best heuristic' if baseline == 'best' else baseline}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def is_learned(label):

@@ -94,8 +94,10 @@ def test_best_heuristic_baseline_and_headline(tmp_path):
             r["label"] = "dms(b)"
             rows.append(r)
     d = write(tmp_path / "best", rows)
-    r = run(d, "--baseline", "best", "--resamples", 500)
+    r = run(d, "--baseline", "best", "--resamples", 500, "--plot")
     assert r.returncode == 0, r.stderr
+    png = (d / "bootstrap_vs_best.png").read_bytes()  # the intervals as error bars
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     res = json.loads((d / "bootstrap_vs_best.json").read_text())
     assert {x["baseline"] for x in res} == {"defensivekv"}
     assert {(x["budget"], x["method"]) for x in res} == {(b, m) for b in ("ratio=0.5", "ratio=0.75")
