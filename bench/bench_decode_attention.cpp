@@ -1,7 +1,7 @@
 // Decode attention over a compressed cache on the GPU: the ragged decode kernel (kernels/decode_attention.*) against
 // PyTorch's SDPA over the same kept tokens, in the same run.
 //
-//   bench_decode_attention [--reps 50]
+//   bench_decode_attention [--reps 50] [--splits 16,64,256]
 //
 // For each model shape (SmolLM2-135M: 9 / 3 heads, d 64; Llama-3-8B: 32 / 8 heads, d 128), batch (1, 16) and kept
 // entries per head n (8K, 32K; B 16 at 32K only for SmolLM2's shape), one decode step of one layer:
@@ -12,13 +12,15 @@
 //     memory-efficient kernel; the padding and the K/V repeat to the query heads are done outside the timed region,
 //     in PyTorch's favour).
 // Bytes: the kept K and V read once (2 x entries x d x 2 B); bandwidth also as a fraction of a device-to-device copy
-// measured in the same run. Median of CUDA-event-timed repetitions; one JSON line per measurement.
+// measured in the same run. Median of CUDA-event-timed repetitions; one JSON line per measurement. --splits also
+// times ours at each of those CTA counts per segment (split_sweep_ms), to choose the kernel's rule from data.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <torch/torch.h>
@@ -28,11 +30,14 @@
 
 int main(int argc, char** argv) {
   int reps = 50;
+  std::vector<int> sweep;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) {
       reps = std::atoi(argv[++i]);
+    } else if (!std::strcmp(argv[i], "--splits") && i + 1 < argc) {
+      for (char* t = std::strtok(argv[++i], ","); t; t = std::strtok(nullptr, ",")) sweep.push_back(std::atoi(t));
     } else {
-      std::fprintf(stderr, "usage: bench_decode_attention [--reps N]\n");
+      std::fprintf(stderr, "usage: bench_decode_attention [--reps N] [--splits N,N,...]\n");
       return 2;
     }
   }
@@ -107,13 +112,21 @@ int main(int argc, char** argv) {
                 [&] { at::scaled_dot_product_attention(q4, k, v, mask, 0.0, false, in.scale, false); }, reps);
             ref_name = "sdpa_masked_padded";
           }
+          std::string swept;  // "splits": ms, for --splits
+          for (int sp : sweep) {
+            kvd::DecodeAttentionInput fixed = in;
+            fixed.splits = sp;
+            const double ms = kvd::bench::time_ms([&] { kvd::decode_attention_fused(fixed); }, reps);
+            swept += (swept.empty() ? "" : ", ") + ("\"" + std::to_string(sp) + "\": ") + std::to_string(ms);
+          }
           const double bytes = 2.0 * static_cast<double>(total) * static_cast<double>(s.d) * 2.0;
           const double tbps = bytes / ours / 1e9;
           std::printf("{\"shape\": \"%s\", \"cache\": \"%s\", \"batch\": %ld, \"kept_per_head\": %ld, \"kv_mb\": %.1f, "
                       "\"ours_ms\": %.4f, \"ours_TBps\": %.3f, \"ours_frac_of_copy\": %.2f, \"ref\": \"%s\", "
-                      "\"ref_ms\": %.4f, \"speedup\": %.2f}\n",
+                      "\"ref_ms\": %.4f, \"speedup\": %.2f, \"splits\": %d, \"split_sweep_ms\": {%s}}\n",
                       s.name, kind, static_cast<long>(B), static_cast<long>(n), bytes / 1048576.0, ours, tbps,
-                      tbps / copy_tbps, ref_name, ref, ref / ours);
+                      tbps / copy_tbps, ref_name, ref, ref / ours,
+                      kvd::decode_attention_default_splits(S, n_max), swept.c_str());
         }
       }
   return 0;

@@ -9,7 +9,8 @@
 #   bench/gpu_decode.sh bench   bench_cache_decode at batch 1 and 16 (2K context, 64 steps, full / uniform / ragged
 #                               caches): the three paths timed in the same run, with their tokens compared
 #   bench/gpu_decode.sh attn    bench_decode_attention: the ragged decode kernel against SDPA over the same kept
-#                               tokens (uniform and ragged caches, 8K / 32K per head, batch 1 / 16), bandwidth
+#                               tokens (uniform and ragged caches, 8K / 32K per head, batch 1 / 16), bandwidth, and
+#                               the kernel at 8 / 32 / 128 / 512 CTAs per segment (to choose its split rule)
 #   bench/gpu_decode.sh eval    an eval slice ($TASKS: 16 samples per length) with $METHODS at $RATIOS: --decode cache
 #                               and --decode graph with each budget decoded alone (--decode-rows 0), then graph with
 #                               a prefill's budgets decoded together (the default): wall times, how many records agree
@@ -53,7 +54,7 @@ case "${1:-}" in
     done
     ;;
   attn)
-    t build-gpu/bench_decode_attention | tee "$OUT/bench-decode-attention.log"
+    t build-gpu/bench_decode_attention --splits 8,32,128,512 | tee "$OUT/bench-decode-attention.log"
     ;;
   eval)
     tasks_slice "$TASKS" "$W/tasks-slice.jsonl"

@@ -60,6 +60,15 @@ at::Tensor decode_attention_reference(const DecodeAttentionInput& in) {
   return torch::matmul(p, v).reshape({B, H, hd}).to(in.q.scalar_type());              // (B, H, hd)
 }
 
+int decode_attention_default_splits(int64_t segments, int64_t max_len) {
+#ifdef KVD_WITH_RA_KERNEL
+  return kernels::decode_attention_splits(static_cast<int>(segments), max_len);
+#else
+  (void)segments, (void)max_len;
+  return 1;
+#endif
+}
+
 bool decode_attention_fused_available(const DecodeAttentionInput& in) {
 #ifdef KVD_WITH_RA_KERNEL
   if (!in.q.defined() || !in.q.is_cuda() || in.q.dim() != 3 || in.q.size(0) == 0 || in.start.dim() != 1 ||
@@ -107,7 +116,8 @@ at::Tensor decode_attention_fused(const DecodeAttentionInput& in) {
   a.Hkv = static_cast<int>(S / B);
   a.hd = static_cast<int>(hd);
   a.max_len = in.max_len;
-  a.splits = kernels::decode_attention_splits(static_cast<int>(S), in.max_len);
+  KVD_CHECK(in.splits >= 0, who, ": splits must be >= 0 (0: the kernel's choice)");
+  a.splits = in.splits > 0 ? in.splits : kernels::decode_attention_splits(static_cast<int>(S), in.max_len);
   a.scale = static_cast<float>(in.scale);
   a.window = in.window ? *in.window : 0;
   at::Tensor part_o = at::empty({a.splits, B * H, hd}, q.options().dtype(torch::kFloat));

@@ -157,19 +157,25 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
   }
 }
 
-// grid (B · H), HD threads: merges the splits of one (request, query head) in split order.
+// grid (B · H), kMergeGroups · HD threads: merges the splits of one (request, query head). Group g merges splits
+// g, g + kMergeGroups, ... in order (the loads of the groups are in flight together), then group 0 merges the
+// groups' results in group order: a fixed order, so the result is deterministic.
+constexpr int kMergeGroups = 4;
 template <int HD>
-__global__ void __launch_bounds__(HD) merge_kernel(const kvd::kernels::DecodeAttentionArgs a) {
+__global__ void __launch_bounds__(kMergeGroups * HD) merge_kernel(const kvd::kernels::DecodeAttentionArgs a) {
+  KVD_DYNAMIC_SMEM(smem);
+  float* s_ml = reinterpret_cast<float*>(smem);  // (kMergeGroups, 2): max, sum
+  float* s_o = s_ml + 2 * kMergeGroups;          // (kMergeGroups, HD)
   const int64_t row = blockIdx.x, BH = static_cast<int64_t>(a.B) * a.H;
-  const int d = threadIdx.x;
+  const int grp = threadIdx.x / HD, d = threadIdx.x % HD;
   float M = -INFINITY;
-  for (int s = 0; s < a.splits; ++s) {
+  for (int s = grp; s < a.splits; s += kMergeGroups) {
     const float ms = a.part_ml[(s * BH + row) * 2];
     M = ms > M ? ms : M;
   }
   float L = 0.f, O = 0.f;
   if (M > -INFINITY) {
-    for (int s = 0; s < a.splits; ++s) {
+    for (int s = grp; s < a.splits; s += kMergeGroups) {
       const float ms = a.part_ml[(s * BH + row) * 2];
       if (ms == -INFINITY) continue;
       const float w = ex(ms - M);
@@ -177,7 +183,24 @@ __global__ void __launch_bounds__(HD) merge_kernel(const kvd::kernels::DecodeAtt
       O += w * a.part_o[(s * BH + row) * HD + d];
     }
   }
-  a.out[row * HD + d] = to_bf16(L > 0.f ? O / L : 0.f);
+  if (d == 0) {
+    s_ml[grp * 2] = M;
+    s_ml[grp * 2 + 1] = L;
+  }
+  s_o[grp * HD + d] = O;
+  __syncthreads();
+  if (grp != 0) return;
+  float MM = -INFINITY;
+  for (int g = 0; g < kMergeGroups; ++g) MM = s_ml[g * 2] > MM ? s_ml[g * 2] : MM;
+  float LL = 0.f, OO = 0.f;
+  if (MM > -INFINITY)
+    for (int g = 0; g < kMergeGroups; ++g) {
+      if (s_ml[g * 2] == -INFINITY) continue;
+      const float w = ex(s_ml[g * 2] - MM);
+      LL += w * s_ml[g * 2 + 1];
+      OO += w * s_o[g * HD + d];
+    }
+  a.out[row * HD + d] = to_bf16(LL > 0.f ? OO / LL : 0.f);
 }
 
 template <int HD, int G>
@@ -186,7 +209,8 @@ void launch_g(const kvd::kernels::DecodeAttentionArgs& a, int64_t chunk, cudaStr
   const size_t smem = static_cast<size_t>(NGRP) * G * (HD + 2) * sizeof(float);
   auto* kernel = split_kernel<HD, G>;
   KVD_LAUNCH(kernel, dim3(a.splits, a.B * a.Hkv), dim3(kThreads), smem, stream, a, chunk);
-  KVD_LAUNCH(merge_kernel<HD>, dim3(a.B * a.H), dim3(HD), 0, stream, a);
+  const size_t merge_smem = (2 + HD) * kMergeGroups * sizeof(float);
+  KVD_LAUNCH(merge_kernel<HD>, dim3(a.B * a.H), dim3(kMergeGroups * HD), merge_smem, stream, a);
 }
 
 template <int HD>

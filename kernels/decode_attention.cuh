@@ -12,7 +12,8 @@
 // gives max_len, an upper bound of every len, and the grid has `splits` CTAs per segment, each over a chunk of
 // ceil(max_len / splits) rows; a CTA past its segment's length exits after writing an empty partial. Each CTA
 // writes, per query head, its chunk's running max, sum and unnormalized output (fp32) to a workspace; a second
-// kernel merges the splits in split order (deterministic: no atomics).
+// kernel merges the splits in a fixed order (4 interleaved groups of splits, then the groups; deterministic: no
+// atomics).
 //
 // Inside a CTA (4 warps), hd / 8 lanes hold one key row (8 bf16 each, one 16-byte load), so a warp reads
 // 32 · 8 / hd keys per round with coalesced rows; a lane group loads 4 rounds of K and V rows before using them (loads

@@ -22,7 +22,12 @@ struct DecodeAttentionInput {
   at::Tensor qpos;   // (B) int64 query positions; needed with a window
   std::optional<int64_t> window;
   double scale = 1.0;
+  int splits = 0;  // the fused kernel's CTAs per segment; 0: its own choice (kernels::decode_attention_splits)
 };
+
+// The fused kernel's own choice of CTAs per segment for `segments` (B * H_kv) segments of at most max_len entries
+// (1 in a build without the CUDA kernels).
+int decode_attention_default_splits(int64_t segments, int64_t max_len);
 
 // Whether decode_attention_fused runs for `in`: a build with the CUDA kernels, CUDA tensors, bf16, hd 64 or 128,
 // H / H_kv <= 8.
