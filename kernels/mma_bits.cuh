@@ -1,8 +1,8 @@
 // Tensor-core building blocks shared by the mma.sync kernels of kernels/ (retention_attention.cu,
 // window_scores.cu): cp.async tile loads into XOR-swizzled shared memory, ldmatrix fragments, mma.m16n8k16
-// (bf16 in, fp32 accumulate) and exp2. Include it after the kernel file's KVD_SIMT_EMULATION setup: emulated
-// builds (tests/kernels/simt_emulator.h) get host versions in a namespace of their own, so that a binary may link
-// both without two definitions of one inline function.
+// (bf16 in, fp32 accumulate), exp2, and the dynamic shared-memory opt-in. Include it after the kernel file's
+// KVD_SIMT_EMULATION setup: emulated builds (tests/kernels/simt_emulator.h) get host versions in a namespace of
+// their own, so that a binary may link both without two definitions of one inline function.
 //
 // Fragment layouts (PTX ISA, m16n8k16, g = lane / 4, t = lane % 4):
 //   A (16×16, row): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
@@ -16,6 +16,7 @@
 #include <cstring>
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 
 #ifdef KVD_SIMT_EMULATION
 namespace kvd::kernels::emulated::mma {
@@ -116,6 +117,17 @@ __device__ __forceinline__ void ld_b_nk(uint32_t (&b)[4], const bf16* t, int n0,
 template <int D>
 __device__ __forceinline__ void ld_b_kn(uint32_t (&b)[4], const bf16* t, int k0, int n0, int lane) {
   ldsm_x4_t(b, t + swz<D>(k0 + (lane & 7) + ((lane >> 3) & 1) * 8, n0 + (lane >> 4) * 8));
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory (above the default 48 KB); nothing to do when emulated.
+template <typename K>
+cudaError_t allow_smem(K kernel, size_t bytes) {
+#ifdef KVD_SIMT_EMULATION
+  (void)kernel, (void)bytes;
+  return cudaSuccess;
+#else
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+#endif
 }
 
 }  // namespace kvd::kernels::(emulated::)mma

@@ -759,16 +759,6 @@ constexpr size_t dkv_smem() {
   return (2 * kDkvNW * 16 * D + 4 * kDkvBMQ * D) * sizeof(bf16) + 8 * kDkvBMQ * 4;
 }
 
-template <typename K>
-cudaError_t allow_smem(K kernel, size_t bytes) {
-#ifdef KVD_SIMT_EMULATION
-  (void)kernel, (void)bytes;
-  return cudaSuccess;
-#else
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-#endif
-}
-
 cudaError_t row_blocks_launch(const RetentionAttnParams& p, cudaStream_t st) {
   if (!p.row_blocks) return cudaErrorInvalidValue;
   KVD_LAUNCH(row_blocks_kernel, dim3((p.S + kRowBlock - 1) / kRowBlock, p.B), kRowBlock, 0, st, p);

@@ -291,16 +291,6 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
   }
 }
 
-template <typename K>
-cudaError_t allow_smem(K kernel, size_t bytes) {
-#ifdef KVD_SIMT_EMULATION
-  (void)kernel, (void)bytes;
-  return cudaSuccess;
-#else
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-#endif
-}
-
 template <int D>
 cudaError_t launch(const WindowScoresArgs& a, cudaStream_t stream) {
   const int G = a.H / a.Hkv, blocks = (G * padded_w(a.w) + kRows - 1) / kRows;
