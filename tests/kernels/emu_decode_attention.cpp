@@ -1,7 +1,7 @@
 // The ragged decode attention kernel's own code (kernels/decode_attention.cu) on the CPU through the SIMT emulator,
 // against a naive float64 loop (tests/kernels/decode_attention_cases.h) on bf16 inputs. Metric: elementwise
 // |out - ref| <= 8e-3 * max(1, |ref|) (the bf16 rounding of the output is 2^-9 relative); one to several splits per
-// head, so the split merge is exercised. Runs in CI.
+// head (9: the merge's 4 groups take 2 or 3 splits each), so the split merge is exercised. Runs in CI.
 #define KVD_SIMT_EMULATION 1
 #include "kernels/decode_attention.cu"
 
@@ -47,7 +47,7 @@ TEST(DecodeAttentionEmulated, MatchesNaiveReference) {
   for (const kvd_test::DecodeCase& c : kvd_test::decode_cases(false)) {
     const kvd::DecodeAttentionInput in = kvd_test::make_decode_input(c, seed++);
     const at::Tensor ref = kvd_test::naive_decode_attention(in);
-    for (int splits : {1, 3, kvd::kernels::emulated::decode_attention_splits(static_cast<int>(c.B * c.Hkv), c.max_len)}) {
+    for (int splits : {1, 3, 9, kvd::kernels::emulated::decode_attention_splits(static_cast<int>(c.B * c.Hkv), c.max_len)}) {
       const double err = kvd_test::decode_error(run_emulated(in, splits), ref);
       std::printf("  B %ld H %ld H_kv %ld hd %ld max_len %ld window %ld splits %d: error %.2e\n", (long)c.B,
                   (long)c.H, (long)c.Hkv, (long)c.hd, (long)c.max_len, (long)c.window.value_or(0), splits, err);
