@@ -14,8 +14,13 @@
 //    libkvdistill_ops.so's CPU path, next to SDPA flash attention's causal prefill of the same layer
 //    (K/V repeated to the query heads outside the timed region). Shapes: SmolLM2-135M (D 576, 9 / 3 heads,
 //    d 64) and Llama-3-8B (D 4096, 32 / 8 heads, d 128); gate width 512.
-// Times are medians of CUDA-event-timed repetitions, one JSON line per measurement.
+// 3. What compress_prefill / eval do after a prefill: per layer, select_layer (uniform budget) + KVCache::keep (a
+//    gather into storage of exactly the kept entries, which frees the rest), with the fused selector vs the
+//    reference selector (stable sort → mask → nonzero), both keeping the indices on the device. Wall time over every
+//    layer, host work and read-backs included, the cache restored outside the timed region. Kept sets compared.
+// Times are medians of CUDA-event-timed repetitions (3: of wall-clock ones), one JSON line per measurement.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -26,7 +31,9 @@
 #include <torch/torch.h>
 
 #include "bench/cuda_time.h"
+#include "gates/selector.h"
 #include "kernels/kv_select.h"
+#include "models/kv_cache.h"
 
 int main(int argc, char** argv) {
   int reps = 20;
@@ -151,5 +158,58 @@ int main(int argc, char** argv) {
                   100.0 * ours / attn_ms, aten_ms, 100.0 * aten_ms / attn_ms, aten_ms / ours, score_err);
       std::fflush(stdout);
     }
+
+  // 3. The cache's eviction after a prefill, every layer: select_layer + KVCache::keep, fused vs reference selector.
+  struct Prefill {
+    const char* name;
+    int64_t L, B, Hkv, d, n;
+    double ratio;
+  };
+  for (const Prefill& p : {Prefill{"SmolLM2-135M", 30, 1, 3, 64, 8192, 0.5}, Prefill{"SmolLM2-135M", 30, 8, 3, 64, 8192, 0.5},
+                           Prefill{"Llama-3-8B", 32, 1, 8, 128, 32768, 0.875}}) {
+    kvd::KVCache full(p.L, p.B, p.Hkv, p.d, torch::kBFloat16, torch::kCUDA), work = full;
+    at::Tensor pos = torch::arange(p.n, f.dtype(torch::kLong)).view({1, p.n}).expand({p.B, p.n}).contiguous();
+    std::vector<at::Tensor> scores;
+    for (int64_t l = 0; l < p.L; ++l) {
+      at::Tensor kv = torch::randn({p.B, p.Hkv, p.n, p.d}, f.dtype(torch::kBFloat16));
+      full.append(l, kv, kv, pos);
+      scores.push_back(torch::round(torch::randn({p.B, p.Hkv, p.n}, f) * 64.0) / 64.0);  // (B, H_kv, n), ties
+    }
+    kvd::SelectorOptions opt;
+    opt.budget = kvd::Budget::ratio(p.ratio);
+    std::vector<std::vector<std::vector<int64_t>>> kept(2);  // [path][layer · B · H_kv + r] -> indices
+    auto run = [&](kvd::KernelPath path) {
+      std::vector<double> ts;
+      for (int i = 0; i < reps + 2; ++i) {
+        for (int64_t l = 0; l < p.L; ++l) work.copy_layer_from(full, l);
+        torch::cuda::synchronize();
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int64_t l = 0; l < p.L; ++l) work.keep(l, kvd::select_layer(scores[l], l, p.L, opt, -1, at::Tensor(), path));
+        torch::cuda::synchronize();
+        if (i >= 2) ts.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::vector<std::vector<int64_t>>& out = kept[path == kvd::KernelPath::Fused ? 0 : 1];
+      out.clear();
+      for (int64_t l = 0; l < p.L; ++l) {
+        at::Tensor kp = work.positions(l).cpu();  // (B, H_kv, keep): positions = original indices here
+        for (int64_t r = 0; r < p.B * p.Hkv; ++r) {
+          at::Tensor row = kp.view({p.B * p.Hkv, -1})[r].contiguous();
+          out.emplace_back(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
+        }
+      }
+      std::sort(ts.begin(), ts.end());
+      return ts[ts.size() / 2];
+    };
+    const double fused_ms = run(kvd::KernelPath::Fused), ref_ms = run(kvd::KernelPath::Reference);
+    int64_t differ = 0;
+    for (size_t i = 0; i < kept[0].size(); ++i) differ += kept[0][i] != kept[1][i];
+    const double moved = 2.0 * static_cast<double>(work.bytes()) + p.L * p.B * p.Hkv * p.n * 4.0;  // kept K, V read + written; scores
+    std::printf("{\"what\": \"cache eviction after prefill\", \"model\": \"%s\", \"L\": %ld, \"B\": %ld, \"n\": %ld, "
+                "\"ratio\": %.3f, \"fused_ms\": %.3f, \"reference_ms\": %.3f, \"speedup\": %.2f, "
+                "\"fused_fraction_of_copy\": %.3f, \"heads_whose_kept_set_differs\": %ld}\n",
+                p.name, (long)p.L, (long)p.B, (long)p.n, p.ratio, fused_ms, ref_ms, ref_ms / fused_ms,
+                moved / fused_ms / 1e9 / copy_tbps, (long)differ);
+    std::fflush(stdout);
+  }
   return 0;
 }

@@ -14,6 +14,9 @@
 #   bench/gpu_decode.sh eval    an eval slice ($TASKS: 16 samples per length) with $METHODS at $RATIOS: --decode cache
 #                               and --decode graph with each budget decoded alone (--decode-rows 0), then graph with
 #                               a prefill's budgets decoded together (the default): wall times, how many records agree
+#   bench/gpu_decode.sh kernels the same slice with $KMETHODS at $RATIOS, --kernels fused against --kernels reference
+#                               (window scoring, the selectors' radix select, the decode evictors' scorers): wall
+#                               times, and how many records agree in output, score and kept bytes; KL / hit rate gaps
 # Inputs (env): MODEL (default /root/model), TASKS (default /root/rivals/tasks-2k4k8k.jsonl), W (default /root/dec),
 # METHODS (default snapkv,adakv_snapkv), RATIOS (default 0.25,0.5,0.75,0.875), OUT (the call's return folder).
 set -euo pipefail
@@ -21,6 +24,7 @@ MODEL=${MODEL:-/root/model}
 TASKS=${TASKS:-/root/rivals/tasks-2k4k8k.jsonl}
 W=${W:-/root/dec}
 METHODS=${METHODS:-snapkv,adakv_snapkv}
+KMETHODS=${KMETHODS:-snapkv,pyramidkv,tova,h2o,adakv_snapkv,streaming_llm,defensivekv,tova_decode,h2o_decode}
 RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}
 OUT=${OUT:-/tmp}
 KVD=build-gpu/kvdistill
@@ -55,6 +59,37 @@ case "${1:-}" in
     ;;
   attn)
     t build-gpu/bench_decode_attention --splits 8,32,128,512 | tee "$OUT/bench-decode-attention.log"
+    ;;
+  kernels)
+    tasks_slice "$TASKS" "$W/tasks-slice.jsonl"
+    for k in fused reference; do
+      rm -rf "$W/eval-kernels-$k"
+      t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$KMETHODS" \
+        --ratios "$RATIOS" --kernels $k --out "$W/eval-kernels-$k" 2>&1 | tail -n 1
+    done
+    python3 - "$W/eval-kernels-fused/results.jsonl" "$W/eval-kernels-reference/results.jsonl" <<'PY' |
+import collections, json, sys
+a, b = ({(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:])
+assert a.keys() == b.keys(), "the two runs hold different records"
+per = collections.defaultdict(lambda: collections.Counter())
+dkl, dhit = collections.defaultdict(float), collections.defaultdict(float)
+for k in sorted(a):
+    m, x, y = k[0], a[k], b[k]
+    c = per[m]
+    c["records"] += 1
+    c["output"] += x["output"] == y["output"]
+    c["score"] += x["score"] == y["score"]
+    c["kept bytes"] += x["kv_bytes_kept"] == y["kv_bytes_kept"] and x["peak_kv_bytes"] == y["peak_kv_bytes"]
+    dhit[m] = max(dhit[m], abs(x.get("hit_rate", 0) - y.get("hit_rate", 0)))
+    dkl[m] = max(dkl[m], abs(x["kl"] - y["kl"]))
+for m, c in per.items():
+    ta = sum(r["prefill_s"] + r["decode_s"] for k, r in a.items() if k[0] == m)
+    tb = sum(r["prefill_s"] + r["decode_s"] for k, r in b.items() if k[0] == m)
+    print(f"{m}: {c['records']} records, identical output {c['output']}, score {c['score']}, kept / peak bytes "
+          f"{c['kept bytes']}; max |dKL| {dkl[m]:.2e}, max |d hit rate| {dhit[m]:.2e}; prefill + decode seconds (sum) "
+          f"fused {ta:.1f} / reference {tb:.1f}")
+PY
+      tee "$OUT/eval-kernels.txt"
     ;;
   eval)
     tasks_slice "$TASKS" "$W/tasks-slice.jsonl"

@@ -3,11 +3,14 @@
 # (source .device/setup.sh first; results go to bench/RESULTS.md by hand):
 #   bench/gpu_serving.sh build   kvdistill, the C runtime and its example, libkvdistill_ops.so, the kernels' GPU test
 #                                and bench_select_compact into build-gpu/
-#   bench/gpu_serving.sh tests   kvd_test_kv_select (kernels vs CPU references at serving sizes), then the runtime's
+#   bench/gpu_serving.sh tests   kvd_test_kv_select (kernels vs CPU references at serving sizes) and
+#                                kvd_test_fused_selection (the selectors' fused path = the reference's kept sets;
+#                                KVCache::keep with device indices = a host keep), then the runtime's
 #                                and the ops' Python tests on the GPU: the C example's kept sets through the
 #                                kvd_cuda_ functions against `kvdistill compress`, the ops' CUDA path
-#   bench/gpu_serving.sh bench   bench_select_compact: select + compact vs PyTorch's topk / sort / gather, and one
-#                                layer's score + select + compact next to its attention, at 8K and 32K
+#   bench/gpu_serving.sh bench   bench_select_compact: select + compact vs PyTorch's topk / sort / gather, one
+#                                layer's score + select + compact next to its attention, at 8K and 32K, and the
+#                                cache's eviction after a prefill through the selectors (fused vs reference)
 #   bench/gpu_serving.sh window  kvd_test_window_scores (the window-scoring kernel vs float64 loops, deterministic),
 #                                then bench_window_scores: the kernel vs the explicit softmax path, next to the
 #                                layer's prefill attention (SmolLM2 and Llama-3-8B shapes, 8K and 32K, w 64 / 32 / 1)
@@ -24,14 +27,16 @@ case "${1:-}" in
   build)
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-    t ninja -C build-gpu kvdistill kvdistill_runtime kvd_example kvdistill_ops kvd_test_kv_select \
+    t ninja -C build-gpu kvdistill kvdistill_runtime kvd_example kvdistill_ops kvd_test_kv_select kvd_test_fused_selection \
       bench_select_compact kvd_test_window_scores bench_window_scores >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
     ;;
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    t build-gpu/kvd_test_kv_select >"$OUT/kvd_test_kv_select.log" 2>&1
-    echo "kvd_test_kv_select rc=$?"
-    grep -E "max error|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|differs" "$OUT/kvd_test_kv_select.log"
+    for b in kvd_test_kv_select kvd_test_fused_selection; do
+      t build-gpu/$b >"$OUT/$b.log" 2>&1
+      echo "$b rc=$?"
+      grep -E "max error|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|differs|[Ww]hat" "$OUT/$b.log" | head -40
+    done
     ldd build-gpu/libkvdistill_runtime.so build-gpu/kvd_example | grep -E "torch|c10|cudart|kvdistill"
     for py in test_c_runtime test_serving_ops; do
       KVD_BIN=build-gpu/kvdistill KVD_OPS_LIB=build-gpu/libkvdistill_ops.so KVD_MODEL_DIR="$TOK" \

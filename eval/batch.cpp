@@ -177,6 +177,7 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
     trig.interval = m.decode->interval;
     DecodeEvictionOptions eo;
     eo.scorer = m.method.scorer;
+    eo.kernels = m.compress.kernels;
     evictor = std::make_unique<DecodeEvictor>(model, m.decode->policy, trig, eo);
     g.decode_observer = evictor->observer();
     // The rest of the prompt is appended before decoding: the scorer rates those entries too.

@@ -146,6 +146,7 @@ FidelityResult generation_fidelity(const Model& model, const std::vector<at::Ten
       trig.target = opt.budget;
       DecodeEvictionOptions eo;
       eo.scorer = method.scorer;
+      eo.kernels = m.compress.kernels;
       evictor = std::make_unique<DecodeEvictor>(model, m.decode->policy, trig, eo);
     }
     const PrefillObserver observe = evictor ? evictor->observer()

@@ -21,15 +21,16 @@ namespace {
 // Uniform, Pyramid, AdaKV: each layer on its own, as soon as it is scored.
 class PerLayer : public LayerAllocation {
  public:
-  PerLayer(const SelectorOptions& o, int64_t L) : opt_(o), L_(L) {}
+  PerLayer(const SelectorOptions& o, int64_t L, KernelPath k) : opt_(o), L_(L), kernels_(k) {}
   RaggedIndices row_scored(int64_t l, int64_t, const at::Tensor& s, const at::Tensor& valid, int64_t tokens,
                            const std::vector<double>&) override {
-    return select_layer(s, l, L_, opt_, tokens, valid);
+    return select_layer(s, l, L_, opt_, tokens, valid, kernels_);
   }
 
  private:
   SelectorOptions opt_;
   int64_t L_;
+  KernelPath kernels_;
 };
 
 // One budget pooled over every layer of a row: L · H_kv · n_kept(tokens) entries, chosen after the forward.
@@ -48,7 +49,7 @@ class Global : public LayerAllocation {
     std::vector<std::vector<RaggedIndices>> keep(L_, std::vector<RaggedIndices>(B));  // [layer][row]
     for (int64_t b = 0; b < B; ++b) {
       if (fresh[b] == 0) {
-        for (int64_t l = 0; l < L_; ++l) keep[l][b] = ragged_keep_all(row_lengths(cache, l, b));
+        for (int64_t l = 0; l < L_; ++l) keep[l][b] = ragged_keep_all(row_lengths(cache, l, b), cache.device());
         continue;
       }
       bool ragged = false;
@@ -137,11 +138,11 @@ class Cake : public LayerAllocation {
 
 }  // namespace
 
-std::unique_ptr<LayerAllocation> make_allocation(const SelectorOptions& o, int64_t L, int64_t B) {
+std::unique_ptr<LayerAllocation> make_allocation(const SelectorOptions& o, int64_t L, int64_t B, KernelPath kernels) {
   switch (o.allocation) {
-    case Allocation::Global: return std::make_unique<Global>(o, L, B);
-    case Allocation::Cake: return std::make_unique<Cake>(o, L, B);
-    default: return std::make_unique<PerLayer>(o, L);
+    case Allocation::Global: return std::make_unique<Global>(o, L, B);  // ranks across layers: the reference path
+    case Allocation::Cake: return std::make_unique<Cake>(o, L, B);      // re-cuts layers by the kept scores
+    default: return std::make_unique<PerLayer>(o, L, kernels);
   }
 }
 

@@ -44,7 +44,9 @@ class LayerAllocation {
   virtual bool chunkable() const { return true; }
 };
 
-std::unique_ptr<LayerAllocation> make_allocation(const SelectorOptions& options, int64_t num_layers, int64_t batch);
+// kernels: the selection path (gates/selector.h).
+std::unique_ptr<LayerAllocation> make_allocation(const SelectorOptions& options, int64_t num_layers, int64_t batch,
+                                                 KernelPath kernels = KernelPath::Fused);
 
 // Row b's lengths of one layer: [h].
 std::vector<int64_t> row_lengths(const KVCache& cache, int64_t layer, int64_t b);

@@ -77,7 +77,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
               " does (one scorer per cache must score each layer alike, right after it ran)");
   }
   std::vector<std::unique_ptr<LayerAllocation>> allocs;
-  for (const SelectorOptions& sel : selectors) allocs.push_back(make_allocation(sel, L, B));
+  for (const SelectorOptions& sel : selectors) allocs.push_back(make_allocation(sel, L, B, opts.kernels));
   const std::unique_ptr<LayerAllocation>& alloc = allocs[0];
   std::vector<int64_t> lens(B);
   int64_t T = 0;
@@ -121,7 +121,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
     for (int64_t b = 0; b < B; ++b) {
       const std::vector<int64_t> rl = row_lengths(c, l, b);
       if (fresh[b] == 0) {  // an all-padding chunk for this row: nothing new to score
-        for (size_t t = 0; t < NT; ++t) parts[t][b] = ragged_keep_all(rl);
+        for (size_t t = 0; t < NT; ++t) parts[t][b] = ragged_keep_all(rl, c.device());
         continue;
       }
       const int64_t lb = lead.empty() || !obs ? 0 : lead[b], nq = Tc - lb;
@@ -175,7 +175,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
         if (parts[t][b].indices.defined()) {
           any[t] = 1;
         } else {
-          parts[t][b] = ragged_keep_all(rl);
+          parts[t][b] = ragged_keep_all(rl, c.device());
         }
       }
     }

@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "gates/selector.h"
 #include "models/attention.h"
 #include "models/kv_cache.h"
 
@@ -43,24 +44,14 @@ at::Tensor step_attention(const at::Tensor& q, const at::Tensor& q_pos, const at
   return attention_probs(q, q_pos, k, pos, valid, ct, EmptyRows::Zero).squeeze(2);  // (B, H, n); rows that see nothing: 0
 }
 
-// Per head r, the counts[r] entries with the highest keep score (ties: the lower index), in ascending order.
-// keep (B, H_kv, n).
+// Per head r, the counts[r] entries with the highest keep score (ties: the lower index), in ascending order, on
+// keep's device. keep (B, H_kv, n) float64: the float32 selection kernel could merge close scores into ties.
 RaggedIndices top_sorted(const at::Tensor& keep, const std::vector<int64_t>& counts) {
-  const int64_t n = keep.size(2), R = keep.size(0) * keep.size(1);
-  at::Tensor s = keep.reshape({R, n}).to(torch::kCPU, torch::kDouble);                  // (R, n)
-  at::Tensor order = std::get<1>(s.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));  // (R, n)
-  std::vector<at::Tensor> parts;
-  std::vector<int64_t> off(R + 1, 0);
-  for (int64_t r = 0; r < R; ++r) {
+  const int64_t n = keep.size(2);
+  for (size_t r = 0; r < counts.size(); ++r)
     KVD_CHECK(counts[r] <= n, "decode eviction: head row ", r, " keeps ", counts[r], " of ", n, " entries");
-    at::Tensor sel = std::get<0>(order[r].narrow(0, 0, counts[r]).sort());  // (c)
-    parts.push_back(sel);
-    off[r + 1] = off[r] + counts[r];
-  }
-  RaggedIndices out;
-  out.indices = torch::cat(parts).to(keep.device());  // (total)
-  out.offsets = torch::tensor(off, torch::kLong);     // (R + 1) CPU
-  return out;
+  const at::Tensor k = torch::tensor(counts, torch::kLong).to(keep.device()).view({keep.size(0), keep.size(1)});
+  return ragged_from_mask(topk_mask(keep, k));  // (B, H_kv) counts -> (B, H_kv, n) mask
 }
 
 // Keeps the last `rows` rows along dim `d`.
@@ -248,7 +239,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
       const at::Tensor qpos = obs.query_positions.to(torch::kCPU);  // (B, 1)
       const bool same = (qpos == qpos[0][0]).all().item<bool>();
       if (same) {  // one view for the whole batch
-        LayerView view = layer_view(kv, l, model_, qpos[0][0].item<int64_t>() + 1);
+        LayerView view = layer_view(kv, l, model_, qpos[0][0].item<int64_t>() + 1, opt_.kernels);
         if (needs.window > 0) {
           view.window_queries = S.q;        // (B, H, w, hd)
           view.window_positions = S.q_pos;  // (B, w)
@@ -266,7 +257,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
         if (kv.valid.defined()) kb.valid = kv.valid.narrow(0, b, 1);
         for (const auto& [name, col] : kv.payload) kb.payload[name] = col.narrow(0, b, 1);
         kb.n = kv.n;
-        LayerView view = layer_view(kb, l, model_, qpos[b][0].item<int64_t>() + 1);
+        LayerView view = layer_view(kb, l, model_, qpos[b][0].item<int64_t>() + 1, opt_.kernels);
         view.batch_offset = b;
         if (needs.window > 0) {
           view.window_queries = S.q.narrow(0, b, 1);        // (1, H, w, hd)

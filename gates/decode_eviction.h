@@ -76,6 +76,7 @@ struct DecodeEvictionOptions {
   LazyTracking lazy_tracking = LazyTracking::EveryStep;
   std::shared_ptr<Scorer> scorer;  // DecodePolicy::Scorer
   int64_t max_query_rows = 256;    // DecodePolicy::Scorer: cap on the decode queries kept for window scorers
+  KernelPath kernels = KernelPath::Fused;  // DecodePolicy::Scorer: the scorer's kernels (LayerView::kernels)
 };
 
 struct DecodeEvictionStats {

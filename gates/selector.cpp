@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "kernels/kv_select.h"
 
 namespace kvd {
 
@@ -35,11 +36,13 @@ int64_t Budget::n_kept(int64_t n) const {
 RaggedIndices ragged_from_mask(const at::Tensor& mask) {  // (B, H_kv, n) bool
   KVD_CHECK(mask.dim() == 3, "ragged_from_mask: mask must be (B, H_kv, n), got ", mask.sizes());
   const int64_t rows = mask.size(0) * mask.size(1), n = mask.size(2);
-  at::Tensor flat = mask.reshape({rows, n}).to(torch::kCPU);  // (rows, n)
+  at::Tensor flat = mask.reshape({rows, n});  // (rows, n)
   RaggedIndices r;
-  at::Tensor counts = flat.sum(1).to(torch::kLong);  // (rows)
-  r.offsets = torch::cat({torch::zeros({1}, torch::kLong), counts.cumsum(0)});  // (rows + 1)
-  r.indices = flat.nonzero().select(1, 1).contiguous();  // (total), row-major: ascending within each row
+  at::Tensor counts = flat.sum(1).to(torch::kCPU, torch::kLong);                   // (rows), the one read-back
+  r.offsets = torch::cat({torch::zeros({1}, torch::kLong), counts.cumsum(0)});     // (rows + 1)
+  const int64_t total = r.offsets[rows].item<int64_t>();
+  // Row-major, so ascending within each row; the size is known, so the device does not report it back.
+  r.indices = at::nonzero_static(flat, total).select(1, 1).contiguous();  // (total)
   return r;
 }
 
@@ -74,13 +77,19 @@ at::Tensor topk_mask(const at::Tensor& scores, int64_t k) {  // (B, H_kv, n)
 at::Tensor topk_mask(const at::Tensor& scores, const std::vector<int64_t>& k) {  // (B, H_kv, n)
   KVD_CHECK(scores.dim() == 3 && static_cast<int64_t>(k.size()) == scores.size(0), "topk_mask: scores must be (B, H_kv, n) "
             "with one k per row; got ", scores.sizes(), " and ", k.size(), " k");
+  return topk_mask(scores, torch::tensor(k, torch::kLong).to(scores.device()).view({-1, 1}));
+}
+
+at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k) {  // (B, H_kv, n); k (B, H_kv) or (B, 1)
+  KVD_CHECK(scores.dim() == 3 && k.dim() == 2 && k.size(0) == scores.size(0) &&
+                (k.size(1) == scores.size(1) || k.size(1) == 1),
+            "topk_mask: scores must be (B, H_kv, n) and k (B, H_kv) or (B, 1); got ", scores.sizes(), " and ", k.sizes());
   const int64_t n = scores.size(-1);
   if (n == 0) return torch::zeros(scores.sizes(), scores.options().dtype(torch::kBool));
   const at::Tensor order = order_desc(scores);  // (B, H_kv, n)
   const at::Tensor rank = torch::empty_like(order).scatter_(
       -1, order, torch::arange(n, order.options()).view({1, 1, n}).expand_as(order));  // (B, H_kv, n): 0 = best
-  const at::Tensor kk = torch::tensor(k, torch::kLong).to(scores.device()).view({-1, 1, 1});  // (B, 1, 1)
-  return rank.lt(kk);  // (B, H_kv, n)
+  return rank.lt(k.to(order.device(), torch::kLong).unsqueeze(-1));  // (B, H_kv, n)
 }
 
 int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double beta, int64_t layer, int64_t num_layers) {
@@ -140,22 +149,85 @@ at::Tensor layer_keep_mask(const at::Tensor& scores, int64_t layer, int64_t num_
 
 }  // namespace
 
+namespace {
+
+// The kernel's selection as RaggedIndices: counts back to the host for the offsets (the one read-back), the
+// (B, H_kv, capacity) indices packed head after head on the device.
+RaggedIndices ragged_from_rows(const RowSelection& sel) {
+  const int64_t rows = sel.counts.numel(), cap = sel.indices.size(2);
+  RaggedIndices r;
+  at::Tensor counts = sel.counts.reshape({rows}).to(torch::kCPU, torch::kLong);  // (rows)
+  r.offsets = torch::cat({torch::zeros({1}, torch::kLong), counts.cumsum(0)});   // (rows + 1)
+  const int64_t total = r.offsets[rows].item<int64_t>();
+  at::Tensor idx = sel.indices.reshape({rows * cap}).to(torch::kLong);  // (rows cap)
+  if (total == rows * cap) {
+    r.indices = idx;  // every head kept `cap`
+    return r;
+  }
+  const auto opt = idx.options();
+  at::Tensor cnt = counts.to(idx.device());                                              // (rows)
+  at::Tensor row = at::repeat_interleave(cnt, std::optional<int64_t>(total));          // (total) head row
+  at::Tensor first = r.offsets.narrow(0, 0, rows).to(idx.device()).index_select(0, row);  // (total)
+  at::Tensor j = torch::arange(total, opt) - first;                                      // (total) slot in the head
+  r.indices = idx.index_select(0, row * cap + j);                                        // (total)
+  return r;
+}
+
+// The fused path of select_layer, or an undefined result where it does not apply.
+RaggedIndices select_layer_fused(const at::Tensor& scores, int64_t layer, int64_t num_layers,
+                                 const SelectorOptions& opt, int64_t tokens, const at::Tensor& valid) {
+  const Budget& bud = opt.budget;
+  at::Tensor s = scores.to(torch::kFloat);  // (B, H_kv, n)
+  // Entries outside `valid` become NaN, which the kernel ranks below every number and no threshold passes.
+  if (valid.defined()) s = s.masked_fill(valid.logical_not(), std::numeric_limits<float>::quiet_NaN());
+  RowSelectSpec spec;
+  if (bud.kind == BudgetKind::Threshold) {
+    spec.mode = RowSelectMode::Threshold;
+    spec.threshold = bud.value;
+    return ragged_from_rows(select_rows_fused(s, spec));
+  }
+  if (bud.kind == BudgetKind::Ratio && bud.value == 0.0) return RaggedIndices();
+  int64_t k = 0;
+  switch (opt.allocation) {
+    case Allocation::Uniform: k = bud.n_kept(tokens); break;
+    case Allocation::Pyramid:
+      KVD_CHECK(bud.kind == BudgetKind::Ratio, "pyramid allocation needs a ratio budget (--ratio)");
+      k = pyramid_layer_budget(tokens, bud.value, opt.pyramid_window, opt.pyramid_beta, layer, num_layers);
+      break;
+    default: return RaggedIndices();
+  }
+  spec.keep = std::clamp<int64_t>(k, 0, s.size(2));
+  // A head keeps its top min(k, valid entries): the NaN entries rank last, so none of them is among those. (The
+  // reference's top-k over every entry, then AND valid, is the same set when a head's valid entries come first,
+  // as in every cache view, or no valid entry ties an invalid one.)
+  if (valid.defined()) spec.keeps = valid.sum(-1);  // (B, H_kv), clamped to keep by the binding
+  if (spec.keep == 0) return ragged_from_mask(torch::zeros(s.sizes(), s.options().dtype(torch::kBool)));
+  return ragged_from_rows(select_rows_fused(s, spec));
+}
+
+}  // namespace
+
 RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt,
-                           int64_t tokens, const at::Tensor& valid) {
+                           int64_t tokens, const at::Tensor& valid, KernelPath kernels) {
   KVD_CHECK(scores.dim() == 3, "select_layer: scores must be (B, H_kv, n), got ", scores.sizes());
-  at::Tensor mask = layer_keep_mask(scores, layer, num_layers, opt, tokens < 0 ? scores.size(2) : tokens);
+  if (tokens < 0) tokens = scores.size(2);
+  if (kernels == KernelPath::Fused && kv_select_fused_available(scores)) {
+    RaggedIndices r = select_layer_fused(scores, layer, num_layers, opt, tokens, valid);
+    if (r.indices.defined()) return r;
+  }
+  at::Tensor mask = layer_keep_mask(scores, layer, num_layers, opt, tokens);
   if (valid.defined()) mask = mask.logical_and(valid);  // (B, H_kv, n)
   return ragged_from_mask(mask);
 }
 
 std::vector<RaggedIndices> select_all(const std::vector<at::Tensor>& scores, const SelectorOptions& opt,
-                                      int64_t tokens, const std::vector<at::Tensor>& valid) {
+                                      int64_t tokens, const std::vector<at::Tensor>& valid, KernelPath kernels) {
   const int64_t L = static_cast<int64_t>(scores.size());
   KVD_CHECK(valid.empty() || static_cast<int64_t>(valid.size()) == L, "select_all: one validity mask per layer");
   auto valid_of = [&](int64_t l) { return valid.empty() ? at::Tensor() : valid[l]; };
   std::vector<RaggedIndices> out;
   if (opt.allocation != Allocation::Global || opt.budget.kind == BudgetKind::Threshold) {
-    for (int64_t l = 0; l < L; ++l) out.push_back(select_layer(scores[l], l, L, opt, tokens, valid_of(l)));
+    for (int64_t l = 0; l < L; ++l) out.push_back(select_layer(scores[l], l, L, opt, tokens, valid_of(l), kernels));
     return out;
   }
   KVD_CHECK(L > 0, "select_all: no layers");
@@ -192,11 +264,12 @@ std::vector<RaggedIndices> select_all(const std::vector<at::Tensor>& scores, con
 
 RaggedIndices concat_ragged(const std::vector<RaggedIndices>& parts) {
   KVD_CHECK(!parts.empty(), "concat_ragged: nothing to concatenate");
+  const c10::Device dev = parts[0].indices.device();
   std::vector<at::Tensor> idx, off;
   int64_t base = 0;
   for (size_t i = 0; i < parts.size(); ++i) {
-    at::Tensor o = parts[i].offsets.to(torch::kCPU);  // (rows_i + 1)
-    idx.push_back(parts[i].indices.to(torch::kCPU));
+    const at::Tensor& o = parts[i].offsets;  // (rows_i + 1), on the host
+    idx.push_back(parts[i].indices.to(dev));
     off.push_back((i == 0 ? o : o.narrow(0, 1, o.size(0) - 1)) + base);
     base += o[-1].item<int64_t>();
   }
@@ -206,15 +279,15 @@ RaggedIndices concat_ragged(const std::vector<RaggedIndices>& parts) {
   return r;
 }
 
-RaggedIndices ragged_keep_all(const std::vector<int64_t>& lengths) {
+RaggedIndices ragged_keep_all(const std::vector<int64_t>& lengths, c10::Device device) {
   std::vector<int64_t> idx, off{0};
   for (int64_t len : lengths) {
     for (int64_t j = 0; j < len; ++j) idx.push_back(j);
     off.push_back(off.back() + len);
   }
   RaggedIndices r;
-  r.indices = torch::tensor(idx, torch::kLong);  // (total)
-  r.offsets = torch::tensor(off, torch::kLong);  // (rows + 1)
+  r.indices = torch::tensor(idx, torch::kLong).to(device);  // (total)
+  r.offsets = torch::tensor(off, torch::kLong);             // (rows + 1)
   return r;
 }
 

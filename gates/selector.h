@@ -3,8 +3,17 @@
 // indices per KV head plus offsets, the layout TensorRT-LLM's sparse attention reads, and what
 // KVCache::keep(layer, RaggedIndices) compacts to.
 //
-// Ties: every top-k here is a stable descending sort, so among equal scores the lower index (the older
-// token) wins. torch.topk (kvpress) leaves the order of ties unspecified.
+// Ties: among equal scores the lower index (the older token) wins, on both paths below. torch.topk (kvpress)
+// leaves the order of ties unspecified.
+//
+// Two paths compute the same sets (KernelPath, models/kernel_path.h):
+//   Reference  a stable descending sort of each head's scores, a keep mask, its nonzero entries;
+//   Fused      on CUDA, the per-(request, KV head) radix select of kernels/kv_select.h for the top-k allocations
+//              (Uniform, Pyramid) and threshold budgets: no sort and no mask. The other allocations rank across
+//              heads or layers and take the reference path.
+// Either way the keep indices stay on the scores' device; only the per-head counts (the offsets) come back to
+// the host. Scores are never NaN (a scorer marks an entry never to keep with -inf): the sort would rank NaN
+// first, the kernel last.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +22,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "models/kernel_path.h"
 #include "models/kv_cache.h"
 
 namespace kvd {
@@ -50,7 +60,7 @@ struct SelectorOptions {
   double pyramid_beta = 20.0;
 };
 
-// Boolean keep mask -> RaggedIndices. mask (B, H_kv, n) bool.
+// Boolean keep mask -> RaggedIndices, indices on the mask's device. mask (B, H_kv, n) bool.
 RaggedIndices ragged_from_mask(const at::Tensor& mask);
 // RaggedIndices -> per head lists of indices (row r = b * H_kv + h).
 std::vector<std::vector<int64_t>> ragged_to_lists(const RaggedIndices& r);
@@ -59,6 +69,8 @@ std::vector<std::vector<int64_t>> ragged_to_lists(const RaggedIndices& r);
 at::Tensor topk_mask(const at::Tensor& scores, int64_t k);
 // The same with its own k for each batch row: every head of row b keeps its top k[b] ([B]).
 at::Tensor topk_mask(const at::Tensor& scores, const std::vector<int64_t>& k);
+// The same with its own k for each head: k (B, H_kv) integer on the scores' device (or (B, 1): per row).
+at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k);
 
 // kvpress PyramidKV budget of `layer` (entries per head) for a prompt of n tokens.
 int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double beta, int64_t layer, int64_t num_layers);
@@ -67,17 +79,21 @@ int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double bet
 //   tokens: the token count the budget applies to (n_kept(tokens) per head); < 0: n. Chunked prefill passes
 //           the tokens seen so far, which exceed the entries left after earlier compressions.
 //   valid:  (B, H_kv, n) bool or undefined: entries outside it are never kept (ragged heads).
+//   kernels: the path (see the top of this file).
 RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt,
-                           int64_t tokens = -1, const at::Tensor& valid = at::Tensor());
+                           int64_t tokens = -1, const at::Tensor& valid = at::Tensor(),
+                           KernelPath kernels = KernelPath::Fused);
 // Every layer at once (Global; the per-layer allocations too, layer by layer). Layers may hold different
 // entry counts (global: padded with -inf); tokens and valid ([layer] or empty) as in select_layer.
 std::vector<RaggedIndices> select_all(const std::vector<at::Tensor>& scores, const SelectorOptions& opt,
-                                      int64_t tokens = -1, const std::vector<at::Tensor>& valid = {});
+                                      int64_t tokens = -1, const std::vector<at::Tensor>& valid = {},
+                                      KernelPath kernels = KernelPath::Fused);
 
-// Batch rows' RaggedIndices (each over its own B_i rows of heads) -> one over every row, in order.
+// Batch rows' RaggedIndices (each over its own B_i rows of heads) -> one over every row, in order; the indices
+// on parts[0]'s device.
 RaggedIndices concat_ragged(const std::vector<RaggedIndices>& parts);
-// Keep everything: head r keeps 0 .. lengths[r] - 1.
-RaggedIndices ragged_keep_all(const std::vector<int64_t>& lengths);
+// Keep everything: head r keeps 0 .. lengths[r] - 1 (indices on `device`).
+RaggedIndices ragged_keep_all(const std::vector<int64_t>& lengths, c10::Device device = c10::kCPU);
 
 // CAKE's layer budgets (entries per head): `total` split over the layers in proportion to pref, each capped
 // at `cap` (water-filling: what a capped layer cannot hold goes to the others in proportion), each share

@@ -43,7 +43,9 @@ Dims check_scores(const at::Tensor& scores, const RowSelectSpec& spec) {
 
 int64_t capacity_of(const Dims& d, const RowSelectSpec& spec) {
   if (spec.mode == RowSelectMode::Threshold) return d.n;
-  const int64_t k = spec.keeps.defined() ? (spec.keeps.numel() ? spec.keeps.max().item<int64_t>() : 0) : spec.keep;
+  const int64_t k = spec.keeps.defined() && spec.keep <= 0
+                        ? (spec.keeps.numel() ? spec.keeps.max().item<int64_t>() : 0)
+                        : spec.keep;
   return std::clamp<int64_t>(k, 0, d.n);
 }
 
@@ -75,6 +77,7 @@ RowSelection select_rows_reference(const at::Tensor& scores_in, const RowSelectS
   const Dims d = check_scores(scores_in, spec);
   at::Tensor scores = scores_in.to(torch::kCPU).contiguous();
   at::Tensor keeps = spec.keeps.defined() ? spec.keeps.to(torch::kCPU, torch::kLong).contiguous() : at::Tensor();
+  if (keeps.defined() && spec.keep > 0) keeps = keeps.clamp_max(spec.keep);
   at::Tensor lengths = spec.lengths.defined() ? spec.lengths.to(torch::kCPU, torch::kLong).contiguous() : at::Tensor();
   const int64_t cap = capacity_of(d, spec);
   RowSelection out{torch::zeros({d.B, d.H, cap}, torch::kInt), torch::zeros({d.B, d.H}, torch::kInt)};
@@ -134,7 +137,9 @@ RowSelection select_rows_fused(const at::Tensor& scores_in, const RowSelectSpec&
   const int64_t cap = capacity_of(d, spec);
   auto iopt = scores.options().dtype(torch::kInt);
   RowSelection out{torch::empty({d.B, d.H, std::max<int64_t>(cap, 1)}, iopt), torch::empty({d.B, d.H}, iopt)};
-  at::Tensor keeps = spec.keeps.defined() ? spec.keeps.to(scores.device(), torch::kInt).contiguous() : at::Tensor();
+  at::Tensor keeps = spec.keeps.defined() ? spec.keeps.to(scores.device(), torch::kLong) : at::Tensor();
+  if (keeps.defined() && spec.keep > 0) keeps = keeps.clamp_max(spec.keep);
+  if (keeps.defined()) keeps = keeps.to(torch::kInt).contiguous();  // (B, H)
   at::Tensor lengths = spec.lengths.defined() ? spec.lengths.to(scores.device(), torch::kInt).contiguous() : at::Tensor();
   kernels::SelectArgs a;
   a.scores = scores.data_ptr<float>();

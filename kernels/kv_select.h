@@ -13,8 +13,9 @@ enum class RowSelectMode { TopK, Threshold };
 
 struct RowSelectSpec {
   RowSelectMode mode = RowSelectMode::TopK;
-  int64_t keep = 0;        // TopK: kept per (request, head) unless `keeps` is defined
-  at::Tensor keeps;        // TopK, ragged budgets: (B, H) integer
+  int64_t keep = 0;        // TopK: kept per (request, head); with `keeps`, a bound on each of them when > 0
+  at::Tensor keeps;        // TopK, ragged budgets: (B, H) integer, clamped to `keep` when keep > 0 (then the
+                           // output's capacity is known without reading keeps back from the device)
   double threshold = 0.0;  // Threshold: keep scores >= threshold
   int64_t sinks = 0;       // always kept: index < sinks
   int64_t recent = 0;      // always kept: index >= length − recent
@@ -29,7 +30,8 @@ struct RowSelection {
 // Whether the fused kernels run for t: a build with the CUDA kernels and t on a CUDA device.
 bool kv_select_fused_available(const at::Tensor& t);
 
-// scores (B, H, n) float32. capacity = n for Threshold, else the largest keep (clamped to n).
+// scores (B, H, n) float32. capacity = n for Threshold, else `keep` when > 0, else the largest of `keeps` (one read
+// back from the device), clamped to n.
 RowSelection select_rows_fused(const at::Tensor& scores, const RowSelectSpec& spec);
 RowSelection select_rows_reference(const at::Tensor& scores, const RowSelectSpec& spec);  // CPU, any device in
 

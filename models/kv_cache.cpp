@@ -510,26 +510,27 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep) {
   const int64_t* off = off_c.data_ptr<int64_t>();
   KVD_CHECK(off[0] == 0 && off[rows] == keep.indices.size(0), "KVCache::keep: offsets must run from 0 to ",
             keep.indices.size(0));
-  at::Tensor idx_cpu = keep.indices.to(torch::kCPU).contiguous();  // (total)
-  const int64_t* ip = idx_cpu.data_ptr<int64_t>();
-  L.aligned = false;
-  std::vector<int64_t> src(idx_cpu.size(0)), cap(rows), start(rows);
+  std::vector<int64_t> cap(rows), start(rows);
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t c = off[r + 1] - off[r];
-    KVD_CHECK(c >= 0, "KVCache::keep: offsets must not decrease");
-    for (int64_t i = off[r]; i < off[r + 1]; ++i) {
-      KVD_CHECK(ip[i] >= 0 && ip[i] < L.len[r], "KVCache::keep: layer ", layer, ", head row ", r, ": index ", ip[i],
-                " is outside its ", L.len[r], " entries");
-      src[i] = L.start[r] + ip[i];
-    }
-    cap[r] = c;
+    cap[r] = off[r + 1] - off[r];
+    KVD_CHECK(cap[r] >= 0, "KVCache::keep: offsets must not decrease");
     start[r] = total;
-    total += c;
+    total += cap[r];
   }
   // Reallocate exactly to the kept entries: one gather per tensor, segments laid out head row after head row.
+  // The indices stay where they are (the selectors leave them on the cache's device): each entry's head row
+  // and source slot are built there, and only the bounds check reads one flag back.
   if (total > 0) {
-    at::Tensor s = index_tensor(src, device_);  // (total)
+    at::Tensor idx = keep.indices.to(device_);                                          // (total)
+    at::Tensor row = at::repeat_interleave(index_tensor(cap, device_), std::optional<int64_t>(total));  // (total) head row
+    at::Tensor bad = idx.lt(0).logical_or(idx.ge(device_len(L).index_select(0, row)));  // (total)
+    if (bad.any().item<bool>()) {
+      const int64_t i = bad.nonzero()[0][0].item<int64_t>(), r = row[i].item<int64_t>();
+      KVD_FAIL("KVCache::keep: layer ", layer, ", head row ", r, ": index ", idx[i].item<int64_t>(),
+               " is outside its ", L.len[r], " entries");
+    }
+    at::Tensor s = device_start(L).index_select(0, row) + idx;  // (total) flat slots
     L.k = L.k.index_select(0, s);               // (total, hd)
     L.v = L.v.index_select(0, s);               // (total, hd)
     L.pos = L.pos.index_select(0, s);           // (total)
@@ -538,6 +539,7 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep) {
     L.k = L.v = L.pos = at::Tensor();
     for (at::Tensor& c : L.cols) c = at::Tensor();
   }
+  L.aligned = false;
   L.cap = cap;
   L.start = start;
   L.total = total;

@@ -19,7 +19,8 @@
 //
 // The segment table (start, len) lives on the host, and a copy of it on the device builds the gather and
 // scatter indices there: a decode step (t = 1, padded or not) and layer() upload nothing and never wait for
-// the device. Only keep(), rewind(), a reallocation and a left-padded multi-token chunk upload indices.
+// the device. Only keep() (the per-head counts; the keep indices may already be on the device), rewind(), a
+// reallocation and a left-padded multi-token chunk upload indices.
 #pragma once
 
 #include <cstdint>
@@ -101,7 +102,10 @@ class KVCache {
   // pass them sorted to keep the cache in position order). Every head keeps n_keep entries.
   void keep(int64_t layer, const at::Tensor& indices);  // (B, H_kv, n_keep) int64
   // Ragged keep: each head keeps its own count. Both keeps reallocate the layer to exactly the kept entries,
-  // so afterwards allocated_bytes() counts Σ kept × (bytes_per_entry() + 8) for the layer.
+  // so afterwards allocated_bytes() counts Σ kept × (bytes_per_entry() + 8) for the layer. The indices may be on
+  // the host or the cache's device (the selectors leave them there): the gather is built on the device, and
+  // the bounds check reads back one flag. An index outside its head's entries throws and leaves the layer as
+  // it was.
   void keep(int64_t layer, const RaggedIndices& keep);
 
   // Per batch row: tokens processed so far, i.e. the position row b's next token gets. The model advances

@@ -109,6 +109,21 @@ TEST(KVCache, KeepCompactsEachHead) {
   EXPECT_THROW(c.keep(0, torch::full({B, H, 1}, 32, torch::kLong)), Error);  // 32 entries: 0..31
   EXPECT_THROW(c.keep(0, torch::full({B, H, 1}, -1, torch::kLong)), Error);
   EXPECT_THROW(c.keep(0, torch::zeros({B, H + 1, 1}, torch::kLong)), Error);
+  {  // A ragged keep whose last head asks for entry 32: the message names that head, and the layer is untouched.
+    RaggedIndices bad;
+    const int64_t rows = B * H;
+    bad.offsets = torch::arange(rows + 1, torch::kLong);                                // one index per head
+    bad.indices = torch::cat({torch::zeros({rows - 1}, torch::kLong), torch::full({1}, 32, torch::kLong)});
+    try {
+      c.keep(0, bad);
+      ADD_FAILURE() << "an index past the head's entries was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("head row " + std::to_string(rows - 1) + ": index 32 is outside its 32"),
+                std::string::npos) << e.what();
+    }
+    EXPECT_EQ(c.layer(0).n, 32);
+    EXPECT_TRUE(torch::equal(c.layer(0).k.narrow(2, 30, 2), k2));
+  }
   // Keeping nothing empties the layer.
   c.keep(0, torch::zeros({B, H, 0}, torch::kLong));
   EXPECT_EQ(c.max_length(0), 0);
