@@ -18,19 +18,63 @@ std::vector<int64_t> row_lengths(const KVCache& c, int64_t layer, int64_t b) {
 
 namespace {
 
-// Uniform, Pyramid, AdaKV: each layer on its own, as soon as it is scored.
+// Uniform, Pyramid, AdaKV: each layer on its own, as soon as it is scored. Under the uniform and pyramid
+// allocations (and threshold budgets) every head is ranked on its own, so the rows of a layer are staged as they
+// are scored and selected together when the layer is done: one selection and one read-back of the counts per
+// layer, whatever the batch. AdaKV pools a row's heads and selects each row as it comes.
 class PerLayer : public LayerAllocation {
  public:
-  PerLayer(const SelectorOptions& o, int64_t L, KernelPath k) : opt_(o), L_(L), kernels_(k) {}
-  RaggedIndices row_scored(int64_t l, int64_t, const at::Tensor& s, const at::Tensor& valid, int64_t tokens,
+  PerLayer(const SelectorOptions& o, int64_t L, int64_t B, KernelPath k)
+      : opt_(o), L_(L), kernels_(k), staged_(B), batched_(o.allocation != Allocation::AdaKV) {}
+  RaggedIndices row_scored(int64_t l, int64_t b, const at::Tensor& s, const at::Tensor& valid, int64_t tokens,
                            const std::vector<double>&) override {
-    return select_layer(s, l, L_, opt_, tokens, valid, kernels_);
+    if (!batched_) return select_layer(s, l, L_, opt_, tokens, valid, kernels_);
+    staged_[b] = Staged{s, tokens};
+    return RaggedIndices();  // selected with the layer's other rows in layer_done
+  }
+  void layer_done(int64_t l, KVCache& cache, const std::vector<int64_t>&) override {
+    if (!batched_ || std::none_of(staged_.begin(), staged_.end(), [](const Staged& r) { return r.scores.defined(); }))
+      return;
+    const int64_t B = static_cast<int64_t>(staged_.size()), H = cache.num_kv_heads(), w = cache.max_length(l);
+    const float inf = std::numeric_limits<float>::infinity();
+    const auto fopt = torch::TensorOptions().dtype(torch::kFloat).device(cache.device());
+    const at::Tensor slot = torch::arange(w, fopt.dtype(torch::kLong)).view({1, 1, w});  // (1, 1, w)
+    std::vector<at::Tensor> scores, held;
+    std::vector<int64_t> k(B);
+    for (int64_t b = 0; b < B; ++b) {
+      const at::Tensor len = torch::tensor(row_lengths(cache, l, b), torch::kLong).to(cache.device()).view({1, H, 1});
+      held.push_back(slot.lt(len));  // (1, H_kv, w): the row's entries, which are the valid ones of its view
+      const Staged& r = staged_[b];
+      if (r.scores.defined()) {  // -inf past the row's entries
+        scores.push_back(at::constant_pad_nd(r.scores.to(torch::kFloat), {0, w - r.scores.size(2)}, -inf));
+        k[b] = opt_.budget.kind == BudgetKind::Threshold ? 0 : layer_keep_count(opt_, l, L_, r.tokens);
+      } else {  // not scored in this chunk (it was all padding): the row keeps every entry
+        scores.push_back(torch::full({1, H, w}, inf, fopt));
+        k[b] = w;
+      }
+    }
+    const at::Tensor S = torch::cat(scores), valid = torch::cat(held);  // (B, H_kv, w) each
+    const Budget& bud = opt_.budget;
+    if (bud.kind == BudgetKind::Threshold) {
+      cache.keep(l, select_threshold(S, bud.value, valid, kernels_));
+    } else if (bud.kind == BudgetKind::Ratio && bud.value == 0.0) {
+      cache.keep(l, ragged_from_mask(valid));
+    } else {
+      cache.keep(l, select_top(S, k, valid, kernels_));
+    }
+    staged_.assign(B, Staged{});
   }
 
  private:
+  struct Staged {
+    at::Tensor scores;  // (1, H_kv, n_b), or undefined: the row was not scored
+    int64_t tokens = 0;
+  };
   SelectorOptions opt_;
   int64_t L_;
   KernelPath kernels_;
+  std::vector<Staged> staged_;  // [row] of the layer being scored
+  bool batched_;
 };
 
 // One budget pooled over every layer of a row: L · H_kv · n_kept(tokens) entries, chosen after the forward.
@@ -142,7 +186,7 @@ std::unique_ptr<LayerAllocation> make_allocation(const SelectorOptions& o, int64
   switch (o.allocation) {
     case Allocation::Global: return std::make_unique<Global>(o, L, B);  // ranks across layers: the reference path
     case Allocation::Cake: return std::make_unique<Cake>(o, L, B);      // re-cuts layers by the kept scores
-    default: return std::make_unique<PerLayer>(o, L, kernels);
+    default: return std::make_unique<PerLayer>(o, L, B, kernels);
   }
 }
 

@@ -2,7 +2,9 @@
 // kind (SelectorOptions::allocation), so compress_prefill scores layers without knowing which one it runs.
 // compress_prefill hands each batch row's scores of a layer right after the layer's attention ran (the
 // layer's entries of this chunk appended), then tells the allocation the layer and the forward are done:
-//   Uniform, Pyramid, AdaKV   the layer is compacted at once (select_layer), one row at a time;
+//   Uniform, Pyramid          the layer's rows are selected together once every row is scored (select_top /
+//                             select_threshold), and the layer compacted;
+//   AdaKV                     the layer is compacted at once (select_layer), each row selected as it is scored;
 //   Global                    the scores wait for the forward's end, then every layer is compacted to one
 //                             budget pooled over layers (select_all);
 //   Cake                      after each layer, the total budget is re-split over the layers seen so far in

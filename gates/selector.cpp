@@ -111,46 +111,6 @@ int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double bet
 
 namespace {
 
-// Keep mask (B, H_kv, n) of one layer for the per-layer allocations, before the validity mask.
-at::Tensor layer_keep_mask(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt,
-                           int64_t tokens) {
-  const int64_t B = scores.size(0), Hkv = scores.size(1), n = scores.size(2);
-  const Budget& bud = opt.budget;
-  if (bud.kind == BudgetKind::Threshold) return scores.ge(bud.value);
-  if (bud.kind == BudgetKind::Ratio && bud.value == 0.0)
-    return torch::ones({B, Hkv, n}, scores.options().dtype(torch::kBool));
-  switch (opt.allocation) {
-    case Allocation::Uniform:
-      return topk_mask(scores, bud.n_kept(tokens));
-    case Allocation::Pyramid: {
-      KVD_CHECK(bud.kind == BudgetKind::Ratio, "pyramid allocation needs a ratio budget (--ratio)");
-      const int64_t k = pyramid_layer_budget(tokens, bud.value, opt.pyramid_window, opt.pyramid_beta, layer, num_layers);
-      return topk_mask(scores, k);
-    }
-    case Allocation::AdaKV: {
-      const int64_t k = std::min(bud.n_kept(tokens), n);
-      int64_t n_safe = static_cast<int64_t>(static_cast<double>(k) * opt.ada_alpha);
-      if (opt.ada_alpha > 0) n_safe = k > 0 ? std::max<int64_t>(1, n_safe) : 0;
-      // The floor: each head's top n_safe outrank everything; then the top H_kv * k of the pooled heads.
-      at::Tensor s = scores.to(torch::kFloat).masked_fill(topk_mask(scores, n_safe),
-                                                           std::numeric_limits<float>::max());  // (B, H_kv, n)
-      at::Tensor flat = s.reshape({B, Hkv * n});                                                  // (B, H_kv n)
-      at::Tensor top = order_desc(flat).narrow(-1, 0, Hkv * k);                                  // (B, H_kv k)
-      at::Tensor mask = torch::zeros({B, Hkv * n}, scores.options().dtype(torch::kBool)).scatter(-1, top, true);
-      return mask.view({B, Hkv, n});
-    }
-    case Allocation::Global:
-      break;
-    case Allocation::Cake:
-      KVD_FAIL("select_layer: the cake allocation cascades over layers during prefill (compress_prefill)");
-  }
-  KVD_FAIL("select_layer: the global allocation needs every layer's scores (select_all)");
-}
-
-}  // namespace
-
-namespace {
-
 // The kernel's selection as RaggedIndices: counts back to the host for the offsets (the one read-back), the
 // (B, H_kv, capacity) indices packed head after head on the device.
 RaggedIndices ragged_from_rows(const RowSelection& sel) {
@@ -173,51 +133,100 @@ RaggedIndices ragged_from_rows(const RowSelection& sel) {
   return r;
 }
 
-// The fused path of select_layer, or an undefined result where it does not apply.
-RaggedIndices select_layer_fused(const at::Tensor& scores, int64_t layer, int64_t num_layers,
-                                 const SelectorOptions& opt, int64_t tokens, const at::Tensor& valid) {
-  const Budget& bud = opt.budget;
+bool use_kernel(const at::Tensor& scores, KernelPath kernels) {
+  return kernels == KernelPath::Fused && kv_select_fused_available(scores);
+}
+
+// Scores for the kernel: float32, NaN outside `valid` (the kernel ranks NaN below every number, and no threshold
+// passes it).
+at::Tensor kernel_scores(const at::Tensor& scores, const at::Tensor& valid) {
   at::Tensor s = scores.to(torch::kFloat);  // (B, H_kv, n)
-  // Entries outside `valid` become NaN, which the kernel ranks below every number and no threshold passes.
-  if (valid.defined()) s = s.masked_fill(valid.logical_not(), std::numeric_limits<float>::quiet_NaN());
-  RowSelectSpec spec;
-  if (bud.kind == BudgetKind::Threshold) {
-    spec.mode = RowSelectMode::Threshold;
-    spec.threshold = bud.value;
-    return ragged_from_rows(select_rows_fused(s, spec));
-  }
-  if (bud.kind == BudgetKind::Ratio && bud.value == 0.0) return RaggedIndices();
-  int64_t k = 0;
-  switch (opt.allocation) {
-    case Allocation::Uniform: k = bud.n_kept(tokens); break;
-    case Allocation::Pyramid:
-      KVD_CHECK(bud.kind == BudgetKind::Ratio, "pyramid allocation needs a ratio budget (--ratio)");
-      k = pyramid_layer_budget(tokens, bud.value, opt.pyramid_window, opt.pyramid_beta, layer, num_layers);
-      break;
-    default: return RaggedIndices();
-  }
-  spec.keep = std::clamp<int64_t>(k, 0, s.size(2));
-  // A head keeps its top min(k, valid entries): the NaN entries rank last, so none of them is among those. (The
-  // reference's top-k over every entry, then AND valid, is the same set when a head's valid entries come first,
-  // as in every cache view, or no valid entry ties an invalid one.)
-  if (valid.defined()) spec.keeps = valid.sum(-1);  // (B, H_kv), clamped to keep by the binding
-  if (spec.keep == 0) return ragged_from_mask(torch::zeros(s.sizes(), s.options().dtype(torch::kBool)));
-  return ragged_from_rows(select_rows_fused(s, spec));
+  return valid.defined() ? s.masked_fill(valid.logical_not(), std::numeric_limits<float>::quiet_NaN()) : s;
 }
 
 }  // namespace
 
+RaggedIndices select_top(const at::Tensor& scores, const std::vector<int64_t>& k, const at::Tensor& valid,
+                         KernelPath kernels) {
+  KVD_CHECK(scores.dim() == 3 && static_cast<int64_t>(k.size()) == scores.size(0),
+            "select_top: scores must be (B, H_kv, n) with one k per row; got ", scores.sizes(), " and ", k.size(), " k");
+  const int64_t n = scores.size(2);
+  if (use_kernel(scores, kernels)) {
+    RowSelectSpec spec;
+    spec.keep = std::clamp<int64_t>(*std::max_element(k.begin(), k.end()), 0, n);  // bounds every head's count
+    if (spec.keep == 0) return ragged_from_mask(torch::zeros(scores.sizes(), scores.options().dtype(torch::kBool)));
+    // Head (b, h) keeps its top min(k[b], valid entries): the NaN entries rank last, so none of them is among those.
+    // (The reference's top-k over every entry, then AND valid, is the same set when a head's valid entries come
+    // first, as in every cache view, or when no valid entry ties an invalid one.)
+    at::Tensor kk = torch::tensor(k, torch::kLong).to(scores.device()).view({-1, 1});  // (B, 1)
+    spec.keeps = valid.defined() ? torch::minimum(valid.sum(-1), kk) : kk.expand({scores.size(0), scores.size(1)});
+    return ragged_from_rows(select_rows_fused(kernel_scores(scores, valid), spec));
+  }
+  at::Tensor mask = topk_mask(scores, k);             // (B, H_kv, n)
+  if (valid.defined()) mask = mask.logical_and(valid);
+  return ragged_from_mask(mask);
+}
+
+RaggedIndices select_threshold(const at::Tensor& scores, double tau, const at::Tensor& valid, KernelPath kernels) {
+  KVD_CHECK(scores.dim() == 3, "select_threshold: scores must be (B, H_kv, n), got ", scores.sizes());
+  if (use_kernel(scores, kernels)) {
+    RowSelectSpec spec;
+    spec.mode = RowSelectMode::Threshold;
+    spec.threshold = tau;
+    return ragged_from_rows(select_rows_fused(kernel_scores(scores, valid), spec));
+  }
+  at::Tensor mask = scores.ge(tau);  // (B, H_kv, n)
+  if (valid.defined()) mask = mask.logical_and(valid);
+  return ragged_from_mask(mask);
+}
+
+int64_t layer_keep_count(const SelectorOptions& opt, int64_t layer, int64_t num_layers, int64_t tokens) {
+  const Budget& bud = opt.budget;
+  switch (opt.allocation) {
+    case Allocation::Uniform:
+      return bud.n_kept(tokens);
+    case Allocation::Pyramid:
+      KVD_CHECK(bud.kind == BudgetKind::Ratio, "pyramid allocation needs a ratio budget (--ratio)");
+      return pyramid_layer_budget(tokens, bud.value, opt.pyramid_window, opt.pyramid_beta, layer, num_layers);
+    default:
+      KVD_FAIL("layer_keep_count: only the uniform and pyramid allocations keep a fixed count per head");
+  }
+}
+
 RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_layers, const SelectorOptions& opt,
                            int64_t tokens, const at::Tensor& valid, KernelPath kernels) {
   KVD_CHECK(scores.dim() == 3, "select_layer: scores must be (B, H_kv, n), got ", scores.sizes());
-  if (tokens < 0) tokens = scores.size(2);
-  if (kernels == KernelPath::Fused && kv_select_fused_available(scores)) {
-    RaggedIndices r = select_layer_fused(scores, layer, num_layers, opt, tokens, valid);
-    if (r.indices.defined()) return r;
+  const int64_t B = scores.size(0), Hkv = scores.size(1), n = scores.size(2);
+  if (tokens < 0) tokens = n;
+  const Budget& bud = opt.budget;
+  if (bud.kind == BudgetKind::Threshold) return select_threshold(scores, bud.value, valid, kernels);
+  if (bud.kind == BudgetKind::Ratio && bud.value == 0.0)
+    return ragged_from_mask(valid.defined() ? valid : torch::ones({B, Hkv, n}, scores.options().dtype(torch::kBool)));
+  switch (opt.allocation) {
+    case Allocation::Uniform:
+    case Allocation::Pyramid:
+      return select_top(scores, std::vector<int64_t>(B, layer_keep_count(opt, layer, num_layers, tokens)), valid,
+                        kernels);
+    case Allocation::AdaKV: {
+      const int64_t k = std::min(bud.n_kept(tokens), n);
+      int64_t n_safe = static_cast<int64_t>(static_cast<double>(k) * opt.ada_alpha);
+      if (opt.ada_alpha > 0) n_safe = k > 0 ? std::max<int64_t>(1, n_safe) : 0;
+      // The floor: each head's top n_safe outrank everything; then the top H_kv * k of the pooled heads.
+      at::Tensor s = scores.to(torch::kFloat).masked_fill(topk_mask(scores, n_safe),
+                                                           std::numeric_limits<float>::max());  // (B, H_kv, n)
+      at::Tensor flat = s.reshape({B, Hkv * n});                                                  // (B, H_kv n)
+      at::Tensor top = order_desc(flat).narrow(-1, 0, Hkv * k);                                  // (B, H_kv k)
+      at::Tensor mask = torch::zeros({B, Hkv * n}, scores.options().dtype(torch::kBool)).scatter(-1, top, true);
+      mask = mask.view({B, Hkv, n});
+      if (valid.defined()) mask = mask.logical_and(valid);
+      return ragged_from_mask(mask);
+    }
+    case Allocation::Global:
+      break;
+    case Allocation::Cake:
+      KVD_FAIL("select_layer: the cake allocation cascades over layers during prefill (compress_prefill)");
   }
-  at::Tensor mask = layer_keep_mask(scores, layer, num_layers, opt, tokens);
-  if (valid.defined()) mask = mask.logical_and(valid);  // (B, H_kv, n)
-  return ragged_from_mask(mask);
+  KVD_FAIL("select_layer: the global allocation needs every layer's scores (select_all)");
 }
 
 std::vector<RaggedIndices> select_all(const std::vector<at::Tensor>& scores, const SelectorOptions& opt,

@@ -75,6 +75,16 @@ at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k);
 // kvpress PyramidKV budget of `layer` (entries per head) for a prompt of n tokens.
 int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double beta, int64_t layer, int64_t num_layers);
 
+// The building blocks of the per-head selections, on either path (scores (B, H_kv, n), higher = keep; valid
+// (B, H_kv, n) bool or undefined: entries outside it are never kept):
+//   select_top        each head of row b keeps its top k[b] valid entries ([B]; ties to the lower index);
+//   select_threshold  every valid entry with score >= tau.
+RaggedIndices select_top(const at::Tensor& scores, const std::vector<int64_t>& k, const at::Tensor& valid,
+                         KernelPath kernels);
+RaggedIndices select_threshold(const at::Tensor& scores, double tau, const at::Tensor& valid, KernelPath kernels);
+// Entries kept per head of one layer under the uniform or pyramid allocation, for `tokens` tokens.
+int64_t layer_keep_count(const SelectorOptions& opt, int64_t layer, int64_t num_layers, int64_t tokens);
+
 // One layer (every allocation except Global and Cake): scores (B, H_kv, n) float, higher = keep.
 //   tokens: the token count the budget applies to (n_kept(tokens) per head); < 0: n. Chunked prefill passes
 //           the tokens seen so far, which exceed the entries left after earlier compressions.
