@@ -157,3 +157,26 @@ TEST(Selector, CakeLayerBudgetsAgainstANaiveSplit) {
   const std::vector<int64_t> first3 = cake_layer_budgets({p[0], p[1], p[2]}, total, 1000);
   for (size_t i = 0; i < 3; ++i) EXPECT_LE(got[i], first3[i]);
 }
+
+// select_top / select_threshold over a batch: each row with its own budget, padded past its entries, keeps what a
+// hand-ranked list keeps (rows selected together, as compress_prefill does for a layer).
+TEST(Selector, RowsSelectedTogetherKeepTheirOwnBudgets) {
+  const float ninf = -INFINITY;
+  at::Tensor s = torch::tensor({2.f, 5.f, 5.f, 1.f, 4.f,        // row 0: 5 entries
+                                3.f, 0.f, 3.f, ninf, ninf})  // row 1: 3 entries, then padding
+                     .view({2, 1, 5});                        // (B, H_kv, n)
+  at::Tensor valid = torch::tensor({1, 1, 1, 1, 1, 1, 1, 1, 0, 0}, torch::kBool).view({2, 1, 5});
+  const auto lists = ragged_to_lists(select_top(s, {3, 5}, valid, KernelPath::Reference));
+  EXPECT_EQ(lists[0], (std::vector<int64_t>{1, 2, 4}));  // 5, 5, 4
+  EXPECT_EQ(lists[1], (std::vector<int64_t>{0, 1, 2}));  // all 3 entries; the padding never
+  const auto th = ragged_to_lists(select_threshold(s, 3.0, valid, KernelPath::Reference));
+  EXPECT_EQ(th[0], (std::vector<int64_t>{1, 2, 4}));
+  EXPECT_EQ(th[1], (std::vector<int64_t>{0, 2}));
+  EXPECT_THROW(select_top(s, {3}, valid, KernelPath::Reference), Error);  // one budget per row
+  SelectorOptions pyr;
+  pyr.allocation = Allocation::Pyramid;
+  pyr.budget = Budget::ratio(0.5);
+  EXPECT_EQ(layer_keep_count(pyr, 1, 4, 1000), pyramid_layer_budget(1000, 0.5, 64, 20.0, 1, 4));
+  pyr.allocation = Allocation::AdaKV;
+  EXPECT_THROW(layer_keep_count(pyr, 1, 4, 1000), Error);  // no fixed count per head
+}

@@ -80,6 +80,12 @@ TEST(FusedSelection, SelectLayerKeepsTheReferenceSets) {
         EXPECT_TRUE(torch::equal(got.offsets, want.offsets)) << what;
         EXPECT_EQ(ragged_to_lists(got), ragged_to_lists(want)) << what;
       }
+      // A budget per row, as compress_prefill selects a layer's rows together.
+      const std::vector<int64_t> k = {0, n / 3 + 1, n + 4};
+      const std::string what = std::string("a budget per row, n ") + std::to_string(n) + ", " + validity;
+      EXPECT_EQ(ragged_to_lists(select_top(sc.cuda(), k, valid.defined() ? valid.cuda() : valid, KernelPath::Fused)),
+                ragged_to_lists(select_top(sc, k, valid, KernelPath::Reference)))
+          << what;
     }
   }
 }
