@@ -38,12 +38,12 @@ class PerLayer : public LayerAllocation {
     const int64_t B = static_cast<int64_t>(staged_.size()), H = cache.num_kv_heads(), w = cache.max_length(l);
     const float inf = std::numeric_limits<float>::infinity();
     const auto fopt = torch::TensorOptions().dtype(torch::kFloat).device(cache.device());
-    const at::Tensor slot = torch::arange(w, fopt.dtype(torch::kLong)).view({1, 1, w});  // (1, 1, w)
-    std::vector<at::Tensor> scores, held;
+    const at::Tensor len = torch::tensor(cache.lengths(l), torch::kLong).to(cache.device()).view({B, H, 1});
+    // Each head's entries, which are the valid ones of its row's view.
+    const at::Tensor valid = torch::arange(w, len.options()).view({1, 1, w}).lt(len);  // (B, H_kv, w)
+    std::vector<at::Tensor> scores;
     std::vector<int64_t> k(B);
     for (int64_t b = 0; b < B; ++b) {
-      const at::Tensor len = torch::tensor(row_lengths(cache, l, b), torch::kLong).to(cache.device()).view({1, H, 1});
-      held.push_back(slot.lt(len));  // (1, H_kv, w): the row's entries, which are the valid ones of its view
       const Staged& r = staged_[b];
       if (r.scores.defined()) {  // -inf past the row's entries
         scores.push_back(at::constant_pad_nd(r.scores.to(torch::kFloat), {0, w - r.scores.size(2)}, -inf));
@@ -53,7 +53,7 @@ class PerLayer : public LayerAllocation {
         k[b] = w;
       }
     }
-    const at::Tensor S = torch::cat(scores), valid = torch::cat(held);  // (B, H_kv, w) each
+    const at::Tensor S = torch::cat(scores);  // (B, H_kv, w)
     const Budget& bud = opt_.budget;
     if (bud.kind == BudgetKind::Threshold) {
       cache.keep(l, select_threshold(S, bud.value, valid, kernels_));
