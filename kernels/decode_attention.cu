@@ -231,10 +231,13 @@ void launch(const kvd::kernels::DecodeAttentionArgs& a, int64_t chunk, cudaStrea
 
 int decode_attention_splits(int segments, int64_t max_len) {
   // About 8 CTAs per SM of an H100 / H200 (132 SMs): a CTA holds few loads in flight, so bandwidth needs many of
-  // them; with ragged heads the splits are sized by the longest, and short heads leave theirs idle.
+  // them; with ragged heads the splits are sized by the longest, and short heads leave theirs idle. At most 128
+  // per segment: past that the merge costs more than the extra CTAs gain (H200, SmolLM2 at batch 1 and 32K: 352
+  // splits 0.053 ms, 128 splits 0.034 ms; bench/RESULTS.md, 2026-12-05).
   const int64_t want = (1056 + segments - 1) / (segments > 0 ? segments : 1);
   const int64_t most = (max_len + 63) / 64;
-  const int64_t s = want < most ? want : most;
+  int64_t s = want < most ? want : most;
+  s = s < 128 ? s : 128;
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
