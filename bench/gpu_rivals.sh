@@ -18,6 +18,9 @@
 #   bench/gpu_rivals.sh harness [M]    the eval's speed on a slice of $TASKS (16 samples per length), method M
 #                                      (default snapkv) at $RATIOS: with and without the shared prefill, then
 #                                      where the time goes (KVD_PROFILE)
+#   bench/gpu_rivals.sh profile [M...] each method M (default: kvzip defensivekv snapkv cake expected_attention
+#                                      tova_decode) alone on the slice, at the protocol's BATCH / BATCH_TOKENS, one
+#                                      process, with KVD_PROFILE: wall time and where it goes (eval, prefill, compress)
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
@@ -135,6 +138,17 @@ PY
     rm -rf "$W/harness-prof"
     KVD_PROFILE=1 $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$m" \
       --ratios "$RATIOS" --out "$W/harness-prof" 2>&1 | grep '^\[profile\] eval\|^\[profile\] decode\|^\[profile\] prefill'
+    ;;
+  profile)
+    shift
+    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
+    for m in ${@:-kvzip defensivekv snapkv cake expected_attention tova_decode}; do
+      rm -rf "$W/profile-$m"
+      echo "== $m"
+      t env KVD_PROFILE=1 $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch "$BATCH" \
+        --batch-tokens "$BATCH_TOKENS" --methods "$m" --ratios "$RATIOS" --out "$W/profile-$m" 2>&1 |
+        grep '^\[profile\] \|^\[time\]\|^\[eval\]' | grep -v ' 0.0%' | tail -n 40
+    done
     ;;
   report)
     for mode in $MODES; do

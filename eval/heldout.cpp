@@ -30,7 +30,7 @@ void evict_to_budget(const Model& model, KVCache& cache, Scorer& scorer, int64_t
       prepared = true;
     }
     const KVLayerView kv = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
-    const LayerView view = layer_view(kv, l, model, cache.next_position());
+    const LayerView view = layer_view(kv, l, model, cache.next_positions());
     at::Tensor s = scorer.score(view).to(torch::kFloat);  // (B, H_kv, n)
     if (kv.valid.defined()) s = s.masked_fill(kv.valid.logical_not(), -std::numeric_limits<float>::infinity());
     const int64_t keep = std::min<int64_t>(budget, kv.n);

@@ -16,24 +16,46 @@ std::vector<int64_t> row_lengths(const KVCache& c, int64_t layer, int64_t b) {
   return std::vector<int64_t>(len.begin() + b * H, len.begin() + (b + 1) * H);
 }
 
+std::vector<RaggedIndices> LayerAllocation::rows_scored(int64_t l, const at::Tensor& s, const KVCache& cache,
+                                                        const std::vector<int64_t>& tokens,
+                                                        const std::vector<double>& pref) {
+  const int64_t B = s.size(0);
+  const KVLayerView kv = cache.layer(l);
+  std::vector<RaggedIndices> out(B);
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<int64_t> rl = row_lengths(cache, l, b);
+    const int64_t nb = *std::max_element(rl.begin(), rl.end());
+    const bool ragged = std::any_of(rl.begin(), rl.end(), [&](int64_t x) { return x != nb; });
+    const at::Tensor valid = ragged ? kv.valid.narrow(0, b, 1).narrow(2, 0, nb) : at::Tensor();  // (1, H_kv, n_b)
+    out[b] = row_scored(l, b, s.narrow(0, b, 1).narrow(2, 0, nb), valid, tokens[b],
+                        pref.empty() ? std::vector<double>{} : std::vector<double>{pref[b]});
+  }
+  return out;
+}
+
 namespace {
 
-// Uniform, Pyramid, AdaKV: each layer on its own, as soon as it is scored. Under the uniform and pyramid
-// allocations (and threshold budgets) every head is ranked on its own, so the rows of a layer are staged as they
-// are scored and selected together when the layer is done: one selection and one read-back of the counts per
-// layer, whatever the batch. AdaKV pools a row's heads and selects each row as it comes.
+// Uniform, Pyramid, AdaKV: each layer on its own, as soon as it is scored. The rows of a layer are staged as they
+// are scored (or come scored together) and selected together when the layer is done: one selection and one
+// read-back of the counts per layer, whatever the batch. Uniform, pyramid and threshold budgets rank each head on
+// its own (select_top / select_threshold); AdaKV pools each row's heads (select_pooled).
 class PerLayer : public LayerAllocation {
  public:
-  PerLayer(const SelectorOptions& o, int64_t L, int64_t B, KernelPath k)
-      : opt_(o), L_(L), kernels_(k), staged_(B), batched_(o.allocation != Allocation::AdaKV) {}
-  RaggedIndices row_scored(int64_t l, int64_t b, const at::Tensor& s, const at::Tensor& valid, int64_t tokens,
+  PerLayer(const SelectorOptions& o, int64_t L, int64_t B, KernelPath k) : opt_(o), L_(L), kernels_(k), staged_(B) {}
+  RaggedIndices row_scored(int64_t, int64_t b, const at::Tensor& s, const at::Tensor&, int64_t tokens,
                            const std::vector<double>&) override {
-    if (!batched_) return select_layer(s, l, L_, opt_, tokens, valid, kernels_);
     staged_[b] = Staged{s, tokens};
     return RaggedIndices();  // selected with the layer's other rows in layer_done
   }
+  std::vector<RaggedIndices> rows_scored(int64_t, const at::Tensor& s, const KVCache&,
+                                         const std::vector<int64_t>& tokens, const std::vector<double>&) override {
+    together_ = s;  // (B, H_kv, n), -inf past each head's entries already
+    for (int64_t b = 0; b < s.size(0); ++b) staged_[b].tokens = tokens[b];
+    return std::vector<RaggedIndices>(s.size(0));  // selected in layer_done
+  }
   void layer_done(int64_t l, KVCache& cache, const std::vector<int64_t>&) override {
-    if (!batched_ || std::none_of(staged_.begin(), staged_.end(), [](const Staged& r) { return r.scores.defined(); }))
+    if (!together_.defined() &&
+        std::none_of(staged_.begin(), staged_.end(), [](const Staged& r) { return r.scores.defined(); }))
       return;
     const int64_t B = static_cast<int64_t>(staged_.size()), H = cache.num_kv_heads(), w = cache.max_length(l);
     const float inf = std::numeric_limits<float>::infinity();
@@ -41,28 +63,47 @@ class PerLayer : public LayerAllocation {
     const at::Tensor len = torch::tensor(cache.lengths(l), torch::kLong).to(cache.device()).view({B, H, 1});
     // Each head's entries, which are the valid ones of its row's view.
     const at::Tensor valid = torch::arange(w, len.options()).view({1, 1, w}).lt(len);  // (B, H_kv, w)
-    std::vector<at::Tensor> scores;
-    std::vector<int64_t> k(B);
-    for (int64_t b = 0; b < B; ++b) {
-      const Staged& r = staged_[b];
-      if (r.scores.defined()) {  // -inf past the row's entries
-        scores.push_back(at::constant_pad_nd(r.scores.to(torch::kFloat), {0, w - r.scores.size(2)}, -inf));
-        k[b] = opt_.budget.kind == BudgetKind::Threshold ? 0 : layer_keep_count(opt_, l, L_, r.tokens);
-      } else {  // not scored in this chunk (it was all padding): the row keeps every entry
-        scores.push_back(torch::full({1, H, w}, inf, fopt));
-        k[b] = w;
-      }
-    }
-    const at::Tensor S = torch::cat(scores);  // (B, H_kv, w)
     const Budget& bud = opt_.budget;
+    const bool pooled = opt_.allocation == Allocation::AdaKV;
+    // Row b's keep per head, as select_layer counts it: AdaKV at most the row's longest head.
+    auto count = [&](int64_t b, int64_t tokens) -> int64_t {
+      if (bud.kind == BudgetKind::Threshold) return 0;
+      if (!pooled) return layer_keep_count(opt_, l, L_, tokens);
+      const std::vector<int64_t> rl = row_lengths(cache, l, b);
+      return std::min(bud.n_kept(tokens), *std::max_element(rl.begin(), rl.end()));
+    };
+    std::vector<int64_t> k(B);
+    at::Tensor S;  // (B, H_kv, w)
+    if (together_.defined()) {  // every row scored at once
+      S = at::constant_pad_nd(together_.to(torch::kFloat), {0, w - together_.size(2)}, -inf);
+      for (int64_t b = 0; b < B; ++b) k[b] = count(b, staged_[b].tokens);
+    } else {
+      std::vector<at::Tensor> scores;
+      for (int64_t b = 0; b < B; ++b) {
+        const Staged& r = staged_[b];
+        if (r.scores.defined()) {  // -inf past the row's entries
+          scores.push_back(at::constant_pad_nd(r.scores.to(torch::kFloat), {0, w - r.scores.size(2)}, -inf));
+          k[b] = count(b, r.tokens);
+        } else {  // not scored in this chunk (it was all padding): the row keeps every entry
+          scores.push_back(torch::full({1, H, w}, inf, fopt));
+          k[b] = w;
+        }
+      }
+      S = torch::cat(scores);
+    }
     if (bud.kind == BudgetKind::Threshold) {
       cache.keep(l, select_threshold(S, bud.value, valid, kernels_));
     } else if (bud.kind == BudgetKind::Ratio && bud.value == 0.0) {
       cache.keep(l, ragged_from_mask(valid));
+    } else if (pooled) {
+      std::vector<int64_t> floor(B);
+      for (int64_t b = 0; b < B; ++b) floor[b] = adakv_floor(opt_, k[b]);
+      cache.keep(l, select_pooled(S, k, floor, valid));
     } else {
       cache.keep(l, select_top(S, k, valid, kernels_));
     }
     staged_.assign(B, Staged{});
+    together_ = at::Tensor();
   }
 
  private:
@@ -74,7 +115,7 @@ class PerLayer : public LayerAllocation {
   int64_t L_;
   KernelPath kernels_;
   std::vector<Staged> staged_;  // [row] of the layer being scored
-  bool batched_;
+  at::Tensor together_;         // (B, H_kv, n): the layer's rows scored at once (rows_scored), or undefined
 };
 
 // One budget pooled over every layer of a row: L · H_kv · n_kept(tokens) entries, chosen after the forward.

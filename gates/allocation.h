@@ -2,9 +2,8 @@
 // kind (SelectorOptions::allocation), so compress_prefill scores layers without knowing which one it runs.
 // compress_prefill hands each batch row's scores of a layer right after the layer's attention ran (the
 // layer's entries of this chunk appended), then tells the allocation the layer and the forward are done:
-//   Uniform, Pyramid          the layer's rows are selected together once every row is scored (select_top /
-//                             select_threshold), and the layer compacted;
-//   AdaKV                     the layer is compacted at once (select_layer), each row selected as it is scored;
+//   Uniform, Pyramid, AdaKV   the layer's rows are selected together once every row is scored (select_top /
+//                             select_threshold; AdaKV: select_pooled), and the layer compacted;
 //   Global                    the scores wait for the forward's end, then every layer is compacted to one
 //                             budget pooled over layers (select_all);
 //   Cake                      after each layer, the total budget is re-split over the layers seen so far in
@@ -33,6 +32,11 @@ class LayerAllocation {
   // RaggedIndices (undefined indices) to leave the row whole while the allocation decides later.
   virtual RaggedIndices row_scored(int64_t layer, int64_t b, const at::Tensor& scores, const at::Tensor& valid,
                                    int64_t tokens, const std::vector<double>& pref) = 0;
+  // Every row of layer l at once (a scorer that takes rows together): scores (B, H_kv, n) float32, -inf past each
+  // head's entries (cache.lengths(l)); tokens [B]; pref [B] or empty. Returns each row's keep as row_scored
+  // would; by default row_scored is asked row by row.
+  virtual std::vector<RaggedIndices> rows_scored(int64_t layer, const at::Tensor& scores, const KVCache& cache,
+                                                 const std::vector<int64_t>& tokens, const std::vector<double>& pref);
   // Every row of layer l was scored and layer l compacted with the returned keeps: the allocation may
   // compact earlier layers (Cake). tokens [B] as above.
   virtual void layer_done(int64_t layer, KVCache& cache, const std::vector<int64_t>& tokens) {

@@ -230,6 +230,7 @@ class AttentionGateScorer : public Scorer {
   AttentionGateScorer(std::shared_ptr<AttentionGateImpl> owner, AttentionGateImpl* gate)
       : owner_(std::move(owner)), gate_(gate) {}
   std::string name() const override { return "attention_gate"; }
+  ScorerNeeds needs() const override { return rows_together(); }
 
   void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
     torch::NoGradGuard no_grad;

@@ -44,7 +44,34 @@ WindowColumns window_columns(const WindowScoresInput& in, WindowMoments moments,
   return out;
 }
 
-LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, int64_t next_position,
+at::Tensor window_prefix(const LayerView& view) {
+  KVD_CHECK(view.window_positions.defined() && view.window_positions.dim() == 2, "window_prefix: needs the window rows' positions (B, w)");
+  const int64_t B = view.positions.size(0);
+  at::Tensor first = view.window_positions.narrow(1, 0, 1).to(view.positions.device()).view({B, 1, 1});  // (B, 1, 1)
+  at::Tensor m = view.positions.lt(first);                                                              // (B, H_kv, n)
+  return view.valid.defined() ? m.logical_and(view.valid) : m;
+}
+
+at::Tensor zero_outside(const at::Tensor& s, const at::Tensor& mask) {
+  KVD_CHECK(mask.dim() == 3 && s.size(0) == mask.size(0) && s.size(-1) == mask.size(2) && s.size(1) % mask.size(1) == 0,
+            "zero_outside: scores ", s.sizes(), " do not match the (B, H_kv, n) mask ", mask.sizes());
+  const int64_t B = s.size(0), Hkv = mask.size(1), n = s.size(-1);
+  at::Tensor g = s.contiguous().view({B, Hkv, -1, n});                  // (B, H_kv, G·…, n)
+  return g.masked_fill(mask.logical_not().unsqueeze(2), 0.0).view(s.sizes());  // s's shape
+}
+
+at::Tensor row_top(const at::Tensor& s, const at::Tensor& mask) {
+  return zero_outside(s, mask).amax({1, 2}, /*keepdim=*/true) + 1.0;  // (B, 1, 1)
+}
+
+at::Tensor LayerView::next_position_column(c10::Device device) const {
+  const int64_t B = positions.defined() ? positions.size(0) : static_cast<int64_t>(next_positions.size());
+  KVD_CHECK(static_cast<int64_t>(next_positions.size()) == B, "LayerView: next_positions holds ", next_positions.size(),
+            " rows, the view ", B);
+  return torch::tensor(next_positions, torch::kLong).view({B, 1, 1}).to(device);  // (B, 1, 1)
+}
+
+LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, std::vector<int64_t> next_positions,
                      KernelPath kernels) {
   LayerView view;
   view.layer = layer;
@@ -54,7 +81,7 @@ LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, i
   view.positions = kv.pos;  // (B, H_kv, n)
   view.valid = kv.valid;    // (B, H_kv, n) or undefined
   view.payload = kv.payload;
-  view.next_position = next_position;
+  view.next_positions = std::move(next_positions);
   view.kernels = kernels;
   return view;
 }

@@ -30,26 +30,27 @@ std::vector<double> cake_preference(const at::Tensor& a, double tau1, double tau
 ScorerNeeds CakeScorer::needs() const {
   ScorerNeeds n;
   n.window = opt_.window;
+  n.rows = RowBatching::Together;
   return n;
 }
 
 at::Tensor CakeScorer::score(const LayerView& view) {
-  const int64_t B = view.keys.size(0), Hkv = view.keys.size(1), n = view.keys.size(2);
+  const int64_t Hkv = view.keys.size(1), n = view.keys.size(2);
   const int64_t w = opt_.window;
   KVD_CHECK(view.window_queries.defined() && view.window_queries.size(2) == w, "cake: needs the last ", w,
             " query rows; the prompt (or prefill chunk) must be longer than the window");
   KVD_CHECK(n > w, "cake: the cache (", n, " entries) must be longer than the window (", w, ")");
-  KVD_CHECK(!view.valid.defined(), "cake: ragged heads before scoring are not supported (score once per prefill)");
-  const int64_t m = n - w;  // prefix entries; the window is the last w entries of every head
-  at::Tensor a = window_attention(view.window_queries, view.window_positions, view.keys, view.positions,
-                                  view.valid)
-                     .narrow(3, 0, m);  // (B, H, w, m)
+  // Each row's prefix: its valid entries before the window; the other columns are zeroed, so they add nothing to
+  // the preference's sums and pooling sees zeros past the prefix, as for a row scored alone.
+  const at::Tensor prefix = window_prefix(view);  // (B, H_kv, n)
+  at::Tensor a = zero_outside(window_attention(view.window_queries, view.window_positions, view.keys, view.positions,
+                                               view.valid),
+                              prefix);  // (B, H, w, n)
   pref_ = cake_preference(a, opt_.tau1, opt_.tau2);
-  at::Tensor s = cake_indicator(a, opt_.gamma);                                          // (B, H, m)
-  s = at::avg_pool1d(s, {opt_.kernel}, {1}, {opt_.kernel / 2}, false, true);             // (B, H, m)
-  s = reduce_group(s, Hkv, GroupReduce::Mean);                                           // (B, H_kv, m)
-  at::Tensor top = s.max() + 1.0;  // () on the device: no wait for it
-  return torch::cat({s, top.expand({B, Hkv, w})}, 2);  // (B, H_kv, n)
+  at::Tensor s = cake_indicator(a, opt_.gamma);                                          // (B, H, n)
+  s = at::avg_pool1d(s, {opt_.kernel}, {1}, {opt_.kernel / 2}, false, true);             // (B, H, n)
+  s = reduce_group(s, Hkv, GroupReduce::Mean);                                           // (B, H_kv, n)
+  return torch::where(prefix, s, row_top(s, prefix));  // (B, H_kv, n): the window at max + 1
 }
 
 }  // namespace kvd

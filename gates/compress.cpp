@@ -11,6 +11,7 @@
 #include "gates/heuristics.h"
 #include "models/generate.h"
 #include "models/kv_cache.h"
+#include "models/profile.h"
 #include "models/model.h"
 
 namespace kvd {
@@ -112,8 +113,82 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
   const bool after_forward = needs.timing == ScoreTiming::AfterForward;
   KVD_CHECK(!after_forward || (needs.window == 0 && !needs.hidden && !needs.queries_pre_rope), "compress_prefill: ",
             scorer.name(), " scores after the forward, when no window queries or hidden states are left");
+  // A scorer that takes rows together gets one view of every row when the prefill runs in one chunk (each layer's
+  // entries are then this chunk's tokens) and every row holds its observation window. Observing every row, it gets
+  // the padding rows too, at position -1: they see no entry.
+  const bool together = needs.rows == RowBatching::Together && n_chunks == 1 &&
+                        (needs.window == ScorerNeeds::kAllRows || *std::min_element(lens.begin(), lens.end()) >= needs.window);
+  // One view of layer l for every row (RowBatching::Together): rows end at their own lengths, `valid` marks them.
+  auto batch_view = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
+    const KVLayerView kv = c.layer(l);
+    LayerView view;
+    view.layer = l;
+    view.model = &model;
+    view.keys = kv.k.narrow(2, 0, kv.n);         // (B, H_kv, n, hd)
+    view.values = kv.v.narrow(2, 0, kv.n);       // (B, H_kv, n, hd)
+    view.positions = kv.pos.narrow(2, 0, kv.n);  // (B, H_kv, n)
+    if (kv.valid.defined()) view.valid = kv.valid.narrow(2, 0, kv.n);  // (B, H_kv, n)
+    for (const auto& [name, col] : kv.payload) view.payload[name] = col.narrow(2, 0, kv.n);  // (B, H_kv, n)
+    view.kernels = opts.kernels;
+    view.next_positions = c.next_positions();
+    if (!obs) return view;
+    const PrefillLayerObservation& o = *obs;
+    const int64_t Tc = o.queries.size(2), n = kv.n;
+    for (int64_t b = 0; b < B; ++b) view.next_positions[b] += fresh[b];  // advanced after the forward
+    if (needs.window > 0) {
+      const int64_t w = std::min(needs.window, Tc);
+      view.window_queries = o.queries.narrow(2, Tc - w, w);              // (B, H, w, hd)
+      view.window_positions = o.query_positions.narrow(1, Tc - w, w);  // (B, w)
+    }
+    if (needs.hidden || needs.queries_pre_rope) {
+      // Row b's token j (entry j) is row lead_b + j of the left-padded chunk.
+      at::Tensor idx;  // (B, n) int64, or undefined without padding
+      if (!lead.empty()) {
+        const at::Tensor lb = torch::tensor(lead, torch::kLong).to(c.device()).view({B, 1});  // (B, 1)
+        const at::Tensor j = torch::arange(n, lb.options()).view({1, n});                      // (1, n)
+        idx = (j + lb).clamp_max(Tc - 1);
+        view.query_valid = j.lt(Tc - lb);  // (B, n)
+      }
+      if (needs.hidden) {
+        const at::Tensor& h = o.hidden;  // (B, Tc, d)
+        view.hidden = idx.defined() ? h.gather(1, idx.unsqueeze(2).expand({B, n, h.size(2)})) : h;  // (B, n, d)
+      }
+      if (needs.queries_pre_rope) {
+        const at::Tensor& q = o.queries_pre_rope;  // (B, H, Tc, hd)
+        view.queries_pre_rope =
+            idx.defined() ? q.gather(2, idx.view({B, 1, n, 1}).expand({B, q.size(1), n, q.size(3)})) : q;  // (B, H, n, hd)
+      }
+    }
+    return view;
+  };
   auto score_layer = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
+    ProfileLap lap(c.device(), "compress ");
     for (size_t t = 1; t < NT; ++t) caches[t]->copy_layer_from(c, l);  // before c's layer is compacted
+    lap("copy to other budgets");
+    if (together) {
+      const LayerView view = batch_view(l, c, obs);
+      at::Tensor s;  // (B, H_kv, n)
+      std::vector<double> pref;
+      for (size_t t = 0; t < NT; ++t) {
+        if (t < scorers.size()) {  // the one shared scoring, or cache t's own
+          s = scorers[t]->score(view).to(torch::kFloat);
+          if (view.valid.defined()) s = s.masked_fill(view.valid.logical_not(), ninf);
+          pref = scorers[t]->layer_preference();
+          lap("score");
+        }
+        KVCache& ct = *caches[t];  // layer l whole until it is kept below
+        std::vector<RaggedIndices> keep = allocs[t]->rows_scored(l, s, ct, budget_tokens, pref);
+        lap("row selection");
+        if (std::any_of(keep.begin(), keep.end(), [](const RaggedIndices& r) { return r.indices.defined(); })) {
+          for (int64_t b = 0; b < B; ++b)
+            if (!keep[b].indices.defined()) keep[b] = ragged_keep_all(row_lengths(ct, l, b), ct.device());
+          ct.keep(l, concat_ragged(keep));
+        }
+        allocs[t]->layer_done(l, *caches[t], budget_tokens);
+      }
+      lap("layer selection + keep");
+      return;
+    }
     const KVLayerView kv = c.layer(l);
     const int64_t Tc = obs ? obs->queries.size(2) : 0;
     std::vector<std::vector<RaggedIndices>> parts(NT, std::vector<RaggedIndices>(B));  // [target][row]
@@ -139,11 +214,11 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       view.batch_offset = b;
       view.kernels = opts.kernels;
       if (!obs) {
-        view.next_position = c.next_position(b);
+        view.next_positions = {c.next_position(b)};
       } else {
         const PrefillLayerObservation& o = *obs;
         at::Tensor qpos = o.query_positions.narrow(0, b, 1);  // (1, Tc)
-        view.next_position = c.next_position(b) + fresh[b];  // the row's last query + 1 (advanced after the forward)
+        view.next_positions = {c.next_position(b) + fresh[b]};  // the row's last query + 1 (advanced after the forward)
         if (needs.hidden) view.hidden = o.hidden.narrow(0, b, 1).narrow(1, lb, nq);  // (1, nq, d)
         if (needs.window > 0) {
           const int64_t w = std::min(needs.window, nq);
@@ -170,8 +245,10 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
           s = scorers[t]->score(view).to(torch::kFloat);
           if (ragged) s = s.masked_fill(view.valid.logical_not(), ninf);
           pref = scorers[t]->layer_preference();
+          lap("score");
         }
         parts[t][b] = allocs[t]->row_scored(l, b, s, view.valid, budget_tokens[b], pref);
+        lap("row selection");
         if (parts[t][b].indices.defined()) {
           any[t] = 1;
         } else {
@@ -183,6 +260,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       if (any[t]) caches[t]->keep(l, concat_ragged(parts[t]));
       allocs[t]->layer_done(l, *caches[t], budget_tokens);
     }
+    lap("layer selection + keep");
   };
   PrefillObserver observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
     for (Scorer* s : scorers) s->on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
@@ -201,7 +279,9 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
     if (std::all_of(lead.begin(), lead.end(), [](int64_t x) { return x == 0; })) lead.clear();
     model.prefill(ids, cache, LogitsMode::LastPosition, observer, lead);
     if (after_forward) {  // every layer of this chunk is cached: the scorer runs (e.g. its query rows), then scores
+      ProfileLap lap(cache.device(), "compress ");
       scorer.prepare(model, cache);
+      lap("prepare (after the forward)");
       for (int64_t l = 0; l < L; ++l) score_layer(l, cache, nullptr);
     }
     for (size_t t = 0; t < NT; ++t) allocs[t]->forward_done(*caches[t], fresh, budget_tokens);

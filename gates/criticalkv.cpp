@@ -25,10 +25,27 @@ at::Tensor CriticalKVScorer::score(const LayerView& view) {
   at::Tensor s = base_->score(view).to(torch::kFloat);  // (B, H_kv, n)
   const int64_t n = view.values.size(2);
   at::Tensor norm = projected_value_l1(view);           // (B, H_kv, n)
-  const int64_t first = std::max<int64_t>(1, static_cast<int64_t>((1.0 - ratio_) * n * 0.5));
-  at::Tensor top = std::get<1>(s.topk(std::min(first, n), -1));  // (B, H_kv, first)
-  at::Tensor out = (s + 1e-4) * norm;                            // (B, H_kv, n)
-  out.scatter_(-1, top, std::numeric_limits<float>::max());
+  // The first stage: each head's top int((1 − r) · n_b / 2) entries (at least 1) by the base score.
+  auto first_of = [&](const auto& len) { return ((1.0 - ratio_) * len * 0.5); };
+  const int64_t first = std::max<int64_t>(1, static_cast<int64_t>(first_of(static_cast<double>(n))));
+  at::Tensor out;
+  if (!view.valid.defined()) {
+    at::Tensor top = std::get<1>(s.topk(std::min(first, n), -1));  // (B, H_kv, first)
+    out = (s + 1e-4) * norm;                                        // (B, H_kv, n)
+    out.scatter_(-1, top, std::numeric_limits<float>::max());
+    return out;
+  }
+  // Rows of different lengths n_b (the longest head of the row): each row's own top k, as it has alone (topk's
+  // choice among tied scores depends on the row's length, so each row is cut on its own entries).
+  s = s.masked_fill(view.valid.logical_not(), -std::numeric_limits<float>::infinity());
+  out = (s + 1e-4) * norm;  // (B, H_kv, n)
+  const at::Tensor len = std::get<0>(view.valid.sum(-1).max(1)).to(torch::kCPU).contiguous();  // (B) one read-back
+  for (int64_t b = 0; b < s.size(0); ++b) {
+    const int64_t nb = len.data_ptr<int64_t>()[b];
+    const int64_t k = std::min(nb, std::max<int64_t>(1, static_cast<int64_t>(first_of(static_cast<double>(nb)))));
+    at::Tensor top = std::get<1>(s[b].narrow(-1, 0, nb).topk(k, -1));  // (H_kv, k)
+    out[b].scatter_(-1, top, std::numeric_limits<float>::max());
+  }
   return out;
 }
 

@@ -233,13 +233,15 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
       keep = lazy_eviction_keep_scores(lz, kv.valid, step, trigger_.interval);
       break;
     case DecodePolicy::Scorer: {
-      // Row by row: each row's next query position is its own (rows of a batch sit at different positions,
-      // and a score such as TRIM-KV's log beta · age depends on it).
+      // Each row's next query position is its own (rows of a batch sit at different positions, and a score such
+      // as TRIM-KV's log beta · age depends on it). One view of every row, or one per row for a scorer that
+      // takes rows one at a time.
       const ScorerNeeds needs = opt_.scorer->needs();
-      const at::Tensor qpos = obs.query_positions.to(torch::kCPU);  // (B, 1)
-      const bool same = (qpos == qpos[0][0]).all().item<bool>();
-      if (same) {  // one view for the whole batch
-        LayerView view = layer_view(kv, l, model_, qpos[0][0].item<int64_t>() + 1, opt_.kernels);
+      const at::Tensor qpos = obs.query_positions.to(torch::kCPU, torch::kLong).contiguous();  // (B, 1)
+      std::vector<int64_t> next(B);
+      for (int64_t b = 0; b < B; ++b) next[b] = qpos.data_ptr<int64_t>()[b * qpos.size(1)] + 1;
+      if (needs.rows == RowBatching::Together || B == 1) {
+        LayerView view = layer_view(kv, l, model_, next, opt_.kernels);
         if (needs.window > 0) {
           view.window_queries = S.q;        // (B, H, w, hd)
           view.window_positions = S.q_pos;  // (B, w)
@@ -257,7 +259,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
         if (kv.valid.defined()) kb.valid = kv.valid.narrow(0, b, 1);
         for (const auto& [name, col] : kv.payload) kb.payload[name] = col.narrow(0, b, 1);
         kb.n = kv.n;
-        LayerView view = layer_view(kb, l, model_, qpos[b][0].item<int64_t>() + 1, opt_.kernels);
+        LayerView view = layer_view(kb, l, model_, {next[b]}, opt_.kernels);
         view.batch_offset = b;
         if (needs.window > 0) {
           view.window_queries = S.q.narrow(0, b, 1);        // (1, H, w, hd)

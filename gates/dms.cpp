@@ -123,6 +123,7 @@ class DMSScorer : public Scorer {
  public:
   DMSScorer(std::shared_ptr<DMSImpl> owner, DMSImpl* dms) : owner_(std::move(owner)), dms_(dms) {}
   std::string name() const override { return "dms"; }
+  ScorerNeeds needs() const override { return rows_together(); }
   void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
     torch::NoGradGuard no_grad;
     cache.add_payload(kKeep, torch::kFloat, 0.0);
@@ -142,7 +143,8 @@ class DMSScorer : public Scorer {
     }
     // The delay: entries the next `window` queries may still see are never evicted.
     const at::Tensor pos = view.positions.to(s.device());
-    s = s.masked_fill(pos.ge(view.next_position - dms_->options().window), std::numeric_limits<float>::infinity());
+    s = s.masked_fill(pos.ge(view.next_position_column(pos.device()) - dms_->options().window),
+                      std::numeric_limits<float>::infinity());
     if (view.valid.defined()) s = s.masked_fill(view.valid.to(s.device()).logical_not(), -std::numeric_limits<float>::infinity());
     return s;
   }

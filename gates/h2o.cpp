@@ -1,4 +1,6 @@
 // H2O and kvpress's ObservedAttention: accumulated attention from every prefill row (docs/methods/h2o.md).
+#include <limits>
+
 #include <torch/torch.h>
 
 #include "common/error.h"
@@ -9,6 +11,7 @@ namespace kvd {
 ScorerNeeds H2OScorer::needs() const {
   ScorerNeeds n;
   n.window = ScorerNeeds::kAllRows;
+  n.rows = RowBatching::Together;  // a left-padded batch's padding rows (position -1) see nothing and add 0
   return n;
 }
 
@@ -20,9 +23,11 @@ at::Tensor H2OScorer::score(const LayerView& view) {
                                    WindowMoments::Sum, view.kernels)
                         .sum;  // (B, H, n)
   if (norm_ == H2ONorm::PerObservingQuery) {
-    // Rows are consecutive positions p0 .. p1; key j is seen by p1 - max(pos_j, p0) + 1 of them.
+    // A row's real rows (positions >= 0) are consecutive positions p0 .. p1; key j is seen by p1 - max(pos_j, p0) + 1.
     const int64_t H = sums.size(1), G = H / Hkv;
-    at::Tensor p0 = view.window_positions.narrow(1, 0, 1).view({-1, 1, 1});                             // (B, 1, 1)
+    at::Tensor p0 = view.window_positions.masked_fill(view.window_positions.lt(0), std::numeric_limits<int64_t>::max())
+                        .amin(1)
+                        .view({-1, 1, 1});  // (B, 1, 1)
     at::Tensor p1 = view.window_positions.narrow(1, view.window_positions.size(1) - 1, 1).view({-1, 1, 1});  // (B, 1, 1)
     at::Tensor seen = (p1 - torch::maximum(view.positions, p0) + 1).clamp_min(1).to(torch::kFloat);  // (B, H_kv, n)
     sums = sums / seen.repeat_interleave(G, 1);  // (B, H, n)

@@ -4,7 +4,8 @@
 // Conventions shared by all of them:
 //   - score(view) returns (B, H_kv, n) float32, higher = keep; invalid (padding) entries get -inf;
 //   - scores of query heads are reduced over the GQA group with GroupReduce (mean, kvpress's default);
-//   - window-based scorers keep their observation window by giving it max(score) + 1 (as kvpress does).
+//   - window-based scorers keep their observation window by giving it max(score) + 1 (as kvpress does);
+//   - they take the rows of a batch together (RowBatching::Together) unless they say otherwise.
 #pragma once
 
 #include <cstdint>
@@ -36,11 +37,23 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& q_pos, const 
 WindowColumns window_columns(const WindowScoresInput& in, WindowMoments moments, KernelPath path,
                              int64_t row_block = 256);
 
+// The valid entries of a view before its observation window (positions < each row's first window position):
+// (B, H_kv, n) bool. The window's own entries are the rest of the valid ones.
+at::Tensor window_prefix(const LayerView& view);
+
+// s (B, H, ..., n) per query head (or per KV head) with every entry outside mask (B, H_kv, n) set to 0.
+at::Tensor zero_outside(const at::Tensor& s, const at::Tensor& mask);
+
+// 1 + each row's largest score inside mask (scores >= 0; 1 when the mask is empty): (B, 1, 1). What window-based
+// scorers give their window, per row as if each row were scored alone.
+at::Tensor row_top(const at::Tensor& s, const at::Tensor& mask);
+
 // s_j = uniform(0, 1), from a generator seeded once (same seed -> same scores).
 class RandomScorer : public Scorer {
  public:
   explicit RandomScorer(uint64_t seed = 0);
   std::string name() const override { return "random"; }
+  ScorerNeeds needs() const override { return rows_together(); }
   at::Tensor score(const LayerView& view) override;
 
  private:
@@ -52,6 +65,7 @@ class RandomScorer : public Scorer {
 class KNormScorer : public Scorer {
  public:
   std::string name() const override { return "knorm"; }
+  ScorerNeeds needs() const override { return rows_together(); }
   at::Tensor score(const LayerView& view) override;
 };
 
@@ -61,6 +75,7 @@ class StreamingLLMScorer : public Scorer {
  public:
   explicit StreamingLLMScorer(int64_t n_sink = 4) : n_sink_(n_sink) {}
   std::string name() const override { return "streaming_llm"; }
+  ScorerNeeds needs() const override { return rows_together(); }
   at::Tensor score(const LayerView& view) override;
 
  private:
@@ -118,6 +133,7 @@ class TOVAScorer : public Scorer {
 class KeyDiffScorer : public Scorer {
  public:
   std::string name() const override { return "keydiff"; }
+  ScorerNeeds needs() const override { return rows_together(); }
   at::Tensor score(const LayerView& view) override;
 };
 

@@ -130,6 +130,7 @@ class KVzapScorer : public Scorer {
  public:
   KVzapScorer(std::shared_ptr<KVzapImpl> owner, KVzapImpl* kz) : owner_(std::move(owner)), kz_(kz) {}
   std::string name() const override { return "kvzap"; }
+  ScorerNeeds needs() const override { return rows_together(); }
   void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
     torch::NoGradGuard no_grad;
     cache.add_payload(kColumn, torch::kFloat, 0.0);
@@ -148,7 +149,8 @@ class KVzapScorer : public Scorer {
     }
     const at::Tensor pos = view.positions.to(s.device());
     if (kz_->options().window > 0)
-      s = s.masked_fill(pos.ge(view.next_position - kz_->options().window), std::numeric_limits<float>::infinity());
+      s = s.masked_fill(pos.ge(view.next_position_column(pos.device()) - kz_->options().window),
+                        std::numeric_limits<float>::infinity());
     if (view.valid.defined()) s = s.masked_fill(view.valid.to(s.device()).logical_not(), -std::numeric_limits<float>::infinity());
     return s;
   }

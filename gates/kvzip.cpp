@@ -197,6 +197,7 @@ class KVzipScorer : public Scorer {
   ScorerNeeds needs() const override {
     ScorerNeeds n;
     n.timing = ScoreTiming::AfterForward;
+    n.rows = RowBatching::Together;
     return n;
   }
   // Records the tokens behind each position, in order: a row that starts again at position 0 is a new prompt.
@@ -206,16 +207,18 @@ class KVzipScorer : public Scorer {
     const at::Tensor ids = obs.ids.to(torch::kCPU, torch::kLong).contiguous();             // (B, T)
     const at::Tensor pos = obs.query_positions.to(torch::kCPU, torch::kLong).contiguous();  // (B, T)
     const int64_t B = ids.size(0), T = ids.size(1);
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    const int64_t* pp = pos.data_ptr<int64_t>();
     ids_.resize(cache.batch());
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t p = pos[b][t].item<int64_t>();
+        const int64_t p = pp[b * T + t];
         if (p < 0) continue;  // left padding
         std::vector<int64_t>& row = ids_[b];
         if (p == 0) row.clear();
         KVD_CHECK(p == static_cast<int64_t>(row.size()), "kvzip: row ", b, " appended position ", p, " after ", row.size(),
                   " recorded tokens; drive every prefill and decode step of the cache through the scorer's on_append");
-        row.push_back(ids[b][t].item<int64_t>());
+        row.push_back(idp[b * T + t]);
       }
   }
   void prepare(const Model& model, const KVCache& cache) override {

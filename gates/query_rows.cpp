@@ -329,6 +329,7 @@ class QueryRowsScorer : public Scorer {
   ScorerNeeds needs() const override {
     ScorerNeeds n;
     n.timing = ScoreTiming::AfterForward;
+    n.rows = RowBatching::Together;
     return n;
   }
   void prepare(const Model& model, const KVCache& cache) override {

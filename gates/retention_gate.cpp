@@ -101,7 +101,7 @@ ComponentLoss RetentionGateImpl::loss(const Model& model, const TrainBatch& batc
   return out;
 }
 
-at::Tensor retention_score(const at::Tensor& log_beta, const at::Tensor& positions, int64_t next_position) {
+at::Tensor retention_score(const at::Tensor& log_beta, const at::Tensor& positions, const at::Tensor& next_position) {
   KVD_CHECK(log_beta.sizes() == positions.sizes(), "retention_score: log_beta ", log_beta.sizes(),
             " and positions ", positions.sizes(), " must match");
   at::Tensor age = (next_position + 1 - positions).to(torch::kFloat);  // (B, H_kv, n)
@@ -121,6 +121,7 @@ class RetentionScorer : public Scorer {
   RetentionScorer(std::shared_ptr<RetentionGateImpl> owner, RetentionGateImpl* gate)
       : owner_(std::move(owner)), gate_(gate) {}
   std::string name() const override { return "retention_gate"; }
+  ScorerNeeds needs() const override { return rows_together(); }
 
   void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
     torch::NoGradGuard no_grad;
@@ -149,7 +150,8 @@ class RetentionScorer : public Scorer {
         lb = all.diagonal(0, 1, 3).permute({0, 2, 1});              // (B, n, H_kv) -> (B, H_kv, n)
       }
     }
-    at::Tensor s = retention_score(lb, view.positions.to(lb.device()), view.next_position);  // (B, H_kv, n)
+    at::Tensor s = retention_score(lb, view.positions.to(lb.device()),
+                                   view.next_position_column(lb.device()));  // (B, H_kv, n)
     if (view.valid.defined()) s = s.masked_fill(view.valid.to(s.device()).logical_not(), -std::numeric_limits<float>::infinity());
     return s;
   }

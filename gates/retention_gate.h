@@ -86,9 +86,9 @@ class RetentionGateImpl : public Component {
 };
 TORCH_MODULE(RetentionGate);
 
-// The retention score of cached entries: log_beta (B, H_kv, n), positions (B, H_kv, n) int64 and the next
-// query position t -> (B, H_kv, n) float32 log β · (t + 1 − pos) (higher = keep).
-at::Tensor retention_score(const at::Tensor& log_beta, const at::Tensor& positions, int64_t next_position);
+// The retention score of cached entries: log_beta (B, H_kv, n), positions (B, H_kv, n) int64 and each row's next
+// query position t (B, 1, 1) int64 -> (B, H_kv, n) float32 log β · (t + 1 − pos) (higher = keep).
+at::Tensor retention_score(const at::Tensor& log_beta, const at::Tensor& positions, const at::Tensor& next_position);
 
 // The registry entry (gates/components.h): options component.budget / hidden / bias_init, loss terms
 // kl (1.0), ce (0.0), capacity (1.0).

@@ -10,6 +10,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <c10/core/Device.h>
+
 #include "models/kernel_path.h"
 
 namespace kvd {
@@ -31,16 +33,19 @@ struct LayerView {
   at::Tensor window_queries;     // (B, H, w, hd) post-RoPE queries of the last w prompt rows (observation window)
   at::Tensor window_positions;   // (B, w) int64 positions of those rows
   at::Tensor queries_pre_rope;   // (B, H, n_q, hd) pre-RoPE queries of the prompt rows (Expected Attention)
+  at::Tensor query_valid;        // (B, n_q) bool: the real rows of queries_pre_rope; undefined when all are
   std::map<std::string, at::Tensor> payload;  // the cache's per-entry columns (B, H_kv, n) (KVCache payload)
-  int64_t next_position = 0;     // position the next query will have (t)
-  int64_t batch_offset = 0;      // the cache's batch row of this view's row 0 (compress_prefill scores one row at a
-                                 // time: a view of row b alone has batch_offset b)
+  std::vector<int64_t> next_positions;        // [B] the position each row's next query will have (t)
+  int64_t batch_offset = 0;  // the cache's batch row of this view's row 0 (a view of row b alone has batch_offset b)
   KernelPath kernels = KernelPath::Fused;  // fused scoring kernels where they apply (CompressOptions::kernels)
+
+  // next_positions as a (B, 1, 1) int64 tensor on `device`, to broadcast against (B, H_kv, n) positions.
+  at::Tensor next_position_column(c10::Device device) const;
 };
 
 // One layer of a cache as a scorer sees it: its entries, validity and positions; the optional fields are left
 // undefined for the caller to fill as the scorer's needs() ask.
-LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, int64_t next_position,
+LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, std::vector<int64_t> next_positions,
                      KernelPath kernels = KernelPath::Fused);
 
 // When a scorer can rate a layer's entries.
@@ -50,14 +55,32 @@ enum class ScoreTiming {
                 // whole cache, then score each layer (query-row methods: their rows run after the prompt)
 };
 
-// Which optional LayerView fields a scorer reads, so the harness captures only those.
+// How a driver may hand a scorer the rows of a batch:
+//   OneAtATime  a view of one batch row at a time (what any scorer handles);
+//   Together    one view of every row (one launch chain per layer, not one per row). The rows of one prefill have
+//               different lengths: row b's entries are 0 .. n_b - 1 of each head and `valid` marks them; hidden
+//               (B, n, d) and queries_pre_rope (B, H, n, hd) are aligned with the entries (index j of row b is
+//               entry j's token, meaningless past n_b, and query_valid marks the real ones); the window rows are each row's own last w query rows, so a
+//               window-based scorer finds a row's window entries by position (>= window_positions[b][0]), not by
+//               index. The scorer must rate each row's entries as it would rate that row alone.
+enum class RowBatching { OneAtATime, Together };
+
+// Which optional LayerView fields a scorer reads, so the harness captures only those, and how it takes rows.
 struct ScorerNeeds {
+  RowBatching rows = RowBatching::OneAtATime;
   bool hidden = false;
   int64_t window = 0;  // > 0: window_queries of this many rows (kAllRows: every row of the prefill chunk)
   static constexpr int64_t kAllRows = INT64_MAX;
   bool queries_pre_rope = false;
   ScoreTiming timing = ScoreTiming::PerLayer;
 };
+
+// The needs of a scorer that reads no optional field and takes a batch's rows together.
+inline ScorerNeeds rows_together() {
+  ScorerNeeds n;
+  n.rows = RowBatching::Together;
+  return n;
+}
 
 class Scorer {
  public:

@@ -180,6 +180,31 @@ RaggedIndices select_threshold(const at::Tensor& scores, double tau, const at::T
   return ragged_from_mask(mask);
 }
 
+int64_t adakv_floor(const SelectorOptions& opt, int64_t k) {
+  const int64_t n_safe = static_cast<int64_t>(static_cast<double>(k) * opt.ada_alpha);
+  return opt.ada_alpha > 0 ? (k > 0 ? std::max<int64_t>(1, n_safe) : 0) : n_safe;
+}
+
+RaggedIndices select_pooled(const at::Tensor& scores, const std::vector<int64_t>& k, const std::vector<int64_t>& floor,
+                            const at::Tensor& valid) {
+  KVD_CHECK(scores.dim() == 3 && static_cast<int64_t>(k.size()) == scores.size(0) && floor.size() == k.size(),
+            "select_pooled: scores must be (B, H_kv, n) with one k and one floor per row; got ", scores.sizes(), ", ",
+            k.size(), " and ", floor.size());
+  const int64_t B = scores.size(0), Hkv = scores.size(1), n = scores.size(2);
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(scores.device());
+  // The floor: each head's top floor[b] outrank everything; then the top H_kv · k[b] of the pooled heads.
+  at::Tensor s = scores.to(torch::kFloat).masked_fill(topk_mask(scores, floor),
+                                                       std::numeric_limits<float>::max());  // (B, H_kv, n)
+  at::Tensor order = order_desc(s.reshape({B, Hkv * n}));                                   // (B, H_kv n)
+  std::vector<int64_t> take(B);
+  for (int64_t b = 0; b < B; ++b) take[b] = Hkv * std::clamp<int64_t>(k[b], 0, n);
+  const at::Tensor first = torch::arange(Hkv * n, lopt).view({1, -1}).lt(torch::tensor(take, torch::kLong).to(scores.device()).view({B, 1}));
+  at::Tensor mask = torch::zeros({B, Hkv * n}, scores.options().dtype(torch::kBool)).scatter(-1, order, first);
+  mask = mask.view({B, Hkv, n});
+  if (valid.defined()) mask = mask.logical_and(valid);
+  return ragged_from_mask(mask);
+}
+
 int64_t layer_keep_count(const SelectorOptions& opt, int64_t layer, int64_t num_layers, int64_t tokens) {
   const Budget& bud = opt.budget;
   switch (opt.allocation) {
@@ -209,17 +234,7 @@ RaggedIndices select_layer(const at::Tensor& scores, int64_t layer, int64_t num_
                         kernels);
     case Allocation::AdaKV: {
       const int64_t k = std::min(bud.n_kept(tokens), n);
-      int64_t n_safe = static_cast<int64_t>(static_cast<double>(k) * opt.ada_alpha);
-      if (opt.ada_alpha > 0) n_safe = k > 0 ? std::max<int64_t>(1, n_safe) : 0;
-      // The floor: each head's top n_safe outrank everything; then the top H_kv * k of the pooled heads.
-      at::Tensor s = scores.to(torch::kFloat).masked_fill(topk_mask(scores, n_safe),
-                                                           std::numeric_limits<float>::max());  // (B, H_kv, n)
-      at::Tensor flat = s.reshape({B, Hkv * n});                                                  // (B, H_kv n)
-      at::Tensor top = order_desc(flat).narrow(-1, 0, Hkv * k);                                  // (B, H_kv k)
-      at::Tensor mask = torch::zeros({B, Hkv * n}, scores.options().dtype(torch::kBool)).scatter(-1, top, true);
-      mask = mask.view({B, Hkv, n});
-      if (valid.defined()) mask = mask.logical_and(valid);
-      return ragged_from_mask(mask);
+      return select_pooled(scores, std::vector<int64_t>(B, k), std::vector<int64_t>(B, adakv_floor(opt, k)), valid);
     }
     case Allocation::Global:
       break;

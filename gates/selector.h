@@ -78,10 +78,17 @@ int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double bet
 // The building blocks of the per-head selections, on either path (scores (B, H_kv, n), higher = keep; valid
 // (B, H_kv, n) bool or undefined: entries outside it are never kept):
 //   select_top        each head of row b keeps its top k[b] valid entries ([B]; ties to the lower index);
-//   select_threshold  every valid entry with score >= tau.
+//   select_threshold  every valid entry with score >= tau;
+//   select_pooled     AdaKV: each head of row b first keeps its top floor[b], then the row's heads pooled keep
+//                     their top H_kv · k[b] (ties to the lower head, then the lower index). Scores must be -inf
+//                     past each head's entries (the reference path only).
 RaggedIndices select_top(const at::Tensor& scores, const std::vector<int64_t>& k, const at::Tensor& valid,
                          KernelPath kernels);
 RaggedIndices select_threshold(const at::Tensor& scores, double tau, const at::Tensor& valid, KernelPath kernels);
+RaggedIndices select_pooled(const at::Tensor& scores, const std::vector<int64_t>& k, const std::vector<int64_t>& floor,
+                            const at::Tensor& valid);
+// AdaKV's floor for k entries per head: int(k · ada_alpha), at least 1 when alpha > 0 and k > 0.
+int64_t adakv_floor(const SelectorOptions& opt, int64_t k);
 // Entries kept per head of one layer under the uniform or pyramid allocation, for `tokens` tokens.
 int64_t layer_keep_count(const SelectorOptions& opt, int64_t layer, int64_t num_layers, int64_t tokens);
 

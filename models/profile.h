@@ -1,10 +1,11 @@
-// KVD_PROFILE=1 in the environment: the inference forwards (prefill / decode) and the training step
-// (trainer and distillation objective) time their sections, with the device synchronized at every boundary so
-// that the sections add up, and print the totals at exit. For finding where time goes; the synchronization
-// itself slows the run.
+// KVD_PROFILE=1 in the environment: the inference forwards (prefill / decode), the eval, compression and the
+// training step (trainer and distillation objective) time their sections and count the LibTorch ops each calls
+// (a proxy for kernel launches), with the device synchronized at every boundary so that the sections add up, and
+// print the totals at exit. For finding where time goes; the synchronization itself slows the run.
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 
 #include <c10/core/Device.h>
 
@@ -23,6 +24,8 @@ class ProfileLap {
   bool on_, cuda_;
   const char* prefix_;
   std::chrono::steady_clock::time_point t_;
+  int64_t ops_ = 0;  // LibTorch ops called so far, at the last mark
+
 };
 
 }  // namespace kvd

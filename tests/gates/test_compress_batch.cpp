@@ -1,5 +1,6 @@
-// Batched compression on SmolLM2: per-row scoring gives each prompt of a left-padded batch exactly the kept
-// positions it gets alone; CAKE's cascade ends at the budgets of its final layer preferences and keeps each
+// Batched compression on SmolLM2: each prompt of a left-padded batch keeps exactly the positions it keeps alone,
+// whether its scorer takes the rows together (RowBatching::Together: one view of rows of different lengths) or
+// one at a time; CAKE's cascade ends at the budgets of its final layer preferences and keeps each
 // layer's top entries by its indicator; the per-prefill-chunk trigger matches an independent chunk loop.
 //
 // Tolerance policy: kept sets are compared exactly (every (layer, head) position list). The batched and the
@@ -117,8 +118,10 @@ TEST_P(CompressBatch, EachRowKeepsWhatItKeepsAlone) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Methods, CompressBatch,
-                         ::testing::Values("snapkv", "adakv_snapkv", "pyramidkv", "tova", "knorm",
-                                           "expected_attention", "observed_attention", "cake", "global_snapkv"));
+                         ::testing::Values("snapkv", "adakv_snapkv", "pyramidkv", "tova", "knorm", "keydiff",
+                                           "streaming_llm", "expected_attention", "observed_attention", "h2o", "cake",
+                                           "global_snapkv", "defensivekv", "layer_defensivekv",
+                                           "criticalkv_snapkv"));
 
 TEST(CompressChunked, BatchedChunksMatchEachRowAlone) {
   if (!have_model()) GTEST_SKIP() << "no SmolLM2 model";

@@ -328,13 +328,13 @@ TEST(QueryRows, ScorerRefusesUnpreparedOrChangedLayers) {
   model.prefill(torch::tensor(random_tokens(model.config().vocab_size, 10, 16), torch::kLong).view({1, -1}), c);
   std::unique_ptr<Scorer> sc = qr->make_scorer();
   EXPECT_EQ(sc->needs().timing, ScoreTiming::AfterForward);
-  EXPECT_THROW(sc->score(layer_view(c.layer(0), 0, model, c.next_position())), Error);
+  EXPECT_THROW(sc->score(layer_view(c.layer(0), 0, model, c.next_positions())), Error);
   sc->prepare(model, c);
-  EXPECT_EQ(sc->score(layer_view(c.layer(0), 0, model, c.next_position())).sizes(),
+  EXPECT_EQ(sc->score(layer_view(c.layer(0), 0, model, c.next_positions())).sizes(),
             (std::vector<int64_t>{1, model.config().num_kv_heads, 10}));
   c.keep(0, torch::arange(5, 10, torch::kLong).view({1, 1, 5}).expand({1, model.config().num_kv_heads, 5}).contiguous());
   try {
-    sc->score(layer_view(c.layer(0), 0, model, c.next_position()));
+    sc->score(layer_view(c.layer(0), 0, model, c.next_positions()));
     FAIL() << "expected an error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("changed since prepare"), std::string::npos) << e.what();

@@ -286,7 +286,7 @@ TEST(RetentionGate, ScorerRanksByLogBetaTimesAge) {
   view.layer = 1;
   view.hidden = hidden;
   view.positions = torch::arange(n).view({1, 1, n}).expand({B, Hkv, n}).contiguous() * 2;  // (B, H_kv, n)
-  view.next_position = 25;
+  view.next_positions.assign(B, 25);
   at::Tensor s = scorer->score(view);  // (B, H_kv, n)
   at::Tensor lb = naive_gate(*gate, 1, hidden).transpose(1, 2);  // (B, H_kv, n)
   at::Tensor want = lb * (26 - view.positions).to(torch::kFloat);
@@ -309,7 +309,7 @@ TEST(RetentionGate, ScorerRanksByLogBetaTimesAge) {
     if (!lead.empty()) h2[1] = torch::cat({torch::zeros({1, h2.size(2)}), hidden[0].narrow(0, c0, t - 1)});
     scorer->on_append(PrefillLayerObservation{1, h2, {}, {}, pos, lead}, cache);
   }
-  LayerView pv = layer_view(cache.layer(1), 1, model, 25);
+  LayerView pv = layer_view(cache.layer(1), 1, model, {25, 25});
   EXPECT_FALSE(pv.hidden.defined());
   at::Tensor ps = scorer->score(pv);  // (2, H_kv, n): row 0 holds positions 0..18 step 2, row 1 one fewer
   EXPECT_LT(max_abs_diff(ps[0], want[0]), 1e-5);

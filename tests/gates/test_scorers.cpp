@@ -22,7 +22,7 @@ LayerView make_view(int64_t B, int64_t Hkv, int64_t n, int64_t hd) {
   v.keys = torch::randn({B, Hkv, n, hd});    // (B, H_kv, n, hd)
   v.values = torch::randn({B, Hkv, n, hd});  // (B, H_kv, n, hd)
   v.positions = torch::arange(n, torch::kLong).view({1, 1, n}).expand({B, Hkv, n}).contiguous();  // (B, H_kv, n)
-  v.next_position = n;
+  v.next_positions.assign(B, n);
   return v;
 }
 
