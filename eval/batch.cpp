@@ -213,24 +213,35 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
   PrefillObserver observer;
   if (m.full) {
     // 4. (reference side) the attention of the answer's queries to the compressed span, mean over the answer's
-    // rows and the GQA group, ranked per (row, KV head): stable, so ties go to the lower position.
-    observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
+    // rows and the GQA group, ranked per (row, KV head): stable, so ties go to the lower position. Every row at
+    // once: the rows that are not the answer's (padding, the rest of the prompt) are moved to position -1, where
+    // they see nothing and add 0.
+    const int64_t Tx = ids.size(1);
+    std::vector<int64_t> first_answer(B), n_answer(B), span_len(B);
+    for (int64_t b = 0; b < B; ++b) {
+      first_answer[b] = lead[b] + static_cast<int64_t>(rests[b].size());
+      n_answer[b] = static_cast<int64_t>(ref.answer[b].size());
+      span_len[b] = static_cast<int64_t>(spans[b].size());
+    }
+    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(model.device());
+    const at::Tensor r0 = torch::tensor(first_answer, torch::kLong).to(model.device()).view({B, 1});  // (B, 1)
+    const at::Tensor nr = torch::tensor(n_answer, torch::kLong).to(model.device()).view({B, 1});      // (B, 1)
+    const at::Tensor row = torch::arange(Tx, lopt).view({1, Tx});                                      // (1, Tx)
+    const at::Tensor answer_rows = row.ge(r0).logical_and(row.lt(r0 + nr));                           // (B, Tx)
+    const at::Tensor in_span = torch::arange(span_max, lopt).view({1, 1, span_max})
+                                   .lt(torch::tensor(span_len, torch::kLong).to(model.device()).view({B, 1, 1}))
+                                   .logical_and(nr.view({B, 1, 1}).gt(0));  // (B, 1, N): a row without answer ranks nothing
+    observer = [&, answer_rows, nr, in_span](const PrefillLayerObservation& obs, KVCache& c) {
       const KVLayerView kv = c.layer(obs.layer);
-      at::Tensor att = torch::full({B, Hkv, span_max}, -1.0f, kv.k.options().dtype(torch::kFloat));  // (B, H_kv, N)
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t nr = static_cast<int64_t>(ref.answer[b].size());
-        const int64_t span = static_cast<int64_t>(spans[b].size());
-        if (nr == 0) continue;
-        const int64_t r0 = lead[b] + static_cast<int64_t>(rests[b].size());
-        at::Tensor q = obs.queries.narrow(0, b, 1).narrow(2, r0, nr);          // (1, H, nr, hd)
-        at::Tensor qp = obs.query_positions.narrow(0, b, 1).narrow(1, r0, nr);  // (1, nr)
-        at::Tensor valid = kv.valid.defined() ? kv.valid.narrow(0, b, 1) : at::Tensor();
-        const at::Tensor a = window_columns({q, qp, kv.k.narrow(0, b, 1), kv.pos.narrow(0, b, 1), valid},
-                                            WindowMoments::Sum, m.compress.kernels)
-                                 .sum;  // (1, H, n)
-        at::Tensor per_kv = reduce_group(a / static_cast<double>(nr), Hkv, GroupReduce::Mean);  // (1, H_kv, n)
-        att[b].narrow(1, 0, span).copy_(per_kv[0].narrow(1, 0, span));
-      }
+      const at::Tensor qp = obs.query_positions.masked_fill(answer_rows.logical_not(), -1);  // (B, Tx)
+      const at::Tensor a = window_columns({obs.queries, qp, kv.k, kv.pos, kv.valid}, WindowMoments::Sum,
+                                          m.compress.kernels)
+                               .sum;  // (B, H, n)
+      const at::Tensor per_kv = reduce_group(a / nr.clamp_min(1).view({B, 1, 1}).to(a.scalar_type()), Hkv,
+                                             GroupReduce::Mean);  // (B, H_kv, n)
+      at::Tensor att = at::constant_pad_nd(per_kv, {0, std::max<int64_t>(0, span_max - per_kv.size(2))})
+                           .narrow(2, 0, span_max)
+                           .masked_fill(in_span.logical_not(), -1.0f);  // (B, H_kv, N)
       at::Tensor order = std::get<1>(att.sort(/*stable=*/true, 2, /*descending=*/true));  // (B, H_kv, N)
       ref.rank[obs.layer] = torch::empty_like(order).scatter_(
           2, order, torch::arange(span_max, order.options()).view({1, 1, span_max}).expand_as(order));  // (B, H_kv, N)
@@ -238,20 +249,34 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
   }
   at::Tensor logits = model.prefill(ids, cache, LogitsMode::AllPositions, observer, lead);  // (B, Tx, V)
   lap("teacher-forced forward");
+  // Per row: the KL and the answer's mean NLL stay on the device until one read-back for the batch.
+  std::vector<at::Tensor> kl(B), nll(B);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t nx = static_cast<int64_t>(xs[b].size()), nrest = static_cast<int64_t>(rests[b].size());
     if (nx < 2) continue;
     at::Tensor lp = torch::log_softmax(logits[b].narrow(0, lead[b], nx - 1), -1);  // (nx - 1, V)
     if (m.full) ref.logp[b] = lp;
     at::Tensor rp = ref.logp[b];                                                   // (nx - 1, V)
-    out[b].kl = (rp.exp() * (rp - lp)).sum(-1).mean().item<double>();
+    kl[b] = (rp.exp() * (rp - lp)).sum(-1).mean();                                 // ()
     // Perplexity of the full cache's answer: positions nrest - 1 .. nx - 2 predict the answer's tokens.
     const int64_t na = nx - nrest;
     if (na > 0) {
       at::Tensor tgt = torch::tensor(std::vector<int64_t>(xs[b].begin() + nrest, xs[b].end()), torch::kLong)
                            .to(lp.device());                                      // (na)
-      at::Tensor nll = -lp.narrow(0, nrest - 1, na).gather(1, tgt.view({na, 1}));  // (na, 1)
-      out[b].ppl = std::exp(nll.mean().item<double>());
+      nll[b] = -lp.narrow(0, nrest - 1, na).gather(1, tgt.view({na, 1})).mean();  // ()
+    }
+  }
+  {
+    std::vector<at::Tensor> all;
+    for (int64_t b = 0; b < B; ++b) {
+      all.push_back(kl[b].defined() ? kl[b].to(torch::kDouble) : torch::zeros({}, logits.options().dtype(torch::kDouble)));
+      all.push_back(nll[b].defined() ? nll[b].to(torch::kDouble) : torch::zeros({}, logits.options().dtype(torch::kDouble)));
+    }
+    const at::Tensor host = torch::stack(all).to(torch::kCPU).contiguous();  // (2 B) float64
+    const double* h = host.data_ptr<double>();
+    for (int64_t b = 0; b < B; ++b) {
+      if (kl[b].defined()) out[b].kl = h[2 * b];
+      if (nll[b].defined()) out[b].ppl = std::exp(h[2 * b + 1]);
     }
   }
   lap("kl + ppl");
