@@ -8,8 +8,7 @@
 //    tensors). Ours: select_rows_fused (one launch) + compact_rows_fused of K and of V (in place). Bytes counted as
 //    the anchor does: the scores read + the kept K and V rows read and written. Bandwidth is also given as a
 //    fraction of a device-to-device copy measured in the same run. Ours and PyTorch's kept sets are compared (random
-//    scores: no ties). Then the kernels' variants: select with warp-aggregated digit counts, compact with 8 / 16 /
-//    32 rows per thread (kernels/kv_select.cuh), and the best combination.
+//    scores: no ties).
 // 2. One layer of TRIM-KV in a serving engine after a prefill of n tokens (n = 8K, 32K), keeping n/2 per head:
 //    score (the gate MLP on the layer's attention input) + select + compact K and V, fused vs the ATen ops of
 //    libkvdistill_ops.so's CPU path, next to SDPA flash attention's causal prefill of the same layer
@@ -100,30 +99,6 @@ int main(int argc, char** argv) {
                 (long)e.L, (long)e.B, (long)e.H, (long)e.n, (long)e.M, (long)e.D, torch_ms, ours_ms, select_ms,
                 compact_ms, torch_ms / ours_ms, moved / ours_ms / 1e9, moved / ours_ms / 1e9 / copy_tbps,
                 moved / torch_ms / 1e9, moved / torch_ms / 1e9 / copy_tbps, (long)differ);
-    std::fflush(stdout);
-    // The kernels' variants (the same sets and bytes): digit counting in select, rows per thread in compact.
-    kvd::RowSelectSpec warp = spec;
-    warp.counting = kvd::DigitCounting::WarpAggregated;
-    kvd::RowSelection sw = kvd::select_rows_fused(S, warp);
-    const double select_warp_ms = kvd::bench::time_ms([&] { sw = kvd::select_rows_fused(S, warp); }, reps);
-    const int64_t warp_differ = sw.indices.ne(sel.indices).any(-1).sum().item<int64_t>();
-    std::printf("{\"what\": \"select+compact variants\", \"n\": %ld, \"B\": %ld, \"select_atomic_ms\": %.4f, "
-                "\"select_warp_aggregated_ms\": %.4f, \"warp_aggregated_segments_differing\": %ld",
-                (long)e.n, (long)e.B, select_ms, select_warp_ms, (long)warp_differ);
-    double best_compact = compact_ms;
-    for (int rpt : {8, 16, 32}) {
-      const double ms = kvd::bench::time_ms(
-          [&] {
-            kvd::compact_rows_fused(K, sel, rpt);
-            kvd::compact_rows_fused(V, sel, rpt);
-          },
-          reps);
-      best_compact = std::min(best_compact, ms);
-      std::printf(", \"compact_kv_%d_rows_ms\": %.4f", rpt, ms);
-    }
-    const double best = std::min(select_ms, select_warp_ms) + best_compact;
-    std::printf(", \"best_ms\": %.4f, \"best_fraction_of_copy\": %.3f, \"best_speedup\": %.2f}\n", best,
-                moved / best / 1e9 / copy_tbps, torch_ms / best);
     std::fflush(stdout);
   }
 

@@ -158,14 +158,12 @@ RowSelection select_rows_fused(const at::Tensor& scores_in, const RowSelectSpec&
   a.out_b_stride = d.H * out.indices.size(2);
   a.out_h_stride = out.indices.size(2);
   a.counts = out.counts.data_ptr<int32_t>();
-  a.histogram = spec.counting == DigitCounting::WarpAggregated ? kernels::SelectHistogram::WarpAggregated
-                                                               : kernels::SelectHistogram::Atomic;
   if (d.B * d.H > 0) check_cuda(kernels::select_rows(a, c10::cuda::getCurrentCUDAStream().stream()), "select_rows_fused");
   out.indices = out.indices.narrow(2, 0, cap);
   return out;
 }
 
-void compact_rows_fused(at::Tensor& cache, const RowSelection& sel, int rows_per_thread) {
+void compact_rows_fused(at::Tensor& cache, const RowSelection& sel) {
   KVD_CHECK(cache.is_cuda() && cache.dim() >= 3 && cache.is_contiguous(),
             "compact_rows_fused: cache must be a contiguous (B, H, n, ...) CUDA tensor");
   const int64_t B = cache.size(0), H = cache.size(1), n = cache.size(2);
@@ -185,9 +183,6 @@ void compact_rows_fused(at::Tensor& cache, const RowSelection& sel, int rows_per
   a.idx_b_stride = H * idx.size(2);
   a.idx_h_stride = idx.size(2);
   a.counts = cnt.data_ptr<int32_t>();
-  KVD_CHECK(rows_per_thread == 0 || rows_per_thread == 8 || rows_per_thread == 16 || rows_per_thread == 32,
-            "compact_rows_fused: rows_per_thread must be 8, 16 or 32 (or 0 for the default), got ", rows_per_thread);
-  a.rows_per_thread = rows_per_thread;
   if (cache.numel() > 0) check_cuda(kernels::compact_rows(a, c10::cuda::getCurrentCUDAStream().stream()), "compact_rows_fused");
 }
 
@@ -239,7 +234,7 @@ at::Tensor retention_score_fused(const at::Tensor& hidden, const at::Tensor& w1,
 RowSelection select_rows_fused(const at::Tensor&, const RowSelectSpec&) {
   KVD_CHECK(false, "select_rows_fused: this build has no CUDA kernels");
 }
-void compact_rows_fused(at::Tensor&, const RowSelection&, int) {
+void compact_rows_fused(at::Tensor&, const RowSelection&) {
   KVD_CHECK(false, "compact_rows_fused: this build has no CUDA kernels");
 }
 at::Tensor retention_score_fused(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

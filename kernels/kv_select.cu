@@ -245,25 +245,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a, in
       for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
         __syncthreads();
-        if (a.histogram == SelectHistogram::WarpAggregated) {
-          // Whole warps step together (the trip count depends on `base` only), as __match_any_sync needs.
-          constexpr uint32_t kNoBin = 0xFFFFFFFFu;
-          const int lane = tid % 32;
-          for (int64_t base = 0; base < len; base += kSelectThreads) {
-            const int64_t i = base + tid;
-            uint32_t bin = kNoBin;
-            if (i < len) {
-              const uint32_t key = key_at(i);
-              if ((key & mask) == prefix) bin = (key >> shift) & 255u;
-            }
-            const unsigned peers = __match_any_sync(0xffffffffu, bin);
-            if (bin != kNoBin && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-          }
-        } else {
-          for (int64_t i = tid; i < len; i += kSelectThreads) {
-            const uint32_t key = key_at(i);
-            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
-          }
+        for (int64_t i = tid; i < len; i += kSelectThreads) {
+          const uint32_t key = key_at(i);
+          if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
         }
         __syncthreads();
         if (tid < 256) suf[tid] = hist[tid];
@@ -336,6 +320,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a, in
 // segment, kRowsPerThread rows per thread per chunk.
 constexpr int kCompactThreads = 256;
 constexpr int kColumnBytes = 512;  // whole rows up to 512 bytes per CTA: each row is read in one burst
+constexpr int kRowsPerThread = 8;
 
 // Vectors of one row a CTA moves: a column of at most kColumnBytes, at most one vector per thread per row.
 template <typename V>
@@ -345,7 +330,7 @@ __host__ __device__ inline int64_t column_vectors(int64_t vecs_per_row) {
   return c < vecs_per_row ? c : vecs_per_row;
 }
 
-template <typename V, int kRowsPerThread>
+template <typename V>
 __global__ void __launch_bounds__(kCompactThreads) compact_kernel(CompactArgs a) {
   const int s = blockIdx.x, tid = threadIdx.x;
   const int b = s / a.heads, h = s % a.heads;
@@ -432,8 +417,7 @@ cudaError_t select_rows(const SelectArgs& a, cudaStream_t stream) {
 
 cudaError_t compact_rows(const CompactArgs& a, cudaStream_t stream) {
   if (a.num_segments < 0 || a.heads <= 0 || !a.base || !a.indices || a.row_bytes <= 0 || a.n < 0 ||
-      (a.block_table && a.tokens_per_block <= 0) ||
-      (a.rows_per_thread != 0 && a.rows_per_thread != 8 && a.rows_per_thread != 16 && a.rows_per_thread != 32))
+      (a.block_table && a.tokens_per_block <= 0))
     return cudaErrorInvalidValue;
   if (a.num_segments == 0) return cudaSuccess;
   const uintptr_t addr = reinterpret_cast<uintptr_t>(a.base);
@@ -442,9 +426,7 @@ cudaError_t compact_rows(const CompactArgs& a, cudaStream_t stream) {
     const int64_t vecs = a.row_bytes / static_cast<int64_t>(sizeof(V));
     const int64_t cols = column_vectors<V>(vecs);
     const dim3 grid(static_cast<unsigned>(a.num_segments), static_cast<unsigned>((vecs + cols - 1) / cols));
-    auto* kernel = a.rows_per_thread == 32   ? &compact_kernel<V, 32>
-                   : a.rows_per_thread == 16 ? &compact_kernel<V, 16>
-                                             : &compact_kernel<V, 8>;
+    auto* kernel = &compact_kernel<V>;
     KVD_LAUNCH(kernel, grid, kCompactThreads, 0, stream, a);
     return KVD_LAST_ERROR();
   };

@@ -48,13 +48,6 @@ cudaError_t retention_score(const void* hidden, RowDType dtype, int B, int64_t n
 
 enum class SelectMode : int { TopK = 0, Threshold = 1 };
 
-// How the radix passes count a segment's digits in shared memory.
-enum class SelectHistogram : int {
-  Atomic = 0,          // one shared-memory atomic per entry
-  WarpAggregated = 1,  // the lanes of a warp holding the same digit add once (__match_any_sync): scores that share
-                       // their top bits (a float's sign and exponent) no longer queue on one counter
-};
-
 struct SelectArgs {
   const float* scores = nullptr;  // segment s: scores + s · score_stride
   int64_t score_stride = 0;
@@ -70,7 +63,6 @@ struct SelectArgs {
   int32_t* indices = nullptr;      // segment (b, h) writes at indices + b · out_b_stride + h · out_h_stride
   int64_t out_b_stride = 0, out_h_stride = 0;
   int32_t* counts = nullptr;       // (S) entries kept, or nullptr
-  SelectHistogram histogram = SelectHistogram::Atomic;  // same result either way
 };
 cudaError_t select_rows(const SelectArgs& a, cudaStream_t stream);
 
@@ -91,9 +83,6 @@ struct CompactArgs {
   int64_t idx_b_stride = 0, idx_h_stride = 0;
   int64_t keep = 0;                  // rows kept per segment (counts == nullptr)
   const int32_t* counts = nullptr;   // (S) rows kept per segment, or nullptr
-  // Rows each thread loads before the CTA stores them (8, 16 or 32; 0: 8): more bytes in flight per CTA, in
-  // registers, against fewer CTAs resident per SM. Same result either way.
-  int rows_per_thread = 0;
 };
 cudaError_t compact_rows(const CompactArgs& a, cudaStream_t stream);
 

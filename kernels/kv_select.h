@@ -11,9 +11,6 @@ namespace kvd {
 
 enum class RowSelectMode { TopK, Threshold };
 
-// How the fused select counts digits (kernels/kv_select.cuh, SelectHistogram); same result either way.
-enum class DigitCounting { Atomic, WarpAggregated };
-
 struct RowSelectSpec {
   RowSelectMode mode = RowSelectMode::TopK;
   int64_t keep = 0;        // TopK: kept per (request, head); with `keeps`, a bound on each of them when > 0
@@ -23,7 +20,6 @@ struct RowSelectSpec {
   int64_t sinks = 0;       // always kept: index < sinks
   int64_t recent = 0;      // always kept: index >= length − recent
   at::Tensor lengths;      // (B) integer: entries of each request (right padding beyond); undefined = n
-  DigitCounting counting = DigitCounting::Atomic;  // the fused kernel's variant (benches compare them)
 };
 
 struct RowSelection {
@@ -40,8 +36,7 @@ RowSelection select_rows_fused(const at::Tensor& scores, const RowSelectSpec& sp
 RowSelection select_rows_reference(const at::Tensor& scores, const RowSelectSpec& spec);  // CPU, any device in
 
 // In place: cache (B, H, n, ...) contiguous, any dtype; row indices[b, h, j] moves to row j for j < counts[b, h].
-// rows_per_thread: the kernel's variant, 8, 16 or 32 (0: 8); same result either way.
-void compact_rows_fused(at::Tensor& cache, const RowSelection& sel, int rows_per_thread = 0);
+void compact_rows_fused(at::Tensor& cache, const RowSelection& sel);
 void compact_rows_reference(at::Tensor& cache, const RowSelection& sel);
 
 // TRIM-KV's retention score of one layer: hidden (B, n, D) float / bf16 / f16 on CUDA; w1 (G, D), b1 (G),

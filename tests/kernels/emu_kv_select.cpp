@@ -1,8 +1,7 @@
 // The eviction kernels' own code (kernels/kv_select.cu) on the CPU through the SIMT emulator. Metrics: kept sets and
 // counts equal select_rows_reference exactly (ties, NaN, ±0, protected entries, ragged budgets, padded requests,
-// threshold mode; both digit histograms); compaction byte-identical to compact_rows_reference (flat at 1-, 4- and
-// 16-byte rows with 8, 16 and 32 rows per thread, paged with a shuffled block table); the retention score within
-// 2e-5 of a float64 evaluation of the gate. Runs in CI.
+// threshold mode); compaction byte-identical to compact_rows_reference (flat at 1-, 4- and 16-byte rows, paged
+// with a shuffled block table); the retention score within 2e-5 of a float64 evaluation of the gate. Runs in CI.
 #define KVD_SIMT_EMULATION 1
 #include "kernels/kv_select.cu"
 
@@ -36,10 +35,7 @@ at::Tensor awkward_scores(int64_t B, int64_t H, int64_t n, uint64_t seed) {
   return s;
 }
 
-using kvd::kernels::SelectHistogram;
-
-RowSelection run_select(const at::Tensor& scores, const RowSelectSpec& spec,
-                        SelectHistogram histogram = SelectHistogram::Atomic) {
+RowSelection run_select(const at::Tensor& scores, const RowSelectSpec& spec) {
   const int64_t B = scores.size(0), H = scores.size(1), n = scores.size(2);
   const int64_t cap = spec.mode == RowSelectMode::Threshold ? n
                       : spec.keeps.defined() ? std::min<int64_t>(n, spec.keeps.max().item<int64_t>())
@@ -64,7 +60,6 @@ RowSelection run_select(const at::Tensor& scores, const RowSelectSpec& spec,
   a.out_b_stride = H * out.indices.size(2);
   a.out_h_stride = out.indices.size(2);
   a.counts = out.counts.data_ptr<int32_t>();
-  a.histogram = histogram;
   EXPECT_EQ(emu::select_rows(a, nullptr), cudaSuccess);
   out.indices = out.indices.narrow(2, 0, cap);
   return out;
@@ -80,27 +75,22 @@ void expect_same_selection(const RowSelection& got, const RowSelection& want, co
     }
 }
 
-// Both histograms count the same digits, so every case runs with each.
-const SelectHistogram kHistograms[] = {SelectHistogram::Atomic, SelectHistogram::WarpAggregated};
-std::string name_of(SelectHistogram h) { return h == SelectHistogram::Atomic ? " (atomic)" : " (warp-aggregated)"; }
-
 TEST(KvSelectEmulated, TopKMatchesReference) {
-  for (SelectHistogram hist : kHistograms)
-    for (int64_t n : {1, 37, 1100}) {  // 1100: three chunks of the CTA's 512 threads
-      const at::Tensor s = awkward_scores(2, 2, n, static_cast<uint64_t>(n));
-      for (int64_t keep : {int64_t{0}, int64_t{1}, n / 3, n - 1, n + 5}) {
-        RowSelectSpec spec;
-        spec.keep = keep;
-        expect_same_selection(run_select(s, spec, hist), kvd::select_rows_reference(s, spec),
-                              "n=" + std::to_string(n) + " keep=" + std::to_string(keep) + name_of(hist));
-        if (n > 40 && keep > 1 && keep < n) {
-          spec.sinks = 4;
-          spec.recent = 16;
-          expect_same_selection(run_select(s, spec, hist), kvd::select_rows_reference(s, spec),
-                                "protected n=" + std::to_string(n) + " keep=" + std::to_string(keep) + name_of(hist));
-        }
+  for (int64_t n : {1, 37, 1100}) {  // 1100: three chunks of the CTA's 512 threads
+    const at::Tensor s = awkward_scores(2, 2, n, static_cast<uint64_t>(n));
+    for (int64_t keep : {int64_t{0}, int64_t{1}, n / 3, n - 1, n + 5}) {
+      RowSelectSpec spec;
+      spec.keep = keep;
+      expect_same_selection(run_select(s, spec), kvd::select_rows_reference(s, spec),
+                            "n=" + std::to_string(n) + " keep=" + std::to_string(keep));
+      if (n > 40 && keep > 1 && keep < n) {
+        spec.sinks = 4;
+        spec.recent = 16;
+        expect_same_selection(run_select(s, spec), kvd::select_rows_reference(s, spec),
+                              "protected n=" + std::to_string(n) + " keep=" + std::to_string(keep));
       }
     }
+  }
 }
 
 TEST(KvSelectEmulated, RaggedBudgetsPaddedRequestsAndThreshold) {
@@ -111,20 +101,18 @@ TEST(KvSelectEmulated, RaggedBudgetsPaddedRequestsAndThreshold) {
   spec.lengths = torch::tensor({700, 650, 3}, torch::kLong);  // request 2 holds 3 real entries
   spec.sinks = 2;
   spec.recent = 8;
+  expect_same_selection(run_select(s, spec), kvd::select_rows_reference(s, spec), "ragged");
   RowSelectSpec th;
   th.mode = RowSelectMode::Threshold;
   th.threshold = 0.25;
   th.lengths = spec.lengths;
   th.sinks = 3;
-  for (SelectHistogram hist : kHistograms) {
-    expect_same_selection(run_select(s, spec, hist), kvd::select_rows_reference(s, spec), "ragged" + name_of(hist));
-    expect_same_selection(run_select(s, th, hist), kvd::select_rows_reference(s, th), "threshold" + name_of(hist));
-  }
+  expect_same_selection(run_select(s, th), kvd::select_rows_reference(s, th), "threshold");
 }
 
 // Runs compact_rows on a host buffer through the emulator (flat when table is undefined).
 void run_compact(void* base, int64_t row_bytes, int64_t B, int64_t H, int64_t n, const RowSelection& sel,
-                 const at::Tensor& table = at::Tensor(), int tpb = 0, int rows_per_thread = 0) {
+                 const at::Tensor& table = at::Tensor(), int tpb = 0) {
   at::Tensor idx = sel.indices.contiguous(), cnt = sel.counts.contiguous();
   kvd::kernels::CompactArgs a;
   a.base = base;
@@ -142,7 +130,6 @@ void run_compact(void* base, int64_t row_bytes, int64_t B, int64_t H, int64_t n,
   a.idx_b_stride = H * idx.size(2);
   a.idx_h_stride = idx.size(2);
   a.counts = cnt.data_ptr<int32_t>();
-  a.rows_per_thread = rows_per_thread;
   ASSERT_EQ(emu::compact_rows(a, nullptr), cudaSuccess);
 }
 
@@ -156,21 +143,13 @@ TEST(KvSelectEmulated, CompactFlatMatchesReference) {
   // Row widths for the 1-, 4- and 16-byte paths: 3 bytes, 12 bytes, 128 bytes (bf16 d = 64), and 601 bytes.
   const std::vector<std::pair<c10::ScalarType, int64_t>> rows = {
       {torch::kUInt8, 3}, {torch::kInt, 3}, {torch::kBFloat16, 64}, {torch::kUInt8, 601}};  // 601: 3 CTA columns
-  for (int rpt : {0, 16, 32})  // rows each thread holds per chunk (0: the default, 8)
-    for (const auto& [dtype, width] : rows) {
-      at::Tensor cache = torch::randint(0, 120, {B, H, n, width}, torch::TensorOptions().dtype(dtype));
-      at::Tensor want = cache.clone();
-      kvd::compact_rows_reference(want, sel);
-      run_compact(cache.data_ptr(), cache.nbytes() / (B * H * n), B, H, n, sel, at::Tensor(), 0, rpt);
-      EXPECT_TRUE(torch::equal(cache, want)) << "row of " << width << " x " << dtype << ", " << rpt << " rows per thread";
-    }
-  kvd::kernels::CompactArgs bad;  // 12 rows per thread is not one of the compiled variants
-  int dummy = 0;
-  bad.base = &dummy;
-  bad.indices = &dummy;
-  bad.row_bytes = 4;
-  bad.rows_per_thread = 12;
-  EXPECT_EQ(emu::compact_rows(bad, nullptr), cudaErrorInvalidValue);
+  for (const auto& [dtype, width] : rows) {
+    at::Tensor cache = torch::randint(0, 120, {B, H, n, width}, torch::TensorOptions().dtype(dtype));
+    at::Tensor want = cache.clone();
+    kvd::compact_rows_reference(want, sel);
+    run_compact(cache.data_ptr(), cache.nbytes() / (B * H * n), B, H, n, sel);
+    EXPECT_TRUE(torch::equal(cache, want)) << "row of " << width << " x " << dtype;
+  }
 }
 
 TEST(KvSelectEmulated, CompactPagedMatchesFlat) {

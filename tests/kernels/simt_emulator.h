@@ -208,14 +208,6 @@ inline int __shfl_up_sync(unsigned, int v, int delta) {
   kvd_sim::done();
   return r;
 }
-inline unsigned __match_any_sync(unsigned, unsigned v) {
-  kvd_sim::post(v);
-  unsigned r = 0;
-  for (int l = 0; l < 32; ++l) r |= kvd_sim::peek<unsigned>(l) == v ? (1u << l) : 0u;
-  kvd_sim::done();
-  return r;
-}
-inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 
