@@ -185,8 +185,8 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
           ct.keep(l, concat_ragged(keep));
         }
         allocs[t]->layer_done(l, *caches[t], budget_tokens);
+        lap("layer selection + keep");
       }
-      lap("layer selection + keep");
       return;
     }
     const KVLayerView kv = c.layer(l);
