@@ -205,9 +205,9 @@ void run_eval(const EvalOptions& opt) {
       int64_t tx = 1;
       for (const Prepared* p : rows) tx = std::max<int64_t>(tx, static_cast<int64_t>(p->rest.size()) + p->max_new);
       const int64_t logits_per_budget = B * tx * model.config().vocab_size * 4;
-      const size_t per_run = group[0].decode ? 1
-                                             : static_cast<size_t>(std::max<int64_t>(
-                                                   1, std::min(opt.decode_rows / B, kTeacherLogitsBytes / logits_per_budget)));
+      // Decode-time eviction holds each row at the count its budget kept, so budgets decode together too.
+      const size_t per_run = static_cast<size_t>(
+          std::max<int64_t>(1, std::min(opt.decode_rows / B, kTeacherLogitsBytes / logits_per_budget)));
       std::vector<std::vector<RowResult>> res(group.size());
       std::vector<double> decode_s(group.size(), 0.0);
       std::vector<DecodePath> decode_path(group.size(), DecodePath::Cache);

@@ -48,10 +48,12 @@ CompressStats cache_stats(const KVCache& cache, const std::vector<int64_t>& lens
 
 // The prefill of compress_prefill and compress_prefill_many: prompts prefilled into *caches[0], scored by
 // scorers[0] once for every cache (one scorer) or by scorers[t] for cache t, and compressed into every cache t under
-// selectors[t] (caches t > 0 receive a copy of each layer before it is compacted).
+// selectors[t] (caches t > 0 receive a copy of each layer before it is compacted). Every scorer of `observers`
+// (those, and each other budget's own) sees every appended layer (Scorer::on_append), so that each budget's scorer
+// holds the prefill's state when it goes on to evict while decoding.
 std::vector<CompressStats> compress_impl(const Model& model, const std::vector<KVCache*>& caches,
                                          const std::vector<std::vector<int64_t>>& prompts,
-                                         const std::vector<Scorer*>& scorers,
+                                         const std::vector<Scorer*>& scorers, const std::vector<Scorer*>& observers,
                                          const std::vector<SelectorOptions>& selectors, const CompressOptions& opts) {
   const int64_t B = static_cast<int64_t>(prompts.size());
   const size_t NT = caches.size();
@@ -263,7 +265,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
     lap("layer selection + keep");
   };
   PrefillObserver observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
-    for (Scorer* s : scorers) s->on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
+    for (Scorer* s : observers) s->on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
     if (!after_forward) score_layer(obs.layer, c, &obs);
   };
 
@@ -297,7 +299,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
 
 CompressStats compress_prefill(const Model& model, KVCache& cache, const std::vector<std::vector<int64_t>>& prompts,
                                Method& method, const CompressOptions& opts) {
-  return compress_impl(model, {&cache}, prompts, {method.scorer.get()}, {method.selector}, opts)[0];
+  return compress_impl(model, {&cache}, prompts, {method.scorer.get()}, {method.scorer.get()}, {method.selector}, opts)[0];
 }
 
 std::vector<CompressStats> compress_prefill_many(const Model& model, const std::vector<KVCache*>& caches,
@@ -306,13 +308,15 @@ std::vector<CompressStats> compress_prefill_many(const Model& model, const std::
   KVD_CHECK(!methods.empty() && methods.size() == caches.size(), "compress_prefill_many: one method per cache");
   const bool shared = std::all_of(methods.begin(), methods.end(),
                                   [](const Method* m) { return m->sharing == ScoreSharing::AcrossBudgets; });
-  std::vector<Scorer*> scorers;
+  std::vector<Scorer*> scorers, observers;
   std::vector<SelectorOptions> selectors;
   for (Method* m : methods) {
     if (!shared || scorers.empty()) scorers.push_back(m->scorer.get());
+    if (std::find(observers.begin(), observers.end(), m->scorer.get()) == observers.end())
+      observers.push_back(m->scorer.get());
     selectors.push_back(m->selector);
   }
-  return compress_impl(model, caches, prompts, scorers, selectors, opts);
+  return compress_impl(model, caches, prompts, scorers, observers, selectors, opts);
 }
 
 }  // namespace kvd

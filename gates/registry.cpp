@@ -232,7 +232,7 @@ Method make_method(const std::string& name, const Budget& budget, uint64_t seed,
 }
 
 bool shares_prefill(const ResolvedMethod& m) {
-  return !m.full && m.compress.chunk_size == 0 && !m.decode &&
+  return !m.full && m.compress.chunk_size == 0 &&
          (m.method.sharing == ScoreSharing::AcrossBudgets || m.method.scorer->needs().timing == ScoreTiming::PerLayer);
 }
 

@@ -76,9 +76,10 @@ struct ResolvedMethod {
 // Resolves `name` at `budget`. Throws a clear error for an unknown name (listing the known ones and the
 // forms above), a budget the method cannot take, or a bundle of another model or of an unknown kind.
 ResolvedMethod resolve_method(const std::string& name, const Budget& budget, const MethodContext& ctx);
-// True when one unchunked prefill can compress for m at several budgets (compress_prefill_many): nothing is
-// evicted while decoding (the decode evictor holds the scorer), and either its scores do not depend on the budget
-// (scored once) or it scores each layer right after it ran (each budget's scorer scores that layer itself).
+// True when one unchunked prefill can compress for m at several budgets (compress_prefill_many): either its scores
+// do not depend on the budget (scored once) or it scores each layer right after it ran (each budget's scorer scores
+// that layer itself). Every budget's scorer observes the prefill, so a method that goes on evicting while decoding
+// shares it too (each row's decode evictor holds the row at the count its budget kept).
 bool shares_prefill(const ResolvedMethod& m);
 // The heuristic prefill methods only (no decode-time, learned or full names): a scorer plus a selector.
 // model_dir: the model's directory, for scorers that read its tokenizer (kvzip, kvzip_plus).

@@ -303,10 +303,14 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
 
 TEST(CompressMany, WhoSharesAPrefill) {
   MethodContext ctx;
-  // Eviction while decoding holds the scorer; the full cache compresses nothing.
-  for (const std::string name : {"h2o_decode", "tova_decode", "full"})
-    EXPECT_FALSE(shares_prefill(resolve_method(name, Budget::ratio(0.5), ctx))) << name;
-  for (const std::string name : {"snapkv", "defensivekv", "random", "criticalkv_snapkv"})
+  // The full cache compresses nothing; a chunked prefill's later chunks see the earlier evictions.
+  EXPECT_FALSE(shares_prefill(resolve_method("full", Budget::ratio(0.5), ctx)));
+  ResolvedMethod chunked = resolve_method("snapkv", Budget::ratio(0.5), ctx);
+  chunked.compress.chunk_size = 64;
+  EXPECT_FALSE(shares_prefill(chunked));
+  // Eviction while decoding too: every budget's scorer observes the prefill.
+  for (const std::string name : {"snapkv", "defensivekv", "random", "criticalkv_snapkv", "h2o_decode", "tova_decode",
+                                 "lazy_eviction", "streaming_llm_decode"})
     EXPECT_TRUE(shares_prefill(resolve_method(name, Budget::ratio(0.5), ctx))) << name;
   // Scored once only where the scores do not depend on the budget.
   EXPECT_EQ(resolve_method("snapkv", Budget::ratio(0.5), ctx).method.sharing, ScoreSharing::AcrossBudgets);

@@ -53,5 +53,6 @@ def eval_pair(tasks, tmp_path, flags_a, flags_b, **kw):
         proc = evaluate(tasks, tmp_path / name, *flags, **kw)
         assert proc.returncode == 0, proc.stderr
         runs.append(records(tmp_path / name)[0])
-    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 7 * 4
+    configs = 1 + len(kw.get("methods", METHODS).split(",")) * len(kw.get("ratios", "0.5").split(","))  # + full
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == configs * 4
     return runs
