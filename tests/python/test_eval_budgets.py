@@ -1,11 +1,8 @@
-"""`kvdistill eval`'s work shared across a method's budgets (SmolLM2, CPU), checked from the records alone:
-- one prefill shared by a method's budgets (--share-prefill budgets, the default) gives the same records as a
-  prefill per (method, budget), whether the budgets share one scoring (SnapKV) or each scores the
-  shared observation itself (DefensiveKV), and for a method that goes on evicting while decoding (TOVA);
-- decoding those budgets as one batch (--decode-rows) gives each sample the same answer, kept set and bytes, and
-  KL / perplexity / hit rate within float tolerance."""
-import pytest
-
+"""`kvdistill eval`'s prefill shared across a method's budgets (SmolLM2, CPU), checked from the records alone: one
+prefill shared by a method's budgets (--share-prefill budgets, the default) gives the same records as a prefill per
+(method, budget), whether the budgets share one scoring (SnapKV) or each scores the shared observation itself
+(DefensiveKV), and for a method that goes on evicting while decoding (TOVA). (Decoding the budgets as one batch:
+test_eval_joint_decode.py; two files, so that each eval pair has its own time limit.)"""
 from eval_helpers import eval_pair, needs_corpus, tasks  # noqa: F401 (tasks is a fixture)
 
 pytestmark = needs_corpus
@@ -23,18 +20,3 @@ def test_shared_prefill_equals_one_prefill_per_budget(tasks, tmp_path):
         # scores the shared observation itself; TOVA goes on evicting while decoding).
         assert ra.get("prefill_shared_by") == (None if k[0] == "full" else 2), k
         assert "prefill_shared_by" not in rb
-
-
-def test_budgets_decoded_together_equal_budgets_decoded_alone(tasks, tmp_path):
-    a, b = eval_pair(tasks, tmp_path, ("--decode-rows", 256), ("--decode-rows", 0), batch=2,
-                     methods="snapkv,h2o_decode", ratios="0.25,0.5,0.75")
-    for k, ra in a.items():
-        rb = b[k]
-        for f in ("output", "score", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes", "batch"):
-            assert ra[f] == rb[f], (k, f, ra[f], rb[f])
-        for f in ("kl", "ppl", "hit_rate"):
-            assert ra[f] == pytest.approx(rb[f], rel=1e-3, abs=1e-6), (k, f, ra[f], rb[f])
-        # Each method's three budgets share a prefill and decode as one batch of 3 x 2 rows (H2O evicting as it
-        # decodes holds each row at its own budget's count).
-        assert ra.get("decode_rows") == (None if k[0] == "full" else 6), k
-        assert "decode_rows" not in rb
