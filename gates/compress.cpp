@@ -122,17 +122,8 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
                         (needs.window == ScorerNeeds::kAllRows || *std::min_element(lens.begin(), lens.end()) >= needs.window);
   // One view of layer l for every row (RowBatching::Together): rows end at their own lengths, `valid` marks them.
   auto batch_view = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
-    const KVLayerView kv = c.layer(l);
-    LayerView view;
-    view.layer = l;
-    view.model = &model;
-    view.keys = kv.k.narrow(2, 0, kv.n);         // (B, H_kv, n, hd)
-    view.values = kv.v.narrow(2, 0, kv.n);       // (B, H_kv, n, hd)
-    view.positions = kv.pos.narrow(2, 0, kv.n);  // (B, H_kv, n)
-    if (kv.valid.defined()) view.valid = kv.valid.narrow(2, 0, kv.n);  // (B, H_kv, n)
-    for (const auto& [name, col] : kv.payload) view.payload[name] = col.narrow(2, 0, kv.n);  // (B, H_kv, n)
-    view.kernels = opts.kernels;
-    view.next_positions = c.next_positions();
+    const KVLayerView kv = c.layer(l);  // (B, H_kv, n, ...), n the longest head
+    LayerView view = layer_view(kv, l, model, c.next_positions(), opts.kernels);
     if (!obs) return view;
     const PrefillLayerObservation& o = *obs;
     const int64_t Tc = o.queries.size(2), n = kv.n;
