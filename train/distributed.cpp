@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <thread>
 
 #include <torch/torch.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -169,18 +170,45 @@ std::string host_name() {
   return buf;
 }
 
+// Whether process `pid` on this host has exited: gone (ESRCH), or a zombie not yet reaped by its parent
+// (/proc/<pid>/stat state Z or X), which kill(pid, 0) still reports as alive.
+bool process_exited(int64_t pid) {
+  if (::kill(static_cast<pid_t>(pid), 0) != 0) return errno == ESRCH;
+  FILE* f = std::fopen(("/proc/" + std::to_string(pid) + "/stat").c_str(), "r");
+  if (!f) return false;
+  char buf[512] = {0};
+  const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+  std::fclose(f);
+  // "pid (comm) S ...": the state follows the last ')' (comm may itself hold parentheses).
+  const char* close = nullptr;
+  for (size_t i = 0; i < n; ++i)
+    if (buf[i] == ')') close = buf + i;
+  return close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X');
+}
+
 // "rank 1 (pid 4242) exited" for each peer on this host whose process is gone; "" if none is known gone
 // (a peer on another host, or one that is alive but stuck: then the timeout fired).
-std::string dead_peers(const std::vector<std::pair<std::string, int64_t>>& peers, int self) {
+// A peer killed by a signal resets its sockets while the kernel is still tearing the process down, so a
+// collective can fail a few milliseconds before the process counts as exited: wait up to `grace` for it.
+std::string dead_peers(const std::vector<std::pair<std::string, int64_t>>& peers, int self,
+                       std::chrono::milliseconds grace = std::chrono::milliseconds(2000)) {
   const std::string me = host_name();
-  std::string out;
-  for (size_t r = 0; r < peers.size(); ++r) {
-    if (static_cast<int>(r) == self || peers[r].first != me || peers[r].second <= 0) continue;
-    if (::kill(static_cast<pid_t>(peers[r].second), 0) != 0 && errno == ESRCH)
-      out += (out.empty() ? "" : ", ") + std::string("rank ") + std::to_string(r) + " (pid " +
-             std::to_string(peers[r].second) + ") exited";
+  const auto until = std::chrono::steady_clock::now() + grace;
+  bool any_local = false;
+  for (size_t r = 0; r < peers.size(); ++r)
+    any_local |= static_cast<int>(r) != self && peers[r].first == me && peers[r].second > 0;
+  if (!any_local) return "";
+  for (;;) {
+    std::string out;
+    for (size_t r = 0; r < peers.size(); ++r) {
+      if (static_cast<int>(r) == self || peers[r].first != me || peers[r].second <= 0) continue;
+      if (process_exited(peers[r].second))
+        out += (out.empty() ? "" : ", ") + std::string("rank ") + std::to_string(r) + " (pid " +
+               std::to_string(peers[r].second) + ") exited";
+    }
+    if (!out.empty() || std::chrono::steady_clock::now() >= until) return out;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  return out;
 }
 
 }  // namespace
