@@ -224,12 +224,12 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
       span_len[b] = static_cast<int64_t>(spans[b].size());
     }
     const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(model.device());
-    const at::Tensor r0 = torch::tensor(first_answer, torch::kLong).to(model.device()).view({B, 1});  // (B, 1)
-    const at::Tensor nr = torch::tensor(n_answer, torch::kLong).to(model.device()).view({B, 1});      // (B, 1)
+    const at::Tensor r0 = host_ints(first_answer, model.device()).view({B, 1});  // (B, 1)
+    const at::Tensor nr = host_ints(n_answer, model.device()).view({B, 1});      // (B, 1)
     const at::Tensor row = torch::arange(Tx, lopt).view({1, Tx});                                      // (1, Tx)
     const at::Tensor answer_rows = row.ge(r0).logical_and(row.lt(r0 + nr));                           // (B, Tx)
     const at::Tensor in_span = torch::arange(span_max, lopt).view({1, 1, span_max})
-                                   .lt(torch::tensor(span_len, torch::kLong).to(model.device()).view({B, 1, 1}))
+                                   .lt(host_ints(span_len, model.device()).view({B, 1, 1}))
                                    .logical_and(nr.view({B, 1, 1}).gt(0));  // (B, 1, N): a row without answer ranks nothing
     observer = [&, answer_rows, nr, in_span](const PrefillLayerObservation& obs, KVCache& c) {
       const KVLayerView kv = c.layer(obs.layer);
@@ -287,7 +287,7 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
   std::vector<at::Tensor> hits(L);
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor& p = kept_pos[l];                                                        // (B, H_kv, n)
-    at::Tensor k = torch::tensor(kept_len[l], torch::kLong).to(p.device()).view({B, Hkv, 1});  // (B, H_kv, 1)
+    at::Tensor k = host_ints(kept_len[l], p.device()).view({B, Hkv, 1});  // (B, H_kv, 1)
     at::Tensor r = ref.rank[l].gather(2, p.clamp(0, span_max - 1));                          // (B, H_kv, n)
     at::Tensor hit = r.lt(k).logical_and(p.ge(0)).logical_and(p.lt(span_max));                // (B, H_kv, n)
     if (kept_valid[l].defined()) hit = hit.logical_and(kept_valid[l]);

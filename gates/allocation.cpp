@@ -7,6 +7,7 @@
 
 #include "common/error.h"
 #include "models/kv_cache.h"
+#include "models/device.h"
 
 namespace kvd {
 
@@ -60,7 +61,7 @@ class PerLayer : public LayerAllocation {
     const int64_t B = static_cast<int64_t>(staged_.size()), H = cache.num_kv_heads(), w = cache.max_length(l);
     const float inf = std::numeric_limits<float>::infinity();
     const auto fopt = torch::TensorOptions().dtype(torch::kFloat).device(cache.device());
-    const at::Tensor len = torch::tensor(cache.lengths(l), torch::kLong).to(cache.device()).view({B, H, 1});
+    const at::Tensor len = host_ints(cache.lengths(l), cache.device()).view({B, H, 1});
     // Each head's entries, which are the valid ones of its row's view.
     const at::Tensor valid = torch::arange(w, len.options()).view({1, 1, w}).lt(len);  // (B, H_kv, w)
     const Budget& bud = opt_.budget;
@@ -159,11 +160,16 @@ class Global : public LayerAllocation {
 // cache never holds more than L·B entries per head (plus layer l's full prompt while it is being scored), and
 // each layer ends with the top B_l of its own scores, B_l from the final P. (Re-splitting (l+1)·B instead would
 // let an earlier layer's budget grow back after it had evicted.)
+//
+// A cut to k keeps a head's top k by the layer's own scores; the top k of a top k' (k ≤ k') is the top k of the
+// whole, so each layer's entries are ranked once, when it is scored, and every later cut keeps the entries ranked
+// below its k. The counts are the host's, so a cut (up to L²/2 of them per prefill) reads nothing back: its keep
+// indices are each kept entry's slot among those the layer holds now (a running count of the held entries).
 class Cake : public LayerAllocation {
  public:
   Cake(const SelectorOptions& o, int64_t L, int64_t B)
       : opt_(o), L_(L), B_(B), pref_(B, std::vector<double>(L, 0.0)), staged_(L, std::vector<at::Tensor>(B)),
-        scores_(L), count_(L, std::vector<int64_t>(B, 0)) {}
+        rank_(L), held_(L), count_(L, std::vector<int64_t>(B, 0)) {}
   bool chunkable() const override { return false; }
   RaggedIndices row_scored(int64_t l, int64_t b, const at::Tensor& s, const at::Tensor&, int64_t,
                            const std::vector<double>& pref) override {
@@ -173,21 +179,37 @@ class Cake : public LayerAllocation {
     count_[l][b] = s.size(2);
     return RaggedIndices();  // the cascade in layer_done decides
   }
-  // Every row at once: one sort, one keep and one read-back per layer cut (a row at a time cost B times more).
+  std::vector<RaggedIndices> rows_scored(int64_t l, const at::Tensor& s, const KVCache& cache,
+                                         const std::vector<int64_t>&, const std::vector<double>& pref) override {
+    KVD_CHECK(static_cast<int64_t>(pref.size()) == B_, "the cake allocation needs a scorer with a layer preference per row");
+    const int64_t H = cache.num_kv_heads();
+    const std::vector<int64_t>& len = cache.lengths(l);
+    for (int64_t b = 0; b < B_; ++b) {
+      pref_[b][l] = pref[b];
+      count_[l][b] = *std::max_element(len.begin() + b * H, len.begin() + (b + 1) * H);
+    }
+    together_ = s;  // (B, H_kv, n), -inf past each head's entries
+    return std::vector<RaggedIndices>(B_);  // the cascade in layer_done decides
+  }
+  // Every row at once: one ranking per layer, and per cut one mask, one running count and one keep.
   void layer_done(int64_t l, KVCache& c, const std::vector<int64_t>& tokens) override {
     const float ninf = -std::numeric_limits<float>::infinity();
-    {  // Layer l's rows side by side, -inf past each row's entries (a stable descending sort puts them last). A row
-       // that was not scored (no tokens) holds nothing.
-      const int64_t w = *std::max_element(count_[l].begin(), count_[l].end());
+    const int64_t H = c.num_kv_heads();
+    const int64_t w = *std::max_element(count_[l].begin(), count_[l].end());
+    if (together_.defined()) {  // the rows scored together: -inf already past each head's entries
+      rank_[l] = rank_desc(together_.narrow(2, 0, w));  // (B, H_kv, w): 0 = best, ties to the lower position
+      together_ = at::Tensor();
+    } else {  // Layer l's rows side by side, -inf past each row's entries (a stable descending ranking puts them
+              // last). A row that was not scored (no tokens) holds nothing.
       std::vector<at::Tensor> rows;
       for (int64_t b = 0; b < B_; ++b)
         rows.push_back(staged_[l][b].defined()
-                           ? at::constant_pad_nd(staged_[l][b], {0, w - count_[l][b]}, ninf)  // (1, H_kv, w)
-                           : torch::full({1, c.num_kv_heads(), w}, ninf,
-                                         torch::TensorOptions().dtype(torch::kFloat).device(c.device())));
-      scores_[l] = torch::cat(rows);  // (B, H_kv, w)
+                           ? at::constant_pad_nd(staged_[l][b].to(torch::kFloat), {0, w - count_[l][b]}, ninf)  // (1, H_kv, w)
+                           : torch::full({1, H, w}, ninf, torch::TensorOptions().dtype(torch::kFloat).device(c.device())));
+      rank_[l] = rank_desc(torch::cat(rows));  // (B, H_kv, w)
       staged_[l].assign(B_, at::Tensor());
     }
+    held_[l] = rank_[l].lt(counts_on_device(count_[l], c.device()));  // (B, H_kv, w): the entries held now
     std::vector<std::vector<int64_t>> k(l + 1, std::vector<int64_t>(B_));  // [layer][row] the new counts
     for (int64_t b = 0; b < B_; ++b) {
       const Budget& bud = opt_.budget;
@@ -198,27 +220,34 @@ class Cake : public LayerAllocation {
     }
     for (int64_t i = 0; i <= l; ++i) {
       if (k[i] == count_[i]) continue;
-      // Each row's top k (its padding ranks last, past its count >= k), in position order; the scores go with
-      // the entries they were kept with, so a later cut ranks by them.
-      const at::Tensor mask = topk_mask(scores_[i], k[i]);  // (B, H_kv, w)
-      c.keep(i, ragged_from_mask(mask));
-      const int64_t w = *std::max_element(k[i].begin(), k[i].end());
-      const at::Tensor first = std::get<1>(mask.to(torch::kByte).sort(/*stable=*/true, -1, /*descending=*/true)).narrow(-1, 0, w);
-      const at::Tensor kk = torch::tensor(k[i], torch::kLong).to(mask.device()).view({B_, 1, 1});  // (B, 1, 1)
-      const at::Tensor past = torch::arange(w, kk.options()).view({1, 1, w}).ge(kk);              // (B, 1, w)
-      scores_[i] = scores_[i].gather(-1, first).masked_fill(past, ninf);                          // (B, H_kv, w)
+      const at::Tensor next = rank_[i].lt(counts_on_device(k[i], c.device()));  // (B, H_kv, w) held after the cut
+      const at::Tensor slot = held_[i].cumsum(-1).sub_(1);                       // (B, H_kv, w) each held entry's slot now
+      RaggedIndices r;
+      std::vector<int64_t> off(B_ * H + 1, 0);
+      for (int64_t row = 0; row < B_ * H; ++row) off[row + 1] = off[row] + k[i][row / H];
+      r.offsets = torch::tensor(off, torch::kLong);                              // (B·H_kv + 1), host
+      // Row-major, so each head's kept entries in position order; the count is the host's, so nothing is read back.
+      const at::Tensor flat = at::nonzero_static(next.reshape({-1}), off.back()).select(1, 0);  // (total) into (B·H_kv·w)
+      r.indices = slot.reshape({-1}).index_select(0, flat);                                     // (total)
+      c.keep(i, r, IndexCheck::ByConstruction);
+      held_[i] = next;
       count_[i] = k[i];
     }
   }
 
  private:
+  static at::Tensor counts_on_device(const std::vector<int64_t>& k, c10::Device d) {  // [row] -> (B, 1, 1)
+    return host_ints(k, d).view({-1, 1, 1});
+  }
   SelectorOptions opt_;
   int64_t L_, B_;
-  std::vector<std::vector<double>> pref_;           // [row][layer] the layer preference
-  std::vector<std::vector<at::Tensor>> staged_;     // [layer][row] (1, H_kv, n_b) until the layer is done
-  std::vector<at::Tensor> scores_;                  // [layer] (B, H_kv, w): the scores of the entries each row
-                                                    // still holds, in position order, -inf past its count
-  std::vector<std::vector<int64_t>> count_;         // [layer][row] entries per head
+  std::vector<std::vector<double>> pref_;        // [row][layer] the layer preference
+  std::vector<std::vector<at::Tensor>> staged_;  // [layer][row] (1, H_kv, n_b) until the layer is done
+  at::Tensor together_;                          // (B, H_kv, n): the layer's rows scored at once, or undefined
+  std::vector<at::Tensor> rank_;                 // [layer] (B, H_kv, w) each entry's rank in its head at scoring,
+                                                 // in the layout the layer had then (padding ranks last)
+  std::vector<at::Tensor> held_;                 // [layer] (B, H_kv, w) bool: in that layout, the entries held now
+  std::vector<std::vector<int64_t>> count_;      // [layer][row] entries per head
 };
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include "gates/heuristics.h"
 #include "models/attention.h"
 #include "models/kv_cache.h"
+#include "models/device.h"
 
 namespace kvd {
 
@@ -68,7 +69,7 @@ at::Tensor LayerView::next_position_column(c10::Device device) const {
   const int64_t B = positions.defined() ? positions.size(0) : static_cast<int64_t>(next_positions.size());
   KVD_CHECK(static_cast<int64_t>(next_positions.size()) == B, "LayerView: next_positions holds ", next_positions.size(),
             " rows, the view ", B);
-  return torch::tensor(next_positions, torch::kLong).view({B, 1, 1}).to(device);  // (B, 1, 1)
+  return host_ints(next_positions, device).view({B, 1, 1});  // (B, 1, 1)
 }
 
 LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, std::vector<int64_t> next_positions,

@@ -13,6 +13,7 @@
 #include "models/kv_cache.h"
 #include "models/profile.h"
 #include "models/model.h"
+#include "models/device.h"
 
 namespace kvd {
 
@@ -137,7 +138,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       // Row b's token j (entry j) is row lead_b + j of the left-padded chunk.
       at::Tensor idx;  // (B, n) int64, or undefined without padding
       if (!lead.empty()) {
-        const at::Tensor lb = torch::tensor(lead, torch::kLong).to(c.device()).view({B, 1});  // (B, 1)
+        const at::Tensor lb = host_ints(lead, c.device()).view({B, 1});  // (B, 1)
         const at::Tensor j = torch::arange(n, lb.options()).view({1, n});                      // (1, n)
         idx = (j + lb).clamp_max(Tc - 1);
         view.query_valid = j.lt(Tc - lb);  // (B, n)

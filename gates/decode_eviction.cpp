@@ -12,6 +12,7 @@
 #include "gates/selector.h"
 #include "models/attention.h"
 #include "models/kv_cache.h"
+#include "models/device.h"
 
 namespace kvd {
 
@@ -50,7 +51,7 @@ RaggedIndices top_sorted(const at::Tensor& keep, const std::vector<int64_t>& cou
   const int64_t n = keep.size(2);
   for (size_t r = 0; r < counts.size(); ++r)
     KVD_CHECK(counts[r] <= n, "decode eviction: head row ", r, " keeps ", counts[r], " of ", n, " entries");
-  const at::Tensor k = torch::tensor(counts, torch::kLong).to(keep.device()).view({keep.size(0), keep.size(1)});
+  const at::Tensor k = host_ints(counts, keep.device()).view({keep.size(0), keep.size(1)});
   return ragged_from_mask(topk_mask(keep, k));  // (B, H_kv) counts -> (B, H_kv, n) mask
 }
 
@@ -136,7 +137,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
         at::Tensor init = torch::zeros({B, Hkv, n}, dopt);  // (B, H_kv, n); the step's new entry starts at 0
         init.narrow(2, 0, std::min(n0, n)).copy_(S.init_scores.narrow(2, 0, std::min(n0, n)));
         at::Tensor idx = torch::arange(n, dopt.dtype(torch::kLong)).view({1, 1, n});
-        at::Tensor old = torch::tensor(S.len, torch::kLong).view({B, Hkv, 1}).to(dev);
+        at::Tensor old = host_ints(S.len, dev).view({B, Hkv, 1});
         cache.set_payload(l, kH2OAcc, torch::where(idx.lt(old), init, torch::zeros_like(init)));
       }
     }
@@ -214,7 +215,7 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
     case DecodePolicy::H2O: {
       std::vector<int64_t> first_recent(R);  // index of the first protected entry of each head
       for (int64_t r = 0; r < R; ++r) first_recent[r] = lens[r] - S.target[r] / 2;
-      at::Tensor fr = torch::tensor(first_recent, torch::kLong).view({B, Hkv, 1}).to(dev);  // (B, H_kv, 1)
+      at::Tensor fr = host_ints(first_recent, dev).view({B, Hkv, 1});  // (B, H_kv, 1)
       keep = acc.masked_fill(idx.ge(fr), kInf);
       break;
     }

@@ -8,6 +8,7 @@
 
 #include "common/error.h"
 #include "kernels/kv_select.h"
+#include "models/device.h"
 
 namespace kvd {
 
@@ -77,7 +78,7 @@ at::Tensor topk_mask(const at::Tensor& scores, int64_t k) {  // (B, H_kv, n)
 at::Tensor topk_mask(const at::Tensor& scores, const std::vector<int64_t>& k) {  // (B, H_kv, n)
   KVD_CHECK(scores.dim() == 3 && static_cast<int64_t>(k.size()) == scores.size(0), "topk_mask: scores must be (B, H_kv, n) "
             "with one k per row; got ", scores.sizes(), " and ", k.size(), " k");
-  return topk_mask(scores, torch::tensor(k, torch::kLong).to(scores.device()).view({-1, 1}));
+  return topk_mask(scores, host_ints(k, scores.device()).view({-1, 1}));
 }
 
 at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k) {  // (B, H_kv, n); k (B, H_kv) or (B, 1)
@@ -86,10 +87,13 @@ at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k) {  // (B, H_
             "topk_mask: scores must be (B, H_kv, n) and k (B, H_kv) or (B, 1); got ", scores.sizes(), " and ", k.sizes());
   const int64_t n = scores.size(-1);
   if (n == 0) return torch::zeros(scores.sizes(), scores.options().dtype(torch::kBool));
-  const at::Tensor order = order_desc(scores);  // (B, H_kv, n)
-  const at::Tensor rank = torch::empty_like(order).scatter_(
-      -1, order, torch::arange(n, order.options()).view({1, 1, n}).expand_as(order));  // (B, H_kv, n): 0 = best
-  return rank.lt(k.to(order.device(), torch::kLong).unsqueeze(-1));  // (B, H_kv, n)
+  return rank_desc(scores).lt(k.to(scores.device(), torch::kLong).unsqueeze(-1));  // (B, H_kv, n)
+}
+
+at::Tensor rank_desc(const at::Tensor& scores) {  // (..., n)
+  const int64_t n = scores.size(-1);
+  const at::Tensor order = order_desc(scores);  // (..., n)
+  return torch::empty_like(order).scatter_(-1, order, torch::arange(n, order.options()).expand_as(order));  // 0 = best
 }
 
 int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double beta, int64_t layer, int64_t num_layers) {
@@ -158,7 +162,7 @@ RaggedIndices select_top(const at::Tensor& scores, const std::vector<int64_t>& k
     // Head (b, h) keeps its top min(k[b], valid entries): the NaN entries rank last, so none of them is among those.
     // (The reference's top-k over every entry, then AND valid, is the same set when a head's valid entries come
     // first, as in every cache view, or when no valid entry ties an invalid one.)
-    at::Tensor kk = torch::tensor(k, torch::kLong).to(scores.device()).view({-1, 1});  // (B, 1)
+    at::Tensor kk = host_ints(k, scores.device()).view({-1, 1});  // (B, 1)
     spec.keeps = valid.defined() ? torch::minimum(valid.sum(-1), kk) : kk.expand({scores.size(0), scores.size(1)});
     return ragged_from_rows(select_rows_fused(kernel_scores(scores, valid), spec));
   }
@@ -198,7 +202,7 @@ RaggedIndices select_pooled(const at::Tensor& scores, const std::vector<int64_t>
   at::Tensor order = order_desc(s.reshape({B, Hkv * n}));                                   // (B, H_kv n)
   std::vector<int64_t> take(B);
   for (int64_t b = 0; b < B; ++b) take[b] = Hkv * std::clamp<int64_t>(k[b], 0, n);
-  const at::Tensor first = torch::arange(Hkv * n, lopt).view({1, -1}).lt(torch::tensor(take, torch::kLong).to(scores.device()).view({B, 1}));
+  const at::Tensor first = torch::arange(Hkv * n, lopt).view({1, -1}).lt(host_ints(take, scores.device()).view({B, 1}));
   at::Tensor mask = torch::zeros({B, Hkv * n}, scores.options().dtype(torch::kBool)).scatter(-1, order, first);
   mask = mask.view({B, Hkv, n});
   if (valid.defined()) mask = mask.logical_and(valid);
@@ -310,7 +314,7 @@ RaggedIndices ragged_keep_all(const std::vector<int64_t>& lengths, c10::Device d
     off.push_back(off.back() + len);
   }
   RaggedIndices r;
-  r.indices = torch::tensor(idx, torch::kLong).to(device);  // (total)
+  r.indices = host_ints(idx, device);  // (total)
   r.offsets = torch::tensor(off, torch::kLong);             // (rows + 1)
   return r;
 }

@@ -71,6 +71,9 @@ at::Tensor topk_mask(const at::Tensor& scores, int64_t k);
 at::Tensor topk_mask(const at::Tensor& scores, const std::vector<int64_t>& k);
 // The same with its own k for each head: k (B, H_kv) integer on the scores' device (or (B, 1): per row).
 at::Tensor topk_mask(const at::Tensor& scores, const at::Tensor& k);
+// Each entry's rank in the stable descending order of the last dim: 0 = the highest, ties to the lower index.
+// The top k are the entries ranked below k, and the top k of a top k' (k <= k') is the top k of the whole.
+at::Tensor rank_desc(const at::Tensor& scores);  // (..., n) -> (..., n) int64
 
 // kvpress PyramidKV budget of `layer` (entries per head) for a prompt of n tokens.
 int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double beta, int64_t layer, int64_t num_layers);

@@ -1,6 +1,7 @@
 #include "models/device.h"
 
 #include <torch/cuda.h>
+#include <torch/torch.h>
 
 #include "common/error.h"
 
@@ -29,6 +30,13 @@ c10::Device parse_device(const std::string& s, const std::string& option, int lo
   KVD_CHECK(index >= 0, option, " ", s, ": expected auto, cpu, cuda or cuda:N");
   KVD_CHECK(index < n, option, " ", s, ": only ", n, " CUDA device(s) are visible");
   return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+}
+
+at::Tensor host_ints(const std::vector<int64_t>& v, c10::Device device) {
+  at::Tensor h = torch::tensor(v, torch::kLong);  // (v.size())
+  if (!device.is_cuda()) return device.is_cpu() ? h : h.to(device);
+  // The pinned block returns to the allocator only once the copy queued on the current stream has run.
+  return h.pin_memory().to(device, /*non_blocking=*/true);
 }
 
 }  // namespace kvd

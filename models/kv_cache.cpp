@@ -5,17 +5,9 @@
 
 #include "common/error.h"
 #include "models/config.h"
+#include "models/device.h"
 
 namespace kvd {
-
-namespace {
-
-// A CPU int64 vector as a tensor on `device` (one host-to-device copy).
-at::Tensor index_tensor(const std::vector<int64_t>& v, c10::Device device) {
-  return torch::tensor(v, torch::kLong).to(device);  // (v.size())
-}
-
-}  // namespace
 
 KVCache::KVCache(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, c10::ScalarType dtype,
                  c10::Device device)
@@ -58,19 +50,19 @@ void KVCache::set_len(Layer& L, int64_t r, int64_t n) {
 }
 
 const at::Tensor& KVCache::device_start(const Layer& L) const {
-  if (!L.start_d.defined()) L.start_d = index_tensor(L.start, device_);
+  if (!L.start_d.defined()) L.start_d = host_ints(L.start, device_);
   return L.start_d;
 }
 
 const at::Tensor& KVCache::device_len(const Layer& L) const {
-  if (!L.len_d.defined()) L.len_d = index_tensor(L.len, device_);
+  if (!L.len_d.defined()) L.len_d = host_ints(L.len, device_);
   return L.len_d;
 }
 
 const at::Tensor& KVCache::device_vector(const std::vector<int64_t>& v) const {
   if (!memo_d_.defined() || v != memo_key_) {
     memo_key_ = v;
-    memo_d_ = index_tensor(v, device_);
+    memo_d_ = host_ints(v, device_);
   }
   return memo_d_;
 }
@@ -99,7 +91,7 @@ void KVCache::reallocate(Layer& L, const std::vector<int64_t>& new_cap) {
       dst.push_back(new_start[r] + j);
     }
   if (!src.empty()) {
-    at::Tensor s = index_tensor(src, device_), d = index_tensor(dst, device_);  // (N), (N)
+    at::Tensor s = host_ints(src, device_), d = host_ints(dst, device_);  // (N), (N)
     k.index_copy_(0, d, L.k.index_select(0, s));
     v.index_copy_(0, d, L.v.index_select(0, s));
     pos.index_copy_(0, d, L.pos.index_select(0, s));
@@ -217,8 +209,8 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
       }
     }
     if (!dst.empty()) {
-      at::Tensor s = index_tensor(src, device_);  // (N)
-      at::Tensor d = index_tensor(dst, device_);  // (N)
+      at::Tensor s = host_ints(src, device_);  // (N)
+      at::Tensor d = host_ints(dst, device_);  // (N)
       L.k.index_copy_(0, d, k.reshape({rows * t, head_dim_}).index_select(0, s));
       L.v.index_copy_(0, d, v.reshape({rows * t, head_dim_}).index_select(0, s));
       L.pos.index_copy_(0, d, p.reshape({rows * t}).index_select(0, s));
@@ -455,7 +447,7 @@ void KVCache::set_payload_tail(int64_t layer, const std::string& name, const at:
   at::Tensor idx = tail_index(L, t).view({rows, t});                               // (B*H_kv, t)
   std::vector<int64_t> lr(rows);
   for (int64_t r = 0; r < rows; ++r) lr[r] = lead[r / kv_heads_];
-  at::Tensor real = torch::arange(t, idx.options()).view({1, t}).ge(index_tensor(lr, device_).view({rows, 1}));  // (rows, t)
+  at::Tensor real = torch::arange(t, idx.options()).view({1, t}).ge(host_ints(lr, device_).view({rows, 1}));  // (rows, t)
   at::Tensor v = torch::where(real, vals.reshape({rows, t}), col.index_select(0, idx.reshape({rows * t})).view({rows, t}));
   // Padding columns may alias real slots (a short head): write them first, then the real ones.
   col.index_copy_(0, idx.masked_select(real.logical_not()), v.masked_select(real.logical_not()));
@@ -497,7 +489,7 @@ int64_t RaggedIndices::count(int64_t row) const {
   return o[row + 1] - o[row];
 }
 
-void KVCache::keep(int64_t layer, const RaggedIndices& keep) {
+void KVCache::keep(int64_t layer, const RaggedIndices& keep, IndexCheck check) {
   check_layer(layer);
   Layer& L = layers_[layer];
   const int64_t rows = batch_ * kv_heads_;
@@ -523,9 +515,11 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep) {
   // and source slot are built there, and only the bounds check reads one flag back.
   if (total > 0) {
     at::Tensor idx = keep.indices.to(device_);                                          // (total)
-    at::Tensor row = at::repeat_interleave(index_tensor(cap, device_), std::optional<int64_t>(total));  // (total) head row
-    at::Tensor bad = idx.lt(0).logical_or(idx.ge(device_len(L).index_select(0, row)));  // (total)
-    if (bad.any().item<bool>()) {
+    at::Tensor row = at::repeat_interleave(host_ints(cap, device_), std::optional<int64_t>(total));  // (total) head row
+    at::Tensor bad = check == IndexCheck::ReadBack
+                         ? idx.lt(0).logical_or(idx.ge(device_len(L).index_select(0, row)))  // (total)
+                         : at::Tensor();
+    if (bad.defined() && bad.any().item<bool>()) {
       const int64_t i = bad.nonzero()[0][0].item<int64_t>(), r = row[i].item<int64_t>();
       KVD_FAIL("KVCache::keep: layer ", layer, ", head row ", r, ": index ", idx[i].item<int64_t>(),
                " is outside its ", L.len[r], " entries");
@@ -570,7 +564,7 @@ void KVCache::rewind(const std::vector<int64_t>& per_row) {
       set_len(L, r, L.len[r] - d);
     }
     if (drop.empty()) continue;
-    at::Tensor d = index_tensor(drop, device_);  // (N)
+    at::Tensor d = host_ints(drop, device_);  // (N)
     L.k.index_fill_(0, d, 0);
     L.v.index_fill_(0, d, 0);
     L.pos.index_fill_(0, d, -1);

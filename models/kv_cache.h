@@ -55,6 +55,12 @@ struct RaggedIndices {
   int64_t count(int64_t row) const;  // entries kept by head row r = b * H_kv + h
 };
 
+// Whether KVCache::keep checks its indices against each head's entries on the device.
+enum class IndexCheck {
+  ReadBack,       // one flag read back per keep (a device sync); an index out of range throws
+  ByConstruction  // none: the caller derived the indices from the layer's own counts
+};
+
 class KVCache {
  public:
   KVCache(int64_t num_layers, int64_t batch, int64_t num_kv_heads, int64_t head_dim, c10::ScalarType dtype,
@@ -105,8 +111,9 @@ class KVCache {
   // so afterwards allocated_bytes() counts Σ kept × (bytes_per_entry() + 8) for the layer. The indices may be on
   // the host or the cache's device (the selectors leave them there): the gather is built on the device, and
   // the bounds check reads back one flag. An index outside its head's entries throws and leaves the layer as
-  // it was.
-  void keep(int64_t layer, const RaggedIndices& keep);
+  // it was. IndexCheck::ByConstruction skips that check (and its read-back) for indices built from this
+  // layer's own counts, as CAKE's cascade cuts are.
+  void keep(int64_t layer, const RaggedIndices& keep, IndexCheck check = IndexCheck::ReadBack);
 
   // Per batch row: tokens processed so far, i.e. the position row b's next token gets. The model advances
   // it once per forward (rows of a left-padded chunk advance by their real token counts).

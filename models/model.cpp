@@ -21,6 +21,7 @@
 #include "models/profile.h"
 #include "models/safetensors.h"
 #include "models/static_decode.h"
+#include "models/device.h"
 
 namespace kvd {
 namespace {
@@ -601,8 +602,8 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     qpos = torch::arange(next[0], next[0] + T, ids.options()).view({1, T}).expand({B, T});
   } else {
     at::Tensor t = torch::arange(T, ids.options()).view({1, T});                                     // (1, T)
-    at::Tensor first = torch::tensor(next, torch::kLong).to(device_).view({B, 1});                   // (B, 1)
-    at::Tensor ld = torch::tensor(padded ? lead : std::vector<int64_t>(B, 0), torch::kLong).to(device_).view({B, 1});
+    at::Tensor first = host_ints(next, device_).view({B, 1});                   // (B, 1)
+    at::Tensor ld = host_ints(padded ? lead : std::vector<int64_t>(B, 0), device_).view({B, 1});
     at::Tensor real = t.ge(ld);                                                                      // (B, T)
     qpos = torch::where(real, first + t - ld, torch::full_like(t - ld, -1));                         // (B, T)
     if (padded) pad_rows = real.logical_not().view({B, 1, T, 1});

@@ -8,6 +8,7 @@
 #include "common/error.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
+#include "models/device.h"
 
 #if KVD_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
@@ -52,11 +53,11 @@ StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, c
     s.v.push_back(v.view({S * C, hd}));
     s.pos.push_back(pos.view({S * C}));
     s.len0.push_back(cache.lengths(l));
-    s.len.push_back(torch::tensor(cache.lengths(l), torch::kLong).to(model.device()));  // (B * H_kv)
+    s.len.push_back(host_ints(cache.lengths(l), model.device()));  // (B * H_kv)
   }
   s.next0 = cache.next_positions();
-  s.tok = torch::tensor(first, torch::kLong).view({B, 1}).to(model.device());     // (B, 1)
-  s.qpos = torch::tensor(s.next0, torch::kLong).view({B, 1}).to(model.device());  // (B, 1)
+  s.tok = host_ints(first, model.device()).view({B, 1});     // (B, 1)
+  s.qpos = host_ints(s.next0, model.device()).view({B, 1});  // (B, 1)
   s.history = torch::zeros({steps, B}, lopt);                                    // (steps, B)
   s.step = torch::zeros({1}, lopt);
   return s;
@@ -99,12 +100,12 @@ void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<in
   for (int64_t b = 0; b < B; ++b) lead[b] = T - fed[b];
   const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(s.start.device());
   at::Tensor t = torch::arange(T, lopt).view({1, T});                               // (1, T)
-  at::Tensor ld = torch::tensor(lead, torch::kLong).to(s.start.device()).view({B, 1});  // (B, 1)
+  at::Tensor ld = host_ints(lead, s.start.device()).view({B, 1});  // (B, 1)
   at::Tensor i = (t - ld).clamp_min(0);                                              // (B, T) decode step of each slot
-  at::Tensor first = torch::tensor(s.next0, torch::kLong).to(s.start.device()).view({B, 1});  // (B, 1)
+  at::Tensor first = host_ints(s.next0, s.start.device()).view({B, 1});  // (B, 1)
   at::Tensor positions = torch::where(t.ge(ld), first + i, torch::full_like(i, -1));  // (B, T)
   for (int64_t l = 0; l < static_cast<int64_t>(s.k.size()); ++l) {
-    at::Tensor len0 = torch::tensor(s.len0[l], torch::kLong).to(s.start.device()).view({B, Hkv, 1});  // (B, H_kv, 1)
+    at::Tensor len0 = host_ints(s.len0[l], s.start.device()).view({B, Hkv, 1});  // (B, H_kv, 1)
     at::Tensor rows = (s.start.view({B, Hkv, 1}) + len0 + i.view({B, 1, T})).flatten();            // (B * H_kv * T)
     at::Tensor k = s.k[l].index_select(0, rows).view({B, Hkv, T, hd});  // (B, H_kv, T, hd)
     at::Tensor v = s.v[l].index_select(0, rows).view({B, Hkv, T, hd});

@@ -42,6 +42,24 @@ TEST(Selector, TopKMaskWithAKPerRow) {
   EXPECT_THROW(topk_mask(s, std::vector<int64_t>{1, 2}), Error);  // one k per row
 }
 
+// rank_desc against a naive count: an entry's rank is the number of entries that beat it (higher, or equal at a
+// lower index). Cutting the top k' and then ranking what is left keeps the same top k (what CAKE's cuts rely on).
+TEST(Selector, RankDescIsTheStableDescendingRank) {
+  torch::manual_seed(4);
+  const at::Tensor s = torch::randint(0, 6, {2, 3, 17}).to(torch::kFloat);  // many ties
+  const at::Tensor r = rank_desc(s);
+  auto a = s.accessor<float, 3>();
+  auto ra = r.accessor<int64_t, 3>();
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t h = 0; h < 3; ++h)
+      for (int64_t i = 0; i < 17; ++i) {
+        int64_t beat = 0;
+        for (int64_t j = 0; j < 17; ++j) beat += a[b][h][j] > a[b][h][i] || (a[b][h][j] == a[b][h][i] && j < i);
+        ASSERT_EQ(ra[b][h][i], beat) << b << " " << h << " " << i;
+      }
+  for (int64_t k : {0, 3, 9, 17}) EXPECT_TRUE(torch::equal(topk_mask(s, k), r.lt(k))) << k;
+}
+
 TEST(Selector, RaggedLayoutIsSortedIndicesPlusOffsets) {
   at::Tensor mask = torch::tensor({1, 0, 1, 0, 0, 0, 1, 1, 1}, torch::kBool).view({1, 3, 3});  // (B, H_kv, n)
   RaggedIndices r = ragged_from_mask(mask);
