@@ -92,16 +92,18 @@ class PerLayer : public LayerAllocation {
       }
       S = torch::cat(scores);
     }
+    // The selections' indices come from this layer's own entries (valid), so keep need not check them on the device.
+    const IndexCheck own = IndexCheck::ByConstruction;
     if (bud.kind == BudgetKind::Threshold) {
-      cache.keep(l, select_threshold(S, bud.value, valid, kernels_));
+      cache.keep(l, select_threshold(S, bud.value, valid, kernels_), own);
     } else if (bud.kind == BudgetKind::Ratio && bud.value == 0.0) {
-      cache.keep(l, ragged_from_mask(valid));
+      cache.keep(l, ragged_from_mask(valid, cache.lengths(l)), own);
     } else if (pooled) {
       std::vector<int64_t> floor(B);
       for (int64_t b = 0; b < B; ++b) floor[b] = adakv_floor(opt_, k[b]);
-      cache.keep(l, select_pooled(S, k, floor, valid));
-    } else {
-      cache.keep(l, select_top(S, k, valid, kernels_));
+      cache.keep(l, select_pooled(S, k, floor, valid), own);
+    } else {  // counts known on the host: min(k[b], each head's entries)
+      cache.keep(l, select_top_prefix(S, k, cache.lengths(l), kernels_), own);
     }
     staged_.assign(B, Staged{});
     together_ = at::Tensor();

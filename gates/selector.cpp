@@ -47,6 +47,25 @@ RaggedIndices ragged_from_mask(const at::Tensor& mask) {  // (B, H_kv, n) bool
   return r;
 }
 
+RaggedIndices ragged_from_mask(const at::Tensor& mask, const std::vector<int64_t>& counts) {  // (B, H_kv, n) bool
+  KVD_CHECK(mask.dim() == 3 && static_cast<int64_t>(counts.size()) == mask.size(0) * mask.size(1),
+            "ragged_from_mask: mask must be (B, H_kv, n) with one count per head row, got ", mask.sizes(), " and ",
+            counts.size(), " counts");
+  const int64_t rows = mask.size(0) * mask.size(1);
+  std::vector<int64_t> off(rows + 1, 0);
+  for (int64_t r = 0; r < rows; ++r) off[r + 1] = off[r] + counts[r];
+  const at::Tensor flat = mask.reshape({rows, mask.size(2)});  // (rows, n)
+  if (flat.is_cpu()) {  // free here: the counts the caller derived must be the mask's
+    const at::Tensor got = flat.sum(1).to(torch::kLong).contiguous();
+    KVD_CHECK(std::equal(counts.begin(), counts.end(), got.data_ptr<int64_t>()),
+              "ragged_from_mask: the given counts are not the mask's");
+  }
+  RaggedIndices r;
+  r.offsets = torch::tensor(off, torch::kLong);                                    // (rows + 1), host
+  r.indices = at::nonzero_static(flat, off.back()).select(1, 1).contiguous();      // (total), ascending per row
+  return r;
+}
+
 std::vector<std::vector<int64_t>> ragged_to_lists(const RaggedIndices& r) {
   const int64_t rows = r.offsets.size(0) - 1;
   at::Tensor idx = r.indices.to(torch::kCPU).contiguous();
@@ -117,10 +136,12 @@ namespace {
 
 // The kernel's selection as RaggedIndices: counts back to the host for the offsets (the one read-back), the
 // (B, H_kv, capacity) indices packed head after head on the device.
-RaggedIndices ragged_from_rows(const RowSelection& sel) {
+// host_counts: each head row's count when the caller knows it (nothing is read back), else empty.
+RaggedIndices ragged_from_rows(const RowSelection& sel, const std::vector<int64_t>& host_counts = {}) {
   const int64_t rows = sel.counts.numel(), cap = sel.indices.size(2);
   RaggedIndices r;
-  at::Tensor counts = sel.counts.reshape({rows}).to(torch::kCPU, torch::kLong);  // (rows)
+  at::Tensor counts = host_counts.empty() ? sel.counts.reshape({rows}).to(torch::kCPU, torch::kLong)  // (rows)
+                                          : torch::tensor(host_counts, torch::kLong);
   r.offsets = torch::cat({torch::zeros({1}, torch::kLong), counts.cumsum(0)});   // (rows + 1)
   const int64_t total = r.offsets[rows].item<int64_t>();
   at::Tensor idx = sel.indices.reshape({rows * cap}).to(torch::kLong);  // (rows cap)
@@ -129,9 +150,10 @@ RaggedIndices ragged_from_rows(const RowSelection& sel) {
     return r;
   }
   const auto opt = idx.options();
-  at::Tensor cnt = counts.to(idx.device());                                              // (rows)
-  at::Tensor row = at::repeat_interleave(cnt, std::optional<int64_t>(total));          // (total) head row
-  at::Tensor first = r.offsets.narrow(0, 0, rows).to(idx.device()).index_select(0, row);  // (total)
+  const std::vector<int64_t> cv(counts.data_ptr<int64_t>(), counts.data_ptr<int64_t>() + rows);
+  const std::vector<int64_t> ov(r.offsets.data_ptr<int64_t>(), r.offsets.data_ptr<int64_t>() + rows);
+  at::Tensor row = at::repeat_interleave(host_ints(cv, idx.device()), std::optional<int64_t>(total));  // (total) head row
+  at::Tensor first = host_ints(ov, idx.device()).index_select(0, row);                                  // (total)
   at::Tensor j = torch::arange(total, opt) - first;                                      // (total) slot in the head
   r.indices = idx.index_select(0, row * cap + j);                                        // (total)
   return r;
@@ -169,6 +191,29 @@ RaggedIndices select_top(const at::Tensor& scores, const std::vector<int64_t>& k
   at::Tensor mask = topk_mask(scores, k);             // (B, H_kv, n)
   if (valid.defined()) mask = mask.logical_and(valid);
   return ragged_from_mask(mask);
+}
+
+RaggedIndices select_top_prefix(const at::Tensor& scores, const std::vector<int64_t>& k, const std::vector<int64_t>& lengths,
+                                KernelPath kernels) {
+  KVD_CHECK(scores.dim() == 3 && static_cast<int64_t>(k.size()) == scores.size(0) &&
+                static_cast<int64_t>(lengths.size()) == scores.size(0) * scores.size(1),
+            "select_top_prefix: scores must be (B, H_kv, n) with one k per row and one length per head; got ",
+            scores.sizes(), ", ", k.size(), " k and ", lengths.size(), " lengths");
+  const int64_t B = scores.size(0), H = scores.size(1), n = scores.size(2);
+  std::vector<int64_t> counts(B * H);  // head (b, h) keeps min(k[b], its entries)
+  for (int64_t r = 0; r < B * H; ++r) counts[r] = std::clamp<int64_t>(std::min(k[r / H], lengths[r]), 0, n);
+  const at::Tensor len = host_ints(lengths, scores.device()).view({B, H, 1});
+  const at::Tensor valid = torch::arange(n, len.options()).view({1, 1, n}).lt(len);  // (B, H_kv, n)
+  if (use_kernel(scores, kernels)) {
+    RowSelectSpec spec;
+    spec.keep = *std::max_element(counts.begin(), counts.end());  // the capacity, known without a read-back
+    if (spec.keep == 0) return ragged_from_mask(torch::zeros(scores.sizes(), scores.options().dtype(torch::kBool)), counts);
+    spec.keeps = host_ints(counts, scores.device()).view({B, H});
+    return ragged_from_rows(select_rows_fused(kernel_scores(scores, valid), spec), counts);
+  }
+  // Past a head's entries the scores rank last (-inf, ties to the lower index), so its top min(k, length) are
+  // entries; the count check in ragged_from_mask holds the caller to that.
+  return ragged_from_mask(topk_mask(scores, k).logical_and(valid), counts);
 }
 
 RaggedIndices select_threshold(const at::Tensor& scores, double tau, const at::Tensor& valid, KernelPath kernels) {

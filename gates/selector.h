@@ -62,6 +62,9 @@ struct SelectorOptions {
 
 // Boolean keep mask -> RaggedIndices, indices on the mask's device. mask (B, H_kv, n) bool.
 RaggedIndices ragged_from_mask(const at::Tensor& mask);
+// The same when the caller knows each head row's count ([b * H_kv + h]): the offsets come from the host and
+// nothing is read back from the device. On the CPU the counts are checked against the mask.
+RaggedIndices ragged_from_mask(const at::Tensor& mask, const std::vector<int64_t>& counts);
 // RaggedIndices -> per head lists of indices (row r = b * H_kv + h).
 std::vector<std::vector<int64_t>> ragged_to_lists(const RaggedIndices& r);
 
@@ -87,6 +90,11 @@ int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double bet
 //                     past each head's entries (the reference path only).
 RaggedIndices select_top(const at::Tensor& scores, const std::vector<int64_t>& k, const at::Tensor& valid,
                          KernelPath kernels);
+// select_top where each head's entries are the first lengths[b * H_kv + h] of its scores (the cache's layout; the
+// scores -inf past them): head (b, h) keeps min(k[b], its length) entries, counts known on the host, so the
+// selection reads nothing back from the device.
+RaggedIndices select_top_prefix(const at::Tensor& scores, const std::vector<int64_t>& k,
+                                const std::vector<int64_t>& lengths, KernelPath kernels);
 RaggedIndices select_threshold(const at::Tensor& scores, double tau, const at::Tensor& valid, KernelPath kernels);
 RaggedIndices select_pooled(const at::Tensor& scores, const std::vector<int64_t>& k, const std::vector<int64_t>& floor,
                             const at::Tensor& valid);
