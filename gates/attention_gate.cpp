@@ -124,6 +124,7 @@ void AttentionGateImpl::end_step(int64_t step, const std::vector<double>& stats)
   const double beta = target_at(step);
   torch::NoGradGuard ng;
   at::Tensor kept = torch::tensor(stats, torch::kDouble).to(multiplier_.device());  // (L)
+  if (opt_.unit == KeepUnit::Cache) kept = kept.mean().expand_as(kept);             // (L), the cache's fraction
   at::Tensor next = multiplier_ + opt_.dual_lr * (kept - beta);  // (L)
   multiplier_.copy_(opt_.penalty == KeepPenalty::Dual ? next.clamp_min(0.0) : next);
 }
@@ -182,14 +183,19 @@ ComponentLoss AttentionGateImpl::loss(const Model& model, const TrainBatch& batc
   ProfileLap lap(model.device(), "train ");
   const std::vector<at::Tensor> keep = keep_fractions();  // [layer] ()
   const double beta = target_at(options.step);
-  at::Tensor k = torch::stack(keep);  // (L)
+  const at::Tensor k_layers = torch::stack(keep);  // (L)
   at::Tensor rv;
-  const at::Tensor kr = row_keep_fractions(&rv);             // (L, B)
+  const at::Tensor kr_layers = row_keep_fractions(&rv);      // (L, B)
+  // What the penalty holds at β: each layer (L units), or the cache's mean over layers (one unit).
+  const bool whole = opt_.unit == KeepUnit::Cache;
+  const at::Tensor k = whole ? k_layers.mean(0, /*keepdim=*/true) : k_layers;      // (U)
+  const at::Tensor kr = whole ? kr_layers.mean(0, /*keepdim=*/true) : kr_layers;   // (U, B)
+  const at::Tensor mu = whole ? multiplier_.narrow(0, 0, 1) : multiplier_;          // (U)
   const at::Tensor rw = rv.to(kr.scalar_type());             // (B) 1 for rows with a valid token
   const at::Tensor nrows = rw.sum().clamp_min(1.0);          // ()
   // The hinge's and the two-sided penalty's argument, per layer: over the batch, or each row's then averaged.
   auto over_scope = [&](const std::function<at::Tensor(const at::Tensor&)>& g) {
-    return opt_.scope == KeepScope::Sequence ? (g(kr) * rw).sum(1) / nrows : g(k);  // (L)
+    return opt_.scope == KeepScope::Sequence ? (g(kr) * rw).sum(1) / nrows : g(k);  // (U)
   };
   auto hinge = [beta](const at::Tensor& x) { return torch::relu(x - beta); };
   at::Tensor penalty;  // (L)
@@ -198,16 +204,16 @@ ComponentLoss AttentionGateImpl::loss(const Model& model, const TrainBatch& batc
     case KeepPenalty::TwoSided: penalty = over_scope([beta](const at::Tensor& x) { return (x - beta).abs(); }); break;
     case KeepPenalty::Dual:
     case KeepPenalty::DualEquality:
-      penalty = over_scope(hinge) + multiplier_.to(k.device(), k.scalar_type()) * (k - beta);
+      penalty = over_scope(hinge) + mu.to(k.device(), k.scalar_type()) * (k - beta);
       break;
   }
   // The spread of the kept fraction between rows (each row's mean over layers): what the Sequence scope narrows.
-  const at::Tensor row_mean = kr.detach().mean(0);                                   // (B)
+  const at::Tensor row_mean = kr_layers.detach().mean(0);                            // (B)
   const at::Tensor row_avg = (row_mean * rw).sum() / nrows;                          // ()
   const double row_std = ((row_mean - row_avg).pow(2) * rw).sum().div(nrows).sqrt().item<double>();
   lap("keep penalty");
   ComponentLoss out;
-  const at::Tensor kc = k.detach().to(torch::kCPU, torch::kDouble).contiguous();  // one device sync
+  const at::Tensor kc = k_layers.detach().to(torch::kCPU, torch::kDouble).contiguous();  // one device sync
   out.stats.assign(kc.data_ptr<double>(), kc.data_ptr<double>() + kc.numel());
   out.terms = {{"kl", d.kl}, {"ce", d.ce}, {"keep", penalty.mean().to(torch::kFloat32)}};
   out.metrics = {{"kept", kc.mean().item<double>()}, {"keep_target", beta}, {"kept_row_std", row_std}};
@@ -341,6 +347,7 @@ nlohmann::json AttentionGateImpl::manifest() const {
         {"bias_init", opt_.bias_init},
         {"keep_penalty", penalty_name(opt_.penalty)},
         {"keep_scope", opt_.scope == KeepScope::Sequence ? "sequence" : "batch"},
+        {"keep_unit", opt_.unit == KeepUnit::Cache ? "cache" : "layer"},
         {"dual_lr", opt_.dual_lr}}},
   };
 }
@@ -364,6 +371,9 @@ ComponentSpec attention_gate_spec() {
        "two_sided: |kept - target|"},
       {"component.keep_scope", ValueType::String, "batch",
        "batch: the hinge on the batch's kept fraction | sequence: on each sequence's, averaged over sequences"},
+      {"component.keep_unit", ValueType::String, "layer",
+       "layer: every layer's kept fraction held at the target | cache: the whole cache's (the mean over layers), "
+       "split between layers as the distillation prefers"},
       {"component.dual_lr", ValueType::Float, "0.1", "step of the multipliers' dual ascent (keep_penalty: dual)"},
   };
   s.losses = {
@@ -390,6 +400,9 @@ ComponentSpec attention_gate_spec() {
     const std::string scope = o.at("keep_scope").get<std::string>();
     KVD_CHECK(scope == "sequence" || scope == "batch", "config key 'component.keep_scope': '", scope,
               "' is not one of sequence, batch");
+    const std::string unit = o.value("keep_unit", std::string("layer"));
+    KVD_CHECK(unit == "layer" || unit == "cache", "config key 'component.keep_unit': '", unit,
+              "' is not one of layer, cache");
     const double dual_lr = o.at("dual_lr").get<double>();
     KVD_CHECK(std::isfinite(dual_lr) && dual_lr >= 0.0, "config key 'component.dual_lr': must be >= 0, got ", dual_lr);
   };
@@ -405,6 +418,7 @@ ComponentSpec attention_gate_spec() {
     const std::string pen = o.at("keep_penalty").get<std::string>();
     opt.penalty = *parse_penalty(pen);
     opt.scope = o.at("keep_scope").get<std::string>() == "sequence" ? KeepScope::Sequence : KeepScope::Batch;
+    opt.unit = o.value("keep_unit", std::string("layer")) == "cache" ? KeepUnit::Cache : KeepUnit::Layer;
     opt.dual_lr = o.at("dual_lr").get<double>();
     return AttentionGate(cfg, opt).ptr();
   };

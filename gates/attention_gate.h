@@ -51,6 +51,13 @@ enum class KeepScope {
   Sequence   // keep_ℓ,b per sequence (row), the penalty averaged over rows: every row above β is pushed down
 };
 
+// Whose kept fraction is held at β: each layer's, or the cache's as a whole (the mean over layers, what a memory
+// budget counts; the layers then split it as the distillation loss prefers, like a per-layer budget allocation).
+enum class KeepUnit {
+  Layer,  // keep_ℓ per layer, one multiplier per layer
+  Cache   // keep = (1/L) Σ_ℓ keep_ℓ, one multiplier (every μ_ℓ holds the same value)
+};
+
 struct AttentionGateOptions {
   int64_t heads = 2;            // g: heads of the gate's attention block
   int64_t head_dim = 32;        // d_g
@@ -63,6 +70,7 @@ struct AttentionGateOptions {
   double eps = 1e-6;            // ε of the training log-mask log(f + ε)
   KeepPenalty penalty = KeepPenalty::Dual;
   KeepScope scope = KeepScope::Batch;
+  KeepUnit unit = KeepUnit::Layer;
   double dual_lr = 0.1;         // η of the multipliers' dual ascent
 };
 

@@ -299,6 +299,46 @@ TEST(AttentionGate, DualEqualityMultiplierTurnsNegativeBelowTheTarget) {
   }
 }
 
+// keep_unit cache holds the cache's kept fraction, the mean over layers, at β: the hinge and the dual term act on
+// that mean, and every multiplier is raised by the mean's excess, so the layers may split the budget unevenly.
+TEST(AttentionGate, CacheUnitHoldsTheMeanOverLayers) {
+  const Model& model = tiny_model("llama3", torch::kFloat);
+  const TrainBatch tb = packed_batch(model.config().vocab_size, 24, 9);
+  auto uneven = [](AttentionGateImpl& g) {  // mixed flags, and the last layer keeps less than the first
+    spread_gate(g, 1.0, 0.5);
+    torch::NoGradGuard ng;
+    g.layer(g.num_layers() - 1)->wo->bias.fill_(-0.5);
+  };
+  auto per_layer = make_gate(model, 8, {{"sinks", 2}});
+  uneven(*per_layer);
+  const std::vector<double> stats = per_layer->loss(model, tb, LossOptions{}).stats;
+  ASSERT_GE(stats.size(), 2u);
+  const double lo = *std::min_element(stats.begin(), stats.end()), hi = *std::max_element(stats.begin(), stats.end());
+  ASSERT_GT(hi - lo, 0.02) << "the test needs layers that keep different fractions";
+  double mean = 0;
+  for (double x : stats) mean += x / static_cast<double>(stats.size());
+  // β between the layers' fractions and just under their mean: the mean's hinge differs from the layers' mean hinge.
+  const double beta = mean - 0.25 * (mean - lo);
+  double layer_hinge = 0;
+  for (double x : stats) layer_hinge += std::max(0.0, x - beta) / static_cast<double>(stats.size());
+  ASSERT_GT(layer_hinge - (mean - beta), 1e-4);
+
+  auto gate = make_gate(model, 8, {{"sinks", 2}, {"target", beta}, {"keep_unit", "cache"}});
+  uneven(*gate);
+  ASSERT_EQ(gate->options().unit, KeepUnit::Cache);
+  ComponentLoss l = gate->loss(model, tb, LossOptions{});
+  ASSERT_EQ(l.stats.size(), stats.size());  // the layers' own fractions still go to the ascent and the log
+  for (size_t i = 0; i < stats.size(); ++i) EXPECT_NEAR(l.stats[i], stats[i], 1e-6) << "layer " << i;
+  EXPECT_NEAR(l.metrics[0].second, mean, 1e-6);
+  EXPECT_NEAR(l.terms[2].second.item<double>(), mean - beta, 1e-6);  // μ = 0: the hinge of the mean alone
+  gate->end_step(0, l.stats);
+  for (int64_t i = 0; i < static_cast<int64_t>(stats.size()); ++i)
+    EXPECT_NEAR(gate->multipliers()[i].item<double>(), 0.1 * (mean - beta), 1e-6) << "layer " << i;
+  ComponentLoss l2 = gate->loss(model, tb, LossOptions{});
+  EXPECT_NEAR(l2.terms[2].second.item<double>(), (mean - beta) * (1.0 + 0.1 * (mean - beta)), 1e-6);
+  EXPECT_THROW(make_gate(model, 8, {{"keep_unit", "head"}}), std::exception);
+}
+
 TEST(AttentionGate, ScheduleFallsFromOneToTheTarget) {
   const Model& model = tiny_model("llama3", torch::kFloat);
   auto gate = make_gate(model, 10, {{"target", 0.25}, {"schedule_steps", 100}});
@@ -342,8 +382,9 @@ TEST(AttentionGate, TrainingReachesItsTargetKeptFraction) {
     at::Tensor t = torch::randint(V, {T}, torch::kLong);
     heldout.emplace_back(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + T);
   }
+  for (const char* unit : {"layer", "cache"})
   for (double target : {0.5, 0.25}) {
-    auto gate = make_gate(model, 11, {{"target", target}, {"schedule_steps", 40}});
+    auto gate = make_gate(model, 11, {{"target", target}, {"schedule_steps", 40}, {"keep_unit", unit}});
     ASSERT_EQ(gate->options().penalty, KeepPenalty::Dual);
     torch::optim::AdamW opt(gate->parameters(), torch::optim::AdamWOptions(0.01).weight_decay(0.0));
     double kept_tail = 0;
@@ -368,10 +409,10 @@ TEST(AttentionGate, TrainingReachesItsTargetKeptFraction) {
       if (step >= steps - 20) kept_tail += l.metrics[0].second / 20.0;
     }
     const double inf = inference_kept_fraction(model, gate, heldout, 1);
-    std::cout << "target " << target << ": kept over the last 20 steps " << kept_tail << ", held-out at inference "
-              << inf << ", multipliers " << gate->multipliers() << "\n";
-    EXPECT_NEAR(kept_tail, target, 0.03) << target;
-    EXPECT_NEAR(inf, target, 0.03) << target;
+    std::cout << "keep_unit " << unit << ", target " << target << ": kept over the last 20 steps " << kept_tail
+              << ", held-out at inference " << inf << ", multipliers " << gate->multipliers() << "\n";
+    EXPECT_NEAR(kept_tail, target, 0.03) << unit << " " << target;
+    EXPECT_NEAR(inf, target, 0.03) << unit << " " << target;
   }
 }
 
