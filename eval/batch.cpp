@@ -20,7 +20,6 @@
 
 #include "common/error.h"
 #include "common/fs.h"
-#include "models/device.h"
 #include "eval/tasks_io.h"
 #include "export/gate_bundle.h"
 #include "gates/compress.h"
@@ -28,6 +27,7 @@
 #include "gates/heuristics.h"
 #include "models/chat_template.h"
 #include "models/config.h"
+#include "models/device.h"
 #include "models/generate.h"
 #include "models/kv_cache.h"
 #include "models/model.h"

@@ -6,8 +6,8 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
-#include "models/kv_cache.h"
 #include "models/device.h"
+#include "models/kv_cache.h"
 
 namespace kvd {
 

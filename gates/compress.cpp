@@ -9,11 +9,11 @@
 #include "common/error.h"
 #include "gates/allocation.h"
 #include "gates/heuristics.h"
+#include "models/device.h"
 #include "models/generate.h"
 #include "models/kv_cache.h"
-#include "models/profile.h"
 #include "models/model.h"
-#include "models/device.h"
+#include "models/profile.h"
 
 namespace kvd {
 

@@ -11,8 +11,8 @@
 #include "common/error.h"
 #include "gates/selector.h"
 #include "models/attention.h"
-#include "models/kv_cache.h"
 #include "models/device.h"
+#include "models/kv_cache.h"
 
 namespace kvd {
 

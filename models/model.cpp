@@ -17,11 +17,11 @@
 #include "kernels/decode_step.h"
 #include "kernels/retention_attention.h"
 #include "models/attention.h"
+#include "models/device.h"
 #include "models/kv_cache.h"
 #include "models/profile.h"
 #include "models/safetensors.h"
 #include "models/static_decode.h"
-#include "models/device.h"
 
 namespace kvd {
 namespace {

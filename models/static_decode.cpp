@@ -6,9 +6,9 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "models/device.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
-#include "models/device.h"
 
 #if KVD_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
