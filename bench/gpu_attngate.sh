@@ -20,8 +20,10 @@
 # Inputs (env): MODEL (default /root/model), DATA (default .devdata/ag: tasks-2k4k.jsonl from `prepare tasks
 # --lengths 2048,4096 --samples 12 --seed 7`, and the training file $TRAIN_H5), TRAIN_H5 (default py-2k.h5:
 # `prepare text --seq-len 2048 --val-fraction 0.02` over the Python docs), W (work dir, default /root/ag),
-# STEPS (default 400), SCHEDULE (default 100), RUNS (space-separated name:target:keep_scope[:keep_penalty],
-# default "ag05:0.5:batch ag025:0.25:batch"; two runs fill the H200), GATES (the run names eval compares at fixed ratios, default all of RUNS),
+# STEPS (default 400), SCHEDULE (default 100), RUNS (space-separated name:target:keep_scope[:keep_penalty[:keep_unit]],
+# default "ag05:0.5:batch ag025:0.25:batch"; two runs fill the H200, four run at half speed each; e.g. the units
+# compared: "l05:0.5:sequence:dual:layer c05:0.5:sequence:dual:cache l025:0.25:sequence:dual:layer
+# c025:0.25:sequence:dual:cache"), GATES (the run names eval compares at fixed ratios, default all of RUNS),
 # FLAGS_ONLY (run names evaluated at their own flags only).
 set -euo pipefail
 MODEL=${MODEL:-/root/model}
@@ -47,10 +49,10 @@ case "${1:-}" in
   train)
     limit=${2:-420}
     for run in $RUNS; do
-      IFS=: read -r name target scope penalty <<< "$run"
+      IFS=: read -r name target scope penalty unit <<< "$run"
       timeout "$limit" $KVD train --config configs/attngate-smollm2.yaml model.dir="$MODEL" \
         data.train="$DATA/$TRAIN_H5" component.target="$target" component.keep_scope="$scope" \
-        component.keep_penalty="${penalty:-dual}" \
+        component.keep_penalty="${penalty:-dual}" component.keep_unit="${unit:-layer}" \
         component.schedule_steps="$SCHEDULE" train.steps="$STEPS" train.eval_every=100 train.eval_batches=16 \
         train.save_every=50 train.progress=lines train.out_dir="$W/$name" >> "$W/train-$name.log" 2>&1 &
     done

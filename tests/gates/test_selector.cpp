@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 
 #include <torch/torch.h>
 
@@ -58,6 +59,26 @@ TEST(Selector, RankDescIsTheStableDescendingRank) {
         ASSERT_EQ(ra[b][h][i], beat) << b << " " << h << " " << i;
       }
   for (int64_t k : {0, 3, 9, 17}) EXPECT_TRUE(torch::equal(topk_mask(s, k), r.lt(k))) << k;
+}
+
+// select_top_prefix (counts from the host) keeps what select_top keeps when each head's entries are a prefix of
+// its scores (-inf past them), and refuses counts that are not the mask's.
+TEST(Selector, TopKWithHostCountsEqualsTopK) {
+  torch::manual_seed(5);
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t B = 3, H = 2, n = 40;
+  const at::Tensor len = torch::randint(0, n + 1, {B, H}, torch::kLong).contiguous();
+  const std::vector<int64_t> lengths(len.data_ptr<int64_t>(), len.data_ptr<int64_t>() + B * H);
+  const at::Tensor valid = torch::arange(n, torch::kLong).view({1, 1, n}).lt(len.unsqueeze(-1));  // (B, H, n)
+  const at::Tensor s = (torch::round(torch::randn({B, H, n}) * 3.0) / 3.0).masked_fill(valid.logical_not(), ninf);
+  for (const std::vector<int64_t>& k : {std::vector<int64_t>{0, 5, 100}, std::vector<int64_t>{7, 7, 7}}) {
+    const RaggedIndices want = select_top(s, k, valid, KernelPath::Reference);
+    const RaggedIndices got = select_top_prefix(s, k, lengths, KernelPath::Reference);
+    EXPECT_TRUE(torch::equal(got.offsets, want.offsets));
+    EXPECT_EQ(ragged_to_lists(got), ragged_to_lists(want));
+  }
+  std::vector<int64_t> wrong(B * H, 1);
+  EXPECT_THROW(ragged_from_mask(valid, wrong), Error);
 }
 
 TEST(Selector, RaggedLayoutIsSortedIndicesPlusOffsets) {

@@ -86,6 +86,15 @@ TEST(FusedSelection, SelectLayerKeepsTheReferenceSets) {
       EXPECT_EQ(ragged_to_lists(select_top(sc.cuda(), k, valid.defined() ? valid.cuda() : valid, KernelPath::Fused)),
                 ragged_to_lists(select_top(sc, k, valid, KernelPath::Reference)))
           << what;
+      if (validity[0] != 's') {  // each head's entries a prefix: the counts known on the host, nothing read back
+        const at::Tensor len = (valid.defined() ? valid.sum(-1) : torch::full({B, H}, n, torch::kLong)).contiguous();
+        const std::vector<int64_t> lengths(len.data_ptr<int64_t>(), len.data_ptr<int64_t>() + B * H);
+        const RaggedIndices want = select_top(sc, k, valid, KernelPath::Reference);
+        const RaggedIndices got = select_top_prefix(sc.cuda(), k, lengths, KernelPath::Fused);
+        EXPECT_TRUE(got.indices.is_cuda()) << what << " (prefix)";
+        EXPECT_TRUE(torch::equal(got.offsets, want.offsets)) << what << " (prefix)";
+        EXPECT_EQ(ragged_to_lists(got), ragged_to_lists(want)) << what << " (prefix)";
+      }
     }
   }
 }
@@ -133,6 +142,11 @@ TEST(FusedSelection, DeviceKeepHoldsWhatAHostKeepHolds) {
   dev.keep(0, r);
   host.keep(0, RaggedIndices{r.indices.cpu(), r.offsets});
   expect_same("ragged threshold keep");
+  // Counts from the host and no bounds read-back (IndexCheck::ByConstruction), as compress_prefill keeps a layer.
+  r = select_top_prefix(torch::randn({B, H, host.max_length(0)}).cuda(), {3, 40}, host.lengths(0), KernelPath::Fused);
+  dev.keep(0, r, IndexCheck::ByConstruction);
+  host.keep(0, RaggedIndices{r.indices.cpu(), r.offsets});
+  expect_same("top-k with host counts");
   at::Tensor k1 = torch::randn({B, H, 1, hd}).to(torch::kBFloat16);
   host.append(0, k1, k1, torch::full({B, 1}, n, torch::kLong));
   dev.append(0, k1.cuda(), k1.cuda(), torch::full({B, 1}, n, torch::kLong).cuda());
