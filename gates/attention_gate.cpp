@@ -198,7 +198,7 @@ ComponentLoss AttentionGateImpl::loss(const Model& model, const TrainBatch& batc
     return opt_.scope == KeepScope::Sequence ? (g(kr) * rw).sum(1) / nrows : g(k);  // (U)
   };
   auto hinge = [beta](const at::Tensor& x) { return torch::relu(x - beta); };
-  at::Tensor penalty;  // (L)
+  at::Tensor penalty;  // (U)
   switch (opt_.penalty) {
     case KeepPenalty::Hinge: penalty = over_scope(hinge); break;
     case KeepPenalty::TwoSided: penalty = over_scope([beta](const at::Tensor& x) { return (x - beta).abs(); }); break;

@@ -134,9 +134,9 @@ int64_t pyramid_layer_budget(int64_t n, double ratio, int64_t window, double bet
 
 namespace {
 
-// The kernel's selection as RaggedIndices: counts back to the host for the offsets (the one read-back), the
-// (B, H_kv, capacity) indices packed head after head on the device.
-// host_counts: each head row's count when the caller knows it (nothing is read back), else empty.
+// The kernel's selection as RaggedIndices: the offsets from the counts (read back from the device, the one
+// read-back, unless the caller knows them: host_counts, [b * H_kv + h]), the (B, H_kv, capacity) indices packed
+// head after head on the device.
 RaggedIndices ragged_from_rows(const RowSelection& sel, const std::vector<int64_t>& host_counts = {}) {
   const int64_t rows = sel.counts.numel(), cap = sel.indices.size(2);
   RaggedIndices r;
