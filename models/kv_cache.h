@@ -112,7 +112,7 @@ class KVCache {
   // the host or the cache's device (the selectors leave them there): the gather is built on the device, and
   // the bounds check reads back one flag. An index outside its head's entries throws and leaves the layer as
   // it was. IndexCheck::ByConstruction skips that check (and its read-back) for indices built from this
-  // layer's own counts, as CAKE's cascade cuts are.
+  // layer's own entries (the per-layer selections and CAKE's cascade cuts).
   void keep(int64_t layer, const RaggedIndices& keep, IndexCheck check = IndexCheck::ReadBack);
 
   // Per batch row: tokens processed so far, i.e. the position row b's next token gets. The model advances

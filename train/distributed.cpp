@@ -194,14 +194,13 @@ std::string dead_peers(const std::vector<std::pair<std::string, int64_t>>& peers
                        std::chrono::milliseconds grace = std::chrono::milliseconds(2000)) {
   const std::string me = host_name();
   const auto until = std::chrono::steady_clock::now() + grace;
-  bool any_local = false;
+  std::vector<size_t> local;  // the other ranks on this host
   for (size_t r = 0; r < peers.size(); ++r)
-    any_local |= static_cast<int>(r) != self && peers[r].first == me && peers[r].second > 0;
-  if (!any_local) return "";
+    if (static_cast<int>(r) != self && peers[r].first == me && peers[r].second > 0) local.push_back(r);
+  if (local.empty()) return "";
   for (;;) {
     std::string out;
-    for (size_t r = 0; r < peers.size(); ++r) {
-      if (static_cast<int>(r) == self || peers[r].first != me || peers[r].second <= 0) continue;
+    for (size_t r : local) {
       if (process_exited(peers[r].second))
         out += (out.empty() ? "" : ", ") + std::string("rank ") + std::to_string(r) + " (pid " +
                std::to_string(peers[r].second) + ") exited";
