@@ -72,6 +72,12 @@ at::Tensor LayerView::next_position_column(c10::Device device) const {
   return host_ints(next_positions, device).view({B, 1, 1});  // (B, 1, 1)
 }
 
+std::vector<at::Tensor> Scorer::score_budgets(const LayerView& view, const std::vector<Scorer*>& peers) {
+  std::vector<at::Tensor> out;
+  for (Scorer* p : peers) out.push_back(p->score(view));  // each (B, H_kv, n)
+  return out;
+}
+
 LayerView layer_view(const KVLayerView& kv, int64_t layer, const Model& model, std::vector<int64_t> next_positions,
                      KernelPath kernels) {
   LayerView view;

@@ -155,6 +155,15 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
     }
     return view;
   };
+  // Every scorer's scores of one view: the one shared scoring, or each budget's own from one call
+  // (Scorer::score_budgets computes once what the budgets share).
+  auto score_all = [&](const LayerView& view) {
+    if (scorers.size() == 1) return std::vector<at::Tensor>{scorer.score(view)};
+    std::vector<at::Tensor> all = scorer.score_budgets(view, scorers);
+    KVD_CHECK(all.size() == scorers.size(), scorer.name(), ": score_budgets returned ", all.size(), " scores for ",
+              scorers.size(), " budgets");
+    return all;
+  };
   auto score_layer = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
     ProfileLap lap(c.device(), "compress ");
     for (size_t t = 1; t < NT; ++t) caches[t]->copy_layer_from(c, l);  // before c's layer is compacted
@@ -163,9 +172,11 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       const LayerView view = batch_view(l, c, obs);
       at::Tensor s;  // (B, H_kv, n)
       std::vector<double> pref;
+      std::vector<at::Tensor> scored;  // [scorer] (B, H_kv, n)
       for (size_t t = 0; t < NT; ++t) {
         if (t < scorers.size()) {  // the one shared scoring, or cache t's own
-          s = scorers[t]->score(view).to(torch::kFloat);
+          if (t == 0) scored = score_all(view);
+          s = scored[t].to(torch::kFloat);
           if (view.valid.defined()) s = s.masked_fill(view.valid.logical_not(), ninf);
           pref = scorers[t]->layer_preference();
           lap("score");
@@ -234,9 +245,11 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       }
       at::Tensor s;  // (1, H_kv, n_b)
       std::vector<double> pref;
+      std::vector<at::Tensor> scored;  // [scorer] (1, H_kv, n_b)
       for (size_t t = 0; t < NT; ++t) {
         if (t < scorers.size()) {  // the one shared scoring, or cache t's own
-          s = scorers[t]->score(view).to(torch::kFloat);
+          if (t == 0) scored = score_all(view);
+          s = scored[t].to(torch::kFloat);
           if (ragged) s = s.masked_fill(view.valid.logical_not(), ninf);
           pref = scorers[t]->layer_preference();
           lap("score");

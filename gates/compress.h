@@ -23,14 +23,6 @@ class KVCache;
 
 // A compression method: a scorer (shared, so decode-time eviction can hold it too) and a selector. Names
 // resolve in gates/registry.h.
-// Whether a method scores a prompt the same at every budget (only its selection differs), so that one scoring can
-// serve several budgets of one prefill (compress_prefill_many).
-enum class ScoreSharing {
-  PerBudget,     // the scores depend on the budget (DefensiveKV's first-stage cap) or on the scorer's own state
-                 // (random): one prefill may still serve several budgets, each scored by its own scorer
-  AcrossBudgets  // the same scores at every budget: scored once
-};
-
 struct Method {
   std::string name;
   std::shared_ptr<Scorer> scorer;

@@ -21,10 +21,30 @@ at::Tensor projected_value_l1(const LayerView& view) {
   return reduce_group(proj, Hkv, GroupReduce::Mean);                                  // (B, H_kv, n)
 }
 
-at::Tensor CriticalKVScorer::score(const LayerView& view) {
-  at::Tensor s = base_->score(view).to(torch::kFloat);  // (B, H_kv, n)
+at::Tensor CriticalKVScorer::score(const LayerView& view) { return finish(view, base_->score(view), projected_value_l1(view)); }
+
+std::vector<at::Tensor> CriticalKVScorer::score_budgets(const LayerView& view, const std::vector<Scorer*>& peers) {
+  std::vector<const CriticalKVScorer*> crit;
+  std::vector<Scorer*> bases;
+  for (Scorer* p : peers) {
+    const auto* c = dynamic_cast<const CriticalKVScorer*>(p);
+    KVD_CHECK(c != nullptr && c->base_->name() == base_->name(), "criticalkv: score_budgets takes the budgets of one ",
+              name(), " method, got ", p->name());
+    crit.push_back(c);
+    bases.push_back(c->base_.get());
+  }
+  const std::vector<at::Tensor> s = base_sharing_ == ScoreSharing::AcrossBudgets
+                                        ? std::vector<at::Tensor>(bases.size(), base_->score(view))
+                                        : base_->score_budgets(view, bases);  // [peer] (B, H_kv, n)
+  const at::Tensor norm = projected_value_l1(view);                     // (B, H_kv, n)
+  std::vector<at::Tensor> out;
+  for (size_t t = 0; t < crit.size(); ++t) out.push_back(crit[t]->finish(view, s[t], norm));
+  return out;
+}
+
+at::Tensor CriticalKVScorer::finish(const LayerView& view, at::Tensor s, const at::Tensor& norm) const {
+  s = s.to(torch::kFloat);  // (B, H_kv, n)
   const int64_t n = view.values.size(2);
-  at::Tensor norm = projected_value_l1(view);           // (B, H_kv, n)
   // The first stage: each head's top int((1 − r) · n_b / 2) entries (at least 1) by the base score.
   auto first_of = [&](const auto& len) { return ((1.0 - ratio_) * len * 0.5); };
   const int64_t first = std::max<int64_t>(1, static_cast<int64_t>(first_of(static_cast<double>(n))));

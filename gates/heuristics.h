@@ -160,15 +160,22 @@ class ExpectedAttentionScorer : public Scorer {
 // score: tokens of the first stage get max(s') + 1 + s.
 class CriticalKVScorer : public Scorer {
  public:
-  CriticalKVScorer(std::shared_ptr<Scorer> base, double ratio) : base_(std::move(base)), ratio_(ratio) {}
+  // base_sharing: whether the base's scores are the same at every budget (then score_budgets scores it once).
+  CriticalKVScorer(std::shared_ptr<Scorer> base, double ratio, ScoreSharing base_sharing)
+      : base_(std::move(base)), ratio_(ratio), base_sharing_(base_sharing) {}
   std::string name() const override { return "criticalkv_" + base_->name(); }
   ScorerNeeds needs() const override { return base_->needs(); }
   void on_append(const PrefillLayerObservation& obs, KVCache& cache) override { base_->on_append(obs, cache); }
   at::Tensor score(const LayerView& view) override;
+  // The base's scores (its own score_budgets) and the value norm once for every budget.
+  std::vector<at::Tensor> score_budgets(const LayerView& view, const std::vector<Scorer*>& peers) override;
 
  private:
+  // The scores at this ratio from the base's scores s (B, H_kv, n) and the value norm (B, H_kv, n).
+  at::Tensor finish(const LayerView& view, at::Tensor s, const at::Tensor& norm) const;
   std::shared_ptr<Scorer> base_;
   double ratio_;
+  ScoreSharing base_sharing_;
 };
 
 // ||W_O^(h) v_j||_1 per query head h of the group, averaged over the group: (B, H_kv, n) float32 (CriticalKV's
@@ -198,8 +205,21 @@ class DefensiveKVScorer : public Scorer {
   std::string name() const override { return "defensivekv"; }
   ScorerNeeds needs() const override;
   at::Tensor score(const LayerView& view) override;
+  // One scoring for every budget: only the first stage's cap differs.
+  std::vector<at::Tensor> score_budgets(const LayerView& view, const std::vector<Scorer*>& peers) override;
 
  private:
+  struct Shared {       // what every budget shares
+    at::Tensor s;       // (B, H_kv, n) the scores before the first stage
+    at::Tensor prefix;  // (B, H_kv, n) bool: each row's entries before its window
+    at::Tensor m;       // (B, H_kv, 1) int64: the prefix's length
+    at::Tensor top;     // (B, 1, 1): each row's maximum score
+    at::Tensor idx;     // (1, 1, n) int64: 0 .. n - 1
+    at::Tensor order;   // (B, H_kv, n) int64: entries by mean window attention, descending (stable)
+    at::Tensor reach;   // (B, H_kv, 1) int64: how many of them reach the first stage's mass, before the cap
+  };
+  Shared shared(const LayerView& view) const;
+  at::Tensor finish(const Shared& r) const;
   DefensiveKVOptions opt_;
 };
 

@@ -225,7 +225,7 @@ Method make_method(const std::string& name, const Budget& budget, uint64_t seed,
   }
   if (critical) {
     KVD_CHECK(budget.kind == BudgetKind::Ratio, "criticalkv_ splits its budget by a ratio: use --ratio");
-    m.scorer = std::make_shared<CriticalKVScorer>(m.scorer, budget.value);
+    m.scorer = std::make_shared<CriticalKVScorer>(m.scorer, budget.value, m.sharing);
     m.sharing = ScoreSharing::PerBudget;  // its first stage keeps a share of the budget
   }
   return m;

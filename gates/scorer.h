@@ -82,6 +82,15 @@ inline ScorerNeeds rows_together() {
   return n;
 }
 
+// Whether a method scores a prompt the same at every budget (only its selection differs), so that one scoring can
+// serve several budgets of one prefill (compress_prefill_many).
+enum class ScoreSharing {
+  PerBudget,     // the scores depend on the budget (DefensiveKV's first-stage cap) or on the scorer's own state
+                 // (random): one prefill may still serve several budgets, each scored by its own scorer (its
+                 // budgets' shared part once where Scorer::score_budgets computes it so)
+  AcrossBudgets  // the same scores at every budget: scored once
+};
+
 class Scorer {
  public:
   virtual ~Scorer() = default;
@@ -105,6 +114,11 @@ class Scorer {
   }
   // Importance of each cached token, higher = keep: (B, H_kv, n) float32. Invalid entries are ignored.
   virtual at::Tensor score(const LayerView& view) = 0;
+  // One layer scored for several budgets of one method at once (compress_prefill_many, ScoreSharing::PerBudget):
+  // peers[t] is budget t's scorer, this one first, all of one method. Returns one (B, H_kv, n) per peer, equal to
+  // peers[t]->score(view). The default calls each peer's score(); a scorer whose budget enters only its last step
+  // overrides it to compute the rest once.
+  virtual std::vector<at::Tensor> score_budgets(const LayerView& view, const std::vector<Scorer*>& peers);
   // Layer preference of the view last passed to score(), one value per batch row (CAKE's P_ℓ, read by
   // Allocation::Cake right after score()). Empty: the scorer has none (the default), and the Cake allocation
   // refuses it.

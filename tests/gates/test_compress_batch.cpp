@@ -301,6 +301,59 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
   }
 }
 
+// Scorer::score_budgets (one layer scored for several budgets of one method, computing the shared part once) gives
+// each budget exactly its own score(), bit for bit, for the scorers that override it (DefensiveKV, its layer-wide
+// variant, CriticalKV over a shared and over a per-budget base); a peer of another method is refused.
+TEST(CompressMany, ScoreBudgetsIsEachBudgetScoredAlone) {
+  if (!have_model()) GTEST_SKIP() << "no SmolLM2 model";
+  const std::vector<int64_t>& prompt = prompts()[1];
+  const int64_t T = static_cast<int64_t>(prompt.size());
+  std::vector<LayerView> views;  // layers 0, 10, 20 as the prefill's observer sees them
+  KVCache full = model().new_cache(1);
+  PrefillObserver obs = [&](const PrefillLayerObservation& ob, KVCache& cache) {
+    if (ob.layer % 10 != 0) return;
+    LayerView view = layer_view(cache.layer(ob.layer), ob.layer, model(), {T});
+    view.window_queries = ob.queries.clone();            // (1, H, T, hd): every row, cut to each scorer's window
+    view.window_positions = ob.query_positions.clone();  // (1, T)
+    view.keys = view.keys.clone();
+    view.values = view.values.clone();
+    view.positions = view.positions.clone();
+    views.push_back(view);
+  };
+  model().prefill(torch::tensor(prompt, torch::kLong).view({1, -1}), full, LogitsMode::LastPosition, obs);
+  ASSERT_EQ(views.size(), 3u);
+  MethodContext ctx;
+  ctx.model = &model();
+  for (const std::string name : {"defensivekv", "layer_defensivekv", "criticalkv_snapkv", "criticalkv_defensivekv"}) {
+    SCOPED_TRACE(name);
+    std::vector<Method> ms;
+    for (double r : {0.25, 0.6, 0.875}) ms.push_back(resolve_method(name, Budget::ratio(r), ctx).method);
+    std::vector<Scorer*> peers;
+    for (Method& m : ms) peers.push_back(m.scorer.get());
+    const int64_t w = peers[0]->needs().window;
+    for (LayerView v : views) {
+      v.window_queries = v.window_queries.narrow(2, T - w, w);      // (1, H, w, hd)
+      v.window_positions = v.window_positions.narrow(1, T - w, w);  // (1, w)
+      const std::vector<at::Tensor> all = peers[0]->score_budgets(v, peers);
+      ASSERT_EQ(all.size(), peers.size());
+      for (size_t t = 0; t < peers.size(); ++t)
+        EXPECT_TRUE(torch::equal(all[t], peers[t]->score(v))) << "layer " << v.layer << " budget " << t;
+      EXPECT_FALSE(torch::equal(all[0], all[2])) << "layer " << v.layer;  // the scores do differ by budget
+    }
+  }
+  Method d = resolve_method("defensivekv", Budget::ratio(0.5), ctx).method;
+  Method s = resolve_method("snapkv", Budget::ratio(0.5), ctx).method;
+  LayerView v = views[0];
+  v.window_queries = v.window_queries.narrow(2, T - 32, 32);      // (1, H, 32, hd): DefensiveKV's window
+  v.window_positions = v.window_positions.narrow(1, T - 32, 32);  // (1, 32)
+  try {
+    d.scorer->score_budgets(v, {d.scorer.get(), s.scorer.get()});
+    ADD_FAILURE() << "a snapkv peer was taken";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("got snapkv"), std::string::npos) << e.what();
+  }
+}
+
 TEST(CompressMany, WhoSharesAPrefill) {
   MethodContext ctx;
   // The full cache compresses nothing; a chunked prefill's later chunks see the earlier evictions.
