@@ -117,7 +117,7 @@ class Scorer {
   // One layer scored for several budgets of one method at once (compress_prefill_many, ScoreSharing::PerBudget):
   // peers[t] is budget t's scorer, this one first, all of one method. Returns one (B, H_kv, n) per peer, equal to
   // peers[t]->score(view). The default calls each peer's score(); a scorer whose budget enters only its last step
-  // overrides it to compute the rest once.
+  // overrides it to compute the rest once (and must leave each peer's layer_preference() as score() would).
   virtual std::vector<at::Tensor> score_budgets(const LayerView& view, const std::vector<Scorer*>& peers);
   // Layer preference of the view last passed to score(), one value per batch row (CAKE's P_ℓ, read by
   // Allocation::Cake right after score()). Empty: the scorer has none (the default), and the Cake allocation
