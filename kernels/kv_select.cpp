@@ -163,18 +163,25 @@ RowSelection select_rows_fused(const at::Tensor& scores_in, const RowSelectSpec&
   return out;
 }
 
-void compact_rows_fused(at::Tensor& cache, const RowSelection& sel) {
+namespace {
+void compact_fused(at::Tensor& cache, at::Tensor* second, const RowSelection& sel, CompactSchedule schedule) {
   KVD_CHECK(cache.is_cuda() && cache.dim() >= 3 && cache.is_contiguous(),
             "compact_rows_fused: cache must be a contiguous (B, H, n, ...) CUDA tensor");
+  KVD_CHECK(!second || (second->sizes() == cache.sizes() && second->scalar_type() == cache.scalar_type() &&
+                        second->device() == cache.device() && second->is_contiguous()),
+            "compact_rows_fused: V must be contiguous with K's shape ", cache.sizes(), " and dtype ",
+            cache.scalar_type());
   const int64_t B = cache.size(0), H = cache.size(1), n = cache.size(2);
   KVD_CHECK(sel.indices.dim() == 3 && sel.indices.size(0) == B && sel.indices.size(1) == H &&
                 sel.indices.scalar_type() == torch::kInt && sel.counts.scalar_type() == torch::kInt,
             "compact_rows_fused: the selection must be int32 (B, H, capacity) indices and (B, H) counts");
+  if (cache.numel() == 0) return;
   c10::cuda::CUDAGuard guard(cache.device());
   at::Tensor idx = sel.indices.to(cache.device()).contiguous(), cnt = sel.counts.to(cache.device()).contiguous();
   kernels::CompactArgs a;
   a.base = cache.data_ptr();
-  a.row_bytes = cache.numel() ? cache.nbytes() / (B * H * n) : 1;
+  a.base2 = second ? second->data_ptr() : nullptr;
+  a.row_bytes = cache.nbytes() / (B * H * n);
   a.segment_rows = n;
   a.num_segments = static_cast<int>(B * H);
   a.heads = static_cast<int>(H);
@@ -183,7 +190,21 @@ void compact_rows_fused(at::Tensor& cache, const RowSelection& sel) {
   a.idx_b_stride = H * idx.size(2);
   a.idx_h_stride = idx.size(2);
   a.counts = cnt.data_ptr<int32_t>();
-  if (cache.numel() > 0) check_cuda(kernels::compact_rows(a, c10::cuda::getCurrentCUDAStream().stream()), "compact_rows_fused");
+  a.max_count = std::min<int64_t>(idx.size(2), n);  // no count exceeds the selection's capacity
+  at::Tensor flags;
+  if (schedule == CompactSchedule::ChunkParallel) {
+    flags = torch::zeros({std::max<int64_t>(kernels::compact_rows_flags(a), 1)}, idx.options());
+    a.flags = flags.data_ptr<int32_t>();
+  }
+  check_cuda(kernels::compact_rows(a, c10::cuda::getCurrentCUDAStream().stream()), "compact_rows_fused");
+}
+}  // namespace
+
+void compact_rows_fused(at::Tensor& cache, const RowSelection& sel, CompactSchedule schedule) {
+  compact_fused(cache, nullptr, sel, schedule);
+}
+void compact_rows_fused(at::Tensor& k, at::Tensor& v, const RowSelection& sel, CompactSchedule schedule) {
+  compact_fused(k, &v, sel, schedule);
 }
 
 at::Tensor retention_score_fused(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1,
@@ -234,7 +255,10 @@ at::Tensor retention_score_fused(const at::Tensor& hidden, const at::Tensor& w1,
 RowSelection select_rows_fused(const at::Tensor&, const RowSelectSpec&) {
   KVD_CHECK(false, "select_rows_fused: this build has no CUDA kernels");
 }
-void compact_rows_fused(at::Tensor&, const RowSelection&) {
+void compact_rows_fused(at::Tensor&, const RowSelection&, CompactSchedule) {
+  KVD_CHECK(false, "compact_rows_fused: this build has no CUDA kernels");
+}
+void compact_rows_fused(at::Tensor&, at::Tensor&, const RowSelection&, CompactSchedule) {
   KVD_CHECK(false, "compact_rows_fused: this build has no CUDA kernels");
 }
 at::Tensor retention_score_fused(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
