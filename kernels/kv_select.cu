@@ -143,16 +143,24 @@ cudaError_t launch_score(const T* x, int64_t rows, int64_t n, const RetentionGat
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Selection: one CTA of kSelectThreads per segment. A segment of up to kCachedKeys entries has its keys cached in
-// shared memory (read from global memory once, kLoadBatch loads in flight per thread); a longer one re-reads its
-// scores in every pass. The final pass gives each thread kPerThread consecutive entries and places them with two
-// block-wide exclusive sums (of the entries equal to the cut, then of the kept ones).
+// Selection: one CTA of kSelectThreads per segment. The k-th largest key is found digit by digit from the top (11,
+// 11, then 10 bits: three passes). A segment of up to kCachedKeys entries has its keys cached in shared memory, and
+// the first pass counts them as they are loaded (kLoadBatch loads in flight per thread); a longer one re-reads its
+// scores in every pass. Once the keys that share the prefix found so far number at most kCandidates, the pass that
+// counts them also copies them to a candidate buffer, and the passes after it read only that buffer. The final
+// pass gives each thread kPerThread consecutive entries and places them with two block-wide exclusive sums (of the
+// entries equal to the cut, then of the kept ones).
 constexpr int kSelectThreads = 512;
 constexpr int kWarps = kSelectThreads / 32;
 constexpr int kPerThread = 8;
 constexpr int kLoadBatch = 8;
+constexpr int kBins = 2048;                 // the widest digit: 11 bits
+constexpr int kCandidates = 4096;
 constexpr int64_t kCachedKeys = 48 * 1024;  // 192 KB of keys
-constexpr int kSelectHeaderInts = 256 + 256 + kWarps + 4;
+constexpr int kSelectHeaderInts = kBins + kWarps + 8 + kCandidates;
+// Digit p of a key: bits [digit_shift(p), digit_shift(p) + digit_bits(p)).
+__host__ __device__ constexpr int digit_shift(int p) { return p == 0 ? 21 : p == 1 ? 10 : 0; }
+__host__ __device__ constexpr int digit_bits(int p) { return p == 2 ? 10 : 11; }
 
 __device__ __forceinline__ uint32_t float_bits(float v) {
 #ifdef KVD_SIMT_EMULATION
@@ -196,10 +204,10 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int* wsum, int* total)
 
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a, int64_t cached_capacity) {
   KVD_DYNAMIC_SMEM(smem);
-  int* hist = reinterpret_cast<int*>(smem);  // (256)
-  int* suf = hist + 256;                     // (256)
-  int* wsum = suf + 256;                     // (kWarps)
-  int* scalar = wsum + kWarps;               // [0] digit, [1] remaining
+  int* hist = reinterpret_cast<int*>(smem);  // (kBins)
+  int* wsum = hist + kBins;                  // (kWarps)
+  int* scalar = wsum + kWarps;               // [0] digit, [1] remaining, [2] keys with the new prefix, [3] candidates
+  uint32_t* cand = reinterpret_cast<uint32_t*>(scalar + 8);                // (kCandidates)
   uint32_t* keys = reinterpret_cast<uint32_t*>(hist + kSelectHeaderInts);  // (cached_capacity)
   const int s = blockIdx.x, tid = threadIdx.x;
   const int b = s / a.heads, h = s % a.heads;
@@ -210,22 +218,6 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a, in
   auto key_of = [&](int64_t i, float v) -> uint32_t {
     return (i < sinks || i >= recent_from) ? kProtected : order_key(v);
   };
-  const bool cached = len <= cached_capacity;
-  if (cached) {
-    for (int64_t c = 0; c < len; c += static_cast<int64_t>(kSelectThreads) * kLoadBatch) {
-      float v[kLoadBatch];
-      for (int u = 0; u < kLoadBatch; ++u) {
-        const int64_t i = c + static_cast<int64_t>(u) * kSelectThreads + tid;
-        v[u] = i < len ? sc[i] : 0.f;
-      }
-      for (int u = 0; u < kLoadBatch; ++u) {
-        const int64_t i = c + static_cast<int64_t>(u) * kSelectThreads + tid;
-        if (i < len) keys[i] = key_of(i, v[u]);
-      }
-    }
-    __syncthreads();
-  }
-  auto key_at = [&](int64_t i) -> uint32_t { return cached ? keys[i] : key_of(i, sc[i]); };
 
   // The threshold key T and how many entries equal to T to take (the lowest indices among them).
   uint32_t T = 0;
@@ -239,41 +231,82 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a, in
     keep_all = k >= len;
     keep_none = k <= 0;
     target = keep_all ? len : keep_none ? 0 : k;
-    if (!keep_all && !keep_none) {
-      uint32_t prefix = 0, mask = 0;
-      int remaining = static_cast<int>(k);
-      for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += kSelectThreads) hist[i] = 0;
-        __syncthreads();
-        for (int64_t i = tid; i < len; i += kSelectThreads) {
-          const uint32_t key = key_at(i);
-          if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1);
+  }
+  const bool search = a.mode == SelectMode::TopK && !keep_all && !keep_none;
+  const bool cached = len <= cached_capacity;
+  for (int i = tid; i < kBins; i += kSelectThreads) hist[i] = 0;
+  if (tid == 0) scalar[3] = 0;
+  __syncthreads();
+  if (cached) {  // load the keys; the first pass counts them on the way
+    for (int64_t c = 0; c < len; c += static_cast<int64_t>(kSelectThreads) * kLoadBatch) {
+      float v[kLoadBatch];
+      for (int u = 0; u < kLoadBatch; ++u) {
+        const int64_t i = c + static_cast<int64_t>(u) * kSelectThreads + tid;
+        v[u] = i < len ? sc[i] : 0.f;
+      }
+      for (int u = 0; u < kLoadBatch; ++u) {
+        const int64_t i = c + static_cast<int64_t>(u) * kSelectThreads + tid;
+        if (i < len) {
+          const uint32_t key = key_of(i, v[u]);
+          keys[i] = key;
+          if (search) atomicAdd(&hist[key >> digit_shift(0)], 1);
         }
-        __syncthreads();
-        if (tid < 256) suf[tid] = hist[tid];
-        __syncthreads();
-        for (int off = 1; off < 256; off <<= 1) {  // suf[d] = Σ_{d' >= d} hist[d']
-          const int v = (tid < 256 && tid + off < 256) ? suf[tid + off] : 0;
-          __syncthreads();
-          if (tid < 256) suf[tid] += v;
+      }
+    }
+    __syncthreads();
+  }
+  auto key_at = [&](int64_t i) -> uint32_t { return cached ? keys[i] : key_of(i, sc[i]); };
+
+  if (search) {
+    uint32_t prefix = 0, mask = 0;
+    int remaining = static_cast<int>(target);
+    int64_t sharing = len;  // keys with the prefix found so far
+    bool from_cand = false;
+    for (int p = 0; p < 3; ++p) {
+      const int shift = digit_shift(p), bins = 1 << digit_bits(p);
+      if (p > 0 || !cached) {  // (the cached first pass was counted at load)
+        const bool gather = !from_cand && sharing <= kCandidates;
+        if (p > 0) {
+          for (int i = tid; i < kBins; i += kSelectThreads) hist[i] = 0;
           __syncthreads();
         }
-        if (tid < 256) {
-          const int incl = suf[tid], excl = incl - hist[tid];
-          if (excl < remaining && remaining <= incl) {
-            scalar[0] = tid;
-            scalar[1] = remaining - excl;
+        const int64_t m = from_cand ? static_cast<int64_t>(scalar[3]) : len;
+        for (int64_t i = tid; i < m; i += kSelectThreads) {
+          const uint32_t key = from_cand ? cand[i] : key_at(i);
+          if ((key & mask) == prefix) {
+            atomicAdd(&hist[(key >> shift) & static_cast<uint32_t>(bins - 1)], 1);
+            if (gather) cand[atomicAdd(&scalar[3], 1)] = key;
           }
         }
         __syncthreads();
-        prefix |= static_cast<uint32_t>(scalar[0]) << shift;
-        mask |= 255u << shift;
-        remaining = scalar[1];
-        __syncthreads();
+        from_cand = from_cand || gather;
       }
-      T = prefix;
-      take_eq = remaining;
+      // The digit whose bin holds the remaining-th largest key: each thread sums `per` consecutive bins, and the
+      // bins above a thread's are those of the threads after it.
+      const int per = bins / kSelectThreads;
+      int local = 0;
+      for (int u = 0; u < per; ++u) local += hist[tid * per + u];
+      int total;
+      const int before = block_exclusive_sum(local, wsum, &total);
+      int above = total - before - local;
+      for (int u = per - 1; u >= 0; --u) {
+        const int d = tid * per + u, c = hist[d];
+        if (above < remaining && remaining <= above + c) {
+          scalar[0] = d;
+          scalar[1] = remaining - above;
+          scalar[2] = c;
+        }
+        above += c;
+      }
+      __syncthreads();
+      prefix |= static_cast<uint32_t>(scalar[0]) << shift;
+      mask |= static_cast<uint32_t>(bins - 1) << shift;
+      remaining = scalar[1];
+      sharing = scalar[2];
+      __syncthreads();
     }
+    T = prefix;
+    take_eq = remaining;
   }
 
   // One pass in index order: kept entries are those above T, and the first take_eq equal to T.

@@ -96,6 +96,25 @@ TEST(KvSelectEmulated, TopKMatchesReference) {
   }
 }
 
+// The search's three ways to read keys: from the shared-memory cache with the candidate buffer (above), from the
+// cache past it (more than 4,096 keys share the first 22 bits: a few distinct values, 20,000 entries), and from
+// global memory (more entries than the cache holds: every pass re-reads the scores).
+TEST(KvSelectEmulated, TopKPastTheCandidateBufferAndTheKeyCache) {
+  const at::Tensor few = torch::randint(0, 4, {1, 2, 20000}).to(torch::kFloat) * 0.5f;  // (1, 2, 20000): 4 values
+  for (int64_t keep : {int64_t{1}, int64_t{4999}, int64_t{5000}, int64_t{5001}, int64_t{12345}}) {
+    RowSelectSpec spec;
+    spec.keep = keep;
+    spec.sinks = 3;
+    expect_same_selection(run_select(few, spec), kvd::select_rows_reference(few, spec),
+                          "4 values, keep=" + std::to_string(keep));
+  }
+  const at::Tensor longer = awkward_scores(1, 1, 50001, 11);  // past kCachedKeys = 49,152
+  RowSelectSpec spec;
+  spec.keep = 20000;
+  spec.recent = 7;
+  expect_same_selection(run_select(longer, spec), kvd::select_rows_reference(longer, spec), "50,001 entries");
+}
+
 TEST(KvSelectEmulated, RaggedBudgetsPaddedRequestsAndThreshold) {
   const int64_t B = 3, H = 2, n = 700;
   const at::Tensor s = awkward_scores(B, H, n, 11);
