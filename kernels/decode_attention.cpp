@@ -120,8 +120,8 @@ at::Tensor decode_attention_fused(const DecodeAttentionInput& in) {
   a.splits = in.splits > 0 ? in.splits : kernels::decode_attention_splits(static_cast<int>(S), in.max_len);
   a.scale = static_cast<float>(in.scale);
   a.window = in.window ? *in.window : 0;
-  at::Tensor part_o = at::empty({a.splits, B * H, hd}, q.options().dtype(torch::kFloat));
-  at::Tensor part_ml = at::empty({a.splits, B * H, 2}, q.options().dtype(torch::kFloat));
+  at::Tensor part_o = at::empty({a.splits + 1, B * H, hd}, q.options().dtype(torch::kFloat));
+  at::Tensor part_ml = at::empty({a.splits + 1, B * H, 2}, q.options().dtype(torch::kFloat));
   at::Tensor out = at::empty({B, H, hd}, q.options());
   a.q = reinterpret_cast<const uint16_t*>(q.data_ptr());
   a.k = reinterpret_cast<const uint16_t*>(in.k.data_ptr());

@@ -24,6 +24,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxG = kvd::kernels::kDecodeMaxGroup;
+constexpr int kScratchFloats = 2 * (512 / 32 + 4);  // the split search's int64 scratch, ahead of each kernel's arrays
 
 #ifdef KVD_SIMT_EMULATION
 inline float ex(float x) { return std::exp(x); }
@@ -44,22 +45,142 @@ __device__ __forceinline__ void load8(const uint16_t* p, float (&f)[8]) {
   }
 }
 
-// grid (splits, B · H_kv); kThreads threads. See decode_attention.cuh. Each lane group loads U keys (K and V rows)
-// before using any, so that enough loads are in flight to keep HBM busy.
+// 64-bit warp shuffles from two 32-bit ones.
+__device__ __forceinline__ int64_t shfl_xor64(int64_t v, int mask) {
+  const int lo = __shfl_xor_sync(0xFFFFFFFFu, static_cast<int>(static_cast<uint64_t>(v) & 0xFFFFFFFFu), mask);
+  const int hi = __shfl_xor_sync(0xFFFFFFFFu, static_cast<int>(static_cast<uint64_t>(v) >> 32), mask);
+  return static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(hi)) << 32) | static_cast<uint32_t>(lo));
+}
+__device__ __forceinline__ int64_t shfl_up64(int64_t v, int delta) {
+  const int lo = __shfl_up_sync(0xFFFFFFFFu, static_cast<int>(static_cast<uint64_t>(v) & 0xFFFFFFFFu), delta);
+  const int hi = __shfl_up_sync(0xFFFFFFFFu, static_cast<int>(static_cast<uint64_t>(v) >> 32), delta);
+  return static_cast<int64_t>((static_cast<uint64_t>(static_cast<uint32_t>(hi)) << 32) | static_cast<uint32_t>(lo));
+}
+
+// Sum of v over the CTA's NT threads (every thread gets it); scratch holds NT / 32 values. Two barriers.
+template <int NT>
+__device__ __forceinline__ int64_t block_sum64(int64_t v, int64_t* scratch) {
+  for (int off = 16; off > 0; off /= 2) v += shfl_xor64(v, off);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  int64_t total = 0;
+  for (int w = 0; w < NT / 32; ++w) total += scratch[w];
+  __syncthreads();
+  return total;
+}
+
+// Exclusive prefix of v over the CTA's NT threads in thread order; *total = the sum. Two barriers.
+template <int NT>
+__device__ __forceinline__ int64_t block_exclusive64(int64_t v, int64_t* scratch, int64_t* total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int64_t x = v;
+  for (int d = 1; d < 32; d *= 2) {
+    const int64_t y = shfl_up64(x, d);
+    if (lane >= d) x += y;
+  }
+  if (lane == 31) scratch[warp] = x;
+  __syncthreads();
+  int64_t before = 0, all = 0;
+  for (int w = 0; w < NT / 32; ++w) {
+    before += w < warp ? scratch[w] : 0;
+    all += scratch[w];
+  }
+  __syncthreads();
+  *total = all;
+  return before + x - v;
+}
+
+// The work split (see decode_attention.cuh): chunk = ceil(Σ len / (splits · S)) rows, and segment s gets
+// ceil(len[s] / chunk) consecutive chunk ids, in segment order. Every CTA of both kernels computes the same split
+// from `len`, so nothing is stored between them. Thread t of the CTA owns segments [t · per, (t + 1) · per).
+struct Split {
+  int64_t chunk;  // rows per chunk
+  int64_t first;  // the first chunk id of the segment asked about (segment_of: of the chunk's segment)
+  int64_t count;  // chunks of that segment
+  int64_t total;  // chunk ids in use
+};
+__device__ __forceinline__ int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
+
+template <int NT>
+__device__ __forceinline__ int64_t split_chunk(const kvd::kernels::DecodeAttentionArgs& a, int S, int s0, int s1,
+                                               int64_t* scratch) {
+  int64_t rows = 0;
+  for (int s = s0; s < s1; ++s) rows += a.len[s];
+  const int64_t all = block_sum64<NT>(rows, scratch);
+  const int64_t c = ceil_div(all, static_cast<int64_t>(a.splits) * S);
+  return c > 0 ? c : 1;
+}
+
+// Which segment chunk id x belongs to (x >= total: none, *seg = -1), and where that segment's chunks start.
+template <int NT>
+__device__ Split split_find(const kvd::kernels::DecodeAttentionArgs& a, int64_t x, int* seg, int64_t* scratch) {
+  const int S = a.B * a.Hkv, per = (S + NT - 1) / NT;
+  const int s0 = min(static_cast<int>(threadIdx.x) * per, S), s1 = min(s0 + per, S);
+  Split r;
+  r.chunk = split_chunk<NT>(a, S, s0, s1, scratch);
+  int64_t mine = 0;
+  for (int s = s0; s < s1; ++s) mine += ceil_div(a.len[s], r.chunk);
+  int64_t at = block_exclusive64<NT>(mine, scratch, &r.total);
+  int64_t* found = scratch + NT / 32;  // (3): segment, first, count
+  if (threadIdx.x == 0) found[0] = -1;
+  __syncthreads();
+  if (x >= at && x < at + mine)
+    for (int s = s0; s < s1; ++s) {
+      const int64_t c = ceil_div(a.len[s], r.chunk);
+      if (x < at + c) {
+        found[0] = s, found[1] = at, found[2] = c;
+        break;
+      }
+      at += c;
+    }
+  __syncthreads();
+  *seg = static_cast<int>(found[0]);
+  r.first = found[1];
+  r.count = found[2];
+  __syncthreads();
+  return r;
+}
+
+// Where segment `seg`'s chunk ids start, and how many it has.
+template <int NT>
+__device__ Split split_of(const kvd::kernels::DecodeAttentionArgs& a, int seg, int64_t* scratch) {
+  const int S = a.B * a.Hkv, per = (S + NT - 1) / NT;
+  const int s0 = min(static_cast<int>(threadIdx.x) * per, S), s1 = min(s0 + per, S);
+  Split r;
+  r.chunk = split_chunk<NT>(a, S, s0, s1, scratch);
+  int64_t before = 0, mine = 0;
+  for (int s = s0; s < s1; ++s) {
+    const int64_t c = ceil_div(a.len[s], r.chunk);
+    mine += c;
+    before += s < seg ? c : 0;
+  }
+  r.total = block_sum64<NT>(mine, scratch);
+  r.first = block_sum64<NT>(before, scratch);
+  r.count = ceil_div(a.len[seg], r.chunk);
+  return r;
+}
+
+// 1-D grid of (splits + 1) · S CTAs (a bound on the chunk ids in use); kThreads threads. See decode_attention.cuh.
+// Each lane group loads U keys (K and V rows) before using any, so that enough loads are in flight to keep HBM
+// busy.
 template <int HD, int G>
-__global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::DecodeAttentionArgs a, int64_t chunk) {
+__global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::DecodeAttentionArgs a) {
   constexpr int LPK = HD / 8;         // lanes per key row
   constexpr int KPW = 32 / LPK;       // keys per warp and round
   constexpr int NGRP = kWarps * KPW;  // lane groups per CTA
   constexpr int U = 4;                // rounds per iteration
   KVD_DYNAMIC_SMEM(smem);
-  const int split = blockIdx.x, seg = blockIdx.y;
+  int64_t* scratch = reinterpret_cast<int64_t*>(smem);  // (kWarps + 3) before the merge's arrays below
+  int seg;
+  const int64_t x = blockIdx.x;
+  const Split sp = split_find<kThreads>(a, x, &seg, scratch);
+  if (seg < 0) return;  // past the chunks in use: the merge reads none of this id
   const int b = seg / a.Hkv, h = seg % a.Hkv;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kg = lane / LPK, sub = lane % LPK, grp = warp * KPW + kg;
   const int64_t len = a.len[seg], row0 = a.start[seg];
-  const int64_t lo = static_cast<int64_t>(split) * chunk;
-  const int64_t hi = len < lo + chunk ? len : lo + chunk;
+  const int64_t lo = (x - sp.first) * sp.chunk;
+  const int64_t hi = len < lo + sp.chunk ? len : lo + sp.chunk;
   const int64_t qp = a.window > 0 ? a.qpos[b] : 0;
 
   float q[G][8], acc[G][8], m[G], l[G];
@@ -121,8 +242,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
 
   // Merge the lane groups of the CTA: (max, sum) and the output slice of every group to shared memory, then
   // each thread merges whole (head, dim) columns in group order.
-  float* s_ml = reinterpret_cast<float*>(smem);  // (NGRP, G, 2)
-  float* s_o = s_ml + NGRP * G * 2;              // (NGRP, G, HD)
+  float* s_ml = reinterpret_cast<float*>(smem) + kScratchFloats;  // (NGRP, G, 2)
+  float* s_o = s_ml + NGRP * G * 2;                                // (NGRP, G, HD)
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (sub == 0) {
@@ -133,7 +254,6 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
     for (int i = 0; i < 8; ++i) s_o[(grp * G + g) * HD + sub * 8 + i] = acc[g][i];
   }
   __syncthreads();
-  const int64_t BH = static_cast<int64_t>(a.B) * a.H;
   for (int idx = threadIdx.x; idx < G * HD; idx += kThreads) {
     const int g = idx / HD, d = idx % HD;
     float M = -INFINITY;
@@ -148,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
         O += w * s_o[(t * G + g) * HD + d];
       }
     }
-    const int64_t row = static_cast<int64_t>(split) * BH + static_cast<int64_t>(b) * a.H + h * G + g;
+    const int64_t row = x * G + g;  // partials: (chunk id, head of the group)
     a.part_o[row * HD + d] = O;
     if (d == 0) {
       a.part_ml[row * 2] = M;
@@ -157,30 +277,35 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
   }
 }
 
-// grid (B · H), kMergeGroups · HD threads: merges the splits of one (request, query head). Group g merges splits
-// g, g + kMergeGroups, ... in order (the loads of the groups are in flight together), then group 0 merges the
-// groups' results in group order: a fixed order, so the result is deterministic.
+// grid (B · H), kMergeGroups · HD threads: merges the chunks of one (request, query head). Group g merges the
+// segment's chunks g, g + kMergeGroups, ... in order (the loads of the groups are in flight together), then group 0
+// merges the groups' results in group order: a fixed order, so the result is deterministic.
 constexpr int kMergeGroups = 4;
-template <int HD>
+template <int HD, int G>
 __global__ void __launch_bounds__(kMergeGroups * HD) merge_kernel(const kvd::kernels::DecodeAttentionArgs a) {
+  constexpr int NT = kMergeGroups * HD;
   KVD_DYNAMIC_SMEM(smem);
-  float* s_ml = reinterpret_cast<float*>(smem);  // (kMergeGroups, 2): max, sum
-  float* s_o = s_ml + 2 * kMergeGroups;          // (kMergeGroups, HD)
-  const int64_t row = blockIdx.x, BH = static_cast<int64_t>(a.B) * a.H;
+  int64_t* scratch = reinterpret_cast<int64_t*>(smem);            // (NT / 32 + 3)
+  float* s_ml = reinterpret_cast<float*>(smem) + kScratchFloats;  // (kMergeGroups, 2): max, sum
+  float* s_o = s_ml + 2 * kMergeGroups;                           // (kMergeGroups, HD)
+  const int64_t row = blockIdx.x;  // b · H + q = segment · G + g
+  const int seg = static_cast<int>(row / G), g = static_cast<int>(row % G);
+  const Split sp = split_of<NT>(a, seg, scratch);
   const int grp = threadIdx.x / HD, d = threadIdx.x % HD;
   float M = -INFINITY;
-  for (int s = grp; s < a.splits; s += kMergeGroups) {
-    const float ms = a.part_ml[(s * BH + row) * 2];
+  for (int64_t c = grp; c < sp.count; c += kMergeGroups) {
+    const float ms = a.part_ml[((sp.first + c) * G + g) * 2];
     M = ms > M ? ms : M;
   }
   float L = 0.f, O = 0.f;
   if (M > -INFINITY) {
-    for (int s = grp; s < a.splits; s += kMergeGroups) {
-      const float ms = a.part_ml[(s * BH + row) * 2];
+    for (int64_t c = grp; c < sp.count; c += kMergeGroups) {
+      const int64_t r = (sp.first + c) * G + g;
+      const float ms = a.part_ml[r * 2];
       if (ms == -INFINITY) continue;
       const float w = ex(ms - M);
-      L += w * a.part_ml[(s * BH + row) * 2 + 1];
-      O += w * a.part_o[(s * BH + row) * HD + d];
+      L += w * a.part_ml[r * 2 + 1];
+      O += w * a.part_o[r * HD + d];
     }
   }
   if (d == 0) {
@@ -204,26 +329,28 @@ __global__ void __launch_bounds__(kMergeGroups * HD) merge_kernel(const kvd::ker
 }
 
 template <int HD, int G>
-void launch_g(const kvd::kernels::DecodeAttentionArgs& a, int64_t chunk, cudaStream_t stream) {
+void launch_g(const kvd::kernels::DecodeAttentionArgs& a, cudaStream_t stream) {
   constexpr int NGRP = kWarps * (32 / (HD / 8));
-  const size_t smem = static_cast<size_t>(NGRP) * G * (HD + 2) * sizeof(float);
+  const size_t smem = (kScratchFloats + static_cast<size_t>(NGRP) * G * (HD + 2)) * sizeof(float);
   auto* kernel = split_kernel<HD, G>;
-  KVD_LAUNCH(kernel, dim3(a.splits, a.B * a.Hkv), dim3(kThreads), smem, stream, a, chunk);
-  const size_t merge_smem = (2 + HD) * kMergeGroups * sizeof(float);
-  KVD_LAUNCH(merge_kernel<HD>, dim3(a.B * a.H), dim3(kMergeGroups * HD), merge_smem, stream, a);
+  const int64_t ctas = (static_cast<int64_t>(a.splits) + 1) * a.B * a.Hkv;
+  KVD_LAUNCH(kernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), smem, stream, a);
+  const size_t merge_smem = (kScratchFloats + (2 + HD) * kMergeGroups) * sizeof(float);
+  auto* merge = merge_kernel<HD, G>;
+  KVD_LAUNCH(merge, dim3(a.B * a.H), dim3(kMergeGroups * HD), merge_smem, stream, a);
 }
 
 template <int HD>
-void launch(const kvd::kernels::DecodeAttentionArgs& a, int64_t chunk, cudaStream_t stream) {
+void launch(const kvd::kernels::DecodeAttentionArgs& a, cudaStream_t stream) {
   switch (a.H / a.Hkv) {
-    case 1: return launch_g<HD, 1>(a, chunk, stream);
-    case 2: return launch_g<HD, 2>(a, chunk, stream);
-    case 3: return launch_g<HD, 3>(a, chunk, stream);
-    case 4: return launch_g<HD, 4>(a, chunk, stream);
-    case 5: return launch_g<HD, 5>(a, chunk, stream);
-    case 6: return launch_g<HD, 6>(a, chunk, stream);
-    case 7: return launch_g<HD, 7>(a, chunk, stream);
-    default: return launch_g<HD, 8>(a, chunk, stream);
+    case 1: return launch_g<HD, 1>(a, stream);
+    case 2: return launch_g<HD, 2>(a, stream);
+    case 3: return launch_g<HD, 3>(a, stream);
+    case 4: return launch_g<HD, 4>(a, stream);
+    case 5: return launch_g<HD, 5>(a, stream);
+    case 6: return launch_g<HD, 6>(a, stream);
+    case 7: return launch_g<HD, 7>(a, stream);
+    default: return launch_g<HD, 8>(a, stream);
   }
 }
 
@@ -231,9 +358,9 @@ void launch(const kvd::kernels::DecodeAttentionArgs& a, int64_t chunk, cudaStrea
 
 int decode_attention_splits(int segments, int64_t max_len) {
   // About 8 CTAs per SM of an H100 / H200 (132 SMs): a CTA holds few loads in flight, so bandwidth needs many of
-  // them; with ragged heads the splits are sized by the longest, and short heads leave theirs idle. At most 128
-  // per segment: past that the merge costs more than the extra CTAs gain (H200, SmolLM2 at batch 1 and 32K: 352
-  // splits 0.053 ms, 128 splits 0.034 ms; bench/RESULTS.md, 2026-12-05).
+  // them (the chunks follow the entries, so a ragged cache gets as many as a uniform one). At most 128 per segment:
+  // past that the merge costs more than the extra CTAs gain (H200, SmolLM2 at batch 1 and 32K: 352 splits
+  // 0.053 ms, 128 splits 0.034 ms; bench/RESULTS.md, 2026-12-05).
   const int64_t want = (1056 + segments - 1) / (segments > 0 ? segments : 1);
   const int64_t most = (max_len + 63) / 64;
   int64_t s = want < most ? want : most;
@@ -243,13 +370,13 @@ int decode_attention_splits(int segments, int64_t max_len) {
 
 cudaError_t decode_attention(const kvd::kernels::DecodeAttentionArgs& a, cudaStream_t stream) {
   if ((a.hd != 64 && a.hd != 128) || a.B <= 0 || a.Hkv <= 0 || a.H % a.Hkv != 0 || a.H / a.Hkv > kMaxG ||
-      a.splits < 1 || a.max_len < 0 || a.B * a.Hkv > 65535)
+      a.splits < 1 || a.max_len < 0 || a.B * a.Hkv > 65535 ||
+      (static_cast<int64_t>(a.splits) + 1) * a.B * a.Hkv > 0x7FFFFFFF)
     return cudaErrorInvalidValue;
-  const int64_t chunk = a.max_len > 0 ? (a.max_len + a.splits - 1) / a.splits : 1;
   if (a.hd == 64)
-    launch<64>(a, chunk, stream);
+    launch<64>(a, stream);
   else
-    launch<128>(a, chunk, stream);
+    launch<128>(a, stream);
   return KVD_LAST_ERROR();
 }
 

@@ -8,12 +8,13 @@
 // over its visible entries j < len[s]; with a sliding window (window > 0), entry j is visible only if
 // qpos[b] − kpos[start[s] + j] < window. A segment with no visible entry gives 0.
 //
-// start and len are read on the device, so one launch shape serves every decode step (CUDA graphs): the caller
-// gives max_len, an upper bound of every len, and the grid has `splits` CTAs per segment, each over a chunk of
-// ceil(max_len / splits) rows; a CTA past its segment's length exits after writing an empty partial. Each CTA
-// writes, per query head, its chunk's running max, sum and unnormalized output (fp32) to a workspace; a second
-// kernel merges the splits in a fixed order (4 interleaved groups of splits, then the groups; deterministic: no
-// atomics).
+// start and len are read on the device, so one launch shape serves every decode step (CUDA graphs). The work is
+// split by entries, not by heads: with S = B · H_kv segments, chunks are ceil(Σ len / (splits · S)) rows and segment s
+// gets ceil(len[s] / chunk) of them, so a ragged cache keeps as many CTAs busy as a uniform one of the same total.
+// Every CTA derives this split from `len` itself (a block-wide sum and prefix over the S lengths). The grid has a
+// bound of (splits + 1) · S CTAs; those past the chunks in use exit. Each CTA writes, per query head, its chunk's
+// running max, sum and unnormalized output (fp32) to a workspace; a second kernel merges a segment's chunks in a
+// fixed order (4 interleaved groups of chunks, then the groups; deterministic: no atomics).
 //
 // Inside a CTA (4 warps), hd / 8 lanes hold one key row (8 bf16 each, one 16-byte load), so a warp reads
 // 32 · 8 / hd keys per round with coalesced rows; a lane group loads 4 rounds of K and V rows before using them (loads
@@ -41,9 +42,9 @@ struct DecodeAttentionArgs {
   int B = 0, H = 0, Hkv = 0, hd = 0;  // hd 64 or 128; H / Hkv <= kDecodeMaxGroup
   float scale = 1.f;
   int64_t max_len = 0;
-  int splits = 1;                  // CTAs per segment, >= 1
-  float* part_o = nullptr;         // workspace (splits, B · H, hd) fp32
-  float* part_ml = nullptr;        // workspace (splits, B · H, 2) fp32: max, sum
+  int splits = 1;                  // CTAs per segment on average, >= 1
+  float* part_o = nullptr;         // workspace (splits + 1, B · H, hd) fp32
+  float* part_ml = nullptr;        // workspace (splits + 1, B · H, 2) fp32: max, sum
   uint16_t* out = nullptr;         // (B, H, hd) bf16
 };
 

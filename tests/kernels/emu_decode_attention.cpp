@@ -26,7 +26,7 @@ at::Tensor run_emulated(const kvd::DecodeAttentionInput& in, int splits) {
   a.scale = static_cast<float>(in.scale);
   a.window = in.window ? *in.window : 0;
   at::Tensor q = in.q.contiguous(), k = in.k.contiguous(), v = in.v.contiguous();
-  at::Tensor part_o = torch::full({splits, B * H, hd}, NAN), part_ml = torch::full({splits, B * H, 2}, NAN);
+  at::Tensor part_o = torch::full({splits + 1, B * H, hd}, NAN), part_ml = torch::full({splits + 1, B * H, 2}, NAN);
   at::Tensor out = torch::full({B, H, hd}, NAN).to(torch::kBFloat16);
   a.q = reinterpret_cast<const uint16_t*>(q.data_ptr());
   a.k = reinterpret_cast<const uint16_t*>(k.data_ptr());
