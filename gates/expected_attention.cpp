@@ -19,6 +19,34 @@ ScorerNeeds ExpectedAttentionScorer::needs() const {
   return n;
 }
 
+at::Tensor ExpectedAttentionScorer::rotation(const LayerView& view, int64_t hd) {
+  const int64_t B = static_cast<int64_t>(view.next_positions.size());
+  if (rot_.defined() && rot_model_ == view.model && rot_next_ == view.next_positions && rot_.size(-1) == hd &&
+      rot_.device() == view.keys.device())
+    return rot_;
+  // Average RoPE rotation over each row's next n_future positions (float32 on the CPU, as HF's rotary embedding).
+  auto f32 = torch::TensorOptions().dtype(torch::kFloat);
+  at::Tensor inv = rope_inv_freq(view.model->config()).to(torch::kFloat);  // (hd/2)
+  const int64_t half = hd / 2;
+  at::Tensor I = torch::eye(hd, f32);  // (hd, hd)
+  at::Tensor P = torch::zeros({hd, hd}, f32);
+  P.narrow(0, half, half).narrow(1, 0, half).copy_(torch::eye(half, f32));
+  P.narrow(0, 0, half).narrow(1, half, half).copy_(-torch::eye(half, f32));
+  std::vector<at::Tensor> rot;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = view.next_positions[b];
+    at::Tensor pos = torch::arange(t, t + opt_.n_future, f32);  // (F)
+    at::Tensor ang = pos.unsqueeze(1) * inv.unsqueeze(0);       // (F, hd/2)
+    ang = torch::cat({ang, ang}, 1);                            // (F, hd)
+    at::Tensor cos = ang.cos(), sin = ang.sin();                // (F, hd)
+    rot.push_back((cos.unsqueeze(1) * I + sin.unsqueeze(1) * P).mean(0));  // (hd, hd)
+  }
+  rot_ = torch::stack(rot).to(view.keys.device()).unsqueeze(1);  // (B, 1, hd, hd)
+  rot_model_ = view.model;
+  rot_next_ = view.next_positions;
+  return rot_;
+}
+
 at::Tensor ExpectedAttentionScorer::score(const LayerView& view) {
   KVD_CHECK(view.model != nullptr && view.queries_pre_rope.defined(),
             "expected_attention: needs the model and the prompt's pre-RoPE queries");
@@ -43,27 +71,10 @@ at::Tensor ExpectedAttentionScorer::score(const LayerView& view) {
     cov = torch::matmul(c.transpose(2, 3), c) / static_cast<double>(T - ns);             // (B, H, hd, hd)
   }
   mu = mu.squeeze(2);  // (B, H, hd)
-
-  // Average RoPE rotation over each row's next n_future positions (float32 on the CPU, as HF's rotary embedding).
-  auto f32 = torch::TensorOptions().dtype(torch::kFloat);
-  at::Tensor inv = rope_inv_freq(view.model->config()).to(torch::kFloat);  // (hd/2)
-  const int64_t half = hd / 2;
-  at::Tensor I = torch::eye(hd, f32);  // (hd, hd)
-  at::Tensor P = torch::zeros({hd, hd}, f32);
-  P.narrow(0, half, half).narrow(1, 0, half).copy_(torch::eye(half, f32));
-  P.narrow(0, 0, half).narrow(1, half, half).copy_(-torch::eye(half, f32));
   KVD_CHECK(static_cast<int64_t>(view.next_positions.size()) == B, "expected_attention: next_positions holds ",
             view.next_positions.size(), " rows, the view ", B);
-  std::vector<at::Tensor> rot;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t t = view.next_positions[b];
-    at::Tensor pos = torch::arange(t, t + opt_.n_future, f32);  // (F)
-    at::Tensor ang = pos.unsqueeze(1) * inv.unsqueeze(0);       // (F, hd/2)
-    ang = torch::cat({ang, ang}, 1);                            // (F, hd)
-    at::Tensor cos = ang.cos(), sin = ang.sin();                // (F, hd)
-    rot.push_back((cos.unsqueeze(1) * I + sin.unsqueeze(1) * P).mean(0));  // (hd, hd)
-  }
-  at::Tensor R = torch::stack(rot).to(view.keys.device()).unsqueeze(1);  // (B, 1, hd, hd)
+
+  at::Tensor R = rotation(view, hd);                                     // (B, 1, hd, hd)
   mu = torch::matmul(mu.unsqueeze(2), R.transpose(2, 3)).squeeze(2);     // (B, H, hd)
   cov = torch::matmul(R, torch::matmul(cov, R.transpose(2, 3)));         // (B, H, hd, hd)
 

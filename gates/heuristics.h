@@ -152,7 +152,13 @@ class ExpectedAttentionScorer : public Scorer {
   at::Tensor score(const LayerView& view) override;
 
  private:
+  // (B, 1, hd, hd) on the keys' device: the average RoPE rotation of each row's next n_future positions. It depends
+  // on the rows' next positions only, so the layers of one prefill share it (kept from one call to the next).
+  at::Tensor rotation(const LayerView& view, int64_t hd);
   ExpectedAttentionOptions opt_;
+  const Model* rot_model_ = nullptr;
+  std::vector<int64_t> rot_next_;
+  at::Tensor rot_;
 };
 
 // CriticalKV on top of a base scorer: s'_j = (s_j + 1e-4) · ||W_O^(h) v_j||_1 (summed over the group's
