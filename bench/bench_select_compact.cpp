@@ -5,8 +5,8 @@
 //
 // 1. Select + compact, all layers at once, the shapes of ../shared/bench/attention_anchors.py: scores (L·B, H_kv, n)
 //    fp32, K and V (L·B, H_kv, n, 128) bf16, keep M per head. PyTorch: topk → sort → gather of K and V (new
-//    tensors). Ours: select_rows_fused (one launch) + compact_rows_fused of K and V (in place), three ways: K then V
-//    segment-serial, K and V in one segment-serial launch, K and V in one chunk-parallel launch. Bytes counted as
+//    tensors). Ours: select_rows_fused (one launch) + compact_rows_fused of K and V (in place), K then V in two
+//    launches and both in one. Bytes counted as
 //    the anchor does: the scores read + the kept K and V rows read and written. Bandwidth is also given as a
 //    fraction of a device-to-device copy measured in the same run. Ours and PyTorch's kept sets are compared (random
 //    scores: no ties).
@@ -80,22 +80,15 @@ int main(int argc, char** argv) {
     at::Tensor want = std::get<0>(std::get<1>(S.topk(e.M, -1)).sort(-1)).to(torch::kInt);
     const int64_t differ = sel.indices.ne(want).any(-1).sum().item<int64_t>();
     const double moved = S.numel() * 4.0 + 2.0 * 2.0 * (LB * e.H * e.M * e.D * 2.0);
-    // The compaction's ways: K then V (two launches) or both in one, segment-serial or chunk-parallel.
-    using kvd::CompactSchedule;
-    struct Way {
-      const char* name;
-      bool one_launch;
-      CompactSchedule schedule;
-    };
-    for (const Way& w : {Way{"serial, K then V", false, CompactSchedule::SegmentSerial},
-                         Way{"serial, K+V", true, CompactSchedule::SegmentSerial},
-                         Way{"chunk-parallel, K+V", true, CompactSchedule::ChunkParallel}}) {
+    // The compaction's two ways: K then V (two launches) or both in one.
+    for (const bool one_launch : {false, true}) {
+      const char* name = one_launch ? "K+V" : "K then V";
       auto compact = [&](const kvd::RowSelection& s) {
-        if (w.one_launch) {
-          kvd::compact_rows_fused(K, V, s, w.schedule);
+        if (one_launch) {
+          kvd::compact_rows_fused(K, V, s);
         } else {
-          kvd::compact_rows_fused(K, s, w.schedule);
-          kvd::compact_rows_fused(V, s, w.schedule);
+          kvd::compact_rows_fused(K, s);
+          kvd::compact_rows_fused(V, s);
         }
       };
       const double compact_ms = kvd::bench::time_ms([&] { compact(sel); }, reps);
@@ -105,7 +98,7 @@ int main(int argc, char** argv) {
                   "\"compact_kv_ms\": %.4f, \"speedup\": %.2f, \"ours_TBps\": %.3f, \"ours_fraction_of_copy\": %.3f, "
                   "\"compact_fraction_of_copy\": %.3f, \"torch_TBps\": %.3f, \"torch_fraction_of_copy\": %.3f, "
                   "\"segments_whose_kept_set_differs\": %ld}\n",
-                  w.name, (long)e.L, (long)e.B, (long)e.H, (long)e.n, (long)e.M, (long)e.D, torch_ms, ours_ms,
+                  name, (long)e.L, (long)e.B, (long)e.H, (long)e.n, (long)e.M, (long)e.D, torch_ms, ours_ms,
                   select_ms, compact_ms, torch_ms / ours_ms, moved / ours_ms / 1e9, moved / ours_ms / 1e9 / copy_tbps,
                   (moved - S.numel() * 4.0) / compact_ms / 1e9 / copy_tbps, moved / torch_ms / 1e9,
                   moved / torch_ms / 1e9 / copy_tbps, (long)differ);

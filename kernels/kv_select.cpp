@@ -164,7 +164,7 @@ RowSelection select_rows_fused(const at::Tensor& scores_in, const RowSelectSpec&
 }
 
 namespace {
-void compact_fused(at::Tensor& cache, at::Tensor* second, const RowSelection& sel, CompactSchedule schedule) {
+void compact_fused(at::Tensor& cache, at::Tensor* second, const RowSelection& sel) {
   KVD_CHECK(cache.is_cuda() && cache.dim() >= 3 && cache.is_contiguous(),
             "compact_rows_fused: cache must be a contiguous (B, H, n, ...) CUDA tensor");
   KVD_CHECK(!second || (second->sizes() == cache.sizes() && second->scalar_type() == cache.scalar_type() &&
@@ -190,22 +190,12 @@ void compact_fused(at::Tensor& cache, at::Tensor* second, const RowSelection& se
   a.idx_b_stride = H * idx.size(2);
   a.idx_h_stride = idx.size(2);
   a.counts = cnt.data_ptr<int32_t>();
-  a.max_count = std::min<int64_t>(idx.size(2), n);  // no count exceeds the selection's capacity
-  at::Tensor flags;
-  if (schedule == CompactSchedule::ChunkParallel) {
-    flags = torch::zeros({std::max<int64_t>(kernels::compact_rows_flags(a), 1)}, idx.options());
-    a.flags = flags.data_ptr<int32_t>();
-  }
   check_cuda(kernels::compact_rows(a, c10::cuda::getCurrentCUDAStream().stream()), "compact_rows_fused");
 }
 }  // namespace
 
-void compact_rows_fused(at::Tensor& cache, const RowSelection& sel, CompactSchedule schedule) {
-  compact_fused(cache, nullptr, sel, schedule);
-}
-void compact_rows_fused(at::Tensor& k, at::Tensor& v, const RowSelection& sel, CompactSchedule schedule) {
-  compact_fused(k, &v, sel, schedule);
-}
+void compact_rows_fused(at::Tensor& cache, const RowSelection& sel) { compact_fused(cache, nullptr, sel); }
+void compact_rows_fused(at::Tensor& k, at::Tensor& v, const RowSelection& sel) { compact_fused(k, &v, sel); }
 
 at::Tensor retention_score_fused(const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& b1,
                                  const at::Tensor& w2, const at::Tensor& bias, const at::Tensor& positions,
@@ -255,10 +245,10 @@ at::Tensor retention_score_fused(const at::Tensor& hidden, const at::Tensor& w1,
 RowSelection select_rows_fused(const at::Tensor&, const RowSelectSpec&) {
   KVD_CHECK(false, "select_rows_fused: this build has no CUDA kernels");
 }
-void compact_rows_fused(at::Tensor&, const RowSelection&, CompactSchedule) {
+void compact_rows_fused(at::Tensor&, const RowSelection&) {
   KVD_CHECK(false, "compact_rows_fused: this build has no CUDA kernels");
 }
-void compact_rows_fused(at::Tensor&, at::Tensor&, const RowSelection&, CompactSchedule) {
+void compact_rows_fused(at::Tensor&, at::Tensor&, const RowSelection&) {
   KVD_CHECK(false, "compact_rows_fused: this build has no CUDA kernels");
 }
 at::Tensor retention_score_fused(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

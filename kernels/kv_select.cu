@@ -349,13 +349,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(SelectArgs a, in
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Compaction. A CTA moves one column group (kColumnBytes of every row) of one segment of one cache, kRowsPerThread
-// rows per thread per chunk; the segment-serial schedule walks a segment's chunks in one CTA, the chunk-parallel one
-// gives each chunk its own CTA (kv_select.cuh says why both keep the move in place).
+// Compaction: grid (segments, column groups, caches); a CTA moves one column group (kColumnBytes of every row) of
+// one segment of one cache, kRowsPerThread rows per thread per chunk.
 constexpr int kCompactThreads = 256;
 constexpr int kColumnBytes = 512;  // whole rows up to 512 bytes per CTA: each row is read in one burst
-constexpr int kRowsPerThread = 8;        // segment-serial
-constexpr int kChunkRowsPerThread = 4;   // chunk-parallel: smaller CTAs, more of them in flight
+constexpr int kRowsPerThread = 8;
 
 // Vectors of one row a CTA moves: a column of at most kColumnBytes, at most one vector per thread per row.
 template <typename V>
@@ -365,38 +363,19 @@ __host__ __device__ inline int64_t column_vectors(int64_t vecs_per_row) {
   return c < vecs_per_row ? c : vecs_per_row;
 }
 
-// Rows of one chunk: (rows a pass of the CTA covers) × rows per thread.
 template <typename V>
-__host__ __device__ inline int64_t chunk_rows(int64_t row_bytes, int rows_per_thread) {
-  const int64_t cols = column_vectors<V>(row_bytes / static_cast<int64_t>(sizeof(V)));
-  return (kCompactThreads / cols) * rows_per_thread;
-}
-
-// One CTA's view of one (cache, column group, segment): where its rows live and which ones it moves.
-template <typename V>
-struct CompactCta {
-  const CompactArgs& a;
-  unsigned char* base;
-  int s, b, h, cols, row_lane, rows_per_pass;
-  int64_t col, count;
-  bool col_ok;
-  const int32_t* idx;
-
-  __device__ CompactCta(const CompactArgs& args, int cache, int group, int segment, int tid) : a(args) {
-    base = static_cast<unsigned char*>(cache ? a.base2 : a.base);
-    s = segment;
-    b = s / a.heads;
-    h = s % a.heads;
-    const int64_t vecs_per_row = a.row_bytes / static_cast<int64_t>(sizeof(V));
-    cols = static_cast<int>(column_vectors<V>(vecs_per_row));  // vectors per row in this CTA
-    col = static_cast<int64_t>(group) * cols + tid % cols;
-    col_ok = col < vecs_per_row && tid < (kCompactThreads / cols) * cols;
-    row_lane = tid / cols;
-    rows_per_pass = kCompactThreads / cols;
-    count = a.counts ? static_cast<int64_t>(a.counts[s]) : a.keep;
-    idx = a.indices + b * a.idx_b_stride + h * a.idx_h_stride;
-  }
-  __device__ V* row(int64_t token) const {
+__global__ void __launch_bounds__(kCompactThreads) compact_kernel(CompactArgs a) {
+  const int s = blockIdx.x, tid = threadIdx.x;
+  const int b = s / a.heads, h = s % a.heads;
+  const int64_t vecs_per_row = a.row_bytes / static_cast<int64_t>(sizeof(V));
+  const int cols = static_cast<int>(column_vectors<V>(vecs_per_row));  // vectors per row in this CTA
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * cols + tid % cols;
+  const bool col_ok = col < vecs_per_row && tid < (kCompactThreads / cols) * cols;
+  const int row_lane = tid / cols, rows_per_pass = kCompactThreads / cols;
+  const int64_t count = a.counts ? static_cast<int64_t>(a.counts[s]) : a.keep;
+  const int32_t* idx = a.indices + b * a.idx_b_stride + h * a.idx_h_stride;
+  unsigned char* base = static_cast<unsigned char*>(blockIdx.z ? a.base2 : a.base);
+  auto row = [&](int64_t token) -> V* {
     int64_t off;
     if (a.block_table) {
       const int64_t blk = a.block_table[b * a.block_table_stride + token / a.tokens_per_block];
@@ -405,64 +384,24 @@ struct CompactCta {
       off = (static_cast<int64_t>(s) * a.segment_rows + token) * a.row_bytes;
     }
     return reinterpret_cast<V*>(base + off) + col;
-  }
-  // Destination rows [c, c + R · rows_per_pass): loads every source, calls between() (which must include a CTA
-  // barrier), then stores.
-  template <int R, typename F>
-  __device__ void move(int64_t c, F between) const {
-    V v[R];
-    bool mv[R];
-    for (int u = 0; u < R; ++u) {
+  };
+  const int64_t chunk = static_cast<int64_t>(rows_per_pass) * kRowsPerThread;
+  for (int64_t c = 0; c < count; c += chunk) {
+    V v[kRowsPerThread];
+    bool move[kRowsPerThread];
+    for (int u = 0; u < kRowsPerThread; ++u) {
       const int64_t j = c + static_cast<int64_t>(u) * rows_per_pass + row_lane;
       const int64_t src = j < count ? idx[j] : j;
-      mv[u] = col_ok && j < count && src > j && src < a.n;
-      if (mv[u]) v[u] = *row(src);
+      move[u] = col_ok && j < count && src != j && src > j && src < a.n;
+      if (move[u]) v[u] = *row(src);
     }
-    between();
-    for (int u = 0; u < R; ++u) {
+    __syncthreads();
+    for (int u = 0; u < kRowsPerThread; ++u) {
       const int64_t j = c + static_cast<int64_t>(u) * rows_per_pass + row_lane;
-      if (mv[u]) *row(j) = v[u];
+      if (move[u]) *row(j) = v[u];
     }
-  }
-};
-
-// Segment-serial: grid (segments, column groups, caches).
-template <typename V>
-__global__ void __launch_bounds__(kCompactThreads) compact_kernel(CompactArgs a) {
-  const CompactCta<V> cta(a, static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.x),
-                          static_cast<int>(threadIdx.x));
-  const int64_t chunk = static_cast<int64_t>(cta.rows_per_pass) * kRowsPerThread;
-  for (int64_t c = 0; c < cta.count; c += chunk) {
-    cta.template move<kRowsPerThread>(c, [] { __syncthreads(); });
     __syncthreads();
   }
-}
-
-// Chunk-parallel: a 1-D grid, block id = ((cache · groups + group) · segments + segment) · chunks + chunk, so a
-// segment's chunks start in order; flags[id] = 1 once chunk id's sources are in registers.
-template <typename V>
-__global__ void __launch_bounds__(kCompactThreads) compact_chunks_kernel(CompactArgs a, int64_t chunks, int groups) {
-  const int64_t id = blockIdx.x;
-  const int64_t c = id % chunks;
-  const int64_t rest = id / chunks;
-  const int tid = static_cast<int>(threadIdx.x);
-  const CompactCta<V> cta(a, static_cast<int>(rest / a.num_segments / groups),
-                          static_cast<int>(rest / a.num_segments % groups), static_cast<int>(rest % a.num_segments), tid);
-  const int64_t rows = static_cast<int64_t>(cta.rows_per_pass) * kChunkRowsPerThread;
-  if (c * rows >= cta.count) return;  // no later chunk of this segment waits for this one
-  volatile int32_t* flags = a.flags + (id - c);  // this segment's chunks
-  cta.template move<kChunkRowsPerThread>(c * rows, [&] {
-    __syncthreads();  // every source of this chunk is loaded
-    if (tid == 0) {
-      __threadfence();
-      flags[c] = 1;
-    }
-    for (int64_t e = tid; e < c; e += kCompactThreads)
-      while (flags[e] == 0) {
-      }
-    __threadfence();
-    __syncthreads();  // every earlier chunk has loaded: its sources may be overwritten
-  });
 }
 
 struct alignas(16) Vec16 {
@@ -509,60 +448,25 @@ cudaError_t select_rows(const SelectArgs& a, cudaStream_t stream) {
   return KVD_LAST_ERROR();
 }
 
-namespace {
-// Calls f(V{}) with the widest vector the rows' size and alignment allow.
-template <typename F>
-auto with_row_vector(const CompactArgs& a, F f) {
-  const uintptr_t addr = reinterpret_cast<uintptr_t>(a.base) | reinterpret_cast<uintptr_t>(a.base2);
-  if (a.row_bytes % 16 == 0 && addr % 16 == 0) return f(Vec16{});
-  if (a.row_bytes % 4 == 0 && addr % 4 == 0) return f(uint32_t{});
-  return f(uint8_t{});
-}
-
-// (caches, column groups, chunks per segment) of the chunk-parallel grid.
-template <typename V>
-void chunk_grid(const CompactArgs& a, int64_t* caches, int64_t* groups, int64_t* chunks) {
-  const int64_t vecs = a.row_bytes / static_cast<int64_t>(sizeof(V));
-  const int64_t cols = column_vectors<V>(vecs);
-  const int64_t bound = a.counts ? (a.max_count > 0 ? a.max_count : a.n) : a.keep;
-  const int64_t rows = chunk_rows<V>(a.row_bytes, kChunkRowsPerThread);
-  *caches = a.base2 ? 2 : 1;
-  *groups = (vecs + cols - 1) / cols;
-  *chunks = bound > 0 ? (bound + rows - 1) / rows : 0;
-}
-}  // namespace
-
-int64_t compact_rows_flags(const CompactArgs& a) {
-  if (a.row_bytes <= 0 || a.num_segments <= 0) return 0;
-  return with_row_vector(a, [&](auto vec) -> int64_t {
-    int64_t caches, groups, chunks;
-    chunk_grid<decltype(vec)>(a, &caches, &groups, &chunks);
-    return caches * groups * a.num_segments * chunks;
-  });
-}
-
 cudaError_t compact_rows(const CompactArgs& a, cudaStream_t stream) {
   if (a.num_segments < 0 || a.heads <= 0 || !a.base || !a.indices || a.row_bytes <= 0 || a.n < 0 ||
-      a.max_count < 0 || (a.block_table && a.tokens_per_block <= 0))
+      (a.block_table && a.tokens_per_block <= 0))
     return cudaErrorInvalidValue;
   if (a.num_segments == 0) return cudaSuccess;
-  return with_row_vector(a, [&](auto vec) -> cudaError_t {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(a.base) | reinterpret_cast<uintptr_t>(a.base2);
+  auto launch = [&](auto vec) -> cudaError_t {
     using V = decltype(vec);
-    int64_t caches, groups, chunks;
-    chunk_grid<V>(a, &caches, &groups, &chunks);
-    if (a.flags) {
-      const int64_t blocks = caches * groups * a.num_segments * chunks;
-      if (blocks == 0) return cudaSuccess;
-      if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-      auto* kernel = &compact_chunks_kernel<V>;
-      KVD_LAUNCH(kernel, static_cast<unsigned>(blocks), kCompactThreads, 0, stream, a, chunks, static_cast<int>(groups));
-      return KVD_LAST_ERROR();
-    }
-    const dim3 grid(static_cast<unsigned>(a.num_segments), static_cast<unsigned>(groups), static_cast<unsigned>(caches));
+    const int64_t vecs = a.row_bytes / static_cast<int64_t>(sizeof(V));
+    const int64_t cols = column_vectors<V>(vecs);
+    const dim3 grid(static_cast<unsigned>(a.num_segments), static_cast<unsigned>((vecs + cols - 1) / cols),
+                    a.base2 ? 2u : 1u);
     auto* kernel = &compact_kernel<V>;
     KVD_LAUNCH(kernel, grid, kCompactThreads, 0, stream, a);
     return KVD_LAST_ERROR();
-  });
+  };
+  if (a.row_bytes % 16 == 0 && addr % 16 == 0) return launch(Vec16{});
+  if (a.row_bytes % 4 == 0 && addr % 4 == 0) return launch(uint32_t{});
+  return launch(uint8_t{});
 }
 
 }  // namespace KVD_KS_NAMESPACE

@@ -14,17 +14,11 @@
 // then one pass in index order writes the kept indices (block-wide ballot scans), so the output needs no sort.
 //
 // Compaction (compact_rows): for each segment, row indices[j] moves to row j, for j < count, in place. Indices
-// must be ascending (select_rows' output), so indices[j] >= j, and the rows a chunk of destinations [j0, j1) reads
-// all lie at j0 or above: a store to [j0, j1) can only clobber a row that this chunk or an earlier one reads, never
-// a later one. Two schedules keep that order:
-//   - segment-serial (flags == nullptr): one CTA per segment walks its chunks in order, loading a whole chunk
-//     before storing it;
-//   - chunk-parallel (flags != nullptr): one CTA per chunk. A CTA loads its chunk, marks it loaded in `flags`, waits
-//     until every earlier chunk of its segment is marked, then stores. CTAs start in grid order, so the chunks it
-//     waits for already run; a chunk's wait is usually over by the time its own loads land.
-// A CTA moves whole rows of up to 512 bytes (wider rows are split into 512-byte columns over several CTAs). An
-// index outside [0, len) is skipped: the kernel never touches memory outside its segment. With base2, a second
-// cache of the same geometry (V next to K) is compacted by the same launch.
+// must be ascending (select_rows' output), so indices[j] >= j: a CTA walks its segment's rows in chunks, loading a
+// whole chunk before storing it, and no store can reach a row that a later chunk still has to read. A CTA moves
+// whole rows of up to 512 bytes (wider rows are split into 512-byte columns over several CTAs). An index outside
+// [0, len) is skipped: the kernel never touches memory outside its segment. With base2, a second cache of the same
+// geometry (V next to K) is compacted by the same launch.
 #pragma once
 
 #include <cstdint>
@@ -90,13 +84,8 @@ struct CompactArgs {
   int64_t idx_b_stride = 0, idx_h_stride = 0;
   int64_t keep = 0;                  // rows kept per segment (counts == nullptr)
   const int32_t* counts = nullptr;   // (S) rows kept per segment, or nullptr
-  int64_t max_count = 0;             // with counts: a bound on every count (0: n); sizes the chunk-parallel grid
   void* base2 = nullptr;             // a second cache laid out like base (e.g. V next to K), or nullptr
-  int32_t* flags = nullptr;          // chunk-parallel: compact_rows_flags(a) int32, zero before the launch;
-                                     // nullptr: segment-serial
 };
 cudaError_t compact_rows(const CompactArgs& a, cudaStream_t stream);
-// The int32 flags the chunk-parallel schedule needs for `a` (its flags field is ignored).
-int64_t compact_rows_flags(const CompactArgs& a);
 
 }  // namespace kvd::kernels

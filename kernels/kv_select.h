@@ -35,16 +35,10 @@ bool kv_select_fused_available(const at::Tensor& t);
 RowSelection select_rows_fused(const at::Tensor& scores, const RowSelectSpec& spec);
 RowSelection select_rows_reference(const at::Tensor& scores, const RowSelectSpec& spec);  // CPU, any device in
 
-// How compact_rows_fused orders its in-place moves (kernels/kv_select.cuh): one CTA walking each (request, head)
-// in order, or one CTA per chunk of rows with a zeroed int32 workspace of flags (one small memset per call).
-enum class CompactSchedule { SegmentSerial, ChunkParallel };
-
 // In place: cache (B, H, n, ...) contiguous, any dtype; row indices[b, h, j] moves to row j for j < counts[b, h].
-void compact_rows_fused(at::Tensor& cache, const RowSelection& sel,
-                        CompactSchedule schedule = CompactSchedule::SegmentSerial);
+void compact_rows_fused(at::Tensor& cache, const RowSelection& sel);
 // K and V (same shape and dtype) in one launch.
-void compact_rows_fused(at::Tensor& k, at::Tensor& v, const RowSelection& sel,
-                        CompactSchedule schedule = CompactSchedule::SegmentSerial);
+void compact_rows_fused(at::Tensor& k, at::Tensor& v, const RowSelection& sel);
 void compact_rows_reference(at::Tensor& cache, const RowSelection& sel);
 
 // TRIM-KV's retention score of one layer: hidden (B, n, D) float / bf16 / f16 on CUDA; w1 (G, D), b1 (G),

@@ -1,10 +1,8 @@
 // The eviction kernels' own code (kernels/kv_select.cu) on the CPU through the SIMT emulator. Metrics: kept sets and
 // counts equal select_rows_reference exactly (ties, NaN, ±0, protected entries, ragged budgets, padded requests,
-// threshold mode); compaction byte-identical to compact_rows_reference under both schedules (flat at 1-, 4- and
-// 16-byte rows, paged with a shuffled block table, two caches in one launch), and the chunk-parallel schedule's
-// flags set for exactly the chunks that hold kept rows; the retention score within 2e-5 of a float64 evaluation of
-// the gate. Runs in CI. (CTAs run one at a time here, so the order between chunks is checked on the GPU:
-// tests/kernels/test_kv_select.cpp.)
+// threshold mode); compaction byte-identical to compact_rows_reference (flat at 1-, 4- and 16-byte rows, paged
+// with a shuffled block table, two caches in one launch); the retention score within 2e-5 of a float64 evaluation
+// of the gate. Runs in CI.
 #define KVD_SIMT_EMULATION 1
 #include "kernels/kv_select.cu"
 
@@ -133,11 +131,9 @@ TEST(KvSelectEmulated, RaggedBudgetsPaddedRequestsAndThreshold) {
 }
 
 // Runs compact_rows on a host buffer through the emulator (flat when table is undefined).
-// chunk_parallel: the chunk-parallel schedule, whose flags must all be set afterwards exactly for the chunks that
-// hold kept rows. base2: a second cache compacted by the same launch.
+// base2: a second cache compacted by the same launch.
 void run_compact(void* base, int64_t row_bytes, int64_t B, int64_t H, int64_t n, const RowSelection& sel,
-                 const at::Tensor& table = at::Tensor(), int tpb = 0, bool chunk_parallel = false,
-                 void* base2 = nullptr) {
+                 const at::Tensor& table = at::Tensor(), int tpb = 0, void* base2 = nullptr) {
   at::Tensor idx = sel.indices.contiguous(), cnt = sel.counts.contiguous();
   kvd::kernels::CompactArgs a;
   a.base = base;
@@ -155,28 +151,8 @@ void run_compact(void* base, int64_t row_bytes, int64_t B, int64_t H, int64_t n,
   a.idx_b_stride = H * idx.size(2);
   a.idx_h_stride = idx.size(2);
   a.counts = cnt.data_ptr<int32_t>();
-  a.max_count = idx.size(2);
   a.base2 = base2;
-  at::Tensor flags;
-  if (chunk_parallel) {
-    flags = torch::zeros({emu::compact_rows_flags(a)}, torch::kInt);
-    a.flags = flags.data_ptr<int32_t>();
-  }
   ASSERT_EQ(emu::compact_rows(a, nullptr), cudaSuccess);
-  if (!chunk_parallel) return;
-  // Flags: ((cache · groups + group) · segments + segment) · chunks + chunk; the chunks holding kept rows, a prefix of
-  // each segment's, are set and no other.
-  const int64_t vec = row_bytes % 16 == 0 ? 16 : row_bytes % 4 == 0 ? 4 : 1;
-  const int64_t cols = std::min<int64_t>({512 / vec, 256, row_bytes / vec});
-  const int64_t rows = (256 / cols) * emu::kChunkRowsPerThread, groups = (row_bytes / vec + cols - 1) / cols;
-  const int64_t chunks = (idx.size(2) + rows - 1) / rows;
-  ASSERT_EQ(flags.numel(), (base2 ? 2 : 1) * groups * B * H * chunks);
-  at::Tensor f = flags.view({-1, B * H, chunks});  // (caches · groups, S, chunks)
-  for (int64_t g = 0; g < f.size(0); ++g)
-    for (int64_t s = 0; s < B * H; ++s)
-      for (int64_t c = 0; c < chunks; ++c)
-        ASSERT_EQ(f[g][s][c].item<int>(), c * rows < cnt.view(-1)[s].item<int64_t>() ? 1 : 0)
-            << "flag of cache/group " << g << ", segment " << s << ", chunk " << c;
 }
 
 TEST(KvSelectEmulated, CompactFlatMatchesReference) {
@@ -194,17 +170,15 @@ TEST(KvSelectEmulated, CompactFlatMatchesReference) {
     at::Tensor cache = torch::randint(0, 120, {B, H, n, width}, torch::TensorOptions().dtype(dtype));
     at::Tensor want = cache.clone();
     kvd::compact_rows_reference(want, sel);
-    at::Tensor serial = cache.clone(), parallel = cache.clone(), second = cache.flip(0).contiguous();
+    at::Tensor one = cache.clone(), two = cache.clone(), second = cache.flip(0).contiguous();
     at::Tensor want2 = second.clone();
     kvd::compact_rows_reference(want2, sel);
     const int64_t row_bytes = cache.nbytes() / (B * H * n);
-    run_compact(serial.data_ptr(), row_bytes, B, H, n, sel);
-    EXPECT_TRUE(torch::equal(serial, want)) << "row of " << width << " x " << dtype << ", segment-serial";
-    if (row_bytes == 601) continue;  // single-byte columns make 4-row chunks: 7,800 CTAs, minutes in the emulator
-    run_compact(parallel.data_ptr(), row_bytes, B, H, n, sel, at::Tensor(), 0, /*chunk_parallel=*/true,
-                second.data_ptr());
-    EXPECT_TRUE(torch::equal(parallel, want) && torch::equal(second, want2))
-        << "row of " << width << " x " << dtype << ", chunk-parallel, two caches";
+    run_compact(one.data_ptr(), row_bytes, B, H, n, sel);
+    EXPECT_TRUE(torch::equal(one, want)) << "row of " << width << " x " << dtype;
+    run_compact(two.data_ptr(), row_bytes, B, H, n, sel, at::Tensor(), 0, second.data_ptr());
+    EXPECT_TRUE(torch::equal(two, want) && torch::equal(second, want2))
+        << "row of " << width << " x " << dtype << ", two caches in one launch";
   }
 }
 
@@ -223,14 +197,11 @@ TEST(KvSelectEmulated, CompactPagedMatchesFlat) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < n; ++i) pool[table[b][i / tpb].item<int64_t>()].select(1, i % tpb).copy_(flat[b].select(1, i));
   kvd::compact_rows_reference(flat, sel);
-  for (bool chunk_parallel : {false, true}) {
-    at::Tensor p = pool.clone();
-    run_compact(p.data_ptr(), d * 4, B, H, n, sel, table, static_cast<int>(tpb), chunk_parallel);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < spec.keep; ++i)
-        ASSERT_TRUE(torch::equal(p[table[b][i / tpb].item<int64_t>()].select(1, i % tpb), flat[b].select(1, i)))
-            << "b=" << b << " token " << i << (chunk_parallel ? ", chunk-parallel" : ", segment-serial");
-  }
+  run_compact(pool.data_ptr(), d * 4, B, H, n, sel, table, static_cast<int>(tpb));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < spec.keep; ++i)
+      ASSERT_TRUE(torch::equal(pool[table[b][i / tpb].item<int64_t>()].select(1, i % tpb), flat[b].select(1, i)))
+          << "b=" << b << " token " << i;
 }
 
 TEST(KvSelectEmulated, RetentionScoreMatchesFloat64Gate) {

@@ -210,8 +210,6 @@ inline int __shfl_up_sync(unsigned, int v, int delta) {
 }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-// CTAs run one at a time in grid order, so a CTA that waits on an earlier one finds its flag already set.
-inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 #define KVD_DYNAMIC_SMEM(name) unsigned char* name = ::kvd_sim::dynamic_smem()
 // A static __shared__ array: one per CTA, i.e. per emulated CTA's dynamic buffer (launch with smem >= its size).
