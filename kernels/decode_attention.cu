@@ -95,9 +95,8 @@ __device__ __forceinline__ int64_t block_exclusive64(int64_t v, int64_t* scratch
 // from `len`, so nothing is stored between them. Thread t of the CTA owns segments [t · per, (t + 1) · per).
 struct Split {
   int64_t chunk;  // rows per chunk
-  int64_t first;  // the first chunk id of the segment asked about (segment_of: of the chunk's segment)
+  int64_t first;  // the first chunk id of the segment (split_of: the one asked about; split_find: the chunk's)
   int64_t count;  // chunks of that segment
-  int64_t total;  // chunk ids in use
 };
 __device__ __forceinline__ int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
@@ -120,7 +119,8 @@ __device__ Split split_find(const kvd::kernels::DecodeAttentionArgs& a, int64_t 
   r.chunk = split_chunk<NT>(a, S, s0, s1, scratch);
   int64_t mine = 0;
   for (int s = s0; s < s1; ++s) mine += ceil_div(a.len[s], r.chunk);
-  int64_t at = block_exclusive64<NT>(mine, scratch, &r.total);
+  int64_t in_use;  // chunk ids in use
+  int64_t at = block_exclusive64<NT>(mine, scratch, &in_use);
   int64_t* found = scratch + NT / 32;  // (3): segment, first, count
   if (threadIdx.x == 0) found[0] = -1;
   __syncthreads();
@@ -148,13 +148,8 @@ __device__ Split split_of(const kvd::kernels::DecodeAttentionArgs& a, int seg, i
   const int s0 = min(static_cast<int>(threadIdx.x) * per, S), s1 = min(s0 + per, S);
   Split r;
   r.chunk = split_chunk<NT>(a, S, s0, s1, scratch);
-  int64_t before = 0, mine = 0;
-  for (int s = s0; s < s1; ++s) {
-    const int64_t c = ceil_div(a.len[s], r.chunk);
-    mine += c;
-    before += s < seg ? c : 0;
-  }
-  r.total = block_sum64<NT>(mine, scratch);
+  int64_t before = 0;
+  for (int s = s0; s < min(s1, seg); ++s) before += ceil_div(a.len[s], r.chunk);
   r.first = block_sum64<NT>(before, scratch);
   r.count = ceil_div(a.len[seg], r.chunk);
   return r;
