@@ -69,9 +69,9 @@ __device__ __forceinline__ int64_t block_sum64(int64_t v, int64_t* scratch) {
   return total;
 }
 
-// Exclusive prefix of v over the CTA's NT threads in thread order; *total = the sum. Two barriers.
+// Exclusive prefix of v over the CTA's NT threads in thread order. Two barriers.
 template <int NT>
-__device__ __forceinline__ int64_t block_exclusive64(int64_t v, int64_t* scratch, int64_t* total) {
+__device__ __forceinline__ int64_t block_exclusive64(int64_t v, int64_t* scratch) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   int64_t x = v;
   for (int d = 1; d < 32; d *= 2) {
@@ -80,13 +80,9 @@ __device__ __forceinline__ int64_t block_exclusive64(int64_t v, int64_t* scratch
   }
   if (lane == 31) scratch[warp] = x;
   __syncthreads();
-  int64_t before = 0, all = 0;
-  for (int w = 0; w < NT / 32; ++w) {
-    before += w < warp ? scratch[w] : 0;
-    all += scratch[w];
-  }
+  int64_t before = 0;
+  for (int w = 0; w < warp; ++w) before += scratch[w];
   __syncthreads();
-  *total = all;
   return before + x - v;
 }
 
@@ -119,8 +115,7 @@ __device__ Split split_find(const kvd::kernels::DecodeAttentionArgs& a, int64_t 
   r.chunk = split_chunk<NT>(a, S, s0, s1, scratch);
   int64_t mine = 0;
   for (int s = s0; s < s1; ++s) mine += ceil_div(a.len[s], r.chunk);
-  int64_t in_use;  // chunk ids in use
-  int64_t at = block_exclusive64<NT>(mine, scratch, &in_use);
+  int64_t at = block_exclusive64<NT>(mine, scratch);
   int64_t* found = scratch + NT / 32;  // (3): segment, first, count
   if (threadIdx.x == 0) found[0] = -1;
   __syncthreads();
@@ -165,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
   constexpr int NGRP = kWarps * KPW;  // lane groups per CTA
   constexpr int U = 4;                // rounds per iteration
   KVD_DYNAMIC_SMEM(smem);
-  int64_t* scratch = reinterpret_cast<int64_t*>(smem);  // (kWarps + 3) before the merge's arrays below
+  int64_t* scratch = reinterpret_cast<int64_t*>(smem);  // (kWarps + 3), ahead of the CTA's own merge arrays below
   int seg;
   const int64_t x = blockIdx.x;
   const Split sp = split_find<kThreads>(a, x, &seg, scratch);
