@@ -10,14 +10,19 @@
 #                                      next call; prints their last logged step
 #   bench/gpu_rivals.sh protocol [S]   $TASKS (50 samples per task and length at 2K / 4K / 8K) at ratios
 #                                      0.25 / 0.5 / 0.75 / 0.875, in $MODES (agnostic: the default, aware:
-#                                      --query-aware): every heuristic of $HEURISTICS and every learned part of
-#                                      $LEARNED, $GROUP methods per eval process, $P processes at a time on the
-#                                      GPU, each resumable (re-running skips what is written); S seconds per call
+#                                      --query-aware): every heuristic of $HEURISTICS in one eval process per
+#                                      shard of the samples ($SHARDS shards, --shard K/N: the full-cache reference
+#                                      is computed once per sample and mode), and every learned part of $LEARNED
+#                                      sharded alike; $P processes at a time on the GPU, each resumable
+#                                      (re-running skips what is written); S seconds per call
 #   bench/gpu_rivals.sh report         per mode: paired bootstrap against the best heuristic at each ratio and the
 #                                      headline table (scripts/paired_bootstrap.py --baseline best), the plots
 #   bench/gpu_rivals.sh harness [M]    the eval's speed on a slice of $TASKS (16 samples per length), method M
 #                                      (default snapkv) at $RATIOS: with and without the shared prefill, then
 #                                      where the time goes (KVD_PROFILE)
+#   bench/gpu_rivals.sh prefill [M]    the slice with method(s) M (default snapkv,defensivekv) at $RATIOS, the
+#                                      padded prefill's attention masked (KVD_PADDED_PREFILL=masked) and flash
+#                                      (the default): wall times and how many records agree
 #   bench/gpu_rivals.sh profile [M...] each method M (default: kvzip defensivekv snapkv cake expected_attention
 #                                      tova_decode) alone on the slice, at the protocol's BATCH / BATCH_TOKENS, one
 #                                      process, with KVD_PROFILE: wall time and where it goes (eval, prefill, compress)
@@ -26,8 +31,8 @@
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
 # TRAIN (which of them `train` runs, default "kvzap dms"); KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
-# three quarters); P (eval processes at once, default 6), GROUP (methods per
-# process, default 2), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
+# three quarters); P (eval processes at once, default 6), SHARDS (of the samples,
+# default $P), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
 # BATCH=64 BATCH_TOKENS=131072 six processes ran out of the H200's memory on 2026-12-04: KVzip's repeat pass and
 # the teacher-forced logits of budgets decoded together), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
 # below); LEARNED (extra learned methods, e.g. "gate:/root/trimkv/bundle attngate:/root/ag/bundle"; the trained
@@ -50,7 +55,7 @@ lazy_eviction streaming_llm_decode}
 LEARNED=${LEARNED:-}
 RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}
 P=${P:-6}
-GROUP=${GROUP:-2}
+SHARDS=${SHARDS:-$P}
 BATCH=${BATCH:-32}
 BATCH_TOKENS=${BATCH_TOKENS:-65536}
 KVD=${KVD:-build-gpu/kvdistill}
@@ -91,28 +96,32 @@ case "${1:-}" in
     ;;
   protocol)
     # A pool of P eval processes (a 135M model's eval is launch-bound: processes overlap on the GPU almost
-    # linearly), each over GROUP methods in one mode, all stopped at the call's deadline and resumed by the next
-    # call (re-running skips what is written). One CPU thread each: LibTorch's spinning threads would contend.
+    # linearly), each over one shard of the samples in one mode (every heuristic in one process, so the full-cache
+    # reference runs once per sample and mode), all stopped at the call's deadline and resumed by the next call
+    # (re-running skips what is written). One CPU thread each: LibTorch's spinning threads would contend.
     limit=${2:-540}
     jobs=$W/protocol-jobs.txt
     : > "$jobs"
-    for mode in $MODES; do  # a line: mode, methods (comma-separated), extra eval flags
-      learned_jobs | sed "s/^/$mode /" >> "$jobs"
-      echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | xargs -n "$GROUP" echo | tr ' ' ',' | sed "s/^/$mode /" >> "$jobs"
+    heuristics=$(echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | paste -sd, -)
+    for mode in $MODES; do  # a line: mode, name, shard, methods (comma-separated), extra eval flags
+      for k in $(seq 0 $((SHARDS - 1))); do echo "$mode heuristics $k $heuristics"; done >> "$jobs"
+      learned_jobs | while read -r m extra; do
+        for k in $(seq 0 $((SHARDS - 1))); do echo "$mode $(echo "$m" | tr '/:,' '__+') $k $m $extra"; done
+      done >> "$jobs"
     done
-    echo "[protocol] $(wc -l < "$jobs") jobs, $P at a time, $limit s"
-    export KVD MODEL DATA W RATIOS BATCH BATCH_TOKENS
+    echo "[protocol] $(wc -l < "$jobs") jobs ($SHARDS shards of the samples each), $P at a time, $limit s"
+    export KVD MODEL DATA W RATIOS BATCH BATCH_TOKENS SHARDS
     export OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     run_job() {
-      local mode methods extra left=$(($2 - $(date +%s)))
-      read -r mode methods extra <<< "$1"
-      local name; name=$(echo "$methods" | tr '/:,' '__+')
+      local mode name k methods extra left=$(($2 - $(date +%s)))
+      read -r mode name k methods extra <<< "$1"
       [ "$left" -gt 10 ] || return 0
       local flag=(); [ "$mode" = aware ] && flag=(--query-aware)
+      local out=$W/eval-$mode-$name-s$k
       # shellcheck disable=SC2086  # extra: flags, split on purpose
       timeout "$left" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k8k.jsonl" --device cuda --batch "$BATCH" \
-        --batch-tokens "$BATCH_TOKENS" "${flag[@]}" $extra --methods "$methods" --ratios "$RATIOS" --out "$W/eval-$mode-$name" \
-        >> "$W/eval-$mode-$name.log" 2>&1 || true
+        --batch-tokens "$BATCH_TOKENS" "${flag[@]}" $extra --methods "$methods" --ratios "$RATIOS" \
+        --shard "$k/$SHARDS" --out "$out" >> "$out.log" 2>&1 || true
     }
     export -f run_job
     end=$(($(date +%s) + limit))
@@ -138,6 +147,27 @@ PY
     rm -rf "$W/harness-prof"
     KVD_PROFILE=1 $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch 16 --methods "$m" \
       --ratios "$RATIOS" --out "$W/harness-prof" 2>&1 | grep '^\[profile\] eval\|^\[profile\] decode\|^\[profile\] prefill'
+    ;;
+  prefill)
+    m=${2:-snapkv,defensivekv}
+    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
+    for p in masked flash; do
+      rm -rf "$W/prefill-$p"
+      t env KVD_PADDED_PREFILL=$p $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda \
+        --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --methods "$m" --ratios "$RATIOS" --out "$W/prefill-$p" 2>&1 |
+        tail -n 1
+    done
+    python3 - "$W/prefill-masked/results.jsonl" "$W/prefill-flash/results.jsonl" <<'PY'
+import json, statistics, sys
+a, b = ({(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:])
+assert a.keys() == b.keys(), "the two runs hold different records"
+same = {f: sum(a[k][f] == b[k][f] for k in a) for f in ("output", "score", "kv_bytes_kept")}
+dkl = [abs(a[k]["kl"] - b[k]["kl"]) for k in a]
+pre = {n: statistics.mean(r[k]["prefill_s"] for k in r) for n, r in (("masked", a), ("flash", b))}
+print(f"prefill: {len(a)} records; identical output {same['output']}, score {same['score']}, kept bytes "
+      f"{same['kv_bytes_kept']}; |dKL| max {max(dkl):.4g} mean {statistics.mean(dkl):.3g}; mean prefill_s per record "
+      f"masked {pre['masked'] * 1e3:.1f} ms, flash {pre['flash'] * 1e3:.1f} ms ({pre['masked'] / pre['flash']:.2f}x)")
+PY
     ;;
   profile)
     shift

@@ -23,6 +23,7 @@ struct EvalArgs {
   std::string share_prefill = "budgets";
   std::string decode = "auto";
   std::string kernels = "fused";
+  std::string shard;
   int64_t continuous_chunk = 128;
   int64_t decode_rows = 256;
   uint64_t seed = 0;
@@ -62,6 +63,21 @@ int run(const EvalArgs& a) {
   KVD_CHECK(a.decode_rows >= 0, "--decode-rows ", a.decode_rows, ": must be >= 0 (0 decodes every budget alone)");
   o.decode_rows = a.decode_rows;
   o.kernels = a.kernels == "reference" ? KernelPath::Reference : KernelPath::Fused;
+  if (!a.shard.empty()) {
+    const size_t slash = a.shard.find('/');
+    int64_t k = -1, n = 0;
+    try {
+      size_t u1 = 0, u2 = 0;
+      KVD_CHECK(slash != std::string::npos, "");
+      k = std::stoll(a.shard.substr(0, slash), &u1);
+      n = std::stoll(a.shard.substr(slash + 1), &u2);
+      KVD_CHECK(u1 == slash && u2 == a.shard.size() - slash - 1, "");
+    } catch (...) {
+      KVD_FAIL("--shard '", a.shard, "': expected K/N, e.g. 0/4 (the samples at lines K, K + N, K + 2N, ...)");
+    }
+    KVD_CHECK(n > 0 && k >= 0 && k < n, "--shard ", a.shard, ": K must be in [0, N) and N positive");
+    o.shard = {k, n};
+  }
   KVD_CHECK((!a.ratios.empty()) + (!a.budget_tokens.empty()) + (!a.thresholds.empty()) == 1,
             "give exactly one of --ratios, --budget-tokens and --thresholds");
   for (const std::string& r : split(a.ratios)) {
@@ -126,6 +142,9 @@ Registration reg([](CLI::App& root) {
                   "Also at most this many prompt tokens per batch, counting each row at the batch's longest prompt "
                   "(e.g. --batch 64 --batch-tokens 131072: 64 rows at 2K, 32 at 4K, 16 at 8K); 0: no limit")
       ->capture_default_str();
+  sub->add_option("--shard", a->shard,
+                  "K/N: only the task file's samples at lines K, K + N, K + 2N, ... (N processes or jobs, one shard "
+                  "each, with their own --out; scripts/paired_bootstrap.py reads the directories as one)");
   sub->add_flag("--query-aware", a->query_aware, "Compress the question together with the context");
   sub->add_option("--max-new-tokens", a->max_new_tokens, "Answer length for samples that set none")
       ->capture_default_str();

@@ -117,7 +117,17 @@ void run_eval(const EvalOptions& opt) {
       done.insert(key_of(r.at("method").get<std::string>(), r.at("budget").get<std::string>(), r.at("id").get<std::string>()));
   });
 
-  const std::vector<EvalSample> samples = read_eval_tasks(opt.tasks);
+  std::vector<EvalSample> samples = read_eval_tasks(opt.tasks);
+  const auto [shard, shards] = opt.shard;
+  KVD_CHECK(shards > 0 && shard >= 0 && shard < shards, "eval: shard ", shard, "/", shards, " is not in [0, N)");
+  if (shards > 1) {
+    std::vector<EvalSample> mine;
+    for (size_t i = static_cast<size_t>(shard); i < samples.size(); i += static_cast<size_t>(shards))
+      mine.push_back(std::move(samples[i]));
+    samples = std::move(mine);
+    std::cerr << "[eval] shard " << shard << "/" << shards << ": " << samples.size() << " samples of " << opt.tasks
+              << "\n";
+  }
   const c10::Device device = parse_device(opt.device);
   const Tokenizer tok = Tokenizer::from_file(opt.model_dir);
   const ChatTemplate chat = ChatTemplate::from_file(opt.model_dir);

@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gates/registry.h"
@@ -67,6 +68,8 @@ struct EvalOptions {
   // Scoring on CUDA: the scorers' fused kernels where they apply (window attention: kernels/window_scores.h), or
   // the LibTorch reference everywhere (what CPU runs use either way).
   KernelPath kernels = KernelPath::Fused;
+  // Shard {k, n}: only the samples at positions k, k + n, k + 2n, ... of the task file (one of n jobs).
+  std::pair<int64_t, int64_t> shard = {0, 1};
 };
 
 // Checks methods, budgets and the task file (clear errors) before loading the model.

@@ -142,17 +142,42 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
     const ExtraRowsObserver observer = [&](const ExtraRowsLayerObservation& obs, const KVLayerView& kv) {
       const int64_t l = obs.layer, nc = kv.n;
       const at::Tensor q = obs.queries.to(acc).view({B, Hkv, G, m, hd});  // (B, H_kv, G, m, hd)
-      const at::Tensor k = kv.k.to(acc);                                   // (B, H_kv, nc, hd)
       const at::Tensor own = obs.keys.to(acc);                             // (B, H_kv, m, hd)
-      at::Tensor wov;                                                      // (B, H_kv, G, nc) ||W_O v_j||
-      if (opt.norm == KVzipNorm::Plus) {
-        const at::Tensor v = kv.v.to(acc);  // (B, H_kv, nc, hd)
-        wov = torch::einsum("bhti,hgij,bhtj->bhgt", {v, gram[l], v}).clamp_min(0).sqrt();
-      }
+      at::Tensor k, wov;  // (B, H_kv, nc, hd); (B, H_kv, G, nc) ||W_O v_j||: only for rows not in position order
+      const std::vector<int64_t>& lens = cache.lengths(l);
       for (int64_t b = 0; b < B; ++b) {
         if (pi >= passes[b].size()) continue;
         const RowPass& rp = passes[b][pi];
         const int64_t sink = std::min(opt.n_sink, rp.start);
+        // Every head of the row holds its whole context in position order (nothing evicted yet: what a prefill
+        // leaves), so entry j is position j: the pass reads only its sinks' and its chunk's keys.
+        const bool in_order = std::all_of(lens.begin() + b * Hkv, lens.begin() + (b + 1) * Hkv,
+                                          [&](int64_t x) { return x == cache.next_position(b); });
+        if (in_order) {
+          const int64_t cl = rp.end - rp.start;
+          const at::Tensor kb = kv.k[b];                                                 // (H_kv, nc, hd)
+          at::Tensor keys = kb.narrow(1, rp.start, cl);                                  // (H_kv, cl, hd)
+          if (sink > 0) keys = torch::cat({kb.narrow(1, 0, sink), keys}, 1);            // (H_kv, sink + cl, hd)
+          keys = torch::cat({keys.to(acc), own[b]}, 1);                                  // (H_kv, sink + cl + m, hd)
+          at::Tensor lg = torch::matmul(q[b], keys.unsqueeze(1).transpose(-1, -2)) * scale;  // (H_kv, G, m, sink + cl + m)
+          lg.narrow(-1, sink + cl, m).masked_fill_(own_causal.logical_not(), ninf);
+          at::Tensor p = torch::softmax(lg, -1).narrow(-1, sink, cl).narrow(2, 0, len[b]);  // (H_kv, G, m_b, cl)
+          if (opt.norm == KVzipNorm::Plus) {
+            const at::Tensor v = kv.v[b].narrow(1, rp.start, cl).to(acc);  // (H_kv, cl, hd)
+            const at::Tensor w = torch::einsum("hti,hgij,htj->hgt", {v, gram[l], v}).clamp_min(0).sqrt();  // (H_kv, G, cl)
+            const at::Tensor hn = obs.hidden[b].narrow(0, 0, len[b]).to(acc).norm(2, -1);  // (m_b)
+            p = p / hn.view({1, 1, len[b], 1}) * w.unsqueeze(2);
+          }
+          out[l][b].narrow(-1, rp.start, cl).copy_(p.amax({1, 2}));  // (H_kv, cl)
+          continue;
+        }
+        if (!k.defined()) {
+          k = kv.k.to(acc);
+          if (opt.norm == KVzipNorm::Plus) {
+            const at::Tensor v = kv.v.to(acc);  // (B, H_kv, nc, hd)
+            wov = torch::einsum("bhti,hgij,bhtj->bhgt", {v, gram[l], v}).clamp_min(0).sqrt();
+          }
+        }
         const at::Tensor pos = kv.pos[b];                                                  // (H_kv, nc)
         at::Tensor chunk = pos.ge(rp.start).logical_and(pos.lt(rp.end));                   // (H_kv, nc)
         if (kv.valid.defined()) chunk = chunk.logical_and(kv.valid[b]);

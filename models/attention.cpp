@@ -1,6 +1,8 @@
 #include "models/attention.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <limits>
 
 #include <torch/torch.h>
@@ -23,6 +25,56 @@ at::Tensor grouped_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tens
 }
 
 void disable_cudnn_attention() { at::globalContext().setSDPUseCuDNN(false); }
+
+namespace {
+PaddedPrefill& padded_prefill_setting() {
+  static PaddedPrefill p = [] {
+    const char* e = std::getenv("KVD_PADDED_PREFILL");
+    return e != nullptr && std::string(e) == "masked" ? PaddedPrefill::Masked : PaddedPrefill::Flash;
+  }();
+  return p;
+}
+}  // namespace
+
+void set_padded_prefill(PaddedPrefill p) { padded_prefill_setting() = p; }
+PaddedPrefill padded_prefill() { return padded_prefill_setting(); }
+
+PackedRows pack_left_padded(const std::vector<int64_t>& lead, int64_t T, c10::Device device) {
+  const int64_t B = static_cast<int64_t>(lead.size());
+  std::vector<int64_t> index;
+  std::vector<int32_t> cu(B + 1, 0);
+  PackedRows r;
+  for (int64_t b = 0; b < B; ++b) {
+    KVD_CHECK(lead[b] >= 0 && lead[b] <= T, "pack_left_padded: lead ", lead[b], " outside [0, ", T, "]");
+    for (int64_t t = lead[b]; t < T; ++t) index.push_back(b * T + t);
+    cu[b + 1] = cu[b] + static_cast<int32_t>(T - lead[b]);
+    r.max_len = std::max(r.max_len, T - lead[b]);
+  }
+  r.total = static_cast<int64_t>(index.size());
+  r.index = torch::tensor(index, torch::kLong).to(device);  // (total)
+  r.cu_seqlens = torch::tensor(std::vector<int32_t>(cu.begin(), cu.end()), torch::kInt).to(device);  // (B + 1)
+  return r;
+}
+
+bool varlen_flash_applies(c10::Device device, c10::ScalarType dtype, int64_t head_dim, bool sliding_window) {
+  return device.is_cuda() && !sliding_window && (dtype == torch::kBFloat16 || dtype == torch::kHalf) &&
+         head_dim % 8 == 0 && head_dim <= 256;
+}
+
+at::Tensor varlen_causal_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PackedRows& rows,
+                               double scale) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), Hkv = k.size(1);
+  KVD_CHECK(k.size(0) == B && k.size(2) == T && v.sizes() == k.sizes() && H % Hkv == 0,
+            "varlen_causal_flash: q ", q.sizes(), " and k ", k.sizes(), " do not match");
+  // (B, heads, T, hd) -> (B * T, heads, hd) -> the real rows (total, heads, hd), contiguous.
+  auto pack = [&](const at::Tensor& x) {
+    return x.transpose(1, 2).reshape({B * T, x.size(1), hd}).index_select(0, rows.index);
+  };
+  const at::Tensor out = std::get<0>(at::_flash_attention_forward(
+      pack(q), pack(k), pack(v), rows.cu_seqlens, rows.cu_seqlens, rows.max_len, rows.max_len, 0.0,
+      /*is_causal=*/true, /*return_debug_mask=*/false, scale));  // (total, H, hd)
+  return torch::zeros({B * T, H, hd}, q.options()).index_copy_(0, rows.index, out).view({B, T, H, hd}).transpose(1, 2);
+}
 
 at::Tensor SequenceMask::visible(const at::Tensor& q_rows) const {  // (B, Sq) int64
   at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)

@@ -6,8 +6,10 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 
 #include "models/attention_mods.h"
@@ -28,6 +30,35 @@ at::Tensor grouped_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // key lengths, one per layer, and cuDNN plans per shape; an isolated loop of such calls did not show the
 // slowdown, so its exact trigger is not pinned down.
 void disable_cudnn_attention();
+
+// ---- the fresh, left-padded prefill -------------------------------------------------------------------------
+
+// A batch of prompts of different lengths is prefilled left-padded: row b's first lead[b] of T rows are padding
+// and its real tokens attend causally among themselves. How that attention runs on CUDA:
+enum class PaddedPrefill {
+  Flash,  // the default: flash attention's variable-length form over the rows' real tokens packed end to end
+          // (GQA and the causal skip inside the kernel; bf16 / fp16, head dim a multiple of 8 up to 256, no
+          // sliding window); padding rows get 0
+  Masked  // the memory-efficient kernel under a (B, 1, T, T) position mask on K/V repeated to H heads: the whole
+          // T x T product, no causal skip (what every padded prefill ran before; kept for A/B runs)
+};
+// Process-wide; starts as Masked when the environment sets KVD_PADDED_PREFILL=masked, else Flash.
+void set_padded_prefill(PaddedPrefill p);
+PaddedPrefill padded_prefill();
+
+// The real tokens of a left-padded (B, T) chunk, packed in row order: index (total) int64 into the flattened
+// (B * T) rows, cu_seqlens (B + 1) int32 (row b's tokens are packed rows cu[b] .. cu[b+1]), the longest row.
+struct PackedRows {
+  at::Tensor index, cu_seqlens;
+  int64_t max_len = 0, total = 0;
+};
+PackedRows pack_left_padded(const std::vector<int64_t>& lead, int64_t T, c10::Device device);
+// Whether varlen_causal_flash takes queries of this device, dtype and head dim, for a model with(out) a sliding window.
+bool varlen_flash_applies(c10::Device device, c10::ScalarType dtype, int64_t head_dim, bool sliding_window);
+// Causal attention of each row's real tokens among themselves: q (B, H, T, hd), k / v (B, H_kv, T, hd) left-padded
+// as `rows` describes, H a multiple of H_kv. Returns (B, H, T, hd) with zeros at padding rows. CUDA only.
+at::Tensor varlen_causal_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PackedRows& rows,
+                               double scale);
 
 // ---- whole-sequence (training) attention -------------------------------------------------------------------
 

@@ -609,6 +609,11 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     if (padded) pad_rows = real.logical_not().view({B, 1, T, 1});
   }
   ProfileLap lap(device_, T == 1 ? "decode " : "prefill ");
+  // A left-padded chunk into an empty layer runs flash attention over its rows' real tokens packed end to end
+  // (models/attention.h, PaddedPrefill); the packing is built once for every layer.
+  const bool varlen = padded && padded_prefill() == PaddedPrefill::Flash &&
+                      varlen_flash_applies(device_, dtype_, hd, cfg_.sliding_window.has_value());
+  PackedRows packed;
   const at::Tensor cs = rope_cos_sin(qpos.clamp_min(0));  // (2, B, 1, T, hd)
   const at::Tensor cos = cs[0], sin = cs[1];
 
@@ -637,6 +642,9 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
       const bool simple = !padded && !window && !view.valid.defined();
       if (simple && fresh) {
         attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, /*is_causal=*/true, scale, true);
+      } else if (varlen && fresh) {
+        if (!packed.index.defined()) packed = pack_left_padded(lead, T, device_);
+        attn = varlen_causal_flash(q, k, v, packed, scale);  // (B, H, T, hd); k, v: this chunk's, the layer's only
       } else if (simple && T == 1) {
         // Every stored entry is in the past of the one query.
         attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, false, scale, true);

@@ -3,6 +3,7 @@
 - the full cache has KL 0, hit rate 1 and keeps everything; byte counts equal entries x bytes per entry;
 - a ratio-r uniform method keeps floor(n (1 - r)) entries per head;
 - --batch 3 gives every sample the same results as --batch 1; --batch-tokens caps a batch's padded size;
+- --shard K/N: the shards' records are the single run's, each once;
 - --kernels reference is recorded in each record;
 - (a method's budgets sharing one prefill and one decode batch: test_eval_budgets.py)
 - a run killed mid-way (plus a torn last line) resumes to the same results without duplicates;
@@ -99,6 +100,28 @@ def test_batch_equals_single(single, tasks, tmp_path):
         assert b["hit_rate"] == pytest.approx(a["hit_rate"], abs=1e-9)
         assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-6)
         assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-4)
+
+
+def test_shards_split_the_samples(single, tasks, tmp_path):
+    # Shards 0/3, 1/3, 2/3 take the task file's lines 0 and 3, 1, 2: together every record of the single run,
+    # each exactly once, equal to it (batch 1 both ways).
+    one, _ = records(single)
+    ids = [json.loads(l)["id"] for l in Path(tasks).read_text().splitlines()]
+    seen = {}
+    for k in range(3):
+        proc = evaluate(tasks, tmp_path / f"s{k}", "--shard", f"{k}/3", batch=1)
+        assert proc.returncode == 0, proc.stderr
+        assert f"shard {k}/3" in proc.stderr
+        got, _ = records(tmp_path / f"s{k}")
+        assert {i for _, _, i in got} == set(ids[k::3])
+        for key, r in got.items():
+            assert key not in seen
+            seen[key] = r
+    assert seen.keys() == one.keys()
+    for key, a in one.items():
+        assert seen[key]["output"] == a["output"] and seen[key]["kv_bytes_kept"] == a["kv_bytes_kept"], key
+    for bad in ("3/3", "1", "-1/2", "a/b"):
+        assert_clean_error(evaluate(tasks, tmp_path / "bad", "--shard", bad), "--shard")
 
 
 def test_batch_tokens_caps_the_padded_batch(single, tasks, tmp_path):
