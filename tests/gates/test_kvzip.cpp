@@ -6,6 +6,7 @@
 // budget; kvpress parity of the kept sets is in tests/python/test_kvpress_kvzip.py.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <limits>
@@ -46,8 +47,10 @@ KVzipPrompts toy_prompts() {
 // The reference: per chunk, the repeat sequence is prefilled after a fresh prefill of the context, and each
 // chunk entry's score is the maximum over the group's query heads and the repeat rows of the softmax over the
 // allowed keys (sinks, the chunk, the repeat rows up to the row), listed explicitly.
+// evict: context positions removed from every layer and head before scoring (all of them past the sinks and
+// before the first chunk, so every scored position keeps its score's meaning); out[l] is (H_kv, N) by position.
 std::vector<at::Tensor> reference_scores(const Model& model, const std::vector<int64_t>& ctx, const KVzipPrompts& pr,
-                                         const KVzipOptions& opt) {
+                                         const KVzipOptions& opt, const std::vector<int64_t>& evict = {}) {
   const ModelConfig& c = model.config();
   const int64_t N = static_cast<int64_t>(ctx.size()), L = c.num_layers, H = c.num_heads, Hkv = c.num_kv_heads,
                 G = H / Hkv, hd = c.head_dim;
@@ -65,8 +68,18 @@ std::vector<at::Tensor> reference_scores(const Model& model, const std::vector<i
     const int64_t m = static_cast<int64_t>(rep.size());
     KVCache cache = model.new_cache(1);
     model.prefill(torch::tensor(ctx, torch::kLong).unsqueeze(0), cache);
+    const int64_t E = static_cast<int64_t>(evict.size());
+    if (E > 0) {
+      std::vector<int64_t> kept;
+      for (int64_t j = 0; j < N; ++j)
+        if (std::find(evict.begin(), evict.end(), j) == evict.end()) kept.push_back(j);
+      for (int64_t l = 0; l < L; ++l)
+        cache.keep(l, torch::tensor(kept, torch::kLong).view({1, 1, N - E}).expand({1, Hkv, N - E}).contiguous());
+    }
+    // Entry of context position j (j < s_first or in a chunk; the evicted positions lie between).
+    auto entry = [&](int64_t j) { return j < opt.n_sink ? j : j - E; };
     PrefillObserver obs = [&](const PrefillLayerObservation& o, KVCache& kc) {
-      const KVLayerView kv = kc.layer(o.layer);  // N + m entries
+      const KVLayerView kv = kc.layer(o.layer);  // N - E + m entries
       const at::Tensor wo = model.weights().layers[o.layer].o_proj.to(torch::kDouble);  // (d, H·hd)
       for (int64_t h = 0; h < H; ++h) {
         const int64_t g = h / G;
@@ -74,18 +87,18 @@ std::vector<at::Tensor> reference_scores(const Model& model, const std::vector<i
         const at::Tensor v = kv.v[0][g].to(torch::kDouble);  // (N + m, hd)
         for (int64_t i = 0; i < m; ++i) {
           std::vector<int64_t> keys;
-          for (int64_t j = 0; j < std::min(opt.n_sink, s); ++j) keys.push_back(j);
-          for (int64_t j = s; j < e; ++j) keys.push_back(j);
-          for (int64_t j = 0; j <= i; ++j) keys.push_back(N + j);
+          for (int64_t j = 0; j < std::min(opt.n_sink, s); ++j) keys.push_back(entry(j));
+          for (int64_t j = s; j < e; ++j) keys.push_back(entry(j));
+          for (int64_t j = 0; j <= i; ++j) keys.push_back(N - E + j);
           const at::Tensor idx = torch::tensor(keys, torch::kLong);
           const at::Tensor q = o.queries[0][h][i].to(torch::kDouble);                            // (hd)
           const at::Tensor p = torch::softmax(k.index_select(0, idx).matmul(q) / std::sqrt(double(hd)), 0);  // (|keys|)
           for (size_t a = 0; a < keys.size(); ++a) {
-            const int64_t j = keys[a];
+            const int64_t j = keys[a] >= std::min(opt.n_sink, s) ? keys[a] + E : keys[a];  // back to a position
             if (j < s || j >= e) continue;
             double val = p[a].item<double>();
             if (opt.norm == KVzipNorm::Plus) {
-              const double wov = wo.narrow(1, h * hd, hd).matmul(v[j]).norm().item<double>();
+              const double wov = wo.narrow(1, h * hd, hd).matmul(v[entry(j)]).norm().item<double>();
               val *= wov / o.hidden[0][i].to(torch::kDouble).norm().item<double>();
             }
             at::Tensor cell = out[o.layer][g][j];
@@ -132,6 +145,36 @@ void expect_matches_reference(const std::string& family, KVzipNorm norm, bool wi
 }
 
 }  // namespace
+
+// A cache that already lost entries (a chunked prefill's earlier compression) scores through the general path,
+// which masks keys by stored position: here two prefix positions are gone from every layer and head.
+TEST(KVzip, ScoresACacheWithEvictionsByPosition) {
+  for (KVzipNorm norm : {KVzipNorm::None, KVzipNorm::Plus}) {
+    const Model& model = tiny_model("llama3", torch::kDouble);
+    const KVzipPrompts pr = toy_prompts();
+    std::vector<int64_t> ctx = random_tokens(model.config().vocab_size, 41, 7);
+    ctx.insert(ctx.begin(), pr.prefix.begin(), pr.prefix.end());
+    const int64_t N = static_cast<int64_t>(ctx.size()), Hkv = model.config().num_kv_heads;
+    KVzipOptions opt;
+    opt.n_sink = 3;
+    opt.chunk_size = 13;
+    opt.prev_postfix = 4;
+    opt.norm = norm;
+    const std::vector<int64_t> evict = {4, 5};
+    const std::vector<at::Tensor> ref = reference_scores(model, ctx, pr, opt, evict);
+    KVCache cache = model.new_cache(1);
+    model.prefill(torch::tensor(ctx, torch::kLong).unsqueeze(0), cache);
+    std::vector<int64_t> kept;
+    for (int64_t j = 0; j < N; ++j)
+      if (j != 4 && j != 5) kept.push_back(j);
+    for (int64_t l = 0; l < cache.num_layers(); ++l)
+      cache.keep(l, torch::tensor(kept, torch::kLong).view({1, 1, N - 2}).expand({1, Hkv, N - 2}).contiguous());
+    const std::vector<at::Tensor> ours = kvzip_scores(model, cache, {ctx}, pr, opt);
+    const int64_t P = static_cast<int64_t>(pr.prefix.size());
+    for (size_t l = 0; l < ref.size(); ++l)  // the chunks' positions P .. N - 1 are entries P - 2 .. N - 3
+      EXPECT_LT(max_abs_diff(ours[l][0].narrow(1, P - 2, N - P), ref[l].narrow(1, P, N - P)), 1e-12) << "layer " << l;
+  }
+}
 
 TEST(KVzip, MatchesReferenceWithPrefixAndChunks) { expect_matches_reference("llama3", KVzipNorm::None, true); }
 TEST(KVzip, MatchesReferenceWithoutPrefix) { expect_matches_reference("qwen2", KVzipNorm::None, false); }
