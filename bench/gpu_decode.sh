@@ -3,7 +3,8 @@
 # call (source .device/setup.sh first; results go to bench/RESULTS.md by hand):
 #   bench/gpu_decode.sh build   this tree into build-gpu/ with the decode tests, and the tiny golden models they use
 #   bench/gpu_decode.sh model   joins the GGUF parts staged in /root/kvd-stage and converts SmolLM2 to $MODEL
-#   bench/gpu_decode.sh tests   kvd_test_decode_attention (kernel vs float64 loops), kvd_test_decode_step (the step's
+#   bench/gpu_decode.sh tests   kvd_test_padded_prefill (the flash varlen and masked prefills vs each row alone),
+#                               kvd_test_kvzip, kvd_test_decode_attention (kernel vs float64 loops), kvd_test_decode_step (the step's
 #                               row kernels vs their LibTorch references) and kvd_test_static_decode (graph replays =
 #                               eager fixed-shape steps; both vs the cache path), kvd_test_fused_selection and
 #                               kvd_test_kv_select (select + compact vs the reference path, device keeps)
@@ -37,7 +38,7 @@ case "${1:-}" in
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
     t ninja -C build-gpu kvdistill bench_cache_decode bench_decode_attention kvd_test_decode_attention kvd_test_decode_step \
-      kvd_test_static_decode kvd_test_fused_selection kvd_test_kv_select >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+      kvd_test_static_decode kvd_test_fused_selection kvd_test_kv_select kvd_test_padded_prefill kvd_test_kvzip >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
     t python3 tests/oracles/decoder_golden.py --out build-gpu/testdata/decoder_golden >"$OUT/oracle.log" 2>&1 ||
       tail -5 "$OUT/oracle.log"
     ;;
@@ -46,9 +47,9 @@ case "${1:-}" in
     ;;
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    for b in kvd_test_decode_attention kvd_test_decode_step kvd_test_static_decode kvd_test_fused_selection kvd_test_kv_select; do
+    for b in kvd_test_padded_prefill kvd_test_kvzip kvd_test_decode_attention kvd_test_decode_step kvd_test_static_decode kvd_test_fused_selection kvd_test_kv_select; do
       t build-gpu/$b >"$OUT/$b.log" 2>&1 && echo "$b rc=0" || echo "$b rc=$?"
-      grep -E "error |tokens equal|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \
+      grep -E "error |tokens equal|each row alone|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \
         "$OUT/$b.log" | head -40
     done
     ;;
