@@ -84,14 +84,18 @@ void KVCache::reallocate(Layer& L, const std::vector<int64_t>& new_cap) {
   at::Tensor pos = torch::full({total}, -1, opt.dtype(torch::kLong));  // (S_total')
   std::vector<at::Tensor> cols;  // [slot] (S_total')
   for (const Payload& p : payload_) cols.push_back(torch::full({total}, p.fill, opt.dtype(p.dtype)));
-  std::vector<int64_t> src, dst;  // old slot -> new slot of every held entry
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < L.len[r]; ++j) {
-      src.push_back(L.start[r] + j);
-      dst.push_back(new_start[r] + j);
-    }
-  if (!src.empty()) {
-    at::Tensor s = host_ints(src, device_), d = host_ints(dst, device_);  // (N), (N)
+  // Old slot -> new slot of every held entry (entry j of head row r: start[r] + j -> new_start[r] + j), built on the
+  // device from the per-row tables: the host work is O(rows), not O(entries) (a decode step that evicts and then
+  // appends reallocates every layer).
+  int64_t held = 0;
+  for (int64_t r = 0; r < rows; ++r) held += L.len[r];
+  if (held > 0) {
+    const at::Tensor lens = host_ints(L.len, device_);                                     // (rows)
+    const at::Tensor row = at::repeat_interleave(lens, std::optional<int64_t>(held));      // (N) head row
+    const at::Tensor first = (lens.cumsum(0) - lens).index_select(0, row);                 // (N) row's first entry
+    const at::Tensor j = torch::arange(held, lens.options()) - first;                      // (N) entry within its row
+    const at::Tensor s = host_ints(L.start, device_).index_select(0, row) + j;             // (N)
+    const at::Tensor d = host_ints(new_start, device_).index_select(0, row) + j;           // (N)
     k.index_copy_(0, d, L.k.index_select(0, s));
     v.index_copy_(0, d, L.v.index_select(0, s));
     pos.index_copy_(0, d, L.pos.index_select(0, s));
