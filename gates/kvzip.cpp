@@ -137,6 +137,7 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
     AttentionMods mods;
     mods.extra.embeddings = model.embed(ids.to(model.device()));                                     // (B, m, d)
     mods.extra.positions = (start + torch::arange(m, torch::kLong).view({1, m})).to(model.device());  // (B, m)
+    mods.extra.attention = ExtraAttention::Fused;  // the observer computes its own restricted softmax
     const at::Tensor own_causal = torch::ones({m, m}, torch::TensorOptions().dtype(torch::kBool).device(model.device())).tril();
 
     const ExtraRowsObserver observer = [&](const ExtraRowsLayerObservation& obs, const KVLayerView& kv) {

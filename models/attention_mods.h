@@ -79,6 +79,13 @@ struct LayerMods {
 };
 
 // n extra input rows (soft / lookahead tokens) appended after the sequence.
+// What Model::forward_extra computes the extra rows' attention with.
+enum class ExtraAttention {
+  Probabilities,  // explicit softmax probabilities (float32): ExtraRowsOutput::attention_to_cache is filled
+  Fused           // SDPA under the rows' visibility mask, no probabilities: attention_to_cache stays empty (for a
+                  // caller that only observes the layers, as KVzip's repeat pass does)
+};
+
 struct ExtraRows {
   at::Tensor embeddings;  // (B, n, d) or (n, d), any floating dtype (cast to the model dtype, grads flow)
   at::Tensor positions;   // (B, n) or (n) int64, e.g. T .. T+n-1
@@ -87,6 +94,7 @@ struct ExtraRows {
   // bytes of probabilities (n × (cached + n) per query head; at least one row), so that a long repeat (KVzip) over
   // a large batch never needs them all at once. The results do not depend on it.
   int64_t prob_bytes = int64_t{1} << 30;
+  ExtraAttention attention = ExtraAttention::Probabilities;
   int64_t count() const { return embeddings.defined() ? embeddings.size(-2) : 0; }
 };
 

@@ -723,7 +723,7 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
   if (pos.dim() == 1) pos = pos.unsqueeze(0).expand({B, n});  // (B, n)
   KVD_CHECK(pos.dim() == 2 && pos.size(0) == B && pos.size(1) == n, ctx, ": extra positions must be (n) or (B, n), got ",
             ex.positions.sizes());
-  const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+  const int64_t H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim, G = H / Hkv;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   const c10::ScalarType acc = dtype_ == torch::kDouble ? torch::kDouble : torch::kFloat;
   const at::Tensor cs = rope_cos_sin(pos);  // (2, B, 1, n, hd)
@@ -743,8 +743,12 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
     const AttendFn attend = [&](const LayerQKV& p) -> at::Tensor {
       const KVLayerView kv = cache.layer(l);  // k, v (B, H_kv, nc, hd); pos (B, H_kv, nc)
       const int64_t nc = kv.n;
-      // Batch rows [b0, b0 + nb) at a time, each block's probabilities within ex.prob_bytes.
-      const int64_t row_bytes = H * n * (nc + n) * static_cast<int64_t>(c10::elementSize(acc));
+      // Batch rows [b0, b0 + nb) at a time, each block's probabilities (or mask) within ex.prob_bytes.
+      const bool fused = ex.attention == ExtraAttention::Fused;
+      // Fused: one mask per row when its heads hold the same positions (nothing evicted per head), else per head.
+      const bool head_mask = fused && !cache.heads_aligned(l);
+      const int64_t row_bytes = fused ? (head_mask ? H : 1) * n * (nc + n)
+                                      : H * n * (nc + n) * static_cast<int64_t>(c10::elementSize(acc));
       const int64_t rows = std::clamp<int64_t>(ex.prob_bytes / std::max<int64_t>(row_bytes, 1), 1, B);
       std::vector<at::Tensor> att, res;
       for (int64_t b0 = 0; b0 < B; b0 += rows) {
@@ -761,13 +765,22 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
           mine = mine.logical_and((qp - r(pos).view({nb, 1, 1, n})).lt(*cfg_.sliding_window));
         }
         at::Tensor vis = torch::cat({see, mine}, 3);                                 // (nb, H_kv, n, nc + n)
+        if (fused) {
+          if (!head_mask) {
+            vis = vis.narrow(1, 0, 1);  // (nb, 1, n, nc + n)
+          } else if (G > 1) {
+            vis = vis.unsqueeze(2).expand({nb, Hkv, G, n, nc + n}).reshape({nb, H, n, nc + n});  // (nb, H, n, nc + n)
+          }
+          res.push_back(grouped_sdpa(r(p.q), keys, vals, vis, false, scale));  // (nb, H, n, hd)
+          continue;
+        }
         at::Tensor bias = torch::zeros(vis.sizes(), vis.options().dtype(acc))
                               .masked_fill(vis.logical_not(), -std::numeric_limits<double>::infinity());
         at::Tensor pr = grouped_probs(r(p.q), keys, bias, scale);  // (nb, H_kv, G, n, nc + n)
         att.push_back(pr.narrow(-1, 0, nc).mean(3).reshape({nb, H, nc}));  // (nb, H, nc)
         res.push_back(torch::matmul(pr.to(vals.scalar_type()), vals.unsqueeze(2)).reshape({nb, H, n, hd}));
       }
-      out.attention_to_cache[l] = att.size() == 1 ? att[0] : torch::cat(att, 0);  // (B, H, nc)
+      if (!att.empty()) out.attention_to_cache[l] = att.size() == 1 ? att[0] : torch::cat(att, 0);  // (B, H, nc)
       if (observer) observer(ExtraRowsLayerObservation{l, h, p.q, p.k, p.v, pos}, kv);
       return res.size() == 1 ? res[0] : torch::cat(res, 0);  // (B, H, n, hd)
     };

@@ -129,6 +129,41 @@ TEST_P(ExtraRows, PromptUntouchedAndAttentionEqualsTrainingStatistics) {
   }
 }
 
+// ExtraAttention::Fused (SDPA under the visibility mask, no probabilities) gives the hidden states of the explicit
+// path: on a whole cache (one mask per row) and after per-head eviction in odd layers (a mask per head there),
+// in one block of rows and one row at a time.
+TEST_P(ExtraRows, FusedAttentionMatchesProbabilities) {
+  const Model model = load(GetParam());
+  const ModelConfig& cfg = model.config();
+  const int64_t B = 2, T = 15, n = 5;
+  torch::manual_seed(6);
+  const at::Tensor ids = torch::randint(cfg.vocab_size, {B, T}, torch::kLong);  // (B, T)
+  torch::NoGradGuard ng;
+  KVCache cache = model.new_cache(B);
+  model.prefill(ids, cache);
+  AttentionMods mods;
+  mods.extra.embeddings = torch::randn({B, n, cfg.hidden_size}) * 0.5;  // (B, n, d)
+  mods.extra.positions = torch::arange(T, T + n, torch::kLong);
+  for (int evicted = 0; evicted < 2; ++evicted) {
+    if (evicted == 1)
+      for (int64_t l = 1; l < cfg.num_layers; l += 2) {
+        // Each head keeps its own 9 of 15 entries, in order.
+        const at::Tensor keep = std::get<0>(torch::rand({B, cfg.num_kv_heads, T}).argsort(/*dim=*/int64_t{-1}, /*descending=*/false).narrow(-1, 0, 9).sort(-1));
+        cache.keep(l, keep);
+        if (cfg.num_kv_heads > 1) EXPECT_FALSE(cache.heads_aligned(l));
+      }
+    const ExtraRowsOutput ref = model.forward_extra(cache, mods);
+    for (int64_t block : {int64_t{1} << 30, int64_t{1}}) {
+      AttentionMods f = mods;
+      f.extra.attention = ExtraAttention::Fused;
+      f.extra.prob_bytes = block;
+      const ExtraRowsOutput got = model.forward_extra(cache, f);
+      EXPECT_LE((got.hidden - ref.hidden).abs().max().item<double>(), 1e-5) << "evicted " << evicted << ", block " << block;
+      for (const at::Tensor& a : got.attention_to_cache) EXPECT_FALSE(a.defined());
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, ExtraRows, ::testing::Values("llama3", "mistral", "qwen2", "qwen3"));
 
 TEST(ExtraRowsErrors, BadInputGetsClearErrors) {
