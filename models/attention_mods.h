@@ -78,7 +78,6 @@ struct LayerMods {
   bool changes_attention() const { return key_rate.defined() || key_log_mask.defined() || bool(pair_bias); }
 };
 
-// n extra input rows (soft / lookahead tokens) appended after the sequence.
 // What Model::forward_extra computes the extra rows' attention with.
 enum class ExtraAttention {
   Probabilities,  // explicit softmax probabilities (float32): ExtraRowsOutput::attention_to_cache is filled
@@ -86,6 +85,7 @@ enum class ExtraAttention {
                   // caller that only observes the layers, as KVzip's repeat pass does)
 };
 
+// n extra input rows (soft / lookahead tokens) appended after the sequence.
 struct ExtraRows {
   at::Tensor embeddings;  // (B, n, d) or (n, d), any floating dtype (cast to the model dtype, grads flow)
   at::Tensor positions;   // (B, n) or (n) int64, e.g. T .. T+n-1

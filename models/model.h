@@ -43,7 +43,8 @@ struct ExtraRowsOutput {
   at::Tensor hidden;                           // (B, n, d) the extra rows after the final RMSNorm
   std::vector<at::Tensor> attention_to_cache;  // [layer] (B, H, n_cache): the extra rows' mean softmax attention
                                                // per query head to each entry of cache.layer(layer) (its padded
-                                               // order; invalid entries 0), float32 (float64 for a float64 model)
+                                               // order; invalid entries 0), float32 (float64 for a float64 model);
+                                               // undefined under ExtraAttention::Fused
 };
 
 // What prefill shows an observer for one layer, right after the layer's attention ran and its K/V entries
