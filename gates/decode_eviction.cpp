@@ -47,12 +47,14 @@ at::Tensor step_attention(const at::Tensor& q, const at::Tensor& q_pos, const at
 
 // Per head r, the counts[r] entries with the highest keep score (ties: the lower index), in ascending order, on
 // keep's device. keep (B, H_kv, n) float64: the float32 selection kernel could merge close scores into ties.
+// counts[r] never exceeds head r's valid entries (the invalid ones score -inf and rank last), so the mask holds
+// exactly counts[r] per head and the offsets are built on the host: nothing is read back.
 RaggedIndices top_sorted(const at::Tensor& keep, const std::vector<int64_t>& counts) {
   const int64_t n = keep.size(2);
   for (size_t r = 0; r < counts.size(); ++r)
     KVD_CHECK(counts[r] <= n, "decode eviction: head row ", r, " keeps ", counts[r], " of ", n, " entries");
   const at::Tensor k = host_ints(counts, keep.device()).view({keep.size(0), keep.size(1)});
-  return ragged_from_mask(topk_mask(keep, k));  // (B, H_kv) counts -> (B, H_kv, n) mask
+  return ragged_from_mask(topk_mask(keep, k), counts);  // (B, H_kv) counts -> (B, H_kv, n) mask
 }
 
 // Keeps the last `rows` rows along dim `d`.
@@ -275,7 +277,8 @@ void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache)
   }
   if (kv.valid.defined()) keep = keep.masked_fill(kv.valid.logical_not(), -kInf);
 
-  cache.keep(l, top_sorted(keep, counts));  // the payload columns follow their entries
+  // The payload columns follow their entries; the indices come from this layer's own entries (no bounds read-back).
+  cache.keep(l, top_sorted(keep, counts), IndexCheck::ByConstruction);
   S.len = counts;
   stats_.evictions += evicted;
 }
