@@ -23,9 +23,10 @@
 #   bench/gpu_rivals.sh prefill [M]    the slice with method(s) M (default snapkv,defensivekv) at $RATIOS, the
 #                                      padded prefill's attention masked (KVD_PADDED_PREFILL=masked) and flash
 #                                      (the default): wall times and how many records agree
-#   bench/gpu_rivals.sh profile [M...] each method M (default: kvzip defensivekv snapkv cake expected_attention
-#                                      tova_decode) alone on the slice, at the protocol's BATCH / BATCH_TOKENS, one
-#                                      process, with KVD_PROFILE: wall time and where it goes (eval, prefill, compress)
+#   bench/gpu_rivals.sh profile [M...] each method M (default: kvzip kvzip_plus tova_decode h2o_decode
+#                                      lazy_eviction streaming_llm_decode snapkv) alone on the slice, at the
+#                                      protocol's BATCH / BATCH_TOKENS, one process, with KVD_PROFILE: wall time and
+#                                      its three largest sections; every section in $OUT/profile-M.log
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
@@ -172,12 +173,18 @@ PY
   profile)
     shift
     tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
-    for m in ${@:-kvzip defensivekv snapkv cake expected_attention tova_decode}; do
+    # Each method's sections go to $OUT/profile-M.log (whole) when OUT is set; the call prints its wall time and
+    # its three largest sections.
+    for m in ${@:-kvzip kvzip_plus tova_decode h2o_decode lazy_eviction streaming_llm_decode snapkv}; do
       rm -rf "$W/profile-$m"
-      echo "== $m"
-      t env KVD_PROFILE=1 $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch "$BATCH" \
-        --batch-tokens "$BATCH_TOKENS" --methods "$m" --ratios "$RATIOS" --out "$W/profile-$m" 2>&1 |
-        grep '^\[profile\] \|^\[time\]\|^\[eval\]' | grep -v ' 0.0%' | tail -n 40
+      log=${OUT:-$W}/profile-$m.log
+      s=$SECONDS
+      env KVD_PROFILE=1 OMP_NUM_THREADS=1 $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda \
+        --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --methods "$m" --ratios "$RATIOS" --out "$W/profile-$m" 2>&1 |
+        grep '^\[profile\] ' > "$log" || true
+      echo "== $m: $((SECONDS - s)) s"
+      grep -v '^\[profile\] timed\|^\[profile\] eval ' "$log" |
+        awk '{for (i = 2; i < NF; i++) if ($(i + 1) == "s") { print $i "\t" $0; break }}' | sort -rn | head -n 3 | cut -f2-
     done
     ;;
   report)
