@@ -38,7 +38,8 @@ case "${1:-}" in
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
     t ninja -C build-gpu kvdistill bench_cache_decode bench_decode_attention kvd_test_decode_attention kvd_test_decode_step \
-      kvd_test_static_decode kvd_test_fused_selection kvd_test_kv_select kvd_test_padded_prefill kvd_test_kvzip >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+      kvd_test_static_decode kvd_test_fused_selection kvd_test_kv_select kvd_test_padded_prefill kvd_test_kvzip \
+      kvd_test_decode_eviction >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
     t python3 tests/oracles/decoder_golden.py --out build-gpu/testdata/decoder_golden >"$OUT/oracle.log" 2>&1 ||
       tail -5 "$OUT/oracle.log"
     ;;
@@ -47,7 +48,8 @@ case "${1:-}" in
     ;;
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    for b in kvd_test_padded_prefill kvd_test_kvzip kvd_test_decode_attention kvd_test_decode_step kvd_test_static_decode kvd_test_fused_selection kvd_test_kv_select; do
+    for b in kvd_test_padded_prefill kvd_test_kvzip kvd_test_decode_attention kvd_test_decode_step kvd_test_static_decode \
+      kvd_test_fused_selection kvd_test_kv_select kvd_test_decode_eviction; do
       t build-gpu/$b >"$OUT/$b.log" 2>&1 && echo "$b rc=0" || echo "$b rc=$?"
       grep -E "error |tokens equal|each row alone|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \
         "$OUT/$b.log" | head -40

@@ -23,6 +23,10 @@
 #   bench/gpu_rivals.sh prefill [M]    the slice with method(s) M (default snapkv,defensivekv) at $RATIOS, the
 #                                      padded prefill's attention masked (KVD_PADDED_PREFILL=masked) and flash
 #                                      (the default): wall times and how many records agree
+#   bench/gpu_rivals.sh evict-decode [M] the slice with the decode-time evictors M (default
+#                                      tova_decode,h2o_decode,streaming_llm_decode) at $RATIOS, decoded step by step
+#                                      (--decode cache) and in CUDA graphs that evict inside each step (the
+#                                      default): wall times, mean decode_s, how many records agree
 #   bench/gpu_rivals.sh profile [M...] each method M (default: kvzip kvzip_plus tova_decode h2o_decode
 #                                      lazy_eviction streaming_llm_decode snapkv) alone on the slice, at the
 #                                      protocol's BATCH / BATCH_TOKENS, one process, with KVD_PROFILE: wall time and
@@ -168,6 +172,29 @@ pre = {n: statistics.mean(r[k]["prefill_s"] for k in r) for n, r in (("masked", 
 print(f"prefill: {len(a)} records; identical output {same['output']}, score {same['score']}, kept bytes "
       f"{same['kv_bytes_kept']}; |dKL| max {max(dkl):.4g} mean {statistics.mean(dkl):.3g}; mean prefill_s per record "
       f"masked {pre['masked'] * 1e3:.1f} ms, flash {pre['flash'] * 1e3:.1f} ms ({pre['masked'] / pre['flash']:.2f}x)")
+PY
+    ;;
+  evict-decode)
+    m=${2:-tova_decode,h2o_decode,streaming_llm_decode}
+    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
+    for p in cache auto; do
+      rm -rf "$W/evict-$p"
+      t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --decode $p \
+        --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --methods "$m" --ratios "$RATIOS" --out "$W/evict-$p" 2>&1 |
+        tail -n 1
+    done
+    python3 - "$W/evict-cache/results.jsonl" "$W/evict-auto/results.jsonl" <<'PY'
+import collections, json, statistics, sys
+a, b = ({(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:])
+assert a.keys() == b.keys(), "the two runs hold different records"
+paths = collections.Counter(r.get("decode") for r in b.values())
+same = {f: sum(a[k][f] == b[k][f] for k in a) for f in ("output", "score", "kv_bytes_kept", "peak_kv_bytes")}
+dkl = [abs(a[k]["kl"] - b[k]["kl"]) for k in a]
+dec = {n: statistics.mean(r[k]["decode_s"] for k in r) for n, r in (("cache", a), ("graph", b))}
+print(f"evict-decode: {len(a)} records, paths {dict(paths)}; identical output {same['output']}, score "
+      f"{same['score']}, kept bytes {same['kv_bytes_kept']}, peak bytes {same['peak_kv_bytes']}; |dKL| max "
+      f"{max(dkl):.4g} mean {statistics.mean(dkl):.3g}; mean decode_s per record cache {dec['cache'] * 1e3:.1f} ms, "
+      f"graph {dec['graph'] * 1e3:.1f} ms ({dec['cache'] / dec['graph']:.2f}x)")
 PY
     ;;
   profile)

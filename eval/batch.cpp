@@ -170,7 +170,7 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
   GenerateOptions g;
   g.mode = SamplingMode::Greedy;
   g.max_new_tokens_per_row = max_new;
-  g.decode = m.decode ? DecodePath::Cache : decode;
+  g.decode = decode;
   std::unique_ptr<DecodeEvictor> evictor;
   if (m.decode) {
     DecodeTrigger trig;
@@ -180,6 +180,9 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
     eo.kernels = m.compress.kernels;
     evictor = std::make_unique<DecodeEvictor>(model, m.decode->policy, trig, eo);
     g.decode_observer = evictor->observer();
+    // The fixed-shape paths (CUDA graphs) where the policy has that form; the cache path otherwise.
+    g.static_evictor = evictor->static_evictor();
+    if (!g.static_evictor) g.decode = DecodePath::Cache;
     // The rest of the prompt is appended before decoding: the scorer rates those entries too.
     g.prefill_observer = [&m](const PrefillLayerObservation& obs, KVCache& c) { m.method.scorer->on_append(obs, c); };
   }

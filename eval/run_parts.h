@@ -67,8 +67,8 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
                                    const std::vector<ResolvedMethod*>& ms, double& prefill_s);
 // Steps 2-4 on one compressed cache: the answer, the teacher-forced KL / perplexity and the critical-KV hit
 // rate. With m.full, fills `ref`; otherwise reads it.
-// decode: how the answer is decoded (a method that evicts while decoding always takes the cache path); the path
-// taken is returned in decode_path.
+// decode: how the answer is decoded (a method that evicts while decoding takes the cache path unless its policy has
+// a fixed-shape form, DecodeEvictor::static_evictor); the path taken is returned in decode_path.
 std::vector<RowResult> finish_batch(const Model& model, const std::vector<const Prepared*>& rows, ResolvedMethod& m,
                                     KVCache& cache, FullReference& ref, DecodePath decode, double& decode_s,
                                     DecodePath& decode_path);

@@ -66,6 +66,7 @@ at::Tensor row_top(const at::Tensor& s, const at::Tensor& mask) {
 }
 
 at::Tensor LayerView::next_position_column(c10::Device device) const {
+  if (next_positions_device.defined()) return next_positions_device.to(device).view({-1, 1, 1});  // (B, 1, 1)
   const int64_t B = positions.defined() ? positions.size(0) : static_cast<int64_t>(next_positions.size());
   KVD_CHECK(static_cast<int64_t>(next_positions.size()) == B, "LayerView: next_positions holds ", next_positions.size(),
             " rows, the view ", B);

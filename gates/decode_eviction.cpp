@@ -13,6 +13,7 @@
 #include "models/attention.h"
 #include "models/device.h"
 #include "models/kv_cache.h"
+#include "models/static_decode.h"
 
 namespace kvd {
 
@@ -64,6 +65,111 @@ at::Tensor keep_last(const at::Tensor& t, int64_t d, int64_t rows) {
 
 }  // namespace
 
+namespace {
+
+// step_attention over a fixed-shape state's slots without repeating K to the query heads: q (B, H, hd), q_pos
+// (B, 1), k (B, H_kv, C, hd), pos / valid (B, H_kv, C) -> (B, H, C), in float64 for a float64 model, else float32
+// (bf16 / fp16 products accumulated in float32 on CUDA, without a float32 copy of K). Empty slots and padding
+// get 0.
+at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k, const at::Tensor& pos,
+                          const at::Tensor& valid) {
+  const int64_t B = k.size(0), Hkv = k.size(1), C = k.size(2), hd = k.size(3), H = q.size(1), G = H / Hkv;
+  const auto ct = q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  const at::Tensor qg = q.reshape({B * Hkv, G, hd});                  // (B·H_kv, G, hd): head h·G + g
+  const at::Tensor kt = k.reshape({B * Hkv, C, hd}).transpose(1, 2);  // (B·H_kv, hd, C)
+  const bool half = q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf);
+  at::Tensor logits = half ? at::bmm(qg, kt, ct) : at::bmm(qg.to(ct), kt.to(ct));  // (B·H_kv, G, C)
+  logits = logits.view({B, Hkv, G, C}) / std::sqrt(static_cast<double>(hd));
+  const at::Tensor vis = pos.le(q_pos.view({B, 1, 1})).logical_and(valid).unsqueeze(2);  // (B, H_kv, 1, C)
+  at::Tensor p = torch::softmax(logits.masked_fill(vis.logical_not(), -kInf), -1);     // (B, H_kv, G, C)
+  return torch::nan_to_num(p, 0.0, 0.0, 0.0).view({B, H, C});
+}
+
+// Decode-time eviction inside fixed-shape decode steps (DecodeEvictor::static_evictor): every step, each head of a
+// row that feeds it and holds more than its target (one more: the step's entry) loses its lowest-scoring entry,
+// whose slot is emptied (position -1). Only device ops of fixed shapes: a CUDA graph replays it.
+class FixedShapeEvictor : public StaticStepEvictor {
+ public:
+  FixedShapeEvictor(const Model& model, DecodePolicy policy, const DecodeEvictionOptions& opt,
+                    const StaticDecodeState& s, const std::vector<at::Tensor>& init_scores)
+      : model_(model), policy_(policy), opt_(opt) {
+    const int64_t B = s.batch, Hkv = s.kv_heads, C = s.capacity;
+    const c10::Device dev = s.start.device();
+    const at::Tensor slot = torch::arange(C, torch::TensorOptions().dtype(torch::kLong).device(dev)).view({1, 1, C});
+    for (size_t l = 0; l < s.len0.size(); ++l) {
+      for (int64_t n : s.len0[l])
+        KVD_CHECK(n >= 1, "decode eviction: layer ", l, " has a head with no entry before decoding; it would keep 0");
+      target_.push_back(host_ints(s.len0[l], dev).view({B, Hkv}));  // (B, H_kv)
+      if (policy_ != DecodePolicy::H2O) continue;
+      at::Tensor acc = torch::zeros({B, Hkv, C}, torch::TensorOptions().dtype(torch::kDouble).device(dev));  // (B, H_kv, C)
+      if (init_scores[l].defined()) {
+        const at::Tensor& init = init_scores[l];  // (B, H_kv, n0)
+        const int64_t m = std::min(init.size(2), C);
+        acc.narrow(2, 0, m).copy_(init.narrow(2, 0, m));
+        acc.masked_fill_(slot.ge(target_.back().unsqueeze(2)), 0.0);  // only the entries held before decoding
+      }
+      acc_.push_back(acc);
+    }
+  }
+
+  void on_layer(int64_t l, const at::Tensor& q, StaticDecodeState& s) override {
+    const int64_t B = s.batch, Hkv = s.kv_heads, C = s.capacity, hd = s.head_dim;
+    const at::Tensor pos = s.pos[l].view({B, Hkv, C});  // (B, H_kv, C); -1: empty
+    const at::Tensor valid = pos.ge(0);                  // (B, H_kv, C)
+    const at::Tensor k = s.k[l].view({B, Hkv, C, hd});   // (B, H_kv, C, hd)
+    at::Tensor keep;                                     // (B, H_kv, C) float64, higher = keep
+    switch (policy_) {
+      case DecodePolicy::H2O: {
+        const at::Tensor attn = slot_attention(q, s.qpos, k, pos, valid);  // (B, H, C)
+        at::Tensor add = reduce_group(attn, Hkv, opt_.reduce).to(torch::kDouble);     // (B, H_kv, C)
+        acc_[l].add_(add.masked_fill(s.alive.view({B, 1, 1}).logical_not(), 0.0));
+        // The most recent target / 2 entries of each head are protected: those with at most that many valid
+        // entries at or after them.
+        const at::Tensor after = valid.to(torch::kLong).flip(2).cumsum(2).flip(2);  // (B, H_kv, C)
+        keep = acc_[l].masked_fill(after.le(target_[l].div(2, "floor").unsqueeze(2)), kInf);
+        break;
+      }
+      case DecodePolicy::TOVA: {
+        const at::Tensor a = slot_attention(q, s.qpos, k, pos, valid).to(torch::kDouble);  // (B, H, C)
+        const at::Tensor same = pos.eq(pos.narrow(1, 0, 1)).flatten(1).all(1).view({B, 1, 1});        // (B, 1, 1)
+        keep = torch::where(same, a.mean(1, true).expand({B, Hkv, C}), reduce_group(a, Hkv, GroupReduce::Mean));
+        break;
+      }
+      case DecodePolicy::Scorer: {
+        LayerView view;
+        view.layer = l;
+        view.model = &model_;
+        view.keys = k;
+        view.values = s.v[l].view({B, Hkv, C, hd});
+        view.positions = pos;
+        view.valid = valid;
+        view.next_positions_device = s.qpos.view({B}) + 1;  // (B)
+        view.kernels = opt_.kernels;
+        keep = opt_.scorer->score(view).to(torch::kDouble);  // (B, H_kv, C)
+        break;
+      }
+      case DecodePolicy::LazyEviction:
+        KVD_FAIL("decode eviction: LazyEviction has no fixed-shape form");
+    }
+    // Per head that must evict: its lowest score among the valid slots; ties: the newest (the older is kept).
+    const at::Tensor slot = torch::arange(C, pos.options()).view({1, 1, C});           // (1, 1, C)
+    const at::Tensor need = valid.sum(2).gt(target_[l]).logical_and(s.alive.view({B, 1}));  // (B, H_kv)
+    const at::Tensor sc = keep.masked_fill(valid.logical_not(), kInf);                   // (B, H_kv, C)
+    const at::Tensor low = valid.logical_and(sc.eq(sc.amin(2, true)));                  // (B, H_kv, C)
+    const at::Tensor last = torch::where(low, slot, torch::full_like(slot, -1)).amax(2, true);  // (B, H_kv, 1)
+    pos.masked_fill_(slot.eq(last).logical_and(need.unsqueeze(2)), -1);
+  }
+
+ private:
+  const Model& model_;
+  DecodePolicy policy_;
+  DecodeEvictionOptions opt_;
+  std::vector<at::Tensor> target_;  // [layer] (B, H_kv) entries each head keeps
+  std::vector<at::Tensor> acc_;     // [layer] (B, H_kv, C) float64 H2O accumulated attention per slot
+};
+
+}  // namespace
+
 DecodeEvictor::DecodeEvictor(const Model& model, DecodePolicy policy, DecodeTrigger trigger, DecodeEvictionOptions opt)
     : model_(model), policy_(policy), trigger_(trigger), opt_(std::move(opt)) {
   KVD_CHECK(trigger_.interval >= 1, "decode eviction: the trigger interval must be >= 1 step, got ", trigger_.interval);
@@ -103,6 +209,25 @@ void DecodeEvictor::set_initial_scores(int64_t layer, const at::Tensor& scores) 
 }
 
 std::vector<int64_t> DecodeEvictor::targets(int64_t layer) const { return layers_.at(layer)->target; }
+
+std::function<std::shared_ptr<StaticStepEvictor>(const StaticDecodeState&)> DecodeEvictor::static_evictor() {
+  const bool scorer_ok = policy_ == DecodePolicy::Scorer && opt_.scorer->needs().fixed_shape == FixedShape::Yes &&
+                         opt_.scorer->needs().window == 0 && !opt_.scorer->needs().queries_pre_rope;
+  const bool ok = trigger_.interval == 1 && trigger_.target == 0 &&
+                  (policy_ == DecodePolicy::H2O || policy_ == DecodePolicy::TOVA || scorer_ok);
+  if (!ok) return {};
+  return [this](const StaticDecodeState& s) -> std::shared_ptr<StaticStepEvictor> {
+    std::vector<at::Tensor> init(layers_.size());
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      KVD_CHECK(layers_[l]->len.empty(), "decode eviction: this evictor already decoded on the cache path; reset() "
+                "it before a fixed-shape decode");
+      if (layers_[l]->init_scores.defined()) init[l] = layers_[l]->init_scores.to(s.start.device());
+    }
+    KVD_CHECK(s.len0.size() == layers_.size(), "decode eviction: the state has ", s.len0.size(), " layers, the model ",
+              layers_.size());
+    return std::make_shared<FixedShapeEvictor>(model_, policy_, opt_, s, init);
+  };
+}
 
 void DecodeEvictor::on_layer(const PrefillLayerObservation& obs, KVCache& cache) {
   const int64_t l = obs.layer;

@@ -41,6 +41,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -53,7 +54,9 @@
 namespace kvd {
 
 class KVCache;
+class StaticStepEvictor;
 struct RaggedIndices;
+struct StaticDecodeState;
 
 struct DecodeTrigger {
   int64_t interval = 1;  // evict every `interval` decode steps (>= 1)
@@ -104,6 +107,14 @@ class DecodeEvictor {
   const DecodeEvictionStats& stats() const { return stats_; }
   // Per-head targets of a layer ([b * H_kv + h]); empty before the layer's first decode step.
   std::vector<int64_t> targets(int64_t layer) const;
+  // The same eviction inside fixed-shape decode steps (GenerateOptions::static_evictor: the Static and Graph
+  // paths), or an empty function where there is none. Covered: H2O, TOVA and a Scorer whose needs() say
+  // FixedShape::Yes (StreamingLLM) with no window, triggered at every step (interval 1) down to the counts the
+  // heads held before decoding (target 0), so that each step evicts exactly one entry from every head of a row
+  // that feeds it. Its scores are this evictor's, computed over the state's slots; ties go as here (the older
+  // entry is kept). LazyEviction, longer intervals, explicit targets and other scorers decode on the cache path.
+  // stats() count only the cache path's steps. Make it before this evictor decodes on the cache path.
+  std::function<std::shared_ptr<StaticStepEvictor>(const StaticDecodeState&)> static_evictor();
   // Forgets all state (a new sequence with a fresh cache).
   void reset();
 

@@ -36,10 +36,13 @@ struct LayerView {
   at::Tensor query_valid;        // (B, n_q) bool: the real rows of queries_pre_rope; undefined when all are
   std::map<std::string, at::Tensor> payload;  // the cache's per-entry columns (B, H_kv, n) (KVCache payload)
   std::vector<int64_t> next_positions;        // [B] the position each row's next query will have (t)
+  at::Tensor next_positions_device;           // (B) int64, optional: the same on the device, used by
+                                              // next_position_column where defined (fixed-shape decode steps)
   int64_t batch_offset = 0;  // the cache's batch row of this view's row 0 (a view of row b alone has batch_offset b)
   KernelPath kernels = KernelPath::Fused;  // fused scoring kernels where they apply (CompressOptions::kernels)
 
-  // next_positions as a (B, 1, 1) int64 tensor on `device`, to broadcast against (B, H_kv, n) positions.
+  // next_positions as a (B, 1, 1) int64 tensor on `device`, to broadcast against (B, H_kv, n) positions
+  // (next_positions_device where defined).
   at::Tensor next_position_column(c10::Device device) const;
 };
 
@@ -65,6 +68,13 @@ enum class ScoreTiming {
 //               index. The scorer must rate each row's entries as it would rate that row alone.
 enum class RowBatching { OneAtATime, Together };
 
+// Whether a scorer can run inside a fixed-shape decode step (models/static_decode.h), which a CUDA graph replays:
+enum class FixedShape {
+  No,  // it may read host fields (next_positions), payload columns or window queries, or read values back
+  Yes  // it reads only keys, values, positions, valid and next_position_column(), never reads back, and keeps no
+       // per-entry state (on_append does nothing)
+};
+
 // Which optional LayerView fields a scorer reads, so the harness captures only those, and how it takes rows.
 struct ScorerNeeds {
   RowBatching rows = RowBatching::OneAtATime;
@@ -73,6 +83,7 @@ struct ScorerNeeds {
   static constexpr int64_t kAllRows = INT64_MAX;
   bool queries_pre_rope = false;
   ScoreTiming timing = ScoreTiming::PerLayer;
+  FixedShape fixed_shape = FixedShape::No;  // Yes: decode-time eviction may run it in fixed-shape steps
 };
 
 // The needs of a scorer that reads no optional field and takes a batch's rows together.

@@ -35,6 +35,10 @@ void check_input(const DecodeAttentionInput& in, const char* who) {
                   in.qpos.scalar_type() == torch::kLong,
               who, ": a window needs kpos (rows) and qpos (B), int64");
   }
+  if (in.empty_slots == EmptySlots::NegativePosition)
+    KVD_CHECK(in.kpos.defined() && in.kpos.dim() == 1 && in.kpos.size(0) == in.k.size(0) &&
+                  in.kpos.scalar_type() == torch::kLong,
+              who, ": EmptySlots::NegativePosition needs kpos (rows), int64");
 }
 
 }  // namespace
@@ -50,6 +54,8 @@ at::Tensor decode_attention_reference(const DecodeAttentionInput& in) {
     at::Tensor kp = in.kpos.index_select(0, rows.flatten()).view({B, Hkv, n});        // (B, H_kv, n)
     vis = vis.logical_and((in.qpos.view({B, 1, 1}) - kp).lt(*in.window).view({S, n}));
   }
+  if (in.empty_slots == EmptySlots::NegativePosition)
+    vis = vis.logical_and(in.kpos.index_select(0, rows.flatten()).view({S, n}).ge(0));
   const c10::ScalarType acc = in.q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   at::Tensor k = in.k.index_select(0, rows.flatten()).view({B, Hkv, n, hd}).to(acc);  // (B, H_kv, n, hd)
   at::Tensor v = in.v.index_select(0, rows.flatten()).view({B, Hkv, n, hd}).to(acc);  // (B, H_kv, n, hd)
@@ -106,10 +112,9 @@ at::Tensor decode_attention_fused(const DecodeAttentionInput& in) {
   if (reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 != 0) q = q.clone();  // 16-byte loads
   at::Tensor start = in.start.contiguous(), len = in.len.contiguous();
   at::Tensor kpos, qpos;
-  if (in.window) {
-    kpos = in.kpos.contiguous();
-    qpos = in.qpos.reshape({B}).contiguous();
-  }
+  const bool holes = in.empty_slots == EmptySlots::NegativePosition;
+  if (in.window || holes) kpos = in.kpos.contiguous();
+  if (in.window) qpos = in.qpos.reshape({B}).contiguous();
   kernels::DecodeAttentionArgs a;
   a.B = static_cast<int>(B);
   a.H = static_cast<int>(H);
@@ -128,7 +133,8 @@ at::Tensor decode_attention_fused(const DecodeAttentionInput& in) {
   a.v = reinterpret_cast<const uint16_t*>(in.v.data_ptr());
   a.start = start.data_ptr<int64_t>();
   a.len = len.data_ptr<int64_t>();
-  a.kpos = in.window ? kpos.data_ptr<int64_t>() : nullptr;
+  a.kpos = kpos.defined() ? kpos.data_ptr<int64_t>() : nullptr;
+  a.holes = holes ? 1 : 0;
   a.qpos = in.window ? qpos.data_ptr<int64_t>() : nullptr;
   a.part_o = part_o.data_ptr<float>();
   a.part_ml = part_ml.data_ptr<float>();

@@ -192,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
       const int64_t j = base + u * NGRP + kg;
       const bool in = j < hi;
       const int64_t r = row0 + (in ? j : lo);
-      vis[u] = in && (a.window <= 0 || qp - a.kpos[r] < a.window);
+      vis[u] = in && (a.window <= 0 || qp - a.kpos[r] < a.window) && (a.holes == 0 || a.kpos[r] >= 0);
       load8(a.k + r * HD + sub * 8, kf[u]);
       load8(a.v + r * HD + sub * 8, vf[u]);
     }

@@ -6,7 +6,8 @@
 // q = h · G + g (G = H / H_kv) of request b reads segment b · H_kv + h:
 //   out[b, q] = Σ_j softmax_j(scale · <Q[b, q], K[start[s] + j]>) · V[start[s] + j]
 // over its visible entries j < len[s]; with a sliding window (window > 0), entry j is visible only if
-// qpos[b] − kpos[start[s] + j] < window. A segment with no visible entry gives 0.
+// qpos[b] − kpos[start[s] + j] < window; with holes (holes != 0), an entry whose kpos is negative is an empty slot
+// (an entry evicted in place while decoding) and is not seen. A segment with no visible entry gives 0.
 //
 // start and len are read on the device, so one launch shape serves every decode step (CUDA graphs). The work is
 // split by entries, not by heads: with S = B · H_kv segments, chunks are ceil(Σ len / (splits · S)) rows and segment s
@@ -36,9 +37,10 @@ struct DecodeAttentionArgs {
   const uint16_t* v = nullptr;    // flat rows (·, hd) bf16
   const int64_t* start = nullptr;  // (B · H_kv) first row of each segment
   const int64_t* len = nullptr;    // (B · H_kv) entries of each segment, <= max_len
-  const int64_t* kpos = nullptr;   // flat (·) stored positions; read only when window > 0
+  const int64_t* kpos = nullptr;   // flat (·) stored positions; read only when window > 0 or holes != 0
   const int64_t* qpos = nullptr;   // (B) positions of the queries; read only when window > 0
   int64_t window = 0;              // <= 0: no sliding window
+  int holes = 0;                   // != 0: kpos < 0 marks an empty slot
   int B = 0, H = 0, Hkv = 0, hd = 0;  // hd 64 or 128; H / Hkv <= kDecodeMaxGroup
   float scale = 1.f;
   int64_t max_len = 0;

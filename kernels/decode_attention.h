@@ -1,7 +1,9 @@
 // Decode attention over a ragged per-head KV cache (kernels/decode_attention.cuh) for LibTorch callers, and the
 // reference it is tested against. One query token per request; segment s = b * H_kv + h holds its entries at rows
 // start[s] .. start[s] + len[s] - 1 of flat K / V storages; query head h * G + g reads segment b * H_kv + h. With a
-// sliding window, entry j is visible only if qpos[b] - kpos[start[s] + j] < window.
+// sliding window, entry j is visible only if qpos[b] - kpos[start[s] + j] < window. With
+// EmptySlots::NegativePosition, an entry whose kpos is negative is an empty slot (evicted in place while
+// decoding, models/static_decode.h) and is not seen.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +13,12 @@
 
 namespace kvd {
 
+// Whether a segment's first len[s] rows may hold empty slots.
+enum class EmptySlots {
+  None,             // every row j < len[s] is an entry
+  NegativePosition  // a row whose kpos is negative is empty (kpos needed)
+};
+
 struct DecodeAttentionInput {
   at::Tensor q;      // (B, H, hd)
   at::Tensor k;      // (rows, hd) flat storage
@@ -18,9 +26,10 @@ struct DecodeAttentionInput {
   at::Tensor start;  // (B * H_kv) int64 first row of each segment
   at::Tensor len;    // (B * H_kv) int64 entries of each segment, each <= max_len
   int64_t max_len = 0;
-  at::Tensor kpos;   // (rows) int64 stored positions; needed with a window
+  at::Tensor kpos;   // (rows) int64 stored positions; needed with a window or EmptySlots::NegativePosition
   at::Tensor qpos;   // (B) int64 query positions; needed with a window
   std::optional<int64_t> window;
+  EmptySlots empty_slots = EmptySlots::None;
   double scale = 1.0;
   int splits = 0;  // the fused kernel's CTAs per segment; 0: its own choice (kernels::decode_attention_splits)
 };

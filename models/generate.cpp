@@ -62,7 +62,8 @@ namespace {
 
 // The path generate_batch takes: Auto resolved; Static / Graph checked against the options.
 DecodePath resolve_decode(const Model& model, const GenerateOptions& opts) {
-  const bool fixed_shape_ok = opts.mode == SamplingMode::Greedy && !opts.decode_observer;
+  const bool fixed_shape_ok =
+      opts.mode == SamplingMode::Greedy && (!opts.decode_observer || static_cast<bool>(opts.static_evictor));
   bool graphs = false;
 #if KVD_WITH_CUDA
   graphs = model.device().is_cuda();
@@ -75,8 +76,9 @@ DecodePath resolve_decode(const Model& model, const GenerateOptions& opts) {
     case DecodePath::Static:
     case DecodePath::Graph:
       KVD_CHECK(fixed_shape_ok, "generate: the ", decode_path_name(opts.decode),
-                " decode path is greedy and takes no decode-time observer (eviction while decoding); use the cache "
-                "path");
+                " decode path is greedy and takes a decode-time observer (eviction while decoding) only with its "
+                "fixed-shape form (GenerateOptions::static_evictor; DecodeEvictor::static_evictor() has none for this "
+                "policy); use the cache path");
       KVD_CHECK(opts.decode == DecodePath::Static || graphs,
                 "generate: the graph decode path needs a model on a CUDA device; use static or cache");
       return opts.decode;
@@ -215,6 +217,16 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
       // Every row steps (a finished row's tokens are dropped); write_back stores only what each row fed.
       if (!decoder) {
         state = std::make_unique<StaticDecodeState>(make_static_decode(model, cache, tok, most_steps));
+        if (opts.decode_observer) {
+          // Eviction inside the steps; the state tracks on the device which rows still feed tokens.
+          std::vector<bool> alive(B);
+          std::vector<int64_t> left(B);
+          for (int64_t b = 0; b < B; ++b) {
+            alive[b] = !done[b];
+            left[b] = limit[b] - static_cast<int64_t>(res.tokens[b].size());
+          }
+          attach_evictor(*state, opts.static_evictor(*state), alive, left, eos);
+        }
         decoder = std::make_unique<StaticDecoder>(model, *state,
                                                   path == DecodePath::Graph ? StepRunner::Graph : StepRunner::Eager);
       }

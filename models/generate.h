@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -18,6 +19,8 @@ namespace kvd {
 
 class Model;
 class KVCache;
+class StaticStepEvictor;
+struct StaticDecodeState;
 
 enum class SamplingMode {
   Greedy,  // argmax
@@ -28,10 +31,11 @@ enum class StopReason { Eos, MaxNewTokens };
 
 // How generate_batch runs its decode steps (the prompt's prefill is the same for all).
 enum class DecodePath {
-  Auto,    // Graph on CUDA where it applies (greedy, no decode_observer) and its copy of the cache takes at most
-           // half the free device memory, else Cache
+  Auto,    // Graph on CUDA where it applies (greedy; no decode_observer, or one with a static_evictor) and its
+           // copy of the cache takes at most half the free device memory, else Cache
   Cache,   // Model::prefill on the KVCache, one step at a time: any sampling, decode-time observers
-  Static,  // a fixed-shape copy of the cache (models/static_decode.h), op by op; greedy, no decode_observer
+  Static,  // a fixed-shape copy of the cache (models/static_decode.h), op by op; greedy; a decode_observer only
+           // with its static_evictor
   Graph,   // Static, each step replayed from one CUDA graph (CUDA only)
 };
 const char* decode_path_name(DecodePath p);      // "auto" | "cache" | "static" | "graph"
@@ -51,6 +55,10 @@ struct GenerateOptions {
   std::function<void(int64_t token)> on_token;
   // Called for every layer of every decode step (not the prompt's prefill): decode-time eviction hooks in here.
   PrefillObserver decode_observer;
+  // The same eviction inside fixed-shape steps (DecodeEvictor::static_evictor), made from the state when the
+  // Static / Graph path starts; it lets a greedy decode with a decode_observer take those paths. Empty: a
+  // decode_observer keeps the decode on the Cache path.
+  std::function<std::shared_ptr<StaticStepEvictor>(const StaticDecodeState&)> static_evictor;
   // Called for every layer of the prompt's prefill (e.g. a scorer's on_append, so that per-entry state covers
   // the prompt's entries too).
   PrefillObserver prefill_observer;

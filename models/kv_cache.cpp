@@ -129,8 +129,10 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
             k_in.sizes());
   KVD_CHECK(v_in.sizes() == k_in.sizes(), "KVCache::append: v ", v_in.sizes(), " differs from k ", k_in.sizes());
   const int64_t t = k_in.size(2);
-  KVD_CHECK(lead.empty() || static_cast<int64_t>(lead.size()) == batch_, "KVCache::append: lead must be empty or have B=",
-            batch_, " entries, got ", lead.size());
+  const bool per_head = static_cast<int64_t>(lead.size()) == batch_ * kv_heads_ && kv_heads_ > 1;
+  KVD_CHECK(lead.empty() || static_cast<int64_t>(lead.size()) == batch_ || per_head,
+            "KVCache::append: lead must be empty or have B=", batch_, " or B*H_kv=", batch_ * kv_heads_,
+            " entries, got ", lead.size());
   for (size_t b = 0; b < lead.size(); ++b)
     KVD_CHECK(lead[b] >= 0 && lead[b] <= t, "KVCache::append: lead[", b, "] = ", lead[b], " is outside [0, ", t, "]");
   at::Tensor p = pos_in;
@@ -142,7 +144,8 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
   const int64_t rows = batch_ * kv_heads_;
   std::vector<int64_t> gain(rows, t);  // [B * H_kv] new entries of head row r
   if (padded)
-    for (int64_t r = 0; r < rows; ++r) gain[r] -= lead[r / kv_heads_];
+    for (int64_t r = 0; r < rows; ++r) gain[r] -= lead[per_head ? r : r / kv_heads_];
+  if (per_head) L.aligned = false;  // each head gains its own entries: a row's heads may now hold different positions
 
   // Room check; reallocate every segment with slack when any head lacks room.
   bool room = true;
@@ -600,6 +603,13 @@ int64_t KVCache::row_bytes(int64_t b) const {
 int64_t KVCache::row_peak_bytes(int64_t b) const {
   KVD_CHECK(b >= 0 && b < batch_, "KVCache::row_peak_bytes: row ", b, " out of range [0, ", batch_, ")");
   return row_peak_[b];
+}
+
+void KVCache::raise_peaks(const std::vector<int64_t>& row_bytes, int64_t bytes) {
+  KVD_CHECK(static_cast<int64_t>(row_bytes.size()) == batch_, "KVCache::raise_peaks: ", row_bytes.size(),
+            " rows for a batch of ", batch_);
+  for (int64_t b = 0; b < batch_; ++b) row_peak_[b] = std::max(row_peak_[b], row_bytes[b]);
+  peak_bytes_ = std::max(peak_bytes_, bytes);
 }
 
 void KVCache::update_peak() {

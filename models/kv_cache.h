@@ -80,11 +80,12 @@ class KVCache {
               const at::Tensor& v,                 // (B, H_kv, t, hd)
               const at::Tensor& pos);              // (B, t) or (B, H_kv, t) int64
   // Same, for a left-padded chunk: row b's first lead[b] entries (lead[b] in [0, t]) are padding and are NOT
-  // stored; every head of row b gains t - lead[b] entries. An empty lead means no padding.
+  // stored; every head of row b gains t - lead[b] entries. An empty lead means no padding. A lead of B * H_kv
+  // counts pads each head on its own: head row r = b * H_kv + h gains its last t - lead[r] entries.
   void append(int64_t layer, const at::Tensor& k,  // (B, H_kv, t, hd)
               const at::Tensor& v,                 // (B, H_kv, t, hd)
               const at::Tensor& pos,               // (B, t) or (B, H_kv, t) int64
-              const std::vector<int64_t>& lead);   // [B] or empty
+              const std::vector<int64_t>& lead);   // [B], [B * H_kv] or empty
   KVLayerView layer(int64_t layer) const;
   // Replaces this cache's `layer` with a copy of src's (entries, positions, payload columns, layout), as if the
   // same entries had been appended here; the byte counts and peaks follow. src must have the same shape, dtype
@@ -135,6 +136,9 @@ class KVCache {
   // K+V bytes of batch row b's entries (all layers and heads), and its peak since construction / clear().
   int64_t row_bytes(int64_t b) const;
   int64_t row_peak_bytes(int64_t b) const;
+  // Raises row b's peak to at least row_bytes[b] and the cache's to at least `bytes`: bytes the rows held in a
+  // step that a caller replays in one go (static decoding's write_back of a decode that evicted in every step).
+  void raise_peaks(const std::vector<int64_t>& row_bytes, int64_t bytes);
 
   void clear();
 

@@ -836,7 +836,13 @@ void Model::decode_static(StaticDecodeState& s) const {
         in.kpos = s.pos[l];
         in.qpos = qpos;
       }
-      return decode_attention(in).view({B, H, 1, hd});  // (B, H, 1, hd)
+      if (s.evictor) {  // slots the evictor emptied hold position -1
+        in.kpos = s.pos[l];
+        in.empty_slots = EmptySlots::NegativePosition;
+      }
+      at::Tensor out = decode_attention(in);  // (B, H, hd)
+      if (s.evictor) s.evictor->on_layer(l, in.q, s);
+      return out.view({B, H, 1, hd});  // (B, H, 1, hd)
     };
     x = decoder_layer(lw, LayerLora(), nullptr, cs[0], cs[1], H, Hkv, hd, cfg_.qk_norm, cfg_.rms_norm_eps, x, h, attend,
                       ops);
@@ -847,6 +853,12 @@ void Model::decode_static(StaticDecodeState& s) const {
   s.history.index_copy_(0, s.step, next.view({1, B}));
   s.step.add_(1);
   s.qpos.add_(1);
+  if (s.evictor) {
+    // A row feeds the next step unless this one gave it an eos token or its last allowed one.
+    s.left.sub_(s.alive.to(torch::kLong));
+    const at::Tensor stop = next.view({B, 1}).eq(s.eos.view({1, -1})).any(1);  // (B)
+    s.alive.logical_and_(stop.logical_not()).logical_and_(s.left.gt(0));
+  }
 }
 
 // --- positions ----------------------------------------------------------------------------------------------

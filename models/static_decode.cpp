@@ -63,6 +63,20 @@ StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, c
   return s;
 }
 
+void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evictor, const std::vector<bool>& alive,
+                    const std::vector<int64_t>& left, const std::vector<int64_t>& eos) {
+  const int64_t B = s.batch;
+  KVD_CHECK(evictor, "attach_evictor: no evictor");
+  KVD_CHECK(static_cast<int64_t>(alive.size()) == B && static_cast<int64_t>(left.size()) == B, "attach_evictor: ",
+            alive.size(), " / ", left.size(), " row flags for a batch of ", B);
+  const c10::Device dev = s.tok.device();
+  std::vector<int64_t> a(alive.begin(), alive.end());
+  s.evictor = std::move(evictor);
+  s.alive = host_ints(a, dev).gt(0);  // (B)
+  s.left = host_ints(left, dev);      // (B)
+  s.eos = host_ints(eos, dev);        // (E)
+}
+
 int64_t static_decode_bytes(const KVCache& cache, int64_t steps) {
   int64_t longest = 0;
   for (int64_t l = 0; l < cache.num_layers(); ++l) longest = std::max(longest, cache.max_length(l));
@@ -83,6 +97,68 @@ bool static_decode_fits(const KVCache& cache, int64_t steps) {
   return true;
 }
 
+namespace {
+
+// write_back for a state whose evictor emptied slots (pos -1); T the most steps a row fed.
+void write_back_evicted(const StaticDecodeState& s, KVCache& cache, const std::vector<int64_t>& fed, int64_t T) {
+  const int64_t B = s.batch, Hkv = s.kv_heads, hd = s.head_dim, C = s.capacity, S = B * Hkv;
+  const c10::Device dev = s.start.device();
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+  const at::Tensor slot = torch::arange(C, lopt).view({1, C});                  // (1, C)
+  const at::Tensor fed_d = host_ints(fed, dev).view({B, 1, 1});   // (B, 1, 1)
+  // Step-by-step eviction appends a step's entry to every head of a layer before evicting: a row that fed a step
+  // held one entry per KV head more than before decoding, and the batch one per KV head of every such row.
+  std::vector<int64_t> transient(B);
+  int64_t total = cache.bytes();
+  for (int64_t b = 0; b < B; ++b) {
+    transient[b] = cache.row_bytes(b) + (fed[b] > 0 ? Hkv * cache.bytes_per_entry() : 0);
+    total += fed[b] > 0 ? Hkv * cache.bytes_per_entry() : 0;
+  }
+  cache.raise_peaks(transient, total);
+  for (int64_t l = 0; l < static_cast<int64_t>(s.k.size()); ++l) {
+    const at::Tensor pos = s.pos[l].view({S, C});                                           // (S, C)
+    const at::Tensor len0 = host_ints(s.len0[l], dev).view({S, 1});  // (S, 1)
+    // 1. The entries held before decoding that the evictor emptied leave the cache (indices = slots, in order).
+    const at::Tensor held = slot.lt(len0).logical_and(pos.ge(0));  // (S, C)
+    at::Tensor tail;  // (S, T) the decoded entries that survive (steps each row fed)
+    at::Tensor step_slot;  // (S, T) their slots
+    if (T > 0) {
+      const at::Tensor i = torch::arange(T, lopt).view({1, T});  // (1, T)
+      step_slot = (len0 + i).clamp_max(C - 1);                    // (S, T)
+      tail = i.lt(fed_d.view({B, 1}).repeat_interleave(Hkv, 0)).logical_and(pos.gather(1, step_slot).ge(0));
+    }
+    // One read-back of both counts per layer.
+    const at::Tensor counts = torch::stack({held.sum(1), T > 0 ? tail.sum(1) : torch::zeros({S}, lopt)})
+                                  .to(torch::kCPU).contiguous();  // (2, S)
+    const int64_t* c = counts.data_ptr<int64_t>();
+    const std::vector<int64_t> kept(c, c + S), gained(c + S, c + 2 * S);
+    if (kept != s.len0[l]) {
+      std::vector<int64_t> off(S + 1, 0);
+      for (int64_t r = 0; r < S; ++r) off[r + 1] = off[r] + kept[r];
+      const at::Tensor idx = held.nonzero().select(1, 1).contiguous();  // (Σ kept) slot of each kept entry, row-major
+      cache.keep(l, RaggedIndices{idx, torch::tensor(off, torch::kLong)}, IndexCheck::ByConstruction);
+    }
+    if (T == 0) continue;
+    // 2. Each head gains its own surviving decoded entries, in step order: right-aligned in (B, H_kv, T) with
+    // T - gained[r] leading slots of padding.
+    const at::Tensor order =
+        std::get<1>(tail.logical_not().to(torch::kInt).sort(std::optional<bool>(true), 1, false));  // (S, T)
+    std::vector<int64_t> lead(S);
+    for (int64_t r = 0; r < S; ++r) lead[r] = T - gained[r];
+    const at::Tensor i = torch::arange(T, lopt).view({1, T});                                 // (1, T)
+    const at::Tensor pick = order.gather(1, (i - host_ints(lead, dev).view({S, 1})).clamp_min(0));  // (S, T)
+    const at::Tensor src = step_slot.gather(1, pick);                                                 // (S, T)
+    const at::Tensor rows = (s.start.view({S, 1}) + src).flatten();                                  // (S * T)
+    const at::Tensor k = s.k[l].index_select(0, rows).view({B, Hkv, T, hd});  // (B, H_kv, T, hd)
+    const at::Tensor v = s.v[l].index_select(0, rows).view({B, Hkv, T, hd});
+    const at::Tensor p = pos.gather(1, src).view({B, Hkv, T});                 // (B, H_kv, T)
+    cache.append(l, k, v, p, lead);
+  }
+  cache.advance(fed);
+}
+
+}  // namespace
+
 void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<int64_t>& fed) {
   torch::NoGradGuard no_grad;
   const int64_t B = s.batch, Hkv = s.kv_heads, hd = s.head_dim;
@@ -93,6 +169,10 @@ void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<in
   for (int64_t f : fed) {
     KVD_CHECK(f >= 0 && f <= s.max_steps, "write_back: a row fed ", f, " tokens, outside [0, ", s.max_steps, "]");
     T = std::max(T, f);
+  }
+  if (s.evictor) {
+    write_back_evicted(s, cache, fed, T);
+    return;
   }
   if (T == 0) return;
   // Row b's decoded entries are left-padded to T: lead[b] = T - fed[b] padding entries, never stored.

@@ -11,6 +11,13 @@
 // After decoding, write_back appends each row's decoded entries (only the tokens that row really fed: a finished
 // row's later steps are dropped) to the KVCache in one call per layer, so the cache, its byte counts and peaks
 // are what step-by-step decoding leaves.
+//
+// Eviction while decoding (StaticStepEvictor, e.g. DecodeEvictor::static_evictor): in every layer, right after
+// the step's attention, the evictor may empty slots by writing -1 into the layer's positions. Nothing moves: the
+// attention skips empty slots (EmptySlots::NegativePosition), a segment keeps growing by one slot a step (C has
+// room for every step), and write_back drops the emptied entries from the KVCache (ragged per head). The state
+// then also tracks, on the device, which rows still feed tokens (eos, limits), since a finished row stops
+// evicting exactly where step-by-step decoding stops feeding it.
 #pragma once
 
 #include <cstdint>
@@ -23,6 +30,18 @@ namespace kvd {
 
 class KVCache;
 class Model;
+struct StaticDecodeState;
+
+// Eviction inside a fixed-shape decode step. Everything it runs must stay on the device with fixed shapes (no
+// read-back, no host-dependent shapes), so that a CUDA graph can capture it.
+class StaticStepEvictor {
+ public:
+  virtual ~StaticStepEvictor() = default;
+  // Layer `layer` of the current step, right after its attention: q (B, H, hd) the step's post-RoPE queries. The
+  // step's entry is already at slot len[s] - 1 of each segment; s.alive (B) marks the rows that feed this step.
+  // Evicts by writing -1 into s.pos[layer].
+  virtual void on_layer(int64_t layer, const at::Tensor& q, StaticDecodeState& s) = 0;
+};
 
 struct StaticDecodeState {
   int64_t batch = 0, kv_heads = 0, head_dim = 0;
@@ -38,12 +57,23 @@ struct StaticDecodeState {
   std::vector<int64_t> next0;              // [B] positions of the first step's tokens (host)
   at::Tensor history;     // (max_steps, B) int64: the token step i chose
   at::Tensor step;        // (1) int64: steps run so far, on the device
+  // Eviction while decoding (attach_evictor): slots with pos -1 are empty.
+  std::shared_ptr<StaticStepEvictor> evictor;
+  at::Tensor alive;  // (B) bool: rows that feed the next step
+  at::Tensor left;   // (B) int64: tokens each row may still produce
+  at::Tensor eos;    // (E) int64: tokens that stop a row
 };
 
 // Copies cache's entries into a state with room for `steps` more tokens per row. first (B) are the tokens the
 // first step feeds (at positions cache.next_position(b)).
 StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, const std::vector<int64_t>& first,
                                      int64_t steps);
+
+// Lets `evictor` evict inside every step of s. alive[b]: row b feeds the first step; left[b]: the tokens it may
+// still produce; eos: the tokens that stop a row. A row stops feeding (and evicting) after a step that produced
+// an eos token or its last allowed one.
+void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evictor, const std::vector<bool>& alive,
+                    const std::vector<int64_t>& left, const std::vector<int64_t>& eos);
 
 // Bytes a state for `cache` with room for `steps` more tokens takes (every head padded to the longest + steps),
 // and whether that is at most half of the device's free memory (always true on the CPU): generate_batch's Auto
@@ -52,7 +82,11 @@ int64_t static_decode_bytes(const KVCache& cache, int64_t steps);
 bool static_decode_fits(const KVCache& cache, int64_t steps);
 
 // Appends to `cache` row b's first fed[b] decoded entries of every layer and head (in step order) and advances
-// its positions by fed[b]: what fed[b] decode steps of that row would have appended.
+// its positions by fed[b]: what fed[b] decode steps of that row would have appended. With an evictor, the
+// entries it emptied are left out: those held before decoding are dropped from the cache first, then each head
+// gains only its own surviving decoded entries. The entries, counts, bytes and peaks are then those of
+// step-by-step eviction (whose peak includes a step's entry appended to every head of a layer before the step
+// evicts). The evictor's own per-entry state is not written to the cache's payload.
 void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<int64_t>& fed);
 
 enum class StepRunner {

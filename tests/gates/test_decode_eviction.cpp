@@ -1,13 +1,14 @@
 // Decode-time eviction (gates/decode_eviction.h): H2O and TOVA decode against naive references (explicit
 // softmax of each step's query over the kept entries, selection by plain sorting), LazyEviction's state and
 // ranking on hand-built attention rows, the every-N-steps trigger (head lengths, peak bytes, ragged prefill
-// budgets) and batch-row independence.
+// budgets), batch-row independence, and the fixed-shape form (static_evictor) against the cache path.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <tuple>
 #include <vector>
@@ -23,6 +24,7 @@
 #include "models/kv_cache.h"
 #include "models/model.h"
 #include "models/generate.h"
+#include "models/static_decode.h"
 #include "models/weights.h"
 
 using namespace kvd;
@@ -31,7 +33,7 @@ namespace {
 
 // A tiny random Llama-style decoder with GQA (4 query heads over 2 KV heads), weights scaled so attention is
 // far from uniform.
-Model tiny_model(c10::ScalarType dtype, uint64_t seed = 7) {
+Model tiny_model(c10::ScalarType dtype, uint64_t seed = 7, c10::Device device = torch::kCPU) {
   ModelConfig cfg;
   cfg.family = Family::Llama;
   cfg.architecture = "LlamaForCausalLM";
@@ -67,7 +69,7 @@ Model tiny_model(c10::ScalarType dtype, uint64_t seed = 7) {
   }
   w.final_norm = torch::ones({d}, o);
   w.lm_head = rn(cfg.vocab_size, d, 0.5);
-  return Model(cfg, std::move(w), dtype, torch::kCPU);
+  return Model(cfg, std::move(w), dtype, device);
 }
 
 const Model& model64() {
@@ -548,4 +550,145 @@ TEST(DecodeEviction, RetentionGateKeepsWhatANaiveReferenceKeeps) {
       }
     }
   }
+}
+
+namespace {
+
+// What generate_batch leaves: the tokens, and per (layer, row, head) the kept positions and K / V.
+struct DecodeOutcome {
+  BatchGenerateResult gen;
+  std::vector<std::vector<std::vector<int64_t>>> pos;  // [layer][row * H_kv + h]
+  std::vector<at::Tensor> k, v;                          // [layer] (B, H_kv, n, hd)
+  int64_t bytes = 0, peak = 0;
+  std::vector<int64_t> row_peak;
+};
+
+// A batch of 3 left-padded prompts compressed per head (AdaKV + KNorm at 0.5: ragged heads), then a question
+// appended and answered greedily with `policy` evicting at every step, on `path`.
+DecodeOutcome decode_with_eviction(const Model& m, DecodePolicy policy, DecodePath path, bool init_scores,
+                                   const std::optional<std::vector<int64_t>>& eos) {
+  const c10::Device dev = m.device();
+  const ModelConfig& c = m.config();
+  torch::manual_seed(23);
+  std::vector<std::vector<int64_t>> spans, rests;
+  for (int64_t n : {int64_t{14}, int64_t{9}, int64_t{17}}) {
+    at::Tensor t = torch::randint(3, 61, {n + 3}, torch::kLong);
+    std::vector<int64_t> all(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n + 3);
+    spans.emplace_back(all.begin(), all.begin() + n);
+    rests.emplace_back(all.begin() + n, all.end());
+  }
+  KVCache cache = m.new_cache(3);
+  Method method = make_method("adakv_knorm", 0.5);
+  compress_prefill(m, cache, spans, method);
+  DecodeEvictionOptions opt;
+  opt.scorer = std::make_shared<StreamingLLMScorer>(2);
+  DecodeEvictor ev(m, policy, {1, 0}, opt);
+  if (init_scores)
+    for (int64_t l = 0; l < c.num_layers; ++l)
+      ev.set_initial_scores(l, torch::rand({3, c.num_kv_heads, cache.max_length(l) + 3}, torch::kDouble).to(dev));
+  GenerateOptions g;
+  g.max_new_tokens_per_row = {7, 3, 9};
+  g.eos_ids = eos;
+  g.decode = path;
+  g.decode_observer = ev.observer();
+  g.static_evictor = ev.static_evictor();
+  DecodeOutcome out;
+  out.gen = generate_batch(m, rests, cache, g);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    out.pos.emplace_back();
+    for (int64_t b = 0; b < 3; ++b)
+      for (int64_t h = 0; h < c.num_kv_heads; ++h) out.pos.back().push_back(head_positions(cache, l, b, h));
+    const KVLayerView kv = cache.layer(l);
+    out.k.push_back(kv.k.clone());
+    out.v.push_back(kv.v.clone());
+  }
+  out.bytes = cache.bytes();
+  out.peak = cache.peak_bytes();
+  for (int64_t b = 0; b < 3; ++b) out.row_peak.push_back(cache.row_peak_bytes(b));
+  return out;
+}
+
+}  // namespace
+
+// The fixed-shape form of H2O (with and without initial scores), TOVA and StreamingLLM (a FixedShape scorer)
+// leaves exactly what the cache path leaves: the same tokens, kept positions per head (rows ragged per head,
+// stopping at different steps, on limits and on an eos token), K / V, bytes and peaks.
+TEST(DecodeEviction, FixedShapeEqualsCachePath) {
+  const Model& m = model64();
+  struct Case {
+    DecodePolicy policy;
+    bool init;
+  };
+  for (const Case& cs : {Case{DecodePolicy::H2O, false}, Case{DecodePolicy::H2O, true}, Case{DecodePolicy::TOVA, false},
+                         Case{DecodePolicy::Scorer, false}}) {
+    const DecodeOutcome plain = decode_with_eviction(m, cs.policy, DecodePath::Cache, cs.init, std::vector<int64_t>{});
+    ASSERT_GE(plain.gen.tokens[2].size(), 4u);
+    // An eos that stops row 2 early (its fourth token), so rows stop on eos as well as on their limits.
+    for (const std::optional<std::vector<int64_t>>& eos :
+         {std::optional<std::vector<int64_t>>(std::vector<int64_t>{}),
+          std::optional<std::vector<int64_t>>(std::vector<int64_t>{plain.gen.tokens[2][3]})}) {
+      const DecodeOutcome a = decode_with_eviction(m, cs.policy, DecodePath::Cache, cs.init, eos);
+      const DecodeOutcome b = decode_with_eviction(m, cs.policy, DecodePath::Static, cs.init, eos);
+      const std::string what = "policy " + std::to_string(static_cast<int>(cs.policy)) + (cs.init ? " init" : "") +
+                               (eos->empty() ? "" : " eos");
+      EXPECT_EQ(a.gen.decode, DecodePath::Cache);
+      EXPECT_EQ(b.gen.decode, DecodePath::Static) << what;
+      EXPECT_EQ(a.gen.tokens, b.gen.tokens) << what;
+      EXPECT_EQ(a.gen.stop, b.gen.stop) << what;
+      EXPECT_EQ(a.pos, b.pos) << what;
+      for (size_t l = 0; l < a.k.size(); ++l) {
+        ASSERT_EQ(a.k[l].sizes(), b.k[l].sizes()) << what;
+        EXPECT_TRUE(torch::allclose(a.k[l], b.k[l], 0, 1e-12)) << what << " layer " << l;
+        EXPECT_TRUE(torch::allclose(a.v[l], b.v[l], 0, 1e-12)) << what << " layer " << l;
+      }
+      EXPECT_EQ(a.bytes, b.bytes) << what;
+      EXPECT_EQ(a.peak, b.peak) << what;
+      EXPECT_EQ(a.row_peak, b.row_peak) << what;
+    }
+    // The check can fail: decoding evicted prompt entries, so positions differ from a decode that does not evict.
+    bool evicted = false;
+    for (const auto& layer : plain.pos)
+      for (const auto& head : layer)
+        for (size_t j = 1; j < head.size(); ++j) evicted = evicted || head[j] != head[j - 1] + 1;
+    EXPECT_TRUE(evicted);
+  }
+}
+
+// On a GPU, the CUDA graph's replays evict exactly as the eager fixed-shape steps.
+TEST(DecodeEviction, FixedShapeGraphReplaysTheEagerSteps) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const Model m = tiny_model(torch::kFloat, 7, torch::kCUDA);
+  for (DecodePolicy pol : {DecodePolicy::H2O, DecodePolicy::TOVA, DecodePolicy::Scorer}) {
+    const DecodeOutcome a = decode_with_eviction(m, pol, DecodePath::Static, pol == DecodePolicy::H2O, std::nullopt);
+    const DecodeOutcome b = decode_with_eviction(m, pol, DecodePath::Graph, pol == DecodePolicy::H2O, std::nullopt);
+    EXPECT_EQ(b.gen.decode, DecodePath::Graph);
+    EXPECT_EQ(a.gen.tokens, b.gen.tokens) << "policy " << static_cast<int>(pol);
+    EXPECT_EQ(a.pos, b.pos) << "policy " << static_cast<int>(pol);
+    for (size_t l = 0; l < a.k.size(); ++l) EXPECT_TRUE(torch::equal(a.k[l], b.k[l])) << "layer " << l;
+    EXPECT_EQ(a.row_peak, b.row_peak);
+  }
+}
+
+// Only what the fixed-shape step can run has a fixed-shape form; the others keep the cache path, and asking
+// for the static path without one is refused.
+TEST(DecodeEviction, FixedShapeFormOnlyWhereItApplies) {
+  const Model& m = model64();
+  DecodeEvictionOptions knorm, snap;
+  knorm.scorer = std::make_shared<KNormScorer>();
+  snap.scorer = std::make_shared<SnapKVScorer>(SnapKVOptions{2, 3, GroupReduce::Mean});
+  EXPECT_TRUE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::TOVA, {1, 0}).static_evictor()));
+  EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::TOVA, {2, 0}).static_evictor()));
+  EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::H2O, {1, 5}).static_evictor()));
+  EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::LazyEviction, {1, 0}).static_evictor()));
+  EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::Scorer, {1, 0}, knorm).static_evictor()));
+  EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::Scorer, {1, 0}, snap).static_evictor()));
+  DecodeEvictor lazy(m, DecodePolicy::LazyEviction, {16, 0});
+  GenerateOptions g;
+  g.max_new_tokens = 3;
+  g.decode_observer = lazy.observer();
+  g.static_evictor = lazy.static_evictor();
+  g.decode = DecodePath::Static;
+  EXPECT_THROW(generate_batch(m, {{3, 4, 5}}, g), std::exception);
+  g.decode = DecodePath::Auto;  // the CPU: Auto is the cache path
+  EXPECT_EQ(generate_batch(m, {{3, 4, 5}}, g).decode, DecodePath::Cache);
 }

@@ -19,6 +19,7 @@ struct DecodeCase {
   std::vector<int64_t> lens;  // [B * H_kv]
   int64_t max_len = 0;        // >= every len
   std::optional<int64_t> window;
+  bool holes = false;  // every third entry an empty slot (kpos -1, EmptySlots::NegativePosition)
 };
 
 // Segments at scattered starts (gaps between them, not in segment order) in flat bf16 storages; positions
@@ -46,11 +47,14 @@ inline kvd::DecodeAttentionInput make_decode_input(const DecodeCase& c, uint64_t
     at::Tensor gaps = torch::randint(1, 4, {std::max<int64_t>(c.lens[s], 1)}, torch::kLong);
     at::Tensor p = gaps.cumsum(0).narrow(0, 0, c.lens[s]);
     if (c.lens[s] > 0) in.kpos.narrow(0, start[s], c.lens[s]).copy_(p);
+    if (c.holes)
+      for (int64_t j = 1; j < c.lens[s]; j += 3) in.kpos[start[s] + j] = -1;
     const int64_t last = c.lens[s] > 0 ? p[-1].item<int64_t>() : 0;
     qpos[s / c.Hkv] = std::max(qpos[s / c.Hkv], last);
   }
   in.qpos = torch::tensor(qpos, torch::kLong);
   in.window = c.window;
+  if (c.holes) in.empty_slots = kvd::EmptySlots::NegativePosition;
   return in;
 }
 
@@ -71,6 +75,7 @@ inline at::Tensor naive_decode_attention(const kvd::DecodeAttentionInput& in) {
       std::vector<int64_t> row;
       for (int64_t j = 0; j < n; ++j) {
         if (in.window && in.qpos[b].item<int64_t>() - in.kpos[st + j].item<int64_t>() >= *in.window) continue;
+        if (in.empty_slots == kvd::EmptySlots::NegativePosition && in.kpos[st + j].item<int64_t>() < 0) continue;
         double d = 0;
         for (int64_t i = 0; i < hd; ++i) d += qa[b][hq][i] * ka[st + j][i];
         logit.push_back(d * in.scale);
@@ -86,7 +91,8 @@ inline at::Tensor naive_decode_attention(const kvd::DecodeAttentionInput& in) {
   return out;
 }
 
-// The cases: awkward lengths, empty and one-entry heads, GQA groups 1 / 3 / 4 / 8, both head dims, a window.
+// The cases: awkward lengths, empty and one-entry heads, GQA groups 1 / 3 / 4 / 8, both head dims, a window,
+// empty slots (with and without a window).
 inline std::vector<DecodeCase> decode_cases(bool large) {
   std::vector<DecodeCase> cs;
   cs.push_back({1, 1, 1, 64, {1}, 1, std::nullopt});
@@ -95,6 +101,8 @@ inline std::vector<DecodeCase> decode_cases(bool large) {
   cs.push_back({1, 8, 2, 128, {97, 33}, 100, std::nullopt});
   cs.push_back({2, 8, 1, 128, {40, 150}, 150, std::nullopt});
   cs.push_back({2, 6, 2, 64, {200, 90, 31, 180}, 200, 50});
+  cs.push_back({2, 9, 3, 64, {300, 1, 64, 65, 2, 129}, 320, std::nullopt, true});
+  cs.push_back({2, 8, 2, 128, {200, 90, 31, 180}, 200, 50, true});
   if (large) {
     cs.push_back({3, 32, 8, 128, std::vector<int64_t>(24, 0), 8192, std::nullopt});
     for (int64_t i = 0; i < 24; ++i) cs.back().lens[i] = (i * 977 + 4097) % 8192 + 1;

@@ -25,6 +25,7 @@ at::Tensor run_emulated(const kvd::DecodeAttentionInput& in, int splits) {
   a.splits = splits;
   a.scale = static_cast<float>(in.scale);
   a.window = in.window ? *in.window : 0;
+  a.holes = in.empty_slots == kvd::EmptySlots::NegativePosition ? 1 : 0;
   at::Tensor q = in.q.contiguous(), k = in.k.contiguous(), v = in.v.contiguous();
   at::Tensor part_o = torch::full({splits + 1, B * H, hd}, NAN), part_ml = torch::full({splits + 1, B * H, 2}, NAN);
   at::Tensor out = torch::full({B, H, hd}, NAN).to(torch::kBFloat16);

@@ -548,3 +548,32 @@ TEST(KVCache, PlainAppendsAreZeroCopyViews) {
   EXPECT_TRUE(c.layer(0).k.eq(7.0f).logical_or(c.layer(0).valid.logical_not().unsqueeze(-1)).all().item<bool>());
   EXPECT_TRUE(c.layer(0).k.masked_select(c.layer(0).valid.logical_not().unsqueeze(-1)).eq(0).all().item<bool>());
 }
+
+// A lead of B * H_kv counts pads each head on its own: head r stores its last t - lead[r] entries (positions
+// given per head), after what it held; a row's heads then no longer count as aligned. raise_peaks only raises.
+TEST(KVCache, PerHeadLeadAppendsEachHeadsOwnTail) {
+  KVCache cache(1, 2, 2, 4, torch::kFloat, torch::kCPU);
+  const at::Tensor k0 = torch::randn({2, 2, 2, 4}), v0 = torch::randn({2, 2, 2, 4});
+  cache.append(0, k0, v0, torch::tensor({0, 1, 0, 1}, torch::kLong).view({2, 2}));
+  const at::Tensor k = torch::randn({2, 2, 3, 4}), v = torch::randn({2, 2, 3, 4});
+  const at::Tensor pos = torch::tensor({5, 6, 7, 15, 16, 17, 25, 26, 27, 35, 36, 37}, torch::kLong).view({2, 2, 3});
+  const std::vector<int64_t> lead = {0, 1, 3, 2};
+  cache.append(0, k, v, pos, lead);
+  EXPECT_EQ(cache.lengths(0), (std::vector<int64_t>{5, 4, 2, 3}));
+  EXPECT_FALSE(cache.heads_aligned(0));
+  const KVLayerView kv = cache.layer(0);
+  for (int64_t r = 0; r < 4; ++r) {
+    const int64_t b = r / 2, h = r % 2, gain = 3 - lead[r];
+    for (int64_t j = 0; j < gain; ++j) {
+      EXPECT_EQ(kv.pos[b][h][2 + j].item<int64_t>(), pos[b][h][lead[r] + j].item<int64_t>()) << "head " << r;
+      EXPECT_TRUE(torch::equal(kv.k[b][h][2 + j], k[b][h][lead[r] + j])) << "head " << r;
+      EXPECT_TRUE(torch::equal(kv.v[b][h][2 + j], v[b][h][lead[r] + j])) << "head " << r;
+    }
+  }
+  EXPECT_THROW(cache.append(0, k, v, pos, std::vector<int64_t>{0, 1, 2}), Error);  // neither B nor B * H_kv
+  const int64_t peak0 = cache.row_peak_bytes(0), total = cache.peak_bytes();
+  cache.raise_peaks({peak0 - 1, peak0 + 7}, total - 1);
+  EXPECT_EQ(cache.row_peak_bytes(0), peak0);
+  EXPECT_EQ(cache.row_peak_bytes(1), peak0 + 7);
+  EXPECT_EQ(cache.peak_bytes(), total);
+}
