@@ -30,11 +30,21 @@ WindowColumns window_columns(const WindowScoresInput& in, WindowMoments moments,
   KVD_CHECK(in.q.defined() && in.q.dim() == 4 && row_block > 0, "window_columns: q must be (B, H, w, hd), got ",
             in.q.sizes());
   const int64_t w = in.q.size(2);
+  const c10::ScalarType compute = in.q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  KVD_CHECK(!in.row_weight.defined() || moments == WindowMoments::Max,
+            "window_columns: row_weight applies to WindowMoments::Max only");
   WindowColumns out;  // (B, H, n) each
   for (int64_t r0 = 0; r0 < w; r0 += row_block) {
     const int64_t nb = std::min(row_block, w - r0);
     at::Tensor p = attention_probs(in.q.narrow(2, r0, nb), in.q_pos.narrow(1, r0, nb), in.k, in.k_pos, in.valid,
-                                   torch::kFloat, EmptyRows::Zero);  // (B, H, nb, n)
+                                   compute, EmptyRows::Zero);  // (B, H, nb, n)
+    if (moments == WindowMoments::Max) {
+      if (in.row_weight.defined())
+        p = p * in.row_weight.narrow(1, r0, nb).to(p.device(), compute).view({p.size(0), 1, nb, 1});
+      const at::Tensor m = p.amax(2);  // (B, H, n)
+      out.max = out.max.defined() ? torch::maximum(out.max, m) : m;
+      continue;
+    }
     at::Tensor s = p.sum(2);                                        // (B, H, n)
     out.sum = out.sum.defined() ? out.sum + s : s;
     if (moments == WindowMoments::SumAndSquares) {

@@ -30,10 +30,11 @@ at::Tensor reduce_group(const at::Tensor& per_query_head, int64_t num_kv_heads, 
 at::Tensor window_attention(const at::Tensor& q, const at::Tensor& q_pos, const at::Tensor& k, const at::Tensor& k_pos,
                             const at::Tensor& valid);
 
-// Column statistics of window attention over all rows of in.q: Σ_i A_ij (and Σ_i A_ij² with SumAndSquares),
-// (B, H, n) float32 each. With path Fused, the fused kernel (kernels/window_scores.h) where it applies (CUDA, bf16,
-// head dim 64 / 128): no (w, n) tensor at all. Else window_attention by blocks of row_block rows (never w × n at
-// once for large w); a row that sees nothing adds 0.
+// Column statistics of window attention over all rows of in.q: Σ_i A_ij (and Σ_i A_ij² with SumAndSquares), or
+// max_i A_ij · row_weight_i (Max), (B, H, n) float32 each (float64 for a float64 q on the reference path). With path
+// Fused, the fused kernel (kernels/window_scores.h) where it applies (CUDA, bf16, head dim 64 / 128): no (w, n)
+// tensor at all. Else the attention by blocks of row_block rows (never w × n at once for large w); a row that sees
+// nothing adds 0.
 WindowColumns window_columns(const WindowScoresInput& in, WindowMoments moments, KernelPath path,
                              int64_t row_block = 256);
 

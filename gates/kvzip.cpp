@@ -10,9 +10,11 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "gates/heuristics.h"
 #include "gates/prepared_scores.h"
 #include "gates/scorer.h"
 #include "models/chat_template.h"
+#include "models/device.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
 #include "models/tokenizer.h"
@@ -96,8 +98,6 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
   KVD_CHECK(opt.chunk_size > 0 && opt.n_sink >= 0 && opt.prev_postfix >= 0,
             "kvzip: chunk_size must be > 0, n_sink and prev_postfix >= 0");
   const c10::ScalarType acc = model.dtype() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  const double ninf = -std::numeric_limits<double>::infinity();
 
   std::vector<std::vector<RowPass>> passes(B);
   size_t n_pass = 0;
@@ -138,64 +138,79 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
     mods.extra.embeddings = model.embed(ids.to(model.device()));                                     // (B, m, d)
     mods.extra.positions = (start + torch::arange(m, torch::kLong).view({1, m})).to(model.device());  // (B, m)
     mods.extra.attention = ExtraAttention::Fused;  // the observer computes its own restricted softmax
-    const at::Tensor own_causal = torch::ones({m, m}, torch::TensorOptions().dtype(torch::kBool).device(model.device())).tril();
 
+    // Per row of this pass: its chunk [rs, re), its sinks (positions < sk) and its real repeat rows (< len).
+    std::vector<int64_t> rs(B, 0), re(B, 0), sk(B, 0);
+    for (int64_t b = 0; b < B; ++b)
+      if (pi < passes[b].size()) {
+        rs[b] = passes[b][pi].start;
+        re[b] = passes[b][pi].end;
+        sk[b] = std::min(opt.n_sink, rs[b]);
+      }
+    const c10::Device dev = model.device();
+    const at::Tensor rs_d = host_ints(rs, dev).view({B, 1, 1}), re_d = host_ints(re, dev).view({B, 1, 1}),
+                     sk_d = host_ints(sk, dev).view({B, 1, 1});                               // (B, 1, 1)
+    const at::Tensor real = torch::arange(m, torch::TensorOptions().dtype(torch::kLong).device(dev)).view({1, m})
+                                .lt(host_ints(len, dev).view({B, 1}));  // (B, m) the rows of the pass
+    const at::Tensor qpos = mods.extra.positions.masked_fill(real.logical_not(), -1);  // (B, m); padding sees nothing
+    int64_t lo = INT64_MAX, hi = 0, sinks = 0, n_live = 0;  // the union of the pass's chunks and sinks
+    for (int64_t b = 0; b < B; ++b)
+      if (pi < passes[b].size()) {
+        lo = std::min(lo, rs[b]);
+        hi = std::max(hi, re[b]);
+        sinks = std::max(sinks, sk[b]);
+        ++n_live;
+      }
+
+    // Every row at once: the repeat rows attend (one softmax) over the sinks, the chunk's entries and their own
+    // rows causally, which are the cache's entries selected by position plus the rows' own keys at their
+    // positions; the column maximum over the rows (KVzip+: each row's P / ||h_i||) comes from the window-scores
+    // kernel without a (rows, entries) tensor in global memory.
     const ExtraRowsObserver observer = [&](const ExtraRowsLayerObservation& obs, const KVLayerView& kv) {
       const int64_t l = obs.layer, nc = kv.n;
-      const at::Tensor q = obs.queries.to(acc).view({B, Hkv, G, m, hd});  // (B, H_kv, G, m, hd)
-      const at::Tensor own = obs.keys.to(acc);                             // (B, H_kv, m, hd)
-      at::Tensor k, wov;  // (B, H_kv, nc, hd); (B, H_kv, G, nc) ||W_O v_j||: only for rows not in position order
-      const std::vector<int64_t>& lens = cache.lengths(l);
-      for (int64_t b = 0; b < B; ++b) {
-        if (pi >= passes[b].size()) continue;
-        const RowPass& rp = passes[b][pi];
-        const int64_t sink = std::min(opt.n_sink, rp.start);
-        // Every head of the row holds its whole context in position order (nothing evicted yet: what a prefill
-        // leaves), so entry j is position j: the pass reads only its sinks' and its chunk's keys.
-        const bool in_order = std::all_of(lens.begin() + b * Hkv, lens.begin() + (b + 1) * Hkv,
-                                          [&](int64_t x) { return x == cache.next_position(b); });
-        if (in_order) {
-          const int64_t cl = rp.end - rp.start;
-          const at::Tensor kb = kv.k[b];                                                 // (H_kv, nc, hd)
-          at::Tensor keys = kb.narrow(1, rp.start, cl);                                  // (H_kv, cl, hd)
-          if (sink > 0) keys = torch::cat({kb.narrow(1, 0, sink), keys}, 1);            // (H_kv, sink + cl, hd)
-          keys = torch::cat({keys.to(acc), own[b]}, 1);                                  // (H_kv, sink + cl + m, hd)
-          at::Tensor lg = torch::matmul(q[b], keys.unsqueeze(1).transpose(-1, -2)) * scale;  // (H_kv, G, m, sink + cl + m)
-          lg.narrow(-1, sink + cl, m).masked_fill_(own_causal.logical_not(), ninf);
-          at::Tensor p = torch::softmax(lg, -1).narrow(-1, sink, cl).narrow(2, 0, len[b]);  // (H_kv, G, m_b, cl)
-          if (opt.norm == KVzipNorm::Plus) {
-            const at::Tensor v = kv.v[b].narrow(1, rp.start, cl).to(acc);  // (H_kv, cl, hd)
-            const at::Tensor w = torch::einsum("hti,hgij,htj->hgt", {v, gram[l], v}).clamp_min(0).sqrt();  // (H_kv, G, cl)
-            const at::Tensor hn = obs.hidden[b].narrow(0, 0, len[b]).to(acc).norm(2, -1);  // (m_b)
-            p = p / hn.view({1, 1, len[b], 1}) * w.unsqueeze(2);
-          }
-          out[l][b].narrow(-1, rp.start, cl).copy_(p.amax({1, 2}));  // (H_kv, cl)
-          continue;
-        }
-        if (!k.defined()) {
-          k = kv.k.to(acc);
-          if (opt.norm == KVzipNorm::Plus) {
-            const at::Tensor v = kv.v.to(acc);  // (B, H_kv, nc, hd)
-            wov = torch::einsum("bhti,hgij,bhtj->bhgt", {v, gram[l], v}).clamp_min(0).sqrt();
-          }
-        }
-        const at::Tensor pos = kv.pos[b];                                                  // (H_kv, nc)
-        at::Tensor chunk = pos.ge(rp.start).logical_and(pos.lt(rp.end));                   // (H_kv, nc)
-        if (kv.valid.defined()) chunk = chunk.logical_and(kv.valid[b]);
-        at::Tensor keys = chunk.logical_or(pos.lt(sink));                                  // (H_kv, nc)
-        if (kv.valid.defined()) keys = keys.logical_and(kv.valid[b]);
-        at::Tensor lc = torch::matmul(q[b], k[b].unsqueeze(1).transpose(-1, -2)) * scale;  // (H_kv, G, m, nc)
-        lc = lc.masked_fill(keys.logical_not().view({Hkv, 1, 1, nc}), ninf);
-        at::Tensor lo = torch::matmul(q[b], own[b].unsqueeze(1).transpose(-1, -2)) * scale;  // (H_kv, G, m, m)
-        lo = lo.masked_fill(own_causal.logical_not(), ninf);
-        at::Tensor p = torch::softmax(torch::cat({lc, lo}, -1), -1).narrow(-1, 0, nc).narrow(2, 0, len[b]);  // (H_kv, G, m_b, nc)
-        if (opt.norm == KVzipNorm::Plus) {
-          const at::Tensor hn = obs.hidden[b].narrow(0, 0, len[b]).to(acc).norm(2, -1);  // (m_b)
-          p = p / hn.view({1, 1, len[b], 1}) * wov[b].unsqueeze(2);
-        }
-        const at::Tensor s = p.amax({1, 2});  // (H_kv, nc)
-        out[l][b] = torch::where(chunk, s, out[l][b]);
+      at::Tensor chunk = kv.pos.ge(rs_d).logical_and(kv.pos.lt(re_d));  // (B, H_kv, nc)
+      at::Tensor seen = chunk.logical_or(kv.pos.lt(sk_d));              // (B, H_kv, nc)
+      if (kv.valid.defined()) {
+        chunk = chunk.logical_and(kv.valid);
+        seen = seen.logical_and(kv.valid);
       }
+      // While every row holds its context in position order (what a prefill leaves: entry j is position j), the
+      // pass reads only the entries [0, S) (the sinks) and [lo, hi) (the rows' chunks); otherwise all of them.
+      std::vector<std::pair<int64_t, int64_t>> ranges{{0, nc}};
+      const std::vector<int64_t>& lens = cache.lengths(l);
+      bool in_order = true;
+      for (int64_t r = 0; r < B * Hkv && in_order; ++r) in_order = lens[r] == cache.next_position(r / Hkv);
+      if (in_order && n_live > 0) {
+        ranges.clear();
+        if (sinks > 0) ranges.emplace_back(0, sinks);
+        if (hi > std::max(lo, sinks)) ranges.emplace_back(std::max(lo, sinks), hi);
+      }
+      auto pick = [&](const at::Tensor& t) {  // (B, H_kv, nc, ...) -> the ranges' entries, in order
+        std::vector<at::Tensor> parts;
+        for (const auto& [a, e] : ranges) parts.push_back(t.narrow(2, a, e - a));
+        return parts.size() == 1 ? parts[0] : torch::cat(parts, 2);
+      };
+      WindowScoresInput in;
+      in.q = obs.queries;                                                                   // (B, H, m, hd)
+      in.q_pos = qpos;                                                                      // (B, m)
+      in.k = torch::cat({pick(kv.k), obs.keys.to(kv.k.scalar_type())}, 2);                 // (B, H_kv, n' + m, hd)
+      in.k_pos = torch::cat({pick(kv.pos), mods.extra.positions.unsqueeze(1).expand({B, Hkv, m})}, 2);  // (B, H_kv, n' + m)
+      in.valid = torch::cat({pick(seen), real.unsqueeze(1).expand({B, Hkv, m})}, 2);                   // (B, H_kv, n' + m)
+      if (opt.norm == KVzipNorm::Plus)
+        in.row_weight = obs.hidden.to(acc).norm(2, -1).clamp_min(1e-30).reciprocal();  // (B, m)
+      const at::Tensor cols = window_columns(in, WindowMoments::Max, opt.kernels).max.to(acc);  // (B, H, n' + m)
+      at::Tensor p = torch::zeros({B, H, nc}, cols.options());                                // (B, H, nc)
+      int64_t off = 0;
+      for (const auto& [a, e] : ranges) {
+        p.narrow(2, a, e - a).copy_(cols.narrow(2, off, e - a));
+        off += e - a;
+      }
+      p = p.view({B, Hkv, G, nc});
+      if (opt.norm == KVzipNorm::Plus) {
+        const at::Tensor v = kv.v.to(acc);  // (B, H_kv, nc, hd)
+        p = p * torch::einsum("bhti,hgij,bhtj->bhgt", {v, gram[l], v}).clamp_min(0).sqrt();  // ||W_O v_j|| per head
+      }
+      out[l] = torch::where(chunk, p.amax(2), out[l]);  // (B, H_kv, nc)
     };
     model.forward_extra(cache, mods, observer);
   }

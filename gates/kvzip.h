@@ -18,6 +18,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "models/kernel_path.h"
+
 namespace kvd {
 
 class Model;
@@ -34,6 +36,7 @@ struct KVzipOptions {
   int64_t chunk_size = 2048;  // context tokens reconstructed per pass
   int64_t prev_postfix = 8;   // tokens of the previous chunk quoted in a later chunk's instruction
   KVzipNorm norm = KVzipNorm::None;
+  KernelPath kernels = KernelPath::Fused;  // the window-scores kernel (column maximum) where it applies
 };
 
 // The token ids the reconstruction pass is made of, from the model's tokenizer and chat template.

@@ -201,7 +201,8 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
   KVD_DYNAMIC_SMEM(smem);
   const int G = a.H / a.Hkv, wp = padded_w(a.w);
   const int blocks = (G * wp + kRows - 1) / kRows;
-  const int nstat = a.sumsq ? 2 : 1;
+  const int nstat = a.sumsq && !a.max_mode ? 2 : 1;
+  const bool mx_mode = a.max_mode != 0;
   bf16* sk = reinterpret_cast<bf16*>(smem);               // (64, D)
   bf16* sq = sk + kTile * D;                              // 2 × (64, D)
   int64_t* spos = reinterpret_cast<int64_t*>(sq + 2 * kRows * D);  // 64
@@ -236,6 +237,8 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
         const int64_t row = (static_cast<int64_t>(b) * a.H + hkv * G + wg) * a.w + id[hf].i;
         mrow[hf] = id[hf].ok ? a.row_ml[row * 2] : 0.f;
         inv[hf] = id[hf].ok ? a.row_ml[row * 2 + 1] : 0.f;
+        // Max mode: the row's weight folds into 1 / sum (P · w).
+        if (mx_mode && a.row_w && id[hf].ok) inv[hf] *= a.row_w[static_cast<int64_t>(b) * a.w + id[hf].i];
       }
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
@@ -247,7 +250,7 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
           for (int hf = 0; hf < 2; ++hf) {
             const bool seen = id[hf].ok && spos[col] <= qp[hf];
             const float p = seen ? fast_exp2(c[nt][2 * hf + e] * scale2 - mrow[hf]) * inv[hf] : 0.f;
-            s1 += p;
+            s1 = mx_mode ? fmaxf(s1, p) : s1 + p;
             s2 += p * p;
           }
           cs[nt][e][0] = s1;
@@ -261,7 +264,10 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
 #pragma unroll
           for (int st = 0; st < 2; ++st)
 #pragma unroll
-            for (int off = 4; off <= 16; off *= 2) cs[nt][e][st] += __shfl_xor_sync(0xFFFFFFFFu, cs[nt][e][st], off);
+            for (int off = 4; off <= 16; off *= 2) {
+              const float o = __shfl_xor_sync(0xFFFFFFFFu, cs[nt][e][st], off);
+              cs[nt][e][st] = mx_mode ? fmaxf(cs[nt][e][st], o) : cs[nt][e][st] + o;
+            }
       if (lane < 4)
 #pragma unroll
         for (int nt = 0; nt < 8; ++nt)
@@ -277,7 +283,9 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
       if (st < nstat)
         for (int wi = 0; wi < 4; ++wi) {
           const int g = (rb * kRows + wi * 16) / wp;
-          if (g < G) acc[(g * 2 + st) * kTile + col] += red[(wi * 2 + st) * kTile + col];
+          if (g >= G) continue;
+          float& x = acc[(g * 2 + st) * kTile + col];
+          x = mx_mode ? fmaxf(x, red[(wi * 2 + st) * kTile + col]) : x + red[(wi * 2 + st) * kTile + col];
         }
     }
   }
@@ -326,7 +334,8 @@ cudaError_t window_scores(const WindowScoresArgs& a, cudaStream_t stream) {
   const int64_t tiles = (a.n + kTile - 1) / kTile;
   if ((a.hd != 64 && a.hd != 128) || a.B <= 0 || a.Hkv <= 0 || a.H % a.Hkv != 0 || G > kvd::kernels::kWindowMaxGroup ||
       a.w <= 0 || a.n <= 0 || a.chunks < 1 || a.chunks > tiles || static_cast<int64_t>(a.B) * a.Hkv > 65535 ||
-      blocks > 65535 || tiles > 2147483647 || !a.q || !a.k || !a.qpos || !a.kpos || !a.part_ml || !a.row_ml || !a.sum)
+      blocks > 65535 || tiles > 2147483647 || !a.q || !a.k || !a.qpos || !a.kpos || !a.part_ml || !a.row_ml || !a.sum ||
+      (a.max_mode && a.sumsq))
     return cudaErrorInvalidValue;
   return a.hd == 64 ? launch<64>(a, stream) : launch<128>(a, stream);
 }

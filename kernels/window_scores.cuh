@@ -5,6 +5,7 @@
 // layer's cache, per request b, query head h and entry j:
 //   sum[b, h, j]   = Σ_i P[b, h, i, j]
 //   sumsq[b, h, j] = Σ_i P[b, h, i, j]²   (when asked)
+// or, in max mode, sum[b, h, j] = max_i P[b, h, i, j] · row_w[b, i] (row_w optional: 1).
 // where P[b, h, i, ·] = softmax_j(scale · <Q[b, h, i], K[b, h / G, j]>) over the entries row i sees:
 // kpos[b, h / G, j] <= qpos[b, i] and valid[b, h / G, j]. A row that sees nothing adds 0. G = H / H_kv.
 //
@@ -13,7 +14,7 @@
 //              chunk of entries;
 //   2. merge   one thread per row: the chunks' (max, sum) into the row's (max, 1 / sum);
 //   3. columns grid (entry tiles of 64, B · H_kv): for one tile, P of every row recomputed from its scores and
-//              the row's (max, 1 / sum), summed over the rows in row order.
+//              the row's (max, 1 / sum), summed over the rows in row order (or their maximum taken).
 // Rows of one (request, KV head) are r = g · wp + i: query head h_kv · G + g, window row i, with wp = w rounded up
 // to 16 so that the 16 rows of a warp belong to one head. A block is 64 rows (4 warps). Scores come from
 // mma.sync (bf16 in, fp32 accumulate), both passes through the same code, so the two passes see the same
@@ -45,6 +46,8 @@ struct WindowScoresArgs {
   float* row_ml = nullptr;         // workspace (B · H · w, 2) fp32
   float* sum = nullptr;            // (B, H, n) fp32
   float* sumsq = nullptr;          // (B, H, n) fp32, or nullptr: not computed
+  int max_mode = 0;                // != 0: `sum` receives max_i P · row_w[b, i] instead of Σ_i P (no sumsq)
+  const float* row_w = nullptr;    // (B, w) fp32, optional in max mode: 1 where absent
 };
 
 // Pass 1's chunks: about 1,056 CTAs (8 per SM of 132) without chunks shorter than one 64-entry tile.

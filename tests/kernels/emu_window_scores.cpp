@@ -17,7 +17,8 @@
 
 namespace {
 
-kvd::WindowColumns run_emulated(const kvd::WindowScoresInput& in, int chunks, cudaError_t* status = nullptr) {
+kvd::WindowColumns run_emulated(const kvd::WindowScoresInput& in, int chunks, cudaError_t* status = nullptr,
+                                bool max_mode = false) {
   const int64_t B = in.q.size(0), H = in.q.size(1), w = in.q.size(2), hd = in.q.size(3);
   const int64_t Hkv = in.k.size(1), n = in.k.size(2);
   kvd::kernels::WindowScoresArgs a;
@@ -41,6 +42,15 @@ kvd::WindowColumns run_emulated(const kvd::WindowScoresInput& in, int chunks, cu
   a.row_ml = row_ml.data_ptr<float>();
   a.sum = out.sum.data_ptr<float>();
   a.sumsq = out.sumsq.data_ptr<float>();
+  at::Tensor rw;
+  if (max_mode) {  // `sum` receives the weighted maximum; no sum of squares
+    a.max_mode = 1;
+    a.sumsq = nullptr;
+    if (in.row_weight.defined()) {
+      rw = in.row_weight.to(torch::kFloat).contiguous();
+      a.row_w = rw.data_ptr<float>();
+    }
+  }
   const cudaError_t e = kvd::kernels::emulated::window_scores(a, nullptr);
   if (status) *status = e;
   else EXPECT_EQ(e, cudaSuccess);
@@ -62,6 +72,20 @@ TEST(WindowScoresEmulated, MatchesNaiveReference) {
       std::printf("  B %ld H %ld H_kv %ld hd %ld w %ld n %ld%s%s%s chunks %d: error %.2e\n", (long)c.B, (long)c.H,
                   (long)c.Hkv, (long)c.hd, (long)c.w, (long)c.n, c.ragged ? " ragged" : "",
                   c.strided ? " strided" : "", c.blind_row ? " blind-row" : "", chunks, err);
+      EXPECT_LE(err, 2e-6);
+    }
+    // The weighted maximum over the rows (WindowMoments::Max).
+    kvd::WindowScoresInput x = in;
+    x.row_weight = torch::rand({c.B, c.w}) + 0.5;
+    const kvd::WindowColumns mref = kvd_test::naive_window_columns(x);
+    for (int chunks : std::set<int>{1, tiles}) {
+      kvd::WindowColumns got = run_emulated(x, chunks, nullptr, true);
+      got.max = got.sum;
+      got.sum = at::Tensor();
+      got.sumsq = at::Tensor();
+      const double err = kvd_test::window_error(got, mref);
+      std::printf("  max: B %ld H %ld w %ld n %ld chunks %d: error %.2e\n", (long)c.B, (long)c.H, (long)c.w, (long)c.n,
+                  chunks, err);
       EXPECT_LE(err, 2e-6);
     }
   }

@@ -1,6 +1,7 @@
 // Window-attention column statistics: the dispatcher's LibTorch reference (gates/heuristics.h window_columns,
 // what CPU runs use) and the fused CUDA kernel (kernels/window_scores.h), each against the naive float64 loops of
-// tests/kernels/window_scores_cases.h. Metric: max |got - ref| over every column sum and sum of squares; 1e-5 for
+// tests/kernels/window_scores_cases.h. Metric: max |got - ref| over every column sum and sum of squares (and the
+// weighted column maximum); 1e-5 for
 // the reference (float32 softmax), 2e-5 for the kernel (fp32 scores from bf16 mma, ex2.approx). The kernel is
 // deterministic: two runs are bitwise equal. The CUDA cases skip without a GPU.
 #include <gtest/gtest.h>
@@ -13,7 +14,14 @@ namespace {
 
 kvd::WindowScoresInput to(const kvd::WindowScoresInput& in, c10::Device d, c10::ScalarType dtype) {
   return {in.q.to(d, dtype), in.q_pos.to(d), in.k.to(d, dtype), in.k_pos.to(d),
-          in.valid.defined() ? in.valid.to(d) : at::Tensor()};
+          in.valid.defined() ? in.valid.to(d) : at::Tensor(), in.row_weight.defined() ? in.row_weight.to(d) : at::Tensor()};
+}
+
+// The same input with a weight per row in [0.5, 1.5) (the max moment's).
+kvd::WindowScoresInput weighted(kvd::WindowScoresInput in, uint64_t seed) {
+  torch::manual_seed(static_cast<int64_t>(seed));
+  in.row_weight = torch::rand({in.q.size(0), in.q.size(2)}) + 0.5;
+  return in;
 }
 
 TEST(WindowColumnsReference, MatchesNaiveLoopsInAnyRowBlocks) {
@@ -30,6 +38,17 @@ TEST(WindowColumnsReference, MatchesNaiveLoopsInAnyRowBlocks) {
     }
     const kvd::WindowColumns sum_only = kvd::window_columns(f, kvd::WindowMoments::Sum, kvd::KernelPath::Reference);
     EXPECT_FALSE(sum_only.sumsq.defined());
+    // The maximum over the rows, plain and with row weights, in any row blocks.
+    for (bool wt : {false, true}) {
+      const kvd::WindowScoresInput x = wt ? weighted(in, seed) : in;
+      const kvd::WindowColumns mref = kvd_test::naive_window_columns(x);
+      for (int64_t row_block : {int64_t{256}, int64_t{7}}) {
+        const kvd::WindowColumns got =
+            kvd::window_columns(to(x, torch::kCPU, torch::kFloat), kvd::WindowMoments::Max, kvd::KernelPath::Fused, row_block);
+        ASSERT_TRUE(got.max.defined() && !got.sum.defined());
+        EXPECT_LE(kvd_test::window_error(got, mref), 1e-5) << "max w " << c.w << " block " << row_block;
+      }
+    }
   }
 }
 
@@ -54,6 +73,13 @@ TEST(WindowScoresKernel, MatchesNaiveLoopsAndIsDeterministic) {
     EXPECT_FALSE(d.sumsq.defined());
     const kvd::WindowColumns r = kvd::window_columns(g, kvd::WindowMoments::Sum, kvd::KernelPath::Reference);
     EXPECT_LE((r.sum.cpu().to(torch::kDouble) - ref.sum).abs().max().item<double>(), 1e-5);
+    // The maximum over the rows with row weights (KVzip+'s), deterministic too.
+    const kvd::WindowScoresInput x = weighted(in, seed);
+    const kvd::WindowColumns mref = kvd_test::naive_window_columns(x);
+    const kvd::WindowColumns m1 = kvd::window_columns_fused(to(x, torch::kCUDA, torch::kBFloat16), kvd::WindowMoments::Max);
+    const kvd::WindowColumns m2 = kvd::window_columns_fused(to(x, torch::kCUDA, torch::kBFloat16), kvd::WindowMoments::Max);
+    EXPECT_LE(kvd_test::window_error(m1, mref), 2e-5) << "max";
+    EXPECT_TRUE(torch::equal(m1.max, m2.max));
   }
 }
 

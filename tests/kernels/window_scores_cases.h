@@ -50,7 +50,8 @@ inline kvd::WindowScoresInput make_window_input(const WindowCase& c, uint64_t se
   return in;
 }
 
-// (B, H, n) float64 sums (and sums of squares) of the probabilities, by loops.
+// (B, H, n) float64 sums (and sums of squares) of the probabilities, and their maximum over the rows with each
+// row's weight (in.row_weight, else 1), by loops.
 inline kvd::WindowColumns naive_window_columns(const kvd::WindowScoresInput& in) {
   const int64_t B = in.q.size(0), H = in.q.size(1), w = in.q.size(2), hd = in.q.size(3);
   const int64_t Hkv = in.k.size(1), n = in.k.size(2), G = H / Hkv;
@@ -61,8 +62,11 @@ inline kvd::WindowColumns naive_window_columns(const kvd::WindowScoresInput& in)
   auto QP = qp.accessor<int64_t, 2>();
   auto KP = kp.accessor<int64_t, 3>();
   auto V = vd.accessor<bool, 3>();
-  kvd::WindowColumns out{torch::zeros({B, H, n}, torch::kDouble), torch::zeros({B, H, n}, torch::kDouble)};
-  auto S1 = out.sum.accessor<double, 3>(), S2 = out.sumsq.accessor<double, 3>();
+  kvd::WindowColumns out{torch::zeros({B, H, n}, torch::kDouble), torch::zeros({B, H, n}, torch::kDouble),
+                         torch::zeros({B, H, n}, torch::kDouble)};
+  auto S1 = out.sum.accessor<double, 3>(), S2 = out.sumsq.accessor<double, 3>(), M = out.max.accessor<double, 3>();
+  at::Tensor rw = in.row_weight.defined() ? in.row_weight.to(torch::kDouble).contiguous() : torch::ones({B, w}, torch::kDouble);
+  auto RW = rw.accessor<double, 2>();
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   std::vector<double> s(n);
   for (int64_t b = 0; b < B; ++b)
@@ -85,14 +89,18 @@ inline kvd::WindowColumns naive_window_columns(const kvd::WindowScoresInput& in)
           const double p = std::exp(s[j] - mx) / z;
           S1[b][h][j] += p;
           S2[b][h][j] += p * p;
+          M[b][h][j] = std::max(M[b][h][j], p * RW[b][i]);
         }
       }
   return out;
 }
 
-// max |got - ref| over both statistics (sumsq only where got has it).
+// max |got - ref| over the statistics got has (sum, sumsq, max).
 inline double window_error(const kvd::WindowColumns& got, const kvd::WindowColumns& ref) {
-  double e = (got.sum.to(torch::kCPU).to(torch::kDouble) - ref.sum).abs().max().item<double>();
+  double e = 0;
+  if (got.sum.defined()) e = (got.sum.to(torch::kCPU).to(torch::kDouble) - ref.sum).abs().max().item<double>();
+  if (got.max.defined())
+    e = std::max(e, (got.max.to(torch::kCPU).to(torch::kDouble) - ref.max).abs().max().item<double>());
   if (got.sumsq.defined())
     e = std::max(e, (got.sumsq.to(torch::kCPU).to(torch::kDouble) - ref.sumsq).abs().max().item<double>());
   return e;
