@@ -63,10 +63,6 @@ at::Tensor keep_last(const at::Tensor& t, int64_t d, int64_t rows) {
   return t.size(d) > rows ? t.narrow(d, t.size(d) - rows, rows) : t;
 }
 
-}  // namespace
-
-namespace {
-
 // step_attention over a fixed-shape state's slots without repeating K to the query heads: q (B, H, hd), q_pos
 // (B, 1), k (B, H_kv, C, hd), pos / valid (B, H_kv, C) -> (B, H, C), in float64 for a float64 model, else float32
 // (bf16 / fp16 products accumulated in float32 on CUDA, without a float32 copy of K). Empty slots and padding
@@ -77,8 +73,19 @@ at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& q_pos, const at
   const auto ct = q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
   const at::Tensor qg = q.reshape({B * Hkv, G, hd});                  // (B·H_kv, G, hd): head h·G + g
   const at::Tensor kt = k.reshape({B * Hkv, C, hd}).transpose(1, 2);  // (B·H_kv, hd, C)
+  // bf16 / fp16 on CUDA: products accumulated in float32 straight from the model's dtype (bmm with an output
+  // dtype), where this build has it; else through a float32 copy.
+  static bool out_dtype_ok = true;
   const bool half = q.is_cuda() && (q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf);
-  at::Tensor logits = half ? at::bmm(qg, kt, ct) : at::bmm(qg.to(ct), kt.to(ct));  // (B·H_kv, G, C)
+  at::Tensor logits;  // (B·H_kv, G, C)
+  if (half && out_dtype_ok) {
+    try {
+      logits = at::bmm(qg, kt, ct);
+    } catch (const std::exception&) {
+      out_dtype_ok = false;
+    }
+  }
+  if (!logits.defined()) logits = at::bmm(qg.to(ct), kt.to(ct));
   logits = logits.view({B, Hkv, G, C}) / std::sqrt(static_cast<double>(hd));
   const at::Tensor vis = pos.le(q_pos.view({B, 1, 1})).logical_and(valid).unsqueeze(2);  // (B, H_kv, 1, C)
   at::Tensor p = torch::softmax(logits.masked_fill(vis.logical_not(), -kInf), -1);     // (B, H_kv, G, C)
