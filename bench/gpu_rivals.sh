@@ -24,7 +24,7 @@
 #                                      padded prefill's attention masked (KVD_PADDED_PREFILL=masked) and flash
 #                                      (the default): wall times and how many records agree
 #   bench/gpu_rivals.sh evict-decode [M] the slice with the decode-time evictors M (default
-#                                      tova_decode,h2o_decode,streaming_llm_decode) at $RATIOS, decoded step by step
+#                                      tova_decode,h2o_decode,streaming_llm_decode,lazy_eviction) at $RATIOS, decoded step by step
 #                                      (--decode cache) and in CUDA graphs that evict inside each step (the
 #                                      default): wall times, mean decode_s, how many records agree
 #   bench/gpu_rivals.sh profile [M...] each method M (default: kvzip kvzip_plus tova_decode h2o_decode
@@ -175,7 +175,7 @@ print(f"prefill: {len(a)} records; identical output {same['output']}, score {sam
 PY
     ;;
   evict-decode)
-    m=${2:-tova_decode,h2o_decode,streaming_llm_decode}
+    m=${2:-tova_decode,h2o_decode,streaming_llm_decode,lazy_eviction}
     tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
     for p in cache auto; do
       rm -rf "$W/evict-$p"

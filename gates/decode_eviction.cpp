@@ -92,56 +92,96 @@ at::Tensor slot_attention(const at::Tensor& q, const at::Tensor& q_pos, const at
   return torch::nan_to_num(p, 0.0, 0.0, 0.0).view({B, H, C});
 }
 
-// Decode-time eviction inside fixed-shape decode steps (DecodeEvictor::static_evictor): every step, each head of a
-// row that feeds it and holds more than its target (one more: the step's entry) loses its lowest-scoring entry,
-// whose slot is emptied (position -1). Only device ops of fixed shapes: a CUDA graph replays it.
+// Decode-time eviction inside fixed-shape decode steps (DecodeEvictor::static_evictor), the cache path's policy on
+// the state's slots: per-slot state (H2O's sums, LazyEviction's counters) in buffers of the state's shape, and at a
+// trigger each head holding more than its target keeps its top-target entries; the others' slots are emptied
+// (position -1). Only device ops of fixed shapes, so that a CUDA graph replays them: whether a step is a trigger is
+// known on the host (variant()), the step number itself is read on the device.
 class FixedShapeEvictor : public StaticStepEvictor {
  public:
-  FixedShapeEvictor(const Model& model, DecodePolicy policy, const DecodeEvictionOptions& opt,
+  FixedShapeEvictor(const Model& model, DecodePolicy policy, DecodeTrigger trigger, const DecodeEvictionOptions& opt,
                     const StaticDecodeState& s, const std::vector<at::Tensor>& init_scores)
-      : model_(model), policy_(policy), opt_(opt) {
+      : model_(model), policy_(policy), trigger_(trigger), opt_(opt) {
     const int64_t B = s.batch, Hkv = s.kv_heads, C = s.capacity;
     const c10::Device dev = s.start.device();
-    const at::Tensor slot = torch::arange(C, torch::TensorOptions().dtype(torch::kLong).device(dev)).view({1, 1, C});
+    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+    const at::Tensor slot = torch::arange(C, lopt).view({1, 1, C});
     for (size_t l = 0; l < s.len0.size(); ++l) {
-      for (int64_t n : s.len0[l])
-        KVD_CHECK(n >= 1, "decode eviction: layer ", l, " has a head with no entry before decoding; it would keep 0");
-      target_.push_back(host_ints(s.len0[l], dev).view({B, Hkv}));  // (B, H_kv)
-      if (policy_ != DecodePolicy::H2O) continue;
-      at::Tensor acc = torch::zeros({B, Hkv, C}, torch::TensorOptions().dtype(torch::kDouble).device(dev));  // (B, H_kv, C)
-      if (init_scores[l].defined()) {
-        const at::Tensor& init = init_scores[l];  // (B, H_kv, n0)
-        const int64_t m = std::min(init.size(2), C);
-        acc.narrow(2, 0, m).copy_(init.narrow(2, 0, m));
-        acc.masked_fill_(slot.ge(target_.back().unsqueeze(2)), 0.0);  // only the entries held before decoding
+      std::vector<int64_t> target = s.len0[l];
+      for (int64_t& t : target) {
+        if (trigger_.target > 0) t = trigger_.target;
+        KVD_CHECK(t >= 1, "decode eviction: layer ", l, " has a head with no entry before decoding; it would keep 0 "
+                  "entries; pass DecodeTrigger::target >= 1");
       }
-      acc_.push_back(acc);
+      target_.push_back(host_ints(target, dev).view({B, Hkv}));    // (B, H_kv)
+      len0_.push_back(host_ints(s.len0[l], dev).view({B, Hkv, 1}));  // (B, H_kv, 1)
+      if (policy_ == DecodePolicy::H2O) {
+        at::Tensor acc = torch::zeros({B, Hkv, C}, lopt.dtype(torch::kDouble));  // (B, H_kv, C)
+        if (init_scores[l].defined()) {
+          const at::Tensor& init = init_scores[l];  // (B, H_kv, n0)
+          const int64_t m = std::min(init.size(2), C);
+          acc.narrow(2, 0, m).copy_(init.narrow(2, 0, m));
+          acc.masked_fill_(slot.ge(len0_.back()), 0.0);  // only the entries held before decoding
+        }
+        acc_.push_back(acc);
+      }
+      if (policy_ == DecodePolicy::LazyEviction)  // entries held before decoding: born at step 0, never important
+        lazy_.push_back(LazyEvictionState{torch::zeros({B, Hkv, C}, lopt), torch::zeros({B, Hkv, C}, lopt),
+                                          torch::zeros({B, Hkv, C}, lopt),
+                                          torch::zeros({B, Hkv, C}, lopt.dtype(torch::kDouble))});
     }
   }
 
+  int64_t variant(int64_t step) const override { return fires(step) ? 1 : 0; }
+
   void on_layer(int64_t l, const at::Tensor& q, StaticDecodeState& s) override {
     const int64_t B = s.batch, Hkv = s.kv_heads, C = s.capacity, hd = s.head_dim;
-    const at::Tensor pos = s.pos[l].view({B, Hkv, C});  // (B, H_kv, C); -1: empty
-    const at::Tensor valid = pos.ge(0);                  // (B, H_kv, C)
-    const at::Tensor k = s.k[l].view({B, Hkv, C, hd});   // (B, H_kv, C, hd)
-    at::Tensor keep;                                     // (B, H_kv, C) float64, higher = keep
+    const bool fire = fires(s.host_step);
+    const bool h2o = policy_ == DecodePolicy::H2O, lazy = policy_ == DecodePolicy::LazyEviction;
+    const at::Tensor pos = s.pos[l].view({B, Hkv, C});          // (B, H_kv, C); -1: empty
+    const at::Tensor slot = torch::arange(C, pos.options()).view({1, 1, C});  // (1, 1, C)
+    const at::Tensor alive = s.alive.view({B, 1, 1});           // (B, 1, 1)
+    // A row's entries: what it held before decoding and what it fed (a finished row keeps stepping, but its later
+    // slots are not its entries: step-by-step decoding stops appending to it).
+    const at::Tensor held = len0_[l] + (s.fed + s.alive.to(torch::kLong)).view({B, 1, 1});  // (B, H_kv, 1)
+    const at::Tensor valid = pos.ge(0).logical_and(slot.lt(held));                          // (B, H_kv, C)
+    const at::Tensor k = s.k[l].view({B, Hkv, C, hd});                                      // (B, H_kv, C, hd)
+    const at::Tensor step = s.step + 1;  // (1) this step's number, 1-based (the cache path's per-layer count)
+    if (lazy) {  // the step's entry is born now
+      LazyEvictionState& z = lazy_[l];
+      const at::Tensor fresh = slot.eq((s.len[l] - 1).view({B, Hkv, 1})).logical_and(alive);  // (B, H_kv, C)
+      z.born = torch::where(fresh, step.expand_as(z.born), z.born);
+      z.last = torch::where(fresh, step.expand_as(z.last), z.last);
+    }
+    const bool need_attn = h2o || (lazy && (fire || opt_.lazy_tracking == LazyTracking::EveryStep)) ||
+                           (fire && policy_ == DecodePolicy::TOVA);
+    at::Tensor attn;  // (B, H, C); a finished row's query sees nothing on the cache path: 0
+    if (need_attn) attn = slot_attention(q, s.qpos, k, pos, valid).masked_fill(alive.logical_not(), 0.0);
+    if (h2o) acc_[l].add_(reduce_group(attn, Hkv, opt_.reduce).to(torch::kDouble));
+    if (lazy && attn.defined())
+      lazy_eviction_update(lazy_[l], reduce_group(attn, Hkv, opt_.reduce), valid.logical_and(alive), step,
+                           opt_.lazy_threshold);
+    if (!fire) return;
+
+    at::Tensor keep;  // (B, H_kv, C) float64, higher = keep
     switch (policy_) {
       case DecodePolicy::H2O: {
-        const at::Tensor attn = slot_attention(q, s.qpos, k, pos, valid);  // (B, H, C)
-        at::Tensor add = reduce_group(attn, Hkv, opt_.reduce).to(torch::kDouble);     // (B, H_kv, C)
-        acc_[l].add_(add.masked_fill(s.alive.view({B, 1, 1}).logical_not(), 0.0));
-        // The most recent target / 2 entries of each head are protected: those with at most that many valid
-        // entries at or after them.
+        // The most recent target / 2 entries of each head are protected: those with at most that many of the
+        // head's entries at or after them.
         const at::Tensor after = valid.to(torch::kLong).flip(2).cumsum(2).flip(2);  // (B, H_kv, C)
         keep = acc_[l].masked_fill(after.le(target_[l].div(2, "floor").unsqueeze(2)), kInf);
         break;
       }
       case DecodePolicy::TOVA: {
-        const at::Tensor a = slot_attention(q, s.qpos, k, pos, valid).to(torch::kDouble);  // (B, H, C)
-        const at::Tensor same = pos.eq(pos.narrow(1, 0, 1)).flatten(1).all(1).view({B, 1, 1});        // (B, 1, 1)
+        const at::Tensor a = attn.to(torch::kDouble);  // (B, H, C)
+        const at::Tensor vp = pos.masked_fill(valid.logical_not(), -1);                      // (B, H_kv, C)
+        const at::Tensor same = vp.eq(vp.narrow(1, 0, 1)).flatten(1).all(1).view({B, 1, 1});  // (B, 1, 1)
         keep = torch::where(same, a.mean(1, true).expand({B, Hkv, C}), reduce_group(a, Hkv, GroupReduce::Mean));
         break;
       }
+      case DecodePolicy::LazyEviction:
+        keep = lazy_eviction_keep_scores(lazy_[l], valid, step, trigger_.interval);
+        break;
       case DecodePolicy::Scorer: {
         LayerView view;
         view.layer = l;
@@ -150,29 +190,43 @@ class FixedShapeEvictor : public StaticStepEvictor {
         view.values = s.v[l].view({B, Hkv, C, hd});
         view.positions = pos;
         view.valid = valid;
-        view.next_positions_device = s.qpos.view({B}) + 1;  // (B)
+        view.next_positions_device = torch::where(s.alive, s.qpos.view({B}) + 1, torch::zeros_like(s.qpos.view({B})));
         view.kernels = opt_.kernels;
         keep = opt_.scorer->score(view).to(torch::kDouble);  // (B, H_kv, C)
         break;
       }
-      case DecodePolicy::LazyEviction:
-        KVD_FAIL("decode eviction: LazyEviction has no fixed-shape form");
     }
-    // Per head that must evict: its lowest score among the valid slots; ties: the newest (the older is kept).
-    const at::Tensor slot = torch::arange(C, pos.options()).view({1, 1, C});           // (1, 1, C)
-    const at::Tensor need = valid.sum(2).gt(target_[l]).logical_and(s.alive.view({B, 1}));  // (B, H_kv)
-    const at::Tensor sc = keep.masked_fill(valid.logical_not(), kInf);                   // (B, H_kv, C)
-    const at::Tensor low = valid.logical_and(sc.eq(sc.amin(2, true)));                  // (B, H_kv, C)
-    const at::Tensor last = torch::where(low, slot, torch::full_like(slot, -1)).amax(2, true);  // (B, H_kv, 1)
-    pos.masked_fill_(slot.eq(last).logical_and(need.unsqueeze(2)), -1);
+    const at::Tensor count = valid.sum(2);  // (B, H_kv)
+    at::Tensor evict;                       // (B, H_kv, C)
+    if (trigger_.interval == 1 && trigger_.target == 0) {
+      // Exactly one entry too many in a head of a row that fed this step: its lowest score among its entries goes;
+      // ties: the newest (the older is kept, as the cache path's selection keeps the lower index).
+      const at::Tensor sc = keep.masked_fill(valid.logical_not(), kInf);                      // (B, H_kv, C)
+      const at::Tensor low = valid.logical_and(sc.eq(sc.amin(2, true)));                     // (B, H_kv, C)
+      const at::Tensor last = torch::where(low, slot, torch::full_like(slot, -1)).amax(2, true);  // (B, H_kv, 1)
+      evict = slot.eq(last).logical_and(count.gt(target_[l]).unsqueeze(2));
+    } else {
+      // Each head keeps its top min(count, target) entries (ties to the lower slot, i.e. the older entry); finished
+      // rows too, as the cache path evicts every row at a trigger, but only at a step that some row still feeds
+      // (the last block of steps may run past the end of every row).
+      const at::Tensor kept = topk_mask(keep.masked_fill(valid.logical_not(), -kInf), torch::minimum(count, target_[l]));
+      evict = valid.logical_and(kept.logical_not()).logical_and(s.alive.any());
+    }
+    pos.masked_fill_(evict, -1);
+    s.entries.sub_(evict.sum({1, 2}));
   }
 
  private:
+  bool fires(int64_t step) const { return (step + 1) % trigger_.interval == 0; }
+
   const Model& model_;
   DecodePolicy policy_;
+  DecodeTrigger trigger_;
   DecodeEvictionOptions opt_;
-  std::vector<at::Tensor> target_;  // [layer] (B, H_kv) entries each head keeps
-  std::vector<at::Tensor> acc_;     // [layer] (B, H_kv, C) float64 H2O accumulated attention per slot
+  std::vector<at::Tensor> target_;         // [layer] (B, H_kv) entries each head keeps
+  std::vector<at::Tensor> len0_;           // [layer] (B, H_kv, 1) entries each head held before decoding
+  std::vector<at::Tensor> acc_;            // [layer] (B, H_kv, C) float64 H2O accumulated attention per slot
+  std::vector<LazyEvictionState> lazy_;    // [layer] LazyEviction's per-slot state
 };
 
 }  // namespace
@@ -218,11 +272,10 @@ void DecodeEvictor::set_initial_scores(int64_t layer, const at::Tensor& scores) 
 std::vector<int64_t> DecodeEvictor::targets(int64_t layer) const { return layers_.at(layer)->target; }
 
 std::function<std::shared_ptr<StaticStepEvictor>(const StaticDecodeState&)> DecodeEvictor::static_evictor() {
-  const bool scorer_ok = policy_ == DecodePolicy::Scorer && opt_.scorer->needs().fixed_shape == FixedShape::Yes &&
-                         opt_.scorer->needs().window == 0 && !opt_.scorer->needs().queries_pre_rope;
-  const bool ok = trigger_.interval == 1 && trigger_.target == 0 &&
-                  (policy_ == DecodePolicy::H2O || policy_ == DecodePolicy::TOVA || scorer_ok);
-  if (!ok) return {};
+  if (policy_ == DecodePolicy::Scorer &&
+      (opt_.scorer->needs().fixed_shape != FixedShape::Yes || opt_.scorer->needs().window != 0 ||
+       opt_.scorer->needs().queries_pre_rope))
+    return {};
   return [this](const StaticDecodeState& s) -> std::shared_ptr<StaticStepEvictor> {
     std::vector<at::Tensor> init(layers_.size());
     for (size_t l = 0; l < layers_.size(); ++l) {
@@ -232,7 +285,7 @@ std::function<std::shared_ptr<StaticStepEvictor>(const StaticDecodeState&)> Deco
     }
     KVD_CHECK(s.len0.size() == layers_.size(), "decode eviction: the state has ", s.len0.size(), " layers, the model ",
               layers_.size());
-    return std::make_shared<FixedShapeEvictor>(model_, policy_, opt_, s, init);
+    return std::make_shared<FixedShapeEvictor>(model_, policy_, trigger_, opt_, s, init);
   };
 }
 

@@ -108,12 +108,12 @@ class DecodeEvictor {
   // Per-head targets of a layer ([b * H_kv + h]); empty before the layer's first decode step.
   std::vector<int64_t> targets(int64_t layer) const;
   // The same eviction inside fixed-shape decode steps (GenerateOptions::static_evictor: the Static and Graph
-  // paths), or an empty function where there is none. Covered: H2O, TOVA and a Scorer whose needs() say
-  // FixedShape::Yes (StreamingLLM) with no window, triggered at every step (interval 1) down to the counts the
-  // heads held before decoding (target 0), so that each step evicts exactly one entry from every head of a row
-  // that feeds it. Its scores are this evictor's, computed over the state's slots; ties go as here (the older
-  // entry is kept). LazyEviction, longer intervals, explicit targets and other scorers decode on the cache path.
-  // stats() count only the cache path's steps. Make it before this evictor decodes on the cache path.
+  // paths), or an empty function where there is none: a Scorer whose needs() are not FixedShape::Yes or that reads
+  // decode queries (a window). Every other policy and trigger has one. Its state lives in buffers of the state's
+  // shape; triggers are a second graph variant (StaticStepEvictor::variant); ties go as here (the older entry is
+  // kept); finished rows are left as here. The decoded cache equals this evictor's on the cache path
+  // (DecodeEviction.FixedShapeEqualsCachePath). stats() count only the cache path's steps. Make it before this
+  // evictor decodes on the cache path.
   std::function<std::shared_ptr<StaticStepEvictor>(const StaticDecodeState&)> static_evictor();
   // Forgets all state (a new sequence with a fresh cache).
   void reset();
@@ -145,6 +145,9 @@ LazyEvictionState lazy_eviction_fresh(int64_t B, int64_t H_kv, int64_t n, int64_
 // mri = max(mri, step - last) and last = step; every valid entry's attn is replaced by this step's.
 void lazy_eviction_update(LazyEvictionState& st, const at::Tensor& attn, const at::Tensor& valid, int64_t step,
                           double threshold);
+// The same with the step as a one-element int64 tensor on the state's device (fixed-shape decode steps).
+void lazy_eviction_update(LazyEvictionState& st, const at::Tensor& attn, const at::Tensor& valid,
+                          const at::Tensor& step, double threshold);
 
 // Keep scores at `step` (higher = keep, float64 (B, H_kv, n)): with idle = step - last,
 //   - entries born within the current window (born > step - window) get +inf (never evicted);
@@ -152,6 +155,8 @@ void lazy_eviction_update(LazyEvictionState& st, const at::Tensor& attn, const a
 //   - the others rank above them, by lower attn first;
 //   - invalid entries get -inf.
 at::Tensor lazy_eviction_keep_scores(const LazyEvictionState& st, const at::Tensor& valid, int64_t step,
+                                     int64_t window);
+at::Tensor lazy_eviction_keep_scores(const LazyEvictionState& st, const at::Tensor& valid, const at::Tensor& step,
                                      int64_t window);
 
 }  // namespace kvd

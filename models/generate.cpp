@@ -225,7 +225,7 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
             alive[b] = !done[b];
             left[b] = limit[b] - static_cast<int64_t>(res.tokens[b].size());
           }
-          attach_evictor(*state, opts.static_evictor(*state), alive, left, eos);
+          attach_evictor(*state, opts.static_evictor(*state), cache, alive, left, eos);
         }
         decoder = std::make_unique<StaticDecoder>(model, *state,
                                                   path == DecodePath::Graph ? StepRunner::Graph : StepRunner::Eager);

@@ -823,6 +823,11 @@ void Model::decode_static(StaticDecodeState& s) const {
       app.v_store = s.v[l];
       app.pos_store = s.pos[l];
       decode_append(app, ops);
+      if (s.evictor) {  // the rows that feed this step gained one entry per KV head; peaks count them here
+        s.entries.add_(s.alive.to(torch::kLong) * Hkv);
+        s.peak.copy_(torch::maximum(s.peak, s.entries));
+        s.peak_total.copy_(torch::maximum(s.peak_total, s.entries.sum().view({1})));
+      }
       DecodeAttentionInput in;
       in.q = p.q.reshape({B, H, hd});
       in.k = s.k[l];
@@ -855,6 +860,7 @@ void Model::decode_static(StaticDecodeState& s) const {
   s.qpos.add_(1);
   if (s.evictor) {
     // A row feeds the next step unless this one gave it an eos token or its last allowed one.
+    s.fed.add_(s.alive.to(torch::kLong));
     s.left.sub_(s.alive.to(torch::kLong));
     const at::Tensor stop = next.view({B, 1}).eq(s.eos.view({1, -1})).any(1);  // (B)
     s.alive.logical_and_(stop.logical_not()).logical_and_(s.left.gt(0));

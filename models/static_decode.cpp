@@ -1,6 +1,7 @@
 #include "models/static_decode.h"
 
 #include <algorithm>
+#include <map>
 #include <optional>
 
 #include <torch/torch.h>
@@ -63,8 +64,8 @@ StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, c
   return s;
 }
 
-void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evictor, const std::vector<bool>& alive,
-                    const std::vector<int64_t>& left, const std::vector<int64_t>& eos) {
+void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evictor, const KVCache& cache,
+                    const std::vector<bool>& alive, const std::vector<int64_t>& left, const std::vector<int64_t>& eos) {
   const int64_t B = s.batch;
   KVD_CHECK(evictor, "attach_evictor: no evictor");
   KVD_CHECK(static_cast<int64_t>(alive.size()) == B && static_cast<int64_t>(left.size()) == B, "attach_evictor: ",
@@ -73,6 +74,13 @@ void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evi
   std::vector<int64_t> a(alive.begin(), alive.end());
   s.evictor = std::move(evictor);
   s.alive = host_ints(a, dev).gt(0);  // (B)
+  s.fed = torch::zeros({B}, torch::TensorOptions().dtype(torch::kLong).device(dev));  // (B)
+  KVD_CHECK(cache.batch() == B && cache.next_positions() == s.next0, "attach_evictor: the cache is not the state's");
+  std::vector<int64_t> held(B);
+  for (int64_t b = 0; b < B; ++b) held[b] = cache.row_bytes(b) / cache.bytes_per_entry();
+  s.entries = host_ints(held, dev);                           // (B)
+  s.peak = s.entries.clone();                                 // (B)
+  s.peak_total = s.entries.sum().view({1});                   // (1)
   s.left = host_ints(left, dev);      // (B)
   s.eos = host_ints(eos, dev);        // (E)
 }
@@ -106,15 +114,15 @@ void write_back_evicted(const StaticDecodeState& s, KVCache& cache, const std::v
   const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
   const at::Tensor slot = torch::arange(C, lopt).view({1, C});                  // (1, C)
   const at::Tensor fed_d = host_ints(fed, dev).view({B, 1, 1});   // (B, 1, 1)
-  // Step-by-step eviction appends a step's entry to every head of a layer before evicting: a row that fed a step
-  // held one entry per KV head more than before decoding, and the batch one per KV head of every such row.
-  std::vector<int64_t> transient(B);
-  int64_t total = cache.bytes();
-  for (int64_t b = 0; b < B; ++b) {
-    transient[b] = cache.row_bytes(b) + (fed[b] > 0 ? Hkv * cache.bytes_per_entry() : 0);
-    total += fed[b] > 0 ? Hkv * cache.bytes_per_entry() : 0;
+  // The peaks step-by-step eviction reaches (a layer's appended entries count before its eviction), counted on the
+  // device while decoding.
+  {
+    const at::Tensor pk = torch::cat({s.peak, s.peak_total}).to(torch::kCPU).contiguous();  // (B + 1)
+    const int64_t* p = pk.data_ptr<int64_t>();
+    std::vector<int64_t> rows(B);
+    for (int64_t b = 0; b < B; ++b) rows[b] = p[b] * cache.bytes_per_entry();
+    cache.raise_peaks(rows, p[B] * cache.bytes_per_entry());
   }
-  cache.raise_peaks(transient, total);
   for (int64_t l = 0; l < static_cast<int64_t>(s.k.size()); ++l) {
     const at::Tensor pos = s.pos[l].view({S, C});                                           // (S, C)
     const at::Tensor len0 = host_ints(s.len0[l], dev).view({S, 1});  // (S, 1)
@@ -196,9 +204,8 @@ void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<in
 
 struct StaticDecoder::Graph {
 #if KVD_WITH_CUDA
-  at::cuda::CUDAGraph graph;
+  std::map<int64_t, std::unique_ptr<at::cuda::CUDAGraph>> graphs;  // [variant] captured
   std::optional<c10::cuda::CUDAStream> stream;
-  bool captured = false;
 #endif
 };
 
@@ -219,6 +226,7 @@ StaticDecoder::~StaticDecoder() = default;
 
 void StaticDecoder::run_step() {
   KVD_CHECK(run_ < s_.max_steps, "StaticDecoder: the state has room for ", s_.max_steps, " steps");
+  s_.host_step = run_;
   if (runner_ == StepRunner::Eager) {
     model_.decode_static(s_);
     ++run_;
@@ -226,24 +234,27 @@ void StaticDecoder::run_step() {
   }
 #if KVD_WITH_CUDA
   Graph& g = *graph_;
-  if (!g.captured) {
-    // Capture needs a side stream. It waits for the state's uploads on the current stream; its first step runs
-    // for real (which also sets up cuBLAS's workspace and the allocator's blocks on this stream), then the
-    // second is recorded, not run.
+  if (!g.stream) {
+    // Capture needs a side stream, which waits for the state's uploads on the current stream.
     c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(model_.device().index());
     g.stream = c10::cuda::getStreamFromPool(false, model_.device().index());
     at::cuda::CUDAEvent ready;
     ready.record(current);
     ready.block(*g.stream);
-    c10::cuda::CUDAStreamGuard guard(*g.stream);
+  }
+  c10::cuda::CUDAStreamGuard guard(*g.stream);
+  const int64_t variant = s_.evictor ? s_.evictor->variant(run_) : 0;
+  std::unique_ptr<at::cuda::CUDAGraph>& graph = g.graphs[variant];
+  if (!graph) {
+    // The first step of a variant runs for real (which also sets up cuBLAS's workspace and the allocator's blocks
+    // on this stream), then the same step is recorded, not run: the graph then stands for every step of it.
     model_.decode_static(s_);
-    g.graph.capture_begin();
+    graph = std::make_unique<at::cuda::CUDAGraph>();
+    graph->capture_begin();
     model_.decode_static(s_);
-    g.graph.capture_end();
-    g.captured = true;
+    graph->capture_end();
   } else {
-    c10::cuda::CUDAStreamGuard guard(*g.stream);
-    g.graph.replay();
+    graph->replay();
   }
   ++run_;
 #endif

@@ -38,9 +38,16 @@ class StaticStepEvictor {
  public:
   virtual ~StaticStepEvictor() = default;
   // Layer `layer` of the current step, right after its attention: q (B, H, hd) the step's post-RoPE queries. The
-  // step's entry is already at slot len[s] - 1 of each segment; s.alive (B) marks the rows that feed this step.
-  // Evicts by writing -1 into s.pos[layer].
+  // step's entry is already at slot len[s] - 1 of each segment; s.alive (B) marks the rows that feed this step,
+  // s.fed (B) how many steps each fed before it, s.host_step the step's index. Evicts by writing -1 into
+  // s.pos[layer], and subtracts from s.entries (B) the entries it took from each row.
   virtual void on_layer(int64_t layer, const at::Tensor& q, StaticDecodeState& s) = 0;
+  // Which ops step `step` (0-based) runs: steps of equal variants run the same ones, so a CUDA graph captured at one
+  // replays them all (e.g. 1 at the steps where an every-N-steps trigger fires, 0 at the others).
+  virtual int64_t variant(int64_t step) const {
+    (void)step;
+    return 0;
+  }
 };
 
 struct StaticDecodeState {
@@ -60,8 +67,13 @@ struct StaticDecodeState {
   // Eviction while decoding (attach_evictor): slots with pos -1 are empty.
   std::shared_ptr<StaticStepEvictor> evictor;
   at::Tensor alive;  // (B) bool: rows that feed the next step
+  at::Tensor fed;    // (B) int64: steps each row fed so far (its decoded entries are the slots len0 .. len0 + fed - 1)
   at::Tensor left;   // (B) int64: tokens each row may still produce
   at::Tensor eos;    // (E) int64: tokens that stop a row
+  // The entries each row holds (all layers and KV heads) as step-by-step decoding would hold them, and their peaks
+  // (B) / (1): counted after each layer's append, before its eviction, as KVCache counts its peaks.
+  at::Tensor entries, peak, peak_total;
+  int64_t host_step = 0;  // the index of the step being run (set by StaticDecoder)
 };
 
 // Copies cache's entries into a state with room for `steps` more tokens per row. first (B) are the tokens the
@@ -69,11 +81,11 @@ struct StaticDecodeState {
 StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, const std::vector<int64_t>& first,
                                      int64_t steps);
 
-// Lets `evictor` evict inside every step of s. alive[b]: row b feeds the first step; left[b]: the tokens it may
-// still produce; eos: the tokens that stop a row. A row stops feeding (and evicting) after a step that produced
+// Lets `evictor` evict inside every step of s, made from `cache`. alive[b]: row b feeds the first step; left[b]: the
+// tokens it may still produce; eos: the tokens that stop a row. A row stops feeding (and evicting) after a step that produced
 // an eos token or its last allowed one.
-void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evictor, const std::vector<bool>& alive,
-                    const std::vector<int64_t>& left, const std::vector<int64_t>& eos);
+void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evictor, const KVCache& cache,
+                    const std::vector<bool>& alive, const std::vector<int64_t>& left, const std::vector<int64_t>& eos);
 
 // Bytes a state for `cache` with room for `steps` more tokens takes (every head padded to the longest + steps),
 // and whether that is at most half of the device's free memory (always true on the CPU): generate_batch's Auto
@@ -85,8 +97,8 @@ bool static_decode_fits(const KVCache& cache, int64_t steps);
 // its positions by fed[b]: what fed[b] decode steps of that row would have appended. With an evictor, the
 // entries it emptied are left out: those held before decoding are dropped from the cache first, then each head
 // gains only its own surviving decoded entries. The entries, counts, bytes and peaks are then those of
-// step-by-step eviction (whose peak includes a step's entry appended to every head of a layer before the step
-// evicts). The evictor's own per-entry state is not written to the cache's payload.
+// step-by-step eviction (the peaks counted on the device while decoding: a layer's appended entries count before
+// its eviction). The evictor's own per-entry state is not written to the cache's payload.
 void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<int64_t>& fed);
 
 enum class StepRunner {
@@ -112,7 +124,7 @@ class StaticDecoder {
   int64_t block_, run_ = 0, read_ = 0;
   std::vector<int64_t> host_;  // (run_ x B) the tokens read back so far, step by step
   struct Graph;
-  std::unique_ptr<Graph> graph_;
+  std::unique_ptr<Graph> graph_;  // one CUDA graph per variant of the evictor's steps (one without an evictor)
 };
 
 }  // namespace kvd

@@ -564,9 +564,9 @@ struct DecodeOutcome {
 };
 
 // A batch of 3 left-padded prompts compressed per head (AdaKV + KNorm at 0.5: ragged heads), then a question
-// appended and answered greedily with `policy` evicting at every step, on `path`.
-DecodeOutcome decode_with_eviction(const Model& m, DecodePolicy policy, DecodePath path, bool init_scores,
-                                   const std::optional<std::vector<int64_t>>& eos) {
+// appended and answered greedily with `policy` evicting at `trigger`, on `path`.
+DecodeOutcome decode_with_eviction(const Model& m, DecodePolicy policy, DecodeTrigger trigger, DecodePath path,
+                                   bool init_scores, const std::optional<std::vector<int64_t>>& eos) {
   const c10::Device dev = m.device();
   const ModelConfig& c = m.config();
   torch::manual_seed(23);
@@ -582,7 +582,7 @@ DecodeOutcome decode_with_eviction(const Model& m, DecodePolicy policy, DecodePa
   compress_prefill(m, cache, spans, method);
   DecodeEvictionOptions opt;
   opt.scorer = std::make_shared<StreamingLLMScorer>(2);
-  DecodeEvictor ev(m, policy, {1, 0}, opt);
+  DecodeEvictor ev(m, policy, trigger, opt);
   if (init_scores)
     for (int64_t l = 0; l < c.num_layers; ++l)
       ev.set_initial_scores(l, torch::rand({3, c.num_kv_heads, cache.max_length(l) + 3}, torch::kDouble).to(dev));
@@ -610,27 +610,38 @@ DecodeOutcome decode_with_eviction(const Model& m, DecodePolicy policy, DecodePa
 
 }  // namespace
 
-// The fixed-shape form of H2O (with and without initial scores), TOVA and StreamingLLM (a FixedShape scorer)
-// leaves exactly what the cache path leaves: the same tokens, kept positions per head (rows ragged per head,
-// stopping at different steps, on limits and on an eos token), K / V, bytes and peaks.
+// The fixed-shape form of every policy (H2O with and without initial scores, TOVA, LazyEviction, StreamingLLM as a
+// FixedShape scorer), at every step down to the prompt's counts (one eviction per step) and at longer intervals or
+// explicit targets (several per trigger, finished rows included), leaves exactly what the cache path leaves: the
+// same tokens, kept positions per head (rows ragged per head, stopping at different steps on limits and on an eos
+// token), K / V, bytes and peaks.
 TEST(DecodeEviction, FixedShapeEqualsCachePath) {
   const Model& m = model64();
   struct Case {
     DecodePolicy policy;
+    DecodeTrigger trigger;
     bool init;
   };
-  for (const Case& cs : {Case{DecodePolicy::H2O, false}, Case{DecodePolicy::H2O, true}, Case{DecodePolicy::TOVA, false},
-                         Case{DecodePolicy::Scorer, false}}) {
-    const DecodeOutcome plain = decode_with_eviction(m, cs.policy, DecodePath::Cache, cs.init, std::vector<int64_t>{});
+  const std::vector<Case> cases = {
+      {DecodePolicy::H2O, {1, 0}, false},          {DecodePolicy::H2O, {1, 0}, true},
+      {DecodePolicy::TOVA, {1, 0}, false},         {DecodePolicy::Scorer, {1, 0}, false},
+      {DecodePolicy::LazyEviction, {4, 0}, false}, {DecodePolicy::LazyEviction, {1, 0}, false},
+      {DecodePolicy::TOVA, {3, 0}, false},         {DecodePolicy::H2O, {2, 5}, true},
+      {DecodePolicy::Scorer, {2, 4}, false}};
+  for (const Case& cs : cases) {
+    const std::string name = "policy " + std::to_string(static_cast<int>(cs.policy)) + " every " +
+                             std::to_string(cs.trigger.interval) + " to " + std::to_string(cs.trigger.target) +
+                             (cs.init ? " init" : "");
+    const DecodeOutcome plain =
+        decode_with_eviction(m, cs.policy, cs.trigger, DecodePath::Cache, cs.init, std::vector<int64_t>{});
     ASSERT_GE(plain.gen.tokens[2].size(), 4u);
     // An eos that stops row 2 early (its fourth token), so rows stop on eos as well as on their limits.
     for (const std::optional<std::vector<int64_t>>& eos :
          {std::optional<std::vector<int64_t>>(std::vector<int64_t>{}),
           std::optional<std::vector<int64_t>>(std::vector<int64_t>{plain.gen.tokens[2][3]})}) {
-      const DecodeOutcome a = decode_with_eviction(m, cs.policy, DecodePath::Cache, cs.init, eos);
-      const DecodeOutcome b = decode_with_eviction(m, cs.policy, DecodePath::Static, cs.init, eos);
-      const std::string what = "policy " + std::to_string(static_cast<int>(cs.policy)) + (cs.init ? " init" : "") +
-                               (eos->empty() ? "" : " eos");
+      const DecodeOutcome a = decode_with_eviction(m, cs.policy, cs.trigger, DecodePath::Cache, cs.init, eos);
+      const DecodeOutcome b = decode_with_eviction(m, cs.policy, cs.trigger, DecodePath::Static, cs.init, eos);
+      const std::string what = name + (eos->empty() ? "" : " eos");
       EXPECT_EQ(a.gen.decode, DecodePath::Cache);
       EXPECT_EQ(b.gen.decode, DecodePath::Static) << what;
       EXPECT_EQ(a.gen.tokens, b.gen.tokens) << what;
@@ -650,7 +661,7 @@ TEST(DecodeEviction, FixedShapeEqualsCachePath) {
     for (const auto& layer : plain.pos)
       for (const auto& head : layer)
         for (size_t j = 1; j < head.size(); ++j) evicted = evicted || head[j] != head[j - 1] + 1;
-    EXPECT_TRUE(evicted);
+    EXPECT_TRUE(evicted) << name;
   }
 }
 
@@ -658,9 +669,12 @@ TEST(DecodeEviction, FixedShapeEqualsCachePath) {
 TEST(DecodeEviction, FixedShapeGraphReplaysTheEagerSteps) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   const Model m = tiny_model(torch::kFloat, 7, torch::kCUDA);
-  for (DecodePolicy pol : {DecodePolicy::H2O, DecodePolicy::TOVA, DecodePolicy::Scorer}) {
-    const DecodeOutcome a = decode_with_eviction(m, pol, DecodePath::Static, pol == DecodePolicy::H2O, std::nullopt);
-    const DecodeOutcome b = decode_with_eviction(m, pol, DecodePath::Graph, pol == DecodePolicy::H2O, std::nullopt);
+  for (const auto& [pol, trig] : std::vector<std::pair<DecodePolicy, DecodeTrigger>>{
+           {DecodePolicy::H2O, {1, 0}}, {DecodePolicy::TOVA, {1, 0}}, {DecodePolicy::Scorer, {1, 0}},
+           {DecodePolicy::LazyEviction, {4, 0}}, {DecodePolicy::H2O, {2, 5}}}) {
+    const bool init = pol == DecodePolicy::H2O;
+    const DecodeOutcome a = decode_with_eviction(m, pol, trig, DecodePath::Static, init, std::nullopt);
+    const DecodeOutcome b = decode_with_eviction(m, pol, trig, DecodePath::Graph, init, std::nullopt);
     EXPECT_EQ(b.gen.decode, DecodePath::Graph);
     EXPECT_EQ(a.gen.tokens, b.gen.tokens) << "policy " << static_cast<int>(pol);
     EXPECT_EQ(a.pos, b.pos) << "policy " << static_cast<int>(pol);
@@ -669,24 +683,26 @@ TEST(DecodeEviction, FixedShapeGraphReplaysTheEagerSteps) {
   }
 }
 
-// Only what the fixed-shape step can run has a fixed-shape form; the others keep the cache path, and asking
-// for the static path without one is refused.
+// Every policy has a fixed-shape form, except a scorer that is not FixedShape::Yes or reads decode queries (a
+// window); those keep the cache path, and asking for the static path without a form is refused.
 TEST(DecodeEviction, FixedShapeFormOnlyWhereItApplies) {
   const Model& m = model64();
-  DecodeEvictionOptions knorm, snap;
+  DecodeEvictionOptions knorm, snap, streaming;
   knorm.scorer = std::make_shared<KNormScorer>();
   snap.scorer = std::make_shared<SnapKVScorer>(SnapKVOptions{2, 3, GroupReduce::Mean});
+  streaming.scorer = std::make_shared<StreamingLLMScorer>(2);
   EXPECT_TRUE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::TOVA, {1, 0}).static_evictor()));
-  EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::TOVA, {2, 0}).static_evictor()));
-  EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::H2O, {1, 5}).static_evictor()));
-  EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::LazyEviction, {1, 0}).static_evictor()));
+  EXPECT_TRUE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::TOVA, {2, 0}).static_evictor()));
+  EXPECT_TRUE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::H2O, {1, 5}).static_evictor()));
+  EXPECT_TRUE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::LazyEviction, {16, 0}).static_evictor()));
+  EXPECT_TRUE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::Scorer, {3, 0}, streaming).static_evictor()));
   EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::Scorer, {1, 0}, knorm).static_evictor()));
   EXPECT_FALSE(static_cast<bool>(DecodeEvictor(m, DecodePolicy::Scorer, {1, 0}, snap).static_evictor()));
-  DecodeEvictor lazy(m, DecodePolicy::LazyEviction, {16, 0});
+  DecodeEvictor ev(m, DecodePolicy::Scorer, {1, 0}, knorm);
   GenerateOptions g;
   g.max_new_tokens = 3;
-  g.decode_observer = lazy.observer();
-  g.static_evictor = lazy.static_evictor();
+  g.decode_observer = ev.observer();
+  g.static_evictor = ev.static_evictor();
   g.decode = DecodePath::Static;
   EXPECT_THROW(generate_batch(m, {{3, 4, 5}}, g), std::exception);
   g.decode = DecodePath::Auto;  // the CPU: Auto is the cache path
