@@ -77,6 +77,38 @@ learned_jobs() {
   return 0
 }
 
+# The slice with methods $1 run twice, as configuration A ($3: a label, $4: a command prefix such as "env X=1" or
+# eval flags starting with "--") and B ($5, $6), then how many records agree and the mean of time field $2 per
+# record in each (prefill: the padded prefill's two paths; evict-decode: decode-time eviction step by step or in
+# graphs).
+slice_ab() {
+  local m=$1 field=$2
+  tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
+  for side in "$3|$4" "$5|$6"; do
+    local label=${side%%|*} how=${side#*|} pre=() flags=()
+    # shellcheck disable=SC2206  # split on purpose
+    if [[ $how == --* ]]; then flags=($how); else pre=($how); fi
+    rm -rf "$W/ab-$label"
+    t "${pre[@]}" $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda "${flags[@]}" \
+      --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --methods "$m" --ratios "$RATIOS" --out "$W/ab-$label" 2>&1 |
+      tail -n 1
+  done
+  python3 - "$W/ab-$3/results.jsonl" "$W/ab-$5/results.jsonl" "$field" "$3" "$5" <<'PY'
+import collections, json, statistics, sys
+a, b = ({(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:3])
+field, la, lb = sys.argv[3:6]
+assert a.keys() == b.keys(), "the two runs hold different records"
+paths = {n: dict(collections.Counter(r[k].get("decode") for k in r)) for n, r in ((la, a), (lb, b))}
+same = {f: sum(a[k][f] == b[k][f] for k in a) for f in ("output", "score", "kv_bytes_kept", "peak_kv_bytes")}
+dkl = [abs(a[k]["kl"] - b[k]["kl"]) for k in a]
+t = {n: statistics.mean(r[k][field] for k in r) for n, r in ((la, a), (lb, b))}
+print(f"{len(a)} records, decode paths {paths}; identical output {same['output']}, score {same['score']}, kept bytes "
+      f"{same['kv_bytes_kept']}, peak bytes {same['peak_kv_bytes']}; |dKL| max {max(dkl):.4g} mean "
+      f"{statistics.mean(dkl):.3g}; mean {field} per record {la} {t[la] * 1e3:.1f} ms, {lb} {t[lb] * 1e3:.1f} ms "
+      f"({t[la] / t[lb]:.2f}x)")
+PY
+}
+
 case "${1:-}" in
   build)
     gpu_build kvdistill
@@ -154,48 +186,11 @@ PY
       --ratios "$RATIOS" --out "$W/harness-prof" 2>&1 | grep '^\[profile\] eval\|^\[profile\] decode\|^\[profile\] prefill'
     ;;
   prefill)
-    m=${2:-snapkv,defensivekv}
-    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
-    for p in masked flash; do
-      rm -rf "$W/prefill-$p"
-      t env KVD_PADDED_PREFILL=$p $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda \
-        --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --methods "$m" --ratios "$RATIOS" --out "$W/prefill-$p" 2>&1 |
-        tail -n 1
-    done
-    python3 - "$W/prefill-masked/results.jsonl" "$W/prefill-flash/results.jsonl" <<'PY'
-import json, statistics, sys
-a, b = ({(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:])
-assert a.keys() == b.keys(), "the two runs hold different records"
-same = {f: sum(a[k][f] == b[k][f] for k in a) for f in ("output", "score", "kv_bytes_kept")}
-dkl = [abs(a[k]["kl"] - b[k]["kl"]) for k in a]
-pre = {n: statistics.mean(r[k]["prefill_s"] for k in r) for n, r in (("masked", a), ("flash", b))}
-print(f"prefill: {len(a)} records; identical output {same['output']}, score {same['score']}, kept bytes "
-      f"{same['kv_bytes_kept']}; |dKL| max {max(dkl):.4g} mean {statistics.mean(dkl):.3g}; mean prefill_s per record "
-      f"masked {pre['masked'] * 1e3:.1f} ms, flash {pre['flash'] * 1e3:.1f} ms ({pre['masked'] / pre['flash']:.2f}x)")
-PY
+    slice_ab "${2:-snapkv,defensivekv}" prefill_s masked "env KVD_PADDED_PREFILL=masked" flash "env KVD_PADDED_PREFILL=flash"
     ;;
   evict-decode)
-    m=${2:-tova_decode,h2o_decode,streaming_llm_decode,lazy_eviction}
-    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
-    for p in cache auto; do
-      rm -rf "$W/evict-$p"
-      t $KVD eval --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --decode $p \
-        --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --methods "$m" --ratios "$RATIOS" --out "$W/evict-$p" 2>&1 |
-        tail -n 1
-    done
-    python3 - "$W/evict-cache/results.jsonl" "$W/evict-auto/results.jsonl" <<'PY'
-import collections, json, statistics, sys
-a, b = ({(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(p))} for p in sys.argv[1:])
-assert a.keys() == b.keys(), "the two runs hold different records"
-paths = collections.Counter(r.get("decode") for r in b.values())
-same = {f: sum(a[k][f] == b[k][f] for k in a) for f in ("output", "score", "kv_bytes_kept", "peak_kv_bytes")}
-dkl = [abs(a[k]["kl"] - b[k]["kl"]) for k in a]
-dec = {n: statistics.mean(r[k]["decode_s"] for k in r) for n, r in (("cache", a), ("graph", b))}
-print(f"evict-decode: {len(a)} records, paths {dict(paths)}; identical output {same['output']}, score "
-      f"{same['score']}, kept bytes {same['kv_bytes_kept']}, peak bytes {same['peak_kv_bytes']}; |dKL| max "
-      f"{max(dkl):.4g} mean {statistics.mean(dkl):.3g}; mean decode_s per record cache {dec['cache'] * 1e3:.1f} ms, "
-      f"graph {dec['graph'] * 1e3:.1f} ms ({dec['cache'] / dec['graph']:.2f}x)")
-PY
+    slice_ab "${2:-tova_decode,h2o_decode,streaming_llm_decode,lazy_eviction}" decode_s cache "--decode cache" \
+      graph "--decode auto"
     ;;
   profile)
     shift
