@@ -220,12 +220,12 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
         if (opts.decode_observer) {
           // Eviction inside the steps; the state tracks on the device which rows still feed tokens.
           std::vector<bool> alive(B);
-          std::vector<int64_t> left(B);
+          std::vector<int64_t> more(B);  // the tokens each row may still produce
           for (int64_t b = 0; b < B; ++b) {
             alive[b] = !done[b];
-            left[b] = limit[b] - static_cast<int64_t>(res.tokens[b].size());
+            more[b] = limit[b] - static_cast<int64_t>(res.tokens[b].size());
           }
-          attach_evictor(*state, opts.static_evictor(*state), cache, alive, left, eos);
+          attach_evictor(*state, opts.static_evictor(*state), cache, alive, more, eos);
         }
         decoder = std::make_unique<StaticDecoder>(model, *state,
                                                   path == DecodePath::Graph ? StepRunner::Graph : StepRunner::Eager);

@@ -861,9 +861,8 @@ void Model::decode_static(StaticDecodeState& s) const {
   if (s.evictor) {
     // A row feeds the next step unless this one gave it an eos token or its last allowed one.
     s.fed.add_(s.alive.to(torch::kLong));
-    s.left.sub_(s.alive.to(torch::kLong));
     const at::Tensor stop = next.view({B, 1}).eq(s.eos.view({1, -1})).any(1);  // (B)
-    s.alive.logical_and_(stop.logical_not()).logical_and_(s.left.gt(0));
+    s.alive.logical_and_(stop.logical_not()).logical_and_(s.fed.lt(s.limit));
   }
 }
 

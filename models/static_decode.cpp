@@ -65,11 +65,11 @@ StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, c
 }
 
 void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evictor, const KVCache& cache,
-                    const std::vector<bool>& alive, const std::vector<int64_t>& left, const std::vector<int64_t>& eos) {
+                    const std::vector<bool>& alive, const std::vector<int64_t>& limit, const std::vector<int64_t>& eos) {
   const int64_t B = s.batch;
   KVD_CHECK(evictor, "attach_evictor: no evictor");
-  KVD_CHECK(static_cast<int64_t>(alive.size()) == B && static_cast<int64_t>(left.size()) == B, "attach_evictor: ",
-            alive.size(), " / ", left.size(), " row flags for a batch of ", B);
+  KVD_CHECK(static_cast<int64_t>(alive.size()) == B && static_cast<int64_t>(limit.size()) == B, "attach_evictor: ",
+            alive.size(), " / ", limit.size(), " row flags for a batch of ", B);
   const c10::Device dev = s.tok.device();
   std::vector<int64_t> a(alive.begin(), alive.end());
   s.evictor = std::move(evictor);
@@ -81,7 +81,7 @@ void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evi
   s.entries = host_ints(held, dev);                           // (B)
   s.peak = s.entries.clone();                                 // (B)
   s.peak_total = s.entries.sum().view({1});                   // (1)
-  s.left = host_ints(left, dev);      // (B)
+  s.limit = host_ints(limit, dev);    // (B)
   s.eos = host_ints(eos, dev);        // (E)
 }
 

@@ -68,7 +68,7 @@ struct StaticDecodeState {
   std::shared_ptr<StaticStepEvictor> evictor;
   at::Tensor alive;  // (B) bool: rows that feed the next step
   at::Tensor fed;    // (B) int64: steps each row fed so far (its decoded entries are the slots len0 .. len0 + fed - 1)
-  at::Tensor left;   // (B) int64: tokens each row may still produce
+  at::Tensor limit;  // (B) int64: the most steps each row may feed (the tokens it may still produce at the start)
   at::Tensor eos;    // (E) int64: tokens that stop a row
   // The entries each row holds (all layers and KV heads) as step-by-step decoding would hold them, and their peaks
   // (B) / (1): counted after each layer's append, before its eviction, as KVCache counts its peaks.
@@ -81,11 +81,11 @@ struct StaticDecodeState {
 StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, const std::vector<int64_t>& first,
                                      int64_t steps);
 
-// Lets `evictor` evict inside every step of s, made from `cache`. alive[b]: row b feeds the first step; left[b]: the
+// Lets `evictor` evict inside every step of s, made from `cache`. alive[b]: row b feeds the first step; limit[b]: the
 // tokens it may still produce; eos: the tokens that stop a row. A row stops feeding (and evicting) after a step that produced
 // an eos token or its last allowed one.
 void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evictor, const KVCache& cache,
-                    const std::vector<bool>& alive, const std::vector<int64_t>& left, const std::vector<int64_t>& eos);
+                    const std::vector<bool>& alive, const std::vector<int64_t>& limit, const std::vector<int64_t>& eos);
 
 // Bytes a state for `cache` with room for `steps` more tokens takes (every head padded to the longest + steps),
 // and whether that is at most half of the device's free memory (always true on the CPU): generate_batch's Auto
