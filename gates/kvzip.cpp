@@ -198,19 +198,21 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
       in.valid = torch::cat({pick(seen), real.unsqueeze(1).expand({B, Hkv, m})}, 2);                   // (B, H_kv, n' + m)
       if (opt.norm == KVzipNorm::Plus)
         in.row_weight = obs.hidden.to(acc).norm(2, -1).clamp_min(1e-30).reciprocal();  // (B, m)
-      const at::Tensor cols = window_columns(in, WindowMoments::Max, opt.kernels).max.to(acc);  // (B, H, n' + m)
-      at::Tensor p = torch::zeros({B, H, nc}, cols.options());                                // (B, H, nc)
+      const int64_t np = in.k.size(2) - m;  // the cache entries the pass read
+      at::Tensor cols = window_columns(in, WindowMoments::Max, opt.kernels).max.narrow(2, 0, np).to(acc);  // (B, H, n')
+      cols = cols.view({B, Hkv, G, np});
+      if (opt.norm == KVzipNorm::Plus) {  // ||W_O v_j|| per query head, for the entries read only
+        const at::Tensor v = pick(kv.v).to(acc);  // (B, H_kv, n', hd)
+        cols = cols * torch::einsum("bhti,hgij,bhtj->bhgt", {v, gram[l], v}).clamp_min(0).sqrt();
+      }
+      const at::Tensor s = cols.amax(2);                // (B, H_kv, n')
+      at::Tensor p = torch::zeros({B, Hkv, nc}, s.options());  // (B, H_kv, nc)
       int64_t off = 0;
       for (const auto& [a, e] : ranges) {
-        p.narrow(2, a, e - a).copy_(cols.narrow(2, off, e - a));
+        p.narrow(2, a, e - a).copy_(s.narrow(2, off, e - a));
         off += e - a;
       }
-      p = p.view({B, Hkv, G, nc});
-      if (opt.norm == KVzipNorm::Plus) {
-        const at::Tensor v = kv.v.to(acc);  // (B, H_kv, nc, hd)
-        p = p * torch::einsum("bhti,hgij,bhtj->bhgt", {v, gram[l], v}).clamp_min(0).sqrt();  // ||W_O v_j|| per head
-      }
-      out[l] = torch::where(chunk, p.amax(2), out[l]);  // (B, H_kv, nc)
+      out[l] = torch::where(chunk, p, out[l]);  // (B, H_kv, nc)
     };
     model.forward_extra(cache, mods, observer);
   }
