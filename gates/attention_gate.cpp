@@ -4,6 +4,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <utility>
 
@@ -137,6 +138,7 @@ double AttentionGateImpl::target_at(int64_t step) const {
 
 AttentionMods AttentionGateImpl::attention_mods(const TrainBatch& batch) {
   recorded_.assign(num_layers(), at::Tensor());
+  recorded_z_.assign(num_layers(), at::Tensor());
   const int64_t B = batch.ids.size(0), T = batch.ids.size(1);
   const c10::Device dev = batch.ids.device();
   recorded_valid_ = batch.doc_ids.defined() ? batch.doc_ids.to(dev).ge(0) : torch::ones({B, T}, torch::TensorOptions().dtype(torch::kBool).device(dev));
@@ -144,9 +146,11 @@ AttentionMods AttentionGateImpl::attention_mods(const TrainBatch& batch) {
   AttentionMods mods;
   mods.layer_hook = [this, allowed, T](const LayerInput& in) {
     KVD_CHECK(in.hidden.size(1) == T, "AttentionGate: extra rows are not supported (the gate flags sequence tokens)");
-    at::Tensor s = torch::sigmoid(logits(in.layer, in.hidden, allowed));                // (B, T, H_kv)
+    const at::Tensor z = logits(in.layer, in.hidden, allowed);                         // (B, T, H_kv)
+    at::Tensor s = torch::sigmoid(z);                                                  // (B, T, H_kv)
     at::Tensor f = straight_through_flags(s, in.positions, opt_.tau, opt_.sinks);      // (B, T, H_kv)
     recorded_[in.layer] = f;
+    recorded_z_[in.layer] = z.detach();
     LayerMods m;
     m.key_log_mask = torch::log(f + opt_.eps).transpose(1, 2);  // (B, H_kv, T)
     return m;
@@ -221,6 +225,79 @@ ComponentLoss AttentionGateImpl::loss(const Model& model, const TrainBatch& batc
     out.metrics.emplace_back("keep_multiplier", multiplier_.mean().item<double>());
   out.tokens = d.tokens;
   return out;
+}
+
+nlohmann::json AttentionGateImpl::calibrate(const Model& model, const std::vector<TrainBatch>& batches,
+                                            const LossOptions& options) {
+  (void)options;
+  if (batches.empty()) return nullptr;
+  torch::NoGradGuard no_grad;
+  const int64_t L = num_layers();
+  const bool whole = opt_.unit == KeepUnit::Cache;
+  const int64_t U = whole ? 1 : L;                       // units held at β: the cache, or each layer
+  const double beta = opt_.target;
+  const double z_tau = std::log(opt_.tau / (1.0 - opt_.tau));  // s ≥ τ  ⇔  z ≥ logit(τ)
+  constexpr int kMaxUpdates = 8;
+  constexpr double kTolerance = 0.002;  // |kept − β| of every unit on the calibration sequences
+  std::vector<double> shift(U, 0.0);    // total offset added to each unit's output biases
+  std::vector<double> before;
+  nlohmann::json passes = nlohmann::json::array();
+  for (int pass = 0;; ++pass) {
+    // One forward of the gated model over every batch: the logits z of the entries a flag decides (valid rows
+    // at positions ≥ sinks) per unit, and how many valid entries and sink entries each unit holds.
+    std::vector<std::vector<at::Tensor>> free(U);
+    std::vector<double> n_valid(U, 0.0), n_sink(U, 0.0);
+    for (const TrainBatch& b : batches) {
+      const AttentionMods mods = attention_mods(b);
+      model.forward_train(b.ids, b.positions, mods, b.doc_ids);
+      const at::Tensor valid = recorded_valid_;                                           // (B, T)
+      const at::Tensor sink = valid & b.positions.to(valid.device()).lt(opt_.sinks);      // (B, T)
+      const at::Tensor decided = valid & sink.logical_not();                              // (B, T)
+      const double nv = valid.sum().item<double>(), ns = sink.sum().item<double>();
+      for (int64_t l = 0; l < L; ++l) {
+        const at::Tensor& z = recorded_z_[l];  // (B, T, H_kv)
+        const int64_t u = whole ? 0 : l, H = z.size(-1);
+        free[u].push_back(z.masked_select(decided.unsqueeze(-1).expand_as(z)).to(torch::kDouble));  // (n)
+        n_valid[u] += nv * static_cast<double>(H);
+        n_sink[u] += ns * static_cast<double>(H);
+      }
+    }
+    // Each unit's kept fraction now, and the offset c that makes exactly k = round(β·n_valid − n_sink) of its
+    // decided entries pass: z + c ≥ logit(τ), c halfway between the k-th and (k+1)-th largest z.
+    std::vector<double> kept(U), step(U, 0.0);
+    double worst = 0;
+    for (int64_t u = 0; u < U; ++u) {
+      const at::Tensor v = std::get<0>(torch::cat(free[u]).sort(0, /*descending=*/true)).cpu();  // (n)
+      const int64_t n = v.numel();
+      const double passing = v.ge(z_tau).sum().item<double>();
+      kept[u] = n_valid[u] > 0 ? (passing + n_sink[u]) / n_valid[u] : 1.0;
+      worst = std::max(worst, std::abs(kept[u] - beta));
+      const int64_t k = std::clamp<int64_t>(std::llround(beta * n_valid[u] - n_sink[u]), 0, n);
+      const double* z = v.data_ptr<double>();
+      if (n == 0) continue;
+      const double at = k == 0 ? z[0] + 1.0 : k == n ? z[n - 1] - 1.0 : 0.5 * (z[k - 1] + z[k]);
+      step[u] = z_tau - at;
+    }
+    if (pass == 0) before = kept;
+    passes.push_back({{"kept_mean", std::accumulate(kept.begin(), kept.end(), 0.0) / static_cast<double>(U)},
+                      {"kept_max_error", worst}});
+    if (worst <= kTolerance || pass == kMaxUpdates) {
+      auto mean = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0) / x.size(); };
+      return {{"target", beta},
+              {"unit", whole ? "cache" : "layer"},
+              {"kept_before", mean(before)},
+              {"kept_after", mean(kept)},
+              {"kept_after_per_unit", kept},
+              {"bias_shift", shift},
+              {"passes", passes}};
+    }
+    // The layers after a shifted one see other inputs: shift, then measure again.
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t u = whole ? 0 : l;
+      layer(l)->wo->bias.add_(step[u]);
+    }
+    for (int64_t u = 0; u < U; ++u) shift[u] += step[u];
+  }
 }
 
 namespace {

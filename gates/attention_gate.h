@@ -126,6 +126,13 @@ class AttentionGateImpl : public Component {
   at::Tensor row_keep_fractions(at::Tensor* row_valid = nullptr) const;
 
   std::unique_ptr<Scorer> make_scorer() override;
+  // Holds the flags at the target on `batches` (training sequences): adds to each layer's output biases
+  // (keep_unit layer; one offset for all layers with keep_unit cache) the offset that makes exactly a fraction
+  // β of the entries pass s ≥ τ, measured again after each shift (a layer's inputs depend on the flags of the
+  // layers before it) until every unit is within 0.002 of β or after 8 shifts. Returns the kept fraction before
+  // and after, and the shifts.
+  nlohmann::json calibrate(const Model& model, const std::vector<TrainBatch>& batches,
+                           const LossOptions& options) override;
   nlohmann::json manifest() const override;
   // KeepPenalty::Dual / DualEquality: stats = each layer's kept fraction averaged over the step -> the multipliers' ascent.
   void end_step(int64_t step, const std::vector<double>& stats) override;
@@ -136,6 +143,7 @@ class AttentionGateImpl : public Component {
   int64_t d_model_ = 0, num_kv_heads_ = 0;
   torch::nn::ModuleList layers_{nullptr};
   std::vector<at::Tensor> recorded_;  // [layer] (B, T, H_kv) straight-through flags
+  std::vector<at::Tensor> recorded_z_;  // [layer] (B, T, H_kv) their logits z, detached
   at::Tensor recorded_valid_;         // (B, T) bool rows that count (not padding)
   at::Tensor multiplier_;             // (L) buffer "multiplier": μ_ℓ (Dual, DualEquality); checkpoints keep it
 };

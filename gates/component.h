@@ -75,6 +75,18 @@ class Component : public torch::nn::Module {
     (void)step;
     (void)stats;
   }
+  // Called by the trainer once after the last optimizer step, on the rank that writes the bundle, before the
+  // last held-out check and checkpoint: a component whose inference rule holds a quantity fitted to data rather
+  // than learned by gradient (the Attention-Gate's flag threshold, held at its keep target) fits it on `batches`
+  // (training sequences, train.calibration_sequences of them) by changing its parameters, and returns what it
+  // measured for the metrics log. Null: nothing to fit (the default).
+  virtual nlohmann::json calibrate(const Model& model, const std::vector<TrainBatch>& batches,
+                                   const LossOptions& options) {
+    (void)model;
+    (void)batches;
+    (void)options;
+    return nullptr;
+  }
   // Dims, hyper-parameters and score semantics for the bundle manifest (kvdistill.json). Must hold
   // "options": the component's options (the `component.*` keys without the prefix), from which the
   // registry rebuilds it when a bundle is loaded.

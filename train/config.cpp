@@ -47,6 +47,9 @@ const std::vector<ConfigKey>& config_keys() {
       {"train.log_every", ValueType::Int, "1", "steps between progress lines"},
       {"train.eval_every", ValueType::Int, "0", "steps between held-out checks (0: never)"},
       {"train.eval_batches", ValueType::Int, "2", "val batches per held-out check"},
+      {"train.calibration_sequences", ValueType::Int, "32",
+       "training sequences, spread over data.train, on which a component fits its data-set quantities after the "
+       "last step (the Attention-Gate's flag threshold at its keep target; 0: none)"},
       {"train.eval_budget", ValueType::Int, "0",
        "entries kept per KV head in the held-out check (0: the component's budget, e.g. component.budget)"},
       {"train.save_every", ValueType::Int, "50", "steps between checkpoints (0: only at the end)"},
@@ -196,6 +199,7 @@ RunConfig from_values(const json& values) {
   c.log_every = I("train.log_every");
   c.eval_every = I("train.eval_every");
   c.eval_batches = I("train.eval_batches");
+  c.calibration_sequences = I("train.calibration_sequences");
   c.eval_budget = I("train.eval_budget");
   c.save_every = I("train.save_every");
   c.keep_last = I("train.keep_last");
@@ -228,6 +232,7 @@ RunConfig from_values(const json& values) {
   check(c.log_every > 0, "train.log_every", "must be > 0");
   check(c.eval_every >= 0, "train.eval_every", "must be >= 0");
   check(c.eval_batches > 0, "train.eval_batches", "must be > 0");
+  check(c.calibration_sequences >= 0, "train.calibration_sequences", "must be >= 0");
   check(c.eval_budget >= 0, "train.eval_budget", "must be >= 0");
   check(c.save_every >= 0, "train.save_every", "must be >= 0");
   check(c.keep_last > 0, "train.keep_last", "must be > 0");

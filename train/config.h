@@ -67,6 +67,7 @@ struct RunConfig {
   std::string out_dir;            // train.out_dir
   std::string device;             // train.device: auto | cpu | cuda | cuda:N
   int64_t log_every = 1, eval_every = 0, save_every = 0, keep_last = 3, eval_batches = 2;
+  int64_t calibration_sequences = 32;  // train.calibration_sequences: Component::calibrate's training sequences
   int64_t eval_budget = 0;        // train.eval_budget (0: the component's budget())
   std::string progress;           // train.progress: auto | lines | never
   // train.activation_checkpointing: none | layers (recompute each frozen decoder layer in the backward)

@@ -181,15 +181,19 @@ struct StepLosses {
 
 // The component's loss on one micro-batch, weighted by the run config's loss.<term> weights and summed in the
 // order the component returns its terms.
-StepLosses micro_step_loss(const Model& model, Component& component, const TrainBatch& tb, const RunConfig& c,
-                           int64_t step) {
+LossOptions loss_options(const RunConfig& c, int64_t step) {
   LossOptions lo;
   lo.step = step;
   lo.block = c.loss_block;
   lo.checkpointing = c.activation_checkpointing;
   lo.kernels = c.kernels;
   lo.model_dir = c.model_dir;
-  ComponentLoss l = component.loss(model, tb, lo);
+  return lo;
+}
+
+StepLosses micro_step_loss(const Model& model, Component& component, const TrainBatch& tb, const RunConfig& c,
+                           int64_t step) {
+  ComponentLoss l = component.loss(model, tb, loss_options(c, step));
   KVD_CHECK(!l.terms.empty(), "component ", component.kind(), " returned no loss terms");
   StepLosses out;
   at::Tensor total;
@@ -493,6 +497,23 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
           char extra[64];
           std::snprintf(extra, sizeof extra, "  lr %.2e  |g| %.3g", lr, grad_norm);
           progress.update(done, loss, tok_s, extra);
+        }
+      }
+
+      // ---- after the last step: the component fits what it calibrates on training sequences (rank 0, which
+      // writes the bundle), before the last held-out check and checkpoint, so both hold the fitted part ------
+      if (main_rank && done == c.steps && c.calibration_sequences > 0) {
+        const int64_t n = std::min<int64_t>(c.calibration_sequences, train_split.size());
+        std::vector<TrainBatch> calib;  // sequences i·size/n, spread over the split, train.batch_size per batch
+        for (int64_t i = 0; i < n; i += c.batch_size) {
+          std::vector<int64_t> idx;
+          for (int64_t j = i; j < std::min(n, i + c.batch_size); ++j) idx.push_back(j * train_split.size() / n);
+          calib.push_back(make_train_batch(read_sequences(train_split, idx, train_split.seq_len(), 0), device));
+        }
+        const nlohmann::json cal = component->calibrate(model, calib, loss_options(c, step));
+        if (!cal.is_null()) {
+          progress.message("calibrated on " + std::to_string(n) + " training sequences: " + cal.dump());
+          metrics->write({{"step", done}, {"calibration", cal}, {"calibration_sequences", n}});
         }
       }
 

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <functional>
 #include <map>
+#include <numeric>
 #include <memory>
 #include <string>
 #include <vector>
@@ -413,6 +414,71 @@ TEST(AttentionGate, TrainingReachesItsTargetKeptFraction) {
               << ", held-out at inference " << inf << ", multipliers " << gate->multipliers() << "\n";
     EXPECT_NEAR(kept_tail, target, 0.03) << unit << " " << target;
     EXPECT_NEAR(inf, target, 0.03) << unit << " " << target;
+  }
+}
+
+// Component::calibrate shifts each layer's output biases (keep_unit layer) or all layers' by one offset
+// (keep_unit cache) so that, on the calibration sequences, a fraction β of the entries pass s ≥ τ. Checked
+// independently: the objective's own kept fractions on the same batches (each layer, or their mean), the
+// inference path at the threshold τ on the same sequences, and unseen sequences of the same distribution.
+TEST(AttentionGate, CalibrationHoldsEachUnitAtTheTarget) {
+  const Model& model = tiny_model("llama3", torch::kFloat);
+  const int64_t V = model.config().vocab_size, T = 48;
+  auto random_batch = [&](uint64_t seed) {
+    torch::manual_seed(seed);
+    TrainBatch tb;
+    tb.ids = torch::randint(V, {4, T}, torch::kLong);
+    tb.positions = torch::arange(T, torch::kLong).repeat({4, 1});
+    tb.doc_ids = torch::zeros({4, T}, torch::kLong);
+    tb.labels = torch::full({4, T}, -100, torch::kLong);
+    return tb;
+  };
+  auto rows = [](const std::vector<TrainBatch>& bs) {
+    std::vector<std::vector<int64_t>> out;
+    for (const TrainBatch& b : bs)
+      for (int64_t r = 0; r < b.ids.size(0); ++r) out.emplace_back(b.ids[r].data_ptr<int64_t>(), b.ids[r].data_ptr<int64_t>() + T);
+    return out;
+  };
+  const std::vector<TrainBatch> calib = {random_batch(40), random_batch(41), random_batch(42)};
+  const std::vector<TrainBatch> unseen = {random_batch(50), random_batch(51)};
+  // Each layer's kept fraction over `bs` by the objective's own measure (equal valid counts per batch).
+  auto layer_kept = [&](AttentionGateImpl& g, const std::vector<TrainBatch>& bs) {
+    std::vector<double> k(g.num_layers(), 0.0);
+    torch::NoGradGuard ng;
+    for (const TrainBatch& b : bs) {
+      const std::vector<double> st = g.loss(model, b, LossOptions{}).stats;
+      for (size_t l = 0; l < k.size(); ++l) k[l] += st[l] / static_cast<double>(bs.size());
+    }
+    return k;
+  };
+  auto mean = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0) / x.size(); };
+  const double beta = 0.3;
+  for (const char* unit : {"layer", "cache"}) {
+    auto gate = make_gate(model, 16, {{"sinks", 2}, {"target", beta}, {"keep_unit", unit}});
+    spread_gate(*gate, 1.0, 1.0);  // mixed flags, most kept
+    {
+      torch::NoGradGuard ng;
+      gate->layer(0)->wo->bias.fill_(6.0);  // the layers keep different fractions
+    }
+    const std::vector<double> before = layer_kept(*gate, calib);
+    ASSERT_GT(mean(before) - beta, 0.2) << "the test needs a gate that keeps far more than the target";
+    const nlohmann::json r = gate->calibrate(model, calib, LossOptions{});
+    const std::vector<double> after = layer_kept(*gate, calib);
+    std::cout << "keep_unit " << unit << ": kept " << mean(before) << " -> " << mean(after) << " (layers "
+              << after[0] << ", " << after.back() << "), " << r["passes"].size() << " passes; " << r.dump() << "\n";
+    EXPECT_NEAR(r["kept_before"].get<double>(), mean(before), 1e-6);  // float32 sums
+    EXPECT_NEAR(r["kept_after"].get<double>(), mean(after), 1e-6);
+    // 3 batches × 4 rows × 46 decided tokens × H_kv heads per layer: one entry is well under the tolerance.
+    if (std::string(unit) == "layer") {
+      for (size_t l = 0; l < after.size(); ++l) EXPECT_NEAR(after[l], beta, 0.002) << "layer " << l;
+    } else {
+      EXPECT_NEAR(mean(after), beta, 0.002);
+      EXPECT_GT(std::abs(after[0] - after.back()), 0.02) << "one offset for all layers keeps their split";
+    }
+    EXPECT_NEAR(inference_kept_fraction(model, gate, rows(calib), 1), beta, 0.002) << unit;
+    const double held = inference_kept_fraction(model, gate, rows(unseen), 1);
+    std::cout << "  unseen sequences at inference: " << held << "\n";
+    EXPECT_NEAR(held, beta, 0.05) << unit;
   }
 }
 

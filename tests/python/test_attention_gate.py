@@ -51,6 +51,13 @@ def test_trains_logs_kept_resumes_in_parallel_and_compresses(tiny_model, data, t
     assert [r["keep_target"] for r in steps] == [1.0, 0.75, 0.5, 0.5]  # the schedule, step by step
     checks = [r for r in recs if "heldout_kl" in r]
     assert checks and all(0.0 <= r["val_kept"] <= 1.0 and "val_kl" in r for r in checks), checks
+    # After the last step the flags are calibrated to the target on training sequences, before the last check.
+    cal = [r for r in recs if "calibration" in r]
+    assert len(cal) == 1 and cal[0]["step"] == 4, cal
+    c = cal[0]["calibration"]
+    assert c["unit"] == "layer" and c["target"] == 0.5, c
+    assert all(abs(k - 0.5) <= 0.01 for k in c["kept_after_per_unit"]), c
+    assert recs.index(cal[0]) < recs.index(checks[-1]) and checks[-1]["step"] == 4
     manifest = json.loads((tmp_path / "one" / "bundle" / "kvdistill.json").read_text())
     assert manifest["kind"] == "attention_gate" and manifest["score"] == "keep_probability"
     assert manifest["options"]["target"] == 0.5
