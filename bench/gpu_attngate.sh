@@ -7,6 +7,7 @@
 #   bench/gpu_attngate.sh train [S]    every run of $RUNS (configs/attngate-smollm2.yaml), all on the GPU at
 #                                      once, each stopped after S seconds (default 420) and resumed from its
 #                                      last checkpoint by the next call; prints each run's held-out kept fraction
+#                                      (the last one after the flags are calibrated to the target)
 #   bench/gpu_attngate.sh eval [S]     the tasks at 2K and 4K: every gate of $GATES at its own flags
 #                                      (--thresholds 0.5), and at ratios 0.5 / 0.75 / 0.875 next to SnapKV,
 #                                      AdaKV-SnapKV, DefensiveKV and StreamingLLM; one process per gate and
@@ -66,6 +67,10 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     if "val_kept" in r:
         print(f"  {r['step']:5d}  val_kept {r['val_kept']:.4f}  val_kl {r['val_kl']:.4f}")
+    if "calibration" in r:
+        c = r["calibration"]
+        print(f"  {r['step']:5d}  calibrated on {r['calibration_sequences']} training sequences: kept "
+              f"{c['kept_before']:.4f} -> {c['kept_after']:.4f} in {len(c['passes'])} passes")
 PY
       tail -n 1 "$W/train-$name.log"
       ls "$W/$name/bundle" >/dev/null 2>&1 && echo "  bundle ready" || echo "  (no bundle yet: run train again to resume)"
