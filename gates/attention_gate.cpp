@@ -237,7 +237,7 @@ nlohmann::json AttentionGateImpl::calibrate(const Model& model, const std::vecto
   const int64_t U = whole ? 1 : L;                       // units held at β: the cache, or each layer
   const double beta = opt_.target;
   const double z_tau = std::log(opt_.tau / (1.0 - opt_.tau));  // s ≥ τ  ⇔  z ≥ logit(τ)
-  constexpr int kMaxUpdates = 8;
+  constexpr int kMaxUpdates = 12;
   constexpr double kTolerance = 0.002;  // |kept − β| of every unit on the calibration sequences
   std::vector<double> shift(U, 0.0);    // total offset added to each unit's output biases
   std::vector<double> before;

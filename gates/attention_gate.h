@@ -129,7 +129,7 @@ class AttentionGateImpl : public Component {
   // Holds the flags at the target on `batches` (training sequences): adds to each layer's output biases
   // (keep_unit layer; one offset for all layers with keep_unit cache) the offset that makes exactly a fraction
   // β of the entries pass s ≥ τ, measured again after each shift (a layer's inputs depend on the flags of the
-  // layers before it) until every unit is within 0.002 of β or after 8 shifts. Returns the kept fraction before
+  // layers before it) until every unit is within 0.002 of β or after 12 shifts. Returns the kept fraction before
   // and after, and the shifts.
   nlohmann::json calibrate(const Model& model, const std::vector<TrainBatch>& batches,
                            const LossOptions& options) override;
