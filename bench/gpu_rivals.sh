@@ -27,6 +27,11 @@
 #                                      tova_decode,h2o_decode,streaming_llm_decode,lazy_eviction) at $RATIOS, decoded step by step
 #                                      (--decode cache) and in CUDA graphs that evict inside each step (the
 #                                      default): wall times, mean decode_s, how many records agree
+#   bench/gpu_rivals.sh share-methods [M] the slice with methods M (default snapkv,defensivekv,adakv_snapkv,pyramidkv,
+#                                      tova,knorm) at $RATIOS, one prefill per method (--share-prefill budgets) and
+#                                      one per group of methods (--share-prefill methods, what the protocol runs):
+#                                      wall times (each record's prefill_s is its whole shared prefill's), how many
+#                                      records agree
 #   bench/gpu_rivals.sh profile [M...] each method M (default: kvzip kvzip_plus tova_decode h2o_decode
 #                                      lazy_eviction streaming_llm_decode snapkv) alone on the slice, at the
 #                                      protocol's BATCH / BATCH_TOKENS, one process, with KVD_PROFILE: wall time and
@@ -39,7 +44,9 @@
 # three quarters); P (eval processes at once, default 6), SHARDS (of the samples,
 # default $P), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
 # BATCH=64 BATCH_TOKENS=131072 six processes ran out of the H200's memory on 2026-12-04: KVzip's repeat pass and
-# the teacher-forced logits of budgets decoded together), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
+# the teacher-forced logits of budgets decoded together), SHARE_GIB (default 6: the protocol's methods share a
+# prefill while their compressed caches stay within this many GiB per process, --share-prefill-gib; a batch's full
+# cache at BATCH_TOKENS=65536 is 1.5 GB and four ratios keep 1.625 of it, so two methods share), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
 # below); LEARNED (extra learned methods, e.g. "gate:/root/trimkv/bundle attngate:/root/ag/bundle"; the trained
 # KVzap and DMS bundles are added when they exist; KVD (default build-gpu/kvdistill).
 set -euo pipefail
@@ -63,6 +70,7 @@ P=${P:-6}
 SHARDS=${SHARDS:-$P}
 BATCH=${BATCH:-32}
 BATCH_TOKENS=${BATCH_TOKENS:-65536}
+SHARE_GIB=${SHARE_GIB:-6}
 KVD=${KVD:-build-gpu/kvdistill}
 mkdir -p "$W"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model, tasks_slice
@@ -147,7 +155,7 @@ case "${1:-}" in
       done >> "$jobs"
     done
     echo "[protocol] $(wc -l < "$jobs") jobs ($SHARDS shards of the samples each), $P at a time, $limit s"
-    export KVD MODEL DATA W RATIOS BATCH BATCH_TOKENS SHARDS
+    export KVD MODEL DATA W RATIOS BATCH BATCH_TOKENS SHARDS SHARE_GIB
     export OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     run_job() {
       local mode name k methods extra left=$(($2 - $(date +%s)))
@@ -157,7 +165,8 @@ case "${1:-}" in
       local out=$W/eval-$mode-$name-s$k
       # shellcheck disable=SC2086  # extra: flags, split on purpose
       timeout "$left" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k8k.jsonl" --device cuda --batch "$BATCH" \
-        --batch-tokens "$BATCH_TOKENS" "${flag[@]}" $extra --methods "$methods" --ratios "$RATIOS" \
+        --batch-tokens "$BATCH_TOKENS" --share-prefill methods --share-prefill-gib "$SHARE_GIB" "${flag[@]}" $extra \
+        --methods "$methods" --ratios "$RATIOS" \
         --shard "$k/$SHARDS" --out "$out" >> "$out.log" 2>&1 || true
     }
     export -f run_job
@@ -187,6 +196,10 @@ PY
     ;;
   prefill)
     slice_ab "${2:-snapkv,defensivekv}" prefill_s masked "env KVD_PADDED_PREFILL=masked" flash "env KVD_PADDED_PREFILL=flash"
+    ;;
+  share-methods)
+    slice_ab "${2:-snapkv,defensivekv,adakv_snapkv,pyramidkv,tova,knorm}" prefill_s budgets "--share-prefill budgets" \
+      methods "--share-prefill methods --share-prefill-gib $SHARE_GIB"
     ;;
   evict-decode)
     slice_ab "${2:-tova_decode,h2o_decode,streaming_llm_decode,lazy_eviction}" decode_s cache "--decode cache" \

@@ -21,6 +21,7 @@ struct EvalArgs {
   bool query_aware = false, report_only = false;
   std::string learned_mode = "continuous";
   std::string share_prefill = "budgets";
+  double share_prefill_gib = 8.0;
   std::string decode = "auto";
   std::string kernels = "fused";
   std::string shard;
@@ -58,7 +59,10 @@ int run(const EvalArgs& a) {
   o.learned_mode = a.learned_mode == "once" ? LearnedMode::Once : LearnedMode::Continuous;
   KVD_CHECK(a.continuous_chunk > 0, "--continuous-chunk ", a.continuous_chunk, ": must be positive");
   o.continuous_chunk = a.continuous_chunk;
-  o.share_prefill = a.share_prefill == "none" ? SharePrefill::PerConfig : SharePrefill::AcrossBudgets;
+  o.share_prefill_bytes = static_cast<int64_t>(a.share_prefill_gib * 1073741824.0);
+  o.share_prefill = a.share_prefill == "none"      ? SharePrefill::PerConfig
+                    : a.share_prefill == "methods" ? SharePrefill::AcrossMethods
+                                                   : SharePrefill::AcrossBudgets;
   o.decode = parse_decode_path(a.decode);
   KVD_CHECK(a.decode_rows >= 0, "--decode-rows ", a.decode_rows, ": must be >= 0 (0 decodes every budget alone)");
   o.decode_rows = a.decode_rows;
@@ -159,9 +163,17 @@ Registration reg([](CLI::App& root) {
       ->capture_default_str();
   sub->add_option("--share-prefill", a->share_prefill,
                   "budgets: a method's budgets share one prefill per batch, scored once where its scores do not depend "
-                  "on the budget, else by each budget (same results, faster; not for chunked prefills or eviction "
-                  "while decoding); none: every (method, budget) prefills itself")
-      ->check(CLI::IsMember({"budgets", "none"}))
+                  "on the budget, else by each budget (same results, faster; not for chunked prefills); methods: "
+                  "consecutive methods that score each layer as it runs and do not evict while decoding share one "
+                  "prefill too (same results; the caches wait to decode: see --share-prefill-gib); none: every "
+                  "(method, budget) prefills itself")
+      ->check(CLI::IsMember({"budgets", "methods", "none"}))
+      ->capture_default_str();
+  sub->add_option("--share-prefill-gib", a->share_prefill_gib,
+                  "With --share-prefill methods: another method joins a prefill while the compressed caches it holds "
+                  "until they decode stay within this many GiB (estimated: a ratio r keeps 1 - r of the batch's full "
+                  "cache)")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
   sub->add_option("--decode", a->decode,
                   "The answer's decode steps: graph (a fixed-shape copy of the compressed cache, each step replayed "

@@ -101,8 +101,7 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
     std::vector<KVCache*> ptrs;
     std::vector<Method*> methods;
     for (size_t i = 0; i < ms.size(); ++i) {
-      KVD_CHECK(shares_prefill(*ms[i]) && ms[i]->name == ms[0]->name,
-                "eval: internal error, methods that cannot share a prefill were grouped");
+      KVD_CHECK(shares_prefill_with(*ms[0], *ms[i]), "eval: internal error, methods that cannot share a prefill were grouped");
       ptrs.push_back(&caches[i]);
       methods.push_back(&ms[i]->method);
     }

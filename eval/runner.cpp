@@ -193,13 +193,28 @@ void run_eval(const EvalOptions& opt) {
       if (c.method == "full" || std::find(need.begin(), need.end(), &c) != need.end()) run.push_back(&c);
     FullReference ref;
     bool have_ref = false;
+    // The batch's full cache in bytes, and the share of it a budget keeps (what a shared prefill holds until the
+    // budgets decode; a budget other than a ratio counts as the whole cache).
+    int64_t longest = 0;
+    for (const Prepared* p : rows) longest = std::max<int64_t>(longest, static_cast<int64_t>(p->span.size()));
+    const ModelConfig& mc = model.config();
+    const double full_bytes = static_cast<double>(rows.size()) * static_cast<double>(longest) *
+                              static_cast<double>(mc.num_layers * mc.num_kv_heads * 2 * mc.head_dim) *
+                              static_cast<double>(c10::elementSize(model.dtype()));
+    auto kept_share = [](const Budget& b) { return b.kind == BudgetKind::Ratio ? 1.0 - b.value : 1.0; };
     for (size_t g0 = 0; g0 < run.size();) {
       std::vector<ResolvedMethod> group{resolve_method(run[g0]->method, run[g0]->b, ctx)};
       size_t g1 = g0 + 1;
-      if (opt.share_prefill == SharePrefill::AcrossBudgets && shares_prefill(group[0]))
-        for (; g1 < run.size() && run[g1]->method == run[g0]->method; ++g1) {
+      double held = full_bytes * kept_share(run[g0]->b);
+      if (opt.share_prefill != SharePrefill::PerConfig && shares_prefill(group[0]))
+        for (; g1 < run.size(); ++g1) {
+          const bool same = run[g1]->method == run[g0]->method;
+          if (!same && (opt.share_prefill != SharePrefill::AcrossMethods ||
+                        held + full_bytes * kept_share(run[g1]->b) > static_cast<double>(opt.share_prefill_bytes)))
+            break;
           ResolvedMethod next = resolve_method(run[g1]->method, run[g1]->b, ctx);
-          if (!shares_prefill(next)) break;
+          if (!shares_prefill_with(group[0], next)) break;
+          held += full_bytes * kept_share(run[g1]->b);
           group.push_back(std::move(next));
         }
       std::vector<ResolvedMethod*> ms;

@@ -37,11 +37,13 @@ enum class QueryMode {
   Aware      // the question is compressed together with the context
 };
 
-// Whether the budgets of one method are compressed from one prefill (gates/registry.h: shares_prefill).
+// Which configurations are compressed from one prefill (gates/registry.h: shares_prefill, shares_prefill_with).
 enum class SharePrefill {
-  PerConfig,     // every (method, budget) prefills the batch itself
-  AcrossBudgets  // one prefill per method where shares_prefill allows (default); scored once where the scores do
-                 // not depend on the budget, else by each budget's scorer
+  PerConfig,      // every (method, budget) prefills the batch itself
+  AcrossBudgets,  // one prefill per method where shares_prefill allows (default); scored once where the scores do
+                  // not depend on the budget, else by each budget's scorer
+  AcrossMethods   // AcrossBudgets, and consecutive methods that score each layer as it runs and do not evict while
+                  // decoding share one prefill too, up to EvalOptions::share_prefill_bytes of compressed caches
 };
 
 struct EvalOptions {
@@ -58,6 +60,9 @@ struct EvalOptions {
   LearnedMode learned_mode = LearnedMode::Continuous;
   int64_t continuous_chunk = 128;  // prefill chunk of the continuous mode
   SharePrefill share_prefill = SharePrefill::AcrossBudgets;
+  // SharePrefill::AcrossMethods: another method joins a prefill while the caches it keeps alive until they decode
+  // (estimated from the budgets: a ratio r keeps 1 − r of the batch's full cache) stay within this many bytes.
+  int64_t share_prefill_bytes = int64_t{8} << 30;
   // The answer's decode steps (models/generate.h): auto = CUDA graphs on CUDA, the cache path elsewhere.
   DecodePath decode = DecodePath::Auto;
   // The budgets compressed from one prefill are decoded (answer, teacher-forced pass, hit rate) as one batch of

@@ -47,20 +47,36 @@ CompressStats cache_stats(const KVCache& cache, const std::vector<int64_t>& lens
   return st;
 }
 
-// The prefill of compress_prefill and compress_prefill_many: prompts prefilled into *caches[0], scored by
-// scorers[0] once for every cache (one scorer) or by scorers[t] for cache t, and compressed into every cache t under
-// selectors[t] (caches t > 0 receive a copy of each layer before it is compacted). Every scorer of `observers`
+// Who scores which caches of one prefill: caches [first, first + count), scored by its one scorer (the scores shared
+// by those caches' budgets) or by one scorer per cache (each budget's own; Scorer::score_budgets computes what they
+// share once). Every unit's scorer observes the same prefill through a view built for its own ScorerNeeds.
+struct ScoringUnit {
+  size_t first = 0, count = 0;
+  std::vector<Scorer*> scorers;
+};
+
+// The prefill of compress_prefill and compress_prefill_many: prompts prefilled into *caches[0] and scored unit by
+// unit: caches t > 0 receive a copy of each layer before any is compacted, and each unit scores its layer from its
+// first cache's (still whole) copy and compresses its caches t under selectors[t]. Every scorer of `observers`
 // (those, and each other budget's own) sees every appended layer (Scorer::on_append), so that each budget's scorer
 // holds the prefill's state when it goes on to evict while decoding.
 std::vector<CompressStats> compress_impl(const Model& model, const std::vector<KVCache*>& caches,
                                          const std::vector<std::vector<int64_t>>& prompts,
-                                         const std::vector<Scorer*>& scorers, const std::vector<Scorer*>& observers,
+                                         const std::vector<ScoringUnit>& units, const std::vector<Scorer*>& observers,
                                          const std::vector<SelectorOptions>& selectors, const CompressOptions& opts) {
   const int64_t B = static_cast<int64_t>(prompts.size());
   const size_t NT = caches.size();
   KVD_CHECK(NT > 0 && NT == selectors.size(), "compress_prefill: one selector per cache");
-  KVD_CHECK(scorers.size() == 1 || scorers.size() == NT, "compress_prefill: one scorer, or one per cache");
-  Scorer& scorer = *scorers[0];
+  KVD_CHECK(!units.empty(), "compress_prefill: no scorer");
+  size_t covered = 0;
+  for (const ScoringUnit& u : units) {
+    KVD_CHECK(u.first == covered && u.count > 0 && (u.scorers.size() == 1 || u.scorers.size() == u.count),
+              "compress_prefill: internal error, scoring units must cover the caches in order with one scorer, or "
+              "one per cache");
+    covered += u.count;
+  }
+  KVD_CHECK(covered == NT, "compress_prefill: internal error, the scoring units cover ", covered, " of ", NT, " caches");
+  Scorer& scorer = *units[0].scorers[0];
   KVD_CHECK(B > 0, "compress_prefill: no prompts");
   for (KVCache* c : caches) {
     KVD_CHECK(c->batch() == B, "compress_prefill: the cache has batch ", c->batch(), " but there are ", B,
@@ -72,13 +88,18 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
             opts.chunk_size);
   KVCache& cache = *caches[0];
   const int64_t L = model.config().num_layers;
-  const ScorerNeeds needs = scorer.needs();
-  for (const Scorer* s : scorers) {
-    const ScorerNeeds n = s->needs();
-    KVD_CHECK(n.hidden == needs.hidden && n.window == needs.window && n.queries_pre_rope == needs.queries_pre_rope &&
-                  n.timing == needs.timing && (scorers.size() == 1 || n.timing == ScoreTiming::PerLayer),
-              "compress_prefill_many: ", s->name(), " does not observe the prefill as ", scorer.name(),
-              " does (one scorer per cache must score each layer alike, right after it ran)");
+  const ScorerNeeds needs = scorer.needs();  // unit 0's (the only unit of a chunked prefill)
+  for (const ScoringUnit& u : units) {
+    const ScorerNeeds un = u.scorers[0]->needs();
+    for (const Scorer* s : u.scorers) {
+      const ScorerNeeds n = s->needs();
+      KVD_CHECK(n.hidden == un.hidden && n.window == un.window && n.queries_pre_rope == un.queries_pre_rope &&
+                    n.timing == un.timing && (u.scorers.size() == 1 || n.timing == ScoreTiming::PerLayer),
+                "compress_prefill_many: ", s->name(), " does not observe the prefill as ", u.scorers[0]->name(),
+                " does (one scorer per cache must score each layer alike, right after it ran)");
+    }
+    KVD_CHECK(units.size() == 1 || un.timing == ScoreTiming::PerLayer, "compress_prefill_many: ",
+              u.scorers[0]->name(), " scores after the forward; it shares a prefill only with its own budgets");
   }
   std::vector<std::unique_ptr<LayerAllocation>> allocs;
   for (const SelectorOptions& sel : selectors) allocs.push_back(make_allocation(sel, L, B, opts.kernels));
@@ -119,12 +140,16 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
   // A scorer that takes rows together gets one view of every row when the prefill runs in one chunk (each layer's
   // entries are then this chunk's tokens) and every row holds its observation window. Observing every row, it gets
   // the padding rows too, at position -1: they see no entry.
-  const bool together = needs.rows == RowBatching::Together && n_chunks == 1 &&
-                        (needs.window == ScorerNeeds::kAllRows || *std::min_element(lens.begin(), lens.end()) >= needs.window);
-  // One view of layer l for every row (RowBatching::Together): rows end at their own lengths, `valid` marks them.
-  auto batch_view = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
+  auto together_for = [&](const ScorerNeeds& n) {
+    return n.rows == RowBatching::Together && n_chunks == 1 &&
+           (n.window == ScorerNeeds::kAllRows || *std::min_element(lens.begin(), lens.end()) >= n.window);
+  };
+  // One view of layer l for every row (RowBatching::Together), as a scorer with `needs` sees it: c's entries (a
+  // whole copy of the layer), the positions of the prefill's cache; rows end at their own lengths, `valid` marks
+  // them.
+  auto batch_view = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs, const ScorerNeeds& needs) {
     const KVLayerView kv = c.layer(l);  // (B, H_kv, n, ...), n the longest head
-    LayerView view = layer_view(kv, l, model, c.next_positions(), opts.kernels);
+    LayerView view = layer_view(kv, l, model, cache.next_positions(), opts.kernels);
     if (!obs) return view;
     const PrefillLayerObservation& o = *obs;
     const int64_t Tc = o.queries.size(2), n = kv.n;
@@ -155,30 +180,32 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
     }
     return view;
   };
-  // Every scorer's scores of one view: the one shared scoring, or each budget's own from one call
+  // A unit's scores of one view: the one shared scoring, or each budget's own from one call
   // (Scorer::score_budgets computes once what the budgets share).
-  auto score_all = [&](const LayerView& view) {
-    if (scorers.size() == 1) return std::vector<at::Tensor>{scorer.score(view)};
-    std::vector<at::Tensor> all = scorer.score_budgets(view, scorers);
-    KVD_CHECK(all.size() == scorers.size(), scorer.name(), ": score_budgets returned ", all.size(), " scores for ",
-              scorers.size(), " budgets");
+  auto score_all = [&](const ScoringUnit& u, const LayerView& view) {
+    Scorer& first = *u.scorers[0];
+    if (u.scorers.size() == 1) return std::vector<at::Tensor>{first.score(view)};
+    std::vector<at::Tensor> all = first.score_budgets(view, u.scorers);
+    KVD_CHECK(all.size() == u.scorers.size(), first.name(), ": score_budgets returned ", all.size(), " scores for ",
+              u.scorers.size(), " budgets");
     return all;
   };
-  auto score_layer = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
+  // Layer l of unit u's caches, scored from c (a whole copy of the layer: the prefill's cache itself for unit 0).
+  auto score_unit = [&](const ScoringUnit& u, int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
     ProfileLap lap(c.device(), "compress ");
-    for (size_t t = 1; t < NT; ++t) caches[t]->copy_layer_from(c, l);  // before c's layer is compacted
-    lap("copy to other budgets");
-    if (together) {
-      const LayerView view = batch_view(l, c, obs);
+    const ScorerNeeds needs = u.scorers[0]->needs();
+    const size_t t0 = u.first, t1 = u.first + u.count;
+    if (together_for(needs)) {
+      const LayerView view = batch_view(l, c, obs, needs);
       at::Tensor s;  // (B, H_kv, n)
       std::vector<double> pref;
       std::vector<at::Tensor> scored;  // [scorer] (B, H_kv, n)
-      for (size_t t = 0; t < NT; ++t) {
-        if (t < scorers.size()) {  // the one shared scoring, or cache t's own
-          if (t == 0) scored = score_all(view);
-          s = scored[t].to(torch::kFloat);
+      for (size_t t = t0; t < t1; ++t) {
+        if (t - t0 < u.scorers.size()) {  // the one shared scoring, or cache t's own
+          if (t == t0) scored = score_all(u, view);
+          s = scored[t - t0].to(torch::kFloat);
           if (view.valid.defined()) s = s.masked_fill(view.valid.logical_not(), ninf);
-          pref = scorers[t]->layer_preference();
+          pref = u.scorers[t - t0]->layer_preference();
           lap("score");
         }
         KVCache& ct = *caches[t];  // layer l whole until it is kept below
@@ -201,7 +228,7 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
     for (int64_t b = 0; b < B; ++b) {
       const std::vector<int64_t> rl = row_lengths(c, l, b);
       if (fresh[b] == 0) {  // an all-padding chunk for this row: nothing new to score
-        for (size_t t = 0; t < NT; ++t) parts[t][b] = ragged_keep_all(rl, c.device());
+        for (size_t t = t0; t < t1; ++t) parts[t][b] = ragged_keep_all(rl, c.device());
         continue;
       }
       const int64_t lb = lead.empty() || !obs ? 0 : lead[b], nq = Tc - lb;
@@ -219,11 +246,11 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       view.batch_offset = b;
       view.kernels = opts.kernels;
       if (!obs) {
-        view.next_positions = {c.next_position(b)};
+        view.next_positions = {cache.next_position(b)};
       } else {
         const PrefillLayerObservation& o = *obs;
         at::Tensor qpos = o.query_positions.narrow(0, b, 1);  // (1, Tc)
-        view.next_positions = {c.next_position(b) + fresh[b]};  // the row's last query + 1 (advanced after the forward)
+        view.next_positions = {cache.next_position(b) + fresh[b]};  // the row's last query + 1 (advanced after the forward)
         if (needs.hidden) view.hidden = o.hidden.narrow(0, b, 1).narrow(1, lb, nq);  // (1, nq, d)
         if (needs.window > 0) {
           const int64_t w = std::min(needs.window, nq);
@@ -246,12 +273,12 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       at::Tensor s;  // (1, H_kv, n_b)
       std::vector<double> pref;
       std::vector<at::Tensor> scored;  // [scorer] (1, H_kv, n_b)
-      for (size_t t = 0; t < NT; ++t) {
-        if (t < scorers.size()) {  // the one shared scoring, or cache t's own
-          if (t == 0) scored = score_all(view);
-          s = scored[t].to(torch::kFloat);
+      for (size_t t = t0; t < t1; ++t) {
+        if (t - t0 < u.scorers.size()) {  // the one shared scoring, or cache t's own
+          if (t == t0) scored = score_all(u, view);
+          s = scored[t - t0].to(torch::kFloat);
           if (ragged) s = s.masked_fill(view.valid.logical_not(), ninf);
-          pref = scorers[t]->layer_preference();
+          pref = u.scorers[t - t0]->layer_preference();
           lap("score");
         }
         parts[t][b] = allocs[t]->row_scored(l, b, s, view.valid, budget_tokens[b], pref);
@@ -263,11 +290,20 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
         }
       }
     }
-    for (size_t t = 0; t < NT; ++t) {
+    for (size_t t = t0; t < t1; ++t) {
       if (any[t]) caches[t]->keep(l, concat_ragged(parts[t]));
       allocs[t]->layer_done(l, *caches[t], budget_tokens);
     }
     lap("layer selection + keep");
+  };
+  auto score_layer = [&](int64_t l, KVCache& c, const PrefillLayerObservation* obs) {
+    {
+      ProfileLap lap(c.device(), "compress ");
+      for (size_t t = 1; t < NT; ++t) caches[t]->copy_layer_from(c, l);  // before c's layer is compacted
+      lap("copy to other budgets");
+    }
+    // Each unit from its first cache's whole copy of the layer (unit 0: the prefill's cache itself).
+    for (size_t u = 0; u < units.size(); ++u) score_unit(units[u], l, u == 0 ? c : *caches[units[u].first], obs);
   };
   PrefillObserver observer = [&](const PrefillLayerObservation& obs, KVCache& c) {
     for (Scorer* s : observers) s->on_append(obs, c);  // per-entry state of the new entries (e.g. TRIM-KV's log beta)
@@ -304,24 +340,36 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
 
 CompressStats compress_prefill(const Model& model, KVCache& cache, const std::vector<std::vector<int64_t>>& prompts,
                                Method& method, const CompressOptions& opts) {
-  return compress_impl(model, {&cache}, prompts, {method.scorer.get()}, {method.scorer.get()}, {method.selector}, opts)[0];
+  return compress_impl(model, {&cache}, prompts, {ScoringUnit{0, 1, {method.scorer.get()}}}, {method.scorer.get()},
+                       {method.selector}, opts)[0];
 }
 
 std::vector<CompressStats> compress_prefill_many(const Model& model, const std::vector<KVCache*>& caches,
                                                  const std::vector<std::vector<int64_t>>& prompts,
                                                  const std::vector<Method*>& methods, const CompressOptions& opts) {
   KVD_CHECK(!methods.empty() && methods.size() == caches.size(), "compress_prefill_many: one method per cache");
-  const bool shared = std::all_of(methods.begin(), methods.end(),
-                                  [](const Method* m) { return m->sharing == ScoreSharing::AcrossBudgets; });
-  std::vector<Scorer*> scorers, observers;
+  // One scoring unit per run of consecutive methods of one name (one method's budgets): scored once when all of
+  // them share their scores, else each by its own scorer.
+  std::vector<ScoringUnit> units;
+  std::vector<Scorer*> observers;
   std::vector<SelectorOptions> selectors;
+  for (size_t i0 = 0; i0 < methods.size();) {
+    size_t i1 = i0 + 1;
+    while (i1 < methods.size() && methods[i1]->name == methods[i0]->name) ++i1;
+    const bool shared = std::all_of(methods.begin() + static_cast<int64_t>(i0), methods.begin() + static_cast<int64_t>(i1),
+                                    [](const Method* m) { return m->sharing == ScoreSharing::AcrossBudgets; });
+    ScoringUnit u{i0, i1 - i0, {}};
+    for (size_t i = i0; i < i1; ++i)
+      if (!shared || u.scorers.empty()) u.scorers.push_back(methods[i]->scorer.get());
+    units.push_back(std::move(u));
+    i0 = i1;
+  }
   for (Method* m : methods) {
-    if (!shared || scorers.empty()) scorers.push_back(m->scorer.get());
     if (std::find(observers.begin(), observers.end(), m->scorer.get()) == observers.end())
       observers.push_back(m->scorer.get());
     selectors.push_back(m->selector);
   }
-  return compress_impl(model, caches, prompts, scorers, observers, selectors, opts);
+  return compress_impl(model, caches, prompts, units, observers, selectors, opts);
 }
 
 }  // namespace kvd

@@ -236,6 +236,14 @@ bool shares_prefill(const ResolvedMethod& m) {
          (m.method.sharing == ScoreSharing::AcrossBudgets || m.method.scorer->needs().timing == ScoreTiming::PerLayer);
 }
 
+bool shares_prefill_with(const ResolvedMethod& a, const ResolvedMethod& b) {
+  if (!shares_prefill(a) || !shares_prefill(b)) return false;
+  if (a.name == b.name) return true;
+  return !a.decode && !b.decode && a.method.scorer->needs().timing == ScoreTiming::PerLayer &&
+         b.method.scorer->needs().timing == ScoreTiming::PerLayer && a.compress.chunk_budget == b.compress.chunk_budget &&
+         a.compress.kernels == b.compress.kernels;
+}
+
 namespace {
 
 ResolvedMethod resolve(const std::string& name, const Budget& budget, const MethodContext& ctx) {

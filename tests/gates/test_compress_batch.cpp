@@ -301,6 +301,63 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
   }
 }
 
+// Several methods compressed from one prefill (the eval's --share-prefill methods): each scoring unit (a method's
+// budgets) scores its own whole copy of every layer through a view built for its own needs (windows of different
+// sizes, hidden states, pre-RoPE queries, rows one by one or together), and every cache keeps exactly what its own
+// compress_prefill keeps. A scorer that runs after the forward shares a prefill only with its own budgets.
+TEST(CompressMany, MethodsSharingOnePrefillKeepWhatEachKeepsAlone) {
+  if (!have_model()) GTEST_SKIP() << "no model at " << KVD_MODEL_DIR;
+  MethodContext ctx;
+  ctx.model = &model();
+  ctx.model_dir = KVD_MODEL_DIR;
+  const int64_t B = static_cast<int64_t>(prompts().size());
+  const std::vector<std::pair<std::string, double>> configs = {
+      {"snapkv", 0.25},      {"snapkv", 0.75},        {"tova", 0.5},        {"defensivekv", 0.25}, {"defensivekv", 0.75},
+      {"knorm", 0.5},        {"adakv_snapkv", 0.5},   {"pyramidkv", 0.6},   {"expected_attention", 0.5},
+      {"keydiff", 0.5},      {"streaming_llm", 0.5},  {"criticalkv_snapkv", 0.5}, {"h2o", 0.4}};
+  std::vector<ResolvedMethod> ms;
+  for (const auto& [name, r] : configs) ms.push_back(resolve_method(name, Budget::ratio(r), ctx));
+  for (const ResolvedMethod& m : ms) ASSERT_TRUE(shares_prefill_with(ms[0], m)) << m.name;
+  std::vector<KVCache> caches;
+  std::vector<KVCache*> ptrs;
+  std::vector<Method*> methods;
+  for (ResolvedMethod& m : ms) {
+    caches.push_back(model().new_cache(B));
+    methods.push_back(&m.method);
+  }
+  for (KVCache& c : caches) ptrs.push_back(&c);
+  compress_prefill_many(model(), ptrs, prompts(), methods);
+  for (size_t i = 0; i < configs.size(); ++i) {
+    SCOPED_TRACE(configs[i].first + " at " + std::to_string(configs[i].second));
+    ResolvedMethod alone = resolve_method(configs[i].first, Budget::ratio(configs[i].second), ctx);
+    KVCache c = model().new_cache(B);
+    compress_prefill(model(), c, prompts(), alone.method, alone.compress);
+    EXPECT_EQ(caches[i].next_positions(), c.next_positions());
+    EXPECT_EQ(caches[i].peak_bytes(), c.peak_bytes());
+    for (int64_t b = 0; b < B; ++b) {
+      EXPECT_EQ(kept_of(caches[i], b), kept_of(c, b)) << "row " << b;
+      EXPECT_EQ(caches[i].row_bytes(b), c.row_bytes(b));
+      EXPECT_EQ(caches[i].row_peak_bytes(b), c.row_peak_bytes(b));
+    }
+    for (int64_t l = 0; l < c.num_layers(); l += 7)
+      EXPECT_TRUE(torch::equal(caches[i].layer(l).k, c.layer(l).k)) << "layer " << l;
+  }
+  // KVzip scores after the whole forward (its repeat pass reads the cache): not with another method.
+  ResolvedMethod kvzip = resolve_method("kvzip", Budget::ratio(0.5), ctx);
+  ResolvedMethod snap = resolve_method("snapkv", Budget::ratio(0.5), ctx);
+  EXPECT_TRUE(shares_prefill(kvzip));
+  EXPECT_FALSE(shares_prefill_with(snap, kvzip));
+  EXPECT_FALSE(shares_prefill_with(kvzip, snap));
+  EXPECT_FALSE(shares_prefill_with(snap, resolve_method("tova_decode", Budget::ratio(0.5), ctx)));  // evicts while decoding
+  KVCache c1 = model().new_cache(B), c2 = model().new_cache(B);
+  try {
+    compress_prefill_many(model(), {&c1, &c2}, prompts(), {&snap.method, &kvzip.method});
+    ADD_FAILURE() << "kvzip shared a prefill with snapkv";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("scores after the forward"), std::string::npos) << e.what();
+  }
+}
+
 // Scorer::score_budgets (one layer scored for several budgets of one method, computing the shared part once) gives
 // each budget exactly its own score(), bit for bit, for the scorers that override it (DefensiveKV, its layer-wide
 // variant, CriticalKV over a shared and over a per-budget base); a peer of another method is refused.
