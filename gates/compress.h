@@ -78,12 +78,15 @@ struct CompressStats {
 // when compressed alone (up to floating-point differences of the batched matmuls).
 CompressStats compress_prefill(const Model& model, KVCache& cache, const std::vector<std::vector<int64_t>>& prompts,
                                Method& method, const CompressOptions& opts = {});
-// The same prefill compressed by several methods at once (one method at several budgets): the prompts are
-// prefilled once, and caches[t] (each empty, batch prompts.size()) receives what compress_prefill would keep with
-// methods[t] — the same entries and the same peak. When every method shares its scores
-// (ScoreSharing::AcrossBudgets), methods[0]'s scorer scores each layer once for all of them; otherwise each
-// method's scorer scores the layer's observation itself (they must observe alike: the same ScorerNeeds, scoring
-// per layer). Unchunked only (a chunked prefill's later chunks see the earlier evictions).
+// The same prefill compressed by several methods at once (one method at several budgets, or several methods): the
+// prompts are prefilled once, and caches[t] (each empty, batch prompts.size()) receives what compress_prefill would
+// keep with methods[t] — the same entries and the same peak. Consecutive methods of one name are one method's
+// budgets: when they all share their scores (ScoreSharing::AcrossBudgets) the first one's scorer scores each layer
+// once for all of them; otherwise each budget's scorer scores the layer's observation itself (they must observe
+// alike: the same ScorerNeeds, scoring per layer). Methods of different names each score their own whole copy of
+// every layer, through a view built for their own needs; they must all score per layer (a scorer that runs after
+// the forward shares a prefill only with its own budgets: registry.h's shares_prefill_with). Unchunked only (a
+// chunked prefill's later chunks see the earlier evictions).
 std::vector<CompressStats> compress_prefill_many(const Model& model, const std::vector<KVCache*>& caches,
                                                  const std::vector<std::vector<int64_t>>& prompts,
                                                  const std::vector<Method*>& methods,
