@@ -252,6 +252,27 @@ TEST(CompressCake, CascadeEndsAtTheFinalBudgets) {
   EXPECT_LE(st.peak_bytes, (L * per_head + T) * H * cache.bytes_per_entry());
 }
 
+// Resolves `name` at `ratio`, compresses the prompts with it alone and expects `got` (the same method compressed
+// from a shared prefill) to hold the same: next positions, kept sets per row, bytes and peaks, and the same keys.
+namespace {
+void expect_as_alone(const KVCache& got, const std::string& name, double ratio, const MethodContext& ctx) {
+  SCOPED_TRACE(name + " at " + std::to_string(ratio));
+  const int64_t B = static_cast<int64_t>(prompts().size());
+  ResolvedMethod alone = resolve_method(name, Budget::ratio(ratio), ctx);
+  KVCache c = model().new_cache(B);
+  compress_prefill(model(), c, prompts(), alone.method, alone.compress);
+  EXPECT_EQ(got.next_positions(), c.next_positions());
+  EXPECT_EQ(got.peak_bytes(), c.peak_bytes());
+  for (int64_t b = 0; b < B; ++b) {
+    EXPECT_EQ(kept_of(got, b), kept_of(c, b)) << "row " << b;
+    EXPECT_EQ(got.row_bytes(b), c.row_bytes(b));
+    EXPECT_EQ(got.row_peak_bytes(b), c.row_peak_bytes(b));
+  }
+  // The copied entries are the same keys, bit for bit.
+  for (int64_t l = 0; l < c.num_layers(); l += 7) EXPECT_TRUE(torch::equal(got.layer(l).k, c.layer(l).k)) << "layer " << l;
+}
+}  // namespace
+
 // One prefill compressed at several budgets (compress_prefill_many, the eval's --share-prefill budgets) gives
 // every budget exactly what its own compress_prefill gives: the kept sets of every row, the bytes and the peaks,
 // across allocations (uniform, AdaKV, global, pyramid, CAKE), a scorer that runs after the forward (KVzip), a
@@ -282,22 +303,7 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
     }
     for (KVCache& c : caches) ptrs.push_back(&c);
     compress_prefill_many(model(), ptrs, prompts(), methods);
-    for (size_t i = 0; i < ratios.size(); ++i) {
-      SCOPED_TRACE("ratio " + std::to_string(ratios[i]));
-      ResolvedMethod alone = resolve_method(name, Budget::ratio(ratios[i]), ctx);
-      KVCache c = model().new_cache(B);
-      compress_prefill(model(), c, prompts(), alone.method, alone.compress);
-      EXPECT_EQ(caches[i].next_positions(), c.next_positions());
-      EXPECT_EQ(caches[i].peak_bytes(), c.peak_bytes());
-      for (int64_t b = 0; b < B; ++b) {
-        EXPECT_EQ(kept_of(caches[i], b), kept_of(c, b)) << "row " << b;
-        EXPECT_EQ(caches[i].row_bytes(b), c.row_bytes(b));
-        EXPECT_EQ(caches[i].row_peak_bytes(b), c.row_peak_bytes(b));
-      }
-      // The copied entries are the same keys, bit for bit.
-      for (int64_t l = 0; l < c.num_layers(); l += 7)
-        EXPECT_TRUE(torch::equal(caches[i].layer(l).k, c.layer(l).k)) << "layer " << l;
-    }
+    for (size_t i = 0; i < ratios.size(); ++i) expect_as_alone(caches[i], name, ratios[i], ctx);
   }
 }
 
@@ -327,21 +333,7 @@ TEST(CompressMany, MethodsSharingOnePrefillKeepWhatEachKeepsAlone) {
   }
   for (KVCache& c : caches) ptrs.push_back(&c);
   compress_prefill_many(model(), ptrs, prompts(), methods);
-  for (size_t i = 0; i < configs.size(); ++i) {
-    SCOPED_TRACE(configs[i].first + " at " + std::to_string(configs[i].second));
-    ResolvedMethod alone = resolve_method(configs[i].first, Budget::ratio(configs[i].second), ctx);
-    KVCache c = model().new_cache(B);
-    compress_prefill(model(), c, prompts(), alone.method, alone.compress);
-    EXPECT_EQ(caches[i].next_positions(), c.next_positions());
-    EXPECT_EQ(caches[i].peak_bytes(), c.peak_bytes());
-    for (int64_t b = 0; b < B; ++b) {
-      EXPECT_EQ(kept_of(caches[i], b), kept_of(c, b)) << "row " << b;
-      EXPECT_EQ(caches[i].row_bytes(b), c.row_bytes(b));
-      EXPECT_EQ(caches[i].row_peak_bytes(b), c.row_peak_bytes(b));
-    }
-    for (int64_t l = 0; l < c.num_layers(); l += 7)
-      EXPECT_TRUE(torch::equal(caches[i].layer(l).k, c.layer(l).k)) << "layer " << l;
-  }
+  for (size_t i = 0; i < configs.size(); ++i) expect_as_alone(caches[i], configs[i].first, configs[i].second, ctx);
   // KVzip scores after the whole forward (its repeat pass reads the cache): not with another method.
   ResolvedMethod kvzip = resolve_method("kvzip", Budget::ratio(0.5), ctx);
   ResolvedMethod snap = resolve_method("snapkv", Budget::ratio(0.5), ctx);
