@@ -271,6 +271,20 @@ void expect_as_alone(const KVCache& got, const std::string& name, double ratio, 
   // The copied entries are the same keys, bit for bit.
   for (int64_t l = 0; l < c.num_layers(); l += 7) EXPECT_TRUE(torch::equal(got.layer(l).k, c.layer(l).k)) << "layer " << l;
 }
+
+// The prompts compressed by every method of ms from one prefill (compress_prefill_many): one cache each.
+std::vector<KVCache> compress_shared(std::vector<ResolvedMethod>& ms) {
+  std::vector<KVCache> caches;
+  std::vector<Method*> methods;
+  for (ResolvedMethod& m : ms) {
+    caches.push_back(model().new_cache(static_cast<int64_t>(prompts().size())));
+    methods.push_back(&m.method);
+  }
+  std::vector<KVCache*> ptrs;
+  for (KVCache& c : caches) ptrs.push_back(&c);
+  compress_prefill_many(model(), ptrs, prompts(), methods);
+  return caches;
+}
 }  // namespace
 
 // One prefill compressed at several budgets (compress_prefill_many, the eval's --share-prefill budgets) gives
@@ -286,7 +300,6 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
   ctx.model_dir = KVD_MODEL_DIR;
   ctx.learned_mode = LearnedMode::Once;
   const std::vector<double> ratios = {0.25, 0.6, 0.875};
-  const int64_t B = static_cast<int64_t>(prompts().size());
   for (const std::string name : {"snapkv", "adakv_snapkv", "global_snapkv", "pyramidkv", "cake", "expected_attention",
                                  "kvzip", "untrained:retention_gate", "defensivekv", "layer_defensivekv",
                                  "criticalkv_snapkv", "random"}) {
@@ -294,15 +307,7 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
     std::vector<ResolvedMethod> ms;
     for (double r : ratios) ms.push_back(resolve_method(name, Budget::ratio(r), ctx));
     for (const ResolvedMethod& m : ms) ASSERT_TRUE(shares_prefill(m));
-    std::vector<KVCache> caches;
-    std::vector<KVCache*> ptrs;
-    std::vector<Method*> methods;
-    for (ResolvedMethod& m : ms) {
-      caches.push_back(model().new_cache(B));
-      methods.push_back(&m.method);
-    }
-    for (KVCache& c : caches) ptrs.push_back(&c);
-    compress_prefill_many(model(), ptrs, prompts(), methods);
+    std::vector<KVCache> caches = compress_shared(ms);
     for (size_t i = 0; i < ratios.size(); ++i) expect_as_alone(caches[i], name, ratios[i], ctx);
   }
 }
@@ -324,15 +329,7 @@ TEST(CompressMany, MethodsSharingOnePrefillKeepWhatEachKeepsAlone) {
   std::vector<ResolvedMethod> ms;
   for (const auto& [name, r] : configs) ms.push_back(resolve_method(name, Budget::ratio(r), ctx));
   for (const ResolvedMethod& m : ms) ASSERT_TRUE(shares_prefill_with(ms[0], m)) << m.name;
-  std::vector<KVCache> caches;
-  std::vector<KVCache*> ptrs;
-  std::vector<Method*> methods;
-  for (ResolvedMethod& m : ms) {
-    caches.push_back(model().new_cache(B));
-    methods.push_back(&m.method);
-  }
-  for (KVCache& c : caches) ptrs.push_back(&c);
-  compress_prefill_many(model(), ptrs, prompts(), methods);
+  std::vector<KVCache> caches = compress_shared(ms);
   for (size_t i = 0; i < configs.size(); ++i) expect_as_alone(caches[i], configs[i].first, configs[i].second, ctx);
   // KVzip scores after the whole forward (its repeat pass reads the cache): not with another method.
   ResolvedMethod kvzip = resolve_method("kvzip", Budget::ratio(0.5), ctx);
