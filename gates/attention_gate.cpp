@@ -242,6 +242,7 @@ nlohmann::json AttentionGateImpl::calibrate(const Model& model, const std::vecto
   std::vector<double> shift(U, 0.0);    // total offset added to each unit's output biases
   std::vector<double> before;
   nlohmann::json passes = nlohmann::json::array();
+  auto mean = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0) / x.size(); };
   for (int pass = 0;; ++pass) {
     // One forward of the gated model over every batch: the logits z of the entries a flag decides (valid rows
     // at positions ≥ sinks) per unit, and how many valid entries and sink entries each unit holds.
@@ -279,10 +280,8 @@ nlohmann::json AttentionGateImpl::calibrate(const Model& model, const std::vecto
       step[u] = z_tau - at;
     }
     if (pass == 0) before = kept;
-    passes.push_back({{"kept_mean", std::accumulate(kept.begin(), kept.end(), 0.0) / static_cast<double>(U)},
-                      {"kept_max_error", worst}});
+    passes.push_back({{"kept_mean", mean(kept)}, {"kept_max_error", worst}});
     if (worst <= kTolerance || pass == kMaxUpdates) {
-      auto mean = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0) / x.size(); };
       return {{"target", beta},
               {"unit", whole ? "cache" : "layer"},
               {"kept_before", mean(before)},
