@@ -12,6 +12,12 @@ MODEL_DIR = Path(os.environ.get("KVD_MODEL_DIR", Path(__file__).resolve().parent
 GGUF = Path(os.environ.get("KVD_GGUF", Path(__file__).resolve().parents[2] / ".cache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
+def torch_threads():
+    """Intra-op threads for the in-process references (transformers, kvpress): OMP_NUM_THREADS where the caller
+    set it (scripts/test.sh sets 1, as ctest runs a test per core), else 2."""
+    return int(os.environ.get("OMP_NUM_THREADS", "2"))
+
+
 def run_kvd(*args, timeout=600):
     """Runs kvdistill; returns CompletedProcess with text output."""
     return subprocess.run([KVD_BIN, *map(str, args)], capture_output=True, text=True, timeout=timeout)

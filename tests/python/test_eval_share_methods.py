@@ -9,7 +9,7 @@ from eval_helpers import eval_pair, needs_corpus, records, evaluate, tasks  # no
 
 pytestmark = needs_corpus
 
-METHODS = "snapkv,defensivekv,knorm,kvzip,tova_decode,streaming_llm"
+METHODS = "snapkv,knorm,kvzip,tova_decode,streaming_llm"
 
 
 def test_methods_sharing_a_prefill_equal_a_prefill_per_method(tasks, tmp_path):
@@ -22,21 +22,20 @@ def test_methods_sharing_a_prefill_equal_a_prefill_per_method(tasks, tmp_path):
         for f in ("kl", "ppl", "hit_rate"):
             assert ra[f] == pytest.approx(rb[f], rel=1e-3, abs=1e-6), (k, f, ra[f], rb[f])
     shared = {k[0]: a[k].get("prefill_shared_by") for k in a}
-    # snapkv, defensivekv and knorm (2 budgets each) share one prefill; kvzip and tova_decode share theirs with their
-    # own budgets only; streaming_llm comes after them and has its own.
-    assert shared == {"full": None, "snapkv": 6, "defensivekv": 6, "knorm": 6, "kvzip": 2, "tova_decode": 2,
-                      "streaming_llm": 2}, shared
+    # snapkv and knorm (2 budgets each) share one prefill; kvzip and tova_decode share theirs with their own budgets
+    # only; streaming_llm comes after them and has its own.
+    assert shared == {"full": None, "snapkv": 4, "knorm": 4, "kvzip": 2, "tova_decode": 2, "streaming_llm": 2}, shared
     assert {k[0]: b[k].get("prefill_shared_by") for k in b} == {m: (None if m == "full" else 2) for m in shared}
 
 
 def test_each_budget_decoded_alone_gives_identical_records(tasks, tmp_path):
     a, b = eval_pair(tasks, tmp_path, ("--share-prefill", "methods", "--decode-rows", 0),
-                     ("--share-prefill", "budgets", "--decode-rows", 0), batch=2, methods="snapkv,defensivekv,knorm",
+                     ("--share-prefill", "budgets", "--decode-rows", 0), batch=2, methods="snapkv,knorm",
                      ratios="0.25,0.75")
     for k, ra in a.items():
         for f in ("output", "score", "kl", "ppl", "hit_rate", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes"):
             assert ra[f] == b[k][f], (k, f, ra[f], b[k][f])
-    assert a[("knorm", "ratio=0.25", next(iter(a))[2])]["prefill_shared_by"] == 6
+    assert a[("knorm", "ratio=0.25", next(iter(a))[2])]["prefill_shared_by"] == 4
 
 
 def test_the_memory_cap_splits_a_group(tasks, tmp_path):

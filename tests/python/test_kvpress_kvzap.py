@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL_DIR, assert_clean_error, run_kvd
+from conftest import MODEL_DIR, assert_clean_error, run_kvd, torch_threads
 from train_helpers import broken_bundle, prepare_data, set_manifest_field, train
 
 torch = pytest.importorskip("torch")
@@ -61,7 +61,7 @@ def bundles(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf():
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    torch.set_num_threads(2)
+    torch.set_num_threads(torch_threads())
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()

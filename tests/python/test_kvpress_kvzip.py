@@ -16,7 +16,7 @@ import json
 
 import pytest
 
-from conftest import MODEL_DIR, run_kvd
+from conftest import MODEL_DIR, run_kvd, torch_threads
 
 torch = pytest.importorskip("torch")
 kvpress = pytest.importorskip("kvpress")
@@ -35,7 +35,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def hf():
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    torch.set_num_threads(2)
+    torch.set_num_threads(torch_threads())
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation="sdpa")
     model.eval()

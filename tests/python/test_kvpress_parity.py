@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from conftest import MODEL_DIR, run_kvd
+from conftest import MODEL_DIR, run_kvd, torch_threads
 
 torch = pytest.importorskip("torch")
 kvpress = pytest.importorskip("kvpress")
@@ -59,7 +59,7 @@ CASES = [("streaming_llm", 0.5), ("snapkv", 0.5), ("tova", 0.5), ("keydiff", 0.5
 def load_hf():
     """The prompt's ids, transformers' model (sdpa and eager) and the uncompressed keys per layer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    torch.set_num_threads(2)
+    torch.set_num_threads(torch_threads())
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     ids = tok(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids  # (1, T)
     models = {}

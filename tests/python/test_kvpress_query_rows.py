@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL_DIR, run_kvd
+from conftest import MODEL_DIR, run_kvd, torch_threads
 from train_helpers import broken_bundle, prepare_data, set_manifest_field, train
 
 torch = pytest.importorskip("torch")
@@ -85,7 +85,7 @@ def hf():
     """The prompt's ids, transformers' float32 model (sdpa), and a plain prefill's keys [L] (1, H_kv, T, hd) and
     last logits (1, V)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
-    torch.set_num_threads(2)
+    torch.set_num_threads(torch_threads())
     ids = AutoTokenizer.from_pretrained(MODEL_DIR)(PROMPT, add_special_tokens=False, return_tensors="pt").input_ids
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
     cache = DynamicCache()
