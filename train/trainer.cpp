@@ -27,6 +27,7 @@
 #include "models/model.h"
 #include "models/profile.h"
 #include "models/tokenizer.h"
+#include "train/batches.h"
 #include "train/checkpoint.h"
 #include "train/distributed.h"
 #include "eval/heldout.h"
@@ -115,28 +116,6 @@ std::shared_ptr<Component> build_component(const RunConfig& c, const ModelConfig
   std::shared_ptr<Component> component = component_spec(c.component_kind, "config key 'component.kind'").make(mc, c.component);
   component->to(device, torch::kFloat32);
   return component;
-}
-
-// A loader Batch as the component and the model take it, on `device`.
-TrainBatch make_train_batch(const Batch& b, c10::Device device) {
-  BatchTensors t = to_tensors(b);
-  TrainBatch tb;
-  tb.ids = t.tokens.to(device);                             // (B, T)
-  tb.positions = t.positions.to(device);                    // (B, T)
-  tb.doc_ids = t.segments.to(torch::kInt64).to(device);     // (B, T), -1 on padding
-  // labels[t] = ids[t+1] when t+1 is in the same segment and is a training target; -100 at segment ends, on
-  // padding and before context-only tokens (a responses file's prompts: completion-only KL and CE, since
-  // distill_losses counts only label-valid rows for both).
-  const int64_t T = t.tokens.size(1);
-  at::Tensor labels = torch::full_like(t.tokens, kIgnoreLabel);  // (B, T)
-  if (T > 1) {
-    at::Tensor seg = t.segments;
-    at::Tensor same = (seg.narrow(1, 1, T - 1) == seg.narrow(1, 0, T - 1)) & (seg.narrow(1, 0, T - 1) >= 0) &
-                      t.targets.narrow(1, 1, T - 1);  // (B, T-1)
-    labels.narrow(1, 0, T - 1).copy_(torch::where(same, t.tokens.narrow(1, 1, T - 1), at::Scalar(kIgnoreLabel)));
-  }
-  tb.labels = labels.to(device);
-  return tb;
 }
 
 // data.train / data.val opened as training sources, whichever format the file is (its kvdistill_format):
@@ -504,15 +483,10 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
       // writes the bundle), before the last held-out check and checkpoint, so both hold the fitted part ------
       if (main_rank && done == c.steps && c.calibration_sequences > 0) {
         const int64_t n = std::min<int64_t>(c.calibration_sequences, train_split.size());
-        std::vector<TrainBatch> calib;  // sequences i·size/n, spread over the split, train.batch_size per batch
-        for (int64_t i = 0; i < n; i += c.batch_size) {
-          std::vector<int64_t> idx;
-          for (int64_t j = i; j < std::min(n, i + c.batch_size); ++j) idx.push_back(j * train_split.size() / n);
-          calib.push_back(make_train_batch(read_sequences(train_split, idx, train_split.seq_len(), 0), device));
-        }
+        const std::vector<TrainBatch> calib = spread_batches(train_split, n, c.batch_size, device);
         const nlohmann::json cal = component->calibrate(model, calib, loss_options(c, step));
         if (!cal.is_null()) {
-          progress.message("calibrated on " + std::to_string(n) + " training sequences: " + cal.dump());
+          progress.message("calibrated on " + std::to_string(n) + " training sequences: " + calibration_summary(cal));
           metrics->write({{"step", done}, {"calibration", cal}, {"calibration_sequences", n}});
         }
       }

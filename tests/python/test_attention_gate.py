@@ -118,3 +118,50 @@ def test_bundle_of_another_kind_gets_one_line(tiny_model, data, tmp_path):
     line = one_line_error(["compress", "--model", tiny_model, "--prompt-file", prompt, "--method",
                            f"attngate:{tmp_path / 'rg' / 'bundle'}", "--threshold", "0.5", "--out", tmp_path / "c.json"])
     assert "holds a 'retention_gate' component, not a 'attention_gate'" in line, line
+
+
+def test_calibrate_refits_a_bundle_on_other_text(tiny_model, data, tmp_path):
+    """`kvdistill calibrate`: a bundle trained without calibration is refit on text of another kind; each layer
+    then keeps the target on it, only the gate's output biases change, the source bundle stays as it was, and
+    calibrating the written bundle again finds it already at the target (what was measured is what was saved)."""
+    from safetensors.numpy import load_file
+
+    cfg = config(tmp_path / "c.yaml", tiny_model, data, tmp_path / "run", calibration_sequences=0)
+    train(cfg, "--resume", "none")
+    src = tmp_path / "run" / "bundle"
+    other = tmp_path / "code.h5"
+    root = Path(__file__).resolve().parents[2]
+    r = run_kvd("prepare", "text", "--model", tiny_model, "--input", root / "README.md", root / "docs/scoring.md", "--out", other,
+                "--seq-len", 48, "--val-fraction", "0.1", "--progress", "never")
+    assert r.returncode == 0, r.stderr
+    before = load_file(src / "gates.safetensors")
+
+    def calibrate(bundle, out):
+        r = run_kvd("calibrate", "--model", tiny_model, "--bundle", bundle, "--data", other, "--out", out,
+                    "--sequences", 12, "--batch", 4, "--json")
+        assert r.returncode == 0, r.stderr
+        assert "kept_after" in r.stderr  # the one-line summary
+        return json.loads(r.stdout)
+
+    rec = calibrate(src, tmp_path / "cal")
+    c = rec["calibration"]
+    assert rec["sequences"] == 12 and c["target"] == 0.5 and c["unit"] == "layer", rec
+    assert all(abs(k - 0.5) <= 0.002 for k in c["kept_after_per_unit"]), c
+    assert abs(c["kept_before"] - 0.5) > 0.002, c  # the training text's flags do not hold the target here
+    after = load_file(tmp_path / "cal" / "gates.safetensors")
+    assert after.keys() == before.keys()
+    changed = {k for k in before if not (before[k] == after[k]).all()}
+    assert changed and all(k.endswith("wo.bias") for k in changed), changed
+    assert all((load_file(src / "gates.safetensors")[k] == before[k]).all() for k in before)  # the source kept
+    again = calibrate(tmp_path / "cal", tmp_path / "cal2")["calibration"]
+    assert all(abs(k - 0.5) <= 0.002 for k in again["kept_after_per_unit"]) and len(again["passes"]) == 1, again
+
+    # Bad input: a part with nothing fitted to data, and the source as the destination.
+    rg = write_config(tmp_path / "rg.yaml", tiny_model, data, tmp_path / "rg", steps=1)
+    train(rg, "--resume", "none")
+    line = one_line_error(["calibrate", "--model", tiny_model, "--bundle", tmp_path / "rg" / "bundle", "--data",
+                           other, "--out", tmp_path / "rgc"])
+    assert "retention_gate" in line and "nothing to calibrate" in line, line
+    assert not (tmp_path / "rgc").exists()
+    line = one_line_error(["calibrate", "--model", tiny_model, "--bundle", src, "--data", other, "--out", src])
+    assert "source bundle itself" in line, line
