@@ -241,6 +241,12 @@ nlohmann::json AttentionGateImpl::calibrate(const Model& model, const std::vecto
   constexpr double kTolerance = 0.002;  // |kept − β| of every unit on the calibration sequences
   std::vector<double> shift(U, 0.0);    // total offset added to each unit's output biases
   std::vector<double> before;
+  // The pass that came closest: shifting every unit at once moves the inputs of the layers after it, so a later
+  // pass can land farther from β than an earlier one; the biases of the closest pass are the ones kept.
+  double best_error = std::numeric_limits<double>::infinity();
+  std::vector<double> best_shift, best_kept;
+  std::vector<at::Tensor> best_bias(L);  // [l] (H_kv): the closest pass's output biases, restored exactly
+  int best_pass = 0;
   nlohmann::json passes = nlohmann::json::array();
   auto mean = [](const std::vector<double>& x) { return std::accumulate(x.begin(), x.end(), 0.0) / x.size(); };
   for (int pass = 0;; ++pass) {
@@ -281,13 +287,22 @@ nlohmann::json AttentionGateImpl::calibrate(const Model& model, const std::vecto
     }
     if (pass == 0) before = kept;
     passes.push_back({{"kept_mean", mean(kept)}, {"kept_max_error", worst}});
+    if (worst < best_error) {
+      best_error = worst;
+      best_shift = shift;
+      best_kept = kept;
+      best_pass = pass;
+      for (int64_t l = 0; l < L; ++l) best_bias[l] = layer(l)->wo->bias.detach().clone();
+    }
     if (worst <= kTolerance || pass == kMaxUpdates) {
+      for (int64_t l = 0; l < L; ++l) layer(l)->wo->bias.copy_(best_bias[l]);
       return {{"target", beta},
               {"unit", whole ? "cache" : "layer"},
               {"kept_before", mean(before)},
-              {"kept_after", mean(kept)},
-              {"kept_after_per_unit", kept},
-              {"bias_shift", shift},
+              {"kept_after", mean(best_kept)},
+              {"kept_after_per_unit", best_kept},
+              {"bias_shift", best_shift},
+              {"kept_pass", best_pass},
               {"passes", passes}};
     }
     // The layers after a shifted one see other inputs: shift, then measure again.

@@ -468,6 +468,10 @@ TEST(AttentionGate, CalibrationHoldsEachUnitAtTheTarget) {
               << after[0] << ", " << after.back() << "), " << r["passes"].size() << " passes; " << r.dump() << "\n";
     EXPECT_NEAR(r["kept_before"].get<double>(), mean(before), 1e-6);  // float32 sums
     EXPECT_NEAR(r["kept_after"].get<double>(), mean(after), 1e-6);
+    // The biases kept are those of the pass that came closest to β.
+    double closest = 1.0;
+    for (const auto& p : r["passes"]) closest = std::min(closest, p["kept_max_error"].get<double>());
+    EXPECT_EQ(r["passes"][r["kept_pass"].get<size_t>()]["kept_max_error"].get<double>(), closest);
     // 3 batches × 4 rows × 46 decided tokens × H_kv heads per layer: one entry is well under the tolerance.
     if (std::string(unit) == "layer") {
       for (size_t l = 0; l < after.size(); ++l) EXPECT_NEAR(after[l], beta, 0.002) << "layer " << l;
