@@ -90,7 +90,6 @@ int run(const CalibrateArgs& a) {
   const BaseModelInfo base = base_model_info(a.model, manifest["base_model"]["id"].get<std::string>());
   Model model = Model::load(a.model, device);
   std::shared_ptr<Component> component = load_component(a.bundle, model, base);
-  component->eval();
 
   const int64_t n = std::min(a.sequences, source.size());
   const std::vector<TrainBatch> batches = spread_batches(source, n, a.batch, device);
