@@ -61,8 +61,6 @@ int run_export(const ExportArgs& a) {
   KVD_CHECK(a.step < 0 || !a.run.empty(), "--step selects a checkpoint of --run; it does not apply to --bundle");
   const BundleDType dtype = parse_bundle_dtype(a.dtype);
   namespace fs = std::filesystem;
-  KVD_CHECK(fs::weakly_canonical(a.out) != fs::weakly_canonical(a.run.empty() ? a.bundle : a.run + "/bundle"),
-            "--out ", a.out, " is the source bundle itself; write the export to another directory");
 
   std::shared_ptr<Component> src;
   std::string model_dir = a.model, source, base_id;
@@ -108,6 +106,10 @@ int run_export(const ExportArgs& a) {
     }
   }
 
+  // Only an existing bundle can be overwritten by its own export; a run without one (stopped before its end) may
+  // export its latest checkpoint into <run>/bundle.
+  KVD_CHECK(fs::weakly_canonical(a.out) != fs::weakly_canonical(source), "--out ", a.out,
+            " is the source bundle itself; write the export to another directory");
   const ModelConfig cfg = load_config(model_dir);
   const BaseModelInfo base = base_model_info(model_dir, base_id);
   save_gate_bundle(a.out, *src, base, dtype);

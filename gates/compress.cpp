@@ -325,7 +325,13 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
       ProfileLap lap(cache.device(), "compress ");
       scorer.prepare(model, cache);
       lap("prepare (after the forward)");
+      // Alone, each budget would hold every layer whole before compacting any; the other budgets' caches receive a
+      // layer only as it is scored, so their peaks are raised to what the prefill's cache holds now.
+      std::vector<int64_t> whole_rows(static_cast<size_t>(B));
+      for (int64_t b = 0; b < B; ++b) whole_rows[static_cast<size_t>(b)] = cache.row_bytes(b);
+      const int64_t whole = cache.bytes();
       for (int64_t l = 0; l < L; ++l) score_layer(l, cache, nullptr);
+      for (size_t t = 1; t < NT; ++t) caches[t]->raise_peaks(whole_rows, whole);
     }
     for (size_t t = 0; t < NT; ++t) allocs[t]->forward_done(*caches[t], fresh, budget_tokens);
   }

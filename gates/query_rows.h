@@ -1,10 +1,11 @@
 // Query rows (docs/methods/judgeq_lookaheadkv.md): n trained rows appended after the prompt, whose attention to
 // the prompt ranks its KV entries once prefill is over; the rows' own K/V are never stored. One component, two
 // presets:
-//   judgeq     Judge-Q (arXiv 2509.10798): only the n row embeddings train; loss MSE on raw attention
+//   judgeq     Judge-Q (arXiv 2509.10798): only the n row embeddings train
 //   lookahead  LookaheadKV (arXiv 2603.10899): the rows plus LoRA on q, k, v, o, gate, up, down, active on the
-//              rows alone (the prompt's rows stay the base model's, bit for bit); loss KL on renormalized
-//              attention
+//              rows alone (the prompt's rows stay the base model's, bit for bit)
+// Loss: KL on attention renormalized over the prompt (LookaheadKV's, the default for both: it evaluated better
+// than Judge-Q's MSE on raw attention), or MSE.
 // Score of prompt entry j, per layer and KV head: s_j = mean over the rows i and the group's query heads of
 // softmax(q_i·Kᵀ/√d)_j, optionally pooled over neighbouring entries; the selector keeps the top-k per head.
 //

@@ -289,10 +289,10 @@ std::vector<KVCache> compress_shared(std::vector<ResolvedMethod>& ms) {
 
 // One prefill compressed at several budgets (compress_prefill_many, the eval's --share-prefill budgets) gives
 // every budget exactly what its own compress_prefill gives: the kept sets of every row, the bytes and the peaks,
-// across allocations (uniform, AdaKV, global, pyramid, CAKE), a scorer that runs after the forward (KVzip), a
-// learned part whose scores live in the cache's payload (an untrained retention gate, once mode), and scorers
-// whose scores depend on the budget or on their own state (DefensiveKV, CriticalKV, random), each budget then
-// scored by its own scorer.
+// across allocations (uniform, AdaKV, global, pyramid, CAKE), scorers that run after the forward (KVzip, query
+// rows: every budget's peak holds the whole prompt, as it does alone), a learned part whose scores live in the
+// cache's payload (an untrained retention gate, once mode), and scorers whose scores depend on the budget or on
+// their own state (DefensiveKV, CriticalKV, random), each budget then scored by its own scorer.
 TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
   if (!have_model()) GTEST_SKIP() << "no model at " << KVD_MODEL_DIR;
   MethodContext ctx;
@@ -301,7 +301,8 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
   ctx.learned_mode = LearnedMode::Once;
   const std::vector<double> ratios = {0.25, 0.6, 0.875};
   for (const std::string name : {"snapkv", "adakv_snapkv", "global_snapkv", "pyramidkv", "cake", "expected_attention",
-                                 "kvzip", "untrained:retention_gate", "defensivekv", "layer_defensivekv",
+                                 "kvzip", "untrained:query_rows", "untrained:retention_gate", "defensivekv",
+                                 "layer_defensivekv",
                                  "criticalkv_snapkv", "random"}) {
     SCOPED_TRACE(name);
     std::vector<ResolvedMethod> ms;

@@ -57,6 +57,21 @@ def test_export_run_bundle_and_checkpoint(trained, tiny_model, tmp_path):
         "step 2 equals the final weights: the test would not see a wrong checkpoint"
 
 
+def test_stopped_run_exports_its_checkpoint_into_its_own_bundle_dir(trained, tmp_path):
+    """A run stopped before its end (SIGTERM: checkpoints, no bundle) exports its latest checkpoint into
+    <run>/bundle, the path its evaluation expects."""
+    import shutil
+    stopped = tmp_path / "stopped"
+    shutil.copytree(trained / "checkpoints", stopped / "checkpoints")
+    r = run_kvd("export", "--run", stopped, "--out", stopped / "bundle")
+    assert r.returncode == 0, r.stderr
+    got = load_np(str(stopped / "bundle" / "gates.safetensors"))
+    for k, v in weights(trained, 4).items():
+        assert got[bundle_name(k)].tobytes() == v.tobytes(), k
+    # now that it exists, exporting the run into it again is refused
+    assert_clean_error(run_kvd("export", "--run", stopped, "--out", stopped / "bundle"), "source bundle itself")
+
+
 @pytest.mark.parametrize("dtype,torch_dtype,name", [("bf16", torch.bfloat16, "BF16"), ("f16", torch.float16, "F16")])
 def test_export_smaller_dtype_rounds_to_nearest(trained, tiny_model, tmp_path, dtype, torch_dtype, name):
     out = tmp_path / dtype
