@@ -9,8 +9,10 @@
 #                                      a prompts or tasks file already in $W (staged: prepared elsewhere) is kept
 #   bench/gpu_query_rows.sh trimkv     a TRIM-KV gate to compare with ($TRIMKV_STEPS steps on the prompts'
 #                                      passages packed into 2,048-token sequences), unless $TRIMKV is given
-#   bench/gpu_query_rows.sh train      Judge-Q (MSE), Judge-Q with KL, and LookaheadKV (configs/*-smollm2.yaml),
-#                                      the three at once (a 135M model leaves the GPU mostly idle)
+#   bench/gpu_query_rows.sh train      Judge-Q (KL, the default), Judge-Q with MSE (the paper's loss) and LookaheadKV
+#                                      (configs/*-smollm2.yaml), the three at once (a 135M model leaves the GPU
+#                                      mostly idle; with TRIM-KV beside them, 1.4-2.0 s/step on an H100); a run
+#                                      stopped early by SIGTERM is exported from its last checkpoint
 #   bench/gpu_query_rows.sh bench      the efficient objective vs whole-sequence forwards (peak memory, tokens/s)
 #                                      at 2K + 512, both presets, and the rows' eviction overhead at 4K and 8K
 #   bench/gpu_query_rows.sh eval [S]   both modes (query-agnostic, --query-aware), ratios 0.5 / 0.75 / 0.875: the
@@ -23,8 +25,11 @@
 #   bench/gpu_query_rows.sh pipeline   bench, then trimkv beside data and train, eval and report, detached from the call
 #                                      (setsid; log in $W/pipeline.log): later calls poll it while the machine is
 #                                      kept, each within 30 s of the last
+#   bench/gpu_query_rows.sh stop       stops the query-row trainings at their current step, for a pipeline to
+#                                      export them and go on
 #   bench/gpu_query_rows.sh collect    the results (eval records, bootstrap tables, training metrics, bench
-#                                      JSON) into $OUT/qr-results.tgz, the bundles into $OUT/qr-bundles.tgz
+#                                      JSON) into $OUT/qr-results.tgz, the query-row bundles into $OUT/qr-bundles.tgz
+#                                      (TRIM-KV's, 35 MB, is over the 16 MB a returned file may have)
 # Inputs (env): MODEL (converted model dir, default /root/model), CORPUS (text corpus dir, default
 # .cache/corpus), W (work dir, default /root/qr), STEPS (training steps, default 600), PROMPTS (default 2000),
 # SAMPLES (task samples per task and length, default 10: 160 samples), TRIMKV (a TRIM-KV bundle dir; default
@@ -84,12 +89,14 @@ for line in open(sys.argv[1]):
     common=(model.dir="$MODEL" data.train="$W/responses-long.h5" train.steps="$STEPS" train.progress=lines)
     t $KVD train --config configs/judgeq-smollm2.yaml "${common[@]}" train.out_dir="$W/judgeq" \
       > "$W/train-judgeq.log" 2>&1 &
-    t $KVD train --config configs/judgeq-smollm2.yaml "${common[@]}" component.loss=kl train.lr=0.001 \
-      train.out_dir="$W/judgeq-kl" > "$W/train-judgeq-kl.log" 2>&1 &
+    t $KVD train --config configs/judgeq-smollm2.yaml "${common[@]}" component.loss=mse train.lr=0.003 \
+      train.out_dir="$W/judgeq-mse" > "$W/train-judgeq-mse.log" 2>&1 &
     t $KVD train --config configs/lookahead-smollm2.yaml "${common[@]}" train.out_dir="$W/lookahead" \
       > "$W/train-lookahead.log" 2>&1 &
     wait
-    for r in judgeq judgeq-kl lookahead; do
+    # A run stopped early (SIGTERM at a deadline: its last step is checkpointed) has no bundle yet: export it.
+    for r in judgeq judgeq-mse lookahead; do
+      [ -f "$W/$r/bundle/kvdistill.json" ] || $KVD export --run "$W/$r" --out "$W/$r/bundle"
       tail -n 2 "$W/train-$r.log"
       echo "$r: $(grep heldout "$W/$r/metrics.jsonl" | tail -1)"
     done
@@ -106,7 +113,7 @@ for line in open(sys.argv[1]):
     # prefills and decodes, so it runs in its own group. One CPU thread each (LibTorch's threads spin).
     limit=${2:-480}
     methods="snapkv,pyramidkv,adakv_snapkv,streaming_llm,tova"
-    methods+=",judgeq:$W/judgeq/bundle,judgeq:$W/judgeq-kl/bundle,lookahead:$W/lookahead/bundle"
+    methods+=",judgeq:$W/judgeq/bundle,judgeq:$W/judgeq-mse/bundle,lookahead:$W/lookahead/bundle"
     methods+=",adakv_lookahead:$W/lookahead/bundle"
     groups=("rows $methods")
     [ -f "$TRIMKV/kvdistill.json" ] && groups+=("trimkv gate:$TRIMKV")
@@ -165,15 +172,20 @@ for line in open(sys.argv[1]):
       echo PIPELINE-DONE" > "$W/pipeline.log" 2>&1 < /dev/null &
     echo "pipeline started; log: $W/pipeline.log"
     ;;
+  stop)
+    # Ends the query-row trainings at their current step (each checkpoints it): a pipeline then exports them and
+    # goes on to the eval. For a deadline: a later call runs this while the pipeline trains.
+    pkill -TERM -f "kvdistill train --config configs/(judgeq|lookahead)" || true
+    ;;
   collect)
     # The results (eval records, tables, logs, metrics, bench JSON) and the trained bundles, two archives in $OUT.
     (cd "$W" && tar czf "$OUT/qr-results.tgz" --exclude='*.h5' --exclude='checkpoints' --exclude='bundle' \
       --exclude='passages.jsonl' --exclude='prompts-long.jsonl' --exclude='tasks-2k4k.jsonl' . || true)
-    (cd "$W" && tar czf "$OUT/qr-bundles.tgz" */bundle || true)
+    (cd "$W" && tar czf "$OUT/qr-bundles.tgz" judgeq/bundle judgeq-mse/bundle lookahead/bundle || true)
     ls -la "$OUT"
     ;;
   *)
-    sed -n '2,33p' "$0"
+    sed -n '2,37p' "$0"
     exit 2
     ;;
 esac
