@@ -413,7 +413,7 @@ QueryRowsOptions resolve_options(const nlohmann::json& o) {
   q.lora_alpha = o.at("lora_alpha").get<double>();
   const std::string loss = o.at("loss").get<std::string>();
   KVD_CHECK(loss == "auto" || loss == "mse" || loss == "kl", "config key 'component.loss': '", loss,
-            "' is not a loss; use mse (raw attention), kl (renormalized) or auto (the preset's)");
+            "' is not a loss; use kl (renormalized; auto means kl) or mse (raw attention)");
   // auto: KL for both presets. Judge-Q's paper uses MSE, but Judge-Q trained with KL evaluated better on SmolLM2
   // (H100, 2026-12-06, paired bootstrap: critical-KV hit rate higher at all three ratios in both modes, accuracy
   // higher at four of the six points and no worse at the other two; bench/RESULTS.md).

@@ -302,8 +302,7 @@ TEST(CompressMany, EveryBudgetKeepsWhatItKeepsAlone) {
   const std::vector<double> ratios = {0.25, 0.6, 0.875};
   for (const std::string name : {"snapkv", "adakv_snapkv", "global_snapkv", "pyramidkv", "cake", "expected_attention",
                                  "kvzip", "untrained:query_rows", "untrained:retention_gate", "defensivekv",
-                                 "layer_defensivekv",
-                                 "criticalkv_snapkv", "random"}) {
+                                 "layer_defensivekv", "criticalkv_snapkv", "random"}) {
     SCOPED_TRACE(name);
     std::vector<ResolvedMethod> ms;
     for (double r : ratios) ms.push_back(resolve_method(name, Budget::ratio(r), ctx));

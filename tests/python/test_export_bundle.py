@@ -3,6 +3,7 @@ bundle and any kept checkpoint export to bundles whose tensors equal the source 
 the safetensors package); bf16 / f16 exports equal torch's round-to-nearest of the float32 weights; an exported
 bundle compresses a prompt; and a corrupt, truncated, newer-format or foreign bundle exits with one clear line."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,6 @@ def test_export_run_bundle_and_checkpoint(trained, tiny_model, tmp_path):
 def test_stopped_run_exports_its_checkpoint_into_its_own_bundle_dir(trained, tmp_path):
     """A run stopped before its end (SIGTERM: checkpoints, no bundle) exports its latest checkpoint into
     <run>/bundle, the path its evaluation expects."""
-    import shutil
     stopped = tmp_path / "stopped"
     shutil.copytree(trained / "checkpoints", stopped / "checkpoints")
     r = run_kvd("export", "--run", stopped, "--out", stopped / "bundle")
