@@ -240,7 +240,7 @@ TEST(QueryRows, EfficientGradientsEqualWholeSequenceForwardAndFiniteDifferences)
 TEST(QueryRows, LossOnAPackedBatchIsTheMeanOfItsSamples) {
   const Model& model = tiny_model("llama3", torch::kDouble);
   const ModelConfig& cfg = model.config();
-  auto qr = make_rows(model, "judgeq", 2, 11);
+  auto qr = make_rows(model, "judgeq", 2, 11, "mse");
   // Row 0: sample A (prompt 6, response 5) and sample B (prompt 4, response 3), then 2 padding tokens.
   // Row 1: one document without context-only tokens (12 tokens, all targets): split 6 + 6.
   const int64_t T = 20;

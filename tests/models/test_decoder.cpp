@@ -505,8 +505,10 @@ TEST(AttentionMods, ExtraRowsLeaveSequenceRowsAndMatchReference) {
   at::Tensor base = m.forward_train(c.ids, c.pos).hidden;              // (B, T, d)
   at::Tensor got = m.forward_train(c.ids, c.pos, mods).hidden;         // (B, T + n, d)
   ASSERT_EQ(got.size(1), T + n);
+  // float32: the extra rows change the GEMMs' shapes, so the sequence rows may differ by rounding (2.1e-6 on an
+  // AMD EPYC); rows that saw the extras would differ by about the hidden states' size.
   const double seq_diff = max_abs_diff(got.narrow(1, 0, T), base);
-  EXPECT_LE(seq_diff, 1e-6);
+  EXPECT_LE(seq_diff, 1e-5);
   RefMods rm;
   rm.extra_emb = mods.extra.embeddings.unsqueeze(0).expand({B, n, cfg.hidden_size});
   rm.extra_pos = mods.extra.positions.unsqueeze(0).expand({B, n});
