@@ -163,6 +163,7 @@ for line in open(sys.argv[1]):
     setsid nohup bash -c "
       set -x
       bash $0 bench
+      [ -s $W/prompts-long.jsonl ] || bash $0 data  # TRIM-KV trains on the prompts' passages
       bash $0 trimkv > $W/train-trimkv.log 2>&1 &
       bash $0 data
       bash $0 train
