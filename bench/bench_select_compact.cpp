@@ -19,7 +19,9 @@
 //    gather into storage of exactly the kept entries, which frees the rest), with the fused selector vs the
 //    reference selector (stable sort → mask → nonzero), both keeping the indices on the device. Wall time over every
 //    layer, host work and read-backs included, the cache restored outside the timed region. Kept sets compared.
-// Times are medians of CUDA-event-timed repetitions (3: of wall-clock ones), one JSON line per measurement.
+// Times are medians of CUDA-event-timed repetitions (3: of wall-clock ones), one JSON line per measurement. Part 1
+// gives both clocks of bench/cuda_time.h: *_ms (host work before the launches included) and *_gpu_ms (device time,
+// what the kernels cost in a busy stream; the bandwidth goal is measured on it).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -65,18 +67,20 @@ int main(int argc, char** argv) {
     at::Tensor K = torch::randn({LB, e.H, e.n, e.D}, f.dtype(torch::kBFloat16));  // (L·B, H, n, D)
     at::Tensor V = torch::randn_like(K);
     at::Tensor S = torch::randn({LB, e.H, e.n}, f);                               // (L·B, H, n)
-    const double torch_ms = kvd::bench::time_ms(
-        [&] {
-          at::Tensor idx = std::get<0>(std::get<1>(S.topk(e.M, -1)).sort(-1));  // (L·B, H, M)
-          at::Tensor gi = idx.unsqueeze(-1).expand({LB, e.H, e.M, e.D});
-          K.gather(2, gi);
-          V.gather(2, gi);
-        },
-        reps);
+    auto torch_chain = [&] {
+      at::Tensor idx = std::get<0>(std::get<1>(S.topk(e.M, -1)).sort(-1));  // (L·B, H, M)
+      at::Tensor gi = idx.unsqueeze(-1).expand({LB, e.H, e.M, e.D});
+      K.gather(2, gi);
+      V.gather(2, gi);
+    };
+    const double torch_ms = kvd::bench::time_ms(torch_chain, reps);
+    const double torch_gpu_ms = kvd::bench::time_gpu_ms(torch_chain, reps);
     kvd::RowSelectSpec spec;
     spec.keep = e.M;
     kvd::RowSelection sel = kvd::select_rows_fused(S, spec);
-    const double select_ms = kvd::bench::time_ms([&] { sel = kvd::select_rows_fused(S, spec); }, reps);
+    auto select = [&] { sel = kvd::select_rows_fused(S, spec); };
+    const double select_ms = kvd::bench::time_ms(select, reps);
+    const double select_gpu_ms = kvd::bench::time_gpu_ms(select, reps);
     at::Tensor want = std::get<0>(std::get<1>(S.topk(e.M, -1)).sort(-1)).to(torch::kInt);
     const int64_t differ = sel.indices.ne(want).any(-1).sum().item<int64_t>();
     const double moved = S.numel() * 4.0 + 2.0 * 2.0 * (LB * e.H * e.M * e.D * 2.0);
@@ -91,17 +95,26 @@ int main(int argc, char** argv) {
           kvd::compact_rows_fused(V, s);
         }
       };
+      auto both = [&] { compact(kvd::select_rows_fused(S, spec)); };
       const double compact_ms = kvd::bench::time_ms([&] { compact(sel); }, reps);
-      const double ours_ms = kvd::bench::time_ms([&] { compact(kvd::select_rows_fused(S, spec)); }, reps);
+      const double compact_gpu_ms = kvd::bench::time_gpu_ms([&] { compact(sel); }, reps);
+      const double ours_ms = kvd::bench::time_ms(both, reps);
+      const double ours_gpu_ms = kvd::bench::time_gpu_ms(both, reps);
+      // *_ms: wall clock (host work before the launches included); *_gpu_ms: device time (bench/cuda_time.h).
       std::printf("{\"what\": \"select+compact\", \"compaction\": \"%s\", \"L\": %ld, \"B\": %ld, \"H_kv\": %ld, "
                   "\"n\": %ld, \"keep\": %ld, \"d\": %ld, \"torch_ms\": %.4f, \"ours_ms\": %.4f, \"select_ms\": %.4f, "
                   "\"compact_kv_ms\": %.4f, \"speedup\": %.2f, \"ours_TBps\": %.3f, \"ours_fraction_of_copy\": %.3f, "
                   "\"compact_fraction_of_copy\": %.3f, \"torch_TBps\": %.3f, \"torch_fraction_of_copy\": %.3f, "
-                  "\"segments_whose_kept_set_differs\": %ld}\n",
+                  "\"torch_gpu_ms\": %.4f, \"ours_gpu_ms\": %.4f, \"select_gpu_ms\": %.4f, \"compact_kv_gpu_ms\": %.4f, "
+                  "\"gpu_speedup\": %.2f, \"ours_gpu_fraction_of_copy\": %.3f, \"compact_gpu_fraction_of_copy\": %.3f, "
+                  "\"torch_gpu_fraction_of_copy\": %.3f, \"segments_whose_kept_set_differs\": %ld}\n",
                   name, (long)e.L, (long)e.B, (long)e.H, (long)e.n, (long)e.M, (long)e.D, torch_ms, ours_ms,
                   select_ms, compact_ms, torch_ms / ours_ms, moved / ours_ms / 1e9, moved / ours_ms / 1e9 / copy_tbps,
                   (moved - S.numel() * 4.0) / compact_ms / 1e9 / copy_tbps, moved / torch_ms / 1e9,
-                  moved / torch_ms / 1e9 / copy_tbps, (long)differ);
+                  moved / torch_ms / 1e9 / copy_tbps, torch_gpu_ms, ours_gpu_ms, select_gpu_ms, compact_gpu_ms,
+                  torch_gpu_ms / ours_gpu_ms, moved / ours_gpu_ms / 1e9 / copy_tbps,
+                  (moved - S.numel() * 4.0) / compact_gpu_ms / 1e9 / copy_tbps, moved / torch_gpu_ms / 1e9 / copy_tbps,
+                  (long)differ);
       std::fflush(stdout);
     }
   }

@@ -1,5 +1,14 @@
 // Timing for the GPU benches: the median of CUDA-event-timed repetitions on the current stream, after warm-up, and
 // the copy bandwidth they compare with.
+//
+// Two clocks:
+// - time_ms (wall): the events bracket the call on an idle GPU, so the host work before and between the call's
+//   launches (argument checks, allocations, launch overhead) counts whenever the GPU waits for it. This is what a
+//   caller that waits for the result sees.
+// - time_gpu_ms (device): a spin kernel is queued first, so the host has queued the whole call before the first
+//   event is reached; the interval is the GPU's own time for the call's kernels and the gaps between them. This is
+//   what the call adds inside a stream that is already busy (a prefill's layers, a captured decode step), and what
+//   a kernel's bandwidth is measured on. A call that waits for the GPU (a read-back) still counts the wait.
 #pragma once
 
 #include <algorithm>
@@ -8,6 +17,7 @@
 #include <vector>
 
 #include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/Sleep.h>
 #include <torch/torch.h>
 
 namespace kvd::bench {
@@ -18,6 +28,25 @@ inline double time_ms(const std::function<void()>& fn, int reps, int warmup = 2)
   std::vector<double> ts;
   for (int i = 0; i < reps; ++i) {
     at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
+    a.record();
+    fn();
+    b.record();
+    b.synchronize();
+    ts.push_back(a.elapsed_time(b));
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+// Device time (see above). The spin lasts about 1 ms at the H100 / H200's clocks: longer than the host needs to
+// queue any one call of these benches.
+inline double time_gpu_ms(const std::function<void()>& fn, int reps, int warmup = 2, int64_t spin_cycles = 2000000) {
+  for (int i = 0; i < warmup; ++i) fn();
+  torch::cuda::synchronize();
+  std::vector<double> ts;
+  for (int i = 0; i < reps; ++i) {
+    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
+    at::cuda::sleep(spin_cycles);
     a.record();
     fn();
     b.record();

@@ -66,11 +66,12 @@ at::Tensor decode_attention_reference(const DecodeAttentionInput& in) {
   return torch::matmul(p, v).reshape({B, H, hd}).to(in.q.scalar_type());              // (B, H, hd)
 }
 
-int decode_attention_default_splits(int64_t segments, int64_t max_len) {
+int decode_attention_default_splits(int64_t segments, int64_t max_len, int64_t hd, int64_t group) {
 #ifdef KVD_WITH_RA_KERNEL
-  return kernels::decode_attention_splits(static_cast<int>(segments), max_len);
+  return kernels::decode_attention_splits(static_cast<int>(segments), max_len, static_cast<int>(hd),
+                                          static_cast<int>(group));
 #else
-  (void)segments, (void)max_len;
+  (void)segments, (void)max_len, (void)hd, (void)group;
   return 1;
 #endif
 }
@@ -122,7 +123,10 @@ at::Tensor decode_attention_fused(const DecodeAttentionInput& in) {
   a.hd = static_cast<int>(hd);
   a.max_len = in.max_len;
   KVD_CHECK(in.splits >= 0, who, ": splits must be >= 0 (0: the kernel's choice)");
-  a.splits = in.splits > 0 ? in.splits : kernels::decode_attention_splits(static_cast<int>(S), in.max_len);
+  a.splits = in.splits > 0 ? in.splits
+                            : kernels::decode_attention_splits(static_cast<int>(S), in.max_len, a.hd, a.H / a.Hkv);
+  KVD_CHECK(static_cast<int64_t>(a.splits) * S <= (int64_t{1} << 24), who, ": splits · segments must be <= 2^24, got ",
+            a.splits, " · ", S);
   a.scale = static_cast<float>(in.scale);
   a.window = in.window ? *in.window : 0;
   at::Tensor part_o = at::empty({a.splits + 1, B * H, hd}, q.options().dtype(torch::kFloat));

@@ -86,73 +86,79 @@ __device__ __forceinline__ int64_t block_exclusive64(int64_t v, int64_t* scratch
   return before + x - v;
 }
 
-// The work split (see decode_attention.cuh): chunk = ceil(Σ len / (splits · S)) rows, and segment s gets
-// ceil(len[s] / chunk) consecutive chunk ids, in segment order. Every CTA of both kernels computes the same split
-// from `len`, so nothing is stored between them. Thread t of the CTA owns segments [t · per, (t + 1) · per).
-struct Split {
-  int64_t chunk;  // rows per chunk
-  int64_t first;  // the first chunk id of the segment (split_of: the one asked about; split_find: the chunk's)
-  int64_t count;  // chunks of that segment
+// The work split (see decode_attention.cuh). The segments' entries are taken end to end in segment order, E of
+// them in all; CTA x of C = splits · S takes entries [x · E / C, (x + 1) · E / C) (integer division), so every CTA
+// gets the same number of rows (±1) however ragged the segments are. Where a CTA's range crosses segments it makes
+// one piece per segment, and piece (x, s) is stored at slot x + s: two non-empty pieces never share a slot (a later
+// CTA cannot reach back into an earlier segment), so C + S slots hold them all. Every CTA of both kernels derives
+// this from `len` itself, so nothing is stored between them and one launch shape serves every decode step.
+// Thread t of the CTA owns segments [t · per, (t + 1) · per).
+__device__ __forceinline__ int64_t range_lo(int64_t x, int64_t E, int64_t C) { return x * E / C; }
+// The CTA whose range holds entry e < E: the last x with range_lo(x) <= e.
+__device__ __forceinline__ int64_t cta_of(int64_t e, int64_t E, int64_t C) { return ((e + 1) * C + E - 1) / E - 1; }
+
+struct Where {
+  int64_t total;  // E: entries of all segments
+  int64_t cum;    // entries of the segments before the one asked about
 };
-__device__ __forceinline__ int64_t ceil_div(int64_t x, int64_t y) { return (x + y - 1) / y; }
 
+// E, and the first segment with an entry at or after `from` together with its offset (CTA-uniform). *seg = S when
+// there is none.
 template <int NT>
-__device__ __forceinline__ int64_t split_chunk(const kvd::kernels::DecodeAttentionArgs& a, int S, int s0, int s1,
-                                               int64_t* scratch) {
-  int64_t rows = 0;
-  for (int s = s0; s < s1; ++s) rows += a.len[s];
-  const int64_t all = block_sum64<NT>(rows, scratch);
-  const int64_t c = ceil_div(all, static_cast<int64_t>(a.splits) * S);
-  return c > 0 ? c : 1;
-}
-
-// Which segment chunk id x belongs to (x >= total: none, *seg = -1), and where that segment's chunks start.
-template <int NT>
-__device__ Split split_find(const kvd::kernels::DecodeAttentionArgs& a, int64_t x, int* seg, int64_t* scratch) {
+__device__ Where find_segment(const kvd::kernels::DecodeAttentionArgs& a, int64_t from_x, int64_t C, int* seg,
+                              int64_t* scratch) {
   const int S = a.B * a.Hkv, per = (S + NT - 1) / NT;
   const int s0 = min(static_cast<int>(threadIdx.x) * per, S), s1 = min(s0 + per, S);
-  Split r;
-  r.chunk = split_chunk<NT>(a, S, s0, s1, scratch);
   int64_t mine = 0;
-  for (int s = s0; s < s1; ++s) mine += ceil_div(a.len[s], r.chunk);
+  for (int s = s0; s < s1; ++s) mine += a.len[s];
+  const int64_t total = block_sum64<NT>(mine, scratch);
   int64_t at = block_exclusive64<NT>(mine, scratch);
-  int64_t* found = scratch + NT / 32;  // (3): segment, first, count
-  if (threadIdx.x == 0) found[0] = -1;
+  const int64_t from = range_lo(from_x, total, C);
+  int64_t* found = scratch + NT / 32;  // (2): segment, its offset
+  if (threadIdx.x == 0) found[0] = S, found[1] = total;
   __syncthreads();
-  if (x >= at && x < at + mine)
+  if (from >= at && from < at + mine)
     for (int s = s0; s < s1; ++s) {
-      const int64_t c = ceil_div(a.len[s], r.chunk);
-      if (x < at + c) {
-        found[0] = s, found[1] = at, found[2] = c;
+      if (from < at + a.len[s]) {
+        found[0] = s, found[1] = at;
         break;
       }
-      at += c;
+      at += a.len[s];
     }
   __syncthreads();
   *seg = static_cast<int>(found[0]);
-  r.first = found[1];
-  r.count = found[2];
+  const Where w{total, found[1]};
   __syncthreads();
-  return r;
+  return w;
 }
 
-// Where segment `seg`'s chunk ids start, and how many it has.
+// E and the entries of the segments before `seg`.
 template <int NT>
-__device__ Split split_of(const kvd::kernels::DecodeAttentionArgs& a, int seg, int64_t* scratch) {
+__device__ Where segment_offset(const kvd::kernels::DecodeAttentionArgs& a, int seg, int64_t* scratch) {
   const int S = a.B * a.Hkv, per = (S + NT - 1) / NT;
   const int s0 = min(static_cast<int>(threadIdx.x) * per, S), s1 = min(s0 + per, S);
-  Split r;
-  r.chunk = split_chunk<NT>(a, S, s0, s1, scratch);
-  int64_t before = 0;
-  for (int s = s0; s < min(s1, seg); ++s) before += ceil_div(a.len[s], r.chunk);
-  r.first = block_sum64<NT>(before, scratch);
-  r.count = ceil_div(a.len[seg], r.chunk);
-  return r;
+  int64_t mine = 0, before = 0;
+  for (int s = s0; s < s1; ++s) {
+    mine += a.len[s];
+    before += s < seg ? a.len[s] : 0;
+  }
+  const int64_t total = block_sum64<NT>(mine, scratch);
+  return Where{total, block_sum64<NT>(before, scratch)};
 }
 
-// 1-D grid of (splits + 1) · S CTAs (a bound on the chunk ids in use); kThreads threads. See decode_attention.cuh.
-// Each lane group loads U keys (K and V rows) before using any, so that enough loads are in flight to keep HBM
-// busy.
+// 8 bf16 of a raw 16-byte load to fp32.
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = bits_to_float(w[i] << 16);
+    f[2 * i + 1] = bits_to_float(w[i] & 0xFFFF0000u);
+  }
+}
+
+// 1-D grid of C = splits · S CTAs; kThreads threads. See decode_attention.cuh. Each lane group loads U keys (K and
+// V rows, kept as raw bf16 until used: registers bound the CTAs per SM) before using any, so that enough loads are
+// in flight to keep HBM busy.
 template <int HD, int G>
 __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::DecodeAttentionArgs a) {
   constexpr int LPK = HD / 8;         // lanes per key row
@@ -160,142 +166,183 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
   constexpr int NGRP = kWarps * KPW;  // lane groups per CTA
   constexpr int U = 4;                // rounds per iteration
   KVD_DYNAMIC_SMEM(smem);
-  int64_t* scratch = reinterpret_cast<int64_t*>(smem);  // (kWarps + 3), ahead of the CTA's own merge arrays below
+  int64_t* scratch = reinterpret_cast<int64_t*>(smem);  // (kWarps + 2), ahead of the CTA's own merge arrays below
+  float* s_ml = reinterpret_cast<float*>(smem) + kScratchFloats;  // (NGRP, G, 2)
+  float* s_o = s_ml + NGRP * G * 2;                                // (NGRP, G, HD)
+  const int S = a.B * a.Hkv;
+  const int64_t C = static_cast<int64_t>(a.splits) * S, x = blockIdx.x;
   int seg;
-  const int64_t x = blockIdx.x;
-  const Split sp = split_find<kThreads>(a, x, &seg, scratch);
-  if (seg < 0) return;  // past the chunks in use: the merge reads none of this id
-  const int b = seg / a.Hkv, h = seg % a.Hkv;
+  const Where wh = find_segment<kThreads>(a, x, C, &seg, scratch);
+  const int64_t E = wh.total;
+  const int64_t lo = range_lo(x, E, C), hi = range_lo(x + 1, E, C);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int kg = lane / LPK, sub = lane % LPK, grp = warp * KPW + kg;
-  const int64_t len = a.len[seg], row0 = a.start[seg];
-  const int64_t lo = (x - sp.first) * sp.chunk;
-  const int64_t hi = len < lo + sp.chunk ? len : lo + sp.chunk;
-  const int64_t qp = a.window > 0 ? a.qpos[b] : 0;
 
-  float q[G][8], acc[G][8], m[G], l[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    m[g] = -INFINITY;
-    l[g] = 0.f;
-    load8(a.q + (static_cast<int64_t>(b) * a.H + h * G + g) * HD + sub * 8, q[g]);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[g][i] = 0.f, q[g][i] *= a.scale;
-  }
-
-  // Every lane of a warp runs the same iterations (the shuffles need all 32); lanes past `hi` read a held row.
-  for (int64_t base = lo + warp * KPW; base < hi; base += NGRP * U) {
-    float kf[U][8], vf[U][8];
-    bool vis[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t j = base + u * NGRP + kg;
-      const bool in = j < hi;
-      const int64_t r = row0 + (in ? j : lo);
-      vis[u] = in && (a.window <= 0 || qp - a.kpos[r] < a.window) && (a.holes == 0 || a.kpos[r] >= 0);
-      load8(a.k + r * HD + sub * 8, kf[u]);
-      load8(a.v + r * HD + sub * 8, vf[u]);
-    }
-    float s[U][G];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        float d = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) d += q[g][i] * kf[u][i];
-#pragma unroll
-        for (int off = LPK / 2; off > 0; off /= 2) d += __shfl_xor_sync(0xFFFFFFFFu, d, off);
-        s[u][g] = d;
-      }
+  // The pieces: the segments that [lo, hi) crosses, in order (CTA-uniform loop).
+  for (int64_t cum = wh.cum; lo < hi && seg < S && cum < hi; cum += a.len[seg], ++seg) {
+    const int64_t len = a.len[seg];
+    const int64_t plo = (lo > cum ? lo : cum) - cum, phi = (hi < cum + len ? hi : cum + len) - cum;
+    if (plo >= phi) continue;  // an empty segment
+    const int b = seg / a.Hkv, h = seg % a.Hkv;
+    const int64_t row0 = a.start[seg];
+    const int64_t qp = a.window > 0 ? a.qpos[b] : 0;
+    float q[G][8], acc[G][8], m[G], l[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      float mx = m[g];
+      m[g] = -INFINITY;
+      l[g] = 0.f;
+      load8(a.q + (static_cast<int64_t>(b) * a.H + h * G + g) * HD + sub * 8, q[g]);
 #pragma unroll
-      for (int u = 0; u < U; ++u) mx = vis[u] && s[u][g] > mx ? s[u][g] : mx;
-      if (mx == -INFINITY) continue;  // nothing visible yet
-      const float corr = ex(m[g] - mx);  // m = -inf: 0
-      l[g] *= corr;
+      for (int i = 0; i < 8; ++i) acc[g][i] = 0.f, q[g][i] *= a.scale;
+    }
+
+    // Every lane of a warp runs the same iterations (the shuffles need all 32); lanes past `phi` read a held row.
+    for (int64_t base = plo + warp * KPW; base < phi; base += NGRP * U) {
+      uint4 kr[U], vr[U];
+      bool vis[U];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
+      for (int u = 0; u < U; ++u) {
+        const int64_t j = base + u * NGRP + kg;
+        const bool in = j < phi;
+        const int64_t r = row0 + (in ? j : plo);
+        vis[u] = in && (a.window <= 0 || qp - a.kpos[r] < a.window) && (a.holes == 0 || a.kpos[r] >= 0);
+        kr[u] = *reinterpret_cast<const uint4*>(a.k + r * HD + sub * 8);
+        vr[u] = *reinterpret_cast<const uint4*>(a.v + r * HD + sub * 8);
+      }
+      float s[U][G];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float kf[8];
+        unpack8(kr[u], kf);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          float d = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) d += q[g][i] * kf[i];
+#pragma unroll
+          for (int off = LPK / 2; off > 0; off /= 2) d += __shfl_xor_sync(0xFFFFFFFFu, d, off);
+          s[u][g] = d;
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float mx = m[g];
+#pragma unroll
+        for (int u = 0; u < U; ++u) mx = vis[u] && s[u][g] > mx ? s[u][g] : mx;
+        if (mx == -INFINITY) continue;  // nothing visible yet
+        const float corr = ex(m[g] - mx);  // m = -inf: 0
+        l[g] *= corr;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
+        m[g] = mx;
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (!vis[u]) continue;
-        const float p = ex(s[u][g] - mx);
-        l[g] += p;
+        float vf[8];
+        unpack8(vr[u], vf);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[g][i] += p * vf[u][i];
+        for (int g = 0; g < G; ++g) {
+          if (m[g] == -INFINITY) continue;
+          const float p = ex(s[u][g] - m[g]);
+          l[g] += p;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[g][i] += p * vf[i];
+        }
       }
-      m[g] = mx;
     }
-  }
 
-  // Merge the lane groups of the CTA: (max, sum) and the output slice of every group to shared memory, then
-  // each thread merges whole (head, dim) columns in group order.
-  float* s_ml = reinterpret_cast<float*>(smem) + kScratchFloats;  // (NGRP, G, 2)
-  float* s_o = s_ml + NGRP * G * 2;                                // (NGRP, G, HD)
+    // Merge the lane groups of the CTA: (max, sum) and the output slice of every group to shared memory, then
+    // each thread merges whole (head, dim) columns in group order, into the piece's slot x + seg.
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    if (sub == 0) {
-      s_ml[(grp * G + g) * 2] = m[g];
-      s_ml[(grp * G + g) * 2 + 1] = l[g];
+    for (int g = 0; g < G; ++g) {
+      if (sub == 0) {
+        s_ml[(grp * G + g) * 2] = m[g];
+        s_ml[(grp * G + g) * 2 + 1] = l[g];
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i) s_o[(grp * G + g) * HD + sub * 8 + i] = acc[g][i];
     }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) s_o[(grp * G + g) * HD + sub * 8 + i] = acc[g][i];
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < G * HD; idx += kThreads) {
-    const int g = idx / HD, d = idx % HD;
-    float M = -INFINITY;
-    for (int t = 0; t < NGRP; ++t) M = s_ml[(t * G + g) * 2] > M ? s_ml[(t * G + g) * 2] : M;
-    float L = 0.f, O = 0.f;
-    if (M > -INFINITY) {
-      for (int t = 0; t < NGRP; ++t) {
-        const float mt = s_ml[(t * G + g) * 2];
-        if (mt == -INFINITY) continue;
-        const float w = ex(mt - M);
-        L += w * s_ml[(t * G + g) * 2 + 1];
-        O += w * s_o[(t * G + g) * HD + d];
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < G * HD; idx += kThreads) {
+      const int g = idx / HD, d = idx % HD;
+      float M = -INFINITY;
+      for (int t = 0; t < NGRP; ++t) M = s_ml[(t * G + g) * 2] > M ? s_ml[(t * G + g) * 2] : M;
+      float L = 0.f, O = 0.f;
+      if (M > -INFINITY) {
+        for (int t = 0; t < NGRP; ++t) {
+          const float mt = s_ml[(t * G + g) * 2];
+          if (mt == -INFINITY) continue;
+          const float w = ex(mt - M);
+          L += w * s_ml[(t * G + g) * 2 + 1];
+          O += w * s_o[(t * G + g) * HD + d];
+        }
+      }
+      const int64_t row = (x + seg) * G + g;  // partials: (slot, head of the group)
+      a.part_o[row * HD + d] = O;
+      if (d == 0) {
+        a.part_ml[row * 2] = M;
+        a.part_ml[row * 2 + 1] = L;
       }
     }
-    const int64_t row = x * G + g;  // partials: (chunk id, head of the group)
-    a.part_o[row * HD + d] = O;
-    if (d == 0) {
-      a.part_ml[row * 2] = M;
-      a.part_ml[row * 2 + 1] = L;
-    }
+    __syncthreads();  // s_ml / s_o are written again by the next piece
   }
 }
 
-// grid (B · H), kMergeGroups · HD threads: merges the chunks of one (request, query head). Group g merges the
-// segment's chunks g, g + kMergeGroups, ... in order (the loads of the groups are in flight together), then group 0
-// merges the groups' results in group order: a fixed order, so the result is deterministic.
+// grid (B · H), kMergeGroups · HD threads: merges the pieces of one (request, query head), those of the CTAs whose
+// ranges cross its segment. Group g merges the segment's pieces g, g + kMergeGroups, ... in order (kBatch pieces'
+// loads in flight at a time), then group 0 merges the groups' results in group order: a fixed order, so the result
+// is deterministic.
 constexpr int kMergeGroups = 4;
+constexpr int kBatch = 4;
 template <int HD, int G>
 __global__ void __launch_bounds__(kMergeGroups * HD) merge_kernel(const kvd::kernels::DecodeAttentionArgs a) {
   constexpr int NT = kMergeGroups * HD;
   KVD_DYNAMIC_SMEM(smem);
-  int64_t* scratch = reinterpret_cast<int64_t*>(smem);            // (NT / 32 + 3)
+  int64_t* scratch = reinterpret_cast<int64_t*>(smem);            // (NT / 32 + 2)
   float* s_ml = reinterpret_cast<float*>(smem) + kScratchFloats;  // (kMergeGroups, 2): max, sum
   float* s_o = s_ml + 2 * kMergeGroups;                           // (kMergeGroups, HD)
   const int64_t row = blockIdx.x;  // b · H + q = segment · G + g
   const int seg = static_cast<int>(row / G), g = static_cast<int>(row % G);
-  const Split sp = split_of<NT>(a, seg, scratch);
+  const int64_t C = static_cast<int64_t>(a.splits) * a.B * a.Hkv;
+  const Where wh = segment_offset<NT>(a, seg, scratch);
+  const int64_t len = a.len[seg], E = wh.total;
+  // The CTAs holding the segment's first and last entries, and every one between (skipping empty ranges).
+  const int64_t x0 = len > 0 ? cta_of(wh.cum, E, C) : 0, count = len > 0 ? cta_of(wh.cum + len - 1, E, C) - x0 + 1 : 0;
   const int grp = threadIdx.x / HD, d = threadIdx.x % HD;
+  auto slot_of = [&](int64_t c) -> int64_t {  // piece c's partial row; -1 when CTA x0 + c has an empty range
+    const int64_t x = x0 + c;
+    return range_lo(x, E, C) < range_lo(x + 1, E, C) ? (x + seg) * G + g : -1;
+  };
   float M = -INFINITY;
-  for (int64_t c = grp; c < sp.count; c += kMergeGroups) {
-    const float ms = a.part_ml[((sp.first + c) * G + g) * 2];
-    M = ms > M ? ms : M;
+  for (int64_t c0 = grp; c0 < count; c0 += kMergeGroups * kBatch) {
+    float ms[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t c = c0 + u * kMergeGroups, r = c < count ? slot_of(c) : -1;
+      ms[u] = r >= 0 ? a.part_ml[r * 2] : -INFINITY;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) M = ms[u] > M ? ms[u] : M;
   }
   float L = 0.f, O = 0.f;
   if (M > -INFINITY) {
-    for (int64_t c = grp; c < sp.count; c += kMergeGroups) {
-      const int64_t r = (sp.first + c) * G + g;
-      const float ms = a.part_ml[r * 2];
-      if (ms == -INFINITY) continue;
-      const float w = ex(ms - M);
-      L += w * a.part_ml[r * 2 + 1];
-      O += w * a.part_o[r * HD + d];
+    for (int64_t c0 = grp; c0 < count; c0 += kMergeGroups * kBatch) {
+      float ms[kBatch], ls[kBatch], os[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t c = c0 + u * kMergeGroups, r = c < count ? slot_of(c) : -1;
+        ms[u] = r >= 0 ? a.part_ml[r * 2] : -INFINITY;
+        ls[u] = r >= 0 ? a.part_ml[r * 2 + 1] : 0.f;
+        os[u] = r >= 0 ? a.part_o[r * HD + d] : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (ms[u] == -INFINITY) continue;
+        const float w = ex(ms[u] - M);
+        L += w * ls[u];
+        O += w * os[u];
+      }
     }
   }
   if (d == 0) {
@@ -319,11 +366,15 @@ __global__ void __launch_bounds__(kMergeGroups * HD) merge_kernel(const kvd::ker
 }
 
 template <int HD, int G>
+constexpr size_t split_smem() {
+  return (kScratchFloats + static_cast<size_t>(kWarps * (32 / (HD / 8))) * G * (HD + 2)) * sizeof(float);
+}
+
+template <int HD, int G>
 void launch_g(const kvd::kernels::DecodeAttentionArgs& a, cudaStream_t stream) {
-  constexpr int NGRP = kWarps * (32 / (HD / 8));
-  const size_t smem = (kScratchFloats + static_cast<size_t>(NGRP) * G * (HD + 2)) * sizeof(float);
   auto* kernel = split_kernel<HD, G>;
-  const int64_t ctas = (static_cast<int64_t>(a.splits) + 1) * a.B * a.Hkv;
+  const int64_t ctas = static_cast<int64_t>(a.splits) * a.B * a.Hkv;
+  constexpr size_t smem = split_smem<HD, G>();
   KVD_LAUNCH(kernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), smem, stream, a);
   const size_t merge_smem = (kScratchFloats + (2 + HD) * kMergeGroups) * sizeof(float);
   auto* merge = merge_kernel<HD, G>;
@@ -344,24 +395,61 @@ void launch(const kvd::kernels::DecodeAttentionArgs& a, cudaStream_t stream) {
   }
 }
 
+// CTAs of split_kernel<HD, G> resident at once on the current device (SMs × CTAs per SM); the emulator stands for
+// an H100's 132 SMs at 4 per SM.
+template <int HD, int G>
+int resident_ctas() {
+#ifdef KVD_SIMT_EMULATION
+  return 132 * 4;
+#else
+  static int cached[16] = {};  // per device; 0: not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) return 132 * 4;
+  if (dev < 16 && cached[dev] > 0) return cached[dev];
+  int sms = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, split_kernel<HD, G>, kThreads, split_smem<HD, G>()) !=
+          cudaSuccess ||
+      sms <= 0 || per_sm <= 0) {
+    cudaGetLastError();  // clear it: the launch reports its own errors
+    return 132 * 4;
+  }
+  if (dev < 16) cached[dev] = sms * per_sm;
+  return sms * per_sm;
+#endif
+}
+
+template <int HD>
+int resident_ctas_g(int G) {
+  switch (G) {
+    case 1: return resident_ctas<HD, 1>();
+    case 2: return resident_ctas<HD, 2>();
+    case 3: return resident_ctas<HD, 3>();
+    case 4: return resident_ctas<HD, 4>();
+    case 5: return resident_ctas<HD, 5>();
+    case 6: return resident_ctas<HD, 6>();
+    case 7: return resident_ctas<HD, 7>();
+    default: return resident_ctas<HD, 8>();
+  }
+}
+
 }  // namespace
 
-int decode_attention_splits(int segments, int64_t max_len) {
-  // About 8 CTAs per SM of an H100 / H200 (132 SMs): a CTA holds few loads in flight, so bandwidth needs many of
-  // them (the chunks follow the entries, so a ragged cache gets as many as a uniform one). At most 128 per segment:
-  // past that the merge costs more than the extra CTAs gain (H200, SmolLM2 at batch 1 and 32K: 352 splits
-  // 0.053 ms, 128 splits 0.034 ms; bench/RESULTS.md, 2026-12-05).
-  const int64_t want = (1056 + segments - 1) / (segments > 0 ? segments : 1);
+int decode_attention_splits(int segments, int64_t max_len, int hd, int group) {
+  // Every CTA gets the same number of entries, so one wave of exactly the CTAs the device holds at once finishes
+  // together: splits = resident CTAs / segments (the largest multiple of the segments that fits in one wave). No
+  // fewer than 64 entries per CTA on average (max_len / 64 splits at most), and at least 1.
+  const int resident = hd == 64 ? resident_ctas_g<64>(group) : resident_ctas_g<128>(group);
+  const int64_t want = resident / (segments > 0 ? segments : 1);
   const int64_t most = (max_len + 63) / 64;
-  int64_t s = want < most ? want : most;
-  s = s < 128 ? s : 128;
+  const int64_t s = want < most ? want : most;
   return static_cast<int>(s < 1 ? 1 : s);
 }
 
 cudaError_t decode_attention(const kvd::kernels::DecodeAttentionArgs& a, cudaStream_t stream) {
   if ((a.hd != 64 && a.hd != 128) || a.B <= 0 || a.Hkv <= 0 || a.H % a.Hkv != 0 || a.H / a.Hkv > kMaxG ||
       a.splits < 1 || a.max_len < 0 || a.B * a.Hkv > 65535 ||
-      (static_cast<int64_t>(a.splits) + 1) * a.B * a.Hkv > 0x7FFFFFFF)
+      static_cast<int64_t>(a.splits) * a.B * a.Hkv > (int64_t{1} << 24))
     return cudaErrorInvalidValue;
   if (a.hd == 64)
     launch<64>(a, stream);

@@ -10,12 +10,13 @@
 // (an entry evicted in place while decoding) and is not seen. A segment with no visible entry gives 0.
 //
 // start and len are read on the device, so one launch shape serves every decode step (CUDA graphs). The work is
-// split by entries, not by heads: with S = B · H_kv segments, chunks are ceil(Σ len / (splits · S)) rows and segment s
-// gets ceil(len[s] / chunk) of them, so a ragged cache keeps as many CTAs busy as a uniform one of the same total.
-// Every CTA derives this split from `len` itself (a block-wide sum and prefix over the S lengths). The grid has a
-// bound of (splits + 1) · S CTAs; those past the chunks in use exit. Each CTA writes, per query head, its chunk's
-// running max, sum and unnormalized output (fp32) to a workspace; a second kernel merges a segment's chunks in a
-// fixed order (4 interleaved groups of chunks, then the groups; deterministic: no atomics).
+// split by entries, not by heads: the S = B · H_kv segments' E entries are taken end to end, and CTA x of the
+// C = splits · S CTAs takes entries [x · E / C, (x + 1) · E / C), so every CTA gets the same work whether the cache
+// is uniform or ragged, and one wave of them ends together. A CTA whose range crosses segments makes one piece per
+// segment. Every CTA derives this split from `len` itself (a block-wide sum and prefix over the S lengths). Each
+// piece writes, per query head, its running max, sum and unnormalized output (fp32) to a workspace slot (CTA +
+// segment: at most C + S − 1); a second kernel merges a segment's pieces in a fixed order (4 interleaved groups of
+// pieces, then the groups; deterministic: no atomics).
 //
 // Inside a CTA (4 warps), hd / 8 lanes hold one key row (8 bf16 each, one 16-byte load), so a warp reads
 // 32 · 8 / hd keys per round with coalesced rows; a lane group loads 4 rounds of K and V rows before using them (loads
@@ -44,14 +45,15 @@ struct DecodeAttentionArgs {
   int B = 0, H = 0, Hkv = 0, hd = 0;  // hd 64 or 128; H / Hkv <= kDecodeMaxGroup
   float scale = 1.f;
   int64_t max_len = 0;
-  int splits = 1;                  // CTAs per segment on average, >= 1
+  int splits = 1;                  // CTAs per segment on average, >= 1 (splits · B · H_kv <= 2^24)
   float* part_o = nullptr;         // workspace (splits + 1, B · H, hd) fp32
   float* part_ml = nullptr;        // workspace (splits + 1, B · H, 2) fp32: max, sum
   uint16_t* out = nullptr;         // (B, H, hd) bf16
 };
 
-// How many splits a launch should use: about 1,056 CTAs (8 per SM on 132 SMs) without chunks shorter than 64 rows.
-int decode_attention_splits(int segments, int64_t max_len);
+// How many splits a launch should use: one wave of the CTAs the current device holds at once for this head dim and
+// group (splits · segments at most that), without CTAs of fewer than 64 entries on average.
+int decode_attention_splits(int segments, int64_t max_len, int hd, int group);
 
 cudaError_t decode_attention(const DecodeAttentionArgs& a, cudaStream_t stream);
 

@@ -34,9 +34,9 @@ struct DecodeAttentionInput {
   int splits = 0;  // the fused kernel's CTAs per segment; 0: its own choice (kernels::decode_attention_splits)
 };
 
-// The fused kernel's own choice of CTAs per segment for `segments` (B * H_kv) segments of at most max_len entries
-// (1 in a build without the CUDA kernels).
-int decode_attention_default_splits(int64_t segments, int64_t max_len);
+// The fused kernel's own choice of CTAs per segment for `segments` (B * H_kv) segments of at most max_len entries,
+// head dim hd and group H / H_kv on the current device (1 in a build without the CUDA kernels).
+int decode_attention_default_splits(int64_t segments, int64_t max_len, int64_t hd, int64_t group);
 
 // Whether decode_attention_fused runs for `in`: a build with the CUDA kernels, CUDA tensors, bf16, hd 64 or 128,
 // H / H_kv <= 8.

@@ -182,13 +182,23 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(const WindowScoresArgs 
   }
 }
 
-// Pass 2. One thread per row (B · H · w of them): the chunks in chunk order.
-__global__ void __launch_bounds__(256) merge_kernel(const WindowScoresArgs a) {
+// Pass 2. One warp per row (B · H · w of them, 8 per CTA): lane c merges chunks c, c + 32, ... in order, then the
+// lanes' results merge over a fixed butterfly (deterministic). The chunks' loads are in flight together: a thread
+// per row walking ~100 chunks one after another was latency-bound (16–19 µs at any size on an H100).
+constexpr int kMergeThreads = 256;
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const WindowScoresArgs a) {
   const int64_t BHw = static_cast<int64_t>(a.B) * a.H * a.w;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
-  if (row >= BHw) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kMergeThreads / 32) + threadIdx.x / 32;
+  if (row >= BHw) return;  // warp-uniform
   float m = -INFINITY, l = 0.f;
-  for (int c = 0; c < a.chunks; ++c) merge_ml(m, l, a.part_ml[(c * BHw + row) * 2], a.part_ml[(c * BHw + row) * 2 + 1]);
+  for (int c = lane; c < a.chunks; c += 32) merge_ml(m, l, a.part_ml[(c * BHw + row) * 2], a.part_ml[(c * BHw + row) * 2 + 1]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    const float m2 = __shfl_xor_sync(0xFFFFFFFFu, m, off), l2 = __shfl_xor_sync(0xFFFFFFFFu, l, off);
+    merge_ml(m, l, m2, l2);
+  }
+  if (lane != 0) return;
   a.row_ml[row * 2] = m == -INFINITY ? 0.f : m;
   a.row_ml[row * 2 + 1] = l > 0.f ? 1.f / l : 0.f;  // a row that sees nothing: P = 0
 }
@@ -256,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
           cs[nt][e][0] = s1;
           cs[nt][e][1] = s2;
         }
-      // Sum over the 8 row pairs of the warp (lanes with the same lane % 4).
+      // Sum over the 8 row pairs of the warp (lanes with the same lane % 4); the squares only when asked.
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -265,6 +275,7 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
           for (int st = 0; st < 2; ++st)
 #pragma unroll
             for (int off = 4; off <= 16; off *= 2) {
+              if (st >= nstat) break;  // block-uniform
               const float o = __shfl_xor_sync(0xFFFFFFFFu, cs[nt][e][st], off);
               cs[nt][e][st] = mx_mode ? fmaxf(cs[nt][e][st], o) : cs[nt][e][st] + o;
             }
@@ -312,7 +323,8 @@ cudaError_t launch(const WindowScoresArgs& a, cudaStream_t stream) {
   if (e != cudaSuccess) return e;
   KVD_LAUNCH(stats_kernel<D>, dim3(a.chunks, a.B * a.Hkv, blocks), dim3(kThreads), smem1, stream, a, chunk_tiles);
   const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.w;
-  KVD_LAUNCH(merge_kernel, dim3(static_cast<unsigned>((rows + 255) / 256)), dim3(256), 0, stream, a);
+  constexpr int per_cta = kMergeThreads / 32;
+  KVD_LAUNCH(merge_kernel, dim3(static_cast<unsigned>((rows + per_cta - 1) / per_cta)), dim3(kMergeThreads), 0, stream, a);
   KVD_LAUNCH(columns_kernel<D>, dim3(static_cast<unsigned>(tiles), a.B * a.Hkv), dim3(kThreads), smem3, stream, a);
   return KVD_LAST_ERROR();
 }

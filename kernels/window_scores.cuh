@@ -12,7 +12,7 @@
 // Three launches, all deterministic (fixed reduction orders, no atomics):
 //   1. stats   grid (chunks, B · H_kv, row blocks): per row, the max and the sum of exp of its scores over one
 //              chunk of entries;
-//   2. merge   one thread per row: the chunks' (max, sum) into the row's (max, 1 / sum);
+//   2. merge   one warp per row: the chunks' (max, sum) into the row's (max, 1 / sum);
 //   3. columns grid (entry tiles of 64, B · H_kv): for one tile, P of every row recomputed from its scores and
 //              the row's (max, 1 / sum), summed over the rows in row order (or their maximum taken).
 // Rows of one (request, KV head) are r = g · wp + i: query head h_kv · G + g, window row i, with wp = w rounded up

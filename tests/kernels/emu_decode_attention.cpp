@@ -48,7 +48,8 @@ TEST(DecodeAttentionEmulated, MatchesNaiveReference) {
   for (const kvd_test::DecodeCase& c : kvd_test::decode_cases(false)) {
     const kvd::DecodeAttentionInput in = kvd_test::make_decode_input(c, seed++);
     const at::Tensor ref = kvd_test::naive_decode_attention(in);
-    for (int splits : {1, 3, 9, kvd::kernels::emulated::decode_attention_splits(static_cast<int>(c.B * c.Hkv), c.max_len)}) {
+    for (int splits : {1, 3, 9, kvd::kernels::emulated::decode_attention_splits(static_cast<int>(c.B * c.Hkv), c.max_len,
+                                                                                   static_cast<int>(c.hd), static_cast<int>(c.H / c.Hkv))}) {
       const double err = kvd_test::decode_error(run_emulated(in, splits), ref);
       std::printf("  B %ld H %ld H_kv %ld hd %ld max_len %ld window %ld splits %d: error %.2e\n", (long)c.B,
                   (long)c.H, (long)c.Hkv, (long)c.hd, (long)c.max_len, (long)c.window.value_or(0), splits, err);
