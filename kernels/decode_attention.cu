@@ -289,60 +289,53 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const kvd::kernels::Dec
   }
 }
 
-// grid (B · H), kMergeGroups · HD threads: merges the pieces of one (request, query head), those of the CTAs whose
-// ranges cross its segment. Group g merges the segment's pieces g, g + kMergeGroups, ... in order (kBatch pieces'
-// loads in flight at a time), then group 0 merges the groups' results in group order: a fixed order, so the result
-// is deterministic.
-constexpr int kMergeGroups = 4;
+// grid (B · H), kMergeThreads threads: merges the pieces of one (request, query head), those of the CTAs whose
+// ranges cross its segment. Group grp (HD threads, one per output dim) merges pieces grp, grp + groups, ... in order,
+// kBatch at a time with their loads in flight together and a running (max, sum, output) rescaled as the max grows;
+// then group 0 merges the groups' results in group order: a fixed order, so the result is deterministic. When every
+// CTA has entries (E >= C, the usual case) piece c is CTA x0 + c with no division to find it.
+constexpr int kMergeThreads = 512;
 constexpr int kBatch = 4;
 template <int HD, int G>
-__global__ void __launch_bounds__(kMergeGroups * HD) merge_kernel(const kvd::kernels::DecodeAttentionArgs a) {
-  constexpr int NT = kMergeGroups * HD;
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(const kvd::kernels::DecodeAttentionArgs a) {
+  constexpr int kGroups = kMergeThreads / HD;
   KVD_DYNAMIC_SMEM(smem);
-  int64_t* scratch = reinterpret_cast<int64_t*>(smem);            // (NT / 32 + 2)
-  float* s_ml = reinterpret_cast<float*>(smem) + kScratchFloats;  // (kMergeGroups, 2): max, sum
-  float* s_o = s_ml + 2 * kMergeGroups;                           // (kMergeGroups, HD)
+  int64_t* scratch = reinterpret_cast<int64_t*>(smem);            // (kMergeThreads / 32 + 2)
+  float* s_ml = reinterpret_cast<float*>(smem) + kScratchFloats;  // (kGroups, 2): max, sum
+  float* s_o = s_ml + 2 * kGroups;                                // (kGroups, HD)
   const int64_t row = blockIdx.x;  // b · H + q = segment · G + g
   const int seg = static_cast<int>(row / G), g = static_cast<int>(row % G);
   const int64_t C = static_cast<int64_t>(a.splits) * a.B * a.Hkv;
-  const Where wh = segment_offset<NT>(a, seg, scratch);
+  const Where wh = segment_offset<kMergeThreads>(a, seg, scratch);
   const int64_t len = a.len[seg], E = wh.total;
   // The CTAs holding the segment's first and last entries, and every one between (skipping empty ranges).
   const int64_t x0 = len > 0 ? cta_of(wh.cum, E, C) : 0, count = len > 0 ? cta_of(wh.cum + len - 1, E, C) - x0 + 1 : 0;
+  const bool none_empty = E >= C;
   const int grp = threadIdx.x / HD, d = threadIdx.x % HD;
-  auto slot_of = [&](int64_t c) -> int64_t {  // piece c's partial row; -1 when CTA x0 + c has an empty range
-    const int64_t x = x0 + c;
-    return range_lo(x, E, C) < range_lo(x + 1, E, C) ? (x + seg) * G + g : -1;
-  };
-  float M = -INFINITY;
-  for (int64_t c0 = grp; c0 < count; c0 += kMergeGroups * kBatch) {
-    float ms[kBatch];
+  float M = -INFINITY, L = 0.f, O = 0.f;
+  for (int64_t c0 = grp; c0 < count; c0 += kGroups * kBatch) {
+    float ms[kBatch], ls[kBatch], os[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
-      const int64_t c = c0 + u * kMergeGroups, r = c < count ? slot_of(c) : -1;
-      ms[u] = r >= 0 ? a.part_ml[r * 2] : -INFINITY;
+      const int64_t c = c0 + u * kGroups, x = x0 + c;
+      const bool ok = c < count && (none_empty || range_lo(x, E, C) < range_lo(x + 1, E, C));
+      const int64_t r = (x + seg) * G + g;
+      ms[u] = ok ? a.part_ml[r * 2] : -INFINITY;
+      ls[u] = ok ? a.part_ml[r * 2 + 1] : 0.f;
+      os[u] = ok ? a.part_o[r * HD + d] : 0.f;
     }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) M = ms[u] > M ? ms[u] : M;
-  }
-  float L = 0.f, O = 0.f;
-  if (M > -INFINITY) {
-    for (int64_t c0 = grp; c0 < count; c0 += kMergeGroups * kBatch) {
-      float ms[kBatch], ls[kBatch], os[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int64_t c = c0 + u * kMergeGroups, r = c < count ? slot_of(c) : -1;
-        ms[u] = r >= 0 ? a.part_ml[r * 2] : -INFINITY;
-        ls[u] = r >= 0 ? a.part_ml[r * 2 + 1] : 0.f;
-        os[u] = r >= 0 ? a.part_o[r * HD + d] : 0.f;
+    for (int u = 0; u < kBatch; ++u) {
+      if (ms[u] == -INFINITY) continue;
+      if (ms[u] > M) {
+        const float w = ex(M - ms[u]);  // M = -inf: 0
+        L *= w;
+        O *= w;
+        M = ms[u];
       }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        if (ms[u] == -INFINITY) continue;
-        const float w = ex(ms[u] - M);
-        L += w * ls[u];
-        O += w * os[u];
-      }
+      const float w = ex(ms[u] - M);
+      L += w * ls[u];
+      O += w * os[u];
     }
   }
   if (d == 0) {
@@ -353,14 +346,14 @@ __global__ void __launch_bounds__(kMergeGroups * HD) merge_kernel(const kvd::ker
   __syncthreads();
   if (grp != 0) return;
   float MM = -INFINITY;
-  for (int g = 0; g < kMergeGroups; ++g) MM = s_ml[g * 2] > MM ? s_ml[g * 2] : MM;
+  for (int t = 0; t < kGroups; ++t) MM = s_ml[t * 2] > MM ? s_ml[t * 2] : MM;
   float LL = 0.f, OO = 0.f;
   if (MM > -INFINITY)
-    for (int g = 0; g < kMergeGroups; ++g) {
-      if (s_ml[g * 2] == -INFINITY) continue;
-      const float w = ex(s_ml[g * 2] - MM);
-      LL += w * s_ml[g * 2 + 1];
-      OO += w * s_o[g * HD + d];
+    for (int t = 0; t < kGroups; ++t) {
+      if (s_ml[t * 2] == -INFINITY) continue;
+      const float w = ex(s_ml[t * 2] - MM);
+      LL += w * s_ml[t * 2 + 1];
+      OO += w * s_o[t * HD + d];
     }
   a.out[row * HD + d] = to_bf16(LL > 0.f ? OO / LL : 0.f);
 }
@@ -376,9 +369,9 @@ void launch_g(const kvd::kernels::DecodeAttentionArgs& a, cudaStream_t stream) {
   const int64_t ctas = static_cast<int64_t>(a.splits) * a.B * a.Hkv;
   constexpr size_t smem = split_smem<HD, G>();
   KVD_LAUNCH(kernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), smem, stream, a);
-  const size_t merge_smem = (kScratchFloats + (2 + HD) * kMergeGroups) * sizeof(float);
+  const size_t merge_smem = (kScratchFloats + (2 + HD) * (kMergeThreads / HD)) * sizeof(float);
   auto* merge = merge_kernel<HD, G>;
-  KVD_LAUNCH(merge, dim3(a.B * a.H), dim3(kMergeGroups * HD), merge_smem, stream, a);
+  KVD_LAUNCH(merge, dim3(a.B * a.H), dim3(kMergeThreads), merge_smem, stream, a);
 }
 
 template <int HD>
@@ -438,9 +431,11 @@ int resident_ctas_g(int G) {
 int decode_attention_splits(int segments, int64_t max_len, int hd, int group) {
   // Every CTA gets the same number of entries, so one wave of exactly the CTAs the device holds at once finishes
   // together: splits = resident CTAs / segments (the largest multiple of the segments that fits in one wave). No
-  // fewer than 64 entries per CTA on average (max_len / 64 splits at most), and at least 1.
+  // fewer than 64 entries per CTA on average (max_len / 64 splits at most), at most 128 pieces for a head to merge
+  // (at batch 1 past that the merge costs more than the extra CTAs gain), and at least 1.
   const int resident = hd == 64 ? resident_ctas_g<64>(group) : resident_ctas_g<128>(group);
-  const int64_t want = resident / (segments > 0 ? segments : 1);
+  int64_t want = resident / (segments > 0 ? segments : 1);
+  want = want < 128 ? want : 128;
   const int64_t most = (max_len + 63) / 64;
   const int64_t s = want < most ? want : most;
   return static_cast<int>(s < 1 ? 1 : s);

@@ -15,7 +15,7 @@
 // is uniform or ragged, and one wave of them ends together. A CTA whose range crosses segments makes one piece per
 // segment. Every CTA derives this split from `len` itself (a block-wide sum and prefix over the S lengths). Each
 // piece writes, per query head, its running max, sum and unnormalized output (fp32) to a workspace slot (CTA +
-// segment: at most C + S − 1); a second kernel merges a segment's pieces in a fixed order (4 interleaved groups of
+// segment: at most C + S − 1); a second kernel merges a segment's pieces in a fixed order (interleaved groups of
 // pieces, then the groups; deterministic: no atomics).
 //
 // Inside a CTA (4 warps), hd / 8 lanes hold one key row (8 bf16 each, one 16-byte load), so a warp reads

@@ -19,7 +19,6 @@
 #define KVD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define KVD_LAST_ERROR() cudaGetLastError()
 #endif
-#include "kernels/mma_bits.cuh"  // cp.async, the dynamic shared-memory opt-in
 
 namespace KVD_KS_NAMESPACE {
 namespace {
@@ -364,8 +363,13 @@ __host__ __device__ inline int64_t column_vectors(int64_t vecs_per_row) {
   return c < vecs_per_row ? c : vecs_per_row;
 }
 
+// 4 CTAs per SM (at most 64 registers a thread): the kernel waits on its loads, so what bounds it is the loads in
+// flight, and 4 · 256 threads hold twice those of the 2 CTAs that its 86 registers allowed before; and 512 CTAs (K and
+// V of 256 segments, the 32K -> 4K case) then fit in one wave on 132 SMs.
+constexpr int kCompactCtasPerSm = 4;
+
 template <typename V>
-__global__ void __launch_bounds__(kCompactThreads) compact_kernel(CompactArgs a) {
+__global__ void __launch_bounds__(kCompactThreads, kCompactCtasPerSm) compact_kernel(CompactArgs a) {
   const int s = blockIdx.x, tid = threadIdx.x;
   const int b = s / a.heads, h = s % a.heads;
   const int64_t vecs_per_row = a.row_bytes / static_cast<int64_t>(sizeof(V));
@@ -408,73 +412,6 @@ __global__ void __launch_bounds__(kCompactThreads) compact_kernel(CompactArgs a)
 struct alignas(16) Vec16 {
   uint32_t w[4];
 };
-
-// Compaction of 16-byte vectors, pipelined: the rows move through shared memory with cp.async, kStages chunks of
-// kRowsPerThread vectors per thread each, so kStages − 1 chunks' loads are in flight while a chunk is stored and no
-// registers hold them (the register version above holds one chunk, and registers bound it to 2 CTAs per SM: its
-// warps waited on their loads ~76% of the time on an H100). Safe in place, ahead of the stores: chunk c stores rows
-// below (c + 1) · chunk and every later chunk loads rows at or above its own first row, since indices[j] >= j. Within
-// a chunk, a barrier after its loads land orders them before any of its stores (a row stored may be one another
-// thread loads). Each thread stores only what it loaded itself, so a stage is refilled without a barrier.
-constexpr int kStages = 3;
-constexpr size_t kPipeSmem = sizeof(Vec16) * kStages * kRowsPerThread * kCompactThreads;  // 96 KB
-
-__global__ void __launch_bounds__(kCompactThreads) compact_pipelined_kernel(CompactArgs a) {
-  KVD_DYNAMIC_SMEM(smem);
-  Vec16* stage = reinterpret_cast<Vec16*>(smem);  // (kStages, kRowsPerThread, kCompactThreads)
-  const int s = blockIdx.x, tid = threadIdx.x;
-  const int b = s / a.heads, h = s % a.heads;
-  const int64_t vecs_per_row = a.row_bytes / static_cast<int64_t>(sizeof(Vec16));
-  const int cols = static_cast<int>(column_vectors<Vec16>(vecs_per_row));
-  const int64_t col = static_cast<int64_t>(blockIdx.y) * cols + tid % cols;
-  const bool col_ok = col < vecs_per_row && tid < (kCompactThreads / cols) * cols;
-  const int row_lane = tid / cols, rows_per_pass = kCompactThreads / cols;
-  const int64_t count = a.counts ? static_cast<int64_t>(a.counts[s]) : a.keep;
-  const int32_t* idx = a.indices + b * a.idx_b_stride + h * a.idx_h_stride;
-  unsigned char* base = static_cast<unsigned char*>(blockIdx.z ? a.base2 : a.base);
-  auto row = [&](int64_t token) -> Vec16* {
-    int64_t off;
-    if (a.block_table) {
-      const int64_t blk = a.block_table[b * a.block_table_stride + token / a.tokens_per_block];
-      off = ((blk * a.heads + h) * a.tokens_per_block + token % a.tokens_per_block) * a.row_bytes;
-    } else {
-      off = (static_cast<int64_t>(s) * a.segment_rows + token) * a.row_bytes;
-    }
-    return reinterpret_cast<Vec16*>(base + off) + col;
-  };
-  const int64_t chunk = static_cast<int64_t>(rows_per_pass) * kRowsPerThread;
-  const int64_t chunks = (count + chunk - 1) / chunk;
-  // Vector u of chunk c for this thread: its destination row j, and its source row (-1: nothing to move).
-  auto source = [&](int64_t c, int u, int64_t* j) -> int64_t {
-    *j = c * chunk + static_cast<int64_t>(u) * rows_per_pass + row_lane;
-    if (!col_ok || *j >= count) return -1;
-    const int64_t src = idx[*j];
-    return src > *j && src < a.n ? src : -1;
-  };
-  auto load = [&](int64_t c) {
-    Vec16* st = stage + (c % kStages) * kRowsPerThread * kCompactThreads;
-    for (int u = 0; u < kRowsPerThread; ++u) {
-      int64_t j;
-      const int64_t src = source(c, u, &j);
-      if (src >= 0) mma::cp_async16(st + u * kCompactThreads + tid, row(src), true);
-    }
-  };
-  for (int64_t c = 0; c < kStages - 1; ++c) {
-    if (c < chunks) load(c);
-    mma::cp_async_commit();
-  }
-  for (int64_t c = 0; c < chunks; ++c) {
-    mma::cp_async_wait<kStages - 2>();  // this thread's loads of chunk c have landed
-    __syncthreads();                     // and every thread's
-    if (c + kStages - 1 < chunks) load(c + kStages - 1);
-    mma::cp_async_commit();
-    const Vec16* st = stage + (c % kStages) * kRowsPerThread * kCompactThreads;
-    for (int u = 0; u < kRowsPerThread; ++u) {
-      int64_t j;
-      if (source(c, u, &j) >= 0) *row(j) = st[u * kCompactThreads + tid];
-    }
-  }
-}
 
 }  // namespace
 
@@ -532,15 +469,7 @@ cudaError_t compact_rows(const CompactArgs& a, cudaStream_t stream) {
     KVD_LAUNCH(kernel, grid, kCompactThreads, 0, stream, a);
     return KVD_LAST_ERROR();
   };
-  if (a.row_bytes % 16 == 0 && addr % 16 == 0) {
-    const int64_t vecs = a.row_bytes / 16, cols = column_vectors<Vec16>(vecs);
-    const dim3 grid(static_cast<unsigned>(a.num_segments), static_cast<unsigned>((vecs + cols - 1) / cols),
-                    a.base2 ? 2u : 1u);
-    const cudaError_t e = mma::allow_smem(compact_pipelined_kernel, kPipeSmem);
-    if (e != cudaSuccess) return e;
-    KVD_LAUNCH(compact_pipelined_kernel, grid, kCompactThreads, kPipeSmem, stream, a);
-    return KVD_LAST_ERROR();
-  }
+  if (a.row_bytes % 16 == 0 && addr % 16 == 0) return launch(Vec16{});
   if (a.row_bytes % 4 == 0 && addr % 4 == 0) return launch(uint32_t{});
   return launch(uint8_t{});
 }

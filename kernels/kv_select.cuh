@@ -15,8 +15,7 @@
 //
 // Compaction (compact_rows): for each segment, row indices[j] moves to row j, for j < count, in place. Indices
 // must be ascending (select_rows' output), so indices[j] >= j: a CTA walks its segment's rows in chunks, loading a
-// whole chunk before storing it, and no store can reach a row that a later chunk still has to read, so later chunks
-// may load ahead (16-byte rows: through shared memory with cp.async, 2 chunks in flight behind the one stored). A CTA moves
+// whole chunk before storing it, and no store can reach a row that a later chunk still has to read. A CTA moves
 // whole rows of up to 512 bytes (wider rows are split into 512-byte columns over several CTAs). An index outside
 // [0, len) is skipped: the kernel never touches memory outside its segment. With base2, a second cache of the same
 // geometry (V next to K) is compacted by the same launch.
