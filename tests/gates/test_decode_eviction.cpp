@@ -48,7 +48,7 @@ Model tiny_model(c10::ScalarType dtype, uint64_t seed = 7, c10::Device device = 
   cfg.max_position_embeddings = 512;
   cfg.rms_norm_eps = 1e-6;
   torch::manual_seed(seed);
-  auto o = torch::TensorOptions().dtype(dtype);
+  auto o = torch::TensorOptions().dtype(dtype).device(device);  // Model takes its weights where they are
   const int64_t d = cfg.hidden_size, H = cfg.num_heads, Hkv = cfg.num_kv_heads, hd = cfg.head_dim,
                 f = cfg.intermediate_size;
   auto rn = [&](int64_t a, int64_t b, double s) { return torch::randn({a, b}, o) * s; };
