@@ -17,7 +17,6 @@
 #define KVD_LAST_ERROR() cudaGetLastError()
 #endif
 #include "kernels/bf16_bits.cuh"
-#include "kernels/mma_bits.cuh"  // cp.async, the dynamic shared-memory opt-in
 
 namespace KVD_DA_NAMESPACE {
 namespace {
@@ -147,38 +146,35 @@ __device__ Where segment_offset(const kvd::kernels::DecodeAttentionArgs& a, int 
   return Where{total, block_sum64<NT>(before, scratch)};
 }
 
-// K and V move through shared memory in stages of kStageBytes (kStageBytes / (4 · hd) rows of K, then of V), loaded
-// with cp.async kStages − 1 stages ahead of the one in use: loads stay in flight while the CTA computes, without
-// registers to hold them (a version that loaded into registers ran 4 CTAs per SM at 128 registers and kept DRAM
-// ~70% busy on an H100). After a piece, the stage buffers hold the CTA's merge arrays.
-constexpr int kStages = 3;
-constexpr int kStageBytes = 16384;
-
-template <int HD, int G>
-constexpr size_t split_smem() {
-  constexpr size_t stages = static_cast<size_t>(kStages) * kStageBytes;
-  constexpr size_t merge = static_cast<size_t>(kWarps * (32 / (HD / 8))) * G * (HD + 2) * sizeof(float);
-  return kScratchFloats * sizeof(float) + (stages > merge ? stages : merge);
+// 8 bf16 of a raw 16-byte load to fp32.
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = bits_to_float(w[i] << 16);
+    f[2 * i + 1] = bits_to_float(w[i] & 0xFFFF0000u);
+  }
 }
 
-// CTAs per SM the registers are bounded for: 4 up to a group of 4 query heads (Llama-3, Mistral), which the stages'
-// 48 KB of shared memory also allow; larger groups would spill, so they stay unbounded.
+// 1-D grid of C = splits · S CTAs; kThreads threads. See decode_attention.cuh. Each lane group loads U keys (K and
+// V rows, kept as raw bf16 until used: registers bound the CTAs per SM) before using any, so that enough loads are
+// in flight to keep HBM busy.
+// CTAs per SM the registers are bounded for: 4 up to a group of 4 query heads (Llama-3, Mistral: 166 registers a
+// thread unbounded, 3 CTAs per SM; 128 with 92 bytes spilled; smaller groups fit 128 without spilling); larger groups
+// would spill hundreds of bytes, so they stay unbounded.
 template <int G>
 constexpr int split_min_ctas() { return G <= 4 ? 4 : 1; }
 
-// 1-D grid of C = splits · S CTAs; kThreads threads. See decode_attention.cuh.
 template <int HD, int G>
 __global__ void __launch_bounds__(kThreads, split_min_ctas<G>()) split_kernel(const kvd::kernels::DecodeAttentionArgs a) {
-  constexpr int LPK = HD / 8;          // lanes per key row
-  constexpr int KPW = 32 / LPK;        // keys per warp and round
-  constexpr int NGRP = kWarps * KPW;   // lane groups per CTA
-  constexpr int T = kStageBytes / (2 * HD * 2);  // rows per stage (K and V, bf16)
-  constexpr int VPR = HD / 8;          // 16-byte vectors per row
+  constexpr int LPK = HD / 8;         // lanes per key row
+  constexpr int KPW = 32 / LPK;       // keys per warp and round
+  constexpr int NGRP = kWarps * KPW;  // lane groups per CTA
+  constexpr int U = 4;                // rounds per iteration
   KVD_DYNAMIC_SMEM(smem);
-  int64_t* scratch = reinterpret_cast<int64_t*>(smem);          // (kWarps + 2)
-  unsigned char* stages = smem + kScratchFloats * sizeof(float);  // kStages × (K (T, HD), V (T, HD)) bf16
-  float* s_ml = reinterpret_cast<float*>(stages);                // after a piece: (NGRP, G, 2)
-  float* s_o = s_ml + NGRP * G * 2;                               // (NGRP, G, HD)
+  int64_t* scratch = reinterpret_cast<int64_t*>(smem);  // (kWarps + 2), ahead of the CTA's own merge arrays below
+  float* s_ml = reinterpret_cast<float*>(smem) + kScratchFloats;  // (NGRP, G, 2)
+  float* s_o = s_ml + NGRP * G * 2;                                // (NGRP, G, HD)
   const int S = a.B * a.Hkv;
   const int64_t C = static_cast<int64_t>(a.splits) * S, x = blockIdx.x;
   int seg;
@@ -194,20 +190,8 @@ __global__ void __launch_bounds__(kThreads, split_min_ctas<G>()) split_kernel(co
     const int64_t plo = (lo > cum ? lo : cum) - cum, phi = (hi < cum + len ? hi : cum + len) - cum;
     if (plo >= phi) continue;  // an empty segment
     const int b = seg / a.Hkv, h = seg % a.Hkv;
-    const int64_t row0 = a.start[seg] + plo, rows = phi - plo;
-    const int64_t tiles = (rows + T - 1) / T;
+    const int64_t row0 = a.start[seg];
     const int64_t qp = a.window > 0 ? a.qpos[b] : 0;
-    // Stage t of the piece into buffer t % kStages; rows past the piece are not loaded (and never read).
-    auto issue = [&](int64_t t) {
-      unsigned char* buf = stages + (t % kStages) * kStageBytes;
-      for (int v = threadIdx.x; v < 2 * T * VPR; v += kThreads) {
-        const int kv = v / (T * VPR), r = (v / VPR) % T, c = v % VPR;
-        const int64_t j = t * T + r;
-        if (j < rows)
-          mma::cp_async16(buf + (static_cast<size_t>(kv) * T + r) * HD * 2 + c * 16,
-                          (kv ? a.v : a.k) + (row0 + j) * HD + c * 8, true);
-      }
-    };
     float q[G][8], acc[G][8], m[G], l[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -217,28 +201,25 @@ __global__ void __launch_bounds__(kThreads, split_min_ctas<G>()) split_kernel(co
 #pragma unroll
       for (int i = 0; i < 8; ++i) acc[g][i] = 0.f, q[g][i] *= a.scale;
     }
-    for (int64_t t = 0; t < kStages - 1; ++t) {
-      if (t < tiles) issue(t);
-      mma::cp_async_commit();
-    }
-    for (int64_t t = 0; t < tiles; ++t) {
-      mma::cp_async_wait<kStages - 2>();  // this thread's loads of stage t have landed
-      __syncthreads();                     // everyone's; and everyone is done with the buffer refilled next
-      if (t + kStages - 1 < tiles) issue(t + kStages - 1);
-      mma::cp_async_commit();
-      const uint16_t* kt = reinterpret_cast<const uint16_t*>(stages + (t % kStages) * kStageBytes);
-      const uint16_t* vt = kt + T * HD;
-      // Every lane of a warp runs the same rounds (the shuffles need all 32); rows past the piece are not seen.
+
+    // Every lane of a warp runs the same iterations (the shuffles need all 32); lanes past `phi` read a held row.
+    for (int64_t base = plo + warp * KPW; base < phi; base += NGRP * U) {
+      uint4 kr[U], vr[U];
+      bool vis[U];
 #pragma unroll
-      for (int u = 0; u < T / NGRP; ++u) {
-        const int r = u * NGRP + grp;
-        const int64_t j = t * T + r;
-        const int64_t rr = row0 + j;
-        const bool vis =
-            j < rows && (a.window <= 0 || qp - a.kpos[rr] < a.window) && (a.holes == 0 || a.kpos[rr] >= 0);
+      for (int u = 0; u < U; ++u) {
+        const int64_t j = base + u * NGRP + kg;
+        const bool in = j < phi;
+        const int64_t r = row0 + (in ? j : plo);
+        vis[u] = in && (a.window <= 0 || qp - a.kpos[r] < a.window) && (a.holes == 0 || a.kpos[r] >= 0);
+        kr[u] = *reinterpret_cast<const uint4*>(a.k + r * HD + sub * 8);
+        vr[u] = *reinterpret_cast<const uint4*>(a.v + r * HD + sub * 8);
+      }
+      float s[U][G];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
         float kf[8];
-        load8(kt + r * HD + sub * 8, kf);  // a row not loaded holds stale bytes: its scores are not used
-        float sc[G];
+        unpack8(kr[u], kf);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
           float d = 0.f;
@@ -246,29 +227,36 @@ __global__ void __launch_bounds__(kThreads, split_min_ctas<G>()) split_kernel(co
           for (int i = 0; i < 8; ++i) d += q[g][i] * kf[i];
 #pragma unroll
           for (int off = LPK / 2; off > 0; off /= 2) d += __shfl_xor_sync(0xFFFFFFFFu, d, off);
-          sc[g] = d;
+          s[u][g] = d;
         }
-        if (!vis) continue;
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float mx = m[g];
+#pragma unroll
+        for (int u = 0; u < U; ++u) mx = vis[u] && s[u][g] > mx ? s[u][g] : mx;
+        if (mx == -INFINITY) continue;  // nothing visible yet
+        const float corr = ex(m[g] - mx);  // m = -inf: 0
+        l[g] *= corr;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
+        m[g] = mx;
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!vis[u]) continue;
         float vf[8];
-        load8(vt + r * HD + sub * 8, vf);
+        unpack8(vr[u], vf);
 #pragma unroll
         for (int g = 0; g < G; ++g) {
-          if (sc[g] > m[g]) {
-            const float corr = ex(m[g] - sc[g]);  // m = -inf: 0
-            l[g] *= corr;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) acc[g][i] *= corr;
-            m[g] = sc[g];
-          }
-          const float p = ex(sc[g] - m[g]);
+          if (m[g] == -INFINITY) continue;
+          const float p = ex(s[u][g] - m[g]);
           l[g] += p;
 #pragma unroll
           for (int i = 0; i < 8; ++i) acc[g][i] += p * vf[i];
         }
       }
     }
-    mma::cp_async_wait<0>();
-    __syncthreads();  // the stage buffers become the merge arrays
 
     // Merge the lane groups of the CTA: (max, sum) and the output slice of every group to shared memory, then
     // each thread merges whole (head, dim) columns in group order, into the piece's slot x + seg.
@@ -296,14 +284,14 @@ __global__ void __launch_bounds__(kThreads, split_min_ctas<G>()) split_kernel(co
           O += w * s_o[(t * G + g) * HD + d];
         }
       }
-      const int64_t prow = (x + seg) * G + g;  // partials: (slot, head of the group)
-      a.part_o[prow * HD + d] = O;
+      const int64_t row = (x + seg) * G + g;  // partials: (slot, head of the group)
+      a.part_o[row * HD + d] = O;
       if (d == 0) {
-        a.part_ml[prow * 2] = M;
-        a.part_ml[prow * 2 + 1] = L;
+        a.part_ml[row * 2] = M;
+        a.part_ml[row * 2 + 1] = L;
       }
     }
-    __syncthreads();  // the merge arrays are stage buffers again for the next piece
+    __syncthreads();  // s_ml / s_o are written again by the next piece
   }
 }
 
@@ -376,13 +364,16 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const kvd::kernels
   a.out[row * HD + d] = to_bf16(LL > 0.f ? OO / LL : 0.f);
 }
 
+template <int HD, int G>
+constexpr size_t split_smem() {
+  return (kScratchFloats + static_cast<size_t>(kWarps * (32 / (HD / 8))) * G * (HD + 2)) * sizeof(float);
+}
 
 template <int HD, int G>
 void launch_g(const kvd::kernels::DecodeAttentionArgs& a, cudaStream_t stream) {
   auto* kernel = split_kernel<HD, G>;
   const int64_t ctas = static_cast<int64_t>(a.splits) * a.B * a.Hkv;
   constexpr size_t smem = split_smem<HD, G>();
-  if (mma::allow_smem(kernel, smem) != cudaSuccess) return;  // the launch below then reports the error
   KVD_LAUNCH(kernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads), smem, stream, a);
   const size_t merge_smem = (kScratchFloats + (2 + HD) * (kMergeThreads / HD)) * sizeof(float);
   auto* merge = merge_kernel<HD, G>;
@@ -416,7 +407,6 @@ int resident_ctas() {
   if (dev < 16 && cached[dev] > 0) return cached[dev];
   int sms = 0, per_sm = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      mma::allow_smem(split_kernel<HD, G>, split_smem<HD, G>()) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, split_kernel<HD, G>, kThreads, split_smem<HD, G>()) !=
           cudaSuccess ||
       sms <= 0 || per_sm <= 0) {

@@ -389,7 +389,9 @@ Model::Model(ModelConfig cfg, DecoderWeights weights, c10::ScalarType dtype, c10
             "Model: num_attention_heads must be a multiple of num_key_value_heads");
   KVD_CHECK(static_cast<int64_t>(w_.layers.size()) == cfg_.num_layers, "Model: ", w_.layers.size(),
             " layers of weights for num_hidden_layers ", cfg_.num_layers);
-  KVD_CHECK(!w_.embed.defined() || w_.embed.device() == device_, "Model: the weights are on ", w_.embed.device(),
+  KVD_CHECK(!w_.embed.defined() || (w_.embed.device().type() == device_.type() &&
+                                     (!device_.has_index() || w_.embed.device().index() == device_.index())),
+            "Model: the weights are on ", w_.embed.device(),
             " but the model is for ", device_, "; load them onto that device (Model::load does) or move them first");
   inv_freq_ = rope_inv_freq(cfg_).to(device_);
   // See disable_cudnn_attention(); KVD_CUDNN_ATTENTION=1 keeps cuDNN's attention on (bench/cudnn_attention.sh).
