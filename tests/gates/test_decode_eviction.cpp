@@ -83,7 +83,7 @@ at::Tensor prompt_ids(int64_t B, int64_t T, uint64_t seed) {
 }
 
 std::vector<int64_t> head_positions(const KVCache& cache, int64_t l, int64_t b, int64_t h) {
-  at::Tensor p = cache.positions(l)[b][h].narrow(0, 0, cache.length(l, b, h)).contiguous();
+  at::Tensor p = cache.positions(l)[b][h].narrow(0, 0, cache.length(l, b, h)).to(torch::kCPU).contiguous();
   return std::vector<int64_t>(p.data_ptr<int64_t>(), p.data_ptr<int64_t>() + p.numel());
 }
 
