@@ -150,8 +150,8 @@ class FixedShapeEvictor : public StaticStepEvictor {
     if (lazy) {  // the step's entry is born now
       LazyEvictionState& z = lazy_[l];
       const at::Tensor fresh = slot.eq((s.len[l] - 1).view({B, Hkv, 1})).logical_and(alive);  // (B, H_kv, C)
-      z.born = torch::where(fresh, step.expand_as(z.born), z.born);
-      z.last = torch::where(fresh, step.expand_as(z.last), z.last);
+      z.born.copy_(torch::where(fresh, step.expand_as(z.born), z.born));  // in place: the graph replays these buffers
+      z.last.copy_(torch::where(fresh, step.expand_as(z.last), z.last));
     }
     const bool need_attn = h2o || (lazy && (fire || opt_.lazy_tracking == LazyTracking::EveryStep)) ||
                            (fire && policy_ == DecodePolicy::TOVA);

@@ -45,9 +45,11 @@ void update_impl(LazyEvictionState& st, const at::Tensor& attn_in, const at::Ten
   if (valid.defined()) imp = imp.logical_and(valid);
   const at::Tensor now = like(st.last, step);  // (B, H_kv, n)
   at::Tensor gap = now - st.last;              // (B, H_kv, n)
-  st.mri = torch::where(imp, torch::maximum(st.mri, gap), st.mri);
-  st.last = torch::where(imp, now, st.last);
-  st.attn = valid.defined() ? torch::where(valid, attn, st.attn) : attn;
+  // In place: inside a captured decode step (CUDA graphs) the state must stay in the buffers the graph replays; an
+  // assignment would leave the next replay reading the state from before the capture.
+  st.mri.copy_(torch::where(imp, torch::maximum(st.mri, gap), st.mri));
+  st.last.copy_(torch::where(imp, now, st.last));
+  st.attn.copy_(valid.defined() ? torch::where(valid, attn, st.attn) : attn);
 }
 
 template <class Step>
