@@ -22,12 +22,20 @@
 
 namespace kvd::bench {
 
-inline double time_ms(const std::function<void()>& fn, int reps, int warmup = 2) {
+enum class Clock {
+  Wall,   // time_ms
+  Device  // time_gpu_ms
+};
+
+// The median of `reps` CUDA-event-timed calls of fn after `warmup` untimed ones. Device: a spin of about 1 ms at
+// the H100 / H200's clocks is queued before each, longer than the host needs to queue any one call of these benches.
+inline double time_on(Clock clock, const std::function<void()>& fn, int reps, int warmup = 2) {
   for (int i = 0; i < warmup; ++i) fn();
   torch::cuda::synchronize();
   std::vector<double> ts;
   for (int i = 0; i < reps; ++i) {
     at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
+    if (clock == Clock::Device) at::cuda::sleep(2000000);
     a.record();
     fn();
     b.record();
@@ -38,23 +46,11 @@ inline double time_ms(const std::function<void()>& fn, int reps, int warmup = 2)
   return ts[ts.size() / 2];
 }
 
-// Device time (see above). The spin lasts about 1 ms at the H100 / H200's clocks: longer than the host needs to
-// queue any one call of these benches.
-inline double time_gpu_ms(const std::function<void()>& fn, int reps, int warmup = 2, int64_t spin_cycles = 2000000) {
-  for (int i = 0; i < warmup; ++i) fn();
-  torch::cuda::synchronize();
-  std::vector<double> ts;
-  for (int i = 0; i < reps; ++i) {
-    at::cuda::CUDAEvent a(cudaEventDefault), b(cudaEventDefault);
-    at::cuda::sleep(spin_cycles);
-    a.record();
-    fn();
-    b.record();
-    b.synchronize();
-    ts.push_back(a.elapsed_time(b));
-  }
-  std::sort(ts.begin(), ts.end());
-  return ts[ts.size() / 2];
+inline double time_ms(const std::function<void()>& fn, int reps, int warmup = 2) {
+  return time_on(Clock::Wall, fn, reps, warmup);
+}
+inline double time_gpu_ms(const std::function<void()>& fn, int reps, int warmup = 2) {
+  return time_on(Clock::Device, fn, reps, warmup);
 }
 
 // The roofline of the memory-bound benches: a device-to-device copy of 2 GiB, in TB/s (bytes read + written),
