@@ -156,14 +156,15 @@ __device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
   }
 }
 
-// 1-D grid of C = splits · S CTAs; kThreads threads. See decode_attention.cuh. Each lane group loads U keys (K and
-// V rows, kept as raw bf16 until used: registers bound the CTAs per SM) before using any, so that enough loads are
-// in flight to keep HBM busy.
 // CTAs per SM the registers are bounded for: 4 up to a group of 4 query heads (Llama-3, Mistral: 166 registers a
 // thread unbounded, 3 CTAs per SM; 128 with 92 bytes spilled; smaller groups fit 128 without spilling); larger groups
 // would spill hundreds of bytes, so they stay unbounded.
 template <int G>
 constexpr int split_min_ctas() { return G <= 4 ? 4 : 1; }
+
+// 1-D grid of C = splits · S CTAs; kThreads threads. See decode_attention.cuh. Each lane group loads U keys (K and
+// V rows, kept as raw bf16 until used: registers bound the CTAs per SM) before using any, so that enough loads are
+// in flight to keep HBM busy.
 
 template <int HD, int G>
 __global__ void __launch_bounds__(kThreads, split_min_ctas<G>()) split_kernel(const kvd::kernels::DecodeAttentionArgs a) {
