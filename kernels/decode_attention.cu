@@ -165,7 +165,6 @@ constexpr int split_min_ctas() { return G <= 4 ? 4 : 1; }
 // 1-D grid of C = splits · S CTAs; kThreads threads. See decode_attention.cuh. Each lane group loads U keys (K and
 // V rows, kept as raw bf16 until used: registers bound the CTAs per SM) before using any, so that enough loads are
 // in flight to keep HBM busy.
-
 template <int HD, int G>
 __global__ void __launch_bounds__(kThreads, split_min_ctas<G>()) split_kernel(const kvd::kernels::DecodeAttentionArgs a) {
   constexpr int LPK = HD / 8;         // lanes per key row
