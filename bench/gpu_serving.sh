@@ -14,7 +14,8 @@
 #   bench/gpu_serving.sh profile Nsight Compute (ncu, on a Firecracker machine) over the three inference kernels' benches
 #                                at --reps 1: per launch the GPU time, DRAM throughput, achieved occupancy and what
 #                                limits it, registers; the warp stall breakdown of the selection, compaction, window
-#                                statistics and decode split kernels (logs: $OUT/ncu-*.csv, $OUT/ncu-*-detail.txt)
+#                                statistics and decode split kernels (ncu-*.csv, ncu-*-detail.txt, in $OUT/ncu.tgz:
+#                                the device tool returns at most 8 files a call)
 #   bench/gpu_serving.sh window  kvd_test_window_scores (the window-scoring kernel vs float64 loops, deterministic),
 #                                then bench_window_scores: the kernel vs the explicit softmax path, next to the
 #                                layer's prefill attention (SmolLM2 and Llama-3-8B shapes, 8K and 32K, w 64 / 32 / 1)
@@ -60,22 +61,24 @@ case "${1:-}" in
     t build-gpu/bench_window_scores --reps 20 | tee "$OUT/bench_window_scores.jsonl"
     ;;
   profile)
+    P=$(mktemp -d)
     m=gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active
     m=$m,launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,launch__grid_size
     for b in select_compact window_scores decode_attention; do
       t ncu --clock-control none --metrics "$m" --csv -k 'regex:select_kernel|compact_kernel|stats_kernel|merge_kernel|columns_kernel|split_kernel' \
-        build-gpu/bench_$b --reps 1 >"$OUT/ncu-$b.csv" 2>"$OUT/ncu-$b.err"
-      echo "bench_$b: $(grep -c gpu__time_duration "$OUT/ncu-$b.csv") launches profiled"
+        build-gpu/bench_$b --reps 1 >"$P/ncu-$b.csv" 2>"$P/ncu-$b.err"
+      echo "bench_$b: $(grep -c gpu__time_duration "$P/ncu-$b.csv") launches profiled"
     done
-    # One launch of each kernel in detail: the first select / compact (K + V: the third compact launch) of the 32K
-    # case, SmolLM2 at 32K with a 64-row window (the 10th launch of each window kernel at --reps 1), and the decode
-    # kernel's first launches.
+    # One launch of each kernel in detail: the first selection and the third compaction (one cache) of the 32K case,
+    # SmolLM2 at 32K with a 64-row window (the 10th launch of each window kernel at --reps 1), and the decode kernel's
+    # first launch.
     for spec in select_kernel:0 compact_kernel:2 stats_kernel:9 columns_kernel:9 split_kernel:0; do
       t ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
         --section MemoryWorkloadAnalysis -k "${spec%%:*}" --launch-skip "${spec##*:}" --launch-count 1 \
         build-gpu/bench_$(case ${spec%%:*} in select*|compact*) echo select_compact ;; split*) echo decode_attention ;; *) echo window_scores ;; esac) \
-        --reps 1 >"$OUT/ncu-${spec%%:*}-detail.txt" 2>&1
+        --reps 1 >"$P/ncu-${spec%%:*}-detail.txt" 2>&1
     done
+    tar czf "$OUT/ncu.tgz" -C "$P" . && rm -rf "$P"
     ;;
   *)
     echo "usage: bench/gpu_serving.sh build|tests|bench|profile|window" >&2

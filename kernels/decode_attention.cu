@@ -34,15 +34,19 @@ __device__ __forceinline__ float ex(float x) { return expf(x); }
 using kvd::kernels::bits::bits_to_float;
 using kvd::kernels::bits::to_bf16;
 
-// 8 consecutive bf16 (one 16-byte load) to fp32.
-__device__ __forceinline__ void load8(const uint16_t* p, float (&f)[8]) {
-  const uint4 u = *reinterpret_cast<const uint4*>(p);
+// 8 bf16 of a raw 16-byte load to fp32.
+__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     f[2 * i] = bits_to_float(w[i] << 16);
     f[2 * i + 1] = bits_to_float(w[i] & 0xFFFF0000u);
   }
+}
+
+// 8 consecutive bf16 (one 16-byte load) to fp32.
+__device__ __forceinline__ void load8(const uint16_t* p, float (&f)[8]) {
+  unpack8(*reinterpret_cast<const uint4*>(p), f);
 }
 
 // 64-bit warp shuffles from two 32-bit ones.
@@ -146,15 +150,6 @@ __device__ Where segment_offset(const kvd::kernels::DecodeAttentionArgs& a, int 
   return Where{total, block_sum64<NT>(before, scratch)};
 }
 
-// 8 bf16 of a raw 16-byte load to fp32.
-__device__ __forceinline__ void unpack8(const uint4& u, float (&f)[8]) {
-  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = bits_to_float(w[i] << 16);
-    f[2 * i + 1] = bits_to_float(w[i] & 0xFFFF0000u);
-  }
-}
 
 // CTAs per SM the registers are bounded for: 4 up to a group of 4 query heads (Llama-3, Mistral: 166 registers a
 // thread unbounded, 3 CTAs per SM; 128 with 92 bytes spilled; smaller groups fit 128 without spilling); larger groups
