@@ -36,13 +36,18 @@
 #                                      lazy_eviction streaming_llm_decode snapkv) alone on the slice, at the
 #                                      protocol's BATCH / BATCH_TOKENS, one process, with KVD_PROFILE: wall time and
 #                                      its three largest sections; every section in $OUT/profile-M.log
+#   bench/gpu_rivals.sh trace [M]      one eval process on the slice's first 16 samples (2K) with methods M (default
+#                                      snapkv,defensivekv,adakv_snapkv,tova,tova_decode,kvzip) at $RATIOS under
+#                                      KVD_TRACE (LibTorch's profiler: every host op and device kernel), then
+#                                      scripts/trace_summary.py: how busy the GPU was, the kernels' durations, what
+#                                      took the device time; the summary (and the trace gzipped) into $OUT when set
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
 # TRAIN (which of them `train` runs, default "kvzap dms"); KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
-# three quarters); P (eval processes at once, default 6), SHARDS (of the samples,
-# default $P), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
+# three quarters); P (eval processes at once, default 1: without MPS the GPU time-slices between processes, and
+# one process was twice as fast as six on 2026-12-06), SHARDS (of the samples, default $P), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
 # BATCH=64 BATCH_TOKENS=131072 six processes ran out of the H200's memory on 2026-12-04: KVzip's repeat pass and
 # the teacher-forced logits of budgets decoded together), SHARE_GIB (default 6: the protocol's methods share a
 # prefill while their compressed caches stay within this many GiB per process, --share-prefill-gib; a batch's full
@@ -66,7 +71,7 @@ layer_defensivekv cake kvzip_plus criticalkv_snapkv h2o observed_attention keydi
 lazy_eviction streaming_llm_decode}
 LEARNED=${LEARNED:-}
 RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}
-P=${P:-6}
+P=${P:-1}
 SHARDS=${SHARDS:-$P}
 BATCH=${BATCH:-32}
 BATCH_TOKENS=${BATCH_TOKENS:-65536}
@@ -140,10 +145,11 @@ case "${1:-}" in
     done
     ;;
   protocol)
-    # A pool of P eval processes (a 135M model's eval is launch-bound: processes overlap on the GPU almost
-    # linearly), each over one shard of the samples in one mode (every heuristic in one process, so the full-cache
-    # reference runs once per sample and mode), all stopped at the call's deadline and resumed by the next call
-    # (re-running skips what is written). One CPU thread each: LibTorch's spinning threads would contend.
+    # A pool of P eval processes (default 1: the GPU time-slices between processes, so more of them only add
+    # context switches once one keeps it busy; bench/RESULTS.md 2026-12-06), each over one shard of the samples in
+    # one mode (every heuristic in one process, so the full-cache reference runs once per sample and mode), all
+    # stopped at the call's deadline and resumed by the next call (re-running skips what is written). One CPU
+    # thread each: LibTorch's spinning threads would contend.
     limit=${2:-540}
     jobs=$W/protocol-jobs.txt
     : > "$jobs"
@@ -222,6 +228,20 @@ PY
         awk '{for (i = 2; i < NF; i++) if ($(i + 1) == "s") { print $i "\t" $0; break }}' | sort -rn | head -n 3 | cut -f2-
     done
     ;;
+  trace)
+    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
+    head -n 16 "$W/tasks-slice.jsonl" > "$W/tasks-trace.jsonl"
+    rm -rf "$W/trace-eval"
+    env KVD_TRACE="$W/trace.json" OMP_NUM_THREADS=1 $KVD eval --model "$MODEL" --tasks "$W/tasks-trace.jsonl" \
+      --device cuda --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --share-prefill methods \
+      --share-prefill-gib "$SHARE_GIB" --methods "${2:-snapkv,defensivekv,adakv_snapkv,tova,tova_decode,kvzip}" \
+      --ratios "$RATIOS" --out "$W/trace-eval" 2>&1 | grep '^\[trace\]\|^\[eval\] .*ETA 0 s' || true
+    python3 scripts/trace_summary.py "$W/trace.json" --top 25 | tee "${OUT:-$W}/trace-summary.txt"
+    if [ -n "${OUT:-}" ]; then
+      gzip -c "$W/trace.json" > "$W/trace.json.gz"
+      [ "$(stat -c %s "$W/trace.json.gz")" -lt 15000000 ] && cp "$W/trace.json.gz" "$OUT/" || echo "(trace.json.gz over 15 MB: kept on the device)"
+    fi
+    ;;
   report)
     for mode in $MODES; do
       dirs=("$W"/eval-"$mode"-*/)
@@ -242,7 +262,7 @@ PY
     ls -la "$out"
     ;;
   *)
-    sed -n '2,32p' "$0"
+    sed -n '2,44p' "$0"
     exit 2
     ;;
 esac

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 
 #include "common/error.h"
+#include "models/profile.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"kvdistill: learned KV-cache compression, distilled from a frozen LLM"};
@@ -30,6 +31,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   try {
+    const kvd::TraceScope trace;  // KVD_TRACE=FILE.json records the command (models/profile.h)
     return kvd::cli::run_selected(app);
   } catch (const kvd::Error& e) {
     std::cerr << "kvdistill: error: " << e.what() << "\n";

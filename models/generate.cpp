@@ -9,6 +9,7 @@
 #include "common/error.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
+#include "models/profile.h"
 #include "models/static_decode.h"
 
 namespace kvd {
@@ -167,10 +168,12 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
   res.stop.assign(B, StopReason::MaxNewTokens);
   for (const auto& p : prompts) res.prompt_tokens.push_back(static_cast<int64_t>(p.size()));
   auto t0 = Clock::now();
+  ProfileLap lap(model.device(), "generate ");
   std::vector<int64_t> lead;
   at::Tensor ids = left_pad(prompts, 0, lead);                                          // (B, T)
   at::Tensor logits = model.prefill(ids, cache, LogitsMode::LastPosition, opts.prefill_observer, lead);  // (B, V)
   std::vector<int64_t> tok = pick(logits);  // syncs the device
+  lap("prompt");
   auto t1 = Clock::now();
   res.prefill_seconds = std::chrono::duration<double>(t1 - t0).count();
   std::vector<bool> done(B);
@@ -229,12 +232,15 @@ BatchGenerateResult generate_batch(const Model& model, const std::vector<std::ve
         }
         decoder = std::make_unique<StaticDecoder>(model, *state,
                                                   path == DecodePath::Graph ? StepRunner::Graph : StepRunner::Eager);
+        lap("fixed-shape set-up");
       }
       tok = decoder->next();
     }
     ++res.decode_steps;
   }
+  lap("steps");
   if (state) write_back(*state, cache, fed);
+  if (state) lap("write-back");
   res.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   res.peak_kv_bytes = cache.peak_bytes();
   return res;

@@ -205,23 +205,21 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
       L.cols[i].index_copy_(0, d, cf);
     }
   } else {
-    // A left-padded chunk: every head's real entries go to its own next slots, one index_copy_ per tensor.
-    std::vector<int64_t> dst, src;  // which of the B * H_kv * t chunk rows are stored, and where
-    dst.reserve(rows * t);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t first = t - gain[r];
-      for (int64_t j = first; j < t; ++j) {
-        dst.push_back(L.start[r] + L.len[r] + (j - first));
-        src.push_back(r * t + j);
-      }
-    }
-    if (!dst.empty()) {
-      at::Tensor s = host_ints(src, device_);  // (N)
-      at::Tensor d = host_ints(dst, device_);  // (N)
+    // A left-padded chunk: every head's real entries (the last gain[r] of its t) go to its own next slots, one
+    // index_copy_ per tensor. The N = sum(gain) indices are built on the device from the per-row tables (O(rows)
+    // host work and upload; the count N is known here, so nothing is read back).
+    int64_t N = 0;
+    for (int64_t r = 0; r < rows; ++r) N += gain[r];
+    if (N > 0) {
+      const at::Tensor g = device_vector(gain);                                             // (B*H_kv)
+      const at::Tensor row = at::repeat_interleave(g, std::optional<int64_t>(N));           // (N) head row
+      const at::Tensor i = torch::arange(N, g.options()) - (g.cumsum(0) - g).index_select(0, row);  // (N) entry in row
+      const at::Tensor s = row * t + (t - g).index_select(0, row) + i;                      // (N) chunk row
+      const at::Tensor d = (device_start(L) + device_len(L)).index_select(0, row) + i;      // (N) slot
       L.k.index_copy_(0, d, k.reshape({rows * t, head_dim_}).index_select(0, s));
       L.v.index_copy_(0, d, v.reshape({rows * t, head_dim_}).index_select(0, s));
       L.pos.index_copy_(0, d, p.reshape({rows * t}).index_select(0, s));
-      for (size_t i = 0; i < payload_.size(); ++i) L.cols[i].index_fill_(0, d, payload_[i].fill);
+      for (size_t c = 0; c < payload_.size(); ++c) L.cols[c].index_fill_(0, d, payload_[c].fill);
     }
   }
   // The device copy of len follows without an upload where it is current.

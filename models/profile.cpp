@@ -4,9 +4,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <set>
 #include <string>
 
 #include <ATen/record_function.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <torch/torch.h>
 
 namespace kvd {
@@ -78,6 +80,33 @@ void ProfileLap::mark() {
   if (cuda_) torch::cuda::synchronize();
   t_ = std::chrono::steady_clock::now();
   ops_ = g_ops.load(std::memory_order_relaxed);
+}
+
+TraceScope::TraceScope() {
+  const char* path = std::getenv("KVD_TRACE");
+  if (!path || !*path) return;
+  namespace prof = torch::profiler::impl;
+  std::set<prof::ActivityType> what{prof::ActivityType::CPU};
+  if (torch::cuda::is_available()) what.insert(prof::ActivityType::CUDA);
+  const prof::ProfilerConfig config(prof::ProfilerState::KINETO);
+  torch::autograd::profiler::prepareProfiler(config, what);
+  torch::autograd::profiler::enableProfiler(config, what);
+  on_ = true;
+  std::fprintf(stderr, "[trace] recording to %s (KVD_TRACE)\n", path);
+}
+
+TraceScope::~TraceScope() {
+  if (!on_) return;
+  const std::string path = std::getenv("KVD_TRACE");
+  try {
+    if (torch::cuda::is_available()) torch::cuda::synchronize();
+    std::unique_ptr<torch::autograd::profiler::ProfilerResult> r = torch::autograd::profiler::disableProfiler();
+    r->save(path);
+    std::fprintf(stderr, "[trace] wrote %s: summarize it with scripts/trace_summary.py %s\n", path.c_str(),
+                 path.c_str());
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[trace] could not write %s: %s\n", path.c_str(), e.what());
+  }
 }
 
 }  // namespace kvd

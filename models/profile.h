@@ -2,6 +2,11 @@
 // training step (trainer and distillation objective) time their sections and count the LibTorch ops each calls
 // (a proxy for kernel launches), with the device synchronized at every boundary so that the sections add up, and
 // print the totals at exit. For finding where time goes; the synchronization itself slows the run.
+//
+// KVD_TRACE=FILE.json: the whole command is recorded by the LibTorch profiler (Kineto: every op on the host and, on
+// CUDA, every kernel and copy on the device, through CUPTI) and written to FILE.json as a Chrome trace when it ends.
+// scripts/trace_summary.py reads it: how busy the GPU was, which kernels and ops took the time. Nothing is
+// synchronized, so the times are the run's own; keep the run short (a trace holds every op).
 #pragma once
 
 #include <chrono>
@@ -26,6 +31,18 @@ class ProfileLap {
   std::chrono::steady_clock::time_point t_;
   int64_t ops_ = 0;  // LibTorch ops called so far, at the last mark
 
+};
+
+// KVD_TRACE's recording: started by the constructor, written by the destructor (nothing when KVD_TRACE is unset).
+class TraceScope {
+ public:
+  TraceScope();
+  ~TraceScope();
+  TraceScope(const TraceScope&) = delete;
+  TraceScope& operator=(const TraceScope&) = delete;
+
+ private:
+  bool on_ = false;
 };
 
 }  // namespace kvd
