@@ -90,6 +90,16 @@ def summarize(events, top=15):
     launches = [e for e in events if e.get("cat") == "cuda_runtime" and "Launch" in e.get("name", "")]
     out["launch_calls"] = len(launches)
     out["launch_us"] = sum(float(e["dur"]) for e in launches)
+    # The host's CUDA calls by time: waits (synchronize, blocking copies) and allocations (malloc / free) show here.
+    by_api = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver"):
+            a = by_api[e.get("name", "?")]
+            a[0] += 1
+            a[1] += float(e["dur"])
+    out["top_cuda_api"] = [
+        {"name": n, "calls": v[0], "us": v[1]} for n, v in sorted(by_api.items(), key=lambda kv: -kv[1][1])[:top]
+    ]
     return out
 
 
@@ -115,6 +125,10 @@ def print_summary(s):
         print("device time by kernel:")
         for k in s["top_device"]:
             print(f"  {k['us'] * ms:9.2f} ms {k['calls']:8d}x  {short(k['name'])}")
+    if s["top_cuda_api"]:
+        print("host time in CUDA calls (waits and allocations show here):")
+        for a in s["top_cuda_api"]:
+            print(f"  {a['us'] * ms:9.2f} ms {a['calls']:8d}x  {short(a['name'])}")
     print(f"host ops: {s['cpu_ops']}; most called (inclusive time):")
     for o in s["top_cpu_ops"]:
         print(f"  {o['calls']:8d}x {o['us_inclusive'] * ms:9.2f} ms  {short(o['name'])}")

@@ -49,6 +49,7 @@ def test_figures_of_a_hand_made_trace(tmp_path):
     assert s["top_device"][1]["name"] == "gemm" and s["top_device"][1]["us"] == 20
     assert s["cpu_ops"] == 3 and s["top_cpu_ops"][0] == {"name": "aten::mm", "calls": 2, "us_inclusive": 42}
     assert s["launch_calls"] == 1 and s["launch_us"] == 4
+    assert s["top_cuda_api"] == [{"name": "cudaLaunchKernel", "calls": 1, "us": 4}]
 
 
 def test_a_file_without_events_is_an_error(tmp_path):
