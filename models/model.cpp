@@ -621,10 +621,14 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
   const at::Tensor cs = rope_cos_sin(qpos.clamp_min(0));  // (2, B, 1, T, hd)
   const at::Tensor cos = cs[0], sin = cs[1];
 
+  // The small ops (RMSNorm with the residual add, RoPE, SiLU · up) take one fused kernel each where they apply
+  // (kernels/decode_step.h: CUDA bf16; the reference elsewhere), as the fixed-shape decode step does: a prefill's
+  // layer is otherwise about 30 LibTorch ops more, and an eval's prefills are launch-bound.
+  const KernelPath ops = KernelPath::Fused;
   at::Tensor x = at::embedding(w_.embed, ids);  // (B, T, d)
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
-    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, T, d)
+    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, ops);  // (B, T, d)
     // Attention against the cache: this chunk's K/V are appended, then the chunk attends to every stored entry
     // by its stored position.
     const AttendFn attend = [&](const LayerQKV& p) -> at::Tensor {
@@ -690,7 +694,8 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
       if (observer) lap("observer");
       return attn;
     };
-    x = decoder_layer(lw, LayerLora(), nullptr, cos, sin, H, Hkv, hd, cfg_.qk_norm, cfg_.rms_norm_eps, x, h, attend);
+    x = decoder_layer(lw, LayerLora(), nullptr, cos, sin, H, Hkv, hd, cfg_.qk_norm, cfg_.rms_norm_eps, x, h, attend,
+                      ops);
     lap("o_proj+mlp");
   }
   if (padded) {
@@ -701,7 +706,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     cache.advance(T);
   }
   if (mode == LogitsMode::LastPosition) x = x.narrow(1, T - 1, 1);  // (B, 1, d)
-  at::Tensor hid = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);   // (B, T|1, d)
+  at::Tensor hid = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps, ops);  // (B, T|1, d)
   at::Tensor lg = logits(hid).to(torch::kFloat);                    // (B, T|1, V)
   lap("lm_head");
   return mode == LogitsMode::LastPosition ? lg.squeeze(1) : lg;
