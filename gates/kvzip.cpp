@@ -216,18 +216,18 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
     };
     model.forward_extra(cache, mods, observer);
   }
-  // Sinks outrank everything of their row.
-  if (opt.n_sink > 0)
-    for (int64_t b = 0; b < B; ++b) {
-      at::Tensor top = out[0][b].max();
-      for (int64_t l = 1; l < L; ++l) top = torch::maximum(top, out[l][b].max());
-      for (int64_t l = 0; l < L; ++l) {
-        const KVLayerView kv = cache.layer(l);
-        at::Tensor sinks = kv.pos[b].lt(opt.n_sink);
-        if (kv.valid.defined()) sinks = sinks.logical_and(kv.valid[b]);
-        out[l][b] = torch::where(sinks, top + 1.0, out[l][b]);
-      }
+  // Sinks outrank everything of their row: every row at once, one view of each layer.
+  if (opt.n_sink > 0) {
+    std::vector<at::Tensor> row_max;  // [layer] (B)
+    for (int64_t l = 0; l < L; ++l) row_max.push_back(out[l].flatten(1).amax(1));
+    const at::Tensor above = (std::get<0>(torch::stack(row_max).max(0)) + 1.0).view({B, 1, 1});  // (B, 1, 1)
+    for (int64_t l = 0; l < L; ++l) {
+      const KVLayerView kv = cache.layer(l);
+      at::Tensor sinks = kv.pos.lt(opt.n_sink);  // (B, H_kv, nc)
+      if (kv.valid.defined()) sinks = sinks.logical_and(kv.valid);
+      out[l] = torch::where(sinks, above, out[l]);
     }
+  }
   return out;
 }
 

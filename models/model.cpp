@@ -742,10 +742,13 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
 
   ExtraRowsOutput out;
   out.attention_to_cache.resize(cfg_.num_layers);
+  // Fused row ops as in prefill; rows that carry gradients (training) take the reference path, as the kernels
+  // refuse tensors that require grad.
+  const KernelPath ops = KernelPath::Fused;
   at::Tensor x = e.to(device_, dtype_);  // (B, n, d)
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
-    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, n, d)
+    at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, ops);  // (B, n, d)
     LayerMods m;
     if (mods.layer_hook) m = mods.layer_hook(LayerInput{l, h, pos, at::Tensor(), 0});
     KVD_CHECK(!m.changes_attention(), ctx, ": layer hooks of extra rows may return LoRA only");
@@ -794,9 +797,9 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
       return res.size() == 1 ? res[0] : torch::cat(res, 0);  // (B, H, n, hd)
     };
     x = decoder_layer(lw, m.lora, m.lora.any() ? &all_rows : nullptr, cs[0], cs[1], H, Hkv, hd, cfg_.qk_norm,
-                      cfg_.rms_norm_eps, x, h, attend);
+                      cfg_.rms_norm_eps, x, h, attend, ops);
   }
-  out.hidden = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);  // (B, n, d)
+  out.hidden = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps, ops);  // (B, n, d)
   return out;
 }
 
