@@ -51,7 +51,9 @@
 # BATCH=64 BATCH_TOKENS=131072 six processes ran out of the H200's memory on 2026-12-04: KVzip's repeat pass and
 # the teacher-forced logits of budgets decoded together), SHARE_GIB (default 6: the protocol's methods share a
 # prefill while their compressed caches stay within this many GiB per process, --share-prefill-gib; a batch's full
-# cache at BATCH_TOKENS=65536 is 1.5 GB and four ratios keep 1.625 of it, so two methods share), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
+# cache at BATCH_TOKENS=65536 is 1.5 GB and four ratios keep 1.625 of it, so two methods share), DECODE_GIB (default 8:
+# the teacher-forced logits budgets decoded together may hold, --decode-logits-gib; one process at a time can
+# afford more than the eval's default 2, so a group's budgets decode in fewer, larger batches), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
 # below); LEARNED (extra learned methods, e.g. "gate:/root/trimkv/bundle attngate:/root/ag/bundle"; the trained
 # KVzap and DMS bundles are added when they exist; KVD (default build-gpu/kvdistill).
 set -euo pipefail
@@ -76,6 +78,7 @@ SHARDS=${SHARDS:-$P}
 BATCH=${BATCH:-32}
 BATCH_TOKENS=${BATCH_TOKENS:-65536}
 SHARE_GIB=${SHARE_GIB:-6}
+DECODE_GIB=${DECODE_GIB:-8}
 KVD=${KVD:-build-gpu/kvdistill}
 mkdir -p "$W"
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model, tasks_slice
@@ -161,7 +164,7 @@ case "${1:-}" in
       done >> "$jobs"
     done
     echo "[protocol] $(wc -l < "$jobs") jobs ($SHARDS shards of the samples each), $P at a time, $limit s"
-    export KVD MODEL DATA W RATIOS BATCH BATCH_TOKENS SHARDS SHARE_GIB
+    export KVD MODEL DATA W RATIOS BATCH BATCH_TOKENS SHARDS SHARE_GIB DECODE_GIB
     export OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     run_job() {
       local mode name k methods extra left=$(($2 - $(date +%s)))
@@ -171,7 +174,8 @@ case "${1:-}" in
       local out=$W/eval-$mode-$name-s$k
       # shellcheck disable=SC2086  # extra: flags, split on purpose
       timeout "$left" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k8k.jsonl" --device cuda --batch "$BATCH" \
-        --batch-tokens "$BATCH_TOKENS" --share-prefill methods --share-prefill-gib "$SHARE_GIB" "${flag[@]}" $extra \
+        --batch-tokens "$BATCH_TOKENS" --share-prefill methods --share-prefill-gib "$SHARE_GIB" \
+        --decode-logits-gib "$DECODE_GIB" "${flag[@]}" $extra \
         --methods "$methods" --ratios "$RATIOS" \
         --shard "$k/$SHARDS" --out "$out" >> "$out.log" 2>&1 || true
     }
@@ -234,7 +238,8 @@ PY
     rm -rf "$W/trace-eval"
     env KVD_TRACE="$W/trace.json" OMP_NUM_THREADS=1 $KVD eval --model "$MODEL" --tasks "$W/tasks-trace.jsonl" \
       --device cuda --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --share-prefill methods \
-      --share-prefill-gib "$SHARE_GIB" --methods "${2:-snapkv,defensivekv,adakv_snapkv,tova,tova_decode,kvzip}" \
+      --share-prefill-gib "$SHARE_GIB" --decode-logits-gib "$DECODE_GIB" \
+      --methods "${2:-snapkv,defensivekv,adakv_snapkv,tova,tova_decode,kvzip}" \
       --ratios "$RATIOS" --out "$W/trace-eval" 2>&1 | grep '^\[trace\]\|^\[eval\] .*ETA 0 s' || true
     python3 scripts/trace_summary.py "$W/trace.json" --top 25 | tee "${OUT:-$W}/trace-summary.txt"
     if [ -n "${OUT:-}" ]; then

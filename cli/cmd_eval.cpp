@@ -27,6 +27,7 @@ struct EvalArgs {
   std::string shard;
   int64_t continuous_chunk = 128;
   int64_t decode_rows = 256;
+  double decode_logits_gib = 2.0;
   uint64_t seed = 0;
 };
 
@@ -66,6 +67,7 @@ int run(const EvalArgs& a) {
   o.decode = parse_decode_path(a.decode);
   KVD_CHECK(a.decode_rows >= 0, "--decode-rows ", a.decode_rows, ": must be >= 0 (0 decodes every budget alone)");
   o.decode_rows = a.decode_rows;
+  o.decode_logits_bytes = static_cast<int64_t>(a.decode_logits_gib * 1073741824.0);
   o.kernels = a.kernels == "reference" ? KernelPath::Reference : KernelPath::Fused;
   if (!a.shard.empty()) {
     const size_t slash = a.shard.find('/');
@@ -182,9 +184,14 @@ Registration reg([](CLI::App& root) {
       ->check(CLI::IsMember({"auto", "graph", "static", "cache"}))
       ->capture_default_str();
   sub->add_option("--decode-rows", a->decode_rows,
-                  "With --share-prefill budgets: the budgets of one prefill decode their answers and teacher-forced "
-                  "passes as one batch of up to this many rows and 2 GiB of teacher-forced logits (same results per "
-                  "sample, fewer small steps); 0: each budget alone")
+                  "The budgets of one prefill (--share-prefill budgets or methods) decode their answers and "
+                  "teacher-forced passes as one batch of up to this many rows and --decode-logits-gib of "
+                  "teacher-forced logits (same results per sample, fewer small steps); 0: each budget alone")
+      ->capture_default_str();
+  sub->add_option("--decode-logits-gib", a->decode_logits_gib,
+                  "The float32 teacher-forced logits budgets decoded together may hold (rows x (rest + answer) x "
+                  "vocabulary); larger: fewer, larger decode batches, more device memory")
+      ->check(CLI::PositiveNumber)
       ->capture_default_str();
   sub->add_option("--kernels", a->kernels,
                   "Scoring on CUDA: fused (the fused kernels where they apply: window attention for SnapKV, "

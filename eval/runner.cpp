@@ -223,16 +223,15 @@ void run_eval(const EvalOptions& opt) {
       double prefill_s = 0;
       std::vector<KVCache> caches = compress_batch(model, rows, ms, prefill_s);
       // The group's budgets are finished in runs of consecutive budgets whose rows decode as one batch: at most
-      // opt.decode_rows rows, and at most kTeacherLogitsBytes of float32 logits in the teacher-forced pass (rows x
-      // (rest + answer) x vocabulary), which is what a run adds to the device memory of one budget alone.
-      constexpr int64_t kTeacherLogitsBytes = int64_t{2} << 30;
+      // opt.decode_rows rows, and at most opt.decode_logits_bytes of float32 logits in the teacher-forced pass (rows
+      // x (rest + answer) x vocabulary), which is what a run adds to the device memory of one budget alone.
       const int64_t B = static_cast<int64_t>(rows.size());
       int64_t tx = 1;
       for (const Prepared* p : rows) tx = std::max<int64_t>(tx, static_cast<int64_t>(p->rest.size()) + p->max_new);
       const int64_t logits_per_budget = B * tx * model.config().vocab_size * 4;
       // Decode-time eviction holds each row at the count its budget kept, so budgets decode together too.
       const size_t per_run = static_cast<size_t>(
-          std::max<int64_t>(1, std::min(opt.decode_rows / B, kTeacherLogitsBytes / logits_per_budget)));
+          std::max<int64_t>(1, std::min(opt.decode_rows / B, opt.decode_logits_bytes / logits_per_budget)));
       std::vector<std::vector<RowResult>> res(group.size());
       std::vector<double> decode_s(group.size(), 0.0);
       std::vector<DecodePath> decode_path(group.size(), DecodePath::Cache);

@@ -66,10 +66,11 @@ struct EvalOptions {
   // The answer's decode steps (models/generate.h): auto = CUDA graphs on CUDA, the cache path elsewhere.
   DecodePath decode = DecodePath::Auto;
   // The budgets compressed from one prefill are decoded (answer, teacher-forced pass, hit rate) as one batch of
-  // up to this many rows (their caches side by side, KVCache::concat_rows) and 2 GiB of teacher-forced logits;
-  // 0: each budget alone. Every record is what a batch-1 run gives either way; a small step is launch-bound, so
-  // more rows per step cost little.
+  // up to this many rows (their caches side by side, KVCache::concat_rows) and decode_logits_bytes of float32
+  // teacher-forced logits (rows x (rest + answer) x vocabulary); 0 rows: each budget alone. Every record is what a
+  // batch-1 run gives either way; a small step is launch-bound, so more rows per step cost little.
   int64_t decode_rows = 256;
+  int64_t decode_logits_bytes = int64_t{2} << 30;
   // Scoring on CUDA: the scorers' fused kernels where they apply (window attention: kernels/window_scores.h), or
   // the LibTorch reference everywhere (what CPU runs use either way).
   KernelPath kernels = KernelPath::Fused;
