@@ -100,7 +100,7 @@ bool static_decode_fits(const KVCache& cache, int64_t steps) {
     size_t free = 0, total = 0;
     if (cudaMemGetInfo(&free, &total) != cudaSuccess) return false;
     // What the caching allocator holds but no tensor uses is free for the state too; the driver's count leaves it
-    // out, and after a few batches of larger caches that is most of the device.
+    // out.
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
     const int64_t cached = stats.reserved_bytes[0].current - stats.allocated_bytes[0].current;
     return static_decode_bytes(cache, steps) <= (static_cast<int64_t>(free) + std::max<int64_t>(0, cached)) / 2;
