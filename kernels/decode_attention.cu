@@ -150,7 +150,6 @@ __device__ Where segment_offset(const kvd::kernels::DecodeAttentionArgs& a, int 
   return Where{total, block_sum64<NT>(before, scratch)};
 }
 
-
 // CTAs per SM the registers are bounded for: 4 up to a group of 4 query heads (Llama-3, Mistral: 166 registers a
 // thread unbounded, 3 CTAs per SM; 128 with 92 bytes spilled; smaller groups fit 128 without spilling); larger groups
 // would spill hundreds of bytes, so they stay unbounded.

@@ -86,6 +86,12 @@ struct LayerQKV {
 // attends over it.
 using AttendFn = std::function<at::Tensor(const LayerQKV&)>;
 
+// The small row ops of inference (RMSNorm with the residual add, RoPE, SiLU · up) at prefill, extra rows and decode
+// steps: one fused kernel each where it applies (kernels/decode_step.h: CUDA bf16, no tensor requiring grad, so rows
+// trained through take the reference), the reference elsewhere. A prefill layer's reference path is about 25
+// LibTorch ops more, and an eval's prefills are launch-bound.
+constexpr KernelPath kInferenceRowOps = KernelPath::Fused;
+
 // The decoder layer, the one both paths run: q/k/v projections (with LoRA on the LoRA rows), Qwen3's q/k
 // norm, RoPE (cos / sin (B, 1, S, hd)), the attention `attend` computes, the output projection, the residual
 // and the MLP. x (B, S, d) is the layer input, h (B, S, d) = rms_norm(x, input_norm). Returns the layer output.
@@ -621,10 +627,7 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
   const at::Tensor cs = rope_cos_sin(qpos.clamp_min(0));  // (2, B, 1, T, hd)
   const at::Tensor cos = cs[0], sin = cs[1];
 
-  // The small ops (RMSNorm with the residual add, RoPE, SiLU · up) take one fused kernel each where they apply
-  // (kernels/decode_step.h: CUDA bf16; the reference elsewhere), as the fixed-shape decode step does: a prefill's
-  // layer is otherwise about 30 LibTorch ops more, and an eval's prefills are launch-bound.
-  const KernelPath ops = KernelPath::Fused;
+  const KernelPath ops = kInferenceRowOps;
   at::Tensor x = at::embedding(w_.embed, ids);  // (B, T, d)
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
@@ -742,9 +745,7 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
 
   ExtraRowsOutput out;
   out.attention_to_cache.resize(cfg_.num_layers);
-  // Fused row ops as in prefill; rows that carry gradients (training) take the reference path, as the kernels
-  // refuse tensors that require grad.
-  const KernelPath ops = KernelPath::Fused;
+  const KernelPath ops = kInferenceRowOps;
   at::Tensor x = e.to(device_, dtype_);  // (B, n, d)
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
@@ -813,8 +814,7 @@ void Model::decode_static(StaticDecodeState& s) const {
   const int64_t B = s.batch, H = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
   KVD_CHECK(s.kv_heads == Hkv && s.head_dim == hd && static_cast<int64_t>(s.k.size()) == cfg_.num_layers,
             "Model::decode_static: the state was made for another model");
-  // The small ops take one fused kernel each where they apply (kernels/decode_step.h; the reference elsewhere).
-  const KernelPath ops = KernelPath::Fused;
+  const KernelPath ops = kInferenceRowOps;
   const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
   const at::Tensor cs = rope_cos_sin(s.qpos);              // (2, B, 1, 1, hd)
   at::Tensor x = at::embedding(w_.embed, s.tok);            // (B, 1, d)
