@@ -9,7 +9,9 @@
 #                               eager fixed-shape steps; both vs the cache path), kvd_test_fused_selection and
 #                               kvd_test_kv_select (select + compact vs the reference path, device keeps),
 #                               kvd_test_decode_eviction (eviction inside graph steps = eager steps = the cache
-#                               path) and kvd_test_window_scores (the window-scores kernel vs float64 loops)
+#                               path), kvd_test_window_scores (the window-scores kernel vs float64 loops),
+#                               kvd_test_decoder (the bf16 CUDA prefill, fused row kernels, vs transformers) and
+#                               kvd_test_kv_cache (appends of left-padded chunks)
 #   bench/gpu_decode.sh bench   bench_cache_decode at batch 1 and 16 (2K context, 64 steps, full / uniform / ragged
 #                               caches): the three paths timed in the same run, with their tokens compared
 #   bench/gpu_decode.sh attn    bench_decode_attention: the ragged decode kernel against SDPA over the same kept
@@ -41,7 +43,7 @@ case "${1:-}" in
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
     t ninja -C build-gpu kvdistill bench_cache_decode bench_decode_attention kvd_test_decode_attention kvd_test_decode_step \
       kvd_test_static_decode kvd_test_fused_selection kvd_test_kv_select kvd_test_padded_prefill kvd_test_kvzip \
-      kvd_test_decode_eviction kvd_test_window_scores >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
+      kvd_test_decode_eviction kvd_test_window_scores kvd_test_decoder kvd_test_kv_cache >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
     t python3 tests/oracles/decoder_golden.py --out build-gpu/testdata/decoder_golden >"$OUT/oracle.log" 2>&1 ||
       tail -5 "$OUT/oracle.log"
     ;;
@@ -51,7 +53,8 @@ case "${1:-}" in
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
     for b in kvd_test_padded_prefill kvd_test_kvzip kvd_test_decode_attention kvd_test_decode_step kvd_test_static_decode \
-      kvd_test_fused_selection kvd_test_kv_select kvd_test_decode_eviction kvd_test_window_scores; do
+      kvd_test_fused_selection kvd_test_kv_select kvd_test_decode_eviction kvd_test_window_scores kvd_test_decoder \
+      kvd_test_kv_cache; do
       t build-gpu/$b >"$OUT/$b.log" 2>&1 && echo "$b rc=0" || echo "$b rc=$?"
       grep -E "error |tokens equal|each row alone|^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \
         "$OUT/$b.log" | head -40
