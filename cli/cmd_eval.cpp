@@ -28,6 +28,7 @@ struct EvalArgs {
   int64_t continuous_chunk = 128;
   int64_t decode_rows = 256;
   double decode_logits_gib = 2.0;
+  int64_t workers = 1;
   uint64_t seed = 0;
 };
 
@@ -68,6 +69,7 @@ int run(const EvalArgs& a) {
   KVD_CHECK(a.decode_rows >= 0, "--decode-rows ", a.decode_rows, ": must be >= 0 (0 decodes every budget alone)");
   o.decode_rows = a.decode_rows;
   o.decode_logits_bytes = static_cast<int64_t>(a.decode_logits_gib * 1073741824.0);
+  o.workers = a.workers;
   o.kernels = a.kernels == "reference" ? KernelPath::Reference : KernelPath::Fused;
   if (!a.shard.empty()) {
     const size_t slash = a.shard.find('/');
@@ -192,6 +194,11 @@ Registration reg([](CLI::App& root) {
                   "The float32 teacher-forced logits budgets decoded together may hold (rows x (rest + answer) x "
                   "vocabulary); larger: fewer, larger decode batches, more device memory")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  sub->add_option("--workers", a->workers,
+                  "Batches run at once, each by a thread on a CUDA stream of its own (same records; a small model's "
+                  "eval is bound by launching its ops, so more workers keep the GPU busier; the memory caps hold per "
+                  "worker)")
       ->capture_default_str();
   sub->add_option("--kernels", a->kernels,
                   "Scoring on CUDA: fused (the fused kernels where they apply: window attention for SnapKV, "

@@ -84,9 +84,8 @@ Prepared prepare(const EvalSample& s, const Tokenizer& tok, const ChatTemplate& 
 // --- the per-batch run ----------------------------------------------------------------------------------
 
 
-void sync(c10::Device d) {
-  if (d.is_cuda()) torch::cuda::synchronize();
-}
+// The timings wait for this thread's stream only (eval --workers: the others run on).
+void sync(c10::Device d) { sync_stream(d); }
 
 std::vector<KVCache> compress_batch(const Model& model, const std::vector<const Prepared*>& rows,
                                    const std::vector<ResolvedMethod*>& ms, double& prefill_s) {

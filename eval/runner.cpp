@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -13,8 +14,10 @@
 #include <iomanip>
 #include <iostream>
 #include <map>
+#include <mutex>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
@@ -56,6 +59,7 @@ void validate_eval(const EvalOptions& opt) {
   KVD_CHECK(opt.batch > 0, "--batch ", opt.batch, ": must be positive");
   KVD_CHECK(opt.batch_tokens >= 0, "--batch-tokens ", opt.batch_tokens, ": must be positive (or 0: no token limit)");
   KVD_CHECK(opt.max_new_tokens > 0, "--max-new-tokens ", opt.max_new_tokens, ": must be positive");
+  KVD_CHECK(opt.workers > 0, "--workers ", opt.workers, ": must be positive (1 runs the batches one after another)");
   // Every name and budget resolves (bundles are loaded on the CPU and checked against the model) before the
   // model is loaded.
   const ModelConfig cfg = load_config(opt.model_dir);
@@ -176,16 +180,22 @@ void run_eval(const EvalOptions& opt) {
     batches.emplace_back(i0, i1);
     i0 = i1;
   }
-  for (const auto& [i0, i1] : batches) {
+  // One batch: its full-cache reference, then every configuration it still needs. Workers run batches at once;
+  // mu guards what they share (done, computed, results.jsonl, the progress line).
+  std::mutex mu;
+  auto run_batch = [&](size_t i0, size_t i1) {
     std::vector<const Prepared*> rows(order.begin() + i0, order.begin() + i1);
     std::vector<const Config*> need;
-    for (const Config& c : configs)
-      for (const Prepared* p : rows)
-        if (!done.count(key_of(c.method, c.budget, p->sample->id))) {
-          need.push_back(&c);
-          break;
-        }
-    if (need.empty()) continue;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (const Config& c : configs)
+        for (const Prepared* p : rows)
+          if (!done.count(key_of(c.method, c.budget, p->sample->id))) {
+            need.push_back(&c);
+            break;
+          }
+    }
+    if (need.empty()) return;
     // The configurations this batch runs (the full cache always: it is the reference), in order; consecutive
     // budgets of one method that can share a prefill (shares_prefill) are compressed from one prefill.
     std::vector<const Config*> run;
@@ -265,6 +275,7 @@ void run_eval(const EvalOptions& opt) {
       for (size_t gi = 0; gi < group.size(); ++gi) {
         const Config& c = *run[g0 + gi];
         ResolvedMethod& m = group[gi];
+        std::lock_guard<std::mutex> lock(mu);  // done, computed, results.jsonl and the progress line
         std::vector<json> lines;
         for (size_t r = 0; r < rows.size(); ++r) {
           const EvalSample& s = *rows[r]->sample;
@@ -318,6 +329,36 @@ void run_eval(const EvalOptions& opt) {
       }
       g0 = g1;
     }
+  };
+  const size_t workers = std::min<size_t>(static_cast<size_t>(opt.workers), batches.size());
+  if (workers <= 1) {
+    for (const auto& [i0, i1] : batches) run_batch(i0, i1);
+  } else {
+    // Each worker takes the next batch and runs it on a CUDA stream of its own, so one batch's kernels fill the
+    // gaps another leaves while its host thread launches them. The first error stops the others after their batch
+    // (what they finished is written) and is rethrown.
+    std::cerr << "[eval] " << workers << " workers: batches run at once" << (device.is_cuda() ? ", each on a CUDA stream of its own" : "") << "\n";
+    if (device.is_cuda()) torch::cuda::synchronize();  // the weights are on the device before other streams read them
+    std::atomic<size_t> next{0};
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;
+    std::vector<std::thread> pool;
+    for (size_t w = 0; w < workers; ++w)
+      pool.emplace_back([&] {
+        at::init_num_threads();  // the intra-op thread count set for the run (the same CPU splits, the same roundings)
+        WorkerStream stream(device);
+        for (size_t bi = next++; bi < batches.size() && !failed; bi = next++) {
+          try {
+            run_batch(batches[bi].first, batches[bi].second);
+          } catch (...) {
+            std::lock_guard<std::mutex> lock(mu);
+            if (!error) error = std::current_exception();
+            failed = true;
+          }
+        }
+      });
+    for (std::thread& t : pool) t.join();
+    if (error) std::rethrow_exception(error);
   }
   write_eval_reports(opt.out_dir);
 }

@@ -1,9 +1,16 @@
 #include "models/device.h"
 
+#include <optional>
+
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include "common/error.h"
+
+#if KVD_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace kvd {
 
@@ -38,5 +45,30 @@ at::Tensor host_ints(const std::vector<int64_t>& v, c10::Device device) {
   // The pinned block returns to the allocator only once the copy queued on the current stream has run.
   return h.pin_memory().to(device, /*non_blocking=*/true);
 }
+
+void sync_stream(c10::Device device) {
+  if (!device.is_cuda()) return;
+#if KVD_WITH_CUDA
+  c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
+#else
+  torch::cuda::synchronize();
+#endif
+}
+
+struct WorkerStream::Impl {
+#if KVD_WITH_CUDA
+  std::optional<c10::cuda::CUDAStreamGuard> guard;
+#endif
+};
+
+WorkerStream::WorkerStream(c10::Device device) : impl_(std::make_unique<Impl>()) {
+#if KVD_WITH_CUDA
+  if (device.is_cuda()) impl_->guard.emplace(c10::cuda::getStreamFromPool(false, device.index()));
+#else
+  (void)device;
+#endif
+}
+
+WorkerStream::~WorkerStream() = default;
 
 }  // namespace kvd

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -20,5 +21,24 @@ c10::Device parse_device(const std::string& s, const std::string& option = "--de
 // pageable memory waits for every queued kernel first. The selectors' counts and the cache's segment tables go
 // to the device this way, so that a cut does not stall the launches behind it.
 at::Tensor host_ints(const std::vector<int64_t>& v, c10::Device device);
+
+// Waits for what the calling thread queued on `device`: its current CUDA stream, not the whole device (other
+// threads' streams run on). A no-op on the CPU.
+void sync_stream(c10::Device device);
+
+// For a worker thread that shares the device with others: while it lives, the thread's current CUDA stream on
+// `device` is a stream of its own from LibTorch's pool, so its kernels overlap the other workers' and its waits
+// (sync_stream, copies to the host) wait for its own work only. A no-op on the CPU.
+class WorkerStream {
+ public:
+  explicit WorkerStream(c10::Device device);
+  ~WorkerStream();
+  WorkerStream(const WorkerStream&) = delete;
+  WorkerStream& operator=(const WorkerStream&) = delete;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace kvd

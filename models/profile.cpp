@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <map>
+#include <mutex>
 #include <set>
 #include <string>
 
@@ -26,6 +27,7 @@ struct Section {
 
 struct SectionTotals {
   const bool on = std::getenv("KVD_PROFILE") != nullptr;
+  std::mutex mu;                        // eval --workers: laps from several threads
   std::map<std::string, Section> sec;  // name -> totals
   SectionTotals() {
     if (!on) return;
@@ -69,7 +71,9 @@ void ProfileLap::operator()(const char* name) {
   const auto t0 = t_;
   const int64_t ops0 = ops_;
   mark();
-  Section& e = section_totals().sec[std::string(prefix_) + name];
+  SectionTotals& totals = section_totals();
+  std::lock_guard<std::mutex> lock(totals.mu);
+  Section& e = totals.sec[std::string(prefix_) + name];
   e.seconds += std::chrono::duration<double>(t_ - t0).count();
   e.calls += 1;
   e.ops += ops_ - ops0;

@@ -1,7 +1,8 @@
 // KVD_PROFILE=1 in the environment: the inference forwards (prefill / decode), the eval, compression and the
 // training step (trainer and distillation objective) time their sections and count the LibTorch ops each calls
 // (a proxy for kernel launches), with the device synchronized at every boundary so that the sections add up, and
-// print the totals at exit. For finding where time goes; the synchronization itself slows the run.
+// print the totals at exit. For finding where time goes; the synchronization itself slows the run. Under eval
+// --workers the sections of the workers overlap and their ops count together: profile with one worker.
 //
 // KVD_TRACE=FILE.json: the whole command is recorded by the LibTorch profiler (Kineto: every op on the host and, on
 // CUDA, every kernel and copy on the device, through CUPTI) and written to FILE.json as a Chrome trace when it ends.

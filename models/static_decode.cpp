@@ -255,7 +255,8 @@ void StaticDecoder::run_step() {
     // on this stream), then the same step is recorded, not run: the graph then stands for every step of it.
     model_.decode_static(s_);
     graph = std::make_unique<at::cuda::CUDAGraph>();
-    graph->capture_begin();
+    // Thread-local capture: other threads (eval --workers) may allocate and launch meanwhile.
+    graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     model_.decode_static(s_);
     graph->capture_end();
   } else {
