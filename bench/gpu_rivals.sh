@@ -41,6 +41,9 @@
 #                                      KVD_TRACE (LibTorch's profiler: every host op and device kernel), then
 #                                      scripts/trace_summary.py: how busy the GPU was, the kernels' durations, what
 #                                      took the device time; the summary (and the trace gzipped) into $OUT when set
+#   bench/gpu_rivals.sh workers [N...] every heuristic of $HEURISTICS on the slice in one eval process, as the
+#                                      protocol runs them, with --workers N for each N (default 1 2 3 4): wall
+#                                      time, results per second, and how many records equal the first run's
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
@@ -254,6 +257,33 @@ PY
       python3 scripts/paired_bootstrap.py "${dirs[@]}" --baseline best | tee "$W/bootstrap-$mode.md"
     done
     ;;
+  workers)
+    shift
+    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
+    heuristics=$(echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | paste -sd, -)
+    for n in ${@:-1 2 3 4}; do
+      rm -rf "$W/workers-$n"
+      s=$SECONDS
+      env OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $KVD eval --model "$MODEL" \
+        --tasks "$W/tasks-slice.jsonl" --device cuda --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" \
+        --share-prefill methods --share-prefill-gib "$SHARE_GIB" --decode-logits-gib "$DECODE_GIB" --workers "$n" \
+        --methods "$heuristics" --ratios "$RATIOS" --out "$W/workers-$n" > "${OUT:-$W}/workers-$n.log" 2>&1 ||
+        { tail -n 20 "${OUT:-$W}/workers-$n.log"; exit 1; }
+      s=$((SECONDS - s))
+      echo "== --workers $n: $s s, $(wc -l < "$W/workers-$n/results.jsonl") results ($(($(wc -l < "$W/workers-$n/results.jsonl") / s)) per s)"
+    done
+    python3 - "$W" ${@:-1 2 3 4} <<'PY'
+import json, sys
+w, ns = sys.argv[1], sys.argv[2:]
+load = lambda n: {(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(f"{w}/workers-{n}/results.jsonl"))}
+a = load(ns[0])
+for n in ns[1:]:
+    b = load(n)
+    assert a.keys() == b.keys(), f"--workers {n} holds other records"
+    same = {f: sum(a[k][f] == b[k][f] for k in a) for f in ("output", "score", "kl", "kv_bytes_kept", "peak_kv_bytes")}
+    print(f"--workers {n} vs {ns[0]}: {len(a)} records; identical {same}")
+PY
+    ;;
   collect)
     # Into $OUT in parts of at most 15 MB (the device call returns files of up to 16 MiB): the results, metrics
     # and logs, and each trained bundle. Rejoin with `cat NAME.tgz.part-* | tar xz`.
@@ -267,7 +297,7 @@ PY
     ls -la "$out"
     ;;
   *)
-    sed -n '2,44p' "$0"
+    sed -n '2,47p' "$0"
     exit 2
     ;;
 esac
