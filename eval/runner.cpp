@@ -337,7 +337,8 @@ void run_eval(const EvalOptions& opt) {
     // Each worker takes the next batch and runs it on a CUDA stream of its own, so one batch's kernels fill the
     // gaps another leaves while its host thread launches them. The first error stops the others after their batch
     // (what they finished is written) and is rethrown.
-    std::cerr << "[eval] " << workers << " workers: batches run at once" << (device.is_cuda() ? ", each on a CUDA stream of its own" : "") << "\n";
+    std::cerr << "[eval] " << workers << " workers: batches run at once"
+              << (device.is_cuda() ? ", each on a CUDA stream of its own" : "") << "\n";
     if (device.is_cuda()) torch::cuda::synchronize();  // the weights are on the device before other streams read them
     std::atomic<size_t> next{0};
     std::atomic<bool> failed{false};
