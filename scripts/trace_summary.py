@@ -4,7 +4,7 @@
 What it answers: is the run bound by the GPU or by the host? It prints the span of the trace, the time the GPU
 was busy (the union of its kernels, copies and fills), how the kernels' durations are distributed (a launch-bound
 run is thousands of kernels of a few microseconds with idle gaps between them), the kernels that took the most
-device time, and the host ops called most often.
+device time and the host ops that launched them, and the host ops called most often.
 
     scripts/trace_summary.py run.json [--top 15] [--json]
 """
@@ -100,7 +100,37 @@ def summarize(events, top=15):
     out["top_cuda_api"] = [
         {"name": n, "calls": v[0], "us": v[1]} for n, v in sorted(by_api.items(), key=lambda kv: -kv[1][1])[:top]
     ]
+    out["top_device_by_op"] = device_time_by_op(events, top)
     return out
+
+
+def device_time_by_op(events, top):
+    """Device time by the host op that launched it: each kernel / copy is tied to its launch call by the trace's
+    correlation id, and the launch to the outermost op around it on its thread (what our code called: aten::to,
+    not the aten::copy_ inside it). Device work launched outside any op counts as "(no op)"."""
+    launched_by = {}  # correlation id -> outermost op name
+    by_tid = defaultdict(list)
+    for e in events:
+        if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver"):
+            by_tid[(e.get("pid"), e.get("tid"))].append(e)
+    for evs in by_tid.values():
+        evs.sort(key=lambda e: (float(e["ts"]), -float(e["dur"])))
+        stack = []  # the cpu ops open at the current time, outermost first
+        for e in evs:
+            ts = float(e["ts"])
+            while stack and float(stack[-1]["ts"]) + float(stack[-1]["dur"]) <= ts:
+                stack.pop()
+            if e.get("cat") == "cpu_op":
+                stack.append(e)
+            elif "correlation" in e.get("args", {}):
+                launched_by[e["args"]["correlation"]] = stack[0].get("name", "?") if stack else "(no op)"
+    by_op = defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("cat") in DEVICE_CATS:
+            o = by_op[launched_by.get(e.get("args", {}).get("correlation"), "(no op)")]
+            o[0] += 1
+            o[1] += float(e["dur"])
+    return [{"name": n, "calls": v[0], "us": v[1]} for n, v in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]]
 
 
 def short(name, n=96):
@@ -125,6 +155,10 @@ def print_summary(s):
         print("device time by kernel:")
         for k in s["top_device"]:
             print(f"  {k['us'] * ms:9.2f} ms {k['calls']:8d}x  {short(k['name'])}")
+    if s["top_device_by_op"]:
+        print("device time by the host op that launched it (outermost):")
+        for o in s["top_device_by_op"]:
+            print(f"  {o['us'] * ms:9.2f} ms {o['calls']:8d}x  {short(o['name'])}")
     if s["top_cuda_api"]:
         print("host time in CUDA calls (waits and allocations show here):")
         for a in s["top_cuda_api"]:

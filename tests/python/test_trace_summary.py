@@ -52,6 +52,29 @@ def test_figures_of_a_hand_made_trace(tmp_path):
     assert s["top_cuda_api"] == [{"name": "cudaLaunchKernel", "calls": 1, "us": 4}]
 
 
+
+def test_device_time_is_charged_to_the_outermost_launching_op():
+    # Thread 1: aten::to [0, 50) holds aten::copy_ [1, 40), which launches kernel k1 (correlation 1); aten::add
+    # [60, 70) launches k2 (2) and k3 (3). Thread 2 launches k4 (4) outside any op. Device: k1 30 us, k2 5, k3 7, k4 2.
+    def run(ts, corr, tid=1):
+        return {**ev("cuda_runtime", "cudaLaunchKernel", ts, 1), "tid": tid, "args": {"correlation": corr}}
+
+    def kern(name, ts, dur, corr):
+        return {**ev("kernel", name, ts, dur), "args": {"correlation": corr}}
+
+    events = [
+        {**ev("cpu_op", "aten::to", 0, 50), "tid": 1},
+        {**ev("cpu_op", "aten::copy_", 1, 39), "tid": 1},
+        run(2, 1),
+        {**ev("cpu_op", "aten::add", 60, 10), "tid": 1},
+        run(61, 2), run(65, 3), run(80, 4, tid=2),
+        kern("k1", 10, 30, 1), kern("k2", 70, 5, 2), kern("k3", 75, 7, 3), kern("k4", 90, 2, 4),
+    ]
+    by_op = trace_summary.summarize(events)["top_device_by_op"]
+    assert by_op == [{"name": "aten::to", "calls": 1, "us": 30}, {"name": "aten::add", "calls": 2, "us": 12},
+                     {"name": "(no op)", "calls": 1, "us": 2}]
+
+
 def test_a_file_without_events_is_an_error(tmp_path):
     p = tmp_path / "empty.json"
     p.write_text(json.dumps({"traceEvents": []}))
