@@ -43,7 +43,8 @@
 #                                      took the device time; the summary (and the trace gzipped) into $OUT when set
 #   bench/gpu_rivals.sh workers [N...] every heuristic of $HEURISTICS on the slice in one eval process, as the
 #                                      protocol runs them, with --workers N for each N (default 1 2 3 4): wall
-#                                      time, results per second, and how many records equal the first run's
+#                                      time, results per second, and how many records equal the first run's; a
+#                                      run past $WORKERS_LIMIT s (default 150) is stopped, its threads' stacks kept
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
@@ -267,8 +268,18 @@ PY
       env OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $KVD eval --model "$MODEL" \
         --tasks "$W/tasks-slice.jsonl" --device cuda --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" \
         --share-prefill methods --share-prefill-gib "$SHARE_GIB" --decode-logits-gib "$DECODE_GIB" --workers "$n" \
-        --methods "$heuristics" --ratios "$RATIOS" --out "$W/workers-$n" > "${OUT:-$W}/workers-$n.log" 2>&1 ||
-        { tail -n 20 "${OUT:-$W}/workers-$n.log"; exit 1; }
+        --methods "$heuristics" --ratios "$RATIOS" --out "$W/workers-$n" > "${OUT:-$W}/workers-$n.log" 2>&1 &
+      pid=$!
+      # A run past WORKERS_LIMIT seconds (default 150; one worker takes about 75) is stuck: every thread's stack
+      # goes to workers-N-stacks.txt (gdb, where the machine has it) before it is killed.
+      while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - s)) -lt "${WORKERS_LIMIT:-150}" ]; do sleep 1; done
+      if kill -0 "$pid" 2>/dev/null; then
+        echo "== --workers $n: stuck after $((SECONDS - s)) s: $(grep '^\[eval\]' "${OUT:-$W}/workers-$n.log" | tail -n 1)"
+        command -v gdb >/dev/null && gdb -p "$pid" -batch -ex "thread apply all bt" > "${OUT:-$W}/workers-$n-stacks.txt" 2>&1
+        kill -9 "$pid"
+        exit 1
+      fi
+      wait "$pid" || { tail -n 20 "${OUT:-$W}/workers-$n.log"; exit 1; }
       s=$((SECONDS - s))
       echo "== --workers $n: $s s, $(wc -l < "$W/workers-$n/results.jsonl") results ($(($(wc -l < "$W/workers-$n/results.jsonl") / s)) per s)"
     done
@@ -297,7 +308,7 @@ PY
     ls -la "$out"
     ;;
   *)
-    sed -n '2,47p' "$0"
+    sed -n '2,48p' "$0"
     exit 2
     ;;
 esac

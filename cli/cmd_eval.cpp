@@ -196,9 +196,8 @@ Registration reg([](CLI::App& root) {
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   sub->add_option("--workers", a->workers,
-                  "Batches run at once, each by a thread on a CUDA stream of its own (same records; a small model's "
-                  "eval is bound by launching its ops, so more workers keep the GPU busier; the memory caps hold per "
-                  "worker)")
+                  "Batches run at once, each by a thread on a CUDA stream of its own (same records; the memory caps "
+                  "hold per worker; not yet shown faster on a GPU: docs/decode.md)")
       ->capture_default_str();
   sub->add_option("--kernels", a->kernels,
                   "Scoring on CUDA: fused (the fused kernels where they apply: window attention for SnapKV, "

@@ -8,8 +8,11 @@
 #include "common/error.h"
 
 #if KVD_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+
+#include "models/cuda_stream.h"
 #endif
 
 namespace kvd {
@@ -55,15 +58,33 @@ void sync_stream(c10::Device device) {
 #endif
 }
 
+#if KVD_WITH_CUDA
+OwnedStream::OwnedStream(c10::DeviceIndex device)
+    : stream_([&] {
+        c10::cuda::CUDAGuard on(device);
+        C10_CUDA_CHECK(cudaStreamCreateWithFlags(&raw_, cudaStreamNonBlocking));
+        return c10::cuda::getStreamFromExternal(raw_, on.current_device().index());
+      }()) {}
+
+OwnedStream::~OwnedStream() {
+  // Its work first (tensors freed on it may be handed to another stream next); errors are not thrown from here.
+  c10::cuda::CUDAGuard on(stream_.device_index());
+  if (cudaStreamSynchronize(raw_) != cudaSuccess || cudaStreamDestroy(raw_) != cudaSuccess) cudaGetLastError();
+}
+#endif
+
 struct WorkerStream::Impl {
 #if KVD_WITH_CUDA
+  std::unique_ptr<OwnedStream> stream;  // outlives the guard
   std::optional<c10::cuda::CUDAStreamGuard> guard;
 #endif
 };
 
 WorkerStream::WorkerStream(c10::Device device) : impl_(std::make_unique<Impl>()) {
 #if KVD_WITH_CUDA
-  if (device.is_cuda()) impl_->guard.emplace(c10::cuda::getStreamFromPool(false, device.index()));
+  if (!device.is_cuda()) return;
+  impl_->stream = std::make_unique<OwnedStream>(device.has_index() ? device.index() : c10::cuda::current_device());
+  impl_->guard.emplace(impl_->stream->get());
 #else
   (void)device;
 #endif

@@ -27,8 +27,9 @@ at::Tensor host_ints(const std::vector<int64_t>& v, c10::Device device);
 void sync_stream(c10::Device device);
 
 // For a worker thread that shares the device with others: while it lives, the thread's current CUDA stream on
-// `device` is a stream of its own from LibTorch's pool, so its kernels overlap the other workers' and its waits
-// (sync_stream, copies to the host) wait for its own work only. A no-op on the CPU.
+// `device` is a stream of its own (models/cuda_stream.h: not one of LibTorch's pool, which other holders share),
+// so its kernels may overlap the other workers' and its waits (sync_stream, copies to the host) wait for its own
+// work only. A no-op on the CPU.
 class WorkerStream {
  public:
   explicit WorkerStream(c10::Device device);
