@@ -152,10 +152,17 @@ void KVCache::append(int64_t layer, const at::Tensor& k_in, const at::Tensor& v_
   for (int64_t r = 0; r < rows && room; ++r) room = L.len[r] + gain[r] <= L.cap[r];
   if (!room) {
     std::vector<int64_t> cap(rows);
+    int64_t sum = 0, top = 0;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t need = L.len[r] + gain[r];
       cap[r] = need + std::max<int64_t>(16, need / 8);  // geometric: amortized O(1) single-token appends
+      sum += cap[r];
+      top = std::max(top, cap[r]);
     }
+    // One capacity for every segment where that adds at most an eighth: the layout is then regular (r * cap) and
+    // layer() a view of the storage, not a gathered copy each time a forward reads the layer (after a keep, rows of
+    // different lengths and heads of different budgets hold different counts).
+    if (top * rows <= sum + sum / 8) std::fill(cap.begin(), cap.end(), top);
     reallocate(L, cap);
   }
 

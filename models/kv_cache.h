@@ -5,10 +5,12 @@
 // them, of which its first len_r slots hold its entries (in append order); unused slots are zero (positions
 // -1). Heads may hold different counts (ragged), which is what per-head eviction produces, and the allocated
 // bytes follow each head's own count: keep() reallocates every segment to exactly its kept count, appends
-// grow a segment by len_r / 8 (at least 16) past what it needs.
+// grow a segment by len_r / 8 (at least 16) past what it needs, and give every segment the largest of those
+// capacities where that adds at most an eighth to the layer (a regular layout: see layer()).
 //
 // layer() returns (B, H_kv, n, hd) tensors padded to the longest head n. When every segment has the same
-// capacity and they are laid out r * cap (the common case: plain prefill / decode, a uniform keep), these are
+// capacity and they are laid out r * cap (the common case: plain prefill / decode, a uniform keep, a compressed
+// cache after its first growing append), these are
 // zero-copy views of the storage; otherwise they are a transient padded copy built with one gather
 // (index_select), valid until the caller drops it, and `valid` marks the real entries.
 //

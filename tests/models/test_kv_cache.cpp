@@ -549,6 +549,45 @@ TEST(KVCache, PlainAppendsAreZeroCopyViews) {
   EXPECT_TRUE(c.layer(0).k.masked_select(c.layer(0).valid.logical_not().unsqueeze(-1)).eq(0).all().item<bool>());
 }
 
+// After a ragged keep, the first append that must grow gives every head the largest capacity when that adds at most
+// an eighth to the layer: layer() is then a view of the storage again (no gather per read), with `valid` marking
+// each head's own entries. Counts far apart keep their own capacities (and a gathered layer()).
+TEST(KVCache, GrowingAppendsAfterARaggedKeepBecomeZeroCopy) {
+  const int64_t B = 2, H = 2, hd = 4, n = 200;
+  torch::manual_seed(5);
+  at::Tensor k = torch::randn({B, H, n, hd}), v = torch::randn({B, H, n, hd});
+  at::Tensor pos = torch::arange(n, torch::kLong).view({1, n}).expand({B, n});
+  at::Tensor k1 = torch::randn({B, H, 1, hd}), v1 = torch::randn({B, H, 1, hd});
+  for (const std::vector<int64_t>& counts : {std::vector<int64_t>{100, 104, 108, 112}, std::vector<int64_t>{10, 190, 20, 30}}) {
+    KVCache c(1, B, H, hd, torch::kFloat, torch::kCPU);
+    c.append(0, k, v, pos);
+    std::vector<int64_t> idx, off{0};
+    for (int64_t x : counts) {
+      for (int64_t j = 0; j < x; ++j) idx.push_back(n - x + j);  // each head keeps its last x entries
+      off.push_back(off.back() + x);
+    }
+    c.keep(0, RaggedIndices{torch::tensor(idx, torch::kLong), torch::tensor(off, torch::kLong)});
+    c.append(0, k1, v1, torch::full({B, 1}, n, torch::kLong));  // no room after an exact keep: grows
+    const KVLayerView view = c.layer(0);
+    ASSERT_TRUE(view.valid.defined());
+    for (int64_t r = 0; r < B * H; ++r) {
+      const int64_t b = r / H, h = r % H, x = counts[r];
+      EXPECT_EQ(c.length(0, b, h), x + 1);
+      EXPECT_TRUE(torch::equal(view.k[b][h].narrow(0, 0, x), k[b][h].narrow(0, n - x, x)));
+      EXPECT_TRUE(torch::equal(view.k[b][h][x], k1[b][h][0]));
+      EXPECT_TRUE(torch::equal(view.pos[b][h].narrow(0, 0, x + 1), torch::arange(n - x, n + 1, torch::kLong)));
+      EXPECT_EQ(view.valid[b][h].sum().item<int64_t>(), x + 1);
+      EXPECT_TRUE(view.k[b][h].narrow(0, x + 1, view.n - x - 1).eq(0).all().item<bool>());  // padding is zero
+    }
+    const bool close = counts[0] == 100;
+    // cap = need + max(16, need / 8) per head: 117 + 121 + 125 + 129 = 492 slots, 4 x 129 = 516 <= 492 + 61; far
+    // apart: 27 + 214 + 37 + 47 = 325, 4 x 214 = 856 > 325 + 40.
+    const int64_t slots = close ? 4 * 129 : (11 + 16) + (191 + 23) + (21 + 16) + (31 + 16);
+    EXPECT_EQ(c.allocated_bytes(), slots * (c.bytes_per_entry() + 8)) << counts[1];
+    EXPECT_EQ(c.layer(0).k.data_ptr() == view.k.data_ptr(), close) << counts[1];  // zero-copy only when regular
+  }
+}
+
 // A lead of B * H_kv counts pads each head on its own: head r stores its last t - lead[r] entries (positions
 // given per head), after what it held; a row's heads then no longer count as aligned. raise_peaks only raises.
 TEST(KVCache, PerHeadLeadAppendsEachHeadsOwnTail) {
