@@ -23,5 +23,10 @@ class OwnedStream {
   c10::cuda::CUDAStream stream_;
 };
 
+// The calling thread's side stream on `device`: an OwnedStream made on the thread's first call and kept until the
+// thread ends, so that repeated users (a graph decoder per decode) reuse one stream, and the caching allocator's
+// blocks with it, rather than making a new stream each time.
+c10::cuda::CUDAStream thread_side_stream(c10::DeviceIndex device);
+
 }  // namespace kvd
 #endif

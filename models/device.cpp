@@ -1,5 +1,6 @@
 #include "models/device.h"
 
+#include <map>
 #include <optional>
 
 #include <torch/cuda.h>
@@ -67,9 +68,16 @@ OwnedStream::OwnedStream(c10::DeviceIndex device)
       }()) {}
 
 OwnedStream::~OwnedStream() {
-  // Its work first (tensors freed on it may be handed to another stream next); errors are not thrown from here.
-  c10::cuda::CUDAGuard on(stream_.device_index());
+  // Its work first (tensors freed on it may be handed to another stream next). Nothing here throws: a thread's side
+  // stream goes when the thread ends, which for the main thread is at exit.
   if (cudaStreamSynchronize(raw_) != cudaSuccess || cudaStreamDestroy(raw_) != cudaSuccess) cudaGetLastError();
+}
+
+c10::cuda::CUDAStream thread_side_stream(c10::DeviceIndex device) {
+  thread_local std::map<c10::DeviceIndex, std::unique_ptr<OwnedStream>> mine;
+  std::unique_ptr<OwnedStream>& s = mine[device];
+  if (!s) s = std::make_unique<OwnedStream>(device);
+  return s->get();
 }
 #endif
 

@@ -211,8 +211,8 @@ void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<in
 
 struct StaticDecoder::Graph {
 #if KVD_WITH_CUDA
-  std::unique_ptr<OwnedStream> stream;  // the capture and replay stream, the decoder's own; outlives the graphs
   std::map<int64_t, std::unique_ptr<at::cuda::CUDAGraph>> graphs;  // [variant] captured
+  std::optional<c10::cuda::CUDAStream> stream;  // the capture and replay stream: the thread's own side stream
 #endif
 };
 
@@ -242,16 +242,16 @@ void StaticDecoder::run_step() {
 #if KVD_WITH_CUDA
   Graph& g = *graph_;
   if (!g.stream) {
-    // Capture needs a side stream, which waits for the state's uploads on the current stream. It is the
-    // decoder's own: one from LibTorch's pool may be another thread's current stream (eval --workers), whose work
-    // would then land in this capture.
+    // Capture needs a side stream, which waits for the state's uploads on the current stream. It is this thread's
+    // own (models/cuda_stream.h): one from LibTorch's pool may be another thread's current stream (eval
+    // --workers), whose work would then land in this capture.
     c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(model_.device().index());
-    g.stream = std::make_unique<OwnedStream>(current.device_index());
+    g.stream = thread_side_stream(current.device_index());
     at::cuda::CUDAEvent ready;
     ready.record(current);
-    ready.block(g.stream->get());
+    ready.block(*g.stream);
   }
-  c10::cuda::CUDAStreamGuard guard(g.stream->get());
+  c10::cuda::CUDAStreamGuard guard(*g.stream);
   const int64_t variant = s_.evictor ? s_.evictor->variant(run_) : 0;
   std::unique_ptr<at::cuda::CUDAGraph>& graph = g.graphs[variant];
   if (!graph) {
@@ -280,7 +280,7 @@ std::vector<int64_t> StaticDecoder::next() {
     at::Tensor blk;  // (n, B)
 #if KVD_WITH_CUDA
     if (runner_ == StepRunner::Graph) {
-      c10::cuda::CUDAStreamGuard guard(graph_->stream->get());
+      c10::cuda::CUDAStreamGuard guard(*graph_->stream);
       blk = s_.history.narrow(0, first, n).to(torch::kCPU).contiguous();  // waits for the side stream
     }
 #endif
