@@ -83,10 +83,6 @@ Prepared prepare(const EvalSample& s, const Tokenizer& tok, const ChatTemplate& 
 
 // --- the per-batch run ----------------------------------------------------------------------------------
 
-
-// The timings wait for this thread's stream only (eval --workers: the others run on).
-void sync(c10::Device d) { sync_stream(d); }
-
 std::vector<KVCache> compress_batch(const Model& model, const std::vector<const Prepared*>& rows,
                                    const std::vector<ResolvedMethod*>& ms, double& prefill_s) {
   KVD_CHECK(!ms.empty(), "eval: internal error, no method to run");
@@ -112,7 +108,7 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
   } else {
     compress_prefill(model, caches[0], spans, ms[0]->method, ms[0]->compress);
   }
-  sync(model.device());
+  sync_stream(model.device());  // the timing waits for this thread's stream only (eval --workers)
   prefill_s = seconds_since(t0);
   return caches;
 }
@@ -186,7 +182,7 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
   }
   BatchGenerateResult gen = generate_batch(model, rests, cache, g);
   decode_path = gen.decode;
-  sync(model.device());
+  sync_stream(model.device());  // the timing waits for this thread's stream only (eval --workers)
   decode_s = seconds_since(t1);
   lap("answer");
   std::vector<int64_t> stored(B);
