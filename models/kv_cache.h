@@ -10,9 +10,9 @@
 //
 // layer() returns (B, H_kv, n, hd) tensors padded to the longest head n. When every segment has the same
 // capacity and they are laid out r * cap (the common case: plain prefill / decode, a uniform keep, a compressed
-// cache after its first growing append), these are
-// zero-copy views of the storage; otherwise they are a transient padded copy built with one gather
-// (index_select), valid until the caller drops it, and `valid` marks the real entries.
+// cache after its first growing append), these are zero-copy views of the storage; otherwise they are a transient
+// padded copy built with one gather (index_select), valid until the caller drops it, and `valid` marks the real
+// entries.
 //
 // Per-entry payload: named per-entry columns a scorer attaches (TRIM-KV's log β written when a token is
 // appended, H2O's accumulated attention, LazyEviction's step counters). Each is one scalar per entry of every
