@@ -15,6 +15,7 @@
 #define KVD_KS_NAMESPACE kvd::kernels::emulated
 #else
 #define KVD_KS_NAMESPACE kvd::kernels
+#include "kernels/smem_limit.cuh"  // raise_smem_limit
 #define KVD_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #define KVD_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #define KVD_LAST_ERROR() cudaGetLastError()
@@ -122,9 +123,7 @@ cudaError_t launch_score_upt(const T* x, int64_t rows, int64_t n, const Retentio
   const int grid = static_cast<int>((rows + kTok - 1) / kTok);
   auto* kernel = &score_kernel<T, UPT>;
 #ifndef KVD_SIMT_EMULATION
-  const cudaError_t e =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (e != cudaSuccess) return e;
+  if (const cudaError_t e = raise_smem_limit(kernel, smem); e != cudaSuccess) return e;
 #endif
   KVD_LAUNCH(kernel, grid, kScoreThreads, smem, stream, x, rows, n, g, pos, pos_stride, next, out);
   return KVD_LAST_ERROR();
@@ -446,8 +445,7 @@ cudaError_t select_rows(const SelectArgs& a, cudaStream_t stream) {
   const size_t smem = sizeof(int) * (kSelectHeaderInts + static_cast<size_t>(capacity));
   auto* kernel = &select_kernel;
 #ifndef KVD_SIMT_EMULATION
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (e != cudaSuccess) return e;
+  if (const cudaError_t e = raise_smem_limit(kernel, smem); e != cudaSuccess) return e;
 #endif
   KVD_LAUNCH(kernel, a.num_segments, kSelectThreads, smem, stream, a, capacity);
   return KVD_LAST_ERROR();

@@ -18,6 +18,10 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#ifndef KVD_SIMT_EMULATION
+#include "kernels/smem_limit.cuh"
+#endif
+
 #ifdef KVD_SIMT_EMULATION
 namespace kvd::kernels::emulated::mma {
 #else
@@ -119,14 +123,15 @@ __device__ __forceinline__ void ld_b_kn(uint32_t (&b)[4], const bf16* t, int k0,
   ldsm_x4_t(b, t + swz<D>(k0 + (lane & 7) + ((lane >> 3) & 1) * 8, n0 + (lane >> 4) * 8));
 }
 
-// Lets `kernel` use `bytes` of dynamic shared memory (above the default 48 KB); nothing to do when emulated.
+// Lets `kernel` use `bytes` of dynamic shared memory (above the default 48 KB): the limit only rises, so threads
+// launching it at once cannot lower it under each other (kernels/smem_limit.cuh); nothing to do when emulated.
 template <typename K>
 cudaError_t allow_smem(K kernel, size_t bytes) {
 #ifdef KVD_SIMT_EMULATION
   (void)kernel, (void)bytes;
   return cudaSuccess;
 #else
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return kvd::kernels::raise_smem_limit(kernel, bytes);
 #endif
 }
 

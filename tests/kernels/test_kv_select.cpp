@@ -3,9 +3,13 @@
 // protected entries, threshold); compaction byte-identical to compact_rows_reference; the retention score within
 // 2e-5 (relative to the largest) of a float64 evaluation, bitwise equal across two runs. GPU only (skipped without
 // one); the same kernel code runs in CI through the emulator (emu_kv_select).
+#include <atomic>
 #include <cstdio>
+#include <thread>
 
 #include <gtest/gtest.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/torch.h>
 
 #include "kernels/kv_select.h"
@@ -66,6 +70,42 @@ TEST(KvSelectKernel, SelectMatchesReferenceAtServingSizes) {
     spec.keep = std::max<int64_t>(1, m / 2);
     expect_same(kvd::select_rows_fused(t.cuda(), spec), kvd::select_rows_reference(t, spec), "small");
   }
+}
+
+// Two host threads selecting at once, each on a stream of its own, one with segments of 40K entries (keys cached in
+// about 160 KB of shared memory) and one with 64 (a few hundred bytes): the kernel's dynamic shared memory limit is
+// one per function for every thread, and a launcher that set it to its own need let the small selection lower it
+// between the large one's set and launch (cudaErrorInvalidValue, `eval --workers 2`).
+TEST(KvSelectKernel, ThreadsSelectingAtOnceWithDifferentSharedMemory) {
+  if (!have_kernels()) GTEST_SKIP() << "no CUDA device or no fused kernels in this build";
+  torch::manual_seed(1);
+  const at::Tensor big = torch::round(torch::randn({1, 4, 40000}) * 32.0) / 32.0, small = torch::randn({2, 3, 64});
+  RowSelectSpec big_spec, small_spec;
+  big_spec.keep = 5000;
+  small_spec.keep = 17;
+  const RowSelection big_want = kvd::select_rows_reference(big, big_spec);
+  const RowSelection small_want = kvd::select_rows_reference(small, small_spec);
+  std::atomic<int> failures{0};
+  auto worker = [&](const at::Tensor& host, const RowSelectSpec& spec, const RowSelection& want) {
+    c10::cuda::CUDAStream stream = c10::cuda::getStreamFromPool();
+    c10::cuda::CUDAStreamGuard on(stream);
+    const at::Tensor dev = host.cuda();
+    for (int i = 0; i < 300; ++i) {
+      try {
+        const RowSelection got = kvd::select_rows_fused(dev, spec);
+        if (i % 50 == 0 && !torch::equal(got.counts.cpu(), want.counts)) ++failures;
+      } catch (const std::exception& e) {
+        if (failures++ == 0) std::fprintf(stderr, "%s\n", e.what());
+      }
+    }
+    stream.synchronize();
+  };
+  std::thread a(worker, std::cref(big), std::cref(big_spec), std::cref(big_want));
+  std::thread b(worker, std::cref(small), std::cref(small_spec), std::cref(small_want));
+  a.join();
+  b.join();
+  EXPECT_EQ(failures.load(), 0);
+  expect_same(kvd::select_rows_fused(big.cuda(), big_spec), big_want, "after the threads");
 }
 
 TEST(KvSelectKernel, CompactMatchesReference) {
