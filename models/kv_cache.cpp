@@ -514,20 +514,29 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep, IndexCheck check) {
   const int64_t* off = off_c.data_ptr<int64_t>();
   KVD_CHECK(off[0] == 0 && off[rows] == keep.indices.size(0), "KVCache::keep: offsets must run from 0 to ",
             keep.indices.size(0));
-  std::vector<int64_t> cap(rows), start(rows);
-  int64_t total = 0;
+  std::vector<int64_t> count(rows), cap(rows), start(rows);
+  int64_t total = 0, top = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    cap[r] = off[r + 1] - off[r];
-    KVD_CHECK(cap[r] >= 0, "KVCache::keep: offsets must not decrease");
-    start[r] = total;
-    total += cap[r];
+    count[r] = off[r + 1] - off[r];
+    KVD_CHECK(count[r] >= 0, "KVCache::keep: offsets must not decrease");
+    total += count[r];
+    top = std::max(top, count[r]);
   }
-  // Reallocate exactly to the kept entries: one gather per tensor, segments laid out head row after head row.
-  // The indices stay where they are (the selectors leave them on the cache's device): each entry's head row
-  // and source slot are built there, and only the bounds check reads one flag back.
+  // Segments laid out head row after head row, each exactly its kept count, or all of the largest count where that
+  // adds at most 1/64 (rows of a batch differ in length by about 1% and keep counts in proportion at one ratio):
+  // the layout is then regular and layer() a view of the storage rather than a gathered copy on every read.
+  const bool common = top * rows <= total + total / 64;
+  int64_t alloc = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    cap[r] = common ? top : count[r];
+    start[r] = alloc;
+    alloc += cap[r];
+  }
+  // One gather per tensor. The indices stay where they are (the selectors leave them on the cache's device): each
+  // entry's head row and source slot are built there, and only the bounds check reads one flag back.
   if (total > 0) {
     at::Tensor idx = keep.indices.to(device_);                                          // (total)
-    at::Tensor row = at::repeat_interleave(host_ints(cap, device_), std::optional<int64_t>(total));  // (total) head row
+    at::Tensor row = at::repeat_interleave(host_ints(count, device_), std::optional<int64_t>(total));  // (total) head row
     at::Tensor bad = check == IndexCheck::ReadBack
                          ? idx.lt(0).logical_or(idx.ge(device_len(L).index_select(0, row)))  // (total)
                          : at::Tensor();
@@ -537,10 +546,25 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep, IndexCheck check) {
                " is outside its ", L.len[r], " entries");
     }
     at::Tensor s = device_start(L).index_select(0, row) + idx;  // (total) flat slots
-    L.k = L.k.index_select(0, s);               // (total, hd)
-    L.v = L.v.index_select(0, s);               // (total, hd)
-    L.pos = L.pos.index_select(0, s);           // (total)
-    for (at::Tensor& c : L.cols) c = c.index_select(0, s);  // (total)
+    if (alloc == total) {
+      L.k = L.k.index_select(0, s);               // (total, hd)
+      L.v = L.v.index_select(0, s);               // (total, hd)
+      L.pos = L.pos.index_select(0, s);           // (total)
+      for (at::Tensor& c : L.cols) c = c.index_select(0, s);  // (total)
+    } else {
+      // Padded segments: entry j of head row r goes to slot r * top + j; the slots past a head's count are zero
+      // (positions -1, payload its fill), as layer()'s padding expects.
+      std::vector<int64_t> first(rows);  // [row] its first kept index in `idx`
+      for (int64_t r = 0; r < rows; ++r) first[r] = off[r];
+      const at::Tensor d = row * top + torch::arange(total, row.options()) - host_ints(first, device_).index_select(0, row);  // (total)
+      auto moved = [&](const at::Tensor& src, at::Tensor dst) { return dst.index_copy_(0, d, src.index_select(0, s)); };
+      const auto opt = L.k.options();
+      L.k = moved(L.k, torch::zeros({alloc, head_dim_}, opt));                       // (alloc, hd)
+      L.v = moved(L.v, torch::zeros({alloc, head_dim_}, opt));                       // (alloc, hd)
+      L.pos = moved(L.pos, torch::full({alloc}, -1, L.pos.options()));              // (alloc)
+      for (size_t c = 0; c < L.cols.size(); ++c)
+        L.cols[c] = moved(L.cols[c], torch::full({alloc}, payload_[c].fill, L.cols[c].options()));  // (alloc)
+    }
   } else {
     L.k = L.v = L.pos = at::Tensor();
     for (at::Tensor& c : L.cols) c = at::Tensor();
@@ -548,8 +572,8 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep, IndexCheck check) {
   L.aligned = false;
   L.cap = cap;
   L.start = start;
-  L.total = total;
-  for (int64_t r = 0; r < rows; ++r) set_len(L, r, cap[r]);
+  L.total = alloc;
+  for (int64_t r = 0; r < rows; ++r) set_len(L, r, count[r]);
   L.start_d = L.len_d = at::Tensor();
 }
 

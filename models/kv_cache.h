@@ -4,13 +4,13 @@
 // (S_total) int64 position buffer. Head row r = b * H_kv + h owns the segment [start_r, start_r + cap_r) of
 // them, of which its first len_r slots hold its entries (in append order); unused slots are zero (positions
 // -1). Heads may hold different counts (ragged), which is what per-head eviction produces, and the allocated
-// bytes follow each head's own count: keep() reallocates every segment to exactly its kept count, appends
-// grow a segment by len_r / 8 (at least 16) past what it needs, and give every segment the largest of those
-// capacities where that adds at most an eighth to the layer (a regular layout: see layer()).
+// bytes follow each head's own count: keep() reallocates every segment to its kept count, appends grow a segment
+// by len_r / 8 (at least 16) past what it needs, and both give every segment the largest of those capacities
+// where that adds little to the layer (a keep 1/64, a growing append 1/8): a regular layout, see layer().
 //
 // layer() returns (B, H_kv, n, hd) tensors padded to the longest head n. When every segment has the same
-// capacity and they are laid out r * cap (the common case: plain prefill / decode, a uniform keep, a compressed
-// cache after its first growing append), these are zero-copy views of the storage; otherwise they are a transient
+// capacity and they are laid out r * cap (the common case: plain prefill / decode, a keep whose heads' counts
+// differ by little, as rows of different lengths at one ratio do), these are zero-copy views of the storage; otherwise they are a transient
 // padded copy built with one gather (index_select), valid until the caller drops it, and `valid` marks the real
 // entries.
 //
@@ -110,8 +110,9 @@ class KVCache {
   // Keeps, per (batch row, KV head), the entries at `indices` (into the current entries, in that order;
   // pass them sorted to keep the cache in position order). Every head keeps n_keep entries.
   void keep(int64_t layer, const at::Tensor& indices);  // (B, H_kv, n_keep) int64
-  // Ragged keep: each head keeps its own count. Both keeps reallocate the layer to exactly the kept entries,
-  // so afterwards allocated_bytes() counts Σ kept × (bytes_per_entry() + 8) for the layer. The indices may be on
+  // Ragged keep: each head keeps its own count. Both keeps reallocate the layer to the kept entries, so
+  // afterwards allocated_bytes() counts Σ kept × (bytes_per_entry() + 8) for the layer, or, where the heads'
+  // counts differ by so little that the largest for every head adds at most 1/64, that many slots per head. The indices may be on
   // the host or the cache's device (the selectors leave them there): the gather is built on the device, and
   // the bounds check reads back one flag. An index outside its head's entries throws and leaves the layer as
   // it was. IndexCheck::ByConstruction skips that check (and its read-back) for indices built from this

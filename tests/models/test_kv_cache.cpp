@@ -588,6 +588,47 @@ TEST(KVCache, GrowingAppendsAfterARaggedKeepBecomeZeroCopy) {
   }
 }
 
+// A keep whose heads' counts differ by little (rows of a batch at one ratio) pads every segment to the largest
+// count: the layer is regular at once, layer() a view of the storage (no gather per read), the padding zero with
+// positions -1 and the payload's fill, and the storage within 1/64 of the kept entries. Counts far apart keep
+// exact segments.
+TEST(KVCache, KeepWithCloseCountsIsRegular) {
+  const int64_t B = 2, H = 2, hd = 4, n = 200;
+  torch::manual_seed(6);
+  const at::Tensor k = torch::randn({B, H, n, hd}), v = torch::randn({B, H, n, hd});
+  const at::Tensor pos = torch::arange(n, torch::kLong).view({1, n}).expand({B, n});
+  for (const std::vector<int64_t>& counts : {std::vector<int64_t>{128, 129, 130, 130}, std::vector<int64_t>{100, 130, 120, 130}}) {
+    KVCache c(1, B, H, hd, torch::kFloat, torch::kCPU);
+    c.add_payload("score", torch::kFloat, -7.0);
+    c.append(0, k, v, pos);
+    std::vector<int64_t> idx, off{0};
+    for (int64_t x : counts) {
+      for (int64_t j = 0; j < x; ++j) idx.push_back(2 * j % n + (2 * j >= n));  // every other entry, then the rest
+      std::sort(idx.end() - x, idx.end());
+      off.push_back(off.back() + x);
+    }
+    c.keep(0, RaggedIndices{torch::tensor(idx, torch::kLong), torch::tensor(off, torch::kLong)});
+    const KVLayerView view = c.layer(0);
+    const bool close = counts[0] == 128;  // 4 x 130 = 520 <= 517 + 8; far apart: 4 x 130 = 520 > 480 + 7
+    EXPECT_EQ(c.layer(0).k.data_ptr() == view.k.data_ptr(), close) << counts[0];
+    EXPECT_EQ(c.allocated_bytes(), (close ? 4 * 130 : 480) * (c.bytes_per_entry() + 8 + 4)) << counts[0];
+    ASSERT_TRUE(view.valid.defined());
+    EXPECT_EQ(view.n, 130);
+    for (int64_t r = 0; r < B * H; ++r) {
+      const int64_t b = r / H, h = r % H, x = counts[r];
+      const at::Tensor want = torch::tensor(std::vector<int64_t>(idx.begin() + off[r], idx.begin() + off[r + 1]), torch::kLong);
+      EXPECT_EQ(c.length(0, b, h), x);
+      EXPECT_TRUE(torch::equal(view.k[b][h].narrow(0, 0, x), k[b][h].index_select(0, want)));
+      EXPECT_TRUE(torch::equal(view.v[b][h].narrow(0, 0, x), v[b][h].index_select(0, want)));
+      EXPECT_TRUE(torch::equal(view.pos[b][h].narrow(0, 0, x), want));
+      EXPECT_TRUE(view.k[b][h].narrow(0, x, view.n - x).eq(0).all().item<bool>());
+      EXPECT_TRUE(view.pos[b][h].narrow(0, x, view.n - x).eq(-1).all().item<bool>());
+      EXPECT_TRUE(view.payload.at("score")[b][h].narrow(0, x, view.n - x).eq(-7.0).all().item<bool>());
+    }
+    EXPECT_EQ(c.bytes(), std::accumulate(counts.begin(), counts.end(), int64_t{0}) * c.bytes_per_entry());
+  }
+}
+
 // A lead of B * H_kv counts pads each head on its own: head r stores its last t - lead[r] entries (positions
 // given per head), after what it held; a row's heads then no longer count as aligned. raise_peaks only raises.
 TEST(KVCache, PerHeadLeadAppendsEachHeadsOwnTail) {
