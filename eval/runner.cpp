@@ -19,6 +19,7 @@
 #include <sstream>
 #include <thread>
 
+#include <ATen/record_function.h>
 #include <nlohmann/json.hpp>
 #include <torch/torch.h>
 
@@ -231,7 +232,13 @@ void run_eval(const EvalOptions& opt) {
       for (ResolvedMethod& m : group) ms.push_back(&m);
       KVD_CHECK(group[0].full || have_ref, "eval: internal error, no full-cache reference");
       double prefill_s = 0;
-      std::vector<KVCache> caches = compress_batch(model, rows, ms, prefill_s);
+      std::vector<KVCache> caches;
+      {
+        // A scope of KVD_TRACE's recording (models/profile.h): the device time of the group's prefill and scoring.
+        const std::string scope = "eval compress " + group[0].label + (group.size() > 1 ? " +" + std::to_string(group.size() - 1) : "");
+        RECORD_USER_SCOPE(scope.c_str());
+        caches = compress_batch(model, rows, ms, prefill_s);
+      }
       // The group's budgets are finished in runs of consecutive budgets whose rows decode as one batch: at most
       // opt.decode_rows rows, and at most opt.decode_logits_bytes of float32 logits in the teacher-forced pass (rows
       // x (rest + answer) x vocabulary), which is what a run adds to the device memory of one budget alone.
@@ -251,6 +258,8 @@ void run_eval(const EvalOptions& opt) {
         double ds = 0;
         DecodePath dp = DecodePath::Cache;
         std::vector<RowResult> out;
+        const std::string scope = "eval answer " + group[r0].label + (n > 1 ? " +" + std::to_string(n - 1) : "");
+        RECORD_USER_SCOPE(scope.c_str());
         if (n == 1) {
           out = finish_batch(model, rows, group[r0], caches[r0], ref, opt.decode, ds, dp);
           caches[r0] = KVCache(model.config(), 1, caches[r0].dtype(), caches[r0].device());  // its memory back now

@@ -92,7 +92,7 @@ TraceScope::TraceScope() {
   namespace prof = torch::profiler::impl;
   std::set<prof::ActivityType> what{prof::ActivityType::CPU};
   if (torch::cuda::is_available()) what.insert(prof::ActivityType::CUDA);
-  const prof::ProfilerConfig config(prof::ProfilerState::KINETO);
+  const prof::ProfilerConfig config(prof::ProfilerState::KINETO, /*report_input_shapes=*/true);
   torch::autograd::profiler::prepareProfiler(config, what);
   torch::autograd::profiler::enableProfiler(config, what);
   on_ = true;

@@ -5,8 +5,10 @@
 // --workers the sections of the workers overlap and their ops count together: profile with one worker.
 //
 // KVD_TRACE=FILE.json: the whole command is recorded by the LibTorch profiler (Kineto: every op on the host and, on
-// CUDA, every kernel and copy on the device, through CUPTI) and written to FILE.json as a Chrome trace when it ends.
-// scripts/trace_summary.py reads it: how busy the GPU was, which kernels and ops took the time. Nothing is
+// CUDA, every kernel and copy on the device, through CUPTI), with each op's input shapes and the user scopes of the
+// code (the eval's "eval compress METHOD" and "eval answer METHOD"), and written to FILE.json as a Chrome trace
+// when it ends. scripts/trace_summary.py reads it: how busy the GPU was, which kernels, ops (and shapes) and scopes
+// took the device time. Nothing is
 // synchronized, so the times are the run's own; keep the run short (a trace holds every op).
 #pragma once
 

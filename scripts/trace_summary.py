@@ -100,37 +100,59 @@ def summarize(events, top=15):
     out["top_cuda_api"] = [
         {"name": n, "calls": v[0], "us": v[1]} for n, v in sorted(by_api.items(), key=lambda kv: -kv[1][1])[:top]
     ]
-    out["top_device_by_op"] = device_time_by_op(events, top)
+    out["top_device_by_op"], out["top_device_by_op_shapes"], out["top_device_by_scope"] = device_time_by_op(events, top)
     return out
 
 
 def device_time_by_op(events, top):
     """Device time by the host op that launched it: each kernel / copy is tied to its launch call by the trace's
     correlation id, and the launch to the outermost op around it on its thread (what our code called: aten::to,
-    not the aten::copy_ inside it). Device work launched outside any op counts as "(no op)"."""
-    launched_by = {}  # correlation id -> outermost op name
+    not the aten::copy_ inside it). Device work launched outside any op counts as "(no op)".
+
+    Returns three tables: by that op; by that op and its input shapes (recorded by KVD_TRACE); and by the
+    innermost user scope around the launch (the eval's "eval compress METHOD" / "eval answer METHOD" scopes, or
+    "(no scope)")."""
+    launched_by = {}  # correlation id -> (outermost op name, its input shapes, innermost user scope)
     by_tid = defaultdict(list)
     for e in events:
-        if e.get("cat") in ("cpu_op", "cuda_runtime", "cuda_driver"):
+        if e.get("cat") in ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver"):
             by_tid[(e.get("pid"), e.get("tid"))].append(e)
     for evs in by_tid.values():
         evs.sort(key=lambda e: (float(e["ts"]), -float(e["dur"])))
-        stack = []  # the cpu ops open at the current time, outermost first
-        for e in evs:
-            ts = float(e["ts"])
+        ops, scopes = [], []  # open at the current time, outermost first
+
+        def close(stack, ts):
             while stack and float(stack[-1]["ts"]) + float(stack[-1]["dur"]) <= ts:
                 stack.pop()
+
+        for e in evs:
+            ts = float(e["ts"])
+            close(ops, ts)
+            close(scopes, ts)
             if e.get("cat") == "cpu_op":
-                stack.append(e)
+                ops.append(e)
+            elif e.get("cat") == "user_annotation":
+                scopes.append(e)
             elif "correlation" in e.get("args", {}):
-                launched_by[e["args"]["correlation"]] = stack[0].get("name", "?") if stack else "(no op)"
-    by_op = defaultdict(lambda: [0, 0.0])
+                op = ops[0] if ops else None
+                launched_by[e["args"]["correlation"]] = (
+                    op.get("name", "?") if op else "(no op)",
+                    json.dumps(op.get("args", {}).get("Input Dims")) if op and "Input Dims" in op.get("args", {}) else "",
+                    scopes[-1].get("name", "?") if scopes else "(no scope)",
+                )
+    by_op, by_shape, by_scope = (defaultdict(lambda: [0, 0.0]) for _ in range(3))
     for e in events:
         if e.get("cat") in DEVICE_CATS:
-            o = by_op[launched_by.get(e.get("args", {}).get("correlation"), "(no op)")]
-            o[0] += 1
-            o[1] += float(e["dur"])
-    return [{"name": n, "calls": v[0], "us": v[1]} for n, v in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top]]
+            name, shapes, scope = launched_by.get(e.get("args", {}).get("correlation"), ("(no op)", "", "(no scope)"))
+            for table, key in ((by_op, name), (by_shape, (name, shapes)), (by_scope, scope)):
+                table[key][0] += 1
+                table[key][1] += float(e["dur"])
+
+    def rows(table, label):
+        return [{**label(k), "calls": v[0], "us": v[1]} for k, v in sorted(table.items(), key=lambda kv: -kv[1][1])[:top]]
+
+    return (rows(by_op, lambda k: {"name": k}), rows(by_shape, lambda k: {"name": k[0], "shapes": k[1]}),
+            rows(by_scope, lambda k: {"name": k}))
 
 
 def short(name, n=96):
@@ -158,6 +180,14 @@ def print_summary(s):
     if s["top_device_by_op"]:
         print("device time by the host op that launched it (outermost):")
         for o in s["top_device_by_op"]:
+            print(f"  {o['us'] * ms:9.2f} ms {o['calls']:8d}x  {short(o['name'])}")
+    if any(o["shapes"] for o in s["top_device_by_op_shapes"]):
+        print("device time by the launching op and its input shapes:")
+        for o in s["top_device_by_op_shapes"]:
+            print(f"  {o['us'] * ms:9.2f} ms {o['calls']:8d}x  {o['name']} {short(o['shapes'], 120)}")
+    if any(o["name"] != "(no scope)" for o in s["top_device_by_scope"]):
+        print("device time by the innermost user scope around its launch:")
+        for o in s["top_device_by_scope"]:
             print(f"  {o['us'] * ms:9.2f} ms {o['calls']:8d}x  {short(o['name'])}")
     if s["top_cuda_api"]:
         print("host time in CUDA calls (waits and allocations show here):")

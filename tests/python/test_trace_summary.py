@@ -75,6 +75,29 @@ def test_device_time_is_charged_to_the_outermost_launching_op():
                      {"name": "(no op)", "calls": 1, "us": 2}]
 
 
+def test_device_time_by_op_shapes_and_by_user_scope():
+    # Thread 1: scope "eval compress snapkv" [0, 100) holds scope "inner" [0, 30) and index_select ops of two
+    # shapes; thread 2 launches outside any scope. Each op launches one kernel (correlation = its number).
+    def op(name, ts, dims, corr, tid=1):
+        return [{**ev("cpu_op", name, ts, 5), "tid": tid, "args": {"Input Dims": dims}},
+                {**ev("cuda_runtime", "cudaLaunchKernel", ts + 1, 1), "tid": tid, "args": {"correlation": corr}},
+                {**ev("kernel", "gather", 200 + 10 * corr, corr), "args": {"correlation": corr}}]
+
+    events = [{**ev("user_annotation", "eval compress snapkv", 0, 100), "tid": 1},
+              {**ev("user_annotation", "inner", 0, 30), "tid": 1},
+              *op("aten::index_select", 10, [[8, 64], [], [4]], 1),
+              *op("aten::index_select", 40, [[8, 64], [], [4]], 2),
+              *op("aten::index_select", 50, [[1024, 64], [], [512]], 3),
+              *op("aten::add", 10, [[4], [4]], 4, tid=2)]
+    s = trace_summary.summarize(events)
+    shapes = {(o["name"], o["shapes"]): (o["calls"], o["us"]) for o in s["top_device_by_op_shapes"]}
+    assert shapes == {("aten::index_select", "[[8, 64], [], [4]]"): (2, 3),
+                      ("aten::index_select", "[[1024, 64], [], [512]]"): (1, 3),
+                      ("aten::add", "[[4], [4]]"): (1, 4)}
+    scopes = {o["name"]: (o["calls"], o["us"]) for o in s["top_device_by_scope"]}
+    assert scopes == {"inner": (1, 1), "eval compress snapkv": (2, 5), "(no scope)": (1, 4)}
+
+
 def test_a_file_without_events_is_an_error(tmp_path):
     p = tmp_path / "empty.json"
     p.write_text(json.dumps({"traceEvents": []}))
