@@ -36,20 +36,25 @@
 #                                      lazy_eviction streaming_llm_decode snapkv) alone on the slice, at the
 #                                      protocol's BATCH / BATCH_TOKENS, one process, with KVD_PROFILE: wall time and
 #                                      its three largest sections; every section in $OUT/profile-M.log
-#   bench/gpu_rivals.sh trace [M]      one eval process on the slice's first 16 samples (2K) with methods M (default
-#                                      snapkv,defensivekv,adakv_snapkv,tova,tova_decode,kvzip) at $RATIOS under
-#                                      KVD_TRACE (LibTorch's profiler: every host op and device kernel), then
-#                                      scripts/trace_summary.py: how busy the GPU was, the kernels' durations, what
-#                                      took the device time; the summary (and the trace gzipped) into $OUT when set
+#   bench/gpu_rivals.sh trace [M]      one eval process on the slice's 16 samples of length $TRACE_LEN (default
+#                                      2048) with methods M (default snapkv,defensivekv,adakv_snapkv,tova,
+#                                      tova_decode,kvzip) at $RATIOS under KVD_TRACE (LibTorch's profiler: every host
+#                                      op with its input shapes, every device kernel, the eval's scopes), then
+#                                      scripts/trace_summary.py: how busy the GPU was, the kernels' durations, which
+#                                      kernels, ops (and shapes) and method scopes took the device time; the summary
+#                                      (and the trace gzipped) into $OUT when set
 #   bench/gpu_rivals.sh workers [N...] every heuristic of $HEURISTICS on the slice in one eval process, as the
 #                                      protocol runs them, with --workers N for each N (default 1 2 3 4): wall
 #                                      time, results per second, and how many records equal the first run's; a
 #                                      run past $WORKERS_LIMIT s (default 150) is stopped, its threads' stacks kept
+#   bench/gpu_rivals.sh mps [P...]     the same run split into P shards (default 1 2 4), one eval process each,
+#                                      all at once under CUDA MPS (the daemon started if it is not running): wall
+#                                      time and agreement with `workers 1`'s records
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
-# TRAIN (which of them `train` runs, default "kvzap dms"); KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
+# TRAIN (which of them `train` runs, default "kvzap dms"); KVZAP_VARIANT (linear, the default, or mlp); KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
 # three quarters); P (eval processes at once, default 1: without MPS the GPU time-slices between processes, and
 # one process was twice as fast as six on 2026-12-06), SHARDS (of the samples, default $P), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
 # BATCH=64 BATCH_TOKENS=131072 six processes ran out of the H200's memory on 2026-12-04: KVzip's repeat pass and
@@ -67,6 +72,8 @@ W=${W:-/root/rv}
 KVZAP_H5=${KVZAP_H5:-corpus-1k.h5}
 DMS_H5=${DMS_H5:-corpus-2k.h5}
 KVZAP_STEPS=${KVZAP_STEPS:-600}
+# linear: 30 x (576 -> 3) weights, a 0.2 MB bundle that can be committed and carried to later calls (the MLP's is 35.6 MB)
+KVZAP_VARIANT=${KVZAP_VARIANT:-linear}
 DMS_STEPS=${DMS_STEPS:-400}
 TRAIN=${TRAIN:-kvzap dms}
 MODES=${MODES:-agnostic aware}
@@ -139,7 +146,7 @@ case "${1:-}" in
   train)
     limit=${2:-540}
     [[ " $TRAIN " != *" kvzap "* ]] || [ -f "$W/kvzap/bundle/kvdistill.json" ] || timeout "$limit" $KVD train --config configs/kvzap-smollm2.yaml model.dir="$MODEL" data.train="$DATA/$KVZAP_H5" \
-      train.steps="$KVZAP_STEPS" train.save_every=50 train.progress=lines train.out_dir="$W/kvzap" \
+      component.variant="$KVZAP_VARIANT" train.steps="$KVZAP_STEPS" train.save_every=50 train.progress=lines train.out_dir="$W/kvzap" \
       >> "$W/train-kvzap.log" 2>&1 &
     [[ " $TRAIN " != *" dms "* ]] || [ -f "$W/dms/bundle/kvdistill.json" ] || timeout "$limit" $KVD train --config configs/dms-smollm2.yaml model.dir="$MODEL" data.train="$DATA/$DMS_H5" \
       train.steps="$DMS_STEPS" component.ramp_steps=$((DMS_STEPS * 3 / 4)) train.save_every=50 train.progress=lines \
@@ -238,7 +245,9 @@ PY
     ;;
   trace)
     tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
-    head -n 16 "$W/tasks-slice.jsonl" > "$W/tasks-trace.jsonl"
+    # TRACE_LEN (default 2048): the slice's samples of that length (16).
+    python3 -c 'import json,sys; [print(l, end="") for l in open(sys.argv[1]) if json.loads(l)["length"] // 1000 == int(sys.argv[2]) // 1000]' \
+      "$W/tasks-slice.jsonl" "${TRACE_LEN:-2048}" > "$W/tasks-trace.jsonl"
     rm -rf "$W/trace-eval"
     env KVD_TRACE="$W/trace.json" OMP_NUM_THREADS=1 $KVD eval --model "$MODEL" --tasks "$W/tasks-trace.jsonl" \
       --device cuda --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" --share-prefill methods \
@@ -275,7 +284,8 @@ PY
       while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - s)) -lt "${WORKERS_LIMIT:-150}" ]; do sleep 1; done
       if kill -0 "$pid" 2>/dev/null; then
         echo "== --workers $n: stuck after $((SECONDS - s)) s: $(grep '^\[eval\]' "${OUT:-$W}/workers-$n.log" | tail -n 1)"
-        command -v gdb >/dev/null && gdb -p "$pid" -batch -ex "thread apply all bt" > "${OUT:-$W}/workers-$n-stacks.txt" 2>&1
+        dbg=$(command -v gdb || command -v cuda-gdb || true)  # the device image has cuda-gdb only
+        [ -n "$dbg" ] && timeout 60 "$dbg" -p "$pid" -batch -ex "thread apply all bt" > "${OUT:-$W}/workers-$n-stacks.txt" 2>&1
         kill -9 "$pid"
         exit 1
       fi
@@ -293,6 +303,46 @@ for n in ns[1:]:
     assert a.keys() == b.keys(), f"--workers {n} holds other records"
     same = {f: sum(a[k][f] == b[k][f] for k in a) for f in ("output", "score", "kl", "kv_bytes_kept", "peak_kv_bytes")}
     print(f"--workers {n} vs {ns[0]}: {len(a)} records; identical {same}")
+PY
+    ;;
+  mps)
+    # The same run as `workers 1` split into P shards (default 1 2 4), one eval process each, all at once under the
+    # MPS control daemon (started here if it is not running): without MPS the GPU time-slices between processes, with
+    # it their kernels share the GPU as one context's streams would. Wall time and agreement with workers-1.
+    shift
+    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
+    heuristics=$(echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | paste -sd, -)
+    if ! pgrep -x nvidia-cuda-mps-control >/dev/null; then
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
+      mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+      nvidia-cuda-mps-control -d && echo "[mps] control daemon started" || echo "[mps] could not start the daemon"
+    fi
+    for np in ${@:-1 2 4}; do
+      rm -rf "$W"/mps-"$np"-s*
+      s=$SECONDS
+      for k in $(seq 0 $((np - 1))); do
+        env OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True timeout "${WORKERS_LIMIT:-150}" $KVD eval \
+          --model "$MODEL" --tasks "$W/tasks-slice.jsonl" --device cuda --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" \
+          --share-prefill methods --share-prefill-gib "$SHARE_GIB" --decode-logits-gib "$DECODE_GIB" \
+          --methods "$heuristics" --ratios "$RATIOS" --shard "$k/$np" --out "$W/mps-$np-s$k" \
+          > "${OUT:-$W}/mps-$np-s$k.log" 2>&1 &
+      done
+      wait
+      n=$(cat "$W"/mps-"$np"-s*/results.jsonl 2>/dev/null | wc -l)
+      echo "== $np processes under MPS: $((SECONDS - s)) s, $n results ($((n / (SECONDS - s + 1))) per s)"
+    done
+    echo get_server_list | nvidia-cuda-mps-control 2>/dev/null | sed 's/^/[mps] server /' || true
+    python3 - "$W" ${@:-1 2 4} <<'PY'
+import glob, json, sys
+w, ns = sys.argv[1], sys.argv[2:]
+def load(pattern):
+    return {(r["method"], r["budget"], r["id"]): r for p in glob.glob(pattern) for r in map(json.loads, open(p))}
+ref = load(f"{w}/workers-1/results.jsonl")
+for n in ns:
+    b = load(f"{w}/mps-{n}-s*/results.jsonl")
+    common = ref.keys() & b.keys()
+    same = {f: sum(ref[k][f] == b[k][f] for k in common) for f in ("output", "score", "kl", "kv_bytes_kept")}
+    print(f"{n} processes: {len(b)} records, {len(common)} in workers-1's; identical {same}")
 PY
     ;;
   collect)
