@@ -63,8 +63,8 @@
 # cache at BATCH_TOKENS=65536 is 1.5 GB and four ratios keep 1.625 of it, so two methods share), DECODE_GIB (default 8:
 # the teacher-forced logits budgets decoded together may hold, --decode-logits-gib; one process at a time can
 # afford more than the eval's default 2, so a group's budgets decode in fewer, larger batches), RATIOS (default 0.25,0.5,0.75,0.875); MODES (default "agnostic aware"); HEURISTICS (default
-# below); LEARNED (extra learned methods, e.g. "gate:/root/trimkv/bundle attngate:/root/ag/bundle"; the trained
-# KVzap and DMS bundles are added when they exist; KVD (default build-gpu/kvdistill).
+# below); LEARNED (extra learned methods, e.g. "gate:/root/trimkv/bundle attngate:/root/ag/bundle"; the KVzap, DMS
+# and Judge-Q bundles are added, trained here or committed: learned_jobs); KVD (default build-gpu/kvdistill).
 set -euo pipefail
 MODEL=${MODEL:-/root/model}
 DATA=${DATA:-/root/rivals}
@@ -97,10 +97,19 @@ source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model
 # The learned parts, one per line with the eval flags they run under: at a ratio both compress once after prefill
 # (as kvpress's KVzapPress does; DMS's scores protect its delay window, docs/methods/dms.md), which shares one
 # prefill across the ratios.
+# The learned parts' eval jobs: $LEARNED, then KVzap, DMS and Judge-Q: each trained here ($W/NAME/bundle) or else the
+# bundle committed in docs/results/ (KVzap linear, 2026-12-06; DMS, 2026-12-04; Judge-Q with the KL loss,
+# 2026-12-06). LookaheadKV's bundle (9.5 MB) is not committed: pass it in LEARNED.
 learned_jobs() {
   for m in $LEARNED; do echo "$m"; done
-  [ -f "$W/kvzap/bundle/kvdistill.json" ] && echo "kvzap:$W/kvzap/bundle --learned-mode once"
-  [ -f "$W/dms/bundle/kvdistill.json" ] && echo "dms:$W/dms/bundle --learned-mode once"
+  local kvzap=docs/results/rivals-h100-2026-12-06-night/kvzap-linear-bundle
+  local dms=docs/results/rivals-h200-2026-12-04-night/dms-bundle
+  local judgeq=docs/results/queryrows-h100-2026-12-06/judgeq-kl-bundle
+  [ -f "$W/kvzap/bundle/kvdistill.json" ] && kvzap=$W/kvzap/bundle
+  [ -f "$W/dms/bundle/kvdistill.json" ] && dms=$W/dms/bundle
+  [ -f "$kvzap/kvdistill.json" ] && echo "kvzap:$kvzap --learned-mode once"
+  [ -f "$dms/kvdistill.json" ] && echo "dms:$dms --learned-mode once"
+  [[ " $LEARNED " == *" judgeq:"* ]] || { [ -f "$judgeq/kvdistill.json" ] && echo "judgeq:$judgeq"; }
   return 0
 }
 
