@@ -10,10 +10,11 @@
 #                                      next call; prints their last logged step
 #   bench/gpu_rivals.sh protocol [S]   $TASKS (50 samples per task and length at 2K / 4K / 8K) at ratios
 #                                      0.25 / 0.5 / 0.75 / 0.875, in $MODES (agnostic: the default, aware:
-#                                      --query-aware): every heuristic of $HEURISTICS in one eval process per
+#                                      --query-aware): every heuristic of $HEURISTICS, with the learned parts
+#                                      that act once after the prefill (learned_jobs), in one eval process per
 #                                      shard of the samples ($SHARDS shards, --shard K/N: the full-cache reference
-#                                      is computed once per sample and mode), and every learned part of $LEARNED
-#                                      sharded alike; $P processes at a time on the GPU, each resumable
+#                                      is computed once per sample and mode), and every other learned part of
+#                                      $LEARNED sharded alike; $P processes at a time on the GPU, each resumable
 #                                      (re-running skips what is written); S seconds per call
 #   bench/gpu_rivals.sh report         per mode: paired bootstrap against the best heuristic at each ratio and the
 #                                      headline table (scripts/paired_bootstrap.py --baseline best), the plots
@@ -99,9 +100,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/gpu_common.sh"  # t, gpu_build, gpu_model
 # prefill across the ratios.
 # The learned parts' eval jobs: $LEARNED, then KVzap, DMS and Judge-Q: each trained here ($W/NAME/bundle) or else the
 # bundle committed in docs/results/ (KVzap linear, 2026-12-06; DMS, 2026-12-04; Judge-Q with the KL loss,
-# 2026-12-06). LookaheadKV's bundle (9.5 MB) is not committed: pass it in LEARNED.
+# 2026-12-06). LookaheadKV's bundle (9.5 MB) is not committed: pass it in LEARNED. A line: the method, then its
+# extra eval flags.
 learned_jobs() {
-  for m in $LEARNED; do echo "$m"; done
+  local m
+  for m in $LEARNED; do  # query rows act once after the prefill in either mode (gates/registry.cpp)
+    case $m in judgeq:* | lookahead:*) echo "$m --learned-mode once" ;; *) echo "$m" ;; esac
+  done
   local kvzap=docs/results/rivals-h100-2026-12-06-night/kvzap-linear-bundle
   local dms=docs/results/rivals-h200-2026-12-04-night/dms-bundle
   local judgeq=docs/results/queryrows-h100-2026-12-06/judgeq-kl-bundle
@@ -109,7 +114,7 @@ learned_jobs() {
   [ -f "$W/dms/bundle/kvdistill.json" ] && dms=$W/dms/bundle
   [ -f "$kvzap/kvdistill.json" ] && echo "kvzap:$kvzap --learned-mode once"
   [ -f "$dms/kvdistill.json" ] && echo "dms:$dms --learned-mode once"
-  [[ " $LEARNED " == *" judgeq:"* ]] || { [ -f "$judgeq/kvdistill.json" ] && echo "judgeq:$judgeq"; }
+  [[ " $LEARNED " == *" judgeq:"* ]] || { [ -f "$judgeq/kvdistill.json" ] && echo "judgeq:$judgeq --learned-mode once"; }
   return 0
 }
 
@@ -177,9 +182,14 @@ case "${1:-}" in
     jobs=$W/protocol-jobs.txt
     : > "$jobs"
     heuristics=$(echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | paste -sd, -)
+    # The learned parts that run with --learned-mode once join the heuristics' process (which then passes that flag:
+    # heuristics ignore it), so they share its full-cache reference and prefills; the others run on their own.
+    joined=$(learned_jobs | awk '$2 == "--learned-mode" && $3 == "once" && NF == 3 {print $1}' | paste -sd, -)
     for mode in $MODES; do  # a line: mode, name, shard, methods (comma-separated), extra eval flags
-      for k in $(seq 0 $((SHARDS - 1))); do echo "$mode heuristics $k $heuristics"; done >> "$jobs"
-      learned_jobs | while read -r m extra; do
+      for k in $(seq 0 $((SHARDS - 1))); do
+        echo "$mode heuristics $k $heuristics${joined:+,$joined}${joined:+ --learned-mode once}"
+      done >> "$jobs"
+      learned_jobs | awk '!($2 == "--learned-mode" && $3 == "once" && NF == 3)' | while read -r m extra; do
         for k in $(seq 0 $((SHARDS - 1))); do echo "$mode $(echo "$m" | tr '/:,' '__+') $k $m $extra"; done
       done >> "$jobs"
     done
