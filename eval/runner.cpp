@@ -235,7 +235,8 @@ void run_eval(const EvalOptions& opt) {
       std::vector<KVCache> caches;
       {
         // A scope of KVD_TRACE's recording (models/profile.h): the device time of the group's prefill and scoring.
-        const std::string scope = "eval compress " + group[0].label + (group.size() > 1 ? " +" + std::to_string(group.size() - 1) : "");
+        const std::string scope =
+            "eval compress " + group[0].label + (group.size() > 1 ? " +" + std::to_string(group.size() - 1) : "");
         RECORD_USER_SCOPE(scope.c_str());
         caches = compress_batch(model, rows, ms, prefill_s);
       }

@@ -554,9 +554,9 @@ void KVCache::keep(int64_t layer, const RaggedIndices& keep, IndexCheck check) {
     } else {
       // Padded segments: entry j of head row r goes to slot r * top + j; the slots past a head's count are zero
       // (positions -1, payload its fill), as layer()'s padding expects.
-      std::vector<int64_t> first(rows);  // [row] its first kept index in `idx`
-      for (int64_t r = 0; r < rows; ++r) first[r] = off[r];
-      const at::Tensor d = row * top + torch::arange(total, row.options()) - host_ints(first, device_).index_select(0, row);  // (total)
+      const std::vector<int64_t> first(off, off + rows);  // [row] its first kept index in `idx`
+      const at::Tensor j = torch::arange(total, row.options()) - host_ints(first, device_).index_select(0, row);  // (total)
+      const at::Tensor d = row * top + j;  // (total) slot of each kept entry
       auto moved = [&](const at::Tensor& src, at::Tensor dst) { return dst.index_copy_(0, d, src.index_select(0, s)); };
       const auto opt = L.k.options();
       L.k = moved(L.k, torch::zeros({alloc, head_dim_}, opt));                       // (alloc, hd)
