@@ -331,7 +331,7 @@ PY
     shift
     tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
     heuristics=$(echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | paste -sd, -)
-    if ! pgrep -x nvidia-cuda-mps-control >/dev/null; then
+    if ! pgrep -f nvidia-cuda-mps-control >/dev/null; then  # -f: -x compares the 15-character process name
       export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
       mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
       nvidia-cuda-mps-control -d && echo "[mps] control daemon started" || echo "[mps] could not start the daemon"
