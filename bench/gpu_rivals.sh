@@ -79,9 +79,9 @@ DMS_STEPS=${DMS_STEPS:-400}
 TRAIN=${TRAIN:-kvzap dms}
 MODES=${MODES:-agnostic aware}
 # Every heuristic, the strongest first (a call that ends early has them): the prefill ones, then those that evict
-# while decoding.
-HEURISTICS=${HEURISTICS:-kvzip defensivekv snapkv adakv_snapkv streaming_llm expected_attention pyramidkv tova \
-layer_defensivekv cake kvzip_plus criticalkv_snapkv h2o observed_attention keydiff knorm random tova_decode h2o_decode \
+# while decoding. KVzip+ follows KVzip so that both score from one prefill and one reconstruction pass.
+HEURISTICS=${HEURISTICS:-kvzip kvzip_plus defensivekv snapkv adakv_snapkv streaming_llm expected_attention pyramidkv \
+tova layer_defensivekv cake criticalkv_snapkv h2o observed_attention keydiff knorm random tova_decode h2o_decode \
 lazy_eviction streaming_llm_decode}
 LEARNED=${LEARNED:-}
 RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}

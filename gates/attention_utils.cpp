@@ -31,14 +31,19 @@ WindowColumns window_columns(const WindowScoresInput& in, WindowMoments moments,
             in.q.sizes());
   const int64_t w = in.q.size(2);
   const c10::ScalarType compute = in.q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  KVD_CHECK(!in.row_weight.defined() || moments == WindowMoments::Max,
-            "window_columns: row_weight applies to WindowMoments::Max only");
+  const bool max_mode = moments == WindowMoments::Max || moments == WindowMoments::MaxAndPlain;
+  KVD_CHECK(!in.row_weight.defined() || max_mode,
+            "window_columns: row_weight applies to WindowMoments::Max and MaxAndPlain only");
   WindowColumns out;  // (B, H, n) each
   for (int64_t r0 = 0; r0 < w; r0 += row_block) {
     const int64_t nb = std::min(row_block, w - r0);
     at::Tensor p = attention_probs(in.q.narrow(2, r0, nb), in.q_pos.narrow(1, r0, nb), in.k, in.k_pos, in.valid,
                                    compute, EmptyRows::Zero);  // (B, H, nb, n)
-    if (moments == WindowMoments::Max) {
+    if (max_mode) {
+      if (moments == WindowMoments::MaxAndPlain) {
+        const at::Tensor m = p.amax(2);  // (B, H, n)
+        out.max_plain = out.max_plain.defined() ? torch::maximum(out.max_plain, m) : m;
+      }
       if (in.row_weight.defined())
         p = p * in.row_weight.narrow(1, r0, nb).to(p.device(), compute).view({p.size(0), 1, nb, 1});
       const at::Tensor m = p.amax(2);  // (B, H, n)
@@ -81,6 +86,10 @@ at::Tensor LayerView::next_position_column(c10::Device device) const {
   KVD_CHECK(static_cast<int64_t>(next_positions.size()) == B, "LayerView: next_positions holds ", next_positions.size(),
             " rows, the view ", B);
   return host_ints(next_positions, device).view({B, 1, 1});  // (B, 1, 1)
+}
+
+void Scorer::prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers) {
+  for (Scorer* p : peers) p->prepare(model, cache);
 }
 
 std::vector<at::Tensor> Scorer::score_budgets(const LayerView& view, const std::vector<Scorer*>& peers) {

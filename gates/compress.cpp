@@ -98,8 +98,9 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
                 "compress_prefill_many: ", s->name(), " does not observe the prefill as ", u.scorers[0]->name(),
                 " does (one scorer per cache must score each layer alike, right after it ran)");
     }
-    KVD_CHECK(units.size() == 1 || un.timing == ScoreTiming::PerLayer, "compress_prefill_many: ",
-              u.scorers[0]->name(), " scores after the forward; it shares a prefill only with its own budgets");
+    KVD_CHECK(un.timing == needs.timing, "compress_prefill_many: ", u.scorers[0]->name(), " and ", scorer.name(),
+              " score at different times (one after each layer, one after the whole forward); they cannot share a "
+              "prefill");
   }
   std::vector<std::unique_ptr<LayerAllocation>> allocs;
   for (const SelectorOptions& sel : selectors) allocs.push_back(make_allocation(sel, L, B, opts.kernels));
@@ -135,8 +136,11 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
   // Scores and compacts layer l of every row. obs: the layer's prefill observation (ScoreTiming::PerLayer), or
   // nullptr when the whole forward already ran (ScoreTiming::AfterForward: no queries or hidden states then).
   const bool after_forward = needs.timing == ScoreTiming::AfterForward;
-  KVD_CHECK(!after_forward || (needs.window == 0 && !needs.hidden && !needs.queries_pre_rope), "compress_prefill: ",
-            scorer.name(), " scores after the forward, when no window queries or hidden states are left");
+  for (const ScoringUnit& u : units)  // every unit scores at unit 0's time (checked above)
+    KVD_CHECK(!after_forward || (u.scorers[0]->needs().window == 0 && !u.scorers[0]->needs().hidden &&
+                                 !u.scorers[0]->needs().queries_pre_rope),
+              "compress_prefill: ", u.scorers[0]->name(),
+              " scores after the forward, when no window queries or hidden states are left");
   // A scorer that takes rows together gets one view of every row when the prefill runs in one chunk (each layer's
   // entries are then this chunk's tokens) and every row holds its observation window. Observing every row, it gets
   // the padding rows too, at position -1: they see no entry.
@@ -321,9 +325,11 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
     at::Tensor ids = left_pad(pieces, 0, lead);  // (B, Tc)
     if (std::all_of(lead.begin(), lead.end(), [](int64_t x) { return x == 0; })) lead.clear();
     model.prefill(ids, cache, LogitsMode::LastPosition, observer, lead);
-    if (after_forward) {  // every layer of this chunk is cached: the scorer runs (e.g. its query rows), then scores
+    if (after_forward) {  // every layer of this chunk is cached: the scorers run (e.g. their query rows), then score
       ProfileLap lap(cache.device(), "compress ");
-      scorer.prepare(model, cache);
+      std::vector<Scorer*> peers;  // every unit's scorers, prepared together where they share work (KVzip, KVzip+)
+      for (const ScoringUnit& u : units) peers.insert(peers.end(), u.scorers.begin(), u.scorers.end());
+      scorer.prepare_peers(model, cache, peers);
       lap("prepare (after the forward)");
       // Alone, each budget would hold every layer whole before compacting any; the other budgets' caches receive a
       // layer only as it is scored, so their peaks are raised to what the prefill's cache holds now.

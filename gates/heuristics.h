@@ -31,7 +31,7 @@ at::Tensor window_attention(const at::Tensor& q, const at::Tensor& q_pos, const 
                             const at::Tensor& valid);
 
 // Column statistics of window attention over all rows of in.q: Σ_i A_ij (and Σ_i A_ij² with SumAndSquares), or
-// max_i A_ij · row_weight_i (Max), (B, H, n) float32 each (float64 for a float64 q on the reference path). With path
+// max_i A_ij · row_weight_i (Max; MaxAndPlain adds max_i A_ij), (B, H, n) float32 each (float64 for a float64 q on the reference path). With path
 // Fused, the fused kernel (kernels/window_scores.h) where it applies (CUDA, bf16, head dim 64 / 128): no (w, n)
 // tensor at all. Else the attention by blocks of row_block rows (never w × n at once for large w); a row that sees
 // nothing adds 0.

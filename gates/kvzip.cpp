@@ -90,6 +90,13 @@ KVzipPrompts kvzip_prompts(const std::string& model_dir) {
 std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
                                      const std::vector<std::vector<int64_t>>& context, const KVzipPrompts& prompts,
                                      const KVzipOptions& opt) {
+  return kvzip_scores_norms(model, cache, context, prompts, opt, {opt.norm})[0];
+}
+
+std::vector<std::vector<at::Tensor>> kvzip_scores_norms(const Model& model, const KVCache& cache,
+                                                        const std::vector<std::vector<int64_t>>& context,
+                                                        const KVzipPrompts& prompts, const KVzipOptions& opt,
+                                                        const std::vector<KVzipNorm>& norms) {
   torch::NoGradGuard no_grad;
   const ModelConfig& c = model.config();
   const int64_t B = cache.batch(), L = c.num_layers, H = c.num_heads, Hkv = c.num_kv_heads, G = H / Hkv,
@@ -97,6 +104,10 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
   KVD_CHECK(static_cast<int64_t>(context.size()) == B, "kvzip: ", context.size(), " contexts for a cache of batch ", B);
   KVD_CHECK(opt.chunk_size > 0 && opt.n_sink >= 0 && opt.prev_postfix >= 0,
             "kvzip: chunk_size must be > 0, n_sink and prev_postfix >= 0");
+  KVD_CHECK(!norms.empty(), "kvzip: no norm to score with");
+  const size_t NN = norms.size();
+  const bool plus = std::find(norms.begin(), norms.end(), KVzipNorm::Plus) != norms.end();
+  const bool plain = std::find(norms.begin(), norms.end(), KVzipNorm::None) != norms.end();
   const c10::ScalarType acc = model.dtype() == torch::kDouble ? torch::kDouble : torch::kFloat;
 
   std::vector<std::vector<RowPass>> passes(B);
@@ -107,14 +118,14 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
     passes[b] = row_passes(context[b], prompts, opt);
     n_pass = std::max(n_pass, passes[b].size());
   }
-  std::vector<at::Tensor> out(L);
+  std::vector<std::vector<at::Tensor>> out(NN, std::vector<at::Tensor>(L));  // [norm][layer]
   for (int64_t l = 0; l < L; ++l) {
     const KVLayerView kv = cache.layer(l);
-    out[l] = torch::zeros({B, Hkv, kv.n}, kv.k.options().dtype(acc));  // (B, H_kv, n_l)
+    for (size_t k = 0; k < NN; ++k) out[k][l] = torch::zeros({B, Hkv, kv.n}, kv.k.options().dtype(acc));  // (B, H_kv, n_l)
   }
   // KVzip+: ||W_O,h v||² = vᵀ (W_O,hᵀ W_O,h) v for query head h, with the (hd, hd) Gram matrix of its slice.
   std::vector<at::Tensor> gram(L);
-  if (opt.norm == KVzipNorm::Plus)
+  if (plus)
     for (int64_t l = 0; l < L; ++l) {
       const at::Tensor wo = model.weights().layers[l].o_proj.to(acc).view({c.hidden_size, Hkv, G, hd});  // (d, H_kv, G, hd)
       gram[l] = torch::einsum("dhgi,dhgj->hgij", {wo, wo});  // (H_kv, G, hd, hd)
@@ -196,38 +207,46 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
       in.k = torch::cat({pick(kv.k), obs.keys.to(kv.k.scalar_type())}, 2);                 // (B, H_kv, n' + m, hd)
       in.k_pos = torch::cat({pick(kv.pos), mods.extra.positions.unsqueeze(1).expand({B, Hkv, m})}, 2);  // (B, H_kv, n' + m)
       in.valid = torch::cat({pick(seen), real.unsqueeze(1).expand({B, Hkv, m})}, 2);                   // (B, H_kv, n' + m)
-      if (opt.norm == KVzipNorm::Plus)
-        in.row_weight = obs.hidden.to(acc).norm(2, -1).clamp_min(1e-30).reciprocal();  // (B, m)
+      if (plus) in.row_weight = obs.hidden.to(acc).norm(2, -1).clamp_min(1e-30).reciprocal();  // (B, m)
       const int64_t np = in.k.size(2) - m;  // the cache entries the pass read
-      at::Tensor cols = window_columns(in, WindowMoments::Max, opt.kernels).max.narrow(2, 0, np).to(acc);  // (B, H, n')
-      cols = cols.view({B, Hkv, G, np});
-      if (opt.norm == KVzipNorm::Plus) {  // ||W_O v_j|| per query head, for the entries read only
+      // One kernel for every norm: KVzip+'s weighted maximum in `max`, KVzip's plain one in `max_plain` when both.
+      const WindowColumns wc =
+          window_columns(in, plus && plain ? WindowMoments::MaxAndPlain : WindowMoments::Max, opt.kernels);
+      at::Tensor vnorm;  // (B, H_kv, G, n') ||W_O v_j|| per query head, for the entries read only
+      if (plus) {
         const at::Tensor v = pick(kv.v).to(acc);  // (B, H_kv, n', hd)
-        cols = cols * torch::einsum("bhti,hgij,bhtj->bhgt", {v, gram[l], v}).clamp_min(0).sqrt();
+        vnorm = torch::einsum("bhti,hgij,bhtj->bhgt", {v, gram[l], v}).clamp_min(0).sqrt();
       }
-      const at::Tensor s = cols.amax(2);                // (B, H_kv, n')
-      at::Tensor p = torch::zeros({B, Hkv, nc}, s.options());  // (B, H_kv, nc)
-      int64_t off = 0;
-      for (const auto& [a, e] : ranges) {
-        p.narrow(2, a, e - a).copy_(s.narrow(2, off, e - a));
-        off += e - a;
+      for (size_t k = 0; k < NN; ++k) {
+        const bool is_plus = norms[k] == KVzipNorm::Plus;
+        const at::Tensor& mx = !is_plus && plus ? wc.max_plain : wc.max;  // (B, H, n' + m)
+        at::Tensor cols = mx.narrow(2, 0, np).to(acc).view({B, Hkv, G, np});  // (B, H_kv, G, n')
+        if (is_plus) cols = cols * vnorm;
+        const at::Tensor s = cols.amax(2);                       // (B, H_kv, n')
+        at::Tensor p = torch::zeros({B, Hkv, nc}, s.options());  // (B, H_kv, nc)
+        int64_t off = 0;
+        for (const auto& [a, e] : ranges) {
+          p.narrow(2, a, e - a).copy_(s.narrow(2, off, e - a));
+          off += e - a;
+        }
+        out[k][l] = torch::where(chunk, p, out[k][l]);  // (B, H_kv, nc)
       }
-      out[l] = torch::where(chunk, p, out[l]);  // (B, H_kv, nc)
     };
     model.forward_extra(cache, mods, observer);
   }
   // Sinks outrank everything of their row: every row at once, one view of each layer.
-  if (opt.n_sink > 0) {
-    std::vector<at::Tensor> row_max;  // [layer] (B)
-    for (int64_t l = 0; l < L; ++l) row_max.push_back(out[l].flatten(1).amax(1));
-    const at::Tensor above = (std::get<0>(torch::stack(row_max).max(0)) + 1.0).view({B, 1, 1});  // (B, 1, 1)
-    for (int64_t l = 0; l < L; ++l) {
-      const KVLayerView kv = cache.layer(l);
-      at::Tensor sinks = kv.pos.lt(opt.n_sink);  // (B, H_kv, nc)
-      if (kv.valid.defined()) sinks = sinks.logical_and(kv.valid);
-      out[l] = torch::where(sinks, above, out[l]);
+  if (opt.n_sink > 0)
+    for (std::vector<at::Tensor>& o : out) {
+      std::vector<at::Tensor> row_max;  // [layer] (B)
+      for (int64_t l = 0; l < L; ++l) row_max.push_back(o[l].flatten(1).amax(1));
+      const at::Tensor above = (std::get<0>(torch::stack(row_max).max(0)) + 1.0).view({B, 1, 1});  // (B, 1, 1)
+      for (int64_t l = 0; l < L; ++l) {
+        const KVLayerView kv = cache.layer(l);
+        at::Tensor sinks = kv.pos.lt(opt.n_sink);  // (B, H_kv, nc)
+        if (kv.valid.defined()) sinks = sinks.logical_and(kv.valid);
+        o[l] = torch::where(sinks, above, o[l]);
+      }
     }
-  }
   return out;
 }
 
@@ -269,9 +288,39 @@ class KVzipScorer : public Scorer {
               "prefill through compress_prefill (the scorer's on_append)");
     scores_.set(cache, kvzip_scores(model, cache, ids_, prompts_, opt_));
   }
+  // The KVzip and KVzip+ peers with this one's prompts and pass options run one reconstruction pass (every peer
+  // recorded the same prefill's tokens); any other peer prepares alone.
+  void prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers) override {
+    std::vector<KVzipScorer*> same;
+    std::vector<KVzipNorm> norms;
+    for (Scorer* p : peers) {
+      auto* z = dynamic_cast<KVzipScorer*>(p);
+      if (z && shares_pass_with(*z)) {
+        same.push_back(z);
+        if (std::find(norms.begin(), norms.end(), z->opt_.norm) == norms.end()) norms.push_back(z->opt_.norm);
+      } else {
+        p->prepare(model, cache);
+      }
+    }
+    if (same.empty()) return;
+    KVD_CHECK(static_cast<int64_t>(ids_.size()) == cache.batch(), "kvzip: the cache's tokens were not recorded; drive its "
+              "prefill through compress_prefill (the scorer's on_append)");
+    const std::vector<std::vector<at::Tensor>> all = kvzip_scores_norms(model, cache, ids_, prompts_, opt_, norms);
+    for (KVzipScorer* z : same) {
+      KVD_CHECK(z->ids_ == ids_, "kvzip: peers sharing a prefill recorded different tokens");
+      const size_t k = static_cast<size_t>(std::find(norms.begin(), norms.end(), z->opt_.norm) - norms.begin());
+      z->scores_.set(cache, all[k]);
+    }
+  }
   at::Tensor score(const LayerView& view) override { return scores_.get(view); }
 
  private:
+  bool shares_pass_with(const KVzipScorer& o) const {
+    return o.prompts_.first == prompts_.first && o.prompts_.next == prompts_.next && o.prompts_.suffix == prompts_.suffix &&
+           o.prompts_.prefix == prompts_.prefix && o.opt_.n_sink == opt_.n_sink && o.opt_.chunk_size == opt_.chunk_size &&
+           o.opt_.prev_postfix == opt_.prev_postfix && o.opt_.kernels == opt_.kernels;
+  }
+
   KVzipPrompts prompts_;
   KVzipOptions opt_;
   std::vector<std::vector<int64_t>> ids_;  // [row] the token at each position so far

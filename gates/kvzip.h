@@ -58,8 +58,16 @@ std::vector<at::Tensor> kvzip_scores(const Model& model, const KVCache& cache,
                                      const std::vector<std::vector<int64_t>>& context, const KVzipPrompts& prompts,
                                      const KVzipOptions& options);
 
+// The scores under several norms from one reconstruction pass (options.norm ignored): [norm k][layer], each equal to
+// kvzip_scores with options.norm = norms[k] (KVzip and KVzip+ differ only in how the pass's attention is weighted).
+std::vector<std::vector<at::Tensor>> kvzip_scores_norms(const Model& model, const KVCache& cache,
+                                                        const std::vector<std::vector<int64_t>>& context,
+                                                        const KVzipPrompts& prompts, const KVzipOptions& options,
+                                                        const std::vector<KVzipNorm>& norms);
+
 // The scorer: ScoreTiming::AfterForward; it records each row's token ids as they are appended (on_append) and
-// runs kvzip_scores in prepare().
+// runs kvzip_scores in prepare(). KVzip and KVzip+ scorers of one prefill with the same prompts and options
+// otherwise are prepared from one reconstruction pass (Scorer::prepare_peers).
 std::unique_ptr<Scorer> make_kvzip_scorer(KVzipPrompts prompts, KVzipOptions options);
 
 }  // namespace kvd

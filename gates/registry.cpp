@@ -239,9 +239,10 @@ bool shares_prefill(const ResolvedMethod& m) {
 bool shares_prefill_with(const ResolvedMethod& a, const ResolvedMethod& b) {
   if (!shares_prefill(a) || !shares_prefill(b)) return false;
   if (a.name == b.name) return true;
-  return !a.decode && !b.decode && a.method.scorer->needs().timing == ScoreTiming::PerLayer &&
-         b.method.scorer->needs().timing == ScoreTiming::PerLayer && a.compress.chunk_budget == b.compress.chunk_budget &&
-         a.compress.kernels == b.compress.kernels;
+  // Methods of one timing: scored after each layer, or all prepared once the forward ended (Scorer::prepare_peers:
+  // KVzip and KVzip+ then share their reconstruction pass).
+  return !a.decode && !b.decode && a.method.scorer->needs().timing == b.method.scorer->needs().timing &&
+         a.compress.chunk_budget == b.compress.chunk_budget && a.compress.kernels == b.compress.kernels;
 }
 
 namespace {

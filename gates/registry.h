@@ -82,8 +82,9 @@ ResolvedMethod resolve_method(const std::string& name, const Budget& budget, con
 // shares it too (each row's decode evictor holds the row at the count its budget kept).
 bool shares_prefill(const ResolvedMethod& m);
 // True when b can be compressed from the prefill a is compressed from (compress_prefill_many): b is another budget
-// of a's method, or another method that scores each layer right after it ran, neither evicts while decoding (their
-// answers then decode alike, and may decode as one batch), and both prefill alike (unchunked, the same kernels).
+// of a's method, or another method that scores at a's time (both right after each layer ran, or both once the
+// forward ended: Scorer::prepare_peers), neither evicts while decoding (their answers then decode alike, and may
+// decode as one batch), and both prefill alike (unchunked, the same kernels).
 bool shares_prefill_with(const ResolvedMethod& a, const ResolvedMethod& b);
 // The heuristic prefill methods only (no decode-time, learned or full names): a scorer plus a selector.
 // model_dir: the model's directory, for scorers that read its tokenizer (kvzip, kvzip_plus).

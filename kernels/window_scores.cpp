@@ -61,10 +61,10 @@ WindowColumns window_columns_fused(const WindowScoresInput& in, WindowMoments mo
   a.chunks = kernels::window_scores_chunks(a.B, a.H, a.Hkv, a.w, n);
   const auto f32 = q.options().dtype(torch::kFloat);
   at::Tensor part_ml = at::empty({a.chunks, B * H * w, 2}, f32), row_ml = at::empty({B * H * w, 2}, f32);
-  const bool max_mode = moments == WindowMoments::Max;
+  const bool max_mode = moments == WindowMoments::Max || moments == WindowMoments::MaxAndPlain;
   at::Tensor row_w;
   if (in.row_weight.defined()) {
-    KVD_CHECK(max_mode, who, ": row_weight applies to WindowMoments::Max only");
+    KVD_CHECK(max_mode, who, ": row_weight applies to WindowMoments::Max and MaxAndPlain only");
     KVD_CHECK(in.row_weight.sizes() == at::IntArrayRef({B, w}), who, ": row_weight must be (B, w), got ",
               in.row_weight.sizes());
     row_w = in.row_weight.to(q.device(), torch::kFloat).contiguous();
@@ -72,6 +72,7 @@ WindowColumns window_columns_fused(const WindowScoresInput& in, WindowMoments mo
   WindowColumns out;
   (max_mode ? out.max : out.sum) = at::empty({B, H, n}, f32);
   if (moments == WindowMoments::SumAndSquares) out.sumsq = at::empty({B, H, n}, f32);
+  if (moments == WindowMoments::MaxAndPlain) out.max_plain = at::empty({B, H, n}, f32);
   a.q = reinterpret_cast<const uint16_t*>(q.data_ptr());
   a.k = reinterpret_cast<const uint16_t*>(in.k.data_ptr());
   a.k_sb = in.k.stride(0), a.k_sh = in.k.stride(1);
@@ -87,6 +88,7 @@ WindowColumns window_columns_fused(const WindowScoresInput& in, WindowMoments mo
   a.sum = max_mode ? out.max.data_ptr<float>() : out.sum.data_ptr<float>();
   a.sumsq = out.sumsq.defined() ? out.sumsq.data_ptr<float>() : nullptr;
   a.max_mode = max_mode ? 1 : 0;
+  a.max_plain = out.max_plain.defined() ? out.max_plain.data_ptr<float>() : nullptr;
   a.row_w = row_w.defined() ? row_w.data_ptr<float>() : nullptr;
   const cudaError_t e = kernels::window_scores(a, c10::cuda::getCurrentCUDAStream().stream());
   KVD_CHECK(e == cudaSuccess, who, ": CUDA error ", cudaGetErrorString(e));

@@ -211,8 +211,8 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
   KVD_DYNAMIC_SMEM(smem);
   const int G = a.H / a.Hkv, wp = padded_w(a.w);
   const int blocks = (G * wp + kRows - 1) / kRows;
-  const int nstat = a.sumsq && !a.max_mode ? 2 : 1;
   const bool mx_mode = a.max_mode != 0;
+  const int nstat = (mx_mode ? a.max_plain != nullptr : a.sumsq != nullptr) ? 2 : 1;
   bf16* sk = reinterpret_cast<bf16*>(smem);               // (64, D)
   bf16* sq = sk + kTile * D;                              // 2 × (64, D)
   int64_t* spos = reinterpret_cast<int64_t*>(sq + 2 * kRows * D);  // 64
@@ -241,13 +241,13 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
     if (wg < G) {
       float c[8][4];
       warp_scores<D>(c, sq + buf * kRows * D, sk, warp, lane);
-      float mrow[2], inv[2];
+      float mrow[2], inv[2], inv_plain[2];
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int64_t row = (static_cast<int64_t>(b) * a.H + hkv * G + wg) * a.w + id[hf].i;
         mrow[hf] = id[hf].ok ? a.row_ml[row * 2] : 0.f;
-        inv[hf] = id[hf].ok ? a.row_ml[row * 2 + 1] : 0.f;
-        // Max mode: the row's weight folds into 1 / sum (P · w).
+        inv[hf] = inv_plain[hf] = id[hf].ok ? a.row_ml[row * 2 + 1] : 0.f;
+        // Max mode: the row's weight folds into 1 / sum (P · w); max_plain takes P alone.
         if (mx_mode && a.row_w && id[hf].ok) inv[hf] *= a.row_w[static_cast<int64_t>(b) * a.w + id[hf].i];
       }
 #pragma unroll
@@ -259,14 +259,16 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             const bool seen = id[hf].ok && spos[col] <= qp[hf];
-            const float p = seen ? fast_exp2(c[nt][2 * hf + e] * scale2 - mrow[hf]) * inv[hf] : 0.f;
+            const float ex = seen ? fast_exp2(c[nt][2 * hf + e] * scale2 - mrow[hf]) : 0.f;
+            const float p = ex * inv[hf];
             s1 = mx_mode ? fmaxf(s1, p) : s1 + p;
-            s2 += p * p;
+            s2 = mx_mode ? fmaxf(s2, ex * inv_plain[hf]) : s2 + p * p;
           }
           cs[nt][e][0] = s1;
           cs[nt][e][1] = s2;
         }
-      // Sum over the 8 row pairs of the warp (lanes with the same lane % 4); the squares only when asked.
+      // Sum (max mode: the maximum) over the 8 row pairs of the warp (lanes with the same lane % 4); the second
+      // statistic (squares, or the plain maximum) only when asked.
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
@@ -305,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) columns_kernel(const WindowScoresArg
     const int g = idx / (nstat * kTile), st = (idx / kTile) % nstat, col = idx % kTile;
     const int64_t j = t0 + col;
     if (j >= a.n) continue;
-    float* out = st == 0 ? a.sum : a.sumsq;
+    float* out = st == 0 ? a.sum : mx_mode ? a.max_plain : a.sumsq;
     out[(static_cast<int64_t>(b) * a.H + hkv * G + g) * a.n + j] = acc[(g * 2 + st) * kTile + col];
   }
 }
@@ -347,7 +349,7 @@ cudaError_t window_scores(const WindowScoresArgs& a, cudaStream_t stream) {
   if ((a.hd != 64 && a.hd != 128) || a.B <= 0 || a.Hkv <= 0 || a.H % a.Hkv != 0 || G > kvd::kernels::kWindowMaxGroup ||
       a.w <= 0 || a.n <= 0 || a.chunks < 1 || a.chunks > tiles || static_cast<int64_t>(a.B) * a.Hkv > 65535 ||
       blocks > 65535 || tiles > 2147483647 || !a.q || !a.k || !a.qpos || !a.kpos || !a.part_ml || !a.row_ml || !a.sum ||
-      (a.max_mode && a.sumsq))
+      (a.max_mode && a.sumsq) || (!a.max_mode && a.max_plain))
     return cudaErrorInvalidValue;
   return a.hd == 64 ? launch<64>(a, stream) : launch<128>(a, stream);
 }

@@ -5,7 +5,8 @@
 // layer's cache, per request b, query head h and entry j:
 //   sum[b, h, j]   = Σ_i P[b, h, i, j]
 //   sumsq[b, h, j] = Σ_i P[b, h, i, j]²   (when asked)
-// or, in max mode, sum[b, h, j] = max_i P[b, h, i, j] · row_w[b, i] (row_w optional: 1).
+// or, in max mode, sum[b, h, j] = max_i P[b, h, i, j] · row_w[b, i] (row_w optional: 1), and, when asked,
+//   max_plain[b, h, j] = max_i P[b, h, i, j]   (KVzip's and KVzip+'s scores from one pass)
 // where P[b, h, i, ·] = softmax_j(scale · <Q[b, h, i], K[b, h / G, j]>) over the entries row i sees:
 // kpos[b, h / G, j] <= qpos[b, i] and valid[b, h / G, j]. A row that sees nothing adds 0. G = H / H_kv.
 //
@@ -47,6 +48,7 @@ struct WindowScoresArgs {
   float* sum = nullptr;            // (B, H, n) fp32
   float* sumsq = nullptr;          // (B, H, n) fp32, or nullptr: not computed
   int max_mode = 0;                // != 0: `sum` receives max_i P · row_w[b, i] instead of Σ_i P (no sumsq)
+  float* max_plain = nullptr;      // (B, H, n) fp32, max mode only, or nullptr: also max_i P without row_w
   const float* row_w = nullptr;    // (B, w) fp32, optional in max mode: 1 where absent
 };
 

@@ -17,6 +17,7 @@ enum class WindowMoments {
   Sum,            // Σ_i P
   SumAndSquares,  // Σ_i P and Σ_i P² (a variance over the rows)
   Max,            // max_i P · row_weight[b, i] (KVzip's max-pooled reconstruction attention)
+  MaxAndPlain,    // Max, and max_i P without the row weights (KVzip's and KVzip+'s scores from one pass)
 };
 
 struct WindowScoresInput {
@@ -25,14 +26,16 @@ struct WindowScoresInput {
   at::Tensor k;      // (B, H_kv, n, hd) the layer's cached keys
   at::Tensor k_pos;  // (B, H_kv, n) int64 their positions
   at::Tensor valid;  // (B, H_kv, n) bool, or undefined: every entry valid
-  at::Tensor row_weight;  // (B, w) float, WindowMoments::Max only: each row's P scaled by it; undefined: 1
+  at::Tensor row_weight;  // (B, w) float, WindowMoments::Max / MaxAndPlain only: each row's P scaled by it; undefined: 1
 };
 
 // float32; the LibTorch reference (gates/heuristics.h window_columns) computes a float64 q in float64.
 struct WindowColumns {
   at::Tensor sum;    // (B, H, n) float32
   at::Tensor sumsq;  // (B, H, n) float32, with WindowMoments::SumAndSquares only
-  at::Tensor max;    // (B, H, n) float32, with WindowMoments::Max only (sum is then undefined); 0 where no row sees j
+  at::Tensor max;    // (B, H, n) float32, with WindowMoments::Max / MaxAndPlain (sum is then undefined); 0 where no
+                     // row sees j
+  at::Tensor max_plain;  // (B, H, n) float32, with WindowMoments::MaxAndPlain only: max_i P, no row weights
 };
 
 // Whether window_columns_fused runs for `in`: a build with the CUDA kernels, CUDA tensors, bf16 q and k, head dim

@@ -2,8 +2,8 @@
 // batched over rows and chunks) equal a reference built another way: the repeat sequence prefilled into a copy
 // of the cache and the restricted softmax written out row by row, in float64, for KVzip and KVzip+, with the
 // template prefix skipped, several chunks and sinks. The cache is left unchanged; batch rows of different
-// lengths score as they do alone; the method resolves through the registry and compresses SmolLM2 to the
-// budget; kvpress parity of the kept sets is in tests/python/test_kvpress_kvzip.py.
+// lengths score as they do alone; KVzip's and KVzip+'s scores from one shared pass equal their own passes'; the
+// method resolves through the registry and compresses SmolLM2 to the budget; kvpress parity of the kept sets is in tests/python/test_kvpress_kvzip.py.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -216,6 +216,41 @@ TEST(KVzip, BatchRowsScoreAsAloneAndCacheUnchanged) {
             std::string::npos);
   EXPECT_NE(error_of([&] { kvzip_scores(model, cache, {a, a}, pr, opt); }).find("context tokens but its cache"),
             std::string::npos);
+}
+
+// KVzip and KVzip+ from one reconstruction pass (kvzip_scores_norms, what Scorer::prepare_peers runs for both
+// methods of one prefill): each norm's scores equal its own pass's bit for bit, in either order, for a batch of
+// two rows of different lengths in float32 (the eval's dtype on the CPU path).
+TEST(KVzip, BothNormsFromOnePassEqualTheirOwnPasses) {
+  const Model& model = tiny_model("llama3", torch::kFloat);
+  const KVzipPrompts pr = toy_prompts();
+  std::vector<int64_t> a = random_tokens(model.config().vocab_size, 40, 3);
+  a.insert(a.begin(), pr.prefix.begin(), pr.prefix.end());
+  const std::vector<int64_t> b = random_tokens(model.config().vocab_size, 23, 4);
+  const int64_t T = static_cast<int64_t>(a.size());
+  at::Tensor ids = torch::zeros({2, T}, torch::kLong);
+  ids[0].copy_(torch::tensor(a, torch::kLong));
+  ids[1].narrow(0, T - 23, 23).copy_(torch::tensor(b, torch::kLong));
+  KVCache cache = model.new_cache(2);
+  model.prefill(ids, cache, LogitsMode::LastPosition, {}, {0, T - 23});
+  KVzipOptions opt;
+  opt.chunk_size = 16;
+  opt.n_sink = 2;
+  std::vector<at::Tensor> own[2];
+  for (KVzipNorm norm : {KVzipNorm::None, KVzipNorm::Plus}) {
+    opt.norm = norm;
+    own[norm == KVzipNorm::Plus] = kvzip_scores(model, cache, {a, b}, pr, opt);
+  }
+  for (const std::vector<KVzipNorm>& order : {std::vector<KVzipNorm>{KVzipNorm::None, KVzipNorm::Plus},
+                                              std::vector<KVzipNorm>{KVzipNorm::Plus, KVzipNorm::None}}) {
+    const std::vector<std::vector<at::Tensor>> both = kvzip_scores_norms(model, cache, {a, b}, pr, opt, order);
+    ASSERT_EQ(both.size(), 2u);
+    for (size_t k = 0; k < 2; ++k)
+      for (int64_t l = 0; l < cache.num_layers(); ++l)
+        EXPECT_TRUE(torch::equal(both[k][l], own[order[k] == KVzipNorm::Plus][l])) << "norm " << k << " layer " << l;
+  }
+  // The two norms rank differently (the test would not tell them apart otherwise).
+  EXPECT_FALSE(torch::equal(own[0][0], own[1][0]));
 }
 
 // Through the registry: kvzip needs the model directory; on SmolLM2 its prompts are the chat template's, and a

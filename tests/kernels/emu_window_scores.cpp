@@ -1,7 +1,8 @@
 // The window-scores kernels' own code (kernels/window_scores.cu) on the CPU through the SIMT emulator, against a
 // naive float64 loop (tests/kernels/window_scores_cases.h) on the same bf16 inputs. Metric: max |got - ref| over
 // every column sum and sum of squares <= 2e-6 (each is a sum of at most w probabilities in [0, 1], computed in
-// fp32; measured up to 4.2e-7); pass 1 split into 1, 2 and as many chunks as tiles, so the chunk merge is
+// fp32; measured up to 4.2e-7), and of the (weighted) column maxima; both maxima from one launch equal each from
+// its own launch, bit for bit; pass 1 split into 1, 2 and as many chunks as tiles, so the chunk merge is
 // exercised. Runs in CI.
 #define KVD_SIMT_EMULATION 1
 #include "kernels/window_scores.cu"
@@ -18,7 +19,7 @@
 namespace {
 
 kvd::WindowColumns run_emulated(const kvd::WindowScoresInput& in, int chunks, cudaError_t* status = nullptr,
-                                bool max_mode = false) {
+                                bool max_mode = false, at::Tensor* max_plain = nullptr) {
   const int64_t B = in.q.size(0), H = in.q.size(1), w = in.q.size(2), hd = in.q.size(3);
   const int64_t Hkv = in.k.size(1), n = in.k.size(2);
   kvd::kernels::WindowScoresArgs a;
@@ -50,6 +51,10 @@ kvd::WindowColumns run_emulated(const kvd::WindowScoresInput& in, int chunks, cu
       rw = in.row_weight.to(torch::kFloat).contiguous();
       a.row_w = rw.data_ptr<float>();
     }
+    if (max_plain) {  // and the unweighted maximum
+      *max_plain = torch::full({B, H, n}, NAN);
+      a.max_plain = max_plain->data_ptr<float>();
+    }
   }
   const cudaError_t e = kvd::kernels::emulated::window_scores(a, nullptr);
   if (status) *status = e;
@@ -79,7 +84,14 @@ TEST(WindowScoresEmulated, MatchesNaiveReference) {
     x.row_weight = torch::rand({c.B, c.w}) + 0.5;
     const kvd::WindowColumns mref = kvd_test::naive_window_columns(x);
     for (int chunks : std::set<int>{1, tiles}) {
+      // Both maxima from one launch: the weighted one equal to its own launch's, the plain one to an unweighted
+      // launch's, bit for bit.
+      at::Tensor plain;
+      const kvd::WindowColumns both = run_emulated(x, chunks, nullptr, true, &plain);
+      const kvd::WindowColumns alone = run_emulated(in, chunks, nullptr, true);
+      EXPECT_TRUE(torch::equal(plain, alone.sum));
       kvd::WindowColumns got = run_emulated(x, chunks, nullptr, true);
+      EXPECT_TRUE(torch::equal(both.sum, got.sum));
       got.max = got.sum;
       got.sum = at::Tensor();
       got.sumsq = at::Tensor();

@@ -47,6 +47,13 @@ TEST(WindowColumnsReference, MatchesNaiveLoopsInAnyRowBlocks) {
             kvd::window_columns(to(x, torch::kCPU, torch::kFloat), kvd::WindowMoments::Max, kvd::KernelPath::Fused, row_block);
         ASSERT_TRUE(got.max.defined() && !got.sum.defined());
         EXPECT_LE(kvd_test::window_error(got, mref), 1e-5) << "max w " << c.w << " block " << row_block;
+        // MaxAndPlain: the same weighted maximum, and the unweighted one equal to Max without weights.
+        const kvd::WindowColumns both = kvd::window_columns(to(x, torch::kCPU, torch::kFloat), kvd::WindowMoments::MaxAndPlain,
+                                                            kvd::KernelPath::Fused, row_block);
+        EXPECT_TRUE(torch::equal(both.max, got.max));
+        const kvd::WindowColumns plain =
+            kvd::window_columns(to(in, torch::kCPU, torch::kFloat), kvd::WindowMoments::Max, kvd::KernelPath::Fused, row_block);
+        EXPECT_TRUE(torch::equal(both.max_plain, plain.max));
       }
     }
   }
@@ -80,6 +87,11 @@ TEST(WindowScoresKernel, MatchesNaiveLoopsAndIsDeterministic) {
     const kvd::WindowColumns m2 = kvd::window_columns_fused(to(x, torch::kCUDA, torch::kBFloat16), kvd::WindowMoments::Max);
     EXPECT_LE(kvd_test::window_error(m1, mref), 2e-5) << "max";
     EXPECT_TRUE(torch::equal(m1.max, m2.max));
+    // Both maxima from one launch equal each alone, bit for bit (KVzip's and KVzip+'s shared pass).
+    const kvd::WindowColumns mb = kvd::window_columns_fused(to(x, torch::kCUDA, torch::kBFloat16), kvd::WindowMoments::MaxAndPlain);
+    const kvd::WindowColumns mp = kvd::window_columns_fused(g, kvd::WindowMoments::Max);
+    EXPECT_TRUE(torch::equal(mb.max, m1.max));
+    EXPECT_TRUE(torch::equal(mb.max_plain, mp.max));
   }
 }
 

@@ -1,15 +1,17 @@
 """`kvdistill eval --share-prefill methods` (SmolLM2, CPU), checked from the records alone: consecutive methods that
 score each layer as it runs share one prefill and give the same records as one prefill per method
 (--share-prefill budgets), and with their budgets decoded as one batch (the default) the same outputs, with
-KL / perplexity / hit rate within float tolerance (a larger batch rounds differently); a method that scores after the whole forward (KVzip) or evicts while decoding (TOVA's
-decode form) keeps its own prefill; a memory cap too small for two methods' caches splits the group."""
+KL / perplexity / hit rate within float tolerance (a larger batch rounds differently); methods that score after the
+whole forward (KVzip, KVzip+) share a prefill (and one reconstruction pass) with each other only; a method that evicts
+while decoding (TOVA's decode form) keeps its own prefill; a memory cap too small for two methods' caches splits the
+group."""
 import pytest
 
 from eval_helpers import eval_pair, needs_corpus, records, evaluate, tasks  # noqa: F401 (tasks is a fixture)
 
 pytestmark = needs_corpus
 
-METHODS = "snapkv,knorm,kvzip,tova_decode,streaming_llm"
+METHODS = "snapkv,knorm,kvzip,kvzip_plus,tova_decode,streaming_llm"
 
 
 def test_methods_sharing_a_prefill_equal_a_prefill_per_method(tasks, tmp_path):
@@ -22,9 +24,10 @@ def test_methods_sharing_a_prefill_equal_a_prefill_per_method(tasks, tmp_path):
         for f in ("kl", "ppl", "hit_rate"):
             assert ra[f] == pytest.approx(rb[f], rel=1e-3, abs=1e-6), (k, f, ra[f], rb[f])
     shared = {k[0]: a[k].get("prefill_shared_by") for k in a}
-    # snapkv and knorm (2 budgets each) share one prefill; kvzip and tova_decode share theirs with their own budgets
-    # only; streaming_llm comes after them and has its own.
-    assert shared == {"full": None, "snapkv": 4, "knorm": 4, "kvzip": 2, "tova_decode": 2, "streaming_llm": 2}, shared
+    # snapkv and knorm (2 budgets each) share one prefill, kvzip and kvzip_plus another; tova_decode shares its with
+    # its own budgets only; streaming_llm comes after it and has its own.
+    assert shared == {"full": None, "snapkv": 4, "knorm": 4, "kvzip": 4, "kvzip_plus": 4, "tova_decode": 2,
+                      "streaming_llm": 2}, shared
     assert {k[0]: b[k].get("prefill_shared_by") for k in b} == {m: (None if m == "full" else 2) for m in shared}
 
 
