@@ -57,7 +57,8 @@
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
 # TRAIN (which of them `train` runs, default "kvzap dms"); KVZAP_VARIANT (linear, the default, or mlp); KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
 # three quarters); P (eval processes at once, default 1: without MPS the GPU time-slices between processes, and
-# one process was twice as fast as six on 2026-12-06), SHARDS (of the samples, default $P), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
+# one process was twice as fast as six on 2026-12-06), WORKERS (each process's --workers, default 2: 19% faster
+# than one on the slice, records identical, 2026-12-07), SHARDS (of the samples, default $P), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
 # BATCH=64 BATCH_TOKENS=131072 six processes ran out of the H200's memory on 2026-12-04: KVzip's repeat pass and
 # the teacher-forced logits of budgets decoded together), SHARE_GIB (default 6: the protocol's methods share a
 # prefill while their compressed caches stay within this many GiB per process, --share-prefill-gib; a batch's full
@@ -86,6 +87,7 @@ lazy_eviction streaming_llm_decode}
 LEARNED=${LEARNED:-}
 RATIOS=${RATIOS:-0.25,0.5,0.75,0.875}
 P=${P:-1}
+WORKERS=${WORKERS:-2}
 SHARDS=${SHARDS:-$P}
 BATCH=${BATCH:-32}
 BATCH_TOKENS=${BATCH_TOKENS:-65536}
@@ -194,7 +196,7 @@ case "${1:-}" in
       done >> "$jobs"
     done
     echo "[protocol] $(wc -l < "$jobs") jobs ($SHARDS shards of the samples each), $P at a time, $limit s"
-    export KVD MODEL DATA W RATIOS BATCH BATCH_TOKENS SHARDS SHARE_GIB DECODE_GIB
+    export KVD MODEL DATA W RATIOS BATCH BATCH_TOKENS SHARDS SHARE_GIB DECODE_GIB WORKERS
     export OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     run_job() {
       local mode name k methods extra left=$(($2 - $(date +%s)))
@@ -205,7 +207,7 @@ case "${1:-}" in
       # shellcheck disable=SC2086  # extra: flags, split on purpose
       timeout "$left" $KVD eval --model "$MODEL" --tasks "$DATA/tasks-2k4k8k.jsonl" --device cuda --batch "$BATCH" \
         --batch-tokens "$BATCH_TOKENS" --share-prefill methods --share-prefill-gib "$SHARE_GIB" \
-        --decode-logits-gib "$DECODE_GIB" "${flag[@]}" $extra \
+        --decode-logits-gib "$DECODE_GIB" --workers "$WORKERS" "${flag[@]}" $extra \
         --methods "$methods" --ratios "$RATIOS" \
         --shard "$k/$SHARDS" --out "$out" >> "$out.log" 2>&1 || true
     }
@@ -298,7 +300,7 @@ PY
         --share-prefill methods --share-prefill-gib "$SHARE_GIB" --decode-logits-gib "$DECODE_GIB" --workers "$n" \
         --methods "$heuristics" --ratios "$RATIOS" --out "$W/workers-$n" > "${OUT:-$W}/workers-$n.log" 2>&1 &
       pid=$!
-      # A run past WORKERS_LIMIT seconds (default 150; one worker takes about 75) is stuck: every thread's stack
+      # A run past WORKERS_LIMIT seconds (default 150; one worker takes about 67 on an H100) is stuck: every thread's stack
       # goes to workers-N-stacks.txt (gdb, where the machine has it) before it is killed.
       while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - s)) -lt "${WORKERS_LIMIT:-150}" ]; do sleep 1; done
       if kill -0 "$pid" 2>/dev/null; then

@@ -77,8 +77,8 @@ struct EvalOptions {
   // Batches run at once, each by a worker thread on a CUDA stream of its own (1: the calling thread, in order),
   // so that other workers' kernels may fill the idle time a launch-bound batch leaves on the device; every record
   // is the same. The memory caps above (share_prefill_bytes, decode_logits_bytes) hold per worker. Results are
-  // appended in the order batches finish. On an H100 two workers gained 9%: at 8K the device is busy anyway
-  // (docs/decode.md).
+  // appended in the order batches finish. On an H100 two workers took 19% less time than one, with identical
+  // records: at 8K the device is busy most of the time anyway (docs/decode.md).
   int64_t workers = 1;
   // Shard {k, n}: only the samples at positions k, k + n, k + 2n, ... of the task file (one of n jobs).
   std::pair<int64_t, int64_t> shard = {0, 1};
