@@ -145,7 +145,7 @@ std::vector<RowResult> finish_batch(const Model& model, const std::vector<const 
   std::vector<at::Tensor> kept_pos(L), kept_valid(L);
   std::vector<std::vector<int64_t>> kept_len(L);
   for (int64_t l = 0; l < L; ++l) {
-    const KVLayerView kv = cache.layer(l);
+    const KVLayerView kv = cache.layer(l, LayerRead::Positions);  // no K / V copy of a ragged layer
     kept_pos[l] = kv.pos.clone();                                                          // (B, H_kv, n)
     kept_valid[l] = kv.valid.defined() ? kv.valid.clone() : at::Tensor();                  // (B, H_kv, n)
     kept_len[l] = cache.lengths(l);                                                        // [B * H_kv]

@@ -259,13 +259,27 @@ const std::vector<int64_t>& KVCache::lengths(int64_t layer) const {
   return layers_[layer].len;
 }
 
-KVLayerView KVCache::layer(int64_t layer) const {
+KVLayerView KVCache::layer(int64_t layer, LayerRead read) const {
   check_layer(layer);
   const Layer& L = layers_[layer];
   KVLayerView view;
   const int64_t n = max_length(layer);
   view.n = n;
   auto opt = torch::TensorOptions().dtype(dtype_).device(device_);
+  if (read == LayerRead::Positions) {
+    KVLayerView whole = n == 0 || layout(L) == Layout::Regular ? this->layer(layer) : KVLayerView();
+    if (whole.pos.defined()) {  // a view without a copy anyway
+      view.pos = whole.pos;
+      view.valid = whole.valid;
+      return view;
+    }
+    view.pos = L.pos.index_select(0, gather_index(L, n)).view({batch_, kv_heads_, n});  // (B, H_kv, n)
+    if (std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != n; })) {
+      view.valid = torch::arange(n, opt.dtype(torch::kLong)).view({1, 1, n}).lt(device_len(L).view({batch_, kv_heads_, 1}));
+      view.pos.masked_fill_(view.valid.logical_not(), -1);
+    }
+    return view;
+  }
   if (n == 0) {
     view.k = torch::empty({batch_, kv_heads_, 0, head_dim_}, opt);
     view.v = torch::empty({batch_, kv_heads_, 0, head_dim_}, opt);
@@ -481,7 +495,7 @@ void KVCache::set_payload(int64_t layer, const std::string& name, const at::Tens
   L.cols[slot].index_copy_(0, idx.masked_select(valid), vals.masked_select(valid));
 }
 
-at::Tensor KVCache::positions(int64_t layer) const { return this->layer(layer).pos; }
+at::Tensor KVCache::positions(int64_t layer) const { return this->layer(layer, LayerRead::Positions).pos; }
 
 void KVCache::keep(int64_t layer, const at::Tensor& indices) {
   check_layer(layer);

@@ -57,6 +57,13 @@ struct RaggedIndices {
   int64_t count(int64_t row) const;  // entries kept by head row r = b * H_kv + h
 };
 
+// What KVCache::layer reads into its view.
+enum class LayerRead {
+  All,       // keys, values, positions, validity and payload columns
+  Positions  // positions and validity only (k, v and payload left undefined): no K / V copy where the heads hold
+             // different counts (the eval's kept sets)
+};
+
 // Whether KVCache::keep checks its indices against each head's entries on the device.
 enum class IndexCheck {
   ReadBack,       // one flag read back per keep (a device sync); an index out of range throws
@@ -88,7 +95,7 @@ class KVCache {
               const at::Tensor& v,                 // (B, H_kv, t, hd)
               const at::Tensor& pos,               // (B, t) or (B, H_kv, t) int64
               const std::vector<int64_t>& lead);   // [B], [B * H_kv] or empty
-  KVLayerView layer(int64_t layer) const;
+  KVLayerView layer(int64_t layer, LayerRead read = LayerRead::All) const;
   // Replaces this cache's `layer` with a copy of src's (entries, positions, payload columns, layout), as if the
   // same entries had been appended here; the byte counts and peaks follow. src must have the same shape, dtype
   // and device; src's payload columns are added here first. Used to compress one prefill at several budgets

@@ -346,6 +346,11 @@ bool matches(const KVCache& c, const RefCache& ref, const std::string& what) {
            torch::equal(view.payload.at("score").to(torch::kCPU).to(torch::kDouble), torch::from_blob(es.data(), {B, H, n}, dbl));
       if (ok && ref.late)
         ok = torch::equal(view.payload.at("late").to(torch::kCPU), torch::full({B, H, n}, kLateFill, dbl));
+      // A positions-only read: the same positions and validity, no keys or values.
+      const KVLayerView pv = c.layer(l, LayerRead::Positions);
+      ok = ok && !pv.k.defined() && !pv.v.defined() && pv.payload.empty() && torch::equal(pv.pos, view.pos) &&
+           pv.valid.defined() == ragged && (!ragged || torch::equal(pv.valid, view.valid)) &&
+           torch::equal(c.positions(l), view.pos);
     }
     if (!ok) {
       ADD_FAILURE() << what << ": layer " << l << " differs from the reference (n " << view.n << " vs " << n << ")";
