@@ -35,6 +35,17 @@ std::vector<int64_t> random_tokens(int64_t vocab, int64_t n, uint64_t seed) {
   return std::vector<int64_t>(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + n);
 }
 
+// a and b prefilled as one batch, b (the shorter) left-padded to a's length.
+KVCache prefill_two_rows(const Model& model, const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
+  const int64_t T = static_cast<int64_t>(a.size()), nb = static_cast<int64_t>(b.size());
+  at::Tensor ids = torch::zeros({2, T}, torch::kLong);  // (2, T)
+  ids[0].copy_(torch::tensor(a, torch::kLong));
+  ids[1].narrow(0, T - nb, nb).copy_(torch::tensor(b, torch::kLong));
+  KVCache cache = model.new_cache(2);
+  model.prefill(ids, cache, LogitsMode::LastPosition, {}, {0, T - nb});
+  return cache;
+}
+
 KVzipPrompts toy_prompts() {
   KVzipPrompts p;
   p.first = {5, 6, 7};
@@ -190,12 +201,7 @@ TEST(KVzip, BatchRowsScoreAsAloneAndCacheUnchanged) {
   const std::vector<int64_t> b = random_tokens(model.config().vocab_size, 17, 2);
   KVzipOptions opt;
   opt.chunk_size = 11;
-  const int64_t T = static_cast<int64_t>(a.size());
-  at::Tensor ids = torch::zeros({2, T}, torch::kLong);
-  ids[0].copy_(torch::tensor(a, torch::kLong));
-  ids[1].narrow(0, T - 17, 17).copy_(torch::tensor(b, torch::kLong));
-  KVCache cache = model.new_cache(2);
-  model.prefill(ids, cache, LogitsMode::LastPosition, {}, {0, T - 17});
+  KVCache cache = prefill_two_rows(model, a, b);
   std::vector<at::Tensor> before;
   for (int64_t l = 0; l < cache.num_layers(); ++l) {
     const KVLayerView v = cache.layer(l);
@@ -227,12 +233,7 @@ TEST(KVzip, BothNormsFromOnePassEqualTheirOwnPasses) {
   std::vector<int64_t> a = random_tokens(model.config().vocab_size, 40, 3);
   a.insert(a.begin(), pr.prefix.begin(), pr.prefix.end());
   const std::vector<int64_t> b = random_tokens(model.config().vocab_size, 23, 4);
-  const int64_t T = static_cast<int64_t>(a.size());
-  at::Tensor ids = torch::zeros({2, T}, torch::kLong);
-  ids[0].copy_(torch::tensor(a, torch::kLong));
-  ids[1].narrow(0, T - 23, 23).copy_(torch::tensor(b, torch::kLong));
-  KVCache cache = model.new_cache(2);
-  model.prefill(ids, cache, LogitsMode::LastPosition, {}, {0, T - 23});
+  KVCache cache = prefill_two_rows(model, a, b);
   KVzipOptions opt;
   opt.chunk_size = 16;
   opt.n_sink = 2;
