@@ -88,8 +88,10 @@ at::Tensor LayerView::next_position_column(c10::Device device) const {
   return host_ints(next_positions, device).view({B, 1, 1});  // (B, 1, 1)
 }
 
-void Scorer::prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers) {
-  for (Scorer* p : peers) p->prepare(model, cache);
+std::vector<Scorer*> Scorer::prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers) {
+  (void)peers;
+  prepare(model, cache);
+  return {this};
 }
 
 std::vector<at::Tensor> Scorer::score_budgets(const LayerView& view, const std::vector<Scorer*>& peers) {

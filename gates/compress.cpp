@@ -327,9 +327,20 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
     model.prefill(ids, cache, LogitsMode::LastPosition, observer, lead);
     if (after_forward) {  // every layer of this chunk is cached: the scorers run (e.g. their query rows), then score
       ProfileLap lap(cache.device(), "compress ");
-      std::vector<Scorer*> peers;  // every unit's scorers, prepared together where they share work (KVzip, KVzip+)
-      for (const ScoringUnit& u : units) peers.insert(peers.end(), u.scorers.begin(), u.scorers.end());
-      scorer.prepare_peers(model, cache, peers);
+      // Every unit's scorers, prepared together where they share work (KVzip, KVzip+): the first one left prepares
+      // itself and whichever of the others it can, until none is left.
+      std::vector<Scorer*> left;
+      for (const ScoringUnit& u : units)
+        for (Scorer* s : u.scorers)
+          if (std::find(left.begin(), left.end(), s) == left.end()) left.push_back(s);
+      while (!left.empty()) {
+        const std::vector<Scorer*> done = left[0]->prepare_peers(model, cache, left);
+        KVD_CHECK(std::find(done.begin(), done.end(), left[0]) != done.end(), left[0]->name(),
+                  ": prepare_peers did not prepare the scorer it was called on");
+        left.erase(std::remove_if(left.begin(), left.end(),
+                                  [&](Scorer* s) { return std::find(done.begin(), done.end(), s) != done.end(); }),
+                   left.end());
+      }
       lap("prepare (after the forward)");
       // Alone, each budget would hold every layer whole before compacting any; the other budgets' caches receive a
       // layer only as it is scored, so their peaks are raised to what the prefill's cache holds now.

@@ -288,29 +288,28 @@ class KVzipScorer : public Scorer {
               "prefill through compress_prefill (the scorer's on_append)");
     scores_.set(cache, kvzip_scores(model, cache, ids_, prompts_, opt_));
   }
-  // The KVzip and KVzip+ peers with this one's prompts and pass options run one reconstruction pass (every peer
-  // recorded the same prefill's tokens); any other peer prepares alone.
-  void prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers) override {
-    std::vector<KVzipScorer*> same;
-    std::vector<KVzipNorm> norms;
+  // This scorer and the KVzip / KVzip+ peers with its prompts and pass options, from one reconstruction pass (every
+  // peer recorded the same prefill's tokens); other peers are left to prepare themselves.
+  std::vector<Scorer*> prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers) override {
+    std::vector<KVzipScorer*> same{this};
+    std::vector<KVzipNorm> norms{opt_.norm};
     for (Scorer* p : peers) {
       auto* z = dynamic_cast<KVzipScorer*>(p);
-      if (z && shares_pass_with(*z)) {
-        same.push_back(z);
-        if (std::find(norms.begin(), norms.end(), z->opt_.norm) == norms.end()) norms.push_back(z->opt_.norm);
-      } else {
-        p->prepare(model, cache);
-      }
+      if (!z || z == this || !shares_pass_with(*z)) continue;
+      same.push_back(z);
+      if (std::find(norms.begin(), norms.end(), z->opt_.norm) == norms.end()) norms.push_back(z->opt_.norm);
     }
-    if (same.empty()) return;
     KVD_CHECK(static_cast<int64_t>(ids_.size()) == cache.batch(), "kvzip: the cache's tokens were not recorded; drive its "
               "prefill through compress_prefill (the scorer's on_append)");
     const std::vector<std::vector<at::Tensor>> all = kvzip_scores_norms(model, cache, ids_, prompts_, opt_, norms);
+    std::vector<Scorer*> done;
     for (KVzipScorer* z : same) {
       KVD_CHECK(z->ids_ == ids_, "kvzip: peers sharing a prefill recorded different tokens");
       const size_t k = static_cast<size_t>(std::find(norms.begin(), norms.end(), z->opt_.norm) - norms.begin());
       z->scores_.set(cache, all[k]);
+      done.push_back(z);
     }
+    return done;
   }
   at::Tensor score(const LayerView& view) override { return scores_.get(view); }
 

@@ -123,11 +123,12 @@ class Scorer {
     (void)model;
     (void)cache;
   }
-  // prepare() for the ScoreTiming::AfterForward scorers of several methods that share one prefill
-  // (compress_prefill_many): peers[t] is method t's scorer, this one first. The default calls each peer's prepare();
-  // a scorer whose kind can share a pass with peers of its kind (KVzip and KVzip+: one reconstruction pass)
-  // overrides it, preparing every peer as its own prepare() would.
-  virtual void prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers);
+  // prepare() for this scorer and for those of `peers` (the other ScoreTiming::AfterForward scorers of methods that
+  // share one prefill, compress_prefill_many; this one among them) it can prepare from the same work; returns the
+  // scorers it prepared, this one included, each as its own prepare() would have. The driver asks the first scorer
+  // not yet prepared until none is left. The default prepares this one alone; a scorer whose kind shares a pass
+  // with peers of its kind overrides it (KVzip and KVzip+: one reconstruction pass).
+  virtual std::vector<Scorer*> prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers);
   // Importance of each cached token, higher = keep: (B, H_kv, n) float32. Invalid entries are ignored.
   virtual at::Tensor score(const LayerView& view) = 0;
   // One layer scored for several budgets of one method at once (compress_prefill_many, ScoreSharing::PerBudget):

@@ -336,8 +336,10 @@ TEST(CompressMany, MethodsSharingOnePrefillKeepWhatEachKeepsAlone) {
   // per-layer one.
   MethodContext once = ctx;
   once.learned_mode = LearnedMode::Once;  // the query rows act once after the prefill
+  // The query rows first: the driver asks each scorer not yet prepared in turn (Scorer::prepare_peers), so KVzip
+  // then prepares KVzip+ with it.
   const std::vector<std::pair<std::string, double>> after = {
-      {"kvzip", 0.25}, {"kvzip", 0.75}, {"kvzip_plus", 0.5}, {"kvzip_plus", 0.875}, {"untrained:query_rows", 0.5}};
+      {"untrained:query_rows", 0.5}, {"kvzip", 0.25}, {"kvzip", 0.75}, {"kvzip_plus", 0.5}, {"kvzip_plus", 0.875}};
   std::vector<ResolvedMethod> am;
   for (const auto& [name, r] : after) am.push_back(resolve_method(name, Budget::ratio(r), once));
   for (const ResolvedMethod& m : am) ASSERT_TRUE(shares_prefill_with(am[0], m)) << m.name;

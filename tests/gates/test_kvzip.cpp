@@ -19,6 +19,7 @@
 #include "gates/gate_test_utils.h"
 #include "gates/kvzip.h"
 #include "gates/registry.h"
+#include "gates/scorer.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
 #include "models/tokenizer.h"
@@ -36,13 +37,14 @@ std::vector<int64_t> random_tokens(int64_t vocab, int64_t n, uint64_t seed) {
 }
 
 // a and b prefilled as one batch, b (the shorter) left-padded to a's length.
-KVCache prefill_two_rows(const Model& model, const std::vector<int64_t>& a, const std::vector<int64_t>& b) {
+KVCache prefill_two_rows(const Model& model, const std::vector<int64_t>& a, const std::vector<int64_t>& b,
+                         const PrefillObserver& observer = {}) {
   const int64_t T = static_cast<int64_t>(a.size()), nb = static_cast<int64_t>(b.size());
   at::Tensor ids = torch::zeros({2, T}, torch::kLong);  // (2, T)
   ids[0].copy_(torch::tensor(a, torch::kLong));
   ids[1].narrow(0, T - nb, nb).copy_(torch::tensor(b, torch::kLong));
   KVCache cache = model.new_cache(2);
-  model.prefill(ids, cache, LogitsMode::LastPosition, {}, {0, T - nb});
+  model.prefill(ids, cache, LogitsMode::LastPosition, observer, {0, T - nb});
   return cache;
 }
 
@@ -226,7 +228,8 @@ TEST(KVzip, BatchRowsScoreAsAloneAndCacheUnchanged) {
 
 // KVzip and KVzip+ from one reconstruction pass (kvzip_scores_norms, what Scorer::prepare_peers runs for both
 // methods of one prefill): each norm's scores equal its own pass's bit for bit, in either order, for a batch of
-// two rows of different lengths in float32 (the eval's dtype on the CPU path).
+// two rows of different lengths in float32 (the eval's dtype on the CPU path); a KVzip scorer prepares the KVzip+
+// scorer of its pass options with itself (Scorer::prepare_peers), not one chunked differently.
 TEST(KVzip, BothNormsFromOnePassEqualTheirOwnPasses) {
   const Model& model = tiny_model("llama3", torch::kFloat);
   const KVzipPrompts pr = toy_prompts();
@@ -252,6 +255,27 @@ TEST(KVzip, BothNormsFromOnePassEqualTheirOwnPasses) {
   }
   // The two norms rank differently (the test would not tell them apart otherwise).
   EXPECT_FALSE(torch::equal(own[0][0], own[1][0]));
+
+  // Scorer::prepare_peers: a KVzip scorer prepares itself and the KVzip+ scorer of the same pass options, not the
+  // one chunked differently; each then scores as after its own prepare().
+  KVzipOptions plain = opt, plus = opt, other = opt;
+  plain.norm = KVzipNorm::None;
+  plus.norm = KVzipNorm::Plus;
+  other.chunk_size = 7;
+  std::vector<std::unique_ptr<Scorer>> sc;
+  for (const KVzipOptions& o : {plain, plus, other, plus}) sc.push_back(make_kvzip_scorer(pr, o));
+  KVCache c2 = prefill_two_rows(model, a, b, [&](const PrefillLayerObservation& o, KVCache& kc) {
+    for (auto& s : sc) s->on_append(o, kc);
+  });
+  const std::vector<Scorer*> done = sc[1]->prepare_peers(model, c2, {sc[2].get(), sc[0].get(), sc[1].get()});
+  EXPECT_EQ(done, (std::vector<Scorer*>{sc[1].get(), sc[0].get()}));
+  sc[3]->prepare(model, c2);  // KVzip+ alone
+  for (int64_t l = 0; l < c2.num_layers(); ++l) {
+    const LayerView view = layer_view(c2.layer(l), l, model, c2.next_positions());
+    EXPECT_TRUE(torch::equal(sc[1]->score(view), sc[3]->score(view))) << "layer " << l;
+    const at::Tensor s0 = sc[0]->score(view), ref0 = own[0][l].to(torch::kFloat);  // KVzip from the shared pass
+    EXPECT_TRUE(torch::equal(s0.masked_fill(s0.isinf(), 0), ref0.masked_fill(s0.isinf(), 0))) << "layer " << l;
+  }
 }
 
 // Through the registry: kvzip needs the model directory; on SmolLM2 its prompts are the chat template's, and a
