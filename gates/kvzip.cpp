@@ -283,11 +283,7 @@ class KVzipScorer : public Scorer {
         row.push_back(idp[b * T + t]);
       }
   }
-  void prepare(const Model& model, const KVCache& cache) override {
-    KVD_CHECK(static_cast<int64_t>(ids_.size()) == cache.batch(), "kvzip: the cache's tokens were not recorded; drive its "
-              "prefill through compress_prefill (the scorer's on_append)");
-    scores_.set(cache, kvzip_scores(model, cache, ids_, prompts_, opt_));
-  }
+  void prepare(const Model& model, const KVCache& cache) override { prepare_peers(model, cache, {this}); }
   // This scorer and the KVzip / KVzip+ peers with its prompts and pass options, from one reconstruction pass (every
   // peer recorded the same prefill's tokens); other peers are left to prepare themselves.
   std::vector<Scorer*> prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers) override {

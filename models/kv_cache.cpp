@@ -266,17 +266,19 @@ KVLayerView KVCache::layer(int64_t layer, LayerRead read) const {
   const int64_t n = max_length(layer);
   view.n = n;
   auto opt = torch::TensorOptions().dtype(dtype_).device(device_);
-  if (read == LayerRead::Positions) {
-    KVLayerView whole = n == 0 || layout(L) == Layout::Regular ? this->layer(layer) : KVLayerView();
-    if (whole.pos.defined()) {  // a view without a copy anyway
-      view.pos = whole.pos;
-      view.valid = whole.valid;
-      return view;
-    }
-    view.pos = L.pos.index_select(0, gather_index(L, n)).view({batch_, kv_heads_, n});  // (B, H_kv, n)
-    if (std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != n; })) {
-      view.valid = torch::arange(n, opt.dtype(torch::kLong)).view({1, 1, n}).lt(device_len(L).view({batch_, kv_heads_, 1}));
-      view.pos.masked_fill_(view.valid.logical_not(), -1);
+  const bool ragged = std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != n; });
+  if (ragged) {
+    at::Tensor len = device_len(L).view({batch_, kv_heads_, 1});                     // (B, H_kv, 1)
+    view.valid = torch::arange(n, opt.dtype(torch::kLong)).view({1, 1, n}).lt(len);  // (B, H_kv, n)
+  }
+  if (read == LayerRead::Positions) {  // the positions alone: a view where the layout is regular, else one gather
+    if (n == 0) {
+      view.pos = torch::empty({batch_, kv_heads_, 0}, opt.dtype(torch::kLong));
+    } else if (layout(L) == Layout::Regular) {
+      view.pos = L.pos.view({batch_, kv_heads_, L.cap[0]}).narrow(2, 0, n);  // (B, H_kv, n)
+    } else {
+      view.pos = L.pos.index_select(0, gather_index(L, n)).view({batch_, kv_heads_, n});  // (B, H_kv, n)
+      if (ragged) view.pos.masked_fill_(view.valid.logical_not(), -1);
     }
     return view;
   }
@@ -286,11 +288,6 @@ KVLayerView KVCache::layer(int64_t layer, LayerRead read) const {
     view.pos = torch::empty({batch_, kv_heads_, 0}, opt.dtype(torch::kLong));
     for (const Payload& p : payload_) view.payload[p.name] = torch::empty({batch_, kv_heads_, 0}, opt.dtype(p.dtype));
     return view;
-  }
-  const bool ragged = std::any_of(L.len.begin(), L.len.end(), [&](int64_t l) { return l != n; });
-  if (ragged) {
-    at::Tensor len = device_len(L).view({batch_, kv_heads_, 1});                     // (B, H_kv, 1)
-    view.valid = torch::arange(n, opt.dtype(torch::kLong)).view({1, 1, n}).lt(len);  // (B, H_kv, n)
   }
   if (layout(L) == Layout::Regular) {
     // Zero-copy: slots past a head's length are zero (positions -1), so the padded view needs no masking.
