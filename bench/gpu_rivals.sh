@@ -22,7 +22,7 @@
 #                                      (default snapkv) at $RATIOS: with and without the shared prefill, then
 #                                      where the time goes (KVD_PROFILE)
 #   bench/gpu_rivals.sh prefill [M]    the slice with method(s) M (default snapkv,defensivekv) at $RATIOS, the
-#                                      padded prefill's attention masked (KVD_PADDED_PREFILL=masked) and flash
+#                                      padded prefill's attention masked (KVD_CHUNK_ATTENTION=masked) and flash
 #                                      (the default): wall times and how many records agree
 #   bench/gpu_rivals.sh evict-decode [M] the slice with the decode-time evictors M (default
 #                                      tova_decode,h2o_decode,streaming_llm_decode,lazy_eviction) at $RATIOS, decoded step by step
@@ -48,6 +48,9 @@
 #                                      protocol runs them, with --workers N for each N (default 1 2 3 4): wall
 #                                      time, results per second, and how many records equal the first run's; a
 #                                      run past $WORKERS_LIMIT s (default 150) is stopped, its threads' stacks kept
+#   bench/gpu_rivals.sh chunk-attention the same run (--workers $WORKERS) with a chunk's attention into a stored
+#                                      cache masked over padded copies (KVD_CHUNK_ATTENTION=masked), then flash over
+#                                      the cache's segments in place (the default): wall times, records that agree
 #   bench/gpu_rivals.sh mps [P...]     the same run split into P shards (default 1 2 4), one eval process each,
 #                                      all at once under CUDA MPS (the daemon started if it is not running): wall
 #                                      time and agreement with `workers 1`'s records
@@ -152,6 +155,56 @@ print(f"{len(a)} records, decode paths {paths}; identical output {same['output']
 PY
 }
 
+# The slice with every heuristic of $HEURISTICS in one eval process as the protocol runs them, --workers $2, extra
+# environment $3... (VAR=value), into $W/$1 and ${OUT:-$W}/$1.log: its wall time and results per second. A run past
+# $WORKERS_LIMIT s (default 150; one worker took about 67 on an H100) is stuck: every thread's stack goes to
+# $1-stacks.txt (gdb, where the machine has it) before it is killed.
+slice_run() {
+  local name=$1 n=$2 s pid heuristics
+  shift 2
+  tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl" >/dev/null
+  heuristics=$(echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | paste -sd, -)
+  rm -rf "${W:?}/$name"
+  s=$SECONDS
+  env OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$@" $KVD eval --model "$MODEL" \
+    --tasks "$W/tasks-slice.jsonl" --device cuda --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" \
+    --share-prefill methods --share-prefill-gib "$SHARE_GIB" --decode-logits-gib "$DECODE_GIB" --workers "$n" \
+    --methods "$heuristics" --ratios "$RATIOS" --out "$W/$name" > "${OUT:-$W}/$name.log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - s)) -lt "${WORKERS_LIMIT:-150}" ]; do sleep 1; done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "== $name: stuck after $((SECONDS - s)) s: $(grep '^\[eval\]' "${OUT:-$W}/$name.log" | tail -n 1)"
+    local dbg
+    dbg=$(command -v gdb || command -v cuda-gdb || true)  # the device image has cuda-gdb only
+    [ -n "$dbg" ] && timeout 60 "$dbg" -p "$pid" -batch -ex "thread apply all bt" > "${OUT:-$W}/$name-stacks.txt" 2>&1
+    kill -9 "$pid"
+    exit 1
+  fi
+  wait "$pid" || { tail -n 20 "${OUT:-$W}/$name.log"; exit 1; }
+  s=$((SECONDS - s))
+  local r
+  r=$(wc -l < "$W/$name/results.jsonl")
+  echo "== $name (--workers $n${*:+, $*}): $s s, $r results ($((r / s)) per s)"
+}
+
+# How many records of runs $2... equal those of run $1 (dirs under $W) field by field, and the mean |score gap|.
+compare_runs() {
+  python3 - "$W" "$@" <<'PY'
+import json, sys
+w, ns = sys.argv[1], sys.argv[2:]
+load = lambda n: {(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(f"{w}/{n}/results.jsonl"))}
+a = load(ns[0])
+for n in ns[1:]:
+    b = load(n)
+    assert a.keys() == b.keys(), f"{n} holds other records than {ns[0]}"
+    same = {f: sum(a[k][f] == b[k][f] for k in a) for f in ("output", "score", "kl", "kv_bytes_kept", "peak_kv_bytes")}
+    gap = sum(abs(a[k]["score"] - b[k]["score"]) for k in a) / len(a)
+    mean = lambda d: sum(r["score"] for r in d.values()) / len(d)
+    print(f"{n} vs {ns[0]}: {len(a)} records; identical {same}; mean |score gap| {gap:.4f}; "
+          f"mean score {mean(b):.4f} vs {mean(a):.4f}")
+PY
+}
+
 case "${1:-}" in
   build)
     gpu_build kvdistill
@@ -237,7 +290,7 @@ PY
       --ratios "$RATIOS" --out "$W/harness-prof" 2>&1 | grep '^\[profile\] eval\|^\[profile\] decode\|^\[profile\] prefill'
     ;;
   prefill)
-    slice_ab "${2:-snapkv,defensivekv}" prefill_s masked "env KVD_PADDED_PREFILL=masked" flash "env KVD_PADDED_PREFILL=flash"
+    slice_ab "${2:-snapkv,defensivekv}" prefill_s masked "env KVD_CHUNK_ATTENTION=masked" flash "env KVD_CHUNK_ATTENTION=flash"
     ;;
   share-methods)
     slice_ab "${2:-snapkv,defensivekv,adakv_snapkv,pyramidkv,tova,knorm}" prefill_s budgets "--share-prefill budgets" \
@@ -290,41 +343,17 @@ PY
     ;;
   workers)
     shift
-    tasks_slice "$DATA/tasks-2k4k8k.jsonl" "$W/tasks-slice.jsonl"
-    heuristics=$(echo "$HEURISTICS" | tr ' ' '\n' | sed '/^$/d' | paste -sd, -)
-    for n in ${@:-1 2 3 4}; do
-      rm -rf "$W/workers-$n"
-      s=$SECONDS
-      env OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True $KVD eval --model "$MODEL" \
-        --tasks "$W/tasks-slice.jsonl" --device cuda --batch "$BATCH" --batch-tokens "$BATCH_TOKENS" \
-        --share-prefill methods --share-prefill-gib "$SHARE_GIB" --decode-logits-gib "$DECODE_GIB" --workers "$n" \
-        --methods "$heuristics" --ratios "$RATIOS" --out "$W/workers-$n" > "${OUT:-$W}/workers-$n.log" 2>&1 &
-      pid=$!
-      # A run past WORKERS_LIMIT seconds (default 150; one worker takes about 67 on an H100) is stuck: every thread's stack
-      # goes to workers-N-stacks.txt (gdb, where the machine has it) before it is killed.
-      while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - s)) -lt "${WORKERS_LIMIT:-150}" ]; do sleep 1; done
-      if kill -0 "$pid" 2>/dev/null; then
-        echo "== --workers $n: stuck after $((SECONDS - s)) s: $(grep '^\[eval\]' "${OUT:-$W}/workers-$n.log" | tail -n 1)"
-        dbg=$(command -v gdb || command -v cuda-gdb || true)  # the device image has cuda-gdb only
-        [ -n "$dbg" ] && timeout 60 "$dbg" -p "$pid" -batch -ex "thread apply all bt" > "${OUT:-$W}/workers-$n-stacks.txt" 2>&1
-        kill -9 "$pid"
-        exit 1
-      fi
-      wait "$pid" || { tail -n 20 "${OUT:-$W}/workers-$n.log"; exit 1; }
-      s=$((SECONDS - s))
-      echo "== --workers $n: $s s, $(wc -l < "$W/workers-$n/results.jsonl") results ($(($(wc -l < "$W/workers-$n/results.jsonl") / s)) per s)"
-    done
-    python3 - "$W" ${@:-1 2 3 4} <<'PY'
-import json, sys
-w, ns = sys.argv[1], sys.argv[2:]
-load = lambda n: {(r["method"], r["budget"], r["id"]): r for r in map(json.loads, open(f"{w}/workers-{n}/results.jsonl"))}
-a = load(ns[0])
-for n in ns[1:]:
-    b = load(n)
-    assert a.keys() == b.keys(), f"--workers {n} holds other records"
-    same = {f: sum(a[k][f] == b[k][f] for k in a) for f in ("output", "score", "kl", "kv_bytes_kept", "peak_kv_bytes")}
-    print(f"--workers {n} vs {ns[0]}: {len(a)} records; identical {same}")
-PY
+    [ $# -gt 0 ] || set -- 1 2 3 4
+    for n in "$@"; do slice_run "workers-$n" "$n"; done
+    compare_runs "${@/#/workers-}"
+    ;;
+  chunk-attention)
+    # The same run as `workers $WORKERS` with a chunk's attention into a stored cache (the rest of the prompt, the
+    # teacher-forced answer, KVzip's repeated context) masked over padded copies, then through flash on the cache's
+    # segments in place (models/attention.h, ChunkAttention): wall times, records that agree, the scores' mean gap.
+    slice_run chunk-masked "$WORKERS" KVD_CHUNK_ATTENTION=masked
+    slice_run chunk-flash "$WORKERS" KVD_CHUNK_ATTENTION=flash
+    compare_runs chunk-masked chunk-flash
     ;;
   mps)
     # The same run as `workers 1` split into P shards (default 1 2 4), one eval process each, all at once under the

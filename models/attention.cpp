@@ -27,17 +27,17 @@ at::Tensor grouped_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tens
 void disable_cudnn_attention() { at::globalContext().setSDPUseCuDNN(false); }
 
 namespace {
-PaddedPrefill& padded_prefill_setting() {
-  static PaddedPrefill p = [] {
-    const char* e = std::getenv("KVD_PADDED_PREFILL");
-    return e != nullptr && std::string(e) == "masked" ? PaddedPrefill::Masked : PaddedPrefill::Flash;
+ChunkAttention& chunk_attention_setting() {
+  static ChunkAttention a = [] {
+    const char* e = std::getenv("KVD_CHUNK_ATTENTION");
+    return e != nullptr && std::string(e) == "masked" ? ChunkAttention::Masked : ChunkAttention::Flash;
   }();
-  return p;
+  return a;
 }
 }  // namespace
 
-void set_padded_prefill(PaddedPrefill p) { padded_prefill_setting() = p; }
-PaddedPrefill padded_prefill() { return padded_prefill_setting(); }
+void set_chunk_attention(ChunkAttention a) { chunk_attention_setting() = a; }
+ChunkAttention chunk_attention() { return chunk_attention_setting(); }
 
 PackedRows pack_left_padded(const std::vector<int64_t>& lead, int64_t T, c10::Device device) {
   const int64_t B = static_cast<int64_t>(lead.size());
@@ -74,6 +74,20 @@ at::Tensor varlen_causal_flash(const at::Tensor& q, const at::Tensor& k, const a
       pack(q), pack(k), pack(v), rows.cu_seqlens, rows.cu_seqlens, rows.max_len, rows.max_len, 0.0,
       /*is_causal=*/true, /*return_debug_mask=*/false, scale));  // (total, H, hd)
   return torch::zeros({B * T, H, hd}, q.options()).index_copy_(0, rows.index, out).view({B, T, H, hd}).transpose(1, 2);
+}
+
+at::Tensor segment_causal_flash(const at::Tensor& q, const KVLayerSegments& seg, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), R = seg.len.size(0);
+  KVD_CHECK(R % B == 0 && H % (R / B) == 0 && seg.k.defined() && seg.k.size(1) == hd && seg.max_len > 0,
+            "segment_causal_flash: q ", q.sizes(), " does not match a cache layer of ", R, " head rows");
+  const int64_t Hkv = R / B, G = H / Hkv;
+  // (B, H, T, hd) -> (B, H_kv, T, G, hd): each head row's T queries, its G query heads side by side.
+  const at::Tensor qs = q.reshape({B, Hkv, G, T, hd}).transpose(2, 3).reshape({R * T, G, hd});  // (R T, G, hd)
+  const at::Tensor cu_q = torch::arange(0, (R + 1) * T, T, q.options().dtype(torch::kInt));     // (R + 1)
+  const at::Tensor out = std::get<0>(at::_flash_attention_forward(
+      qs, seg.k.unsqueeze(1), seg.v.unsqueeze(1), cu_q, seg.start, T, seg.max_len, 0.0, /*is_causal=*/true,
+      /*return_debug_mask=*/false, scale, std::nullopt, std::nullopt, seg.len));  // (R T, G, hd)
+  return out.view({B, Hkv, T, G, hd}).transpose(2, 3).reshape({B, H, T, hd});
 }
 
 at::Tensor SequenceMask::visible(const at::Tensor& q_rows) const {  // (B, Sq) int64

@@ -13,6 +13,7 @@
 #include <c10/core/ScalarType.h>
 
 #include "models/attention_mods.h"
+#include "models/kv_cache.h"
 
 namespace kvd {
 
@@ -31,20 +32,23 @@ at::Tensor grouped_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tens
 // slowdown, so its exact trigger is not pinned down.
 void disable_cudnn_attention();
 
-// ---- the fresh, left-padded prefill -------------------------------------------------------------------------
+// ---- a chunk of tokens into the cache ----------------------------------------------------------------------
 
-// A batch of prompts of different lengths is prefilled left-padded: row b's first lead[b] of T rows are padding
-// and its real tokens attend causally among themselves. How that attention runs on CUDA:
-enum class PaddedPrefill {
-  Flash,  // the default: flash attention's variable-length form over the rows' real tokens packed end to end
-          // (GQA and the causal skip inside the kernel; bf16 / fp16, head dim a multiple of 8 up to 256, no
-          // sliding window); padding rows get 0
-  Masked  // the memory-efficient kernel under a (B, 1, T, T) position mask on K/V repeated to H heads: the whole
-          // T x T product, no causal skip (what every padded prefill ran before; kept for A/B runs)
+// How a chunk of T tokens attends on CUDA where it is not a plain causal prefill: rows of different lengths
+// (left-padded: row b's first lead[b] of T rows are padding, not stored), or a cache that already holds entries
+// (a continuation: the rest of a prompt after compression, a teacher-forced answer, KVzip's repeated context),
+// whose heads may hold different counts.
+enum class ChunkAttention {
+  Flash,  // the default: flash attention's variable-length form (GQA and the causal skip inside the kernel;
+          // bf16 / fp16, head dim a multiple of 8 up to 256, no sliding window). Into an empty layer: the rows'
+          // real tokens packed end to end. Over stored entries: every head's segment of the cache read in place
+          // (KVLayerSegments), no padded copy, no mask, no K/V repeated to H heads. Padding rows get 0.
+  Masked  // the memory-efficient kernel under a position mask, on K/V padded to the longest head (one gather of
+          // a ragged layer per forward) and repeated to H heads (kept for A/B runs)
 };
-// Process-wide; starts as Masked when the environment sets KVD_PADDED_PREFILL=masked, else Flash.
-void set_padded_prefill(PaddedPrefill p);
-PaddedPrefill padded_prefill();
+// Process-wide; starts as Masked when the environment sets KVD_CHUNK_ATTENTION=masked, else Flash.
+void set_chunk_attention(ChunkAttention a);
+ChunkAttention chunk_attention();
 
 // The real tokens of a left-padded (B, T) chunk, packed in row order: index (total) int64 into the flattened
 // (B * T) rows, cu_seqlens (B + 1) int32 (row b's tokens are packed rows cu[b] .. cu[b+1]), the longest row.
@@ -53,12 +57,20 @@ struct PackedRows {
   int64_t max_len = 0, total = 0;
 };
 PackedRows pack_left_padded(const std::vector<int64_t>& lead, int64_t T, c10::Device device);
-// Whether varlen_causal_flash takes queries of this device, dtype and head dim, for a model with(out) a sliding window.
+// Whether the flash paths below take queries of this device, dtype and head dim, for a model with(out) a sliding
+// window.
 bool varlen_flash_applies(c10::Device device, c10::ScalarType dtype, int64_t head_dim, bool sliding_window);
 // Causal attention of each row's real tokens among themselves: q (B, H, T, hd), k / v (B, H_kv, T, hd) left-padded
 // as `rows` describes, H a multiple of H_kv. Returns (B, H, T, hd) with zeros at padding rows. CUDA only.
 at::Tensor varlen_causal_flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const PackedRows& rows,
                                double scale);
+// A chunk's attention into the cache layer it was just appended to, read in place: q (B, H, T, hd) for the
+// chunk's T rows; head row r = b * H_kv + h of `seg` holds its earlier entries, then the chunk's real tokens
+// (its last ones). Query t of row b sees its head's first len[r] - T + t + 1 entries: every earlier entry and
+// the chunk causally (bottom-right alignment, what positions give when the chunk follows every stored entry);
+// a padding row sees fewer, down to none (output 0). Each KV head's G = H / H_kv query heads run as one sequence
+// of the variable-length batch. Returns (B, H, T, hd). CUDA only.
+at::Tensor segment_causal_flash(const at::Tensor& q, const KVLayerSegments& seg, double scale);
 
 // ---- whole-sequence (training) attention -------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 #include "models/kv_cache.h"
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 
 #include "common/error.h"
@@ -318,6 +319,20 @@ KVLayerView KVCache::layer(int64_t layer, LayerRead read) const {
     view.payload[payload_[i].name] = c;
   }
   return view;
+}
+
+KVLayerSegments KVCache::segments(int64_t layer) const {
+  check_layer(layer);
+  const Layer& L = layers_[layer];
+  KVD_CHECK(L.total <= std::numeric_limits<int32_t>::max(), "KVCache::segments: layer ", layer, " holds ", L.total,
+            " slots, past the int32 offsets of flash attention's variable-length form; use smaller batches");
+  KVLayerSegments s;
+  s.max_len = max_length(layer);
+  s.k = L.k;
+  s.v = L.v;
+  s.start = at::constant_pad_nd(device_start(L), {0, 1}, static_cast<double>(L.total)).to(torch::kInt);  // (B*H_kv + 1)
+  s.len = device_len(L).to(torch::kInt);                                                                // (B*H_kv)
+  return s;
 }
 
 at::Tensor KVCache::gather_index(const Layer& L, int64_t n) const {

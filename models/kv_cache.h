@@ -49,6 +49,16 @@ struct KVLayerView {
   int64_t n = 0;
 };
 
+// One layer's storage as it lies, for kernels that read each head's segment in place (flash attention's
+// variable-length form over the cache, models/attention.h): no copy, whatever the layout.
+struct KVLayerSegments {
+  at::Tensor k;      // (S_total, hd) post-RoPE keys; head row r = b * H_kv + h holds slots start[r] .. + len[r]
+  at::Tensor v;      // (S_total, hd)
+  at::Tensor start;  // (B * H_kv + 1) int32 on the cache's device: each head row's first slot, then S_total
+  at::Tensor len;    // (B * H_kv) int32 on the cache's device: each head row's entry count
+  int64_t max_len = 0;  // the longest head
+};
+
 // Keep indices in the TensorRT-LLM sparse layout: for head r = b * H_kv + h, its sorted indices (into that
 // head's current entries) are indices[offsets[r] : offsets[r + 1]]. Heads may keep different counts.
 struct RaggedIndices {
@@ -96,6 +106,8 @@ class KVCache {
               const at::Tensor& pos,               // (B, t) or (B, H_kv, t) int64
               const std::vector<int64_t>& lead);   // [B], [B * H_kv] or empty
   KVLayerView layer(int64_t layer, LayerRead read = LayerRead::All) const;
+  // The layer's flat storage and segment table (k and v undefined while the layer holds no slot).
+  KVLayerSegments segments(int64_t layer) const;
   // Replaces this cache's `layer` with a copy of src's (entries, positions, payload columns, layout), as if the
   // same entries had been appended here; the byte counts and peaks follow. src must have the same shape, dtype
   // and device; src's payload columns are added here first. Used to compress one prefill at several budgets

@@ -619,10 +619,11 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
     if (padded) pad_rows = real.logical_not().view({B, 1, T, 1});
   }
   ProfileLap lap(device_, T == 1 ? "decode " : "prefill ");
-  // A left-padded chunk into an empty layer runs flash attention over its rows' real tokens packed end to end
-  // (models/attention.h, PaddedPrefill); the packing is built once for every layer.
-  const bool varlen = padded && padded_prefill() == PaddedPrefill::Flash &&
-                      varlen_flash_applies(device_, dtype_, hd, cfg_.sliding_window.has_value());
+  // Where the chunk is not a plain causal prefill it runs flash attention's variable-length form (models/
+  // attention.h, ChunkAttention): into an empty layer over the rows' real tokens packed end to end (the packing
+  // built once for every layer), over stored entries on each head's segment of the cache in place.
+  const bool flash = chunk_attention() == ChunkAttention::Flash &&
+                     varlen_flash_applies(device_, dtype_, hd, cfg_.sliding_window.has_value());
   PackedRows packed;
   const at::Tensor cs = rope_cos_sin(qpos.clamp_min(0));  // (2, B, 1, T, hd)
   const at::Tensor cos = cs[0], sin = cs[1];
@@ -643,54 +644,63 @@ at::Tensor Model::prefill(const at::Tensor& ids_in, KVCache& cache, LogitsMode m
       lap("qkv+rope");
       cache.append(l, k, v, qpos, lead);
       lap("cache.append");
-      const KVLayerView view = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
-      lap("cache.layer");
+      const std::vector<int64_t>& len = cache.lengths(l);
+      const int64_t n = cache.max_length(l);
+      const bool uneven = std::any_of(len.begin(), len.end(), [n](int64_t x) { return x != n; });
 
       // The masks below are built as small as the case allows: none for a plain causal prefill or a decode
       // step, (B, 1, T, n) when the heads of a row hold the same entries, per KV head otherwise.
       at::Tensor attn;  // (B, H, T, hd)
       const bool window = cfg_.sliding_window.has_value();
-      const bool simple = !padded && !window && !view.valid.defined();
+      const bool simple = !padded && !window && !uneven;
       if (simple && fresh) {
+        const KVLayerView view = cache.layer(l);  // k, v (B, H_kv, T, hd): views of the storage
         attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, /*is_causal=*/true, scale, true);
-      } else if (varlen && fresh) {
+      } else if (flash && fresh) {
         if (!packed.index.defined()) packed = pack_left_padded(lead, T, device_);
         attn = varlen_causal_flash(q, k, v, packed, scale);  // (B, H, T, hd); k, v: this chunk's, the layer's only
       } else if (simple && T == 1) {
         // Every stored entry is in the past of the one query.
+        const KVLayerView view = cache.layer(l);  // views of the storage (heads of equal counts)
         attn = at::scaled_dot_product_attention(q, view.k, view.v, {}, 0.0, false, scale, true);
-      } else if (simple) {
-        // Entries before this chunk are all visible; the chunk's own T entries are the last T, causally.
-        at::Tensor j = torch::arange(view.n, qpos.options()).view({1, view.n});  // (1, n)
-        at::Tensor t = torch::arange(T, qpos.options()).view({T, 1});           // (T, 1)
-        at::Tensor mask = j.lt(t + (view.n - T + 1)).view({1, 1, T, view.n});  // (1, 1, T, n)
-        attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
+      } else if (flash) {
+        // Every stored entry precedes the chunk, which follows them in each head's segment: bottom-right causal.
+        attn = segment_causal_flash(q, cache.segments(l), scale);  // (B, H, T, hd)
       } else {
-        // Key j of head h is visible to query t iff its stored position <= the query's (and within the window,
-        // and valid). Padding query rows see every valid key (their output is discarded; this keeps it finite).
-        // Per-head masks where a row's heads differ: in their counts, or (for a sliding window, the one mask
-        // that compares positions of entries older than this chunk) in which positions they kept.
-        const std::vector<int64_t>& len = cache.lengths(l);
-        bool per_head = window && !cache.heads_aligned(l);
-        for (int64_t b = 0; b < B && !per_head; ++b)
-          for (int64_t hh = 1; hh < Hkv; ++hh) per_head |= len[b * Hkv + hh] != len[b * Hkv];
-        at::Tensor kpos = per_head ? view.pos : view.pos.narrow(1, 0, 1);  // (B, H_kv | 1, n)
-        at::Tensor kp = kpos.unsqueeze(2);                                 // (B, H_kv | 1, 1, n)
-        at::Tensor qp = qpos.view({B, 1, T, 1});                           // (B, 1, T, 1)
-        at::Tensor mask = kp.le(qp);                                       // (B, H_kv | 1, T, n)
-        if (window) mask = mask.logical_and((qp - kp).lt(*cfg_.sliding_window));
-        at::Tensor valid;  // (B, H_kv | 1, 1, n)
-        if (view.valid.defined()) {
-          valid = (per_head ? view.valid : view.valid.narrow(1, 0, 1)).unsqueeze(2);
-          mask = mask.logical_and(valid);
+        const KVLayerView view = cache.layer(l);  // k, v (B, H_kv, n, hd); pos (B, H_kv, n)
+        lap("cache.layer");
+        if (simple) {
+          // Entries before this chunk are all visible; the chunk's own T entries are the last T, causally.
+          at::Tensor j = torch::arange(view.n, qpos.options()).view({1, view.n});  // (1, n)
+          at::Tensor t = torch::arange(T, qpos.options()).view({T, 1});           // (T, 1)
+          at::Tensor mask = j.lt(t + (view.n - T + 1)).view({1, 1, T, view.n});  // (1, 1, T, n)
+          attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
+        } else {
+          // Key j of head h is visible to query t iff its stored position <= the query's (and within the window,
+          // and valid). Padding query rows see every valid key (their output is discarded; this keeps it finite).
+          // Per-head masks where a row's heads differ: in their counts, or (for a sliding window, the one mask
+          // that compares positions of entries older than this chunk) in which positions they kept.
+          bool per_head = window && !cache.heads_aligned(l);
+          for (int64_t b = 0; b < B && !per_head; ++b)
+            for (int64_t hh = 1; hh < Hkv; ++hh) per_head |= len[b * Hkv + hh] != len[b * Hkv];
+          at::Tensor kpos = per_head ? view.pos : view.pos.narrow(1, 0, 1);  // (B, H_kv | 1, n)
+          at::Tensor kp = kpos.unsqueeze(2);                                 // (B, H_kv | 1, 1, n)
+          at::Tensor qp = qpos.view({B, 1, T, 1});                           // (B, 1, T, 1)
+          at::Tensor mask = kp.le(qp);                                       // (B, H_kv | 1, T, n)
+          if (window) mask = mask.logical_and((qp - kp).lt(*cfg_.sliding_window));
+          at::Tensor valid;  // (B, H_kv | 1, 1, n)
+          if (view.valid.defined()) {
+            valid = (per_head ? view.valid : view.valid.narrow(1, 0, 1)).unsqueeze(2);
+            mask = mask.logical_and(valid);
+          }
+          if (pad_rows.defined()) {
+            at::Tensor all = valid.defined() ? valid : torch::ones_like(kp, kp.options().dtype(torch::kBool));
+            mask = torch::where(pad_rows, all, mask);  // (B, H_kv | 1, T, n)
+          }
+          if (per_head) mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
+          lap("mask");
+          attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
         }
-        if (pad_rows.defined()) {
-          at::Tensor all = valid.defined() ? valid : torch::ones_like(kp, kp.options().dtype(torch::kBool));
-          mask = torch::where(pad_rows, all, mask);  // (B, H_kv | 1, T, n)
-        }
-        if (per_head) mask = mask.unsqueeze(2).expand({B, Hkv, G, T, view.n}).reshape({B, H, T, view.n});  // (B, H, T, n)
-        lap("mask");
-        attn = grouped_sdpa(q, view.k, view.v, mask, false, scale);
       }
       lap("attention");
       if (observer) observer(PrefillLayerObservation{l, h, q_pre, q, qpos, lead, ids}, cache);
