@@ -149,6 +149,7 @@ std::vector<std::vector<at::Tensor>> kvzip_scores_norms(const Model& model, cons
     mods.extra.embeddings = model.embed(ids.to(model.device()));                                     // (B, m, d)
     mods.extra.positions = (start + torch::arange(m, torch::kLong).view({1, m})).to(model.device());  // (B, m)
     mods.extra.attention = ExtraAttention::Fused;  // the observer computes its own restricted softmax
+    mods.extra.placement = ExtraPlacement::AfterCache;  // from each row's next position on
 
     // Per row of this pass: its chunk [rs, re), its sinks (positions < sk) and its real repeat rows (< len).
     std::vector<int64_t> rs(B, 0), re(B, 0), sk(B, 0);

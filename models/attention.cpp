@@ -90,6 +90,39 @@ at::Tensor segment_causal_flash(const at::Tensor& q, const KVLayerSegments& seg,
   return out.view({B, Hkv, T, G, hd}).transpose(2, 3).reshape({B, H, T, hd});
 }
 
+at::Tensor segment_then_rows_flash(const at::Tensor& q, const KVLayerSegments& seg, const at::Tensor& k_rows,
+                                   const at::Tensor& v_rows, double scale) {
+  const int64_t B = q.size(0), H = q.size(1), n = q.size(2), hd = q.size(3), Hkv = k_rows.size(1);
+  const int64_t R = B * Hkv, G = H / Hkv;
+  KVD_CHECK(n > 1 && H % Hkv == 0 && k_rows.sizes() == at::IntArrayRef({B, Hkv, n, hd}) &&
+                v_rows.sizes() == k_rows.sizes() && seg.len.defined() && seg.len.size(0) == R,
+            "segment_then_rows_flash: q ", q.sizes(), ", rows' keys ", k_rows.sizes(), " and a cache layer of ",
+            seg.len.defined() ? seg.len.size(0) : 0, " head rows do not match (n > 1)");
+  // The rows among themselves, causally: (B, n, H, hd) out, (B, H, n) log-sum-exp.
+  auto rows = at::_flash_attention_forward(q.transpose(1, 2).contiguous(), k_rows.transpose(1, 2).contiguous(),
+                                           v_rows.transpose(1, 2).contiguous(), std::nullopt, std::nullopt, n, n, 0.0,
+                                           /*is_causal=*/true, /*return_debug_mask=*/false, scale);
+  const at::Tensor o_rows = std::get<0>(rows).transpose(1, 2).to(torch::kFloat);  // (B, H, n, hd)
+  const at::Tensor l_rows = std::get<1>(rows).view({B, H, n});                   // (B, H, n) float32
+  if (seg.max_len == 0) return o_rows.to(q.scalar_type());
+  // The stored entries, all visible: each head row's n queries with its G query heads side by side.
+  const at::Tensor qs = q.reshape({B, Hkv, G, n, hd}).transpose(2, 3).reshape({R * n, G, hd});  // (R n, G, hd)
+  const at::Tensor cu_q = torch::arange(0, (R + 1) * n, n, q.options().dtype(torch::kInt));     // (R + 1)
+  auto cache = at::_flash_attention_forward(qs, seg.k.unsqueeze(1), seg.v.unsqueeze(1), cu_q, seg.start, n,
+                                            seg.max_len, 0.0, /*is_causal=*/false, /*return_debug_mask=*/false, scale,
+                                            std::nullopt, std::nullopt, seg.len);
+  const at::Tensor o_cache = std::get<0>(cache).view({B, Hkv, n, G, hd}).transpose(2, 3).reshape({B, H, n, hd})
+                                 .to(torch::kFloat);  // (B, H, n, hd)
+  // The log-sum-exp comes unpadded, (G, R n), or padded per sequence, (R, G, n_max); an empty segment's is inf.
+  at::Tensor lse = std::get<1>(cache);
+  lse = lse.dim() == 2 ? lse.view({G, R, n}).transpose(0, 1) : lse.narrow(2, 0, n);  // (R, G, n)
+  lse = lse.reshape({B, H, n});
+  const at::Tensor l_cache = lse.masked_fill(lse.isinf(), -std::numeric_limits<double>::infinity());  // (B, H, n)
+  const at::Tensor m = torch::maximum(l_cache, l_rows);                                              // (B, H, n)
+  const at::Tensor wc = (l_cache - m).exp().unsqueeze(-1), wr = (l_rows - m).exp().unsqueeze(-1);   // (B, H, n, 1)
+  return ((o_cache * wc + o_rows * wr) / (wc + wr)).to(q.scalar_type());  // (B, H, n, hd)
+}
+
 at::Tensor SequenceMask::visible(const at::Tensor& q_rows) const {  // (B, Sq) int64
   at::Tensor kj = torch::arange(S, q_rows.options()).view({1, 1, S});  // (1, 1, S)
   at::Tensor vis = kj.le(q_rows.unsqueeze(-1));                      // (B, Sq, S)

@@ -71,6 +71,12 @@ at::Tensor varlen_causal_flash(const at::Tensor& q, const at::Tensor& k, const a
 // a padding row sees fewer, down to none (output 0). Each KV head's G = H / H_kv query heads run as one sequence
 // of the variable-length batch. Returns (B, H, T, hd). CUDA only.
 at::Tensor segment_causal_flash(const at::Tensor& q, const KVLayerSegments& seg, double scale);
+// The attention of n > 1 rows that follow every stored entry without being stored (Model::forward_extra,
+// ExtraPlacement::AfterCache): each row sees every entry of its head's segment and the rows up to itself. Two flash
+// calls, the segments read in place (non-causal) and the rows among themselves (causal), merged by their
+// log-sum-exps in float32. q (B, H, n, hd), k_rows / v_rows (B, H_kv, n, hd). Returns (B, H, n, hd). CUDA only.
+at::Tensor segment_then_rows_flash(const at::Tensor& q, const KVLayerSegments& seg, const at::Tensor& k_rows,
+                                   const at::Tensor& v_rows, double scale);
 
 // ---- whole-sequence (training) attention -------------------------------------------------------------------
 

@@ -85,6 +85,14 @@ enum class ExtraAttention {
                   // caller that only observes the layers, as KVzip's repeat pass does)
 };
 
+// Where the extra rows sit among the cache's entries, for Model::forward_extra's fused attention.
+enum class ExtraPlacement {
+  Anywhere,   // each stored entry is visible to a row by position (masks compare them)
+  AfterCache  // the caller vouches that every row's position is at or past its batch row's next position, so every
+              // stored entry is in each row's past: on CUDA the fused attention then reads the cache's segments in
+              // place through flash attention (models/attention.h, segment_then_rows_flash), no mask, no copy
+};
+
 // n extra input rows (soft / lookahead tokens) appended after the sequence.
 struct ExtraRows {
   at::Tensor embeddings;  // (B, n, d) or (n, d), any floating dtype (cast to the model dtype, grads flow)
@@ -95,6 +103,7 @@ struct ExtraRows {
   // a large batch never needs them all at once. The results do not depend on it.
   int64_t prob_bytes = int64_t{1} << 30;
   ExtraAttention attention = ExtraAttention::Probabilities;
+  ExtraPlacement placement = ExtraPlacement::Anywhere;
   int64_t count() const { return embeddings.defined() ? embeddings.size(-2) : 0; }
 };
 

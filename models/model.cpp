@@ -750,6 +750,10 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
   const c10::ScalarType acc = dtype_ == torch::kDouble ? torch::kDouble : torch::kFloat;
   const at::Tensor cs = rope_cos_sin(pos);  // (2, B, 1, n, hd)
   const LoraRows all_rows{at::Tensor(), 0, n};
+  // Rows placed after the cache attend through flash attention where it applies (models/attention.h, ChunkAttention).
+  const bool after_cache = ex.placement == ExtraPlacement::AfterCache && n > 1 &&
+                           chunk_attention() == ChunkAttention::Flash &&
+                           varlen_flash_applies(device_, dtype_, hd, cfg_.sliding_window.has_value());
   // Extra row i sees extra row j <= i.
   const at::Tensor causal = torch::ones({n, n}, pos.options().dtype(torch::kBool)).tril();  // (n, n)
 
@@ -764,10 +768,16 @@ ExtraRowsOutput Model::forward_extra(const KVCache& cache, const AttentionMods& 
     if (mods.layer_hook) m = mods.layer_hook(LayerInput{l, h, pos, at::Tensor(), 0});
     KVD_CHECK(!m.changes_attention(), ctx, ": layer hooks of extra rows may return LoRA only");
     const AttendFn attend = [&](const LayerQKV& p) -> at::Tensor {
+      const bool fused = ex.attention == ExtraAttention::Fused;
+      if (fused && after_cache) {
+        // Every stored entry is in the rows' past: the cache's segments in place, no mask, no concatenated copy.
+        at::Tensor attn = segment_then_rows_flash(p.q, cache.segments(l), p.k.to(dtype_), p.v.to(dtype_), scale);
+        if (observer) observer(ExtraRowsLayerObservation{l, h, p.q, p.k, p.v, pos}, cache.layer(l));
+        return attn;  // (B, H, n, hd)
+      }
       const KVLayerView kv = cache.layer(l);  // k, v (B, H_kv, nc, hd); pos (B, H_kv, nc)
       const int64_t nc = kv.n;
       // Batch rows [b0, b0 + nb) at a time, each block's probabilities (or mask) within ex.prob_bytes.
-      const bool fused = ex.attention == ExtraAttention::Fused;
       // Fused: one mask per row when its heads hold the same positions (nothing evicted per head), else per head.
       const bool head_mask = fused && !cache.heads_aligned(l);
       const int64_t row_bytes = fused ? (head_mask ? H : 1) * n * (nc + n)

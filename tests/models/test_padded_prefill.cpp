@@ -204,3 +204,50 @@ TEST(ChunkAttentionSegments, FlashOverACompressedCacheMatchesTheMaskedPathOnTheG
     }
   }
 }
+
+// Model::forward_extra's fused attention for rows placed after the cache (ExtraPlacement::AfterCache, KVzip's
+// repeat): on a cache compressed per head at random (one head empty), 7 extra rows, in bf16 through flash (the
+// segments and the rows merged by log-sum-exp) and through the masked path, against the masked path in float32.
+TEST(ChunkAttentionSegments, ExtraRowsAfterTheCacheMatchTheMaskedPathOnTheGpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  for (const std::string family : {"llama3", "qwen3"}) {
+    const std::string dir = std::string(KVD_TESTDATA) + "/decoder_golden/" + family;
+    const Model bf = Model::load(dir, torch::kCUDA, torch::kBFloat16);
+    const Model f32 = Model::load(dir, torch::kCUDA, torch::kFloat);
+    SafetensorsFile golden(dir + "/golden.safetensors");
+    const at::Tensor all = view_to_tensor(golden.at("input_ids"));  // (B0, 40)
+    const int64_t T = all.size(1), B = 3, n = 7;
+    std::vector<int64_t> lead(B);
+    at::Tensor ids = torch::zeros({B, T}, torch::kLong);
+    const std::vector<int64_t> lens = {40, 25, 9};
+    for (int64_t b = 0; b < B; ++b) {
+      lead[b] = T - lens[b];
+      ids[b].narrow(0, lead[b], lens[b]).copy_(all[b % all.size(0)].narrow(0, 0, lens[b]));
+    }
+    const at::Tensor extra_ids = all[0].narrow(0, 3, n).view({1, n}).expand({B, n}).contiguous();  // (B, n)
+    auto run = [&](const Model& m, ExtraPlacement placement, bool compress) {
+      KVCache c = m.new_cache(B);
+      m.prefill(ids, c, LogitsMode::LastPosition, {}, lead);
+      if (compress) {
+        const std::vector<RaggedIndices> keeps = random_keeps(c, 5);
+        for (int64_t l = 0; l < c.num_layers(); ++l) c.keep(l, keeps[l]);
+      }
+      AttentionMods mods;
+      mods.extra.embeddings = m.embed(extra_ids.to(m.device()));  // (B, n, d)
+      mods.extra.positions = (torch::tensor(c.next_positions(), torch::kLong).view({B, 1}) +
+                              torch::arange(n, torch::kLong).view({1, n})).to(m.device());  // (B, n)
+      mods.extra.attention = ExtraAttention::Fused;
+      mods.extra.placement = placement;
+      return m.forward_extra(c, mods).hidden;  // (B, n, d)
+    };
+    for (const bool compress : {false, true}) {
+      const at::Tensor fl = run(bf, ExtraPlacement::AfterCache, compress), ma = run(bf, ExtraPlacement::Anywhere, compress),
+                       ref = run(f32, ExtraPlacement::Anywhere, compress);
+      const double s = ref.abs().max().item<double>(), ef = max_abs_diff(fl, ref), em = max_abs_diff(ma, ref);
+      std::cout << family << (compress ? " compressed" : " full") << ": extra rows' hidden vs float32 (max " << s
+                << "): flash " << ef << ", masked " << em << "\n";
+      EXPECT_TRUE(torch::isfinite(fl).all().item<bool>()) << family;
+      EXPECT_LE(ef, 2 * em + 0.02 * s) << family << " compressed " << compress;
+    }
+  }
+}
