@@ -351,9 +351,14 @@ void run_eval(const EvalOptions& opt) {
     std::cerr << "[eval] " << workers << " workers: batches run at once"
               << (device.is_cuda() ? ", each on a CUDA stream of its own" : "") << "\n";
     if (device.is_cuda()) torch::cuda::synchronize();  // the weights are on the device before other streams read them
+    // A batch that runs out of device memory while others run beside it is put off, and its worker stops (its
+    // stream may be left inside a graph capture). Once the workers are done, the allocator's cached blocks (each
+    // stream keeps its own) go back to the driver and what is left runs here, one batch after another: the put-off
+    // batches from the configurations they had not written, then any no worker took. Out of memory alone is an error.
     std::atomic<size_t> next{0};
     std::atomic<bool> failed{false};
     std::exception_ptr error;
+    std::vector<size_t> left;
     std::vector<std::thread> pool;
     for (size_t w = 0; w < workers; ++w)
       pool.emplace_back([&] {
@@ -362,6 +367,13 @@ void run_eval(const EvalOptions& opt) {
         for (size_t bi = next++; bi < batches.size() && !failed; bi = next++) {
           try {
             run_batch(batches[bi].first, batches[bi].second);
+          } catch (const c10::OutOfMemoryError&) {
+            std::lock_guard<std::mutex> lock(mu);
+            std::cerr << "[eval] samples " << batches[bi].first << ".." << batches[bi].second
+                      << " ran out of device memory beside other workers; this worker stops, and they run again "
+                         "alone at the end\n";
+            left.push_back(bi);
+            return;
           } catch (...) {
             std::lock_guard<std::mutex> lock(mu);
             if (!error) error = std::current_exception();
@@ -371,6 +383,17 @@ void run_eval(const EvalOptions& opt) {
       });
     for (std::thread& t : pool) t.join();
     if (error) std::rethrow_exception(error);
+    for (size_t bi = next; bi < batches.size(); ++bi) left.push_back(bi);
+    std::sort(left.begin(), left.end());
+    if (!left.empty()) release_cached_memory(device);
+    for (size_t bi : left) {
+      try {
+        run_batch(batches[bi].first, batches[bi].second);
+      } catch (const c10::OutOfMemoryError& e) {
+        KVD_FAIL("eval: samples ", batches[bi].first, "..", batches[bi].second, " ran out of device memory alone (",
+                 e.what_without_backtrace(), "); lower --batch-tokens, --share-prefill-gib or --decode-logits-gib");
+      }
+    }
   }
   write_eval_reports(opt.out_dir);
 }

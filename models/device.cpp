@@ -3,6 +3,7 @@
 #include <map>
 #include <optional>
 
+#include <c10/core/CachingDeviceAllocator.h>
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
@@ -57,6 +58,12 @@ void sync_stream(c10::Device device) {
 #else
   torch::cuda::synchronize();
 #endif
+}
+
+void release_cached_memory(c10::Device device) {
+  if (!device.is_cuda()) return;
+  torch::cuda::synchronize();
+  c10::getDeviceAllocator(device.type())->emptyCache();
 }
 
 #if KVD_WITH_CUDA

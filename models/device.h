@@ -26,6 +26,11 @@ at::Tensor host_ints(const std::vector<int64_t>& v, c10::Device device);
 // threads' streams run on). A no-op on the CPU.
 void sync_stream(c10::Device device);
 
+// Waits for the whole device, then returns the caching allocator's unused blocks on it to the driver: every
+// stream's, which another stream cannot reuse while they are cached (eval --workers retries a batch that ran out
+// of memory after this). A no-op on the CPU.
+void release_cached_memory(c10::Device device);
+
 // For a worker thread that shares the device with others: while it lives, the thread's current CUDA stream on
 // `device` is a stream of its own (models/cuda_stream.h: not one of LibTorch's pool, which other holders share),
 // so its kernels may overlap the other workers' and its waits (sync_stream, copies to the host) wait for its own
