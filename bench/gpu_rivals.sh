@@ -55,6 +55,8 @@
 #                                      all at once under CUDA MPS (the daemon started if it is not running): wall
 #                                      time and agreement with `workers 1`'s records
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
+#   bench/gpu_rivals.sh restore F      a collected results tarball F (parts joined) unpacked into $W: `protocol` resumes
+#                                      from its records
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
@@ -394,6 +396,11 @@ for n in ns:
     same = {f: sum(ref[k][f] == b[k][f] for k in common) for f in ("output", "score", "kl", "kv_bytes_kept")}
     print(f"{n} processes: {len(b)} records, {len(common)} in workers-1's; identical {same}")
 PY
+    ;;
+  restore)
+    # A `collect`ed results tarball (e.g. carried back in a later call) unpacked into $W, so that `protocol` resumes it.
+    tar xzf "${2:?restore takes the rivals-results tarball}" -C "$W"
+    cat "$W"/eval-*/results.jsonl 2>/dev/null | wc -l | sed 's/^/[restore] results in place: /'
     ;;
   collect)
     # Into $OUT in parts of at most 15 MB (the device call returns files of up to 16 MiB): the results, metrics
