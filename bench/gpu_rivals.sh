@@ -415,7 +415,7 @@ PY
     ls -la "$out"
     ;;
   *)
-    sed -n '2,48p' "$0"
+    awk 'NR > 1 && /^set -euo/ {exit} NR > 1' "$0"
     exit 2
     ;;
 esac
