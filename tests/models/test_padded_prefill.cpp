@@ -127,6 +127,32 @@ std::vector<RaggedIndices> random_keeps(const KVCache& c, uint64_t seed) {
   return keeps;
 }
 
+// A golden family's model in bf16 and in float32 on the GPU, and its golden ids (B0, 40).
+struct GoldenPair {
+  Model bf, f32;
+  at::Tensor ids;
+};
+GoldenPair load_golden_pair(const std::string& family) {
+  const std::string dir = std::string(KVD_TESTDATA) + "/decoder_golden/" + family;
+  SafetensorsFile golden(dir + "/golden.safetensors");
+  return {Model::load(dir, torch::kCUDA, torch::kBFloat16), Model::load(dir, torch::kCUDA, torch::kFloat),
+          view_to_tensor(golden.at("input_ids")).clone()};
+}
+
+// Rows of lens[b] golden tokens (row b from golden row (b + from) % B0) left-padded to `width`; lead[b] gets row b's
+// padding. Returns (B, width).
+at::Tensor left_padded(const at::Tensor& all, const std::vector<int64_t>& lens, int64_t width, int64_t from,
+                       std::vector<int64_t>& lead) {
+  const int64_t B = static_cast<int64_t>(lens.size());
+  at::Tensor ids = torch::zeros({B, width}, torch::kLong);
+  lead.assign(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    lead[b] = width - lens[b];
+    ids[b].narrow(0, lead[b], lens[b]).copy_(all[(b + from) % all.size(0)].narrow(0, 0, lens[b]));
+  }
+  return ids;
+}
+
 }  // namespace
 
 TEST(ChunkAttentionSegments, EachHeadRowsSlotsHoldItsEntries) {
@@ -159,24 +185,13 @@ TEST(ChunkAttentionSegments, EachHeadRowsSlotsHoldItsEntries) {
 TEST(ChunkAttentionSegments, FlashOverACompressedCacheMatchesTheMaskedPathOnTheGpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   for (const std::string family : {"llama3", "qwen3"}) {
-    const std::string dir = std::string(KVD_TESTDATA) + "/decoder_golden/" + family;
-    const Model bf = Model::load(dir, torch::kCUDA, torch::kBFloat16);
-    const Model f32 = Model::load(dir, torch::kCUDA, torch::kFloat);
-    SafetensorsFile golden(dir + "/golden.safetensors");
-    const at::Tensor all = view_to_tensor(golden.at("input_ids"));  // (B0, 40)
+    const GoldenPair g = load_golden_pair(family);
+    const Model &bf = g.bf, &f32 = g.f32;
+    const at::Tensor& all = g.ids;  // (B0, 40)
     const int64_t T = all.size(1), B = 3;
-    auto left_padded = [&](const std::vector<int64_t>& lens, int64_t width, int64_t from, std::vector<int64_t>& lead) {
-      at::Tensor ids = torch::zeros({B, width}, torch::kLong);
-      lead.assign(B, 0);
-      for (int64_t b = 0; b < B; ++b) {
-        lead[b] = width - lens[b];
-        ids[b].narrow(0, lead[b], lens[b]).copy_(all[(b + from) % all.size(0)].narrow(0, 0, lens[b]));
-      }
-      return ids;  // (B, width)
-    };
-    std::vector<int64_t> lead0, lead1, none;
-    const at::Tensor ids0 = left_padded({40, 25, 9}, T, 0, lead0);
-    const at::Tensor ids1 = left_padded({5, 12, 1}, 12, 1, lead1);
+    std::vector<int64_t> lead0, lead1;
+    const at::Tensor ids0 = left_padded(all, {40, 25, 9}, T, 0, lead0);  // (B, T)
+    const at::Tensor ids1 = left_padded(all, {5, 12, 1}, 12, 1, lead1);  // (B, 12)
     const at::Tensor ids2 = all.narrow(1, 20, 4).narrow(0, 0, 1).expand({B, 4}).contiguous();  // (B, 4)
     const at::Tensor ids3 = all.narrow(1, 30, 1).narrow(0, 0, 1).expand({B, 1}).contiguous();  // (B, 1)
     auto run = [&](const Model& m, ChunkAttention a) {
@@ -211,19 +226,12 @@ TEST(ChunkAttentionSegments, FlashOverACompressedCacheMatchesTheMaskedPathOnTheG
 TEST(ChunkAttentionSegments, ExtraRowsAfterTheCacheMatchTheMaskedPathOnTheGpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
   for (const std::string family : {"llama3", "qwen3"}) {
-    const std::string dir = std::string(KVD_TESTDATA) + "/decoder_golden/" + family;
-    const Model bf = Model::load(dir, torch::kCUDA, torch::kBFloat16);
-    const Model f32 = Model::load(dir, torch::kCUDA, torch::kFloat);
-    SafetensorsFile golden(dir + "/golden.safetensors");
-    const at::Tensor all = view_to_tensor(golden.at("input_ids"));  // (B0, 40)
-    const int64_t T = all.size(1), B = 3, n = 7;
-    std::vector<int64_t> lead(B);
-    at::Tensor ids = torch::zeros({B, T}, torch::kLong);
-    const std::vector<int64_t> lens = {40, 25, 9};
-    for (int64_t b = 0; b < B; ++b) {
-      lead[b] = T - lens[b];
-      ids[b].narrow(0, lead[b], lens[b]).copy_(all[b % all.size(0)].narrow(0, 0, lens[b]));
-    }
+    const GoldenPair g = load_golden_pair(family);
+    const Model &bf = g.bf, &f32 = g.f32;
+    const at::Tensor& all = g.ids;  // (B0, 40)
+    const int64_t B = 3, n = 7;
+    std::vector<int64_t> lead;
+    const at::Tensor ids = left_padded(all, {40, 25, 9}, all.size(1), 0, lead);  // (B, 40)
     const at::Tensor extra_ids = all[0].narrow(0, 3, n).view({1, n}).expand({B, n}).contiguous();  // (B, n)
     auto run = [&](const Model& m, ExtraPlacement placement, bool compress) {
       KVCache c = m.new_cache(B);
