@@ -184,7 +184,21 @@ void run_eval(const EvalOptions& opt) {
   // One batch: its full-cache reference, then every configuration it still needs. Workers run batches at once;
   // mu guards what they share (done, computed, results.jsonl, the progress line).
   std::mutex mu;
-  auto run_batch = [&](size_t i0, size_t i1) {
+  // A fault for tests of the out-of-memory path below (tests/python/test_eval_workers.py), which a CPU cannot reach:
+  // KVD_TEST_OOM=K makes the batch that starts at sample K run out of device memory after it has written its first
+  // configuration group, while it runs beside other workers; KVD_TEST_OOM=K:always also when it runs alone.
+  enum class BatchRun { BesideOthers, Alone };
+  struct { int64_t sample = -1; bool always = false; } oom_fault;
+  if (const char* f = std::getenv("KVD_TEST_OOM")) {
+    const std::string fs(f);
+    oom_fault.always = fs.size() > 7 && fs.substr(fs.size() - 7) == ":always";
+    try {
+      oom_fault.sample = std::stoll(fs.substr(0, oom_fault.always ? fs.size() - 7 : fs.size()));
+    } catch (const std::exception&) {
+      KVD_FAIL("KVD_TEST_OOM=", fs, ": expected a sample index K or K:always");
+    }
+  }
+  auto run_batch = [&](size_t i0, size_t i1, BatchRun how) {
     std::vector<const Prepared*> rows(order.begin() + i0, order.begin() + i1);
     std::vector<const Config*> need;
     {
@@ -328,6 +342,8 @@ void run_eval(const EvalOptions& opt) {
           done.insert(key_of(c.method, c.budget, s.id));
         }
         append_lines(results_path, lines);
+        if (static_cast<int64_t>(i0) == oom_fault.sample && (how == BatchRun::BesideOthers || oom_fault.always))
+          TORCH_CHECK_WITH(OutOfMemoryError, false, "KVD_TEST_OOM: samples ", i0, "..", i1, " (a test fault)");
         computed += static_cast<int64_t>(lines.size());
         if (!lines.empty()) {
           const double el = seconds_since(t_start);
@@ -340,9 +356,18 @@ void run_eval(const EvalOptions& opt) {
       g0 = g1;
     }
   };
+  // A batch on its own: out of device memory is an error that says which flags make batches smaller.
+  auto run_alone = [&](size_t bi) {
+    try {
+      run_batch(batches[bi].first, batches[bi].second, BatchRun::Alone);
+    } catch (const c10::OutOfMemoryError& e) {
+      KVD_FAIL("eval: samples ", batches[bi].first, "..", batches[bi].second, " ran out of device memory alone (",
+               e.what_without_backtrace(), "); lower --batch-tokens, --share-prefill-gib or --decode-logits-gib");
+    }
+  };
   const size_t workers = std::min<size_t>(static_cast<size_t>(opt.workers), batches.size());
   if (workers <= 1) {
-    for (const auto& [i0, i1] : batches) run_batch(i0, i1);
+    for (size_t bi = 0; bi < batches.size(); ++bi) run_alone(bi);
   } else {
     // Each worker takes the next batch and runs it on a CUDA stream of its own, so that one batch's kernels may fill
     // the gaps another leaves while its host thread launches them (9% on the H100 slice of 2026-12-06: at 8K the
@@ -366,7 +391,7 @@ void run_eval(const EvalOptions& opt) {
         WorkerStream stream(device);
         for (size_t bi = next++; bi < batches.size() && !failed; bi = next++) {
           try {
-            run_batch(batches[bi].first, batches[bi].second);
+            run_batch(batches[bi].first, batches[bi].second, BatchRun::BesideOthers);
           } catch (const c10::OutOfMemoryError&) {
             std::lock_guard<std::mutex> lock(mu);
             std::cerr << "[eval] samples " << batches[bi].first << ".." << batches[bi].second
@@ -386,14 +411,7 @@ void run_eval(const EvalOptions& opt) {
     for (size_t bi = next; bi < batches.size(); ++bi) left.push_back(bi);
     std::sort(left.begin(), left.end());
     if (!left.empty()) release_cached_memory(device);
-    for (size_t bi : left) {
-      try {
-        run_batch(batches[bi].first, batches[bi].second);
-      } catch (const c10::OutOfMemoryError& e) {
-        KVD_FAIL("eval: samples ", batches[bi].first, "..", batches[bi].second, " ran out of device memory alone (",
-                 e.what_without_backtrace(), "); lower --batch-tokens, --share-prefill-gib or --decode-logits-gib");
-      }
-    }
+    for (size_t bi : left) run_alone(bi);
   }
   write_eval_reports(opt.out_dir);
 }

@@ -18,9 +18,10 @@ def torch_threads():
     return int(os.environ.get("OMP_NUM_THREADS", "2"))
 
 
-def run_kvd(*args, timeout=600):
-    """Runs kvdistill; returns CompletedProcess with text output."""
-    return subprocess.run([KVD_BIN, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def run_kvd(*args, timeout=600, env=None):
+    """Runs kvdistill (env: variables set on top of this process's); returns CompletedProcess with text output."""
+    return subprocess.run([KVD_BIN, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.fixture(scope="session")

@@ -30,9 +30,9 @@ def tasks(tmp_path_factory):
     return out
 
 
-def evaluate(tasks, out, *extra, batch=1, methods=METHODS, ratios="0.5"):
+def evaluate(tasks, out, *extra, batch=1, methods=METHODS, ratios="0.5", env=None):
     return run_kvd("eval", "--model", MODEL_DIR, "--tasks", tasks, "--methods", methods, "--ratios", ratios,
-                   "--out", out, "--batch", batch, "--max-new-tokens", 12, *extra)
+                   "--out", out, "--batch", batch, "--max-new-tokens", 12, *extra, env=env)
 
 
 def records(out):
