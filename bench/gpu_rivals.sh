@@ -4,10 +4,12 @@
 #   bench/gpu_rivals.sh build          this tree into build-gpu/ (kvdistill)
 #   bench/gpu_rivals.sh model          joins the GGUF parts staged in /root/kvd-stage, checks the sha256 and
 #                                      converts it to $MODEL
-#   bench/gpu_rivals.sh train [S]      KVzap (configs/kvzap-smollm2.yaml, $DATA/$KVZAP_H5) and DMS
-#                                      (configs/dms-smollm2.yaml, $DATA/$DMS_H5) at once on the GPU, each stopped
-#                                      after S seconds (default 540) and resumed from its last checkpoint by the
-#                                      next call; prints their last logged step
+#   bench/gpu_rivals.sh train [S]      the learned parts of $TRAIN at once on the GPU: KVzap
+#                                      (configs/kvzap-smollm2.yaml, $DATA/$KVZAP_H5), DMS (configs/dms-smollm2.yaml,
+#                                      $DATA/$DMS_H5), TRIM-KV's gate (configs/trimkv-smollm2.yaml, $TRIMKV_H5) and
+#                                      the Attention-Gate (configs/attngate-smollm2.yaml, keep_scope sequence,
+#                                      $ATTNGATE_H5), each stopped after S seconds (default 540) and resumed from its
+#                                      last checkpoint by the next call; prints their last logged step
 #   bench/gpu_rivals.sh protocol [S]   $TASKS (50 samples per task and length at 2K / 4K / 8K) at ratios
 #                                      0.25 / 0.5 / 0.75 / 0.875, in $MODES (agnostic: the default, aware:
 #                                      --query-aware): every heuristic of $HEURISTICS, with the learned parts
@@ -60,7 +62,8 @@
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
-# TRAIN (which of them `train` runs, default "kvzap dms"); KVZAP_VARIANT (linear, the default, or mlp); KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
+# TRAIN (which of them `train` runs, default "kvzap dms"; also trimkv, attngate: TRIMKV_H5 / ATTNGATE_H5 default
+# $DMS_H5, TRIMKV_STEPS / ATTNGATE_STEPS default 400); KVZAP_VARIANT (linear, the default, or mlp); KVZAP_STEPS (default 600: 4.9M tokens of 1K documents), DMS_STEPS (default 400, the target ramp over the first
 # three quarters); P (eval processes at once, default 1: without MPS the GPU time-slices between processes, and
 # one process was twice as fast as six on 2026-12-06), WORKERS (each process's --workers, default 2: 19% faster
 # than one on the slice, records identical, 2026-12-07), SHARDS (of the samples, default $P), BATCH (default 32), BATCH_TOKENS (default 65536: 32 rows at 2K, 16 at 4K, 8 at 8K; at
@@ -82,6 +85,10 @@ KVZAP_STEPS=${KVZAP_STEPS:-600}
 # linear: 30 x (576 -> 3) weights, a 0.2 MB bundle that can be committed and carried to later calls (the MLP's is 35.6 MB)
 KVZAP_VARIANT=${KVZAP_VARIANT:-linear}
 DMS_STEPS=${DMS_STEPS:-400}
+TRIMKV_H5=${TRIMKV_H5:-$DMS_H5}
+TRIMKV_STEPS=${TRIMKV_STEPS:-400}
+ATTNGATE_H5=${ATTNGATE_H5:-$DMS_H5}
+ATTNGATE_STEPS=${ATTNGATE_STEPS:-400}
 TRAIN=${TRAIN:-kvzap dms}
 MODES=${MODES:-agnostic aware}
 # Every heuristic, the strongest first (a call that ends early has them): the prefill ones, then those that evict
@@ -117,12 +124,27 @@ learned_jobs() {
   local kvzap=docs/results/rivals-h100-2026-12-06-night/kvzap-linear-bundle
   local dms=docs/results/rivals-h200-2026-12-04-night/dms-bundle
   local judgeq=docs/results/queryrows-h100-2026-12-06/judgeq-kl-bundle
+  # TRIM-KV's gate and the Attention-Gate, when trained here: continuous, as their papers run them (each its own job).
+  [ -f "$W/trimkv/bundle/kvdistill.json" ] && echo "retention_gate:$W/trimkv/bundle"
+  [ -f "$W/attngate/bundle/kvdistill.json" ] && echo "attngate:$W/attngate/bundle"
   [ -f "$W/kvzap/bundle/kvdistill.json" ] && kvzap=$W/kvzap/bundle
   [ -f "$W/dms/bundle/kvdistill.json" ] && dms=$W/dms/bundle
   [ -f "$kvzap/kvdistill.json" ] && echo "kvzap:$kvzap --learned-mode once"
   [ -f "$dms/kvdistill.json" ] && echo "dms:$dms --learned-mode once"
   [[ " $LEARNED " == *" judgeq:"* ]] || { [ -f "$judgeq/kvdistill.json" ] && echo "judgeq:$judgeq --learned-mode once"; }
   return 0
+}
+
+# What `train` runs for part $1: its config, training file (in $DATA), steps, and its extra overrides.
+train_spec() {
+  case $1 in
+    kvzap) echo "configs/kvzap-smollm2.yaml $KVZAP_H5 $KVZAP_STEPS component.variant=$KVZAP_VARIANT" ;;
+    dms) echo "configs/dms-smollm2.yaml $DMS_H5 $DMS_STEPS component.ramp_steps=$((DMS_STEPS * 3 / 4))" ;;
+    trimkv) echo "configs/trimkv-smollm2.yaml $TRIMKV_H5 $TRIMKV_STEPS train.eval_every=0" ;;
+    attngate) echo "configs/attngate-smollm2.yaml $ATTNGATE_H5 $ATTNGATE_STEPS component.keep_scope=sequence \
+      component.schedule_steps=$((ATTNGATE_STEPS / 2)) train.eval_every=0" ;;
+    *) echo "gpu_rivals.sh train: unknown part '$1' in TRAIN (kvzap, dms, trimkv, attngate)" >&2; exit 2 ;;
+  esac
 }
 
 # The slice with methods $1 run twice, as configuration A ($3: a label, $4: a command prefix such as "env X=1" or
@@ -216,16 +238,19 @@ case "${1:-}" in
     ;;
   train)
     limit=${2:-540}
-    [[ " $TRAIN " != *" kvzap "* ]] || [ -f "$W/kvzap/bundle/kvdistill.json" ] || timeout "$limit" $KVD train --config configs/kvzap-smollm2.yaml model.dir="$MODEL" data.train="$DATA/$KVZAP_H5" \
-      component.variant="$KVZAP_VARIANT" train.steps="$KVZAP_STEPS" train.save_every=50 train.progress=lines train.out_dir="$W/kvzap" \
-      >> "$W/train-kvzap.log" 2>&1 &
-    [[ " $TRAIN " != *" dms "* ]] || [ -f "$W/dms/bundle/kvdistill.json" ] || timeout "$limit" $KVD train --config configs/dms-smollm2.yaml model.dir="$MODEL" data.train="$DATA/$DMS_H5" \
-      train.steps="$DMS_STEPS" component.ramp_steps=$((DMS_STEPS * 3 / 4)) train.save_every=50 train.progress=lines \
-      train.out_dir="$W/dms" \
-      >> "$W/train-dms.log" 2>&1 &
+    # Every part of $TRAIN at once on the GPU (train_spec), each stopped after S seconds and resumed from its last
+    # checkpoint by the next call; one whose bundle exists is left alone.
+    for r in $TRAIN; do train_spec "$r" > /dev/null; done  # an unknown name stops here
+    for r in $TRAIN; do
+      read -r config h5 steps extra <<< "$(train_spec "$r")"
+      [ -f "$W/$r/bundle/kvdistill.json" ] && continue
+      # shellcheck disable=SC2086  # extra: overrides, split on purpose
+      timeout "$limit" $KVD train --config "$config" model.dir="$MODEL" data.train="$DATA/$h5" train.steps="$steps" \
+        train.save_every=50 train.progress=lines train.out_dir="$W/$r" $extra >> "$W/train-$r.log" 2>&1 &
+    done
     wait || true
-    for r in kvzap dms; do
-      echo "== $r: $(tail -n 1 "$W/train-$r.log")"
+    for r in $TRAIN; do
+      echo "== $r: $(tail -n 1 "$W/train-$r.log" 2>/dev/null)"
       [ -f "$W/$r/bundle/kvdistill.json" ] && echo "   bundle ready" || echo "   (no bundle yet: run train again to resume)"
     done
     ;;
