@@ -431,10 +431,11 @@ PY
     # Into $OUT in parts of at most 15 MB (the device call returns files of up to 16 MiB): the results, metrics
     # and logs, and each trained bundle. Rejoin with `cat NAME.tgz.part-* | tar xz`.
     out=${OUT:?OUT is the device call\'s return folder}
-    (cd "$W" && tar czf - --ignore-failed-read kvzap/metrics.jsonl dms/metrics.jsonl ./*.log \
+    (cd "$W" && tar czf - --ignore-failed-read kvzap/metrics.jsonl dms/metrics.jsonl trimkv/metrics.jsonl \
+      attngate/metrics.jsonl ./*.log \
       eval-*/results.jsonl eval-*/run.json bootstrap-*.md harness-*/results.jsonl 2>/dev/null) |
       split -b 15M - "$out/rivals-results.tgz.part-"
-    for r in kvzap dms; do
+    for r in kvzap dms trimkv attngate; do
       [ -d "$W/$r/bundle" ] && (cd "$W" && tar czf - "$r/bundle") | split -b 15M - "$out/bundle-$r.tgz.part-"
     done
     ls -la "$out"
