@@ -17,8 +17,9 @@ the budget, into the first directory (bootstrap_vs_<baseline>.png); learned part
 
 --baseline best: at each budget the baseline is the best heuristic there (the heuristic with the highest mean
 accuracy over its samples; a learned part is a method whose label names a bundle, "<kind>(<run>)"), and a
-headline table follows: per budget, the best learned part against the best heuristic, the accuracy difference
-with its interval, and "significant" only when the interval excludes 0 (else "no significant difference").
+headline table follows: per budget, the learned part with the largest paired accuracy difference to the best
+heuristic, both accuracies on the samples they share and how many, the difference with its interval, and
+"significant" only when the interval excludes 0 (else "no significant difference").
 
 --move LABEL FROM TO compares method LABEL's records at budget FROM as if they were at budget TO: e.g. a gate
 evaluated at its own flags (`threshold=0.5`) against heuristics run at the fraction it kept (`ratio=0.039`).
@@ -163,24 +164,22 @@ def baseline_per_budget(by, baseline):
 
 
 def headline(by, rows, baselines):
-    """Per budget: the best learned part (highest mean accuracy) against the best heuristic, with its interval."""
+    """Per budget: the learned part with the largest paired accuracy difference to the best heuristic, both
+    accuracies on the samples they share (a learned part run on part of the samples is compared on those only)."""
     print()
-    print("| budget | best learned part | accuracy | best heuristic | accuracy | Δacc [95% CI] | finding |")
-    print("|---|---|---:|---|---:|---|---|")
+    print("| budget | best learned part | n | accuracy | best heuristic | accuracy (same samples) | Δacc [95% CI] | finding |")
+    print("|---|---|---:|---:|---|---:|---|---|")
     for b in sorted(baselines):
-        learned = [(mean_score(s), label) for (bb, label), s in by.items() if bb == b and is_learned(label)]
+        learned = [r for r in rows if r["budget"] == b and is_learned(r["method"])]
         if not learned:
             continue
-        best = max(learned)[1]
-        r = next((x for x in rows if x["budget"] == b and x["method"] == best), None)
-        if r is None:
-            continue
+        r = max(learned, key=lambda x: (x["score_diff"], x["n"]))
         lo, hi = r["score_ci"]
         finding = ("no significant difference" if lo <= 0 <= hi
                    else f"{'learned' if lo > 0 else 'heuristic'} better (significant)")
-        base = by[(b, baselines[b])]
-        print(f"| {b} | {best} | {100 * r['score']:.1f} | {baselines[b]} | {100 * mean_score(base):.1f} | "
-              f"{100 * r['score_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | {finding} |")
+        print(f"| {b} | {r['method']} | {r['n']} | {100 * r['score']:.1f} | {baselines[b]} | "
+              f"{100 * (r['score'] - r['score_diff']):.1f} | {100 * r['score_diff']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+              f"| {finding} |")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,25 @@ def test_best_heuristic_baseline_and_headline(tmp_path):
     assert {(x["budget"], x["method"]) for x in res} == {(b, m) for b in ("ratio=0.5", "ratio=0.75")
                                                          for m in ("snapkv", "kvzap(a)", "dms(b)")}
     head = r.stdout.split("| budget | best learned part |")[1]
-    assert "| ratio=0.5 | kvzap(a) | 100.0 | defensivekv | 50.0 | +50.0 [" in head
+    assert "| ratio=0.5 | kvzap(a) | 40 | 100.0 | defensivekv | 50.0 | +50.0 [" in head
     assert "learned better (significant)" in head.splitlines()[2]
-    assert "| ratio=0.75 | kvzap(a) | 50.0 | defensivekv | 50.0 | +0.0 [" in head
+    assert "| ratio=0.75 | kvzap(a) | 40 | 50.0 | defensivekv | 50.0 | +0.0 [" in head
     assert "no significant difference" in head.splitlines()[3]
+
+
+def test_headline_compares_a_partial_run_on_its_own_samples(tmp_path):
+    """A learned part run on part of the samples (here the 20 the best heuristic gets right) is compared there: its
+    accuracy (100) against the heuristic's on those same samples (100, not its 50 over all), n = 20, Δ 0."""
+    n = 40
+    rows = []
+    for i in range(n):
+        rows.append(record("defensivekv", "ratio=0.5", f"s{i}", float(i % 2), 0.6, 0.2, 10))
+        if i % 2:
+            r = record("retention_gate:/runs/t/bundle", "ratio=0.5", f"s{i}", 1.0, 0.6, 0.2, 10)
+            r["label"] = "retention_gate(t)"
+            rows.append(r)
+    d = write(tmp_path / "partial", rows)
+    r = run(d, "--baseline", "best", "--resamples", 200)
+    assert r.returncode == 0, r.stderr
+    head = r.stdout.split("| budget | best learned part |")[1]
+    assert "| ratio=0.5 | retention_gate(t) | 20 | 100.0 | defensivekv | 100.0 | +0.0 [+0.0, +0.0] | no significant" in head
