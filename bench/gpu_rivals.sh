@@ -124,9 +124,13 @@ learned_jobs() {
   local kvzap=docs/results/rivals-h100-2026-12-06-night/kvzap-linear-bundle
   local dms=docs/results/rivals-h200-2026-12-04-night/dms-bundle
   local judgeq=docs/results/queryrows-h100-2026-12-06/judgeq-kl-bundle
-  # TRIM-KV's gate and the Attention-Gate, when trained here: continuous, as their papers run them (each its own job).
-  [ -f "$W/trimkv/bundle/kvdistill.json" ] && echo "retention_gate:$W/trimkv/bundle"
-  [ -f "$W/attngate/bundle/kvdistill.json" ] && echo "attngate:$W/attngate/bundle"
+  # TRIM-KV's gate and the Attention-Gate, when trained here (or restored into $W): continuous by default, as their
+  # papers run them, each its own job (11 results/s for the gate on an H100, 2026-12-07); GATES_MODE=once joins them
+  # to the heuristics' process instead.
+  local gm=""
+  [ "${GATES_MODE:-continuous}" = once ] && gm=" --learned-mode once"
+  [ -f "$W/trimkv/bundle/kvdistill.json" ] && echo "retention_gate:$W/trimkv/bundle$gm"
+  [ -f "$W/attngate/bundle/kvdistill.json" ] && echo "attngate:$W/attngate/bundle$gm"
   [ -f "$W/kvzap/bundle/kvdistill.json" ] && kvzap=$W/kvzap/bundle
   [ -f "$W/dms/bundle/kvdistill.json" ] && dms=$W/dms/bundle
   [ -f "$kvzap/kvdistill.json" ] && echo "kvzap:$kvzap --learned-mode once"
