@@ -18,7 +18,7 @@
 #                                      is computed once per sample and mode), and every other learned part of
 #                                      $LEARNED sharded alike; $P processes at a time on the GPU, each resumable
 #                                      (re-running skips what is written); S seconds per call
-#   bench/gpu_rivals.sh report         per mode: paired bootstrap against the best heuristic at each ratio and the
+#   bench/gpu_rivals.sh report         per mode (also here, W=<unpacked results>): paired bootstrap against the best heuristic at each ratio and the
 #                                      headline table (scripts/paired_bootstrap.py --baseline best), the plots
 #   bench/gpu_rivals.sh harness [M]    the eval's speed on a slice of $TASKS (16 samples per length), method M
 #                                      (default snapkv) at $RATIOS: with and without the shared prefill, then
@@ -366,10 +366,13 @@ PY
     fi
     ;;
   report)
+    # Also here, on the collected records: W=<unpacked tarball> bench/gpu_rivals.sh report. The plots need matplotlib.
+    plot=()
+    python3 -c 'import matplotlib' 2>/dev/null && plot=(--plot)
     for mode in $MODES; do
       dirs=("$W"/eval-"$mode"-*/)
       [ -e "${dirs[0]}" ] || continue
-      python3 scripts/paired_bootstrap.py "${dirs[@]}" --baseline best | tee "$W/bootstrap-$mode.md"
+      python3 scripts/paired_bootstrap.py "${dirs[@]}" --baseline best "${plot[@]}" | tee "$W/bootstrap-$mode.md"
     done
     ;;
   workers)
