@@ -9,6 +9,7 @@
 #include "models/attention.h"
 #include "models/device.h"
 #include "models/kv_cache.h"
+#include "models/model.h"
 
 namespace kvd {
 
@@ -86,6 +87,19 @@ at::Tensor LayerView::next_position_column(c10::Device device) const {
   KVD_CHECK(static_cast<int64_t>(next_positions.size()) == B, "LayerView: next_positions holds ", next_positions.size(),
             " rows, the view ", B);
   return host_ints(next_positions, device).view({B, 1, 1});  // (B, 1, 1)
+}
+
+void Scorer::on_append(const PrefillLayerObservation& obs, KVCache& cache) {
+  const std::vector<PayloadColumn> cols = payload_columns();
+  if (cols.empty()) return;
+  torch::NoGradGuard no_grad;
+  const std::vector<at::Tensor> vals = entry_payload(obs.layer, obs.hidden);  // each (B, H_kv, t)
+  KVD_CHECK(vals.size() == cols.size(), "scorer '", name(), "': entry_payload gave ", vals.size(), " columns, ",
+            "payload_columns() names ", cols.size());
+  for (size_t i = 0; i < cols.size(); ++i) {
+    cache.add_payload(cols[i].name, cols[i].dtype, cols[i].fill);
+    cache.set_payload_tail(obs.layer, cols[i].name, vals[i], obs.lead);
+  }
 }
 
 std::vector<Scorer*> Scorer::prepare_peers(const Model& model, const KVCache& cache, const std::vector<Scorer*>& peers) {

@@ -134,9 +134,29 @@ class FixedShapeEvictor : public StaticStepEvictor {
 
   int64_t variant(int64_t step) const override { return fires(step) ? 1 : 0; }
 
-  void on_layer(int64_t l, const at::Tensor& q, StaticDecodeState& s) override {
+  // A scorer's per-entry columns (Scorer::entry_payload) live in the state's payload slots.
+  void attach(StaticDecodeState& s) override {
+    if (policy_ != DecodePolicy::Scorer) return;
+    for (const PayloadColumn& col : opt_.scorer->payload_columns()) {
+      add_static_payload(s, col);
+      for (size_t i = 0; i < s.payload_columns.size(); ++i)
+        if (s.payload_columns[i].name == col.name) columns_.push_back(static_cast<int64_t>(i));
+    }
+  }
+
+  void on_layer(int64_t l, const at::Tensor& q, const at::Tensor& hidden, StaticDecodeState& s) override {
     const int64_t B = s.batch, Hkv = s.kv_heads, C = s.capacity, hd = s.head_dim;
     const bool fire = fires(s.host_step);
+    if (!columns_.empty()) {  // the step's entry (slot len[s] - 1 of each segment) gets the scorer's values
+      const std::vector<at::Tensor> vals = opt_.scorer->entry_payload(l, hidden);  // each (B, H_kv, 1)
+      KVD_CHECK(vals.size() == columns_.size(), "decode eviction: scorer '", opt_.scorer->name(), "' gave ",
+                vals.size(), " payload columns, payload_columns() names ", columns_.size());
+      const at::Tensor newest = (s.len[l] - 1).view({B, Hkv, 1});  // (B, H_kv, 1)
+      for (size_t c = 0; c < columns_.size(); ++c) {
+        at::Tensor col = s.payload[l][columns_[c]].view({B, Hkv, C});
+        col.scatter_(2, newest, vals[c].reshape({B, Hkv, 1}).to(col.scalar_type()));
+      }
+    }
     const bool h2o = policy_ == DecodePolicy::H2O, lazy = policy_ == DecodePolicy::LazyEviction;
     const at::Tensor pos = s.pos[l].view({B, Hkv, C});          // (B, H_kv, C); -1: empty
     const at::Tensor slot = torch::arange(C, pos.options()).view({1, 1, C});  // (1, 1, C)
@@ -190,6 +210,8 @@ class FixedShapeEvictor : public StaticStepEvictor {
         view.values = s.v[l].view({B, Hkv, C, hd});
         view.positions = pos;
         view.valid = valid;
+        for (size_t c = 0; c < s.payload_columns.size(); ++c)
+          view.payload[s.payload_columns[c].name] = s.payload[l][c].view({B, Hkv, C});  // (B, H_kv, C)
         view.next_positions_device = torch::where(s.alive, s.qpos.view({B}) + 1, torch::zeros_like(s.qpos.view({B})));
         view.kernels = opt_.kernels;
         keep = opt_.scorer->score(view).to(torch::kDouble);  // (B, H_kv, C)
@@ -227,6 +249,7 @@ class FixedShapeEvictor : public StaticStepEvictor {
   std::vector<at::Tensor> len0_;           // [layer] (B, H_kv, 1) entries each head held before decoding
   std::vector<at::Tensor> acc_;            // [layer] (B, H_kv, C) float64 H2O accumulated attention per slot
   std::vector<LazyEvictionState> lazy_;    // [layer] LazyEviction's per-slot state
+  std::vector<int64_t> columns_;           // the scorer's payload columns: their index in the state's
 };
 
 }  // namespace

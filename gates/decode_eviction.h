@@ -110,8 +110,10 @@ class DecodeEvictor {
   // The same eviction inside fixed-shape decode steps (GenerateOptions::static_evictor: the Static and Graph
   // paths), or an empty function where there is none: a Scorer whose needs() are not FixedShape::Yes or that reads
   // decode queries (a window). Every other policy and trigger has one. Its state lives in buffers of the state's
-  // shape; triggers are a second graph variant (StaticStepEvictor::variant); ties go as here (the older entry is
-  // kept); finished rows are left as here. The decoded cache equals this evictor's on the cache path
+  // shape; a scorer's per-entry columns (Scorer::entry_payload: TRIM-KV's log β, KVzap, DMS) are computed in each
+  // step from the layer's attention input into the state's payload slots; triggers are a second graph variant
+  // (StaticStepEvictor::variant); ties go as here (the older entry is kept); finished rows are left as here. The
+  // decoded cache, payload columns included, equals this evictor's on the cache path
   // (DecodeEviction.FixedShapeEqualsCachePath). stats() count only the cache path's steps. Make it before this
   // evictor decodes on the cache path.
   std::function<std::shared_ptr<StaticStepEvictor>(const StaticDecodeState&)> static_evictor();

@@ -123,12 +123,15 @@ class DMSScorer : public Scorer {
  public:
   DMSScorer(std::shared_ptr<DMSImpl> owner, DMSImpl* dms) : owner_(std::move(owner)), dms_(dms) {}
   std::string name() const override { return "dms"; }
-  ScorerNeeds needs() const override { return rows_together(); }
-  void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
+  ScorerNeeds needs() const override {
+    ScorerNeeds n = rows_together();
+    n.fixed_shape = FixedShape::Yes;  // the payload column, positions and next_position_column alone
+    return n;
+  }
+  std::vector<PayloadColumn> payload_columns() const override { return {{kKeep, torch::kFloat, 0.0}}; }
+  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
     torch::NoGradGuard no_grad;
-    cache.add_payload(kKeep, torch::kFloat, 0.0);
-    const at::Tensor keep = torch::sigmoid(-dms_->logits(obs.layer, obs.hidden)).transpose(1, 2);  // (B, H_kv, t)
-    cache.set_payload_tail(obs.layer, kKeep, keep.to(torch::kFloat), obs.lead);
+    return {torch::sigmoid(-dms_->logits(layer, hidden)).transpose(1, 2).to(torch::kFloat)};  // (B, H_kv, t)
   }
   at::Tensor score(const LayerView& view) override {
     torch::NoGradGuard no_grad;

@@ -175,8 +175,16 @@ class CriticalKVScorer : public Scorer {
   CriticalKVScorer(std::shared_ptr<Scorer> base, double ratio, ScoreSharing base_sharing)
       : base_(std::move(base)), ratio_(ratio), base_sharing_(base_sharing) {}
   std::string name() const override { return "criticalkv_" + base_->name(); }
-  ScorerNeeds needs() const override { return base_->needs(); }
+  ScorerNeeds needs() const override {
+    ScorerNeeds n = base_->needs();
+    n.fixed_shape = FixedShape::No;  // each row's first stage is cut on the host
+    return n;
+  }
   void on_append(const PrefillLayerObservation& obs, KVCache& cache) override { base_->on_append(obs, cache); }
+  std::vector<PayloadColumn> payload_columns() const override { return base_->payload_columns(); }
+  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
+    return base_->entry_payload(layer, hidden);
+  }
   at::Tensor score(const LayerView& view) override;
   // The base's scores (its own score_budgets) and the value norm once for every budget.
   std::vector<at::Tensor> score_budgets(const LayerView& view, const std::vector<Scorer*>& peers) override;

@@ -130,11 +130,15 @@ class KVzapScorer : public Scorer {
  public:
   KVzapScorer(std::shared_ptr<KVzapImpl> owner, KVzapImpl* kz) : owner_(std::move(owner)), kz_(kz) {}
   std::string name() const override { return "kvzap"; }
-  ScorerNeeds needs() const override { return rows_together(); }
-  void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
+  ScorerNeeds needs() const override {
+    ScorerNeeds n = rows_together();
+    n.fixed_shape = FixedShape::Yes;  // the payload column, positions and next_position_column alone
+    return n;
+  }
+  std::vector<PayloadColumn> payload_columns() const override { return {{kColumn, torch::kFloat, 0.0}}; }
+  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
     torch::NoGradGuard no_grad;
-    cache.add_payload(kColumn, torch::kFloat, 0.0);
-    cache.set_payload_tail(obs.layer, kColumn, kz_->predict(obs.layer, obs.hidden).transpose(1, 2), obs.lead);
+    return {kz_->predict(layer, hidden).transpose(1, 2)};  // (B, t, H_kv) -> (B, H_kv, t)
   }
   at::Tensor score(const LayerView& view) override {
     torch::NoGradGuard no_grad;

@@ -121,13 +121,16 @@ class RetentionScorer : public Scorer {
   RetentionScorer(std::shared_ptr<RetentionGateImpl> owner, RetentionGateImpl* gate)
       : owner_(std::move(owner)), gate_(gate) {}
   std::string name() const override { return "retention_gate"; }
-  ScorerNeeds needs() const override { return rows_together(); }
+  ScorerNeeds needs() const override {
+    ScorerNeeds n = rows_together();
+    n.fixed_shape = FixedShape::Yes;  // the payload column, positions and next_position_column alone
+    return n;
+  }
 
-  void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
+  std::vector<PayloadColumn> payload_columns() const override { return {{kLogBeta, torch::kFloat, 0.0}}; }
+  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
     torch::NoGradGuard no_grad;
-    cache.add_payload(kLogBeta, torch::kFloat, 0.0);
-    at::Tensor lb = gate_->log_beta(obs.layer, obs.hidden).transpose(1, 2);  // (B, t, H_kv) -> (B, H_kv, t)
-    cache.set_payload_tail(obs.layer, kLogBeta, lb, obs.lead);
+    return {gate_->log_beta(layer, hidden).transpose(1, 2)};  // (B, t, H_kv) -> (B, H_kv, t)
   }
 
   at::Tensor score(const LayerView& view) override {

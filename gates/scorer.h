@@ -13,6 +13,7 @@
 #include <c10/core/Device.h>
 
 #include "models/kernel_path.h"
+#include "models/kv_cache.h"
 
 namespace kvd {
 
@@ -70,9 +71,9 @@ enum class RowBatching { OneAtATime, Together };
 
 // Whether a scorer can run inside a fixed-shape decode step (models/static_decode.h), which a CUDA graph replays:
 enum class FixedShape {
-  No,  // it may read host fields (next_positions), payload columns or window queries, or read values back
-  Yes  // it reads only keys, values, positions, valid and next_position_column(), never reads back, and keeps no
-       // per-entry state (on_append does nothing)
+  No,  // it may read host fields (next_positions) or window queries, keep state of its own, or read values back
+  Yes  // it reads only keys, values, positions, valid, next_position_column() and its own payload columns, never
+       // reads back, and its per-entry state, if any, is what entry_payload() computes (on_append is the default)
 };
 
 // Which optional LayerView fields a scorer reads, so the harness captures only those, and how it takes rows.
@@ -110,11 +111,20 @@ class Scorer {
   // Called by every driver that prefills or decodes with this scorer (compress_prefill, the decode evictor, the
   // held-out check), once per layer of every chunk or decode step, right after the chunk's entries were
   // appended to `cache` and before any scoring of that layer: a scorer that rates tokens when they are
-  // written (TRIM-KV's retention gate) stores its per-entry state in the cache's payload here
-  // (KVCache::add_payload / set_payload_tail; obs.hidden (B, t, d) are the new rows' attention inputs).
-  virtual void on_append(const PrefillLayerObservation& obs, KVCache& cache) {
-    (void)obs;
-    (void)cache;
+  // written stores its per-entry state in the cache's payload here (KVCache::add_payload / set_payload_tail;
+  // obs.hidden (B, t, d) are the new rows' attention inputs). The default writes the columns of
+  // payload_columns() with the values of entry_payload(obs.layer, obs.hidden).
+  virtual void on_append(const PrefillLayerObservation& obs, KVCache& cache);
+  // Per-entry state that is a function of each appended row's attention input alone (TRIM-KV's log β, KVzap's
+  // predicted score, DMS's keep probability): the columns it fills, and their values for rows just appended to
+  // `layer` from hidden (B, t, d): one (B, H_kv, t) per column. Device ops of fixed shapes only, with no read-back,
+  // so that fixed-shape decode steps (DecodeEvictor::static_evictor, CUDA graphs) compute it too, into slot buffers
+  // that write_back carries to the cache.
+  virtual std::vector<PayloadColumn> payload_columns() const { return {}; }
+  virtual std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) {
+    (void)layer;
+    (void)hidden;
+    return {};
   }
   // Called by drivers that score a cache after a whole forward (compress_prefill for ScoreTiming::AfterForward
   // scorers, evict_to_budget for every scorer), once the forward ended and before the first score() of the

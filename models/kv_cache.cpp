@@ -84,7 +84,7 @@ void KVCache::reallocate(Layer& L, const std::vector<int64_t>& new_cap) {
   at::Tensor v = torch::zeros({total, head_dim_}, opt);               // (S_total', hd)
   at::Tensor pos = torch::full({total}, -1, opt.dtype(torch::kLong));  // (S_total')
   std::vector<at::Tensor> cols;  // [slot] (S_total')
-  for (const Payload& p : payload_) cols.push_back(torch::full({total}, p.fill, opt.dtype(p.dtype)));
+  for (const PayloadColumn& p : payload_) cols.push_back(torch::full({total}, p.fill, opt.dtype(p.dtype)));
   // Old slot -> new slot of every held entry (entry j of head row r: start[r] + j -> new_start[r] + j), built on the
   // device from the per-row tables: the host work is O(rows), not O(entries) (a decode step that evicts and then
   // appends reallocates every layer).
@@ -287,7 +287,7 @@ KVLayerView KVCache::layer(int64_t layer, LayerRead read) const {
     view.k = torch::empty({batch_, kv_heads_, 0, head_dim_}, opt);
     view.v = torch::empty({batch_, kv_heads_, 0, head_dim_}, opt);
     view.pos = torch::empty({batch_, kv_heads_, 0}, opt.dtype(torch::kLong));
-    for (const Payload& p : payload_) view.payload[p.name] = torch::empty({batch_, kv_heads_, 0}, opt.dtype(p.dtype));
+    for (const PayloadColumn& p : payload_) view.payload[p.name] = torch::empty({batch_, kv_heads_, 0}, opt.dtype(p.dtype));
     return view;
   }
   if (layout(L) == Layout::Regular) {
@@ -358,7 +358,7 @@ int64_t KVCache::payload_slot(const std::string& name, const char* what) const {
 }
 
 bool KVCache::has_payload(const std::string& name) const {
-  for (const Payload& p : payload_)
+  for (const PayloadColumn& p : payload_)
     if (p.name == name) return true;
   return false;
 }
@@ -368,7 +368,7 @@ void KVCache::copy_layer_from(const KVCache& src, int64_t layer) {
   KVD_CHECK(src.batch_ == batch_ && src.kv_heads_ == kv_heads_ && src.head_dim_ == head_dim_ &&
                 src.num_layers() == num_layers() && src.dtype_ == dtype_ && src.device_ == device_,
             "KVCache::copy_layer_from: the caches differ in shape, dtype or device");
-  for (const Payload& p : src.payload_) add_payload(p.name, p.dtype, p.fill);
+  for (const PayloadColumn& p : src.payload_) add_payload(p.name, p.dtype, p.fill);
   const Layer& S = src.layers_[layer];
   Layer& D = layers_[layer];
   for (int64_t r = 0; r < batch_ * kv_heads_; ++r) set_len(D, r, S.len[r]);
@@ -405,7 +405,7 @@ KVCache KVCache::concat_rows(const std::vector<const KVCache*>& parts) {
   }
   KVCache out(first.num_layers(), batch, first.kv_heads_, first.head_dim_, first.dtype_, first.device_);
   for (const KVCache* p : parts)
-    for (const Payload& c : p->payload_) out.add_payload(c.name, c.dtype, c.fill);
+    for (const PayloadColumn& c : p->payload_) out.add_payload(c.name, c.dtype, c.fill);
   const auto opts = [&](c10::ScalarType dt) { return torch::TensorOptions().dtype(dt).device(out.device_); };
   for (int64_t l = 0; l < out.num_layers(); ++l) {
     Layer& D = out.layers_[l];
@@ -425,7 +425,7 @@ KVCache KVCache::concat_rows(const std::vector<const KVCache*>& parts) {
       if (S.total > 0) {
         ks.push_back(S.k), vs.push_back(S.v), ps.push_back(S.pos);
         for (size_t i = 0; i < out.payload_.size(); ++i) {
-          const Payload& c = out.payload_[i];
+          const PayloadColumn& c = out.payload_[i];
           const int64_t slot = p->has_payload(c.name) ? p->payload_slot(c.name, "concat_rows") : -1;
           cols[i].push_back(slot >= 0 ? S.cols[slot] : torch::full({S.total}, c.fill, opts(c.dtype)));
         }
@@ -449,12 +449,12 @@ KVCache KVCache::concat_rows(const std::vector<const KVCache*>& parts) {
 }
 
 void KVCache::add_payload(const std::string& name, c10::ScalarType dtype, double fill) {
-  for (const Payload& p : payload_)
+  for (const PayloadColumn& p : payload_)
     if (p.name == name) {
       KVD_CHECK(p.dtype == dtype, "KVCache::add_payload: column '", name, "' exists with another dtype");
       return;
     }
-  payload_.push_back(Payload{name, dtype, fill});
+  payload_.push_back(PayloadColumn{name, dtype, fill});
   for (Layer& L : layers_)
     L.cols.push_back(L.total > 0 ? torch::full({L.total}, fill, torch::TensorOptions().dtype(dtype).device(device_))
                                  : at::Tensor());
@@ -468,13 +468,17 @@ void KVCache::set_payload_tail(int64_t layer, const std::string& name, const at:
   KVD_CHECK(values.dim() == 3 && values.size(0) == batch_ && values.size(1) == kv_heads_,
             "KVCache::set_payload_tail: values must be (B=", batch_, ", H_kv=", kv_heads_, ", t), got ", values.sizes());
   const int64_t t = values.size(2), rows = batch_ * kv_heads_;
-  KVD_CHECK(lead.empty() || static_cast<int64_t>(lead.size()) == batch_, "KVCache::set_payload_tail: lead must be empty or have B entries");
+  const bool per_head = static_cast<int64_t>(lead.size()) == batch_ * kv_heads_ && kv_heads_ > 1;
+  KVD_CHECK(lead.empty() || static_cast<int64_t>(lead.size()) == batch_ || per_head,
+            "KVCache::set_payload_tail: lead must be empty or have B=", batch_, " or B*H_kv=", batch_ * kv_heads_,
+            " entries, got ", lead.size());
+  const auto lead_of = [&](int64_t r) { return per_head ? lead[r] : lead[r / kv_heads_]; };
   if (t == 0 || L.total == 0) return;
   at::Tensor& col = L.cols[slot];
   at::Tensor vals = values.to(device_, payload_[slot].dtype);  // (B, H_kv, t)
   const bool padded = std::any_of(lead.begin(), lead.end(), [](int64_t x) { return x != 0; });
   for (int64_t r = 0; r < rows; ++r)
-    KVD_CHECK(L.len[r] >= t - (padded ? lead[r / kv_heads_] : 0), "KVCache::set_payload_tail: layer ", layer,
+    KVD_CHECK(L.len[r] >= t - (padded ? lead_of(r) : 0), "KVCache::set_payload_tail: layer ", layer,
               " head row ", r, " holds ", L.len[r], " entries, fewer than the ", t, " values given");
   if (!padded) {
     L.cols[slot].index_copy_(0, tail_index(L, t), vals.reshape({rows * t}));
@@ -484,7 +488,7 @@ void KVCache::set_payload_tail(int64_t layer, const std::string& name, const at:
   // shifted so that the padding columns land before the head's entries; those slots keep their values.
   at::Tensor idx = tail_index(L, t).view({rows, t});                               // (B*H_kv, t)
   std::vector<int64_t> lr(rows);
-  for (int64_t r = 0; r < rows; ++r) lr[r] = lead[r / kv_heads_];
+  for (int64_t r = 0; r < rows; ++r) lr[r] = lead_of(r);
   at::Tensor real = torch::arange(t, idx.options()).view({1, t}).ge(host_ints(lr, device_).view({rows, 1}));  // (rows, t)
   at::Tensor v = torch::where(real, vals.reshape({rows, t}), col.index_select(0, idx.reshape({rows * t})).view({rows, t}));
   // Padding columns may alias real slots (a short head): write them first, then the real ones.

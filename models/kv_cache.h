@@ -38,6 +38,13 @@ namespace kvd {
 
 struct ModelConfig;
 
+// A per-entry payload column: one scalar per entry of every head (KVCache::add_payload).
+struct PayloadColumn {
+  std::string name;
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  double fill = 0.0;  // the value of entries the column was never written for
+};
+
 // One layer's entries: views into the storage when the layout is regular, else a transient padded copy.
 // Either way, valid until the next append / keep / rewind / clear.
 struct KVLayerView {
@@ -169,8 +176,10 @@ class KVCache {
   // is a no-op; another dtype is an error.
   void add_payload(const std::string& name, c10::ScalarType dtype = c10::ScalarType::Float, double fill = 0.0);
   bool has_payload(const std::string& name) const;
+  const std::vector<PayloadColumn>& payload_columns() const { return payload_; }
   // Writes the column for the entries appended last to `layer`: values (B, H_kv, t); row b's last
-  // t - lead[b] entries get values[b, :, lead[b]:] (lead as given to append; empty: none).
+  // t - lead[b] entries get values[b, :, lead[b]:] (lead as given to append: [B], [B * H_kv] (head row r's last
+  // t - lead[r]) or empty: none).
   void set_payload_tail(int64_t layer, const std::string& name, const at::Tensor& values,
                         const std::vector<int64_t>& lead = {});
   // Writes the column for every entry of `layer`: values (B, H_kv, n) aligned with layer(layer) (padding
@@ -178,11 +187,6 @@ class KVCache {
   void set_payload(int64_t layer, const std::string& name, const at::Tensor& values);
 
  private:
-  struct Payload {
-    std::string name;
-    c10::ScalarType dtype;
-    double fill;
-  };
   int64_t payload_slot(const std::string& name, const char* what) const;
   struct Layer {
     at::Tensor k;    // (S_total, hd), undefined while S_total = 0
@@ -218,7 +222,7 @@ class KVCache {
   c10::ScalarType dtype_;
   c10::Device device_;
   std::vector<Layer> layers_;
-  std::vector<Payload> payload_;
+  std::vector<PayloadColumn> payload_;
   std::vector<int64_t> next_pos_;   // [B]
   std::vector<int64_t> row_entries_;  // [B] entries of row b, all layers and heads
   int64_t peak_bytes_ = 0;

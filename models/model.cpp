@@ -878,7 +878,7 @@ void Model::decode_static(StaticDecodeState& s) const {
         in.empty_slots = EmptySlots::NegativePosition;
       }
       at::Tensor out = decode_attention(in);  // (B, H, hd)
-      if (s.evictor) s.evictor->on_layer(l, in.q, s);
+      if (s.evictor) s.evictor->on_layer(l, in.q, h, s);
       return out.view({B, H, 1, hd});  // (B, H, 1, hd)
     };
     x = decoder_layer(lw, LayerLora(), nullptr, cs[0], cs[1], H, Hkv, hd, cfg_.qk_norm, cfg_.rms_norm_eps, x, h, attend,

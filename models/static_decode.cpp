@@ -58,7 +58,14 @@ StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, c
     s.pos.push_back(pos.view({S * C}));
     s.len0.push_back(cache.lengths(l));
     s.len.push_back(host_ints(cache.lengths(l), model.device()));  // (B * H_kv)
+    s.payload.emplace_back();
+    for (const PayloadColumn& col : cache.payload_columns()) {  // the same slots as the entries
+      at::Tensor c = torch::full({B, Hkv, C}, col.fill, lopt.dtype(col.dtype));  // (B, H_kv, C)
+      if (kv.n > 0) c.narrow(2, 0, kv.n).copy_(kv.payload.at(col.name));
+      s.payload.back().push_back(c.view({S * C}));
+    }
   }
+  s.payload_columns = cache.payload_columns();
   s.next0 = cache.next_positions();
   s.tok = host_ints(first, model.device()).view({B, 1});     // (B, 1)
   s.qpos = host_ints(s.next0, model.device()).view({B, 1});  // (B, 1)
@@ -76,6 +83,7 @@ void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evi
   const c10::Device dev = s.tok.device();
   std::vector<int64_t> a(alive.begin(), alive.end());
   s.evictor = std::move(evictor);
+  s.evictor->attach(s);
   s.alive = host_ints(a, dev).gt(0);  // (B)
   s.fed = torch::zeros({B}, torch::TensorOptions().dtype(torch::kLong).device(dev));  // (B)
   KVD_CHECK(cache.batch() == B && cache.next_positions() == s.next0, "attach_evictor: the cache is not the state's");
@@ -88,11 +96,25 @@ void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evi
   s.eos = host_ints(eos, dev);        // (E)
 }
 
+void add_static_payload(StaticDecodeState& s, const PayloadColumn& col) {
+  for (const PayloadColumn& c : s.payload_columns)
+    if (c.name == col.name) {
+      KVD_CHECK(c.dtype == col.dtype, "add_static_payload: column '", col.name, "' exists with another dtype");
+      return;
+    }
+  const int64_t slots = s.batch * s.kv_heads * s.capacity;
+  const auto opt = torch::TensorOptions().dtype(col.dtype).device(s.start.device());
+  s.payload_columns.push_back(col);
+  for (std::vector<at::Tensor>& layer : s.payload) layer.push_back(torch::full({slots}, col.fill, opt));
+}
+
 int64_t static_decode_bytes(const KVCache& cache, int64_t steps) {
   int64_t longest = 0;
   for (int64_t l = 0; l < cache.num_layers(); ++l) longest = std::max(longest, cache.max_length(l));
   const int64_t slots = cache.num_layers() * cache.batch() * cache.num_kv_heads() * (longest + steps);
-  return slots * (cache.bytes_per_entry() + 8);  // K + V, and an int64 position
+  int64_t per_slot = cache.bytes_per_entry() + 8;  // K + V, and an int64 position
+  for (const PayloadColumn& c : cache.payload_columns()) per_slot += static_cast<int64_t>(c10::elementSize(c.dtype));
+  return slots * per_slot;
 }
 
 bool static_decode_fits(const KVCache& cache, int64_t steps) {
@@ -130,6 +152,7 @@ void write_back_evicted(const StaticDecodeState& s, KVCache& cache, const std::v
     for (int64_t b = 0; b < B; ++b) rows[b] = p[b] * cache.bytes_per_entry();
     cache.raise_peaks(rows, p[B] * cache.bytes_per_entry());
   }
+  for (const PayloadColumn& col : s.payload_columns) cache.add_payload(col.name, col.dtype, col.fill);
   for (int64_t l = 0; l < static_cast<int64_t>(s.k.size()); ++l) {
     const at::Tensor pos = s.pos[l].view({S, C});                                           // (S, C)
     const at::Tensor len0 = host_ints(s.len0[l], dev).view({S, 1});  // (S, 1)
@@ -168,6 +191,8 @@ void write_back_evicted(const StaticDecodeState& s, KVCache& cache, const std::v
     const at::Tensor v = s.v[l].index_select(0, rows).view({B, Hkv, T, hd});
     const at::Tensor p = pos.gather(1, src).view({B, Hkv, T});                 // (B, H_kv, T)
     cache.append(l, k, v, p, lead);
+    for (size_t c = 0; c < s.payload_columns.size(); ++c)  // each decoded entry's value, from its slot
+      cache.set_payload_tail(l, s.payload_columns[c].name, s.payload[l][c].index_select(0, rows).view({B, Hkv, T}), lead);
   }
   cache.advance(fed);
 }

@@ -18,6 +18,11 @@
 // room for every step), and write_back drops the emptied entries from the KVCache (ragged per head). The state
 // then also tracks, on the device, which rows still feed tokens (eos, limits), since a finished row stops
 // evicting exactly where step-by-step decoding stops feeding it.
+//
+// Per-entry payload (KVCache payload columns, e.g. TRIM-KV's log β): the state holds one buffer per column and
+// layer in the same slots as the entries. make_static_decode copies the cache's columns; an evictor adds its own
+// (StaticStepEvictor::attach) and writes each step's value into slot len[s] - 1; write_back carries the columns of
+// the decoded entries to the cache, as step-by-step decoding's on_append writes them.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +30,8 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+
+#include "models/kv_cache.h"
 
 namespace kvd {
 
@@ -37,11 +44,15 @@ struct StaticDecodeState;
 class StaticStepEvictor {
  public:
   virtual ~StaticStepEvictor() = default;
-  // Layer `layer` of the current step, right after its attention: q (B, H, hd) the step's post-RoPE queries. The
-  // step's entry is already at slot len[s] - 1 of each segment; s.alive (B) marks the rows that feed this step,
-  // s.fed (B) how many steps each fed before it, s.host_step the step's index. Evicts by writing -1 into
-  // s.pos[layer], and subtracts from s.entries (B) the entries it took from each row.
-  virtual void on_layer(int64_t layer, const at::Tensor& q, StaticDecodeState& s) = 0;
+  // Called once by attach_evictor, before the first step: adds the payload columns it writes (with their fill in
+  // every slot) to s.payload_columns / s.payload where the state lacks them.
+  virtual void attach(StaticDecodeState& s) { (void)s; }
+  // Layer `layer` of the current step, right after its attention: q (B, H, hd) the step's post-RoPE queries, hidden
+  // (B, 1, d) the layer's attention input (after its input norm). The step's entry is already at slot len[s] - 1 of
+  // each segment; s.alive (B) marks the rows that feed this step, s.fed (B) how many steps each fed before it,
+  // s.host_step the step's index. Evicts by writing -1 into s.pos[layer], and subtracts from s.entries (B) the
+  // entries it took from each row.
+  virtual void on_layer(int64_t layer, const at::Tensor& q, const at::Tensor& hidden, StaticDecodeState& s) = 0;
   // Which ops step `step` (0-based) runs: steps of equal variants run the same ones, so a CUDA graph captured at one
   // replays them all (e.g. 1 at the steps where an every-N-steps trigger fires, 0 at the others).
   virtual int64_t variant(int64_t step) const {
@@ -60,6 +71,8 @@ struct StaticDecodeState {
   std::vector<at::Tensor> k, v;  // [layer] (B * H_kv * C, hd) flat rows in the model dtype
   std::vector<at::Tensor> pos;   // [layer] (B * H_kv * C) int64 stored positions (-1: empty)
   std::vector<at::Tensor> len;   // [layer] (B * H_kv) int64 entries held; +1 per step
+  std::vector<PayloadColumn> payload_columns;      // the per-entry columns the state carries
+  std::vector<std::vector<at::Tensor>> payload;    // [layer][column] (B * H_kv * C) in the column's dtype
   std::vector<std::vector<int64_t>> len0;  // [layer][B * H_kv] entries held before the first step (host)
   std::vector<int64_t> next0;              // [B] positions of the first step's tokens (host)
   at::Tensor history;     // (max_steps, B) int64: the token step i chose
@@ -87,6 +100,9 @@ StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, c
 void attach_evictor(StaticDecodeState& s, std::shared_ptr<StaticStepEvictor> evictor, const KVCache& cache,
                     const std::vector<bool>& alive, const std::vector<int64_t>& limit, const std::vector<int64_t>& eos);
 
+// Adds a payload column to s (every layer; every slot holds `col.fill`); a no-op where s has one of that name.
+void add_static_payload(StaticDecodeState& s, const PayloadColumn& col);
+
 // Bytes a state for `cache` with room for `steps` more tokens takes (every head padded to the longest + steps),
 // and whether that is at most half of the device's free memory (always true on the CPU): generate_batch's Auto
 // path falls back to the cache path where it is not.
@@ -98,7 +114,9 @@ bool static_decode_fits(const KVCache& cache, int64_t steps);
 // entries it emptied are left out: those held before decoding are dropped from the cache first, then each head
 // gains only its own surviving decoded entries. The entries, counts, bytes and peaks are then those of
 // step-by-step eviction (the peaks counted on the device while decoding: a layer's appended entries count before
-// its eviction). The evictor's own per-entry state is not written to the cache's payload.
+// its eviction). With an evictor, the state's payload columns go to the cache too (a column the cache lacks is added
+// with its fill, then each decoded entry gets its slot's value); the evictor's private state (H2O's sums,
+// LazyEviction's counters) is not a payload column and is not written.
 void write_back(const StaticDecodeState& s, KVCache& cache, const std::vector<int64_t>& fed);
 
 enum class StepRunner {

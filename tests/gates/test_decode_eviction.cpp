@@ -18,7 +18,9 @@
 #include "gates/compress.h"
 #include "gates/registry.h"
 #include "gates/decode_eviction.h"
+#include "gates/dms.h"
 #include "gates/heuristics.h"
+#include "gates/kvzap.h"
 #include "gates/retention_gate.h"
 #include "models/config.h"
 #include "models/kv_cache.h"
@@ -559,14 +561,17 @@ struct DecodeOutcome {
   BatchGenerateResult gen;
   std::vector<std::vector<std::vector<int64_t>>> pos;  // [layer][row * H_kv + h]
   std::vector<at::Tensor> k, v;                          // [layer] (B, H_kv, n, hd)
+  std::vector<std::map<std::string, at::Tensor>> payload;  // [layer] name -> (B, H_kv, n), invalid entries 0
   int64_t bytes = 0, peak = 0;
   std::vector<int64_t> row_peak;
 };
 
 // A batch of 3 left-padded prompts compressed per head (AdaKV + KNorm at 0.5: ragged heads), then a question
-// appended and answered greedily with `policy` evicting at `trigger`, on `path`.
+// appended and answered greedily with `policy` evicting at `trigger`, on `path`. With a `scorer`, it replaces
+// KNorm in the prompt's compression and StreamingLLM in decoding, and rates the question's entries too (on_append).
 DecodeOutcome decode_with_eviction(const Model& m, DecodePolicy policy, DecodeTrigger trigger, DecodePath path,
-                                   bool init_scores, const std::optional<std::vector<int64_t>>& eos) {
+                                   bool init_scores, const std::optional<std::vector<int64_t>>& eos,
+                                   const std::shared_ptr<Scorer>& scorer = nullptr) {
   const c10::Device dev = m.device();
   const ModelConfig& c = m.config();
   torch::manual_seed(23);
@@ -579,9 +584,10 @@ DecodeOutcome decode_with_eviction(const Model& m, DecodePolicy policy, DecodeTr
   }
   KVCache cache = m.new_cache(3);
   Method method = make_method("adakv_knorm", 0.5);
+  if (scorer) method.scorer = scorer;
   compress_prefill(m, cache, spans, method);
   DecodeEvictionOptions opt;
-  opt.scorer = std::make_shared<StreamingLLMScorer>(2);
+  opt.scorer = scorer ? scorer : std::make_shared<StreamingLLMScorer>(2);
   DecodeEvictor ev(m, policy, trigger, opt);
   if (init_scores)
     for (int64_t l = 0; l < c.num_layers; ++l)
@@ -592,6 +598,7 @@ DecodeOutcome decode_with_eviction(const Model& m, DecodePolicy policy, DecodeTr
   g.decode = path;
   g.decode_observer = ev.observer();
   g.static_evictor = ev.static_evictor();
+  if (scorer) g.prefill_observer = [&](const PrefillLayerObservation& obs, KVCache& c) { scorer->on_append(obs, c); };
   DecodeOutcome out;
   out.gen = generate_batch(m, rests, cache, g);
   for (int64_t l = 0; l < c.num_layers; ++l) {
@@ -601,6 +608,9 @@ DecodeOutcome decode_with_eviction(const Model& m, DecodePolicy policy, DecodeTr
     const KVLayerView kv = cache.layer(l);
     out.k.push_back(kv.k.clone());
     out.v.push_back(kv.v.clone());
+    out.payload.emplace_back();
+    for (const auto& [name, col] : kv.payload)
+      out.payload.back()[name] = kv.valid.defined() ? col.masked_fill(kv.valid.logical_not(), 0) : col.clone();
   }
   out.bytes = cache.bytes();
   out.peak = cache.peak_bytes();
@@ -662,6 +672,73 @@ TEST(DecodeEviction, FixedShapeEqualsCachePath) {
       for (const auto& head : layer)
         for (size_t j = 1; j < head.size(); ++j) evicted = evicted || head[j] != head[j - 1] + 1;
     EXPECT_TRUE(evicted) << name;
+  }
+}
+
+// The learned scorers whose per-entry state is a function of each token's attention input (TRIM-KV's log β, KVzap's
+// predicted score, DMS's keep probability) decode in fixed-shape steps: the state computes each step's value into
+// its payload slots, and the decoded cache equals the cache path's, payload columns included (every decoded
+// entry's value was written: none is the column's fill).
+TEST(DecodeEviction, PayloadScorersDecodeInFixedShapeSteps) {
+  const Model& m = model64();
+  const ModelConfig& cfg = m.config();
+  torch::manual_seed(5);
+  RetentionGateOptions go;
+  go.hidden = 16;
+  go.bias_init = 0.5;
+  go.init_std = 0.4;
+  RetentionGate gate(cfg, go);
+  KVzapOptions zo;
+  zo.hidden = 16;
+  zo.window = 2;
+  KVzap kvzap(cfg, zo);
+  DMSOptions dmo;
+  dmo.window = 2;
+  dmo.bias_init = 0.0;
+  dmo.init_std = 0.5;
+  DMS dms(cfg, dmo);
+  gate->to(torch::kDouble);
+  const std::vector<std::pair<std::string, std::shared_ptr<Scorer>>> scorers = {
+      {"log_beta", std::shared_ptr<Scorer>(gate->make_scorer())},
+      {"kvzap", std::shared_ptr<Scorer>(kvzap->make_scorer())},
+      {"dms_keep", std::shared_ptr<Scorer>(dms->make_scorer())}};
+  for (const auto& [column, scorer] : scorers) {
+    EXPECT_EQ(scorer->needs().fixed_shape, FixedShape::Yes) << column;
+    for (const DecodeTrigger trig : {DecodeTrigger{1, 0}, DecodeTrigger{2, 4}}) {
+      const std::string what = column + " every " + std::to_string(trig.interval) + " to " + std::to_string(trig.target);
+      const DecodeOutcome a = decode_with_eviction(m, DecodePolicy::Scorer, trig, DecodePath::Cache, false, {}, scorer);
+      const DecodeOutcome b = decode_with_eviction(m, DecodePolicy::Scorer, trig, DecodePath::Static, false, {}, scorer);
+      EXPECT_EQ(b.gen.decode, DecodePath::Static) << what;
+      EXPECT_EQ(a.gen.tokens, b.gen.tokens) << what;
+      EXPECT_EQ(a.pos, b.pos) << what;
+      bool evicted_decoded = false;  // a decoded entry was evicted: the scorer ranked decode-time values
+      for (size_t l = 0; l < a.k.size(); ++l) {
+        ASSERT_EQ(a.k[l].sizes(), b.k[l].sizes()) << what;
+        EXPECT_TRUE(torch::allclose(a.k[l], b.k[l], 0, 1e-12)) << what << " layer " << l;
+        ASSERT_TRUE(a.payload[l].count(column) && b.payload[l].count(column)) << what;
+        const at::Tensor pa = a.payload[l].at(column), pb = b.payload[l].at(column);
+        EXPECT_TRUE(torch::equal(pa, pb)) << what << " layer " << l;
+        // Every held entry carries its own value, the decoded ones included (the fill is 0).
+        const at::Tensor rows = pb.reshape({-1, pb.size(2)});  // (B * H_kv, n)
+        for (int64_t r = 0; r < rows.size(0); ++r) {
+          const std::vector<int64_t>& held = a.pos[l][r];
+          for (size_t j = 0; j < held.size(); ++j)
+            EXPECT_NE(rows[r][static_cast<int64_t>(j)].item<double>(), 0.0)
+                << what << " layer " << l << " head row " << r << " entry " << j;
+          // The row's decoded tokens sit at positions >= its prompt (span + question of 3): a gap among those held
+          // is a decoded entry evicted.
+          const int64_t first = std::vector<int64_t>{17, 12, 20}[r / cfg.num_kv_heads];
+          int64_t count = 0, top = first - 1;
+          for (int64_t p : held)
+            if (p >= first) ++count, top = std::max(top, p);
+          evicted_decoded = evicted_decoded || count < top - first + 1;
+        }
+      }
+      EXPECT_TRUE(evicted_decoded) << what;
+      EXPECT_EQ(a.bytes, b.bytes) << what;
+      EXPECT_EQ(a.peak, b.peak) << what;
+      EXPECT_EQ(a.row_peak, b.row_peak) << what;
+    }
   }
 }
 
