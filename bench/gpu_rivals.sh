@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The strongest rivals and the comparison protocol (issue 14) on SmolLM2-135M-Instruct, one stage per device call
-# (source .device/setup.sh first; results go to bench/RESULTS.md and docs/results/ by hand):
+# (source .device/setup.sh first; the GGUF parts, task file and training text come from bench/stage_rivals.sh, run
+# on the CPU machine and carried one folder per call; results go to bench/RESULTS.md and docs/results/ by hand):
 #   bench/gpu_rivals.sh build          this tree into build-gpu/ (kvdistill)
 #   bench/gpu_rivals.sh model          joins the GGUF parts staged in /root/kvd-stage, checks the sha256 and
 #                                      converts it to $MODEL
