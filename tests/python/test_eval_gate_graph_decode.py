@@ -2,7 +2,8 @@
 DMS rate each decoded token when it is appended (its log β / score kept in the cache's payload), and their fixed-shape
 form computes that value inside the step. With `--decode static` (the op-by-op form of the CUDA-graph path) the eval
 takes that path for them (the record says "decode": "static") and every sample keeps the answer, kept fraction,
-kept and peak bytes it has on the step-by-step cache path; KL and perplexity within float tolerance."""
+kept and peak bytes it has on the step-by-step cache path; KL and perplexity within float tolerance. (A continuous
+part prefills each budget on its own, evicting as the prompt streams in, so its budgets decode one at a time.)"""
 import pytest
 
 from eval_helpers import eval_pair, needs_corpus, tasks  # noqa: F401 (tasks is a fixture)
