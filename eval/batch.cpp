@@ -84,7 +84,7 @@ Prepared prepare(const EvalSample& s, const Tokenizer& tok, const ChatTemplate& 
 // --- the per-batch run ----------------------------------------------------------------------------------
 
 std::vector<KVCache> compress_batch(const Model& model, const std::vector<const Prepared*>& rows,
-                                   const std::vector<ResolvedMethod*>& ms, double& prefill_s) {
+                                   const std::vector<ResolvedMethod*>& ms, std::vector<double>& prefill_s) {
   KVD_CHECK(!ms.empty(), "eval: internal error, no method to run");
   const int64_t B = static_cast<int64_t>(rows.size());
   std::vector<std::vector<int64_t>> spans;
@@ -92,6 +92,20 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
   std::vector<KVCache> caches;
   for (size_t i = 0; i < ms.size(); ++i) caches.push_back(model.new_cache(B));
   auto t0 = Clock::now();
+  if (ms.size() > 1 && !shares_prefill_with(*ms[0], *ms[1])) {
+    // Budgets of one method that cannot share a prefill: each prefilled on its own (their caches may still decode as
+    // one batch).
+    prefill_s.clear();
+    for (size_t i = 0; i < ms.size(); ++i) {
+      KVD_CHECK(ms[i]->name == ms[0]->name, "eval: internal error, methods that cannot share a "
+                "prefill were grouped");
+      auto ti = Clock::now();
+      compress_prefill(model, caches[i], spans, ms[i]->method, ms[i]->compress);
+      sync_stream(model.device());
+      prefill_s.push_back(seconds_since(ti));
+    }
+    return caches;
+  }
   if (ms.size() > 1) {
     std::vector<KVCache*> ptrs;
     std::vector<Method*> methods;
@@ -109,7 +123,7 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
     compress_prefill(model, caches[0], spans, ms[0]->method, ms[0]->compress);
   }
   sync_stream(model.device());  // the timing waits for this thread's stream only (eval --workers)
-  prefill_s = seconds_since(t0);
+  prefill_s.assign(ms.size(), seconds_since(t0));
   return caches;
 }
 

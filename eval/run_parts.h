@@ -60,11 +60,13 @@ struct RowResult {
   int64_t kept_bytes = 0, full_bytes = 0, peak_bytes = 0;
 };
 
-// Step 1 of a batch: every row's span compressed by each method of ms into a cache of its own. Several methods
-// must share a prefill (shares_prefill, one name at several budgets): the span is prefilled once, and scored once
-// or by each budget's scorer (compress_prefill_many). prefill_s: the seconds it took.
+// Step 1 of a batch: every row's span compressed by each method of ms into a cache of its own. Methods that share a
+// prefill (shares_prefill_with ms[0]: one name at several budgets, or methods scoring alike) are compressed from one
+// prefill, scored once or by each budget's scorer (compress_prefill_many); otherwise (budgets of one method that
+// compresses as the prompt streams in, e.g. a continuous learned part) each is prefilled on its own.
+// prefill_s[i]: the seconds ms[i]'s prefill took (a shared prefill's whole time for each).
 std::vector<KVCache> compress_batch(const Model& model, const std::vector<const Prepared*>& rows,
-                                   const std::vector<ResolvedMethod*>& ms, double& prefill_s);
+                                   const std::vector<ResolvedMethod*>& ms, std::vector<double>& prefill_s);
 // Steps 2-4 on one compressed cache: the answer, the teacher-forced KL / perplexity and the critical-KV hit
 // rate. With m.full, fills `ref`; otherwise reads it.
 // decode: how the answer is decoded (a method that evicts while decoding takes the cache path unless its policy has

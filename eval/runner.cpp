@@ -231,21 +231,30 @@ void run_eval(const EvalOptions& opt) {
       std::vector<ResolvedMethod> group{resolve_method(run[g0]->method, run[g0]->b, ctx)};
       size_t g1 = g0 + 1;
       double held = full_bytes * kept_share(run[g0]->b);
-      if (opt.share_prefill != SharePrefill::PerConfig && shares_prefill(group[0]))
+      // shared: the group's budgets (and methods) are compressed from one prefill. Otherwise the budgets of a method
+      // that compresses as the prompt streams in (a continuous learned part) are each prefilled on their own but
+      // still decode as one batch where --decode-rows allows it (joined): only for a scorer whose state is all in
+      // the cache's payload (FixedShape::Yes), which the joined cache carries (the Attention-Gate keeps its own,
+      // per cache).
+      const bool shared = opt.share_prefill != SharePrefill::PerConfig && shares_prefill(group[0]);
+      const bool joined = !shared && !group[0].full && group[0].method.scorer &&
+                          group[0].method.scorer->needs().fixed_shape == FixedShape::Yes &&
+                          opt.decode_rows / static_cast<int64_t>(rows.size()) >= 2;
+      if (shared || joined)
         for (; g1 < run.size(); ++g1) {
           const bool same = run[g1]->method == run[g0]->method;
-          if (!same && (opt.share_prefill != SharePrefill::AcrossMethods ||
+          if (!same && (!shared || opt.share_prefill != SharePrefill::AcrossMethods ||
                         held + full_bytes * kept_share(run[g1]->b) > static_cast<double>(opt.share_prefill_bytes)))
             break;
           ResolvedMethod next = resolve_method(run[g1]->method, run[g1]->b, ctx);
-          if (!shares_prefill_with(group[0], next)) break;
+          if (shared && !shares_prefill_with(group[0], next)) break;
           held += full_bytes * kept_share(run[g1]->b);
           group.push_back(std::move(next));
         }
       std::vector<ResolvedMethod*> ms;
       for (ResolvedMethod& m : group) ms.push_back(&m);
       KVD_CHECK(group[0].full || have_ref, "eval: internal error, no full-cache reference");
-      double prefill_s = 0;
+      std::vector<double> prefill_s;  // [group member]
       std::vector<KVCache> caches;
       {
         // A scope of KVD_TRACE's recording (models/profile.h): the device time of the group's prefill and scoring.
@@ -327,13 +336,13 @@ void run_eval(const EvalOptions& opt) {
                     {"kv_bytes_full", rr.full_bytes},
                     {"kv_bytes_kept", rr.kept_bytes},
                     {"peak_kv_bytes", rr.peak_bytes},
-                    {"prefill_s", prefill_s / static_cast<double>(rows.size())},
+                    {"prefill_s", prefill_s[gi] / static_cast<double>(rows.size())},
                     {"decode_s", decode_s[gi] / static_cast<double>(rows.size())},
                     {"decode", decode_path_name(decode_path[gi])},
                     {"batch", rows.size()}};
           // prefill_s of a shared prefill is the whole prefill's (every budget of the group reports it); decode_s
           // of budgets decoded together is their share of the joint decode.
-          if (group.size() > 1) j["prefill_shared_by"] = group.size();
+          if (group.size() > 1 && shared) j["prefill_shared_by"] = group.size();
           if (decoded_with[gi] > B) j["decode_rows"] = decoded_with[gi];
           if (opt.kernels == KernelPath::Reference) j["kernels"] = "reference";  // --kernels reference (fused: absent)
           if (c.b.kind == BudgetKind::Ratio && c.method != "full") j["ratio"] = c.b.value;

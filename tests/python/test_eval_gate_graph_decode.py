@@ -2,8 +2,10 @@
 DMS rate each decoded token when it is appended (its log β / score kept in the cache's payload), and their fixed-shape
 form computes that value inside the step. With `--decode static` (the op-by-op form of the CUDA-graph path) the eval
 takes that path for them (the record says "decode": "static") and every sample keeps the answer, kept fraction,
-kept and peak bytes it has on the step-by-step cache path; KL and perplexity within float tolerance. (A continuous
-part prefills each budget on its own, evicting as the prompt streams in, so its budgets decode one at a time.)"""
+kept and peak bytes it has on the step-by-step cache path; KL and perplexity within float tolerance. A continuous
+part prefills each budget on its own, evicting as the prompt streams in; its budgets' caches are then joined and
+decode as one batch (the default --decode-rows; "decode_rows" in the record), against each budget alone here on the
+cache path."""
 import pytest
 
 from eval_helpers import eval_pair, needs_corpus, tasks  # noqa: F401 (tasks is a fixture)
@@ -14,7 +16,7 @@ METHODS = "untrained:retention_gate,untrained:kvzap,untrained:dms"
 
 
 def test_continuous_learned_parts_decode_in_fixed_shape_steps_as_on_the_cache_path(tasks, tmp_path):
-    a, b = eval_pair(tasks, tmp_path, ("--decode", "static", "--decode-rows", 0),
+    a, b = eval_pair(tasks, tmp_path, ("--decode", "static"),
                      ("--decode", "cache", "--decode-rows", 0), batch=2, methods=METHODS, ratios="0.25,0.75")
     learned = 0
     for k, ra in a.items():
@@ -22,6 +24,8 @@ def test_continuous_learned_parts_decode_in_fixed_shape_steps_as_on_the_cache_pa
         if k[0] != "full":
             learned += 1
             assert ra["decode"] == "static" and rb["decode"] == "cache", (k, ra["decode"], rb["decode"])
+            assert ra.get("decode_rows") == 4 and "decode_rows" not in rb, (k, ra.get("decode_rows"))  # 2 budgets x 2
+            assert "prefill_shared_by" not in ra, k  # each budget prefilled on its own
         for f in ("output", "score", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes"):
             assert ra[f] == rb[f], (k, f, ra[f], rb[f])
         for f in ("kl", "ppl"):
