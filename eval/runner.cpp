@@ -237,7 +237,7 @@ void run_eval(const EvalOptions& opt) {
       // the cache's payload (FixedShape::Yes), which the joined cache carries (the Attention-Gate keeps its own,
       // per cache).
       const bool shared = opt.share_prefill != SharePrefill::PerConfig && shares_prefill(group[0]);
-      const bool joined = !shared && !group[0].full && group[0].method.scorer &&
+      const bool joined = !group[0].full && !shares_prefill(group[0]) && group[0].method.scorer &&
                           group[0].method.scorer->needs().fixed_shape == FixedShape::Yes &&
                           opt.decode_rows / static_cast<int64_t>(rows.size()) >= 2;
       if (shared || joined)

@@ -249,7 +249,7 @@ class FixedShapeEvictor : public StaticStepEvictor {
   std::vector<at::Tensor> len0_;           // [layer] (B, H_kv, 1) entries each head held before decoding
   std::vector<at::Tensor> acc_;            // [layer] (B, H_kv, C) float64 H2O accumulated attention per slot
   std::vector<LazyEvictionState> lazy_;    // [layer] LazyEviction's per-slot state
-  std::vector<int64_t> columns_;           // the scorer's payload columns: their index in the state's
+  std::vector<int64_t> columns_;           // the scorer's payload columns: their indices in s.payload_columns
 };
 
 }  // namespace
