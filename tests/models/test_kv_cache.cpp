@@ -656,6 +656,19 @@ TEST(KVCache, PerHeadLeadAppendsEachHeadsOwnTail) {
     }
   }
   EXPECT_THROW(cache.append(0, k, v, pos, std::vector<int64_t>{0, 1, 2}), Error);  // neither B nor B * H_kv
+  // A payload column written for the same per-head tails: head r's last 3 - lead[r] entries get its values from
+  // lead[r] on; the entries before them keep the fill.
+  cache.add_payload("score", torch::kFloat, -1.0);
+  const at::Tensor vals = torch::arange(12, torch::kFloat).view({2, 2, 3});
+  cache.set_payload_tail(0, "score", vals, lead);
+  const at::Tensor col = cache.layer(0).payload.at("score");  // (2, 2, 5)
+  for (int64_t r = 0; r < 4; ++r) {
+    const int64_t b = r / 2, h = r % 2, gain = 3 - lead[r];
+    for (int64_t j = 0; j < 2; ++j) EXPECT_EQ(col[b][h][j].item<float>(), -1.0f) << "head " << r;
+    for (int64_t j = 0; j < gain; ++j)
+      EXPECT_EQ(col[b][h][2 + j].item<float>(), vals[b][h][lead[r] + j].item<float>()) << "head " << r << " entry " << j;
+  }
+  EXPECT_THROW(cache.set_payload_tail(0, "score", vals, std::vector<int64_t>{0, 1, 2}), Error);
   const int64_t peak0 = cache.row_peak_bytes(0), total = cache.peak_bytes();
   cache.raise_peaks({peak0 - 1, peak0 + 7}, total - 1);
   EXPECT_EQ(cache.row_peak_bytes(0), peak0);
