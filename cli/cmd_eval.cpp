@@ -186,9 +186,10 @@ Registration reg([](CLI::App& root) {
       ->check(CLI::IsMember({"auto", "graph", "static", "cache"}))
       ->capture_default_str();
   sub->add_option("--decode-rows", a->decode_rows,
-                  "The budgets of one prefill (--share-prefill budgets or methods) decode their answers and "
-                  "teacher-forced passes as one batch of up to this many rows and --decode-logits-gib of "
-                  "teacher-forced logits (same results per sample, fewer small steps); 0: each budget alone")
+                  "The budgets of one prefill (--share-prefill budgets or methods), and those of a continuous "
+                  "learned part (each prefilled on its own), decode their answers and teacher-forced passes as one "
+                  "batch of up to this many rows and --decode-logits-gib of teacher-forced logits (same results per "
+                  "sample, fewer small steps); 0: each budget alone")
       ->capture_default_str();
   sub->add_option("--decode-logits-gib", a->decode_logits_gib,
                   "The float32 teacher-forced logits budgets decoded together may hold (rows x (rest + answer) x "
