@@ -123,11 +123,8 @@ class DMSScorer : public Scorer {
  public:
   DMSScorer(std::shared_ptr<DMSImpl> owner, DMSImpl* dms) : owner_(std::move(owner)), dms_(dms) {}
   std::string name() const override { return "dms"; }
-  ScorerNeeds needs() const override {
-    ScorerNeeds n = rows_together();
-    n.fixed_shape = FixedShape::Yes;  // the payload column, positions and next_position_column alone
-    return n;
-  }
+  // Fixed-shape: reads the payload column, positions and next_position_column alone.
+  ScorerNeeds needs() const override { return rows_together(FixedShape::Yes); }
   std::vector<PayloadColumn> payload_columns() const override { return {{kKeep, torch::kFloat, 0.0}}; }
   std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
     torch::NoGradGuard no_grad;

@@ -76,11 +76,8 @@ class StreamingLLMScorer : public Scorer {
  public:
   explicit StreamingLLMScorer(int64_t n_sink = 4) : n_sink_(n_sink) {}
   std::string name() const override { return "streaming_llm"; }
-  ScorerNeeds needs() const override {
-    ScorerNeeds n = rows_together();
-    n.fixed_shape = FixedShape::Yes;  // positions and next_position_column alone
-    return n;
-  }
+  // Fixed-shape: reads positions and next_position_column alone.
+  ScorerNeeds needs() const override { return rows_together(FixedShape::Yes); }
   at::Tensor score(const LayerView& view) override;
 
  private:

@@ -130,11 +130,8 @@ class KVzapScorer : public Scorer {
  public:
   KVzapScorer(std::shared_ptr<KVzapImpl> owner, KVzapImpl* kz) : owner_(std::move(owner)), kz_(kz) {}
   std::string name() const override { return "kvzap"; }
-  ScorerNeeds needs() const override {
-    ScorerNeeds n = rows_together();
-    n.fixed_shape = FixedShape::Yes;  // the payload column, positions and next_position_column alone
-    return n;
-  }
+  // Fixed-shape: reads the payload column, positions and next_position_column alone.
+  ScorerNeeds needs() const override { return rows_together(FixedShape::Yes); }
   std::vector<PayloadColumn> payload_columns() const override { return {{kColumn, torch::kFloat, 0.0}}; }
   std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
     torch::NoGradGuard no_grad;

@@ -121,11 +121,8 @@ class RetentionScorer : public Scorer {
   RetentionScorer(std::shared_ptr<RetentionGateImpl> owner, RetentionGateImpl* gate)
       : owner_(std::move(owner)), gate_(gate) {}
   std::string name() const override { return "retention_gate"; }
-  ScorerNeeds needs() const override {
-    ScorerNeeds n = rows_together();
-    n.fixed_shape = FixedShape::Yes;  // the payload column, positions and next_position_column alone
-    return n;
-  }
+  // Fixed-shape: reads the payload column, positions and next_position_column alone.
+  ScorerNeeds needs() const override { return rows_together(FixedShape::Yes); }
 
   std::vector<PayloadColumn> payload_columns() const override { return {{kLogBeta, torch::kFloat, 0.0}}; }
   std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {

@@ -87,10 +87,12 @@ struct ScorerNeeds {
   FixedShape fixed_shape = FixedShape::No;  // Yes: decode-time eviction may run it in fixed-shape steps
 };
 
-// The needs of a scorer that reads no optional field and takes a batch's rows together.
-inline ScorerNeeds rows_together() {
+// The needs of a scorer that reads no optional field and takes a batch's rows together (FixedShape::Yes: it also
+// runs inside fixed-shape decode steps).
+inline ScorerNeeds rows_together(FixedShape fixed_shape = FixedShape::No) {
   ScorerNeeds n;
   n.rows = RowBatching::Together;
+  n.fixed_shape = fixed_shape;
   return n;
 }
 
