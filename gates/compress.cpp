@@ -143,10 +143,15 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
               " scores after the forward, when no window queries or hidden states are left");
   // A scorer that takes rows together gets one view of every row when the prefill runs in one chunk (each layer's
   // entries are then this chunk's tokens) and every row holds its observation window. Observing every row, it gets
-  // the padding rows too, at position -1: they see no entry.
+  // the padding rows too, at position -1: they see no entry. In a chunked prefill the entries are no longer the
+  // chunk's tokens and each row carries its own window, so only a scorer that reads neither the chunk's rows
+  // (hidden states, pre-RoPE queries) nor a window takes the rows together there: one launch chain per layer and
+  // chunk, not one per row (TRIM-KV's gate, KVzap and DMS read their payload). A row whose prompt has ended is
+  // scored again then, at the same position and budget: it holds no more than its budget, so it keeps every entry.
   auto together_for = [&](const ScorerNeeds& n) {
-    return n.rows == RowBatching::Together && n_chunks == 1 &&
-           (n.window == ScorerNeeds::kAllRows || *std::min_element(lens.begin(), lens.end()) >= n.window);
+    if (n.rows != RowBatching::Together) return false;
+    if (n_chunks > 1) return n.window == 0 && !n.hidden && !n.queries_pre_rope;
+    return n.window == ScorerNeeds::kAllRows || *std::min_element(lens.begin(), lens.end()) >= n.window;
   };
   // One view of layer l for every row (RowBatching::Together), as a scorer with `needs` sees it: c's entries (a
   // whole copy of the layer), the positions of the prefill's cache; rows end at their own lengths, `valid` marks

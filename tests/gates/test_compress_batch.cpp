@@ -136,6 +136,69 @@ TEST(CompressChunked, BatchedChunksMatchEachRowAlone) {
     expect_same(kept_of(batch, b), compress_one("snapkv", p[b], 0.25, o), "row " + std::to_string(b));
 }
 
+// A scorer as it is, but handed one row at a time (RowBatching::OneAtATime): the chunked prefill's per-row path.
+class OneRowAtATime : public Scorer {
+ public:
+  explicit OneRowAtATime(std::shared_ptr<Scorer> s) : s_(std::move(s)) {}
+  std::string name() const override { return s_->name(); }
+  ScorerNeeds needs() const override {
+    ScorerNeeds n = s_->needs();
+    n.rows = RowBatching::OneAtATime;
+    return n;
+  }
+  void on_append(const PrefillLayerObservation& obs, KVCache& cache) override { s_->on_append(obs, cache); }
+  std::vector<PayloadColumn> payload_columns() const override { return s_->payload_columns(); }
+  std::vector<at::Tensor> entry_payload(int64_t l, const at::Tensor& h) override { return s_->entry_payload(l, h); }
+  at::Tensor score(const LayerView& view) override { return s_->score(view); }
+
+ private:
+  std::shared_ptr<Scorer> s_;
+};
+
+// A continuous learned part prefills in chunks (40 tokens here, so the three prompts end in different chunks and
+// the shorter rows get all-padding chunks). Its scorers read their per-entry payload alone, so every row of a
+// chunk is scored in one view (RowBatching::Together): each row keeps exactly what the rows handed one at a time
+// keep, and what it keeps alone, under a uniform and an AdaKV budget.
+TEST(CompressChunked, PayloadScorersTakeEveryRowOfAChunkTogether) {
+  if (!have_model()) GTEST_SKIP() << "no SmolLM2 model";
+  MethodContext ctx;
+  ctx.model = &model();
+  ctx.model_dir = KVD_MODEL_DIR;
+  ctx.continuous_chunk = 40;
+  const auto& p = prompts();
+  for (const std::string name : {"untrained:retention_gate", "untrained:kvzap", "untrained:dms"})
+    for (const auto& [alloc, ratio] : {std::pair{Allocation::Uniform, 0.8}, std::pair{Allocation::AdaKV, 0.5}}) {
+        const std::string what = name + (alloc == Allocation::AdaKV ? " adakv " : " uniform ") + std::to_string(ratio);
+        SCOPED_TRACE(what);
+        ResolvedMethod m = resolve_method(name, Budget::ratio(ratio), ctx);
+        m.method.selector.allocation = alloc;
+        ASSERT_EQ(m.compress.chunk_size, 40);
+        ASSERT_EQ(m.method.scorer->needs().rows, RowBatching::Together);
+        Method one = m.method;
+        one.scorer = std::make_shared<OneRowAtATime>(m.method.scorer);
+        KVCache together = model().new_cache(3), rows = model().new_cache(3);
+        compress_prefill(model(), together, p, m.method, m.compress);
+        compress_prefill(model(), rows, p, one, m.compress);
+        for (int64_t b = 0; b < 3; ++b) {
+          const Kept got = kept_of(together, b);
+          expect_same(got, kept_of(rows, b), what + " row " + std::to_string(b) + ", rows one at a time");
+          KVCache alone = model().new_cache(1);
+          compress_prefill(model(), alone, std::vector<std::vector<int64_t>>{p[b]}, one, m.compress);
+          expect_same(got, kept_of(alone, 0), what + " row " + std::to_string(b) + ", alone");
+          // The budget held: n_kept of the whole prompt per head (uniform), per row in all (AdaKV).
+          const int64_t n_kept = Budget::ratio(ratio).n_kept(static_cast<int64_t>(p[b].size()));
+          for (const auto& layer : got) {
+            int64_t held = 0;
+            for (const auto& head : layer) {
+              if (alloc == Allocation::Uniform) ASSERT_EQ(static_cast<int64_t>(head.size()), n_kept);
+              held += static_cast<int64_t>(head.size());
+            }
+            ASSERT_EQ(held, n_kept * static_cast<int64_t>(layer.size()));
+          }
+        }
+      }
+}
+
 // After every chunk each head holds n_kept(tokens so far): compressing the prompt's first c·k tokens with
 // chunks of c ends at n_kept(c·k) per head, and the kept positions match an independent chunk loop (plain
 // Model::prefill + an observer doing its own top-k of -||k|| per head).
