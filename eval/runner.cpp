@@ -385,8 +385,8 @@ void run_eval(const EvalOptions& opt) {
     std::cerr << "[eval] " << workers << " workers: batches run at once"
               << (device.is_cuda() ? ", each on a CUDA stream of its own" : "") << "\n";
     if (device.is_cuda()) torch::cuda::synchronize();  // the weights are on the device before other streams read them
-    // A batch that runs out of device memory while others run beside it is put off, and its worker stops (its
-    // stream may be left inside a graph capture). Once the workers are done, the allocator's cached blocks (each
+    // A batch that runs out of device memory while others run beside it is put off, and its worker stops (a graph
+    // capture it was recording is ended first: StaticDecoder). Once the workers are done, the allocator's cached blocks (each
     // stream keeps its own) go back to the driver and what is left runs here, one batch after another: the put-off
     // batches from the configurations they had not written, then any no worker took. Out of memory alone is an error.
     std::atomic<size_t> next{0};

@@ -286,7 +286,20 @@ void StaticDecoder::run_step() {
     graph = std::make_unique<at::cuda::CUDAGraph>();
     // Thread-local capture: other threads (eval --workers) may allocate and launch meanwhile.
     graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
-    model_.decode_static(s_);
+    try {
+      model_.decode_static(s_);
+    } catch (...) {
+      // Out of memory (or any error) while recording: the capture is ended and the graph dropped before the error
+      // goes on, else the stream stays in capture and the next device-wide call (a synchronize, returning cached
+      // blocks, another worker's batch run alone) fails with "operation not permitted when stream is capturing".
+      try {
+        graph->capture_end();
+      } catch (...) {  // an invalidated capture ends with an error of its own; the first one is what the caller needs
+      }
+      (void)cudaGetLastError();
+      graph.reset();
+      throw;
+    }
     graph->capture_end();
   } else {
     graph->replay();

@@ -3,7 +3,8 @@
 // the same tokens, and the cache left exactly as the cache path leaves it (entry counts per head, positions,
 // bytes, peaks, next positions; K / V within 1e-5). Covers left-padded rows of different lengths, rows stopping
 // at different steps (limits, eos), per-head ragged caches after eviction, and Mistral's sliding window. On a
-// GPU, a CUDA graph's replays give exactly the eager fixed-shape steps' tokens and cache.
+// GPU, a CUDA graph's replays give exactly the eager fixed-shape steps' tokens and cache, and running out of
+// memory while a step is recorded leaves the device usable.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "models/device.h"
 #include "models/generate.h"
 #include "models/kv_cache.h"
 #include "models/model.h"
@@ -193,6 +195,48 @@ TEST_P(StaticDecode, GraphReplaysTheEagerStepOnCuda) {
   au.decode = DecodePath::Auto;
   KVCache fresh = m.new_cache(4);
   EXPECT_EQ(generate_batch(m, rests, fresh, au).decode, DecodePath::Graph);
+}
+
+// An evictor that evicts nothing and runs out of device memory the first time it is called while a step is
+// recorded into a CUDA graph (the first step runs for real, one call per layer; the recording calls again).
+class OutOfMemoryWhileRecording : public StaticStepEvictor {
+ public:
+  explicit OutOfMemoryWhileRecording(int64_t layers) : layers_(layers) {}
+  void on_layer(int64_t, const at::Tensor&, const at::Tensor&, StaticDecodeState&) override {
+    if (++calls_ > layers_) TORCH_CHECK_WITH(OutOfMemoryError, false, "a test fault while the step is recorded");
+  }
+
+ private:
+  int64_t layers_, calls_ = 0;
+};
+
+// Out of memory while a step is recorded (eval --workers puts such a batch off and runs it alone later): the
+// error reaches the caller, the capture is ended, and the device stays usable: a device-wide synchronize, the
+// cached blocks returned to the driver, and a graph decode after it that gives the eager steps' tokens.
+TEST(StaticDecodeGraph, OutOfMemoryWhileRecordingEndsTheCapture) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const c10::Device cuda(torch::kCUDA, 0);
+  const Model& m = model_on("llama3", cuda);
+  const auto context = random_rows({33, 20}, m.config().vocab_size, 21);
+  KVCache cache = m.new_cache(2);
+  std::vector<int64_t> lead;
+  m.prefill(left_pad(context, 0, lead), cache, LogitsMode::LastPosition, {}, lead);
+  StaticDecodeState s = make_static_decode(m, cache, {5, 7}, 8);
+  attach_evictor(s, std::make_shared<OutOfMemoryWhileRecording>(m.config().num_layers), cache, {true, true}, {8, 8}, {});
+  {
+    StaticDecoder d(m, s, StepRunner::Graph);
+    EXPECT_THROW(d.next(), c10::OutOfMemoryError);
+  }
+  EXPECT_NO_THROW(torch::cuda::synchronize());
+  EXPECT_NO_THROW(release_cached_memory(cuda));
+  const auto rests = random_rows({3, 4}, m.config().vocab_size, 22);
+  GenerateOptions opt;
+  opt.eos_ids = std::vector<int64_t>{};
+  opt.max_new_tokens_per_row = {12, 9};
+  Decoded e = run(m, context, rests, opt, DecodePath::Static, false);
+  Decoded g = run(m, context, rests, opt, DecodePath::Graph, false);
+  EXPECT_EQ(g.res.decode, DecodePath::Graph);
+  EXPECT_EQ(e.res.tokens, g.res.tokens);
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, StaticDecode, ::testing::ValuesIn(kFamilies),
