@@ -58,8 +58,10 @@
 #                                      all at once under CUDA MPS (the daemon started if it is not running): wall
 #                                      time and agreement with `workers 1`'s records
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
-#   bench/gpu_rivals.sh restore F      a collected results tarball F (parts joined) unpacked into $W: `protocol` resumes
-#                                      from its records
+#   bench/gpu_rivals.sh archive D      the records of $W (W=<an unpacked collected tarball> here) made small enough to
+#                                      commit, into D (docs/results/...): outputs dropped, numbers to 5 digits
+#   bench/gpu_rivals.sh restore F      a collected results tarball F (parts joined), or an archive directory F,
+#                                      unpacked into $W: `protocol` resumes from its records, `report` reads them
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
@@ -430,9 +432,46 @@ for n in ns:
     print(f"{n} processes: {len(b)} records, {len(common)} in workers-1's; identical {same}")
 PY
     ;;
+  archive)
+    # The records of $W (here: a collected tarball unpacked, W=<dir>) into D, small enough to commit: one
+    # NAME.jsonl.gz and NAME.run.json per eval directory, each record without its output text and with its numbers
+    # to 5 significant digits (2.1 MB for 87k records). `report` and the bootstrap read them back through
+    # `restore D`, and `protocol` resumes from them (a rerun skips the (method, budget, sample) they hold).
+    dest=${2:?archive takes the directory to write into}
+    mkdir -p "$dest"
+    python3 - "$W" "$dest" <<'PY'
+import glob, gzip, json, os, shutil, sys
+w, dest = sys.argv[1:3]
+def small(v):
+    return float(f"{v:.5g}") if isinstance(v, float) else v
+for d in sorted(glob.glob(os.path.join(w, "eval-*/"))):
+    name = os.path.basename(d.rstrip("/"))
+    n = 0
+    with open(os.path.join(d, "results.jsonl")) as f, gzip.open(os.path.join(dest, name + ".jsonl.gz"), "wt", compresslevel=9) as out:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                r.pop("output", None)
+                out.write(json.dumps({k: small(v) for k, v in r.items()}, separators=(",", ":")) + "\n")
+                n += 1
+    shutil.copy(os.path.join(d, "run.json"), os.path.join(dest, name + ".run.json"))
+    print(f"[archive] {name}: {n} records, {os.path.getsize(os.path.join(dest, name + '.jsonl.gz'))} bytes")
+PY
+    ;;
   restore)
-    # A `collect`ed results tarball (e.g. carried back in a later call) unpacked into $W, so that `protocol` resumes it.
-    tar xzf "${2:?restore takes the rivals-results tarball}" -C "$W"
+    # A `collect`ed results tarball (e.g. carried back in a later call), or a directory written by `archive`,
+    # unpacked into $W, so that `protocol` resumes it (and `report` reads it).
+    src=${2:?restore takes the rivals-results tarball or an archive directory}
+    if [ -d "$src" ]; then
+      for f in "$src"/eval-*.jsonl.gz; do
+        name=$(basename "$f" .jsonl.gz)
+        mkdir -p "$W/$name"
+        gunzip -c "$f" > "$W/$name/results.jsonl"
+        cp "$src/$name.run.json" "$W/$name/run.json"
+      done
+    else
+      tar xzf "$src" -C "$W"
+    fi
     cat "$W"/eval-*/results.jsonl 2>/dev/null | wc -l | sed 's/^/[restore] results in place: /'
     ;;
   collect)

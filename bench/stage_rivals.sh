@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Prepares here (the CPU machine) what the protocol's device calls carry for bench/gpu_rivals.sh: the SmolLM2 GGUF in
-# three parts, the protocol's task file and the training text, in three ignored folders. A device call carries the
-# tree and .device (about 18 MiB) plus what `carry` names, 64 MiB in all, so each call takes one folder:
+# four parts, the protocol's task file and the training text, in four ignored folders. A device call carries the
+# tree and .device (about 21 MiB, the committed result archives included) plus what `carry` names, 64 MiB in all, so
+# each call takes one folder (at most 34 MiB, which leaves the tree room to grow):
 #   .rv0: kvd-stage/part-00, rivals/tasks-2k4k8k.jsonl.gz  (prepare tasks --lengths 2048,4096,8192 --samples 50
 #         --seed 7: 50 samples per task and length, 1,200 in all)
 #   .rv1: kvd-stage/part-01, rivals/pylinux-1k.h5           (prepare text of the corpus' Linux and Python docs,
 #         --seq-len 1024: what KVzap, TRIM-KV's gate and the Attention-Gate train on)
 #   .rv2: kvd-stage/part-02
+#   .rv3: kvd-stage/part-03
 # On the device, in each call: `mkdir -p /root/kvd-stage /root/rivals && cp .rvN/kvd-stage/* /root/kvd-stage/ &&
-# cp .rvN/rivals/* /root/rivals/ 2>/dev/null; gunzip -kf /root/rivals/*.gz`; once all three are there,
+# cp .rvN/rivals/* /root/rivals/ 2>/dev/null; gunzip -kf /root/rivals/*.gz`; once all four are there,
 # `bench/gpu_rivals.sh model`. Everything is rebuilt from the project's own inputs (scripts/bootstrap.sh fetches the
 # GGUF and the corpus), and a folder already complete is kept.
-#   bench/stage_rivals.sh            all three
+#   bench/stage_rivals.sh            all four
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 KVD=${KVD:-build/kvdistill}
@@ -21,12 +23,13 @@ say() { printf '[stage] %s\n' "$*"; }
 for f in "$KVD" "$MODEL/config.json" "$GGUF" .cache/corpus/MANIFEST; do
   [ -e "$f" ] || { echo "stage_rivals: $f is missing; run scripts/bootstrap.sh first" >&2; exit 1; }
 done
-mkdir -p .rv0/kvd-stage .rv0/rivals .rv1/kvd-stage .rv1/rivals .rv2/kvd-stage
-if [ ! -f .rv2/kvd-stage/part-02 ]; then
-  say "the GGUF in three parts"
+mkdir -p .rv0/kvd-stage .rv0/rivals .rv1/kvd-stage .rv1/rivals .rv2/kvd-stage .rv3/kvd-stage
+if [ ! -f .rv3/kvd-stage/part-03 ]; then
+  say "the GGUF in four parts"
+  rm -f .rv?/kvd-stage/part-*  # an older split
   tmp=$(mktemp -d)
-  split -n 3 -d -a 2 "$GGUF" "$tmp/part-"
-  for i in 0 1 2; do mv "$tmp/part-0$i" ".rv$i/kvd-stage/part-0$i"; done
+  split -n 4 -d -a 2 "$GGUF" "$tmp/part-"
+  for i in 0 1 2 3; do mv "$tmp/part-0$i" ".rv$i/kvd-stage/part-0$i"; done
   rmdir "$tmp"
 fi
 if [ ! -f .rv0/rivals/tasks-2k4k8k.jsonl.gz ]; then
@@ -40,4 +43,4 @@ if [ ! -f .rv1/rivals/pylinux-1k.h5 ]; then
   "$KVD" prepare text --model "$MODEL" --input .cache/corpus/linux-doc .cache/corpus/python-doc --seq-len 1024 \
     --progress lines --out .rv1/rivals/pylinux-1k.h5
 fi
-for d in .rv0 .rv1 .rv2; do say "$d: $(du -sm "$d" | cut -f1) MiB"; done
+for d in .rv0 .rv1 .rv2 .rv3; do say "$d: $(du -sm "$d" | cut -f1) MiB"; done
