@@ -156,9 +156,10 @@ class OneRowAtATime : public Scorer {
 };
 
 // A continuous learned part prefills in chunks (40 tokens here, so the three prompts end in different chunks and
-// the shorter rows get all-padding chunks). Its scorers read their per-entry payload alone, so every row of a
-// chunk is scored in one view (RowBatching::Together): each row keeps exactly what the rows handed one at a time
-// keep, and what it keeps alone, under a uniform and an AdaKV budget.
+// the shorter rows get all-padding chunks). Its scorers read their per-entry payload alone (the Attention-Gate's is
+// written by its own block over every earlier token), so every row of a chunk is scored in one view
+// (RowBatching::Together): each row keeps exactly what the rows handed one at a time keep, and what it keeps
+// alone, under a uniform and an AdaKV budget.
 TEST(CompressChunked, PayloadScorersTakeEveryRowOfAChunkTogether) {
   if (!have_model()) GTEST_SKIP() << "no SmolLM2 model";
   MethodContext ctx;
@@ -166,7 +167,8 @@ TEST(CompressChunked, PayloadScorersTakeEveryRowOfAChunkTogether) {
   ctx.model_dir = KVD_MODEL_DIR;
   ctx.continuous_chunk = 40;
   const auto& p = prompts();
-  for (const std::string name : {"untrained:retention_gate", "untrained:kvzap", "untrained:dms"})
+  for (const std::string name :
+       {"untrained:retention_gate", "untrained:kvzap", "untrained:dms", "untrained:attention_gate"})
     for (const auto& [alloc, ratio] : {std::pair{Allocation::Uniform, 0.8}, std::pair{Allocation::AdaKV, 0.5}}) {
         const std::string what = name + (alloc == Allocation::AdaKV ? " adakv " : " uniform ") + std::to_string(ratio);
         SCOPED_TRACE(what);
