@@ -60,8 +60,9 @@
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
 #   bench/gpu_rivals.sh archive D      the records of $W (W=<an unpacked collected tarball> here) made small enough to
 #                                      commit, into D (docs/results/...): outputs dropped, numbers to 5 digits
-#   bench/gpu_rivals.sh restore F      a collected results tarball F (parts joined), or an archive directory F,
-#                                      unpacked into $W: `protocol` resumes from its records, `report` reads them
+#   bench/gpu_rivals.sh restore F      a collected results tarball F (parts joined), or an archive directory F
+#                                      (and any collected bundle parts in it), unpacked into $W: `protocol` resumes
+#                                      from its records and finds the bundles, `report` reads them
 # Inputs (env): MODEL (default /root/model); DATA (default /root/rivals): tasks-2k4k8k.jsonl (`prepare tasks
 # --lengths 2048,4096,8192 --samples 50 --seed 7`), $KVZAP_H5 (default corpus-1k.h5: `prepare text --seq-len
 # 1024`) and $DMS_H5 (default corpus-2k.h5: `prepare text --seq-len 2048`); W (work dir, default /root/rv);
@@ -461,13 +462,21 @@ PY
   restore)
     # A `collect`ed results tarball (e.g. carried back in a later call), or a directory written by `archive`,
     # unpacked into $W, so that `protocol` resumes it (and `report` reads it).
+    # A directory may also hold collected bundles (bundle-NAME.tgz.part-*, carried to the device): each goes back to
+    # $W/NAME/bundle, where `protocol` finds it.
     src=${2:?restore takes the rivals-results tarball or an archive directory}
     if [ -d "$src" ]; then
       for f in "$src"/eval-*.jsonl.gz; do
+        [ -e "$f" ] || continue
         name=$(basename "$f" .jsonl.gz)
         mkdir -p "$W/$name"
         gunzip -c "$f" > "$W/$name/results.jsonl"
         cp "$src/$name.run.json" "$W/$name/run.json"
+      done
+      for f in "$src"/bundle-*.tgz.part-aa; do
+        [ -e "$f" ] || continue
+        cat "${f%aa}"* | tar xzf - -C "$W"
+        echo "[restore] $(basename "${f%.tgz.part-aa}") into $W"
       done
     else
       tar xzf "$src" -C "$W"
