@@ -146,8 +146,9 @@ std::vector<CompressStats> compress_impl(const Model& model, const std::vector<K
   // the padding rows too, at position -1: they see no entry. In a chunked prefill the entries are no longer the
   // chunk's tokens and each row carries its own window, so only a scorer that reads neither the chunk's rows
   // (hidden states, pre-RoPE queries) nor a window takes the rows together there: one launch chain per layer and
-  // chunk, not one per row (TRIM-KV's gate, KVzap and DMS read their payload). A row whose prompt has ended is
-  // scored again then, at the same position and budget: it holds no more than its budget, so it keeps every entry.
+  // chunk, not one per row (TRIM-KV's gate, KVzap, DMS and the Attention-Gate read their payload). A row whose
+  // prompt has ended is scored again then, at the same position and budget: it holds no more than its budget, so it
+  // keeps every entry.
   auto together_for = [&](const ScorerNeeds& n) {
     if (n.rows != RowBatching::Together) return false;
     if (n_chunks > 1) return n.window == 0 && !n.hidden && !n.queries_pre_rope;
