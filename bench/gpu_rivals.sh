@@ -57,6 +57,8 @@
 #   bench/gpu_rivals.sh mps [P...]     the same run split into P shards (default 1 2 4), one eval process each,
 #                                      all at once under CUDA MPS (the daemon started if it is not running): wall
 #                                      time and agreement with `workers 1`'s records
+#   bench/gpu_rivals.sh bundle-variant SRC NAME k=v...  a copy of bundle SRC as $W/NAME/bundle with manifest keys
+#                                      set (Judge-Q's pooling, say), for LEARNED
 #   bench/gpu_rivals.sh collect        results, metrics and logs into $OUT, and each bundle (tarballs in 15 MB parts)
 #   bench/gpu_rivals.sh archive D      the records of $W (W=<an unpacked collected tarball> here) made small enough to
 #                                      commit, into D (docs/results/...): outputs dropped, numbers to 5 digits
@@ -139,7 +141,7 @@ learned_jobs() {
   [ -f "$W/dms/bundle/kvdistill.json" ] && dms=$W/dms/bundle
   [ -f "$kvzap/kvdistill.json" ] && echo "kvzap:$kvzap --learned-mode once"
   [ -f "$dms/kvdistill.json" ] && echo "dms:$dms --learned-mode once"
-  [[ " $LEARNED " == *" judgeq:"* ]] || { [ -f "$judgeq/kvdistill.json" ] && echo "judgeq:$judgeq --learned-mode once"; }
+  [[ " $LEARNED " == *" judgeq:$judgeq "* ]] || { [ -f "$judgeq/kvdistill.json" ] && echo "judgeq:$judgeq --learned-mode once"; }
   return 0
 }
 
@@ -482,6 +484,33 @@ PY
       tar xzf "$src" -C "$W"
     fi
     cat "$W"/eval-*/results.jsonl 2>/dev/null | wc -l | sed 's/^/[restore] results in place: /'
+    ;;
+  bundle-variant)
+    # A copy of bundle $2 as $W/$3/bundle with manifest keys set ($4...: key=value, written at the top level and in
+    # "options"; numbers stay numbers), e.g. Judge-Q with another score pooling: bundle-variant
+    # docs/results/queryrows-h100-2026-12-06/judgeq-kl-bundle judgeq-mean3 pooling=mean pool_kernel=3; then
+    # LEARNED="judgeq:$W/judgeq-mean3/bundle". Its label in the records is query_rows(judgeq-mean3).
+    [ $# -ge 4 ] || { echo "usage: gpu_rivals.sh bundle-variant SRC NAME key=value..." >&2; exit 2; }
+    [ -f "$2/kvdistill.json" ] || { echo "bundle-variant: $2 holds no kvdistill.json" >&2; exit 2; }
+    rm -rf "${W:?}/$3/bundle" && mkdir -p "$W/$3" && cp -r "$2" "$W/$3/bundle"
+    python3 - "$W/$3/bundle/kvdistill.json" "${@:4}" <<'PY'
+import json, sys
+path, kvs = sys.argv[1], sys.argv[2:]
+m = json.load(open(path))
+for kv in kvs:
+    k, _, v = kv.partition("=")
+    try:
+        v = int(v)
+    except ValueError:
+        pass
+    if k not in m:
+        sys.exit(f"bundle-variant: the manifest has no key '{k}'")
+    m[k] = v
+    if k in m.get("options", {}):
+        m["options"][k] = v
+json.dump(m, open(path, "w"), indent=2, sort_keys=True)
+print(f"bundle-variant: {path}: " + ", ".join(kvs))
+PY
     ;;
   collect)
     # Into $OUT in parts of at most 15 MB (the device call returns files of up to 16 MiB): the results, metrics
