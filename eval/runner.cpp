@@ -234,8 +234,7 @@ void run_eval(const EvalOptions& opt) {
       // shared: the group's budgets (and methods) are compressed from one prefill. Otherwise the budgets of a method
       // that compresses as the prompt streams in (a continuous learned part) are each prefilled on their own but
       // still decode as one batch where --decode-rows allows it (joined): only for a scorer whose state is all in
-      // the cache's payload (FixedShape::Yes), which the joined cache carries (the Attention-Gate keeps its own,
-      // per cache).
+      // the cache (payload columns and per-row state, FixedShape::Yes), which the joined cache carries.
       const bool shared = opt.share_prefill != SharePrefill::PerConfig && shares_prefill(group[0]);
       const bool joined = !group[0].full && !shares_prefill(group[0]) && group[0].method.scorer &&
                           group[0].method.scorer->needs().fixed_shape == FixedShape::Yes &&

@@ -317,39 +317,65 @@ nlohmann::json AttentionGateImpl::calibrate(const Model& model, const std::vecto
 namespace {
 
 constexpr const char* kKeep = "attention_gate_keep";
+constexpr const char* kStateK = "attention_gate_k";  // row state: the block's keys (B, g, capacity + 1, d_g)
+constexpr const char* kStateV = "attention_gate_v";  // and values; slot p holds position p, the last padding's writes
 
-// The gate at inference. Its block attends over every earlier token of the sequence, evicted or not, so the
-// scorer keeps the gate's own keys and values per layer, indexed by position (slot p holds position p; a
-// rewound or restarted sequence overwrites its slots in order). It holds them for the two caches it saw last
-// (the harnesses drive one evicted cache at a time; a cache of another batch size starts over).
+// The gate at inference. Its block attends over every earlier token of the sequence, evicted or not, so it keeps
+// the block's own keys and values of every position in the cache's per-row state (KVCache::row_state), slot p for
+// position p: a rewound continuation's slots are written again before any query reads them, and the state follows
+// its cache wherever the cache goes (budgets joined into one batch, fixed-shape decoding). entry_payload writes
+// the appended rows' slots and attends over slots 0 .. position, the whole capacity under a mask: fixed shapes, no
+// read-back, so it also runs inside CUDA graphs (FixedShape::Yes).
 class AttentionGateScorer : public Scorer {
  public:
   AttentionGateScorer(std::shared_ptr<AttentionGateImpl> owner, AttentionGateImpl* gate)
       : owner_(std::move(owner)), gate_(gate) {}
   std::string name() const override { return "attention_gate"; }
-  ScorerNeeds needs() const override { return rows_together(); }
+  ScorerNeeds needs() const override { return rows_together(FixedShape::Yes); }
 
-  void on_append(const PrefillLayerObservation& obs, KVCache& cache) override {
+  std::vector<PayloadColumn> payload_columns() const override { return {{kKeep, torch::kFloat, 1.0}}; }
+
+  void reserve_row_state(int64_t layer, RowState& state, int64_t batch, int64_t positions) override {
     torch::NoGradGuard no_grad;
-    cache.add_payload(kKeep, torch::kFloat, 1.0);
-    const at::Tensor x = obs.hidden;                                 // (B, t, d)
-    const int64_t B = x.size(0), t = x.size(1);
-    AttentionGateLayerImpl& L = *gate_->layer(obs.layer);
-    std::vector<at::Tensor> p = L.qkv(x);                           // 3 × (B, g, t, d_g)
-    const at::Tensor qpos = obs.query_positions.to(p[0].device());  // (B, t), -1 on padding
-    const int64_t top = qpos.max().item<int64_t>() + 1;             // slots in use after this append
-    LayerState& st = state(cache, obs.layer, B, top, p[1]);
-    const int64_t trash = st.k.size(2) - 1;                         // padding rows write here
-    at::Tensor slot = torch::where(qpos.ge(0), qpos, torch::full_like(qpos, trash));  // (B, t)
-    at::Tensor idx = slot.view({B, 1, t, 1}).expand({B, L.heads, t, L.head_dim});
-    st.k.scatter_(2, idx, p[1]);
-    st.v.scatter_(2, idx, p[2]);
-    at::Tensor slots = torch::arange(top, qpos.options());                              // (top)
-    at::Tensor allowed = slots.view({1, 1, 1, top}).le(qpos.view({B, 1, t, 1}));        // (B, 1, t, top)
-    allowed = allowed | slots.view({1, 1, 1, top}).eq(0);  // padding rows (position -1) see slot 0: no empty row
-    at::Tensor o = at::scaled_dot_product_attention(p[0], st.k.narrow(2, 0, top), st.v.narrow(2, 0, top), allowed);
-    at::Tensor s = torch::sigmoid(L.out(o)).transpose(1, 2);  // (B, H_kv, t)
-    cache.set_payload_tail(obs.layer, kKeep, s, obs.lead);
+    AttentionGateLayerImpl& L = *gate_->layer(layer);
+    auto it = state.find(kStateK);
+    const int64_t cap = it == state.end() ? 0 : it->second.size(2) - 1;
+    if (it != state.end())
+      KVD_CHECK(it->second.size(0) == batch, "attention_gate scorer: the cache's gate state holds ",
+                it->second.size(0), " rows, the append ", batch);
+    if (positions <= cap) return;
+    const int64_t grown = std::max<int64_t>(positions, std::max<int64_t>(256, cap * 2));
+    const c10::ScalarType dt = c10::promoteTypes(L.wq->weight.scalar_type(), torch::kFloat);
+    const auto opt = torch::TensorOptions().dtype(dt).device(L.wq->weight.device());
+    for (const char* name : {kStateK, kStateV}) {
+      at::Tensor t = torch::zeros({batch, L.heads, grown + 1, L.head_dim}, opt);  // (B, g, grown + 1, d_g)
+      if (cap > 0) t.narrow(2, 0, cap).copy_(state.at(name).narrow(2, 0, cap));
+      state[name] = t;
+    }
+  }
+
+  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden, const EntryContext& ctx) override {
+    torch::NoGradGuard no_grad;
+    KVD_CHECK(ctx.row_state && ctx.row_state->count(kStateK) && ctx.positions.defined(),
+              "attention_gate scorer: entry_payload needs the rows' positions and the row state reserved for them "
+              "(Scorer::reserve_row_state); drive prefill / decode through on_append or a decode evictor");
+    AttentionGateLayerImpl& L = *gate_->layer(layer);
+    const int64_t B = hidden.size(0), t = hidden.size(1);
+    std::vector<at::Tensor> p = L.qkv(hidden);                          // 3 × (B, g, t, d_g)
+    at::Tensor& k = ctx.row_state->at(kStateK);                         // (B, g, C + 1, d_g)
+    at::Tensor& v = ctx.row_state->at(kStateV);
+    const int64_t C = k.size(2) - 1;                                    // slots of positions; slot C: padding's
+    const at::Tensor qpos = ctx.positions.to(p[0].device());           // (B, t), -1 on padding
+    const at::Tensor slot = torch::where(qpos.ge(0), qpos, torch::full_like(qpos, C));  // (B, t)
+    const at::Tensor idx = slot.view({B, 1, t, 1}).expand({B, L.heads, t, L.head_dim});
+    k.scatter_(2, idx, p[1].to(k.scalar_type()));
+    v.scatter_(2, idx, p[2].to(v.scalar_type()));
+    const at::Tensor slots = torch::arange(C, qpos.options());                          // (C)
+    at::Tensor allowed = slots.view({1, 1, 1, C}).le(qpos.view({B, 1, t, 1}));          // (B, 1, t, C)
+    allowed = allowed | slots.view({1, 1, 1, C}).eq(0);  // padding rows (position -1) see slot 0: no empty row
+    const at::Tensor o = at::scaled_dot_product_attention(p[0].to(k.scalar_type()), k.narrow(2, 0, C),
+                                                          v.narrow(2, 0, C), allowed);  // (B, g, t, d_g)
+    return {torch::sigmoid(L.out(o)).transpose(1, 2)};  // (B, H_kv, t)
   }
 
   at::Tensor score(const LayerView& view) override {
@@ -365,45 +391,8 @@ class AttentionGateScorer : public Scorer {
   }
 
  private:
-  struct LayerState {
-    at::Tensor k, v;  // (B, g, capacity + 1, d_g); the last slot takes padding rows' writes
-  };
-  struct CacheState {
-    const KVCache* cache = nullptr;
-    int64_t batch = 0;
-    std::vector<LayerState> layers;
-  };
-
-  LayerState& state(const KVCache& cache, int64_t layer, int64_t B, int64_t top, const at::Tensor& like) {
-    auto it = std::find_if(caches_.begin(), caches_.end(), [&](const CacheState& c) { return c.cache == &cache; });
-    if (it == caches_.end() || it->batch != B) {
-      if (it != caches_.end()) caches_.erase(it);
-      if (caches_.size() >= 2) caches_.erase(caches_.begin());
-      caches_.push_back(CacheState{&cache, B, std::vector<LayerState>(gate_->num_layers())});
-      it = caches_.end() - 1;
-    } else if (it != caches_.end() - 1) {
-      std::rotate(it, it + 1, caches_.end());  // most recently used last
-      it = caches_.end() - 1;
-    }
-    LayerState& st = it->layers[layer];
-    const int64_t cap = st.k.defined() ? st.k.size(2) - 1 : 0;
-    if (top > cap) {
-      const int64_t grown = std::max<int64_t>(top, std::max<int64_t>(256, cap * 2));
-      at::Tensor k = torch::zeros({B, like.size(1), grown + 1, like.size(3)}, like.options());
-      at::Tensor v = torch::zeros_like(k);
-      if (cap > 0) {
-        k.narrow(2, 0, cap).copy_(st.k.narrow(2, 0, cap));
-        v.narrow(2, 0, cap).copy_(st.v.narrow(2, 0, cap));
-      }
-      st.k = k;
-      st.v = v;
-    }
-    return st;
-  }
-
   std::shared_ptr<AttentionGateImpl> owner_;
   AttentionGateImpl* gate_;
-  std::vector<CacheState> caches_;
 };
 
 }  // namespace

@@ -93,7 +93,16 @@ void Scorer::on_append(const PrefillLayerObservation& obs, KVCache& cache) {
   const std::vector<PayloadColumn> cols = payload_columns();
   if (cols.empty()) return;
   torch::NoGradGuard no_grad;
-  const std::vector<at::Tensor> vals = entry_payload(obs.layer, obs.hidden);  // each (B, H_kv, t)
+  // The positions the rows reach with this append (exclusive), from the host's counts: the model advances the
+  // cache's next positions after the forward's last layer, so row b's t - lead[b] rows start at next_position(b).
+  const int64_t B = obs.hidden.size(0), t = obs.hidden.size(1);
+  int64_t reach = 0;
+  for (int64_t b = 0; b < B && b < cache.batch(); ++b)
+    reach = std::max(reach, cache.next_position(b) + t - (static_cast<int64_t>(obs.lead.size()) == B ? obs.lead[b] : 0));
+  RowState rows = cache.row_state(obs.layer);
+  reserve_row_state(obs.layer, rows, B, reach);
+  const std::vector<at::Tensor> vals = entry_payload(obs.layer, obs.hidden, EntryContext{obs.query_positions, &rows});  // each (B, H_kv, t)
+  if (!rows.empty()) cache.set_row_state(obs.layer, std::move(rows));
   KVD_CHECK(vals.size() == cols.size(), "scorer '", name(), "': entry_payload gave ", vals.size(), " columns, ",
             "payload_columns() names ", cols.size());
   for (size_t i = 0; i < cols.size(); ++i) {

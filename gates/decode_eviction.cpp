@@ -134,7 +134,8 @@ class FixedShapeEvictor : public StaticStepEvictor {
 
   int64_t variant(int64_t step) const override { return fires(step) ? 1 : 0; }
 
-  // A scorer's per-entry columns (Scorer::entry_payload) live in the state's payload slots.
+  // A scorer's per-entry columns (Scorer::entry_payload) live in the state's payload slots, and its per-row state
+  // is sized for every step now, so that the steps only write it in place.
   void attach(StaticDecodeState& s) override {
     if (policy_ != DecodePolicy::Scorer) return;
     for (const PayloadColumn& col : opt_.scorer->payload_columns()) {
@@ -142,13 +143,20 @@ class FixedShapeEvictor : public StaticStepEvictor {
       for (size_t i = 0; i < s.payload_columns.size(); ++i)
         if (s.payload_columns[i].name == col.name) columns_.push_back(static_cast<int64_t>(i));
     }
+    if (columns_.empty()) return;
+    const int64_t reach = *std::max_element(s.next0.begin(), s.next0.end()) + s.max_steps;
+    for (size_t l = 0; l < s.row_state.size(); ++l)
+      opt_.scorer->reserve_row_state(static_cast<int64_t>(l), s.row_state[l], s.batch, reach);
   }
 
   void on_layer(int64_t l, const at::Tensor& q, const at::Tensor& hidden, StaticDecodeState& s) override {
     const int64_t B = s.batch, Hkv = s.kv_heads, C = s.capacity, hd = s.head_dim;
     const bool fire = fires(s.host_step);
     if (!columns_.empty()) {  // the step's entry (slot len[s] - 1 of each segment) gets the scorer's values
-      const std::vector<at::Tensor> vals = opt_.scorer->entry_payload(l, hidden);  // each (B, H_kv, 1)
+      // A row that no longer feeds appends nothing on the cache path (position -1, as a padding row).
+      const at::Tensor qpos = torch::where(s.alive.view({B, 1}), s.qpos, torch::full_like(s.qpos, -1));  // (B, 1)
+      const std::vector<at::Tensor> vals =
+          opt_.scorer->entry_payload(l, hidden, EntryContext{qpos, &s.row_state[l]});  // each (B, H_kv, 1)
       KVD_CHECK(vals.size() == columns_.size(), "decode eviction: scorer '", opt_.scorer->name(), "' gave ",
                 vals.size(), " payload columns, payload_columns() names ", columns_.size());
       const at::Tensor newest = (s.len[l] - 1).view({B, Hkv, 1});  // (B, H_kv, 1)

@@ -126,7 +126,7 @@ class DMSScorer : public Scorer {
   // Fixed-shape: reads the payload column, positions and next_position_column alone.
   ScorerNeeds needs() const override { return rows_together(FixedShape::Yes); }
   std::vector<PayloadColumn> payload_columns() const override { return {{kKeep, torch::kFloat, 0.0}}; }
-  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
+  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden, const EntryContext& /*ctx*/) override {
     torch::NoGradGuard no_grad;
     return {torch::sigmoid(-dms_->logits(layer, hidden)).transpose(1, 2).to(torch::kFloat)};  // (B, H_kv, t)
   }

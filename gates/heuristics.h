@@ -179,8 +179,11 @@ class CriticalKVScorer : public Scorer {
   }
   void on_append(const PrefillLayerObservation& obs, KVCache& cache) override { base_->on_append(obs, cache); }
   std::vector<PayloadColumn> payload_columns() const override { return base_->payload_columns(); }
-  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
-    return base_->entry_payload(layer, hidden);
+  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden, const EntryContext& ctx) override {
+    return base_->entry_payload(layer, hidden, ctx);
+  }
+  void reserve_row_state(int64_t layer, RowState& state, int64_t batch, int64_t positions) override {
+    base_->reserve_row_state(layer, state, batch, positions);
   }
   at::Tensor score(const LayerView& view) override;
   // The base's scores (its own score_budgets) and the value norm once for every budget.

@@ -133,7 +133,7 @@ class KVzapScorer : public Scorer {
   // Fixed-shape: reads the payload column, positions and next_position_column alone.
   ScorerNeeds needs() const override { return rows_together(FixedShape::Yes); }
   std::vector<PayloadColumn> payload_columns() const override { return {{kColumn, torch::kFloat, 0.0}}; }
-  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
+  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden, const EntryContext& /*ctx*/) override {
     torch::NoGradGuard no_grad;
     return {kz_->predict(layer, hidden).transpose(1, 2)};  // (B, t, H_kv) -> (B, H_kv, t)
   }

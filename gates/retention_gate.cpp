@@ -125,7 +125,7 @@ class RetentionScorer : public Scorer {
   ScorerNeeds needs() const override { return rows_together(FixedShape::Yes); }
 
   std::vector<PayloadColumn> payload_columns() const override { return {{kLogBeta, torch::kFloat, 0.0}}; }
-  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) override {
+  std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden, const EntryContext& /*ctx*/) override {
     torch::NoGradGuard no_grad;
     return {gate_->log_beta(layer, hidden).transpose(1, 2)};  // (B, t, H_kv) -> (B, H_kv, t)
   }

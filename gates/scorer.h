@@ -73,7 +73,15 @@ enum class RowBatching { OneAtATime, Together };
 enum class FixedShape {
   No,  // it may read host fields (next_positions) or window queries, keep state of its own, or read values back
   Yes  // it reads only keys, values, positions, valid, next_position_column() and its own payload columns, never
-       // reads back, and its per-entry state, if any, is what entry_payload() computes (on_append is the default)
+       // reads back, and its per-entry state, if any, is what entry_payload() computes (on_append is the default),
+       // from the appended rows and the per-row state it keeps in the cache (reserve_row_state)
+};
+
+// What entry_payload sees besides the appended rows' attention input.
+struct EntryContext {
+  at::Tensor positions;             // (B, t) int64 on the rows' device: their positions (-1: padding, never stored)
+  RowState* row_state = nullptr;    // the layer's per-row state (KVCache::row_state), reserved (reserve_row_state)
+                                    // for these positions: entry_payload writes it in place, never reallocates it
 };
 
 // Which optional LayerView fields a scorer reads, so the harness captures only those, and how it takes rows.
@@ -115,18 +123,33 @@ class Scorer {
   // appended to `cache` and before any scoring of that layer: a scorer that rates tokens when they are
   // written stores its per-entry state in the cache's payload here (KVCache::add_payload / set_payload_tail;
   // obs.hidden (B, t, d) are the new rows' attention inputs). The default writes the columns of
-  // payload_columns() with the values of entry_payload(obs.layer, obs.hidden).
+  // payload_columns() with the values of entry_payload(obs.layer, obs.hidden, ctx), the layer's row state reserved
+  // for the positions the rows reach (from the cache's host counts: no read-back).
   virtual void on_append(const PrefillLayerObservation& obs, KVCache& cache);
   // Per-entry state that is a function of each appended row's attention input alone (TRIM-KV's log β, KVzap's
   // predicted score, DMS's keep probability): the columns it fills, and their values for rows just appended to
   // `layer` from hidden (B, t, d): one (B, H_kv, t) per column. Device ops of fixed shapes only, with no read-back,
   // so that fixed-shape decode steps (DecodeEvictor::static_evictor, CUDA graphs) compute it too, into slot buffers
   // that write_back carries to the cache.
+  // A scorer whose values also depend on earlier rows keeps what it needs of them per row in the cache
+  // (KVCache::row_state, e.g. the Attention-Gate's own keys and values by position), read and written by
+  // entry_payload through ctx.row_state.
   virtual std::vector<PayloadColumn> payload_columns() const { return {}; }
-  virtual std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden) {
+  virtual std::vector<at::Tensor> entry_payload(int64_t layer, const at::Tensor& hidden, const EntryContext& ctx) {
     (void)layer;
     (void)hidden;
+    (void)ctx;
     return {};
+  }
+  // Makes `state` (layer `layer`'s row state, `batch` rows) hold rows up to position `positions` - 1: the scorer
+  // allocates or grows its tensors here, so that entry_payload only writes in place. Called before each append by
+  // on_append's default, and by fixed-shape decoding once for all its steps before the first. The default keeps no
+  // row state.
+  virtual void reserve_row_state(int64_t layer, RowState& state, int64_t batch, int64_t positions) {
+    (void)layer;
+    (void)state;
+    (void)batch;
+    (void)positions;
   }
   // Called by drivers that score a cache after a whole forward (compress_prefill for ScoreTiming::AfterForward
   // scorers, evict_to_budget for every scorer), once the forward ended and before the first score() of the

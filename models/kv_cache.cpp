@@ -384,6 +384,7 @@ void KVCache::copy_layer_from(const KVCache& src, int64_t layer) {
       D.cols[i] = torch::full({S.total}, payload_[i].fill, torch::TensorOptions().dtype(payload_[i].dtype).device(device_));
     }
   }
+  D.rows = S.rows;
   D.cap = S.cap;
   D.start = S.start;
   D.total = S.total;
@@ -435,6 +436,37 @@ KVCache KVCache::concat_rows(const std::vector<const KVCache*>& parts) {
     if (D.total > 0) {
       D.k = torch::cat(ks), D.v = torch::cat(vs), D.pos = torch::cat(ps);
       for (size_t i = 0; i < cols.size(); ++i) D.cols[i] = torch::cat(cols[i]);
+    }
+    // Per-row state: each name's parts padded with zeros to the largest in every dimension after the rows.
+    std::map<std::string, std::vector<int64_t>> shape;  // name -> the largest size of each dimension (rows: 0)
+    for (const KVCache* p : parts)
+      for (const auto& [name, t] : p->layers_[l].rows) {
+        std::vector<int64_t>& sh = shape[name];
+        if (sh.empty()) sh.assign(static_cast<size_t>(t.dim()), 0);
+        KVD_CHECK(static_cast<int64_t>(sh.size()) == t.dim(), "KVCache::concat_rows: row state '", name,
+                  "' of layer ", l, " has ", t.dim(), " dimensions in one part and ", sh.size(), " in another");
+        for (int64_t d = 1; d < t.dim(); ++d) sh[d] = std::max(sh[d], t.size(d));
+      }
+    for (const auto& [name, sh] : shape) {
+      std::vector<at::Tensor> rows;
+      at::TensorOptions o;
+      for (const KVCache* p : parts) {
+        auto it = p->layers_[l].rows.find(name);
+        if (it != p->layers_[l].rows.end()) o = it->second.options();
+      }
+      for (const KVCache* p : parts) {
+        std::vector<int64_t> size = sh;
+        size[0] = p->batch_;
+        at::Tensor part = torch::zeros(size, o);
+        auto it = p->layers_[l].rows.find(name);
+        if (it != p->layers_[l].rows.end()) {
+          at::Tensor dst = part;
+          for (int64_t d = 1; d < it->second.dim(); ++d) dst = dst.narrow(d, 0, it->second.size(d));
+          dst.copy_(it->second);
+        }
+        rows.push_back(part);
+      }
+      D.rows[name] = torch::cat(rows);
     }
   }
   out.next_pos_.clear(), out.row_entries_.clear(), out.row_peak_.clear();
@@ -696,8 +728,22 @@ bool KVCache::heads_aligned(int64_t layer) const {
   return layers_[layer].aligned;
 }
 
+const RowState& KVCache::row_state(int64_t layer) const {
+  check_layer(layer);
+  return layers_[layer].rows;
+}
+
+void KVCache::set_row_state(int64_t layer, RowState state) {
+  check_layer(layer);
+  for (const auto& [name, t] : state)
+    KVD_CHECK(t.defined() && t.dim() >= 1 && t.size(0) == batch_, "KVCache::set_row_state: '", name, "' of layer ",
+              layer, " must have the ", batch_, " batch rows first, got ", t.defined() ? t.sizes() : at::IntArrayRef{});
+  layers_[layer].rows = std::move(state);
+}
+
 void KVCache::clear() {
   for (Layer& L : layers_) {
+    L.rows.clear();
     L.k = L.v = L.pos = at::Tensor();
     for (at::Tensor& c : L.cols) c = at::Tensor();
     std::fill(L.len.begin(), L.len.end(), 0);

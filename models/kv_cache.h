@@ -45,6 +45,9 @@ struct PayloadColumn {
   double fill = 0.0;  // the value of entries the column was never written for
 };
 
+// A layer's per-row state (KVCache::row_state): named tensors with the batch rows first, (B, ...).
+using RowState = std::map<std::string, at::Tensor>;
+
 // One layer's entries: views into the storage when the layout is regular, else a transient padded copy.
 // Either way, valid until the next append / keep / rewind / clear.
 struct KVLayerView {
@@ -186,6 +189,18 @@ class KVCache {
   // ignored).
   void set_payload(int64_t layer, const std::string& name, const at::Tensor& values);
 
+  // ---- per-row state ----
+  // Named tensors per layer with the batch rows first, (B, ...), for a scorer whose state belongs to each sequence
+  // rather than to its cached entries: the Attention-Gate's own keys and values of every earlier token, evicted or
+  // not, in slots indexed by position (Scorer::reserve_row_state, EntryContext). keep() leaves it as it is, and so
+  // does rewind(): the state must be such that what a rewound continuation wrote is overwritten before it is read
+  // again (slots indexed by position are: a row writes position p before any query at p reads it). copy_layer_from
+  // copies it (shallow: the tensors are shared until a writer replaces them), concat_rows joins it along the rows
+  // (every other dimension padded with zeros to the largest part's; a part without a name gives zeros there), and
+  // clear() drops it. It is not counted in the KV bytes.
+  const RowState& row_state(int64_t layer) const;
+  void set_row_state(int64_t layer, RowState state);  // every tensor's first dimension must be batch()
+
  private:
   int64_t payload_slot(const std::string& name, const char* what) const;
   struct Layer {
@@ -193,6 +208,7 @@ class KVCache {
     at::Tensor v;    // (S_total, hd)
     at::Tensor pos;  // (S_total) int64
     std::vector<at::Tensor> cols;  // [payload slot] (S_total) in the payload's dtype
+    RowState rows;                 // per-row state, each (B, ...)
     std::vector<int64_t> len;    // [B * H_kv] entries held by head row r
     std::vector<int64_t> cap;    // [B * H_kv] slots of r's segment
     std::vector<int64_t> start;  // [B * H_kv] first slot of r's segment

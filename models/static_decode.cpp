@@ -58,6 +58,7 @@ StaticDecodeState make_static_decode(const Model& model, const KVCache& cache, c
     s.pos.push_back(pos.view({S * C}));
     s.len0.push_back(cache.lengths(l));
     s.len.push_back(host_ints(cache.lengths(l), model.device()));  // (B * H_kv)
+    s.row_state.push_back(cache.row_state(l));
     s.payload.emplace_back();
     for (const PayloadColumn& col : cache.payload_columns()) {  // the same slots as the entries
       at::Tensor c = torch::full({B, Hkv, C}, col.fill, lopt.dtype(col.dtype));  // (B, H_kv, C)
@@ -154,6 +155,7 @@ void write_back_evicted(const StaticDecodeState& s, KVCache& cache, const std::v
   }
   for (const PayloadColumn& col : s.payload_columns) cache.add_payload(col.name, col.dtype, col.fill);
   for (int64_t l = 0; l < static_cast<int64_t>(s.k.size()); ++l) {
+    if (!s.row_state[l].empty()) cache.set_row_state(l, s.row_state[l]);
     const at::Tensor pos = s.pos[l].view({S, C});                                           // (S, C)
     const at::Tensor len0 = host_ints(s.len0[l], dev).view({S, 1});  // (S, 1)
     // 1. The entries held before decoding that the evictor emptied leave the cache (indices = slots, in order).

@@ -22,7 +22,9 @@
 // Per-entry payload (KVCache payload columns, e.g. TRIM-KV's log β): the state holds one buffer per column and
 // layer in the same slots as the entries. make_static_decode copies the cache's columns; an evictor adds its own
 // (StaticStepEvictor::attach) and writes each step's value into slot len[s] - 1; write_back carries the columns of
-// the decoded entries to the cache, as step-by-step decoding's on_append writes them.
+// the decoded entries to the cache, as step-by-step decoding's on_append writes them. Per-row state (the
+// Attention-Gate's keys and values by position) comes from the cache as it is, an evictor sizes it for every step
+// before the first (Scorer::reserve_row_state), its steps write it in place, and write_back hands it to the cache.
 #pragma once
 
 #include <cstdint>
@@ -73,6 +75,8 @@ struct StaticDecodeState {
   std::vector<at::Tensor> len;   // [layer] (B * H_kv) int64 entries held; +1 per step
   std::vector<PayloadColumn> payload_columns;      // the per-entry columns the state carries
   std::vector<std::vector<at::Tensor>> payload;    // [layer][column] (B * H_kv * C) in the column's dtype
+  std::vector<RowState> row_state;          // [layer] the cache's per-row state (KVCache::row_state), shared with it
+                                           // until an evictor's scorer grows it (reserve_row_state); written back
   std::vector<std::vector<int64_t>> len0;  // [layer][B * H_kv] entries held before the first step (host)
   std::vector<int64_t> next0;              // [B] positions of the first step's tokens (host)
   at::Tensor history;     // (max_steps, B) int64: the token step i chose

@@ -148,7 +148,10 @@ class OneRowAtATime : public Scorer {
   }
   void on_append(const PrefillLayerObservation& obs, KVCache& cache) override { s_->on_append(obs, cache); }
   std::vector<PayloadColumn> payload_columns() const override { return s_->payload_columns(); }
-  std::vector<at::Tensor> entry_payload(int64_t l, const at::Tensor& h) override { return s_->entry_payload(l, h); }
+  std::vector<at::Tensor> entry_payload(int64_t l, const at::Tensor& h, const EntryContext& c) override {
+    return s_->entry_payload(l, h, c);
+  }
+  void reserve_row_state(int64_t l, RowState& st, int64_t b, int64_t n) override { s_->reserve_row_state(l, st, b, n); }
   at::Tensor score(const LayerView& view) override { return s_->score(view); }
 
  private:

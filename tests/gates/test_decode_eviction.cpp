@@ -15,6 +15,7 @@
 
 #include <torch/torch.h>
 
+#include "gates/attention_gate.h"
 #include "gates/compress.h"
 #include "gates/registry.h"
 #include "gates/decode_eviction.h"
@@ -676,9 +677,9 @@ TEST(DecodeEviction, FixedShapeEqualsCachePath) {
 }
 
 // The learned scorers whose per-entry state is a function of each token's attention input (TRIM-KV's log β, KVzap's
-// predicted score, DMS's keep probability) decode in fixed-shape steps: the state computes each step's value into
-// its payload slots, and the decoded cache equals the cache path's, payload columns included (every decoded
-// entry's value was written: none is the column's fill).
+// predicted score, DMS's keep probability) or of it and the row's earlier tokens (the Attention-Gate) decode in
+// fixed-shape steps: the state computes each step's value into its payload slots, and the decoded cache equals the
+// cache path's, payload columns included (every decoded entry's value was written: none is 0).
 TEST(DecodeEviction, PayloadScorersDecodeInFixedShapeSteps) {
   const Model& m = model64();
   const ModelConfig& cfg = m.config();
@@ -697,11 +698,19 @@ TEST(DecodeEviction, PayloadScorersDecodeInFixedShapeSteps) {
   dmo.bias_init = 0.0;
   dmo.init_std = 0.5;
   DMS dms(cfg, dmo);
+  // The Attention-Gate's values also depend on every earlier token (its block attends over them): its keys and
+  // values by position are per-row state in the cache, sized for every step before the first fixed-shape step.
+  AttentionGateOptions ao;
+  ao.init_std = 0.3;
+  ao.bias_init = 0.5;
+  ao.sinks = 1;  // (4 sinks would be all that a target of 4 keeps)
+  AttentionGate ag(cfg, ao);
   gate->to(torch::kDouble);
   const std::vector<std::pair<std::string, std::shared_ptr<Scorer>>> scorers = {
       {"log_beta", std::shared_ptr<Scorer>(gate->make_scorer())},
       {"kvzap", std::shared_ptr<Scorer>(kvzap->make_scorer())},
-      {"dms_keep", std::shared_ptr<Scorer>(dms->make_scorer())}};
+      {"dms_keep", std::shared_ptr<Scorer>(dms->make_scorer())},
+      {"attention_gate_keep", std::shared_ptr<Scorer>(ag->make_scorer())}};
   for (const auto& [column, scorer] : scorers) {
     EXPECT_EQ(scorer->needs().fixed_shape, FixedShape::Yes) << column;
     for (const DecodeTrigger trig : {DecodeTrigger{1, 0}, DecodeTrigger{2, 4}}) {
@@ -758,6 +767,21 @@ TEST(DecodeEviction, FixedShapeGraphReplaysTheEagerSteps) {
     for (size_t l = 0; l < a.k.size(); ++l) EXPECT_TRUE(torch::equal(a.k[l], b.k[l])) << "layer " << l;
     EXPECT_EQ(a.row_peak, b.row_peak);
   }
+  // The Attention-Gate: the replays write its per-row state (keys and values by position) in place.
+  AttentionGateOptions ao;
+  ao.init_std = 0.3;
+  ao.bias_init = 0.5;
+  AttentionGate ag(m.config(), ao);
+  ag->to(torch::kCUDA);
+  const std::shared_ptr<Scorer> sc(ag->make_scorer());
+  const DecodeOutcome a = decode_with_eviction(m, DecodePolicy::Scorer, {1, 0}, DecodePath::Static, false, {}, sc);
+  const DecodeOutcome b = decode_with_eviction(m, DecodePolicy::Scorer, {1, 0}, DecodePath::Graph, false, {}, sc);
+  EXPECT_EQ(b.gen.decode, DecodePath::Graph);
+  EXPECT_EQ(a.gen.tokens, b.gen.tokens);
+  EXPECT_EQ(a.pos, b.pos);
+  for (size_t l = 0; l < a.k.size(); ++l)
+    EXPECT_TRUE(torch::equal(a.payload[l].at("attention_gate_keep"), b.payload[l].at("attention_gate_keep")))
+        << "layer " << l;
 }
 
 // Every policy has a fixed-shape form, except a scorer that is not FixedShape::Yes or reads decode queries (a

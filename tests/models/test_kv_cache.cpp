@@ -188,6 +188,44 @@ TEST(KVCache, ConcatRowsKeepsEveryRowsEntries) {
   EXPECT_THROW(KVCache::concat_rows({&a, &e}), Error);  // other KV heads
 }
 
+// Per-row state: keep() and rewind() leave it, copy_layer_from copies it, concat_rows joins it along the rows with
+// every other dimension padded with zeros to the largest part's (a part without it gives zeros), clear() drops it,
+// and a tensor without the cache's rows first is refused.
+TEST(KVCache, RowStateFollowsItsRows) {
+  const int64_t L = 2, H = 2, hd = 3;
+  torch::manual_seed(4);
+  KVCache a(L, 2, H, hd, torch::kFloat, torch::kCPU), b(L, 1, H, hd, torch::kFloat, torch::kCPU);
+  const at::Tensor sa = torch::randn({2, 3, 5}), sb = torch::randn({1, 4, 2});
+  for (int64_t l = 0; l < L; ++l) {
+    a.append(l, torch::randn({2, H, 6, hd}), torch::randn({2, H, 6, hd}),
+             torch::arange(6, torch::kLong).view({1, 6}).expand({2, 6}));
+    b.append(l, torch::randn({1, H, 4, hd}), torch::randn({1, H, 4, hd}), torch::arange(4, torch::kLong).view({1, 4}));
+  }
+  a.set_row_state(1, {{"s", sa}});
+  b.set_row_state(1, {{"s", sb}, {"t", torch::ones({1, 2})}});
+  EXPECT_THROW(a.set_row_state(0, {{"s", torch::zeros({3, 5})}}), Error);  // 3 rows in a cache of 2
+  a.keep(1, torch::tensor({0, 3}, torch::kLong).view({1, 1, 2}).expand({2, H, 2}).contiguous());
+  a.advance(6);
+  a.rewind({1, 0});
+  ASSERT_EQ(a.row_state(1).size(), 1u);
+  EXPECT_TRUE(torch::equal(a.row_state(1).at("s"), sa));
+  EXPECT_TRUE(a.row_state(0).empty());
+  const KVCache c = KVCache::concat_rows({&a, &b});
+  const at::Tensor s = c.row_state(1).at("s"), t = c.row_state(1).at("t");
+  ASSERT_EQ(s.sizes(), (std::vector<int64_t>{3, 4, 5}));
+  EXPECT_TRUE(torch::equal(s.narrow(0, 0, 2).narrow(1, 0, 3), sa));
+  EXPECT_EQ(s.narrow(0, 0, 2).narrow(1, 3, 1).abs().sum().item<double>(), 0.0);
+  EXPECT_TRUE(torch::equal(s.narrow(0, 2, 1).narrow(2, 0, 2), sb));
+  EXPECT_EQ(s.narrow(0, 2, 1).narrow(2, 2, 3).abs().sum().item<double>(), 0.0);
+  EXPECT_TRUE(torch::equal(t, torch::tensor({0.0f, 0.0f, 0.0f, 0.0f, 1.0f, 1.0f}).view({3, 2})));  // a had no "t"
+  EXPECT_TRUE(c.row_state(0).empty());
+  KVCache d(L, 2, H, hd, torch::kFloat, torch::kCPU);
+  d.copy_layer_from(a, 1);
+  EXPECT_TRUE(torch::equal(d.row_state(1).at("s"), sa));
+  d.clear();
+  EXPECT_TRUE(d.row_state(1).empty());
+}
+
 namespace {
 
 // Decoding after eviction must equal the full forward in which the later query rows (>= n_prompt) cannot see

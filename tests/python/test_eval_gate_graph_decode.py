@@ -1,6 +1,7 @@
-"""`kvdistill eval` decodes a continuous learned part in fixed-shape steps (SmolLM2, CPU): TRIM-KV's gate, KVzap and
-DMS rate each decoded token when it is appended (its log β / score kept in the cache's payload), and their fixed-shape
-form computes that value inside the step. With `--decode static` (the op-by-op form of the CUDA-graph path) the eval
+"""`kvdistill eval` decodes a continuous learned part in fixed-shape steps (SmolLM2, CPU): TRIM-KV's gate, KVzap,
+DMS and the Attention-Gate rate each decoded token when it is appended (its log β / score kept in the cache's payload;
+the Attention-Gate's block reads its own keys and values of every earlier token, kept per row in the cache), and
+their fixed-shape form computes that value inside the step. With `--decode static` (the op-by-op form of the CUDA-graph path) the eval
 takes that path for them (the record says "decode": "static") and every sample keeps the answer, kept fraction,
 kept and peak bytes it has on the step-by-step cache path; KL and perplexity within float tolerance. A continuous
 part prefills each budget on its own, evicting as the prompt streams in; its budgets' caches are then joined and
@@ -12,7 +13,7 @@ from eval_helpers import eval_pair, needs_corpus, tasks  # noqa: F401 (tasks is 
 
 pytestmark = needs_corpus
 
-METHODS = "untrained:retention_gate,untrained:kvzap,untrained:dms"
+METHODS = "untrained:retention_gate,untrained:kvzap,untrained:dms,untrained:attention_gate"
 
 
 def test_continuous_learned_parts_decode_in_fixed_shape_steps_as_on_the_cache_path(tasks, tmp_path):
@@ -30,4 +31,4 @@ def test_continuous_learned_parts_decode_in_fixed_shape_steps_as_on_the_cache_pa
             assert ra[f] == rb[f], (k, f, ra[f], rb[f])
         for f in ("kl", "ppl"):
             assert ra[f] == pytest.approx(rb[f], rel=1e-3, abs=1e-6), (k, f, ra[f], rb[f])
-    assert learned == 3 * 2 * 4
+    assert learned == 4 * 2 * 4
