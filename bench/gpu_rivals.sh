@@ -520,8 +520,9 @@ PY
       attngate/metrics.jsonl ./*.log \
       eval-*/results.jsonl eval-*/run.json bootstrap-*.md harness-*/results.jsonl 2>/dev/null) |
       split -b 15M - "$out/rivals-results.tgz.part-"
-    for r in kvzap dms trimkv attngate; do
-      [ -d "$W/$r/bundle" ] && (cd "$W" && tar czf - "$r/bundle") | split -b 15M - "$out/bundle-$r.tgz.part-"
+    for r in kvzap dms trimkv attngate; do  # COLLECT_BUNDLES=0: bundles carried here from this machine stay out
+      [ "${COLLECT_BUNDLES:-1}" = 1 ] && [ -d "$W/$r/bundle" ] &&
+        (cd "$W" && tar czf - "$r/bundle") | split -b 15M - "$out/bundle-$r.tgz.part-"
     done
     ls -la "$out"
     ;;
