@@ -483,7 +483,7 @@ PY
     else
       tar xzf "$src" -C "$W"
     fi
-    cat "$W"/eval-*/results.jsonl 2>/dev/null | wc -l | sed 's/^/[restore] results in place: /'
+    { cat "$W"/eval-*/results.jsonl 2>/dev/null || true; } | wc -l | sed 's/^/[restore] results in place: /'
     ;;
   bundle-variant)
     # A copy of bundle $2 as $W/$3/bundle with manifest keys set ($4...: key=value, written at the top level and in
