@@ -3,6 +3,7 @@
 // line on stderr and exit code 1 (2 for usage errors).
 #include <CLI/CLI.hpp>
 
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <iostream>
@@ -14,6 +15,9 @@
 #include "models/profile.h"
 
 int main(int argc, char** argv) {
+  // A write to a socket whose peer died (a rank of a data-parallel run, the store's host) must fail as an error that
+  // the trainer reports, not kill this process silently: Python, and so torchrun's usual workers, ignore SIGPIPE too.
+  std::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"kvdistill: learned KV-cache compression, distilled from a frozen LLM"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "kvdistill 0.1.0");

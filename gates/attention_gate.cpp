@@ -344,7 +344,9 @@ class AttentionGateScorer : public Scorer {
       KVD_CHECK(it->second.size(0) == batch, "attention_gate scorer: the cache's gate state holds ",
                 it->second.size(0), " rows, the append ", batch);
     if (positions <= cap) return;
-    const int64_t grown = std::max<int64_t>(positions, std::max<int64_t>(256, cap * 2));
+    // Room for an eighth more than asked (at least 256 slots), as KVCache grows its segments: appends one chunk or
+    // step at a time reallocate rarely, and a fixed-shape decode's one reservation stays close to what it needs.
+    const int64_t grown = std::max<int64_t>(positions + std::max<int64_t>(256, positions / 8), cap + cap / 8);
     const c10::ScalarType dt = c10::promoteTypes(L.wq->weight.scalar_type(), torch::kFloat);
     const auto opt = torch::TensorOptions().dtype(dt).device(L.wq->weight.device());
     for (const char* name : {kStateK, kStateV}) {
