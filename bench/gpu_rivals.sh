@@ -3,6 +3,8 @@
 # (source .device/setup.sh first; the GGUF parts, task file and training text come from bench/stage_rivals.sh, run
 # on the CPU machine and carried one folder per call; results go to bench/RESULTS.md and docs/results/ by hand):
 #   bench/gpu_rivals.sh build          this tree into build-gpu/ (kvdistill)
+#   bench/gpu_rivals.sh gpu-tests [T...] the decode paths' GPU tests (default kvd_test_static_decode,
+#                                      kvd_test_decode_eviction), with the decoder goldens carried in .rv0/testdata
 #   bench/gpu_rivals.sh model          joins the GGUF parts staged in /root/kvd-stage, checks the sha256 and
 #                                      converts it to $MODEL
 #   bench/gpu_rivals.sh train [S]      the learned parts of $TRAIN at once on the GPU: KVzap
@@ -242,6 +244,22 @@ PY
 case "${1:-}" in
   build)
     gpu_build kvdistill
+    ;;
+  gpu-tests)
+    # The GPU tests of the decode paths (or the targets given), in build-gpu/ reconfigured with the tests on: they load
+    # the decoder goldens made on the CPU machine, staged in .rv0/testdata (bench/stage_rivals.sh) and copied to where
+    # the binaries look (build-gpu/testdata). Carry .rv0 in the same call.
+    [ -d .rv0/testdata/decoder_golden ] || { echo "gpu-tests: carry .rv0 with testdata/ (bench/stage_rivals.sh)" >&2; exit 2; }
+    cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVD_BUILD_TESTS=ON \
+      -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" >/dev/null
+    targets=("${@:2}")
+    [ ${#targets[@]} -gt 0 ] || targets=(kvd_test_static_decode kvd_test_decode_eviction)
+    t ninja -C build-gpu "${targets[@]}" | tail -n 1
+    mkdir -p build-gpu/testdata && cp -r .rv0/testdata/decoder_golden build-gpu/testdata/
+    for b in "${targets[@]}"; do
+      echo "== $b"
+      "build-gpu/$b" 2>&1 | grep -E '^\[  (PASSED|FAILED|SKIPPED) |Failure|exception' | head -n 20 || true
+    done
     ;;
   model)
     gpu_model "$MODEL"
