@@ -384,7 +384,8 @@ void KVCache::copy_layer_from(const KVCache& src, int64_t layer) {
       D.cols[i] = torch::full({S.total}, payload_[i].fill, torch::TensorOptions().dtype(payload_[i].dtype).device(device_));
     }
   }
-  D.rows = S.rows;
+  D.rows.clear();
+  for (const auto& [name, t] : S.rows) D.rows[name] = t.clone();  // its own: appends write the state in place
   D.cap = S.cap;
   D.start = S.start;
   D.total = S.total;

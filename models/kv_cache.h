@@ -195,7 +195,7 @@ class KVCache {
   // not, in slots indexed by position (Scorer::reserve_row_state, EntryContext). keep() leaves it as it is, and so
   // does rewind(): the state must be such that what a rewound continuation wrote is overwritten before it is read
   // again (slots indexed by position are: a row writes position p before any query at p reads it). copy_layer_from
-  // copies it (shallow: the tensors are shared until a writer replaces them), concat_rows joins it along the rows
+  // copies it (its own tensors: appends write the state in place), concat_rows joins it along the rows
   // (every other dimension padded with zeros to the largest part's; a part without a name gives zeros there), and
   // clear() drops it. It is not counted in the KV bytes.
   const RowState& row_state(int64_t layer) const;

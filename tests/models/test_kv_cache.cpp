@@ -222,6 +222,9 @@ TEST(KVCache, RowStateFollowsItsRows) {
   KVCache d(L, 2, H, hd, torch::kFloat, torch::kCPU);
   d.copy_layer_from(a, 1);
   EXPECT_TRUE(torch::equal(d.row_state(1).at("s"), sa));
+  const at::Tensor before = a.row_state(1).at("s").clone();
+  d.row_state(1).at("s").add_(1.0);  // a writer of the copy's state leaves the original's alone
+  EXPECT_TRUE(torch::equal(a.row_state(1).at("s"), before));
   d.clear();
   EXPECT_TRUE(d.row_state(1).empty());
 }
