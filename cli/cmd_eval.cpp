@@ -167,7 +167,9 @@ Registration reg([](CLI::App& root) {
       ->capture_default_str();
   sub->add_option("--share-prefill", a->share_prefill,
                   "budgets: a method's budgets share one prefill per batch, scored once where its scores do not depend "
-                  "on the budget, else by each budget (same results, faster; not for chunked prefills); methods: "
+                  "on the budget, else by each budget (same results, faster), and a continuous learned part's "
+                  "budgets that decode together (--decode-rows) prefill as one batch, each row held at its own budget; "
+                  "methods: "
                   "consecutive methods that score each layer as it runs and do not evict while decoding share one "
                   "prefill too (same results; the caches wait to decode: see --share-prefill-gib); none: every "
                   "(method, budget) prefills itself")
@@ -187,7 +189,8 @@ Registration reg([](CLI::App& root) {
       ->capture_default_str();
   sub->add_option("--decode-rows", a->decode_rows,
                   "The budgets of one prefill (--share-prefill budgets or methods), and those of a continuous "
-                  "learned part (each prefilled on its own), decode their answers and teacher-forced passes as one "
+                  "learned part (prefilled as one batch too, or each on its own with --share-prefill none), decode "
+                  "their answers and teacher-forced passes as one "
                   "batch of up to this many rows and --decode-logits-gib of teacher-forced logits (same results per "
                   "sample, fewer small steps); 0: each budget alone")
       ->capture_default_str();

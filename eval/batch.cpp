@@ -84,7 +84,7 @@ Prepared prepare(const EvalSample& s, const Tokenizer& tok, const ChatTemplate& 
 // --- the per-batch run ----------------------------------------------------------------------------------
 
 std::vector<KVCache> compress_batch(const Model& model, const std::vector<const Prepared*>& rows,
-                                   const std::vector<ResolvedMethod*>& ms, std::vector<double>& prefill_s) {
+                                   const std::vector<ResolvedMethod*>& ms, std::vector<double>& prefill_s, size_t join) {
   KVD_CHECK(!ms.empty(), "eval: internal error, no method to run");
   const int64_t B = static_cast<int64_t>(rows.size());
   std::vector<std::vector<int64_t>> spans;
@@ -93,16 +93,33 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
   for (size_t i = 0; i < ms.size(); ++i) caches.push_back(model.new_cache(B));
   auto t0 = Clock::now();
   if (ms.size() > 1 && !shares_prefill_with(*ms[0], *ms[1])) {
-    // Budgets of one method that cannot share a prefill: each prefilled on its own (their caches may still decode as
-    // one batch).
-    prefill_s.clear();
-    for (size_t i = 0; i < ms.size(); ++i) {
-      KVD_CHECK(ms[i]->name == ms[0]->name, "eval: internal error, methods that cannot share a "
-                "prefill were grouped");
+    // Budgets of one method that cannot share a prefill: each prefilled on its own, or `join` of them at a time as
+    // the rows of one batch (their caches may still decode as one batch).
+    prefill_s.assign(ms.size(), 0.0);
+    const bool joined = join > 1 && std::all_of(ms.begin(), ms.end(), [&](const ResolvedMethod* m) {
+      return joins_prefill_with(*ms[0], *m);
+    });
+    for (size_t r0 = 0; r0 < ms.size();) {
+      const size_t r1 = joined ? std::min(ms.size(), r0 + join) : r0 + 1, n = r1 - r0;
+      KVD_CHECK(ms[r0]->name == ms[0]->name, "eval: internal error, methods that cannot share a prefill were grouped");
       auto ti = Clock::now();
-      compress_prefill(model, caches[i], spans, ms[i]->method, ms[i]->compress);
+      if (n == 1) {
+        compress_prefill(model, caches[r0], spans, ms[r0]->method, ms[r0]->compress);
+      } else {
+        // Row i * B + b: prompt b at budget r0 + i, scored by budget r0's scorer (it never reads the budget).
+        std::vector<std::vector<int64_t>> spans_n;
+        Method m = ms[r0]->method;
+        for (size_t i = r0; i < r1; ++i) {
+          spans_n.insert(spans_n.end(), spans.begin(), spans.end());
+          m.selector.row_budgets.insert(m.selector.row_budgets.end(), static_cast<size_t>(B), ms[i]->method.selector.budget);
+        }
+        KVCache all = model.new_cache(static_cast<int64_t>(n) * B);
+        compress_prefill(model, all, spans_n, m, ms[r0]->compress);
+        for (size_t i = r0; i < r1; ++i) caches[i] = all.take_rows(static_cast<int64_t>(i - r0) * B, B);
+      }
       sync_stream(model.device());
-      prefill_s.push_back(seconds_since(ti));
+      for (size_t i = r0; i < r1; ++i) prefill_s[i] = seconds_since(ti) / static_cast<double>(n);
+      r0 = r1;
     }
     return caches;
   }

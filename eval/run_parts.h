@@ -63,10 +63,13 @@ struct RowResult {
 // Step 1 of a batch: every row's span compressed by each method of ms into a cache of its own. Methods that share a
 // prefill (shares_prefill_with ms[0]: one name at several budgets, or methods scoring alike) are compressed from one
 // prefill, scored once or by each budget's scorer (compress_prefill_many); otherwise (budgets of one method that
-// compresses as the prompt streams in, e.g. a continuous learned part) each is prefilled on its own.
-// prefill_s[i]: the seconds ms[i]'s prefill took (a shared prefill's whole time for each).
+// compresses as the prompt streams in, e.g. a continuous learned part) each is prefilled on its own, or, with
+// join > 1 and budgets that join a prefill (joins_prefill_with ms[0]), `join` budgets at a time as rows of one batch
+// (the rows repeated per budget, each held at its own budget), each budget's cache then taken from its rows.
+// prefill_s[i]: the seconds ms[i]'s prefill took (a shared prefill's whole time for each; a joined prefill's share).
 std::vector<KVCache> compress_batch(const Model& model, const std::vector<const Prepared*>& rows,
-                                   const std::vector<ResolvedMethod*>& ms, std::vector<double>& prefill_s);
+                                   const std::vector<ResolvedMethod*>& ms, std::vector<double>& prefill_s,
+                                   size_t join = 0);
 // Steps 2-4 on one compressed cache: the answer, the teacher-forced KL / perplexity and the critical-KV hit
 // rate. With m.full, fills `ref`; otherwise reads it.
 // decode: how the answer is decoded (a method that evicts while decoding takes the cache path unless its policy has

@@ -253,15 +253,6 @@ void run_eval(const EvalOptions& opt) {
       std::vector<ResolvedMethod*> ms;
       for (ResolvedMethod& m : group) ms.push_back(&m);
       KVD_CHECK(group[0].full || have_ref, "eval: internal error, no full-cache reference");
-      std::vector<double> prefill_s;  // [group member]
-      std::vector<KVCache> caches;
-      {
-        // A scope of KVD_TRACE's recording (models/profile.h): the device time of the group's prefill and scoring.
-        const std::string scope =
-            "eval compress " + group[0].label + (group.size() > 1 ? " +" + std::to_string(group.size() - 1) : "");
-        RECORD_USER_SCOPE(scope.c_str());
-        caches = compress_batch(model, rows, ms, prefill_s);
-      }
       // The group's budgets are finished in runs of consecutive budgets whose rows decode as one batch: at most
       // opt.decode_rows rows, and at most opt.decode_logits_bytes of float32 logits in the teacher-forced pass (rows
       // x (rest + answer) x vocabulary), which is what a run adds to the device memory of one budget alone.
@@ -272,10 +263,26 @@ void run_eval(const EvalOptions& opt) {
       // Decode-time eviction holds each row at the count its budget kept, so budgets decode together too.
       const size_t per_run = static_cast<size_t>(
           std::max<int64_t>(1, std::min(opt.decode_rows / B, opt.decode_logits_bytes / logits_per_budget)));
+      // Budgets that decode together and join a prefill (joins_prefill_with) are also prefilled together, in the same
+      // runs: one chunked prefill of the run's rows, each row held at its own budget (not with --share-prefill off).
+      const bool join_prefill = joined && opt.share_prefill != SharePrefill::PerConfig &&
+                                std::all_of(group.begin(), group.end(),
+                                            [&](const ResolvedMethod& x) { return joins_prefill_with(group[0], x); });
+      const size_t join = join_prefill ? per_run : 0;
+      std::vector<double> prefill_s;  // [group member]
+      std::vector<KVCache> caches;
+      {
+        // A scope of KVD_TRACE's recording (models/profile.h): the device time of the group's prefill and scoring.
+        const std::string scope =
+            "eval compress " + group[0].label + (group.size() > 1 ? " +" + std::to_string(group.size() - 1) : "");
+        RECORD_USER_SCOPE(scope.c_str());
+        caches = compress_batch(model, rows, ms, prefill_s, join);
+      }
       std::vector<std::vector<RowResult>> res(group.size());
       std::vector<double> decode_s(group.size(), 0.0);
       std::vector<DecodePath> decode_path(group.size(), DecodePath::Cache);
       std::vector<int64_t> decoded_with(group.size(), B);  // rows decoded together
+      std::vector<int64_t> prefilled_with(group.size(), B);  // rows prefilled together (joined)
       for (size_t r0 = 0; r0 < group.size(); r0 += per_run) {
         const size_t r1 = std::min(group.size(), r0 + per_run), n = r1 - r0;
         double ds = 0;
@@ -301,6 +308,7 @@ void run_eval(const EvalOptions& opt) {
           decode_s[gi] = ds / static_cast<double>(n);
           decode_path[gi] = dp;
           decoded_with[gi] = static_cast<int64_t>(n) * B;
+          if (join > 1) prefilled_with[gi] = static_cast<int64_t>(n) * B;
         }
         if (group[r0].full) have_ref = true;
       }
@@ -339,10 +347,11 @@ void run_eval(const EvalOptions& opt) {
                     {"decode_s", decode_s[gi] / static_cast<double>(rows.size())},
                     {"decode", decode_path_name(decode_path[gi])},
                     {"batch", rows.size()}};
-          // prefill_s of a shared prefill is the whole prefill's (every budget of the group reports it); decode_s
-          // of budgets decoded together is their share of the joint decode.
+          // prefill_s of a shared prefill is the whole prefill's (every budget of the group reports it); prefill_s of
+          // a joined prefill and decode_s of budgets decoded together are each budget's share of the joint run.
           if (group.size() > 1 && shared) j["prefill_shared_by"] = group.size();
           if (decoded_with[gi] > B) j["decode_rows"] = decoded_with[gi];
+          if (prefilled_with[gi] > B) j["prefill_rows"] = prefilled_with[gi];
           if (opt.kernels == KernelPath::Reference) j["kernels"] = "reference";  // --kernels reference (fused: absent)
           if (c.b.kind == BudgetKind::Ratio && c.method != "full") j["ratio"] = c.b.value;
           if (c.b.kind == BudgetKind::TokensPerHead && c.method != "full") j["budget_tokens"] = static_cast<int64_t>(c.b.value);

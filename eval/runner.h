@@ -41,7 +41,9 @@ enum class QueryMode {
 enum class SharePrefill {
   PerConfig,      // every (method, budget) prefills the batch itself
   AcrossBudgets,  // one prefill per method where shares_prefill allows (default); scored once where the scores do
-                  // not depend on the budget, else by each budget's scorer
+                  // not depend on the budget, else by each budget's scorer. The budgets of a continuous learned part
+                  // (a chunked prefill each) that decode together are prefilled together too, as the rows of one
+                  // batch, each held at its own budget (joins_prefill_with)
   AcrossMethods   // AcrossBudgets, and consecutive methods that score each layer as it runs and do not evict while
                   // decoding share one prefill too, up to EvalOptions::share_prefill_bytes of compressed caches
 };

@@ -64,15 +64,18 @@ class PerLayer : public LayerAllocation {
     const at::Tensor len = host_ints(cache.lengths(l), cache.device()).view({B, H, 1});
     // Each head's entries, which are the valid ones of its row's view.
     const at::Tensor valid = torch::arange(w, len.options()).view({1, 1, w}).lt(len);  // (B, H_kv, w)
-    const Budget& bud = opt_.budget;
+    const Budget& bud = opt_.budget;  // every row's budget is of its kind (make_allocation)
     const bool pooled = opt_.allocation == Allocation::AdaKV;
-    // Row b's keep per head, as select_layer counts it: AdaKV at most the row's longest head.
+    // Row b's keep per head under its own budget, as select_layer counts it: AdaKV at most the row's longest head.
     auto count = [&](int64_t b, int64_t tokens) -> int64_t {
       if (bud.kind == BudgetKind::Threshold) return 0;
-      if (!pooled) return layer_keep_count(opt_, l, L_, tokens);
+      if (!pooled) return layer_keep_count(opt_.for_row(b), l, L_, tokens);
       const std::vector<int64_t> rl = row_lengths(cache, l, b);
-      return std::min(bud.n_kept(tokens), *std::max_element(rl.begin(), rl.end()));
+      return std::min(opt_.budget_of(b).n_kept(tokens), *std::max_element(rl.begin(), rl.end()));
     };
+    bool keep_all = true;  // every row at ratio 0
+    for (int64_t b = 0; b < B; ++b)
+      keep_all = keep_all && opt_.budget_of(b).kind == BudgetKind::Ratio && opt_.budget_of(b).value == 0.0;
     std::vector<int64_t> k(B);
     at::Tensor S;  // (B, H_kv, w)
     if (together_.defined()) {  // every row scored at once
@@ -96,7 +99,7 @@ class PerLayer : public LayerAllocation {
     const IndexCheck own = IndexCheck::ByConstruction;
     if (bud.kind == BudgetKind::Threshold) {
       cache.keep(l, select_threshold(S, bud.value, valid, kernels_), own);
-    } else if (bud.kind == BudgetKind::Ratio && bud.value == 0.0) {
+    } else if (keep_all) {
       cache.keep(l, ragged_from_mask(valid, cache.lengths(l)), own);
     } else if (pooled) {
       std::vector<int64_t> floor(B);
@@ -142,7 +145,8 @@ class Global : public LayerAllocation {
       }
       bool ragged = false;
       for (const at::Tensor& v : valid_[b]) ragged = ragged || v.defined();
-      std::vector<RaggedIndices> r = select_all(scores_[b], opt_, tokens[b], ragged ? valid_[b] : std::vector<at::Tensor>{});
+      std::vector<RaggedIndices> r =
+          select_all(scores_[b], opt_.for_row(b), tokens[b], ragged ? valid_[b] : std::vector<at::Tensor>{});
       for (int64_t l = 0; l < L_; ++l) keep[l][b] = r[l];
     }
     for (int64_t l = 0; l < L_; ++l) cache.keep(l, concat_ragged(keep[l]));
@@ -214,7 +218,7 @@ class Cake : public LayerAllocation {
     held_[l] = rank_[l].lt(counts_on_device(count_[l], c.device()));  // (B, H_kv, w): the entries held now
     std::vector<std::vector<int64_t>> k(l + 1, std::vector<int64_t>(B_));  // [layer][row] the new counts
     for (int64_t b = 0; b < B_; ++b) {
-      const Budget& bud = opt_.budget;
+      const Budget& bud = opt_.budget_of(b);
       const int64_t per_head = bud.kind == BudgetKind::Ratio && bud.value == 0.0 ? tokens[b] : bud.n_kept(tokens[b]);
       const std::vector<int64_t> budgets =
           cake_layer_budgets(std::vector<double>(pref_[b].begin(), pref_[b].begin() + l + 1), L_ * per_head, tokens[b]);
@@ -254,7 +258,17 @@ class Cake : public LayerAllocation {
 
 }  // namespace
 
-std::unique_ptr<LayerAllocation> make_allocation(const SelectorOptions& o, int64_t L, int64_t B, KernelPath kernels) {
+std::unique_ptr<LayerAllocation> make_allocation(const SelectorOptions& opt, int64_t L, int64_t B, KernelPath kernels) {
+  SelectorOptions o = opt;
+  if (!o.row_budgets.empty()) {
+    KVD_CHECK(static_cast<int64_t>(o.row_budgets.size()) == B, "selector: ", o.row_budgets.size(),
+              " row budgets for a batch of ", B, " rows; give one per row, or none");
+    for (const Budget& b : o.row_budgets)
+      KVD_CHECK(b.kind == o.row_budgets[0].kind && b.kind != BudgetKind::Threshold,
+                "selector: the row budgets of one batch must be ratios or token counts, all of one kind (a threshold "
+                "applies to the whole batch: give it as the budget)");
+    o.budget = o.row_budgets[0];  // the kind every row shares
+  }
   switch (o.allocation) {
     case Allocation::Global: return std::make_unique<Global>(o, L, B);  // ranks across layers: the reference path
     case Allocation::Cake: return std::make_unique<Cake>(o, L, B);      // re-cuts layers by the kept scores

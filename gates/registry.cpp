@@ -245,6 +245,15 @@ bool shares_prefill_with(const ResolvedMethod& a, const ResolvedMethod& b) {
          a.compress.chunk_budget == b.compress.chunk_budget && a.compress.kernels == b.compress.kernels;
 }
 
+bool joins_prefill_with(const ResolvedMethod& a, const ResolvedMethod& b) {
+  if (a.full || b.full || a.name != b.name || !a.component || !b.component || shares_prefill(a)) return false;
+  const Budget &ba = a.method.selector.budget, &bb = b.method.selector.budget;
+  return a.method.scorer->needs().fixed_shape == FixedShape::Yes && ba.kind == bb.kind &&
+         ba.kind != BudgetKind::Threshold && a.method.selector.allocation == b.method.selector.allocation &&
+         a.compress.chunk_size == b.compress.chunk_size && a.compress.chunk_budget == b.compress.chunk_budget &&
+         a.compress.kernels == b.compress.kernels && a.decode.has_value() == b.decode.has_value();
+}
+
 namespace {
 
 ResolvedMethod resolve(const std::string& name, const Budget& budget, const MethodContext& ctx) {

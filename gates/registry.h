@@ -86,6 +86,12 @@ bool shares_prefill(const ResolvedMethod& m);
 // forward ended: Scorer::prepare_peers), neither evicts while decoding (their answers then decode alike, and may
 // decode as one batch), and both prefill alike (unchunked, the same kernels).
 bool shares_prefill_with(const ResolvedMethod& a, const ResolvedMethod& b);
+// True when b's budget can run as further rows of a's chunked prefill (eval's joined prefill: the budgets of a
+// continuous learned part prefilled as rows of one batch, each row held at its own budget, SelectorOptions::row_budgets):
+// b is another budget of a's method (which shares no prefill: shares_prefill), a learned part (its scorer never reads
+// the budget, so a's scorer scores b's rows as b's own would) whose state is all in the cache (FixedShape::Yes: the
+// rows decode with a's scorer too), prefilled and allocated alike, with ratio or token budgets of one kind.
+bool joins_prefill_with(const ResolvedMethod& a, const ResolvedMethod& b);
 // The heuristic prefill methods only (no decode-time, learned or full names): a scorer plus a selector.
 // model_dir: the model's directory, for scorers that read its tokenizer (kvzip, kvzip_plus).
 Method make_method(const std::string& name, const Budget& budget, uint64_t seed = 0, const std::string& model_dir = "");

@@ -34,6 +34,20 @@ int64_t Budget::n_kept(int64_t n) const {
   KVD_FAIL("Budget::n_kept: a threshold budget has no fixed count");
 }
 
+const Budget& SelectorOptions::budget_of(int64_t row) const {
+  if (row_budgets.empty()) return budget;
+  KVD_CHECK(row >= 0 && row < static_cast<int64_t>(row_budgets.size()), "SelectorOptions: row ", row,
+            " has no budget (", row_budgets.size(), " row budgets)");
+  return row_budgets[static_cast<size_t>(row)];
+}
+
+SelectorOptions SelectorOptions::for_row(int64_t row) const {
+  SelectorOptions o = *this;
+  o.budget = budget_of(row);
+  o.row_budgets.clear();
+  return o;
+}
+
 RaggedIndices ragged_from_mask(const at::Tensor& mask) {  // (B, H_kv, n) bool
   KVD_CHECK(mask.dim() == 3, "ragged_from_mask: mask must be (B, H_kv, n), got ", mask.sizes());
   const int64_t rows = mask.size(0) * mask.size(1), n = mask.size(2);

@@ -58,6 +58,13 @@ struct SelectorOptions {
   double ada_alpha = 0.2;       // AdaKV floor (kvpress alpha_safeguard)
   int64_t pyramid_window = 64;  // PyramidKV: SnapKV's window
   double pyramid_beta = 20.0;
+  // Each batch row's own budget, for the budgets of one method run as rows of one batch (eval's joined prefill of a
+  // continuous learned part); empty: `budget` for every row. The rows' budgets must be of one kind, and thresholds
+  // are not taken (make_allocation checks both).
+  std::vector<Budget> row_budgets;
+  const Budget& budget_of(int64_t row) const;
+  // These options for one row: budget = budget_of(row), no row budgets.
+  SelectorOptions for_row(int64_t row) const;
 };
 
 // Boolean keep mask -> RaggedIndices, indices on the mask's device. mask (B, H_kv, n) bool.

@@ -481,6 +481,43 @@ KVCache KVCache::concat_rows(const std::vector<const KVCache*>& parts) {
   return out;
 }
 
+KVCache KVCache::take_rows(int64_t first, int64_t count) const {
+  KVD_CHECK(first >= 0 && count > 0 && first + count <= batch_, "KVCache::take_rows: rows [", first, ", ",
+            first + count, ") are not within the batch of ", batch_);
+  KVCache out(num_layers(), count, kv_heads_, head_dim_, dtype_, device_);
+  for (const PayloadColumn& c : payload_) out.add_payload(c.name, c.dtype, c.fill);
+  const int64_t r0 = first * kv_heads_, rows = count * kv_heads_;
+  for (int64_t l = 0; l < num_layers(); ++l) {
+    const Layer& S = layers_[l];
+    Layer& D = out.layers_[l];
+    D.len.assign(S.len.begin() + r0, S.len.begin() + r0 + rows);
+    D.cap.assign(S.cap.begin() + r0, S.cap.begin() + r0 + rows);
+    D.start.assign(rows, 0);
+    D.total = 0;
+    for (int64_t r = 0; r < rows; ++r) D.start[r] = D.total, D.total += D.cap[r];
+    D.aligned = S.aligned;
+    D.cols.assign(payload_.size(), at::Tensor());
+    if (D.total > 0) {
+      // Slot j of head row r's segment: S.start[r0 + r] + j -> D.start[r] + j, every slot of the segment (its capacity).
+      const at::Tensor caps = host_ints(D.cap, device_);                                       // (rows)
+      const at::Tensor row = at::repeat_interleave(caps, std::optional<int64_t>(D.total));     // (S_total') head row
+      const at::Tensor j = torch::arange(D.total, caps.options()) - host_ints(D.start, device_).index_select(0, row);
+      const std::vector<int64_t> src_start(S.start.begin() + r0, S.start.begin() + r0 + rows);
+      const at::Tensor src = host_ints(src_start, device_).index_select(0, row) + j;           // (S_total')
+      D.k = S.k.index_select(0, src);
+      D.v = S.v.index_select(0, src);
+      D.pos = S.pos.index_select(0, src);
+      for (size_t i = 0; i < payload_.size(); ++i) D.cols[i] = S.cols[i].index_select(0, src);
+    }
+    for (const auto& [name, t] : S.rows) D.rows[name] = t.narrow(0, first, count).clone();
+  }
+  out.next_pos_.assign(next_pos_.begin() + first, next_pos_.begin() + first + count);
+  out.row_entries_.assign(row_entries_.begin() + first, row_entries_.begin() + first + count);
+  out.row_peak_.assign(row_peak_.begin() + first, row_peak_.begin() + first + count);
+  out.peak_bytes_ = std::accumulate(out.row_peak_.begin(), out.row_peak_.end(), int64_t{0});
+  return out;
+}
+
 void KVCache::add_payload(const std::string& name, c10::ScalarType dtype, double fill) {
   for (const PayloadColumn& p : payload_)
     if (p.name == name) {

@@ -128,6 +128,11 @@ class KVCache {
   // if those rows had been run as one batch. The parts must agree in layers, KV heads, head_dim, dtype and device;
   // they are left as they were. Used to decode the budgets of one prefill as one batch (eval).
   static KVCache concat_rows(const std::vector<const KVCache*>& parts);
+  // A cache of rows [first, first + count) of this one, the inverse of concat_rows: their entries, positions, payload
+  // columns, segment capacities, per-row state, next positions and per-row peaks, copied. Its peak_bytes() is the
+  // sum of the rows' peaks (a bound: the rows may have peaked at different times). Used to hand each budget its own
+  // rows of a prefill that ran several budgets as one batch (eval's joined prefill).
+  KVCache take_rows(int64_t first, int64_t count) const;
   at::Tensor positions(int64_t layer) const;  // (B, H_kv, n) int64
   int64_t length(int64_t layer, int64_t b, int64_t h) const;  // entries of one head
   int64_t max_length(int64_t layer) const;                    // the longest head of the layer

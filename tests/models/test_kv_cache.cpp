@@ -229,6 +229,75 @@ TEST(KVCache, RowStateFollowsItsRows) {
   EXPECT_TRUE(d.row_state(1).empty());
 }
 
+// take_rows hands back each part of concat_rows as it was: entries, positions, payload, per-row state, next
+// positions, byte counts and per-row peaks; the taken cache goes on appending and evicting as the part would.
+TEST(KVCache, TakeRowsUndoesConcatRows) {
+  const int64_t L = 2, H = 2, hd = 3;
+  torch::manual_seed(5);
+  KVCache a(L, 2, H, hd, torch::kFloat, torch::kCPU), b(L, 1, H, hd, torch::kFloat, torch::kCPU);
+  a.add_payload("w", torch::kFloat, 7.0);
+  for (int64_t l = 0; l < L; ++l) {
+    a.append(l, torch::randn({2, H, 6, hd}), torch::randn({2, H, 6, hd}),
+             torch::arange(6, torch::kLong).view({1, 6}).expand({2, 6}), {0, 2});  // row 1 left-padded by 2
+    a.set_payload_tail(l, "w", torch::randn({2, H, 6}), {0, 2});
+    b.append(l, torch::randn({1, H, 4, hd}), torch::randn({1, H, 4, hd}), torch::arange(4, torch::kLong).view({1, 4}));
+  }
+  a.advance({6, 4});
+  b.advance(4);
+  // Ragged eviction in layer 1 of a: its heads hold 3, 1, 2 and 4 entries.
+  RaggedIndices r;
+  r.indices = torch::tensor({0, 2, 5, 4, 1, 3, 0, 1, 2, 3}, torch::kLong);
+  r.offsets = torch::tensor({0, 3, 4, 6, 10}, torch::kLong);
+  a.keep(1, r);
+  a.set_row_state(1, {{"s", torch::randn({2, 3, 5})}});
+  const KVCache c = KVCache::concat_rows({&a, &b});
+  for (const auto& [part, first] : std::vector<std::pair<const KVCache*, int64_t>>{{&a, 0}, {&b, 2}}) {
+    const KVCache t = c.take_rows(first, part->batch());
+    ASSERT_EQ(t.batch(), part->batch());
+    for (int64_t l = 0; l < L; ++l) {
+      EXPECT_EQ(t.lengths(l), part->lengths(l)) << l;
+      const KVLayerView x = t.layer(l), y = part->layer(l);
+      ASSERT_EQ(x.valid.defined(), y.valid.defined()) << l;
+      // What a view holds past a head's entries is no entry's: compared on the entries only.
+      const at::Tensor pad = y.valid.defined() ? y.valid.logical_not() : torch::zeros_like(y.pos, torch::kBool);
+      const auto same = [&](const at::Tensor& u, const at::Tensor& w) {
+        const at::Tensor m = u.dim() == 4 ? pad.unsqueeze(-1) : pad;
+        return torch::equal(u.masked_fill(m, 0), w.masked_fill(m, 0));
+      };
+      EXPECT_TRUE(same(x.pos, y.pos)) << l;
+      EXPECT_TRUE(same(x.k, y.k)) << l;
+      EXPECT_TRUE(same(x.v, y.v)) << l;
+      ASSERT_TRUE(t.has_payload("w"));
+      if (part == &a) EXPECT_TRUE(same(x.payload.at("w"), y.payload.at("w"))) << l;
+      else EXPECT_TRUE(same(x.payload.at("w"), torch::full_like(x.payload.at("w"), 7.0))) << l;  // b's: the fill
+    }
+    EXPECT_EQ(t.next_positions(), part->next_positions());
+    EXPECT_EQ(t.bytes(), part->bytes());
+    for (int64_t row = 0; row < part->batch(); ++row) {
+      EXPECT_EQ(t.row_bytes(row), part->row_bytes(row));
+      EXPECT_EQ(t.row_peak_bytes(row), part->row_peak_bytes(row));
+    }
+  }
+  KVCache ta = c.take_rows(0, 2);
+  const at::Tensor s = ta.row_state(1).at("s");
+  ASSERT_EQ(s.sizes(), (std::vector<int64_t>{2, 3, 5}));
+  EXPECT_TRUE(torch::equal(s, a.row_state(1).at("s")));
+  s.add_(1.0);  // its own copy
+  EXPECT_FALSE(torch::equal(c.row_state(1).at("s").narrow(0, 0, 2), s));
+  // The taken rows go on as the part does: the same append and the same keep give the same layer.
+  KVCache a2 = KVCache::concat_rows({&a});
+  const at::Tensor k = torch::randn({2, H, 1, hd}), v = torch::randn({2, H, 1, hd});
+  const at::Tensor p = torch::tensor({6, 4}, torch::kLong).view({2, 1});
+  for (KVCache* x : {&ta, &a2}) {
+    x->append(1, k, v, p);
+    x->keep(1, torch::tensor({0, 1}, torch::kLong).view({1, 1, 2}).expand({2, H, 2}).contiguous());
+  }
+  EXPECT_TRUE(torch::equal(ta.layer(1).k, a2.layer(1).k));  // every head holds 2: no padding
+  EXPECT_TRUE(torch::equal(ta.layer(1).pos, a2.layer(1).pos));
+  EXPECT_THROW(c.take_rows(2, 2), Error);  // rows 2..3 of a batch of 3
+  EXPECT_THROW(c.take_rows(0, 0), Error);
+}
+
 namespace {
 
 // Decoding after eviction must equal the full forward in which the later query rows (>= n_prompt) cannot see

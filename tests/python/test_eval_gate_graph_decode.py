@@ -4,9 +4,9 @@ the Attention-Gate's block reads its own keys and values of every earlier token,
 their fixed-shape form computes that value inside the step. With `--decode static` (the op-by-op form of the CUDA-graph path) the eval
 takes that path for them (the record says "decode": "static") and every sample keeps the answer, kept fraction,
 kept and peak bytes it has on the step-by-step cache path; KL and perplexity within float tolerance. A continuous
-part prefills each budget on its own, evicting as the prompt streams in; its budgets' caches are then joined and
-decode as one batch (the default --decode-rows; "decode_rows" in the record), against each budget alone here on the
-cache path."""
+part evicts as the prompt streams in; its budgets that decode as one batch (the default --decode-rows; "decode_rows"
+in the record) are prefilled as one batch too, each row held at its own budget ("prefill_rows"), against each budget
+prefilled and decoded alone here on the cache path."""
 import pytest
 
 from eval_helpers import eval_pair, needs_corpus, tasks  # noqa: F401 (tasks is a fixture)
@@ -26,7 +26,8 @@ def test_continuous_learned_parts_decode_in_fixed_shape_steps_as_on_the_cache_pa
             learned += 1
             assert ra["decode"] == "static" and rb["decode"] == "cache", (k, ra["decode"], rb["decode"])
             assert ra.get("decode_rows") == 4 and "decode_rows" not in rb, (k, ra.get("decode_rows"))  # 2 budgets x 2
-            assert "prefill_shared_by" not in ra, k  # each budget prefilled on its own
+            assert "prefill_shared_by" not in ra, k  # not one prefill scored for both budgets, but
+            assert ra.get("prefill_rows") == 4 and "prefill_rows" not in rb, k  # both budgets' rows in one prefill
         for f in ("output", "score", "kept_fraction", "kv_bytes_kept", "peak_kv_bytes"):
             assert ra[f] == rb[f], (k, f, ra[f], rb[f])
         for f in ("kl", "ppl"):
