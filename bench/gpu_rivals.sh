@@ -38,6 +38,11 @@
 #                                      one per group of methods (--share-prefill methods, what the protocol runs):
 #                                      wall times (each record's prefill_s is its whole shared prefill's), how many
 #                                      records agree
+#   bench/gpu_rivals.sh joined-prefill [M] the slice with a continuous learned part M (default
+#                                      retention_gate:$W/trimkv/bundle) at $RATIOS, each budget prefilled alone
+#                                      (--join-prefill no) and its budgets prefilled as the rows of one batch
+#                                      (--join-prefill yes, the default on CUDA): wall times, mean prefill_s per
+#                                      record (its share of the joint prefill), how many records agree
 #   bench/gpu_rivals.sh profile [M...] each method M (default: kvzip kvzip_plus tova_decode h2o_decode
 #                                      lazy_eviction streaming_llm_decode snapkv) alone on the slice, at the
 #                                      protocol's BATCH / BATCH_TOKENS, one process, with KVD_PROFILE: wall time and
@@ -350,6 +355,10 @@ PY
   share-methods)
     slice_ab "${2:-snapkv,defensivekv,adakv_snapkv,pyramidkv,tova,knorm}" prefill_s budgets "--share-prefill budgets" \
       methods "--share-prefill methods --share-prefill-gib $SHARE_GIB"
+    ;;
+  joined-prefill)
+    # Each record's prefill_s is its budget's share of a joined prefill: the ratio is the prefill's speed-up.
+    slice_ab "${2:-retention_gate:$W/trimkv/bundle}" prefill_s alone "--join-prefill no" joined "--join-prefill yes"
     ;;
   evict-decode)
     slice_ab "${2:-tova_decode,h2o_decode,streaming_llm_decode,lazy_eviction}" decode_s cache "--decode cache" \

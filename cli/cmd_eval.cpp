@@ -21,6 +21,7 @@ struct EvalArgs {
   bool query_aware = false, report_only = false;
   std::string learned_mode = "continuous";
   std::string share_prefill = "budgets";
+  std::string join_prefill = "auto";
   double share_prefill_gib = 8.0;
   std::string decode = "auto";
   std::string kernels = "fused";
@@ -65,6 +66,7 @@ int run(const EvalArgs& a) {
   o.share_prefill = a.share_prefill == "none"      ? SharePrefill::PerConfig
                     : a.share_prefill == "methods" ? SharePrefill::AcrossMethods
                                                    : SharePrefill::AcrossBudgets;
+  o.join_prefill = a.join_prefill == "yes" ? JoinPrefill::Yes : a.join_prefill == "no" ? JoinPrefill::No : JoinPrefill::Auto;
   o.decode = parse_decode_path(a.decode);
   KVD_CHECK(a.decode_rows >= 0, "--decode-rows ", a.decode_rows, ": must be >= 0 (0 decodes every budget alone)");
   o.decode_rows = a.decode_rows;
@@ -167,9 +169,7 @@ Registration reg([](CLI::App& root) {
       ->capture_default_str();
   sub->add_option("--share-prefill", a->share_prefill,
                   "budgets: a method's budgets share one prefill per batch, scored once where its scores do not depend "
-                  "on the budget, else by each budget (same results, faster), and a continuous learned part's "
-                  "budgets that decode together (--decode-rows) prefill as one batch, each row held at its own budget; "
-                  "methods: "
+                  "on the budget, else by each budget (same results, faster); methods: "
                   "consecutive methods that score each layer as it runs and do not evict while decoding share one "
                   "prefill too (same results; the caches wait to decode: see --share-prefill-gib); none: every "
                   "(method, budget) prefills itself")
@@ -181,6 +181,13 @@ Registration reg([](CLI::App& root) {
                   "cache)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
+  sub->add_option("--join-prefill", a->join_prefill,
+                  "A continuous learned part's budgets that decode together (--decode-rows) prefill as the rows of "
+                  "one batch, each row held at its own budget (same results): yes, no, or auto (on CUDA, where a "
+                  "small model's chunks are launch-bound; on the CPU it cost 15% more prefill time). Not with "
+                  "--share-prefill none")
+      ->check(CLI::IsMember({"auto", "yes", "no"}))
+      ->capture_default_str();
   sub->add_option("--decode", a->decode,
                   "The answer's decode steps: graph (a fixed-shape copy of the compressed cache, each step replayed "
                   "from a CUDA graph; CUDA only), static (the same without the graph), cache (step by step on the "
@@ -189,7 +196,7 @@ Registration reg([](CLI::App& root) {
       ->capture_default_str();
   sub->add_option("--decode-rows", a->decode_rows,
                   "The budgets of one prefill (--share-prefill budgets or methods), and those of a continuous "
-                  "learned part (prefilled as one batch too, or each on its own with --share-prefill none), decode "
+                  "learned part (each prefilled on its own, or together: --join-prefill), decode "
                   "their answers and teacher-forced passes as one "
                   "batch of up to this many rows and --decode-logits-gib of teacher-forced logits (same results per "
                   "sample, fewer small steps); 0: each budget alone")

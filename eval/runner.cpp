@@ -264,8 +264,10 @@ void run_eval(const EvalOptions& opt) {
       const size_t per_run = static_cast<size_t>(
           std::max<int64_t>(1, std::min(opt.decode_rows / B, opt.decode_logits_bytes / logits_per_budget)));
       // Budgets that decode together and join a prefill (joins_prefill_with) are also prefilled together, in the same
-      // runs: one chunked prefill of the run's rows, each row held at its own budget (not with --share-prefill off).
+      // runs, where opt.join_prefill says so: one chunked prefill of the run's rows, each row held at its own budget.
       const bool join_prefill = joined && opt.share_prefill != SharePrefill::PerConfig &&
+                                (opt.join_prefill == JoinPrefill::Yes ||
+                                 (opt.join_prefill == JoinPrefill::Auto && model.device().is_cuda())) &&
                                 std::all_of(group.begin(), group.end(),
                                             [&](const ResolvedMethod& x) { return joins_prefill_with(group[0], x); });
       const size_t join = join_prefill ? per_run : 0;

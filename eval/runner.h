@@ -41,11 +41,20 @@ enum class QueryMode {
 enum class SharePrefill {
   PerConfig,      // every (method, budget) prefills the batch itself
   AcrossBudgets,  // one prefill per method where shares_prefill allows (default); scored once where the scores do
-                  // not depend on the budget, else by each budget's scorer. The budgets of a continuous learned part
-                  // (a chunked prefill each) that decode together are prefilled together too, as the rows of one
-                  // batch, each held at its own budget (joins_prefill_with)
+                  // not depend on the budget, else by each budget's scorer
   AcrossMethods   // AcrossBudgets, and consecutive methods that score each layer as it runs and do not evict while
                   // decoding share one prefill too, up to EvalOptions::share_prefill_bytes of compressed caches
+};
+
+// Whether the budgets of a continuous learned part (a chunked prefill each) that decode together are prefilled
+// together too, as the rows of one batch, each row held at its own budget (joins_prefill_with; docs/decode.md). Every
+// record is the same either way (up to rounding). The joint prefill attends over the longest budget's heads for every
+// row: on the CPU, where the time is arithmetic, that cost 15% more prefill time (4 budgets, 2026-12-07); on a GPU a
+// chunk of a small model is launch-bound, and a joint prefill launches once for all the budgets.
+enum class JoinPrefill {
+  Auto,  // on CUDA (the default)
+  Yes,
+  No
 };
 
 struct EvalOptions {
@@ -62,6 +71,7 @@ struct EvalOptions {
   LearnedMode learned_mode = LearnedMode::Continuous;
   int64_t continuous_chunk = 128;  // prefill chunk of the continuous mode
   SharePrefill share_prefill = SharePrefill::AcrossBudgets;
+  JoinPrefill join_prefill = JoinPrefill::Auto;  // not with SharePrefill::PerConfig
   // SharePrefill::AcrossMethods: another method joins a prefill while the caches it keeps alive until they decode
   // (estimated from the budgets: a ratio r keeps 1 − r of the batch's full cache) stay within this many bytes.
   int64_t share_prefill_bytes = int64_t{8} << 30;

@@ -5,8 +5,8 @@ their fixed-shape form computes that value inside the step. With `--decode stati
 takes that path for them (the record says "decode": "static") and every sample keeps the answer, kept fraction,
 kept and peak bytes it has on the step-by-step cache path; KL and perplexity within float tolerance. A continuous
 part evicts as the prompt streams in; its budgets that decode as one batch (the default --decode-rows; "decode_rows"
-in the record) are prefilled as one batch too, each row held at its own budget ("prefill_rows"), against each budget
-prefilled and decoded alone here on the cache path."""
+in the record) are prefilled as one batch too with --join-prefill yes (the default on CUDA), each row held at its own
+budget ("prefill_rows"), against each budget prefilled and decoded alone here on the cache path."""
 import pytest
 
 from eval_helpers import eval_pair, needs_corpus, tasks  # noqa: F401 (tasks is a fixture)
@@ -17,7 +17,7 @@ METHODS = "untrained:retention_gate,untrained:kvzap,untrained:dms,untrained:atte
 
 
 def test_continuous_learned_parts_decode_in_fixed_shape_steps_as_on_the_cache_path(tasks, tmp_path):
-    a, b = eval_pair(tasks, tmp_path, ("--decode", "static"),
+    a, b = eval_pair(tasks, tmp_path, ("--decode", "static", "--join-prefill", "yes"),
                      ("--decode", "cache", "--decode-rows", 0), batch=2, methods=METHODS, ratios="0.25,0.75")
     learned = 0
     for k, ra in a.items():
