@@ -96,11 +96,11 @@ std::vector<KVCache> compress_batch(const Model& model, const std::vector<const 
     // Budgets of one method that cannot share a prefill: each prefilled on its own, or `join` of them at a time as
     // the rows of one batch (their caches may still decode as one batch).
     prefill_s.assign(ms.size(), 0.0);
-    const bool joined = join > 1 && std::all_of(ms.begin(), ms.end(), [&](const ResolvedMethod* m) {
-      return joins_prefill_with(*ms[0], *m);
-    });
+    for (const ResolvedMethod* m : ms)
+      KVD_CHECK(join <= 1 || joins_prefill_with(*ms[0], *m), "eval: internal error, budgets that cannot join a "
+                "prefill were joined");
     for (size_t r0 = 0; r0 < ms.size();) {
-      const size_t r1 = joined ? std::min(ms.size(), r0 + join) : r0 + 1, n = r1 - r0;
+      const size_t r1 = std::min(ms.size(), r0 + std::max<size_t>(join, 1)), n = r1 - r0;
       KVD_CHECK(ms[r0]->name == ms[0]->name, "eval: internal error, methods that cannot share a prefill were grouped");
       auto ti = Clock::now();
       if (n == 1) {
