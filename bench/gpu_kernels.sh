@@ -5,7 +5,10 @@
 #   bench/gpu_kernels.sh tests    the kernels' tests (fused vs reference, determinism) and forward_train's fused
 #                                 path against its reference path (tests/kernels/test_fused_forward_train.cpp)
 #   bench/gpu_kernels.sh attn     the attention bench: ours vs SDPA flash (no bias), forward and forward+backward
-#   bench/gpu_kernels.sh randmodel  writes a SmolLM2-135M-shaped Llama with random weights to $MODEL (HF format)
+#   bench/gpu_kernels.sh rows     the distillation losses' vocabulary work: the fused rows kernel against the
+#                                 LibTorch chain (bench_distill_rows), forward + backward over 8K rows
+#   bench/gpu_kernels.sh randmodel  writes a SmolLM2-135M-shaped Llama with random weights to $MODEL (HF format),
+#                                 with the tokenizer files found in $TOKENIZER_DIR (default .devdata/ref)
 #   bench/gpu_kernels.sh model    joins the GGUF parts staged in /root/kvd-stage and converts the model to $MODEL
 #   bench/gpu_kernels.sh step     the whole TRIM-KV step, in one run: `kvdistill train` (KL + capacity, batch 1)
 #                                 with train.kernels=fused and =reference, and the PyTorch reference step
@@ -16,13 +19,13 @@
 #                                 the largest relative difference of the loss and of each term
 # Inputs (env): MODEL (default /root/model), LONG (dir of docs-<T>.h5, default .devdata/long), W (work dir,
 # default /root/kern), STEP_SEQS (default 4096 8192 16384 32768), REF_STEP (the reference script, default
-# .devref/trimkv_ref_step.py), OUT (logs).
+# .devdata/ref/trimkv_ref_step.py, a copy of ../shared/bench/trimkv_ref_step.py), OUT (logs).
 set -uo pipefail
 MODEL=${MODEL:-/root/model}
 LONG=${LONG:-.devdata/long}
 W=${W:-/root/kern}
 OUT=${OUT:-/tmp/kvd-out}
-REF_STEP=${REF_STEP:-.devref/trimkv_ref_step.py}
+REF_STEP=${REF_STEP:-.devdata/ref/trimkv_ref_step.py}
 STEP_SEQS=${STEP_SEQS:-4096 8192 16384 32768}
 REF_SEQS=${REF_SEQS:-$STEP_SEQS}  # lengths at which the PyTorch step runs too
 mkdir -p "$W" "$OUT"
@@ -48,13 +51,13 @@ case "${1:-}" in
   build)
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-    t ninja -C build-gpu kvdistill kvd_test_retention_attention kvd_test_soft_cache_size \
-      kvd_test_fused_forward_train bench_retention_attention >"$OUT/build.log" 2>&1 ||
+    t ninja -C build-gpu kvdistill kvd_test_retention_attention kvd_test_soft_cache_size kvd_test_distill_rows \
+      kvd_test_fused_forward_train bench_retention_attention bench_distill_rows >"$OUT/build.log" 2>&1 ||
       { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
     ;;
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    for b in kvd_test_retention_attention kvd_test_soft_cache_size kvd_test_fused_forward_train; do
+    for b in kvd_test_retention_attention kvd_test_soft_cache_size kvd_test_distill_rows kvd_test_fused_forward_train; do
       t build-gpu/$b >"$OUT/$b.log" 2>&1
       echo "$b rc=$?"
       grep -E "rel L2|relative|peak|kl |^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \
@@ -63,6 +66,9 @@ case "${1:-}" in
     ;;
   attn)
     build-gpu/bench_retention_attention --seqs "${SEQS:-8192,16384}" --csv "$OUT/attn.csv" 2>&1 | tee "$OUT/attn.log"
+    ;;
+  rows)
+    build-gpu/bench_distill_rows 2>&1 | tee "$OUT/rows.jsonl"
     ;;
   randmodel)  # SmolLM2-135M's shape with random weights, as the PyTorch reference step builds it (no staging)
     python3 - "$MODEL" <<'PY'
@@ -75,6 +81,7 @@ cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num
 LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(sys.argv[1])
 print("random SmolLM2-135M-shaped Llama in", sys.argv[1])
 PY
+    cp "${TOKENIZER_DIR:-.devdata/ref}"/tokenizer*.json "$MODEL/" 2>/dev/null || echo "(no tokenizer files in ${TOKENIZER_DIR:-.devdata/ref})"
     ;;
   model)
     cat /root/kvd-stage/part-* > /root/smollm2.gguf

@@ -30,7 +30,7 @@ DistillTerms distill_to_frozen(const Model& model, const TrainBatch& tb, const A
   out.ce = torch::zeros({}, student.options().dtype(torch::kFloat32));
   for (int64_t b = 0; b < B; ++b) {
     DistillLosses d = distill_losses(teacher.narrow(0, b, 1), student.narrow(0, b, 1), tb.labels.narrow(0, b, 1),
-                                     logits, opt.block);
+                                     logits, opt.block, DistillImpl::Blocked, opt.kernels);
     out.kl = out.kl + d.kl / static_cast<double>(B);
     out.ce = out.ce + d.ce / static_cast<double>(B);
     out.tokens += d.tokens;

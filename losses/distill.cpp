@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "common/error.h"
+#include "kernels/distill_rows.h"
 
 namespace kvd {
 namespace {
@@ -18,7 +19,8 @@ struct BlockedDistillFn : public torch::autograd::Function<BlockedDistillFn> {
                                                 const at::Tensor& student_rows,  // (N, d) valid rows only
                                                 const at::Tensor& teacher_rows,  // (N, d)
                                                 const at::Tensor& targets,       // (N) int64
-                                                const LogitsFn& logits, int64_t block, NeedGrad need) {
+                                                const LogitsFn& logits, int64_t block, NeedGrad need,
+                                                KernelPath kernels) {
     const int64_t N = student_rows.size(0);
     auto f32 = student_rows.options().dtype(torch::kFloat);
     at::Tensor kl_sum = torch::zeros({}, f32), ce_sum = torch::zeros({}, f32);  // ()
@@ -29,27 +31,43 @@ struct BlockedDistillFn : public torch::autograd::Function<BlockedDistillFn> {
     }
     for (int64_t r0 = 0; r0 < N; r0 += block) {
       const int64_t n = std::min(block, N - r0);
-      at::Tensor logp;  // (n, V) teacher log-probabilities, float32
+      at::Tensor tgt = targets.narrow(0, r0, n);  // (n)
+      at::Tensor zt;                                // (n, V) teacher logits, model dtype
       {
         torch::NoGradGuard no_grad;
-        logp = torch::log_softmax(logits(teacher_rows.narrow(0, r0, n)).to(torch::kFloat), -1);
+        zt = logits(teacher_rows.narrow(0, r0, n));
       }
-      at::Tensor tgt = targets.narrow(0, r0, n);  // (n)
       torch::AutoGradMode grad_mode(need == NeedGrad::Yes);
       at::Tensor h = student_rows.narrow(0, r0, n).detach().requires_grad_(need == NeedGrad::Yes);  // (n, d)
       at::Tensor raw = logits(h);                                  // (n, V) model dtype
-      at::Tensor logq = torch::log_softmax(raw.to(torch::kFloat), -1);  // (n, V)
-      at::Tensor p = logp.exp();                                    // (n, V)
-      {
+      at::Tensor dkl, dce;                                         // (n, V) model dtype: d(sum)/d(raw)
+      if (kernels == KernelPath::Fused && distill_rows_fused_available(raw) && zt.scalar_type() == raw.scalar_type()) {
+        // One kernel for the vocabulary work (kernels/distill_rows.cuh); the chain below is its reference.
+        DistillRows rows = distill_rows_fused(zt, raw.detach(), tgt, need == NeedGrad::Yes ? RowGrads::Yes : RowGrads::No);
+        torch::NoGradGuard no_grad;
+        kl_sum += rows.kl.sum();
+        ce_sum += rows.ce.sum();
+        dkl = rows.dkl;
+        dce = rows.dce;
+      } else {
+        at::Tensor logp;  // (n, V) teacher log-probabilities, float32
+        {
+          torch::NoGradGuard no_grad;
+          logp = torch::log_softmax(zt.to(torch::kFloat), -1);
+        }
+        at::Tensor logq = torch::log_softmax(raw.detach().to(torch::kFloat), -1);  // (n, V)
+        at::Tensor p = logp.exp();                                                 // (n, V)
         torch::NoGradGuard no_grad;
         kl_sum += (p * (logp - logq)).sum();
         ce_sum -= logq.gather(1, tgt.unsqueeze(1)).sum();
+        if (need == NeedGrad::Yes) {
+          // d/dlogits Σ KL = q − p;  d/dlogits Σ CE = q − onehot(target).
+          at::Tensor q = logq.exp();                                              // (n, V)
+          dkl = (q - p).to(raw.scalar_type());
+          dce = q.scatter_add(1, tgt.unsqueeze(1), -torch::ones({n, 1}, q.options())).to(raw.scalar_type());
+        }
       }
       if (need == NeedGrad::Yes) {
-        // d/dlogits Σ KL = q − p;  d/dlogits Σ CE = q − onehot(target).
-        at::Tensor q = logq.detach().exp();                                     // (n, V)
-        at::Tensor dkl = (q - p).to(raw.scalar_type());                         // (n, V)
-        at::Tensor dce = q.scatter_add(1, tgt.unsqueeze(1), -torch::ones({n, 1}, q.options())).to(raw.scalar_type());
         at::Tensor gk = torch::autograd::grad({raw}, {h}, {dkl}, /*retain_graph=*/true)[0];   // (n, d)
         at::Tensor gc = torch::autograd::grad({raw}, {h}, {dce}, /*retain_graph=*/false)[0];  // (n, d)
         torch::NoGradGuard no_grad;
@@ -74,7 +92,7 @@ struct BlockedDistillFn : public torch::autograd::Function<BlockedDistillFn> {
     at::Tensor g = torch::zeros_like(g_kl);  // (N, d)
     if (grads[0].defined()) g = g + g_kl * (grads[0].to(torch::kFloat) * inv);
     if (grads[1].defined()) g = g + g_ce * (grads[1].to(torch::kFloat) * inv);
-    return {g.to(dt), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {g.to(dt), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -82,7 +100,7 @@ struct BlockedDistillFn : public torch::autograd::Function<BlockedDistillFn> {
 
 DistillLosses distill_losses(const at::Tensor& teacher_hidden, const at::Tensor& student_hidden,
                              const at::Tensor& labels, const LogitsFn& logits, int64_t block_rows,
-                             DistillImpl impl) {
+                             DistillImpl impl, KernelPath kernels) {
   KVD_CHECK(student_hidden.dim() == 3 && teacher_hidden.sizes() == student_hidden.sizes(),
             "distill_losses: teacher and student hidden must both be (B, T, d), got ", teacher_hidden.sizes(), " and ",
             student_hidden.sizes());
@@ -121,7 +139,7 @@ DistillLosses distill_losses(const at::Tensor& teacher_hidden, const at::Tensor&
     return out;
   }
   const NeedGrad need = (s_rows.requires_grad() && torch::GradMode::is_enabled()) ? NeedGrad::Yes : NeedGrad::No;
-  auto r = BlockedDistillFn::apply(s_rows, t_rows, targets, logits, block_rows, need);
+  auto r = BlockedDistillFn::apply(s_rows, t_rows, targets, logits, block_rows, need, kernels);
   out.kl = r[0];
   out.ce = r[1];
   return out;

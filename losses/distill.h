@@ -13,6 +13,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "models/kernel_path.h"
+
 namespace kvd {
 
 // (n, d) hidden rows -> (n, V) logits, any floating dtype (e.g. [&](auto& h) { return model.logits(h); }).
@@ -31,8 +33,11 @@ enum class DistillImpl { Blocked, Unblocked };
 // teacher_hidden, student_hidden (B, T, d) final hidden states (after the final norm); labels (B, T) int64
 // next-token targets aligned with the rows (label[t] = ids[t+1]), -100 = ignore. Only student_hidden gets
 // gradients. Unblocked: the plain full-logits computation through autograd (the reference for tests).
+// KernelPath::Fused: on CUDA (bf16 or float32 logits) each block's vocabulary work is one kernel
+// (kernels/distill_rows.h: two reads of each logits row, the gradients written in the logits' dtype); the fp32
+// LibTorch chain otherwise, and always with KernelPath::Reference.
 DistillLosses distill_losses(const at::Tensor& teacher_hidden, const at::Tensor& student_hidden,
                              const at::Tensor& labels, const LogitsFn& logits, int64_t block_rows = 1024,
-                             DistillImpl impl = DistillImpl::Blocked);
+                             DistillImpl impl = DistillImpl::Blocked, KernelPath kernels = KernelPath::Fused);
 
 }  // namespace kvd
