@@ -1,10 +1,10 @@
 // The fused distillation rows (kernels/distill_rows.*) on the GPU: distill_losses with KernelPath::Fused against the
 // LibTorch chain (KernelPath::Reference), over a random LM head, in bf16 (the training dtype) and float32, with a
 // partial last block and a vocabulary that is not a multiple of the 16-byte vectors. Metrics: KL and CE within 1e-4
-// relative (bf16) / 1e-5 (float32); the gradient with respect to the student hidden rows within 5e-3 relative L2
-// (bf16: both paths round q − p to bf16, from fp32 values computed in another order) / 1e-5 (float32); two fused
-// backward passes bitwise equal. GPU only (skipped without one); tests/kernels/emu_distill_rows.cpp runs the kernel's
-// code on the CPU.
+// relative (bf16) / 1e-5 (float32); the gradient with respect to the student hidden rows within 1e-3 relative L2
+// (bf16: both paths round q − p to bf16, from fp32 values computed in another order; 6e-5 on an H100) / 1e-5
+// (float32); two fused backward passes bitwise equal. GPU only (skipped without one); tests/kernels/emu_distill_rows.cpp
+// runs the kernel's code on the CPU.
 #include <cstdio>
 
 #include <gtest/gtest.h>
@@ -55,7 +55,7 @@ TEST(DistillRowsKernel, FusedLossesMatchTheLibTorchChain) {
                   fused.kl, ref.kl, fused.ce, ref.ce, eg);
       EXPECT_NEAR(fused.kl, ref.kl, (bf ? 1e-4 : 1e-5) * std::abs(ref.kl));
       EXPECT_NEAR(fused.ce, ref.ce, (bf ? 1e-4 : 1e-5) * std::abs(ref.ce));
-      EXPECT_LT(eg, bf ? 5e-3 : 1e-5);
+      EXPECT_LT(eg, bf ? 1e-3 : 1e-5);
       Losses again = run(teacher, student, labels, w, kvd::KernelPath::Fused);
       EXPECT_TRUE(torch::equal(again.grad, fused.grad)) << "two fused backward passes differ";
       EXPECT_EQ(again.kl, fused.kl);
