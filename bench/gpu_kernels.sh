@@ -52,12 +52,14 @@ case "${1:-}" in
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
     t ninja -C build-gpu kvdistill kvd_test_retention_attention kvd_test_soft_cache_size kvd_test_distill_rows \
-      kvd_test_fused_forward_train bench_retention_attention bench_distill_rows >"$OUT/build.log" 2>&1 ||
+      kvd_test_decode_step kvd_test_fused_forward_train bench_retention_attention bench_distill_rows \
+      >"$OUT/build.log" 2>&1 ||
       { grep -E "error|FAILED" "$OUT/build.log" | head -40; exit 1; }
     ;;
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-    for b in kvd_test_retention_attention kvd_test_soft_cache_size kvd_test_distill_rows kvd_test_fused_forward_train; do
+    for b in kvd_test_retention_attention kvd_test_soft_cache_size kvd_test_distill_rows kvd_test_decode_step \
+      kvd_test_fused_forward_train; do
       t build-gpu/$b >"$OUT/$b.log" 2>&1
       echo "$b rc=$?"
       grep -E "rel L2|relative|peak|kl |^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \

@@ -62,6 +62,49 @@ bool dense_rows(const at::Tensor& x) { return x.dim() >= 1 && x.stride(-1) == 1 
 
 #ifdef KVD_WITH_RA_KERNEL
 void launch_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w, double eps,
+                     const at::Tensor& sum, const at::Tensor& y);
+
+// Training: the forward kernel, and the gradient to x by kernels::rms_norm_bwd (w is frozen: no gradient).
+struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            double eps) {
+    at::Tensor xd = x.detach();  // (..., n) contiguous
+    at::Tensor y = at::empty_like(xd);
+    launch_rms_norm(xd, at::Tensor(), w, eps, at::Tensor(), y);
+    ctx->save_for_backward({xd, w});
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list g) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1];
+    at::Tensor dy = g[0].to(x.scalar_type()).contiguous();  // (..., n)
+    at::Tensor dx = at::empty_like(x);
+    c10::cuda::CUDAGuard guard(x.device());
+    kernels::RmsNormBwdArgs a;
+    a.x = in_bits(x);
+    a.w = in_bits(w);
+    a.dy = in_bits(dy);
+    a.dx = out_bits(dx);
+    a.n = static_cast<int>(x.size(-1));
+    a.rows = x.numel() / x.size(-1);
+    a.eps = static_cast<float>(ctx->saved_data["eps"].toDouble());
+    check_launch(kernels::rms_norm_bwd(a, stream_of(x)), "rms_norm (backward)");
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+// Whether the training kernels apply: x (CUDA bf16, contiguous) needs a gradient under grad mode, w (CUDA bf16,
+// contiguous) does not.
+bool rms_norm_grad_kernels_apply(const at::Tensor& x, const at::Tensor& w) {
+  return torch::GradMode::is_enabled() && x.requires_grad() && !w.requires_grad() && x.numel() > 0 && x.is_cuda() &&
+         w.is_cuda() && x.device() == w.device() && x.scalar_type() == torch::kBFloat16 &&
+         w.scalar_type() == torch::kBFloat16 && x.is_contiguous() && w.is_contiguous() &&
+         x.size(-1) <= std::numeric_limits<int>::max();
+}
+
+void launch_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w, double eps,
                      const at::Tensor& sum, const at::Tensor& y) {
   c10::cuda::CUDAGuard guard(x.device());
   kernels::RmsNormArgs a;
@@ -89,6 +132,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, Kernel
     launch_rms_norm(x, at::Tensor(), w, eps, at::Tensor(), y);
     return y;
   }
+  if (path == KernelPath::Fused && rms_norm_grad_kernels_apply(x, w)) return RmsNormFn::apply(x, w, eps);
 #endif
   (void)path;
   return rms_norm_reference(x, w, eps);
@@ -108,7 +152,7 @@ AddRmsNorm add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const a
 #endif
   AddRmsNorm out;
   out.sum = x + residual;
-  out.normed = rms_norm(out.sum, w, eps, KernelPath::Reference);
+  out.normed = rms_norm(out.sum, w, eps, path);  // Fused: the training kernels where a gradient is needed
   return out;
 }
 

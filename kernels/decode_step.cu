@@ -63,6 +63,42 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(const kvd::kerne
   }
 }
 
+// grid (rows), kNormThreads threads: one row per CTA; pass 1 sums x² and u · x (u = bf16(dy · w), as LibTorch's
+// bf16 product rounds it), pass 2 writes dx.
+__global__ void __launch_bounds__(kNormThreads) rms_norm_bwd_kernel(const kvd::kernels::RmsNormBwdArgs a) {
+  KVD_DYNAMIC_SMEM(smem);
+  float* part = reinterpret_cast<float*>(smem);  // 2 · (kNormThreads / 32) warp sums, then r and r³ · mean(u · x)
+  const int64_t off = static_cast<int64_t>(blockIdx.x) * a.n;
+  auto u_at = [&](int i) { return bf16_to_float(to_bf16(bf16_to_float(a.dy[off + i]) * bf16_to_float(a.w[i]))); };
+  float ss = 0.f, sd = 0.f;
+  for (int i = threadIdx.x; i < a.n; i += kNormThreads) {
+    const float x = bf16_to_float(a.x[off + i]);
+    ss += x * x;
+    sd += u_at(i) * x;
+  }
+  for (int o = 16; o > 0; o /= 2) {
+    ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+    sd += __shfl_xor_sync(0xFFFFFFFFu, sd, o);
+  }
+  constexpr int kW = kNormThreads / 32;
+  if (threadIdx.x % 32 == 0) {
+    part[threadIdx.x / 32] = ss;
+    part[kW + threadIdx.x / 32] = sd;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f, d = 0.f;
+    for (int w = 0; w < kW; ++w) t += part[w], d += part[kW + w];
+    const float r = rsq(t / static_cast<float>(a.n) + a.eps);
+    part[2 * kW] = r;
+    part[2 * kW + 1] = r * r * r * (d / static_cast<float>(a.n));
+  }
+  __syncthreads();
+  const float r = part[2 * kW], c = part[2 * kW + 1];
+  for (int i = threadIdx.x; i < a.n; i += kNormThreads)
+    a.dx[off + i] = to_bf16(r * u_at(i) - bf16_to_float(a.x[off + i]) * c);
+}
+
 // grid (tokens, H + H_kv), hd / 2 threads: CTA (t, j) rotates query head j (j < H) or key head j − H of token t.
 __global__ void rope_kernel(const kvd::kernels::RopeArgs a) {
   const int64_t t = blockIdx.x;
@@ -109,6 +145,15 @@ cudaError_t rms_norm(const kvd::kernels::RmsNormArgs& a, cudaStream_t stream) {
   if (a.rows == 0) return cudaSuccess;
   const size_t smem = (kNormThreads / 32 + 1) * sizeof(float);
   KVD_LAUNCH(rms_norm_kernel, dim3(static_cast<unsigned>(a.rows)), dim3(kNormThreads), smem, stream, a);
+  return KVD_LAST_ERROR();
+}
+
+cudaError_t rms_norm_bwd(const kvd::kernels::RmsNormBwdArgs& a, cudaStream_t stream) {
+  if (a.rows < 0 || a.rows > 2147483647 || a.n <= 0 || (a.rows > 0 && (!a.x || !a.w || !a.dy || !a.dx)))
+    return cudaErrorInvalidValue;
+  if (a.rows == 0) return cudaSuccess;
+  const size_t smem = (2 * (kNormThreads / 32) + 2) * sizeof(float);
+  KVD_LAUNCH(rms_norm_bwd_kernel, dim3(static_cast<unsigned>(a.rows)), dim3(kNormThreads), smem, stream, a);
   return KVD_LAST_ERROR();
 }
 

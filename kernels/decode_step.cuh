@@ -7,6 +7,9 @@
 //   rms_norm      y = w · bf16(x · rsqrt(mean(x²) + eps)), per row of n (HF's RMSNorm: x in fp32, the product with
 //                 w in bf16). With `residual`: x = bf16(x + residual) first, written to `sum`. The mean's
 //                 summation order differs from LibTorch's, so y may differ by up to 2 bf16 units in the last place.
+//   rms_norm_bwd  its gradient with respect to x, for training (w frozen): with u = bf16(dy · w) and r as above,
+//                 dx = bf16(r · u − x · r³ · mean(u · x)), the function LibTorch's autograd computes through the
+//                 reference chain (there in several fp32 ops, here in one pass; up to a few units apart).
 //   rope          the HF half-split rotation of q and k in one launch: out = bf16(bf16(x · cos) + bf16(rot(x) · sin)),
 //                 rot(x) = (−x₂, x₁). Bitwise equal to LibTorch's chain.
 //   silu_mul      out = bf16(bf16(silu(g)) · u). silu(g) = g / (1 + exp(−g)) in fp32, as LibTorch computes it.
@@ -33,6 +36,17 @@ struct RmsNormArgs {
   float eps = 1e-6f;
 };
 cudaError_t rms_norm(const RmsNormArgs& a, cudaStream_t stream);
+
+struct RmsNormBwdArgs {
+  const uint16_t* x = nullptr;   // (rows, n) the normalized input (after any residual add)
+  const uint16_t* w = nullptr;   // (n)
+  const uint16_t* dy = nullptr;  // (rows, n) gradient of y
+  uint16_t* dx = nullptr;        // (rows, n)
+  int64_t rows = 0;
+  int n = 0;
+  float eps = 1e-6f;
+};
+cudaError_t rms_norm_bwd(const RmsNormBwdArgs& a, cudaStream_t stream);
 
 struct RopeArgs {
   const uint16_t* q = nullptr;    // (tokens, H, hd)

@@ -4,7 +4,9 @@
 // reference, which is the code the decoder has always run (HF's rounding order; autograd works through it).
 //
 // The fused kernels apply to a CUDA build, CUDA bf16 tensors, no tensor that requires grad, and the layouts
-// stated per op; they never synchronize, so a CUDA graph can capture them.
+// stated per op; they never synchronize, so a CUDA graph can capture them. RMSNorm also has a training form: where x
+// needs a gradient (grad mode on, x contiguous, w frozen), Fused runs the same forward kernel and its backward kernel
+// (kernels::rms_norm_bwd) through autograd; the other ops fall back to their references whenever a gradient is needed.
 #pragma once
 
 #include <utility>

@@ -96,7 +96,8 @@ constexpr KernelPath kInferenceRowOps = KernelPath::Fused;
 // norm, RoPE (cos / sin (B, 1, S, hd)), the attention `attend` computes, the output projection, the residual
 // and the MLP. x (B, S, d) is the layer input, h (B, S, d) = rms_norm(x, input_norm). Returns the layer output.
 // ops: KernelPath::Fused runs RMSNorm (with the residual add), RoPE and SiLU · up as one kernel each where they
-// apply (kernels/decode_step.h: inference on CUDA bf16); the decode step takes it.
+// apply (kernels/decode_step.h: CUDA bf16 without gradients, and RMSNorm with its backward kernel where x needs a
+// gradient); inference and the training forwards (train.kernels) take it.
 at::Tensor decoder_layer(const LayerWeights& lw, const LayerLora& lora, const LoraRows* lr, const at::Tensor& cos,
                          const at::Tensor& sin, int64_t H, int64_t Hkv, int64_t hd, bool qk_norm, double eps,
                          const at::Tensor& x_in, const at::Tensor& h, const AttendFn& attend,
@@ -189,7 +190,7 @@ LayerResult train_layer(TrainForwardCtx& c, const LayerWeights& lw, const LayerM
     }
     return attn;
   };
-  out.x = decoder_layer(lw, m.lora, lr, c.cos, c.sin, H, Hkv, hd, c.qk_norm, c.eps, x_in, h, attend);
+  out.x = decoder_layer(lw, m.lora, lr, c.cos, c.sin, H, Hkv, hd, c.qk_norm, c.eps, x_in, h, attend, c.kernels);
   return out;
 }
 
@@ -276,7 +277,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
                                                 c10::intrusive_ptr<CheckpointedLayerRun> run) {
     std::vector<at::Tensor> slots(kNumSlots);
     for (size_t i = 0; i < inputs.size(); ++i) slots[run->slot_of_input[i]] = inputs[i];
-    at::Tensor h = slots[kH].defined() ? slots[kH] : rms_norm(slots[kX], run->w.input_norm, run->ctx->eps);
+    at::Tensor h = slots[kH].defined() ? slots[kH] : rms_norm(slots[kX], run->w.input_norm, run->ctx->eps, run->ctx->kernels);
     LayerResult r = train_layer(*run->ctx, run->w, mods_from_slots(*run, slots), run->want_stats, slots[kX], h);
     // h is an input only to carry the hook's gradient path; it is recomputed from x in the backward.
     std::vector<at::Tensor> to_save(inputs.begin(), inputs.end());
@@ -302,7 +303,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       torch::NoGradGuard ng;
       for (size_t i = 0; i < n; ++i) {
         const int slot = run->slot_of_input[i];
-        const at::Tensor t = slot == kH ? rms_norm(saved[0], run->w.input_norm, run->ctx->eps) : saved[i];
+        const at::Tensor t = slot == kH ? rms_norm(saved[0], run->w.input_norm, run->ctx->eps, run->ctx->kernels) : saved[i];
         leaves[i] = t.detach().requires_grad_(ctx->needs_input_grad(i));
         slots[slot] = leaves[i];
       }
@@ -311,7 +312,7 @@ struct CheckpointedLayer : public torch::autograd::Function<CheckpointedLayer> {
       torch::AutoGradMode grad_on(true);
       AutocastStateGuard autocast(run->autocast_cuda, run->autocast_cuda_dtype, run->autocast_cpu,
                                   run->autocast_cpu_dtype);
-      const at::Tensor h = slots[kH].defined() ? slots[kH] : rms_norm(slots[kX], run->w.input_norm, run->ctx->eps);
+      const at::Tensor h = slots[kH].defined() ? slots[kH] : rms_norm(slots[kX], run->w.input_norm, run->ctx->eps, run->ctx->kernels);
       LayerResult r = train_layer(*run->ctx, run->w, mods_from_slots(*run, slots), run->want_stats, slots[kX], h);
       const std::vector<at::Tensor> outs{r.x, r.stats};
       std::vector<at::Tensor> o, g;  // recomputed outputs with an incoming gradient and a graph
@@ -527,7 +528,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
   for (int64_t l = 0; l < cfg_.num_layers; ++l) {
     const LayerWeights& lw = w_.layers[l];
     if (!checkpoint) {
-      at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);  // (B, S, d)
+      at::Tensor h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, c->kernels);  // (B, S, d)
       LayerMods m;
       if (mods.layer_hook) m = mods.layer_hook(LayerInput{l, h, positions, doc_ids, T});
       LayerResult r = train_layer(*c, lw, m, stat_layer[l], x, h);
@@ -539,7 +540,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
     at::Tensor h;  // (B, S, d), only when a hook needs it
     LayerMods m;
     if (mods.layer_hook) {
-      h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps);
+      h = rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, c->kernels);
       m = mods.layer_hook(LayerInput{l, h, positions, doc_ids, T});
     }
     auto run = c10::make_intrusive<CheckpointedLayerRun>();
@@ -576,7 +577,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
     x = r[0];
     if (stat_layer[l]) out.attention_stats[l] = r[1];
   }
-  out.hidden = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps);  // (B, S, d)
+  out.hidden = rms_norm(x, w_.final_norm, cfg_.rms_norm_eps, c->kernels);  // (B, S, d)
   return out;
 }
 

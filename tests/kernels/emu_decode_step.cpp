@@ -44,6 +44,39 @@ TEST(DecodeStepEmulated, RmsNormMatchesTheReference) {
   }
 }
 
+// RMSNorm's backward (training, w frozen) against float64 and against LibTorch's autograd through the reference
+// chain on the same bf16 inputs. dx = r·u − x·r³·mean(u·x) is a difference, so the metric is relative to the size
+// of its terms: |dx − ref| ≤ 2⁻⁸·|ref| (one bf16 rounding) + 1e-5·(r·|u| + |x|·|c|) (fp32 sums in another order).
+TEST(DecodeStepEmulated, RmsNormBackwardMatchesFloat64AndAutograd) {
+  uint64_t seed = 100;
+  for (int64_t n : {64, 576, 1000}) {
+    const int64_t rows = 3;
+    const at::Tensor x = bf16_randn({rows, n}, seed++, 3.0), w = bf16_randn({n}, seed++);
+    const at::Tensor dy = bf16_randn({rows, n}, seed++, 0.5);
+    const double eps = 1e-5;
+    at::Tensor dx = torch::full({rows, n}, NAN).to(torch::kBFloat16);
+    kvd::kernels::RmsNormBwdArgs a;
+    a.x = in(x), a.w = in(w), a.dy = in(dy), a.dx = out(dx), a.rows = rows, a.n = static_cast<int>(n);
+    a.eps = static_cast<float>(eps);
+    ASSERT_EQ(emu::rms_norm_bwd(a, nullptr), cudaSuccess);
+    // float64 from the same rounded u = bf16(dy · w)
+    const at::Tensor u = (dy * w).to(torch::kDouble), xd = x.to(torch::kDouble);
+    const at::Tensor r = torch::rsqrt(xd.pow(2).mean(-1, true) + eps);           // (rows, 1)
+    const at::Tensor c = r.pow(3) * (u * xd).mean(-1, true);                     // (rows, 1)
+    const at::Tensor ref = r * u - xd * c;                                        // (rows, n)
+    const at::Tensor scale = r * u.abs() + xd.abs() * c.abs();
+    const at::Tensor got = dx.to(torch::kDouble);
+    EXPECT_EQ((got - ref).abs().gt(ref.abs() / 256 + scale * 1e-5).sum().item<int64_t>(), 0)
+        << "n " << n << ": largest difference " << (got - ref).abs().max().item<double>();
+    // LibTorch's autograd through the reference chain (bf16, CPU)
+    const at::Tensor xg = x.clone().requires_grad_(true);
+    kvd::rms_norm(xg, w, eps).backward(dy);
+    const at::Tensor ag = xg.grad().to(torch::kDouble);
+    EXPECT_EQ((got - ag).abs().gt(ag.abs() / 128 + scale * 1e-5).sum().item<int64_t>(), 0)
+        << "n " << n << ": largest difference to autograd " << (got - ag).abs().max().item<double>();
+  }
+}
+
 TEST(DecodeStepEmulated, RopeIsBitwiseTheReference) {
   for (int64_t hd : {64, 128}) {
     const int64_t B = 2, S = 3, H = 4, Hkv = 2;
@@ -107,6 +140,9 @@ TEST(DecodeStepEmulated, RefusesBadShapes) {
   kvd::kernels::RmsNormArgs n;
   n.rows = 1, n.n = 8, n.residual = reinterpret_cast<const uint16_t*>(&n);  // a residual without its sum
   EXPECT_EQ(emu::rms_norm(n, nullptr), cudaErrorInvalidValue);
+  kvd::kernels::RmsNormBwdArgs nb;
+  nb.rows = 1, nb.n = 8;  // no tensors
+  EXPECT_EQ(emu::rms_norm_bwd(nb, nullptr), cudaErrorInvalidValue);
   kvd::kernels::DecodeAppendArgs d;
   d.B = 1, d.Hkv = 1, d.hd = 2048;
   EXPECT_EQ(emu::decode_append(d, nullptr), cudaErrorInvalidValue);

@@ -71,6 +71,38 @@ TEST(DecodeStepKernels, AppendMatchesTheReference) {
   for (int i = 0; i < 4; ++i) EXPECT_TRUE(torch::equal(f[i], r[i])) << "tensor " << i;
 }
 
+// Training: RMSNorm where x needs a gradient runs the forward kernel and kernels::rms_norm_bwd through autograd.
+// Metric as in emu_decode_step: |dx − ref| ≤ 2⁻⁷·|ref| + 1e-5 · the size of dx's two terms (taken from float64).
+TEST(DecodeStepKernels, RmsNormGradientMatchesAutogradThroughTheReference) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (!kvd::row_kernels_apply({cuda(bf16_randn({4}, 1))})) GTEST_SKIP() << "no fused kernels in this build";
+  for (int64_t n : {64, 576, 4096}) {
+    const at::Tensor x = cuda(bf16_randn({2, 33, n}, n, 3.0)), r = cuda(bf16_randn({2, 33, n}, n + 1, 2.0));
+    const at::Tensor w = cuda(bf16_randn({n}, n + 2)), dy = cuda(bf16_randn({2, 33, n}, n + 3, 0.5));
+    for (bool residual : {false, true}) {
+      auto grads = [&](KernelPath path) {
+        const at::Tensor xg = x.clone().requires_grad_(true);
+        const at::Tensor y = residual ? kvd::add_rms_norm(xg, r, w, 1e-5, path).normed : kvd::rms_norm(xg, w, 1e-5, path);
+        EXPECT_TRUE(y.requires_grad());
+        y.backward(dy);
+        return std::make_pair(y.detach(), xg.grad());
+      };
+      const auto [yf, gf] = grads(KernelPath::Fused);
+      const auto [yr, gr] = grads(KernelPath::Reference);
+      EXPECT_LE(max_ulps(yf, yr), 2) << n;
+      const at::Tensor s = residual ? (x + r).to(torch::kDouble) : x.to(torch::kDouble);
+      const at::Tensor u = (dy * w).to(torch::kDouble);
+      const at::Tensor rs = torch::rsqrt(s.pow(2).mean(-1, true) + 1e-5);
+      const at::Tensor scale = rs * u.abs() + s.abs() * (rs.pow(3) * (u * s).mean(-1, true)).abs();
+      const at::Tensor a = gf.to(torch::kDouble), b = gr.to(torch::kDouble);
+      EXPECT_EQ((a - b).abs().gt(b.abs() / 128 + scale * 1e-5).sum().item<int64_t>(), 0)
+          << "n " << n << " residual " << residual << ": largest difference " << (a - b).abs().max().item<double>();
+      // deterministic
+      EXPECT_TRUE(torch::equal(grads(KernelPath::Fused).second, gf));
+    }
+  }
+}
+
 TEST(DecodeStepKernels, FallBackWhereTheyDoNotApply) {
   // float32, or a tensor that requires grad: the reference runs (any device).
   const c10::Device dev = torch::cuda::is_available() ? c10::Device(torch::kCUDA) : c10::Device(torch::kCPU);
