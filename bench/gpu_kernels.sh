@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # GPU measurements of the fused training kernels wired into `kvdistill train` (bench/RESULTS.md), one stage per
 # call on the GPU machine (source .device/setup.sh first):
+#   bench/gpu_kernels.sh stage    (here, on the CPU machine) what the calls carry in the ignored .devdata/: packed
+#                                 Linux filesystem docs at 8K and 32K (long/docs-T.h5), the PyTorch reference step
+#                                 and SmolLM2's tokenizer files (ref/); carry .devdata with .device
 #   bench/gpu_kernels.sh build    kvdistill, the kernels' GoogleTests and the attention bench into build-gpu/
 #   bench/gpu_kernels.sh tests    the kernels' tests (fused vs reference, determinism) and forward_train's fused
 #                                 path against its reference path (tests/kernels/test_fused_forward_train.cpp)
@@ -48,6 +51,20 @@ PY
 }
 
 case "${1:-}" in
+  stage)
+    m=.cache/models/SmolLM2-135M-Instruct
+    [ -x build/kvdistill ] && [ -f "$m/tokenizer.json" ] && [ -d .cache/corpus/linux-doc/filesystems ] ||
+      { echo "stage: needs build/kvdistill and scripts/bootstrap.sh's model and corpus" >&2; exit 1; }
+    mkdir -p .devdata/long .devdata/ref
+    for T in ${STAGE_SEQS:-8192 32768}; do
+      [ -f .devdata/long/docs-$T.h5 ] || build/kvdistill prepare text --model "$m" \
+        --input .cache/corpus/linux-doc/filesystems --seq-len "$T" --progress never --out .devdata/long/docs-$T.h5
+    done
+    cp ../shared/bench/trimkv_ref_step.py .devdata/ref/ 2>/dev/null ||
+      echo "(no ../shared/bench/trimkv_ref_step.py: copy the PyTorch reference step to .devdata/ref/ by hand)"
+    cp "$m"/tokenizer*.json .devdata/ref/
+    du -sh .devdata
+    ;;
   build)
     cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$CMAKE_PREFIX_PATH" \
       >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
