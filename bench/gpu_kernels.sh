@@ -7,7 +7,9 @@
 #   bench/gpu_kernels.sh build    kvdistill, the kernels' GoogleTests and the attention bench into build-gpu/
 #   bench/gpu_kernels.sh tests    the kernels' tests (fused vs reference, determinism) and forward_train's fused
 #                                 path against its reference path (tests/kernels/test_fused_forward_train.cpp)
-#   bench/gpu_kernels.sh attn     the attention bench: ours vs SDPA flash (no bias), forward and forward+backward
+#   bench/gpu_kernels.sh attn     the attention bench: ours vs SDPA flash (no bias), forward and forward+backward, with
+#                                 the two-pass backward (the default) and the one-pass one (KVD_RA_BACKWARD=one-pass;
+#                                 `step` and `profile` take that variable too)
 #   bench/gpu_kernels.sh rows     the distillation losses' vocabulary work: the fused rows kernel against the
 #                                 LibTorch chain (bench_distill_rows), forward + backward over 8K rows
 #   bench/gpu_kernels.sh randmodel  writes a SmolLM2-135M-shaped Llama with random weights to $MODEL (HF format),
@@ -82,9 +84,18 @@ case "${1:-}" in
       grep -E "rel L2|relative|peak|kl |^\[  (PASSED|FAILED|SKIPPED)|Failure|Expected|Which is|which is|exception" \
         "$OUT/$b.log" | head -40
     done
+    # The one-pass backward (KVD_RA_BACKWARD=one-pass) through the same tests, determinism included.
+    for b in kvd_test_retention_attention kvd_test_fused_forward_train; do
+      t env KVD_RA_BACKWARD=one-pass build-gpu/$b >"$OUT/$b-one-pass.log" 2>&1
+      echo "$b (one-pass) rc=$?"
+      grep -E "rel L2|gate gradient|^\[  (PASSED|FAILED)|Failure|exception" "$OUT/$b-one-pass.log" | head -24
+    done
     ;;
   attn)
+    # The two backwards of kernels/retention_attention.h, one process each: two-pass (the default) and one-pass.
     build-gpu/bench_retention_attention --seqs "${SEQS:-8192,16384}" --csv "$OUT/attn.csv" 2>&1 | tee "$OUT/attn.log"
+    KVD_RA_BACKWARD=one-pass build-gpu/bench_retention_attention --seqs "${SEQS:-8192,16384}" \
+      --csv "$OUT/attn-one-pass.csv" 2>&1 | tee "$OUT/attn-one-pass.log"
     ;;
   rows)
     build-gpu/bench_distill_rows 2>&1 | tee "$OUT/rows.jsonl"

@@ -2,7 +2,9 @@
 // See kernels/retention_attention.h.
 #include "kernels/retention_attention.h"
 
+#include <cstdlib>
 #include <limits>
+#include <string>
 
 #include <torch/torch.h>
 
@@ -230,6 +232,14 @@ RetentionAttentionForward retention_attention_forward(const at::Tensor& q, const
 #endif
 }
 
+RetentionBackward backward_kind() {
+  static const RetentionBackward kind = [] {
+    const char* e = std::getenv("KVD_RA_BACKWARD");
+    return e && std::string(e) == "one-pass" ? RetentionBackward::OnePass : RetentionBackward::TwoPass;
+  }();
+  return kind;
+}
+
 RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v, const RetentionAttentionForward& fwd,
                                                      const at::Tensor& positions, const at::Tensor& doc_ids,
@@ -278,6 +288,13 @@ RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, con
   gr.dkey_rate = g.dkey_rate.defined() ? g.dkey_rate.data_ptr<float>() : nullptr;
   gr.dkey_log_mask = g.dkey_log_mask.defined() ? g.dkey_log_mask.data_ptr<float>() : nullptr;
   gr.delta = delta.data_ptr<float>();
+  at::Tensor dq_acc, dq_count;  // the one-pass backward's workspaces
+  if (do_dq && do_dkv && backward_kind() == RetentionBackward::OnePass) {
+    dq_acc = at::empty({p.d.B, p.d.H, p.d.S, p.d.D}, fopt);
+    dq_count = at::empty({p.d.B, p.d.H, (p.d.S + 63) / 64}, q.options().dtype(torch::kInt));
+    gr.dq_acc = dq_acc.data_ptr<float>();
+    gr.dq_count = dq_count.data_ptr<int32_t>();
+  }
   check_cuda(kernels::retention_attention_bwd(r, gr, c10::cuda::getCurrentCUDAStream().stream()), who);
   return g;
 #else

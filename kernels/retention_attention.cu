@@ -11,8 +11,11 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 // KVD_SIMT_EMULATION: the same kernel code compiled as host C++ against tests/kernels/simt_emulator.h (CPU tests
 // of the kernels; CI has no GPU). The launchers then live in kvd::kernels::emulated.
@@ -538,11 +541,141 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
 }
 
 // ------------------------------------------------------------------------------------------------------------
+// The one-pass backward's dQ (see dkv_kernel, DQ).
+
+// A fragments of a row-major swizzled tile whose rows are the K dimension and columns the M dimension (A = tileᵀ):
+// the transposing ldmatrix, matrices (m0.., k0..), (m0+8.., k0..), (m0.., k0+8..), (m0+8.., k0+8..).
+template <int W>
+__device__ __forceinline__ void ld_a_t(uint32_t (&a)[4], const bf16* t, int m0, int k0, int lane) {
+  ldsm_x4_t(a, t + swz<W>(k0 + (lane & 7) + (lane >> 4) * 8, m0 + ((lane >> 3) & 1) * 8));
+}
+
+#ifdef KVD_SIMT_EMULATION
+// CTAs run one after another in blockIdx order, so every key tile before this one has added already.
+inline void wait_count(const int* c, int want) {
+  if (*c != want) {
+    std::fprintf(stderr, "retention_attention one-pass dQ: count %d, want %d (CTA order broken)\n", *c, want);
+    std::abort();
+  }
+}
+inline void set_count(int* c, int v) { *c = v; }
+inline float ld_l2(const float* a) { return *a; }
+inline void st_l2(float* a, float v) { *a = v; }
+inline void fence() {}
+#else
+__device__ __forceinline__ void wait_count(const int* c, int want) {
+  while (*reinterpret_cast<const volatile int*>(c) != want) {
+  }
+  __threadfence();
+}
+__device__ __forceinline__ void set_count(int* c, int v) { *reinterpret_cast<volatile int*>(c) = v; }
+__device__ __forceinline__ float ld_l2(const float* a) { return __ldcg(a); }  // L2: other CTAs' adds
+__device__ __forceinline__ void st_l2(float* a, float v) { __stcg(a, v); }
+__device__ __forceinline__ void fence() { __threadfence(); }
+#endif
+
+// dS (this warp's 16 keys × BMQ queries, fp32 C fragments, transposed: rows = keys) of one (head h, query tile
+// qt): staged as bf16 dSᵀ, multiplied by the key tile (dQ rows of 16 queries per warp, 64 columns at a time), and
+// added to dq_acc after every visible key tile before this one (kt) has added.
+template <int D, int NW, int BMQ, bool MASKS>
+__device__ __forceinline__ void add_dq(const RetentionAttnParams& p, const RetentionAttnGrads& g, const bf16* sK,
+                                       bf16* sDS, const float (&dp)[BMQ / 8][4], int b, int h, int qt, int kt,
+                                       int warp, int lane) {
+  constexpr int BN = NW * 16;
+  const int q0 = qt * BMQ;
+#pragma unroll
+  for (int j = 0; j < BMQ / 8; ++j)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = warp * 16 + (lane >> 2) + 8 * hf, c = j * 8 + (lane & 3) * 2;
+      *reinterpret_cast<uint32_t*>(sDS + swz<BMQ>(r, c)) = pack_bf16(dp[j][2 * hf], dp[j][2 * hf + 1]);
+    }
+  // The visible key tiles before this one (contiguous runs are the common case, but any pattern is counted).
+  int want = kt;
+  if (MASKS) {
+    int hidden = 0;
+    for (int k = lane; k < kt; k += 32) hidden += tiles_invisible(p, b, q0, BMQ, k * BN, BN) ? 1 : 0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) hidden += __shfl_xor_sync(0xffffffffu, hidden, o);
+    want = kt - hidden;
+  }
+  int* count = g.dq_count + (static_cast<int64_t>(b) * p.H + h) * ((p.S + BMQ - 1) / BMQ) + qt;
+  __syncthreads();  // sDS complete
+  if (threadIdx.x == 0) wait_count(count, want);
+  __syncthreads();
+  float* acc_rows = g.dq_acc + (static_cast<int64_t>(b) * p.H + h) * p.S * D;
+#pragma unroll
+  for (int c0 = 0; c0 < D; c0 += 64) {
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < BN / 16; ++ks) {
+      uint32_t a[4];
+      ld_a_t<BMQ>(a, sDS, warp * 16, ks * 16, lane);
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bk[4];
+        ld_b_kn<D>(bk, sK, ks * 16, c0 + np * 16, lane);
+        mma16816(acc[2 * np], a, bk[0], bk[1]);
+        mma16816(acc[2 * np + 1], a, bk[2], bk[3]);
+      }
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = q0 + warp * 16 + (lane >> 2) + 8 * hf;
+      if (r >= p.S) continue;
+      float* row = acc_rows + static_cast<int64_t>(r) * D + c0 + (lane & 3) * 2;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        st_l2(row + j * 8, ld_l2(row + j * 8) + acc[j][2 * hf]);
+        st_l2(row + j * 8 + 1, ld_l2(row + j * 8 + 1) + acc[j][2 * hf + 1]);
+      }
+    }
+  }
+  fence();
+  __syncthreads();
+  if (threadIdx.x == 0) set_count(count, want + 1);
+}
+
+// dq = bf16(scale · dq_acc), one thread per pair of columns; and the zeroing of the accumulator and the counts.
+__global__ void dq_from_acc_kernel(const RetentionAttnParams p, const RetentionAttnGrads g) {
+  const int64_t pairs = static_cast<int64_t>(p.B) * p.H * p.S * (p.D / 2);
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < pairs;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = 2 * i;
+    const int c = static_cast<int>(e % p.D);
+    const int64_t row = e / p.D;  // (b · H + h) · S + s
+    const int s = static_cast<int>(row % p.S), bh = static_cast<int>(row / p.S);
+    const int b = bh / p.H, h = bh % p.H;
+    bf16* dst = static_cast<bf16*>(g.dq) + b * g.dq_sb + h * g.dq_sh + s * g.dq_ss + c;
+    *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(g.dq_acc[e] * p.scale, g.dq_acc[e + 1] * p.scale);
+  }
+}
+__global__ void zero_kernel(float* a, int64_t na, int* c, int64_t nc) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < na + nc;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (i < na) a[i] = 0.f;
+    else c[i - na] = 0;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------
 // dK, dV, dkey_rate, dkey_log_mask: one CTA per (key tile of NW·16 keys, KV head, batch), looping over the query
 // tiles (BMQ rows) of every query head of the group. Works on transposed scores Sᵀ = K·Qᵀ (rows = keys).
-template <int D, int NW, int BMQ, bool BIAS, bool MASKS>
+//
+// DQ (the one-pass backward): the CTA also forms dQ = dS·K for each query tile it visits, from dSᵀ staged in shared
+// memory, and adds it to the fp32 accumulator g.dq_acc in a fixed order: for each (head, query tile) the key tiles
+// that see it add in increasing order, each waiting until g.dq_count says that every visible key tile before it has
+// added (a key tile waits only on key tiles of lower blockIdx.x, dispatched before it, so the waits always end). The
+// query tiles are visited from the last down, heads innermost, so all the key tiles of a KV head reach a query tile
+// at about the same iteration and only the adds are serialized. dq_from_acc_kernel then scales and rounds.
+template <int D, int NW, int BMQ, bool BIAS, bool MASKS, bool DQ>
 __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams p, const RetentionAttnGrads g) {
   constexpr int BN = NW * 16, NT = NW * 32;
+  static_assert(!DQ || (BN == BMQ && BMQ == NW * 16), "the one-pass dQ takes square tiles, 16 query rows per warp");
   KVD_DYNAMIC_SMEM(smem);
   bf16* sK = reinterpret_cast<bf16*>(smem);
   bf16* sV = sK + BN * D;
@@ -552,6 +685,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
   int* sQdoc = reinterpret_cast<int*>(sQpos + 2 * BMQ);
   float* sLse2 = reinterpret_cast<float*>(sQdoc + 2 * BMQ);
   float* sDelta = sLse2 + 2 * BMQ;
+  bf16* sDS = reinterpret_cast<bf16*>(sDelta + 2 * BMQ);  // DQ: dSᵀ (BN keys × BMQ queries), swizzled rows of BMQ
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int k0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
@@ -579,10 +713,14 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
   const int qt0 = k0 / BMQ;  // causal: the first query that sees key k0 is row k0
   const int per_head = nqt - qt0;
   const int iters = G * per_head;
+  // Iteration it's head and query tile: every query tile of one head after the other, or (DQ) the query tiles from
+  // the last down with the heads of the group innermost.
+  auto head_of = [&](int it) { return hk * G + (DQ ? it % G : it / per_head); };
+  auto qtile_of = [&](int it) { return DQ ? nqt - 1 - it / G : qt0 + it % per_head; };
 
   auto load_q = [&](int it, int buf) {
-    const int h = hk * G + it / per_head;
-    const int q0 = (qt0 + it % per_head) * BMQ;
+    const int h = head_of(it);
+    const int q0 = qtile_of(it) * BMQ;
     const bf16* gq = static_cast<const bf16*>(p.q) + b * p.q_sb + h * p.q_sh;
     const bf16* gdo = static_cast<const bf16*>(g.dout) + b * g.do_sb + h * g.do_sh;
     load_tile<D, BMQ, NT>(sQ + buf * BMQ * D, gq, p.q_ss, q0, S);
@@ -602,7 +740,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
   // The next iteration at or after it whose query tile may see a key of this tile (the same for every head).
   auto next_it = [&](int it) {
     if (MASKS)
-      while (it < iters && tiles_invisible(p, b, (qt0 + it % per_head) * BMQ, BMQ, k0, BN)) ++it;
+      while (it < iters && tiles_invisible(p, b, qtile_of(it) * BMQ, BMQ, k0, BN)) ++it;
     return it;
   };
   int it = next_it(0);
@@ -637,7 +775,7 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
     const int* cdoc = sQdoc + buf * BMQ;
     const float* clse = sLse2 + buf * BMQ;
     const float* cdel = sDelta + buf * BMQ;
-    const int q0 = (qt0 + it % per_head) * BMQ;
+    const int q0 = qtile_of(it) * BMQ;
 
     // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (rows = this warp's 16 keys, cols = BMQ queries)
     float s[BMQ / 8][4], dp[BMQ / 8][4];
@@ -710,6 +848,8 @@ __global__ void __launch_bounds__(NW * 32) dkv_kernel(const RetentionAttnParams 
         mma16816(adk[2 * np + 1], as, bq[2], bq[3]);
       }
     }
+    if constexpr (DQ) add_dq<D, NW, BMQ, MASKS>(p, g, sK, sDS, dp, b, head_of(it), qtile_of(it), blockIdx.x, warp,
+                                                   lane);
     __syncthreads();
     it = it_next;
   }
@@ -755,8 +895,9 @@ constexpr size_t dq_smem() {
   return (2 * kDqNW * 16 * kDqMT * D + 4 * kDqBN * D) * sizeof(bf16) + 8 * kDqBN * 4;
 }
 template <int D>
-constexpr size_t dkv_smem() {
-  return (2 * kDkvNW * 16 * D + 4 * kDkvBMQ * D) * sizeof(bf16) + 8 * kDkvBMQ * 4;
+constexpr size_t dkv_smem(bool dq) {
+  return (2 * kDkvNW * 16 * D + 4 * kDkvBMQ * D) * sizeof(bf16) + 8 * kDkvBMQ * 4 +
+         (dq ? kDkvNW * 16 * kDkvBMQ * sizeof(bf16) : 0);
 }
 
 cudaError_t row_blocks_launch(const RetentionAttnParams& p, cudaStream_t st) {
@@ -787,20 +928,38 @@ cudaError_t bwd_launch(const RetentionAttnParams& p, const RetentionAttnGrads& g
     KVD_LAUNCH(delta_kernel, static_cast<unsigned>((rows * 32 + 255) / 256), 256, 0, st, p, g);
     if (cudaError_t e = KVD_LAST_ERROR(); e != cudaSuccess) return e;
   }
-  if (g.passes & kRetentionBwdDq) {
-  auto kdq = dq_kernel<D, kDqNW, kDqMT, kDqBN, BIAS, MASKS>;
-  constexpr size_t smq = dq_smem<D>();
-  if (cudaError_t e = allow_smem(kdq, smq); e != cudaSuccess) return e;
-  constexpr int BM = kDqNW * 16 * kDqMT;
-  KVD_LAUNCH(kdq, dim3((p.S + BM - 1) / BM, p.H, p.B), kDqNW * 32, smq, st, p, g);
-  if (cudaError_t e = KVD_LAST_ERROR(); e != cudaSuccess) return e;
+  // One pass: dQ accumulated by the dK/dV kernel itself (g.dq_acc given, both gradients wanted).
+  const bool one_pass = g.dq_acc && (g.passes & kRetentionBwdDq) && (g.passes & kRetentionBwdDkv);
+  if ((g.passes & kRetentionBwdDq) && !one_pass) {
+    auto kdq = dq_kernel<D, kDqNW, kDqMT, kDqBN, BIAS, MASKS>;
+    constexpr size_t smq = dq_smem<D>();
+    if (cudaError_t e = allow_smem(kdq, smq); e != cudaSuccess) return e;
+    constexpr int BM = kDqNW * 16 * kDqMT;
+    KVD_LAUNCH(kdq, dim3((p.S + BM - 1) / BM, p.H, p.B), kDqNW * 32, smq, st, p, g);
+    if (cudaError_t e = KVD_LAST_ERROR(); e != cudaSuccess) return e;
   }
   if (!(g.passes & kRetentionBwdDkv)) return cudaSuccess;
-  auto kkv = dkv_kernel<D, kDkvNW, kDkvBMQ, BIAS, MASKS>;
-  constexpr size_t smk = dkv_smem<D>();
-  if (cudaError_t e = allow_smem(kkv, smk); e != cudaSuccess) return e;
   constexpr int BN = kDkvNW * 16;
-  KVD_LAUNCH(kkv, dim3((p.S + BN - 1) / BN, p.Hkv, p.B), kDkvNW * 32, smk, st, p, g);
+  const dim3 grid((p.S + BN - 1) / BN, p.Hkv, p.B);
+  if (!one_pass) {
+    auto kkv = dkv_kernel<D, kDkvNW, kDkvBMQ, BIAS, MASKS, false>;
+    const size_t smk = dkv_smem<D>(false);
+    if (cudaError_t e = allow_smem(kkv, smk); e != cudaSuccess) return e;
+    KVD_LAUNCH(kkv, grid, kDkvNW * 32, smk, st, p, g);
+    return KVD_LAST_ERROR();
+  }
+  const int64_t n_acc = static_cast<int64_t>(p.B) * p.H * p.S * p.D;
+  const int64_t n_count = static_cast<int64_t>(p.B) * p.H * ((p.S + kDkvBMQ - 1) / kDkvBMQ);
+  KVD_LAUNCH(zero_kernel, static_cast<unsigned>(std::min<int64_t>((n_acc + n_count + 255) / 256, 4096)), 256, 0, st,
+             g.dq_acc, n_acc, g.dq_count, n_count);
+  if (cudaError_t e = KVD_LAST_ERROR(); e != cudaSuccess) return e;
+  auto kkv = dkv_kernel<D, kDkvNW, kDkvBMQ, BIAS, MASKS, true>;
+  const size_t smk = dkv_smem<D>(true);
+  if (cudaError_t e = allow_smem(kkv, smk); e != cudaSuccess) return e;
+  KVD_LAUNCH(kkv, grid, kDkvNW * 32, smk, st, p, g);
+  if (cudaError_t e = KVD_LAST_ERROR(); e != cudaSuccess) return e;
+  KVD_LAUNCH(dq_from_acc_kernel, static_cast<unsigned>(std::min<int64_t>((n_acc / 2 + 255) / 256, 4096)), 256, 0, st,
+             p, g);
   return KVD_LAST_ERROR();
 }
 

@@ -26,6 +26,9 @@
 //   * dQ kernel: one CTA per (batch, head, query tile), looping over key tiles; it recomputes P and dP.
 //   The recomputation (2 extra S×S products of the 7) is the price of determinism without a cross-CTA dQ
 //   reduction (atomics, or fp32 partials of size S·D per key tile).
+// The one-pass backward (RetentionAttnGrads::dq_acc) does that reduction instead, in a fixed order: the dK/dV
+// kernel forms each query tile's dS·K and adds it to an fp32 accumulator after the key tiles before it (a count per
+// query tile and head; 5 products instead of 7, plus the ordered adds). Still deterministic.
 #pragma once
 
 #include <cstdint>
@@ -78,6 +81,10 @@ struct RetentionAttnGrads {
   float* dkey_log_mask = nullptr;  // (B, H_kv, S) contiguous; written when key_log_mask is set (may be null)
   float* delta = nullptr;          // workspace (B, H, S) contiguous fp32
   int passes = kRetentionBwdAll;   // which passes run (bits below); dq needs delta, so does dk/dv
+  // The one-pass backward (when set and both dq and dk/dv are wanted): the dK/dV kernel also forms dQ and adds it,
+  // in a fixed order, into dq_acc; then dq = bf16(scale · dq_acc). Workspaces, zeroed by the launcher:
+  float* dq_acc = nullptr;    // (B, H, S, D) contiguous fp32
+  int32_t* dq_count = nullptr;  // (B, H, ceil(S / 64)) contiguous
 };
 
 // Forward: writes out and lse.

@@ -65,6 +65,13 @@ struct RetentionAttentionGrads {
   at::Tensor dkey_rate;            // (B, H_kv, S) float32, undefined without key_rate
   at::Tensor dkey_log_mask;        // (B, H_kv, S) float32, undefined without key_log_mask
 };
+// How the backward forms dQ when dK / dV are wanted too: TwoPass (the default) recomputes P and dP in a kernel of
+// its own; OnePass has the dK/dV kernel add dS·K into an fp32 accumulator in a fixed order (kernels/
+// retention_attention.cuh), 5 products instead of 7 at the cost of B·H·S·D·4 bytes of workspace. Both are
+// deterministic. Read once from the environment: KVD_RA_BACKWARD=one-pass (anything else, or unset: two-pass).
+enum class RetentionBackward { TwoPass, OnePass };
+RetentionBackward backward_kind();
+
 // passes: bit flags of the backward's passes, 1 = Δ (rowsum dout·out, needed by the others), 2 = dQ,
 // 4 = dK, dV, dkey_rate, dkey_log_mask. Grads of a pass that does not run stay undefined.
 RetentionAttentionGrads retention_attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,

@@ -32,7 +32,8 @@ double rel_l2(const at::Tensor& x, const at::Tensor& ref) {
   return den > 0 ? (a - r).norm().item<double>() / den : (a - r).norm().item<double>();
 }
 
-void run_case(const Case& c, uint64_t seed) {
+// one_pass: the backward's dQ added by the dK/dV kernel in a fixed order (RetentionAttnGrads::dq_acc).
+void run_case(const Case& c, uint64_t seed, bool one_pass = false) {
   torch::manual_seed(seed);
   auto bf = torch::TensorOptions().dtype(torch::kBFloat16);
   auto mk = [&](int64_t heads) {
@@ -87,6 +88,9 @@ void run_case(const Case& c, uint64_t seed) {
   g.dkey_rate = drate.data_ptr<float>();
   g.dkey_log_mask = dmask.data_ptr<float>();
   g.delta = delta.data_ptr<float>();
+  at::Tensor dq_acc = torch::full({c.B, c.H, c.S, c.D}, NAN), dq_count = torch::full({c.B, c.H, (c.S + 63) / 64}, -5,
+                                                                                        torch::kInt);
+  if (one_pass) g.dq_acc = dq_acc.data_ptr<float>(), g.dq_count = dq_count.data_ptr<int32_t>();
   ASSERT_EQ(ke::emulated::retention_attention_bwd(p, g, nullptr), cudaSuccess);
 
   // Reference (float64, autograd)
@@ -99,10 +103,14 @@ void run_case(const Case& c, uint64_t seed) {
   const double e_out = rel_l2(out, ref), e_dq = rel_l2(dq, qr.grad()), e_dk = rel_l2(dk, kr.grad()),
                e_dv = rel_l2(dv, vr.grad());
   const double e_dr = c.rate ? rel_l2(drate, rr.grad()) : 0.0, e_dm = c.mask ? rel_l2(dmask, mr.grad()) : 0.0;
-  std::printf("  emulated B=%ld H=%ld Hkv=%ld S=%ld D=%ld rate=%d mask=%d docs=%d window=%ld noncontig=%d "
+  std::printf("  emulated%s B=%ld H=%ld Hkv=%ld S=%ld D=%ld rate=%d mask=%d docs=%d window=%ld noncontig=%d "
               "mask_delay=%ld | rel L2: out %.2e dq %.2e dk %.2e dv %.2e dkey_rate %.2e dkey_log_mask %.2e\n",
-              (long)c.B, (long)c.H, (long)c.Hkv, (long)c.S, (long)c.D, c.rate, c.mask, c.docs, (long)c.window,
-              c.noncontig, (long)c.mask_delay, e_out, e_dq, e_dk, e_dv, e_dr, e_dm);
+              one_pass ? " one-pass" : "", (long)c.B, (long)c.H, (long)c.Hkv, (long)c.S, (long)c.D, c.rate, c.mask,
+              c.docs, (long)c.window, c.noncontig, (long)c.mask_delay, e_out, e_dq, e_dk, e_dv, e_dr, e_dm);
+  if (one_pass) {
+    // Every query tile of every head was added to by each key tile that sees it, once.
+    EXPECT_TRUE(torch::all(dq_count.ge(1)).item<bool>()) << dq_count;
+  }
   EXPECT_LT(e_out, 1e-2);
   EXPECT_LT(e_dq, 2e-2);
   EXPECT_LT(e_dk, 2e-2);
@@ -137,5 +145,19 @@ TEST(RetentionAttentionEmulated, DelayedLogMask) {
 }
 
 TEST(RetentionAttentionEmulated, SkippedTilesWindow) { run_case({1, 2, 2, 300, 64, true, false, false, 40, false}, 6); }
+
+// The one-pass backward: dQ added in key-tile order by the dK/dV kernel, over several key and query tiles, GQA,
+// both head dims, and key tiles that skip query tiles (documents, windows), whose count of earlier visible key tiles
+// decides when each adds.
+TEST(RetentionAttentionEmulated, OnePassBackward) {
+  run_case({1, 2, 1, 19, 64, true, true, false, 0, false}, 11, true);
+  run_case({2, 4, 2, 70, 128, true, true, true, 9, true}, 12, true);
+  run_case({1, 3, 1, 200, 64, true, true, true, 50, true}, 13, true);
+  run_case({1, 2, 2, 150, 64, false, false, false, 0, false}, 14, true);
+}
+TEST(RetentionAttentionEmulated, OnePassBackwardSkippedTiles) {
+  run_case({1, 2, 1, 300, 64, true, true, true, 0, false}, 15, true);
+  run_case({1, 2, 2, 300, 64, true, false, false, 40, false}, 16, true);
+}
 
 }  // namespace
