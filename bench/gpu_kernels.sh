@@ -20,11 +20,14 @@
 #                                 (../shared/bench/trimkv_ref_step.py, flex_attention, no capacity loss) at each
 #                                 length of STEP_SEQS; tokens/s, peak memory and the ratios
 #   bench/gpu_kernels.sh profile  the sections of a fused step at PROFILE_T (default 8192) under KVD_PROFILE=1
+#   bench/gpu_kernels.sh session  one call's worth (about 6 minutes): build, tests, randmodel, `step` at 8K with the
+#                                 two-pass backward and again with the one-pass one, then `attn` at 8K (both)
 #   bench/gpu_kernels.sh loss50   50 training steps with train.kernels=fused and =reference from the same seed:
 #                                 the largest relative difference of the loss and of each term
 # Inputs (env): MODEL (default /root/model), LONG (dir of docs-<T>.h5, default .devdata/long), W (work dir,
 # default /root/kern), STEP_SEQS (default 4096 8192 16384 32768), REF_STEP (the reference script, default
-# .devdata/ref/trimkv_ref_step.py, a copy of ../shared/bench/trimkv_ref_step.py), OUT (logs).
+# .devdata/ref/trimkv_ref_step.py, a copy of ../shared/bench/trimkv_ref_step.py), REF_PATH (0: `step` skips
+# train.kernels=reference, which needs about 121 GB at 8K), OUT (logs). `randmodel` writes over $MODEL.
 set -uo pipefail
 MODEL=${MODEL:-/root/model}
 LONG=${LONG:-.devdata/long}
@@ -123,7 +126,11 @@ PY
     printf "%-7s %-28s %-28s %-28s %s\n" T "fused: tok/s MiB loss" "reference: tok/s MiB loss" "PyTorch step: tok/s MiB" "fused / PyTorch"
     for T in $STEP_SEQS; do
       f=$(train_run "$W/step-fused-$T" "$LONG/docs-$T.h5" 10 train.kernels=fused)
-      if [ "$T" -le 8192 ]; then r=$(train_run "$W/step-ref-$T" "$LONG/docs-$T.h5" 6 train.kernels=reference); else r="-"; fi
+      if [ "$T" -le 8192 ] && [ "${REF_PATH:-1}" = 1 ]; then
+        r=$(train_run "$W/step-ref-$T" "$LONG/docs-$T.h5" 6 train.kernels=reference)
+      else
+        r="-"
+      fi
       p=""
       case " $REF_SEQS " in *" $T "*) p=$(timeout 240 python3 "$REF_STEP" "$T" 2>"$W/ref-$T.err" | tail -1) ;; esac
       [ -n "$p" ] || p="failed: $(grep -m1 -E 'Error|error' "$W/ref-$T.err")"
@@ -145,6 +152,14 @@ except Exception: print("-")' "$f" "$pt")
     KVD_PROFILE=1 build-gpu/kvdistill train --config configs/trimkv-smollm2.yaml model.dir="$MODEL" \
       data.train="$LONG/docs-$T.h5" train.out_dir="$W/prof" train.steps=6 train.warmup=2 train.eval_every=0 \
       train.save_every=0 train.batch_size=1 train.grad_accum=1 train.progress=never --resume none 2>&1 | grep profile
+    ;;
+  session)
+    self=${BASH_SOURCE[0]}
+    bash "$self" build && bash "$self" tests && bash "$self" randmodel || exit 1
+    STEP_SEQS=8192 REF_SEQS=8192 REF_PATH=0 bash "$self" step
+    echo "== the same step with KVD_RA_BACKWARD=one-pass"
+    STEP_SEQS=8192 REF_SEQS=none REF_PATH=0 KVD_RA_BACKWARD=one-pass bash "$self" step
+    SEQS=8192 bash "$self" attn
     ;;
   loss50)
     data=${DATA:-.devdata/docs-2k.h5}
