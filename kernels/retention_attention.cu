@@ -106,11 +106,13 @@ __device__ __forceinline__ RowBounds row_bounds(const RetentionAttnParams& p, in
 }
 // True when no (query, key) pair of the two row ranges can be visible: their documents differ for sure, or every
 // pair is out of the window (pos_q - pos_k >= min pos_q - max pos_k >= w). Sound for any doc ids and positions.
-__device__ __forceinline__ bool tiles_invisible(const RetentionAttnParams& p, int b, int q0, int qn, int k0,
-                                                int kn) {
-  const RowBounds q = row_bounds(p, b, q0, qn), k = row_bounds(p, b, k0, kn);
+__device__ __forceinline__ bool bounds_invisible(const RetentionAttnParams& p, const RowBounds& q, const RowBounds& k) {
   if (p.doc && (q.dmax < k.dmin || k.dmax < q.dmin)) return true;
   return p.window > 0 && static_cast<int64_t>(q.pmin) - k.pmax >= p.window;
+}
+__device__ __forceinline__ bool tiles_invisible(const RetentionAttnParams& p, int b, int q0, int qn, int k0,
+                                                int kn) {
+  return bounds_invisible(p, row_bounds(p, b, q0, qn), row_bounds(p, b, k0, kn));
 }
 
 // ------------------------------------------------------------------------------------------------------------
@@ -590,11 +592,13 @@ __device__ __forceinline__ void add_dq(const RetentionAttnParams& p, const Reten
       const int r = warp * 16 + (lane >> 2) + 8 * hf, c = j * 8 + (lane & 3) * 2;
       *reinterpret_cast<uint32_t*>(sDS + swz<BMQ>(r, c)) = pack_bf16(dp[j][2 * hf], dp[j][2 * hf + 1]);
     }
-  // The visible key tiles before this one (contiguous runs are the common case, but any pattern is counted).
+  // The visible key tiles before this one (contiguous runs are the common case, but any pattern is counted), by
+  // warp 0, for thread 0.
   int want = kt;
-  if (MASKS) {
+  if (MASKS && warp == 0) {
+    const RowBounds qb = row_bounds(p, b, q0, BMQ);
     int hidden = 0;
-    for (int k = lane; k < kt; k += 32) hidden += tiles_invisible(p, b, q0, BMQ, k * BN, BN) ? 1 : 0;
+    for (int k = lane; k < kt; k += 32) hidden += bounds_invisible(p, qb, row_bounds(p, b, k * BN, BN)) ? 1 : 0;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) hidden += __shfl_xor_sync(0xffffffffu, hidden, o);
     want = kt - hidden;
