@@ -62,7 +62,19 @@ bool dense_rows(const at::Tensor& x) { return x.dim() >= 1 && x.stride(-1) == 1 
 
 #ifdef KVD_WITH_RA_KERNEL
 void launch_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w, double eps,
-                     const at::Tensor& sum, const at::Tensor& y);
+                     const at::Tensor& sum, const at::Tensor& y) {
+  c10::cuda::CUDAGuard guard(x.device());
+  kernels::RmsNormArgs a;
+  a.x = in_bits(x);
+  a.residual = residual.defined() ? in_bits(residual) : nullptr;
+  a.w = in_bits(w);
+  a.sum = sum.defined() ? out_bits(sum) : nullptr;
+  a.y = out_bits(y);
+  a.n = static_cast<int>(x.size(-1));
+  a.rows = x.numel() / x.size(-1);
+  a.eps = static_cast<float>(eps);
+  check_launch(kernels::rms_norm(a, stream_of(x)), "rms_norm");
+}
 
 // Training: the forward kernel, and the gradient to x by kernels::rms_norm_bwd (w is frozen: no gradient).
 struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
@@ -104,20 +116,6 @@ bool rms_norm_grad_kernels_apply(const at::Tensor& x, const at::Tensor& w) {
          x.size(-1) <= std::numeric_limits<int>::max();
 }
 
-void launch_rms_norm(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& w, double eps,
-                     const at::Tensor& sum, const at::Tensor& y) {
-  c10::cuda::CUDAGuard guard(x.device());
-  kernels::RmsNormArgs a;
-  a.x = in_bits(x);
-  a.residual = residual.defined() ? in_bits(residual) : nullptr;
-  a.w = in_bits(w);
-  a.sum = sum.defined() ? out_bits(sum) : nullptr;
-  a.y = out_bits(y);
-  a.n = static_cast<int>(x.size(-1));
-  a.rows = x.numel() / x.size(-1);
-  a.eps = static_cast<float>(eps);
-  check_launch(kernels::rms_norm(a, stream_of(x)), "rms_norm");
-}
 #endif
 
 }  // namespace

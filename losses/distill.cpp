@@ -11,21 +11,19 @@
 namespace kvd {
 namespace {
 
-enum class NeedGrad { No, Yes };
-
-// Per block: sums of KL and CE over the block's rows, and (NeedGrad::Yes) d(sum)/d(student rows) for each.
+// Per block: sums of KL and CE over the block's rows, and (RowGrads::Yes) d(sum)/d(student rows) for each.
 struct BlockedDistillFn : public torch::autograd::Function<BlockedDistillFn> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const at::Tensor& student_rows,  // (N, d) valid rows only
                                                 const at::Tensor& teacher_rows,  // (N, d)
                                                 const at::Tensor& targets,       // (N) int64
-                                                const LogitsFn& logits, int64_t block, NeedGrad need,
+                                                const LogitsFn& logits, int64_t block, RowGrads need,
                                                 KernelPath kernels) {
     const int64_t N = student_rows.size(0);
     auto f32 = student_rows.options().dtype(torch::kFloat);
     at::Tensor kl_sum = torch::zeros({}, f32), ce_sum = torch::zeros({}, f32);  // ()
     at::Tensor g_kl, g_ce;  // (N, d) float32
-    if (need == NeedGrad::Yes) {
+    if (need == RowGrads::Yes) {
       g_kl = torch::zeros({N, student_rows.size(1)}, f32);
       g_ce = torch::zeros({N, student_rows.size(1)}, f32);
     }
@@ -37,13 +35,13 @@ struct BlockedDistillFn : public torch::autograd::Function<BlockedDistillFn> {
         torch::NoGradGuard no_grad;
         zt = logits(teacher_rows.narrow(0, r0, n));
       }
-      torch::AutoGradMode grad_mode(need == NeedGrad::Yes);
-      at::Tensor h = student_rows.narrow(0, r0, n).detach().requires_grad_(need == NeedGrad::Yes);  // (n, d)
+      torch::AutoGradMode grad_mode(need == RowGrads::Yes);
+      at::Tensor h = student_rows.narrow(0, r0, n).detach().requires_grad_(need == RowGrads::Yes);  // (n, d)
       at::Tensor raw = logits(h);                                  // (n, V) model dtype
       at::Tensor dkl, dce;                                         // (n, V) model dtype: d(sum)/d(raw)
       if (kernels == KernelPath::Fused && distill_rows_fused_available(raw) && zt.scalar_type() == raw.scalar_type()) {
         // One kernel for the vocabulary work (kernels/distill_rows.cuh); the chain below is its reference.
-        DistillRows rows = distill_rows_fused(zt, raw.detach(), tgt, need == NeedGrad::Yes ? RowGrads::Yes : RowGrads::No);
+        DistillRows rows = distill_rows_fused(zt, raw.detach(), tgt, need);
         torch::NoGradGuard no_grad;
         kl_sum += rows.kl.sum();
         ce_sum += rows.ce.sum();
@@ -60,14 +58,14 @@ struct BlockedDistillFn : public torch::autograd::Function<BlockedDistillFn> {
         torch::NoGradGuard no_grad;
         kl_sum += (p * (logp - logq)).sum();
         ce_sum -= logq.gather(1, tgt.unsqueeze(1)).sum();
-        if (need == NeedGrad::Yes) {
+        if (need == RowGrads::Yes) {
           // d/dlogits Σ KL = q − p;  d/dlogits Σ CE = q − onehot(target).
           at::Tensor q = logq.exp();                                              // (n, V)
           dkl = (q - p).to(raw.scalar_type());
           dce = q.scatter_add(1, tgt.unsqueeze(1), -torch::ones({n, 1}, q.options())).to(raw.scalar_type());
         }
       }
-      if (need == NeedGrad::Yes) {
+      if (need == RowGrads::Yes) {
         at::Tensor gk = torch::autograd::grad({raw}, {h}, {dkl}, /*retain_graph=*/true)[0];   // (n, d)
         at::Tensor gc = torch::autograd::grad({raw}, {h}, {dce}, /*retain_graph=*/false)[0];  // (n, d)
         torch::NoGradGuard no_grad;
@@ -138,7 +136,7 @@ DistillLosses distill_losses(const at::Tensor& teacher_hidden, const at::Tensor&
     out.ce = -logq.gather(1, targets.unsqueeze(1)).sum() / static_cast<double>(N);
     return out;
   }
-  const NeedGrad need = (s_rows.requires_grad() && torch::GradMode::is_enabled()) ? NeedGrad::Yes : NeedGrad::No;
+  const RowGrads need = (s_rows.requires_grad() && torch::GradMode::is_enabled()) ? RowGrads::Yes : RowGrads::No;
   auto r = BlockedDistillFn::apply(s_rows, t_rows, targets, logits, block_rows, need, kernels);
   out.kl = r[0];
   out.ce = r[1];
