@@ -20,14 +20,16 @@
 #                                 (../shared/bench/trimkv_ref_step.py, flex_attention, no capacity loss) at each
 #                                 length of STEP_SEQS; tokens/s, peak memory and the ratios
 #   bench/gpu_kernels.sh profile  the sections of a fused step at PROFILE_T (default 8192) under KVD_PROFILE=1
-#   bench/gpu_kernels.sh session  one call's worth (about 6 minutes): build, tests, randmodel, `step` at 8K with the
-#                                 two-pass backward and again with the one-pass one, then `attn` at 8K (both)
+#   bench/gpu_kernels.sh session  one call's worth (about 7 minutes): build, tests, randmodel, `step` at 8K with the
+#                                 two-pass backward, again with the one-pass one and with train.float32_matmul=ieee,
+#                                 then `attn` at 8K (both)
 #   bench/gpu_kernels.sh loss50   50 training steps with train.kernels=fused and =reference from the same seed:
 #                                 the largest relative difference of the loss and of each term
 # Inputs (env): MODEL (default /root/model), LONG (dir of docs-<T>.h5, default .devdata/long), W (work dir,
-# default /root/kern), STEP_SEQS (default 4096 8192 16384 32768), REF_STEP (the reference script, default
-# .devdata/ref/trimkv_ref_step.py, a copy of ../shared/bench/trimkv_ref_step.py), REF_PATH (0: `step` skips
-# train.kernels=reference, which needs about 121 GB at 8K), OUT (logs). `randmodel` writes over $MODEL.
+# default /root/kern), STEP_EXTRA (more `train` overrides for the fused step), STEP_SEQS (default 4096 8192 16384
+# 32768), REF_STEP (the reference script, default .devdata/ref/trimkv_ref_step.py, a copy of
+# ../shared/bench/trimkv_ref_step.py), REF_PATH (0: `step` skips train.kernels=reference, which needs about 121 GB
+# at 8K), OUT (logs). `randmodel` writes over $MODEL.
 set -uo pipefail
 MODEL=${MODEL:-/root/model}
 LONG=${LONG:-.devdata/long}
@@ -125,7 +127,7 @@ PY
     nvidia-smi --query-gpu=name --format=csv,noheader
     printf "%-7s %-28s %-28s %-28s %s\n" T "fused: tok/s MiB loss" "reference: tok/s MiB loss" "PyTorch step: tok/s MiB" "fused / PyTorch"
     for T in $STEP_SEQS; do
-      f=$(train_run "$W/step-fused-$T" "$LONG/docs-$T.h5" 10 train.kernels=fused)
+      f=$(train_run "$W/step-fused-$T" "$LONG/docs-$T.h5" 10 train.kernels=fused ${STEP_EXTRA:-})
       if [ "$T" -le 8192 ] && [ "${REF_PATH:-1}" = 1 ]; then
         r=$(train_run "$W/step-ref-$T" "$LONG/docs-$T.h5" 6 train.kernels=reference)
       else
@@ -159,6 +161,8 @@ except Exception: print("-")' "$f" "$pt")
     STEP_SEQS=8192 REF_SEQS=8192 REF_PATH=0 bash "$self" step
     echo "== the same step with KVD_RA_BACKWARD=one-pass"
     STEP_SEQS=8192 REF_SEQS=none REF_PATH=0 KVD_RA_BACKWARD=one-pass bash "$self" step
+    echo "== the same step (two-pass) with the gate's float32 products in full float32 (train.float32_matmul=ieee)"
+    STEP_SEQS=8192 REF_SEQS=none REF_PATH=0 STEP_EXTRA=train.float32_matmul=ieee bash "$self" step
     SEQS=8192 bash "$self" attn
     ;;
   loss50)

@@ -61,6 +61,9 @@ const std::vector<ConfigKey>& config_keys() {
       {"train.kernels", ValueType::String, "fused",
        "fused (on CUDA: the fused retention-biased attention and capacity kernels of kernels/, where they apply) "
        "| reference (the LibTorch reference paths; what CPU runs use either way)"},
+      {"train.float32_matmul", ValueType::String, "tf32",
+       "tf32 (on CUDA, the component's float32 matrix products use TF32 tensor cores, as PyTorch's "
+       "allow_tf32) | ieee (full float32)"},
       {"train.on_nonfinite", ValueType::String, "stop",
        "when a loss term or the gradient is NaN / Inf: stop (exit 1 naming the step and the term; the last "
        "checkpoint stays the latest) | skip (drop that step's update, count it, go on)"},
@@ -248,6 +251,9 @@ RunConfig from_values(const json& values) {
   const std::string kernels = S("train.kernels");
   one_of(kernels, "train.kernels", {"fused", "reference"});
   c.kernels = kernels == "reference" ? KernelPath::Reference : KernelPath::Fused;
+  const std::string f32 = S("train.float32_matmul");
+  one_of(f32, "train.float32_matmul", {"tf32", "ieee"});
+  c.float32_matmul = f32 == "ieee" ? Float32Matmul::Ieee : Float32Matmul::Tf32;
   one_of(c.dist_backend, "dist.backend", {"auto", "gloo", "nccl"});
   check(c.dist_timeout_s > 0, "dist.timeout_s", "must be > 0");
   check(c.bucket_mb > 0, "dist.bucket_mb", "must be > 0");

@@ -29,6 +29,13 @@ enum class NonFinite {
   Skip,  // drop the step's update (parameters and optimizer state unchanged), count it, continue
 };
 
+// How float32 matrix products run on CUDA during training (train.float32_matmul). The frozen model runs in
+// bf16 either way; what this changes is the component's own float32 layers (e.g. the retention gate's MLP).
+enum class Float32Matmul {
+  Ieee,  // full float32 (CUDA cores)
+  Tf32,  // tensor cores with TF32 inputs (10-bit mantissa) and float32 accumulation
+};
+
 // The keys every run has (model, data, component.kind, loss.block, train, dist). A component's own
 // `component.*` options and `loss.*` weights come from its registry entry (gates/components.h).
 const std::vector<ConfigKey>& config_keys();
@@ -74,6 +81,7 @@ struct RunConfig {
   ActivationCheckpointing activation_checkpointing = ActivationCheckpointing::None;
   NonFinite on_nonfinite = NonFinite::Stop;  // train.on_nonfinite: stop | skip
   KernelPath kernels = KernelPath::Fused;     // train.kernels: fused | reference
+  Float32Matmul float32_matmul = Float32Matmul::Tf32;  // train.float32_matmul: tf32 | ieee
   // dist
   std::string dist_backend;       // dist.backend: auto | gloo | nccl
   double dist_timeout_s = 300;    // dist.timeout_s

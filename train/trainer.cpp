@@ -235,6 +235,7 @@ TrainResult train(const RunConfig& c, const ResumeRequest& resume) {
     const SequenceSource& train_split = *data.train;
     torch::manual_seed(static_cast<uint64_t>(c.seed));
     if (device.is_cuda()) torch::cuda::manual_seed_all(static_cast<uint64_t>(c.seed));
+    at::globalContext().setAllowTF32CuBLAS(c.float32_matmul == Float32Matmul::Tf32);  // CUDA only; CPU ignores it
     std::shared_ptr<Component> component = build_component(c, model.config(), device);
     // The held-out check's budget: train.eval_budget, else the one the component trains for.
     const int64_t eval_budget = c.eval_budget > 0 ? c.eval_budget : component->budget() > 0 ? component->budget() : 128;
