@@ -172,6 +172,58 @@ at::Tensor rope_reference(const at::Tensor& x,    // (B, H, S, hd)
 // (B, heads, S, hd) whose memory is (B, S, heads, hd), as a projection's output viewed and transposed.
 bool token_major(const at::Tensor& x) { return x.dim() == 4 && x.transpose(1, 2).is_contiguous(); }
 
+#ifdef KVD_WITH_RA_KERNEL
+// The rope kernel over token-major q (B, H, S, hd) and k (B, H_kv, S, hd); returns both outputs as the buffers
+// (B, S, H, hd) and (B, S, H_kv, hd).
+std::pair<at::Tensor, at::Tensor> launch_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                              const at::Tensor& sin, kernels::RopePass pass) {
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), S = q.size(2), hd = q.size(3);
+  c10::cuda::CUDAGuard guard(q.device());
+  at::Tensor qo = at::empty({B, S, H, hd}, q.options()), ko = at::empty({B, S, Hkv, hd}, k.options());
+  kernels::RopeArgs a;
+  a.pass = pass;
+  a.q = in_bits(q);
+  a.k = in_bits(k);
+  a.cos = in_bits(cos);
+  a.sin = in_bits(sin);
+  a.q_out = out_bits(qo);
+  a.k_out = out_bits(ko);
+  a.tokens = B * S;
+  a.H = static_cast<int>(H);
+  a.Hkv = static_cast<int>(Hkv);
+  a.hd = static_cast<int>(hd);
+  check_launch(kernels::rope(a, stream_of(q)), pass == kernels::RopePass::Forward ? "rope" : "rope (backward)");
+  return {qo, ko};
+}
+
+// Training: the forward kernel, and the gradients to q and k by the same kernel's transposed pass (cos / sin are
+// not trained). Its outputs are the token-major buffers (B, S, heads, hd) themselves; the caller transposes them.
+struct RopeFn : public torch::autograd::Function<RopeFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+    ctx->save_for_backward({cos, sin});
+    auto [qo, ko] = launch_rope(q.detach(), k.detach(), cos, sin, kernels::RopePass::Forward);
+    ctx->saved_data["q_shape"] = qo.sizes().vec();
+    ctx->saved_data["k_shape"] = ko.sizes().vec();
+    return {qo, ko};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list g) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& cos = saved[0];
+    const at::Tensor& sin = saved[1];
+    // (B, S, heads, hd) contiguous; an output that received no gradient contributes zeros.
+    auto grad_of = [&](const at::Tensor& dy, const char* shape) {
+      return dy.defined() ? dy.to(cos.scalar_type()).contiguous()
+                          : at::zeros(ctx->saved_data[shape].toIntVector(), cos.options());
+    };
+    const at::Tensor dq = grad_of(g[0], "q_shape"), dk = grad_of(g[1], "k_shape");
+    auto [gq, gk] = launch_rope(dq.transpose(1, 2), dk.transpose(1, 2), cos, sin, kernels::RopePass::Backward);
+    return {gq.transpose(1, 2), gk.transpose(1, 2), at::Tensor(), at::Tensor()};  // q's and k's shapes and layouts
+  }
+};
+#endif
+
 }  // namespace
 
 std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
@@ -183,25 +235,18 @@ std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k,
                 cos.size(3) == q.size(3) && (cos.size(0) == q.size(0) || cos.size(0) == 1),
             "rope: cos / sin must be (B, 1, S, hd); got ", cos.sizes(), " for q ", q.sizes());
 #ifdef KVD_WITH_RA_KERNEL
-  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), S = q.size(2), hd = q.size(3);
-  if (path == KernelPath::Fused && q.numel() > 0 && row_kernels_apply({q, k, cos, sin}) && token_major(q) &&
-      token_major(k) && cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == B && hd <= 2048 &&
-      H + Hkv <= 65535) {
-    c10::cuda::CUDAGuard guard(q.device());
-    at::Tensor qo = at::empty({B, S, H, hd}, q.options()), ko = at::empty({B, S, Hkv, hd}, k.options());
-    kernels::RopeArgs a;
-    a.q = in_bits(q);
-    a.k = in_bits(k);
-    a.cos = in_bits(cos);
-    a.sin = in_bits(sin);
-    a.q_out = out_bits(qo);
-    a.k_out = out_bits(ko);
-    a.tokens = B * S;
-    a.H = static_cast<int>(H);
-    a.Hkv = static_cast<int>(Hkv);
-    a.hd = static_cast<int>(hd);
-    check_launch(kernels::rope(a, stream_of(q)), "rope");
+  const int64_t B = q.size(0), H = q.size(1), Hkv = k.size(1), hd = q.size(3);
+  const bool shapes = path == KernelPath::Fused && q.numel() > 0 && token_major(q) && token_major(k) &&
+                      cos.is_contiguous() && sin.is_contiguous() && cos.size(0) == B && hd <= 2048 && H + Hkv <= 65535;
+  if (shapes && row_kernels_apply({q, k, cos, sin})) {
+    auto [qo, ko] = launch_rope(q, k, cos, sin, kernels::RopePass::Forward);
     return {qo.transpose(1, 2), ko.transpose(1, 2)};  // (B, H, S, hd), (B, H_kv, S, hd)
+  }
+  // Training: q or k needs a gradient (cos / sin do not).
+  if (shapes && torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad()) &&
+      row_kernels_apply({q.detach(), k.detach(), cos, sin})) {
+    const torch::autograd::variable_list out = RopeFn::apply(q, k, cos, sin);  // (B, S, heads, hd)
+    return {out[0].transpose(1, 2), out[1].transpose(1, 2)};                    // (B, H, S, hd), (B, H_kv, S, hd)
   }
 #endif
   (void)path;
@@ -210,20 +255,59 @@ std::pair<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k,
 
 // ---- SiLU · up ------------------------------------------------------------------------------------------------
 
-at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u, KernelPath path) {
+namespace {
+
 #ifdef KVD_WITH_RA_KERNEL
-  if (path == KernelPath::Fused && g.numel() > 0 && row_kernels_apply({g, u}) && g.sizes() == u.sizes() &&
-      g.is_contiguous() && u.is_contiguous()) {
+at::Tensor launch_silu_mul(const at::Tensor& g, const at::Tensor& u) {  // contiguous, one shape
+  c10::cuda::CUDAGuard guard(g.device());
+  at::Tensor out = at::empty_like(g);
+  kernels::SiluMulArgs a;
+  a.g = in_bits(g);
+  a.u = in_bits(u);
+  a.out = out_bits(out);
+  a.n = g.numel();
+  check_launch(kernels::silu_mul(a, stream_of(g)), "silu_mul");
+  return out;
+}
+
+// Training: the forward kernel, and both gradients by kernels::silu_mul_bwd (saves g and u only; LibTorch's chain
+// also keeps silu(g)).
+struct SiluMulFn : public torch::autograd::Function<SiluMulFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& g, const at::Tensor& u) {
+    at::Tensor gd = g.detach(), ud = u.detach();
+    ctx->save_for_backward({gd, ud});
+    return launch_silu_mul(gd, ud);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &g = saved[0], &u = saved[1];
+    const at::Tensor dy = grads[0].to(g.scalar_type()).contiguous();  // (n)
+    at::Tensor dg = at::empty_like(g), du = at::empty_like(u);
     c10::cuda::CUDAGuard guard(g.device());
-    at::Tensor out = at::empty_like(g);
-    kernels::SiluMulArgs a;
+    kernels::SiluMulBwdArgs a;
     a.g = in_bits(g);
     a.u = in_bits(u);
-    a.out = out_bits(out);
+    a.dy = in_bits(dy);
+    a.dg = out_bits(dg);
+    a.du = out_bits(du);
     a.n = g.numel();
-    check_launch(kernels::silu_mul(a, stream_of(g)), "silu_mul");
-    return out;
+    check_launch(kernels::silu_mul_bwd(a, stream_of(g)), "silu_mul (backward)");
+    return {dg, du};
   }
+};
+#endif
+
+}  // namespace
+
+at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u, KernelPath path) {
+#ifdef KVD_WITH_RA_KERNEL
+  const bool shapes = path == KernelPath::Fused && g.numel() > 0 && g.sizes() == u.sizes() && g.is_contiguous() &&
+                      u.is_contiguous();
+  if (shapes && row_kernels_apply({g, u})) return launch_silu_mul(g, u);
+  if (shapes && torch::GradMode::is_enabled() && (g.requires_grad() || u.requires_grad()) &&
+      row_kernels_apply({g.detach(), u.detach()}))
+    return SiluMulFn::apply(g, u);
 #endif
   (void)path;
   return torch::silu(g) * u;

@@ -110,8 +110,13 @@ __global__ void rope_kernel(const kvd::kernels::RopeArgs a) {
   const uint16_t* c = a.cos + t * a.hd;
   const uint16_t* s = a.sin + t * a.hd;
   auto r = [](float v) { return bf16_to_float(to_bf16(v)); };
-  dst[row + i] = to_bf16(r(x1 * bf16_to_float(c[i])) + r(-x2 * bf16_to_float(s[i])));
-  dst[row + half + i] = to_bf16(r(x2 * bf16_to_float(c[half + i])) + r(x1 * bf16_to_float(s[half + i])));
+  if (a.pass == kvd::kernels::RopePass::Forward) {
+    dst[row + i] = to_bf16(r(x1 * bf16_to_float(c[i])) + r(-x2 * bf16_to_float(s[i])));
+    dst[row + half + i] = to_bf16(r(x2 * bf16_to_float(c[half + i])) + r(x1 * bf16_to_float(s[half + i])));
+  } else {  // x holds dy: the transpose of the map above
+    dst[row + i] = to_bf16(r(x1 * bf16_to_float(c[i])) + r(x2 * bf16_to_float(s[half + i])));
+    dst[row + half + i] = to_bf16(r(x2 * bf16_to_float(c[half + i])) + r(-x1 * bf16_to_float(s[i])));
+  }
 }
 
 constexpr int kElemThreads = 256;
@@ -122,6 +127,18 @@ __global__ void __launch_bounds__(kElemThreads) silu_mul_kernel(const kvd::kerne
     const float g = bf16_to_float(a.g[i]);
     const float s = bf16_to_float(to_bf16(g / (1.f + ex(-g))));
     a.out[i] = to_bf16(s * bf16_to_float(a.u[i]));
+  }
+}
+
+__global__ void __launch_bounds__(kElemThreads) silu_mul_bwd_kernel(const kvd::kernels::SiluMulBwdArgs a) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kElemThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kElemThreads + threadIdx.x; i < a.n; i += stride) {
+    const float g = bf16_to_float(a.g[i]), dy = bf16_to_float(a.dy[i]);
+    const float sig = 1.f / (1.f + ex(-g));
+    const float s = bf16_to_float(to_bf16(g / (1.f + ex(-g))));  // the forward's rounded silu(g)
+    a.du[i] = to_bf16(dy * s);
+    const float t = bf16_to_float(to_bf16(dy * bf16_to_float(a.u[i])));
+    a.dg[i] = to_bf16(t * sig * (1.f + g * (1.f - sig)));
   }
 }
 
@@ -172,6 +189,15 @@ cudaError_t silu_mul(const kvd::kernels::SiluMulArgs& a, cudaStream_t stream) {
   const int64_t want = (a.n + kElemThreads - 1) / kElemThreads;
   const unsigned blocks = static_cast<unsigned>(want < 4096 ? want : 4096);
   KVD_LAUNCH(silu_mul_kernel, dim3(blocks), dim3(kElemThreads), 0, stream, a);
+  return KVD_LAST_ERROR();
+}
+
+cudaError_t silu_mul_bwd(const kvd::kernels::SiluMulBwdArgs& a, cudaStream_t stream) {
+  if (a.n < 0 || (a.n > 0 && (!a.g || !a.u || !a.dy || !a.dg || !a.du))) return cudaErrorInvalidValue;
+  if (a.n == 0) return cudaSuccess;
+  const int64_t want = (a.n + kElemThreads - 1) / kElemThreads;
+  const unsigned blocks = static_cast<unsigned>(want < 4096 ? want : 4096);
+  KVD_LAUNCH(silu_mul_bwd_kernel, dim3(blocks), dim3(kElemThreads), 0, stream, a);
   return KVD_LAST_ERROR();
 }
 

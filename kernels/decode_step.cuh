@@ -11,8 +11,12 @@
 //                 dx = bf16(r · u − x · r³ · mean(u · x)), the function LibTorch's autograd computes through the
 //                 reference chain (there in several fp32 ops, here in one pass; up to a few units apart).
 //   rope          the HF half-split rotation of q and k in one launch: out = bf16(bf16(x · cos) + bf16(rot(x) · sin)),
-//                 rot(x) = (−x₂, x₁). Bitwise equal to LibTorch's chain.
+//                 rot(x) = (−x₂, x₁). Bitwise equal to LibTorch's chain. RopePass::Backward runs the transposed
+//                 map on the gradients for training: dx₁ = bf16(bf16(dy₁ · cos₁) + bf16(dy₂ · sin₂)),
+//                 dx₂ = bf16(bf16(dy₂ · cos₂) + bf16(−dy₁ · sin₁)), as LibTorch's autograd rounds it.
 //   silu_mul      out = bf16(bf16(silu(g)) · u). silu(g) = g / (1 + exp(−g)) in fp32, as LibTorch computes it.
+//   silu_mul_bwd  its gradients for training: du = bf16(dy · bf16(silu(g))), and with t = bf16(dy · u),
+//                 dg = bf16(t · σ(g) · (1 + g · (1 − σ(g)))) (LibTorch's silu_backward in fp32).
 //   decode_append one entry per (request, KV head) written at slot start[s] + len[s] of flat K / V / position
 //                 storages, then len[s] += 1, all on the device (CUDA graphs replay it).
 //
@@ -48,7 +52,13 @@ struct RmsNormBwdArgs {
 };
 cudaError_t rms_norm_bwd(const RmsNormBwdArgs& a, cudaStream_t stream);
 
+enum class RopePass {
+  Forward,   // q_out = rope(q), k_out = rope(k)
+  Backward,  // q / k hold the gradients of rope's outputs; q_out / k_out get the gradients of its inputs
+};
+
 struct RopeArgs {
+  RopePass pass = RopePass::Forward;
   const uint16_t* q = nullptr;    // (tokens, H, hd)
   const uint16_t* k = nullptr;    // (tokens, H_kv, hd)
   const uint16_t* cos = nullptr;  // (tokens, hd)
@@ -67,6 +77,16 @@ struct SiluMulArgs {
   int64_t n = 0;
 };
 cudaError_t silu_mul(const SiluMulArgs& a, cudaStream_t stream);
+
+struct SiluMulBwdArgs {
+  const uint16_t* g = nullptr;   // (n) the forward's inputs
+  const uint16_t* u = nullptr;   // (n)
+  const uint16_t* dy = nullptr;  // (n) gradient of out
+  uint16_t* dg = nullptr;        // (n)
+  uint16_t* du = nullptr;        // (n)
+  int64_t n = 0;
+};
+cudaError_t silu_mul_bwd(const SiluMulBwdArgs& a, cudaStream_t stream);
 
 struct DecodeAppendArgs {
   const uint16_t* k = nullptr;    // (B, H_kv, hd) this step's keys

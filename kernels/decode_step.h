@@ -4,9 +4,10 @@
 // reference, which is the code the decoder has always run (HF's rounding order; autograd works through it).
 //
 // The fused kernels apply to a CUDA build, CUDA bf16 tensors, no tensor that requires grad, and the layouts
-// stated per op; they never synchronize, so a CUDA graph can capture them. RMSNorm also has a training form: where x
-// needs a gradient (grad mode on, x contiguous, w frozen), Fused runs the same forward kernel and its backward kernel
-// (kernels::rms_norm_bwd) through autograd; the other ops fall back to their references whenever a gradient is needed.
+// stated per op; they never synchronize, so a CUDA graph can capture them. RMSNorm, RoPE and SiLU · up also have a
+// training form: where an input needs a gradient under grad mode (RMSNorm's w, RoPE's cos / sin frozen), Fused runs
+// the same forward kernel and a backward kernel through autograd (kernels::rms_norm_bwd, rope's transposed pass,
+// kernels::silu_mul_bwd). The append never takes gradients.
 #pragma once
 
 #include <utility>

@@ -87,8 +87,8 @@ struct LayerQKV {
 using AttendFn = std::function<at::Tensor(const LayerQKV&)>;
 
 // The small row ops of inference (RMSNorm with the residual add, RoPE, SiLU · up) at prefill, extra rows and decode
-// steps: one fused kernel each where it applies (kernels/decode_step.h: CUDA bf16, no tensor requiring grad, so rows
-// trained through take the reference), the reference elsewhere. A prefill layer's reference path is about 25
+// steps: one fused kernel each where it applies (kernels/decode_step.h: CUDA bf16; rows trained through run the
+// kernels' training forms), the reference elsewhere. A prefill layer's reference path is about 25
 // LibTorch ops more, and an eval's prefills are launch-bound.
 constexpr KernelPath kInferenceRowOps = KernelPath::Fused;
 
@@ -96,8 +96,8 @@ constexpr KernelPath kInferenceRowOps = KernelPath::Fused;
 // norm, RoPE (cos / sin (B, 1, S, hd)), the attention `attend` computes, the output projection, the residual
 // and the MLP. x (B, S, d) is the layer input, h (B, S, d) = rms_norm(x, input_norm). Returns the layer output.
 // ops: KernelPath::Fused runs RMSNorm (with the residual add), RoPE and SiLU · up as one kernel each where they
-// apply (kernels/decode_step.h: CUDA bf16 without gradients, and RMSNorm with its backward kernel where x needs a
-// gradient); inference and the training forwards (train.kernels) take it.
+// apply (kernels/decode_step.h: CUDA bf16, with backward kernels where an input needs a gradient); inference and
+// the training forwards (train.kernels) take it.
 at::Tensor decoder_layer(const LayerWeights& lw, const LayerLora& lora, const LoraRows* lr, const at::Tensor& cos,
                          const at::Tensor& sin, int64_t H, int64_t Hkv, int64_t hd, bool qk_norm, double eps,
                          const at::Tensor& x_in, const at::Tensor& h, const AttendFn& attend,

@@ -97,6 +97,60 @@ TEST(DecodeStepEmulated, RopeIsBitwiseTheReference) {
   }
 }
 
+// RoPE's backward pass (training): the gradients autograd computes through the LibTorch reference chain on the same
+// bf16 inputs, bitwise, and the float64 transpose within one rounding.
+TEST(DecodeStepEmulated, RopeBackwardIsBitwiseAutogradThroughTheReference) {
+  for (int64_t hd : {64, 128}) {
+    const int64_t B = 2, S = 3, H = 4, Hkv = 2;
+    const at::Tensor dqm = bf16_randn({B, S, H, hd}, 40 + hd), dkm = bf16_randn({B, S, Hkv, hd}, 41 + hd);
+    const at::Tensor ang = torch::rand({B, 1, S, hd / 2}, at::detail::createCPUGenerator(42), torch::kDouble) * 100;
+    const at::Tensor cos = torch::cat({ang, ang}, -1).cos().to(torch::kFloat).to(torch::kBFloat16);
+    const at::Tensor sin = torch::cat({ang, ang}, -1).sin().to(torch::kFloat).to(torch::kBFloat16);
+    at::Tensor gq = torch::full({B, S, H, hd}, NAN).to(torch::kBFloat16);
+    at::Tensor gk = torch::full({B, S, Hkv, hd}, NAN).to(torch::kBFloat16);
+    kvd::kernels::RopeArgs a;
+    a.pass = kvd::kernels::RopePass::Backward;
+    a.q = in(dqm), a.k = in(dkm), a.cos = in(cos), a.sin = in(sin), a.q_out = out(gq), a.k_out = out(gk);
+    a.tokens = B * S, a.H = H, a.Hkv = Hkv, a.hd = static_cast<int>(hd);
+    ASSERT_EQ(emu::rope(a, nullptr), cudaSuccess);
+    const at::Tensor q = bf16_randn({B, H, S, hd}, 43).requires_grad_(true);
+    const at::Tensor k = bf16_randn({B, Hkv, S, hd}, 44).requires_grad_(true);
+    const auto [qr, kr] = kvd::rope(q, k, cos, sin);
+    torch::autograd::backward({qr, kr}, {dqm.transpose(1, 2), dkm.transpose(1, 2)});
+    EXPECT_EQ(max_ulps(gq.transpose(1, 2), q.grad()), 0) << "hd " << hd;
+    EXPECT_EQ(max_ulps(gk.transpose(1, 2), k.grad()), 0) << "hd " << hd;
+    // float64: dx = dy·cos − rotate_half(dy·sin) with rotate_half(z) = (−z₂, z₁), i.e. the rotation by −angle.
+    const at::Tensor dy = dqm.transpose(1, 2).to(torch::kDouble), c = cos.to(torch::kDouble), s = sin.to(torch::kDouble);
+    const at::Tensor z = dy * s;
+    const at::Tensor rz = torch::cat({-z.narrow(-1, hd / 2, hd / 2), z.narrow(-1, 0, hd / 2)}, -1);
+    const at::Tensor ref = dy * c - rz;
+    const at::Tensor got = gq.transpose(1, 2).to(torch::kDouble);
+    EXPECT_LE((got - ref).abs().max().item<double>(), 3 * (dy.abs() * (c.abs() + s.abs())).max().item<double>() / 256)
+        << "hd " << hd;
+  }
+}
+
+// SiLU · up's backward (training): against autograd through the LibTorch chain (bf16, CPU) within 1 bf16 unit (exp
+// and the product's order), and against float64 from the same rounded intermediate values within 2⁻⁸ relative.
+TEST(DecodeStepEmulated, SiluMulBackwardMatchesAutogradAndFloat64) {
+  const int64_t n = 1537;
+  const at::Tensor g = bf16_randn({n}, 50, 4.0), u = bf16_randn({n}, 51, 2.0), dy = bf16_randn({n}, 52, 0.5);
+  at::Tensor dg = torch::full({n}, NAN).to(torch::kBFloat16), du = torch::full({n}, NAN).to(torch::kBFloat16);
+  kvd::kernels::SiluMulBwdArgs a;
+  a.g = in(g), a.u = in(u), a.dy = in(dy), a.dg = out(dg), a.du = out(du), a.n = n;
+  ASSERT_EQ(emu::silu_mul_bwd(a, nullptr), cudaSuccess);
+  const at::Tensor gg = g.clone().requires_grad_(true), ug = u.clone().requires_grad_(true);
+  kvd::silu_mul(gg, ug).backward(dy);
+  EXPECT_LE(max_ulps(dg, gg.grad()), 1);
+  EXPECT_LE(max_ulps(du, ug.grad()), 1);
+  const at::Tensor gd = g.to(torch::kDouble), sig = torch::sigmoid(gd);
+  const at::Tensor t = (dy * u).to(torch::kDouble);  // bf16(dy · u), as the chain rounds it
+  const at::Tensor ref_dg = t * sig * (1 + gd * (1 - sig));
+  EXPECT_LE(((dg.to(torch::kDouble) - ref_dg).abs() - ref_dg.abs() / 256).max().item<double>(), 1e-6);
+  // A mutation check on the hand-derived formula: silu's derivative is not σ alone.
+  EXPECT_GT((dg.to(torch::kDouble) - t * sig).abs().max().item<double>(), 0.1);
+}
+
 TEST(DecodeStepEmulated, SiluMulMatchesTheReference) {
   const int64_t n = 1537;  // several CTAs, a ragged tail
   const at::Tensor g = bf16_randn({n}, 20, 4.0), u = bf16_randn({n}, 21, 2.0);
@@ -140,6 +194,9 @@ TEST(DecodeStepEmulated, RefusesBadShapes) {
   kvd::kernels::RmsNormArgs n;
   n.rows = 1, n.n = 8, n.residual = reinterpret_cast<const uint16_t*>(&n);  // a residual without its sum
   EXPECT_EQ(emu::rms_norm(n, nullptr), cudaErrorInvalidValue);
+  kvd::kernels::SiluMulBwdArgs sb;
+  sb.n = 8;  // no tensors
+  EXPECT_EQ(emu::silu_mul_bwd(sb, nullptr), cudaErrorInvalidValue);
   kvd::kernels::RmsNormBwdArgs nb;
   nb.rows = 1, nb.n = 8;  // no tensors
   EXPECT_EQ(emu::rms_norm_bwd(nb, nullptr), cudaErrorInvalidValue);
