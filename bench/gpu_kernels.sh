@@ -2,7 +2,7 @@
 # GPU measurements of the fused training kernels wired into `kvdistill train` (bench/RESULTS.md), one stage per
 # call on the GPU machine (source .device/setup.sh first):
 #   bench/gpu_kernels.sh stage    (here, on the CPU machine) what the calls carry in the ignored .devdata/: packed
-#                                 Linux filesystem docs at 8K and 32K (long/docs-T.h5), the PyTorch reference step
+#                                 Linux filesystem docs at 2K, 8K and 32K (long/docs-T.h5), the PyTorch reference step
 #                                 and SmolLM2's tokenizer files (ref/); carry .devdata with .device
 #   bench/gpu_kernels.sh build    kvdistill, the kernels' GoogleTests and the attention bench into build-gpu/
 #   bench/gpu_kernels.sh tests    the kernels' tests (fused vs reference, determinism) and forward_train's fused
@@ -63,7 +63,7 @@ case "${1:-}" in
     [ -x build/kvdistill ] && [ -f "$m/tokenizer.json" ] && [ -d .cache/corpus/linux-doc/filesystems ] ||
       { echo "stage: needs build/kvdistill and scripts/bootstrap.sh's model and corpus" >&2; exit 1; }
     mkdir -p .devdata/long .devdata/ref
-    for T in ${STAGE_SEQS:-8192 32768}; do
+    for T in ${STAGE_SEQS:-2048 8192 32768}; do
       [ -f .devdata/long/docs-$T.h5 ] || build/kvdistill prepare text --model "$m" \
         --input .cache/corpus/linux-doc/filesystems --seq-len "$T" --progress never --out .devdata/long/docs-$T.h5
     done
@@ -166,7 +166,7 @@ except Exception: print("-")' "$f" "$pt")
     SEQS=8192 bash "$self" attn
     ;;
   loss50)
-    data=${DATA:-.devdata/docs-2k.h5}
+    data=${DATA:-$LONG/docs-2048.h5}
     for k in fused reference; do
       rm -rf "$W/l50-$k"
       t build-gpu/kvdistill train --config configs/trimkv-smollm2.yaml model.dir="$MODEL" data.train="$data" \
