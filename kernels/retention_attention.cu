@@ -130,7 +130,8 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const RetentionAttnParams 
   float* sKmask = sKrate + 2 * BN;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int q0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  // Causal: the last query tiles see the most keys; they are dispatched first so that the light tiles fill the tail.
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, h = blockIdx.y, b = blockIdx.z;
   const int S = p.S, hk = h / (p.H / p.Hkv);
   const bf16* gq = static_cast<const bf16*>(p.q) + b * p.q_sb + h * p.q_sh;
   const bf16* gk = static_cast<const bf16*>(p.k) + b * p.k_sb + hk * p.k_sh;
@@ -369,7 +370,8 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const RetentionAttnParams p
   float* sKmask = sKrate + 2 * BN;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int q0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  // Causal: the last query tiles see the most keys; they are dispatched first so that the light tiles fill the tail.
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BM, h = blockIdx.y, b = blockIdx.z;
   const int S = p.S, hk = h / (p.H / p.Hkv);
   const bf16* gq = static_cast<const bf16*>(p.q) + b * p.q_sb + h * p.q_sh;
   const bf16* gdo = static_cast<const bf16*>(g.dout) + b * g.do_sb + h * g.do_sh;
