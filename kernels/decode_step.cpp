@@ -37,7 +37,9 @@ bool same_device(std::initializer_list<at::Tensor> ts) {
 bool row_kernels_apply(std::initializer_list<at::Tensor> ts) {
 #ifdef KVD_WITH_RA_KERNEL
   for (const at::Tensor& t : ts) {
-    if (!t.defined() || !t.is_cuda() || t.requires_grad()) return false;
+    // A tensor that requires grad needs the training forms, unless grad mode is off (nothing is recorded then: the
+    // forward of a checkpointed layer, say).
+    if (!t.defined() || !t.is_cuda() || (t.requires_grad() && torch::GradMode::is_enabled())) return false;
     if (t.scalar_type() != torch::kBFloat16 && t.scalar_type() != torch::kLong) return false;
   }
   return ts.size() > 0 && same_device(ts);

@@ -3,11 +3,11 @@
 // (kernels/decode_step.cuh) with KernelPath::Fused where the kernel applies, and otherwise the LibTorch
 // reference, which is the code the decoder has always run (HF's rounding order; autograd works through it).
 //
-// The fused kernels apply to a CUDA build, CUDA bf16 tensors, no tensor that requires grad, and the layouts
-// stated per op; they never synchronize, so a CUDA graph can capture them. RMSNorm, RoPE and SiLU · up also have a
-// training form: where an input needs a gradient under grad mode (RMSNorm's w, RoPE's cos / sin frozen), Fused runs
-// the same forward kernel and a backward kernel through autograd (kernels::rms_norm_bwd, rope's transposed pass,
-// kernels::silu_mul_bwd). The append never takes gradients.
+// The fused kernels apply to a CUDA build, CUDA bf16 tensors, no tensor that requires grad under grad mode, and
+// the layouts stated per op; they never synchronize, so a CUDA graph can capture them. RMSNorm, RoPE and SiLU · up
+// also have a training form: where an input needs a gradient under grad mode (RMSNorm's w, RoPE's cos / sin
+// frozen), Fused runs the same forward kernel and a backward kernel through autograd (kernels::rms_norm_bwd, rope's
+// transposed pass, kernels::silu_mul_bwd). The append never takes gradients.
 #pragma once
 
 #include <utility>
@@ -58,7 +58,7 @@ struct DecodeAppend {
 void decode_append(const DecodeAppend& a, KernelPath path = KernelPath::Reference);
 
 // Whether the fused kernels can run on these tensors at all: a CUDA build, CUDA bf16 tensors (int64 ones are
-// ignored), none requiring grad. Each op checks its layouts on top of this.
+// ignored), none requiring grad while grad mode is on. Each op checks its layouts on top of this.
 bool row_kernels_apply(std::initializer_list<at::Tensor> ts);
 
 }  // namespace kvd

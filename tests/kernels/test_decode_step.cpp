@@ -160,6 +160,14 @@ TEST(DecodeStepKernels, FallBackWhereTheyDoNotApply) {
   const at::Tensor y = kvd::rms_norm(x, w, 1e-6, KernelPath::Fused);
   EXPECT_TRUE(y.requires_grad());
   EXPECT_TRUE(torch::allclose(y, kvd::rms_norm(x, w, 1e-6)));
+  // bf16 on CUDA that requires grad: the inference kernels only where grad mode is off (nothing is recorded).
+  if (!torch::cuda::is_available()) return;
+  const at::Tensor xb = cuda(bf16_randn({4, 64}, 3)).requires_grad_(true), wb = cuda(bf16_randn({64}, 4));
+  if (!kvd::row_kernels_apply({wb})) return;  // no fused kernels in this build
+  EXPECT_FALSE(kvd::row_kernels_apply({xb, wb}));
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(kvd::row_kernels_apply({xb, wb}));
+  EXPECT_FALSE(kvd::rms_norm(xb, wb, 1e-6, KernelPath::Fused).requires_grad());
 }
 
 }  // namespace
