@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <limits>
 #include <map>
+#include <unordered_set>
 #include <string>
 
 #include <ATen/autocast_mode.h>
@@ -71,6 +72,16 @@ struct TrainForwardCtx : torch::CustomClassHolder {
   bool qk_norm = false;
   c10::ScalarType acc = torch::kFloat;  // scores and softmax
   KernelPath kernels = KernelPath::Fused;
+  // Grad mode was on when forward_train began (a student; a checkpointed layer's forward then runs without it, and
+  // must attend as its recomputation will). The teacher's forward runs under no-grad.
+  bool grad = false;
+  // Packed documents as the sequences of flash attention's variable-length form over the B·S tokens, one per
+  // (row, run of one document id); built on first use (document_flash). Undefined cu_seqlens: it does not apply.
+  struct DocumentRuns {
+    bool built = false;
+    at::Tensor cu_seqlens;  // (runs + 1) int32 on the device
+    int64_t max_len = 0;
+  } doc_runs;
 };
 
 // One decoder layer's projections from its normed input h (B, S, d).
@@ -143,6 +154,53 @@ at::Tensor fused_attention(const TrainForwardCtx& c, const LayerMods& m, const L
       .to(p.v.scalar_type());  // (B, H, S, hd), as the reference returns it
 }
 
+// The runs of TrainForwardCtx::DocumentRuns from doc_ids (B, S), read back once. A document id that recurs after
+// another within a row gets no runs (the mask is by id; the fused kernel takes that case).
+TrainForwardCtx::DocumentRuns document_runs(const at::Tensor& doc_ids) {
+  TrainForwardCtx::DocumentRuns r;
+  r.built = true;
+  const at::Tensor d = doc_ids.to(torch::kCPU, torch::kLong).contiguous();  // (B, S)
+  const int64_t B = d.size(0), S = d.size(1);
+  if (B * S >= std::numeric_limits<int32_t>::max()) return r;
+  auto a = d.accessor<int64_t, 2>();
+  std::vector<int32_t> cu{0};
+  for (int64_t b = 0; b < B; ++b) {
+    std::unordered_set<int64_t> seen;
+    for (int64_t t = 0; t < S; ++t) {
+      if (t > 0 && a[b][t] == a[b][t - 1]) continue;
+      if (!seen.insert(a[b][t]).second) return r;  // a recurring id
+      if (t > 0) cu.push_back(static_cast<int32_t>(b * S + t));
+    }
+    cu.push_back(static_cast<int32_t>((b + 1) * S));
+  }
+  for (size_t i = 1; i < cu.size(); ++i) r.max_len = std::max<int64_t>(r.max_len, cu[i] - cu[i - 1]);
+  r.cu_seqlens = torch::tensor(cu, torch::kInt).to(doc_ids.device());
+  return r;
+}
+
+// The attention of a layer without mods over packed documents by flash attention's variable-length form, in a
+// forward without gradients (the teacher's): each document a causal sequence, GQA inside the kernel, q / k / v
+// read in place. Undefined where it does not apply (KernelPath::Reference, a window, grad mode, not CUDA bf16 /
+// fp16, q / k / v not laid out token by token, documents that are not runs); the caller then takes the fused kernel.
+at::Tensor document_flash(TrainForwardCtx& c, const LayerQKV& p) {
+  if (c.kernels != KernelPath::Fused || c.grad || !c.tm.doc_ids.defined() || c.tm.window) return {};
+  const c10::ScalarType dt = p.q.scalar_type();
+  if (!varlen_flash_applies(p.q.device(), dt, c.hd, /*sliding_window=*/false) || p.k.scalar_type() != dt ||
+      p.v.scalar_type() != dt)
+    return {};
+  auto token_major = [](const at::Tensor& x) { return x.transpose(1, 2).is_contiguous(); };
+  if (!token_major(p.q) || !token_major(p.k) || !token_major(p.v)) return {};
+  if (!c.doc_runs.built) c.doc_runs = document_runs(c.tm.doc_ids);
+  const TrainForwardCtx::DocumentRuns& r = c.doc_runs;
+  if (!r.cu_seqlens.defined()) return {};
+  const int64_t B = c.B, S = c.S;
+  auto flat = [&](const at::Tensor& x) { return x.transpose(1, 2).reshape({B * S, x.size(1), c.hd}); };  // a view
+  const at::Tensor out = std::get<0>(at::_flash_attention_forward(
+      flat(p.q), flat(p.k), flat(p.v), r.cu_seqlens, r.cu_seqlens, r.max_len, r.max_len, 0.0, /*is_causal=*/true,
+      /*return_debug_mask=*/false, c.scale));     // (B S, H, hd)
+  return out.view({B, S, c.H, c.hd}).transpose(1, 2);  // (B, H, S, hd)
+}
+
 struct LayerResult {
   at::Tensor x;      // (B, S, d) the layer's output (residual stream)
   at::Tensor stats;  // (B, H, S) or undefined
@@ -160,6 +218,8 @@ LayerResult train_layer(TrainForwardCtx& c, const LayerWeights& lw, const LayerM
     if (!m.changes_attention()) {
       if (c.tm.plain_causal()) {
         attn = at::scaled_dot_product_attention(p.q, p.k, p.v, {}, 0.0, /*is_causal=*/true, c.scale, /*enable_gqa=*/true);
+      } else if (at::Tensor flash = document_flash(c, p); flash.defined()) {
+        attn = flash;  // packed documents, no gradient (the teacher)
       } else if (at::Tensor fused = fused_attention(c, m, p); fused.defined()) {
         // Packed documents or a window: the fused kernel skips the tiles no query can see, where SDPA would
         // run its memory-efficient path over a dense (B, 1, S, S) mask.
@@ -521,6 +581,7 @@ ForwardOutput Model::forward_train(const at::Tensor& ids_in, const at::Tensor& p
   c->qk_norm = cfg_.qk_norm;
   c->acc = dtype_ == torch::kDouble ? torch::kDouble : torch::kFloat;
   c->kernels = mods.kernels;
+  c->grad = torch::GradMode::is_enabled();
 
   const bool checkpoint = checkpointing == ActivationCheckpointing::Layers && torch::GradMode::is_enabled();
   ForwardOutput out;

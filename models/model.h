@@ -91,8 +91,10 @@ class Model {
   //   positions  (B, T) int64 RoPE positions (reset per document when packed; see document_positions)
   //   doc_ids    (B, T) int64 or undefined: attention is causal and never crosses documents
   // Returns the final hidden states (B, T + n_extra, d) in the model dtype plus the requested statistics.
-  // Layers whose mods leave attention alone run fused SDPA; a layer with a bias / log-mask / pair bias runs
-  // an explicit grouped softmax that holds (B, H, S, S) float32 scores (the fused biased kernel is wave 2).
+  // Layers whose mods leave attention alone run SDPA (one document), or on CUDA with mods.kernels = Fused flash
+  // attention's variable-length form over packed documents (without grad mode: the teacher) or the fused kernel
+  // of kernels/retention_attention.h; a layer with a bias / log-mask runs that kernel too where it applies, else
+  // (and always with a pair bias) an explicit grouped softmax that holds (B, H, S, S) float32 scores.
   // For a teacher pass, wrap the call in torch::NoGradGuard.
   // checkpointing = Layers (and grad mode on): each decoder layer runs in a custom autograd function that keeps
   // only the layer's input and the tensors its mods supply; the backward runs the layer again (under the

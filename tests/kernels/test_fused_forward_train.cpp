@@ -179,6 +179,43 @@ TEST(FusedForwardTrain, MatchesTheReferencePathAndIsDeterministic) {
   remove_tree(dir);
 }
 
+// The teacher's forward (no grad, no mods) over packed documents: flash attention's variable-length form, one
+// sequence per document run, against the reference path (SDPA under the documents' mask). Two rows of different
+// document layouts; a row where a document id recurs after another cannot be runs and takes the fused kernel.
+// Metric: relative L2 error of the final hidden states (both paths round the attention to bf16).
+TEST(FusedForwardTrain, TeacherOverPackedDocumentsMatchesTheReferencePath) {
+  if (!have_fused_gpu()) GTEST_SKIP() << "needs a CUDA GPU and a kvdistill built with its kernels";
+  const std::string dir = random_llama_dir();
+  const Model model = Model::load(dir, torch::kCUDA, torch::kBFloat16);
+  const int64_t T = 989;
+  torch::manual_seed(5);
+  const at::Tensor ids = torch::randint(model.config().vocab_size, {2, T}, torch::kLong).to(torch::kCUDA);
+  auto docs_of = [&](const std::vector<std::vector<int64_t>>& rows) {  // (doc id, length) runs per row
+    at::Tensor d = torch::zeros({2, T}, torch::kLong);
+    for (int64_t b = 0; b < 2; ++b) {
+      int64_t t = 0;
+      for (size_t i = 0; i < rows[b].size(); i += 2)
+        for (int64_t j = 0; j < rows[b][i + 1]; ++j) d[b][t++] = rows[b][i];
+      EXPECT_EQ(t, T);
+    }
+    return d;
+  };
+  for (const at::Tensor& docs : {docs_of({{0, 311, 1, 19, 2, 659}, {0, 1, 1, 988}}),   // runs
+                                 docs_of({{0, 311, 1, 19, 0, 659}, {3, 989}})}) {   // id 0 recurs in row 0
+    const at::Tensor pos = document_positions(docs).to(torch::kCUDA), d = docs.to(torch::kCUDA);
+    torch::NoGradGuard no_grad;
+    AttentionMods fused, reference;
+    reference.kernels = KernelPath::Reference;
+    const at::Tensor a = model.forward_train(ids, pos, fused, d).hidden.to(torch::kDouble);
+    const at::Tensor r = model.forward_train(ids, pos, reference, d).hidden.to(torch::kDouble);
+    const double err = ((a - r).norm() / r.norm()).item<double>();
+    std::printf("teacher over packed documents: relative L2 error %.3e\n", err);
+    EXPECT_LT(err, 1e-2);
+    EXPECT_TRUE(torch::equal(model.forward_train(ids, pos, fused, d).hidden.to(torch::kDouble), a));  // deterministic
+  }
+  remove_tree(dir);
+}
+
 TEST(FusedForwardTrain, NeedsNoSquareScoreTensor) {
   if (!have_fused_gpu()) GTEST_SKIP() << "needs a CUDA GPU and a kvdistill built with its kernels";
   const std::string dir = random_llama_dir();
