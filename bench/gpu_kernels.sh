@@ -20,6 +20,8 @@
 #                                 (../shared/bench/trimkv_ref_step.py, flex_attention, no capacity loss) at each
 #                                 length of STEP_SEQS; tokens/s, peak memory and the ratios
 #   bench/gpu_kernels.sh profile  the sections of a fused step at PROFILE_T (default 8192) under KVD_PROFILE=1
+#   bench/gpu_kernels.sh trace    KVD_TRACE of a 4-step fused run at PROFILE_T (default 8192) and its summary
+#                                 (scripts/trace_summary.py): the device time by kernel and op
 #   bench/gpu_kernels.sh session  one call's worth (about 7 minutes): build, tests, randmodel, `step` at 8K with the
 #                                 two-pass backward and again with the one-pass one, `attn` at 8K (both), then while
 #                                 time is left the step with train.float32_matmul=ieee and `loss50`
@@ -154,6 +156,16 @@ except Exception: print("-")' "$f" "$pt")
     KVD_PROFILE=1 build-gpu/kvdistill train --config configs/trimkv-smollm2.yaml model.dir="$MODEL" \
       data.train="$LONG/docs-$T.h5" train.out_dir="$W/prof" train.steps=6 train.warmup=2 train.eval_every=0 \
       train.save_every=0 train.batch_size=1 train.grad_accum=1 train.progress=never --resume none 2>&1 | grep profile
+    ;;
+  trace)  # where a fused step's device time goes at PROFILE_T (default 8192): KVD_TRACE of a 4-step run (the trace
+          # also holds the model load and the bundle's export: divide per-step figures by 4), then its summary
+    T=${PROFILE_T:-8192}
+    rm -rf "$W/trace"
+    KVD_TRACE="$W/step-trace.json" build-gpu/kvdistill train --config configs/trimkv-smollm2.yaml model.dir="$MODEL" \
+      data.train="$LONG/docs-$T.h5" train.out_dir="$W/trace" train.steps=4 train.warmup=2 train.eval_every=0 \
+      train.save_every=0 train.batch_size=1 train.grad_accum=1 train.progress=never --resume none \
+      >"$W/trace.log" 2>&1 || { tail -5 "$W/trace.log"; exit 1; }
+    python3 scripts/trace_summary.py "$W/step-trace.json" --top 30 | tee "$OUT/step-trace-summary.txt"
     ;;
   session)
     self=${BASH_SOURCE[0]}
