@@ -134,8 +134,8 @@ __global__ void __launch_bounds__(kElemThreads) silu_mul_bwd_kernel(const kvd::k
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kElemThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kElemThreads + threadIdx.x; i < a.n; i += stride) {
     const float g = bf16_to_float(a.g[i]), dy = bf16_to_float(a.dy[i]);
-    const float sig = 1.f / (1.f + ex(-g));
-    const float s = bf16_to_float(to_bf16(g / (1.f + ex(-g))));  // the forward's rounded silu(g)
+    const float e = ex(-g), sig = 1.f / (1.f + e);
+    const float s = bf16_to_float(to_bf16(g / (1.f + e)));  // the forward's rounded silu(g)
     a.du[i] = to_bf16(dy * s);
     const float t = bf16_to_float(to_bf16(dy * bf16_to_float(a.u[i])));
     a.dg[i] = to_bf16(t * sig * (1.f + g * (1.f - sig)));

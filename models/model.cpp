@@ -7,8 +7,8 @@
 #include <cstdlib>
 #include <limits>
 #include <map>
-#include <unordered_set>
 #include <string>
+#include <unordered_set>
 
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
